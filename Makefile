@@ -1,0 +1,34 @@
+# fastvq: `make demo` runs the demo, `make test` the test suite; both install what they need first.
+PYTHON ?= python3
+PYTEST ?= $(PYTHON) -m pytest
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+
+.PHONY: install demo test test-gpu bench lint gpu
+
+install: .make-install
+
+# torch first, so nothing later pulls a multi-GB CUDA build: `torch==2.13.0` is the CPU wheel on
+# CPU machines here, and a GPU machine keeps the CUDA torch it has. --no-build-isolation builds
+# against that torch instead of downloading another one.
+.make-install: $(SOURCES)
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -r requirements-dev.txt
+	$(PYTHON) -m pip install --no-build-isolation -e .
+	$(PYTHON) -c "import fastvq; print({k: v.available for k, v in fastvq.backends().items()})"
+	touch $@
+
+demo: install
+	$(PYTHON) -m fastvq.demo
+
+test: install
+	$(PYTEST) -q
+
+test-gpu: install
+	$(PYTEST) -q -m gpu
+
+bench: install
+	$(PYTHON) -m bench.run
+
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .

@@ -1,0 +1,84 @@
+"""Which kernel backends exist on this machine, and which one `backend="auto"` picks."""
+
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+
+from fastvq import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+
+class Backend(NamedTuple):
+    available: bool
+    reason: str
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> dict[str, Backend]:
+    """Availability of each backend with the reason, e.g. {"cpu": Backend(True, "C++ ..."), ...}."""
+    cuda = torch.cuda.is_available()
+    report = {}
+    if importlib.util.find_spec("triton") is None:
+        report["triton"] = Backend(False, "triton is not installed (pip install triton)")
+    elif cuda:
+        report["triton"] = Backend(True, "Triton kernels on CUDA tensors")
+    elif _interpreting():
+        report["triton"] = Backend(True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)")
+    else:
+        report["triton"] = Backend(
+            False, "no CUDA device; set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors"
+        )
+    if _ext.EXTENSION_ERROR is not None:
+        report["cuda"] = Backend(False, _ext.EXTENSION_ERROR)
+    elif not _ext.has_op("nearest_code", "cuda"):
+        report["cuda"] = Backend(
+            False, "fastvq._C was built without CUDA (torch without CUDA, or no nvcc at build time)"
+        )
+    elif not cuda:
+        report["cuda"] = Backend(False, "built with CUDA, but no CUDA device is visible")
+    else:
+        report["cuda"] = Backend(True, "C++/CUDA kernels")
+    if _ext.EXTENSION_ERROR is not None:
+        report["cpu"] = Backend(False, _ext.EXTENSION_ERROR)
+    elif not _ext.has_op("nearest_code", "cpu"):
+        report["cpu"] = Backend(False, "fastvq._C has no CPU kernel for nearest_code")
+    else:
+        report["cpu"] = Backend(True, "C++ CPU kernels")
+    report["torch"] = Backend(True, "plain PyTorch reference, chunked")
+    return report
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it once instead of tracing it
+def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve `backend` for tensors on `device`; ValueError if it cannot run there."""
+    if dtype == torch.float64:
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                f"backend {backend!r} takes float32, bfloat16 or float16; float64 inputs run on "
+                "backend='torch'"
+            )
+        return "torch"
+    report = backends()
+    if backend == "auto":
+        # NOTE: Triton before CUDA C++ on GPU is unmeasured so far: bench/ decides once it has run.
+        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        return next(name for name in order if report[name].available)
+    if not report[backend].available:
+        raise ValueError(f"backend {backend!r} is unavailable: {report[backend].reason}")
+    wants = {"cuda": "cuda", "cpu": "cpu", "triton": "cpu" if _interpreting() else "cuda"}
+    if backend in wants and device.type != wants[backend]:
+        raise ValueError(
+            f"backend {backend!r} runs on {wants[backend]} tensors here, got tensors on {device}"
+        )
+    return backend

@@ -1,0 +1,38 @@
+"""Argument checks shared by the public ops: every message names the argument and what was expected."""
+
+import torch
+
+FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_floating(name: str, value) -> None:
+    check_tensor(name, value)
+    if value.dtype not in FLOATING:
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}"
+        )
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Raise ValueError naming the first tensor with NaN or Inf; one host sync for all of them.
+
+    Skipped while torch.compile traces (a data-dependent branch would break the graph).
+    """
+    if torch.compiler.is_compiling():
+        return
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    for (name, _), ok in zip(tensors.items(), flags, strict=True):
+        if not ok:
+            raise ValueError(
+                f"{name} contains NaN or Inf; pass check_inputs_finite=False to skip this check"
+            )

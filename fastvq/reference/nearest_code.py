@@ -1,0 +1,80 @@
+"""Reference nearest-code search.
+
+Every metric reduces to one maximisation, which is the contract every kernel implements:
+
+    idx[n] = argmax_k  (z[n] . c[k]) * scale[k] + bias[k]
+
+    l2      scale = 1,          bias = -||c||^2 / 2   (||z - c||^2 = ||z||^2 - 2 (z.c - ||c||^2 / 2))
+    dot     scale = 1,          bias = 0              (maximum inner product)
+    cosine  scale = 1 / ||c||,  bias = 0              (||z|| is constant per row; zero codes score 0)
+"""
+
+import torch
+
+METRICS = ("l2", "cosine", "dot")
+
+# Rows per chunk of the score matrix: chunk x K float32 stays near 256 MiB at K = 65,536.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def code_terms(codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-code (scale, bias) of the score for `metric`, float32 (or float64 for a float64 codebook).
+
+    codebook: (K, D). Returns two (K,) tensors or None (meaning 1 and 0).
+    """
+    acc = torch.float64 if codebook.dtype == torch.float64 else torch.float32
+    if metric == "l2":
+        return None, torch.linalg.vector_norm(codebook, dim=-1, dtype=acc).square().mul_(-0.5)
+    if metric == "cosine":
+        norm = torch.linalg.vector_norm(codebook, dim=-1, dtype=acc)
+        return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)), None
+    if metric == "dot":
+        return None, None
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def nearest_code_scores(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The full (N, K) score matrix z @ codebook.T * scale + bias, in z's dtype. Test oracle only."""
+    scores = z @ codebook.T
+    if scale is not None:
+        scores = scores * scale.to(scores.dtype)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    return scores
+
+
+def nearest_code(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Index of the nearest code for each row, computed chunk by chunk (never N x K at once).
+
+    z: (N, D), codebook: (K, D), any floating dtype. compute_dtype (default: z's dtype, float32 for
+    half types on CPU) is the dtype of the score matmul. Ties go to the lowest index.
+    Returns int64 (N,).
+    """
+    if compute_dtype is None:
+        compute_dtype = z.dtype
+        if z.device.type == "cpu" and z.dtype in (torch.bfloat16, torch.float16):
+            compute_dtype = torch.float32
+    z = z.to(compute_dtype)
+    codebook = codebook.to(compute_dtype)
+    scale, bias = code_terms(codebook, metric)
+    n, k = z.shape[0], codebook.shape[0]
+    out = torch.empty(n, dtype=torch.int64, device=z.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, rows):
+        scores = nearest_code_scores(z[start : start + rows], codebook, scale, bias)
+        # NaN never wins, as in the kernels: argmax would otherwise pick it.
+        scores = scores.float() if scores.dtype in (torch.bfloat16, torch.float16) else scores
+        scores.masked_fill_(scores.isnan(), -torch.inf)
+        out[start : start + rows] = scores.argmax(dim=1)
+    return out

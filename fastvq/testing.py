@@ -1,0 +1,67 @@
+"""Tolerance helpers shared by tests and benchmarks."""
+
+import torch
+
+from fastvq.reference import code_terms, nearest_code_scores
+
+# Relative rounding of one product's inputs before the float32 accumulation: "exact" must be at
+# least as good as 3xTF32 (about 2^-22), "fast" may round float32 inputs to bf16 (2^-8).
+PRODUCT_ROUNDOFF = {"exact": 2.0**-21, "fast": 2.0**-8}
+FLOAT32_ROUNDOFF = 2.0**-24
+
+
+def score_error_bound(z64, codebook64, scale64, bias64, precision: str) -> torch.Tensor:
+    """(N, K) float64 bound on |score computed by a kernel - exact score| for each candidate.
+
+    Worst case of a D-term float32 dot product, (D + 2) u |z| |c|, plus the products' input rounding,
+    times |scale|, plus the float32 rounding of the bias.
+    """
+    d = z64.shape[-1]
+    u_in, u_acc = PRODUCT_ROUNDOFF[precision], FLOAT32_ROUNDOFF
+    zc = torch.linalg.vector_norm(z64, dim=-1)[:, None] * torch.linalg.vector_norm(codebook64, dim=-1)
+    if scale64 is not None:
+        zc = zc * scale64.abs()
+    bound = (2 * u_in + (d + 2) * u_acc) * zc
+    if bias64 is not None:
+        bound = bound + (d + 2) * u_acc * bias64.abs()
+    return bound
+
+
+def check_nearest(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    metric: str = "l2",
+    precision: str = "exact",
+) -> float:
+    """Tie-aware check of nearest-code indices against float64; returns the exact-agreement rate.
+
+    z: (N, D) and codebook: (K, D) as given to the kernel (their values, upcast, are the truth);
+    indices: (N,). The chosen code's float64 score must be within the arithmetic's rounding of the
+    best float64 score: where the best two codes are closer than that, either is right; elsewhere
+    the index must be exact. Builds the (N, K) float64 score matrix: small shapes only.
+    """
+    z64, c64 = z.detach().reshape(-1, z.shape[-1]).cpu().double(), codebook.detach().cpu().double()
+    indices = indices.detach().reshape(-1).cpu()
+    assert indices.dtype == torch.int64, f"indices must be int64, got {indices.dtype}"
+    assert indices.shape == (z64.shape[0],), f"indices shape {tuple(indices.shape)}"
+    if z64.shape[0] == 0:
+        return 1.0
+    assert bool(((indices >= 0) & (indices < c64.shape[0])).all()), "index out of range"
+    scale, bias = code_terms(c64, metric)
+    scores = nearest_code_scores(z64, c64, scale, bias)
+    bound = score_error_bound(z64, c64, scale, bias, precision)
+    best = scores.argmax(dim=1)
+    rows = torch.arange(len(best))
+    gap = scores[rows, best] - scores[rows, indices]
+    allowed = bound[rows, best] + bound[rows, indices]
+    bad = (gap > allowed).nonzero().flatten()
+    if len(bad):
+        r = int(bad[0])
+        raise AssertionError(
+            f"{len(bad)} of {len(best)} rows chose a code worse than rounding allows; row {r}: "
+            f"chose {int(indices[r])} (score {scores[r, indices[r]].item():.9g}), best "
+            f"{int(best[r])} (score {scores[r, best[r]].item():.9g}), gap {gap[r].item():.3g} "
+            f"> allowed {allowed[r].item():.3g}"
+        )
+    return (indices == best).double().mean().item()

@@ -1,0 +1,277 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvq
+from fastvq.reference import METRICS
+from fastvq.testing import check_nearest
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cases():
+    """(device, backend) pairs this machine can run; the Triton interpreter is marked slow-ish."""
+    report = fastvq.backends()
+    cases = [("cpu", "torch")]
+    if report["cpu"].available:
+        cases.append(("cpu", "cpu"))
+    if report["triton"].available and INTERPRET and not CUDA:
+        cases.append(("cpu", "triton"))
+    if CUDA:
+        cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
+    return [pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
+            for c in cases]
+
+
+CASES = _cases()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, K, D): odd N, K off every tile, D from 1 to 1024 with the odd ones that break padding.
+SHAPES = [(1, 1, 1), (97, 13, 3), (97, 300, 24), (64, 129, 8), (300, 70, 32), (1025, 257, 33),
+          (33, 70, 256), (5, 1000, 59), (3, 17, 1024)]
+# The interpreter executes Triton programs in numpy, one program at a time: fewer, smaller shapes.
+INTERPRETER_SHAPES = [(1, 1, 1), (97, 13, 3), (97, 300, 24), (130, 129, 33), (5, 70, 256),
+                      (3, 17, 1024)]
+
+
+def _inputs(n, k, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g).to(dtype).to(device)
+    codebook = torch.randn(k, d, generator=g).to(dtype).to(device)
+    return z, codebook
+
+
+def _shapes(backend):
+    return INTERPRETER_SHAPES if backend == "triton" and INTERPRET else SHAPES
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_parity_with_float64(case, dtype, metric, precision, poison):
+    device, backend = case
+    for seed, (n, k, d) in enumerate(_shapes(backend)):
+        z, codebook = _inputs(n, k, d, dtype, device, seed)
+        idx = fastvq.nearest_code(z, codebook, metric=metric, precision=precision, backend=backend)
+        agree = check_nearest(z, codebook, idx, metric, precision)
+        # Random Gaussian data has few near-ties: a kernel that is right only up to the bound
+        # everywhere would still agree with float64 on most rows.
+        assert agree >= (0.97 if precision == "exact" else 0.8), (n, k, d, agree)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lowest_index_wins_exact_ties(case):
+    device, backend = case
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 24, generator=g)
+    codebook = torch.cat([base, base, base[:7]]).to(device)  # code j == code j + 40 (== j + 80)
+    z = (base + 1e-3 * torch.randn(40, 24, generator=g)).to(device)
+    for metric in METRICS:
+        idx = fastvq.nearest_code(z, codebook, metric=metric, backend=backend)
+        check_nearest(z, codebook, idx, metric)
+        assert bool((idx < 40).all()), f"{metric}: a duplicate with a higher index won a tie"
+    # A zero vector scores 0 against every code under cosine: the first code wins.
+    zero = torch.zeros(3, 24, device=device)
+    assert fastvq.nearest_code(zero, codebook, metric="cosine", backend=backend).tolist() == [0] * 3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_non_finite_inputs(case):
+    device, backend = case
+    z, codebook = _inputs(9, 31, 8, torch.float32, device, 2)
+    z[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="z contains NaN"):
+        fastvq.nearest_code(z, codebook, backend=backend)
+    bad_codebook = codebook.clone()
+    bad_codebook[7, 0] = float("inf")
+    with pytest.raises(ValueError, match="codebook contains NaN"):
+        fastvq.nearest_code(z.nan_to_num(), bad_codebook, backend=backend)
+    # Unchecked, the documented result: a NaN row gets 0, other rows are unaffected.
+    idx = fastvq.nearest_code(z, codebook, backend=backend, check_inputs_finite=False)
+    assert idx[3].item() == 0
+    rest = torch.arange(9) != 3
+    check_nearest(z[rest.to(device)], codebook, idx[rest.to(device)])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shapes_layouts_and_empty(case, poison):
+    device, backend = case
+    z, codebook = _inputs(2 * 3 * 5, 37, 24, torch.float32, device, 3)
+    flat = fastvq.nearest_code(z, codebook, backend=backend)
+    # Leading dimensions are kept, and a non-contiguous z gives the same answer.
+    z5 = z.reshape(2, 3, 5, 24)
+    assert torch.equal(fastvq.nearest_code(z5, codebook, backend=backend), flat.view(2, 3, 5))
+    zt = z5.transpose(0, 2).contiguous().transpose(0, 2)
+    assert not zt.is_contiguous()
+    assert torch.equal(fastvq.nearest_code(zt, codebook[:, :].T.contiguous().T, backend=backend),
+                       flat.view(2, 3, 5))
+    empty = fastvq.nearest_code(z5[:, :0], codebook, backend=backend, return_distance=True)
+    assert empty[0].shape == (2, 0, 5) and empty[0].dtype == torch.int64
+    assert empty[1].shape == (2, 0, 5)
+    one = fastvq.nearest_code(z[0], codebook, backend=backend)  # a single (D,) vector
+    assert one.shape == () and one.item() == flat[0].item()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_return_distance(case, metric):
+    device, backend = case
+    z, codebook = _inputs(50, 77, 33, torch.float32, device, 4)
+    idx, values = fastvq.nearest_code(z, codebook, metric=metric, backend=backend,
+                                      return_distance=True)
+    z64, c64 = z.double(), codebook[idx].double()
+    expected = {
+        "l2": (z64 - c64).square().sum(-1),
+        "dot": (z64 * c64).sum(-1),
+        "cosine": torch.nn.functional.cosine_similarity(z64, c64, dim=-1),
+    }[metric]
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_distance_is_differentiable():
+    z = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    idx, dist = fastvq.nearest_code(z, codebook, return_distance=True)
+    dist.sum().backward()
+    torch.testing.assert_close(z.grad, 2 * (z - codebook[idx]).detach())
+    expected = torch.zeros_like(codebook).index_add_(0, idx, -2 * (z - codebook[idx]).detach())
+    torch.testing.assert_close(codebook.grad, expected)
+
+
+def test_float64_runs_on_the_reference():
+    z, codebook = torch.randn(40, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    idx = fastvq.nearest_code(z, codebook)
+    assert torch.equal(idx, torch.cdist(z, codebook).argmin(1))
+    with pytest.raises(ValueError, match="float64 inputs run on backend='torch'"):
+        fastvq.nearest_code(z, codebook, backend="cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(z=torch.randn(4, 8).int()), TypeError, "z must be float32"),
+        (dict(codebook=torch.randn(5, 8).long()), TypeError, "codebook must be float32"),
+        (dict(z=[[0.0] * 8]), TypeError, "z must be a torch.Tensor"),
+        (dict(codebook=torch.randn(5, 8, 1)), ValueError, r"codebook must have shape \(K, D\)"),
+        (dict(codebook=torch.randn(0, 8)), ValueError, "K >= 1"),
+        (dict(z=torch.randn(4, 7)), ValueError, "z's last dimension"),
+        (dict(z=torch.tensor(1.0)), ValueError, "0-d"),
+        (dict(z=torch.randn(3, 1025), codebook=torch.randn(5, 1025)), ValueError, "D must be"),
+        (dict(metric="euclid"), ValueError, "metric must be one of"),
+        (dict(precision="tf32"), ValueError, "precision must be one of"),
+        (dict(backend="numpy"), ValueError, "backend must be one of"),
+        (dict(z=torch.randn(4, 8, device="meta")), ValueError, "z is on meta"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = dict(z=torch.randn(4, 8), codebook=torch.randn(5, 8)) | kwargs
+    with pytest.raises(error, match=match):
+        fastvq.nearest_code(args.pop("z"), args.pop("codebook"), **args)
+
+
+def test_unavailable_backend_is_a_clear_error():
+    z, codebook = torch.randn(4, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="backend 'cuda' (is unavailable|runs on cuda)"):
+        fastvq.nearest_code(z, codebook, backend="cuda")
+
+
+def test_n_times_k_beyond_int32():
+    # 65,536 x 32,769 candidates > 2^31; each z is a code plus small noise, so the answer is known.
+    backend = "cpu" if fastvq.backends()["cpu"].available else "torch"
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(32_769, 16, generator=g)
+    target = torch.randint(0, len(codebook), (65_536,), generator=g)
+    z = codebook[target] + 1e-3 * torch.randn(65_536, 16, generator=g)
+    assert torch.equal(fastvq.nearest_code(z, codebook, backend=backend), target)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_huge_codebook_small_batch(case):
+    # N = 3, K = 2^20: the kernels must split K (and stay correct doing so).
+    device, backend = case
+    k = 1 << 20 if backend != "triton" else 5000
+    z, codebook = _inputs(3, k, 8, torch.float32, device, 6)
+    idx = fastvq.nearest_code(z, codebook, backend=backend)
+    check_nearest(z, codebook, idx)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck(case):
+    device, backend = case
+    if backend == "torch":
+        pytest.skip("the torch backend is plain PyTorch, not a custom op")
+    op = torch.ops.fastvq.nearest_code_triton if backend == "triton" else torch.ops.fastvq.nearest_code
+    z, codebook = _inputs(17, 40, 24, torch.float32, device, 7)
+    bias = torch.randn(40, device=device)
+    torch.library.opcheck(op, (z, codebook, None, bias, False))
+    torch.library.opcheck(op, (z.half(), codebook.half(), bias.abs(), None, True))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiles_without_graph_breaks(case):
+    device, backend = case
+
+    def step(z, codebook):
+        idx, dist = fastvq.nearest_code(z, codebook, backend=backend, return_distance=True)
+        return codebook[idx] - z, dist.mean()
+
+    z, codebook = _inputs(64, 100, 16, torch.float32, device, 8)
+    eager = step(z, codebook)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(z, codebook)
+    torch.testing.assert_close(compiled, eager)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 70), k=st.integers(1, 90), d=st.integers(1, 70),
+    metric=st.sampled_from(METRICS), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+)
+def test_fuzz_shapes(n, k, d, metric, dtype, seed):
+    z, codebook = _inputs(n, k, d, dtype, "cpu", seed)
+    for backend in ("torch", "cpu") if fastvq.backends()["cpu"].available else ("torch",):
+        idx = fastvq.nearest_code(z, codebook, metric=metric, backend=backend)
+        check_nearest(z, codebook, idx, metric)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    z_shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    c_shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    z_dtype=st.sampled_from([torch.float32, torch.int32, torch.bool, torch.float16]),
+    c_dtype=st.sampled_from([torch.float32, torch.int64, torch.bfloat16]),
+)
+def test_fuzz_bad_input_is_a_clear_error_or_a_right_answer(z_shape, c_shape, z_dtype, c_dtype):
+    z, codebook = torch.ones(z_shape).to(z_dtype), torch.ones(c_shape).to(c_dtype)
+    try:
+        idx = fastvq.nearest_code(z, codebook)
+    except (TypeError, ValueError) as e:
+        assert any(name in str(e) for name in ("z", "codebook")), str(e)
+        return
+    assert idx.shape == z.shape[:-1]
+    check_nearest(z.float(), codebook.float(), idx)
+
+
+def test_import_needs_no_extension_gpu_or_triton():
+    # Hide the compiled extension: import still works, the torch backend answers, and backends()
+    # says why the C++ backends are missing. Importing touches neither CUDA nor Triton.
+    code = """
+import sys, warnings
+sys.modules["fastvq._C"] = None
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, fastvq
+assert any("fastvq._C" in str(w.message) for w in caught), caught
+assert "triton" not in sys.modules and not torch.cuda.is_initialized()
+report = fastvq.backends()
+assert not report["cpu"].available and "make install" in report["cpu"].reason, report
+z, c = torch.randn(10, 4), torch.randn(6, 4)
+assert torch.equal(fastvq.nearest_code(z, c), torch.cdist(z, c).argmin(1))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"TRITON_INTERPRET": "0"})

@@ -32,3 +32,6 @@ bench: install
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+gpu:
+	bash bench/gpu.sh

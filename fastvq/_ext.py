@@ -1,5 +1,6 @@
 """Loads the compiled extension fastvq._C if it was built, and remembers why not otherwise."""
 
+import importlib.util
 import warnings
 
 import torch
@@ -17,9 +18,15 @@ except ImportError as e:  # a source checkout without a build, or a torch ABI mi
     )
 
 
-def has_op(name: str, device_type: str) -> bool:
-    """Whether the compiled op torch.ops.fastvq.<name> has a kernel for `device_type`."""
+
+def _has_kernel(name: str, key: str) -> bool:
     if EXTENSION_ERROR is not None or not hasattr(torch.ops.fastvq, name):
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvq::{name}", key)
+
+
+# Plain booleans read once at import (dispatcher queries, no CUDA): torch.compile can trace code
+# that reads them, but not the dispatcher query itself.
+HAS_CPU_KERNELS = _has_kernel("nearest_code", "CPU")
+HAS_CUDA_KERNELS = _has_kernel("nearest_code", "CUDA")
+HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -1,6 +1,5 @@
 """Which kernel backends exist on this machine, and which one `backend="auto"` picks."""
 
-import importlib.util
 import os
 from typing import NamedTuple
 
@@ -24,7 +23,7 @@ def backends() -> dict[str, Backend]:
     """Availability of each backend with the reason, e.g. {"cpu": Backend(True, "C++ ..."), ...}."""
     cuda = torch.cuda.is_available()
     report = {}
-    if importlib.util.find_spec("triton") is None:
+    if not _ext.HAS_TRITON:
         report["triton"] = Backend(False, "triton is not installed (pip install triton)")
     elif cuda:
         report["triton"] = Backend(True, "Triton kernels on CUDA tensors")
@@ -36,7 +35,7 @@ def backends() -> dict[str, Backend]:
         )
     if _ext.EXTENSION_ERROR is not None:
         report["cuda"] = Backend(False, _ext.EXTENSION_ERROR)
-    elif not _ext.has_op("nearest_code", "cuda"):
+    elif not _ext.HAS_CUDA_KERNELS:
         report["cuda"] = Backend(
             False, "fastvq._C was built without CUDA (torch without CUDA, or no nvcc at build time)"
         )
@@ -46,7 +45,7 @@ def backends() -> dict[str, Backend]:
         report["cuda"] = Backend(True, "C++/CUDA kernels")
     if _ext.EXTENSION_ERROR is not None:
         report["cpu"] = Backend(False, _ext.EXTENSION_ERROR)
-    elif not _ext.has_op("nearest_code", "cpu"):
+    elif not _ext.HAS_CPU_KERNELS:
         report["cpu"] = Backend(False, "fastvq._C has no CPU kernel for nearest_code")
     else:
         report["cpu"] = Backend(True, "C++ CPU kernels")
@@ -59,7 +58,6 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it once instead of tracing it
 def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve `backend` for tensors on `device`; ValueError if it cannot run there."""
     if dtype == torch.float64:

@@ -1,0 +1,730 @@
+"""Codebook learning besides the search: EMA statistics by scatter, the Laplace-smoothed codebook,
+dead-code reset, k-means and code usage.
+
+Statistics are computed as one (K, D + 1) buffer, column D the weighted counts and columns :D the
+weighted sums, so a single all-reduce makes them global. Backends: "torch" (index_add_, or a
+stable sort + torch.segment_reduce when deterministic) and "triton" (float32 atomics, or a sorted
+segmented reduction when deterministic). The C++ CPU/CUDA scatter kernels are not written yet:
+backend "cpu"/"cuda" is a clear ValueError and "auto" picks Triton on CUDA tensors, torch
+elsewhere. Nothing here builds an N x K tensor.
+"""
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from fastvq.ops._backends import backends, check_backend, pick_backend
+from fastvq.ops._validate import check_choice, check_finite, check_floating, check_tensor
+from fastvq.ops.nearest_code import nearest_code
+
+ACCUMULATORS = (torch.float32, torch.float64)
+KMEANS_METRICS = ("l2", "cosine")
+KMEANS_INITS = ("kmeans++", "random")
+# k-means++ places its centres in at most about this many rounds of D^2 sampling after the first
+# few doublings (see _kmeanspp); with num_codes <= 64 it is exactly sequential k-means++.
+# NOTE: unmeasured on GPU. Each round costs one nearest_code pass over the new centres (all rounds
+# together: one N x K x D search) plus an O(N) top-k; 64 rounds keep the latter small.
+KMEANS_PP_ROUNDS = 64
+# Rows per chunk of the torch path's float32 copy of z: the temporary stays O(K * D + 2^20).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+# --- Triton ops: opaque custom ops (importing fastvq must not import Triton), with fakes ---------
+
+
+@torch.library.custom_op("fastvq::ema_scatter_triton", mutates_args=("counts", "sums"))
+def _ema_scatter_triton(
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor | None,
+    scale: float,
+) -> None:
+    from fastvq.kernels.ema import ema_scatter
+
+    ema_scatter(counts, sums, z, indices, weight, scale)
+
+
+@_ema_scatter_triton.register_fake
+def _(counts, sums, z, indices, weight, scale):
+    return None
+
+
+@torch.library.custom_op("fastvq::ema_segment_triton", mutates_args=("counts", "sums"))
+def _ema_segment_triton(
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor | None,
+    keep: float,
+    gain: float,
+) -> None:
+    from fastvq.kernels.ema import ema_segment
+
+    ema_segment(counts, sums, z, indices, weight, keep, gain)
+
+
+@_ema_segment_triton.register_fake
+def _(counts, sums, z, indices, weight, keep, gain):
+    return None
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _check_accumulators(cluster_size, embed_sum) -> None:
+    for name, value in (("cluster_size", cluster_size), ("embed_sum", embed_sum)):
+        check_tensor(name, value)
+        if value.dtype not in ACCUMULATORS:
+            raise TypeError(f"{name} must be a float32 (or float64) accumulator, got {value.dtype}")
+    if cluster_size.dim() != 1 or cluster_size.shape[0] < 1:
+        raise ValueError(
+            f"cluster_size must have shape (K,) with K >= 1, got {tuple(cluster_size.shape)}"
+        )
+    k = cluster_size.shape[0]
+    if embed_sum.dim() != 2 or embed_sum.shape[0] != k or embed_sum.shape[1] < 1:
+        raise ValueError(
+            f"embed_sum must have shape (K, D) with K = {k} (cluster_size's length), got "
+            f"{tuple(embed_sum.shape)}"
+        )
+    if embed_sum.dtype != cluster_size.dtype:
+        raise TypeError(
+            f"cluster_size and embed_sum must share one dtype, got {cluster_size.dtype} and "
+            f"{embed_sum.dtype}"
+        )
+    if embed_sum.device != cluster_size.device:
+        raise ValueError(
+            f"cluster_size is on {cluster_size.device} but embed_sum is on {embed_sum.device}"
+        )
+
+
+def _check_rows(name: str, z, d: int, device) -> None:
+    check_floating(name, z)
+    if z.dim() < 1 or z.shape[-1] != d:
+        raise ValueError(
+            f"{name} must have shape (..., D) with D = {d} (embed_sum's D), got {tuple(z.shape)}"
+        )
+    if z.device != device:
+        raise ValueError(f"{name} is on {z.device} but the statistics are on {device}")
+
+
+def _check_indices(indices, shape, device) -> None:
+    check_tensor("indices", indices)
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor (int64 or int32), got {indices.dtype}")
+    if indices.shape != shape:
+        raise ValueError(
+            f"indices must have z's leading shape {tuple(shape)}, got {tuple(indices.shape)}"
+        )
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but the statistics are on {device}")
+
+
+def _check_index_range(indices: torch.Tensor, k: int) -> None:
+    """ValueError unless 0 <= indices < k; one host sync (skipped while torch.compile traces)."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+    if lo < 0 or hi >= k:
+        raise ValueError(f"indices must lie in [0, {k}), got values from {lo} to {hi}")
+
+
+def _check_real(name: str, value, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    if high is None and not low <= value < float("inf"):
+        raise ValueError(f"{name} must be finite and >= {low:g}, got {value}")
+    return value
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _process_group(name: str, value):
+    """None for False; the default group for True; a given ProcessGroup as is."""
+    if value is False or value is None:
+        return None
+    import torch.distributed as dist
+
+    if value is not True and not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise TypeError(
+            f"{name} must be a bool or a torch.distributed.ProcessGroup, got {type(value).__name__}"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"{name} needs torch.distributed to be initialized "
+            "(torch.distributed.init_process_group)"
+        )
+    return dist.group.WORLD if value is True else value
+
+
+def _first_rank(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_global_rank(group, 0)
+
+
+def _stats_backend(backend: str, device: torch.device, float64: bool) -> str:
+    """Which scatter runs for `backend` on `device`: "torch" or "triton"; ValueError otherwise."""
+    if backend in ("cpu", "cuda"):
+        raise ValueError(
+            f"backend {backend!r} has no codebook-statistics kernel yet (the C++ scatter is not "
+            "written); use 'auto', 'triton' or 'torch'"
+        )
+    dtype = torch.float64 if float64 else torch.float32
+    if backend == "auto":
+        if not float64 and device.type == "cuda" and backends()["triton"].available:
+            return "triton"
+        return "torch"
+    return pick_backend(backend, device, dtype)
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+
+def _stats_torch(stats, z, idx, w, deterministic: bool) -> None:
+    n, d = z.shape
+    k = stats.shape[0]
+    counts, sums = stats[:, d], stats[:, :d]
+    # index_add_ rather than bincount throughout: bincount's output length depends on the data,
+    # which torch.compile cannot trace.
+    if not deterministic and w is None and z.dtype == stats.dtype:
+        sums.index_add_(0, idx, z)
+        counts.index_add_(0, idx, torch.ones_like(z[:, 0]))
+        return
+    rows = max(k, _CHUNK_ELEMENTS // (d + 1))
+    if deterministic:
+        # Stable sort, then chunk by chunk (in order) a per-code sum over each chunk's sorted rows:
+        # every addition happens in an order fixed by the input alone.
+        codes, order = torch.sort(idx, stable=True)
+    for start in range(0, n, rows):
+        sel = order[start : start + rows] if deterministic else slice(start, start + rows)
+        src = z[sel].to(stats.dtype)
+        wc = w[sel] if w is not None else torch.ones_like(src[:, 0])
+        src = torch.cat([src * wc[:, None] if w is not None else src, wc[:, None]], dim=1)
+        if deterministic:
+            chunk = codes[start : start + rows]
+            lengths = torch.zeros(k, dtype=torch.int64, device=z.device)
+            lengths.index_add_(0, chunk, torch.ones_like(chunk))
+            stats.add_(torch.segment_reduce(src, "sum", lengths=lengths, axis=0))
+        else:
+            stats.index_add_(0, idx[sel], src)
+
+
+def _batch_stats(z, idx, w, k: int, dtype, backend: str, deterministic: bool) -> torch.Tensor:
+    """(K, D + 1) buffer: [:, :D] = sum of w[n] z[n], [:, D] = sum of w[n] over idx[n] == k."""
+    n, d = z.shape
+    stats = torch.zeros(k, d + 1, dtype=dtype, device=z.device)
+    if n == 0:
+        return stats
+    if backend == "triton":
+        if deterministic:
+            _ema_segment_triton(stats[:, d], stats[:, :d], z, idx, w, 0.0, 1.0)
+        else:
+            _ema_scatter_triton(stats[:, d], stats[:, :d], z, idx, w, 1.0)
+    else:
+        _stats_torch(stats, z, idx, w, deterministic)
+    return stats
+
+
+def _all_reduce(tensor: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def ema_update_(
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    decay: float,
+    *,
+    weight: torch.Tensor | None = None,
+    deterministic: bool = False,
+    backend: str = "auto",
+    all_reduce=False,
+    check_indices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place EMA of per-code counts and sums, by scatter (never an N x K one-hot).
+
+        cluster_size = decay * cluster_size + (1 - decay) * counts
+        embed_sum    = decay * embed_sum    + (1 - decay) * sums
+        counts[k] = sum of weight[n],  sums[k] = sum of weight[n] * z[n]  over indices[n] == k
+
+    Args:
+        cluster_size: (K,) float32 accumulator (float64 on backend "torch"), updated in place.
+        embed_sum: (K, D) accumulator of cluster_size's dtype and device, updated in place.
+        z: (..., D) float32, bfloat16, float16 (float64 on backend "torch"); products and sums are
+            computed in the accumulators' dtype whatever z's dtype. Not differentiated through.
+        indices: integer tensor of shape z.shape[:-1], values in [0, K).
+        decay: real number in [0, 1]; 1 keeps the statistics, 0 replaces them by the batch's.
+        weight: optional float or bool tensor of shape z.shape[:-1]; a 0/1 mask drops padding.
+            Default: every row weighs 1.
+        deterministic: bit-identical results run to run (stable sort by code, then a fixed-order
+            segmented sum) instead of float atomics; equal to the default up to float rounding.
+            Extra memory O(N) for the sort.
+        backend: "auto" (Triton on CUDA tensors, torch otherwise), "triton" or "torch".
+        all_reduce: True (default process group) or a ProcessGroup: the batch's counts and sums are
+            summed over the group before the update, so every rank that starts from the same
+            statistics ends with the same statistics, equal to one process on the concatenated
+            batch up to float rounding. The group must be initialized.
+        check_indices: ValueError for indices outside [0, K) (one host sync; skipped under
+            torch.compile). Indices from fastvq.nearest_code are in range by construction; with
+            False, out-of-range indices are undefined behaviour.
+
+    Returns:
+        (cluster_size, embed_sum), the updated inputs. Extra memory O(K * D + N).
+    """
+    _check_accumulators(cluster_size, embed_sum)
+    k, d = embed_sum.shape
+    device = embed_sum.device
+    _check_rows("z", z, d, device)
+    _check_indices(indices, z.shape[:-1], device)
+    if weight is not None:
+        check_tensor("weight", weight)
+        if not (weight.dtype.is_floating_point or weight.dtype == torch.bool):
+            raise TypeError(f"weight must be a floating or bool tensor, got {weight.dtype}")
+        if weight.shape != z.shape[:-1]:
+            raise ValueError(
+                f"weight must have z's leading shape {tuple(z.shape[:-1])}, got "
+                f"{tuple(weight.shape)}"
+            )
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but the statistics are on {device}")
+    decay = _check_real("decay", decay, 0.0, 1.0)
+    check_backend(backend)
+    group = _process_group("all_reduce", all_reduce)
+    float64 = torch.float64 in (embed_sum.dtype, z.dtype)
+    name = _stats_backend(backend, device, float64)
+    if check_indices:
+        _check_index_range(indices, k)
+
+    acc = embed_sum.dtype
+    z2 = z.detach().reshape(-1, d)
+    if z2.stride(1) != 1:
+        z2 = z2.contiguous()
+    idx = indices.reshape(-1).to(torch.int64)
+    w = None if weight is None else weight.detach().reshape(-1).to(acc)
+
+    if name == "triton" and group is None:
+        # No (K, D + 1) buffer: the deterministic kernel writes decay * old + (1 - decay) * sum
+        # once per accumulator; the atomic path scales by decay (one mul_), then adds
+        # (1 - decay) * w * z. A copy only for an embed_sum without unit column stride.
+        sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
+        if z2.shape[0] == 0:
+            cluster_size.mul_(decay)
+            sums.mul_(decay)
+        elif deterministic:
+            _ema_segment_triton(cluster_size, sums, z2, idx, w, decay, 1.0 - decay)
+        else:
+            cluster_size.mul_(decay)
+            sums.mul_(decay)
+            _ema_scatter_triton(cluster_size, sums, z2, idx, w, 1.0 - decay)
+        if sums is not embed_sum:
+            embed_sum.copy_(sums)
+        return cluster_size, embed_sum
+
+    stats = _batch_stats(z2, idx, w, k, acc, name, deterministic)
+    if group is not None:
+        _all_reduce(stats, group)
+    cluster_size.mul_(decay).add_(stats[:, d], alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(stats[:, :d], alpha=1.0 - decay)
+    return cluster_size, embed_sum
+
+
+def _smoothed(cluster_size: torch.Tensor, eps: float) -> torch.Tensor:
+    n = cluster_size.sum()
+    return (cluster_size + eps) / (n + cluster_size.shape[0] * eps) * n
+
+
+def ema_codebook(
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Laplace-smoothed codebook from EMA statistics (vector-quantize-pytorch, Sonnet):
+
+        n = sum(cluster_size);  smoothed = (cluster_size + eps) / (n + K * eps) * n
+        codebook = embed_sum / smoothed[:, None]
+
+    Args:
+        cluster_size: (K,) float32/float64; embed_sum: (K, D) of the same dtype and device.
+        eps: >= 0. The total n must be positive (start the statistics at cluster_size = 1,
+            embed_sum = initial codebook, say); with n = 0 the codebook is NaN.
+        out: optional (K, D) floating tensor (e.g. the codebook parameter's data) written in place.
+
+    Returns:
+        (K, D) codebook in the accumulators' dtype, or `out`.
+    """
+    _check_accumulators(cluster_size, embed_sum)
+    eps = _check_real("eps", eps, 0.0)
+    smoothed = _smoothed(cluster_size, eps)[:, None]
+    if out is None:
+        return embed_sum / smoothed
+    check_floating("out", out)
+    if out.shape != embed_sum.shape or out.device != embed_sum.device:
+        raise ValueError(
+            f"out must have embed_sum's shape {tuple(embed_sum.shape)} and device "
+            f"{embed_sum.device}, got {tuple(out.shape)} on {out.device}"
+        )
+    return torch.div(embed_sum, smoothed, out=out)
+
+
+def _sample_rows(n: int, m: int, generator, device) -> torch.Tensor:
+    """m row indices in [0, n): distinct when m <= n, else every row ceil(m / n) times at most."""
+    where = generator.device if generator is not None else device
+    perms = [torch.randperm(n, generator=generator, device=where) for _ in range(-(-m // n))]
+    return torch.cat(perms)[:m].to(device)
+
+
+def reset_dead_codes_(
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    z: torch.Tensor,
+    threshold: float,
+    generator: torch.Generator | None = None,
+    *,
+    eps: float = 1e-5,
+    broadcast=False,
+) -> torch.Tensor:
+    """Replace codes whose EMA cluster size is below `threshold` by random rows of z, in place.
+
+    The dead codes (cluster_size < threshold) take distinct random rows of z, in increasing code
+    order; rows repeat only when z has fewer rows than there are dead codes (then every row is used
+    before any is used again). Their statistics restart at the threshold so that
+    `ema_codebook(cluster_size, embed_sum, eps)` returns the new codes (up to rounding):
+
+        cluster_size[dead] = threshold
+        embed_sum[dead]    = new_code * smoothed[dead]   (smoothed as in ema_codebook, after the
+                                                          reset, with the same eps)
+
+    A reset code is thus exactly at the boundary: it stays alive after the next update only if it
+    receives at least `threshold` (weighted) rows per step. Live codes are left untouched.
+
+    Args:
+        codebook: (K, D) floating, e.g. the quantizer's codebook (a Parameter is fine: the update
+            runs under no_grad); new codes are cast to its dtype.
+        cluster_size: (K,) float32/float64; embed_sum: (K, D) of the same dtype.
+        z: (..., D) floating with at least one row: the batch to draw from.
+        threshold: real number >= 0.
+        generator: torch.Generator on the CPU or on z's device; makes the choice reproducible.
+        eps: the smoothing constant later given to ema_codebook.
+        broadcast: True (default process group) or a ProcessGroup: the group's first rank draws the
+            rows from its z and sends them, so ranks whose statistics agree keep agreeing.
+
+    Returns:
+        int64 (M,) indices of the replaced codes, increasing (empty when none is dead).
+    """
+    _check_accumulators(cluster_size, embed_sum)
+    k, d = embed_sum.shape
+    device = embed_sum.device
+    check_floating("codebook", codebook)
+    if codebook.shape != (k, d) or codebook.device != device:
+        raise ValueError(
+            f"codebook must have embed_sum's shape {(k, d)} and device {device}, got "
+            f"{tuple(codebook.shape)} on {codebook.device}"
+        )
+    _check_rows("z", z, d, device)
+    threshold = _check_real("threshold", threshold, 0.0)
+    eps = _check_real("eps", eps, 0.0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    group = _process_group("broadcast", broadcast)
+    rows = z.detach().reshape(-1, d)
+    if rows.shape[0] == 0:
+        raise ValueError("z must hold at least one row to replace dead codes with")
+
+    with torch.no_grad():
+        dead = (cluster_size < threshold).nonzero().flatten()
+        m = dead.numel()
+        if m == 0:
+            return dead
+        if group is None or torch.distributed.get_rank() == _first_rank(group):
+            new = rows[_sample_rows(rows.shape[0], m, generator, device)].to(embed_sum.dtype)
+        else:
+            new = torch.empty(m, d, dtype=embed_sum.dtype, device=device)
+        if group is not None:
+            torch.distributed.broadcast(new, src=_first_rank(group), group=group)
+        codebook.index_copy_(0, dead, new.to(codebook.dtype))
+        cluster_size.index_fill_(0, dead, threshold)
+        embed_sum.index_copy_(0, dead, new * _smoothed(cluster_size, eps)[dead, None])
+    return dead
+
+
+# --- k-means -----------------------------------------------------------------------------------
+
+
+def _exponential(n: int, dtype, generator, device) -> torch.Tensor:
+    where = generator.device if generator is not None else device
+    e = torch.empty(n, dtype=dtype, device=where).exponential_(generator=generator).to(device)
+    # exponential_ can return 0 in float32 (about 2^-24 of draws); 0 would make a key NaN or inf.
+    return e.clamp_(min=torch.finfo(dtype).tiny)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, generator, backend: str) -> torch.Tensor:
+    """Batched k-means++ (D^2 sampling), squared l2 distances.
+
+    Sequential k-means++ needs k passes over x: 65,536 at 65,536 codes. Here each round draws a
+    batch of b new centres at once, without replacement, with probability proportional to D^2
+    (Efraimidis-Spirakis keys D^2 / Exp(1), the top b), then updates D^2 with one nearest_code
+    pass over the batch. b = min(centres placed so far, ceil(k / KMEANS_PP_ROUNDS)): a batch never
+    outnumbers the centres it is conditioned on (1, 1, 2, 4, ... while doubling), and the number
+    of rounds stays near log2(b) + KMEANS_PP_ROUNDS. With k <= KMEANS_PP_ROUNDS, b = 1: exactly
+    k-means++. All the passes together cost one N x K x D search.
+    """
+    n = x.shape[0]
+    device = x.device
+    where = generator.device if generator is not None else device
+    cap = -(-k // KMEANS_PP_ROUNDS)
+    first = torch.randint(n, (1,), generator=generator, device=where).to(device)
+    chosen = [first]
+    taken = torch.zeros(n, dtype=torch.bool, device=device)
+    taken[first] = True
+    min_d2 = nearest_code(
+        x, x[first], backend=backend, return_distance=True, check_inputs_finite=False
+    )[1]
+    filled = 1
+    while filled < k:
+        b = min(cap, filled, k - filled)
+        keys = min_d2 / _exponential(n, x.dtype, generator, device)
+        keys.masked_fill_(taken, -1.0)
+        new = keys.topk(b).indices
+        taken[new] = True
+        chosen.append(new)
+        filled += b
+        if filled < k:
+            d2 = nearest_code(
+                x, x[new], backend=backend, return_distance=True, check_inputs_finite=False
+            )[1]
+            torch.minimum(min_d2, d2, out=min_d2)
+    return x[torch.cat(chosen)]
+
+
+def _far_rows(x: torch.Tensor, dist: torch.Tensor, m: int, group) -> torch.Tensor:
+    """The m rows of x with the largest dist, largest first; over the whole group if given."""
+    vals, rows = dist.topk(min(m, dist.shape[0]))
+    cand = x[rows]
+    if group is None:
+        return cand
+    import torch.distributed as dist_
+
+    pad = m - vals.shape[0]  # a rank with fewer than m rows pads with rows that never win
+    vals = torch.cat([vals, vals.new_full((pad,), -torch.inf)])
+    cand = torch.cat([cand, cand.new_zeros(pad, cand.shape[1])])
+    world = dist_.get_world_size(group)
+    all_vals = [torch.empty_like(vals) for _ in range(world)]
+    all_cand = [torch.empty_like(cand) for _ in range(world)]
+    dist_.all_gather(all_vals, vals, group=group)
+    dist_.all_gather(all_cand, cand, group=group)
+    return torch.cat(all_cand)[torch.cat(all_vals).topk(m).indices]
+
+
+def kmeans(
+    x: torch.Tensor,
+    num_codes: int,
+    iters: int = 10,
+    metric: str = "l2",
+    init: str | torch.Tensor = "kmeans++",
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    *,
+    all_reduce=False,
+    return_inertia: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """k-means centroids of the rows of x: an initialisation, then Lloyd iterations built on
+    fastvq.nearest_code (assignment) and a scatter (sums), never an N x K matrix.
+
+    Args:
+        x: (..., D) float32, bfloat16, float16 or float64; the rows are clustered in float32
+            (float64 for float64 x). At least num_codes rows (on the first rank, with all_reduce).
+        num_codes: K >= 1.
+        iters: Lloyd iterations >= 0.
+        metric: "l2" (means, squared-distance objective) or "cosine" (spherical k-means: rows and
+            centroids normalized, objective sum of 1 - cosine similarity).
+        init: "kmeans++" (batched D^2 sampling, see _kmeanspp: exact k-means++ up to 64 codes,
+            about 64 rounds of D^2 sampling beyond), "random" (distinct random rows) or a (K, D)
+            floating tensor of initial centroids.
+        generator: torch.Generator on the CPU or on x's device, for the initialisation.
+        backend: the search's backend (see fastvq.nearest_code); the scatter uses it too where it
+            has one ("torch", "triton"), else its own "auto" choice.
+        all_reduce: True (default process group) or a ProcessGroup: x is this rank's shard; the
+            group's first rank initializes and broadcasts, the sums are all-reduced and empty
+            clusters are re-seeded from the group's farthest rows, so every rank gets the same
+            centroids, equal to one process on the concatenated rows up to float rounding.
+        return_inertia: also return the objective of the centroids before each iteration and of
+            the result, (iters + 1,), summed over the group.
+
+    Empty clusters move to the rows farthest from their assigned centroid (the m empty clusters,
+    in index order, take the m farthest rows), which never increases the objective.
+
+    Returns:
+        centroids (K, D) float32 (float64 for float64 x), or (centroids, inertia).
+    """
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., D) with at least 2 dimensions, got {x.dim()}")
+    k = _check_int("num_codes", num_codes, 1)
+    iters = _check_int("iters", iters, 0)
+    check_choice("metric", metric, KMEANS_METRICS)
+    if not isinstance(init, torch.Tensor):
+        check_choice("init", init, KMEANS_INITS)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_backend(backend)
+    group = _process_group("all_reduce", all_reduce)
+    d = x.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scatter = _stats_backend(
+        backend if backend in ("torch", "triton") else "auto", x.device, acc == torch.float64
+    )
+    xs = x.detach().reshape(-1, d).to(acc).contiguous()
+    check_finite(x=xs)
+    if metric == "cosine":
+        xs = F.normalize(xs, dim=-1)
+
+    leader = group is None or torch.distributed.get_rank() == _first_rank(group)
+    if isinstance(init, torch.Tensor):
+        check_floating("init", init)
+        if init.shape != (k, d) or init.device != x.device:
+            raise ValueError(
+                f"init must have shape {(k, d)} on {x.device}, got {tuple(init.shape)} on "
+                f"{init.device}"
+            )
+        centroids = init.detach().to(acc).clone()
+        if metric == "cosine":
+            centroids = F.normalize(centroids, dim=-1)
+    elif leader:
+        if xs.shape[0] < k:
+            raise ValueError(f"x has {xs.shape[0]} rows, fewer than num_codes = {k}")
+        if init == "random":
+            where = generator.device if generator is not None else x.device
+            rows = torch.randperm(xs.shape[0], generator=generator, device=where)[:k]
+            centroids = xs[rows.to(x.device)]
+        else:
+            centroids = _kmeanspp(xs, k, generator, backend)
+    else:
+        centroids = torch.empty(k, d, dtype=acc, device=x.device)
+    if group is not None:
+        torch.distributed.broadcast(centroids, src=_first_rank(group), group=group)
+
+    history = []
+    for step in range(iters + 1):
+        if step == iters and not return_inertia:
+            break
+        idx, value = nearest_code(
+            xs,
+            centroids,
+            metric=metric,
+            backend=backend,
+            return_distance=True,
+            check_inputs_finite=False,
+        )
+        dist = value if metric == "l2" else 1 - value
+        history.append(dist.sum())
+        if step == iters:
+            break
+        stats = _batch_stats(xs, idx, None, k, acc, scatter, deterministic=False)
+        if group is not None:
+            _all_reduce(stats, group)
+        counts, sums = stats[:, d], stats[:, :d]
+        new = sums / counts.clamp(min=1)[:, None]
+        if metric == "cosine":
+            new = F.normalize(new, dim=-1)
+        empty = counts == 0
+        new = torch.where(empty[:, None], centroids, new)
+        m = int(empty.sum())
+        if m:
+            new[empty] = _far_rows(xs, dist, m, group)
+        centroids = new
+    if not return_inertia:
+        return centroids
+    inertia = torch.stack(history)
+    if group is not None:
+        _all_reduce(inertia, group)
+    return centroids, inertia
+
+
+# --- code usage --------------------------------------------------------------------------------
+
+
+def code_counts(
+    indices: torch.Tensor, num_codes: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many times each code occurs in `indices`, added into `out` when given.
+
+    Args:
+        indices: integer tensor of any shape, values in [0, num_codes) (checked: one host sync).
+        num_codes: K >= 1.
+        out: optional (K,) tensor on indices' device (int64 keeps counts exact) that accumulates
+            counts across batches; returned.
+
+    Returns:
+        int64 (K,) counts, or `out` with the counts added.
+    """
+    check_tensor("indices", indices)
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor (int64 or int32), got {indices.dtype}")
+    k = _check_int("num_codes", num_codes, 1)
+    if out is not None:
+        check_tensor("out", out)
+        if out.shape != (k,) or out.device != indices.device:
+            raise ValueError(
+                f"out must have shape ({k},) on {indices.device}, got {tuple(out.shape)} on "
+                f"{out.device}"
+            )
+    idx = indices.reshape(-1)
+    _check_index_range(idx, k)
+    counts = torch.bincount(idx, minlength=k)
+    if out is None:
+        return counts
+    return out.add_(counts)
+
+
+def _check_counts(counts) -> None:
+    check_tensor("counts", counts)
+    if counts.dim() < 1 or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise ValueError(
+            f"counts must be a real (..., K) tensor, got {counts.dtype} of shape "
+            f"{tuple(counts.shape)}"
+        )
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code distribution p = counts / sum(counts): K when uniform over K codes,
+    1 when one code takes everything, 0 when counts are all zero.
+
+    counts: (..., K) non-negative, e.g. from code_counts accumulated over batches. Computed in
+    float64; returns shape counts.shape[:-1], float64 for float64 counts, else float32.
+    """
+    _check_counts(counts)
+    c = counts.double()
+    total = c.sum(-1, keepdim=True)
+    p = c / total.clamp(min=torch.finfo(torch.float64).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    result = torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+    return result if counts.dtype == torch.float64 else result.float()
+
+
+def usage(counts: torch.Tensor) -> torch.Tensor:
+    """Fraction of codes used at least once: mean of counts > 0 over the last dimension.
+
+    counts: (..., K); returns shape counts.shape[:-1], float64 for float64 counts, else float32.
+    """
+    _check_counts(counts)
+    dtype = torch.float64 if counts.dtype == torch.float64 else torch.float32
+    return (counts > 0).to(dtype).mean(-1)

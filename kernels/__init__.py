@@ -1,0 +1,1 @@
+"""Triton kernels and their host launchers, imported as fastvq.kernels (never `import kernels`)."""

@@ -1,0 +1,211 @@
+"""Triton kernels for codebook statistics: per-code weighted counts and sums of the rows of z.
+
+Two kernels, both accumulating in float32 whatever z's dtype:
+- `_ema_scatter_fwd_kernel`: one program per (BLOCK_N rows, BLOCK_D columns) tile of z, which
+  adds scale * w[n] * z[n] into sums[idx[n]] and scale * w[n] into counts[idx[n]] with atomics.
+  Bytes bound (z read once, K x D accumulators touched in L2); the order of the atomic adds, and
+  so the float32 rounding, changes from run to run.
+- `_ema_segment_fwd_kernel`: the deterministic variant. The host sorts the indices (stable), so
+  the rows of code k are order[offsets[k]:offsets[k + 1]]; one program per (code, BLOCK_D
+  columns) sums its segment in a fixed order and writes keep * old + gain * sum. Every output is
+  written exactly once, without atomics, so the result is bit-identical run to run.
+
+Host launchers take float32 accumulators that may be strided views (row stride free, unit
+column stride), so counts and sums can live in one (K, D + 1) buffer that a single all-reduce
+sends.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ema_scatter_fwd_kernel(
+    # inputs: z (N, D) with row stride, codes (N,) int, weights (N,) float32
+    z_ptr,
+    idx_ptr,
+    w_ptr,
+    # outputs, accumulated into: counts (K,) and sums (K, D), float32
+    counts_ptr,
+    sums_ptr,
+    # sizes, strides, scalars
+    N,
+    D,
+    stride_z,
+    stride_counts,
+    stride_sums,
+    scale,
+    # meta
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    code = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0) * scale
+        # Padding rows (weight 0, the common mask) cost no atomics on whatever code they carry.
+        row_ok = row_ok & (w != 0.0)
+    else:
+        w = tl.zeros([BLOCK_N], dtype=tl.float32) + scale
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    x = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32) * w[:, None]
+    tl.atomic_add(
+        sums_ptr + code[:, None] * stride_sums + cols[None, :], x, mask=mask, sem="relaxed"
+    )
+    if pid_d == 0:
+        tl.atomic_add(counts_ptr + code * stride_counts, w, mask=row_ok, sem="relaxed")
+
+
+@triton.jit
+def _ema_segment_fwd_kernel(
+    # inputs: z (N, D) with row stride, order (N,) int64 rows sorted by code, offsets (K + 1,)
+    # int64 segment starts, weights (N,) float32 in z's row order
+    z_ptr,
+    order_ptr,
+    offsets_ptr,
+    w_ptr,
+    # outputs, updated in place: counts (K,) and sums (K, D), float32
+    counts_ptr,
+    sums_ptr,
+    # sizes, strides, scalars: out = keep * out + gain * segment sum
+    D,
+    stride_z,
+    stride_counts,
+    stride_sums,
+    keep,
+    gain,
+    # meta
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    code = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    start = tl.load(offsets_ptr + code)
+    end = tl.load(offsets_ptr + code + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(start, end, BLOCK_N):
+        pos = s + tl.arange(0, BLOCK_N)
+        ok = pos < end
+        row = tl.load(order_ptr + pos, mask=ok, other=0)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + row, mask=ok, other=0.0)
+        else:
+            w = ok.to(tl.float32)
+        x = tl.load(
+            z_ptr + row[:, None] * stride_z + cols[None, :],
+            mask=ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(x.to(tl.float32) * w[:, None], axis=0)
+        cnt += w
+    out = sums_ptr + code * stride_sums + cols
+    tl.store(out, keep * tl.load(out, mask=col_ok) + gain * acc, mask=col_ok)
+    if pid_d == 0:
+        out_count = counts_ptr + code * stride_counts
+        tl.store(out_count, keep * tl.load(out_count) + gain * tl.sum(cnt, axis=0))
+
+
+def _blocks(d: int, tile: int) -> tuple[int, int]:
+    # NOTE: tile sizes are unmeasured on GPU (no H100 in the session that wrote this): 4096
+    # elements per scatter tile, 2048 per segment step, up to 128 columns per program.
+    block_d = min(triton.next_power_of_2(d), 128)
+    return max(1, min(1024, tile // block_d)), block_d
+
+
+def _check(counts: torch.Tensor, sums: torch.Tensor, z: torch.Tensor) -> None:
+    assert counts.dtype == sums.dtype == torch.float32, (counts.dtype, sums.dtype)
+    assert sums.stride(1) == 1 and z.stride(1) == 1, "unit column stride expected"
+    assert counts.shape[0] == sums.shape[0] and sums.shape[1] == z.shape[1]
+
+
+def ema_scatter(
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor | None,
+    scale: float,
+) -> None:
+    """counts[idx[n]] += scale * w[n]; sums[idx[n]] += scale * w[n] * z[n] (float32 atomics).
+
+    counts (K,) and sums (K, D) float32, updated in place; z (N, D) float32/bf16/fp16 with unit
+    column stride; indices (N,) int32/int64 in [0, K) (not checked here); weight (N,) float32 or
+    None (all ones).
+    """
+    _check(counts, sums, z)
+    n, d = z.shape
+    if n == 0:
+        return
+    block_n, block_d = _blocks(d, 4096)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+    _ema_scatter_fwd_kernel[grid](
+        z,
+        indices,
+        weight if weight is not None else z,
+        counts,
+        sums,
+        n,
+        d,
+        z.stride(0),
+        counts.stride(0),
+        sums.stride(0),
+        scale,
+        HAS_WEIGHT=weight is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+def ema_segment(
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    z: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor | None,
+    keep: float,
+    gain: float,
+) -> None:
+    """Deterministic: counts = keep * counts + gain * c, sums = keep * sums + gain * s, where
+    c[k] = sum of w[n] and s[k] = sum of w[n] * z[n] over the rows with indices[n] == k, each
+    summed in a fixed order (stable sort by code). Same shapes and dtypes as `ema_scatter`.
+    """
+    _check(counts, sums, z)
+    k = counts.shape[0]
+    d = z.shape[1]
+    # Stable sort: the order of equal codes is the input order, so the sum order is fixed.
+    sorted_codes, order = torch.sort(indices.to(torch.int64), stable=True)
+    bounds = torch.arange(k + 1, device=z.device, dtype=torch.int64)
+    offsets = torch.searchsorted(sorted_codes, bounds)
+    block_n, block_d = _blocks(d, 2048)
+    block_n = min(block_n, 64)
+    grid = (k, triton.cdiv(d, block_d))
+    _ema_segment_fwd_kernel[grid](
+        z,
+        order,
+        offsets,
+        weight if weight is not None else z,
+        counts,
+        sums,
+        d,
+        z.stride(0),
+        counts.stride(0),
+        sums.stride(0),
+        keep,
+        gain,
+        HAS_WEIGHT=weight is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )

@@ -1,0 +1,536 @@
+"""Codebook learning ops: EMA statistics, smoothed codebook, dead-code reset, k-means, code usage.
+
+Oracles are the plain-PyTorch references in fastvq.reference.codebook, run in float64 (the one-hot
+EMA, brute-force Lloyd). Floating parity: max|out - ref64| <= 2 max|ref32 - ref64| + atol, the
+reference in float32 setting the scale of float32 rounding.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvq
+from fastvq.ops.codebook import (
+    code_counts,
+    ema_codebook,
+    ema_update_,
+    kmeans,
+    perplexity,
+    reset_dead_codes_,
+    usage,
+)
+from fastvq.reference import codebook as ref
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels_importable() -> bool:
+    try:
+        return importlib.util.find_spec("fastvq.kernels.ema") is not None
+    except ModuleNotFoundError:  # fastvq.kernels itself is missing
+        return False
+
+
+def _cases():
+    """(device, backend) pairs with a statistics kernel on this machine."""
+    report = fastvq.backends()
+    cases = [("cpu", "torch")]
+    if report["triton"].available and INTERPRET and not CUDA:
+        cases.append(("cpu", "triton"))
+    if CUDA:
+        cases += [("cuda", b) for b in ("torch", "triton") if report[b].available]
+    # A packaging fault, reported as a skip with its reason rather than a crash of every test.
+    no_kernels = pytest.mark.skip(reason="fastvq.kernels does not import (kernels/__init__.py?)")
+    return [
+        pytest.param(
+            c,
+            id=f"{c[0]}-{c[1]}",
+            marks=[pytest.mark.gpu] * (c[0] == "cuda")
+            + [no_kernels] * (c[1] == "triton" and not _kernels_importable()),
+        )
+        for c in cases
+    ]
+
+
+CASES = _cases()
+TRITON_CASES = [c for c in CASES if c.values[0][1] == "triton"]
+# (N, K, D): N = 1, odd N, K off every tile, odd D, D above one 128-column block.
+SHAPES = [(1, 1, 1), (97, 13, 3), (300, 70, 33), (1025, 257, 24), (64, 5, 256)]
+# The interpreter runs one program at a time in numpy, and the deterministic kernel launches K of
+# them: fewer, smaller shapes.
+INTERPRETER_SHAPES = [(1, 1, 1), (97, 13, 3), (130, 29, 33), (20, 4, 200)]
+
+
+def _shapes(backend):
+    return INTERPRETER_SHAPES if backend == "triton" and INTERPRET else SHAPES
+
+
+def _ema_inputs(n, k, d, dtype, device, seed, weighting=None):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g).to(dtype)
+    indices = torch.randint(0, k, (n,), generator=g)
+    cluster_size = torch.rand(k, generator=g) * 5
+    embed_sum = torch.randn(k, d, generator=g)
+    weight = {
+        None: None,
+        "mask": torch.rand(n, generator=g) > 0.3,
+        "float": torch.rand(n, generator=g),
+    }[weighting]
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(cluster_size), to(embed_sum), to(z), to(indices), to(weight)
+
+
+def _assert_parity(out, ref64, ref32, what):
+    err = (out.double() - ref64).abs().max().item()
+    bound = 2 * (ref32.double() - ref64).abs().max().item() + 1e-6 * (1 + ref64.abs().max().item())
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g}"
+
+
+# --- ema_update_ -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize(
+    "dtype, weighting",
+    [
+        (torch.float32, None),
+        (torch.bfloat16, "mask"),
+        (torch.float16, "float"),
+        (torch.float32, "float"),
+    ],
+    ids=["f32", "bf16-mask", "f16-weight", "f32-weight"],
+)
+def test_ema_update_matches_onehot_reference(case, deterministic, dtype, weighting, poison):
+    device, backend = case
+    for seed, (n, k, d) in enumerate(_shapes(backend)):
+        cs, es, z, idx, w = _ema_inputs(n, k, d, dtype, device, seed, weighting)
+        decay = 0.8
+        w64 = None if w is None else w.double()
+        ref64 = ref.ema_update_onehot(cs.double(), es.double(), z.double(), idx, decay, w64)
+        ref32 = ref.ema_update_onehot(cs, es, z.float(), idx, decay, w)
+        out_cs, out_es = cs.clone(), es.clone()
+        result = ema_update_(
+            out_cs, out_es, z, idx, decay, weight=w, deterministic=deterministic, backend=backend
+        )
+        assert result[0] is out_cs and result[1] is out_es  # in place
+        assert out_cs.dtype == out_es.dtype == torch.float32
+        _assert_parity(out_cs, ref64[0], ref32[0], f"cluster_size {(n, k, d)}")
+        _assert_parity(out_es, ref64[1], ref32[1], f"embed_sum {(n, k, d)}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(0, 80), k=st.integers(1, 40), d=st.integers(1, 40), deterministic=st.booleans(),
+    weighting=st.sampled_from([None, "mask", "float"]), decay=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31),
+)  # fmt: skip
+def test_fuzz_ema_update_torch(n, k, d, deterministic, weighting, decay, seed):
+    cs, es, z, idx, w = _ema_inputs(n, k, d, torch.float32, "cpu", seed, weighting)
+    w64 = None if w is None else w.double()
+    ref64 = ref.ema_update_onehot(cs.double(), es.double(), z.double(), idx, decay, w64)
+    ref32 = ref.ema_update_onehot(cs, es, z, idx, decay, w)
+    ema_update_(cs, es, z, idx, decay, weight=w, deterministic=deterministic, backend="torch")
+    _assert_parity(cs, ref64[0], ref32[0], "cluster_size")
+    _assert_parity(es, ref64[1], ref32[1], "embed_sum")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ema_update_float64_on_torch(deterministic):
+    cs, es, z, idx, w = _ema_inputs(500, 40, 9, torch.float64, "cpu", 11, "float")
+    cs, es = cs.double(), es.double()
+    expected = ref.ema_update_onehot(cs, es, z, idx, 0.37, w)
+    ema_update_(cs, es, z, idx, 0.37, weight=w, deterministic=deterministic)
+    torch.testing.assert_close(cs, expected[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(es, expected[1], rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="float64 inputs run on backend='torch'"):
+        ema_update_(cs, es, z, idx, 0.37, backend="triton")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ema_update_deterministic_is_bit_identical(case):
+    device, backend = case
+    n, k, d = (600, 11, 33) if backend == "triton" and INTERPRET else (20_000, 300, 33)
+    cs, es, z, _, w = _ema_inputs(n, k, d, torch.bfloat16, device, 3, "float")
+    # Skewed codes: code 0 takes about half the rows, where atomics would contend the most.
+    g = torch.Generator().manual_seed(4)
+    idx = (torch.randint(0, k, (n,), generator=g) * (torch.rand(n, generator=g) > 0.5)).to(device)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for run in range(3):
+            # The CPU's thread count changes the split of a parallel reduction: it must not matter.
+            torch.set_num_threads(1 if run == 2 else threads)
+            a, b = cs.clone(), es.clone()
+            ema_update_(a, b, z, idx, 0.9, weight=w, deterministic=True, backend=backend)
+            runs.append((a, b))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in runs[1:]:
+        assert torch.equal(a, runs[0][0]) and torch.equal(b, runs[0][1])
+    a, b = cs.clone(), es.clone()
+    ema_update_(a, b, z, idx, 0.9, weight=w, deterministic=False, backend=backend)
+    torch.testing.assert_close(a, runs[0][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(b, runs[0][1], rtol=1e-5, atol=1e-4)
+    # ... and the statistics did move: a no-op would pass the checks above.
+    assert not torch.allclose(b, 0.9 * es, atol=1e-2)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ema_update_mask_equals_dropping_rows(case, deterministic):
+    device, backend = case
+    cs, es, z, idx, mask = _ema_inputs(150, 9, 17, torch.float32, device, 5, "mask")
+    idx[~mask] = 0  # padding rows often carry an arbitrary code: it must not matter
+    a, b = cs.clone(), es.clone()
+    ema_update_(a, b, z, idx, 0.5, weight=mask, deterministic=deterministic, backend=backend)
+    a2, b2 = cs.clone(), es.clone()
+    ema_update_(a2, b2, z[mask], idx[mask], 0.5, deterministic=deterministic, backend=backend)
+    torch.testing.assert_close(a, a2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b, b2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ema_update_decay_edges_empty_batch_and_layouts(case, poison):
+    device, backend = case
+    cs, es, z, idx, _ = _ema_inputs(2 * 3 * 5, 7, 6, torch.float32, device, 6)
+    # decay = 1 keeps the statistics exactly; decay = 0 replaces them by the batch's.
+    a, b = cs.clone(), es.clone()
+    ema_update_(a, b, z, idx, 1.0, backend=backend)
+    assert torch.equal(a, cs) and torch.equal(b, es)
+    ema_update_(a, b, z, idx, 0.0, backend=backend)
+    counts = torch.zeros(7, device=device).index_add_(0, idx, torch.ones_like(z[:, 0]))
+    sums = torch.zeros(7, 6, device=device).index_add_(0, idx, z)
+    torch.testing.assert_close(a, counts, rtol=0, atol=0)
+    torch.testing.assert_close(b, sums, rtol=1e-6, atol=1e-6)
+    # An empty batch only decays.
+    for det in (False, True):
+        a, b = cs.clone(), es.clone()
+        ema_update_(a, b, z[:0], idx[:0], 0.25, deterministic=det, backend=backend)
+        torch.testing.assert_close(a, 0.25 * cs, rtol=0, atol=0)
+        torch.testing.assert_close(b, 0.25 * es, rtol=0, atol=0)
+    # Leading dimensions, int32 indices, and accumulators that are strided views.
+    expected = cs.clone(), es.clone()
+    ema_update_(*expected, z, idx, 0.7, backend=backend)
+    cs_view = torch.zeros(14, device=device)[::2].copy_(cs)
+    es_view = torch.zeros(6, 7, device=device).T.copy_(es)
+    assert not cs_view.is_contiguous() and not es_view.is_contiguous()
+    ema_update_(cs_view, es_view, z.view(2, 3, 5, 6), idx.view(2, 3, 5).int(), 0.7, backend=backend)
+    torch.testing.assert_close(cs_view, expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(es_view, expected[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] == "torch"])
+def test_ema_update_never_builds_n_by_k(case):
+    # N = K = 2^17: a one-hot would take 64 GiB; the scatter needs O(K * D + N).
+    device, _ = case
+    n = k = 1 << 17
+    cs, es, z, idx, _ = _ema_inputs(n, k, 2, torch.float32, device, 7)
+    expected = ref.ema_update_index_add(cs.double(), es.double(), z.double(), idx, 0.5)
+    ema_update_(cs, es, z, idx, 0.5, check_indices=False)
+    torch.testing.assert_close(cs.double(), expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(es.double(), expected[1], rtol=1e-6, atol=1e-6)
+
+
+def _bad(**changes):
+    cs, es, z, idx, _ = _ema_inputs(10, 6, 4, torch.float32, "cpu", 8)
+    args = dict(cluster_size=cs, embed_sum=es, z=z, indices=idx, decay=0.9) | changes
+    return args
+
+
+LONG, BF16, F64 = torch.int64, torch.bfloat16, torch.float64
+BAD_EMA_INPUTS = [
+    (dict(cluster_size=torch.ones(6, dtype=LONG)), TypeError, "cluster_size must be a float32"),
+    (dict(embed_sum=torch.ones(6, 4, dtype=BF16)), TypeError, "embed_sum must be a float32"),
+    (dict(embed_sum=torch.ones(6, 4, dtype=F64)), TypeError, "share one dtype"),
+    (dict(cluster_size=[1.0] * 6), TypeError, "cluster_size must be a torch.Tensor"),
+    (dict(cluster_size=torch.ones(5)), ValueError, r"shape \(K, D\) with K = 5"),
+    (dict(cluster_size=torch.ones(6, 1)), ValueError, r"cluster_size must have shape \(K,\)"),
+    (dict(z=torch.randn(10, 5)), ValueError, r"z must have shape \(..., D\) with D = 4"),
+    (dict(z=torch.randn(10, 4).long()), TypeError, "z must be float32"),
+    (dict(indices=torch.zeros(9, dtype=LONG)), ValueError, "indices must have z's leading shape"),
+    (dict(indices=torch.zeros(10)), TypeError, "indices must be an integer tensor"),
+    (dict(indices=torch.full((10,), 6)), ValueError, r"in \[0, 6\), got values from 6 to 6"),
+    (dict(indices=torch.full((10,), -1)), ValueError, r"indices must lie in \[0, 6\)"),
+    (dict(decay=1.5), ValueError, r"decay must be in \[0, 1\], got 1.5"),
+    (dict(decay=-0.1), ValueError, r"decay must be in \[0, 1\]"),
+    (dict(decay=float("nan")), ValueError, r"decay must be in \[0, 1\]"),
+    (dict(decay=torch.tensor(0.5)), TypeError, "decay must be a real number"),
+    (dict(weight=torch.ones(9)), ValueError, "weight must have z's leading shape"),
+    (dict(weight=torch.ones(10, dtype=LONG)), TypeError, "weight must be a floating or bool"),
+    (dict(backend="numpy"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), ValueError, "backend 'cuda' has no codebook-statistics kernel"),
+    (dict(all_reduce=True), ValueError, "all_reduce needs torch.distributed to be initialized"),
+    (dict(all_reduce="world"), TypeError, "all_reduce must be a bool or a torch.distributed"),
+    (dict(z=torch.randn(10, 4, device="meta")), ValueError, "z is on meta"),
+]
+
+
+@pytest.mark.parametrize("changes, error, match", BAD_EMA_INPUTS)
+def test_ema_update_bad_input(changes, error, match):
+    args = _bad(**changes)
+    with pytest.raises(error, match=match):
+        ema_update_(
+            args.pop("cluster_size"),
+            args.pop("embed_sum"),
+            args.pop("z"),
+            args.pop("indices"),
+            args.pop("decay"),
+            **args,
+        )
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_opcheck(case):
+    device, _ = case
+    cs, es, z, idx, w = _ema_inputs(37, 5, 24, torch.float32, device, 9, "float")
+    torch.library.opcheck(torch.ops.fastvq.ema_scatter_triton, (cs, es, z, idx, w, 0.3))
+    torch.library.opcheck(torch.ops.fastvq.ema_scatter_triton, (cs, es, z.half(), idx, None, 1.0))
+    torch.library.opcheck(torch.ops.fastvq.ema_segment_triton, (cs, es, z, idx, w, 0.9, 0.1))
+    torch.library.opcheck(
+        torch.ops.fastvq.ema_segment_triton, (cs, es, z.bfloat16(), idx.int(), None, 0.0, 1.0)
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_ema_step_compiles_without_graph_breaks(case, deterministic):
+    device, backend = case
+
+    def step(cs, es, z, idx):
+        ema_update_(cs, es, z, idx, 0.9, deterministic=deterministic, backend=backend)
+        return ema_codebook(cs, es)
+
+    cs, es, z, idx, _ = _ema_inputs(64, 10, 8, torch.float32, device, 10)
+    a, b = cs.clone(), es.clone()
+    eager = step(a, b, z, idx)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a2, b2 = cs.clone(), es.clone()
+    torch.testing.assert_close(compiled(a2, b2, z, idx), eager)
+    torch.testing.assert_close((a2, b2), (a, b))  # the in-place update survives compilation
+
+
+# --- ema_codebook ------------------------------------------------------------------------------
+
+
+def test_ema_codebook():
+    g = torch.Generator().manual_seed(12)
+    cs, es = torch.rand(50, generator=g, dtype=torch.float64) * 3, torch.randn(50, 7, generator=g)
+    es = es.double()
+    for eps in (1e-5, 0.1, 0.0):
+        torch.testing.assert_close(ema_codebook(cs, es, eps), ref.ema_codebook(cs, es, eps))
+    # Hand-computed: n = 4, K = 2, eps = 2: smoothed = (cs + 2) / 8 * 4 = [1.5, 2.5].
+    out = ema_codebook(torch.tensor([1.0, 3.0]), torch.tensor([[3.0], [-5.0]]), eps=2.0)
+    assert out.tolist() == [[2.0], [-2.0]]
+    # Statistics started at cluster_size = 1, embed_sum = codebook give the codebook back.
+    codebook = torch.randn(300, 5, generator=g)
+    torch.testing.assert_close(ema_codebook(torch.ones(300), codebook.clone()), codebook)
+    target = torch.empty(300, 5, dtype=torch.bfloat16)
+    assert ema_codebook(torch.ones(300), codebook, out=target) is target
+    torch.testing.assert_close(target, codebook.bfloat16())
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        ema_codebook(torch.ones(3), torch.ones(3, 2), eps=-1.0)
+    with pytest.raises(ValueError, match="out must have embed_sum's shape"):
+        ema_codebook(torch.ones(3), torch.ones(3, 2), out=torch.empty(2, 3))
+    with pytest.raises(ValueError, match=r"embed_sum must have shape \(K, D\) with K = 3"):
+        ema_codebook(torch.ones(3), torch.ones(4, 2))
+
+
+# --- reset_dead_codes_ -------------------------------------------------------------------------
+
+
+def _dead_setup(n=200, k=50, d=7, seed=13, codebook_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    cs = torch.rand(k, generator=g) * 4  # about a quarter below threshold 1
+    es = torch.randn(k, d, generator=g)
+    codebook = torch.randn(k, d, generator=g).to(codebook_dtype)
+    z = torch.randn(n, d, generator=g)
+    return codebook, cs, es, z
+
+
+def test_reset_dead_codes_replaces_exactly_the_dead_ones():
+    codebook, cs, es, z = _dead_setup()
+    c0, cs0, es0 = codebook.clone(), cs.clone(), es.clone()
+    replaced = reset_dead_codes_(codebook, cs, es, z, 1.0, torch.Generator().manual_seed(0))
+    dead = (cs0 < 1.0).nonzero().flatten()
+    assert replaced.dtype == torch.int64 and torch.equal(replaced, dead) and 5 < len(dead) < 25
+    live = cs0 >= 1.0
+    assert torch.equal(codebook[live], c0[live])
+    assert torch.equal(cs[live], cs0[live]) and torch.equal(es[live], es0[live])
+    # Each new code is a row of z, and no row is used twice (z has more rows than dead codes).
+    match = (codebook[dead][:, None, :] == z[None]).all(-1)
+    assert bool((match.sum(1) == 1).all())
+    assert len(set(match.int().argmax(1).tolist())) == len(dead)
+    # Statistics restart at the threshold, consistent with the new codes.
+    assert bool((cs[dead] == 1.0).all())
+    torch.testing.assert_close(ema_codebook(cs, es)[dead], codebook[dead], rtol=1e-6, atol=1e-6)
+
+
+def test_reset_dead_codes_is_reproducible_under_a_generator():
+    results = []
+    for seed in (0, 0, 1):
+        codebook, cs, es, z = _dead_setup()
+        reset_dead_codes_(codebook, cs, es, z, 1.0, torch.Generator().manual_seed(seed))
+        results.append(codebook)
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])
+
+
+def test_reset_dead_codes_small_batch_low_precision_codebook_and_nothing_dead():
+    # 3 rows for 13 dead codes: every row is used, none more than ceil(13 / 3) = 5 times.
+    codebook, cs, es, z = _dead_setup(n=3, codebook_dtype=torch.bfloat16)
+    codebook = torch.nn.Parameter(codebook)  # a module's codebook: updated under no_grad
+    replaced = reset_dead_codes_(codebook, cs, es, z, 1.0, torch.Generator().manual_seed(2))
+    assert len(replaced) > 3
+    match = (codebook.detach()[replaced].float()[:, None, :] == z.bfloat16().float()[None]).all(-1)
+    assert bool((match.sum(1) == 1).all())
+    uses = match.sum(0)
+    assert bool((uses >= 1).all()) and int(uses.max()) <= -(-len(replaced) // 3)
+    torch.testing.assert_close(ema_codebook(cs, es)[replaced], z[match.int().argmax(1)])
+    # Nothing below the threshold: nothing changes.
+    codebook, cs, es, z = _dead_setup()
+    before = codebook.clone(), cs.clone(), es.clone()
+    replaced = reset_dead_codes_(codebook, cs, es, z, 0.0)
+    assert replaced.shape == (0,) and replaced.dtype == torch.int64
+    assert all(torch.equal(a, b) for a, b in zip(before, (codebook, cs, es), strict=True))
+
+
+def test_reset_dead_codes_bad_input():
+    codebook, cs, es, z = _dead_setup()
+    with pytest.raises(ValueError, match="threshold must be finite and >= 0"):
+        reset_dead_codes_(codebook, cs, es, z, -1.0)
+    with pytest.raises(ValueError, match="codebook must have embed_sum's shape"):
+        reset_dead_codes_(codebook[:-1], cs, es, z, 1.0)
+    with pytest.raises(ValueError, match="z must hold at least one row"):
+        reset_dead_codes_(codebook, cs, es, z[:0], 1.0)
+    with pytest.raises(ValueError, match=r"z must have shape \(..., D\) with D = 7"):
+        reset_dead_codes_(codebook, cs, es, z[:, :3], 1.0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        reset_dead_codes_(codebook, cs, es, z, 1.0, generator=0)
+
+
+# --- kmeans ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_kmeans_matches_brute_force_lloyd(metric, poison):
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    init = x[torch.randperm(300, generator=g)[:17]].clone()
+    init[3] = 100.0  # far from every row: its cluster empties and is re-seeded
+    init[9] = -100.0
+    got, inertia = kmeans(x, 17, iters=6, metric=metric, init=init, return_inertia=True)
+    expected = ref.lloyd(x, init, 6, metric)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inertia[-1], ref.inertia(x, expected, metric))
+    assert bool((got.abs() < 10).all())  # the far centroids did move
+    assert bool((inertia[1:] <= inertia[:-1] * (1 + 1e-12)).all()), inertia
+
+
+def test_kmeans_plus_plus_finds_separated_blobs_where_random_init_does_not():
+    # 12 tight blobs far apart: k-means++ (exact for <= 64 codes) puts one centre in each; 12
+    # uniform picks almost surely miss one (all 12 distinct has probability 12!/12^12 = 5e-5).
+    g = torch.Generator().manual_seed(15)
+    blobs = torch.randn(12, 6, generator=g) * 100
+    labels = torch.arange(12).repeat_interleave(50)
+    x = blobs[labels] + torch.randn(600, 6, generator=g)
+
+    def blobs_hit(init):
+        centres = kmeans(x, 12, iters=0, init=init, generator=torch.Generator().manual_seed(1))
+        return len(set(torch.cdist(centres, blobs).argmin(1).tolist()))
+
+    assert blobs_hit("kmeans++") == 12
+    assert blobs_hit("random") < 12
+
+
+def test_kmeans_large_codebook_decreases_inertia_and_beats_random_init():
+    # 4096 codes from 50k rows: the batched k-means++ path (64 codes per round after doubling).
+    g = torch.Generator().manual_seed(16)
+    centers = torch.randn(2000, 16, generator=g) * 3
+    noise = torch.randn(50_000, 16, generator=g)
+    x = centers[torch.randint(0, 2000, (50_000,), generator=g)] + noise
+    gen = torch.Generator().manual_seed(0)
+    centroids, inertia = kmeans(x, 4096, iters=3, generator=gen, return_inertia=True)
+    assert centroids.shape == (4096, 16) and bool(centroids.isfinite().all())
+    assert bool((inertia[1:] <= inertia[:-1] * (1 + 1e-6)).all()), inertia
+    assert inertia[-1] < 0.7 * inertia[0]
+    _, random_init = kmeans(x, 4096, iters=0, init="random", generator=gen, return_inertia=True)
+    # Measured here: k-means++ 1.30e6, random 1.49e6 (about 13 % apart).
+    assert inertia[0] < 0.95 * random_init[0], (inertia[0], random_init[0])
+
+
+def test_kmeans_reproducible_low_precision_and_distinct_random_init():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(2000, 8, generator=g).bfloat16()
+    runs = [kmeans(x, 100, iters=2, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert runs[0].dtype == torch.float32
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    init = kmeans(x, 100, iters=0, init="random", generator=torch.Generator().manual_seed(5))
+    assert len(torch.unique(init, dim=0)) == 100
+    assert bool((init[:, None, :] == x.float()[None]).all(-1).any(1).all())  # rows of x
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(num_codes=2001), ValueError, "x has 2000 rows, fewer than num_codes = 2001"),
+        (dict(num_codes=0), ValueError, "num_codes must be >= 1"),
+        (dict(num_codes=2.0), TypeError, "num_codes must be an int"),
+        (dict(iters=-1), ValueError, "iters must be >= 0"),
+        (dict(metric="dot"), ValueError, "metric must be one of"),
+        (dict(init="forgy"), ValueError, "init must be one of"),
+        (dict(init=torch.randn(4, 8)), ValueError, r"init must have shape \(10, 8\)"),
+        (dict(x=torch.randn(8)), ValueError, "x must have shape"),
+        (dict(x=torch.ones(20, 8, dtype=torch.int64)), TypeError, "x must be float32"),
+        (dict(backend="jax"), ValueError, "backend must be one of"),
+    ],
+)
+def test_kmeans_bad_input(kwargs, error, match):
+    args = dict(x=torch.randn(2000, 8), num_codes=10) | kwargs
+    with pytest.raises(error, match=match):
+        kmeans(args.pop("x"), args.pop("num_codes"), **args)
+
+
+# --- code usage --------------------------------------------------------------------------------
+
+
+def test_code_counts_accumulate_across_batches():
+    g = torch.Generator().manual_seed(18)
+    batches = [torch.randint(0, 37, shape, generator=g) for shape in [(5, 40), (0,), (97,)]]
+    total = torch.zeros(37, dtype=torch.int64)
+    for b in batches:
+        assert code_counts(b, 37, out=total) is total
+        assert torch.equal(code_counts(b, 37), ref.code_counts_onehot(b, 37))
+    everything = torch.cat([b.reshape(-1) for b in batches])
+    assert torch.equal(total, ref.code_counts_onehot(everything, 37))
+    assert int(total.sum()) == everything.numel()
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 37\), got values from 0 to 37"):
+        code_counts(torch.tensor([0, 37]), 37)
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        code_counts(torch.zeros(3), 37)
+    with pytest.raises(ValueError, match=r"out must have shape \(37,\)"):
+        code_counts(batches[0], 37, out=torch.zeros(36, dtype=torch.int64))
+
+
+def test_perplexity_and_usage():
+    k = 64
+    assert perplexity(torch.full((k,), 5)).item() == pytest.approx(k)
+    assert perplexity(torch.zeros(k).index_fill_(0, torch.tensor([9]), 7.0)).item() == 1.0
+    assert perplexity(torch.zeros(k, dtype=torch.int64)).item() == 0.0
+    g = torch.Generator().manual_seed(19)
+    counts = torch.randint(0, 50, (3, k), generator=g) * (torch.rand(3, k, generator=g) > 0.5)
+    torch.testing.assert_close(perplexity(counts).double(), ref.perplexity(counts))
+    torch.testing.assert_close(usage(counts).double(), ref.usage(counts))
+    assert perplexity(counts).shape == (3,) and perplexity(counts).dtype == torch.float32
+    assert usage(torch.tensor([0, 3, 0, 1])).item() == 0.5
+    # Two codes, 3:1: exp(-(3/4 log 3/4 + 1/4 log 1/4)).
+    p = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    expected = (-(p * p.log()).sum()).exp().item()
+    assert perplexity(torch.tensor([3.0, 1.0])).item() == pytest.approx(expected)
+    with pytest.raises(TypeError, match="counts must be a torch.Tensor"):
+        perplexity([1, 2])

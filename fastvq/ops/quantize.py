@@ -1,0 +1,236 @@
+"""fastvq.quantize: nearest-code search, gather and a gradient estimator; closed-form backward.
+
+Two custom ops carry the work after the search (fastvq.nearest_code):
+  fastvq::quantize_fwd  (z, codebook, indices) -> (z_q = codebook[indices], per-row stats)
+  fastvq::quantize_bwd  (dL/dz_q, z, codebook, indices, stats) -> (dL/dz, dL/dcodebook)
+each with a "torch" body (plain torch ops) and a Triton body (kernels/quantize.py), a fake
+implementation, and the pair wired together by register_autograd, so torch.compile keeps each as
+one node and opcheck covers them. Neither ever builds an N x K or an N x D x D tensor.
+"""
+
+import torch
+
+from fastvq.ops._backends import pick_backend
+from fastvq.ops._validate import check_choice, check_floating
+from fastvq.ops.nearest_code import nearest_code
+from fastvq.reference.quantize import GRADS
+
+# --- torch bodies ------------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stats_torch(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tensor:
+    """(N, 4) per-row (s, 1/|z|, 1/|q|, w) as in kernels/quantize.py, float32 or float64."""
+    acc = _acc(z.dtype)
+    zf, qf = z.to(acc), q.to(acc)
+    nz = torch.linalg.vector_norm(zf, dim=1)
+    nq = torch.linalg.vector_norm(qf, dim=1)
+    scale = nq / nz
+    ok = (nz > 0) & (nq > 0) & nz.isfinite() & scale.isfinite()
+    inv_z = torch.where(ok, nz.reciprocal(), 0)
+    inv_q = torch.where(ok, nq.reciprocal(), 0)
+    sign = 1.0 if grad == "rotation" else -1.0
+    e2 = (zf * inv_z[:, None] + sign * (qf * inv_q[:, None])).square().sum(1)
+    if grad == "rotation":
+        ok = ok & (e2 > 0)  # z^ = -q^: no unique rotation, STE
+        inv_z, inv_q = torch.where(ok, inv_z, 0), torch.where(ok, inv_q, 0)
+    w = torch.where(ok & (e2 > 0), 2 / e2, 0)
+    return torch.stack([torch.where(ok, scale, 1), inv_z, inv_q, w], dim=1)
+
+
+def _fwd_torch(z, codebook, indices, grad):
+    q = codebook.index_select(0, indices)
+    if grad == "ste":
+        return q, z.new_empty(z.shape[0], 0, dtype=_acc(z.dtype))
+    return q, _stats_torch(z, q, grad)
+
+
+def _bwd_torch(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook):
+    acc = _acc(z.dtype)
+    g = grad_out.to(acc)
+    dz = dc = None
+    if need_codebook:
+        dc = torch.zeros(codebook.shape, dtype=acc, device=z.device).index_add_(0, indices, g)
+    if need_z:
+        zf, qf = z.to(acc), codebook.index_select(0, indices).to(acc)
+        scale, inv_z, inv_q, w = stats.unbind(1)
+        zs = zf * inv_z[:, None]
+        sign = 1.0 if grad == "rotation" else -1.0
+        e = zs + sign * (qf * inv_q[:, None])
+        dz = g - (w * (e * g).sum(1))[:, None] * e
+        if grad == "rotation":
+            dz = dz + (2 * (qf * g).sum(1) * inv_q)[:, None] * zs
+        dz = (scale[:, None] * dz).to(z.dtype)
+    return dz, dc
+
+
+# --- custom ops --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvq::quantize_fwd", mutates_args=())
+def _quantize_fwd(
+    z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, grad: str, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_q (N, D) = codebook[indices], stats (N, 4) float32/64 ((N, 0) for STE; z unused then)."""
+    if use_triton:
+        from fastvq.kernels.quantize import quantize_fwd
+
+        return quantize_fwd(z, codebook, indices, grad)
+    return _fwd_torch(z, codebook, indices, grad)
+
+
+@_quantize_fwd.register_fake
+def _(z, codebook, indices, grad, use_triton):
+    n, d = z.shape
+    return codebook.new_empty(n, d), z.new_empty(n, 0 if grad == "ste" else 4, dtype=_acc(z.dtype))
+
+
+@torch.library.custom_op("fastvq::quantize_bwd", mutates_args=())
+def _quantize_bwd(
+    grad_out: torch.Tensor,
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    stats: torch.Tensor,
+    grad: str,
+    need_z: bool,
+    need_codebook: bool,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dc): dz (N, D) in z's dtype if need_z else (0, D); dc (K, D) in codebook's dtype if
+    need_codebook else (0, D). need_z only for rotation / householder."""
+    if use_triton:
+        from fastvq.kernels.quantize import quantize_bwd
+
+        dz, dc = quantize_bwd(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook)
+    else:
+        dz, dc = _bwd_torch(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook)
+    d = z.shape[1]
+    dz = z.new_empty(0, d) if dz is None else dz
+    dc = codebook.new_empty(0, d) if dc is None else dc.to(codebook.dtype)
+    return dz, dc
+
+
+@_quantize_bwd.register_fake
+def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook, use_triton):
+    d = z.shape[1]
+    dz = z.new_empty(z.shape[0] if need_z else 0, d)
+    dc = codebook.new_empty(codebook.shape[0] if need_codebook else 0, d)
+    return dz, dc
+
+
+def _setup_context(ctx, inputs, output):
+    z, codebook, indices, grad, use_triton = inputs
+    _, stats = output
+    ctx.grad, ctx.use_triton = grad, use_triton
+    # STE never reads z in its backward: do not keep it alive for that.
+    ctx.save_for_backward(None if grad == "ste" else z, codebook, indices, stats)
+
+
+def _backward(ctx, grad_zq, _grad_stats):
+    z, codebook, indices, stats = ctx.saved_tensors
+    need_z, need_codebook = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    ste = ctx.grad == "ste"
+    dz = dc = None
+    if ste and need_z:
+        dz = grad_zq
+    kernel_z = need_z and not ste
+    if kernel_z or need_codebook:
+        g = grad_zq.contiguous()
+        z = g if z is None else z  # STE's backward never reads z: any (N, D) tensor will do
+        out_z, out_c = _quantize_bwd(
+            g, z, codebook, indices, stats, ctx.grad, kernel_z, need_codebook, ctx.use_triton
+        )
+        dz = out_z if kernel_z else dz
+        dc = out_c if need_codebook else None
+    return dz, dc, None, None, None
+
+
+_quantize_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public op ---------------------------------------------------------------------------------
+
+
+def quantize(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    metric: str = "l2",
+    grad: str = "ste",
+    precision: str = "exact",
+    backend: str = "auto",
+    check_inputs_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize each vector of z to its nearest code, with a chosen gradient estimator.
+
+    Forward: indices = fastvq.nearest_code(z, codebook, metric=..., precision=...), then
+    z_q = codebook[indices] exactly (bit for bit) for every estimator. Backward, per row, with
+    q = codebook[idx], g = dL/dz_q, s = |q|/|z|, z^ = z/|z|, q^ = q/|q|:
+      grad="ste":          dL/dz = g.
+      grad="rotation":     dL/dz = s R^T g, R = I - 2 r r^T + 2 q^ z^^T, r = (z^ + q^)/|z^ + q^|:
+                           the rotation trick of Fifty et al. (ICLR 2025), R and s constants as in
+                           vector-quantize-pytorch's rotate_to. Computed in O(D) per row.
+      grad="householder":  dL/dz = s H^T g, H = I - 2 v v^T, v = (z^ - q^)/|z^ - q^|: the single
+                           reflection of the rotated VQ-VAE paper ("v from the normalized
+                           difference of z_e and q", with its "rotation and rescaling"). The
+                           paper leaves v's normalization open; normalizing z and q first is the
+                           reading under which s H z = q, i.e. the transform maps z onto its
+                           code as the rotation trick's does. H is a reflection (det -1).
+    Degenerate rows get a defined, finite gradient (checks are exact, "== 0" in float32, or
+    float64 for float64 inputs): z = 0, q = 0, or |z| or s overflowing -> STE (g); rotation with
+    z^ = -q^ (no unique rotation) -> STE; householder with z^ = q^ -> H = I, s g (what the
+    rotation trick gives there). Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to
+    rounding. Once differentiable (no double backward through rotation / householder).
+
+    Codebook gradient (when codebook.requires_grad): dL/dC[k] = sum of g over rows with index k,
+    for every estimator, accumulated by scatter in O(K D) memory (float32 atomics on Triton, so
+    run-to-run rounding may differ; index_add_ on torch). It is what autograd gives through the
+    references z_q = q + (z - z.detach()) and z_q = (s R).detach() @ z + (q - q.detach()), and
+    the only consistent value path: s R(z, q) z = q for every q, so even an undetached R gives
+    dz_q/dq = I. This feeds codebook losses, SimVQ-style projections and hyper-network
+    codebooks. VQ-VAE and Fifty et al. send no decoder gradient to the codebook through z_q: to
+    get that behaviour (vector-quantize-pytorch's), pass a codebook that does not require grad
+    (e.g. codebook.detach()) and train it by a codebook loss or EMA.
+
+    Args:
+        z: (..., D) float32, bfloat16 or float16 (float64 with backend "torch"/"auto").
+        codebook: (K, D) on z's device, K >= 1, 1 <= D <= 1024. Different dtypes are promoted
+            (bf16 z with a float32 codebook quantizes in float32; z's gradient returns in bf16).
+        metric: "l2", "cosine" or "dot", as in fastvq.nearest_code.
+        grad: "ste", "rotation" or "householder".
+        precision: "exact" or "fast", as in fastvq.nearest_code (the search only).
+        backend: "auto", "triton", "cuda", "cpu" or "torch". "triton": Triton search and the fused
+            Triton gather/estimator kernels. "torch": all plain torch ops. "cpu"/"cuda": the C++
+            nearest_code search, then the torch gather and backward (fused C++ kernels are not
+            written yet). "auto" resolves as in fastvq.nearest_code (Triton, else CUDA C++, on
+            CUDA tensors; C++ CPU, else torch, on CPU tensors).
+        check_inputs_finite: as in fastvq.nearest_code.
+
+    Returns:
+        z_q: (..., D) in the promoted dtype of z and codebook; indices: (...,) int64.
+    Memory: O(N D + K D) beyond the inputs; per-row float32 stats (16 bytes) are saved for the
+    backward of rotation / householder; STE saves nothing of z.
+    """
+    check_floating("z", z)
+    check_floating("codebook", codebook)
+    check_choice("grad", grad, GRADS)
+    indices = nearest_code(
+        z,
+        codebook,
+        metric=metric,
+        precision=precision,
+        backend=backend,
+        check_inputs_finite=check_inputs_finite,
+    )
+    # nearest_code has validated shapes, devices, metric, precision and backend.
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    use_triton = pick_backend(backend, z.device, dtype) == "triton"
+    d = codebook.shape[1]
+    z2 = z.reshape(-1, d).to(dtype).contiguous()
+    cb = codebook.to(dtype).contiguous()
+    z_q, _ = _quantize_fwd(z2, cb, indices.reshape(-1), grad, use_triton)
+    return z_q.view(*z.shape[:-1], d), indices

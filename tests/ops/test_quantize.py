@@ -1,0 +1,393 @@
+"""fastvq.quantize: search + gather + gradient estimators (STE, rotation trick, Householder).
+
+Oracles: fastvq.reference.quantize (explicit D x D matrices, autograd) in float64, run with the
+op's own indices so that near-ties in the search cannot make a gradient test flaky; the indices
+themselves are checked tie-aware with fastvq.testing.check_nearest. Floating parity:
+max|out - ref64| <= 2 max|ref_in_dtype - ref64| + atol[dtype] * max(1, max|ref64|).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastvq
+from fastvq.ops.quantize import quantize
+from fastvq.reference import METRICS
+from fastvq.reference.quantize import GRADS, estimator_matrix
+from fastvq.reference.quantize import quantize as quantize_ref
+from fastvq.testing import check_nearest
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ATOL = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _cases():
+    report = fastvq.backends()
+    cases = [("cpu", "torch")]
+    if report["cpu"].available:
+        cases.append(("cpu", "cpu"))
+    if report["triton"].available and INTERPRET and not CUDA:
+        cases.append(("cpu", "triton"))
+    if CUDA:
+        cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
+    return [
+        pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
+        for c in cases
+    ]
+
+
+CASES = _cases()
+# (N, K, D): N = 1, 97, 1025; K off every tile; D = 1, 3, 24, 33, 256.
+SHAPES = [(1, 1, 1), (97, 13, 3), (97, 300, 24), (1025, 257, 33), (33, 70, 256)]
+# The interpreter runs Triton programs one at a time in numpy: fewer, smaller shapes.
+INTERPRETER_SHAPES = [(1, 1, 1), (97, 13, 3), (130, 129, 33), (5, 70, 256)]
+
+
+def _shapes(backend):
+    return INTERPRETER_SHAPES if backend == "triton" and INTERPRET else SHAPES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tests run many small ops; with the 2 cores shared (load ~3), two intra-op threads
+    # made a parity test 13x slower than one (1.8 s vs 0.14 s). Threaded kernels are covered by
+    # tests/ops/test_nearest_code.py and by the memory test's subprocess, which keeps both.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _inputs(n, k, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g).to(dtype).to(device)
+    codebook = torch.randn(k, d, generator=g).to(dtype).to(device)
+    upstream = torch.randn(n, d, generator=g).to(dtype).to(device)
+    return z.requires_grad_(), codebook.requires_grad_(), upstream
+
+
+def _run(case, z, codebook, **kwargs):
+    return quantize(z, codebook, backend=case[1], **kwargs)
+
+
+def _grads(out, inputs, upstream, retain_graph=False):
+    return torch.autograd.grad(out, inputs, upstream, retain_graph=retain_graph)
+
+
+def _assert_parity(out, ref_dtype, ref64, dtype, what):
+    assert out.shape == ref64.shape, (what, out.shape, ref64.shape)
+    assert out.dtype == dtype, (what, out.dtype)
+    if ref64.numel() == 0:
+        return
+    assert bool(out.isfinite().all()), f"{what}: non-finite values"
+    err = (out.double().cpu() - ref64).abs().max().item()
+    ref_err = (ref_dtype.double().cpu() - ref64).abs().max().item()
+    bound = 2 * ref_err + ATOL[dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= bound, (
+        f"{what}: max error {err:.3g} > {bound:.3g} (reference in dtype {ref_err:.3g})"
+    )
+
+
+def _reference_grads(z, codebook, idx, upstream, grad, dtype):
+    """(z_q, dz, dc) of the reference in `dtype` on the CPU, with the op's indices."""
+    zr = z.detach().cpu().to(dtype).requires_grad_()
+    cr = codebook.detach().cpu().to(dtype).requires_grad_()
+    z_q, _ = quantize_ref(zr, cr, idx.cpu(), grad=grad)
+    return (z_q.detach(), *_grads(z_q, (zr, cr), upstream.cpu().to(dtype)))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_with_reference(case, grad, dtype, poison):
+    device, backend = case
+    for seed, (n, k, d) in enumerate(_shapes(backend)):
+        z, codebook, upstream = _inputs(n, k, d, dtype, device, seed)
+        z_q, idx = _run(case, z, codebook, grad=grad)
+        agree = check_nearest(z, codebook, idx)
+        assert agree >= 0.97, (n, k, d, agree)
+        # The value is the code itself, bit for bit, whatever the estimator.
+        assert torch.equal(z_q, codebook.detach()[idx]), (n, k, d)
+        dz, dc = _grads(z_q, (z, codebook), upstream)
+        ref64 = _reference_grads(z, codebook, idx, upstream, grad, torch.float64)
+        ref_dt = _reference_grads(z, codebook, idx, upstream, grad, dtype)
+        _assert_parity(dz, ref_dt[1], ref64[1], dtype, f"dz {grad} {(n, k, d)}")
+        _assert_parity(dc, ref_dt[2], ref64[2], dtype, f"dcodebook {grad} {(n, k, d)}")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_metrics(case, metric, poison):
+    device, backend = case
+    z, codebook, upstream = _inputs(61, 45, 24, torch.float32, device, 11)
+    for grad in GRADS:
+        z_q, idx = _run(case, z, codebook, metric=metric, grad=grad)
+        assert check_nearest(z, codebook, idx, metric) >= 0.97
+        assert torch.equal(idx, fastvq.nearest_code(z, codebook, metric=metric, backend="torch"))
+        assert torch.equal(z_q, codebook.detach()[idx])
+        dz, dc = _grads(z_q, (z, codebook), upstream)
+        ref64 = _reference_grads(z, codebook, idx, upstream, grad, torch.float64)
+        ref32 = _reference_grads(z, codebook, idx, upstream, grad, torch.float32)
+        _assert_parity(dz, ref32[1], ref64[1], torch.float32, f"dz {metric} {grad}")
+        _assert_parity(dc, ref32[2], ref64[2], torch.float32, f"dc {metric} {grad}")
+
+
+def _degenerate_inputs(device, dtype):
+    """One code c (K = 1, so every row picks it) and rows z = 0, -c, -2c, c, 2c, 0.5c, random;
+    and a zero code. Scalings by powers of two keep z^ == +-q^ exact in floating point."""
+    g = torch.Generator().manual_seed(7)
+    c = torch.randn(1, 6, generator=g)
+    rows = torch.cat(
+        [torch.zeros(1, 6), -c, -2 * c, c, 2 * c, 0.5 * c, torch.randn(2, 6, generator=g)]
+    )
+    upstream = torch.randn(8, 6, generator=g)
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return cast(rows), cast(c), cast(torch.zeros(1, 6)), cast(upstream)
+
+
+# The interpreter's numpy reports the intended float32 overflow of s.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize(
+    "case, dtype",
+    [pytest.param(c.values[0], torch.float32, id=f"{c.id}-float32", marks=c.marks) for c in CASES]
+    + [pytest.param(("cpu", "torch"), torch.float64, id="cpu-torch-float64")],
+)
+@pytest.mark.parametrize("grad", GRADS)
+def test_degenerate_rows(case, grad, dtype):
+    device, backend = case
+    rows, code, zero_code, g = _degenerate_inputs(device, dtype)
+    z = rows.clone().requires_grad_()
+    c = code.clone().requires_grad_()
+    z_q, idx = _run(case, z, c, grad=grad)
+    dz, dc = _grads(z_q, (z, c), g)
+    assert bool(dz.isfinite().all()) and bool(dc.isfinite().all())
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    # Documented fallbacks: z = 0 -> STE; rotation z^ = -q^ -> STE; householder z^ = q^ -> s g.
+    torch.testing.assert_close(dz[0], g[0], rtol=0, atol=0)
+    if grad in ("ste", "rotation"):
+        torch.testing.assert_close(dz[1:3], g[1:3], rtol=0, atol=0)
+    if grad == "householder":
+        torch.testing.assert_close(dz[3], g[3], rtol=0, atol=0)
+        torch.testing.assert_close(dz[4], 0.5 * g[4], rtol=0, atol=0)
+        torch.testing.assert_close(dz[5], 2 * g[5], rtol=0, atol=0)
+    if grad == "rotation":  # z^ = q^: R = I exactly in exact arithmetic
+        torch.testing.assert_close(
+            dz[3:6], torch.tensor([1, 0.5, 2], dtype=dtype)[:, None].to(device) * g[3:6], **tol
+        )
+    torch.testing.assert_close(dc, g.sum(0, keepdim=True), **tol)
+    # The reference implements the same fallbacks: the whole gradient matches it.
+    ref = _reference_grads(z, c, idx, g, grad, torch.float64)
+    torch.testing.assert_close(dz.double().cpu(), ref[1], **tol)
+    # q = 0: every row falls back to STE, whatever z (z = 0 included).
+    z = rows.clone().requires_grad_()
+    z_q, idx = _run(case, z, zero_code, grad=grad)
+    assert bool((z_q == 0).all())
+    (dz,) = _grads(z_q, (z,), g)
+    torch.testing.assert_close(dz, g, rtol=0, atol=0)
+    if dtype == torch.float32:
+        # s = |q|/|z| = 5e38 overflows float32 (|z| = 2.4e-20 stays > 0, or flushes to 0 on
+        # hardware without subnormals): STE either way.
+        z = torch.full((1, 6), 1e-20, device=device, requires_grad=True)
+        big = torch.full((1, 6), 5e18, device=device)
+        (dz,) = _grads(_run(case, z, big, grad=grad)[0], (z,), g[:1])
+        torch.testing.assert_close(dz, g[:1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", ["rotation", "householder"])
+def test_estimators_rotate_onto_the_code(grad):
+    # Properties of the estimators that do not go through the reference: R and H are orthogonal
+    # and map z^ to q^, so s M^T q^ = s z^ and |dL/dz| = s |g|.
+    z, codebook, upstream = _inputs(200, 30, 16, torch.float64, "cpu", 21)
+    z_q, idx = quantize(z, codebook, grad=grad, backend="torch")
+    q = codebook.detach()[idx]
+    s = (q.norm(dim=1) / z.detach().norm(dim=1))[:, None]
+    (dz,) = _grads(z_q, (z,), q / q.norm(dim=1, keepdim=True), retain_graph=True)
+    torch.testing.assert_close(dz, s * z.detach() / z.detach().norm(dim=1, keepdim=True))
+    (dz,) = _grads(z_q, (z,), upstream)
+    torch.testing.assert_close(dz.norm(dim=1), s[:, 0] * upstream.norm(dim=1))
+    # ... and they are not the identity: the STE gradient differs.
+    (dz_ste,) = _grads(quantize(z, codebook, grad="ste", backend="torch")[0], (z,), upstream)
+    assert (dz - dz_ste).abs().max() > 0.1
+
+
+def _surrogate(fn, z0, c0, grad):
+    """gradcheck target: value f(z, C) = M0 z + C[idx0] with the estimator frozen at (z0, C0),
+    gradient fn's backward. f's true Jacobian at z0 is what the estimator claims, so gradcheck
+    compares fn's closed-form backward with finite differences of f."""
+    idx0 = fn(z0, c0)[1]
+    m0 = estimator_matrix(z0, c0[idx0], grad)
+
+    def wrapped(z, c):
+        out = fn(z, c)[0]
+        frozen = (m0 @ z[:, :, None]).squeeze(-1) + c[idx0]
+        return out - out.detach() + frozen.detach()
+
+    return wrapped
+
+
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("which", ["reference", "op"])
+def test_gradcheck_float64(grad, which):
+    z, codebook, _ = _inputs(7, 5, 4, torch.float64, "cpu", 31)
+    if which == "reference":
+        fn = lambda z, c: quantize_ref(z, c, grad=grad)  # noqa: E731
+    else:
+        fn = lambda z, c: quantize(z, c, grad=grad, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(_surrogate(fn, z, codebook, grad), (z, codebook))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_leading_dims_empty_and_promotion(case, poison):
+    device, backend = case
+    z, codebook, upstream = _inputs(30, 37, 24, torch.float32, device, 41)
+    for grad in GRADS:
+        flat_q, flat_idx = _run(case, z, codebook, grad=grad)
+        flat_dz, flat_dc = _grads(flat_q, (z, codebook), upstream)
+        z5 = z.detach().reshape(2, 3, 5, 24).requires_grad_()
+        z_q, idx = _run(case, z5, codebook, grad=grad)
+        assert z_q.shape == (2, 3, 5, 24) and idx.shape == (2, 3, 5)
+        assert torch.equal(idx.reshape(-1), flat_idx)
+        dz, dc = _grads(z_q, (z5, codebook), upstream.view(2, 3, 5, 24))
+        torch.testing.assert_close(dz.reshape(30, 24), flat_dz, rtol=0, atol=0)
+        torch.testing.assert_close(dc, flat_dc, rtol=1e-6, atol=1e-6)
+        # N = 0.
+        z0 = z5[:, :0].detach().requires_grad_()
+        z_q, idx = _run(case, z0, codebook, grad=grad)
+        assert z_q.shape == (2, 0, 5, 24) and idx.shape == (2, 0, 5)
+        dz, dc = _grads(z_q, (z0, codebook), torch.ones_like(z_q))
+        assert dz.shape == z0.shape and bool((dc == 0).all())
+    # bf16 z with a float32 codebook: quantized in float32, z's gradient returns in bf16.
+    zb = z.detach().bfloat16().requires_grad_()
+    z_q, idx = quantize(zb, codebook, grad="rotation", backend=backend)
+    assert z_q.dtype == torch.float32 and torch.equal(z_q, codebook.detach()[idx])
+    dz, dc = _grads(z_q, (zb, codebook), upstream)
+    assert dz.dtype == torch.bfloat16 and dc.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("grad", GRADS)
+def test_codebook_gradient_semantics(case, grad):
+    device, _ = case
+    z, codebook, upstream = _inputs(50, 20, 8, torch.float32, device, 51)
+    z_q, idx = _run(case, z, codebook, grad=grad)
+    (dc,) = _grads(z_q, (codebook,), upstream)
+    expected = torch.zeros(20, 8, dtype=torch.float64, device=device)
+    expected.index_add_(0, idx, upstream.double())
+    torch.testing.assert_close(dc.double(), expected, rtol=1e-6, atol=1e-6)
+    unused = torch.ones(20, dtype=torch.bool, device=device)
+    unused[idx] = False
+    assert bool(unused.any()) and bool((dc[unused] == 0).all())
+    # A codebook without requires_grad (vector-quantize-pytorch's behaviour) gets nothing and z
+    # gets the same gradient as before; a z without requires_grad still lets the codebook learn.
+    dz_ref = _grads(_run(case, z, codebook, grad=grad)[0], (z,), upstream)[0]
+    z_q, _ = _run(case, z, codebook.detach(), grad=grad)
+    torch.testing.assert_close(_grads(z_q, (z,), upstream)[0], dz_ref, rtol=0, atol=0)
+    z_q, _ = _run(case, z.detach(), codebook, grad=grad)
+    torch.testing.assert_close(_grads(z_q, (codebook,), upstream)[0], dc, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(grad="straight-through"), ValueError, "grad must be one of"),
+        (dict(grad=None), ValueError, "grad must be one of"),
+        (dict(z=torch.randn(4, 8).int()), TypeError, "z must be float32"),
+        (dict(codebook=torch.randint(0, 3, (5, 8))), TypeError, "codebook must be float32"),
+        (dict(z="z"), TypeError, "z must be a torch.Tensor"),
+        (dict(codebook=torch.randn(5, 8, 1)), ValueError, r"codebook must have shape \(K, D\)"),
+        (dict(codebook=torch.randn(8)), ValueError, r"codebook must have shape \(K, D\)"),
+        (dict(z=torch.randn(4, 7)), ValueError, "z's last dimension"),
+        (dict(z=torch.tensor(1.0)), ValueError, "0-d"),
+        (dict(metric="hamming"), ValueError, "metric must be one of"),
+        (dict(precision="tf32"), ValueError, "precision must be one of"),
+        (dict(backend="numpy"), ValueError, "backend must be one of"),
+        (dict(backend="cpu", z=torch.randn(4, 8).double()), ValueError, "float64 inputs run"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = dict(z=torch.randn(4, 8), codebook=torch.randn(5, 8)) | kwargs
+    with pytest.raises(error, match=match):
+        quantize(args.pop("z"), args.pop("codebook"), **args)
+
+
+def test_non_finite_input_is_a_clear_error():
+    z, codebook = torch.randn(4, 8), torch.randn(5, 8)
+    z[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        quantize(z, codebook, grad="rotation")
+
+
+def _op_cases():
+    cases = [False]
+    if fastvq.backends()["triton"].available:
+        cases.append(True)
+    return cases
+
+
+@pytest.mark.parametrize("use_triton", _op_cases(), ids=lambda t: "triton" if t else "torch")
+@pytest.mark.parametrize("grad", GRADS)
+def test_opcheck(use_triton, grad):
+    device = "cuda" if CUDA else "cpu"
+    z, codebook, upstream = _inputs(9, 4, 5, torch.float32, device, 61)
+    idx = torch.tensor([0, 3, 3, 1, 0, 2, 3, 3, 1], device=device)
+    fwd, bwd = torch.ops.fastvq.quantize_fwd.default, torch.ops.fastvq.quantize_bwd.default
+    torch.library.opcheck(fwd, (z, codebook, idx, grad, use_triton))
+    torch.library.opcheck(fwd, (z.detach().half(), codebook.detach().half(), idx, grad, use_triton))
+    _, stats = fwd(z, codebook, idx, grad, use_triton)
+    need_z = grad != "ste"
+    args = (upstream, z.detach(), codebook.detach(), idx, stats.detach(), grad)
+    torch.library.opcheck(bwd, (*args, need_z, True, use_triton))
+    torch.library.opcheck(bwd, (*args, False, True, use_triton))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("grad", GRADS)
+def test_compiles_without_graph_breaks(backend, grad):
+    z, codebook, upstream = _inputs(40, 13, 24, torch.float32, "cpu", 71)
+
+    def step(z, codebook):
+        z_q, idx = quantize(z, codebook, grad=grad, backend=backend)
+        return (z_q * upstream).sum(), idx
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, idx = compiled(z, codebook)
+    got = torch.autograd.grad(loss, (z, codebook))
+    loss_e, idx_e = step(z, codebook)
+    expected = torch.autograd.grad(loss_e, (z, codebook))
+    assert torch.equal(idx, idx_e)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_memory_does_not_scale_with_n_times_k():
+    # K = 2^20, N = 4096: an N x K float32 matrix is 16 GiB (a one-hot in int64 32 GiB). In a fresh
+    # process the peak resident memory must stay O(N D + K D): well under 1.5 GiB.
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from fastvq.ops.quantize import quantize
+        from fastvq.testing import check_nearest
+        torch.manual_seed(0)
+        codebook = torch.randn(1 << 20, 4, requires_grad=True)
+        z = torch.randn(4096, 4, requires_grad=True)
+        z_q, idx = quantize(z, codebook, grad="rotation")
+        z_q.square().sum().backward()
+        assert torch.equal(z_q, codebook.detach()[idx])
+        check_nearest(z[:8], codebook, idx[:8])
+        assert codebook.grad.shape == (1 << 20, 4) and z.grad.shape == (4096, 4)
+        assert int((codebook.grad != 0).any(1).sum()) == int(idx.unique().numel())
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    peak_mib = int(out.stdout.split()[-1]) / 1024
+    assert peak_mib < 1536, f"peak RSS {peak_mib:.0f} MiB"

@@ -30,12 +30,21 @@ def extensions():
         and os.environ.get("FASTVQ_NO_CUDA") != "1"
     )
     if not with_cuda:
-        return [CppExtension("fastvq._C", sources, extra_compile_args={"cxx": cxx},
-                             extra_link_args=["-fopenmp"])]
+        return [
+            CppExtension(
+                "fastvq._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            )
+        ]
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
-    return [CUDAExtension("fastvq._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                          extra_link_args=["-fopenmp"])]
+    return [
+        CUDAExtension(
+            "fastvq._C",
+            sources,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
 
 
 setup(

@@ -18,7 +18,6 @@ except ImportError as e:  # a source checkout without a build, or a torch ABI mi
     )
 
 
-
 def _has_kernel(name: str, key: str) -> bool:
     if EXTENSION_ERROR is not None or not hasattr(torch.ops.fastvq, name):
         return False

@@ -13,12 +13,14 @@ FLOAT32_ROUNDOFF = 2.0**-24
 def score_error_bound(z64, codebook64, scale64, bias64, precision: str) -> torch.Tensor:
     """(N, K) float64 bound on |score computed by a kernel - exact score| for each candidate.
 
-    Worst case of a D-term float32 dot product, (D + 2) u |z| |c|, plus the products' input rounding,
-    times |scale|, plus the float32 rounding of the bias.
+    Worst case of a D-term float32 dot product, (D + 2) u |z| |c|, plus the products' input
+    rounding, times |scale|, plus the float32 rounding of the bias.
     """
     d = z64.shape[-1]
     u_in, u_acc = PRODUCT_ROUNDOFF[precision], FLOAT32_ROUNDOFF
-    zc = torch.linalg.vector_norm(z64, dim=-1)[:, None] * torch.linalg.vector_norm(codebook64, dim=-1)
+    zc = torch.linalg.vector_norm(z64, dim=-1)[:, None] * torch.linalg.vector_norm(
+        codebook64, dim=-1
+    )
     if scale64 is not None:
         zc = zc * scale64.abs()
     bound = (2 * u_in + (d + 2) * u_acc) * zc

@@ -17,9 +17,18 @@ def test_cuda_source_compiles(source, tmp_path):
     # sm_90 is the target (H100); sm_80 keeps the portable WMMA path honest.
     for arch in ("sm_90", "sm_80"):
         result = subprocess.run(
-            ["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-c", source,
-             "-o", str(tmp_path / f"{arch}.o")],
-            capture_output=True, text=True,
+            [
+                "nvcc",
+                "-std=c++17",
+                "-O3",
+                f"-arch={arch}",
+                "-c",
+                source,
+                "-o",
+                str(tmp_path / f"{arch}.o"),
+            ],
+            capture_output=True,
+            text=True,
         )
         assert result.returncode == 0, result.stderr
 

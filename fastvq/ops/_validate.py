@@ -1,4 +1,4 @@
-"""Argument checks shared by the public ops: every message names the argument and what was expected."""
+"""Argument checks shared by the public ops: each message names the argument and what it wants."""
 
 import torch
 
@@ -13,9 +13,7 @@ def check_tensor(name: str, value) -> None:
 def check_floating(name: str, value) -> None:
     check_tensor(name, value)
     if value.dtype not in FLOATING:
-        raise TypeError(
-            f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}")
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:

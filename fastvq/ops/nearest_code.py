@@ -1,8 +1,8 @@
 """fastvq.nearest_code: distance + argmin over a codebook without materializing N x K.
 
 Every backend implements one maximisation (see fastvq.reference.nearest_code):
-idx[n] = argmax_k (z[n] . c[k]) * scale[k] + bias[k], with (scale, bias) derived from the metric here,
-so kernels know nothing about metrics.
+idx[n] = argmax_k (z[n] . c[k]) * scale[k] + bias[k], with (scale, bias) derived from the metric
+here, so kernels know nothing about metrics.
 """
 
 import torch
@@ -153,4 +153,3 @@ def code_values(z, codebook, indices, metric):
         return dot
     norms = torch.linalg.vector_norm(zf, dim=-1) * torch.linalg.vector_norm(cf, dim=-1)
     return torch.where(norms > 0, dot / norms, torch.zeros_like(dot))
-

@@ -4,9 +4,9 @@ Every metric reduces to one maximisation, which is the contract every kernel imp
 
     idx[n] = argmax_k  (z[n] . c[k]) * scale[k] + bias[k]
 
-    l2      scale = 1,          bias = -||c||^2 / 2   (||z - c||^2 = ||z||^2 - 2 (z.c - ||c||^2 / 2))
+    l2      scale = 1,          bias = -||c||^2 / 2   (||z-c||^2 = ||z||^2 - 2 (z.c - ||c||^2 / 2))
     dot     scale = 1,          bias = 0              (maximum inner product)
-    cosine  scale = 1 / ||c||,  bias = 0              (||z|| is constant per row; zero codes score 0)
+    cosine  scale = 1 / ||c||,  bias = 0              (||z|| is constant per row; zero codes: 0)
 """
 
 import torch
@@ -17,8 +17,10 @@ METRICS = ("l2", "cosine", "dot")
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def code_terms(codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per-code (scale, bias) of the score for `metric`, float32 (or float64 for a float64 codebook).
+def code_terms(
+    codebook: torch.Tensor, metric: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-code (scale, bias) of the score for `metric`: float32 (float64 for a float64 codebook).
 
     codebook: (K, D). Returns two (K,) tensors or None (meaning 1 and 0).
     """
@@ -39,7 +41,7 @@ def nearest_code_scores(
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The full (N, K) score matrix z @ codebook.T * scale + bias, in z's dtype. Test oracle only."""
+    """The full (N, K) score matrix z @ codebook.T * scale + bias in z's dtype; a test oracle."""
     scores = z @ codebook.T
     if scale is not None:
         scores = scores * scale.to(scores.dtype)

@@ -25,18 +25,35 @@ def _cases():
         cases.append(("cpu", "triton"))
     if CUDA:
         cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
-    return [pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
-            for c in cases]
+    return [
+        pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
+        for c in cases
+    ]
 
 
 CASES = _cases()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, K, D): odd N, K off every tile, D from 1 to 1024 with the odd ones that break padding.
-SHAPES = [(1, 1, 1), (97, 13, 3), (97, 300, 24), (64, 129, 8), (300, 70, 32), (1025, 257, 33),
-          (33, 70, 256), (5, 1000, 59), (3, 17, 1024)]
+SHAPES = [
+    (1, 1, 1),
+    (97, 13, 3),
+    (97, 300, 24),
+    (64, 129, 8),
+    (300, 70, 32),
+    (1025, 257, 33),
+    (33, 70, 256),
+    (5, 1000, 59),
+    (3, 17, 1024),
+]
 # The interpreter executes Triton programs in numpy, one program at a time: fewer, smaller shapes.
-INTERPRETER_SHAPES = [(1, 1, 1), (97, 13, 3), (97, 300, 24), (130, 129, 33), (5, 70, 256),
-                      (3, 17, 1024)]
+INTERPRETER_SHAPES = [
+    (1, 1, 1),
+    (97, 13, 3),
+    (97, 300, 24),
+    (130, 129, 33),
+    (5, 70, 256),
+    (3, 17, 1024),
+]
 
 
 def _inputs(n, k, d, dtype, device, seed):
@@ -109,8 +126,10 @@ def test_shapes_layouts_and_empty(case, poison):
     assert torch.equal(fastvq.nearest_code(z5, codebook, backend=backend), flat.view(2, 3, 5))
     zt = z5.transpose(0, 2).contiguous().transpose(0, 2)
     assert not zt.is_contiguous()
-    assert torch.equal(fastvq.nearest_code(zt, codebook[:, :].T.contiguous().T, backend=backend),
-                       flat.view(2, 3, 5))
+    assert torch.equal(
+        fastvq.nearest_code(zt, codebook[:, :].T.contiguous().T, backend=backend),
+        flat.view(2, 3, 5),
+    )
     empty = fastvq.nearest_code(z5[:, :0], codebook, backend=backend, return_distance=True)
     assert empty[0].shape == (2, 0, 5) and empty[0].dtype == torch.int64
     assert empty[1].shape == (2, 0, 5)
@@ -123,8 +142,9 @@ def test_shapes_layouts_and_empty(case, poison):
 def test_return_distance(case, metric):
     device, backend = case
     z, codebook = _inputs(50, 77, 33, torch.float32, device, 4)
-    idx, values = fastvq.nearest_code(z, codebook, metric=metric, backend=backend,
-                                      return_distance=True)
+    idx, values = fastvq.nearest_code(
+        z, codebook, metric=metric, backend=backend, return_distance=True
+    )
     z64, c64 = z.double(), codebook[idx].double()
     expected = {
         "l2": (z64 - c64).square().sum(-1),
@@ -207,7 +227,11 @@ def test_opcheck(case):
     device, backend = case
     if backend == "torch":
         pytest.skip("the torch backend is plain PyTorch, not a custom op")
-    op = torch.ops.fastvq.nearest_code_triton if backend == "triton" else torch.ops.fastvq.nearest_code
+    op = (
+        torch.ops.fastvq.nearest_code_triton
+        if backend == "triton"
+        else torch.ops.fastvq.nearest_code
+    )
     z, codebook = _inputs(17, 40, 24, torch.float32, device, 7)
     bias = torch.randn(40, device=device)
     torch.library.opcheck(op, (z, codebook, None, bias, False))
@@ -230,8 +254,12 @@ def test_compiles_without_graph_breaks(case):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    n=st.integers(0, 70), k=st.integers(1, 90), d=st.integers(1, 70),
-    metric=st.sampled_from(METRICS), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+    n=st.integers(0, 70),
+    k=st.integers(1, 90),
+    d=st.integers(1, 70),
+    metric=st.sampled_from(METRICS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
 )
 def test_fuzz_shapes(n, k, d, metric, dtype, seed):
     z, codebook = _inputs(n, k, d, dtype, "cpu", seed)
@@ -274,4 +302,6 @@ assert not report["cpu"].available and "make install" in report["cpu"].reason, r
 z, c = torch.randn(10, 4), torch.randn(6, 4)
 assert torch.equal(fastvq.nearest_code(z, c), torch.cdist(z, c).argmin(1))
 """
-    subprocess.run([sys.executable, "-c", code], check=True, env=os.environ | {"TRITON_INTERPRET": "0"})
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env=os.environ | {"TRITON_INTERPRET": "0"}
+    )

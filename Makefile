@@ -18,7 +18,6 @@ install: .make-install
 	touch $@
 
 demo: install
-	$(PYTHON) -c "import sklearn, PIL" 2>/dev/null || $(PYTHON) -m pip install scikit-learn pillow
 	$(PYTHON) -m fastvq.demo
 
 test: install

@@ -22,6 +22,8 @@ def test_cuda_source_compiles(source, tmp_path):
                 "-std=c++17",
                 "-O3",
                 f"-arch={arch}",
+                "-Werror",
+                "all-warnings",
                 "-c",
                 source,
                 "-o",

@@ -1,0 +1,762 @@
+// CUDA kernels of fastvq::nearest_code: idx[n] = argmax_k dot(z[n], c[k]) * scale[k] + bias[k].
+// Torch-free (raw pointers); the launch interface is nearest_code.h, the torch glue
+// nearest_code.cpp.
+//
+// Design: a tensor-core GEMM z @ codebook^T whose epilogue keeps a running argmax, so the N x K
+// scores never leave the SM.
+//   - CTA = 8 warps, tile of BM = 128 rows of z x BN = 128 codes; warps 2 (M) x 4 (N), each warp
+//     64 rows x 32 codes = 4 x 2 WMMA accumulators. The CTA walks its codebook range tile by tile
+//     and each tile over D in BK = 32 chunks.
+//   - Products through the portable WMMA API (mma.h, HMMA on sm_80 and sm_90):
+//       bf16 / fp16 inputs: 16x16x16 fragments of the input type, fp32 accumulate (exact products);
+//       float32, fast:      operands rounded to bf16 while staged into shared memory (2^-8 relative
+//                           per operand; the precision of the torch and Triton fast paths);
+//       float32, exact:     3xTF32, 16x16x8 tf32 fragments: x = hi + lo with hi = tf32(x),
+//                           lo = tf32(x - hi), acc += lo*hi' + hi*lo' + hi*hi' (lo*lo' dropped):
+//                           about 2^-21 relative per product, within "float32 up to rounding".
+//   - Staging: global -> registers -> shared memory, double-buffered: the loads of stage s + 1 are
+//     issued before the MMAs of stage s and stored after them, one __syncthreads per stage. 16-byte
+//     loads when D and the base pointers allow, else element loads; rows past N or K and columns
+//     past D are zero-filled, so any D (1, 3, 24, 33, 1024) runs the same code. The z block of the
+//     CTA (128 x D) stays resident in shared memory when it fits the device's opt-in limit (on
+//     H100's 227 KB: D <= 640 with 16-bit staging, D <= 256 for exact fp32), so only codebook
+//     tiles stream; otherwise z streams chunk by chunk beside them.
+//   - Epilogue, per warp and without a CTA barrier: after a tile's last chunk the warp stores its
+//     accumulators 16 rows at a time to a private shared-memory patch (the WMMA fragment layout is
+//     unspecified, so this is the portable way to know which (row, code) a value belongs to), and
+//     each lane owns 4 consecutive codes (its scale and bias in registers, -inf bias for codes past
+//     K) and 16 rows: score = fmaf(acc, scale, bias), then `score > best` (strict) and two selects.
+//     A lane visits its codes in increasing k, so it keeps the lowest index of its maximum; NaN
+//     fails the comparison and never wins; best starts at (-inf, 0).
+//   - End of CTA: lanes merge (xor shuffles) and then the 4 warps of a row merge through shared
+//     memory by (larger score, then lower index), which keeps "lowest index among the maxima" and
+//     "0 when nothing beats -inf". Split-K CTAs write (score, index) partials to the workspace and
+//     a second kernel reduces them per row the same way.
+//   - Split-K: when the row tiles cannot fill the GPU (N = 1, K = 2^20), the codebook is split into
+//     S ranges of whole tiles, S chosen for wave efficiency (see choose_splits). The per-score
+//     arithmetic is the same with or without splits, so the result does not depend on S.
+//   - 64-bit offsets everywhere a row index meets D; code indices are int32 (K <= 2^31 - 257).
+//
+// Performance model (DESIGN.md ceilings; predictions, nothing here has run on a GPU) at
+// N = K = 65,536, D = 32: 4.3e9 candidates, 2.75e11 flop.
+//   - Tensor cores: bf16/fp16/fast at the 772 TFLOP/s wgmma ceiling 0.36 ms; WMMA issues mma.sync
+//     (HMMA), which on Hopper runs below the wgmma rate. Exact (3xTF32) is 3 tf32 products per
+//     term: 8.2e11 flop at 391 TFLOP/s = 2.1 ms at best.
+//   - Epilogue: ~4.3 lane instructions per candidate (0.25 LDS.128, FFMA, FSETP, 2 selects) plus
+//     the fragment store, about 0.15 warp instructions per candidate: 6.4e8 warp instructions over
+//     132 SMs x 4 schedulers at ~1.75 GHz = 0.7 ms.
+//   - Shared memory is the wall of this design: the accumulator round trip is 8 B per candidate
+//     (34 GB) and the WMMA operand loads ~3 B per candidate at D = 32 (13 GB); at 128 B/clk/SM
+//     (~30 TB/s over the chip) that is ~1.6 ms. So expect ~1.6-2.5 ms for bf16 and ~2.5-3.5 ms
+//     for exact fp32 here, against the design's 0.4-0.7 ms for a kernel that keeps the epilogue in
+//     registers and overlaps it with the MMAs.
+//   - L2 -> SM: each of the N / 128 = 512 row tiles reads the codebook once: 4.3 GB in fp32
+//     (2.1 GB in 16-bit), well under a millisecond at L2 rates but not free.
+// Next steps, in order of expected gain:
+//   1. Epilogue in registers: raw mma.sync.m16n8k16 PTX, whose accumulator layout is documented
+//      (lane holds rows lane/4 and lane/4 + 8, columns 2*(lane%4) + {0, 1}), removes the 8 B per
+//      candidate round trip and keeps scale/bias of 2 columns per n8 tile in registers.
+//   2. sm_90a: wgmma with codebook tiles brought by TMA (cp.async.bulk.tensor, 128B swizzle,
+//      3-4 stages on mbarriers) from a producer warp (setmaxnreg), z resident in shared memory,
+//      two consumer warpgroups ping-ponging so one runs the argmax epilogue while the other's
+//      wgmma runs (as FlashAttention-3 overlaps softmax). Persistent grid, tile scheduler.
+//   3. Exact mode as one bf16/tf32 pass plus a float32 recheck of rows whose best two candidates
+//      are closer than the pass's error bound (DESIGN.md: ~0.05 % of rows at tf32), instead of
+//      tripling the MMAs with 3xTF32.
+//   4. Thread-block clusters of 2 along N with TMA multicast of codebook tiles: halves L2 reads.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include "nearest_code.h"
+
+namespace fastvq {
+namespace cuda {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBM = 128;  // rows of z per CTA
+constexpr int kBN = 128;  // codes per tile
+constexpr int kBK = 32;   // D per pipeline stage
+constexpr int kWM = 64;   // rows per warp
+constexpr int kWN = 32;   // codes per warp
+constexpr int kWarpsN = kBN / kWN;
+constexpr int kFragsM = kWM / 16;
+constexpr int kFragsN = kWN / 16;
+static_assert((kBM / kWM) * kWarpsN == kWarps, "warp grid must cover the CTA tile");
+static_assert(kFragsN == 2, "the epilogue's lane map assumes 32 codes per warp");
+// Epilogue patch: 16 rows x 32 codes of fp32 per warp, rows padded by 4 words so that the 8 lanes
+// of a quarter warp reading one row with 16-byte loads touch 32 distinct banks.
+constexpr int kEpLd = kWN + 4;
+// Lane map in the epilogue: lane = 8 * g + q owns codes 4q..4q+3 of the warp's 32 and rows
+// g + 4j (j = 0..3) of each 16-row fragment row, i.e. 16 of the warp's 64 rows.
+constexpr int kLaneRows = kFragsM * 4;
+
+constexpr int64_t kMaxDim = 1024;
+constexpr int64_t kMaxCodes = INT32_MAX - 2 * kBN;
+// A split walks at least this many tiles so that its prologue (z block load) and final merge stay
+// small next to its loop (a guess to revisit with measurements).
+constexpr int64_t kMinTilesPerSplit = 4;
+// The contract allows an (N, S) partial buffer with S <= 64; more splits only while N * S <= K,
+// which keeps the buffer O(N + K) and lets N = 1 use every SM (64 CTAs would leave half of an
+// H100's 132 SMs idle).
+constexpr int64_t kSplitsCap = 64;
+constexpr int64_t kMaxGridY = 65535;
+constexpr int kReduceThreads = 256;
+
+constexpr float kNegInf = -__builtin_huge_valf();
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr size_t align_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
+__host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// Products. S is the shared-memory element: float (3xTF32) or a 16-bit type (bf16 / fp16 MMAs).
+
+template <class S>
+struct Mma {
+  static_assert(sizeof(S) == 2, "16-bit MMA path");
+  static constexpr int kStep = 16;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+  // acc[mi][ni] += A[mi*16.., 0..ksteps*16) * B[ni*16.., same]^T. a: the warp's 64 rows of z,
+  // row-major with leading dimension lda; b: its 32 codes, one code per row (col-major B).
+  static __device__ __forceinline__ void run(FragC (&acc)[kFragsM][kFragsN], const S* a, int lda,
+                                             const S* b, int ldb, int ksteps) {
+#pragma unroll
+    for (int kk = 0; kk < kBK / kStep; ++kk) {
+      if (kk < ksteps) {
+        FragA fa[kFragsM];
+        FragB fb[kFragsN];
+#pragma unroll
+        for (int mi = 0; mi < kFragsM; ++mi) {
+          wmma::load_matrix_sync(fa[mi], a + mi * 16 * lda + kk * kStep, lda);
+        }
+#pragma unroll
+        for (int ni = 0; ni < kFragsN; ++ni) {
+          wmma::load_matrix_sync(fb[ni], b + ni * 16 * ldb + kk * kStep, ldb);
+        }
+#pragma unroll
+        for (int mi = 0; mi < kFragsM; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < kFragsN; ++ni) {
+            wmma::mma_sync(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
+          }
+        }
+      }
+    }
+  }
+};
+
+template <>
+struct Mma<float> {
+  static constexpr int kStep = 8;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+  // Elementwise, so valid whatever the fragment layout: hi = tf32(x), lo = tf32(x - hi); x - hi
+  // is exact in fp32, and hi + lo carries 22 of x's 24 significant bits.
+  template <class Frag>
+  static __device__ __forceinline__ void split(Frag& hi, Frag& lo) {
+#pragma unroll
+    for (int t = 0; t < hi.num_elements; ++t) {
+      const float x = hi.x[t];
+      const float h = wmma::__float_to_tf32(x);
+      hi.x[t] = h;
+      lo.x[t] = wmma::__float_to_tf32(x - h);
+    }
+  }
+
+  static __device__ __forceinline__ void run(FragC (&acc)[kFragsM][kFragsN], const float* a,
+                                             int lda, const float* b, int ldb, int ksteps) {
+#pragma unroll
+    for (int kk = 0; kk < kBK / kStep; ++kk) {
+      if (kk < ksteps) {
+        FragA ah[kFragsM], al[kFragsM];
+        FragB bh[kFragsN], bl[kFragsN];
+#pragma unroll
+        for (int mi = 0; mi < kFragsM; ++mi) {
+          wmma::load_matrix_sync(ah[mi], a + mi * 16 * lda + kk * kStep, lda);
+          split(ah[mi], al[mi]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < kFragsN; ++ni) {
+          wmma::load_matrix_sync(bh[ni], b + ni * 16 * ldb + kk * kStep, ldb);
+          split(bh[ni], bl[ni]);
+        }
+        // The small cross terms first, so that they are not absorbed by a large partial sum.
+#pragma unroll
+        for (int mi = 0; mi < kFragsM; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < kFragsN; ++ni) {
+            wmma::mma_sync(acc[mi][ni], al[mi], bh[ni], acc[mi][ni]);
+            wmma::mma_sync(acc[mi][ni], ah[mi], bl[ni], acc[mi][ni]);
+            wmma::mma_sync(acc[mi][ni], ah[mi], bh[ni], acc[mi][ni]);
+          }
+        }
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Staging: a stage is ROWS rows x kBK columns of z or codebook, moved in 16-byte units of
+// kVec = 16 / sizeof(In) elements, unit u = threadIdx.x + i * kThreads -> (row u / kUnitsPerRow,
+// column (u % kUnitsPerRow) * kVec), so a warp reads whole row segments (coalesced).
+
+template <class In>
+__device__ __forceinline__ uint32_t load_bits(const In* p) {
+  if constexpr (sizeof(In) == 4) {
+    return __ldg(reinterpret_cast<const unsigned int*>(p));
+  } else {
+    return __ldg(reinterpret_cast<const unsigned short*>(p));
+  }
+}
+
+// Elements [col, col + kVec) of row `row` (of `rows`, each `d` long) as raw bits; zero where the
+// row or a column is out of range. vec: d % kVec == 0 and the base is 16-byte aligned.
+template <class In>
+__device__ __forceinline__ uint4 load_unit(const In* __restrict__ base, int64_t row, int64_t rows,
+                                           int64_t col, int64_t d, bool vec) {
+  constexpr int kVec = 16 / sizeof(In);
+  uint4 u = make_uint4(0u, 0u, 0u, 0u);
+  if (row >= rows || col >= d) return u;
+  const In* p = base + row * d + col;
+  if (vec) return __ldg(reinterpret_cast<const uint4*>(p));
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    if (col + e < d) {
+      const uint32_t bits = load_bits(p + e);
+      if constexpr (sizeof(In) == 4) {
+        w[e] = bits;
+      } else {
+        w[e / 2] |= bits << (16 * (e % 2));
+      }
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <class In, class S>
+__device__ __forceinline__ void store_unit(S* dst, const uint4& u) {
+  if constexpr (std::is_same<In, S>::value) {
+    *reinterpret_cast<uint4*>(dst) = u;
+  } else {
+    static_assert(std::is_same<In, float>::value && std::is_same<S, __nv_bfloat16>::value,
+                  "the only conversion is float32 -> bf16 (fast mode)");
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(__uint_as_float(u.x), __uint_as_float(u.y));
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(__uint_as_float(u.z), __uint_as_float(u.w));
+    uint2 w;
+    w.x = *reinterpret_cast<const uint32_t*>(&lo);
+    w.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(dst) = w;
+  }
+}
+
+template <class In, int ROWS>
+struct Stage {
+  static constexpr int kVec = 16 / sizeof(In);
+  static constexpr int kUnitsPerRow = kBK / kVec;
+  static constexpr int kUnits = ROWS * kUnitsPerRow / kThreads;
+  static_assert(ROWS * kUnitsPerRow % kThreads == 0, "stage must split evenly over the CTA");
+  uint4 u[kUnits];
+
+  __device__ __forceinline__ void load(const In* base, int64_t row0, int64_t rows, int64_t col0,
+                                       int64_t d, bool vec) {
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      const int unit = threadIdx.x + i * kThreads;
+      u[i] = load_unit(base, row0 + unit / kUnitsPerRow, rows,
+                       col0 + (unit % kUnitsPerRow) * kVec, d, vec);
+    }
+  }
+
+  template <class S>
+  __device__ __forceinline__ void store(S* dst, int ld) const {
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      const int unit = threadIdx.x + i * kThreads;
+      store_unit<In>(dst + (unit / kUnitsPerRow) * ld + (unit % kUnitsPerRow) * kVec, u[i]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory layout, shared by the kernel and the host (byte offsets, 128-byte aligned):
+//   [B: 2 stages x kBN x ldb] [A: resident kBM x lda, or 2 stages x kBM x lda] [epilogue patches]
+// ld = columns + 16 bytes of padding (4 floats or 8 halves): consecutive rows then start 4 banks
+// apart, which keeps WMMA loads and 16-byte staging stores free of bank conflicts.
+
+struct SmemLayout {
+  int ldb, lda;
+  size_t a_offset, ep_offset, bytes;
+};
+
+__host__ __device__ inline SmemLayout smem_layout(int elem_bytes, bool a_resident, int64_t d) {
+  SmemLayout l;
+  const int pad = 16 / elem_bytes;
+  l.ldb = kBK + pad;
+  l.lda = a_resident ? static_cast<int>(ceil_div(d, kBK) * kBK) + pad : kBK + pad;
+  const size_t b_bytes = size_t{2} * kBN * l.ldb * elem_bytes;
+  const size_t a_bytes = static_cast<size_t>(a_resident ? 1 : 2) * kBM * l.lda * elem_bytes;
+  l.a_offset = align_up(b_bytes, 128);
+  l.ep_offset = align_up(l.a_offset + a_bytes, 128);
+  l.bytes = l.ep_offset + size_t{kWarps} * 16 * kEpLd * sizeof(float);
+  return l;
+}
+
+struct Params {
+  const void* z;         // (n, d)
+  const void* codebook;  // (k, d)
+  const float* scale;    // (k,) or nullptr
+  const float* bias;     // (k,) or nullptr
+  int64_t n, k, d;
+  int64_t tiles_per_split;  // codebook tiles per blockIdx.y
+  int splits;               // S; 1 writes out directly
+  int chunks;               // ceil(d / kBK)
+  bool a_resident;
+  bool vec;  // 16-byte global loads
+  int64_t* out;      // (n,)
+  float* part_v;     // (n, S) when S > 1
+  int32_t* part_i;   // (n, S) when S > 1
+};
+
+// (v, i) replaces (bv, bi): larger score, or the same score at a lower index. Never NaN here:
+// candidates enter the running bests only through `>`.
+__device__ __forceinline__ bool better(float v, int32_t i, float bv, int32_t bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <class In, class S>
+__global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params p) {
+  using M = Mma<S>;
+  using FragC = typename M::FragC;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp / kWarpsN;
+  const int wn = warp % kWarpsN;
+  const int q = lane & 7;   // epilogue: code quad
+  const int g = lane >> 3;  // epilogue: row group
+
+  const SmemLayout lay = smem_layout(sizeof(S), p.a_resident, p.d);
+  S* const b_smem = reinterpret_cast<S*>(smem);
+  S* const a_smem = reinterpret_cast<S*>(smem + lay.a_offset);
+  float* const ep = reinterpret_cast<float*>(smem + lay.ep_offset) + warp * 16 * kEpLd;
+
+  const In* const z = static_cast<const In*>(p.z);
+  const In* const cb = static_cast<const In*>(p.codebook);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int split = blockIdx.y;
+  const int64_t code0 = static_cast<int64_t>(split) * p.tiles_per_split * kBN;
+  const int64_t tiles = min64(p.tiles_per_split, ceil_div(p.k - code0, kBN));
+  const int64_t steps = tiles * p.chunks;
+  // Warps whose 64 rows all lie past N (N <= 64) skip MMAs and epilogue; they still stage.
+  const bool warp_active = row0 + wm * kWM < p.n;
+
+  float best_v[kLaneRows];
+  int32_t best_i[kLaneRows];
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) {
+    best_v[r] = kNegInf;
+    best_i[r] = 0;
+  }
+
+  // Prologue: the first codebook stage and z's first chunk in flight together; a resident z block
+  // loads chunk c + 1 while chunk c is stored (up to 20 chunks at D = 640 in 16-bit).
+  Stage<In, kBN> stage_b;
+  Stage<In, kBM> stage_a;
+  stage_b.load(cb, code0, p.k, 0, p.d, p.vec);
+  stage_a.load(z, row0, p.n, 0, p.d, p.vec);
+  if (p.a_resident) {
+    for (int c = 0; c < p.chunks; ++c) {
+      Stage<In, kBM> next;
+      if (c + 1 < p.chunks) next.load(z, row0, p.n, int64_t{c + 1} * kBK, p.d, p.vec);
+      stage_a.store(a_smem + c * kBK, lay.lda);
+      stage_a = next;
+    }
+  } else {
+    stage_a.store(a_smem, lay.lda);
+  }
+  stage_b.store(b_smem, lay.ldb);
+  __syncthreads();
+
+  FragC acc[kFragsM][kFragsN];
+  float sc[4], bs[4];
+  int64_t t = 0;  // tile of this step
+  int c = 0;      // D chunk of this step
+  for (int64_t s = 0; s < steps; ++s) {
+    const int buf = static_cast<int>(s & 1);
+    int64_t t_next = t;
+    int c_next = c + 1;
+    if (c_next == p.chunks) {
+      c_next = 0;
+      ++t_next;
+    }
+    const bool has_next = s + 1 < steps;
+    // Loads of the next stage are in flight during this stage's MMAs.
+    if (has_next) {
+      stage_b.load(cb, code0 + t_next * kBN, p.k, int64_t{c_next} * kBK, p.d, p.vec);
+      if (!p.a_resident) stage_a.load(z, row0, p.n, int64_t{c_next} * kBK, p.d, p.vec);
+    }
+    const bool last_chunk = c == p.chunks - 1;
+    const int64_t tile_code = code0 + t * kBN + wn * kWN + 4 * q;  // the lane's first code
+    if (last_chunk) {
+      // Codes past K get scale 0 and bias -inf: their (zero) accumulator scores -inf (NaN if z
+      // holds inf), which never passes `>`.
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t kk = tile_code + e;
+        const bool in = kk < p.k;
+        sc[e] = in ? (p.scale ? __ldg(p.scale + kk) : 1.f) : 0.f;
+        bs[e] = in ? (p.bias ? __ldg(p.bias + kk) : 0.f) : kNegInf;
+      }
+    }
+    if (warp_active) {
+      if (c == 0) {
+#pragma unroll
+        for (int mi = 0; mi < kFragsM; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < kFragsN; ++ni) wmma::fill_fragment(acc[mi][ni], 0.f);
+        }
+      }
+      const S* a = p.a_resident ? a_smem + c * kBK : a_smem + buf * kBM * lay.lda;
+      a += wm * kWM * lay.lda;
+      const S* b = b_smem + (buf * kBN + wn * kWN) * lay.ldb;
+      // k-steps past D hold only zero padding (D = 1: one k-step of the chunk's 2 or 4).
+      const int64_t rem = p.d - int64_t{c} * kBK;
+      const int ksteps = static_cast<int>(min64(kBK / M::kStep, ceil_div(rem, M::kStep)));
+      M::run(acc, a, lay.lda, b, lay.ldb, ksteps);
+    }
+    if (has_next) {
+      // The other buffer was last read in step s - 1, before that step's barrier.
+      stage_b.store(b_smem + (buf ^ 1) * kBN * lay.ldb, lay.ldb);
+      if (!p.a_resident) stage_a.store(a_smem + (buf ^ 1) * kBM * lay.lda, lay.lda);
+    }
+    if (last_chunk && warp_active) {
+      const int32_t kq = static_cast<int32_t>(tile_code);
+#pragma unroll
+      for (int mi = 0; mi < kFragsM; ++mi) {
+        wmma::store_matrix_sync(ep, acc[mi][0], kEpLd, wmma::mem_row_major);
+        wmma::store_matrix_sync(ep + 16, acc[mi][1], kEpLd, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float4 v = *reinterpret_cast<const float4*>(ep + (g + 4 * j) * kEpLd + 4 * q);
+          const float x[4] = {v.x, v.y, v.z, v.w};
+          float& bv = best_v[mi * 4 + j];
+          int32_t& bi = best_i[mi * 4 + j];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float score = fmaf(x[e], sc[e], bs[e]);
+            const bool take = score > bv;  // strict: ties keep the lower k, NaN never wins
+            bv = take ? score : bv;
+            bi = take ? kq + e : bi;
+          }
+        }
+        __syncwarp();  // the next fragment store overwrites the patch
+      }
+    }
+    __syncthreads();
+    t = t_next;
+    c = c_next;
+  }
+
+  // Merge: the 8 lanes of a row (code quads), then the 4 warps of a row; the staging buffers are
+  // free after the loop's last barrier.
+  float* const red_v = reinterpret_cast<float*>(smem);
+  int32_t* const red_i = reinterpret_cast<int32_t*>(smem + sizeof(float) * kWarpsN * kBM);
+#pragma unroll
+  for (int r = 0; r < kLaneRows; ++r) {
+    float v = best_v[r];
+    int32_t i = best_i[r];
+#pragma unroll
+    for (int off = 1; off < 8; off <<= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, v, off);
+      const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
+      if (better(ov, oi, v, i)) {
+        v = ov;
+        i = oi;
+      }
+    }
+    if (q == 0) {
+      const int row = wm * kWM + (r / 4) * 16 + g + 4 * (r % 4);
+      red_v[wn * kBM + row] = v;
+      red_i[wn * kBM + row] = i;
+    }
+  }
+  __syncthreads();
+  if (tid < kBM) {
+    float v = red_v[tid];
+    int32_t i = red_i[tid];
+#pragma unroll
+    for (int w = 1; w < kWarpsN; ++w) {
+      if (better(red_v[w * kBM + tid], red_i[w * kBM + tid], v, i)) {
+        v = red_v[w * kBM + tid];
+        i = red_i[w * kBM + tid];
+      }
+    }
+    const int64_t n = row0 + tid;
+    if (n < p.n) {
+      if (p.splits == 1) {
+        p.out[n] = i;
+      } else {
+        p.part_v[n * p.splits + split] = v;
+        p.part_i[n * p.splits + split] = i;
+      }
+    }
+  }
+}
+
+// out[n] = index of the best (score, index) partial of row n over the S splits.
+__global__ void __launch_bounds__(kReduceThreads) reduce_splits_kernel(
+    const float* __restrict__ part_v, const int32_t* __restrict__ part_i, int64_t n, int splits,
+    int64_t* __restrict__ out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
+  if (row >= n) return;
+  float v = kNegInf;
+  int32_t i = 0;
+  for (int s = 0; s < splits; ++s) {
+    const float pv = part_v[row * splits + s];
+    const int32_t pi = part_i[row * splits + s];
+    if (better(pv, pi, v, i)) {
+      v = pv;
+      i = pi;
+    }
+  }
+  out[row] = i;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+struct Plan {
+  SmemLayout smem;
+  bool a_resident;
+  int64_t row_tiles;
+  int64_t tiles_per_split;
+  int splits;
+  size_t part_i_offset;  // byte offset of the int32 partials in the workspace
+  size_t workspace;
+};
+
+// Raises the kernel's dynamic shared-memory limit to the device's opt-in maximum, once per
+// device (cudaFuncSetAttribute applies to the current device).
+template <class In, class S>
+cudaError_t ensure_smem_limit(int device, int optin) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit && (done.load(std::memory_order_relaxed) & bit)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(
+      nearest_code_kernel<In, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (err == cudaSuccess && bit) done.fetch_or(bit, std::memory_order_relaxed);
+  return err;
+}
+
+// Resident CTAs per SM for a dynamic shared-memory size, cached per device: the plan is made twice
+// per call (workspace query, launch) and the occupancy query is the costly part of it.
+template <class In, class S>
+cudaError_t blocks_per_sm(int device, size_t smem_bytes, int* per_sm) {
+  static std::atomic<uint64_t> cache[64];  // (smem_bytes << 16) | (per_sm << 1) | valid
+  const bool cacheable = device >= 0 && device < 64;
+  if (cacheable) {
+    const uint64_t v = cache[device].load(std::memory_order_relaxed);
+    if ((v & 1) && (v >> 16) == smem_bytes) {
+      *per_sm = static_cast<int>((v >> 1) & 0x7fff);
+      return cudaSuccess;
+    }
+  }
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      per_sm, nearest_code_kernel<In, S>, kThreads, smem_bytes);
+  if (err == cudaSuccess && cacheable) {
+    cache[device].store((uint64_t{smem_bytes} << 16) | (uint64_t(*per_sm & 0x7fff) << 1) | 1,
+                        std::memory_order_relaxed);
+  }
+  return err;
+}
+
+// Wave efficiency of `ctas` equal CTAs over `slots` resident CTA slots.
+double wave_efficiency(int64_t ctas, int64_t slots) {
+  return static_cast<double>(ctas) / static_cast<double>(ceil_div(ctas, slots) * slots);
+}
+
+// Fewest splits whose wave efficiency is within 5% of the best reachable, so that N = 1 spreads
+// over every SM and N = 65,536 (512 row tiles) stays unsplit. Each split holds whole tiles and
+// none is empty.
+void choose_splits(int64_t n, int64_t k, int64_t row_tiles, int64_t slots, Plan* plan) {
+  const int64_t k_tiles = ceil_div(k, kBN);
+  int64_t max_splits = std::max<int64_t>(kSplitsCap, k / n);
+  max_splits = std::min({max_splits, std::max<int64_t>(1, k_tiles / kMinTilesPerSplit), kMaxGridY,
+                         2 * slots});
+  auto splits_for = [&](int64_t s) { return ceil_div(k_tiles, ceil_div(k_tiles, s)); };
+  double best_eff = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    best_eff = std::max(best_eff, wave_efficiency(row_tiles * splits_for(s), slots));
+  }
+  int64_t chosen = 1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    if (wave_efficiency(row_tiles * splits_for(s), slots) >= 0.95 * best_eff) {
+      chosen = s;
+      break;
+    }
+  }
+  plan->tiles_per_split = ceil_div(k_tiles, chosen);
+  plan->splits = static_cast<int>(ceil_div(k_tiles, plan->tiles_per_split));
+}
+
+template <class In, class S>
+cudaError_t make_plan_typed(int64_t n, int64_t k, int64_t d, Plan* plan) {
+  int device = 0, sms = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  err = ensure_smem_limit<In, S>(device, optin);
+  if (err != cudaSuccess) return err;
+
+  // z resident when its block fits (every staged byte of z then comes from global memory once).
+  plan->a_resident = true;
+  plan->smem = smem_layout(sizeof(S), true, d);
+  if (plan->smem.bytes > static_cast<size_t>(optin)) {
+    plan->a_resident = false;
+    plan->smem = smem_layout(sizeof(S), false, d);
+    if (plan->smem.bytes > static_cast<size_t>(optin)) return cudaErrorInvalidConfiguration;
+  }
+  int per_sm = 0;
+  err = blocks_per_sm<In, S>(device, plan->smem.bytes, &per_sm);
+  if (err != cudaSuccess) return err;
+  const int64_t slots = int64_t{sms} * std::max(per_sm, 1);
+
+  plan->row_tiles = ceil_div(n, kBM);
+  choose_splits(n, k, plan->row_tiles, slots, plan);
+  plan->part_i_offset = 0;
+  plan->workspace = 0;
+  if (plan->splits > 1) {
+    const size_t entries = static_cast<size_t>(n) * static_cast<size_t>(plan->splits);
+    plan->part_i_offset = align_up(entries * sizeof(float), 256);
+    plan->workspace = plan->part_i_offset + entries * sizeof(int32_t);
+  }
+  return cudaSuccess;
+}
+
+bool valid_sizes(int64_t n, int64_t k, int64_t d) {
+  return n >= 0 && n <= INT32_MAX * int64_t{kBM} && k >= 1 && k <= kMaxCodes && d >= 1 &&
+         d <= kMaxDim;
+}
+
+cudaError_t make_plan(int64_t n, int64_t k, int64_t d, DType dtype, bool fast, Plan* plan) {
+  switch (dtype) {
+    case DType::F32:
+      return fast ? make_plan_typed<float, __nv_bfloat16>(n, k, d, plan)
+                  : make_plan_typed<float, float>(n, k, d, plan);
+    case DType::BF16:
+      return make_plan_typed<__nv_bfloat16, __nv_bfloat16>(n, k, d, plan);
+    case DType::F16:
+      return make_plan_typed<__half, __half>(n, k, d, plan);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <class In, class S>
+cudaError_t launch_typed(const Params& params, const Plan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits));
+  nearest_code_kernel<In, S><<<grid, kThreads, plan.smem.bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+cudaError_t nearest_code_workspace_bytes(int64_t n, int64_t k, int64_t d, DType dtype, bool fast,
+                                         size_t* bytes) {
+  if (bytes == nullptr || !valid_sizes(n, k, d)) return cudaErrorInvalidValue;
+  *bytes = 0;
+  if (n == 0) return cudaSuccess;
+  Plan plan;
+  const cudaError_t err = make_plan(n, k, d, dtype, fast, &plan);
+  if (err != cudaSuccess) return err;
+  *bytes = plan.workspace;
+  return cudaSuccess;
+}
+
+cudaError_t launch_nearest_code(const void* z, const void* codebook, const float* code_scale,
+                                const float* code_bias, int64_t n, int64_t k, int64_t d,
+                                DType dtype, bool fast, int64_t* out_idx, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_sizes(n, k, d)) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (z == nullptr || codebook == nullptr || out_idx == nullptr) return cudaErrorInvalidValue;
+  Plan plan;
+  cudaError_t err = make_plan(n, k, d, dtype, fast, &plan);
+  if (err != cudaSuccess) return err;
+  if (plan.workspace > 0 && (workspace == nullptr || workspace_bytes < plan.workspace)) {
+    return cudaErrorInvalidValue;
+  }
+
+  const int64_t elem = dtype == DType::F32 ? 4 : 2;
+  Params params;
+  params.z = z;
+  params.codebook = codebook;
+  params.scale = code_scale;
+  params.bias = code_bias;
+  params.n = n;
+  params.k = k;
+  params.d = d;
+  params.tiles_per_split = plan.tiles_per_split;
+  params.splits = plan.splits;
+  params.chunks = static_cast<int>(ceil_div(d, kBK));
+  params.a_resident = plan.a_resident;
+  params.vec = d % (16 / elem) == 0 && aligned16(z) && aligned16(codebook);
+  params.out = out_idx;
+  params.part_v = nullptr;
+  params.part_i = nullptr;
+  if (plan.splits > 1) {
+    params.part_v = static_cast<float*>(workspace);
+    params.part_i =
+        reinterpret_cast<int32_t*>(static_cast<unsigned char*>(workspace) + plan.part_i_offset);
+  }
+
+  switch (dtype) {
+    case DType::F32:
+      err = fast ? launch_typed<float, __nv_bfloat16>(params, plan, stream)
+                 : launch_typed<float, float>(params, plan, stream);
+      break;
+    case DType::BF16:
+      err = launch_typed<__nv_bfloat16, __nv_bfloat16>(params, plan, stream);
+      break;
+    case DType::F16:
+      err = launch_typed<__half, __half>(params, plan, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess || plan.splits == 1) return err;
+
+  const unsigned blocks = static_cast<unsigned>(ceil_div(n, kReduceThreads));
+  reduce_splits_kernel<<<blocks, kReduceThreads, 0, stream>>>(params.part_v, params.part_i, n,
+                                                              plan.splits, out_idx);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace fastvq

@@ -305,3 +305,17 @@ assert torch.equal(fastvq.nearest_code(z, c), torch.cdist(z, c).argmin(1))
     subprocess.run(
         [sys.executable, "-c", code], check=True, env=os.environ | {"TRITON_INTERPRET": "0"}
     )
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_split_k_is_identical_to_one_pass():
+    from fastvq.kernels.nearest_code import nearest_code_triton
+
+    device = "cuda" if CUDA else "cpu"
+    # D = 300 leaves an uneven last D chunk; K = 700 an uneven last tile in some splits.
+    z, codebook = _inputs(37, 700, 300, torch.float32, device, 9)
+    bias = -0.5 * codebook.square().sum(-1)
+    one = nearest_code_triton(z, codebook, None, bias, False, splits=1)
+    split = nearest_code_triton(z, codebook, None, bias, False, splits=5)
+    assert torch.equal(one, split)
+    check_nearest(z, codebook, one)

@@ -63,7 +63,7 @@ def main(argv=None):
     from sklearn.datasets import load_sample_images  # ships the photographs in its wheel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    china, flower = (torch.from_numpy(im) for im in load_sample_images().images)
+    china, flower = (torch.from_numpy(im.copy()) for im in load_sample_images().images)
     train = patches(china, stride=2).to(device)
     test = patches(flower, stride=PATCH).to(device)
     print(f"device {device}; backends: {[k for k, v in fastvq.backends().items() if v.available]}")

@@ -67,3 +67,24 @@ def check_nearest(
             f"> allowed {allowed[r].item():.3g}"
         )
     return (indices == best).double().mean().item()
+
+
+def backend_cases() -> list[tuple[str, str]]:
+    """(device, backend) pairs this machine can run, for parametrizing op tests.
+
+    CPU tensors: the torch reference, the C++ kernels if built, and Triton through its interpreter
+    when TRITON_INTERPRET=1 and no GPU exists; CUDA tensors: every backend available there.
+    """
+    import os
+
+    from fastvq.ops._backends import backends
+
+    report, cuda = backends(), torch.cuda.is_available()
+    cases = [("cpu", "torch")]
+    if report["cpu"].available:
+        cases.append(("cpu", "cpu"))
+    if report["triton"].available and os.environ.get("TRITON_INTERPRET") == "1" and not cuda:
+        cases.append(("cpu", "triton"))
+    if cuda:
+        cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
+    return cases

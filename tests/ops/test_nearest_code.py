@@ -9,25 +9,16 @@ from hypothesis import strategies as st
 
 import fastvq
 from fastvq.reference import METRICS
-from fastvq.testing import check_nearest
+from fastvq.testing import backend_cases, check_nearest
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _cases():
-    """(device, backend) pairs this machine can run; the Triton interpreter is marked slow-ish."""
-    report = fastvq.backends()
-    cases = [("cpu", "torch")]
-    if report["cpu"].available:
-        cases.append(("cpu", "cpu"))
-    if report["triton"].available and INTERPRET and not CUDA:
-        cases.append(("cpu", "triton"))
-    if CUDA:
-        cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
     return [
         pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
-        for c in cases
+        for c in backend_cases()
     ]
 
 

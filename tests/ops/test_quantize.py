@@ -19,7 +19,7 @@ from fastvq.ops.quantize import quantize
 from fastvq.reference import METRICS
 from fastvq.reference.quantize import GRADS, estimator_matrix
 from fastvq.reference.quantize import quantize as quantize_ref
-from fastvq.testing import check_nearest
+from fastvq.testing import backend_cases, check_nearest
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -28,17 +28,9 @@ ATOL = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-1
 
 
 def _cases():
-    report = fastvq.backends()
-    cases = [("cpu", "torch")]
-    if report["cpu"].available:
-        cases.append(("cpu", "cpu"))
-    if report["triton"].available and INTERPRET and not CUDA:
-        cases.append(("cpu", "triton"))
-    if CUDA:
-        cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
     return [
         pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
-        for c in cases
+        for c in backend_cases()
     ]
 
 

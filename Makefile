@@ -28,6 +28,7 @@ test-gpu: install
 
 bench: install
 	$(PYTHON) -m bench.run
+	$(PYTEST) -q -p no:cacheprovider bench/test_microbench.py --benchmark-json bench/results/micro.json
 
 lint: install
 	$(PYTHON) -m ruff check .

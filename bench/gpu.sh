@@ -19,4 +19,6 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/
 echo "build: $((SECONDS - start)) s"
 python3 -c "import fastvq; print(fastvq.backends())" | tee -a "$OUT/gpu.txt"
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/tests.log"
-timeout 300 python3 -m bench.run --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 240 python3 -m bench.run --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 60 python3 -m pytest -q -p no:cacheprovider bench/test_microbench.py \
+  --benchmark-json "$OUT/micro.json" 2>&1 | tail -15

@@ -1,0 +1,520 @@
+"""Codebook-free scalar quantizers FSQ, LFQ and BSQ, and the factorized entropy regularizer of
+LFQ / BSQ, as fused elementwise ops with closed-form straight-through backward passes.
+
+Custom ops (each with a "torch" body of plain torch ops and a Triton body in kernels/scalar.py,
+a fake implementation, and register_autograd wiring forward to backward):
+  fastvq::fsq_fwd(z, levels)          -> (codes, indices)    fastvq::fsq_bwd(g, z, levels) -> dz
+  fastvq::lfq_fwd(z)                  -> (codes, indices)    backward: identity (no op)
+  fastvq::bsq_fwd(z)                  -> (codes, indices)    fastvq::bsq_bwd(g, z) -> dz
+  fastvq::binary_entropy_fwd(z, coef, spherical) -> (row entropies (N,), column sums (2, D))
+  fastvq::binary_entropy_bwd(g_row, g_col, z, coef, spherical) -> dz
+The Triton bodies import fastvq.kernels lazily, so importing fastvq never imports Triton.
+Semantics are specified by fastvq.reference.scalar; the tests hold every backend to it.
+"""
+
+import functools
+import math
+import numbers
+import operator
+
+import torch
+
+from fastvq import _ext
+from fastvq.ops._backends import pick_backend
+from fastvq.ops._validate import FLOATING, check_choice, check_floating, check_tensor
+from fastvq.reference.scalar import FSQ_EPS
+
+SCALAR_BACKENDS = ("auto", "triton", "torch")
+QUANTIZERS = ("lfq", "bsq")
+MAX_BITS = 62  # LFQ / BSQ indices 2^d - 1 stay well inside int64
+# float32 (the kernels' arithmetic) resolves the bounded value of a 2^16-level dimension to
+# 2^-8 of a level (its ulp at 2^15); beyond that rounding would no longer mean much.
+MAX_LEVEL = 2**16
+MAX_ENTROPY_DIM = 1024  # one row per program in registers (BLOCK_D = 1024)
+INT64_MAX = 2**63 - 1
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _use_triton(backend, device: torch.device, dtype: torch.dtype) -> bool:
+    """ "auto": Triton on CUDA tensors (float64 stays on torch), torch on CPU tensors."""
+    check_choice("backend", backend, SCALAR_BACKENDS)
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and dtype != torch.float64 and _ext.HAS_TRITON
+    pick_backend("triton", device, dtype)  # raises ValueError where Triton cannot run these
+    return True
+
+
+def _check_levels(levels) -> tuple[int, ...]:
+    if isinstance(levels, torch.Tensor):
+        levels = levels.tolist()
+    try:
+        out = tuple(operator.index(level) for level in levels)
+    except TypeError:
+        raise TypeError(f"levels must be a sequence of ints, got {levels!r}") from None
+    if not out:
+        raise ValueError("levels must hold at least one level, got an empty sequence")
+    if any(not 2 <= level <= MAX_LEVEL for level in out):
+        raise ValueError(f"levels must each be between 2 and {MAX_LEVEL}, got {list(out)}")
+    if math.prod(out) > INT64_MAX:
+        raise ValueError(
+            f"levels: the codebook size prod(levels) = {math.prod(out)} overflows int64 indices "
+            f"(at most 2^63 - 1), got {list(out)}"
+        )
+    return out
+
+
+def _check_z(z, low: int, high: int, why: str) -> int:
+    check_floating("z", z)
+    if z.dim() < 1:
+        raise ValueError("z must have shape (..., d), got a 0-d tensor")
+    d = z.shape[-1]
+    if not low <= d <= high:
+        raise ValueError(f"z's last dimension d must be between {low} and {high}{why}, got {d}")
+    return d
+
+
+def _check_bits(d) -> int:
+    if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+        raise TypeError(f"d must be an int, got {type(d).__name__}")
+    if not 1 <= d <= MAX_BITS:
+        raise ValueError(f"d must be between 1 and {MAX_BITS}, got {d}")
+    return int(d)
+
+
+def _check_indices(indices, dtype) -> None:
+    check_tensor("indices", indices)
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if dtype not in FLOATING:
+        raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- FSQ ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _fsq_tables(levels: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    """params (6, d): shift, h, offset, L // 2, L - 1 - L // 2, h / (L // 2); basis (d,) int64."""
+    rows = []
+    for level in levels:
+        half_l = (level - 1) * (1 + FSQ_EPS) / 2
+        offset = 0.5 if level % 2 == 0 else 0.0
+        half_width = level // 2
+        rows.append(
+            (math.atanh(offset / half_l), half_l, offset, half_width, level - 1 - half_width,
+             half_l / half_width)
+        )  # fmt: skip
+    params = torch.tensor(rows, dtype=torch.float64).T.to(dtype).contiguous()
+    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.int64)
+    return params.to(device), basis.to(device)
+
+
+def _slope(x: torch.Tensor) -> torch.Tensor:
+    """1 - tanh(x)^2 as 4e / (1 + e)^2, e = exp(-2|x|): the same formula as the kernel."""
+    e = torch.exp(-2 * x.abs())
+    return 4 * e / (1 + e).square()
+
+
+def _fsq_fwd_torch(z, levels):
+    params, basis = _fsq_tables(tuple(levels), z.device, _acc(z.dtype))
+    shift, half_l, offset, half_width, top, _ = params
+    r = torch.round(torch.tanh(z.to(params.dtype) + shift) * half_l - offset)
+    r = torch.minimum(torch.maximum(torch.nan_to_num(r, nan=0.0), -half_width), top)
+    indices = ((r + half_width).to(torch.int64) * basis).sum(1)
+    return (r / half_width).to(z.dtype), indices
+
+
+@torch.library.custom_op("fastvq::fsq_fwd", mutates_args=())
+def _fsq_fwd(
+    z: torch.Tensor, levels: list[int], use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (N, d) in z's dtype and indices (N,) int64 for z (N, d)."""
+    if use_triton:
+        from fastvq.kernels.scalar import fsq_fwd
+
+        params, basis = _fsq_tables(tuple(levels), z.device, torch.float32)
+        return fsq_fwd(z.contiguous(), params, basis)
+    return _fsq_fwd_torch(z, levels)
+
+
+@_fsq_fwd.register_fake
+def _(z, levels, use_triton):
+    return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+@torch.library.custom_op("fastvq::fsq_bwd", mutates_args=())
+def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], use_triton: bool) -> torch.Tensor:
+    """dL/dz (N, d) in z's dtype = g * d(bound(z) / (L // 2))/dz."""
+    if use_triton:
+        from fastvq.kernels.scalar import fsq_bwd
+
+        params, _ = _fsq_tables(tuple(levels), z.device, torch.float32)
+        return fsq_bwd(g.contiguous(), z.contiguous(), params)
+    params, _ = _fsq_tables(tuple(levels), z.device, _acc(z.dtype))
+    shift, gain = params[0], params[5]
+    return (g.to(params.dtype) * _slope(z.to(params.dtype) + shift) * gain).to(z.dtype)
+
+
+@_fsq_bwd.register_fake
+def _(g, z, levels, use_triton):
+    return torch.empty_like(z)
+
+
+def _fsq_setup(ctx, inputs, output):
+    z, levels, use_triton = inputs
+    ctx.levels, ctx.use_triton = levels, use_triton
+    ctx.save_for_backward(z)
+
+
+def _fsq_backward(ctx, g_codes, _g_indices):
+    (z,) = ctx.saved_tensors
+    return _fsq_bwd(g_codes, z, ctx.levels, ctx.use_triton), None, None
+
+
+_fsq_fwd.register_autograd(_fsq_backward, setup_context=_fsq_setup)
+
+
+def fsq(z: torch.Tensor, levels, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Finite scalar quantization (Mentzer et al., ICLR 2024) with a straight-through gradient.
+
+    Per dimension i with L = levels[i] levels: b = tanh(z + shift) * h - offset with
+    h = (L - 1)(1 + 1e-3) / 2, offset = 1/2 for even L and 0 for odd L, shift = atanh(offset / h)
+    (so b(0) = 0); r = round(b) (half to even), clamped to the L integers -(L // 2) ..
+    L - 1 - L // 2 (a no-op below L = 1001, where the 1e-3 margin is still under half a level);
+    codes = r / (L // 2) in [-1, 1]. This is vector-quantize-pytorch's FSQ; the paper's appendix
+    writes h with (1 - 1e-3) and tan(offset / h) for the shift, which never reaches the extreme
+    levels beyond L = 1000 and puts b(0) slightly off 0. Even L gives the asymmetric grid of the
+    paper (L = 4: codes -1, -0.5, 0, 0.5; L = 2: -1, 0). A NaN component gets level 0.
+    Gradient: dcodes/dz = tanh'(z + shift) * h / (L // 2), the gradient of b / (L // 2).
+
+    Args:
+        z: (..., d) float32, bfloat16 or float16 (float64 with backend "torch" / "auto");
+            computed in float32 (float64 for float64 z).
+        levels: d ints, each between 2 and 2^16, with prod(levels) <= 2^63 - 1.
+        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+
+    Returns:
+        codes: (..., d) in z's dtype; indices: (...,) int64, mixed radix with dimension 0 the
+        least significant digit: sum_i (r_i + L_i // 2) * prod(levels[:i]).
+    """
+    check_floating("z", z)
+    levels = _check_levels(levels)
+    if z.dim() < 1:
+        raise ValueError("z must have shape (..., d), got a 0-d tensor")
+    d = z.shape[-1]
+    if d != len(levels):
+        raise ValueError(
+            f"z's last dimension ({d}) must equal len(levels) ({len(levels)}), got z of shape "
+            f"{tuple(z.shape)} and levels {list(levels)}"
+        )
+    use_triton = _use_triton(backend, z.device, z.dtype)
+    codes, indices = _fsq_fwd(z.reshape(-1, d).contiguous(), list(levels), use_triton)
+    return codes.view(z.shape), indices.view(z.shape[:-1])
+
+
+def fsq_codes(indices: torch.Tensor, levels, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FSQ codes (..., d) in `dtype` for mixed-radix indices (...,) of any integer dtype.
+
+    The inverse of fsq's index map (bit-identical to fsq's codes in the same dtype); indices are
+    taken modulo prod(levels).
+    """
+    levels = _check_levels(levels)
+    _check_indices(indices, dtype)
+    acc = _acc(dtype)
+    _, basis = _fsq_tables(levels, indices.device, acc)
+    lv = torch.tensor(levels, dtype=torch.int64, device=indices.device)
+    digits = indices.to(torch.int64)[..., None].div(basis, rounding_mode="floor").remainder(lv)
+    half_width = (lv // 2).to(acc)
+    return ((digits.to(acc) - half_width) / half_width).to(dtype)
+
+
+# --- LFQ and BSQ -------------------------------------------------------------------------------
+
+
+def _sign_fwd_torch(z, spherical):
+    pos = z >= 0
+    s = torch.tensor(1 / math.sqrt(z.shape[1]) if spherical else 1.0, dtype=_acc(z.dtype))
+    codes = torch.where(pos, s, -s).to(z.dtype)
+    bits = torch.ones((), dtype=torch.int64, device=z.device) << torch.arange(
+        z.shape[1], device=z.device
+    )
+    return codes, (pos.to(torch.int64) * bits).sum(1)
+
+
+def _sign_fwd(z, spherical, use_triton):
+    if use_triton:
+        from fastvq.kernels.scalar import sign_fwd
+
+        return sign_fwd(z.contiguous(), spherical)
+    return _sign_fwd_torch(z, spherical)
+
+
+@torch.library.custom_op("fastvq::lfq_fwd", mutates_args=())
+def _lfq_fwd(z: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (N, d) = +-1 in z's dtype and bit-packed indices (N,) int64."""
+    return _sign_fwd(z, False, use_triton)
+
+
+@torch.library.custom_op("fastvq::bsq_fwd", mutates_args=())
+def _bsq_fwd(z: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (N, d) = +-1/sqrt(d) in z's dtype and bit-packed indices (N,) int64."""
+    return _sign_fwd(z, True, use_triton)
+
+
+@_lfq_fwd.register_fake
+def _(z, use_triton):
+    return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+@_bsq_fwd.register_fake
+def _(z, use_triton):
+    return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return torch.where(norm > 0, 1 / norm, 0)
+
+
+@torch.library.custom_op("fastvq::bsq_bwd", mutates_args=())
+def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """dL/dz (N, d) in z's dtype: g pulled back through u = z / |z| (0 for a zero row)."""
+    if use_triton:
+        from fastvq.kernels.scalar import bsq_bwd
+
+        return bsq_bwd(g.contiguous(), z.contiguous())
+    acc = _acc(z.dtype)
+    x, gf = z.to(acc), g.to(acc)
+    inv = _inv_norm(x)
+    u = x * inv
+    return ((gf - u * (u * gf).sum(1, keepdim=True)) * inv).to(z.dtype)
+
+
+@_bsq_bwd.register_fake
+def _(g, z, use_triton):
+    return torch.empty_like(z)
+
+
+def _lfq_backward(ctx, g_codes, _g_indices):
+    return g_codes, None
+
+
+def _bsq_setup(ctx, inputs, output):
+    z, use_triton = inputs
+    ctx.use_triton = use_triton
+    ctx.save_for_backward(z)
+
+
+def _bsq_backward(ctx, g_codes, _g_indices):
+    (z,) = ctx.saved_tensors
+    return _bsq_bwd(g_codes, z, ctx.use_triton), None
+
+
+_lfq_fwd.register_autograd(_lfq_backward)
+_bsq_fwd.register_autograd(_bsq_backward, setup_context=_bsq_setup)
+
+
+def lfq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup-free quantization (MAGVIT-v2): codes = sign(z) with a straight-through gradient.
+
+    codes_i = +1 where z_i >= 0 (zero and -0.0 included) and -1 elsewhere (NaN included);
+    dL/dz = dL/dcodes. indices = sum_i [codes_i = +1] 2^i (bit i for dimension i).
+
+    Args:
+        z: (..., d), 1 <= d <= 62, float32, bfloat16 or float16 (float64 on backend "torch").
+        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+
+    Returns:
+        codes: (..., d) in z's dtype; indices: (...,) int64 in [0, 2^d).
+    """
+    d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")
+    use_triton = _use_triton(backend, z.device, z.dtype)
+    codes, indices = _lfq_fwd(z.reshape(-1, d).contiguous(), use_triton)
+    return codes.view(z.shape), indices.view(z.shape[:-1])
+
+
+def bsq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary spherical quantization (Zhao et al.): codes = sign(z / |z|) / sqrt(d).
+
+    u = z / |z| is quantized to the nearest of the 2^d vertices of the hypercube inscribed in
+    the unit sphere; the straight-through estimator sits on u, as in the paper
+    (u + sg(codes - u)): dL/dz = (dL/dcodes - u (u . dL/dcodes)) / |z|. Signs as in lfq
+    (z_i >= 0 -> +1/sqrt(d)); a zero row gets all +1/sqrt(d) codes and a zero gradient.
+    indices are lfq's indices of z (the sign of z / |z| is the sign of z).
+
+    Args:
+        z: (..., d), 1 <= d <= 62, float32, bfloat16 or float16 (float64 on backend "torch").
+        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+
+    Returns:
+        codes: (..., d) in z's dtype, +-(1/sqrt(d) rounded to float32, then to z's dtype);
+        indices: (...,) int64 in [0, 2^d).
+    """
+    d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")
+    use_triton = _use_triton(backend, z.device, z.dtype)
+    codes, indices = _bsq_fwd(z.reshape(-1, d).contiguous(), use_triton)
+    return codes.view(z.shape), indices.view(z.shape[:-1])
+
+
+def _bits(indices, d):
+    shifts = torch.arange(d, device=indices.device)
+    return (indices.to(torch.int64)[..., None] >> shifts) & 1 == 1
+
+
+def lfq_codes(indices: torch.Tensor, d: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """LFQ codes (..., d) in {-1, +1} for bit-packed indices (...,); bits >= d are ignored."""
+    d = _check_bits(d)
+    _check_indices(indices, dtype)
+    return torch.where(_bits(indices, d), 1.0, -1.0).to(dtype)
+
+
+def bsq_codes(indices: torch.Tensor, d: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """BSQ codes (..., d) = +-1/sqrt(d) for bit-packed indices (...,), equal to bsq's codes."""
+    d = _check_bits(d)
+    _check_indices(indices, dtype)
+    s = torch.tensor(1 / math.sqrt(d), dtype=_acc(dtype), device=indices.device)
+    return torch.where(_bits(indices, d), s, -s).to(dtype)
+
+
+# --- factorized binary entropy -----------------------------------------------------------------
+
+
+def _logits(z, coef, spherical):
+    """(x, 1/|z| or None, a = coef * x) in float32 / float64, x = z or z / |z|."""
+    x = z.to(_acc(z.dtype))
+    inv = _inv_norm(x) if spherical else None
+    if spherical:
+        x = x * inv
+    return x, inv, coef * x
+
+
+@torch.library.custom_op("fastvq::binary_entropy_fwd", mutates_args=())
+def _binary_entropy_fwd(
+    z: torch.Tensor, coef: float, spherical: bool, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row entropies (N,) and column sums (2, d) of p(+), p(-); float32 (float64 for float64 z)."""
+    if use_triton:
+        from fastvq.kernels.scalar import binary_entropy_fwd
+
+        return binary_entropy_fwd(z.contiguous(), coef, spherical)
+    _, _, a = _logits(z, coef, spherical)
+    e = torch.exp(-a.abs())
+    inv = 1 / (1 + e)
+    h = torch.log1p(e) + a.abs() * e * inv
+    plus = torch.where(a >= 0, inv, e * inv)
+    minus = torch.where(a >= 0, e * inv, inv)
+    return h.sum(1), torch.stack([plus.sum(0), minus.sum(0)])
+
+
+@_binary_entropy_fwd.register_fake
+def _(z, coef, spherical, use_triton):
+    acc = _acc(z.dtype)
+    return z.new_empty(z.shape[0], dtype=acc), z.new_empty(2, z.shape[1], dtype=acc)
+
+
+@torch.library.custom_op("fastvq::binary_entropy_bwd", mutates_args=())
+def _binary_entropy_bwd(
+    g_row: torch.Tensor,
+    g_col: torch.Tensor,
+    z: torch.Tensor,
+    coef: float,
+    spherical: bool,
+    use_triton: bool,
+) -> torch.Tensor:
+    """dL/dz (N, d) in z's dtype from dL/drow_entropies (N,) and dL/dcolumn_sums (2, d)."""
+    if use_triton:
+        from fastvq.kernels.scalar import binary_entropy_bwd
+
+        g_row, g_col = g_row.float().contiguous(), g_col.float().contiguous()
+        return binary_entropy_bwd(g_row, g_col, z.contiguous(), coef, spherical)
+    x, inv_norm, a = _logits(z, coef, spherical)
+    e = torch.exp(-a.abs())
+    w = e / (1 + e).square()  # p (1 - p)
+    dx = coef * w * ((g_col[0] - g_col[1]) - a * g_row[:, None])
+    if spherical:
+        dx = (dx - x * (x * dx).sum(1, keepdim=True)) * inv_norm
+    return dx.to(z.dtype)
+
+
+@_binary_entropy_bwd.register_fake
+def _(g_row, g_col, z, coef, spherical, use_triton):
+    return torch.empty_like(z)
+
+
+def _entropy_setup(ctx, inputs, output):
+    z, coef, spherical, use_triton = inputs
+    ctx.coef, ctx.spherical, ctx.use_triton = coef, spherical, use_triton
+    ctx.save_for_backward(z)
+
+
+def _entropy_backward(ctx, g_row, g_col):
+    (z,) = ctx.saved_tensors
+    dz = _binary_entropy_bwd(
+        g_row.contiguous(), g_col.contiguous(), z, ctx.coef, ctx.spherical, ctx.use_triton
+    )
+    return dz, None, None, None
+
+
+_binary_entropy_fwd.register_autograd(_entropy_backward, setup_context=_entropy_setup)
+
+
+def binary_entropy_loss(
+    z: torch.Tensor,
+    *,
+    inv_temperature: float,
+    quantizer: str = "lfq",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy regularizers of LFQ / BSQ over 2^d codes in O(N d), never enumerating the codes.
+
+    Soft assignment of x to the 2^d codes c: q(c | x) = softmax_c(-inv_temperature |x - c|^2),
+    with x = z, c in {-1, +1}^d for quantizer="lfq" (vector-quantize-pytorch's LFQ and its
+    inv_temperature) and x = z / |z|, c in {-1/sqrt(d), +1/sqrt(d)}^d for "bsq" (the BSQ paper's
+    soft quantization; a zero row has x = 0). Since |c| is fixed, q factorizes exactly into
+    independent bits: p_i = q(c_i > 0 | x) = sigmoid(4 inv_temperature s x_i), s = |c_i|.
+
+    Returns, in nats, as 0-d tensors (float32, float64 for float64 z), both differentiable:
+        per_sample_entropy = mean_n sum_i H(p_ni). This is EXACTLY mean_n H(q(. | x_n)), the
+            entropy of the full 2^d-way distribution (the entropy of a product distribution is
+            the sum of its factors' entropies).
+        codebook_entropy = sum_i H(mean_n p_ni), the entropy of the product of the batch-averaged
+            bit marginals, as in the BSQ paper. It is an UPPER BOUND on H(mean_n q(. | x_n)),
+            the joint entropy of the batch-averaged code distribution (subadditivity), equal to
+            it when that average is itself a product distribution (e.g. N = 1).
+    The usual loss is per_sample_entropy - gamma * codebook_entropy (both lie in [0, d log 2]).
+    An empty batch gives (0, 0). H(p) = log(1 + e^-|a|) + |a| e^-|a| / (1 + e^-|a|) is computed
+    without cancellation, and saturated columns (mean p = 0 or 1) keep finite gradients.
+
+    Args:
+        z: (..., d), 1 <= d <= 1024, float32, bfloat16 or float16 (float64 on backend "torch").
+        inv_temperature: positive finite float (LFQ commonly uses 100).
+        quantizer: "lfq" or "bsq".
+        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+    Memory: O(N d) for the backward (z is saved), O(d) extra in the forward.
+    """
+    d = _check_z(z, 1, MAX_ENTROPY_DIM, "")
+    check_choice("quantizer", quantizer, QUANTIZERS)
+    if isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real):
+        raise TypeError(f"inv_temperature must be a float, got {type(inv_temperature).__name__}")
+    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
+        raise ValueError(f"inv_temperature must be positive and finite, got {inv_temperature}")
+    use_triton = _use_triton(backend, z.device, z.dtype)
+    z2 = z.reshape(-1, d).contiguous()
+    n = z2.shape[0]
+    spherical = quantizer == "bsq"
+    coef = 4.0 * float(inv_temperature) * (1 / math.sqrt(d) if spherical else 1.0)
+    rows, sums = _binary_entropy_fwd(z2, coef, spherical, use_triton)
+    per_sample = rows.sum() / max(n, 1)
+    probs = sums / max(n, 1)
+    # log of the clamped probability: a column with mean p = 0 gets H = 0 and a finite gradient.
+    tiny = torch.finfo(probs.dtype).tiny
+    codebook = -(probs * torch.log(probs.clamp_min(tiny))).sum()
+    return per_sample, codebook

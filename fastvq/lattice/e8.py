@@ -43,7 +43,8 @@ def e8_nearest(x: torch.Tensor) -> torch.Tensor:
     """Nearest E8 lattice point (Euclidean) to each row: (..., 8) floating -> (..., 8), x's dtype.
 
     The better of the nearest points of D8 and of D8 + 1/2; the D8 point on equal distance.
-    Computes in float32 (float64 for float64); exact while the coordinates stay below 2^22.
+    Computes in float32 (float64 for float64); exact while |x| < 2^20 in float32, where the
+    parity test's sum of 8 rounded coordinates stays an exact integer.
     """
     check_vectors("x", x, 8)
     y = x.reshape(-1, 8).to(compute_dtype(x.dtype))

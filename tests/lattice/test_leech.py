@@ -152,7 +152,8 @@ def test_codes_from_indices(ints):
 )
 def test_index_round_trip_all(dtype, scale):
     c = leech_codebook(dtype) * scale
-    assert torch.equal(leech_index(c), torch.arange(LEECH_SIZE))
+    step = 1 if dtype == torch.float32 else 5  # every index once; the other dtypes on a sample
+    assert torch.equal(leech_index(c[::step]), torch.arange(0, LEECH_SIZE, step))
     # Negation and positive rescaling stay in the codebook.
     neg = leech_index(-c[::7] * 1000)
     assert torch.equal(leech_codes(neg, dtype), -leech_codebook(dtype)[::7])

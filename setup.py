@@ -55,4 +55,8 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
+    # torch is deliberately absent: a bare requirement would let pip replace the installed
+    # (CPU or CUDA) torch with a multi-GB CUDA build. Install torch first (see the Makefile).
+    install_requires=["numpy", "pillow", "pyyaml"],
+    entry_points={"console_scripts": ["fastvq = fastvq.train.cli:main"]},
 )

@@ -15,14 +15,22 @@ from fastvq.ops.codebook import (
 )
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import quantize
+from fastvq.ops.scalar import binary_entropy_loss, bsq, bsq_codes, fsq, fsq_codes, lfq, lfq_codes
 
 __version__ = "0.1.0"
 __all__ = [
     "backends",
+    "binary_entropy_loss",
+    "bsq",
+    "bsq_codes",
     "code_counts",
     "ema_codebook",
     "ema_update_",
+    "fsq",
+    "fsq_codes",
     "kmeans",
+    "lfq",
+    "lfq_codes",
     "nearest_code",
     "perplexity",
     "quantize",

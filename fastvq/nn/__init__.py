@@ -1,0 +1,1 @@
+"""Quantizer modules (drop-in for vector-quantize-pytorch) built on fastvq's ops."""

@@ -12,6 +12,31 @@ TORCH_LIBRARY(fastvq, m) {
   m.def(
       "nearest_code(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, bool fast) "
       "-> Tensor");
+  // Structured Leech decoder (fastvq/lattice/leech.py): idx[n] = the canonical index of the
+  // minimal Leech vector of largest inner product with z[n], ties to the lowest index, 0 for rows
+  // with NaN or Inf. z (N, 24) contiguous float32/float64/float16/bfloat16 (scores in float32,
+  // float64 for float64). Returns int64 (N,).
+  m.def("leech_decode(Tensor z) -> Tensor");
+  // fastvq.quantize after the search (formulas in fastvq/ops/quantize.py). z (N, D) and codebook
+  // (K, D) contiguous, one dtype (float32/bf16/fp16); indices (N,) int64 in [0, K); grad "ste",
+  // "rotation" or "householder". Forward: z_q = codebook[indices] (N, D) and float32 per-row
+  // stats (N, 4) = (s, 1/|z|, 1/|q|, w) ((N, 0) for "ste").
+  m.def(
+      "quantize_fwd_cpp(Tensor z, Tensor codebook, Tensor indices, str grad) -> (Tensor, Tensor)");
+  // Backward: (dz, dcodebook) from grad_out = dL/dz_q (N, D) of z's dtype; dz (N, D) if need_z
+  // (rotation / householder only) else (0, D); dcodebook (K, D) = sum of grad_out rows per code if
+  // need_codebook else (0, D), both in the inputs' dtype. stats as the forward returned them.
+  m.def(
+      "quantize_bwd_cpp(Tensor grad_out, Tensor z, Tensor codebook, Tensor indices, Tensor stats, "
+      "str grad, bool need_z, bool need_codebook) -> (Tensor, Tensor)");
+  // EMA statistics in place: counts = keep * counts + gain * c, sums = keep * sums + gain * s with
+  // c[k] = sum of w[n], s[k] = sum of w[n] z[n] over indices[n] == k, in float32. counts (K,) and
+  // sums (K, D) float32 (any row stride, unit column stride); z (N, D) float32/bf16/fp16 with unit
+  // column stride; indices (N,) int64 in [0, K); weight (N,) float32 or None (ones).
+  // deterministic: bit-identical run to run (the CPU kernel always is).
+  m.def(
+      "ema_scatter_cpp(Tensor(a!) counts, Tensor(b!) sums, Tensor z, Tensor indices, "
+      "Tensor? weight, float keep, float gain, bool deterministic) -> ()");
 }
 
 // The extension is loaded for its op registrations only; Python needs a module init to import it.

@@ -3,10 +3,12 @@ dead-code reset, k-means and code usage.
 
 Statistics are computed as one (K, D + 1) buffer, column D the weighted counts and columns :D the
 weighted sums, so a single all-reduce makes them global. Backends: "torch" (index_add_, or a
-stable sort + torch.segment_reduce when deterministic) and "triton" (float32 atomics, or a sorted
-segmented reduction when deterministic). The C++ CPU/CUDA scatter kernels are not written yet:
-backend "cpu"/"cuda" is a clear ValueError and "auto" picks Triton on CUDA tensors, torch
-elsewhere. Nothing here builds an N x K tensor.
+stable sort + torch.segment_reduce when deterministic), "triton" (float32 atomics, or a sorted
+segmented reduction when deterministic) and the C++ op fastvq::ema_scatter_cpp ("cpu": each thread
+owns a range of codes, deterministic by construction; "cuda": float32 atomics, or a sorted
+segmented reduction when deterministic). "auto" picks Triton, else CUDA C++, on CUDA tensors and
+C++ on CPU tensors, torch where those are missing or for float64. Nothing here builds an N x K
+tensor.
 """
 
 import numbers
@@ -14,6 +16,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from fastvq import _ext
 from fastvq.ops._backends import backends, check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_finite, check_floating, check_tensor
 from fastvq.ops.nearest_code import nearest_code
@@ -70,6 +73,18 @@ def _ema_segment_triton(
 @_ema_segment_triton.register_fake
 def _(counts, sums, z, indices, weight, keep, gain):
     return None
+
+
+# --- C++ op (csrc/cpu/ema.cpp, csrc/cuda/ema.cu; schema in csrc/fastvq.cpp) --------------------
+
+# A stale build of fastvq._C without the op: "auto" falls back to torch, "cpu"/"cuda" raise.
+_HAS_CPP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "ema_scatter_cpp")
+
+if _HAS_CPP:
+
+    @torch.library.register_fake("fastvq::ema_scatter_cpp")
+    def _(counts, sums, z, indices, weight, keep, gain, deterministic):
+        return None
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -176,18 +191,28 @@ def _first_rank(group) -> int:
 
 
 def _stats_backend(backend: str, device: torch.device, float64: bool) -> str:
-    """Which scatter runs for `backend` on `device`: "torch" or "triton"; ValueError otherwise."""
-    if backend in ("cpu", "cuda"):
-        raise ValueError(
-            f"backend {backend!r} has no codebook-statistics kernel yet (the C++ scatter is not "
-            "written); use 'auto', 'triton' or 'torch'"
-        )
+    """Which scatter runs for `backend` on `device`: "torch", "triton" or "cpp" (the C++ op on
+    CPU or CUDA tensors); ValueError where `backend` cannot run."""
     dtype = torch.float64 if float64 else torch.float32
     if backend == "auto":
-        if not float64 and device.type == "cuda" and backends()["triton"].available:
-            return "triton"
+        if float64:
+            return "torch"
+        report = backends()
+        # NOTE: Triton before CUDA C++ is unmeasured on GPU, as in fastvq.nearest_code.
+        order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        for name in order:
+            if report[name].available and (name == "triton" or _HAS_CPP):
+                return "cpp" if name != "triton" else name
         return "torch"
-    return pick_backend(backend, device, dtype)
+    name = pick_backend(backend, device, dtype)
+    if name in ("cpu", "cuda"):
+        if not _HAS_CPP:
+            raise ValueError(
+                f"backend {backend!r}: fastvq._C has no fastvq::ema_scatter_cpp (a stale build; "
+                "rebuild it with `make install`)"
+            )
+        return "cpp"
+    return name
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -233,6 +258,10 @@ def _batch_stats(z, idx, w, k: int, dtype, backend: str, deterministic: bool) ->
             _ema_segment_triton(stats[:, d], stats[:, :d], z, idx, w, 0.0, 1.0)
         else:
             _ema_scatter_triton(stats[:, d], stats[:, :d], z, idx, w, 1.0)
+    elif backend == "cpp":
+        torch.ops.fastvq.ema_scatter_cpp(
+            stats[:, d], stats[:, :d], z, idx, w, 0.0, 1.0, deterministic
+        )
     else:
         _stats_torch(stats, z, idx, w, deterministic)
     return stats
@@ -274,8 +303,10 @@ def ema_update_(
             Default: every row weighs 1.
         deterministic: bit-identical results run to run (stable sort by code, then a fixed-order
             segmented sum) instead of float atomics; equal to the default up to float rounding.
-            Extra memory O(N) for the sort.
-        backend: "auto" (Triton on CUDA tensors, torch otherwise), "triton" or "torch".
+            Extra memory O(N) for the sort. The C++ CPU kernel is deterministic either way (each
+            thread sums the rows of the codes it owns, in row order), whatever the thread count.
+        backend: "auto" (Triton, else CUDA C++, on CUDA tensors; C++ on CPU tensors; torch for
+            float64 or where those are missing), "triton", "cuda", "cpu" or "torch".
         all_reduce: True (default process group) or a ProcessGroup: the batch's counts and sums are
             summed over the group before the update, so every rank that starts from the same
             statistics ends with the same statistics, equal to one process on the concatenated
@@ -315,8 +346,18 @@ def ema_update_(
     z2 = z.detach().reshape(-1, d)
     if z2.stride(1) != 1:
         z2 = z2.contiguous()
-    idx = indices.reshape(-1).to(torch.int64)
-    w = None if weight is None else weight.detach().reshape(-1).to(acc)
+    idx = indices.reshape(-1).to(torch.int64).contiguous()
+    w = None if weight is None else weight.detach().reshape(-1).to(acc).contiguous()
+
+    if name == "cpp" and group is None:
+        # One pass: the kernel writes decay * old + (1 - decay) * batch sum into the accumulators.
+        sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
+        torch.ops.fastvq.ema_scatter_cpp(
+            cluster_size, sums, z2, idx, w, decay, 1.0 - decay, deterministic
+        )
+        if sums is not embed_sum:
+            embed_sum.copy_(sums)
+        return cluster_size, embed_sum
 
     if name == "triton" and group is None:
         # No (K, D + 1) buffer: the deterministic kernel writes decay * old + (1 - decay) * sum
@@ -560,8 +601,8 @@ def kmeans(
             about 64 rounds of D^2 sampling beyond), "random" (distinct random rows) or a (K, D)
             floating tensor of initial centroids.
         generator: torch.Generator on the CPU or on x's device, for the initialisation.
-        backend: the search's backend (see fastvq.nearest_code); the scatter uses it too where it
-            has one ("torch", "triton"), else its own "auto" choice.
+        backend: the search's backend (see fastvq.nearest_code); the scatter uses it too ("cpu"
+            and "cuda": the C++ op fastvq::ema_scatter_cpp).
         all_reduce: True (default process group) or a ProcessGroup: x is this rank's shard; the
             group's first rank initializes and broadcasts, the sums are all-reduced and empty
             clusters are re-seeded from the group's farthest rows, so every rank gets the same
@@ -589,9 +630,7 @@ def kmeans(
     group = _process_group("all_reduce", all_reduce)
     d = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scatter = _stats_backend(
-        backend if backend in ("torch", "triton") else "auto", x.device, acc == torch.float64
-    )
+    scatter = _stats_backend(backend, x.device, acc == torch.float64)
     xs = x.detach().reshape(-1, d).to(acc).contiguous()
     check_finite(x=xs)
     if metric == "cosine":

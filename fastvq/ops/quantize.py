@@ -5,11 +5,15 @@ Two custom ops carry the work after the search (fastvq.nearest_code):
   fastvq::quantize_bwd  (dL/dz_q, z, codebook, indices, stats) -> (dL/dz, dL/dcodebook)
 each with a "torch" body (plain torch ops) and a Triton body (kernels/quantize.py), a fake
 implementation, and the pair wired together by register_autograd, so torch.compile keeps each as
-one node and opcheck covers them. Neither ever builds an N x K or an N x D x D tensor.
+one node and opcheck covers them. The C++ backends ("cpu", "cuda") are the same pair as schemas
+in csrc/fastvq.cpp, fastvq::quantize_fwd_cpp / quantize_bwd_cpp (csrc/cpu/quantize.cpp,
+csrc/cuda/quantize.cu), with their fakes and autograd registered here. None ever builds an
+N x K or an N x D x D tensor.
 """
 
 import torch
 
+from fastvq import _ext
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_choice, check_floating
 from fastvq.ops.nearest_code import nearest_code
@@ -122,10 +126,31 @@ def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook, use_tr
     return dz, dc
 
 
+# The C++ pair, when fastvq._C is built with it (a stale build without it runs the torch bodies).
+_HAS_CPP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "quantize_fwd_cpp")
+
+if _HAS_CPP:
+
+    @torch.library.register_fake("fastvq::quantize_fwd_cpp")
+    def _(z, codebook, indices, grad):
+        n, d = z.shape
+        return codebook.new_empty(n, d), z.new_empty(
+            n, 0 if grad == "ste" else 4, dtype=_acc(z.dtype)
+        )
+
+    @torch.library.register_fake("fastvq::quantize_bwd_cpp")
+    def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook):
+        d = z.shape[1]
+        dz = z.new_empty(z.shape[0] if need_z else 0, d)
+        dc = codebook.new_empty(codebook.shape[0] if need_codebook else 0, d)
+        return dz, dc
+
+
 def _setup_context(ctx, inputs, output):
-    z, codebook, indices, grad, use_triton = inputs
+    z, codebook, indices, grad = inputs[:4]
     _, stats = output
-    ctx.grad, ctx.use_triton = grad, use_triton
+    # use_triton is None for the C++ forward, whose schema has no such argument.
+    ctx.grad, ctx.use_triton = grad, (inputs[4] if len(inputs) > 4 else None)
     # STE never reads z in its backward: do not keep it alive for that.
     ctx.save_for_backward(None if grad == "ste" else z, codebook, indices, stats)
 
@@ -141,15 +166,21 @@ def _backward(ctx, grad_zq, _grad_stats):
     if kernel_z or need_codebook:
         g = grad_zq.contiguous()
         z = g if z is None else z  # STE's backward never reads z: any (N, D) tensor will do
-        out_z, out_c = _quantize_bwd(
-            g, z, codebook, indices, stats, ctx.grad, kernel_z, need_codebook, ctx.use_triton
-        )
+        args = (g, z, codebook, indices, stats, ctx.grad, kernel_z, need_codebook)
+        if ctx.use_triton is None:
+            out_z, out_c = torch.ops.fastvq.quantize_bwd_cpp(*args)
+        else:
+            out_z, out_c = _quantize_bwd(*args, ctx.use_triton)
         dz = out_z if kernel_z else dz
         dc = out_c if need_codebook else None
-    return dz, dc, None, None, None
+    return (dz, dc, None, None) if ctx.use_triton is None else (dz, dc, None, None, None)
 
 
 _quantize_fwd.register_autograd(_backward, setup_context=_setup_context)
+if _HAS_CPP:
+    torch.library.register_autograd(
+        "fastvq::quantize_fwd_cpp", _backward, setup_context=_setup_context
+    )
 
 
 # --- public op ---------------------------------------------------------------------------------
@@ -188,7 +219,8 @@ def quantize(
 
     Codebook gradient (when codebook.requires_grad): dL/dC[k] = sum of g over rows with index k,
     for every estimator, accumulated by scatter in O(K D) memory (float32 atomics on Triton, so
-    run-to-run rounding may differ; index_add_ on torch). It is what autograd gives through the
+    run-to-run rounding may differ, as on CUDA C++; index_add_ on torch; a fixed order on the C++
+    CPU backend). It is what autograd gives through the
     references z_q = q + (z - z.detach()) and z_q = (s R).detach() @ z + (q - q.detach()), and
     the only consistent value path: s R(z, q) z = q for every q, so even an undetached R gives
     dz_q/dq = I. This feeds codebook losses, SimVQ-style projections and hyper-network
@@ -205,9 +237,10 @@ def quantize(
         precision: "exact" or "fast", as in fastvq.nearest_code (the search only).
         backend: "auto", "triton", "cuda", "cpu" or "torch". "triton": Triton search and the fused
             Triton gather/estimator kernels. "torch": all plain torch ops. "cpu"/"cuda": the C++
-            nearest_code search, then the torch gather and backward (fused C++ kernels are not
-            written yet). "auto" resolves as in fastvq.nearest_code (Triton, else CUDA C++, on
-            CUDA tensors; C++ CPU, else torch, on CPU tensors).
+            search and the fused C++ gather/estimator kernels (on the CPU the codebook gradient
+            is bit-identical run to run and for any thread count). "auto" resolves as in
+            fastvq.nearest_code (Triton, else CUDA C++, on CUDA tensors; C++ CPU, else torch, on
+            CPU tensors).
         check_inputs_finite: as in fastvq.nearest_code.
 
     Returns:
@@ -228,9 +261,13 @@ def quantize(
     )
     # nearest_code has validated shapes, devices, metric, precision and backend.
     dtype = torch.promote_types(z.dtype, codebook.dtype)
-    use_triton = pick_backend(backend, z.device, dtype) == "triton"
+    name = pick_backend(backend, z.device, dtype)
     d = codebook.shape[1]
     z2 = z.reshape(-1, d).to(dtype).contiguous()
     cb = codebook.to(dtype).contiguous()
-    z_q, _ = _quantize_fwd(z2, cb, indices.reshape(-1), grad, use_triton)
+    idx = indices.reshape(-1)
+    if name in ("cpu", "cuda") and _HAS_CPP:
+        z_q, _ = torch.ops.fastvq.quantize_fwd_cpp(z2, cb, idx, grad)
+    else:
+        z_q, _ = _quantize_fwd(z2, cb, idx, grad, name == "triton")
     return z_q.view(*z.shape[:-1], d), indices

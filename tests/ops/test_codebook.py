@@ -40,10 +40,12 @@ def _cases():
     """(device, backend) pairs with a statistics kernel on this machine."""
     report = fastvq.backends()
     cases = [("cpu", "torch")]
+    if report["cpu"].available:
+        cases.append(("cpu", "cpu"))
     if report["triton"].available and INTERPRET and not CUDA:
         cases.append(("cpu", "triton"))
     if CUDA:
-        cases += [("cuda", b) for b in ("torch", "triton") if report[b].available]
+        cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
     # A packaging fault, reported as a skip with its reason rather than a crash of every test.
     no_kernels = pytest.mark.skip(reason="fastvq.kernels does not import (kernels/__init__.py?)")
     return [
@@ -59,6 +61,7 @@ def _cases():
 
 CASES = _cases()
 TRITON_CASES = [c for c in CASES if c.values[0][1] == "triton"]
+CPP_CASES = [c for c in CASES if c.values[0][1] in ("cpu", "cuda")]
 # (N, K, D): N = 1, odd N, K off every tile, odd D, D above one 128-column block.
 SHAPES = [(1, 1, 1), (97, 13, 3), (300, 70, 33), (1025, 257, 24), (64, 5, 256)]
 # The interpreter runs one program at a time in numpy, and the deterministic kernel launches K of
@@ -264,7 +267,7 @@ BAD_EMA_INPUTS = [
     (dict(weight=torch.ones(9)), ValueError, "weight must have z's leading shape"),
     (dict(weight=torch.ones(10, dtype=LONG)), TypeError, "weight must be a floating or bool"),
     (dict(backend="numpy"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), ValueError, "backend 'cuda' has no codebook-statistics kernel"),
+    (dict(backend="cuda"), ValueError, "backend 'cuda' (is unavailable|runs on cuda tensors)"),
     (dict(all_reduce=True), ValueError, "all_reduce needs torch.distributed to be initialized"),
     (dict(all_reduce="world"), TypeError, "all_reduce must be a bool or a torch.distributed"),
     (dict(z=torch.randn(10, 4, device="meta")), ValueError, "z is on meta"),

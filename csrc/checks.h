@@ -1,0 +1,91 @@
+// Argument checks shared by every C++ glue file (csrc/cpu/*.cpp, csrc/cuda/*_torch.cpp).
+//
+// The Python ops validate first and raise ValueError / TypeError; these checks guard direct
+// calls of torch.ops.fastvq.* and keep kernels from reading out of bounds. Each failure is a
+// c10::Error naming the op, the argument and what was expected. `op` is the schema name, e.g.
+// "fastvq::quantize_fwd_cpp"; tensors must live on `device` (the device of the main input).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fastvq {
+namespace checks {
+
+inline void on_device(const char* op, const at::Tensor& t, const char* name,
+                      const c10::Device& device) {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+}
+
+// t has shape (rows, cols) exactly.
+inline void shape2(const char* op, const at::Tensor& t, const char* name, int64_t rows,
+                   int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name,
+              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+}
+
+// The element types of the C++ kernels: float32, bfloat16, float16.
+inline void kernel_dtype(const char* op, const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", dt);
+}
+
+inline void same_dtype(const char* op, const at::Tensor& a, const char* a_name,
+                       const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+}
+
+inline void dtype_is(const char* op, const at::Tensor& t, const char* name, at::ScalarType dt) {
+  TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must be ", dt, ", got ", t.scalar_type());
+}
+
+inline void contiguous(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Rows may be strided, elements of a row must be adjacent (stride(1) == 1).
+inline void unit_column_stride(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+              " must have unit column stride (stride(1) == 1), got strides ", t.strides());
+}
+
+// (n,) of dtype `dt` on `device`, contiguous.
+inline void vector(const char* op, const at::Tensor& t, const char* name, int64_t n,
+                   at::ScalarType dt, const c10::Device& device) {
+  on_device(op, t, name, device);
+  dtype_is(op, t, name, dt);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n,
+              ",), got ", t.sizes());
+  contiguous(op, t, name);
+}
+
+inline void optional_vector(const char* op, const std::optional<at::Tensor>& t, const char* name,
+                            int64_t n, at::ScalarType dt, const c10::Device& device) {
+  if (t.has_value()) vector(op, *t, name, n, dt, device);
+}
+
+// The (N, D) rows and (K, D) codebook of a search or a gather: 2-D, one kernel dtype, one
+// device, contiguous, K >= 1 and 1 <= D <= max_dim. Returns nothing; read N, K, D from the sizes.
+inline void rows_and_codebook(const char* op, const at::Tensor& z, const at::Tensor& codebook,
+                              int64_t max_dim) {
+  on_device(op, codebook, "codebook", z.device());
+  TORCH_CHECK(z.dim() == 2, op, ": z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ",
+              codebook.sizes());
+  const int64_t D = codebook.size(1);
+  TORCH_CHECK(z.size(1) == D, op, ": z's D (", z.size(1), ") must equal codebook's D (", D, ")");
+  TORCH_CHECK(codebook.size(0) >= 1, op, ": codebook must hold at least one code (K >= 1)");
+  TORCH_CHECK(D >= 1 && D <= max_dim, op, ": D must be between 1 and ", max_dim, ", got ", D);
+  same_dtype(op, z, "z", codebook, "codebook");
+  kernel_dtype(op, z, "z");
+  contiguous(op, z, "z");
+  contiguous(op, codebook, "codebook");
+}
+
+}  // namespace checks
+}  // namespace fastvq

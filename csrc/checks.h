@@ -6,6 +6,7 @@
 // "fastvq::quantize_fwd_cpp"; tensors must live on `device` (the device of the main input).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -52,6 +53,16 @@ inline void contiguous(const char* op, const at::Tensor& t, const char* name) {
 inline void unit_column_stride(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
               " must have unit column stride (stride(1) == 1), got strides ", t.strides());
+}
+
+// An output written in place must not hold one memory location twice (an expanded view, rows
+// that overlap): threads that own different elements would race on it. Layouts too irregular to
+// decide pass, as in ATen's own in-place ops.
+inline void no_internal_overlap(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+              " is written in place and must not refer to one memory location twice (an "
+              "expanded or overlapping view); pass a contiguous tensor, got strides ",
+              t.strides());
 }
 
 // (n,) of dtype `dt` on `device`, contiguous.

@@ -20,7 +20,8 @@ TORCH_LIBRARY(fastvq, m) {
   // fastvq.quantize after the search (formulas in fastvq/ops/quantize.py). z (N, D) and codebook
   // (K, D) contiguous, one dtype (float32/bf16/fp16); indices (N,) int64 in [0, K); grad "ste",
   // "rotation" or "householder". Forward: z_q = codebook[indices] (N, D) and float32 per-row
-  // stats (N, 4) = (s, 1/|z|, 1/|q|, w) ((N, 0) for "ste").
+  // stats (N, 4) = (s, 1/|z|, 1/|q|, w) ((N, 0) for "ste"). Out-of-range indices: RuntimeError on
+  // the CPU; on CUDA (no host sync to check) the row's z_q is NaN and the backward skips it.
   m.def(
       "quantize_fwd_cpp(Tensor z, Tensor codebook, Tensor indices, str grad) -> (Tensor, Tensor)");
   // Backward: (dz, dcodebook) from grad_out = dL/dz_q (N, D) of z's dtype; dz (N, D) if need_z
@@ -33,7 +34,9 @@ TORCH_LIBRARY(fastvq, m) {
   // c[k] = sum of w[n], s[k] = sum of w[n] z[n] over indices[n] == k, in float32. counts (K,) and
   // sums (K, D) float32 (any row stride, unit column stride); z (N, D) float32/bf16/fp16 with unit
   // column stride; indices (N,) int64 in [0, K); weight (N,) float32 or None (ones).
-  // deterministic: bit-identical run to run (the CPU kernel always is).
+  // deterministic: bit-identical run to run (the CPU kernel always is; CUDA: a stable sort, then
+  // a fixed-order sum per code, instead of float32 atomics). Out-of-range indices: RuntimeError
+  // on the CPU; rows skipped on CUDA (no host sync to check).
   m.def(
       "ema_scatter_cpp(Tensor(a!) counts, Tensor(b!) sums, Tensor z, Tensor indices, "
       "Tensor? weight, float keep, float gain, bool deterministic) -> ()");

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+GLUE_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_torch.cpp")))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -41,3 +42,44 @@ def test_cuda_sources_include_no_torch_headers():
         text = open(source).read()
         for header in ("<torch/", "<ATen/", "<c10/"):
             assert header not in text, f"{source} includes {header}"
+
+
+def _cuda_include() -> str | None:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    # nvcc may be a wrapper script (as /usr/local/bin/nvcc is here): try the usual homes too.
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in filter(None, homes):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+@pytest.mark.skipif(
+    _cuda_include() is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++"
+)
+def test_cuda_glue_parses_against_torch_headers(tmp_path):
+    # The torch glue (csrc/cuda/*_torch.cpp) is built only where torch has CUDA, so a typo there
+    # would first show on the GPU machine. A CPU wheel still ships the c10/cuda headers, less one
+    # header its CMake build generates: stub that, and parse (not link) every glue file.
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    flags = ["-std=c++17", "-fsyntax-only", "-Werror", "-Wall", "-I", str(tmp_path)]
+    for path in [*include_paths(), _cuda_include(), sysconfig.get_paths()["include"]]:
+        flags += ["-isystem", path]
+    # One translation unit for all of them: the torch headers dominate (about 10 s per parse).
+    # Should that fail, each file alone tells a real error from a name shared between files.
+    unit = tmp_path / "all_glue.cpp"
+    unit.write_text("".join(f'#include "{source}"\n' for source in GLUE_SOURCES))
+    if subprocess.run(["g++", *flags, str(unit)], capture_output=True).returncode == 0:
+        return
+    for source in GLUE_SOURCES:
+        result = subprocess.run(["g++", *flags, source], capture_output=True, text=True)
+        assert result.returncode == 0, f"{os.path.basename(source)}:\n{result.stderr[-4000:]}"

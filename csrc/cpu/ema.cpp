@@ -69,6 +69,8 @@ void ema_scatter_cpu(const at::Tensor& counts, const at::Tensor& sums, const at:
   }
   checks::shape2(kOp, sums, "sums", K, D);
   checks::unit_column_stride(kOp, sums, "sums");
+  checks::no_internal_overlap(kOp, counts, "counts");
+  checks::no_internal_overlap(kOp, sums, "sums");
   checks::vector(kOp, indices, "indices", N, at::kLong, z.device());
   checks::optional_vector(kOp, weight, "weight", N, at::kFloat, z.device());
   // Every code is written, even with N = 0 (then only scaled by keep).

@@ -79,6 +79,13 @@ def _(counts, sums, z, indices, weight, keep, gain):
 
 # A stale build of fastvq._C without the op: "auto" falls back to torch, "cpu"/"cuda" raise.
 _HAS_CPP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "ema_scatter_cpp")
+# Per device type, whether the op has a kernel there: fastvq._C may hold CUDA kernels for
+# nearest_code but not for this op (a partial build). Read once: torch.compile cannot trace the
+# dispatcher query.
+_CPP_ON = {
+    device: _HAS_CPP and _ext._has_kernel("ema_scatter_cpp", key)
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
 
 if _HAS_CPP:
 
@@ -190,9 +197,11 @@ def _first_rank(group) -> int:
     return dist.get_global_rank(group, 0)
 
 
-def _stats_backend(backend: str, device: torch.device, float64: bool) -> str:
+def _stats_backend(backend: str, device: torch.device, float64: bool, strict: bool = True) -> str:
     """Which scatter runs for `backend` on `device`: "torch", "triton" or "cpp" (the C++ op on
-    CPU or CUDA tensors); ValueError where `backend` cannot run."""
+    CPU or CUDA tensors); ValueError where `backend` cannot run. strict=False (k-means, where
+    `backend` names the search's backend) runs the torch scatter where "cpu"/"cuda" lacks the op
+    instead of raising."""
     dtype = torch.float64 if float64 else torch.float32
     if backend == "auto":
         if float64:
@@ -201,15 +210,18 @@ def _stats_backend(backend: str, device: torch.device, float64: bool) -> str:
         # NOTE: Triton before CUDA C++ is unmeasured on GPU, as in fastvq.nearest_code.
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         for name in order:
-            if report[name].available and (name == "triton" or _HAS_CPP):
+            if report[name].available and (name == "triton" or _CPP_ON[name]):
                 return "cpp" if name != "triton" else name
         return "torch"
     name = pick_backend(backend, device, dtype)
     if name in ("cpu", "cuda"):
-        if not _HAS_CPP:
+        if not _CPP_ON[name]:
+            if not strict:
+                return "torch"
             raise ValueError(
-                f"backend {backend!r}: fastvq._C has no fastvq::ema_scatter_cpp (a stale build; "
-                "rebuild it with `make install`)"
+                f"backend {backend!r}: fastvq._C has no {name.upper()} kernel of "
+                "fastvq::ema_scatter_cpp (a stale or partial build; rebuild it with "
+                "`make install`)"
             )
         return "cpp"
     return name
@@ -630,7 +642,7 @@ def kmeans(
     group = _process_group("all_reduce", all_reduce)
     d = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scatter = _stats_backend(backend, x.device, acc == torch.float64)
+    scatter = _stats_backend(backend, x.device, acc == torch.float64, strict=False)
     xs = x.detach().reshape(-1, d).to(acc).contiguous()
     check_finite(x=xs)
     if metric == "cosine":

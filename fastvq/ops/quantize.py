@@ -128,6 +128,14 @@ def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook, use_tr
 
 # The C++ pair, when fastvq._C is built with it (a stale build without it runs the torch bodies).
 _HAS_CPP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "quantize_fwd_cpp")
+# Per device type, whether both C++ ops have a kernel there: an extension whose nearest_code has
+# CUDA kernels but whose quantize pair does not (a partial build) must gather on the torch path,
+# not fail in the dispatcher. Plain booleans, read once (torch.compile cannot trace the query).
+_CPP_ON = {
+    device: _HAS_CPP
+    and all(_ext._has_kernel(op, key) for op in ("quantize_fwd_cpp", "quantize_bwd_cpp"))
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
 
 if _HAS_CPP:
 
@@ -266,7 +274,7 @@ def quantize(
     z2 = z.reshape(-1, d).to(dtype).contiguous()
     cb = codebook.to(dtype).contiguous()
     idx = indices.reshape(-1)
-    if name in ("cpu", "cuda") and _HAS_CPP:
+    if name in ("cpu", "cuda") and _CPP_ON[name]:
         z_q, _ = torch.ops.fastvq.quantize_fwd_cpp(z2, cb, idx, grad)
     else:
         z_q, _ = _quantize_fwd(z2, cb, idx, grad, name == "triton")

@@ -537,3 +537,158 @@ def test_perplexity_and_usage():
     assert perplexity(torch.tensor([3.0, 1.0])).item() == pytest.approx(expected)
     with pytest.raises(TypeError, match="counts must be a torch.Tensor"):
         perplexity([1, 2])
+
+
+# --- the C++ op called directly (torch.ops.fastvq.ema_scatter_cpp) ------------------------------
+
+_CPP = fastvq.backends()["cpu"].available and hasattr(torch.ops.fastvq, "ema_scatter_cpp")
+CPP_DEVICES = [
+    pytest.param(
+        device,
+        marks=[pytest.mark.gpu] * (device == "cuda")
+        + [pytest.mark.skipif(not _CPP, reason="fastvq._C without fastvq::ema_scatter_cpp")],
+    )
+    for device in ("cpu", "cuda")
+]
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_cpp_opcheck(device):
+    op = torch.ops.fastvq.ema_scatter_cpp.default
+    cs, es, z, idx, w = _ema_inputs(37, 5, 24, torch.float32, device, 19, "float")
+    for det in (False, True):
+        torch.library.opcheck(op, (cs, es, z, idx, w, 0.3, 0.7, det))
+        torch.library.opcheck(op, (cs, es, z.half(), idx, None, 1.0, 1.0, det))
+        torch.library.opcheck(op, (cs, es, z.bfloat16()[:0], idx[:0], None, 0.5, 0.5, det))
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpp_op_matches_reference(device, deterministic, dtype, poison):
+    # Strided accumulators (the (K, D + 1) layout of ema_update_'s buffer), weights with zeros
+    # (NaN rows under weight 0 must not leak), D = 37 (a partial column tile on CUDA).
+    n, k, d = 515, 23, 37
+    cs, es, z, idx, w = _ema_inputs(n, k, d, dtype, device, 20, "float")
+    w[::7] = 0
+    z[::7] = float("nan")
+    buf = torch.cat([es, cs[:, None]], dim=1)
+    counts, sums = buf[:, d], buf[:, :d]
+    keep, gain = 0.8, 0.35
+    torch.ops.fastvq.ema_scatter_cpp(counts, sums, z, idx, w, keep, gain, deterministic)
+    live = w != 0
+    zl, il, wl = z[live].double().cpu(), idx[live].cpu(), w[live].double().cpu()
+    ref_c = keep * cs.double().cpu() + gain * torch.zeros(k, dtype=F64).index_add_(0, il, wl)
+    ref_s = keep * es.double().cpu() + gain * torch.zeros(k, d, dtype=F64).index_add_(
+        0, il, wl[:, None] * zl
+    )
+    torch.testing.assert_close(counts.double().cpu(), ref_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums.double().cpu(), ref_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not _CPP, reason="fastvq._C without fastvq::ema_scatter_cpp")
+def test_cpp_op_bit_identical_across_thread_counts():
+    # The CPU kernels split codes among threads (csrc/cpu/by_code.h): 1 and 2 threads must give
+    # the same bits, for the EMA statistics and for quantize's codebook gradient alike.
+    n, k, d = 30_000, 257, 33
+    cs, es, z, _, w = _ema_inputs(n, k, d, torch.bfloat16, "cpu", 21, "float")
+    g = torch.Generator().manual_seed(22)
+    # Skewed: code 3 takes about half the rows.
+    idx = torch.where(torch.rand(n, generator=g) > 0.5, torch.randint(0, k, (n,), generator=g), 3)
+    cb = torch.randn(k, d, generator=g).bfloat16()
+    up = torch.randn(n, d, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 1, 2):
+            torch.set_num_threads(t)
+            a, b = cs.clone(), es.clone()
+            torch.ops.fastvq.ema_scatter_cpp(a, b, z, idx, w, 0.9, 0.1, False)
+            stats = torch.ops.fastvq.quantize_fwd_cpp(z, cb, idx, "rotation")[1]
+            dz, dc = torch.ops.fastvq.quantize_bwd_cpp(
+                up, z, cb, idx, stats, "rotation", True, True
+            )
+            runs.append((a, b, dz, dc))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for x, y in zip(run, runs[0], strict=True):
+            assert torch.equal(x, y)
+    # ... and it computed something: the sums moved away from 0.9 * es.
+    assert not torch.allclose(runs[0][1], 0.9 * es, atol=1e-2)
+
+
+def _cpp_ema(device, **changes):
+    cs, es, z, idx, w = _ema_inputs(10, 6, 4, torch.float32, device, 23, "float")
+    args = dict(counts=cs, sums=es, z=z, indices=idx, weight=w, keep=0.9, gain=0.1)
+    args |= dict(deterministic=False) | changes
+    torch.ops.fastvq.ema_scatter_cpp(*args.values())
+
+
+BAD_CPP_EMA = [
+    (dict(z=torch.randn(10)), r"z must have shape \(N, D\)"),
+    (dict(z=torch.randn(10, 5)), r"sums must have shape \(6, 5\)"),
+    (dict(z=torch.randn(10, 4).double()), "z must be float32, bfloat16 or float16"),
+    (dict(z=torch.randn(4, 10).T), r"z must have unit column stride"),
+    (dict(counts=torch.ones(0)), r"counts must have shape \(K,\) with K >= 1"),
+    (dict(counts=torch.ones(6).double()), "counts must be Float"),
+    (dict(sums=torch.ones(6, 4).bfloat16()), "sums must be Float"),
+    (dict(sums=torch.ones(4, 6).T), "sums must have unit column stride"),
+    (dict(sums=torch.ones(1, 4).expand(6, 4)), "sums is written in place and must not refer"),
+    (dict(counts=torch.ones(1).expand(6)), "counts is written in place and must not refer"),
+    (dict(indices=torch.zeros(9, dtype=LONG)), r"indices must have shape \(10,\)"),
+    (dict(indices=torch.zeros(10, dtype=torch.int32)), "indices must be Long"),
+    (dict(indices=torch.full((10,), 6)), r"indices must lie in \[0, 6\), got indices\[0\] = 6"),
+    (dict(indices=torch.full((10,), -2)), r"indices must lie in \[0, 6\), got indices\[0\] = -2"),
+    (dict(weight=torch.ones(10).double()), "weight must be Float"),
+    (dict(weight=torch.ones(20)[::2]), "weight must be contiguous"),
+    (dict(weight=torch.ones(9)), r"weight must have shape \(10,\)"),
+]
+
+
+@pytest.mark.parametrize("changes, match", BAD_CPP_EMA)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cpp_op_bad_input_is_a_clear_error(changes, match, deterministic):
+    if not _CPP:
+        pytest.skip("fastvq._C without fastvq::ema_scatter_cpp")
+    with pytest.raises(RuntimeError, match=match):
+        _cpp_ema("cpu", deterministic=deterministic, **changes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_op_skips_out_of_range_indices(deterministic):
+    # The CUDA glue does not sync to check the range: such rows are dropped, nothing else moves.
+    cs, es, z, idx, _ = _ema_inputs(50, 6, 4, torch.float32, "cuda", 24)
+    idx[::5] = torch.tensor([6, -1, 1 << 40, 7, -3] * 2, device="cuda")
+    a, b = cs.clone(), es.clone()
+    torch.ops.fastvq.ema_scatter_cpp(a, b, z, idx, None, 0.5, 0.5, deterministic)
+    live = (idx >= 0) & (idx < 6)
+    ref_c = 0.5 * cs + 0.5 * torch.zeros_like(cs).index_add_(
+        0, idx[live], torch.ones(40, device="cuda")
+    )
+    ref_s = 0.5 * es + 0.5 * torch.zeros_like(es).index_add_(0, idx[live], z[live])
+    torch.testing.assert_close(a, ref_c)
+    torch.testing.assert_close(b, ref_s)
+
+
+def test_partial_build_without_the_cpp_scatter(monkeypatch):
+    # fastvq._C with a search kernel on a device but no ema_scatter_cpp kernel there: "auto" and
+    # k-means use the torch scatter; an explicit ema_update_ backend says what is missing.
+    from fastvq.ops import codebook as module
+
+    monkeypatch.setitem(module._CPP_ON, "cpu", False)
+    cs, es, z, idx, _ = _ema_inputs(50, 6, 4, torch.float32, "cpu", 25)
+    a, b = cs.clone(), es.clone()
+    ema_update_(a, b, z, idx, 0.5, backend="auto")
+    ref = ref_c, ref_s = cs.clone(), es.clone()
+    ema_update_(*ref, z, idx, 0.5, backend="torch")
+    torch.testing.assert_close(a, ref_c)
+    torch.testing.assert_close(b, ref_s)
+    if fastvq.backends()["cpu"].available:
+        with pytest.raises(ValueError, match="has no CPU kernel of fastvq::ema_scatter_cpp"):
+            ema_update_(cs.clone(), es.clone(), z, idx, 0.5, backend="cpu")
+    search = "cpu" if fastvq.backends()["cpu"].available else "auto"
+    centroids = kmeans(z, 3, iters=2, backend=search)
+    assert centroids.shape == (3, 4) and bool(centroids.isfinite().all())

@@ -383,3 +383,157 @@ def test_memory_does_not_scale_with_n_times_k():
     assert out.returncode == 0, out.stderr[-3000:]
     peak_mib = int(out.stdout.split()[-1]) / 1024
     assert peak_mib < 1536, f"peak RSS {peak_mib:.0f} MiB"
+
+
+# --- the C++ ops called directly (torch.ops.fastvq.quantize_{fwd,bwd}_cpp) ----------------------
+
+_CPP = fastvq.backends()["cpu"].available and hasattr(torch.ops.fastvq, "quantize_fwd_cpp")
+CPP_DEVICES = [
+    pytest.param(
+        device,
+        marks=[pytest.mark.gpu] * (device == "cuda")
+        + [pytest.mark.skipif(not _CPP, reason="fastvq._C without the C++ quantize ops")],
+    )
+    for device in ("cpu", "cuda")
+]
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("grad", GRADS)
+def test_cpp_opcheck(device, grad):
+    fwd, bwd = torch.ops.fastvq.quantize_fwd_cpp.default, torch.ops.fastvq.quantize_bwd_cpp.default
+    z, codebook, upstream = _inputs(9, 4, 5, torch.float32, device, 62)
+    idx = torch.tensor([0, 3, 3, 1, 0, 2, 3, 3, 1], device=device)
+    torch.library.opcheck(fwd, (z, codebook, idx, grad))
+    torch.library.opcheck(fwd, (z.detach().bfloat16(), codebook.detach().bfloat16(), idx, grad))
+    _, stats = fwd(z, codebook, idx, grad)
+    args = (upstream, z.detach(), codebook.detach(), idx, stats.detach(), grad)
+    torch.library.opcheck(bwd, (*args, grad != "ste", True))
+    torch.library.opcheck(bwd, (*args, False, True))
+    torch.library.opcheck(bwd, (*args, False, False))
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("grad", ["rotation", "householder"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpp_ops_match_torch_bodies(device, grad, dtype, poison):
+    # Every (need_z, need_codebook) combination, against the float64 torch bodies of the Python
+    # op; D = 37 leaves a partial lane group on CUDA and a tail of the 8-way sums on the CPU.
+    from fastvq.ops.quantize import _bwd_torch, _fwd_torch
+
+    z, codebook, g = (t.detach() for t in _inputs(301, 29, 37, dtype, device, 63))
+    # Skewed codes: code 0 takes about half the rows (contended atomics on CUDA).
+    gen = torch.Generator().manual_seed(64)
+    idx = (torch.randint(0, 29, (301,), generator=gen) * (torch.rand(301, generator=gen) > 0.5)).to(
+        device
+    )
+    z_q, stats = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, grad)
+    assert torch.equal(z_q, codebook[idx])
+    f64 = [t.double().cpu() for t in (z, codebook, g)]
+    _, stats64 = _fwd_torch(f64[0], f64[1], idx.cpu(), grad)
+    torch.testing.assert_close(stats.double().cpu(), stats64, rtol=1e-5, atol=1e-6)
+    dz64, dc64 = _bwd_torch(f64[2], f64[0], f64[1], idx.cpu(), stats64, grad, True, True)
+    dz_d, dc_d = _bwd_torch(g, z, codebook, idx, stats, grad, True, True)
+    for need_z, need_c in ((True, True), (True, False), (False, True), (False, False)):
+        dz, dc = torch.ops.fastvq.quantize_bwd_cpp(g, z, codebook, idx, stats, grad, need_z, need_c)
+        assert dz.shape == (301 if need_z else 0, 37) and dc.shape == (29 if need_c else 0, 37)
+        assert dz.dtype == dtype and dc.dtype == dtype
+        if need_z:
+            _assert_parity(dz, dz_d, dz64, dtype, "dz")
+        if need_c:
+            _assert_parity(dc, dc_d.to(dtype), dc64, dtype, "dcodebook")
+
+
+def _cpp_call(device, op, **changes):
+    z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, device, 65))
+    idx = torch.tensor([0, 3, 1, 1, 2, 0], device=device)
+    stats = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, "rotation")[1]
+    args = dict(grad_out=g, z=z, codebook=codebook, indices=idx, stats=stats, grad="rotation")
+    args |= dict(need_z=True, need_codebook=True) | changes
+    if op == "fwd":
+        return torch.ops.fastvq.quantize_fwd_cpp(
+            args["z"], args["codebook"], args["indices"], args["grad"]
+        )
+    return torch.ops.fastvq.quantize_bwd_cpp(*args.values())
+
+
+_T = torch.randn
+BAD_CPP_INPUTS = [
+    ("fwd", dict(grad="identity"), "grad must be 'ste', 'rotation' or 'householder'"),
+    ("fwd", dict(z=_T(6, 4)), r"z's D \(4\) must equal codebook's D \(5\)"),
+    ("fwd", dict(z=_T(6)), r"z must have shape \(N, D\)"),
+    ("fwd", dict(codebook=_T(0, 5)), r"at least one code \(K >= 1\)"),
+    ("fwd", dict(z=_T(6, 5).double(), codebook=_T(4, 5).double()), "z must be float32, bfloat"),
+    ("fwd", dict(z=_T(6, 5).half()), "z and codebook must have the same dtype"),
+    ("fwd", dict(z=_T(5, 6).T), "z must be contiguous"),
+    ("fwd", dict(codebook=_T(5, 4).T), "codebook must be contiguous"),
+    ("fwd", dict(indices=torch.zeros(5, dtype=torch.long)), r"indices must have shape \(6,\)"),
+    ("fwd", dict(indices=torch.zeros(6, dtype=torch.int32)), "indices must be Long"),
+    ("fwd", dict(indices=torch.zeros(12, dtype=torch.long)[::2]), "indices must be contiguous"),
+    ("bwd", dict(grad_out=_T(6, 4)), r"grad_out must have shape \(6, 5\)"),
+    ("bwd", dict(grad_out=_T(6, 5).half()), "grad_out and z must have the same dtype"),
+    ("bwd", dict(grad_out=_T(5, 6).T), "grad_out must be contiguous"),
+    ("bwd", dict(stats=torch.ones(6, 3)), r"stats must have shape \(6, 4\)"),
+    ("bwd", dict(stats=torch.ones(6, 4).double()), "stats must be Float"),
+    ("bwd", dict(grad="ste"), "need_z is for rotation / householder"),
+    ("bwd", dict(codebook=_T(4, 5).bfloat16()), "z and codebook must have the same dtype"),
+]
+
+
+@pytest.mark.parametrize("op, changes, match", BAD_CPP_INPUTS)
+def test_cpp_ops_bad_input_is_a_clear_error(op, changes, match):
+    if not _CPP:
+        pytest.skip("fastvq._C without the C++ quantize ops")
+    with pytest.raises(RuntimeError, match=match):
+        _cpp_call("cpu", op, **changes)
+
+
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+@pytest.mark.parametrize("bad", [4, -1, 1 << 40])
+def test_cpp_ops_out_of_range_indices_raise_on_cpu(op, bad):
+    if not _CPP:
+        pytest.skip("fastvq._C without the C++ quantize ops")
+    idx = torch.tensor([0, 3, 1, bad, 2, 0])
+    match = rf"indices must lie in \[0, 4\), got indices\[3\] = {bad}"
+    with pytest.raises(RuntimeError, match=match):
+        _cpp_call("cpu", op, indices=idx)
+    if op == "bwd":  # the row-parallel path (no codebook gradient) checks too
+        with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\)"):
+            _cpp_call("cpu", op, indices=idx, need_codebook=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_ops_out_of_range_indices_touch_nothing_outside():
+    # The CUDA glue does not sync to check the range: the row gets NaN, the rest is exact.
+    z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, "cuda", 66))
+    good = torch.tensor([0, 3, 1, 1, 2, 0], device="cuda")
+    for bad in (4, -1, 1 << 40):
+        idx = good.clone()
+        idx[3] = bad
+        z_q, stats = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, "rotation")
+        keep = torch.arange(6, device="cuda") != 3
+        assert bool(z_q[3].isnan().all()) and torch.equal(z_q[keep], codebook[idx[keep]])
+        args = (g, z, codebook, idx, stats, "rotation", True, True)
+        dz, dc = torch.ops.fastvq.quantize_bwd_cpp(*args)
+        torch.cuda.synchronize()
+        ref = torch.zeros_like(dc).index_add_(0, idx[keep], g[keep])
+        torch.testing.assert_close(dc, ref)
+        assert bool(dz[keep].isfinite().all())
+
+
+def test_partial_build_without_the_cpp_pair_gathers_on_torch(monkeypatch):
+    # An extension whose search has kernels on a device but whose quantize pair does not (a
+    # partial or stale build) must run the torch gather there, not fail in the dispatcher.
+    from fastvq.ops import quantize as module
+
+    z, codebook, upstream = _inputs(40, 13, 6, torch.float32, "cpu", 67)
+    expected = quantize(z, codebook, grad="rotation", backend="torch")
+    monkeypatch.setitem(module._CPP_ON, "cpu", False)
+    monkeypatch.setattr(torch.ops.fastvq, "quantize_fwd_cpp", None, raising=False)
+    z_q, idx = quantize(z, codebook, grad="rotation", backend="cpu")
+    assert torch.equal(idx, expected[1]) and torch.equal(z_q, expected[0])
+    dz, dc = _grads(z_q, (z, codebook), upstream)
+    dz_e, dc_e = _grads(expected[0], (z, codebook), upstream)
+    torch.testing.assert_close(dz, dz_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dc, dc_e, rtol=1e-6, atol=1e-6)

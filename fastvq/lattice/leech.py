@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
+from fastvq import _ext
 from fastvq.lattice import golay
 from fastvq.lattice._common import (
     best_even_signs,
@@ -32,11 +33,14 @@ from fastvq.lattice._common import (
     rank_to_signs,
     signs_to_rank,
 )
+from fastvq.ops._backends import backends, check_backend, pick_backend
 
 LEECH_SIZE = 196560
 _START2 = 1104  # 276 pairs x 4 signs
 _START3 = _START2 + 759 * 128  # 98256; then 4096 codewords x 24 positions
 _NORM2 = 32
+_OVERFLOW, _OVERFLOW_SCALE = 2.0**64, 2.0**-100
+_DEVICES = ("cpu", "cuda")  # the C++ backends, named after their dispatch keys
 # Rows per decoder chunk: keeps the (rows, 4096) temporaries (1 MiB at 64 rows) in cache. One CPU
 # thread, CPU time on the loaded 2-core dev box: 72 / 52 / 114-179 / 146-185 us per row at 16 / 64 /
 # 256 / 1024 rows (brute force z @ C.T + argmax: 880-900 us per row).
@@ -49,15 +53,23 @@ def _tables(device: torch.device) -> SimpleNamespace:
     words = golay.golay_codewords(device)  # (4096, 24) bits
     octads = golay.golay_octads(device)  # (759, 8)
     bit6 = 1 << torch.arange(6, device=device)
+    bits6 = ((torch.arange(64, device=device)[:, None] & bit6) > 0).long()  # (64, 6) 0/1
+    # (759, 4): octad o's 6-bit pattern on group k, bit c for coordinate 6k + c
+    octad_words = words[golay.golay_octad_of_message(device) >= 0]
+    octad_groups = (octad_words.view(759, 4, 6) * bit6).sum(-1)
     return SimpleNamespace(
         signs=1 - 2 * words,  # (4096, 24) +-1, -1 on the codeword
-        # (64, 6) +-1: 6-bit sign pattern e has -1 at coordinate k iff bit k of e is set
-        patterns6=1 - 2 * ((torch.arange(64, device=device)[:, None] & bit6) > 0).long(),
+        # (64, 6): 6-bit pattern e has bit c (coordinate c of its group) set, -1 / +1 signs
+        bits6=bits6,
+        patterns6=1 - 2 * bits6,
         # (4096,) the 12-bit sign pattern of codeword m on coordinates 12..23
         high12=(words[:, 12:] << torch.arange(12, device=device)).sum(-1),
         octads=octads,
-        octad_slots=octads.T.flatten(),  # (8 * 759,) slot-major, for reductions over 8 slots
         octad_of_message=golay.golay_octad_of_message(device),  # (4096,)
+        # (4 * 759,) group-major indices into (4, 64) per-group tables: k * 64 + pattern
+        octad_table_index=(octad_groups + 64 * torch.arange(4, device=device)).T.flatten(),
+        # (759,) 24-bit masks of the octads, for the kernels
+        octad_masks=(octad_words << torch.arange(24, device=device)).sum(-1),
         position=torch.arange(24, device=device),
     )
 
@@ -135,40 +147,69 @@ def leech_index(vectors: torch.Tensor) -> torch.Tensor:
     return index.view(vectors.shape[:-1])
 
 
+def _sum6(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension (6) left to right: the order every backend uses."""
+    total = x[..., 0]
+    for c in range(1, 6):
+        total = total + x[..., c]
+    return total
+
+
 def _decode(z: torch.Tensor) -> torch.Tensor:
     """(B, 24) float32/float64 -> (B,) int64: the canonical index maximizing <z, x> over the shell.
 
     Scores are inner products with the integer vectors (squared norm 32); every code has the same
     norm, so their argmax is the argmax over the unit codes. Ties go to the lowest index: to the
-    lower shape, then within each shape by the order in which argmax/argmin return first maxima.
+    lower shape, then the first codeword / octad / pair in index order.
+
+    The arithmetic is fixed to the operation, so that the C++, CUDA and Triton kernels
+    (csrc/cpu/leech.cpp, csrc/cuda/leech.cu, kernels/leech.py) reproduce every score bit for bit:
+    per 6-coordinate group k and 6-bit pattern e, sums run left to right over the group's
+    coordinates (_sum6); a codeword's or octad's score adds its four group values as
+    (g0 + g1) + (g2 + g3); minima and sign flips are exact (so are products by 2 and 4: fused
+    multiply-adds round once, as the plain subtractions do).
     """
     t = _tables(z.device)
+    inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
+    # Scores reach 48 max|z|: rows beyond 2^64 are scaled by 2^-100 (exact) so none overflows
+    # (csrc/leech_decode.h row_scale, the same rule in every backend).
+    big = z.abs().amax(-1, keepdim=True)
+    z = torch.where(big > _OVERFLOW, z * _OVERFLOW_SCALE, z)
 
     # Shape 1: 4 (|z_i| + |z_j|) for the two largest |z|.
     score1, index1 = best_pair(z)
     score1 = 4 * score1
 
+    # Per-input tables over the 4 groups of 6 coordinates and the 64 patterns e on each, (B, 4, 64):
+    # signed sums and minima of z with -1 on e (shape 3); sums and minima of |z| over the subset e
+    # and the parity of z's minus signs on it (shape 2).
+    zg = z.view(-1, 4, 1, 6)
+    zs = zg * t.patterns6.to(z.dtype)  # (B, 4, 64, 6)
+    g_sum, g_min = _sum6(zs), zs.amin(-1)
+    on = t.bits6.bool()
+    a_sum = _sum6(zg.abs() * t.bits6.to(z.dtype))  # adding the zeros of excluded terms is exact
+    a_min = torch.where(on, zg.abs(), inf).amin(-1)
+    a_neg = _sum6((zg < 0).to(z.dtype) * t.bits6.to(z.dtype))
+
     # Shape 2: per octad, 2 sum |z| with signs of z; an odd count of minus signs forces one flip, on
     # the least |z| of the octad (cost 4 min |z|).
-    # Flags and magnitudes are taken on the 24 coordinates, then read per octad slot; float counts,
-    # because bool sums are several times slower.
-    av = z.abs().index_select(1, t.octad_slots).view(-1, 8, 759)
-    neg = (z < 0).to(z.dtype).index_select(1, t.octad_slots).view(-1, 8, 759)
-    odd = torch.remainder(neg.sum(1), 2)
-    # 4 * odd * min is exact, so each fused add below rounds once, as a plain subtraction would.
-    scores2 = torch.addcmul(2 * av.sum(1), odd, av.amin(1), value=-4)
+    def octad_values(table):  # (B, 4, 64) -> (B, 4, 759): each octad's pattern on each group
+        return table.flatten(1).index_select(1, t.octad_table_index).view(-1, 4, 759)
+
+    s = octad_values(a_sum)
+    sums2 = (s[:, 0] + s[:, 1]) + (s[:, 2] + s[:, 3])
+    odd = torch.remainder(octad_values(a_neg).sum(1), 2)  # small integers: exact in any order
+    # 4 * odd * min is exact, so the fused add rounds once, as a plain subtraction would.
+    scores2 = torch.addcmul(2 * sums2, odd, octad_values(a_min).amin(1), value=-4)
     octad = scores2.argmax(-1)
     score2 = scores2.gather(1, octad[:, None]).squeeze(1)
     index2 = _START2 + octad * 128 + best_even_signs(z.gather(1, t.octads[octad]))
 
     # Shape 3: for codeword m with signs s, <z, s * (1 - 4 e_p)> = sum_i s_i z_i - 4 s_p z_p, best
-    # at the p minimizing s_p z_p. Per-input tables of the sum and the minimum of s_p z_p over each
-    # group of 6 coordinates under all 64 sign patterns (4 x 64 x 6 each) combine in pairs into
-    # tables over 12 coordinates (2 x 4096 each). The code is systematic, so codeword m's pattern on
-    # coordinates 0..11 is m itself and only the half on 12..23 needs a gather. (No matmul: TF32 or
-    # bf16 matmul precision settings would round the scores.)
-    zs = z.view(-1, 4, 1, 6) * t.patterns6.to(z.dtype)  # (B, 4, 64, 6)
-    g_sum, g_min = zs.sum(-1), zs.amin(-1)  # (B, 4, 64)
+    # at the p minimizing s_p z_p. The group tables combine in pairs into tables over 12
+    # coordinates (2 x 4096 each). The code is systematic, so codeword m's pattern on coordinates
+    # 0..11 is m itself and only the half on 12..23 needs a gather. (No matmul: TF32 or bf16
+    # matmul precision settings would round the scores.)
     # Pattern h * 64 + l on coordinates 6k..6k+11 is l on group k and h on group k + 1.
     lo_sum = (g_sum[:, 1, :, None] + g_sum[:, 0, None, :]).flatten(1)  # (B, 4096)
     hi_sum = (g_sum[:, 3, :, None] + g_sum[:, 2, None, :]).flatten(1)
@@ -188,19 +229,127 @@ def _decode(z: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(z).all(-1), index, 0)
 
 
-def leech_quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# --- Backends of the decoder: each maps z (N, 24) contiguous -> (N,) int64, the same indices -----
+
+
+# Triton: an opaque custom op (importing fastvq must not import Triton); torch.compile keeps it as
+# one node with the fake below.
+@torch.library.custom_op("fastvq::leech_decode_triton", mutates_args=())
+def _leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
+    from fastvq.kernels.leech import leech_decode_triton
+
+    return leech_decode_triton(z)
+
+
+@_leech_decode_triton.register_fake
+def _(z):
+    return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+# A build from before fastvq::leech_decode existed has no schema to attach a fake to.
+_HAS_OP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "leech_decode")
+_HAS_KERNEL = {key: _HAS_OP and _ext._has_kernel("leech_decode", key.upper()) for key in _DEVICES}
+if _HAS_OP:
+
+    @torch.library.register_fake("fastvq::leech_decode")
+    def _(z):
+        return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+# The torch backend and the index -> code map are custom ops too: torch.compile cannot trace the
+# cached tables they read (_tables), so it keeps each as one node with its fake.
+@torch.library.custom_op("fastvq::leech_decode_torch", mutates_args=())
+def _leech_decode_torch(z: torch.Tensor) -> torch.Tensor:
+    flat = z.to(compute_dtype(z.dtype))
+    parts = [_decode(chunk) for chunk in flat.split(_CHUNK)]
+    return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.int64)
+
+
+@_leech_decode_torch.register_fake
+def _(z):
+    return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+@torch.library.custom_op("fastvq::leech_unit_codes", mutates_args=())
+def _leech_unit_codes(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _unit_codes(index.reshape(-1), dtype).view(*index.shape, 24)
+
+
+@_leech_unit_codes.register_fake
+def _(index, dtype):
+    return index.new_empty(*index.shape, 24, dtype=dtype)
+
+
+_KERNELS = {
+    "torch": _leech_decode_torch,
+    "triton": _leech_decode_triton,
+    "cpu": lambda z: torch.ops.fastvq.leech_decode(z),
+    "cuda": lambda z: torch.ops.fastvq.leech_decode(z),
+}
+
+
+def _pick(backend: str, device: torch.device) -> str:
+    # Every Leech backend takes float64 (scores in float64), so the backend is picked as for
+    # float32 inputs.
+    name = pick_backend(backend, device, torch.float32)
+    if backend == "auto" and device.type not in _DEVICES:
+        return "torch"  # e.g. meta or mps tensors: no kernel of ours runs there
+    if name in _HAS_KERNEL and not _HAS_KERNEL[name]:
+        if backend != "auto":
+            raise ValueError(
+                f"backend {backend!r} is unavailable: fastvq._C has no {name} kernel for "
+                "leech_decode (a build from before it existed: rebuild the extension)"
+            )
+        name = "triton" if name == "cuda" and backends()["triton"].available else "torch"
+    return name
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value of the codes, gradient of the identity towards z."""
+
+    @staticmethod
+    def forward(ctx, z, codes):
+        return codes.view_as(codes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def leech_quantize(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the direction of z to the unit Leech code of largest inner product.
 
-    z: (..., 24) float16/bfloat16/float32/float64. Returns (indices (...) int64, codes (..., 24) in
-    z's dtype), codes = leech_codes(indices). Equivalent to argmax_k <z, leech_codebook()[k]> with
-    ties to the lowest index (exact where the arithmetic is, e.g. small integers), but decoded from
-    the shell's structure: about 56k additions, minima and comparisons per vector plus 20k table
-    reads, against 4.7M multiply-adds for brute force. Computes in float32 (float64 for float64).
-    A zero row ties every code and gets index 0; a row with NaN or Inf gets index 0.
-    Not differentiable: wrap it in a straight-through estimator for training.
+    Args:
+        z: (..., 24) float32, float64, bfloat16 or float16, any strides, on any device a backend
+            runs on.
+        backend: "auto" (C++ on CPU tensors; Triton, else CUDA C++, on CUDA tensors), "triton",
+            "cuda", "cpu" or "torch"; see fastvq.backends(). Every backend returns the same
+            indices, bit for bit.
+
+    Returns:
+        indices (...) int64 in [0, 196560) and codes (..., 24) in z's dtype, codes =
+        leech_codes(indices): unit vectors, whatever the norm of z.
+
+    The index is argmax_k <z, leech_codebook()[k]>, ties to the lowest index, exact up to the
+    rounding of the scores (float32, float64 for float64 inputs; half inputs are widened exactly,
+    so e.g. small integers decode exactly). It is decoded from the shell's structure: about 56k
+    additions, minima and comparisons per vector plus 20k table reads, against 4.7M multiply-adds
+    for brute force. A zero row ties every code and gets index 0; so does a row holding NaN or Inf.
+    Rows whose largest |z| exceeds 2^64 are scaled by 2^-100 first, which changes nothing but
+    keeps the scores finite.
+
+    Gradient: straight-through. If z requires grad, codes carry dL/dz = dL/dcodes (the identity,
+    although codes are unit vectors and z need not be); indices are not differentiable.
     """
     check_vectors("z", z, 24)
-    flat = z.reshape(-1, 24).to(compute_dtype(z.dtype))
-    parts = [_decode(chunk) for chunk in flat.split(_CHUNK)]
-    index = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.int64)
-    return index.view(z.shape[:-1]), _unit_codes(index, z.dtype).view(z.shape)
+    check_backend(backend)
+    name = _pick(backend, z.device)
+    flat = z.detach().reshape(-1, 24).contiguous()
+    if flat.shape[0] == 0:
+        index = torch.zeros(0, dtype=torch.int64, device=z.device)
+    else:
+        index = _KERNELS[name](flat)
+    codes = _leech_unit_codes(index, z.dtype).view(z.shape)
+    if z.requires_grad:
+        codes = _StraightThrough.apply(z, codes)
+    return index.view(z.shape[:-1]), codes

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fastvq
 from fastvq.lattice.e8 import (
     E8_SHELL_SIZE,
     e8_nearest,
@@ -15,6 +16,7 @@ from fastvq.lattice.e8 import (
     e8_shell_index,
     e8_shell_quantize,
 )
+from fastvq.testing import check_nearest
 
 CORNERS = torch.tensor(list(itertools.product((0.0, 1.0), repeat=8)), dtype=torch.float64)
 
@@ -170,3 +172,44 @@ def test_bad_inputs(fn):
         e8_shell_codes(torch.zeros(3))
     with pytest.raises(ValueError, match="indices"):
         e8_shell_codes(torch.tensor([240]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dtypes_strides_and_brute_force_via_nearest_code(dtype):
+    """Half inputs widen exactly to float32: the same indices as their float32 values; the shell
+    quantizer agrees with fastvq.nearest_code(metric="dot") tie-aware, and on sparse integer rows
+    (exact scores) with its first maximum; any strides and leading dimensions."""
+    g = _gen(11)
+    base = torch.cat(
+        (
+            torch.randn(200, 8, generator=g),
+            torch.randint(-2, 3, (200, 8), generator=g) * (torch.rand(200, 8, generator=g) < 0.3),
+        )
+    ).to(dtype)
+    z = base.view(100, 4, 8).transpose(0, 1)  # (4, 100, 8), not contiguous
+    index, codes = e8_shell_quantize(z)
+    assert index.shape == (4, 100) and codes.dtype == dtype
+    assert torch.equal(index, e8_shell_quantize(z.float().contiguous())[0])
+    c64 = e8_shell_codebook(torch.float64)
+    z64 = z.reshape(-1, 8).double()
+    check_nearest(z64, c64, index.reshape(-1), metric="dot")
+    exact = (z64 == z64.round()).all(-1)  # the sparse integer rows
+    assert exact.sum() == 200
+    assert torch.equal(index.reshape(-1)[exact], fastvq.nearest_code(z64[exact], c64, metric="dot"))
+    # e8_nearest: dtype kept, distances as brute force on the (exactly widened) values.
+    x = (3 * torch.randn(300, 8, generator=g)).to(dtype)
+    y = e8_nearest(x.T.contiguous().T)
+    assert y.dtype == dtype and _in_e8(y.double()).all()
+    d = (y.double() - x.double()).square().sum(-1)
+    assert (d - _brute_nearest_distance(x.double()) <= 1e-4).all()
+
+
+def test_bad_inputs_more():
+    for fn, name in ((e8_nearest, "x"), (e8_shell_quantize, "z")):
+        with pytest.raises(ValueError, match=name):
+            fn(torch.tensor(1.0))
+        with pytest.raises(TypeError, match=name):
+            fn([0.0] * 8)
+        with pytest.raises(TypeError, match=name):
+            fn(torch.zeros(3, 8, dtype=torch.complex64))
+    assert e8_nearest(torch.zeros(0, 8)).shape == (0, 8)

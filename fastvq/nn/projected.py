@@ -1,0 +1,205 @@
+"""Quantizers over projected codebooks: SimVQ (a frozen random codebook through a learned map)
+and RandomProjectionQuantizer (BEST-RQ: a frozen random projection onto a frozen codebook).
+
+Both search with fastvq.nearest_code / fastvq.quantize, so no N x K distance matrix is built
+(the peer's SimVQ calls torch.cdist; its RandomProjectionQuantizer keeps all distances).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastvq.nn.scalar import check_index_tensor, check_input, check_int, from_channel_last
+from fastvq.ops._validate import check_floating
+from fastvq.ops.nearest_code import nearest_code
+from fastvq.ops.quantize import quantize
+
+# Rows of logits per chunk of the cross-entropy: chunk x K float32 stays <= 16 MiB.
+_CE_ELEMENTS = 1 << 22
+
+
+def _pack(x: torch.Tensor, channel_first: bool):
+    """(b, ..., d) or channel-first (b, d, ...) -> ((b, n, d), undo(y, features))."""
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions, got {tuple(x.shape)}")
+    if channel_first:
+        spatial = tuple(x.shape[2:])
+        x = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+        return x, lambda y, feat: from_channel_last(y, spatial, channel_first=feat)
+    lead = tuple(x.shape[1:-1])
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    return x3, lambda y, feat: y.reshape(y.shape[0], *lead, *y.shape[2:])
+
+
+class SimVQ(nn.Module):
+    """SimVQ (Zhu et al. 2024), vector-quantize-pytorch's SimVQ.
+
+    The codebook is implicit: code_transform(frozen_codebook), a frozen Gaussian codebook
+    (codebook_size, frozen_codebook_dim) * frozen_codebook_dim^-1/2 through a learned map
+    (default Linear(frozen_codebook_dim, dim, bias=False); pass any Module, e.g. a small MLP).
+    forward(x) -> (quantized, indices, loss). x: (b, ..., dim), or (b, dim, ...) with
+    channel_first; indices (b, ...) int64 (nearest code in l2, fastvq.quantize);
+    loss = commitment_weight * (mse(sg(x), q) + input_to_quantize_commit_loss_weight *
+    mse(x, sg(q))). The output carries the rotation trick (rotation_trick=True) or
+    straight-through gradient to x and no gradient to the codebook: the transform learns
+    through the loss only, as in the peer.
+
+    Differences from the peer: the search never builds the N x K distances; quantized is cast
+    to x's dtype (bf16 x with a float32 transform works; the peer's cdist raises); the
+    forward value is the code exactly (the peer's rotated value differs by rounding).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_transform: nn.Module | None = None,
+        init_fn=None,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        input_to_quantize_commit_loss_weight: float = 0.25,
+        commitment_weight: float = 1.0,
+        frozen_codebook_dim: int | None = None,
+    ):
+        super().__init__()
+        self.dim = check_int("dim", dim)
+        self.codebook_size = check_int("codebook_size", codebook_size)
+        frozen_dim = self.dim if frozen_codebook_dim is None else frozen_codebook_dim
+        frozen_dim = check_int("frozen_codebook_dim", frozen_dim)
+        codebook = torch.randn(self.codebook_size, frozen_dim) * frozen_dim**-0.5
+        if init_fn is not None:
+            codebook = init_fn(codebook)
+        self.register_buffer("frozen_codebook", codebook)
+        if codebook_transform is None:
+            codebook_transform = nn.Linear(frozen_dim, self.dim, bias=False)
+        self.code_transform = codebook_transform
+        self.channel_first = channel_first
+        self.rotation_trick = rotation_trick
+        self.input_to_quantize_commit_loss_weight = input_to_quantize_commit_loss_weight
+        self.commitment_weight = commitment_weight
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The implicit codebook (codebook_size, dim), differentiable in the transform."""
+        codes = self.code_transform(self.frozen_codebook)
+        if codes.shape != (self.codebook_size, self.dim):
+            raise ValueError(
+                f"codebook_transform must map (K, frozen_codebook_dim) to (K, {self.dim}), "
+                f"got {tuple(codes.shape)}"
+            )
+        return codes
+
+    def forward(self, x: torch.Tensor):
+        x, restore = _pack(x, self.channel_first)
+        check_input("x", x, self.dim)
+        codebook = self.codebook
+        grad = "rotation" if self.rotation_trick else "ste"
+        out, indices = quantize(x, codebook.detach(), grad=grad)
+        q = codebook[indices]
+        loss = F.mse_loss(x.detach().to(q.dtype), q) + self.input_to_quantize_commit_loss_weight * (
+            F.mse_loss(x.to(q.dtype), q.detach())
+        )
+        return (
+            restore(out.to(x.dtype), True),
+            restore(indices, False),
+            loss * self.commitment_weight,
+        )
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes (b, ..., dim) (channel-first (b, dim, ...) with channel_first) for (b, ...)."""
+        check_index_tensor("indices", indices)
+        codes = self.code_transform(self.frozen_codebook[indices])
+        return codes.movedim(-1, 1) if self.channel_first else codes
+
+    get_output_from_indices = indices_to_codes
+
+
+def _ce_chunk(u, codebook, target):
+    logits = u @ codebook.T
+    return F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+
+
+class RandomProjectionQuantizer(nn.Module):
+    """BEST-RQ's random-projection quantizer (Chiu et al. 2022), vector-quantize-pytorch's.
+
+    Nothing is trained: x -> LayerNorm without affine (norm=True) -> a frozen Xavier-normal
+    projection per codebook (num_codebooks, dim, codebook_dim) -> the nearest of codebook_size
+    frozen unit codes by cosine similarity (fastvq.nearest_code). forward(x) with x (b, n, dim)
+    returns indices (b, n) int64, or (b, n, num_codebooks) when num_codebooks > 1.
+    forward(x, indices) returns the cross-entropy of the cosine similarities against `indices`
+    (-1 ignored), as the peer, computed in row chunks (with recomputation in the backward) so
+    the N x K logits never exist at once.
+
+    The peer's extra keyword arguments (forwarded to its VectorQuantize) are not accepted: its
+    quantizer always runs in eval mode with a cosine codebook, which is all this class does.
+    Difference from the peer: with num_codebooks > 1 the peer's VectorQuantize adds an
+    untrained Linear(h * e, h * h * e) and codebooks of dimension h * e, so no head sees its own
+    projection alone; fastvq keeps one projection and one e-dimensional codebook per head
+    (BEST-RQ's multi-codebook form). num_codebooks = 1 matches the peer.
+    Buffers: rand_projs (num_codebooks, dim, codebook_dim), codebook (num_codebooks, K,
+    codebook_dim) with unit rows (the peer's vq._codebook.embed).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int,
+        num_codebooks: int = 1,
+        norm: bool = True,
+    ):
+        super().__init__()
+        self.dim = check_int("dim", dim)
+        self.codebook_size = check_int("codebook_size", codebook_size)
+        self.codebook_dim = check_int("codebook_dim", codebook_dim)
+        self.num_codebooks = check_int("num_codebooks", num_codebooks)
+        projs = torch.empty(self.num_codebooks, self.dim, self.codebook_dim)
+        nn.init.xavier_normal_(projs)
+        self.register_buffer("rand_projs", projs)
+        codes = torch.empty(self.num_codebooks, self.codebook_size, self.codebook_dim)
+        nn.init.kaiming_uniform_(codes)
+        self.register_buffer("codebook", F.normalize(codes, dim=-1))
+        self.norm = nn.LayerNorm(self.dim, elementwise_affine=False) if norm else nn.Identity()
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("x", x, self.dim, min_ndim=3)
+        x = self.norm(x)
+        return torch.einsum("bnd,hde->bnhe", x, self.rand_projs.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None):
+        z = self._project(x)
+        if indices is not None:
+            return self._cross_entropy(z, indices)
+        out = torch.stack(
+            [
+                nearest_code(z[:, :, h], self.codebook[h], metric="cosine")
+                for h in range(self.num_codebooks)
+            ],
+            dim=-1,
+        )
+        return out if self.num_codebooks > 1 else out.squeeze(-1)
+
+    def _cross_entropy(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        check_index_tensor("indices", indices)
+        expect = z.shape[:2] if self.num_codebooks == 1 else z.shape[:3]
+        if indices.shape != expect:
+            raise ValueError(f"indices must have shape {tuple(expect)}, got {tuple(indices.shape)}")
+        target = indices.reshape(*z.shape[:2], -1).long()
+        u = F.normalize(z, dim=-1)
+        rows = max(1, _CE_ELEMENTS // self.codebook_size)
+        total = z.new_zeros((), dtype=torch.float32)
+        for h in range(self.num_codebooks):
+            uh, th = u[:, :, h].reshape(-1, self.codebook_dim), target[..., h].reshape(-1)
+            cb = self.codebook[h].to(u.dtype)
+            for s in range(0, uh.shape[0], rows):
+                args = (uh[s : s + rows], cb, th[s : s + rows])
+                if torch.is_grad_enabled() and uh.requires_grad:
+                    part = checkpoint(_ce_chunk, *args, use_reentrant=False)
+                else:
+                    part = _ce_chunk(*args)
+                total = total + part.float()
+        count = (target != -1).sum().clamp(min=1)
+        return total / count

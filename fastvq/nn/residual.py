@@ -1,0 +1,717 @@
+"""Residual quantizers: ResidualVQ, ResidualFSQ, ResidualLFQ and their grouped forms, drop-ins for
+vector-quantize-pytorch 1.32.0's classes of the same names (same constructor arguments, forward
+arguments and return tuples).
+
+One mechanism (_Residual) serves all three: project in, then Q layers each quantize what the
+previous ones left (residual = residual - sg(q_l)), the outputs add up, project out. Quantize
+dropout (SoundStream / Encodec): in training a random layer r in [cutoff, Q) (rounded up to a
+multiple) ends the chain; later layers give index -1 and loss 0. The random index comes from a
+seed drawn with torch's generator and summed over ranks, as the peer does, so every rank of a
+DDP job drops the same layers. Subclasses only say how one layer quantizes and how indices map
+back to codes. _Grouped splits the feature axis into groups, one residual stack each.
+
+torch.compile: the stacks compile with fullgraph=True (training included); with quantize dropout
+the dropout draw is a graph break (host RNG), and the graph specializes on the layer it picks.
+
+Returns: ResidualVQ / ResidualLFQ -> (quantized, indices (..., Q) int64, losses (Q,) float32
+[, all_codes (Q, ..., codebook_dim)]); ResidualFSQ -> (quantized, indices[, all_codes]);
+grouped forms stack indices (G, ..., Q), losses (G, Q) and codes (G, Q, ...).
+
+Deliberate differences from the peer (tested as fastvq's behaviour):
+- shared_codebook: every layer searches the same codebook, and the step ends with ONE EMA update
+  (and one dead-code check) over all layers' residuals together. The peer decays the shared
+  statistics once per layer (decay^Q per step, later layers weighted more) and also checks
+  dead codes after every layer.
+- accept_image_fmap / accept_3d_fmap / channel_last=False work (with projections too): the
+  layout is converted once around the stack, indices are (b, *spatial, Q). The peer's
+  ResidualVQ raises a shape error for these layouts, and its ResidualFSQ with is_channel_first
+  returns indices (b, Q, *spatial); fastvq's are (b, *spatial, Q) everywhere, the layout
+  get_codes_from_indices takes.
+- The residual chain runs in float32 (under bf16 autocast too); quantized is cast back to the
+  projection's output dtype.
+- get_codes_from_indices accepts fewer than Q trailing indices (coarse codes) without
+  quantize_dropout, and returns codes in x's layout channel-last (Q, b, *spatial, d);
+  get_output_from_indices returns what forward returns (x's layout).
+- ResidualLFQ.get_codes_from_indices with spherical=True returns the normalized codes the
+  forward uses (the peer reads its layers' unnormalized `codebook` buffers there).
+- Not supported (ValueError): heads > 1 (the peer asserts too), implicit_neural_codebook, beam
+  search, diveq, forward's indices (cross-entropy to given codes), num_codebooks > 1 inside a
+  residual FSQ / LFQ layer.
+"""
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, check_int, from_channel_last
+from fastvq.nn.vector_quantize import VectorQuantize, _is_distributed
+from fastvq.ops._validate import check_floating
+from fastvq.ops.nearest_code import nearest_code
+
+_UNSUPPORTED_RVQ = {
+    "implicit_neural_codebook": False,
+    "mlp_kwargs": None,
+    "beam_size": None,
+    "eval_beam_size": None,
+    "beam_score_quantizer_weights": None,
+    "diveq": False,
+}
+
+
+@torch.compiler.disable
+def sync_seed(device, high: int = 10_000) -> int:
+    """The peer's get_maybe_sync_seed: a random int from torch's generator, summed over ranks so
+    that every rank draws the same dropout layer."""
+    seed = torch.randint(0, high, (), device=device)
+    if _is_distributed():
+        torch.distributed.all_reduce(seed)
+    return int(seed.item())
+
+
+def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
+    if frac <= 0:
+        return t.detach()
+    return frac * t + (1.0 - frac) * t.detach()
+
+
+class _Residual(nn.Module):
+    """Shared residual stack. Subclasses build self.layers and define _layer (one layer's
+    quantization of (b, n, d) float32 rows) and _layer_codes ((m,) indices -> (m, d) codes)."""
+
+    returns_loss = True
+    dropout_needs_grad = False  # the peer's FSQ / LFQ stacks drop layers only with grad enabled
+
+    def _setup(
+        self,
+        dim: int,
+        codebook_dim: int,
+        num_quantizers: int,
+        quantize_dropout: bool,
+        cutoff: int,
+        multiple_of: int,
+        channel_first,
+        bias: bool = True,
+    ) -> None:
+        self.dim, self.codebook_dim = dim, codebook_dim
+        self.num_quantizers = num_quantizers
+        self.has_projections = dim != codebook_dim
+        proj = self.has_projections
+        self.project_in = nn.Linear(dim, codebook_dim, bias=bias) if proj else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim, bias=bias) if proj else nn.Identity()
+        self.quantize_dropout = bool(quantize_dropout) and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = check_int("quantize_dropout_cutoff_index", cutoff, 0)
+        if self.quantize_dropout and cutoff >= num_quantizers:
+            raise ValueError(
+                f"quantize_dropout_cutoff_index must be < num_quantizers = {num_quantizers}, "
+                f"got {cutoff}"
+            )
+        self.quantize_dropout_multiple_of = check_int("quantize_dropout_multiple_of", multiple_of)
+        # True: (b, d, *spatial); False: (b, ..., d); None: channel-first when x.ndim >= 4.
+        self.channel_first = channel_first
+
+    # --- layout ----------------------------------------------------------------------------------
+
+    def _check_layout(self, x: torch.Tensor) -> bool:
+        """ValueError for a wrong rank or feature size; returns whether x is channel-first."""
+        first = x.dim() >= 4 if self.channel_first is None else self.channel_first
+        if x.dim() < (3 if first else 2):
+            layout = "(b, dim, ...)" if first else "(b, ..., dim)"
+            raise ValueError(f"x must be {layout} with dim = {self.dim}, got {tuple(x.shape)}")
+        if x.shape[1 if first else -1] != self.dim:
+            axis = "1 (channel-first)" if first else "-1"
+            raise ValueError(
+                f"x's feature dimension (axis {axis}) must be dim = {self.dim}, got "
+                f"{tuple(x.shape)}"
+            )
+        return first
+
+    def _to_seq(self, x: torch.Tensor):
+        """x -> (b, n, dim) and restore(y (b, n, ...), features) to x's layout."""
+        check_floating("x", x)
+        if self._check_layout(x):
+            spatial = tuple(x.shape[2:])
+            seq = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+            return seq, lambda y, feat: from_channel_last(y, spatial, channel_first=feat)
+        lead = tuple(x.shape[1:-1])
+        seq = x.reshape(x.shape[0], -1, x.shape[-1])
+        return seq, lambda y, feat: y.reshape(y.shape[0], *lead, *y.shape[2:])
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def _dropout_active(self) -> bool:
+        grad_ok = torch.is_grad_enabled() or not self.dropout_needs_grad
+        return bool(self.training and self.quantize_dropout and grad_ok)
+
+    @torch.compiler.disable
+    def _dropout_index(self, device, seed) -> int:
+        """The last layer that runs this step. Host RNG (and an all-reduce under DDP): eager, a
+        graph break under torch.compile, which specializes on the index it returns."""
+        seed = sync_seed(device) if seed is None else seed
+        index = random.Random(seed).randrange(
+            self.quantize_dropout_cutoff_index, self.num_quantizers
+        )
+        m = self.quantize_dropout_multiple_of
+        if m != 1:
+            index = math.ceil((index + 1) / m) * m - 1
+        return index
+
+    def _prepare(self, z: torch.Tensor) -> torch.Tensor:
+        """Hook on the projected rows before the first layer (ResidualFSQ's soft clamp)."""
+        return z
+
+    def _run(self, x, mask, seed, return_all_codes, quant_grad_frac=0.0, **layer_kwargs):
+        seq, restore = self._to_seq(x)
+        b, n = seq.shape[:2]
+        if mask is not None and mask.shape != (b, n):
+            raise ValueError(
+                f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
+            )
+        z = self.project_in(seq)
+        out_dtype = z.dtype
+        last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
+        with torch.autocast(seq.device.type, enabled=False):
+            residual = self._prepare(z.float())
+            out = torch.zeros_like(residual)
+            indices, losses = [], []
+            for q_index in range(self.num_quantizers):
+                if last is not None and q_index > last:
+                    indices.append(torch.full((b, n), -1, dtype=torch.long, device=seq.device))
+                    losses.append(residual.new_zeros(()))
+                    continue
+                q, idx, loss = self._layer(q_index, residual, mask, **layer_kwargs)
+                q = q.float()
+                residual = residual - _frac_gradient(q, quant_grad_frac)
+                out = out + q
+                indices.append(idx.long())
+                losses.append(loss.float())
+        quantized = self.project_out(out.to(out_dtype))
+        quantized = self._finish(quantized, seq, mask)
+        indices = torch.stack(indices, dim=-1)
+        ret = [restore(quantized, True), restore(indices, False)]
+        if self.returns_loss:
+            ret.append(torch.stack(losses))
+        if return_all_codes:
+            codes = self._codes_seq(indices)  # (Q, b, n, d)
+            ret.append(torch.stack([restore(c, False) for c in codes]))
+        return tuple(ret)
+
+    def _finish(self, quantized, seq, mask):
+        return quantized
+
+    # --- indices -> codes ----------------------------------------------------------------------
+
+    def _codes_seq(self, indices: torch.Tensor) -> torch.Tensor:
+        """(b, m, q) indices, q <= Q, -1 for dropped -> (Q, b, m, codebook_dim) float32 codes."""
+        check_index_tensor("indices", indices)
+        q = indices.shape[-1]
+        if q > self.num_quantizers:
+            raise ValueError(
+                f"indices' last dimension must be at most num_quantizers = "
+                f"{self.num_quantizers}, got shape {tuple(indices.shape)}"
+            )
+        indices = F.pad(indices.long(), (0, self.num_quantizers - q), value=-1)
+        codes = []
+        for layer_index in range(self.num_quantizers):
+            idx = indices[..., layer_index]
+            valid = idx >= 0
+            c = self._layer_codes(layer_index, idx.clamp(min=0).reshape(-1)).float()
+            c = c.reshape(*idx.shape, -1) * valid[..., None]
+            codes.append(c)
+        return torch.stack(codes)
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (b, *spatial, q) as forward returns them (q <= num_quantizers; -1 or missing
+        trailing layers give zero codes) -> (Q, b, *spatial, codebook_dim) float32."""
+        check_index_tensor("indices", indices)
+        if indices.dim() < 2:
+            raise ValueError(f"indices must be (b, ..., q), got shape {tuple(indices.shape)}")
+        flat = indices.reshape(indices.shape[0], -1, indices.shape[-1])
+        codes = self._codes_seq(flat)
+        return codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1])
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """project_out(sum of the layers' codes), in the layout forward returns quantized."""
+        codes = self.get_codes_from_indices(indices).sum(0)
+        p = next(iter(self.project_out.parameters()), None)
+        out = self.project_out(codes if p is None else codes.to(p.dtype))
+        first = indices.dim() >= 4 if self.channel_first is None else self.channel_first
+        return out.movedim(-1, 1) if first and out.dim() >= 3 else out
+
+
+class ResidualVQ(_Residual):
+    """Residual VQ (SoundStream, Algorithm 1) over fastvq.nn.VectorQuantize layers.
+
+    ResidualVQ(*, dim, num_quantizers, codebook_size (int or one per layer), codebook_dim=None,
+    shared_codebook=False, heads=1, quantize_dropout=False, quantize_dropout_cutoff_index=0,
+    quantize_dropout_multiple_of=1, accept_image_fmap=False, quant_grad_frac=0.,
+    return_zeros_for_masked_padding=True, **vq_kwargs) with vq_kwargs any VectorQuantize
+    argument (decay, commitment_weight, kmeans_init, threshold_ema_dead_code, use_cosine_sim,
+    rotation_trick, sync_codebook, channel_last, accept_3d_fmap, ...).
+
+    forward(x, mask=None, return_all_codes=False, sample_codebook_temp=None,
+    freeze_codebook=False, rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
+    indices (b, *spatial, Q) int64 (-1: dropped layer or masked padding), losses (Q,) float32
+    [, all_codes (Q, b, *spatial, codebook_dim)]). x: (b, n, dim), (b, dim) or, channel-first,
+    (b, dim, n) / (b, dim, h, w) / (b, dim, t, h, w) with channel_last=False /
+    accept_image_fmap / accept_3d_fmap. mask: (b, n) bool, True at valid positions.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int | None = None,
+        codebook_size,
+        codebook_dim: int | None = None,
+        shared_codebook: bool = False,
+        heads: int = 1,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        accept_image_fmap: bool = False,
+        quant_grad_frac: float = 0.0,
+        return_zeros_for_masked_padding: bool = True,
+        **vq_kwargs,
+    ):
+        super().__init__()
+        for name, default in _UNSUPPORTED_RVQ.items():
+            if name in vq_kwargs and vq_kwargs.pop(name) not in (default, {}, [], ()):
+                raise ValueError(f"{name} is not supported by fastvq.nn.ResidualVQ")
+        if heads != 1:
+            raise ValueError(f"ResidualVQ supports heads=1 only (as the peer), got heads={heads}")
+        for name in ("codebook_size", "codebook_dim", "dim", "separate_codebook_per_head"):
+            if name in vq_kwargs:
+                raise TypeError(f"ResidualVQ got {name!r} twice")
+        dim = check_int("dim", dim)
+        sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
+        if num_quantizers is None:
+            if sizes is None:
+                raise ValueError("ResidualVQ needs num_quantizers or a tuple of codebook_size")
+            num_quantizers = len(sizes)
+        num_quantizers = check_int("num_quantizers", num_quantizers)
+        sizes = sizes or (codebook_size,) * num_quantizers
+        if len(sizes) != num_quantizers:
+            raise ValueError(
+                f"codebook_size has {len(sizes)} entries for num_quantizers = {num_quantizers}"
+            )
+        sizes = tuple(check_int("codebook_size", k) for k in sizes)
+        codebook_dim = dim if codebook_dim is None else check_int("codebook_dim", codebook_dim)
+        accept_3d = vq_kwargs.pop("accept_3d_fmap", False)
+        channel_last = vq_kwargs.pop("channel_last", True)
+        if accept_image_fmap and accept_3d:
+            raise ValueError("accept_image_fmap and accept_3d_fmap are mutually exclusive")
+        self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d
+        self._fmap_ndim = 4 if accept_image_fmap else 5 if accept_3d else None
+        channel_first = bool(accept_image_fmap or accept_3d or not channel_last)
+        self._setup(
+            dim,
+            codebook_dim,
+            num_quantizers,
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            channel_first,
+        )
+        self.quant_grad_frac = float(quant_grad_frac)
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.codebook_sizes = sizes
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.shared_codebook = bool(shared_codebook)
+        if self.shared_codebook and not self.uniform_codebook_size:
+            raise ValueError("shared_codebook needs the same codebook_size for every layer")
+
+        def make(k):
+            return VectorQuantize(
+                dim=codebook_dim,
+                codebook_size=k,
+                codebook_dim=codebook_dim,
+                return_zeros_for_masked_padding=return_zeros_for_masked_padding,
+                **vq_kwargs,
+            )
+
+        if self.shared_codebook:
+            # One layer under every index: state dict keys layers.{i}.* as the peer's (which
+            # shares its _codebook module between the layers).
+            shared = make(sizes[0])
+            self.layers = nn.ModuleList([shared] * num_quantizers)
+        else:
+            self.layers = nn.ModuleList([make(k) for k in sizes])
+
+    def _check_layout(self, x):
+        if self._fmap_ndim is not None and x.dim() != self._fmap_ndim:
+            layout = "(b, dim, h, w)" if self._fmap_ndim == 4 else "(b, dim, t, h, w)"
+            raise ValueError(f"x must have shape {layout} with dim = {self.dim}, got {x.shape}")
+        if self._fmap_ndim is None and x.dim() not in (2, 3):
+            raise ValueError(
+                f"x must be (b, n, dim), (b, dim, n) or (b, dim) (or a feature map with "
+                f"accept_image_fmap / accept_3d_fmap), got shape {tuple(x.shape)}"
+            )
+        return super()._check_layout(x)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook_sizes[0]
+
+    @property
+    def codebooks(self):
+        """(Q, K, codebook_dim) (a tuple when the sizes differ)."""
+        books = tuple(layer.codebook.detach() for layer in self.layers)
+        return torch.stack(books) if self.uniform_codebook_size else books
+
+    def init_from(
+        self,
+        encoder_outputs: torch.Tensor,
+        iters: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """k-means initialization from encoder outputs (..., dim), layer by layer: layer l
+        clusters (VectorQuantize.init_from) what the layers before it leave of the projected
+        outputs. A shared codebook is initialized once, from the first layer's input."""
+        check_floating("encoder_outputs", encoder_outputs)
+        if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
+            raise ValueError(
+                f"encoder_outputs must have shape (..., {self.dim}), got "
+                f"{tuple(encoder_outputs.shape)}"
+            )
+        with torch.no_grad():
+            residual = self.project_in(encoder_outputs.reshape(-1, self.dim)).float()
+            layers = self.layers[:1] if self.shared_codebook else self.layers
+            for layer in layers:
+                layer.init_from(residual, iters, generator)
+                codebook = layer.codebook.detach()
+                idx = nearest_code(residual, codebook, metric=layer.metric, backend=layer.backend)
+                residual = residual - codebook[idx]
+
+    def _layer(self, i, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
+        return self.layers[i](
+            residual,
+            mask=mask,
+            sample_codebook_temp=sample_codebook_temp,
+            freeze_codebook=freeze_codebook,
+        )
+
+    def _layer_codes(self, i, idx):
+        return self.layers[i].get_codes_from_indices(idx)
+
+    def _finish(self, quantized, seq, mask):
+        if mask is None:
+            return quantized
+        fill = torch.zeros_like(quantized) if self.return_zeros_for_masked_padding else seq
+        return torch.where(mask[..., None], quantized, fill.to(quantized.dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        indices=None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool = False,
+        beam_size: int | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        check_floating("x", x)
+        if indices is not None:
+            raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
+        if beam_size is not None and beam_size > 1:
+            raise ValueError("beam search is not supported by fastvq.nn.ResidualVQ")
+        if x.dim() == 2:  # one token per row, as the peer's VectorQuantize
+            if mask is not None:
+                raise ValueError("mask needs a sequence (b, n, dim), got one token (b, dim)")
+            out = self.forward(
+                x[:, None], None, None, return_all_codes, sample_codebook_temp,
+                freeze_codebook, None, rand_quantize_dropout_fixed_seed,
+            )  # fmt: skip
+            squeeze = [out[0][:, 0], out[1][:, 0], out[2]]
+            if return_all_codes:
+                squeeze.append(out[3][:, :, 0])
+            return tuple(squeeze)
+        if mask is not None and mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+        if self._fmap_ndim is not None and mask is not None:
+            raise ValueError("mask is not supported with image or 3d feature maps")
+        kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
+        seed = rand_quantize_dropout_fixed_seed
+        if self.shared_codebook and self.training:
+            with self.layers[0]._deferred_update():
+                return self._run(x, mask, seed, return_all_codes, self.quant_grad_frac, **kwargs)
+        return self._run(x, mask, seed, return_all_codes, self.quant_grad_frac, **kwargs)
+
+
+class ResidualFSQ(_Residual):
+    """Residual FSQ (vector-quantize-pytorch's ResidualFSQ): layer l quantizes residual / s_l with
+    a symmetric FSQ (preserve_symmetry=True) and scales back, s_l = levels^-l per dimension; the
+    input is first soft-clamped to +-(1 + 1/(L-1)) (with the default bound_hard_clamp=True).
+
+    ResidualFSQ(*, levels, num_quantizers, dim=None, is_channel_first=False,
+    quantize_dropout=False, quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1,
+    soft_clamp_input_value=None, bound_hard_clamp=True, **fsq_kwargs).
+    forward(x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None) -> (quantized,
+    indices (b, *spatial, Q) int64[, all_codes]).
+    """
+
+    returns_loss = False
+    dropout_needs_grad = True
+
+    def __init__(
+        self,
+        *,
+        levels,
+        num_quantizers: int,
+        dim: int | None = None,
+        is_channel_first: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value=None,
+        bound_hard_clamp: bool = True,
+        **fsq_kwargs,
+    ):
+        super().__init__()
+        if fsq_kwargs.get("num_codebooks", 1) != 1:
+            raise ValueError("ResidualFSQ supports num_codebooks=1 per layer only")
+        levels = list(levels)
+        codebook_dim = len(levels)
+        dim = codebook_dim if dim is None else check_int("dim", dim)
+        num_quantizers = check_int("num_quantizers", num_quantizers)
+        self._setup(
+            dim,
+            codebook_dim,
+            num_quantizers,
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            bool(is_channel_first),
+        )
+        self.levels = levels
+        self.layers = nn.ModuleList(
+            FSQ(
+                levels=levels,
+                dim=codebook_dim,
+                preserve_symmetry=True,
+                bound_hard_clamp=bound_hard_clamp,
+                **fsq_kwargs,
+            )
+            for _ in range(num_quantizers)
+        )
+        self.codebook_size = self.layers[0].codebook_size
+        lv = torch.tensor(levels, dtype=torch.float32)
+        if bool((lv < 2).any()):
+            raise ValueError(f"levels must all be >= 2, got {levels}")
+        self.register_buffer(
+            "scales", torch.stack([lv**-i for i in range(num_quantizers)]), persistent=False
+        )
+        if bound_hard_clamp:
+            if soft_clamp_input_value is not None:
+                raise ValueError("soft_clamp_input_value is set by bound_hard_clamp=True")
+            soft_clamp_input_value = 1 + 1 / (lv - 1)
+        if soft_clamp_input_value is not None:
+            soft_clamp_input_value = torch.as_tensor(soft_clamp_input_value, dtype=torch.float32)
+        self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
+
+    def _prepare(self, z):
+        c = self.soft_clamp_input_value
+        return z if c is None else (z / c).tanh() * c
+
+    def _layer(self, i, residual, mask):
+        scale = self.scales[i]
+        q, idx = self.layers[i](residual / scale)
+        return q * scale, idx, residual.new_zeros(())
+
+    def _layer_codes(self, i, idx):
+        return self.layers[i]._codes(idx, torch.float32) * self.scales[i]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        return self._run(x, None, rand_quantize_dropout_fixed_seed, return_all_codes)
+
+
+class ResidualLFQ(_Residual):
+    """Residual LFQ (vector-quantize-pytorch's ResidualLFQ): layer l is an LFQ with codebook_scale
+    2^-l (soft_clamp_input_value halves per layer); losses are the layers' aux losses (entropy
+    and commitment), shape (Q,).
+
+    ResidualLFQ(*, dim, num_quantizers, codebook_size, quantize_dropout=False,
+    quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, soft_clamp_input_value=None,
+    channel_first=None, **lfq_kwargs) (spherical=True gives residual BSQ).
+    forward(x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None)
+    -> (quantized, indices (b, *spatial, Q) int64, losses (Q,)[, all_codes]).
+    """
+
+    dropout_needs_grad = True
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | None = None,
+        channel_first: bool | None = None,
+        **lfq_kwargs,
+    ):
+        super().__init__()
+        if lfq_kwargs.get("num_codebooks", 1) != 1:
+            raise ValueError("ResidualLFQ supports num_codebooks=1 per layer only")
+        codebook_size = check_int("codebook_size", codebook_size, 2)
+        if codebook_size & (codebook_size - 1):
+            raise ValueError(f"codebook_size must be a power of 2, got {codebook_size}")
+        codebook_dim = codebook_size.bit_length() - 1
+        num_quantizers = check_int("num_quantizers", num_quantizers)
+        self._setup(
+            check_int("dim", dim),
+            codebook_dim,
+            num_quantizers,
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            channel_first,
+        )
+        self.codebook_size = codebook_size
+        layers = []
+        for i in range(num_quantizers):
+            layers.append(
+                LFQ(
+                    dim=codebook_dim,
+                    codebook_size=codebook_size,
+                    codebook_scale=2.0**-i,
+                    soft_clamp_input_value=soft_clamp_input_value,
+                    **lfq_kwargs,
+                )
+            )
+            if soft_clamp_input_value is not None:
+                soft_clamp_input_value *= 0.5
+        self.layers = nn.ModuleList(layers)
+
+    def _layer(self, i, residual, mask):
+        return tuple(self.layers[i](residual, mask=mask))
+
+    def _layer_codes(self, i, idx):
+        return self.layers[i]._codes(idx[..., None]).flatten(-2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        return self._run(x, mask, rand_quantize_dropout_fixed_seed, return_all_codes)
+
+
+class _Grouped(nn.Module):
+    """dim split into `groups` equal chunks, each quantized by its own residual stack; all
+    groups share one dropout seed per step (the peer's convention)."""
+
+    residual_cls: type
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        super().__init__()
+        self.dim = check_int("dim", dim)
+        self.groups = check_int("groups", groups)
+        if dim % groups:
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.accept_image_fmap = accept_image_fmap
+        if accept_image_fmap:
+            kwargs["accept_image_fmap"] = True
+        self.rvqs = nn.ModuleList(
+            self.residual_cls(dim=dim // groups, **kwargs) for _ in range(groups)
+        )
+        self.codebook_size = self.rvqs[0].codebook_size
+
+    def _split_dim(self, x) -> int:
+        first = self.rvqs[0].channel_first
+        first = x.dim() >= 4 if first is None else first
+        return 1 if first else -1
+
+    @property
+    def codebooks(self):
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    def get_codes_from_indices(self, indices) -> torch.Tensor:
+        """indices (G, b, ..., q) -> (G, Q, b, ..., codebook_dim)."""
+        self._check_groups(indices)
+        return torch.stack(
+            [r.get_codes_from_indices(i) for r, i in zip(self.rvqs, indices, strict=True)]
+        )
+
+    def get_output_from_indices(self, indices) -> torch.Tensor:
+        self._check_groups(indices)
+        outs = [r.get_output_from_indices(i) for r, i in zip(self.rvqs, indices, strict=True)]
+        first = self.rvqs[0].channel_first
+        first = outs[0].dim() >= 4 if first is None else first
+        return torch.cat(outs, dim=1 if first else -1)
+
+    def _check_groups(self, indices):
+        check_index_tensor("indices", indices)
+        if len(indices) != self.groups:
+            raise ValueError(
+                f"indices must have a leading groups axis of {self.groups}, got "
+                f"{tuple(indices.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor, indices=None, return_all_codes: bool = False, **kwargs):
+        check_floating("x", x)
+        if indices is not None:
+            raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
+        axis = self._split_dim(x)
+        if x.dim() < 2 or x.shape[axis] != self.dim:
+            raise ValueError(
+                f"x's feature axis ({axis}) must have dim = {self.dim}, got {tuple(x.shape)}"
+            )
+        # The peer draws a seed in every training step; only a stack with dropout needs one (a
+        # host sync, so a graph break under torch.compile).
+        dropout = self.training and self.rvqs[0].quantize_dropout
+        seed = sync_seed(x.device) if dropout else None
+        outs = [
+            rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed,
+                **kwargs)
+            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=axis), strict=True)
+        ]  # fmt: skip
+        parts = list(zip(*outs, strict=True))
+        return (torch.cat(parts[0], dim=axis), *(torch.stack(p) for p in parts[1:]))
+
+
+class GroupedResidualVQ(_Grouped):
+    """vector-quantize-pytorch's GroupedResidualVQ: GroupedResidualVQ(*, dim, groups=1,
+    accept_image_fmap=False, **ResidualVQ kwargs); forward(x, indices=None,
+    return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False, mask=None) ->
+    (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes (G, Q, b, ..., d)])."""
+
+    residual_cls = ResidualVQ
+
+
+class GroupedResidualFSQ(_Grouped):
+    """GroupedResidualFSQ(*, dim, groups=1, **ResidualFSQ kwargs) -> (quantized, indices
+    (G, b, ..., Q)[, all_codes])."""
+
+    residual_cls = ResidualFSQ
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        if accept_image_fmap:
+            kwargs["is_channel_first"] = True
+        super().__init__(dim=dim, groups=groups, **kwargs)
+        self.accept_image_fmap = accept_image_fmap
+
+
+class GroupedResidualLFQ(_Grouped):
+    """GroupedResidualLFQ(*, dim, groups=1, **ResidualLFQ kwargs) -> (quantized, indices
+    (G, b, ..., Q), losses (G, Q)[, all_codes])."""
+
+    residual_cls = ResidualLFQ
+
+    def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
+        if accept_image_fmap:
+            kwargs["channel_first"] = True
+        super().__init__(dim=dim, groups=groups, **kwargs)
+        self.accept_image_fmap = accept_image_fmap

@@ -1,0 +1,886 @@
+"""VectorQuantize: a drop-in for vector-quantize-pytorch's VectorQuantize on fastvq's ops, plus the
+HouseholderVQ and HyperCodebook presets from the seed papers.
+
+Every hot step is a fastvq op: search + gather + gradient estimator (fastvq.quantize), EMA
+statistics (fastvq.ema_update_ + fastvq.ema_codebook), dead codes (fastvq.reset_dead_codes_) and
+k-means initialisation (fastvq.kmeans). Memory is O(N D + K D) per step: no N x K distance or
+one-hot matrix is built (the peer builds two), the stochastic sampler works on row chunks and the
+orthogonal regulariser on a D x D Gram matrix.
+
+Supported vector-quantize-pytorch 1.32.0 options (same names, defaults and return convention
+(quantized, indices, loss)): dim, codebook_size, codebook_dim, heads, separate_codebook_per_head,
+decay, eps, freeze_codebook, kmeans_init, kmeans_iters, sync_kmeans, use_cosine_sim,
+layernorm_after_project_in, threshold_ema_dead_code, channel_last, accept_image_fmap,
+accept_3d_fmap, commitment_weight, orthogonal_reg_weight, orthogonal_reg_active_codes_only,
+orthogonal_reg_max_codes, stochastic_sample_codes, sample_codebook_temp, rotation_trick,
+sync_codebook, ema_update, learnable_codebook, return_zeros_for_masked_padding,
+route_gradients_to_input; forward(x, mask=, lens=, sample_codebook_temp=, freeze_codebook=,
+return_loss_breakdown=, ema_update=). Peer state dicts (keys "_codebook.embed", ...) load as is.
+
+Not supported (ValueError when given a non-default value): commitment_use_cross_entropy_loss,
+codebook_diversity_loss_weight, straight_through, directional_reparam, vq_bridge,
+manual_ema_update, in_place_codebook_optimizer, affine_param, sync_update_v, and forward's
+indices (cross-entropy to given codes), topk, codebook_transform_fn, ema_update_weight,
+accum_ema_update.
+
+Deliberate differences from the peer (each tested as fastvq's behaviour):
+- eval() freezes the codebook completely: no EMA, no dead-code reset and no k-means init (the
+  peer runs its k-means init in eval mode too). Quantized outputs in eval mode still carry the
+  estimator's gradient to x (the peer's are detached from x there); the loss is 0 as the peer's.
+- k-means init uses fastvq.kmeans (k-means++ seeding, empty clusters re-seeded from far rows)
+  instead of the peer's random-row seeding; the codebook equals the centroids exactly and its
+  statistics are set consistently (cluster_size = counts, embed_avg = centroid * smoothed count),
+  so no code collapses to 0 as the peer's empty clusters do. Fewer rows than codes: the rows are
+  repeated to seed k-means, with a warning (as the peer warns).
+- Dead-code reset: embed_avg of a reset code is new_code * smoothed(threshold), so that the next
+  EMA-free read of the codebook returns the new code (the peer stores new_code * threshold), and
+  when more codes are dead than there are rows every dead code is replaced, rows repeating (the
+  peer defers the surplus to later steps).
+- With a mask, the commitment loss compares the quantized vectors with the projected (and, for
+  cosine, normalized) inputs, as without a mask; the peer compares with the raw input there (a
+  shape error or a wrong target with codebook_dim, heads or use_cosine_sim). A mask with no valid
+  row gives a zero loss (the peer's is NaN).
+- lens= makes a mask over the sequence axis of every layout (the peer uses x.shape[1], the feature
+  axis for channel_last=False).
+- get_codes_from_indices returns (..., heads * codebook_dim) for shared-codebook heads too, maps
+  index -1 (masked padding) to a zero code, and get_output_from_indices applies project_out before
+  moving channels first (the peer applies the Linear to the channel-first tensor).
+- The orthogonal regulariser of the active codes only counts unmasked rows' codes.
+- learnable_codebook=True defaults ema_update to False (the peer asks for ema_update=False).
+- Buffers: keep the module in float32 and use autocast for bf16: the EMA statistics are float32
+  accumulators (distances and EMA are always computed in float32).
+
+torch.compile: forward compiles with fullgraph=True in eval and in training, the EMA update
+included (fastvq.ema_update_ / ema_codebook are custom ops; a buffer codebook is replaced by the
+updated tensor, never written in place under the estimator's saved codes). Deliberate graph
+breaks, eager by design: the k-means init (data-dependent, first training step), dead-code
+replacement (threshold_ema_dead_code > 0), torch.unique of orthogonal_reg_active_codes_only,
+and the update of a Parameter codebook (orthogonal_reg_weight > 0: written through .data, which
+a compiled graph would drop).
+"""
+
+import contextlib
+import warnings
+from collections import namedtuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvq
+from fastvq.ops._backends import check_backend, pick_backend
+from fastvq.ops._validate import check_choice, check_floating, check_tensor
+from fastvq.ops.codebook import _check_int, _check_real, _sample_rows, _smoothed
+from fastvq.ops.quantize import _quantize_fwd
+
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+)
+
+GRADS = ("ste", "rotation", "householder")
+# Peer options fastvq does not implement, with the peer's defaults: accepted only at the default.
+_UNSUPPORTED = {
+    "commitment_use_cross_entropy_loss": False,
+    "codebook_diversity_loss_weight": 0.0,
+    "codebook_diversity_temperature": 100.0,
+    "straight_through": False,
+    "directional_reparam": False,
+    "directional_reparam_variance": 5e-3,
+    "sync_affine_param": False,
+    "vq_bridge": None,
+    "manual_ema_update": False,
+    "in_place_codebook_optimizer": None,
+    "manual_in_place_optimizer_update": False,
+    "affine_param": False,
+    "affine_param_batch_decay": 0.99,
+    "affine_param_codebook_decay": 0.9,
+    "sync_update_v": 0.0,
+}
+# Rows per chunk of the stochastic sampler's (rows, K) logits: 2^20 floats (4 MiB) whatever N.
+_SAMPLE_CHUNK_ELEMENTS = 1 << 20
+# The peer's l2norm epsilon (F.normalize eps=1e-6) for inputs and codes under use_cosine_sim.
+_NORM_EPS = 1e-6
+
+
+def _l2norm(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=-1, eps=_NORM_EPS)
+
+
+def _is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CodebookMLP(nn.Module):
+    """Hyper-net codebook of meta-quantization (Qin & Zhang, "Learning to Quantize for Training
+    Vector-Quantized Networks"): codebook = MLP(E), E a learned (K, embed_dim) embedding with a
+    standard Gaussian init, MLP = Linear(embed_dim, hidden_dim) -> Tanh -> Linear(hidden_dim,
+    codebook_dim) with PyTorch's default init; the paper's setting is 32 -> 256 -> 32.
+
+    forward() -> (K, codebook_dim) float32 codebook, differentiable in the embedding and the MLP.
+    """
+
+    def __init__(
+        self, codebook_size: int, codebook_dim: int = 32, embed_dim: int = 32, hidden_dim: int = 256
+    ):
+        super().__init__()
+        k = _check_int("codebook_size", codebook_size, 1)
+        d = _check_int("codebook_dim", codebook_dim, 1)
+        e = _check_int("embed_dim", embed_dim, 1)
+        h = _check_int("hidden_dim", hidden_dim, 1)
+        self.codebook_size, self.codebook_dim = k, d
+        self.embedding = nn.Parameter(torch.randn(k, e))
+        self.mlp = nn.Sequential(nn.Linear(e, h), nn.Tanh(), nn.Linear(h, d))
+
+    def forward(self) -> torch.Tensor:
+        return self.mlp(self.embedding)
+
+
+class VectorQuantize(nn.Module):
+    """Vector quantizer with vector-quantize-pytorch's constructor and forward (see the module
+    docstring for the supported options and the documented differences).
+
+    forward(x) -> (quantized, indices, loss):
+      x: (B, N, dim) (channel_last), (B, dim, N) (channel_last=False), (B, dim) (one token),
+         (B, dim, H, W) (accept_image_fmap) or (B, dim, T, H, W) (accept_3d_fmap); any floating
+         dtype (bf16 under autocast is fine: search and EMA run in float32).
+      quantized: x's shape; indices: int64 of x's shape without the feature axis, with a trailing
+         heads axis when heads > 1 (-1 at masked padding); loss: float32 scalar, in training
+         commitment_weight * commitment (+ orthogonal_reg_weight * orthogonal loss), else 0.
+      mask: (B, N) bool, True at valid positions (or lens: (B,) lengths): padded rows get zero
+         (or input, with return_zeros_for_masked_padding=False) outputs and index -1, and are
+         left out of the EMA, the loss, k-means and dead-code replacement.
+
+    fastvq extensions (keyword-only): grad ("ste" | "rotation" | "householder", overrides
+    rotation_trick), codebook_generator (a module whose forward() returns the (K, codebook_dim)
+    codebook; trained by gradient, regenerated every forward), codebook_loss_weight (learnable
+    codebooks: separate VQ-VAE codebook loss ||sg(z) - q||^2 with this weight instead of the
+    peer's single ||z - q||^2 term with gradients to both), backend and precision (passed to
+    fastvq.quantize).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        freeze_codebook: bool = False,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
+        use_cosine_sim: bool = False,
+        layernorm_after_project_in: bool = False,
+        threshold_ema_dead_code: float = 0,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        commitment_weight: float = 1.0,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        rotation_trick: bool | None = None,
+        sync_codebook: bool | None = None,
+        ema_update: bool | None = None,
+        learnable_codebook: bool | None = None,
+        return_zeros_for_masked_padding: bool = True,
+        route_gradients_to_input: bool = True,
+        *,
+        grad: str | None = None,
+        codebook_generator: nn.Module | None = None,
+        codebook_loss_weight: float | None = None,
+        backend: str = "auto",
+        precision: str = "exact",
+        **peer_options,
+    ):
+        super().__init__()
+        for name, value in peer_options.items():
+            if name not in _UNSUPPORTED:
+                raise TypeError(f"VectorQuantize got an unexpected keyword argument {name!r}")
+            if value != _UNSUPPORTED[name]:
+                raise ValueError(
+                    f"{name}={value!r} is not supported by fastvq.nn.VectorQuantize (only the "
+                    f"default {_UNSUPPORTED[name]!r})"
+                )
+        dim = _check_int("dim", dim, 1)
+        codebook_size = _check_int("codebook_size", codebook_size, 1)
+        codebook_dim = dim if codebook_dim is None else _check_int("codebook_dim", codebook_dim, 1)
+        heads = _check_int("heads", heads, 1)
+        self.decay = _check_real("decay", decay, 0.0, 1.0)
+        self.eps = _check_real("eps", eps, 0.0)
+        self.kmeans_iters = _check_int("kmeans_iters", kmeans_iters, 0)
+        self.threshold_ema_dead_code = _check_real(
+            "threshold_ema_dead_code", threshold_ema_dead_code, 0.0
+        )
+        self.commitment_weight = _check_real("commitment_weight", commitment_weight, 0.0)
+        self.orthogonal_reg_weight = _check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0)
+        self.sample_codebook_temp = _check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
+        if orthogonal_reg_max_codes is not None:
+            orthogonal_reg_max_codes = _check_int(
+                "orthogonal_reg_max_codes", orthogonal_reg_max_codes, 1
+            )
+        if codebook_loss_weight is not None:
+            codebook_loss_weight = _check_real("codebook_loss_weight", codebook_loss_weight, 0.0)
+        check_backend(backend)
+        check_choice("precision", precision, ("exact", "fast"))
+        has_generator = codebook_generator is not None
+        if has_generator and not isinstance(codebook_generator, nn.Module):
+            raise TypeError(
+                "codebook_generator must be an nn.Module whose forward() returns the codebook, "
+                f"got {type(codebook_generator).__name__}"
+            )
+
+        # Defaults as the peer's; a generated codebook is learnable and never EMA-updated.
+        learnable = bool(has_generator if learnable_codebook is None else learnable_codebook)
+        ema_update = bool(not learnable if ema_update is None else ema_update)
+        if rotation_trick is None:
+            rotation_trick = grad in (None, "rotation") and dim > 1
+        if grad is None:
+            grad = "rotation" if rotation_trick else "ste"
+        check_choice("grad", grad, GRADS)
+        if rotation_trick and grad != "rotation":
+            raise ValueError(f"rotation_trick=True conflicts with grad={grad!r}")
+
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("accept_image_fmap and accept_3d_fmap are mutually exclusive")
+        if learnable and ema_update:
+            raise ValueError("learnable_codebook=True is not compatible with ema_update=True")
+        if learnable and use_cosine_sim:
+            raise ValueError("use_cosine_sim=True is not compatible with a learnable codebook")
+        if codebook_loss_weight is not None and not learnable:
+            raise ValueError("codebook_loss_weight needs a learnable codebook")
+        if orthogonal_reg_active_codes_only and heads > 1 and separate_codebook_per_head:
+            raise ValueError(
+                "orthogonal_reg_active_codes_only is not compatible with separate_codebook_per_head"
+            )
+        if has_generator:
+            if not learnable or ema_update:
+                raise ValueError("codebook_generator needs learnable_codebook and no ema_update")
+            if kmeans_init or self.threshold_ema_dead_code > 0:
+                raise ValueError(
+                    "codebook_generator is not compatible with kmeans_init or "
+                    "threshold_ema_dead_code > 0 (a generated codebook cannot be overwritten)"
+                )
+            if heads > 1 and separate_codebook_per_head:
+                raise ValueError("codebook_generator supports one (shared) codebook only")
+
+        self.dim, self.heads, self.codebook_size = dim, heads, codebook_size
+        self.codebook_dim = codebook_dim
+        self.separate_codebook_per_head = bool(separate_codebook_per_head and heads > 1)
+        self.num_codebooks = heads if self.separate_codebook_per_head else 1
+        self.freeze_codebook = freeze_codebook
+        self.kmeans_init, self.sync_kmeans = kmeans_init, sync_kmeans
+        self.use_cosine_sim = use_cosine_sim
+        self.metric = "cosine" if use_cosine_sim else "l2"
+        self.channel_last = channel_last
+        self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d_fmap
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.stochastic_sample_codes = stochastic_sample_codes
+        self.rotation_trick, self.grad = grad == "rotation", grad
+        self.sync_codebook = _is_distributed() if sync_codebook is None else bool(sync_codebook)
+        self.ema_update, self.learnable_codebook = ema_update, learnable
+        self.codebook_loss_weight = codebook_loss_weight
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.route_gradients_to_input = route_gradients_to_input
+        self.backend, self.precision = backend, precision
+
+        inner = codebook_dim * heads
+        self.has_projections = inner != dim
+        if self.has_projections:
+            self.project_in = nn.Linear(dim, inner)
+            if layernorm_after_project_in:
+                self.project_in = nn.Sequential(self.project_in, nn.LayerNorm(inner))
+            self.project_out = nn.Linear(inner, dim)
+        else:
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+
+        self.codebook_generator = codebook_generator
+        # A list while _deferred_update() collects the updates of several forwards.
+        self._deferred = None
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        if has_generator:
+            return
+        c = self.num_codebooks
+        if kmeans_init:
+            embed = torch.zeros(c, codebook_size, codebook_dim)
+        else:
+            # The peer's init: kaiming-uniform over the (C, K, D) tensor, bound sqrt(6 / (K D)).
+            embed = nn.init.kaiming_uniform_(torch.empty(c, codebook_size, codebook_dim))
+            if use_cosine_sim:
+                embed = _l2norm(embed)
+        self.register_buffer("cluster_size", torch.ones(c, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        # A parameter when trained by gradient (learnable, or the orthogonal regulariser's
+        # gradient on an EMA codebook, as the peer does).
+        if learnable or self.orthogonal_reg_weight > 0:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        self._register_load_state_dict_pre_hook(_rename_peer_keys)
+
+    # --- codebook access -----------------------------------------------------------------------
+
+    def _codebooks(self) -> torch.Tensor:
+        """(C, K, codebook_dim) float32 codebook(s), differentiable when generated/learnable."""
+        if self.codebook_generator is not None:
+            codebook = self.codebook_generator()
+            k, d = self.codebook_size, self.codebook_dim
+            if codebook.shape != (k, d):
+                raise ValueError(
+                    f"codebook_generator must return shape {(k, d)}, got {tuple(codebook.shape)}"
+                )
+            return codebook.float()[None]
+        return self.embed
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, codebook_dim), or (heads, K, codebook_dim) with separate_codebook_per_head."""
+        if self.codebook_generator is not None:
+            with torch.no_grad():
+                return self._codebooks()[0]
+        return self.embed if self.separate_codebook_per_head else self.embed[0]
+
+    @codebook.setter
+    def codebook(self, codes: torch.Tensor) -> None:
+        if self.codebook_generator is not None:
+            raise ValueError("a generated codebook cannot be assigned")
+        with torch.no_grad():
+            self.embed.copy_(codes.reshape(self.embed.shape))
+
+    def export_codebook(self) -> torch.Tensor:
+        """The current codebook as a plain tensor (detached copy), e.g. to drop the hyper-net."""
+        return self.codebook.detach().clone()
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes (before project_out) for indices shaped like forward's; -1 gives a zero code.
+
+        Returns (B, ..., heads * codebook_dim), channels first for image / 3d fmaps and
+        channel_last=False, like the peer.
+        """
+        codes = self._lookup(indices)
+        return self._channels_first(codes)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """project_out(codes): what forward returns for those indices (in x's layout)."""
+        return self._channels_first(self.project_out(self._lookup(indices)))
+
+    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        check_tensor("indices", indices)
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        codebooks = self._codebooks().detach()
+        if self.heads > 1:
+            if indices.shape[-1] != self.heads:
+                raise ValueError(
+                    f"indices must end with a heads axis of {self.heads}, got {indices.shape}"
+                )
+        else:
+            indices = indices[..., None]
+        idx = indices.long()
+        valid = (idx >= 0)[..., None]
+        idx = idx.clamp(min=0)
+        if self.num_codebooks == 1:
+            codes = codebooks[0][idx]
+        else:
+            codes = torch.stack([codebooks[h][idx[..., h]] for h in range(self.heads)], dim=-2)
+        codes = codes * valid
+        return codes.flatten(-2)
+
+    def _channels_first(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last:
+            return t.movedim(-1, 1)
+        return t
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        lens: torch.Tensor | None = None,
+        topk: int | None = None,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool | None = None,
+        return_loss_breakdown: bool = False,
+        codebook_transform_fn=None,
+        ema_update_weight: torch.Tensor | None = None,
+        accum_ema_update: bool = False,
+        ema_update: bool | None = None,
+    ):
+        for name, value in (
+            ("indices", indices),
+            ("topk", topk),
+            ("codebook_transform_fn", codebook_transform_fn),
+            ("ema_update_weight", ema_update_weight),
+        ):
+            if value is not None:
+                raise ValueError(f"forward's {name} is not supported by fastvq.nn.VectorQuantize")
+        if accum_ema_update:
+            raise ValueError("accum_ema_update=True is not supported by fastvq.nn.VectorQuantize")
+        z, mask, restore = self._to_rows(x, mask, lens)
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        do_ema = self.ema_update if ema_update is None else ema_update
+        temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        b, n = z.shape[:2]
+        out_dtype = z.dtype
+        # Search, EMA and losses in float32 whatever the autocast dtype (as the peer).
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float().reshape(b, n, self.heads, self.codebook_dim)
+            if self.use_cosine_sim:
+                z = _l2norm(z)
+            rows, row_mask = self._split(z, mask)
+            if self.training and self.kmeans_init:
+                self._init_from_rows(rows, row_mask)
+            codebooks = self._codebooks()
+            update = self.training and not freeze and self.codebook_generator is None
+            update = update and (do_ema or self.threshold_ema_dead_code > 0)
+            stochastic = self.training and self.stochastic_sample_codes and temp > 0
+            qs, idxs, codes = [], [], []
+            for c, zc in enumerate(rows):
+                # A Parameter codebook is updated in place below, and the estimator's backward
+                # reads the codes it quantized with: a copy (K x D, small next to the search).
+                # A buffer codebook is replaced by a new tensor instead, so needs none.
+                cb = codebooks[c].detach()
+                cb = _snapshot(cb) if update and self._param_codebook() else cb
+                if stochastic:
+                    idx = _gumbel_indices(zc.detach(), cb, self.metric, temp)
+                    q = _gather(zc, cb, idx, self.grad, self.backend)
+                else:
+                    q, idx = fastvq.quantize(
+                        zc,
+                        cb,
+                        metric=self.metric,
+                        grad=self.grad,
+                        precision=self.precision,
+                        backend=self.backend,
+                    )
+                if not self.route_gradients_to_input:
+                    q = q.detach()
+                qs.append(q)
+                idxs.append(idx)
+                if self.learnable_codebook and self.training:
+                    codes.append(F.embedding(idx, codebooks[c]))  # codebook-loss gradient path
+            if update and self._deferred is not None:
+                self._deferred.append(([r.detach() for r in rows], idxs, row_mask, do_ema))
+            elif update:
+                self._update(rows, idxs, row_mask, do_ema)
+            loss, commit, ortho = self._losses(rows, qs, idxs, codes, row_mask, freeze, z)
+        quantized, embed_ind = self._merge(qs, idxs, b, n)
+        quantized = self.project_out(quantized.to(out_dtype))
+        quantized, embed_ind = restore(quantized, embed_ind)
+        if not return_loss_breakdown:
+            return quantized, embed_ind, loss
+        zero = loss.new_zeros(())
+        return quantized, embed_ind, loss, LossBreakdown(commit, zero, ortho, zero)
+
+    def _to_rows(self, x, mask, lens):
+        """(B, N, heads * codebook_dim) projected rows, (B, N) bool mask or None, and a function
+        mapping (B, N, dim) outputs and (B, N[, heads]) indices back to x's layout."""
+        check_floating("x", x)
+        if mask is not None and lens is not None:
+            raise ValueError("pass mask or lens, not both")
+        fmap = self.accept_image_fmap or self.accept_3d_fmap
+        if fmap:
+            ndim = 4 if self.accept_image_fmap else 5
+            layout = "(B, dim, H, W)" if self.accept_image_fmap else "(B, dim, T, H, W)"
+            if x.dim() != ndim or x.shape[1] != self.dim:
+                raise ValueError(f"x must have shape {layout} with dim = {self.dim}, got {x.shape}")
+            if mask is not None or lens is not None:
+                raise ValueError("mask / lens are not supported with image or 3d feature maps")
+            spatial = x.shape[2:]
+            seq = x.flatten(2).transpose(1, 2)
+        elif x.dim() == 2:
+            if x.shape[1] != self.dim:
+                raise ValueError(f"x must have shape (B, dim) with dim = {self.dim}, got {x.shape}")
+            if mask is not None or lens is not None:
+                raise ValueError("mask / lens need a sequence (B, N, dim), got one token (B, dim)")
+            seq = x[:, None]
+        elif x.dim() == 3:
+            feat = 2 if self.channel_last else 1
+            if x.shape[feat] != self.dim:
+                layout = "(B, N, dim)" if self.channel_last else "(B, dim, N)"
+                raise ValueError(f"x must have shape {layout} with dim = {self.dim}, got {x.shape}")
+            seq = x if self.channel_last else x.transpose(1, 2)
+        else:
+            raise ValueError(
+                f"x must be (B, N, dim), (B, dim, N) or (B, dim) (or an image / 3d fmap with "
+                f"accept_image_fmap / accept_3d_fmap), got {x.dim()} dimensions"
+            )
+        b, n = seq.shape[:2]
+        if lens is not None:
+            check_tensor("lens", lens)
+            if lens.shape != (b,) or lens.dtype.is_floating_point:
+                raise ValueError(f"lens must be an integer tensor of shape ({b},), got {lens}")
+            mask = torch.arange(n, device=seq.device) < lens[:, None].to(seq.device)
+        if mask is not None:
+            check_tensor("mask", mask)
+            if mask.dtype != torch.bool or mask.shape != (b, n):
+                raise ValueError(
+                    f"mask must be a bool tensor of shape ({b}, {n}), got {mask.dtype} "
+                    f"{tuple(mask.shape)}"
+                )
+        orig = seq
+
+        def restore(quantized, indices):
+            if mask is not None:
+                fill = torch.zeros_like(orig) if self.return_zeros_for_masked_padding else orig
+                quantized = torch.where(mask[..., None], quantized, fill.to(quantized.dtype))
+                keep = mask if indices.dim() == 2 else mask[..., None]
+                indices = indices.masked_fill(~keep, -1)
+            if fmap:
+                quantized = quantized.transpose(1, 2).reshape(b, self.dim, *spatial)
+                indices = indices.reshape(b, *spatial, *indices.shape[2:])
+            elif x.dim() == 2:
+                quantized, indices = quantized[:, 0], indices[:, 0]
+            elif not self.channel_last:
+                quantized = quantized.transpose(1, 2)
+            return quantized, indices
+
+        return self.project_in(seq), mask, restore
+
+    def _split(self, z, mask):
+        """Per codebook: (M, codebook_dim) rows and (M,) bool mask (or None). z: (B, N, H, Dc)."""
+        if self.num_codebooks == 1:
+            rows = [z.reshape(-1, self.codebook_dim)]
+            masks = (
+                None if mask is None else [mask[..., None].expand(-1, -1, self.heads).reshape(-1)]
+            )
+        else:
+            rows = [z[:, :, h].reshape(-1, self.codebook_dim) for h in range(self.heads)]
+            masks = None if mask is None else [mask.reshape(-1)] * self.heads
+        return rows, masks
+
+    def _merge(self, qs, idxs, b, n):
+        if self.num_codebooks == 1:
+            q = qs[0].reshape(b, n, self.heads * self.codebook_dim)
+            idx = idxs[0].reshape(b, n, self.heads)
+        else:
+            q = torch.stack([t.reshape(b, n, -1) for t in qs], dim=2).flatten(2)
+            idx = torch.stack([t.reshape(b, n) for t in idxs], dim=2)
+        return q, (idx[..., 0] if self.heads == 1 else idx)
+
+    # --- codebook learning (eager: data-dependent branches and host syncs) ----------------------
+
+    def _group(self, sync: bool):
+        return True if sync and self.sync_codebook else False
+
+    @torch.compiler.disable
+    def _init_from_rows(self, rows, row_mask) -> None:
+        if bool(self.initted):
+            return
+        if row_mask is not None:
+            rows = [r[m] for r, m in zip(rows, row_mask, strict=True)]
+        self._kmeans_into_state(rows, self.kmeans_iters, None)
+
+    @torch.no_grad()
+    def _kmeans_into_state(self, rows, iters, generator) -> None:
+        group = self._group(self.sync_kmeans)
+        k = self.codebook_size
+        for c, r in enumerate(rows):
+            r = r.detach().float()
+            if r.shape[0] == 0:
+                raise ValueError("k-means init needs at least one (unmasked) row")
+            if r.shape[0] >= k:
+                centroids = fastvq.kmeans(
+                    r,
+                    k,
+                    iters,
+                    metric=self.metric,
+                    generator=generator,
+                    backend=self.backend,
+                    all_reduce=group,
+                )
+            else:
+                # Fewer rows than codes: every row becomes a code, repeated (Lloyd iterations
+                # cannot separate duplicates); dead-code replacement spreads them later.
+                warnings.warn(
+                    f"k-means init received {r.shape[0]} vectors for a codebook of {k}: rows are "
+                    "repeated",
+                    stacklevel=3,
+                )
+                centroids = r[_sample_rows(r.shape[0], k, generator, r.device)]
+                if self.use_cosine_sim:
+                    centroids = _l2norm(centroids)
+                if group:
+                    torch.distributed.broadcast(centroids, src=0)
+            idx = fastvq.nearest_code(r, centroids, metric=self.metric, backend=self.backend)
+            cs, es = self.cluster_size[c], self.embed_avg[c]
+            # decay 0: the statistics become this batch's counts (all-reduced when synced).
+            fastvq.ema_update_(cs, es, r, idx, 0.0, all_reduce=group)
+            es.copy_(centroids * _smoothed(cs, self.eps)[:, None])
+            self.embed.data[c].copy_(centroids)
+        self.initted.fill_(True)
+
+    def _update(self, rows, idxs, row_mask, do_ema: bool) -> None:
+        """EMA statistics (in place), then the new codebook. A buffer codebook is replaced by a
+        new tensor rather than written in place: the estimator's backward (rotation trick)
+        reads the codes it quantized with, and torch.compile's partitioner may recompute a
+        forward-time copy from the buffer itself. A Parameter codebook (orthogonal regulariser,
+        learnable) is written through .data; the forward quantized with a copy of it."""
+        if self._param_codebook():
+            self._update_param(rows, idxs, row_mask, do_ema)
+            return
+        self._update_stats(rows, idxs, row_mask, do_ema)
+
+    @torch.compiler.disable
+    def _update_param(self, rows, idxs, row_mask, do_ema: bool) -> None:
+        # Writes through .data are invisible to torch.compile (inductor drops them): eager.
+        self._update_stats(rows, idxs, row_mask, do_ema)
+
+    def _update_stats(self, rows, idxs, row_mask, do_ema: bool) -> None:
+        group = self._group(True)
+        masks = [None] * len(rows) if row_mask is None else row_mask
+        with torch.no_grad():
+            for c, (r, idx) in enumerate(zip(rows, idxs, strict=True)):
+                cs, es = self.cluster_size[c], self.embed_avg[c]
+                w = masks[c]
+                fastvq.ema_update_(cs, es, r.detach(), idx, self.decay, weight=w, all_reduce=group)
+            if self._param_codebook():
+                embed = self.embed.data
+            elif do_ema or self.threshold_ema_dead_code > 0:
+                embed = self.embed.clone()
+            else:
+                return
+            if do_ema:
+                for c in range(self.num_codebooks):
+                    code = fastvq.ema_codebook(self.cluster_size[c], self.embed_avg[c], self.eps)
+                    embed[c] = _l2norm(code) if self.use_cosine_sim else code
+        if self.threshold_ema_dead_code > 0:
+            self._reset_dead(embed, rows, masks, group)
+        if not self._param_codebook():
+            self.embed = embed
+
+    def _param_codebook(self) -> bool:
+        return isinstance(self.embed, nn.Parameter)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _reset_dead(self, embed, rows, masks, group) -> None:
+        """Dead-code replacement: data-dependent row selection (and a broadcast when synced)
+        runs eagerly, a deliberate graph break under torch.compile."""
+        for c, (r, w) in enumerate(zip(rows, masks, strict=True)):
+            live = r.detach() if w is None else r.detach()[w]
+            if live.shape[0] > 0:
+                fastvq.reset_dead_codes_(
+                    embed[c],
+                    self.cluster_size[c],
+                    self.embed_avg[c],
+                    live,
+                    self.threshold_ema_dead_code,
+                    eps=self.eps,
+                    broadcast=group,
+                )
+
+    @contextlib.contextmanager
+    def _deferred_update(self):
+        """Within the block, forwards search a fixed codebook and only collect their rows; on
+        exit one update (EMA and dead codes) runs on all of them together. ResidualVQ's shared
+        codebook uses it: every layer searches the same codes, then one EMA step sees all
+        layers' residuals."""
+        self._deferred = []
+        try:
+            yield
+            batches = self._deferred
+        finally:
+            self._deferred = None
+        if not batches:
+            return
+        rows, idxs, masks = [], [], []
+        for c in range(self.num_codebooks):
+            rows.append(torch.cat([b[0][c] for b in batches]))
+            idxs.append(torch.cat([b[1][c] for b in batches]))
+            if any(b[2] is not None for b in batches):
+                ones = [torch.ones_like(b[1][c], dtype=torch.bool) for b in batches]
+                masks.append(torch.cat([b[2][c] if b[2] is not None else o
+                                        for b, o in zip(batches, ones, strict=True)]))  # fmt: skip
+        self._update(rows, idxs, masks or None, batches[0][3])
+
+    def init_from(
+        self,
+        encoder_outputs: torch.Tensor,
+        iters: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """k-means (fastvq.kmeans) of encoder outputs into the codebook and its EMA state.
+
+        encoder_outputs: (..., dim) floating, in x's feature space before project_in (B, N, dim
+        rows; channel-last whatever the module's layout). Projected, split into heads and
+        normalized (use_cosine_sim) as in forward, clustered per codebook with `iters` Lloyd
+        iterations (default kmeans_iters); then codebook = centroids, cluster_size = counts and
+        embed_avg = centroids * smoothed counts, and the module is marked initted.
+        """
+        check_floating("encoder_outputs", encoder_outputs)
+        if self.codebook_generator is not None:
+            raise ValueError("init_from is not available with a codebook_generator")
+        if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
+            raise ValueError(
+                f"encoder_outputs must have shape (..., {self.dim}), got {encoder_outputs.shape}"
+            )
+        iters = self.kmeans_iters if iters is None else _check_int("iters", iters, 0)
+        with torch.no_grad():
+            z = self.project_in(encoder_outputs.reshape(1, -1, self.dim)).float()
+            z = z.reshape(1, -1, self.heads, self.codebook_dim)
+            if self.use_cosine_sim:
+                z = _l2norm(z)
+            rows, _ = self._split(z, None)
+            self._kmeans_into_state(rows, iters, generator)
+
+    # --- losses --------------------------------------------------------------------------------
+
+    def _losses(self, rows, qs, idxs, codes, row_mask, freeze, z):
+        zero = z.new_zeros(())
+        if not self.training:
+            return zero, zero, zero
+        loss = commit = ortho = zero
+        learn = self.learnable_codebook and not freeze
+        if self.commitment_weight > 0 or (learn and self.codebook_loss_weight is not None):
+            sq_commit = sq_codebook = zero
+            count = zero
+            for c, (r, q) in enumerate(zip(rows, qs, strict=True)):
+                w = None if row_mask is None else row_mask[c].to(r.dtype)[:, None]
+                if learn and self.codebook_loss_weight is None:
+                    # The peer's learnable codebook: one term, gradients to codes and inputs.
+                    d2 = (codes[c] - r).square()
+                else:
+                    d2 = (q.detach() - r).square()
+                sq_commit = sq_commit + (d2 if w is None else d2 * w).sum()
+                if learn and self.codebook_loss_weight is not None:
+                    e2 = (codes[c] - r.detach()).square()
+                    sq_codebook = sq_codebook + (e2 if w is None else e2 * w).sum()
+                count = count + (r.numel() if w is None else w.sum() * r.shape[1])
+            count = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
+            commit = sq_commit / count
+            loss = loss + commit * self.commitment_weight
+            if learn and self.codebook_loss_weight is not None:
+                loss = loss + sq_codebook / count * self.codebook_loss_weight
+        if self.orthogonal_reg_weight > 0:
+            ortho = self._orthogonal_loss(idxs, row_mask)
+            loss = loss + ortho * self.orthogonal_reg_weight
+        return loss, commit, ortho
+
+    def _orthogonal_loss(self, idxs, row_mask) -> torch.Tensor:
+        """Eq. (2) of Shin et al. 2021 as the peer: sum over heads of ||C^ C^T||_F^2 / (H n^2)
+        - 1/n over n normalized codes, computed as ||C^T C^||_F^2 (a D x D Gram matrix: O(D^2)
+        memory instead of the peer's O(n^2))."""
+        codebook = self._codebooks()
+        if self.orthogonal_reg_active_codes_only:
+            used = idxs[0] if row_mask is None else idxs[0][row_mask[0]]
+            codebook = codebook[:, torch.unique(used)]
+        num = codebook.shape[1]
+        if self.orthogonal_reg_max_codes is not None and num > self.orthogonal_reg_max_codes:
+            keep = torch.randperm(num, device=codebook.device)[: self.orthogonal_reg_max_codes]
+            codebook = codebook[:, keep]
+        h, num = codebook.shape[:2]
+        normed = _l2norm(codebook)
+        gram = normed.transpose(1, 2) @ normed
+        return gram.square().sum() / (h * num**2) - 1 / num
+
+
+@torch.compiler.disable
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy made outside any compiled graph: inside one, the partitioner may recompute a clone
+    in the backward from the (by then updated) Parameter codebook."""
+    return t.clone()
+
+
+def _rename_peer_keys(state_dict, prefix, *args, **kwargs) -> None:
+    """Load vector-quantize-pytorch state dicts: "_codebook.embed" -> "embed", etc."""
+    for key in [k for k in state_dict if k.startswith(prefix + "_codebook.")]:
+        state_dict[prefix + key[len(prefix + "_codebook.") :]] = state_dict.pop(key)
+
+
+def _gumbel_indices(z, codebook, metric: str, temp: float) -> torch.Tensor:
+    """argmax_k(logit[n, k] / temp + Gumbel noise), logit = -||z - c|| (the peer's clamped
+    Euclidean distance, not squared) or the cosine similarity; rows in chunks so that memory is
+    O(chunk x K) with chunk x K <= 2^20."""
+    k = codebook.shape[0]
+    if metric == "cosine":
+        codebook = _l2norm(codebook)
+    c2 = codebook.square().sum(1)
+    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    step = max(1, _SAMPLE_CHUNK_ELEMENTS // k)
+    for start in range(0, z.shape[0], step):
+        zc = z[start : start + step]
+        dots = zc @ codebook.T
+        if metric == "cosine":
+            logits = dots
+        else:
+            d2 = zc.square().sum(1, keepdim=True) + c2 - 2 * dots
+            logits = -d2.clamp(min=1e-8).sqrt()
+        u = torch.rand_like(logits).clamp(min=1e-20)
+        gumbel = -(-u.log()).clamp(min=1e-20).log()
+        out[start : start + step] = (logits / temp + gumbel).argmax(dim=1)
+    return out
+
+
+def _gather(z, codebook, indices, grad: str, backend: str) -> torch.Tensor:
+    """codebook[indices] with fastvq.quantize's estimator for given (sampled) indices."""
+    use_triton = pick_backend(backend, z.device, z.dtype) == "triton"
+    q, _ = _quantize_fwd(z.contiguous(), codebook.contiguous(), indices, grad, use_triton)
+    return q
+
+
+class HouseholderVQ(VectorQuantize):
+    """The rotated VQ-VAE quantizer (seed paper "Vector Quantization for Neural Networks"): EMA
+    codebook (decay 0.99), commitment 0.25, and gradients through a Householder reflection
+    (fastvq.quantize grad="householder"). Other VectorQuantize arguments pass through."""
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        commitment_weight: float = 0.25,
+        grad: str = "householder",
+        **kwargs,
+    ):
+        super().__init__(
+            dim,
+            codebook_size,
+            decay=decay,
+            commitment_weight=commitment_weight,
+            grad=grad,
+            **kwargs,
+        )
+
+
+class HyperCodebook(VectorQuantize):
+    """Meta-quantization's hyper-net codebook as a quantizer: codebook = CodebookMLP(embedding)
+    (default 32 -> 256 -> 32, Tanh), regenerated on every forward and trained by gradient (no EMA,
+    straight-through estimator): loss = commitment_weight * ||z - sg(q)||^2 +
+    codebook_loss_weight * ||sg(z) - q||^2 (the paper's alpha, beta). The bi-level
+    hyper-gradient step lives in fastvq.train.meta; export_codebook() returns the plain codebook
+    so the hyper-net can be dropped after training.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int = 32,
+        embed_dim: int = 32,
+        hidden_dim: int = 256,
+        commitment_weight: float = 0.25,
+        codebook_loss_weight: float = 1.0,
+        rotation_trick: bool = False,
+        **kwargs,
+    ):
+        generator = CodebookMLP(codebook_size, codebook_dim, embed_dim, hidden_dim)
+        super().__init__(
+            dim,
+            codebook_size,
+            codebook_dim=codebook_dim,
+            commitment_weight=commitment_weight,
+            rotation_trick=rotation_trick,
+            codebook_generator=generator,
+            codebook_loss_weight=codebook_loss_weight,
+            **kwargs,
+        )

@@ -1,0 +1,75 @@
+"""Bad input to every fastvq.nn module: a clear TypeError / ValueError naming the argument, at
+construction or call, never a crash inside torch (module-specific cases live in each module's
+test file)."""
+
+import pytest
+import torch
+
+import fastvq.nn as fnn
+
+D = 8
+# name -> (constructor taking codebook_size (None: the module has none), input shape)
+MODULES = {
+    "VectorQuantize": (lambda k=16: fnn.VectorQuantize(D, k), (2, 5, D)),
+    "HouseholderVQ": (lambda k=16: fnn.HouseholderVQ(D, k), (2, 5, D)),
+    "HyperCodebook": (lambda k=16: fnn.HyperCodebook(D, k, codebook_dim=4), (2, 5, D)),
+    "ResidualVQ": (lambda k=16: fnn.ResidualVQ(dim=D, num_quantizers=2, codebook_size=k),
+                   (2, 5, D)),
+    "GroupedResidualVQ": (
+        lambda k=16: fnn.GroupedResidualVQ(dim=D, groups=2, num_quantizers=2, codebook_size=k),
+        (2, 5, D),
+    ),
+    "ResidualLFQ": (lambda k=16: fnn.ResidualLFQ(dim=D, num_quantizers=2, codebook_size=k),
+                    (2, 5, D)),
+    "LFQ": (lambda k=16: fnn.LFQ(dim=D, codebook_size=k), (2, 5, D)),
+    "BSQ": (lambda k=16: fnn.BSQ(dim=D, codebook_size=k), (2, 5, D)),
+    "SimVQ": (lambda k=16: fnn.SimVQ(D, k), (2, 5, D)),
+    "RandomProjectionQuantizer": (
+        lambda k=16: fnn.RandomProjectionQuantizer(dim=D, codebook_size=k, codebook_dim=4),
+        (2, 5, D),
+    ),
+    "E8Quantize": (lambda k=None: fnn.E8Quantize(dim=D, codebook_size=k), (2, 5, D)),
+    "LeechQuantize": (lambda k=None: fnn.LeechQuantize(dim=D, codebook_size=k), (2, 5, D)),
+    "FSQ": (lambda: fnn.FSQ([5, 5], dim=D), (2, 5, D)),
+    "ResidualFSQ": (lambda: fnn.ResidualFSQ(dim=D, levels=[5, 5], num_quantizers=2), (2, 5, D)),
+    "LatentQuantize": (lambda: fnn.LatentQuantize([5, 5], dim=D), (2, D, 5)),  # channel-first
+}  # fmt: skip
+
+
+def test_every_export_is_covered():
+    assert set(fnn.__all__) - {"CodebookMLP", "GroupedResidualFSQ", "GroupedResidualLFQ"} == set(
+        MODULES
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_bad_calls(name):
+    make, shape = MODULES[name]
+    module = make()
+    with pytest.raises(TypeError, match=r"(x|z) must be"):
+        module(torch.randint(0, 3, shape))  # not floating
+    with pytest.raises(TypeError, match=r"(x|z) must be"):
+        module(torch.randn(shape).tolist())  # not a tensor
+    wrong = list(shape)
+    wrong[1 if name == "LatentQuantize" else -1] += 1
+    with pytest.raises(ValueError, match=str(D)):
+        module(torch.randn(wrong))  # wrong feature dimension: the message names dim
+    with pytest.raises(ValueError):
+        module(torch.randn(D))  # wrong layout: one vector without a batch
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"FSQ", "ResidualFSQ", "LatentQuantize"}))
+def test_bad_codebook_size(name):
+    make, _ = MODULES[name]
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="codebook_size"):
+            make(k)
+    with pytest.raises(TypeError, match="codebook_size"):
+        make(2.5)
+
+
+@pytest.mark.parametrize("cls, dim", [(fnn.E8Quantize, 8), (fnn.LeechQuantize, 24)])
+def test_codebook_dim_with_a_lattice_codebook(cls, dim):
+    with pytest.raises(ValueError, match="codebook_dim .* fixed .* lattice"):
+        cls(dim=D, codebook_dim=4)
+    cls(dim=D, codebook_dim=dim)  # repeating the fixed value is fine

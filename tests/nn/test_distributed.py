@@ -1,0 +1,111 @@
+"""DDP with the quantizer modules: 2 CPU processes (gloo, 127.0.0.1 only), each holding half of
+every batch, train a Linear + VectorQuantize(sync_codebook=True) under DistributedDataParallel
+(broadcast_buffers=False, so nothing but the quantizer's own all-reduce keeps the codebooks
+together). After a few SGD steps both ranks hold the same codebook, EMA state and weights, equal
+to one process training on the concatenated batches. A ResidualVQ with quantize dropout, dead
+codes and k-means init checks that the ranks agree where random draws are involved.
+
+The test runs this file as a script, which forks the two ranks (fork: the children inherit the
+imports, ~3 s each on this machine, instead of re-importing as spawn would; the script keeps the
+fork away from pytest's process and its threads).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastvq.nn import ResidualVQ, VectorQuantize
+
+WORLD = 2
+# Rank-local buffers: the codebooks must agree through the quantizer's own all-reduce.
+_NO_BUFFER_SYNC = {"broadcast_buffers": False}
+DIM, K, STEPS = 8, 16, 3
+
+
+def _model(sync: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIM, DIM), VectorQuantize(DIM, K, decay=0.8, sync_codebook=sync))
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 10, DIM, generator=g) * 2 for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, batches) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in batches:
+        q, _, loss = model(x)
+        ((q - x).square().mean() + loss).backward()
+        opt.step()
+        opt.zero_grad()
+    inner = model.module if hasattr(model, "module") else model
+    return {k: v.detach().clone() for k, v in inner.state_dict().items()}
+
+
+def _residual(rank: int) -> dict:
+    torch.manual_seed(rank)  # different generators: the synced draws must still agree
+    rvq = ResidualVQ(
+        dim=DIM, num_quantizers=4, codebook_size=K, quantize_dropout=True,
+        threshold_ema_dead_code=2.0, kmeans_init=True, kmeans_iters=2, sync_codebook=True,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(10 + rank)  # each rank sees its own data
+    dropped = []
+    for _ in range(4):
+        _, idx, _ = rvq(torch.randn(2, 20, DIM, generator=g))
+        dropped.append(int((idx[0, 0] == -1).sum()))
+    state = {k: v.clone() for k, v in rvq.state_dict().items()}
+    return {"state": state, "dropped": torch.tensor(dropped)}
+
+
+def _worker(rank: int, out_dir: str, port: int) -> None:
+    torch.set_num_threads(1)  # 2 ranks on a 2-core machine
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_model(sync=True), **_NO_BUFFER_SYNC)
+        shards = [x.chunk(WORLD)[rank] for x in _batches()]
+        results = {"vq": _train(ddp, shards), "rvq": _residual(rank)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
+    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-W", "ignore::FutureWarning", __file__, str(tmp_path), str(_free_port())],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # Both ranks hold the same state, bit for bit ...
+    for key in ranks[0]["vq"]:
+        assert torch.equal(ranks[0]["vq"][key], ranks[1]["vq"][key]), key
+    for key in ranks[0]["rvq"]["state"]:
+        assert torch.equal(ranks[0]["rvq"]["state"][key], ranks[1]["rvq"]["state"][key]), key
+    assert torch.equal(ranks[0]["rvq"]["dropped"], ranks[1]["rvq"]["dropped"])
+    assert bool(ranks[0]["rvq"]["state"]["layers.0.initted"])
+    # ... equal to one process on the whole batches, up to float32 rounding.
+    single = _train(_model(sync=False), _batches())
+    for key, want in single.items():
+        torch.testing.assert_close(ranks[0]["vq"][key], want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(single["1.embed"], _model(sync=False).state_dict()["1.embed"])
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.start_processes(
+        _worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=WORLD, start_method="fork"
+    )

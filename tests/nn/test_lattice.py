@@ -1,0 +1,135 @@
+"""fastvq.nn.lattice: LeechQuantize, E8Quantize.
+
+Oracle: brute force over the full shell (fastvq.lattice.*_codebook, metric "dot" on unit
+vectors, tie-aware), autograd through an explicit straight-through / rotation formula.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvq.lattice import LEECH_SIZE, e8_shell_codebook, leech_codebook
+from fastvq.nn.lattice import E8Quantize, LeechQuantize
+from fastvq.testing import check_nearest
+
+CASES = [
+    (LeechQuantize, dict(dim=32), (2, 5, 32)),
+    (LeechQuantize, dict(), (1, 7, 24)),
+    (E8Quantize, dict(dim=8, accept_image_fmap=True), (2, 8, 3, 3)),
+    (E8Quantize, dict(dim=5, channel_last=False), (2, 5, 6)),
+]
+
+
+@functools.cache
+def _shell(cls):
+    if cls is LeechQuantize:
+        return leech_codebook()
+    return e8_shell_codebook() / math.sqrt(2)
+
+
+def _unit_inputs(m, x):
+    """u = normalize(project_in(x)) in (N, D) for the module's layout."""
+    if m.accept_image_fmap:
+        x = x.flatten(2).transpose(1, 2)
+    elif not m.channel_last:
+        x = x.transpose(1, 2)
+    return F.normalize(m.project_in(x), dim=-1).reshape(-1, m.codebook_dim)
+
+
+@pytest.mark.parametrize("cls, kwargs, shape", CASES)
+def test_indices_match_brute_force(cls, kwargs, shape):
+    torch.manual_seed(0)
+    m = cls(**kwargs)
+    x = torch.randn(shape)
+    out, idx, loss = m(x)
+    assert out.shape == x.shape and idx.dtype == torch.int64
+    assert (
+        idx.shape == (shape[0], *shape[2:])
+        if m.accept_image_fmap or not m.channel_last
+        else (idx.shape == shape[:2])
+    )
+    u = _unit_inputs(m, x).detach()
+    agree = check_nearest(u, _shell(cls), idx.reshape(-1), metric="dot")
+    assert agree == 1.0  # random inputs: no near ties
+    q = _shell(cls)[idx.reshape(-1)]
+    torch.testing.assert_close(loss, F.mse_loss(u, q))
+    m.eval()
+    torch.testing.assert_close(m.get_output_from_indices(idx), m(x)[0])
+    assert m(x)[2].item() == 0.0
+
+
+@pytest.mark.parametrize("cls", [LeechQuantize, E8Quantize])
+@pytest.mark.parametrize("rotation", [False, True])
+def test_gradient_reaches_input_projection(cls, rotation):
+    torch.manual_seed(1)
+    m = cls(dim=12, rotation_trick=rotation, commitment_weight=0.0)
+    x = torch.randn(2, 4, 12)
+    g = torch.randn(2, 4, 12)
+    out, idx, _ = m(x)
+    (out * g).sum().backward()
+    got = m.project_in.weight.grad.clone()
+    assert got.abs().sum() > 0
+    # reference by autograd through an explicit estimator
+    m.zero_grad()
+    u = F.normalize(m.project_in(x), dim=-1)
+    q = _shell(cls)[idx]
+    if rotation:
+        ud, qd = u.detach(), q
+        r = F.normalize(ud + qd, dim=-1)
+        eye = torch.eye(u.shape[-1])
+        rot = eye - 2 * r[..., :, None] * r[..., None, :] + 2 * qd[..., :, None] * ud[..., None, :]
+        ref = (rot @ u[..., None]).squeeze(-1)
+    else:
+        ref = u + (q - u).detach()
+    torch.testing.assert_close(ref.detach(), q, atol=1e-5, rtol=1e-5)
+    (m.project_out(ref) * g).sum().backward()
+    torch.testing.assert_close(got, m.project_in.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_state_dict_and_codebook():
+    torch.manual_seed(2)
+    m = LeechQuantize(dim=16)
+    x = torch.randn(2, 3, 16)
+    out, idx, _ = m(x)
+    m2 = LeechQuantize(dim=16)
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2(x)[1], idx)
+    out16, idx16, loss16 = m.to(torch.bfloat16)(x.bfloat16())
+    assert out16.dtype == torch.bfloat16 and idx16.shape == idx.shape
+    u = _unit_inputs(m, x.bfloat16()).float()
+    check_nearest(u, _shell(LeechQuantize), idx16.reshape(-1), metric="dot")
+    assert m.codebook_size == LEECH_SIZE and E8Quantize().codebook.shape == (240, 8)
+    torch.testing.assert_close(E8Quantize().codebook.norm(dim=1), torch.ones(240))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="codebook_dim"):
+        LeechQuantize(dim=32, codebook_dim=16)
+    with pytest.raises(ValueError, match="codebook_size"):
+        E8Quantize(codebook_size=256)
+    with pytest.raises(TypeError, match="dim"):
+        LeechQuantize(dim=2.0)
+    m = LeechQuantize()
+    with pytest.raises(ValueError, match="feature dimension must be 24"):
+        m(torch.randn(2, 3, 23))
+    with pytest.raises(TypeError, match="float"):
+        m(torch.ones(2, 3, 24, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[0, 196560\)"):
+        m.get_codes_from_indices(torch.tensor([LEECH_SIZE]))
+    with pytest.raises(ValueError, match="accept_image_fmap"):
+        E8Quantize(accept_image_fmap=True)(torch.randn(2, 8, 3))
+
+
+def test_e8_decode_op_for_compile():
+    # the decoder is one custom op (so torch.compile sees no data-dependent masks): its fake
+    # implementation, schema and autograd registration must agree with the real one
+    from fastvq.nn.lattice import _e8_decode
+
+    u = F.normalize(torch.randn(7, 8), dim=-1)
+    torch.library.opcheck(_e8_decode, (u,))
+    idx, codes = _e8_decode(u)
+    check_nearest(u, _shell(E8Quantize), idx, metric="dot")
+    torch.testing.assert_close(codes, _shell(E8Quantize)[idx])

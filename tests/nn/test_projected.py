@@ -1,0 +1,143 @@
+"""fastvq.nn.projected: SimVQ, RandomProjectionQuantizer, against vector-quantize-pytorch with
+the same frozen codebooks and weights (tie-aware nearest-code checks in float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastvq.nn.projected import RandomProjectionQuantizer, SimVQ
+from fastvq.testing import check_nearest
+
+
+def _peer():
+    return pytest.importorskip("vector_quantize_pytorch")
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        (dict(dim=8, codebook_size=37), (2, 9, 8)),
+        (dict(dim=6, codebook_size=20, rotation_trick=False, frozen_codebook_dim=4), (2, 7, 6)),
+        (dict(dim=5, codebook_size=16, channel_first=True, commitment_weight=0.5), (2, 5, 3, 2)),
+    ],
+)
+def test_simvq_matches_peer(kwargs, shape):
+    vq = _peer()
+    torch.manual_seed(0)
+    peer = vq.SimVQ(**kwargs)
+    mine = SimVQ(**kwargs)
+    mine.load_state_dict(peer.state_dict())
+    x = torch.randn(shape)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_p, idx_p, loss_p = peer(x1)
+    out_m, idx_m, loss_m = mine(x2)
+    assert idx_m.shape == idx_p.shape and out_m.shape == out_p.shape == x.shape
+    xl = x.movedim(1, -1) if mine.channel_first else x
+    check_nearest(xl.reshape(-1, mine.dim), mine.codebook.detach(), idx_m.reshape(-1))
+    assert torch.equal(idx_m, idx_p)  # random inputs: no near ties
+    torch.testing.assert_close(out_m, out_p, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_m, loss_p)
+    g = torch.randn_like(out_p)
+    ((out_p * g).sum() + loss_p).backward()
+    ((out_m * g).sum() + loss_m).backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-4)
+    w_m, w_p = mine.code_transform.weight.grad, peer.code_transform.weight.grad
+    torch.testing.assert_close(w_m, w_p, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mine.indices_to_codes(idx_m), peer.indices_to_codes(idx_p))
+
+
+def test_simvq_mlp_transform_bf16_and_bad_input():
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6))
+    m = SimVQ(dim=6, codebook_size=24, codebook_transform=mlp)
+    x = torch.randn(3, 5, 6)
+    out, idx, loss = m(x)
+    loss.backward()
+    assert mlp[0].weight.grad.abs().sum() > 0
+    out16, idx16, _ = m(x.bfloat16())
+    assert out16.dtype == torch.bfloat16
+    check_nearest(x.bfloat16().float().reshape(-1, 6), m.codebook.detach(), idx16.reshape(-1))
+    m2 = SimVQ(dim=6, codebook_size=24, codebook_transform=nn.Sequential(
+        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)))  # fmt: skip
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2(x)[1], idx) and m.codebook.shape == (24, 6)
+    with pytest.raises(ValueError, match="feature dimension must be 6"):
+        m(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="float"):
+        m(torch.ones(2, 3, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="codebook_size"):
+        SimVQ(dim=4, codebook_size=0)
+    with pytest.raises(ValueError, match="codebook_transform"):
+        SimVQ(dim=4, codebook_size=5, codebook_transform=nn.Linear(4, 3))(torch.randn(1, 2, 4))
+
+
+def test_random_projection_quantizer_matches_peer():
+    vq = _peer()
+    torch.manual_seed(2)
+    kw = dict(dim=10, codebook_size=33, codebook_dim=6)
+    peer = vq.RandomProjectionQuantizer(**kw)
+    mine = RandomProjectionQuantizer(**kw)
+    with torch.no_grad():
+        mine.rand_projs.copy_(peer.rand_projs)
+        mine.codebook.copy_(peer.vq._codebook.embed)
+    x = torch.randn(2, 11, 10)
+    idx_p, idx_m = peer(x), mine(x)
+    assert idx_m.shape == idx_p.shape == (2, 11) and idx_m.dtype == torch.int64
+    z = mine._project(x)[:, :, 0].reshape(-1, 6)
+    check_nearest(z, mine.codebook[0], idx_m.reshape(-1), metric="cosine")
+    assert torch.equal(idx_m, idx_p)
+    target = torch.randint(0, 33, idx_p.shape)
+    target[0, 0] = -1  # ignored, as the peer's ignore_index
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ce_p, ce_m = peer(x1, indices=target), mine(x2, indices=target)
+    torch.testing.assert_close(ce_m, ce_p)
+    ce_p.backward()
+    ce_m.backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_random_projection_quantizer_heads(monkeypatch):
+    # The peer's num_codebooks > 1 inserts an untrained Linear(h e, h h e) inside its
+    # VectorQuantize; fastvq keeps one projection and one codebook per head (BEST-RQ).
+    import fastvq.nn.projected as projected
+
+    torch.manual_seed(4)
+    m = RandomProjectionQuantizer(dim=10, codebook_size=33, codebook_dim=6, num_codebooks=3)
+    x = torch.randn(2, 7, 10)
+    idx = m(x)
+    assert idx.shape == (2, 7, 3)
+    z = torch.nn.functional.layer_norm(x, (10,))
+    for h in range(3):
+        zh = (z @ m.rand_projs[h]).reshape(-1, 6)
+        assert check_nearest(zh, m.codebook[h], idx[..., h].reshape(-1), metric="cosine") == 1.0
+    target = torch.randint(0, 33, (2, 7, 3))
+    target[1, 2, 0] = -1
+    monkeypatch.setattr(projected, "_CE_ELEMENTS", 33 * 4)  # several chunks of 4 rows
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ce = m(x1, indices=target)
+    u = torch.nn.functional.normalize(m._project(x2), dim=-1)
+    logits = torch.einsum("bnhe,hke->bknh", u, m.codebook)
+    ref = torch.nn.functional.cross_entropy(logits, target, ignore_index=-1)
+    torch.testing.assert_close(ce, ref)
+    ce.backward()
+    ref.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_random_projection_quantizer_state_and_bad_input():
+    torch.manual_seed(3)
+    m = RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4)
+    x = torch.randn(2, 5, 8)
+    m2 = RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4)
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(m2(x), m(x)) and m.codebook_size == 16
+    torch.testing.assert_close(m.codebook.norm(dim=-1), torch.ones(1, 16))
+    assert m(x.bfloat16()).shape == (2, 5)
+    with pytest.raises(ValueError, match="feature dimension must be 8"):
+        m(torch.randn(2, 5, 7))
+    with pytest.raises(TypeError, match="float"):
+        m(torch.ones(2, 5, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="indices must have shape"):
+        m(x, indices=torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4, decay=0.9)

@@ -1,0 +1,424 @@
+"""fastvq.nn.VectorQuantize, HouseholderVQ, HyperCodebook: layouts, codebook learning against
+plain-PyTorch references, eval freezing, state, autocast, options and bad input (torch.compile:
+test_compile.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvq
+from fastvq.nn import vector_quantize as vqmod
+from fastvq.nn.vector_quantize import (
+    CodebookMLP,
+    HouseholderVQ,
+    HyperCodebook,
+    VectorQuantize,
+)
+from fastvq.testing import check_nearest
+
+DIM, K = 12, 48
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _ref_ema_step(codebook, cluster_size, embed_avg, z, decay, eps, mask=None):
+    """Plain float64 EMA step with one-hot matrices (small shapes only)."""
+    z = z.double()
+    idx = torch.cdist(z, codebook.double()).argmin(1)
+    onehot = F.one_hot(idx, codebook.shape[0]).double()
+    if mask is not None:
+        onehot = onehot * mask.double()[:, None]
+    cs = decay * cluster_size.double() + (1 - decay) * onehot.sum(0)
+    ea = decay * embed_avg.double() + (1 - decay) * onehot.T @ z
+    n = cs.sum()
+    smoothed = (cs + eps) / (n + cs.numel() * eps) * n
+    return idx, cs, ea, ea / smoothed[:, None]
+
+
+# --- layouts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, shape, idx_shape",
+    [
+        ({}, (2, 7, DIM), (2, 7)),
+        ({"channel_last": False}, (2, DIM, 7), (2, 7)),
+        ({}, (3, DIM), (3,)),
+        ({"accept_image_fmap": True}, (2, DIM, 3, 5), (2, 3, 5)),
+        ({"accept_3d_fmap": True}, (1, DIM, 2, 3, 4), (1, 2, 3, 4)),
+        ({"heads": 3, "codebook_dim": 4}, (2, 7, DIM), (2, 7, 3)),
+        (
+            {"heads": 2, "separate_codebook_per_head": True, "accept_image_fmap": True},
+            (2, DIM, 3, 2),
+            (2, 3, 2, 2),
+        ),
+    ],
+)
+def test_layouts_and_lookup_round_trip(config, shape, idx_shape):
+    vq = VectorQuantize(DIM, K, **config).eval()
+    x = _randn(*shape)
+    q, idx, loss = vq(x)
+    assert q.shape == x.shape and idx.shape == idx_shape and idx.dtype == torch.int64
+    assert loss.shape == () and loss.item() == 0.0  # eval: no loss, as the peer
+    torch.testing.assert_close(vq.get_output_from_indices(idx), q)
+    codes = vq.get_codes_from_indices(idx)
+    assert codes.shape[0] == x.shape[0]
+
+
+def test_quantized_is_nearest_code_and_tie_aware():
+    vq = VectorQuantize(DIM, K, codebook_dim=5, use_cosine_sim=True).eval()
+    x = _randn(4, 9, DIM)
+    q, idx, _ = vq(x)
+    z = F.normalize(vq.project_in(x), dim=-1).reshape(-1, 5)
+    check_nearest(z, vq.codebook, idx.reshape(-1), metric="cosine")
+    torch.testing.assert_close(q, vq.project_out(vq.codebook[idx]))
+
+
+# --- codebook learning against references ------------------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ema_step_matches_reference(masked):
+    vq = VectorQuantize(DIM, K, decay=0.7, eps=1e-3, rotation_trick=False)
+    with torch.no_grad():
+        vq.embed.copy_(_randn(1, K, DIM, seed=1) * 2)
+        vq.embed_avg.copy_(vq.embed * 1.5)
+        vq.cluster_size.fill_(1.5)
+    before = [t.detach().clone() for t in (vq.embed[0], vq.cluster_size[0], vq.embed_avg[0])]
+    x = _randn(3, 20, DIM, seed=2) * 2
+    mask = torch.arange(20) < torch.tensor([20, 5, 11])[:, None] if masked else None
+    q, idx, loss = vq(x, mask=mask)
+    rows_mask = None if mask is None else mask.reshape(-1)
+    ref_idx, cs, ea, cb = _ref_ema_step(*before, x.reshape(-1, DIM), 0.7, 1e-3, rows_mask)
+    valid = idx.reshape(-1) >= 0
+    assert torch.equal(valid, torch.ones_like(valid) if mask is None else rows_mask)
+    assert torch.equal(idx.reshape(-1)[valid], ref_idx[valid])
+    tol = {"rtol": 1e-5, "atol": 1e-5}  # float32 state against the float64 reference
+    torch.testing.assert_close(vq.cluster_size[0].double(), cs, **tol)
+    torch.testing.assert_close(vq.embed_avg[0].double(), ea, **tol)
+    torch.testing.assert_close(vq.embed[0].double(), cb, **tol)
+    # commitment over valid rows only, against the codes before the update
+    diff = (before[0][ref_idx] - x.reshape(-1, DIM)).square().sum(1)
+    want = diff[valid].sum() / (valid.sum() * DIM)
+    torch.testing.assert_close(loss, want)
+    if mask is not None:
+        assert not q[~mask].any() and bool((idx[~mask] == -1).all())
+
+
+def test_masked_cosine_commitment_uses_normalized_inputs():
+    # Documented difference: the peer compares with the raw input under a mask.
+    vq = VectorQuantize(DIM, K, use_cosine_sim=True, codebook_dim=6)
+    x = _randn(2, 10, DIM) * 3
+    mask = torch.arange(10) < torch.tensor([10, 4])[:, None]
+    codebook = vq.codebook.detach().clone()
+    _, idx, loss = vq(x, mask=mask)
+    z = F.normalize(vq.project_in(x), dim=-1)[mask]
+    want = (codebook[idx[mask]] - z).square().mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_codebook_gets_no_decoder_gradient_and_estimators():
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=0.0, rotation_trick=False)
+    x = _randn(2, 6, DIM).requires_grad_()
+    q, _, _ = vq(x)
+    g = _randn(*q.shape, seed=5)
+    (q * g).sum().backward()
+    torch.testing.assert_close(x.grad, g)  # straight-through
+    assert not vq.embed.requires_grad
+    # With the orthogonal regulariser the codebook is a Parameter, still without decoder gradient.
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=1.0).eval()
+    q, _, _ = vq(_randn(2, 6, DIM).requires_grad_())
+    q.sum().backward()
+    assert vq.embed.grad is None
+
+
+def test_rotation_gradient_is_fastvq_quantize():
+    vq = VectorQuantize(DIM, K, use_cosine_sim=False).eval()  # rotation trick by default (dim > 1)
+    assert vq.grad == "rotation"
+    x = _randn(5, DIM, seed=3).requires_grad_()
+    q, _, _ = vq(x)
+    g = _randn(5, DIM, seed=4)
+    (q * g).sum().backward()
+    z = x.detach().clone().requires_grad_()
+    q2, _ = fastvq.quantize(z, vq.codebook.detach(), grad="rotation")
+    (q2 * g).sum().backward()
+    torch.testing.assert_close(x.grad, z.grad)
+
+
+def test_eval_freezes_codebook():
+    vq = VectorQuantize(DIM, K, threshold_ema_dead_code=5.0, kmeans_init=True).eval()
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(_randn(2, 30, DIM))
+    assert not bool(vq.initted)
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    vq.train()
+    vq(_randn(2, 30, DIM), freeze_codebook=True)  # k-means init still runs, nothing else
+    assert bool(vq.initted)
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(_randn(2, 30, DIM), freeze_codebook=True)
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_kmeans_init_first_training_forward_and_init_from():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, DIM, generator=g) * 8
+    x = centres[torch.arange(6).repeat(20)] + 0.05 * torch.randn(120, DIM, generator=g)
+    vq = VectorQuantize(DIM, 6, kmeans_init=True, decay=1.0)
+    mask = torch.ones(1, 120, dtype=torch.bool)
+    vq(x[None], mask=mask)
+    assert bool(vq.initted)
+    assert bool((torch.cdist(centres, vq.codebook).min(1).values < 0.1).all())
+    torch.testing.assert_close(vq.cluster_size[0], torch.full((6,), 20.0))
+    torch.testing.assert_close(
+        fastvq.ema_codebook(vq.cluster_size[0], vq.embed_avg[0]), vq.codebook
+    )
+    # init_from on a fresh module: same properties, heads and projection included.
+    vq2 = VectorQuantize(DIM, 6, heads=2, codebook_dim=DIM, separate_codebook_per_head=True)
+    with torch.no_grad():
+        vq2.project_in.weight.copy_(torch.cat([torch.eye(DIM)] * 2))
+        vq2.project_in.bias.zero_()
+    vq2.init_from(x, iters=5)
+    assert bool(vq2.initted)
+    for h in range(2):
+        assert bool((torch.cdist(centres, vq2.codebook[h]).min(1).values < 0.1).all())
+
+
+def test_kmeans_init_with_few_rows_warns():
+    vq = VectorQuantize(DIM, K, kmeans_init=True)
+    with pytest.warns(UserWarning, match="repeated"):
+        vq(_randn(1, 10, DIM))
+    assert bool(vq.initted) and torch.isfinite(vq.embed).all()
+
+
+def test_dead_codes_come_from_unmasked_rows():
+    vq = VectorQuantize(DIM, K, threshold_ema_dead_code=2.0, rotation_trick=False)
+    x = _randn(2, 16, DIM)
+    x[1] = 1000.0  # padding: must never become a code
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0] = True
+    for _ in range(3):
+        vq(x, mask=mask)
+        assert vq.embed.abs().max() < 100
+        assert bool((vq.cluster_size >= 0).all())
+    # every code that was reset in the last step is one of the valid rows
+    reset = vq.cluster_size[0] == 2.0
+    assert reset.any()
+    dist = torch.cdist(vq.embed[0, reset].double(), x[0].double()).min(1).values
+    assert bool((dist < 1e-6).all())
+
+
+def test_ortho_loss_matches_pairwise_formula():
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=2.0, commitment_weight=0.0)
+    _, idx, loss = vq(_randn(2, 8, DIM))
+    c = F.normalize(vq.embed[0].detach(), dim=-1)
+    want = (c @ c.T).square().sum() / K**2 - 1 / K
+    torch.testing.assert_close(loss, 2.0 * want)
+    # active codes only + max codes: a subset of the used codes enters
+    vq = VectorQuantize(
+        DIM,
+        K,
+        orthogonal_reg_weight=1.0,
+        orthogonal_reg_active_codes_only=True,
+        orthogonal_reg_max_codes=4,
+        commitment_weight=0.0,
+    )
+    _, idx, loss, parts = vq(_randn(2, 8, DIM), return_loss_breakdown=True)
+    torch.testing.assert_close(loss, parts.orthogonal_reg)
+    loss.backward()
+    rows_with_grad = vq.embed.grad[0].abs().sum(1) > 0
+    assert 0 < int(rows_with_grad.sum()) <= 4
+    assert bool(torch.isin(rows_with_grad.nonzero().flatten(), idx.unique()).all())
+
+
+def test_learnable_codebook_separate_codebook_loss():
+    vq = VectorQuantize(
+        DIM,
+        K,
+        learnable_codebook=True,
+        commitment_weight=0.25,
+        codebook_loss_weight=1.0,
+        rotation_trick=False,
+    )
+    assert isinstance(vq.embed, torch.nn.Parameter) and not vq.ema_update
+    x = _randn(2, 8, DIM).requires_grad_()
+    codebook = vq.codebook.detach().clone()
+    _, idx, loss = vq(x)
+    q = codebook[idx]
+    torch.testing.assert_close(loss, 1.25 * (q - x).square().mean())
+    loss.backward()
+    n = x.numel()
+    torch.testing.assert_close(x.grad, 0.25 * 2 * (x - q).detach() / n)
+    want = torch.zeros(K, DIM).index_add_(0, idx.reshape(-1), (2 * (q - x) / n).reshape(-1, DIM))
+    torch.testing.assert_close(vq.embed.grad[0], want.detach())
+    assert torch.equal(vq.codebook, codebook)  # no EMA
+
+
+def test_stochastic_sampling_follows_gumbel_softmax(monkeypatch):
+    monkeypatch.setattr(vqmod, "_SAMPLE_CHUNK_ELEMENTS", 2 * 3 * 7)  # many chunks of 7 rows
+    vq = VectorQuantize(2, 3, stochastic_sample_codes=True, sample_codebook_temp=0.5)
+    vq.codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    vq.ema_update = False
+    x = torch.zeros(1, 6000, 2)
+    torch.manual_seed(0)
+    _, idx, _ = vq(x)
+    freq = torch.bincount(idx.reshape(-1), minlength=3).double() / 6000
+    want = torch.softmax(-torch.tensor([0.0, 1.0, 2.0]) / 0.5, 0).double()
+    torch.testing.assert_close(freq, want, atol=0.02, rtol=0)
+    # eval, or temperature 0: the nearest code
+    _, idx, _ = vq(x, sample_codebook_temp=0.0)
+    assert bool((idx == 0).all())
+
+
+# --- state, dtype, compile -------------------------------------------------------------------
+
+
+def test_state_dict_round_trip():
+    vq = VectorQuantize(DIM, K, codebook_dim=6, heads=2, separate_codebook_per_head=True)
+    vq(_randn(2, 9, DIM))
+    sd = vq.state_dict()
+    assert {"embed", "cluster_size", "embed_avg", "initted"} <= set(sd)
+    assert sd["embed"].shape == (2, K, 6) and sd["cluster_size"].shape == (2, K)
+    vq2 = VectorQuantize(DIM, K, codebook_dim=6, heads=2, separate_codebook_per_head=True)
+    vq2.load_state_dict(sd)
+    vq.eval(), vq2.eval()
+    x = _randn(2, 9, DIM, seed=7)
+    for a, b in zip(vq(x), vq2(x), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_autocast_keeps_float32_state():
+    vq = VectorQuantize(DIM, K, codebook_dim=8, rotation_trick=False)
+    x = _randn(2, 10, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, idx, loss = vq(x)  # a training step: EMA in float32
+    assert q.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert vq.embed.dtype == vq.cluster_size.dtype == vq.embed_avg.dtype == torch.float32
+    assert torch.isfinite(vq.embed).all()
+    vq.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, idx, _ = vq(x)
+        z = vq.project_in(x)
+    assert z.dtype == torch.bfloat16
+    # the search ran in float32 on the bf16 projections
+    check_nearest(z.float().reshape(-1, 8), vq.codebook, idx.reshape(-1))
+
+
+# --- presets --------------------------------------------------------------------------------
+
+
+def test_householder_preset():
+    vq = HouseholderVQ(DIM, K)
+    assert (vq.decay, vq.commitment_weight, vq.grad, vq.ema_update) == (
+        0.99,
+        0.25,
+        "householder",
+        True,
+    )
+    vq.eval()
+    x = _randn(4, DIM).requires_grad_()
+    q, _, _ = vq(x)
+    g = _randn(4, DIM, seed=1)
+    (q * g).sum().backward()
+    z = x.detach().clone().requires_grad_()
+    q2, _ = fastvq.quantize(z, vq.codebook.detach(), grad="householder")
+    (q2 * g).sum().backward()
+    torch.testing.assert_close(x.grad, z.grad)
+    with pytest.raises(ValueError, match="rotation_trick"):
+        HouseholderVQ(DIM, K, rotation_trick=True)
+
+
+def test_hyper_codebook():
+    torch.manual_seed(0)
+    vq = HyperCodebook(DIM, 64, codebook_dim=32)
+    gen = vq.codebook_generator
+    assert isinstance(gen, CodebookMLP)
+    assert [type(m).__name__ for m in gen.mlp] == ["Linear", "Tanh", "Linear"]
+    assert gen.mlp[0].in_features == 32 and gen.mlp[0].out_features == 256
+    assert not hasattr(vq, "cluster_size") and "embed" not in dict(vq.named_parameters())
+    x = _randn(2, 10, DIM).requires_grad_()
+    _, idx, loss = vq(x)
+    z = vq.project_in(x).detach()
+    q = gen().detach()[idx]
+    torch.testing.assert_close(loss, 1.25 * (q - z).square().mean())
+    loss.backward()
+    assert gen.embedding.grad is not None and gen.mlp[0].weight.grad.abs().sum() > 0
+    # regenerated on every forward: changing the hyper-net changes the codes used
+    exported = vq.export_codebook()
+    assert isinstance(exported, torch.Tensor) and not exported.requires_grad
+    with torch.no_grad():
+        gen.mlp[2].bias.add_(1.0)
+    vq.eval()
+    torch.testing.assert_close(vq.export_codebook(), exported + 1.0)
+    qo, idx2, _ = vq(x)
+    torch.testing.assert_close(vq.get_output_from_indices(idx2), qo)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"codebook_size": 0}, ValueError, "codebook_size"),
+        ({"codebook_size": 2.5}, TypeError, "codebook_size"),
+        ({"dim": 0}, ValueError, "dim"),
+        ({"decay": 1.5}, ValueError, "decay"),
+        ({"threshold_ema_dead_code": -1}, ValueError, "threshold_ema_dead_code"),
+        ({"learnable_codebook": True, "ema_update": True}, ValueError, "ema_update"),
+        ({"learnable_codebook": True, "use_cosine_sim": True}, ValueError, "cosine"),
+        ({"accept_image_fmap": True, "accept_3d_fmap": True}, ValueError, "exclusive"),
+        ({"straight_through": True}, ValueError, "not supported"),
+        ({"affine_param": True}, ValueError, "not supported"),
+        ({"no_such_option": 1}, TypeError, "no_such_option"),
+        ({"grad": "bogus"}, ValueError, "grad"),
+        ({"rotation_trick": True, "grad": "ste"}, ValueError, "rotation_trick"),
+        ({"codebook_loss_weight": 1.0}, ValueError, "learnable"),
+        (
+            {
+                "heads": 2,
+                "separate_codebook_per_head": True,
+                "orthogonal_reg_weight": 1.0,
+                "orthogonal_reg_active_codes_only": True,
+            },
+            ValueError,
+            "separate",
+        ),
+        ({"codebook_generator": CodebookMLP(K, DIM), "kmeans_init": True}, ValueError, "kmeans"),
+        ({"codebook_generator": lambda: None}, TypeError, "codebook_generator"),
+    ],
+)
+def test_bad_construction(kwargs, error, match):
+    args = {"dim": DIM, "codebook_size": K, **kwargs}
+    with pytest.raises(error, match=match):
+        VectorQuantize(**args)
+
+
+def test_bad_calls():
+    vq = VectorQuantize(DIM, K)
+    with pytest.raises(ValueError, match="dim"):
+        vq(torch.randn(2, 5, DIM + 1))
+    with pytest.raises(ValueError, match="dimensions"):
+        vq(torch.randn(2, 3, 4, DIM))
+    with pytest.raises(TypeError, match="x must be"):
+        vq(torch.randint(0, 3, (2, 5, DIM)))
+    with pytest.raises(ValueError, match="mask"):
+        vq(torch.randn(2, 5, DIM), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask or lens"):
+        vq(torch.randn(2, 5, DIM), mask=torch.ones(2, 5, dtype=torch.bool), lens=torch.ones(2))
+    with pytest.raises(ValueError, match="topk"):
+        vq(torch.randn(2, 5, DIM), topk=2)
+    with pytest.raises(ValueError, match="indices"):
+        vq(torch.randn(2, 5, DIM), torch.zeros(2, 5, dtype=torch.long))
+    img = VectorQuantize(DIM, K, accept_image_fmap=True)
+    with pytest.raises(ValueError, match=r"\(B, dim, H, W\)"):
+        img(torch.randn(2, 5, DIM))
+    with pytest.raises(ValueError, match="mask"):
+        img(torch.randn(2, DIM, 2, 2), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="indices"):
+        vq.get_codes_from_indices(torch.zeros(3))
+    with pytest.raises(ValueError, match="encoder_outputs"):
+        vq.init_from(torch.randn(10, DIM + 1))

@@ -50,8 +50,10 @@ def extensions():
 setup(
     name="fastvq",
     version="0.1.0",
-    packages=[*find_packages(include=["fastvq", "fastvq.*"]), "fastvq.kernels"],
-    package_dir={"fastvq.kernels": "kernels"},
+    # kernels/ and configs/ sit at the top of the repository and install inside the package.
+    packages=[*find_packages(include=["fastvq", "fastvq.*"]), "fastvq.kernels", "fastvq.configs"],
+    package_dir={"fastvq.kernels": "kernels", "fastvq.configs": "configs"},
+    package_data={"fastvq.configs": ["*.yaml"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",

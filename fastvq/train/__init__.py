@@ -1,0 +1,5 @@
+"""Tokenizer training: config, data, metrics, checkpoints, the trainer and the command line.
+
+Submodules are imported on demand (``fastvq.train.trainer``, ``fastvq.train.losses``, ...) so that
+``import fastvq.train`` stays cheap and never touches CUDA.
+"""

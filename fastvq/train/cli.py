@@ -1,0 +1,219 @@
+"""The `fastvq` command line: train, eval, sweep, bench and demo.
+
+Entry point fastvq.train.cli:main (the `fastvq` console script and `python -m fastvq`).
+"""
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  fastvq demo                                   # a small tokenizer on bundled photos, ~2 min CPU
+  fastvq train --config configs/rotated_vqvae.yaml data.kind=cifar10 data.path=~/data/cifar10
+  fastvq train --config configs/vqgan_65k.yaml data.path=~/imagenet optim.lr=1e-4 train.bf16=true
+  torchrun --nproc_per_node 8 -m fastvq train --config configs/vqgan_65k.yaml data.path=...
+  fastvq eval --checkpoint runs/vqgan_65k/checkpoints/latest.pt
+  fastvq sweep --config configs/collapse_sweep.yaml data.path=~/data/cifar10
+  fastvq bench --quick
+
+Overrides are section.key=value pairs after the options; values are YAML ("1e-4", "null",
+"[0.5, 0.9]"). Sections: model, loss, disc, optim, train, data, init, eval, meta (see
+fastvq/train/config.py for every key and its default). A run writes config.yaml, log.csv,
+checkpoints/latest.pt, eval.json and images/ under train.out_dir, and resumes from its latest
+checkpoint when started again with the same out_dir.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastvq",
+        description="Train and evaluate image tokenizers on fastvq's quantizers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="train a tokenizer from a YAML config",
+        description="Train a tokenizer. Resumes from train.out_dir/checkpoints/latest.pt if it "
+        "exists (train.resume=false starts over). Works under torchrun for several GPUs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument(
+        "--config",
+        required=True,
+        help="YAML file, or a shipped recipe by name: demo, rotated_vqvae, vqgan_65k, ...",
+    )
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (JSON metrics + PNG reconstructions)",
+        description="Evaluate a checkpoint's EMA weights (or its weights when it has no EMA) on "
+        "the evaluation split: MSE, PSNR, SSIM, codebook usage, perplexity and entropy over the "
+        "whole split; LPIPS and rFID when their weight files are configured. Writes eval.json, "
+        "a reconstruction grid and a code-usage histogram.",
+    )
+    e.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvq train")
+    e.add_argument("--config", help="config (default: the one stored in the checkpoint)")
+    e.add_argument("--out", help="output directory (default: <run>/eval next to checkpoints/)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    s = sub.add_parser(
+        "sweep",
+        help="train and evaluate one config over several values of a key (collapse study)",
+        description="Run a sweep config (configs/collapse_sweep.yaml): optionally pretrain once "
+        "without VQ, then train and evaluate each value of sweep.key (e.g. codebook sizes 16 ... "
+        "65,536), with and without the pretrained initialisation; writes sweep.csv and "
+        "sweep.json with MSE, PSNR, usage and perplexity per run.",
+    )
+    s.add_argument("--config", required=True, help="sweep YAML with a `sweep:` section")
+    s.add_argument("--values", help="comma-separated values replacing sweep.values")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
+
+    b = sub.add_parser(
+        "bench",
+        help="run the repository's benchmarks (python -m bench.run)",
+        description="Runs `python -m bench.run ARGS` from the fastvq source checkout.",
+    )
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to bench.run (e.g. --quick)")
+
+    # Listed for --help only: main() hands `fastvq demo ...` to fastvq.demo before parsing.
+    sub.add_parser("demo", help="train a small tokenizer on bundled photographs (see demo --help)")
+    return p
+
+
+def train(config: str, overrides: list[str]) -> dict:
+    """Load the config and train; returns Trainer.fit()'s dict."""
+    from fastvq.train.config import load_config
+    from fastvq.train.trainer import Trainer
+
+    return Trainer(load_config(config, overrides)).fit()
+
+
+def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: list[str]) -> dict:
+    """Evaluate a checkpoint; writes eval.json and PNGs under `out`; returns the metrics."""
+    from fastvq.train import checkpoint as ckpt
+    from fastvq.train.config import apply_override, load_config, validate
+    from fastvq.train.trainer import Trainer
+
+    path = Path(checkpoint)
+    if config is not None:
+        cfg = load_config(config, overrides)
+    else:
+        cfg = ckpt.load(path)["config"]
+        for o in overrides:
+            apply_override(cfg, o)
+        cfg = validate(cfg)
+    out_dir = Path(out) if out else path.resolve().parent.parent / "eval"
+    # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
+    # weights when the checkpoint has them).
+    cfg["train"].update(out_dir=str(out_dir), resume=False, ema_decay=0.0, compile=False)
+    cfg["init"].update(checkpoint=str(path), kmeans=False)
+    trainer = Trainer(cfg)
+    trainer.step = ckpt.load(path).get("step", 0)
+    result = trainer.evaluate(use_ema=False)
+    if trainer.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "eval.json", "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result, indent=2))
+    return result
+
+
+def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
+    """Run the sweep described by a YAML file's `sweep:` section; see the `sweep` --help."""
+    import yaml
+
+    from fastvq.train.config import load_config, parse_value
+
+    path = Path(config)
+    with open(path) as f:
+        spec = (yaml.safe_load(f) or {}).get("sweep")
+    if not isinstance(spec, dict) or not {"config", "key", "values"} <= set(spec):
+        raise ValueError(f"{config}: needs a `sweep:` mapping with config, key and values")
+    vals = [parse_value(v) for v in values.split(",")] if values else spec["values"]
+    out_root = Path(spec.get("out_dir", "runs/sweep"))
+    for o in overrides:
+        if o.startswith("train.out_dir="):
+            out_root = Path(o.split("=", 1)[1])
+    overrides = [o for o in overrides if not o.startswith("train.out_dir=")]
+    run_cfg = path.parent / spec["config"]
+    init = None
+    if spec.get("pretrain"):
+        pre = load_config(
+            path.parent / spec["pretrain"], [*overrides, f"train.out_dir={out_root / 'pretrain'}"]
+        )
+        from fastvq.train.trainer import Trainer
+
+        Trainer(pre).fit()
+        init = out_root / "pretrain" / "checkpoints" / "latest.pt"
+    variants = [("pretrained", init)] if init is not None else [("scratch", None)]
+    if init is not None and spec.get("baseline", False):
+        variants.append(("scratch", None))
+    rows = []
+    name = spec["key"].split(".")[-1]
+    for value in vals:
+        for variant, init_ckpt in variants:
+            run_dir = out_root / f"{variant}_{name}_{value}"
+            extra = [f"{spec['key']}={value}", f"train.out_dir={run_dir}"]
+            extra.append(f"init.checkpoint={init_ckpt if init_ckpt else 'null'}")
+            r = train(str(run_cfg), [*overrides, *extra])["eval"]
+            rows.append({"variant": variant, spec["key"]: value, **r})
+            print(f"sweep {variant} {name}={value}: " + ", ".join(
+                f"{k} {r[k]:.4g}" for k in ("mse", "psnr", "usage", "perplexity") if k in r
+            ))  # fmt: skip
+    out_root.mkdir(parents=True, exist_ok=True)
+    with open(out_root / "sweep.json", "w") as f:
+        json.dump(rows, f, indent=2)
+    with open(out_root / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def bench(args: list[str]) -> int:
+    """Run `python -m bench.run args` from the source checkout holding this fastvq."""
+    import fastvq
+
+    root = Path(fastvq.__file__).resolve().parent.parent
+    if not (root / "bench" / "run.py").is_file():
+        print(
+            "fastvq bench runs the benchmarks of a fastvq source checkout (bench/run.py), which "
+            f"this installation ({root}) does not have: clone the repository and run "
+            "`python -m bench.run` from its root.",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench.run", *args], cwd=root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fastvq COMMAND ...`; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # every argument, --help included, belongs to fastvq.demo
+        from fastvq.demo import main as demo
+
+        demo(argv[1:])
+        return 0
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        train(args.config, args.overrides)
+    elif args.command == "eval":
+        evaluate(args.checkpoint, args.config, args.out, args.overrides)
+    elif args.command == "sweep":
+        sweep(args.config, args.values, args.overrides)
+    elif args.command == "bench":
+        return bench(args.args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

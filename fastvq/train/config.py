@@ -1,0 +1,268 @@
+"""Training configs: YAML files plus dotted command-line overrides, validated against one schema.
+
+A config is a plain nested dict with the sections of DEFAULTS. A file may name a `base:` file
+(relative to itself) whose values it overrides, so a recipe states only what differs. Overrides
+are "section.key=value" strings whose value is parsed as YAML ("optim.lr=1e-4" is a float,
+"loss.lpips=null" is None, "optim.betas=[0.5,0.9]" a list). Nothing is ever exec'd.
+"""
+
+import copy
+import re
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+# Sections whose contents are passed as keyword arguments to a builder (build_tokenizer, the
+# discriminator, LPIPS), so their keys are the builder's to validate, not ours.
+FREE_FORM = {"model", "disc"}
+
+DEFAULTS: dict = {
+    "model": {},
+    "loss": {
+        "recon": "l1",
+        "recon_weight": 1.0,
+        "perceptual_weight": 0.0,
+        "lpips": None,  # {backbone: path, head: path}: local weight files, never downloaded
+        "disc_weight": 0.0,
+        "disc_start": 0,
+        "disc_loss": "hinge",
+        "adaptive_weight": True,
+        "lecam_weight": 0.0,
+        "quant_weight": 1.0,
+    },
+    "disc": None,  # {ndf, n_layers, norm} builds a PatchGAN discriminator
+    "optim": {
+        "lr": 2e-4,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.99],
+        "disc_lr": None,  # None: same as lr
+        "warmup_steps": 0,
+        "schedule": "cosine",
+        "min_lr_ratio": 0.0,
+        "grad_clip": 1.0,  # 0 disables clipping
+        "accum_steps": 1,
+    },
+    "train": {
+        "steps": 1000,
+        "batch_size": 32,  # per process and micro-batch: a step sees batch * accum * world
+        "bf16": False,
+        "compile": False,
+        "ema_decay": 0.0,  # 0 disables the EMA copy; evaluation then uses the live weights
+        "eval_every": 0,  # 0: only at the end
+        "ckpt_every": 0,  # 0: only at the end
+        "out_dir": "runs/fastvq",
+        "seed": 0,
+        "overfit_one_batch": False,
+        "log_every": 10,
+        "vq": True,  # False trains the autoencoder without its quantizer (collapse pretraining)
+        "resume": True,  # continue from out_dir/checkpoints/latest.pt when it exists
+        "device": "auto",
+        "num_workers": 0,
+        "progress": True,
+        "nan_guard": True,
+    },
+    "data": {
+        "kind": "samples",
+        "path": None,
+        "resolution": 64,
+        "val_fraction": 0.2,
+        "scale": 1.0,  # resize images by this factor before cropping (folder, samples)
+        "flip": True,
+        "epoch_size": 1024,  # crops per epoch for "samples" (a few photographs, many crops)
+    },
+    "init": {
+        "checkpoint": None,  # model weights to start from (e.g. the pretrained autoencoder)
+        "kmeans": False,  # k-means the codebook on the encoder's outputs before training
+        "kmeans_batches": 8,
+        "kmeans_iters": 10,
+    },
+    "eval": {
+        "batch_size": 64,
+        "max_batches": 0,  # 0: the whole evaluation split
+        "fid_features": None,  # TorchScript file mapping (B, 3, H, W) in [0, 1] to (B, F)
+        "num_images": 16,  # reconstructions in the saved grid
+    },
+    "meta": {"enabled": False, "inner_lr": 1e-3, "codebook_every": 1, "fd_eps": 0.01},
+}
+
+CHOICES = {
+    "loss.recon": ("l1", "l2"),
+    "loss.disc_loss": ("hinge", "non_saturating"),
+    "optim.schedule": ("cosine", "constant"),
+    "data.kind": ("folder", "cifar10", "samples"),
+}
+
+# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; every config writes learning rates
+# that way, so floats are resolved with YAML 1.2's pattern instead.
+_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"
+)
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_value(text: str):
+    """A command-line value parsed as YAML: '1e-4' -> 0.0001, 'null' -> None, '[1, 2]' -> list."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config {str(path)!r}: `base:` files form a cycle")
+    with open(path) as f:
+        cfg = yaml.load(f, Loader=_Loader) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {str(path)!r} must be a YAML mapping, got {type(cfg).__name__}")
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    return merge(_read(path.parent / base, (*seen, path.resolve())), cfg)
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep copy of base with update's values; nested dicts merge, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(cfg: dict, override: str) -> None:
+    """Set cfg[a][b] = value in place from the string "a.b=value" (value parsed as YAML)."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, text = override.split("=", 1)
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise ValueError(f"override {override!r}: bad key {key!r}")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = node[part]
+    node[parts[-1]] = parse_value(text)
+
+
+def _type_ok(default, value) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def validate(cfg: dict) -> dict:
+    """Fill defaults and check every key and type; ValueError names the bad key. Returns cfg."""
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"unknown config section {sorted(unknown)[0]!r}; sections are {sorted(DEFAULTS)}"
+        )
+    out = {}
+    for section, defaults in DEFAULTS.items():
+        value = cfg.get(section, copy.deepcopy(defaults))
+        if section in FREE_FORM:
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"config section {section!r} must be a mapping or null")
+            out[section] = value
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {value!r}")
+        for key in value:
+            if key not in defaults:
+                raise ValueError(
+                    f"unknown config key {section}.{key}; {section} has: {', '.join(defaults)}"
+                )
+        merged = {**copy.deepcopy(defaults), **value}
+        for key, v in merged.items():
+            if not _type_ok(defaults[key], v):
+                raise ValueError(
+                    f"config key {section}.{key} must be {type(defaults[key]).__name__}, got {v!r}"
+                )
+            choices = CHOICES.get(f"{section}.{key}")
+            if choices and v not in choices:
+                raise ValueError(f"config key {section}.{key} must be one of {choices}, got {v!r}")
+            if isinstance(defaults[key], float) and isinstance(v, int):
+                merged[key] = float(v)
+        out[section] = merged
+    _check_ranges(out)
+    return out
+
+
+def _check_ranges(cfg: dict) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            section, name = key.split(".")
+            raise ValueError(f"config key {key} must be {what}, got {cfg[section][name]!r}")
+
+    t, o, d = cfg["train"], cfg["optim"], cfg["data"]
+    need(t["steps"] >= 0, "train.steps", ">= 0")
+    need(t["batch_size"] >= 1, "train.batch_size", ">= 1")
+    need(0.0 <= t["ema_decay"] < 1.0, "train.ema_decay", "in [0, 1)")
+    need(o["accum_steps"] >= 1, "optim.accum_steps", ">= 1")
+    need(o["lr"] > 0, "optim.lr", "> 0")
+    need(o["warmup_steps"] >= 0, "optim.warmup_steps", ">= 0")
+    need(isinstance(o["betas"], list) and len(o["betas"]) == 2, "optim.betas", "a list [b1, b2]")
+    need(d["resolution"] >= 1, "data.resolution", ">= 1")
+    need(0.0 < d["val_fraction"] < 1.0, "data.val_fraction", "in (0, 1)")
+    need(d["scale"] > 0, "data.scale", "> 0")
+    if d["kind"] != "samples":
+        need(d["path"] is not None, "data.path", f"a directory for data.kind={d['kind']}")
+
+
+def resolve_config(path: str | Path) -> Path:
+    """path itself if it is a file, else the shipped recipe of that name (bare names only)."""
+    path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = Path(str(resources.files("fastvq.configs"))) / path.with_suffix(".yaml").name
+    return shipped if shipped.is_file() else path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Read a YAML config (following `base:` files), apply "a.b=value" overrides, validate.
+
+    Args:
+        path: a YAML file; or the name of a recipe shipped with fastvq (configs/<name>.yaml,
+            installed as fastvq.configs), e.g. "demo" or "vqgan_65k"; or None for the defaults.
+        overrides: strings "section.key=value"; the value is parsed as YAML.
+
+    Returns:
+        a nested dict with every section of DEFAULTS filled in.
+
+    Raises:
+        FileNotFoundError for a missing file; ValueError naming the key for an unknown key, a
+        wrong type or an out-of-range value.
+    """
+    cfg = _read(resolve_config(path)) if path is not None else {}
+    for override in overrides:
+        apply_override(cfg, override)
+    return validate(cfg)
+
+
+def dump_config(cfg: dict, path: str | Path) -> None:
+    """Write cfg as YAML (the run's exact settings, saved next to its checkpoints)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)

@@ -1,0 +1,115 @@
+"""Meta-quantization (MQVAE, Qin & Zhang, ICML 2025): the codebook's hypergradient.
+
+Upper level: the hyper-net that generates the codebook (psi). Lower level: the encoder-decoder
+(w = phi, theta). With one unrolled inner step w' = w - xi * grad_w L_train(w, psi), the upper
+objective is L_val(w'(psi), psi) and its gradient (MQVAE eqs. 11-16, DARTS eq. 7) is
+
+    dL_val/dpsi = grad_psi L_val(w', psi) - xi * grad^2_{psi,w} L_train(w, psi) . v,
+    v = grad_w' L_val(w', psi),
+
+with the Hessian-vector product replaced by a central difference of first-order gradients:
+
+    grad^2_{psi,w} L_train . v ~= (grad_psi L_train(w+, psi) - grad_psi L_train(w-, psi)) / (2 r),
+    w+- = w +- r v,  r = fd_eps / |v|  (DARTS' step: fd_eps = 0.01 moves w by 0.01 in norm).
+
+So only torch.autograd.grad on first derivatives: five forward/backward passes, no second-order
+graph, no bi-level library. MQVAE perturbs phi and theta in two separate differences; one joint
+difference over w = (phi, theta) is the same quantity to first order and costs half.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of the concatenation of tensors."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+@torch.no_grad()
+def _assign(params: Sequence[torch.Tensor], base, direction=None, scale: float = 0.0) -> None:
+    for p, b, *d in zip(params, base, *([direction] if direction is not None else []), strict=True):
+        p.copy_(b)
+        if d:
+            p.add_(d[0], alpha=scale)
+
+
+def hypergradient(
+    lower: Sequence[torch.Tensor],
+    upper: Sequence[torch.Tensor],
+    train_loss: Callable[[], torch.Tensor],
+    val_loss: Callable[[], torch.Tensor] | None = None,
+    inner_lr: float = 1e-3,
+    fd_eps: float = 0.01,
+) -> tuple[list[torch.Tensor], dict]:
+    """One-step-unrolled hypergradient of the upper-level parameters, by finite differences.
+
+    Args:
+        lower: the encoder-decoder parameters w (modified in place while this runs, restored
+            bit for bit before it returns).
+        upper: the hyper-net / codebook parameters psi.
+        train_loss: closure computing the lower-level loss L_train from the current parameters
+            (a fresh forward pass on each call).
+        val_loss: closure for the upper-level loss L_val; None = train_loss (MQVAE uses one loss
+            of the same form at both levels, possibly on another batch).
+        inner_lr: xi, the unrolled inner step (0 gives the plain gradient grad_psi L_val).
+        fd_eps: finite-difference step, relative to |v| (see the module docstring).
+
+    Returns:
+        (grads, logs): grads[i] has upper[i]'s shape and dtype; logs holds the detached direct and
+        indirect gradient norms and the losses. Nothing is written to .grad.
+
+    Forward passes run in whatever mode the modules are in: BatchNorm running statistics see
+    the extra passes in train mode.
+    """
+    lower, upper = list(lower), list(upper)
+    if not lower or not upper:
+        raise ValueError("lower and upper must each hold at least one parameter")
+    if inner_lr < 0 or fd_eps <= 0:
+        raise ValueError(f"inner_lr must be >= 0 and fd_eps > 0, got {inner_lr}, {fd_eps}")
+    val_loss = train_loss if val_loss is None else val_loss
+    w0 = [p.detach().clone() for p in lower]
+    try:
+        l_train = train_loss()
+        g_w = _grads(l_train, lower)
+        _assign(lower, w0, g_w, -inner_lr)  # w' = w - xi g
+        l_val = val_loss()
+        g = _grads(l_val, lower + upper)
+        v, direct = g[: len(lower)], g[len(lower) :]
+        indirect = [torch.zeros_like(d) for d in direct]
+        v_norm = _norm(v)
+        if inner_lr > 0 and v_norm > 0:
+            r = fd_eps / v_norm.item()
+            _assign(lower, w0, v, r)
+            g_plus = _grads(train_loss(), upper)
+            _assign(lower, w0, v, -r)
+            g_minus = _grads(train_loss(), upper)
+            indirect = [
+                (a - b) * (inner_lr / (2 * r)) for a, b in zip(g_plus, g_minus, strict=True)
+            ]
+    finally:
+        _assign(lower, w0)
+    grads = [d - i for d, i in zip(direct, indirect, strict=True)]
+    logs = {
+        "train_loss": l_train.detach(),
+        "val_loss": l_val.detach(),
+        "direct_norm": _norm(direct).detach(),
+        "indirect_norm": _norm(indirect).detach(),
+    }
+    return grads, logs
+
+
+def split_parameters(tokenizer: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(lower, upper) trainable parameters of a Tokenizer: everything but the quantizer, and the
+    quantizer's (its hyper-net and embedding for a HyperCodebook-style quantizer)."""
+    upper_ids = {id(p) for p in tokenizer.quantizer.parameters()}
+    lower = [p for p in tokenizer.parameters() if p.requires_grad and id(p) not in upper_ids]
+    upper = [p for p in tokenizer.quantizer.parameters() if p.requires_grad]
+    return lower, upper

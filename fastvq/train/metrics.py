@@ -1,0 +1,209 @@
+"""Evaluation metrics: MSE, PSNR, SSIM, codebook usage from accumulated counts, Fréchet distance.
+
+Images are (B, C, H, W) in [-1, 1] (the tokenizer's range); PSNR and SSIM are computed on them
+mapped to [0, 1], the convention of the papers' tables. Codebook statistics come from counts
+accumulated over the whole evaluation set (fastvq.code_counts), never averaged per batch: a
+per-batch perplexity understates usage by up to the ratio of set size to batch size.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import fastvq
+from fastvq.ops._validate import check_floating
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return (x.double() + 1) / 2
+
+
+def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error on [0, 1] images: (B, C, H, W) in [-1, 1] -> (B,) float64."""
+    check_floating("x", x)
+    check_floating("y", y)
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"x and y must be equal (B, C, H, W) shapes, got {x.shape}, {y.shape}")
+    return (_unit(x) - _unit(y)).square().flatten(1).mean(1)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for data range 1 (images in [-1, 1] mapped to [0, 1]) -> (B,) float64;
+    identical images give inf."""
+    return -10 * torch.log10(mse(x, y))
+
+
+def _gaussian(size: int, sigma: float, dtype, device) -> torch.Tensor:
+    t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(t**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): 11 x 11 Gaussian window with sigma 1.5, K1 = 0.01,
+    K2 = 0.03, data range 1, statistics over valid windows only, averaged over channels.
+
+    x, y: (B, C, H, W) in [-1, 1] with H, W >= window. Returns (B,) float64.
+    """
+    mse(x, y)  # shape and dtype checks
+    if min(x.shape[-2:]) < window:
+        raise ValueError(f"images must be at least {window} pixels on each side, got {x.shape}")
+    a, b = _unit(x), _unit(y)
+    c = a.shape[1]
+    g = _gaussian(window, sigma, a.dtype, a.device)
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
+    return s.flatten(1).mean(1)
+
+
+def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
+    """Square root of a symmetric positive semi-definite matrix by eigendecomposition."""
+    w, v = torch.linalg.eigh((a + a.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """tr sqrt(s1 @ s2) for symmetric PSD s1, s2, as tr sqrt(r s2 r) with r = sqrt(s1): the
+    product s1 s2 is not symmetric, but r s2 r is and has the same eigenvalues, so two symmetric
+    eigendecompositions replace the general (and less stable) matrix square root."""
+    r = _sqrt_psd(s1)
+    w = torch.linalg.eigvalsh(r @ s2 @ r)
+    return w.clamp(min=0).sqrt().sum()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), in float64.
+
+    mu: (F,), sigma: (F, F) symmetric PSD (tensors or arrays). The FID of two feature sets.
+    """
+    mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
+    if s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)) or mu1.shape != mu2.shape:
+        raise ValueError(f"need mu (F,) and sigma (F, F), got {mu1.shape}, {s1.shape}, {s2.shape}")
+    d = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_sqrt_product(s1, s2)
+    return float(d)
+
+
+class FeatureStats:
+    """Running mean and covariance of (B, F) features, in float64 (sum and sum of outer products);
+    merge across processes by summing `n`, `total` and `outer`."""
+
+    def __init__(self):
+        self.n, self.total, self.outer = 0, None, None
+
+    def update(self, feats: torch.Tensor) -> None:
+        f = feats.detach().double().flatten(1)
+        if self.total is None:
+            self.total = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
+        self.n += len(f)
+        self.total += f.sum(0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature rows for a covariance, got {self.n}")
+        mu = self.total / self.n
+        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu, cov
+
+
+def code_stats(counts: torch.Tensor) -> dict:
+    """Usage (fraction of codes used), perplexity and entropy in bits of accumulated counts (K,)."""
+    c = counts.double()
+    ppl = float(fastvq.perplexity(c))
+    return {
+        "usage": float(fastvq.usage(c)),
+        "codes_used": int((c > 0).sum()),
+        "perplexity": ppl,
+        "entropy_bits": math.log2(ppl) if ppl > 0 else 0.0,
+    }
+
+
+class Evaluator:
+    """Accumulates reconstruction metrics and code counts over an evaluation set.
+
+    update(x, recon, indices) per batch; result() -> dict of means over every image seen and the
+    code statistics of all indices seen. `all_reduce` sums the accumulators across processes.
+    """
+
+    def __init__(self, codebook_size: int | None, device, feature_fn=None):
+        self.k = codebook_size
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # mse, psnr, ssim
+        self.n = 0
+        # (K,) int64 keeps counts exact; K = 196,560 (Leech) is 1.5 MiB.
+        self.counts = (
+            torch.zeros(codebook_size, dtype=torch.int64, device=device) if codebook_size else None
+        )
+        self.feature_fn = feature_fn
+        self.real, self.fake = FeatureStats(), FeatureStats()
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, recon: torch.Tensor, indices: torch.Tensor | None) -> None:
+        recon = recon.float().clamp(-1, 1)
+        x = x.float()
+        m = mse(x, recon)
+        p = -10 * torch.log10(m.clamp(min=1e-12))  # a perfect image counts as 120 dB, not inf
+        s = ssim(x, recon) if min(x.shape[-2:]) >= 11 else torch.full_like(m, float("nan"))
+        self.sums += torch.stack([m.sum(), p.sum(), s.sum()])
+        self.n += len(x)
+        if self.counts is not None and indices is not None:
+            fastvq.code_counts(indices.flatten(), self.k, out=self.counts)
+        if self.feature_fn is not None:
+            self.real.update(self.feature_fn((x + 1) / 2))
+            self.fake.update(self.feature_fn((recon + 1) / 2))
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sums.device)
+        for t in (self.sums, n) + ((self.counts,) if self.counts is not None else ()):
+            dist.all_reduce(t)
+        self.n = int(n.item())
+        if self.feature_fn is not None:
+            for st in (self.real, self.fake):
+                dist.all_reduce(st.total)
+                dist.all_reduce(st.outer)
+                cnt = torch.tensor([st.n], device=self.sums.device)
+                dist.all_reduce(cnt)
+                st.n = int(cnt.item())
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise ValueError("no images were evaluated")
+        m, p, s = (self.sums / self.n).tolist()
+        out = {"images": self.n, "mse": m, "psnr": p, "ssim": s}
+        if self.counts is not None:
+            out.update(code_stats(self.counts))
+        if self.feature_fn is not None:
+            out["rfid"] = frechet_distance(*self.real.mean_cov(), *self.fake.mean_cov())
+        return out
+
+
+def load_feature_fn(path, device):
+    """A TorchScript feature extractor from a local file (e.g. an exported Inception for rFID):
+    (B, 3, H, W) in [0, 1] -> (B, F). Never downloads."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"eval.fid_features {str(path)!r} does not exist: give a TorchScript file mapping "
+            "(B, 3, H, W) images in [0, 1] to (B, F) features, or set eval.fid_features=null"
+        )
+    net = torch.jit.load(str(path), map_location=device).eval()
+
+    def features(x):
+        return net(x).flatten(1)
+
+    return features

@@ -1,0 +1,644 @@
+"""The tokenizer trainer: one loop for VQ-VAE, VQGAN, collapse pretraining and MQVAE recipes.
+
+Trainer(cfg).fit() trains for cfg["train"]["steps"] optimizer steps and returns the final
+evaluation. Per step: accum_steps micro-batches of the generator loss (bf16 autocast optional),
+gradient clipping, AdamW, warmup + cosine schedule, then a discriminator step when the config has
+a discriminator and the step has reached loss.disc_start, then the EMA weights. Checkpoints hold
+everything a step depends on, so a resumed run continues the same loss curve exactly.
+
+Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel, each rank reads its
+own shard of the data stream, codebook statistics are all-reduced by the quantizers' own sync
+option and evaluation sums are all-reduced; rank 0 writes logs and checkpoints.
+"""
+
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastvq.train import checkpoint as ckpt
+from fastvq.train.config import dump_config
+from fastvq.train.data import build_datasets, eval_loader, train_loader
+from fastvq.train.metrics import Evaluator, load_feature_fn
+from fastvq.train.visuals import save_grid, save_usage_histogram
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; training stopped without writing a checkpoint."""
+
+
+def pick_device(name: str) -> torch.device:
+    """ "auto" -> this rank's GPU when CUDA is available, else CPU; anything else as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at `step`: linear warmup from 1/warmup to 1 over
+    `warmup` steps, then constant or cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / (total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _param_groups(params, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and convolution kernels only: decaying norms' scales and biases
+    pulls them to 0, which no recipe we follow intends. params: a module or an iterable."""
+    decay, rest = [], []
+    for p in params.parameters() if isinstance(params, torch.nn.Module) else params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class Progress:
+    """One rewritten stderr line (live loss, usage, throughput) on a terminal; plain log lines
+    every log_every steps otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.tty = enabled and sys.stderr.isatty()
+
+    def update(self, step: int, fields: dict, force: bool = False) -> None:
+        if not self.enabled or not (self.tty or force):
+            return
+        text = " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+        )
+        line = f"step {step}/{self.total} {text}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:160].ljust(160))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class Trainer:
+    """Train a tokenizer from a validated config (fastvq.train.config.load_config).
+
+    Args:
+        cfg: the config dict.
+        model: a Tokenizer to train instead of build_tokenizer(cfg["model"]) (tests, notebooks).
+        datasets: (train, eval) datasets instead of build_datasets(cfg["data"]).
+    """
+
+    CSV_FIELDS = (
+        "step", "lr", "loss", "recon", "quant", "perceptual", "g_loss", "d_loss", "disc_weight",
+        "usage", "perplexity", "images_per_s", "eval_psnr", "eval_ssim", "eval_usage",
+        "eval_perplexity",
+    )  # fmt: skip
+
+    def __init__(self, cfg: dict, model=None, datasets=None):
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        t, o = cfg["train"], cfg["optim"]
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.device = pick_device(t["device"])
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend)
+        self.out_dir = Path(t["out_dir"])
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        # Same seed on every rank for the weights (DDP also broadcasts rank 0's at wrap time).
+        torch.manual_seed(t["seed"])
+        if model is None:
+            from fastvq.models import build_tokenizer
+
+            # Built after init_process_group: quantizers with vector-quantize-pytorch's
+            # sync_codebook=None default then all-reduce their codebook statistics by themselves.
+            model = build_tokenizer(cfg["model"])
+        self.model = model.to(self.device)
+        if cfg["init"]["checkpoint"]:
+            self.load_weights(cfg["init"]["checkpoint"])
+        self.loss_fn = self._build_loss()
+        self.disc = self.loss_fn.discriminator if self.loss_fn.uses_disc else None
+        self.ema = None
+        if t["ema_decay"] > 0:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+        self.meta_opt = self.meta_sched = None
+        lower = self.model
+        if cfg["meta"]["enabled"]:
+            # MQVAE: the quantizer (hyper-net codebook) is the upper level with its own optimizer,
+            # stepped by the hypergradient; the main optimizer sees the encoder-decoder only.
+            from fastvq.train.meta import split_parameters
+
+            lower, upper = split_parameters(self.model)
+            self.meta_opt = torch.optim.AdamW(upper, lr=o["lr"], betas=tuple(o["betas"]))
+            self.meta_sched = torch.optim.lr_scheduler.LambdaLR(self.meta_opt, self._lr_lambda)
+        self.opt = torch.optim.AdamW(
+            _param_groups(lower, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"])
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)
+        self.disc_opt = self.disc_sched = None
+        if self.disc is not None:
+            self.disc_opt = torch.optim.AdamW(
+                _param_groups(self.disc, o["weight_decay"]),
+                lr=o["disc_lr"] or o["lr"],
+                betas=tuple(o["betas"]),
+            )
+            self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, self._lr_lambda)
+        if datasets is None:
+            datasets = build_datasets(cfg["data"])
+        self.train_set, self.eval_set = datasets
+        self.step = 0
+        self.items = 0  # training items this rank consumed: the data stream's resume position
+        self.history: list[float] = []  # per-step loss on this rank
+        # Codes chosen since the last log line: the live usage / perplexity of the progress bar.
+        self.window_counts = torch.zeros(
+            getattr(model.quantizer, "codebook_size", None) or 1,
+            dtype=torch.int64,
+            device=self.device,
+        )
+        self.fixed_batch = None
+        torch.manual_seed(t["seed"] * 7919 + self.rank)  # per-rank stream for dropout, resets
+
+        latest = self.ckpt_dir / "latest.pt"
+        if t["resume"] and latest.is_file():
+            self.load_state(latest)
+        if cfg["init"]["kmeans"] and self.step == 0 and t["vq"]:
+            self.kmeans_init()
+
+        self.forward_model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Without VQ the quantizer's parameters get no gradient: DDP must look for them.
+            self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=not t["vq"])
+        if t["compile"]:
+            self.forward_model = torch.compile(self.forward_model)
+
+    # ----------------------------------------------------------------------------- building
+
+    def _lr_lambda(self, step: int) -> float:
+        o = self.cfg["optim"]
+        return lr_factor(
+            step, self.cfg["train"]["steps"], o["warmup_steps"], o["schedule"], o["min_lr_ratio"]
+        )
+
+    def _build_loss(self):
+        """fastvq.train.losses.VQGANLoss from the loss and disc sections: reconstruction,
+        quantizer, optional LPIPS and GAN terms; it holds the discriminator."""
+        from fastvq.train.losses import build_loss
+
+        in_channels = self.cfg["model"].get("in_channels", 3)
+        return build_loss(self.cfg["loss"], self.cfg["disc"], in_channels).to(self.device)
+
+    @property
+    def codebook_size(self) -> int | None:
+        return getattr(_unwrap(self.model).quantizer, "codebook_size", None)
+
+    def load_weights(self, path) -> None:
+        """Model weights from a trainer checkpoint (its EMA copy when it has one) or a plain
+        state_dict; the quantizer is skipped when shapes differ (a pretrained autoencoder whose
+        codebook size differs from this run's)."""
+        state = ckpt.load(path)
+        if isinstance(state, dict) and "model" in state:
+            state = state.get("ema") or state["model"]
+        own = self.model.state_dict()
+        keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k not in keep and not k.startswith("quantizer.")]
+        if missing:
+            raise ValueError(
+                f"init.checkpoint {str(path)!r} lacks {len(missing)} weights of this model, "
+                f"e.g. {missing[:3]}: was it trained with the same model section?"
+            )
+        self.model.load_state_dict(keep, strict=False)
+
+    @torch.no_grad()
+    def kmeans_init(self) -> None:
+        """Initialise the codebook by k-means on the encoder's outputs (SoundStream's init, run
+        on a pretrained encoder in the representation-collapse recipe)."""
+        import fastvq
+
+        ic = self.cfg["init"]
+        model = _unwrap(self.model)
+        q = model.quantizer
+        if getattr(q, "codebook", None) is None:
+            raise ValueError(f"init.kmeans: {type(q).__name__} has no codebook to initialise")
+        was = model.training
+        model.eval()
+        loader = train_loader(self.train_set, self.cfg["train"]["batch_size"], seed=12345)
+        zs, it = [], iter(loader)
+        for _ in range(ic["kmeans_batches"]):
+            z = model.latents(next(it).to(self.device))
+            zs.append(z.flatten(2).transpose(1, 2).reshape(-1, z.shape[1]).float())
+        z = torch.cat(zs)
+        k = self.codebook_size
+        if len(z) < k:  # more codes than latent vectors: repeat rows (k-means then re-seeds)
+            z = z.repeat(-(-k // len(z)), 1)
+        g = torch.Generator(device=z.device).manual_seed(self.cfg["train"]["seed"])
+        if hasattr(q, "init_from"):  # fastvq.nn.VectorQuantize: also sets its EMA statistics
+            q.init_from(z, iters=ic["kmeans_iters"], generator=g)
+        else:
+            centroids = fastvq.kmeans(
+                z, k, iters=ic["kmeans_iters"], generator=g, all_reduce=self.world > 1
+            )
+            q.codebook = centroids.to(q.codebook.dtype)
+        model.train(was)
+
+    # -------------------------------------------------------------------------- state dicts
+
+    def state_dict(self) -> dict:
+        import torch.distributed as dist
+
+        rngs = [ckpt.rng_state()]
+        if self.world > 1:  # every rank's generators, so each resumes its own stream
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None,
+            "disc_sched": self.disc_sched.state_dict() if self.disc_sched is not None else None,
+            "loss": self.loss_fn.state_dict() if self.loss_fn is not None else None,
+            "meta_opt": self.meta_opt.state_dict() if self.meta_opt is not None else None,
+            "meta_sched": self.meta_sched.state_dict() if self.meta_sched is not None else None,
+            "step": self.step,
+            "items": self.items,
+            "history": list(self.history),
+            "fixed_batch": self.fixed_batch.cpu() if self.fixed_batch is not None else None,
+            "rng": rngs,
+            "world": self.world,
+            "config": self.cfg,
+        }
+
+    def load_state(self, path) -> None:
+        """Resume from a checkpoint written by save(): every weight, optimizer, schedule, step,
+        data position and random generator."""
+        s = ckpt.load(path, map_location=self.device)
+        _unwrap(self.model).load_state_dict(s["model"])
+        if self.ema is not None and s["ema"] is not None:
+            self.ema.load_state_dict(s["ema"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        # The discriminator's weights travel inside the loss module's state.
+        for name in ("loss", "disc_opt", "disc_sched", "meta_opt", "meta_sched"):
+            own = getattr(self, "loss_fn" if name == "loss" else name)
+            if own is not None and s.get(name) is not None:
+                own.load_state_dict(s[name])
+        self.step, self.items = s["step"], s["items"]
+        self.history = list(s["history"])
+        fb = s.get("fixed_batch")
+        self.fixed_batch = fb.to(self.device) if fb is not None else None
+        if s["world"] != self.world:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was written by {s['world']} processes, this run has "
+                f"{self.world}: the data stream and generators would not continue exactly"
+            )
+        ckpt.set_rng_state(s["rng"][self.rank])
+
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's buffers. DDP does so at the start of each forward, so after
+        the last one BatchNorm statistics differ across ranks (and the discriminator, outside DDP,
+        never gets them): evaluation and checkpoints then start from one consistent model."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for module in (_unwrap(self.model), self.ema, self.disc):
+            if module is not None:
+                for b in module.buffers():
+                    dist.broadcast(b, 0)
+
+    def save(self, name: str = "latest.pt") -> Path | None:
+        """Write a checkpoint atomically (rank 0; every rank joins the RNG gather)."""
+        self._broadcast_buffers()
+        state = self.state_dict()
+        if self.rank != 0:
+            return None
+        return ckpt.save_atomic(state, self.ckpt_dir / name)
+
+    # ------------------------------------------------------------------------------ training
+
+    def _generator_loss(self, x, out, step: int) -> tuple[torch.Tensor, dict]:
+        last = _unwrap(self.model).last_layer
+        loss, logs = self.loss_fn.generator_loss(x, out.recon, out.quant_loss, step, last)
+        renamed = {"rec": "recon", "lpips": "perceptual", "d_weight": "disc_weight"}
+        return loss, {renamed.get(k, k): v for k, v in logs.items() if k != "total"}
+
+    def _disc_active(self, step: int) -> bool:
+        return self.disc is not None and step >= self.cfg["loss"]["disc_start"]
+
+    def _batches(self):
+        t = self.cfg["train"]
+        loader = train_loader(
+            self.train_set,
+            t["batch_size"],
+            t["seed"],
+            self.items,
+            self.rank,
+            self.world,
+            t["num_workers"],
+        )
+        for batch in loader:
+            self.items += len(batch)
+            yield batch.to(self.device, non_blocking=True)
+
+    def _check_finite(self, loss: torch.Tensor, logs: dict) -> float:
+        # One host sync per micro-batch (microseconds against a step of milliseconds) buys a stop
+        # before a NaN reaches the weights; across ranks the mean decides, so all stop together.
+        loss = loss.detach().float()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            loss = loss.clone()
+            dist.all_reduce(loss)
+            loss /= self.world
+        value = float(loss)
+        if self.cfg["train"]["nan_guard"] and not math.isfinite(value):
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+            latest = self.ckpt_dir / "latest.pt"
+            kept = (
+                f"the last good checkpoint is {latest}"
+                if latest.exists()
+                else "no checkpoint was written"
+            )
+            raise NonFiniteLossError(
+                f"loss is {value} at step {self.step} ({parts}); stopped without saving, {kept}. "
+                "Try a lower optim.lr, optim.grad_clip > 0, or train.bf16=false."
+            )
+        return value
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step over accum_steps micro-batches; returns float logs."""
+        cfg, t = self.cfg, self.cfg["train"]
+        accum = cfg["optim"]["accum_steps"]
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t["bf16"])
+        self.model.train()
+        if self.meta_opt is not None and self.step % cfg["meta"]["codebook_every"] == 0:
+            self._meta_step(batches)
+        if self.disc is not None:
+            # The GAN term's gradient must reach the decoder through the discriminator, but not
+            # accumulate into the discriminator's own parameters (its step follows, separately).
+            self.disc.requires_grad_(False)
+        xs, recons, logs_sum, total = [], [], {}, 0.0
+        for _ in range(accum):
+            if t["overfit_one_batch"]:
+                if self.fixed_batch is None:
+                    self.fixed_batch = next(batches)
+                x = self.fixed_batch
+            else:
+                x = next(batches)
+            with autocast:
+                out = self.forward_model(x, quantize=t["vq"])
+                loss, logs = self._generator_loss(x, out, self.step)
+            value = self._check_finite(loss, logs)
+            (loss / accum).backward()
+            total += value / accum
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / accum
+            if out.indices is not None and self.codebook_size:
+                import fastvq
+
+                fastvq.code_counts(
+                    out.indices.flatten(), self.codebook_size, out=self.window_counts
+                )
+            xs.append(x)
+            recons.append(out.recon.detach())
+        clip = cfg["optim"]["grad_clip"]
+        if clip > 0:
+            logs_sum["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            )
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        if self.meta_opt is not None:
+            self.meta_opt.zero_grad(set_to_none=True)  # the lower step's codebook gradients
+            self.meta_sched.step()
+        if self._disc_active(self.step):
+            logs_sum["d_loss"] = self._disc_step(xs, recons, autocast)
+        self._update_ema()
+        logs_sum["loss"] = total
+        return logs_sum
+
+    def _meta_step(self, batches) -> None:
+        """MQVAE's upper level: one hypergradient step of the quantizer's (hyper-net) parameters
+        on a fresh batch, through one unrolled inner step of the encoder-decoder."""
+        from fastvq.train.meta import hypergradient, split_parameters
+
+        m, t = self.cfg["meta"], self.cfg["train"]
+        model = _unwrap(self.model)
+        lower, upper = split_parameters(model)
+        x = self.fixed_batch if self.fixed_batch is not None else next(batches)
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t["bf16"])
+
+        def loss():
+            with autocast:
+                out = model(x)
+                return self._generator_loss(x, out, self.step)[0]
+
+        grads, _ = hypergradient(lower, upper, loss, None, m["inner_lr"], m["fd_eps"])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for g in grads:
+                dist.all_reduce(g)
+                g /= self.world
+        for p, g in zip(upper, grads, strict=True):
+            p.grad = g.to(p.dtype)
+        self.meta_opt.step()
+        self.meta_opt.zero_grad(set_to_none=True)
+
+    def _disc_step(self, xs, recons, autocast) -> float:
+        self.disc.requires_grad_(True)
+        self.disc.train()
+        accum, total = len(xs), 0.0
+        for x, recon in zip(xs, recons, strict=True):
+            with autocast:
+                d_loss, _ = self.loss_fn.discriminator_loss(x, recon, self.step)
+            total += self._check_finite(d_loss, {"d_loss": d_loss.detach()}) / accum
+            (d_loss / accum).backward()
+        if self.world > 1:
+            # Not wrapped in DDP (the generator pass runs it too): average its gradients here.
+            import torch.distributed as dist
+
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        clip = self.cfg["optim"]["grad_clip"]
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
+        self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+        self.disc_sched.step()
+        return total
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg["train"]["ema_decay"]
+        model = _unwrap(self.model)
+        ema_p = [p for p in self.ema.parameters()]
+        live_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, live_p, 1 - decay)
+        # Buffers (BatchNorm statistics, EMA codebooks) are already running averages: copy.
+        for b_ema, b in zip(self.ema.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    def fit(self) -> dict:
+        """Train to cfg.train.steps (from the resumed step), evaluating and checkpointing as
+        configured; returns {"step", "history", "eval"} with the final evaluation."""
+        t = self.cfg["train"]
+        main = self.rank == 0
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.out_dir / "config.yaml")
+        writer, csv_file, tb = self._open_logs() if main else (None, None, None)
+        progress = Progress(t["steps"], t["progress"] and main)
+        batches = self._batches()
+        images_per_step = t["batch_size"] * self.cfg["optim"]["accum_steps"] * self.world
+        tick, tick_step = time.perf_counter(), self.step
+        result = {}
+        try:
+            while self.step < t["steps"]:
+                logs = self.train_step(batches)
+                self.history.append(logs["loss"])
+                self.step += 1
+                last = self.step == t["steps"]
+                if self.step % t["log_every"] == 0 or last:
+                    now = time.perf_counter()
+                    logs["images_per_s"] = images_per_step * (self.step - tick_step) / (now - tick)
+                    tick, tick_step = now, self.step
+                    logs["lr"] = self.sched.get_last_lr()[0]
+                    if self.codebook_size and self.cfg["train"]["vq"]:
+                        from fastvq.train.metrics import code_stats
+
+                        st = code_stats(self.window_counts)
+                        logs["usage"], logs["perplexity"] = st["usage"], st["perplexity"]
+                        self.window_counts.zero_()
+                    progress.update(self.step, {
+                        k: logs[k] for k in ("loss", "usage", "perplexity", "images_per_s")
+                        if k in logs
+                    }, force=True)  # fmt: skip
+                    self._log(writer, csv_file, tb, logs)
+                else:
+                    progress.update(self.step, {"loss": logs["loss"]})
+                if (t["eval_every"] and self.step % t["eval_every"] == 0) and not last:
+                    self._log(writer, csv_file, tb, self._eval_logs(self.evaluate()))
+                if (t["ckpt_every"] and self.step % t["ckpt_every"] == 0) or last:
+                    self.save()
+            progress.close()
+            result = self.evaluate()
+            self._log(writer, csv_file, tb, self._eval_logs(result))
+            if main:
+                with open(self.out_dir / "eval.json", "w") as f:
+                    json.dump(result, f, indent=2)
+        finally:
+            if csv_file is not None:
+                csv_file.close()
+            if tb is not None:
+                tb.close()
+        return {"step": self.step, "history": list(self.history), "eval": result}
+
+    def _eval_logs(self, r: dict) -> dict:
+        out = {"step": self.step, "eval_psnr": r["psnr"], "eval_ssim": r["ssim"]}
+        if "usage" in r:
+            out.update(eval_usage=r["usage"], eval_perplexity=r["perplexity"])
+        return out
+
+    def _open_logs(self):
+        path = self.out_dir / "log.csv"
+        new = not path.exists() or self.step == 0
+        csv_file = open(path, "w" if new else "a", newline="")
+        writer = csv.DictWriter(csv_file, self.CSV_FIELDS, extrasaction="ignore", restval="")
+        if new:
+            writer.writeheader()
+        tb = None
+        try:  # TensorBoard only when the tensorboard package is installed
+            import tensorboard  # noqa: F401
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out_dir / "tb"))
+        except ImportError:
+            pass
+        return writer, csv_file, tb
+
+    def _log(self, writer, csv_file, tb, logs: dict) -> None:
+        if writer is None:
+            return
+        row = {"step": self.step, **logs}
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        csv_file.flush()
+        if tb is not None:
+            for key, v in logs.items():
+                if isinstance(v, int | float) and key != "step":
+                    tb.add_scalar(key, v, self.step)
+
+    # ---------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, use_ema: bool = True, save_images: bool = True) -> dict:
+        """Metrics over the whole evaluation split (this rank's shard, all-reduced): MSE, PSNR,
+        SSIM, code usage / perplexity / entropy from accumulated counts, LPIPS and rFID when
+        their weights are given. Saves a reconstruction grid and a usage histogram (rank 0)."""
+        cfg, e = self.cfg, self.cfg["eval"]
+        self._broadcast_buffers()
+        model = self.ema if (use_ema and self.ema is not None) else _unwrap(self.model)
+        was = model.training
+        model.eval()
+        feature_fn = load_feature_fn(e["fid_features"], self.device) if e["fid_features"] else None
+        k = self.codebook_size if cfg["train"]["vq"] else None
+        ev = Evaluator(k, self.device, feature_fn)
+        lpips = getattr(self.loss_fn, "lpips", None)
+        lpips_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=cfg["train"]["bf16"])
+        shown = None
+        loader = eval_loader(self.eval_set, e["batch_size"], self.rank, self.world)
+        for i, x in enumerate(loader):
+            if e["max_batches"] and i >= e["max_batches"]:
+                break
+            x = x.to(self.device)
+            with autocast:
+                out = model(x, quantize=cfg["train"]["vq"])
+            ev.update(x, out.recon, out.indices)
+            if lpips is not None:
+                lpips_sum += lpips(x, out.recon.float().clamp(-1, 1)).double().sum()
+            if shown is None:
+                shown = (x[: e["num_images"]], out.recon[: e["num_images"]].float())
+        if self.world > 1:
+            import torch.distributed as dist
+
+            ev.all_reduce()
+            dist.all_reduce(lpips_sum)
+        result = {"step": self.step, **ev.result()}
+        if lpips is not None:
+            result["lpips"] = float(lpips_sum) / result["images"]
+        model.train(was)
+        if save_images and self.rank == 0 and shown is not None:
+            img_dir = self.out_dir / "images"
+            save_grid(*shown, img_dir / f"recon_{self.step:07d}.png")
+            if ev.counts is not None:
+                save_usage_histogram(ev.counts, img_dir / f"usage_{self.step:07d}.png")
+        return result

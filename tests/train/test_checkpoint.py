@@ -1,0 +1,155 @@
+"""Checkpoints: kill / resume continues the same run bit for bit on CPU, atomic writes survive a
+crash mid-save, the NaN/Inf guard stops with the last good checkpoint kept, overfit-one-batch."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastvq.train import checkpoint as ckpt
+from fastvq.train.trainer import NonFiniteLossError, Trainer
+
+# A VQGAN-style run: EMA weights, a discriminator from step 2 with LeCAM, gradient accumulation,
+# warmup: every piece of state a resumed step depends on.
+FULL = [
+    "train.steps=6",
+    "train.ckpt_every=3",
+    "train.ema_decay=0.9",
+    "optim.warmup_steps=2",
+    "optim.accum_steps=2",
+    "disc={ndf: 4, n_layers: 1, norm: batch}",
+    "loss.disc_weight=0.5",
+    "loss.disc_start=2",
+    "loss.lecam_weight=0.1",
+]
+
+
+class Killed(Exception):
+    pass
+
+
+def _state(trainer):
+    return {
+        **{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+        **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+        **{f"loss.{k}": v for k, v in trainer.loss_fn.state_dict().items()},
+    }
+
+
+def test_kill_and_resume_is_exact(make_config, datasets, tmp_path):
+    straight = Trainer(make_config(*FULL, f"train.out_dir={tmp_path / 'a'}"), datasets=datasets)
+    a = straight.fit()
+
+    cfg = make_config(*FULL, f"train.out_dir={tmp_path / 'b'}")
+    first = Trainer(cfg, datasets=datasets)
+    step = first.train_step
+
+    def dies_after_the_checkpoint(batches):
+        if first.step == 3:
+            raise Killed  # the process dies after step 3's checkpoint, mid-run
+        return step(batches)
+
+    first.train_step = dies_after_the_checkpoint
+    with pytest.raises(Killed):
+        first.fit()
+    assert ckpt.load(tmp_path / "b" / "checkpoints" / "latest.pt")["step"] == 3
+    resumed = Trainer(cfg, datasets=datasets)  # fresh objects, state from latest.pt only
+    assert resumed.step == 3
+    b = resumed.fit()
+
+    assert len(a["history"]) == 6 and a["history"] == b["history"]  # the same loss curve, exactly
+    sa, sb = _state(straight), _state(resumed)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for name in ("opt", "disc_opt"):
+        oa, ob = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
+        for i, s in oa["state"].items():
+            assert all(torch.equal(s[k], ob["state"][i][k]) for k in s), (name, i)
+    assert straight.sched.get_last_lr() == resumed.sched.get_last_lr()
+    assert a["eval"] == b["eval"]
+
+
+def test_resume_refuses_a_different_world_size(make_config, datasets):
+    trainer = Trainer(make_config("train.steps=1"), datasets=datasets)
+    trainer.fit()
+    path = trainer.ckpt_dir / "latest.pt"
+    state = ckpt.load(path)
+    state["world"] = 2
+    ckpt.save_atomic(state, path)
+    with pytest.raises(ValueError, match="2 processes"):
+        Trainer(make_config("train.steps=2"), datasets=datasets)
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    ckpt.save_atomic({"step": 1, "w": torch.arange(4)}, path)
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # the temp file is gone
+
+
+def test_killed_process_mid_save_leaves_latest_loadable(tmp_path):
+    """A real crash: the writing process exits abruptly (no cleanup) halfway through the write."""
+    path = tmp_path / "latest.pt"
+    ckpt.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    script = textwrap.dedent(f"""
+        import os, torch
+        from fastvq.train import checkpoint as ckpt
+        def dying_save(obj, f):
+            f.write(b"x" * 1000)
+            f.flush()
+            os._exit(9)
+        torch.save = dying_save
+        ckpt.save_atomic({{"step": 2}}, {str(path)!r})
+    """)
+    rc = subprocess.run([sys.executable, "-c", script], timeout=120).returncode
+    assert rc == 9
+    assert ckpt.load(path)["step"] == 1  # a stray temp file may remain; latest is intact
+    assert torch.equal(ckpt.load(path)["w"], torch.ones(3))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load(tmp_path / "nope.pt")
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, datasets):
+    trainer = Trainer(make_config("train.steps=6", "train.ckpt_every=2"), datasets=datasets)
+    gen_loss = trainer.loss_fn.generator_loss
+
+    def poisoned(x, x_hat, quant_loss, step, last_layer=None):
+        total, logs = gen_loss(x, x_hat, quant_loss, step, last_layer)
+        return (total * float("nan") if step >= 3 else total), logs
+
+    trainer.loss_fn.generator_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3.*last good checkpoint"):
+        trainer.fit()
+    latest = ckpt.load(trainer.ckpt_dir / "latest.pt")
+    assert latest["step"] == 2 and len(latest["history"]) == 2
+    assert all(v.isfinite().all() for v in latest["model"].values() if v.is_floating_point())
+    # The NaN never reached the weights: the guard fires before backward.
+    assert all(p.isfinite().all() for p in trainer.model.parameters())
+
+
+def test_nan_guard_can_be_disabled(make_config, datasets):
+    trainer = Trainer(make_config("train.steps=1", "train.nan_guard=false"), datasets=datasets)
+    assert trainer._check_finite(torch.tensor(float("inf")), {}) == float("inf")
+
+
+def test_overfit_one_batch(make_config, datasets):
+    trainer = Trainer(
+        make_config("train.overfit_one_batch=true", "train.steps=40", "optim.lr=1e-2"),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    assert trainer.items == 8  # one batch drawn, reused for every step
+    first, last = result["history"][0], result["history"][-1]
+    assert last < 0.3 * first, result["history"]

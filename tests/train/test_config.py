@@ -1,0 +1,123 @@
+"""Configs: overrides and their errors, `base:` files, and every recipe in configs/ loading and
+building its tokenizer (at reduced size), with the seed papers' settings checked."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvq.train.config import load_config, parse_value
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "collapse_sweep.yaml")
+
+
+def test_overrides_parse_as_yaml(tmp_path):
+    overrides = ["optim.lr=1e-4", "optim.betas=[0.5, 0.9]", "loss.lpips=null",
+                 "train.bf16=true", "model.quantizer={type: FSQ, levels: [8, 5]}"]  # fmt: skip
+    cfg = load_config(None, overrides)
+    assert cfg["optim"]["lr"] == 1e-4 and cfg["optim"]["betas"] == [0.5, 0.9]
+    assert cfg["loss"]["lpips"] is None and cfg["train"]["bf16"] is True
+    assert cfg["model"]["quantizer"] == {"type": "FSQ", "levels": [8, 5]}
+    assert parse_value("3e-4") == 3e-4  # YAML 1.1 would read this as a string
+    assert load_config(None, ["optim.lr=1"])["optim"]["lr"] == 1.0  # ints widen to floats
+    (tmp_path / "base.yaml").write_text("optim: {lr: 1e-3, weight_decay: 0.1}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 5e-4}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.2"])
+    assert cfg["optim"]["lr"] == 5e-4 and cfg["optim"]["weight_decay"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "override,err,match",
+    [
+        ("optim.lrr=1e-3", ValueError, "unknown config key optim.lrr"),
+        ("trian.steps=3", ValueError, "unknown config section 'trian'"),
+        ("train.steps=ten", ValueError, "train.steps must be int"),
+        ("train.steps=-1", ValueError, "train.steps must be >= 0"),
+        ("train.bf16=1", ValueError, "train.bf16 must be bool"),
+        ("loss.recon=l3", ValueError, "loss.recon must be one of"),
+        ("optim.betas=[0.9]", ValueError, "optim.betas"),
+        ("data.kind=folder", ValueError, "data.path must be a directory"),
+        ("train.steps", ValueError, "section.key=value"),
+        ("train..steps=1", ValueError, "bad key"),
+        ("optim.lr.x=1", ValueError, "optim.lr must be float"),
+    ],
+)
+def test_override_errors(override, err, match):
+    with pytest.raises(err, match=match):
+        load_config(None, [override])
+
+
+def test_file_errors_and_missing_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    from fastvq.train.data import build_datasets
+
+    cfg = load_config(None, ["data.kind=cifar10", f"data.path={tmp_path / 'cifar'}"])
+    with pytest.raises(FileNotFoundError, match="data.path .*cifar.* is not a directory"):
+        build_datasets(cfg["data"])
+
+
+# Reduced sizes that keep each recipe's architecture family and quantizer.
+SMALL = {
+    "rotated_vqvae": ["model.ch=8", "model.num_res_blocks=1", "model.z_channels=16",
+                      "model.attn_heads=2"],
+    "vqgan": ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+              "model.attn_resolutions=[8]", "model.resolution=16"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_loads_and_builds(name):
+    from fastvq.models import build_tokenizer
+
+    cfg = load_config(CONFIGS / name, ["data.path=/data"])
+    arch = cfg["model"]["arch"]
+    cfg = load_config(CONFIGS / name, ["data.path=/data", *SMALL[arch]])
+    torch.manual_seed(0)
+    tok = build_tokenizer(cfg["model"]).eval()
+    res = 16
+    with torch.no_grad():
+        out = tok(torch.rand(1, 3, res, res) * 2 - 1)
+    assert out.recon.shape == (1, 3, res, res) and out.indices is not None
+    assert int(out.indices.max()) < tok.codebook_size
+    assert tok.codebook_size == cfg["model"]["quantizer"].get(
+        "codebook_size", {"LeechQuantize": 196_560}.get(cfg["model"]["quantizer"]["type"])
+    )
+
+
+def test_recipes_match_the_papers():
+    rot = load_config(CONFIGS / "rotated_vqvae.yaml", ["data.path=/data"])
+    assert rot["optim"]["lr"] == 2e-4 and rot["optim"]["weight_decay"] == 0.01
+    assert rot["optim"]["schedule"] == "cosine" and rot["train"]["batch_size"] == 128
+    q = rot["model"]["quantizer"]
+    assert q["decay"] == 0.99 and q["commitment_weight"] == 0.25 and q["rotation_trick"]
+    assert rot["model"]["ch_mult"] == [1, 2, 4] and rot["model"]["num_res_blocks"] == 6
+
+    pre = load_config(CONFIGS / "collapse_pretrain.yaml", ["data.path=/data"])
+    fine = load_config(CONFIGS / "collapse_finetune.yaml", ["data.path=/data"])
+    assert pre["train"]["vq"] is False and fine["train"]["vq"] is True
+    assert fine["init"]["kmeans"] and fine["init"]["checkpoint"].endswith("latest.pt")
+    import yaml
+
+    sweep = yaml.safe_load((CONFIGS / "collapse_sweep.yaml").read_text())["sweep"]
+    assert sweep["values"] == [16, 64, 256, 1024, 4096, 16384, 65536]
+    assert sweep["key"] == "model.quantizer.codebook_size"
+
+    mq = load_config(CONFIGS / "mqvae.yaml", ["data.path=/data"])
+    assert mq["meta"]["enabled"] and mq["meta"]["codebook_every"] > 1
+    assert mq["model"]["quantizer"]["type"] == "HyperCodebook"
+
+    gan = load_config(CONFIGS / "vqgan_65k.yaml", ["data.path=/data"])
+    assert gan["model"]["quantizer"]["codebook_size"] == 65536
+    assert gan["loss"]["disc_weight"] > 0 and gan["loss"]["adaptive_weight"]
+    leech = load_config(CONFIGS / "leech.yaml", ["data.path=/data"])
+    assert leech["model"]["quantizer"]["type"] == "LeechQuantize"
+    assert leech["model"]["embed_dim"] == 24

@@ -1,0 +1,120 @@
+"""Datasets from tiny synthetic directories: image folders and CIFAR-10's python format; the
+resumable sample stream; missing paths are clear errors."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fastvq.train.data import StreamSampler, build_datasets, train_loader
+
+DATA = {"resolution": 8, "val_fraction": 0.25, "scale": 1.0, "flip": True, "epoch_size": 16}
+
+
+def _write_pngs(root, n, size=(12, 10), seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = []
+    for i in range(n):
+        arr = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / f"img{i}.png")
+        arrays.append(arr)
+    return arrays
+
+
+def test_image_folder_with_train_and_val(tmp_path):
+    _write_pngs(tmp_path / "train" / "cats", 3)
+    val = _write_pngs(tmp_path / "val", 2, size=(10, 12), seed=1)
+    train_set, eval_set = build_datasets({**DATA, "kind": "folder", "path": str(tmp_path)})
+    assert len(train_set) == 3 and len(eval_set) == 2
+    x = train_set[(1, 123)]
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    assert -1 <= x.min() and x.max() <= 1
+    assert torch.equal(x, train_set[(1, 123)])  # a crop is a pure function of its key
+    assert any(not torch.equal(x, train_set[(1, s)]) for s in range(5))
+    # Evaluation: the centre crop, exactly the file's pixels mapped to [-1, 1].
+    want = torch.from_numpy(val[0][1:9, 2:10]).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(eval_set[0], want)
+
+
+def test_image_folder_split_and_errors(tmp_path):
+    _write_pngs(tmp_path / "flat", 8)
+    train_set, eval_set = build_datasets({**DATA, "kind": "folder", "path": str(tmp_path / "flat")})
+    assert (len(train_set), len(eval_set)) == (6, 2)
+    assert not set(train_set.files) & set(eval_set.files)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        build_datasets({**DATA, "kind": "folder", "path": str(tmp_path / "missing")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds 0 images"):
+        build_datasets({**DATA, "kind": "folder", "path": str(tmp_path / "empty")})
+
+
+def _write_cifar(root, n_train=(6, 4), n_test=5, seed=0):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    batches = []
+    names = [f"data_batch_{i + 1}" for i in range(len(n_train))] + ["test_batch"]
+    for name, n in zip(names, [*n_train, n_test], strict=True):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [0] * n}, f)
+        batches.append(data)
+    return batches
+
+
+def test_cifar10_python_format(tmp_path):
+    batches = _write_cifar(tmp_path / "cifar-10-batches-py")
+    cfg = {**DATA, "kind": "cifar10", "path": str(tmp_path), "resolution": 32, "flip": False}
+    train_set, eval_set = build_datasets(cfg)
+    assert (len(train_set), len(eval_set)) == (10, 5)
+    # Row layout: 1024 red values, then green, then blue, each row-major 32 x 32.
+    img = eval_set[2]
+    red = torch.from_numpy(batches[2][2, :1024].reshape(32, 32)).float() / 127.5 - 1
+    blue = torch.from_numpy(batches[2][2, 2048:].reshape(32, 32)).float() / 127.5 - 1
+    torch.testing.assert_close(img[0], red)
+    torch.testing.assert_close(img[2], blue)
+    second = torch.from_numpy(batches[1][0].reshape(3, 32, 32)).float() / 127.5 - 1
+    torch.testing.assert_close(train_set[(6, 0)], second)  # batch 2 follows batch 1
+    small = build_datasets({**cfg, "resolution": 16})[1][0]
+    assert small.shape == (3, 16, 16)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        build_datasets({**cfg, "path": str(tmp_path / "other")})
+
+
+def test_stream_resumes_exactly_and_shards():
+    full = list(zip(range(40), StreamSampler(10, seed=3), strict=False))
+    resumed = list(zip(range(25), StreamSampler(10, seed=3, start=15), strict=False))
+    assert [k for _, k in full[15:]] == [k for _, k in resumed]
+    # Each epoch is a permutation; two ranks split every epoch between them without overlap.
+    assert sorted(i for _, (i, _) in full[:10]) == list(range(10))
+    r0 = [i for _, (i, _) in zip(range(5), StreamSampler(10, 3, rank=0, world=2), strict=False)]
+    r1 = [i for _, (i, _) in zip(range(5), StreamSampler(10, 3, rank=1, world=2), strict=False)]
+    assert sorted(r0 + r1) == list(range(10))
+    with pytest.raises(ValueError, match="fewer than"):
+        StreamSampler(1, world=2)
+
+
+def test_train_loader_resume(tmp_path):
+    _write_pngs(tmp_path, 5)
+    train_set, _ = build_datasets({**DATA, "kind": "folder", "path": str(tmp_path)})
+    it = iter(train_loader(train_set, 2, seed=0))
+    batches = [next(it) for _ in range(4)]
+    later = iter(train_loader(train_set, 2, seed=0, start_item=4))
+    assert torch.equal(next(later), batches[2]) and torch.equal(next(later), batches[3])
+
+
+def test_samples_have_held_out_strips():
+    pytest.importorskip("sklearn")
+    train_set, eval_set = build_datasets(
+        {**DATA, "kind": "samples", "resolution": 32, "scale": 0.25}
+    )
+    assert len(train_set) == 16 and len(eval_set) > 0
+    assert train_set[(0, 1)].shape == eval_set[0].shape == (3, 32, 32)
+    # Training crops come from the left of each photograph, evaluation tiles from its right strip.
+    widths = [img.shape[-1] for img in train_set.images]
+    assert all(w < full.shape[-1] for w, full in zip(widths, eval_set.images, strict=True))
+    assert all(left >= widths[n] for n, _, left in eval_set.boxes)

@@ -1,0 +1,98 @@
+"""DDP on 2 CPU processes (gloo): each rank trains on its own shard, yet weights and EMA
+codebooks stay identical across ranks, evaluation is all-reduced, one checkpoint is written."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from fastvq.train.config import load_config
+    from fastvq.train.data import TensorImages
+    from fastvq.train.trainer import Trainer
+
+    out = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(40, 3, 2, 2, generator=g)
+    imgs = (torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear") * 255).byte()
+    data = TensorImages(imgs[:32], 16, train=True), TensorImages(imgs[32:], 16, train=False)
+    cfg = load_config(None, [
+        "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
+        "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+        "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
+        "data.resolution=16", "train.batch_size=4", "train.steps=3", "train.device=cpu",
+        "train.progress=false", f"train.out_dir={out}/run", "eval.batch_size=4",
+        "disc={ndf: 4, n_layers: 1, norm: none}", "loss.disc_weight=0.5",
+    ])
+    trainer = Trainer(cfg, datasets=data)
+    first = next(trainer._batches())
+    trainer.items = 0
+    step, snapshots = trainer.train_step, []
+
+    def train_step(batches):
+        logs = step(batches)
+        # The quantizer's state right after its update, before any broadcast could mask a
+        # missing all-reduce.
+        snapshots.append({k: v.clone() for k, v in trainer.model.quantizer.state_dict().items()})
+        return logs
+
+    trainer.train_step = train_step
+    result = trainer.fit()
+    q = trainer.model.quantizer
+    torch.save({
+        "model": trainer.model.state_dict(),
+        "disc": trainer.disc.state_dict(),
+        "sync": q.sync_codebook,
+        "snapshots": snapshots,
+        "first": first,
+        "eval": result["eval"],
+        "history": result["history"],
+    }, f"{out}/rank{trainer.rank}.pt")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["sync"] and r1["sync"]  # built after init_process_group: statistics all-reduced
+    assert not torch.equal(r0["first"], r1["first"])  # each rank reads its own shard
+    assert len(r0["snapshots"]) == 3
+    for s0, s1 in zip(r0["snapshots"], r1["snapshots"], strict=True):
+        assert s0.keys() and s0.keys() == s1.keys()
+        for key, v in s0.items():
+            assert torch.equal(v, s1[key]), key  # codebook and its EMA statistics, every step
+    for key, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][key]), key  # BatchNorm statistics too, after fit
+    for key, v in r0["disc"].items():
+        assert torch.equal(v, r1["disc"][key]), key
+    assert r0["eval"] == r1["eval"] and r0["eval"]["images"] == 8  # all-reduced over 2 shards
+    assert r0["history"] == r1["history"]  # the logged loss is the mean over ranks
+    ckpts = list((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["latest.pt"]
+    assert len(torch.load(ckpts[0], weights_only=False)["rng"]) == 2  # every rank's generators

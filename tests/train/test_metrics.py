@@ -1,0 +1,115 @@
+"""Metrics on inputs with known answers; the Fréchet distance against scipy.linalg.sqrtm."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastvq.train.metrics import (
+    Evaluator,
+    FeatureStats,
+    code_stats,
+    frechet_distance,
+    mse,
+    psnr,
+    ssim,
+)
+
+
+def _scipy_fid(mu1, s1, mu2, s2):
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("f,n", [(3, 50), (16, 40), (24, 200)])
+def test_frechet_distance_matches_scipy(f, n):
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(f)
+    a = torch.randn(n, f, generator=g, dtype=torch.float64)
+    b = (
+        torch.randn(n, f, generator=g, dtype=torch.float64)
+        @ torch.randn(f, f, generator=g, dtype=torch.float64)
+        + 0.5
+    )
+    stats = []
+    for feats in (a, b):
+        st = FeatureStats()
+        for chunk in feats.split(7):  # accumulated over batches
+            st.update(chunk)
+        mu, cov = st.mean_cov()
+        np.testing.assert_allclose(mu.numpy(), feats.mean(0).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(cov.numpy(), np.cov(feats.numpy().T), rtol=1e-9, atol=1e-12)
+        stats.append((mu.numpy(), cov.numpy()))
+    ours = frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
+    want = _scipy_fid(stats[0][0], stats[0][1], stats[1][0], stats[1][1])
+    assert ours == pytest.approx(want, rel=1e-6)
+    assert frechet_distance(*stats[0], *stats[0]) == pytest.approx(0, abs=1e-8)
+    with pytest.raises(ValueError, match="sigma"):
+        frechet_distance(stats[0][0], stats[0][1], stats[1][0][:2], stats[1][1])
+
+
+def test_mse_psnr_ssim_on_known_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    y = x + 0.2  # 0.1 in [0, 1] units
+    torch.testing.assert_close(mse(x, y), torch.full((2,), 0.01, dtype=torch.float64))
+    torch.testing.assert_close(psnr(x, y), torch.full((2,), 20.0, dtype=torch.float64))
+    assert torch.isinf(psnr(x, x)).all()
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    s = ssim(x, -x)
+    assert (s < 0.1).all()
+    with pytest.raises(ValueError, match="shapes"):
+        mse(x, y[:1])
+    with pytest.raises(ValueError, match="11 pixels"):
+        ssim(x[..., :8, :8], y[..., :8, :8])
+    with pytest.raises(TypeError):
+        mse(x.long(), y.long())
+
+
+def test_ssim_matches_scipy_gaussian_filter_reference():
+    """scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False) re-done with scipy.ndimage: filter, then crop the border."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 24, 20, generator=g, dtype=torch.float64) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    a, b = ((x[0] + 1) / 2).numpy(), ((y[0] + 1) / 2).numpy()
+    c1, c2, per_channel = 0.01**2, 0.03**2, []
+    for u, v in zip(a, b, strict=True):
+
+        def f(t):
+            return ndimage.gaussian_filter(t, sigma=1.5, truncate=3.5)  # 11 taps
+
+        mu_u, mu_v = f(u), f(v)
+        vu, vv, cuv = f(u * u) - mu_u**2, f(v * v) - mu_v**2, f(u * v) - mu_u * mu_v
+        s_map = ((2 * mu_u * mu_v + c1) * (2 * cuv + c2)) / (
+            (mu_u**2 + mu_v**2 + c1) * (vu + vv + c2)
+        )
+        per_channel.append(s_map[5:-5, 5:-5].mean())
+    assert ssim(x, y).item() == pytest.approx(float(np.mean(per_channel)), rel=1e-9)
+
+
+def test_code_stats_and_evaluator():
+    st = code_stats(torch.tensor([3, 3, 0, 0]))
+    assert st["usage"] == 0.5 and st["codes_used"] == 2
+    assert st["perplexity"] == pytest.approx(2.0) and st["entropy_bits"] == pytest.approx(1.0)
+    st = code_stats(torch.tensor([1, 1, 1, 1, 4]))
+    p = np.array([1, 1, 1, 1, 4]) / 8
+    assert st["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+
+    # Usage is counted over the whole set, not averaged per batch: two batches using disjoint
+    # halves of the codebook give full usage and perplexity K.
+    ev = Evaluator(8, "cpu")
+    x = torch.rand(4, 3, 12, 12) * 1.6 - 0.8
+    ev.update(x, x, torch.arange(4).view(1, 2, 2).expand(4, 2, 2))
+    ev.update(x, x + 0.2, torch.arange(4, 8).view(1, 2, 2).expand(4, 2, 2))
+    r = ev.result()
+    assert r["images"] == 8 and r["usage"] == 1.0 and r["perplexity"] == pytest.approx(8.0)
+    assert r["mse"] == pytest.approx(0.005, rel=1e-5)  # half the images off by 0.1
+    assert r["psnr"] == pytest.approx((120 + 20) / 2, rel=1e-5)  # a perfect image counts 120 dB
+    with pytest.raises(ValueError, match="no images"):
+        Evaluator(4, "cpu").result()

@@ -1,0 +1,187 @@
+"""End to end on CPU: a short run through the command line lowers the reconstruction error and
+writes its logs, figures and evaluation; `fastvq eval` reproduces that evaluation; the collapse
+sweep records MSE and perplexity per codebook size."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastvq.train.cli import main
+from fastvq.train.config import load_config
+from fastvq.train.trainer import Trainer, lr_factor
+
+
+def _png_folder(root, n=12, res=16):
+    """Smooth random images as PNG files (what a user's image folder holds)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        low = torch.from_numpy(rng.random((1, 3, 4, 4)))
+        img = torch.nn.functional.interpolate(low, size=(res, res), mode="bilinear")[0]
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(
+            root / f"{i}.png"
+        )
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.0) == 1.0
+    assert lr_factor(10, 100, 10, "cosine", 0.0) == 1.0
+    assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 0, "constant", 0.0) == 1.0
+
+
+def test_training_lowers_reconstruction_error(make_config, datasets):
+    cfg = make_config("train.steps=60", "model.ch=8", "optim.lr=1e-2", "train.ema_decay=0.5")
+    trainer = Trainer(cfg, datasets=datasets)
+    before = trainer.evaluate(save_images=False)  # about the mean-colour predictor's error
+    result = trainer.fit()
+    after = result["eval"]
+    assert after["mse"] < 0.7 * before["mse"], (before, after)  # 0.057 -> 0.023 here
+    assert np.mean(result["history"][-5:]) < np.mean(result["history"][:5])
+    assert after["usage"] > 0.25  # the codebook did not collapse to a few codes
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    _png_folder(tmp_path / "images")
+    (tmp_path / "tiny.yaml").write_text(
+        """
+model:
+  arch: rotated_vqvae
+  ch: 4
+  ch_mult: [1, 2]
+  num_res_blocks: 1
+  z_channels: 8
+  attn_heads: 2
+  quantizer: {type: VectorQuantize, codebook_size: 16, decay: 0.8}
+optim: {lr: 3e-3}
+train: {steps: 8, batch_size: 4, log_every: 4, device: cpu, progress: false}
+data: {kind: folder, resolution: 16}
+eval: {batch_size: 4}
+"""
+    )
+    run = tmp_path / "run"
+    args = ["--config", str(tmp_path / "tiny.yaml"), f"data.path={tmp_path / 'images'}",
+            f"train.out_dir={run}"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["step"] == 8 and saved["images"] == 2 and 0 < saved["usage"] <= 1
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["step"] for r in rows if r["loss"]] == ["4", "8"]
+    assert all(float(r["images_per_s"]) > 0 for r in rows if r["loss"])
+    assert (run / "images" / "recon_0000008.png").is_file()
+    assert (run / "images" / "usage_0000008.png").is_file()
+    assert load_config(run / "config.yaml")["train"]["steps"] == 8
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "latest.pt")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    again = json.loads((run / "eval" / "eval.json").read_text())
+    assert printed == again
+    for key in ("mse", "psnr", "ssim", "usage", "perplexity"):
+        assert again[key] == pytest.approx(saved[key], rel=1e-6), key
+    # Starting the same command again resumes: the run is complete, nothing more is trained.
+    assert main(["train", *args]) == 0
+    assert json.loads((run / "eval.json").read_text())["mse"] == pytest.approx(saved["mse"])
+
+
+def test_cli_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "fastvq train --config" in text and "overrides" in text.lower()
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        main(["train", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])  # reaches the demo's own parser
+    assert "python -m fastvq.demo [-h] [--quiet]" in capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text("data: {kind: folder, path: null}\n")
+    with pytest.raises(ValueError, match="data.path"):
+        main(["train", "--config", str(tmp_path / "c.yaml")])
+
+
+def test_collapse_sweep_records_mse_and_perplexity(tmp_path, capsys):
+    """The collapse recipe end to end at toy size (configs/collapse_sweep.yaml with overrides):
+    pretrain without VQ, k-means-initialised fine-tunes for two codebook sizes, and the
+    from-scratch baseline; sweep.csv holds MSE and perplexity per size and variant."""
+    import pickle
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    for name, n in (("data_batch_1", 16), ("test_batch", 8)):
+        low = torch.from_numpy(rng.random((n, 3, 4, 4)))
+        img = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear")
+        data = (img * 255).to(torch.uint8).reshape(n, -1).numpy()
+        with open(cifar / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [0] * n}, f)
+    sweep_cfg = Path(__file__).resolve().parents[2] / "configs" / "collapse_sweep.yaml"
+    overrides = [f"data.path={cifar}", f"train.out_dir={tmp_path / 'sweep'}", "model.ch=4",
+                 "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+                 "train.steps=3", "train.batch_size=4", "train.progress=false",
+                 "train.device=cpu", "init.kmeans_batches=2", "init.kmeans_iters=2",
+                 "eval.batch_size=8"]  # fmt: skip
+    assert main(["sweep", "--config", str(sweep_cfg), "--values", "16,64", *overrides]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    got = {(r["variant"], r["model.quantizer.codebook_size"]) for r in rows}
+    assert got == {(v, k) for v in ("pretrained", "scratch") for k in ("16", "64")}
+    for r in rows:
+        assert float(r["mse"]) > 0 and 1 <= float(r["perplexity"]) <= int(
+            r["model.quantizer.codebook_size"]
+        )
+    pre = load_config(tmp_path / "sweep" / "pretrain" / "config.yaml")
+    assert pre["train"]["vq"] is False
+    fine = load_config(tmp_path / "sweep" / "pretrained_codebook_size_64" / "config.yaml")
+    assert fine["init"]["kmeans"] and fine["init"]["checkpoint"].endswith("latest.pt")
+    assert fine["model"]["quantizer"]["codebook_size"] == 64
+    assert "sweep pretrained codebook_size=16: mse" in capsys.readouterr().out
+
+
+def test_bf16_autocast_and_accumulation_run(make_config, datasets):
+    trainer = Trainer(
+        make_config("train.steps=2", "train.bf16=true", "optim.accum_steps=2"), datasets=datasets
+    )
+    result = trainer.fit()
+    assert trainer.items == 2 * 2 * 8  # steps x micro-batches x batch
+    assert all(np.isfinite(result["history"])) and np.isfinite(result["eval"]["mse"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast only
+
+
+def test_init_from_pretrained_autoencoder_then_kmeans(make_config, datasets, tmp_path):
+    """The collapse recipe's stages 1 -> 2: weights from the VQ-free pretraining, then a codebook
+    k-means-fitted to the pretrained encoder's outputs (lower distortion than the random one)."""
+    pre = Trainer(
+        make_config("train.vq=false", "train.steps=2", f"train.out_dir={tmp_path / 'pre'}"),
+        datasets=datasets,
+    )
+    pre.fit()
+    ckpt = tmp_path / "pre" / "checkpoints" / "latest.pt"
+    common = ("train.steps=0", f"init.checkpoint={ckpt}", "init.kmeans_batches=2")
+    plain = Trainer(make_config(*common, f"train.out_dir={tmp_path / 'a'}"), datasets=datasets)
+    fitted = Trainer(
+        make_config(*common, "init.kmeans=true", f"train.out_dir={tmp_path / 'b'}"),
+        datasets=datasets,
+    )
+    for key, v in pre.model.encoder.state_dict().items():
+        assert torch.equal(v, fitted.model.encoder.state_dict()[key]), key
+    x = torch.stack([datasets[1][i] for i in range(8)])
+
+    def distortion(trainer):
+        model = trainer.model.eval()
+        with torch.no_grad():
+            z = model.latents(x).permute(0, 2, 3, 1).reshape(-1, 8).double()
+            codes = model.quantizer.codebook.double()
+        return torch.cdist(z, codes).min(1).values.square().mean().item()
+
+    assert distortion(fitted) < 0.5 * distortion(plain)
+    with pytest.raises(ValueError, match="lacks"):
+        Trainer(
+            make_config("model.ch=8", f"init.checkpoint={ckpt}", f"train.out_dir={tmp_path}"),
+            datasets=datasets,
+        )

@@ -1,25 +1,24 @@
 """nearest_code against what users otherwise run, in one process and one table.
 
 Peers: the naive expansion + argmin users write (fp32, tf32 and bf16 on GPU), torch.cdist + argmin,
-the naive code under torch.compile, and fastvq's chunked PyTorch reference. Correctness is checked
-before timing: agreement with the float64 argmin on a row subsample, and the tie-aware check.
-"""
+the naive code under torch.compile, fastvq's chunked PyTorch reference, and flash-kmeans' fused
+Triton assignment kernel (CUDA only). Correctness is checked before timing: agreement with the
+float64 argmin on a row subsample, and the tie-aware check for the peer's arithmetic.
+TFLOP/s counts the 2·N·K·D flops of the distance GEMM.
 
-import argparse
-import time
+python -m bench.bench_nearest_code [--quick] [--out DIR]
+"""
 
 import torch
 
 import fastvq
-from bench.common import Row, device_name, save
-from fastvq.reference import METRICS  # noqa: F401  (the metrics the op accepts; l2 is timed here)
-from fastvq.testing import check_nearest
+from bench.common import DEVICE, Skip, check_indices, cli, measure
 
-GPU_SHAPES = [(65536, 65536, 32), (65536, 16384, 8), (65536, 196560, 24), (16384, 65536, 256)]
-CPU_SHAPES = [(8192, 16384, 32)]
-QUICK_SHAPES = [(256, 1024, 32)]
-# Limits for "percent of peak" (H100, DESIGN.md); None on CPU where no ceiling was measured.
-H100_TFLOPS = {"bf16": 772.0, "tf32": 391.0, "fp32": 52.0}
+SHAPES = {
+    "cuda": [(65536, 65536, 32), (65536, 16384, 8), (65536, 196560, 24), (16384, 65536, 256)],
+    "cpu": [(8192, 16384, 32)],
+    "quick": [(256, 1024, 32)],
+}
 
 
 def naive(z, c):
@@ -30,105 +29,102 @@ def cdist(z, c):
     return torch.cdist(z, c).argmin(1)
 
 
-def peers(device):
-    """name -> (function of (z, codebook), arithmetic used for the percent-of-peak column)."""
+def _tf32(z, c):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return naive(z, c)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def flash_kmeans_assign(z, c, dtype=torch.float32):
+    """Setup of flash-kmeans' fused Triton assignment (flash_kmeans.assign_euclid_triton): the
+    (1, N, D) batch layout, the dtype cast and x_sq = |z|^2 are prepared outside the timed call,
+    as its k-means loop does once per run; c_sq is computed inside, as there."""
+    if DEVICE != "cuda":
+        raise Skip("needs CUDA")
+    from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+
+    x, cb = z.to(dtype)[None].contiguous(), c.to(dtype)[None].contiguous()
+    x_sq = z.float().square().sum(-1)[None]
+    return lambda: euclid_assign_triton(x, cb, x_sq)[0]
+
+
+def peers(quick: bool) -> dict:
+    """name -> (setup(z, codebook) -> fn, arithmetic of the percent-of-peak column)."""
+
+    def plain(fn):
+        return lambda z, c: lambda: fn(z, c)
+
+    def compiled(z, c):
+        if quick:
+            raise Skip("compile time (--quick)")
+        fn = torch.compile(naive)
+        return lambda: fn(z, c)
+
     out = {
-        "fastvq exact": (lambda z, c: fastvq.nearest_code(z, c), "tf32"),
-        "fastvq fast": (lambda z, c: fastvq.nearest_code(z, c, precision="fast"), "bf16"),
-        "torch naive fp32": (naive, "fp32"),
-        "torch cdist fp32": (cdist, "fp32"),
-        "torch chunked fp32": (lambda z, c: fastvq.nearest_code(z, c, backend="torch"), "fp32"),
-        "torch naive compiled": (torch.compile(naive), "fp32"),
+        "fastvq exact": (plain(fastvq.nearest_code), "tf32"),
+        "fastvq fast": (plain(lambda z, c: fastvq.nearest_code(z, c, precision="fast")), "bf16"),
     }
-    if device == "cuda":
-        for name in ("triton", "cuda"):
-            if fastvq.backends()[name].available:
-                out[f"fastvq {name} exact"] = (
-                    lambda z, c, b=name: fastvq.nearest_code(z, c, backend=b),
-                    "tf32",
+    if DEVICE == "cuda":
+        for backend in ("triton", "cuda"):
+            for precision, arith in (("exact", "tf32"), ("fast", "bf16")):
+                fn = lambda z, c, b=backend, p=precision: fastvq.nearest_code(  # noqa: E731
+                    z, c, backend=b, precision=p
                 )
-        out["torch naive bf16"] = (lambda z, c: naive(z.bfloat16(), c.bfloat16()), "bf16")
-
-        def tf32(z, c):
-            old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                return naive(z, c)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
-
-        out["torch naive tf32"] = (tf32, "tf32")
+                out[f"fastvq {backend} {precision}"] = (plain(fn), arith)
+    out |= {
+        "torch naive fp32": (plain(naive), "fp32"),
+        "torch cdist fp32": (plain(cdist), "fp32"),
+        "torch chunked fp32": (
+            plain(lambda z, c: fastvq.nearest_code(z, c, backend="torch")),
+            "fp32",
+        ),
+        "torch naive compiled": (compiled, "fp32"),
+        "flash-kmeans triton fp32": (flash_kmeans_assign, "tf32"),
+    }
+    if DEVICE == "cuda":
+        out |= {
+            "torch naive tf32": (plain(_tf32), "tf32"),
+            "torch naive bf16": (lambda z, c: plain(naive)(z.bfloat16(), c.bfloat16()), "bf16"),
+            "flash-kmeans triton fp16": (
+                lambda z, c: flash_kmeans_assign(z, c, torch.float16),
+                "bf16",
+            ),
+        }
     return out
 
 
-def timed(fn, z, c, device, reps):
-    """(median, p20, p80) milliseconds."""
-    if device == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(lambda: fn(z, c), quantiles=[0.5, 0.2, 0.8]))
-    fn(z, c)  # warm-up (and compilation)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(z, c)
-        times.append(1e3 * (time.perf_counter() - t))
-    times = torch.tensor(times)
-    return tuple(torch.quantile(times, torch.tensor([0.5, 0.2, 0.8])).tolist())
-
-
-def agreement(idx, z, c, rows=512):
-    """Fraction of a row subsample equal to the float64 argmin, and the tie-aware verdict."""
-    sub = torch.linspace(0, len(z) - 1, min(rows, len(z))).long().to(z.device)
-    exact = fastvq.nearest_code(z[sub].double(), c.double(), backend="torch")
-    rate = (idx[sub] == exact).double().mean().item()
-    try:
-        check_nearest(z[sub], c, idx[sub], precision="fast")
-        ok = True
-    except AssertionError:
-        ok = False
-    return rate, ok
-
-
-def run(shapes, device, reps):
+def run(shapes, reps, quick):
     rows = []
     for n, k, d in shapes:
         g = torch.Generator().manual_seed(0)
-        z = torch.randn(n, d, generator=g).to(device)
-        c = torch.randn(k, d, generator=g).to(device)
-        flops = 2 * n * k * d
-        for name, (fn, arith) in peers(device).items():
-            row = Row(name=name, n=n, k=k, d=d)
-            try:
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                idx = fn(z, c)
-                row.agree, row.tie_aware_ok = agreement(idx, z, c)
-                row.ms, row.ms_p20, row.ms_p80 = timed(fn, z, c, device, reps)
-                row.tflops = flops / row.ms / 1e9
-                if device == "cuda":
-                    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-                    row.percent_of_peak = 100 * row.tflops / H100_TFLOPS[arith]
-            except torch.OutOfMemoryError:
-                row.status = "OOM"
-            rows.append(row)
-            print(row.line(), flush=True)
+        z = torch.randn(n, d, generator=g).to(DEVICE)
+        c = torch.randn(k, d, generator=g).to(DEVICE)
+        for name, (setup, arith) in peers(quick).items():
+            # tf32, bf16 and fp16 peers are held to their own arithmetic's rounding.
+            precision = "exact" if arith == "fp32" or name.endswith("exact") else "fast"
+            rows.append(
+                measure(
+                    name,
+                    {"N": n, "K": k, "D": d},
+                    lambda s=setup, z=z, c=c: s(z, c),
+                    check=lambda idx, p=precision, z=z, c=c: check_indices(z, c, idx, "l2", p),
+                    reps=reps,
+                    flops=2 * n * k * d,
+                    arith=arith,
+                    # unfused peers hold about two (N, K) score matrices at once
+                    need_bytes=2 * (2 if "bf16" in name else 4) * n * k
+                    if "naive" in name or "cdist" in name
+                    else None,
+                )
+            )
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if device == "cuda" else CPU_SHAPES
-    print(Row.header())
-    rows = run(shapes, device, args.reps)
-    path = save(args.out, f"nearest_code-{device_name(device)}", rows, {"shapes": shapes})
-    print(f"saved {path}")
-    return path
+    return cli(argv, __doc__, "nearest_code", run, SHAPES)
 
 
 if __name__ == "__main__":

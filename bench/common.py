@@ -1,68 +1,246 @@
-"""Shared pieces of the benchmarks: one result row, the environment record, the JSON file."""
+"""Shared pieces of the benchmarks: one result row, one timing helper, one correctness check for
+indices, one command line, one JSON file per op and device.
 
+Every bench module builds a list of rows with `measure`, which runs the peer once (the warm-up and
+the correctness check), then times it. A peer that is missing, runs out of memory or cannot run on
+this device becomes a row with a status instead of a crash, so one failing peer never costs a GPU
+session its other numbers.
+"""
+
+import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
 import re
 import subprocess
+import time
+from collections.abc import Callable
 
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Ceilings measured on the H100 of the GPU machine (DESIGN.md): TFLOP/s per arithmetic and the
+# device copy in GB/s (bytes read + written). "percent of peak" is left empty on other devices.
+H100_LIMITS = {"bf16": 772.0, "tf32": 391.0, "fp32": 52.0, "copy": 3000.0}
+# A CPU peer predicted to need more than this is skipped, not tried: the CPU machine is shared and
+# has no swap (23 GiB for 6 helpers), so a failed allocation there can take others down with it.
+CPU_MEMORY_LIMIT = 4 * 2**30
+CHECK_ROWS = 512  # rows sampled for float64 checks: enough to see a 0.2 % disagreement rate
+
+
+class Skip(Exception):
+    """Raised by a peer's setup when it cannot run here; the row gets status 'skipped: <why>'."""
 
 
 @dataclasses.dataclass
 class Row:
     name: str
-    n: int
-    k: int
-    d: int
-    ms: float | None = None
+    shape: dict
+    ms: float | None = None  # median of the timed runs
     ms_p20: float | None = None
     ms_p80: float | None = None
-    tflops: float | None = None
-    percent_of_peak: float | None = None
-    peak_gib: float | None = None
-    agree: float | None = None  # fraction of sampled rows equal to the float64 argmin
-    tie_aware_ok: bool | None = None
-    status: str = "ok"
+    tflops: float | None = None  # counted flops / median time
+    gbps: float | None = None  # bytes the op must move (inputs once, outputs once) / median time
+    percent_of_peak: float | None = None  # of the H100 ceiling for the row's arithmetic
+    peak_gib: float | None = None  # device memory of one call beyond what was allocated before
+    agree: float | None = None  # fraction of sampled indices equal to the float64 reference
+    err: float | None = None  # max |out - ref64| / max |ref64| over the checked outputs
+    ok: bool | None = None  # the op's correctness verdict (tie-aware for indices)
+    extra: dict = dataclasses.field(default_factory=dict)
+    status: str = "ok"  # "ok", "OOM", "skipped: ...", "unavailable: ...", "error: ..."
 
     @staticmethod
     def header() -> str:
         return (
-            f"{'peer':26} {'N':>7} {'K':>7} {'D':>4} {'ms':>9} {'p20-p80':>17} "
-            f"{'TFLOP/s':>8} {'%peak':>6} {'GiB':>6} {'agree':>7}"
+            f"{'peer':34} {'shape':30} {'ms':>9} {'p20-p80':>17} {'rate':>11} {'%peak':>6} "
+            f"{'GiB':>6} {'agree':>7} {'err':>8}"
         )
 
     def line(self) -> str:
+        shape = " ".join(f"{k}={v}" for k, v in self.shape.items())
         if self.status != "ok":
-            return f"{self.name:26} {self.n:7} {self.k:7} {self.d:4} {self.status:>9}"
-        pct = f"{self.percent_of_peak:6.1f}" if self.percent_of_peak is not None else f"{'-':>6}"
-        gib = f"{self.peak_gib:6.2f}" if self.peak_gib is not None else f"{'-':>6}"
+            return f"{self.name:34} {shape:30} {self.status}"
+
+        def fmt(value, spec, width):
+            return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+        rate = (
+            f"{self.tflops:7.3f} TF/s"
+            if self.tflops is not None
+            else f"{self.gbps:7.1f} GB/s"
+            if self.gbps is not None
+            else f"{'-':>12}"
+        )
+        verdict = {None: "", True: "", False: " CHECK-FAILED"}[self.ok]
         return (
-            f"{self.name:26} {self.n:7} {self.k:7} {self.d:4} {self.ms:9.3f} "
-            f"{self.ms_p20:8.3f}-{self.ms_p80:8.3f} {self.tflops:8.3f} {pct} {gib} "
-            f"{self.agree:7.4f}{'' if self.tie_aware_ok else ' TIE-CHECK-FAILED'}"
+            f"{self.name:34} {shape:30} {self.ms:9.3f} {self.ms_p20:8.3f}-{self.ms_p80:8.3f} "
+            f"{rate}{fmt(self.percent_of_peak, '.1f', 6)} {fmt(self.peak_gib, '.2f', 6)} "
+            f"{fmt(self.agree, '.4f', 7)} {fmt(self.err, '.1e', 8)}{verdict}"
         )
 
 
-def device_name(device: str) -> str:
+def timeit(fn: Callable, reps: int) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of fn().
+
+    CUDA: triton.testing.do_bench (events, its own warm-up, and an L2 flush before every run, so
+    inputs that fit in L2 are not timed from the cache). CPU: wall clock after the caller's warm-up,
+    at most `reps` runs and fewer when one run is long (about 3 s of timing per row).
+    """
+    if DEVICE == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    times = []
+    while len(times) < reps and (not times or sum(times) < 3000.0):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    q = torch.quantile(torch.tensor(times), torch.tensor([0.5, 0.2, 0.8]))
+    return tuple(q.tolist())
+
+
+def memory_limit() -> float:
+    """Bytes a peer may be predicted to need before it is skipped instead of tried: CPU_MEMORY_LIMIT
+    on CPU; on CUDA 90 % of the device's memory (an allocation that fails near the limit can leave
+    the allocator fragmented for the rows after it)."""
+    if DEVICE == "cuda":
+        return 0.9 * torch.cuda.get_device_properties(0).total_memory
+    return CPU_MEMORY_LIMIT
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure(
+    name: str,
+    shape: dict,
+    setup: Callable[[], Callable],
+    *,
+    check: Callable | None = None,
+    reps: int = 5,
+    flops: float | None = None,
+    nbytes: float | None = None,
+    arith: str | None = None,
+    need_bytes: float | None = None,
+) -> Row:
+    """One row: fn = setup(); out = fn() (warm-up, peak memory); check(out); then time fn().
+
+    setup: prepares inputs (dtype conversions, modules) outside the timed region and returns the
+        zero-argument callable to time; it raises Skip (or ImportError) when the peer cannot run.
+    check: out -> dict of Row fields (agree, err, ok, extra), computed before any timing.
+    flops / nbytes: the work counted for the TFLOP/s or GB/s column; arith: the H100 ceiling it is
+        compared with ("bf16", "tf32", "fp32"; bytes always against "copy").
+    need_bytes: predicted peak memory; a peer over memory_limit() is skipped, not tried.
+    """
+    row = Row(name=name, shape=dict(shape))
+    try:
+        limit = memory_limit()
+        if need_bytes is not None and need_bytes > limit:
+            raise Skip(
+                f"needs ~{need_bytes / 2**30:.0f} GiB, over the {limit / 2**30:.0f} GiB limit"
+            )
+        fn = setup()
+        _sync()
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        out = fn()
+        _sync()
+        if DEVICE == "cuda":
+            row.peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+        if check is not None:
+            for key, value in check(out).items():
+                setattr(row, key, value)
+        del out
+        row.ms, row.ms_p20, row.ms_p80 = timeit(fn, reps)
+        h100 = "h100" in device_name().lower()
+        if flops:
+            row.tflops = flops / row.ms / 1e9
+            if h100 and arith:
+                row.percent_of_peak = 100 * row.tflops / H100_LIMITS[arith]
+        if nbytes:
+            row.gbps = nbytes / row.ms / 1e6
+            if h100:
+                row.percent_of_peak = 100 * row.gbps / H100_LIMITS["copy"]
+    except Skip as e:
+        row.status = f"skipped: {e}"
+    except ImportError as e:
+        row.status = f"skipped: {e.name or e} not installed"
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        else:
+            row.status = "OOM"
+    except ValueError as e:  # fastvq's answer to a backend or option it does not have (yet)
+        row.status = f"unavailable: {str(e).splitlines()[0][:200]}"
+    except Exception as e:  # noqa: BLE001  (a broken peer must not end the run)
+        row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        fn = None
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print(row.line(), flush=True)
+    return row
+
+
+def check_indices(z, codebook, indices, metric="l2", precision="exact", rows=CHECK_ROWS) -> dict:
+    """agree: fraction of sampled rows equal to the float64 argmin (argmax for "dot");
+    ok: fastvq.testing.check_nearest's tie-aware verdict for the arithmetic's precision."""
+    from fastvq.testing import check_nearest
+
+    sub = sample_rows(len(z), rows, z.device)
+    try:
+        agree = check_nearest(z[sub], codebook, indices[sub].long(), metric, precision)
+        return {"agree": agree, "ok": True}
+    except AssertionError:
+        from fastvq.reference import nearest_code
+
+        best = nearest_code(z[sub].double().cpu(), codebook.double().cpu(), metric)
+        agree = (indices[sub].long().cpu() == best).double().mean().item()
+        return {"agree": agree, "ok": False}
+
+
+def sample_rows(n: int, rows: int, device) -> torch.Tensor:
+    """Evenly spaced row indices, at most `rows` of them."""
+    return torch.linspace(0, n - 1, min(rows, n)).long().to(device)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (ref in float64)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def device_name(device: str = DEVICE) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
-def environment(device: str) -> dict:
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str = DEVICE) -> dict:
     def git(*args):
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
         except OSError:
             return ""
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         models = re.findall(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
@@ -71,23 +249,55 @@ def environment(device: str) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu,
         "cpu": cpu,
         "threads": torch.get_num_threads(),
+        # 1-minute load average at the end of the run: above the thread count, CPU timings are
+        # shared with other processes and noisy.
+        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
-        "triton": triton_version,
+        "triton": _version("triton"),
         "cuda": torch.version.cuda,
+        "peers": {p: _version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")},
         "git": git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
         "backends": {k: v.available for k, v in __import__("fastvq").backends().items()},
     }
 
 
-def save(folder: str, stem: str, rows: list[Row], extra: dict) -> str:
+def save(folder: str, op: str, rows: list[Row], extra: dict, quick: bool = False) -> str:
+    """Write <folder>/<op>-<device>.json (…-quick.json for smoke runs, so that they never replace
+    measured numbers) with the environment, `extra` and the rows; returns the path."""
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{stem}.json")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = os.path.join(folder, f"{op}-{device_name()}{'-quick' if quick else ''}.json")
     record = {
-        "environment": environment(device),
+        "op": op,
+        "environment": environment(),
         **extra,
         "rows": [dataclasses.asdict(r) for r in rows],
     }
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
+    return path
+
+
+def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
+    """The command line every bench module shares; shapes = {"cuda": [...], "cpu": [...],
+    "quick": [...]}; run(shapes, reps, quick) -> rows. Returns the JSON path."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs on CPU (GPU: do_bench)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's); recorded in the JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chosen = shapes["quick"] if args.quick else shapes[DEVICE]
+    print(f"== {op} on {device_name()}")
+    print(Row.header())
+    rows = []
+    for i, shape in enumerate(chosen):
+        rows += run([shape], args.reps, args.quick)
+        # saved after every shape: a GPU step cut by its timeout keeps the shapes it finished
+        done = {"quick": args.quick, "shapes": chosen, "complete": i == len(chosen) - 1}
+        path = save(args.out, op, rows, done, args.quick)
+    print(f"saved {path}")
     return path

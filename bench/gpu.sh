@@ -1,24 +1,69 @@
 #!/usr/bin/env bash
-# Everything a GPU session does, in one call (the device tool's command limit is 10 minutes):
-# build with CUDA, run the whole test suite on the GPU, run the benchmarks. Logs and JSON go to
-# $OUT (the device tool brings that folder back), or to bench/results when run by hand.
-#   device run:  bash bench/gpu.sh
+# The one script of a GPU session (the device tool's command limit is 10 minutes): build with CUDA,
+# GPU tests, the full op tests on CUDA tensors, then every benchmark. Each step has its own timeout,
+# capped by what is left of GPU_SH_SECONDS (default 540 s), so a hang or failure in one step never
+# costs the steps after it.
+#
+#   device run (carry [".whl"]):  bash bench/gpu.sh
+#
+# .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels):
+#   pip download --no-deps -d .whl flash-kmeans vector-quantize-pytorch==1.32.0 einx==0.4.3 \
+#     loguru torch-einops-utils frozendict
+# What comes back in $OUT (the tool returns at most 8 files): log.txt (every step's output, then a
+# summary table), <op>-<device>.json per benchmark module, logs.tar.gz (one log per step).
+# Run by hand without $OUT, everything goes to bench/results.
 set -uo pipefail
 OUT=${OUT:-bench/results}
+LOGS=$(mktemp -d)
+DEADLINE=${GPU_SH_SECONDS:-540}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # build for the H100 / H200 only
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-# Wheels that the GPU image lacks travel in .whl/ (see /work/.library/device/README.md).
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-start=$SECONDS
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $((SECONDS - start)) s"
-python3 -c "import fastvq; print(fastvq.backends())" | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tail -40 | tee "$OUT/tests.log"
-timeout 240 python3 -m bench.run --out "$OUT" 2>&1 | tee "$OUT/bench.log"
-timeout 60 python3 -m pytest -q -p no:cacheprovider bench/test_microbench.py \
-  --benchmark-json "$OUT/micro.json" 2>&1 | tail -15
+SUMMARY=()
+
+# step NAME BUDGET_S COMMAND...: runs COMMAND with a timeout of min(BUDGET_S, time left), output to
+# the console and to $LOGS/NAME.log; with under 10 s left the step is not started.
+step() {
+  local name=$1 budget=$2 start=$SECONDS rc
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 10)); then
+    SUMMARY+=("$(printf '%-16s skipped: out of time' "$name")")
+    return 1
+  fi
+  ((budget > left)) && budget=$left
+  echo "== $name (timeout ${budget} s)"
+  timeout --kill-after=5 "$budget" "$@" 2>&1 | tee "$LOGS/$name.log"
+  rc=${PIPESTATUS[0]}
+  local verdict="ok"
+  ((rc == 124 || rc == 137)) && verdict="TIMEOUT" || { ((rc != 0)) && verdict="FAILED rc=$rc"; }
+  SUMMARY+=("$(printf '%-16s %-14s %4d s' "$name" "$verdict" $((SECONDS - start)))")
+  return "$rc"
+}
+
+main() {
+  step gpu 15 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  fi
+  if ! step build 200 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+    echo "build failed: the tests and benchmarks below run on whatever backends import"
+  fi
+  step backends 30 python3 -c "import fastvq; print(fastvq.backends())"
+  step tests-gpu 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests
+  step tests-cuda 75 python3 -m pytest -q -p no:cacheprovider tests/ops tests/lattice -k cuda
+  # Benchmarks, most important first; each writes $OUT/<op>-<device>.json as soon as it finishes.
+  step bench-nearest 75 python3 -m bench.run --only nearest_code --out "$OUT"
+  step bench-codebook 60 python3 -m bench.run --only codebook --out "$OUT"
+  step bench-nn 75 python3 -m bench.run --only nn --out "$OUT"
+  step bench-lattice 40 python3 -m bench.run --only lattice --out "$OUT"
+  step bench-scalar 40 python3 -m bench.run --only scalar --out "$OUT"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+  echo "== summary (${SECONDS} s)"
+  printf '%s\n' "${SUMMARY[@]}"
+  python3 -m bench.run --summary "$OUT"
+}
+
+# A pipeline, not exec > >(tee): the shell waits for tee, so the end of log.txt is never lost.
+main 2>&1 | tee "$OUT/log.txt"

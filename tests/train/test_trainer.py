@@ -185,3 +185,22 @@ def test_init_from_pretrained_autoencoder_then_kmeans(make_config, datasets, tmp
             make_config("model.ch=8", f"init.checkpoint={ckpt}", f"train.out_dir={tmp_path}"),
             datasets=datasets,
         )
+
+
+def test_compiled_training_follows_eager(make_config, datasets, tmp_path):
+    # train.compile wraps the model in torch.compile (inductor): the quantizer traces without
+    # graph breaks, so the compiled run takes the same steps as eager, up to float reordering.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    histories = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = make_config(
+            "train.steps=3",
+            f"train.compile={str(compiled).lower()}",
+            f"train.out_dir={tmp_path / str(compiled)}",  # a fresh run each, not a resume
+        )
+        histories.append(Trainer(cfg, datasets=datasets).fit()["history"])
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 namespace fastvq {
@@ -96,6 +97,60 @@ inline void rows_and_codebook(const char* op, const at::Tensor& z, const at::Ten
   kernel_dtype(op, z, "z");
   contiguous(op, z, "z");
   contiguous(op, codebook, "codebook");
+}
+
+// --- the argument contracts of the ops (schemas in csrc/fastvq.cpp), one per op for every device:
+// the glue checks its own device type, then calls these.
+
+// quantize_fwd_cpp: z (N, D) and codebook (K, D) as in rows_and_codebook, indices (N,) int64.
+inline void quantize_fwd_args(const char* op, const at::Tensor& z, const at::Tensor& codebook,
+                              const at::Tensor& indices) {
+  rows_and_codebook(op, z, codebook, std::numeric_limits<int64_t>::max());
+  vector(op, indices, "indices", z.size(0), at::kLong, z.device());
+}
+
+// quantize_bwd_cpp: the forward's arguments, grad_out (N, D) like z, and with need_z (rotation /
+// householder only) the forward's float32 stats (N, 4).
+inline void quantize_bwd_args(const char* op, const at::Tensor& grad_out, const at::Tensor& z,
+                              const at::Tensor& codebook, const at::Tensor& indices,
+                              const at::Tensor& stats, bool need_z, bool ste) {
+  TORCH_CHECK(!(need_z && ste), op,
+              ": need_z is for rotation / householder; the STE gradient of z is grad_out itself");
+  quantize_fwd_args(op, z, codebook, indices);
+  on_device(op, grad_out, "grad_out", z.device());
+  shape2(op, grad_out, "grad_out", z.size(0), z.size(1));
+  same_dtype(op, grad_out, "grad_out", z, "z");
+  contiguous(op, grad_out, "grad_out");
+  if (need_z) {
+    on_device(op, stats, "stats", z.device());
+    dtype_is(op, stats, "stats", at::kFloat);
+    shape2(op, stats, "stats", z.size(0), 4);
+    contiguous(op, stats, "stats");
+  }
+}
+
+// ema_scatter_cpp: z (N, D >= 1) of a kernel dtype with unit column stride; counts (K >= 1,) and
+// sums (K, D) float32 accumulators written in place; indices (N,) int64; weight (N,) float32 or
+// None.
+inline void ema_scatter_args(const char* op, const at::Tensor& counts, const at::Tensor& sums,
+                             const at::Tensor& z, const at::Tensor& indices,
+                             const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK(z.dim() == 2 && z.size(1) >= 1, op, ": z must have shape (N, D) with D >= 1, got ",
+              z.sizes());
+  kernel_dtype(op, z, "z");
+  unit_column_stride(op, z, "z");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 1, op,
+              ": counts must have shape (K,) with K >= 1, got ", counts.sizes());
+  for (const auto* t : {&counts, &sums}) {
+    const char* name = t == &counts ? "counts" : "sums";
+    on_device(op, *t, name, z.device());
+    dtype_is(op, *t, name, at::kFloat);
+    no_internal_overlap(op, *t, name);
+  }
+  shape2(op, sums, "sums", counts.size(0), z.size(1));
+  unit_column_stride(op, sums, "sums");
+  vector(op, indices, "indices", z.size(0), at::kLong, z.device());
+  optional_vector(op, weight, "weight", z.size(0), at::kFloat, z.device());
 }
 
 }  // namespace checks

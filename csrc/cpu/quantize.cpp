@@ -162,9 +162,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_fwd_cpu(const at::Tensor& z, const a
                                                     c10::string_view grad) {
   const int mode = parse_mode(kFwd, grad);
   TORCH_CHECK(z.device().is_cpu(), kFwd, ": z must be a CPU tensor, got ", z.device());
-  checks::rows_and_codebook(kFwd, z, codebook, std::numeric_limits<int64_t>::max());
+  checks::quantize_fwd_args(kFwd, z, codebook, indices);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
-  checks::vector(kFwd, indices, "indices", N, at::kLong, z.device());
   at::Tensor zq = at::empty({N, D}, codebook.options());
   at::Tensor stats = at::empty({N, mode == kSte ? 0 : 4}, z.options().dtype(at::kFloat));
   if (N == 0) return {zq, stats};
@@ -189,21 +188,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cpu(const at::Tensor& grad_out, 
                                                     bool need_z, bool need_codebook) {
   const int mode = parse_mode(kBwd, grad);
   TORCH_CHECK(z.device().is_cpu(), kBwd, ": z must be a CPU tensor, got ", z.device());
-  TORCH_CHECK(!(need_z && mode == kSte), kBwd,
-              ": need_z is for rotation / householder; the STE gradient of z is grad_out itself");
-  checks::rows_and_codebook(kBwd, z, codebook, std::numeric_limits<int64_t>::max());
+  checks::quantize_bwd_args(kBwd, grad_out, z, codebook, indices, stats, need_z, mode == kSte);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
-  checks::on_device(kBwd, grad_out, "grad_out", z.device());
-  checks::shape2(kBwd, grad_out, "grad_out", N, D);
-  checks::same_dtype(kBwd, grad_out, "grad_out", z, "z");
-  checks::contiguous(kBwd, grad_out, "grad_out");
-  checks::vector(kBwd, indices, "indices", N, at::kLong, z.device());
-  if (need_z) {
-    checks::on_device(kBwd, stats, "stats", z.device());
-    checks::dtype_is(kBwd, stats, "stats", at::kFloat);
-    checks::shape2(kBwd, stats, "stats", N, 4);
-    checks::contiguous(kBwd, stats, "stats");
-  }
   at::Tensor dz = at::empty({need_z ? N : 0, D}, z.options());
   at::Tensor dc = at::empty({need_codebook ? K : 0, D}, codebook.options());
   if (!need_z && !need_codebook) return {dz, dc};

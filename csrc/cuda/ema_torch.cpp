@@ -26,25 +26,8 @@ void ema_scatter_cuda(const at::Tensor& counts, const at::Tensor& sums, const at
                       const at::Tensor& indices, const std::optional<at::Tensor>& weight,
                       double keep, double gain, bool deterministic) {
   TORCH_CHECK(z.is_cuda(), kOp, ": z must be a CUDA tensor, got ", z.device());
-  TORCH_CHECK(z.dim() == 2, kOp, ": z must have shape (N, D), got ", z.sizes());
-  const int64_t N = z.size(0), D = z.size(1);
-  TORCH_CHECK(D >= 1, kOp, ": z must have D >= 1 columns, got ", z.sizes());
-  checks::kernel_dtype(kOp, z, "z");
-  checks::unit_column_stride(kOp, z, "z");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 1, kOp,
-              ": counts must have shape (K,) with K >= 1, got ", counts.sizes());
-  const int64_t K = counts.size(0);
-  for (const auto* t : {&counts, &sums}) {
-    const char* name = t == &counts ? "counts" : "sums";
-    checks::on_device(kOp, *t, name, z.device());
-    checks::dtype_is(kOp, *t, name, at::kFloat);
-  }
-  checks::shape2(kOp, sums, "sums", K, D);
-  checks::unit_column_stride(kOp, sums, "sums");
-  checks::no_internal_overlap(kOp, counts, "counts");
-  checks::no_internal_overlap(kOp, sums, "sums");
-  checks::vector(kOp, indices, "indices", N, at::kLong, z.device());
-  checks::optional_vector(kOp, weight, "weight", N, at::kFloat, z.device());
+  checks::ema_scatter_args(kOp, counts, sums, z, indices, weight);
+  const int64_t N = z.size(0), D = z.size(1), K = counts.size(0);
 
   const c10::cuda::CUDAGuard guard(z.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();

@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <string>
 #include <tuple>
 
@@ -47,9 +46,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_fwd_cuda(const at::Tensor& z,
                                                      c10::string_view grad) {
   const cuda::Grad mode = parse_grad(kFwd, grad);
   TORCH_CHECK(z.is_cuda(), kFwd, ": z must be a CUDA tensor, got ", z.device());
-  checks::rows_and_codebook(kFwd, z, codebook, std::numeric_limits<int64_t>::max());
+  checks::quantize_fwd_args(kFwd, z, codebook, indices);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
-  checks::vector(kFwd, indices, "indices", N, at::kLong, z.device());
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor zq = at::empty({N, D}, codebook.options());
   at::Tensor stats =
@@ -74,21 +72,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(const at::Tensor& grad_out,
                                                      bool need_codebook) {
   const cuda::Grad mode = parse_grad(kBwd, grad);
   TORCH_CHECK(z.is_cuda(), kBwd, ": z must be a CUDA tensor, got ", z.device());
-  TORCH_CHECK(!(need_z && mode == cuda::Grad::Ste), kBwd,
-              ": need_z is for rotation / householder; the STE gradient of z is grad_out itself");
-  checks::rows_and_codebook(kBwd, z, codebook, std::numeric_limits<int64_t>::max());
+  checks::quantize_bwd_args(kBwd, grad_out, z, codebook, indices, stats, need_z,
+                            mode == cuda::Grad::Ste);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
-  checks::on_device(kBwd, grad_out, "grad_out", z.device());
-  checks::shape2(kBwd, grad_out, "grad_out", N, D);
-  checks::same_dtype(kBwd, grad_out, "grad_out", z, "z");
-  checks::contiguous(kBwd, grad_out, "grad_out");
-  checks::vector(kBwd, indices, "indices", N, at::kLong, z.device());
-  if (need_z) {
-    checks::on_device(kBwd, stats, "stats", z.device());
-    checks::dtype_is(kBwd, stats, "stats", at::kFloat);
-    checks::shape2(kBwd, stats, "stats", N, 4);
-    checks::contiguous(kBwd, stats, "stats");
-  }
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor dz = at::empty({need_z ? N : 0, D}, z.options());
   // The codebook gradient accumulates in float32 (atomics), converted once at the end.

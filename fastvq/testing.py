@@ -1,4 +1,4 @@
-"""Tolerance helpers shared by tests and benchmarks."""
+"""Helpers shared by tests and benchmarks: tolerances, backend cases, process-group launches."""
 
 import torch
 
@@ -88,3 +88,33 @@ def backend_cases() -> list[tuple[str, str]]:
     if cuda:
         cases += [("cuda", b) for b in ("torch", "triton", "cuda") if report[b].available]
     return cases
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a test's process group."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> list:
+    """Run `python script out_dir port`, whose __main__ starts `world` gloo ranks on 127.0.0.1:port
+    that each save out_dir/rank{r}.pt; returns what they saved, rank by rank.
+
+    A separate script keeps the ranks' fork or spawn away from pytest's process and its threads.
+    Each rank gets one intra-op thread (several ranks share the CI's 2 cores); the ranks' output
+    is the assertion message when one fails.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-W", "ignore::FutureWarning", script, str(out_dir), str(free_port())],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

@@ -11,8 +11,6 @@ fork away from pytest's process and its threads).
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import torch
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastvq.nn import ResidualVQ, VectorQuantize
+from fastvq.testing import run_rank_script
 
 WORLD = 2
 # Rank-local buffers: the codebooks must agree through the quantizer's own all-reduce.
@@ -77,20 +76,8 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
-    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-W", "ignore::FutureWarning", __file__, str(tmp_path), str(_free_port())],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_rank_script(__file__, tmp_path, WORLD)
     # Both ranks hold the same state, bit for bit ...
     for key in ranks[0]["vq"]:
         assert torch.equal(ranks[0]["vq"][key], ranks[1]["vq"][key]), key

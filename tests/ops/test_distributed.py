@@ -7,14 +7,13 @@ module (imported under --import-mode=importlib) is not.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
 
 from fastvq.ops.codebook import ema_codebook, ema_update_, kmeans, reset_dead_codes_
+from fastvq.testing import run_rank_script
 
 WORLD = 2
 K, D = 40, 6
@@ -77,20 +76,8 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_equal_one_process(tmp_path):
-    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, __file__, str(tmp_path), str(_free_port())],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_rank_script(__file__, tmp_path, WORLD)
     data = _data()
 
     # Every rank holds the same statistics, bit for bit ...

@@ -2,12 +2,13 @@
 codebooks stay identical across ranks, evaluation is all-reduced, one checkpoint is written."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import torch
+
+from fastvq.testing import free_port
 
 WORKER = textwrap.dedent("""
     import sys
@@ -57,16 +58,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",

@@ -40,6 +40,24 @@ TORCH_LIBRARY(fastvq, m) {
   m.def(
       "ema_scatter_cpp(Tensor(a!) counts, Tensor(b!) sums, Tensor z, Tensor indices, "
       "Tensor? weight, float keep, float gain, bool deterministic) -> ()");
+  // The scalar quantizers of fastvq/ops/scalar.py (formulas there), CPU only (on GPUs their
+  // Triton twins in kernels/scalar.py). z and grad_codes (N, D) contiguous float32/bf16/fp16,
+  // computed in float32, results in z's dtype; D <= 62 for the sign ops, <= 1024 otherwise.
+  // FSQ: params (6, D) float32 rows shift, h, offset, L // 2, L - 1 - L // 2, h / (L // 2);
+  // basis (D,) int64 mixed-radix weights. Returns (codes, int64 indices) and dz.
+  m.def("fsq_fwd_cpp(Tensor z, Tensor params, Tensor basis) -> (Tensor, Tensor)");
+  m.def("fsq_bwd_cpp(Tensor grad_codes, Tensor z, Tensor params) -> Tensor");
+  // LFQ (scale 1) / BSQ (scale 1/sqrt(D)) codes +-scale from z >= 0 and bit-packed indices;
+  // BSQ's backward through z / |z|.
+  m.def("sign_fwd_cpp(Tensor z, float scale) -> (Tensor, Tensor)");
+  m.def("bsq_bwd_cpp(Tensor grad_codes, Tensor z) -> Tensor");
+  // Binary entropy of sigmoid(coef * x), x = z or z / |z| (spherical): float32 row entropies (N,)
+  // and column sums (2, D) of p(+), p(-); the backward from their float32 gradients.
+  m.def(
+      "binary_entropy_fwd_cpp(Tensor z, float coef, bool spherical) -> (Tensor, Tensor)");
+  m.def(
+      "binary_entropy_bwd_cpp(Tensor grad_rows, Tensor grad_cols, Tensor z, float coef, "
+      "bool spherical) -> Tensor");
 }
 
 // The extension is loaded for its op registrations only; Python needs a module init to import it.

@@ -1,14 +1,16 @@
 """Codebook-free scalar quantizers FSQ, LFQ and BSQ, and the factorized entropy regularizer of
 LFQ / BSQ, as fused elementwise ops with closed-form straight-through backward passes.
 
-Custom ops (each with a "torch" body of plain torch ops and a Triton body in kernels/scalar.py,
-a fake implementation, and register_autograd wiring forward to backward):
+Custom ops (each with a "torch" body of plain torch ops, a Triton body in kernels/scalar.py and a
+C++ CPU body in csrc/cpu/scalar.cpp, picked by the `impl` argument; a fake implementation; and
+register_autograd wiring forward to backward):
   fastvq::fsq_fwd(z, levels)          -> (codes, indices)    fastvq::fsq_bwd(g, z, levels) -> dz
   fastvq::lfq_fwd(z)                  -> (codes, indices)    backward: identity (no op)
   fastvq::bsq_fwd(z)                  -> (codes, indices)    fastvq::bsq_bwd(g, z) -> dz
   fastvq::binary_entropy_fwd(z, coef, spherical) -> (row entropies (N,), column sums (2, D))
   fastvq::binary_entropy_bwd(g_row, g_col, z, coef, spherical) -> dz
-The Triton bodies import fastvq.kernels lazily, so importing fastvq never imports Triton.
+The Triton bodies import fastvq.kernels lazily, so importing fastvq never imports Triton. GPUs get
+no C++ twin: these ops are elementwise and bytes bound there, which Triton covers.
 Semantics are specified by fastvq.reference.scalar; the tests hold every backend to it.
 """
 
@@ -24,7 +26,7 @@ from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import FLOATING, check_choice, check_floating, check_tensor
 from fastvq.reference.scalar import FSQ_EPS
 
-SCALAR_BACKENDS = ("auto", "triton", "torch")
+SCALAR_BACKENDS = ("auto", "triton", "cpu", "torch")
 QUANTIZERS = ("lfq", "bsq")
 MAX_BITS = 62  # LFQ / BSQ indices 2^d - 1 stay well inside int64
 # float32 (the kernels' arithmetic) resolves the bounded value of a 2^16-level dimension to
@@ -37,15 +39,40 @@ INT64_MAX = 2**63 - 1
 # --- argument checks ---------------------------------------------------------------------------
 
 
-def _use_triton(backend, device: torch.device, dtype: torch.dtype) -> bool:
-    """ "auto": Triton on CUDA tensors (float64 stays on torch), torch on CPU tensors."""
+# The C++ CPU kernels (csrc/cpu/scalar.cpp), when fastvq._C was built with them. A plain boolean,
+# read once: torch.compile can trace code that reads it, not the dispatcher query.
+_HAS_CPP = all(
+    _ext._has_kernel(op, "CPU")
+    for op in (
+        "fsq_fwd_cpp",
+        "fsq_bwd_cpp",
+        "sign_fwd_cpp",
+        "bsq_bwd_cpp",
+        "binary_entropy_fwd_cpp",
+        "binary_entropy_bwd_cpp",
+    )
+)
+
+
+def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:
+    """The body that runs: "triton", "cpu" (C++) or "torch". "auto": Triton on CUDA tensors, C++
+    on CPU tensors; float64 (and a build without the kernels) on torch."""
     check_choice("backend", backend, SCALAR_BACKENDS)
     if backend == "torch":
-        return False
+        return "torch"
     if backend == "auto":
-        return device.type == "cuda" and dtype != torch.float64 and _ext.HAS_TRITON
-    pick_backend("triton", device, dtype)  # raises ValueError where Triton cannot run these
-    return True
+        if dtype == torch.float64:
+            return "torch"
+        if device.type == "cuda":
+            return "triton" if _ext.HAS_TRITON else "torch"
+        return "cpu" if _HAS_CPP else "torch"
+    pick_backend(backend, device, dtype)  # raises ValueError where it cannot run these
+    if backend == "cpu" and not _HAS_CPP:
+        raise ValueError(
+            "backend 'cpu' is unavailable: fastvq._C was built without the scalar quantizer "
+            "kernels; rebuild it with `make install`"
+        )
+    return backend
 
 
 def _check_levels(levels) -> tuple[int, ...]:
@@ -133,30 +160,32 @@ def _fsq_fwd_torch(z, levels):
 
 
 @torch.library.custom_op("fastvq::fsq_fwd", mutates_args=())
-def _fsq_fwd(
-    z: torch.Tensor, levels: list[int], use_triton: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fsq_fwd(z: torch.Tensor, levels: list[int], impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (N, d) in z's dtype and indices (N,) int64 for z (N, d)."""
-    if use_triton:
-        from fastvq.kernels.scalar import fsq_fwd
+    if impl == "torch":
+        return _fsq_fwd_torch(z, levels)
+    params, basis = _fsq_tables(tuple(levels), z.device, torch.float32)
+    if impl == "cpu":
+        return torch.ops.fastvq.fsq_fwd_cpp(z.contiguous(), params, basis)
+    from fastvq.kernels.scalar import fsq_fwd
 
-        params, basis = _fsq_tables(tuple(levels), z.device, torch.float32)
-        return fsq_fwd(z.contiguous(), params, basis)
-    return _fsq_fwd_torch(z, levels)
+    return fsq_fwd(z.contiguous(), params, basis)
 
 
 @_fsq_fwd.register_fake
-def _(z, levels, use_triton):
+def _(z, levels, impl):
     return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 @torch.library.custom_op("fastvq::fsq_bwd", mutates_args=())
-def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], use_triton: bool) -> torch.Tensor:
+def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], impl: str) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype = g * d(bound(z) / (L // 2))/dz."""
-    if use_triton:
+    if impl != "torch":
+        params, _ = _fsq_tables(tuple(levels), z.device, torch.float32)
+        if impl == "cpu":
+            return torch.ops.fastvq.fsq_bwd_cpp(g.contiguous(), z.contiguous(), params)
         from fastvq.kernels.scalar import fsq_bwd
 
-        params, _ = _fsq_tables(tuple(levels), z.device, torch.float32)
         return fsq_bwd(g.contiguous(), z.contiguous(), params)
     params, _ = _fsq_tables(tuple(levels), z.device, _acc(z.dtype))
     shift, gain = params[0], params[5]
@@ -164,19 +193,19 @@ def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], use_triton: bo
 
 
 @_fsq_bwd.register_fake
-def _(g, z, levels, use_triton):
+def _(g, z, levels, impl):
     return torch.empty_like(z)
 
 
 def _fsq_setup(ctx, inputs, output):
-    z, levels, use_triton = inputs
-    ctx.levels, ctx.use_triton = levels, use_triton
+    z, levels, impl = inputs
+    ctx.levels, ctx.impl = levels, impl
     ctx.save_for_backward(z)
 
 
 def _fsq_backward(ctx, g_codes, _g_indices):
     (z,) = ctx.saved_tensors
-    return _fsq_bwd(g_codes, z, ctx.levels, ctx.use_triton), None, None
+    return _fsq_bwd(g_codes, z, ctx.levels, ctx.impl), None, None
 
 
 _fsq_fwd.register_autograd(_fsq_backward, setup_context=_fsq_setup)
@@ -199,7 +228,8 @@ def fsq(z: torch.Tensor, levels, *, backend: str = "auto") -> tuple[torch.Tensor
         z: (..., d) float32, bfloat16 or float16 (float64 with backend "torch" / "auto");
             computed in float32 (float64 for float64 z).
         levels: d ints, each between 2 and 2^16, with prod(levels) <= 2^63 - 1.
-        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+        backend: "auto" (Triton on CUDA tensors, C++ on CPU tensors, torch for float64),
+            "triton", "cpu" or "torch".
 
     Returns:
         codes: (..., d) in z's dtype; indices: (...,) int64, mixed radix with dimension 0 the
@@ -215,8 +245,8 @@ def fsq(z: torch.Tensor, levels, *, backend: str = "auto") -> tuple[torch.Tensor
             f"z's last dimension ({d}) must equal len(levels) ({len(levels)}), got z of shape "
             f"{tuple(z.shape)} and levels {list(levels)}"
         )
-    use_triton = _use_triton(backend, z.device, z.dtype)
-    codes, indices = _fsq_fwd(z.reshape(-1, d).contiguous(), list(levels), use_triton)
+    impl = _impl(backend, z.device, z.dtype)
+    codes, indices = _fsq_fwd(z.reshape(-1, d).contiguous(), list(levels), impl)
     return codes.view(z.shape), indices.view(z.shape[:-1])
 
 
@@ -249,33 +279,36 @@ def _sign_fwd_torch(z, spherical):
     return codes, (pos.to(torch.int64) * bits).sum(1)
 
 
-def _sign_fwd(z, spherical, use_triton):
-    if use_triton:
-        from fastvq.kernels.scalar import sign_fwd
+def _sign_fwd(z, spherical, impl):
+    if impl == "torch":
+        return _sign_fwd_torch(z, spherical)
+    if impl == "cpu":
+        scale = 1 / math.sqrt(z.shape[1]) if spherical else 1.0
+        return torch.ops.fastvq.sign_fwd_cpp(z.contiguous(), scale)
+    from fastvq.kernels.scalar import sign_fwd
 
-        return sign_fwd(z.contiguous(), spherical)
-    return _sign_fwd_torch(z, spherical)
+    return sign_fwd(z.contiguous(), spherical)
 
 
 @torch.library.custom_op("fastvq::lfq_fwd", mutates_args=())
-def _lfq_fwd(z: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _lfq_fwd(z: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (N, d) = +-1 in z's dtype and bit-packed indices (N,) int64."""
-    return _sign_fwd(z, False, use_triton)
+    return _sign_fwd(z, False, impl)
 
 
 @torch.library.custom_op("fastvq::bsq_fwd", mutates_args=())
-def _bsq_fwd(z: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _bsq_fwd(z: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (N, d) = +-1/sqrt(d) in z's dtype and bit-packed indices (N,) int64."""
-    return _sign_fwd(z, True, use_triton)
+    return _sign_fwd(z, True, impl)
 
 
 @_lfq_fwd.register_fake
-def _(z, use_triton):
+def _(z, impl):
     return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 @_bsq_fwd.register_fake
-def _(z, use_triton):
+def _(z, impl):
     return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
@@ -285,9 +318,11 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fastvq::bsq_bwd", mutates_args=())
-def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, use_triton: bool) -> torch.Tensor:
+def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, impl: str) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype: g pulled back through u = z / |z| (0 for a zero row)."""
-    if use_triton:
+    if impl == "cpu":
+        return torch.ops.fastvq.bsq_bwd_cpp(g.contiguous(), z.contiguous())
+    if impl == "triton":
         from fastvq.kernels.scalar import bsq_bwd
 
         return bsq_bwd(g.contiguous(), z.contiguous())
@@ -299,7 +334,7 @@ def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, use_triton: bool) -> torch.Tensor
 
 
 @_bsq_bwd.register_fake
-def _(g, z, use_triton):
+def _(g, z, impl):
     return torch.empty_like(z)
 
 
@@ -308,14 +343,14 @@ def _lfq_backward(ctx, g_codes, _g_indices):
 
 
 def _bsq_setup(ctx, inputs, output):
-    z, use_triton = inputs
-    ctx.use_triton = use_triton
+    z, impl = inputs
+    ctx.impl = impl
     ctx.save_for_backward(z)
 
 
 def _bsq_backward(ctx, g_codes, _g_indices):
     (z,) = ctx.saved_tensors
-    return _bsq_bwd(g_codes, z, ctx.use_triton), None
+    return _bsq_bwd(g_codes, z, ctx.impl), None
 
 
 _lfq_fwd.register_autograd(_lfq_backward)
@@ -330,14 +365,15 @@ def lfq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.
 
     Args:
         z: (..., d), 1 <= d <= 62, float32, bfloat16 or float16 (float64 on backend "torch").
-        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+        backend: "auto" (Triton on CUDA tensors, C++ on CPU tensors, torch for float64),
+            "triton", "cpu" or "torch".
 
     Returns:
         codes: (..., d) in z's dtype; indices: (...,) int64 in [0, 2^d).
     """
     d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")
-    use_triton = _use_triton(backend, z.device, z.dtype)
-    codes, indices = _lfq_fwd(z.reshape(-1, d).contiguous(), use_triton)
+    impl = _impl(backend, z.device, z.dtype)
+    codes, indices = _lfq_fwd(z.reshape(-1, d).contiguous(), impl)
     return codes.view(z.shape), indices.view(z.shape[:-1])
 
 
@@ -352,15 +388,16 @@ def bsq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.
 
     Args:
         z: (..., d), 1 <= d <= 62, float32, bfloat16 or float16 (float64 on backend "torch").
-        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+        backend: "auto" (Triton on CUDA tensors, C++ on CPU tensors, torch for float64),
+            "triton", "cpu" or "torch".
 
     Returns:
         codes: (..., d) in z's dtype, +-(1/sqrt(d) rounded to float32, then to z's dtype);
         indices: (...,) int64 in [0, 2^d).
     """
     d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")
-    use_triton = _use_triton(backend, z.device, z.dtype)
-    codes, indices = _bsq_fwd(z.reshape(-1, d).contiguous(), use_triton)
+    impl = _impl(backend, z.device, z.dtype)
+    codes, indices = _bsq_fwd(z.reshape(-1, d).contiguous(), impl)
     return codes.view(z.shape), indices.view(z.shape[:-1])
 
 
@@ -398,10 +435,12 @@ def _logits(z, coef, spherical):
 
 @torch.library.custom_op("fastvq::binary_entropy_fwd", mutates_args=())
 def _binary_entropy_fwd(
-    z: torch.Tensor, coef: float, spherical: bool, use_triton: bool
+    z: torch.Tensor, coef: float, spherical: bool, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row entropies (N,) and column sums (2, d) of p(+), p(-); float32 (float64 for float64 z)."""
-    if use_triton:
+    if impl == "cpu":
+        return torch.ops.fastvq.binary_entropy_fwd_cpp(z.contiguous(), coef, spherical)
+    if impl == "triton":
         from fastvq.kernels.scalar import binary_entropy_fwd
 
         return binary_entropy_fwd(z.contiguous(), coef, spherical)
@@ -415,7 +454,7 @@ def _binary_entropy_fwd(
 
 
 @_binary_entropy_fwd.register_fake
-def _(z, coef, spherical, use_triton):
+def _(z, coef, spherical, impl):
     acc = _acc(z.dtype)
     return z.new_empty(z.shape[0], dtype=acc), z.new_empty(2, z.shape[1], dtype=acc)
 
@@ -427,13 +466,17 @@ def _binary_entropy_bwd(
     z: torch.Tensor,
     coef: float,
     spherical: bool,
-    use_triton: bool,
+    impl: str,
 ) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype from dL/drow_entropies (N,) and dL/dcolumn_sums (2, d)."""
-    if use_triton:
+    if impl != "torch":
+        g_row, g_col = g_row.float().contiguous(), g_col.float().contiguous()
+        if impl == "cpu":
+            return torch.ops.fastvq.binary_entropy_bwd_cpp(
+                g_row, g_col, z.contiguous(), coef, spherical
+            )
         from fastvq.kernels.scalar import binary_entropy_bwd
 
-        g_row, g_col = g_row.float().contiguous(), g_col.float().contiguous()
         return binary_entropy_bwd(g_row, g_col, z.contiguous(), coef, spherical)
     x, inv_norm, a = _logits(z, coef, spherical)
     e = torch.exp(-a.abs())
@@ -445,20 +488,20 @@ def _binary_entropy_bwd(
 
 
 @_binary_entropy_bwd.register_fake
-def _(g_row, g_col, z, coef, spherical, use_triton):
+def _(g_row, g_col, z, coef, spherical, impl):
     return torch.empty_like(z)
 
 
 def _entropy_setup(ctx, inputs, output):
-    z, coef, spherical, use_triton = inputs
-    ctx.coef, ctx.spherical, ctx.use_triton = coef, spherical, use_triton
+    z, coef, spherical, impl = inputs
+    ctx.coef, ctx.spherical, ctx.impl = coef, spherical, impl
     ctx.save_for_backward(z)
 
 
 def _entropy_backward(ctx, g_row, g_col):
     (z,) = ctx.saved_tensors
     dz = _binary_entropy_bwd(
-        g_row.contiguous(), g_col.contiguous(), z, ctx.coef, ctx.spherical, ctx.use_triton
+        g_row.contiguous(), g_col.contiguous(), z, ctx.coef, ctx.spherical, ctx.impl
     )
     return dz, None, None, None
 
@@ -497,7 +540,8 @@ def binary_entropy_loss(
         z: (..., d), 1 <= d <= 1024, float32, bfloat16 or float16 (float64 on backend "torch").
         inv_temperature: positive finite float (LFQ commonly uses 100).
         quantizer: "lfq" or "bsq".
-        backend: "auto" (Triton on CUDA tensors, torch on CPU tensors), "triton" or "torch".
+        backend: "auto" (Triton on CUDA tensors, C++ on CPU tensors, torch for float64),
+            "triton", "cpu" or "torch".
     Memory: O(N d) for the backward (z is saved), O(d) extra in the forward.
     """
     d = _check_z(z, 1, MAX_ENTROPY_DIM, "")
@@ -506,12 +550,12 @@ def binary_entropy_loss(
         raise TypeError(f"inv_temperature must be a float, got {type(inv_temperature).__name__}")
     if not (math.isfinite(inv_temperature) and inv_temperature > 0):
         raise ValueError(f"inv_temperature must be positive and finite, got {inv_temperature}")
-    use_triton = _use_triton(backend, z.device, z.dtype)
+    impl = _impl(backend, z.device, z.dtype)
     z2 = z.reshape(-1, d).contiguous()
     n = z2.shape[0]
     spherical = quantizer == "bsq"
     coef = 4.0 * float(inv_temperature) * (1 / math.sqrt(d) if spherical else 1.0)
-    rows, sums = _binary_entropy_fwd(z2, coef, spherical, use_triton)
+    rows, sums = _binary_entropy_fwd(z2, coef, spherical, impl)
     per_sample = rows.sum() / max(n, 1)
     probs = sums / max(n, 1)
     # log of the clamped probability: a column with mean p = 0 gets H = 0 and a finite gradient.

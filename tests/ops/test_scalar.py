@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import fastvq
 from fastvq.ops.scalar import (
     binary_entropy_loss,
     bsq,
@@ -38,7 +39,7 @@ ATOL = {
 CASES = [
     pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
     for c in backend_cases()
-    if c[1] in ("torch", "triton")
+    if c[1] in ("torch", "triton", "cpu")
 ]
 # Every (case, dtype) pair, float64 on the torch backend only (Triton takes 16/32-bit floats).
 CASE_DTYPES = [
@@ -478,10 +479,10 @@ def test_gradcheck_float64():
     z = _randn((6, 5), torch.float64, "cpu", 5).requires_grad_()
     half_width = _fsq_levels64(levels)[1]
     smooth = lambda x: ref.fsq_bound(x, levels) / half_width  # noqa: E731
-    bwd = lambda g, x: torch.ops.fastvq.fsq_bwd(g, x, levels, False)  # noqa: E731
+    bwd = lambda g, x: torch.ops.fastvq.fsq_bwd(g, x, levels, "torch")  # noqa: E731
     assert torch.autograd.gradcheck(lambda x: _Surrogate.apply(x, smooth, bwd), (z,))
     normalize = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
-    bwd = lambda g, x: torch.ops.fastvq.bsq_bwd(g, x, False)  # noqa: E731
+    bwd = lambda g, x: torch.ops.fastvq.bsq_bwd(g, x, "torch")  # noqa: E731
     assert torch.autograd.gradcheck(lambda x: _Surrogate.apply(x, normalize, bwd), (z,))
     # The entropies are smooth: gradcheck the ops themselves (both outputs).
     for quantizer in ("lfq", "bsq"):
@@ -497,27 +498,27 @@ def test_gradcheck_float64():
     torch.testing.assert_close(dz, torch.autograd.grad(normalize(z), z, g)[0])
 
 
-def _op_flags():
-    return [False] + [True] * any(c.values[0][1] == "triton" for c in CASES)
+def _impls():
+    """(device, impl) of every body this machine can run: the custom ops' `impl` argument."""
+    return sorted({(c.values[0][0], c.values[0][1]) for c in CASES})
 
 
-@pytest.mark.parametrize("use_triton", _op_flags(), ids=lambda t: "triton" if t else "torch")
-def test_opcheck(use_triton):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+@pytest.mark.parametrize("device, impl", _impls(), ids=lambda v: v)
+def test_opcheck(device, impl):
     ops = torch.ops.fastvq
     z = _randn((9, 5), torch.float32, device, 8).requires_grad_()
     g = _randn((9, 5), torch.float32, device, 9)
     levels = [8, 5, 4, 3, 2]
     for zz, gg in [(z, g), (z.detach().half().requires_grad_(), g.half())]:
-        torch.library.opcheck(ops.fsq_fwd, (zz, levels, use_triton))
-        torch.library.opcheck(ops.fsq_bwd, (gg, zz.detach(), levels, use_triton))
-        torch.library.opcheck(ops.lfq_fwd, (zz, use_triton))
-        torch.library.opcheck(ops.bsq_fwd, (zz, use_triton))
-        torch.library.opcheck(ops.bsq_bwd, (gg, zz.detach(), use_triton))
+        torch.library.opcheck(ops.fsq_fwd, (zz, levels, impl))
+        torch.library.opcheck(ops.fsq_bwd, (gg, zz.detach(), levels, impl))
+        torch.library.opcheck(ops.lfq_fwd, (zz, impl))
+        torch.library.opcheck(ops.bsq_fwd, (zz, impl))
+        torch.library.opcheck(ops.bsq_bwd, (gg, zz.detach(), impl))
         for spherical in (False, True):
-            torch.library.opcheck(ops.binary_entropy_fwd, (zz, 1.3, spherical, use_triton))
+            torch.library.opcheck(ops.binary_entropy_fwd, (zz, 1.3, spherical, impl))
             g_row, g_col = g[:, 0].contiguous(), g[:2].contiguous()
-            args = (g_row, g_col, zz.detach(), 1.3, spherical, use_triton)
+            args = (g_row, g_col, zz.detach(), 1.3, spherical, impl)
             torch.library.opcheck(ops.binary_entropy_bwd, args)
 
 
@@ -543,18 +544,117 @@ def test_compiles_without_graph_breaks(case):
     torch.testing.assert_close(dz, dz_eager)
 
 
-def test_auto_picks_torch_on_cpu_and_triton_only_when_asked(monkeypatch):
+def test_auto_picks_cpp_on_cpu_and_triton_only_when_asked(monkeypatch):
     from fastvq.kernels import scalar as triton_scalar
+
+    from fastvq.ops import scalar as module
+
+    cpu = torch.device("cpu")
+    assert module._impl("auto", cpu, torch.float32) == ("cpu" if module._HAS_CPP else "torch")
+    assert module._impl("auto", cpu, torch.float64) == "torch"
 
     def boom(*args):
         raise AssertionError("the Triton kernel ran")
 
     monkeypatch.setattr(triton_scalar, "fsq_fwd", boom)
     z = torch.randn(4, 2)
-    assert fsq(z, [3, 3])[1].shape == (4,)  # "auto" on a CPU tensor: torch
+    assert fsq(z, [3, 3])[1].shape == (4,)  # "auto" on a CPU tensor: never Triton
     if INTERPRET and not torch.cuda.is_available():
         with pytest.raises(AssertionError, match="the Triton kernel ran"):
             fsq(z, [3, 3], backend="triton")
+
+
+def test_build_without_the_cpp_kernels(monkeypatch):
+    # A fastvq._C from before the scalar kernels: "auto" runs torch, "cpu" says what is missing.
+    from fastvq.ops import scalar as module
+
+    monkeypatch.setattr(module, "_HAS_CPP", False)
+    z = _randn((40, 6), torch.float32, "cpu", 31)
+    assert torch.equal(lfq(z)[1], lfq(z, backend="torch")[1])
+    if fastvq.backends()["cpu"].available:
+        with pytest.raises(ValueError, match="built without the scalar quantizer kernels"):
+            lfq(z, backend="cpu")
+
+
+# --- the C++ ops called directly (torch.ops.fastvq.*_cpp) --------------------------------------
+
+_CPP = hasattr(torch.ops.fastvq, "fsq_fwd_cpp") and fastvq.backends()["cpu"].available
+needs_cpp = pytest.mark.skipif(not _CPP, reason="fastvq._C without the scalar C++ kernels")
+
+
+def _cpp_params(levels):
+    from fastvq.ops.scalar import _fsq_tables
+
+    return _fsq_tables(tuple(levels), torch.device("cpu"), torch.float32)
+
+
+@needs_cpp
+def test_cpp_ops_bit_identical_across_thread_counts():
+    # Rows split among threads; the entropy's column sums are per-tile partials reduced in tile
+    # order, so 1 and 2 threads must give the same bits.
+    ops, levels = torch.ops.fastvq, [8, 8, 8, 5, 5, 5, 4, 3, 2]
+    params, basis = _cpp_params(levels)
+    z = _randn((20_003, 9), torch.float32, "cpu", 32)
+    g = _randn((20_003, 9), torch.float32, "cpu", 33)
+    g_row, g_col = g[:, 0].contiguous(), g[:2].contiguous()
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for t in (1, 2, 1, 2):
+            torch.set_num_threads(t)
+            runs.append(
+                (
+                    *ops.fsq_fwd_cpp(z, params, basis),
+                    ops.fsq_bwd_cpp(g, z, params),
+                    *ops.sign_fwd_cpp(z, 1 / 3),
+                    ops.bsq_bwd_cpp(g, z),
+                    *ops.binary_entropy_fwd_cpp(z, 2.5, True),
+                    ops.binary_entropy_bwd_cpp(g_row, g_col, z, 2.5, True),
+                )
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for x, y in zip(run, runs[0], strict=True):
+            assert torch.equal(x, y)
+    rows, cols = runs[0][6:8]  # ... and they computed something: p(+) + p(-) = 1 per element.
+    torch.testing.assert_close(cols.sum(0), torch.full((9,), 20_003.0))
+    assert bool((rows > 0).all())
+
+
+Z9 = torch.randn(4, 3)
+BAD_CPP = [
+    (lambda o: o.fsq_fwd_cpp(Z9.double(), *_cpp_params([3] * 3)), "z must be float32, bfloat16"),
+    (lambda o: o.fsq_fwd_cpp(Z9, *_cpp_params([3] * 2)), r"params must have shape \(6, 3\)"),
+    (
+        lambda o: o.fsq_fwd_cpp(Z9, _cpp_params([3] * 3)[0], torch.ones(3, dtype=torch.int32)),
+        "basis must be Long",
+    ),
+    (lambda o: o.fsq_bwd_cpp(Z9[:, :2], Z9, _cpp_params([3] * 3)[0]), "grad_codes must have"),
+    (lambda o: o.fsq_bwd_cpp(Z9, torch.randn(4, 0), Z9), r"with 1 <= D <= 1024"),
+    (lambda o: o.sign_fwd_cpp(torch.randn(2, 63), 1.0), r"with 1 <= D <= 62"),
+    (lambda o: o.sign_fwd_cpp(torch.randn(3, 4).T, 1.0), "z must be contiguous"),
+    (lambda o: o.bsq_bwd_cpp(Z9.half(), Z9), "grad_codes and z must have the same dtype"),
+    (
+        lambda o: o.binary_entropy_fwd_cpp(torch.randn(2, 1025), 1.0, False),
+        r"with 1 <= D <= 1024",
+    ),
+    (
+        lambda o: o.binary_entropy_bwd_cpp(torch.ones(3), torch.ones(2, 3), Z9, 1.0, False),
+        r"grad_rows must have shape \(4,\)",
+    ),
+    (
+        lambda o: o.binary_entropy_bwd_cpp(torch.ones(4), torch.ones(2, 3).double(), Z9, 1.0, True),
+        "grad_cols must be Float",
+    ),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("call, match", BAD_CPP)
+def test_cpp_op_bad_input_is_a_clear_error(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.ops.fastvq)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -574,7 +674,8 @@ BAD = [
     (lambda: fsq(Z, 3), TypeError, "levels must be a sequence of ints"),
     (lambda: fsq(torch.randn(2, 64), [2] * 64), ValueError, "levels: .* overflows int64"),
     (lambda: fsq(torch.randn(2, 4), [2**16] * 4), ValueError, "levels: .* overflows int64"),
-    (lambda: fsq(Z, [3, 3, 3], backend="cpu"), ValueError, "backend must be one of"),
+    (lambda: fsq(Z, [3, 3, 3], backend="cuda"), ValueError, "backend must be one of"),
+    (lambda: lfq(Z.double(), backend="cpu"), ValueError, "backend 'cpu' takes float32"),
     (lambda: fsq(Z.double(), [3, 3, 3], backend="triton"), ValueError, "backend 'triton'"),
     (lambda: fsq_codes(IDX.float(), [3]), TypeError, "indices must be an integer tensor"),
     (lambda: fsq_codes(IDX, [3], dtype=torch.int32), TypeError, "dtype must be float32"),

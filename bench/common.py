@@ -256,7 +256,9 @@ def environment(device: str = DEVICE) -> dict:
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
         "peers": {p: _version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")},
-        "git": git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+        # Records written earlier in the same run do not make the code under test dirty.
+        "git": git("rev-parse", "HEAD")
+        + ("+dirty" if git("status", "--porcelain", "--", ".", ":!bench/results") else ""),
         "backends": {k: v.available for k, v in __import__("fastvq").backends().items()},
     }
 

@@ -1,7 +1,8 @@
 // Per-row pieces of the structured Leech decoder (fastvq::leech_decode) shared by the CPU kernel
 // (cpu/leech.cpp) and the CUDA kernel (cuda/leech.cu): the Golay code's parity half, the index
 // arithmetic of the canonical order and its tie rules. Plain C++ with __host__ __device__ under
-// nvcc; no torch. The order and the rules are those of fastvq/lattice/leech.py and _common.py:
+// nvcc; no torch. The E8 shell decoder (cpu/e8.cpp) uses pair_index and row_scale: its two shapes
+// follow the same order and rules. The order and the rules are those of fastvq/lattice/leech.py and _common.py:
 //   [0, 1104)        (+-4, +-4, 0^22): pair * 4 + 2 neg_i + neg_j, pairs i < j lexicographic
 //   [1104, 98256)    (+-2^8) on octad o: 1104 + o * 128 + rank of the signs (even parity)
 //   [98256, 196560)  codeword m, position p: 98256 + m * 24 + p
@@ -79,11 +80,13 @@ inline GolayTables make_golay_tables() {
   return g;
 }
 
-// Index of the pair vector with +-4 at i != j and the signs of z there (a zero takes +).
-template <typename T>
+// Index of the pair vector with +-4 at i != j and the signs of z there (a zero takes +); kDim = 8
+// gives the E8 shell's pair vectors (+-1, +-1, 0^6), which follow the same order.
+template <int kDim = 24, typename T>
 FASTVQ_HD int64_t pair_index(const T* z, int i, int j) {
   const int a = i < j ? i : j, b = i < j ? j : i;
-  const int64_t pair = a * 23 - a * (a - 1) / 2 + (b - a - 1);  // pairs (a', .) with a' < a first
+  // pairs (a', .) with a' < a come first
+  const int64_t pair = a * (kDim - 1) - a * (a - 1) / 2 + (b - a - 1);
   return pair * 4 + 2 * (z[a] < 0) + (z[b] < 0);
 }
 

@@ -21,11 +21,6 @@
 // bfloat16 inputs (half inputs are widened exactly) and in float64 for float64.
 // Threads: at::parallel_for (OpenMP) over rows; every row runs the same serial code, so results
 // do not depend on the thread count.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,6 +29,7 @@
 #include <limits>
 
 #include "../leech_decode.h"
+#include "shell_rows.h"
 
 namespace fastvq {
 namespace {
@@ -138,54 +134,11 @@ int64_t decode_row(const T* z, const leech::GolayTables& g) {
   return leech::kStart3 + static_cast<int64_t>(word3) * 24 + leech::best_position(z, word);
 }
 
-// In: the element type of z; T: the type of the scores (half inputs widen exactly to float).
-template <typename In, typename T>
-void decode_rows(const In* z, int64_t n, int64_t* out) {
+at::Tensor leech_decode_cpu(const at::Tensor& z) {
   const leech::GolayTables& g = golay_tables();
   // ~60k operations per row: 16 rows are enough work to amortise a task.
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    T row[24];
-    for (int64_t r = begin; r < end; ++r) {
-      T largest = 0;
-      for (int p = 0; p < 24; ++p) {
-        row[p] = static_cast<T>(z[r * 24 + p]);
-        largest = std::max(largest, std::abs(row[p]));  // NaN is dropped: the row gets 0 anyway
-      }
-      const T scale = leech::row_scale(largest);
-      for (int p = 0; p < 24; ++p) row[p] *= scale;
-      out[r] = decode_row(row, g);
-    }
-  });
-}
-
-at::Tensor leech_decode_cpu(const at::Tensor& z) {
-  TORCH_CHECK(z.device().is_cpu(), "fastvq::leech_decode (CPU): z must be a CPU tensor, got ",
-              z.device());
-  TORCH_CHECK(z.dim() == 2 && z.size(1) == 24,
-              "fastvq::leech_decode: z must have shape (N, 24), got ", z.sizes());
-  TORCH_CHECK(z.is_contiguous(), "fastvq::leech_decode: z must be contiguous");
-  const int64_t n = z.size(0);
-  at::Tensor out = at::empty({n}, z.options().dtype(at::kLong));
-  int64_t* o = out.mutable_data_ptr<int64_t>();
-  switch (z.scalar_type()) {
-    case at::kFloat:
-      decode_rows<float, float>(z.const_data_ptr<float>(), n, o);
-      break;
-    case at::kDouble:
-      decode_rows<double, double>(z.const_data_ptr<double>(), n, o);
-      break;
-    case at::kHalf:
-      decode_rows<c10::Half, float>(z.const_data_ptr<c10::Half>(), n, o);
-      break;
-    case at::kBFloat16:
-      decode_rows<c10::BFloat16, float>(z.const_data_ptr<c10::BFloat16>(), n, o);
-      break;
-    default:
-      TORCH_CHECK(false,
-                  "fastvq::leech_decode: z must be float32, float64, float16 or bfloat16, got ",
-                  z.scalar_type());
-  }
-  return out;
+  return decode_shell_rows<24>("fastvq::leech_decode", z, 16,
+                               [&g](const auto* row) { return decode_row(row, g); });
 }
 
 }  // namespace

@@ -33,6 +33,45 @@ def check_indices(name: str, value, size: int) -> None:
         raise ValueError(f"{name} must lie in [0, {size}), got [{value.min()}, {value.max()}]")
 
 
+# Shell scores reach 48 max|z| (Leech; 4 max|z| for E8): a row whose largest |z| exceeds 2^64 is
+# scaled by 2^-100 first, so no score overflows and the argmax is unchanged (csrc/leech_decode.h
+# row_scale, the same rule in every backend).
+OVERFLOW, OVERFLOW_SCALE = 2.0**64, 2.0**-100
+
+
+def scale_large_rows(z: torch.Tensor) -> torch.Tensor:
+    """z (B, n) with rows whose largest |z| exceeds OVERFLOW multiplied by OVERFLOW_SCALE."""
+    big = z.abs().amax(-1, keepdim=True)
+    return torch.where(big > OVERFLOW, z * OVERFLOW_SCALE, z)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value of the codes, gradient of the identity towards z."""
+
+    @staticmethod
+    def forward(ctx, z, codes):
+        return codes.view_as(codes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shell quantizers' common tail: indices of the rows of z (..., n) by decode ((N, n)
+    contiguous -> (N,) int64), codes by codes_of(indices, z.dtype), and a straight-through
+    gradient from the codes to z. Returns (indices (...) int64, codes (..., n))."""
+    flat = z.detach().reshape(-1, z.shape[-1]).contiguous()
+    if flat.shape[0] == 0:
+        index = torch.zeros(0, dtype=torch.int64, device=z.device)
+    else:
+        index = decode(flat)
+    codes = codes_of(index, z.dtype).view(z.shape)
+    if z.requires_grad:
+        codes = _StraightThrough.apply(z, codes)
+    return index.view(z.shape[:-1]), codes
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision sums over 24 coordinates would round scores of near-tied codes together.
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -30,7 +30,9 @@ from fastvq.lattice._common import (
     compute_dtype,
     pair_tables,
     pair_vectors,
+    quantize_rows,
     rank_to_signs,
+    scale_large_rows,
     signs_to_rank,
 )
 from fastvq.ops._backends import backends, check_backend, pick_backend
@@ -39,7 +41,6 @@ LEECH_SIZE = 196560
 _START2 = 1104  # 276 pairs x 4 signs
 _START3 = _START2 + 759 * 128  # 98256; then 4096 codewords x 24 positions
 _NORM2 = 32
-_OVERFLOW, _OVERFLOW_SCALE = 2.0**64, 2.0**-100
 _DEVICES = ("cpu", "cuda")  # the C++ backends, named after their dispatch keys
 # Rows per decoder chunk: keeps the (rows, 4096) temporaries (1 MiB at 64 rows) in cache. One CPU
 # thread, CPU time on the loaded 2-core dev box: 72 / 52 / 114-179 / 146-185 us per row at 16 / 64 /
@@ -171,10 +172,7 @@ def _decode(z: torch.Tensor) -> torch.Tensor:
     """
     t = _tables(z.device)
     inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
-    # Scores reach 48 max|z|: rows beyond 2^64 are scaled by 2^-100 (exact) so none overflows
-    # (csrc/leech_decode.h row_scale, the same rule in every backend).
-    big = z.abs().amax(-1, keepdim=True)
-    z = torch.where(big > _OVERFLOW, z * _OVERFLOW_SCALE, z)
+    z = scale_large_rows(z)
 
     # Shape 1: 4 (|z_i| + |z_j|) for the two largest |z|.
     score1, index1 = best_pair(z)
@@ -304,18 +302,6 @@ def _pick(backend: str, device: torch.device) -> str:
     return name
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Value of the codes, gradient of the identity towards z."""
-
-    @staticmethod
-    def forward(ctx, z, codes):
-        return codes.view_as(codes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def leech_quantize(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the direction of z to the unit Leech code of largest inner product.
 
@@ -344,12 +330,4 @@ def leech_quantize(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Ten
     check_vectors("z", z, 24)
     check_backend(backend)
     name = _pick(backend, z.device)
-    flat = z.detach().reshape(-1, 24).contiguous()
-    if flat.shape[0] == 0:
-        index = torch.zeros(0, dtype=torch.int64, device=z.device)
-    else:
-        index = _KERNELS[name](flat)
-    codes = _leech_unit_codes(index, z.dtype).view(z.shape)
-    if z.requires_grad:
-        codes = _StraightThrough.apply(z, codes)
-    return index.view(z.shape[:-1]), codes
+    return quantize_rows(z, _KERNELS[name], _leech_unit_codes)

@@ -9,7 +9,8 @@ extra.agree_structured, the fraction equal to the structured decoder's indices. 
 brute force's 2·N·K·D, for every row (the structured decoder's "rate" is the brute-force
 equivalent).
 
-E8: e8_shell_quantize (the 240 minimal vectors, decoded from their two shapes) against brute force
+E8: e8_shell_quantize (the 240 minimal vectors, decoded from their two shapes; the "auto" backend
+and the torch decoder) against brute force
 nearest_code(metric="dot") over e8_shell_codebook() and its chunked PyTorch reference (tie-aware
 check); e8_nearest (the lattice itself) checked by membership in E8 and by no root neighbour p + r
 (r among the 240 minimal vectors) being closer to x than p. GB/s counts z read and the int64
@@ -110,6 +111,9 @@ def run_e8(n, reps):
     shape = {"op": "e8", "N": n, "K": E8_SHELL_SIZE, "D": 8}
     shell = {
         "fastvq e8_shell_quantize": lambda: lambda: e8_shell_quantize(z)[0],
+        "fastvq e8_shell_quantize torch decoder": lambda: (
+            lambda: e8_shell_quantize(z, backend="torch")[0]
+        ),
         "fastvq brute force dot exact": lambda: lambda: fastvq.nearest_code(z, c, metric="dot"),
         "torch chunked fp32": lambda: (
             lambda: fastvq.nearest_code(z, c, metric="dot", backend="torch")

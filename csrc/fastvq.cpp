@@ -17,6 +17,11 @@ TORCH_LIBRARY(fastvq, m) {
   // with NaN or Inf. z (N, 24) contiguous float32/float64/float16/bfloat16 (scores in float32,
   // float64 for float64). Returns int64 (N,).
   m.def("leech_decode(Tensor z) -> Tensor");
+  // The E8 shell decoder (fastvq/lattice/e8.py _decode), CPU only (CUDA tensors: its Triton twin in
+  // kernels/e8.py): idx[n] = the canonical index of the minimal E8 vector of largest inner product
+  // with z[n], ties to the lowest index, 0 for rows with NaN or Inf. z (N, 8) contiguous
+  // float32/float64/float16/bfloat16 (scores in float32, float64 for float64). Returns int64 (N,).
+  m.def("e8_shell_decode(Tensor z) -> Tensor");
   // fastvq.quantize after the search (formulas in fastvq/ops/quantize.py). z (N, D) and codebook
   // (K, D) contiguous, one dtype (float32/bf16/fp16); indices (N,) int64 in [0, K); grad "ste",
   // "rotation" or "householder". Forward: z_q = codebook[indices] (N, D) and float32 per-row

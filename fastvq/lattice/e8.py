@@ -6,8 +6,11 @@ Canonical order of the shell (the same conventions as the Leech shell, see _comm
   [112, 240)   (+-1/2)^8 with an even number of minus signs: 112 + t, t = sum_{k<7} neg_k 2^(6-k).
 """
 
+import functools
+
 import torch
 
+from fastvq import _ext
 from fastvq.lattice._common import (
     best_even_signs,
     best_pair,
@@ -16,11 +19,16 @@ from fastvq.lattice._common import (
     compute_dtype,
     pair_tables,
     pair_vectors,
+    quantize_rows,
     rank_to_signs,
+    scale_large_rows,
     signs_to_rank,
 )
+from fastvq.ops._backends import backends, pick_backend
+from fastvq.ops._validate import check_choice
 
 E8_SHELL_SIZE = 240
+E8_BACKENDS = ("auto", "triton", "cpu", "torch")  # no CUDA C++ kernel: Triton covers CUDA tensors
 _START2 = 112
 
 
@@ -62,11 +70,27 @@ def _doubled_codes(index: torch.Tensor) -> torch.Tensor:
     return torch.where((index < _START2)[:, None], x1, x2)
 
 
+@functools.cache
+def _codebook(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return (_doubled_codes(torch.arange(E8_SHELL_SIZE, device=device)).to(dtype) / 2).contiguous()
+
+
+# A custom op: torch.compile cannot trace the cached table it reads, so it keeps one node.
+@torch.library.custom_op("fastvq::e8_shell_lookup", mutates_args=())
+def _lookup(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Shell vectors for valid indices: (...) int64 -> (..., 8) `dtype`, a row gather."""
+    return _codebook(index.device, dtype).index_select(0, index.reshape(-1)).view(*index.shape, 8)
+
+
+@_lookup.register_fake
+def _(index, dtype):
+    return index.new_empty(*index.shape, 8, dtype=dtype)
+
+
 def e8_shell_codes(indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """E8 minimal vectors from canonical indices: (...) integer in [0, 240) -> (..., 8) `dtype`."""
     check_indices("indices", indices, E8_SHELL_SIZE)
-    x = _doubled_codes(indices.reshape(-1).long())
-    return (x.to(dtype) / 2).view(*indices.shape, 8)
+    return _lookup(indices.long(), dtype)
 
 
 def e8_shell_codebook(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -98,22 +122,111 @@ def e8_shell_index(vectors: torch.Tensor) -> torch.Tensor:
     return index.view(vectors.shape[:-1])
 
 
-def e8_shell_quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(z: torch.Tensor) -> torch.Tensor:
+    """(B, 8) float32/float64 -> (B,) int64: the canonical index maximizing <z, x> over the shell.
+
+    Scores are taken against the doubled codes (squared norm 8): 2 (|z_i| + |z_j|) for the pair
+    shape at the two largest |z|; sum |z| - 2 min |z| [odd minus count] for the half-integer shape
+    (sign(z), one sign flipped at a least |z| when the parity demands it). Ties go to the lowest
+    index: the pair shape on equal scores, then the first pair / lowest sign rank.
+
+    The arithmetic is fixed to the operation so that the C++ and Triton kernels (csrc/cpu/e8.cpp,
+    kernels/e8.py) reproduce every score bit for bit: sum |z| is added as the tree
+    ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7)); products by 2 are exact, so each score
+    rounds once, fused or not.
+    """
+    z = scale_large_rows(z)
+    score1, index1 = best_pair(z)
+    u = z.abs()
+    pairs = u[:, 0::2] + u[:, 1::2]  # (u0 + u1, u2 + u3, u4 + u5, u6 + u7)
+    quads = pairs[:, 0::2] + pairs[:, 1::2]
+    total = quads[:, 0] + quads[:, 1]
+    odd = (z < 0).sum(-1) % 2 == 1
+    score2 = torch.where(odd, total - 2 * u.amin(-1), total)
+    index = torch.where(2 * score1 >= score2, index1, _START2 + best_even_signs(z))
+    return torch.where(torch.isfinite(z).all(-1), index, 0)
+
+
+# --- Backends of the decoder: each maps z (N, 8) contiguous -> (N,) int64, the same indices ------
+
+
+@torch.library.custom_op("fastvq::e8_shell_decode_torch", mutates_args=())
+def _decode_torch(z: torch.Tensor) -> torch.Tensor:
+    return _decode(z.to(compute_dtype(z.dtype)))
+
+
+@_decode_torch.register_fake
+def _(z):
+    return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+# Triton: an opaque custom op (importing fastvq must not import Triton).
+@torch.library.custom_op("fastvq::e8_shell_decode_triton", mutates_args=())
+def _decode_triton(z: torch.Tensor) -> torch.Tensor:
+    from fastvq.kernels.e8 import e8_shell_decode_triton
+
+    return e8_shell_decode_triton(z)
+
+
+@_decode_triton.register_fake
+def _(z):
+    return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+# A build from before fastvq::e8_shell_decode existed has no schema to attach a fake to.
+_HAS_KERNEL = _ext._has_kernel("e8_shell_decode", "CPU")
+if _HAS_KERNEL:
+
+    @torch.library.register_fake("fastvq::e8_shell_decode")
+    def _(z):
+        return z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+_KERNELS = {
+    "torch": _decode_torch,
+    "triton": _decode_triton,
+    "cpu": lambda z: torch.ops.fastvq.e8_shell_decode(z),
+}
+
+
+def _pick(backend: str, device: torch.device) -> str:
+    check_choice("backend", backend, E8_BACKENDS)
+    if backend == "auto":
+        if device.type == "cuda" and backends()["triton"].available:
+            return "triton"
+        return "cpu" if device.type == "cpu" and _HAS_KERNEL else "torch"
+    # Every backend takes float64 (scores in float64): checked as for float32.
+    name = pick_backend(backend, device, torch.float32)
+    if name == "cpu" and not _HAS_KERNEL:
+        raise ValueError(
+            "backend 'cpu' is unavailable: fastvq._C has no kernel for e8_shell_decode (a build "
+            "from before it existed: rebuild the extension)"
+        )
+    return name
+
+
+def e8_shell_quantize(
+    z: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The shell vector of largest inner product with each row: argmax_k <z, codebook[k]>.
 
-    z: (..., 8) floating. Returns (indices (...) int64, codes (..., 8) in z's dtype, squared norm 2;
-    divide by sqrt(2) for unit codes). Ties go to the lowest index (exact where the arithmetic is);
-    zero rows and rows with NaN or Inf get index 0. Decoded from the two shapes: the two largest |z|
-    against sum |z| with a parity fix. Computes in float32 (float64 for float64).
+    Args:
+        z: (..., 8) float32, float64, bfloat16 or float16, any strides.
+        backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "triton", "cpu" or
+            "torch"; every backend returns the same indices, bit for bit.
+
+    Returns:
+        indices (...) int64 in [0, 240) and codes (..., 8) in z's dtype, e8_shell_codes(indices):
+        squared norm 2 (divide by sqrt(2) for unit codes).
+
+    Decoded from the shell's two shapes (the two largest |z| against sum |z| with a sign-parity
+    fix, about 150 instructions per row) rather than 240 dot products. Ties go to the lowest index,
+    exact up to the rounding of the scores (float32, float64 for float64; half inputs widen
+    exactly); zero rows and rows with NaN or Inf get index 0; rows beyond 2^64 are scaled by
+    2^-100 first, which keeps the scores finite.
+
+    Gradient: straight-through, as leech_quantize: codes carry dL/dz = dL/dcodes.
     """
     check_vectors("z", z, 8)
-    y = z.reshape(-1, 8).to(compute_dtype(z.dtype))
-    # Scores against the doubled codes: 2 (|z_i| + |z_j|), and sum |z| - 2 min |z| if the signs of z
-    # have an odd minus count.
-    score1, index1 = best_pair(y)
-    u = y.abs()
-    odd = ((y < 0).sum(-1) % 2).to(y.dtype)
-    score2 = u.sum(-1) - 2 * odd * u.amin(-1)
-    index = torch.where(2 * score1 >= score2, index1, _START2 + best_even_signs(y))
-    index = torch.where(torch.isfinite(y).all(-1), index, 0)
-    return index.view(z.shape[:-1]), (_doubled_codes(index).to(z.dtype) / 2).view(z.shape)
+    name = _pick(backend, z.device)
+    return quantize_rows(z, _KERNELS[name], _lookup)

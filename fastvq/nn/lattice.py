@@ -21,6 +21,7 @@ from fastvq.lattice import (
     leech_codes,
     leech_quantize,
 )
+from fastvq.lattice.e8 import _lookup as _e8_lookup
 from fastvq.nn.scalar import check_index_tensor, check_input, check_int, from_channel_last
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_floating
@@ -180,26 +181,17 @@ class E8Quantize(_ShellQuantize):
     shell_dim, shell_size, name = 8, E8_SHELL_SIZE, "E8Quantize"
 
     def _decode(self, u):
-        return _e8_decode(u.contiguous())
+        indices = e8_shell_quantize(u)[0]
+        return indices, _unit(_e8_lookup(indices, _acc(u.dtype)), u.dtype)
 
     def _unit_codes(self, indices, dtype):
-        return _e8_unit_codes(indices, dtype)
+        return _unit(e8_shell_codes(indices, _acc(dtype)), dtype)
 
 
-def _e8_unit_codes(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # shell vectors have squared norm 2: divide in float32 / float64 and round once
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return (e8_shell_codes(indices, acc) / math.sqrt(2)).to(dtype)
+# Shell vectors have squared norm 2: divide in float32 / float64 and round once.
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# One opaque op for torch.compile: the E8 decoder selects rows by data-dependent masks (about 8
-# graph breaks when traced).
-@torch.library.custom_op("fastvq::nn_e8_shell_decode", mutates_args=())
-def _e8_decode(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    indices = e8_shell_quantize(u)[0]
-    return indices, _e8_unit_codes(indices, u.dtype)
-
-
-@_e8_decode.register_fake
-def _(u):
-    return u.new_empty(u.shape[:-1], dtype=torch.int64), torch.empty_like(u)
+def _unit(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes / math.sqrt(2)).to(dtype)

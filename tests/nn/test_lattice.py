@@ -121,15 +121,3 @@ def test_bad_input():
         m.get_codes_from_indices(torch.tensor([LEECH_SIZE]))
     with pytest.raises(ValueError, match="accept_image_fmap"):
         E8Quantize(accept_image_fmap=True)(torch.randn(2, 8, 3))
-
-
-def test_e8_decode_op_for_compile():
-    # the decoder is one custom op (so torch.compile sees no data-dependent masks): its fake
-    # implementation, schema and autograd registration must agree with the real one
-    from fastvq.nn.lattice import _e8_decode
-
-    u = F.normalize(torch.randn(7, 8), dim=-1)
-    torch.library.opcheck(_e8_decode, (u,))
-    idx, codes = _e8_decode(u)
-    check_nearest(u, _shell(E8Quantize), idx, metric="dot")
-    torch.testing.assert_close(codes, _shell(E8Quantize)[idx])

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvq.ops._backends import triton_interpreting
+
 BLOCK_M = 128  # 1,024 elements per tile: 8 per thread with 4 warps
 INTERPRETER_BLOCK_M = 1024  # the interpreter pays per program, not per row
 
@@ -98,7 +100,7 @@ def e8_shell_decode_triton(z: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:
         return out
-    block_m = BLOCK_M if z.is_cuda else INTERPRETER_BLOCK_M
+    block_m = INTERPRETER_BLOCK_M if triton_interpreting() else BLOCK_M
     _e8_shell_decode_fwd_kernel[(triton.cdiv(n, block_m),)](
         z,
         out,

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fastvq.lattice.leech import _tables
+from fastvq.ops._backends import triton_interpreting
 
 # Rows per program: 16 rows x 64 lanes keeps each table at 1,024 elements (8 per thread with 4
 # warps), which is small enough for the eight group tables to stay in registers.
@@ -221,7 +222,7 @@ def leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
         return out
     hlo, hhi, octads = _golay_tables(z.device)
     # The interpreter (CPU tensors) pays per program, not per row: 64 rows per program there.
-    block_m = BLOCK_M if z.is_cuda else INTERPRETER_BLOCK_M
+    block_m = INTERPRETER_BLOCK_M if triton_interpreting() else BLOCK_M
     grid = (triton.cdiv(n, block_m),)
     _leech_decode_fwd_kernel[grid](
         z,

@@ -34,12 +34,13 @@ the same, so the answer is the same up to float32 accumulation order; the fast p
 bf16 is kept, 3xTF32's residual rounding is not emulated.
 """
 
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+from fastvq.ops._backends import triton_interpreting
 
 # The contract bounds the partial buffer at N x 64.
 MAX_SPLITS = 64
@@ -224,14 +225,10 @@ def _nearest_code_fwd_reduce_kernel(
     tl.store(idx_ptr + rows, row_k.to(tl.int64), mask=row_ok)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
     """Tile sizes and launch options for one call (no autotuning yet: see the NOTEs)."""
     d_pow2 = max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dim >= 16
-    if _interpreting() or device.type != "cuda":
+    if triton_interpreting():
         # NOTE: the interpreter pays per tl op per program, so big tiles are cheaper: BLOCK_K =
         # 128 ran a set of shapes in 1.7 s that took 2.6 s at 64 and 4.6 s at 32. Its product
         # tile (BLOCK_N, BLOCK_K, BLOCK_D) must stay within Triton's 2^20 elements; larger D
@@ -241,7 +238,8 @@ def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
         return dict(BLOCK_N=block_n, BLOCK_K=128, BLOCK_D=block_d, num_warps=4, num_stages=1)
     # NOTE: untuned: no GPU was available when these were chosen; nothing here was timed. They
     # come from compiling for sm_90 with Triton 3.9 without running (registers / spills from
-    # cuobjdump, instructions in the K loop from the SASS), bias on, K and D multiples of 16:
+    # cuobjdump, as tests/triton_sm90.py prints them; instructions in the K loop from the SASS),
+    # bias on, K and D multiples of 16:
     #   bf16, 128 x 64 x 32, 8 warps: 119 registers (two CTAs per SM), 202 instructions per K
     #     tile = 6.3 per candidate (a per-tile max/argmax epilogue instead: 300, 64 registers);
     #   bf16 single chunk up to D = 128: 128 registers; chunked D at BLOCK_D 64: 176, no spills;
@@ -355,7 +353,7 @@ def nearest_code_triton(
         EVEN_D=d % cfg["BLOCK_D"] == 0,
         SPLIT=splits > 1,
         PRECISION=precision,
-        INTERPRET=_interpreting(),
+        INTERPRET=triton_interpreting(),
         ONE_D_CHUNK=d <= cfg["BLOCK_D"],
         **cfg,
     )

@@ -15,7 +15,9 @@ class Backend(NamedTuple):
     reason: str
 
 
-def _interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Triton kernels run through its CPU interpreter (TRITON_INTERPRET=1): their launchers pick
+    the interpreter's tile sizes, and backend="triton" takes CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -27,7 +29,7 @@ def backends() -> dict[str, Backend]:
         report["triton"] = Backend(False, "triton is not installed (pip install triton)")
     elif cuda:
         report["triton"] = Backend(True, "Triton kernels on CUDA tensors")
-    elif _interpreting():
+    elif triton_interpreting():
         report["triton"] = Backend(True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)")
     else:
         report["triton"] = Backend(
@@ -74,7 +76,7 @@ def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         return next(name for name in order if report[name].available)
     if not report[backend].available:
         raise ValueError(f"backend {backend!r} is unavailable: {report[backend].reason}")
-    wants = {"cuda": "cuda", "cpu": "cpu", "triton": "cpu" if _interpreting() else "cuda"}
+    wants = {"cuda": "cuda", "cpu": "cpu", "triton": "cpu" if triton_interpreting() else "cuda"}
     if backend in wants and device.type != wants[backend]:
         raise ValueError(
             f"backend {backend!r} runs on {wants[backend]} tensors here, got tensors on {device}"

@@ -1,0 +1,165 @@
+"""Compile every Triton kernel of fastvq for an H100 (sm_90) on a machine without a GPU.
+
+The launchers in fastvq.kernels run on CPU tensors with Triton's launch replaced by
+triton.compile of the same kernel, arguments, constexprs and launch options, down to a cubin
+(Triton bundles ptxas). That checks what the interpreter cannot: types, layouts and lowering of
+the GPU tile sizes. Each compiled specialization prints one line with the registers, spills
+(LOCAL bytes) and shared memory that cuobjdump reports.
+
+python tests/triton_sm90.py   (run with TRITON_INTERPRET unset; tests/test_build.py does so)
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+TARGET = GPUTarget("cuda", 90, 32)
+OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+POINTER = {
+    torch.float32: "*fp32",
+    torch.float64: "*fp64",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+}
+_compiled: dict[str, str] = {}
+
+
+def _type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return POINTER[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _resources(cubin: bytes) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = [tool, "--dump-resource-usage", f.name]
+        out = subprocess.run(dump, capture_output=True, text=True)
+    fields = dict(w.split(":", 1) for w in out.stdout.split() if w.split(":")[0].isupper())
+    return f"REG {fields.get('REG')} LOCAL {fields.get('LOCAL')} SHARED {fields.get('SHARED')}"
+
+
+def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
+    # positional arguments first (constexprs may be positional too), then keywords
+    bound = dict(zip([p.name for p in self.params[: len(args)]], args, strict=True)) | kwargs
+    signature, constexprs = {}, {}
+    for p in self.params:
+        value = bound[p.name] if p.name in bound else p.default
+        if p.is_constexpr or value is None:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        else:
+            signature[p.name] = _type(value)
+    key = f"{self.__name__} {signature} {constexprs} {options}"
+    if key not in _compiled:
+        start = time.perf_counter()
+        source = ASTSource(self, signature, constexprs)
+        kernel = triton.compile(source, target=TARGET, options=options)
+        types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
+        flags = " ".join(f"{k}={v}" for k, v in constexprs.items())
+        _compiled[key] = (
+            f"{self.__name__} ({types}) [{flags}] {options}: {_resources(kernel.asm['cubin'])}, "
+            f"{time.perf_counter() - start:.1f} s"
+        )
+        print(_compiled[key], flush=True)
+
+
+def _launch_everything():
+    """Every launcher in fastvq.kernels, over the dtypes and tile classes the ops use."""
+    from fastvq.kernels import e8, ema, leech, nearest_code, quantize, scalar
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        e8.e8_shell_decode_triton(torch.randn(1000, 8, generator=g).to(dtype))
+    for dtype in (torch.float32, torch.float64):
+        leech.leech_decode_triton(torch.randn(100, 24, generator=g).to(dtype))
+    # nearest code: each precision, one and several D chunks, small and large N, split codebooks
+    for dtype, fast, n, d, splits in [
+        (torch.float32, False, 4096, 32, 1),
+        (torch.float32, True, 4096, 32, 1),
+        (torch.bfloat16, False, 4096, 32, 1),
+        (torch.float16, False, 48, 256, 1),
+        (torch.float32, False, 8, 300, 4),
+        (torch.bfloat16, False, 100, 8, 4),
+    ]:
+        z = torch.randn(n, d, generator=g).to(dtype)
+        codebook = torch.randn(4096, d, generator=g).to(dtype)
+        bias = torch.randn(4096, generator=g)
+        nearest_code.nearest_code_triton(z, codebook, None, bias, fast, splits=splits)
+    for dtype in (torch.float32, torch.bfloat16):
+        n, k, d = 256, 64, 32
+        z = torch.randn(n, d, generator=g).to(dtype)
+        codebook = torch.randn(k, d, generator=g).to(dtype)
+        idx = torch.randint(0, k, (n,), generator=g)
+        counts, sums, weight = torch.zeros(k), torch.zeros(k, d), torch.rand(n, generator=g)
+        for w in (None, weight):
+            ema.ema_scatter(counts, sums, z, idx, w, 0.1)
+            ema.ema_segment(counts, sums, z, idx, w, 0.9, 0.1)
+        for grad in ("ste", "rotation", "householder"):
+            z_q, stats = quantize.quantize_fwd(z, codebook, idx, grad)
+            need_z = grad != "ste"
+            quantize.quantize_bwd(z_q, z, codebook, idx, stats, grad, need_z, True)
+            if need_z:
+                quantize.quantize_bwd(z_q, z, codebook, idx, stats, grad, True, False)
+        z6 = torch.randn(n, 6, generator=g).to(dtype)
+        params = torch.rand(6, 6, generator=g)
+        scalar.fsq_fwd(z6, params, torch.arange(6))
+        scalar.fsq_bwd(z6, z6, params)
+        z18 = torch.randn(n, 18, generator=g).to(dtype)
+        for spherical in (False, True):
+            scalar.sign_fwd(z18, spherical)
+            scalar.binary_entropy_fwd(z18, 1.0, spherical)
+            scalar.binary_entropy_bwd(torch.rand(n), torch.rand(2, 18), z18, 1.0, spherical)
+        scalar.bsq_bwd(z18, z18)
+
+
+def _all_kernels() -> set[str]:
+    import importlib
+    import pkgutil
+
+    import fastvq.kernels
+
+    names = set()
+    for info in pkgutil.iter_modules(fastvq.kernels.__path__):
+        module = importlib.import_module(f"fastvq.kernels.{info.name}")
+        names |= {
+            name
+            for name, value in vars(module).items()
+            if isinstance(value, JITFunction) and name.endswith("_kernel")
+        }
+    return names
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET: this compiles"
+    JITFunction.run = _compile_instead_of_launch
+    _launch_everything()
+    compiled = {line.split(" ", 1)[0] for line in _compiled.values()}
+    print(f"{len(_compiled)} specializations of {len(compiled)} kernels compiled for sm_90")
+    missing = _all_kernels() - compiled
+    if missing:
+        print(f"never launched here (add them to _launch_everything): {sorted(missing)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

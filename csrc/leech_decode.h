@@ -2,7 +2,8 @@
 // (cpu/leech.cpp) and the CUDA kernel (cuda/leech.cu): the Golay code's parity half, the index
 // arithmetic of the canonical order and its tie rules. Plain C++ with __host__ __device__ under
 // nvcc; no torch. The E8 shell decoder (cpu/e8.cpp) uses pair_index and row_scale: its two shapes
-// follow the same order and rules. The order and the rules are those of fastvq/lattice/leech.py and _common.py:
+// follow the same order and rules. The order and the rules are those of fastvq/lattice/leech.py
+// and _common.py:
 //   [0, 1104)        (+-4, +-4, 0^22): pair * 4 + 2 neg_i + neg_j, pairs i < j lexicographic
 //   [1104, 98256)    (+-2^8) on octad o: 1104 + o * 128 + rank of the signs (even parity)
 //   [98256, 196560)  codeword m, position p: 98256 + m * 24 + p

@@ -17,8 +17,9 @@
 //   About 58k operations per row, 80x fewer than the 4.7M multiply-adds of brute force; loads
 //   from the per-row tables (4 KiB in float32) stay in L1.
 // Ties go to the lowest index (lower shape, then lower codeword / octad / pair); a row with NaN or
-// Inf gets index 0, as in the torch path; a row beyond 2^64 is scaled first (leech::row_scale). Scores are computed in float32 for float32, float16 and
-// bfloat16 inputs (half inputs are widened exactly) and in float64 for float64.
+// Inf gets index 0, as in the torch path; a row beyond 2^64 is scaled first (leech::row_scale).
+// Scores are computed in float32 for float32, float16 and bfloat16 inputs (half inputs are
+// widened exactly) and in float64 for float64.
 // Threads: at::parallel_for (OpenMP) over rows; every row runs the same serial code, so results
 // do not depend on the thread count.
 #include <torch/library.h>

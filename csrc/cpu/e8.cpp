@@ -74,7 +74,7 @@ int64_t decode_row(const T* z) {
     at_top2 |= static_cast<uint32_t>(u[p] == top2) << p;
     at_least |= static_cast<uint32_t>(u[p] == least) << p;
   }
-  const int i = __builtin_ctz(at_top1);  // the first largest |z|
+  const int i = __builtin_ctz(at_top1);               // the first largest |z|
   const int j = __builtin_ctz(at_top2 & ~(1u << i));  // the first largest of the others
   const int64_t index1 = leech::pair_index<8>(z, i, j);
 

@@ -43,12 +43,10 @@
 #include <memory>
 #include <optional>
 
+#include "isa.h"
+
 #if !defined(__GNUC__)
 #error "csrc/cpu/nearest_code.cpp needs GCC or Clang vector extensions"
-#endif
-
-#if defined(__x86_64__) || defined(__i386__)
-#define FASTVQ_X86 1
 #endif
 
 #define FASTVQ_INLINE inline __attribute__((always_inline))
@@ -482,11 +480,6 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Problem& p, int64_t n0,
                                                    int64_t c0, int64_t c1, int64_t s) {
   item_body<kIn, Lanes8>(p, n0, n1, c0, c1, s);
 }
-
-bool cpu_has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 using ItemFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t);
@@ -494,8 +487,7 @@ using ItemFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, int6
 template <In kIn>
 ItemFn pick_item_fn() {
 #if defined(FASTVQ_X86) && !defined(FASTVQ_NO_MULTIVERSION)
-  static const bool avx2 = cpu_has_avx2_fma();
-  if (avx2) return &item_avx2<kIn>;
+  if (cpu::use_avx2(/*with_fma=*/true)) return &item_avx2<kIn>;
 #endif
   return &item_generic<kIn>;
 }

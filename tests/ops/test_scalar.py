@@ -622,6 +622,42 @@ def test_cpp_ops_bit_identical_across_thread_counts():
     assert bool((rows > 0).all())
 
 
+# The C++ scalar kernels are compiled twice, for SSE2 and for AVX2, and picked at run time
+# (csrc/cpu/isa.h); FASTVQ_CPU_BASELINE=1 forces SSE2. Both builds must return the same bits.
+_ISA_SCRIPT = """
+import sys, torch
+from fastvq.ops.scalar import _fsq_tables
+ops, g = torch.ops.fastvq, torch.Generator().manual_seed(0)
+params, basis = _fsq_tables((8, 8, 8, 5, 5, 5, 4, 3, 2), torch.device("cpu"), torch.float32)
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    z = 3 * torch.randn(20_003, 9, generator=g)
+    z[0], z[1], z[2], z[3] = 0.0, -0.0, 1e-40, -50.0  # zeros, a subnormal, saturation
+    z, grad = z.to(dtype), torch.randn(20_003, 9, generator=g).to(dtype)
+    g_row, g_col = torch.randn(20_003, generator=g), torch.randn(2, 9, generator=g)
+    out += [*ops.fsq_fwd_cpp(z, params, basis), ops.fsq_bwd_cpp(grad, z, params)]
+    out += [*ops.sign_fwd_cpp(z, 1 / 3), ops.bsq_bwd_cpp(grad, z)]
+    for spherical in (False, True):
+        out += [*ops.binary_entropy_fwd_cpp(z, 2.5, spherical)]
+        out += [ops.binary_entropy_bwd_cpp(g_row, g_col, z, 2.5, spherical)]
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_cpp
+def test_cpp_ops_bit_identical_across_isa_builds(tmp_path):
+    """Vacuous on a CPU without AVX2 (both runs take the SSE2 build), exact everywhere else."""
+    runs = []
+    for baseline in ("1", "0"):
+        path = tmp_path / f"baseline{baseline}.pt"
+        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
+        runs.append(torch.load(path))
+    assert len(runs[0]) == 3 * 12
+    for x, y in zip(*runs, strict=True):
+        assert torch.equal(x, y)
+
+
 Z9 = torch.randn(4, 3)
 BAD_CPP = [
     (lambda o: o.fsq_fwd_cpp(Z9.double(), *_cpp_params([3] * 3)), "z must be float32, bfloat16"),

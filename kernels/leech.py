@@ -15,6 +15,11 @@ bit for bit, ties included:
     operations, 23k per row).
   - Shape 1 and the winners' sign fix (shape 2) and position (shape 3) on the (BLOCK_M, 32) tile.
   About 80k lane operations per row (brute force: 4.7M multiply-adds). Unmeasured on a GPU.
+  Predicted from the sm_90 SASS (tests/triton_sm90.py, Triton 3.9; 255 registers, no spills):
+  tl.gather lowers to warp shuffles, 80 of the 226 instructions of a shape-3 iteration and 512 of
+  the 1,462 of an octad tile, ~2,000 warp shuffles per row. At one warp shuffle per cycle per SM
+  that is >= 0.58 ms at N = 65,536 on an H100, twice the issue's 0.3 ms target; the CUDA C++
+  kernel (csrc/cuda/leech.cu, shared-memory tables) predicts ~0.33 ms. bench/ decides.
 Each lane keeps its best with a strict `>` over increasing codewords / octads; the lanes are then
 reduced to (largest score, lowest index), which is the first maximum. Rows with NaN or Inf get 0;
 rows beyond 2^64 are scaled by 2^-100 first, as in every backend (csrc/leech_decode.h row_scale).

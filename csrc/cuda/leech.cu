@@ -29,7 +29,10 @@
 // instructions + ~24 octads x ~25 + ~400 for the tables and merges = ~2.9k warp instructions per
 // row; N = 65,536 rows is 1.9e8 warp instructions, 0.2 ms at the 9.2e11 warp instructions/s of
 // 132 SMs x 4 schedulers x 1.75 GHz if the shared-memory loads (2.2 per codeword, random within
-// a 64-entry table: bank conflicts) keep up. Unmeasured.
+// a 64-entry table: bank conflicts) keep up. Unmeasured. The sm_90 SASS (nvcc 13, 48 registers)
+// is heavier than this model: 25 instructions per codeword (min_of's compare-and-select is two
+// instructions where fminf would be one) and 36 per octad, ~4.7k warp instructions per row, so
+// ~0.33 ms at full issue.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -21,7 +21,6 @@ from fastvq.lattice import (
     leech_codes,
     leech_quantize,
 )
-from fastvq.lattice.e8 import _lookup as _e8_lookup
 from fastvq.nn.scalar import check_index_tensor, check_input, check_int, from_channel_last
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_floating
@@ -181,17 +180,15 @@ class E8Quantize(_ShellQuantize):
     shell_dim, shell_size, name = 8, E8_SHELL_SIZE, "E8Quantize"
 
     def _decode(self, u):
-        indices = e8_shell_quantize(u)[0]
-        return indices, _unit(_e8_lookup(indices, _acc(u.dtype)), u.dtype)
+        indices, codes = e8_shell_quantize(u)
+        return indices, _unit(codes, u.dtype)
 
     def _unit_codes(self, indices, dtype):
-        return _unit(e8_shell_codes(indices, _acc(dtype)), dtype)
-
-
-# Shell vectors have squared norm 2: divide in float32 / float64 and round once.
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+        return _unit(e8_shell_codes(indices), dtype)
 
 
 def _unit(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (codes / math.sqrt(2)).to(dtype)
+    """Shell vectors (squared norm 2, exact in every dtype) -> unit vectors in `dtype`, divided in
+    float32 (float64 for float64) and rounded once."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (codes.to(acc) / math.sqrt(2)).to(dtype)

@@ -1,12 +1,14 @@
 """Triton kernel of the E8 shell decoder (fastvq.lattice.e8_shell_quantize, backend "triton").
 
-`_e8_shell_decode_fwd_kernel`: one program per BLOCK_M rows of z (N, 8), each row a (BLOCK_M, 8)
+`_e8_shell_decode_fwd_kernel`: one program per BLOCK_M rows of z (N, 8), held as a (BLOCK_M, 8)
 tile. It reproduces the torch path's arithmetic score for score (fastvq/lattice/e8.py `_decode`),
 so the indices are equal bit for bit, ties included: against the doubled codes, 2 (|z_i| + |z_j|)
 for the two largest |z| (pair shape) and sum |z| - 2 min |z| [odd minus count] for the
 half-integer shape, the sum as the tree ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7)).
-About 150 lane operations per row against 32 bytes read and 8 written: memory bound on a GPU
-(N = 2^20 moves 40 MB, ~13 us at 3.0 TB/s). Unmeasured on a GPU.
+Predicted from the sm_90 SASS (tests/triton_sm90.py, Triton 3.9: 72 registers, one row per
+thread, ~1,160 instructions): ~36 warp instructions per row, so ~40 us at N = 2^20 at full issue
+on an H100 against ~13 us for its 40 MB of traffic at 3.0 TB/s: instruction bound. Unmeasured on
+a GPU.
 Rows with NaN or Inf get 0; rows beyond 2^64 are scaled by 2^-100 first, as in every backend
 (csrc/leech_decode.h row_scale). Scores in float32 (float64 for float64 inputs)."""
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, check_int, from_channel_last
-from fastvq.nn.vector_quantize import VectorQuantize, _is_distributed
+from fastvq.nn.vector_quantize import VectorQuantize, _is_distributed, eager_only
 from fastvq.ops._validate import check_floating
 from fastvq.ops.nearest_code import nearest_code
 
@@ -61,7 +61,7 @@ _UNSUPPORTED_RVQ = {
 }
 
 
-@torch.compiler.disable
+@eager_only
 def sync_seed(device, high: int = 10_000) -> int:
     """The peer's get_maybe_sync_seed: a random int from torch's generator, summed over ranks so
     that every rank draws the same dropout layer."""
@@ -145,7 +145,7 @@ class _Residual(nn.Module):
         grad_ok = torch.is_grad_enabled() or not self.dropout_needs_grad
         return bool(self.training and self.quantize_dropout and grad_ok)
 
-    @torch.compiler.disable
+    @eager_only
     def _dropout_index(self, device, seed) -> int:
         """The last layer that runs this step. Host RNG (and an all-reduce under DDP): eager, a
         graph break under torch.compile, which specializes on the index it returns."""

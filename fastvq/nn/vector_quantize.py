@@ -100,6 +100,10 @@ _UNSUPPORTED = {
 _SAMPLE_CHUNK_ELEMENTS = 1 << 20
 # The peer's l2norm epsilon (F.normalize eps=1e-6) for inputs and codes under use_cosine_sim.
 _NORM_EPS = 1e-6
+# A deliberate graph break: the function always runs eagerly. torch's lazy form of
+# torch.compiler.disable, which imports torch._dynamo (1.5 s, most of `import fastvq.nn`) at the
+# first call instead of at decoration.
+eager_only = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
 def _l2norm(t: torch.Tensor) -> torch.Tensor:
@@ -572,7 +576,7 @@ class VectorQuantize(nn.Module):
     def _group(self, sync: bool):
         return True if sync and self.sync_codebook else False
 
-    @torch.compiler.disable
+    @eager_only
     def _init_from_rows(self, rows, row_mask) -> None:
         if bool(self.initted):
             return
@@ -630,7 +634,7 @@ class VectorQuantize(nn.Module):
             return
         self._update_stats(rows, idxs, row_mask, do_ema)
 
-    @torch.compiler.disable
+    @eager_only
     def _update_param(self, rows, idxs, row_mask, do_ema: bool) -> None:
         # Writes through .data are invisible to torch.compile (inductor drops them): eager.
         self._update_stats(rows, idxs, row_mask, do_ema)
@@ -661,7 +665,7 @@ class VectorQuantize(nn.Module):
     def _param_codebook(self) -> bool:
         return isinstance(self.embed, nn.Parameter)
 
-    @torch.compiler.disable
+    @eager_only
     @torch.no_grad()
     def _reset_dead(self, embed, rows, masks, group) -> None:
         """Dead-code replacement: data-dependent row selection (and a broadcast when synced)
@@ -784,7 +788,7 @@ class VectorQuantize(nn.Module):
         return gram.square().sum() / (h * num**2) - 1 / num
 
 
-@torch.compiler.disable
+@eager_only
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
     """A copy made outside any compiled graph: inside one, the partitioner may recompute a clone
     in the backward from the (by then updated) Parameter codebook."""

@@ -79,3 +79,54 @@ def test_stack_trains_compiled_without_graph_breaks():
         torch.testing.assert_close(b, a, msg=name)
     # the EMA ran inside the graph
     assert not torch.equal(compiled_model.layers[0].embed, initial.layers[0].embed)
+
+
+def test_deliberate_graph_breaks_run_eagerly_under_compile():
+    # k-means init, dead-code replacement and quantize dropout's seed are eager islands
+    # (fastvq.nn.vector_quantize.eager_only): compiled without fullgraph, the model takes the
+    # same steps as eager, and dynamo records the breaks.
+    from torch._dynamo.utils import counters
+
+    def make():
+        torch.manual_seed(0)
+        return nn.ModuleList(
+            [
+                VectorQuantize(DIM, 16, kmeans_init=True, threshold_ema_dead_code=0.5),
+                ResidualVQ(
+                    dim=DIM, num_quantizers=3, codebook_size=8, quantize_dropout=True,
+                    threshold_ema_dead_code=0.5,
+                ),
+            ]
+        )  # fmt: skip
+
+    def run(layers, x):
+        h, idx, loss = layers[0](x)
+        r, ridx, rloss = layers[1](h)
+        indices = torch.cat([idx.flatten(), ridx.flatten()])
+        return r.square().mean() + loss.sum() + rloss.sum(), indices
+
+    eager, compiled_layers = make(), make()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(run, backend="eager")
+    for step in range(3):
+        x = torch.randn(4, 6, DIM, generator=torch.Generator().manual_seed(step))
+        torch.manual_seed(100 + step)  # dead-code rows and the dropout layer draw from it
+        want_loss, want_idx = run(eager, x)
+        torch.manual_seed(100 + step)
+        got_loss, got_idx = compiled(compiled_layers, x)
+        assert torch.equal(got_idx, want_idx)
+        torch.testing.assert_close(got_loss, want_loss)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_layers.state_dict().values(),
+                            strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, msg=name)
+    assert bool(compiled_layers[0].initted) and counters["graph_break"]
+
+
+def test_import_leaves_dynamo_unloaded():
+    # `import fastvq.nn` must not pay for torch._dynamo (1.5 s) until something compiles.
+    import subprocess
+    import sys
+
+    code = "import sys, fastvq.nn; assert 'torch._dynamo' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,10 +3,11 @@
 Drop-ins for vector-quantize-pytorch 1.32.0 (same constructor arguments, input layouts and
 return tuples; documented differences in each module's docstring): VectorQuantize, ResidualVQ,
 GroupedResidualVQ, FSQ, ResidualFSQ, GroupedResidualFSQ, LFQ, ResidualLFQ, GroupedResidualLFQ,
-LatentQuantize, SimVQ, RandomProjectionQuantizer. From the seed papers: HouseholderVQ (rotated
-VQ-VAE), HyperCodebook (meta-quantization's hyper-net codebook, CodebookMLP) and k-means
-initialization from encoder outputs (VectorQuantize.init_from / ResidualVQ.init_from). Also BSQ
-and the fixed lattice-shell codebooks LeechQuantize (196,560 codes) and E8Quantize (240 codes).
+LatentQuantize, SimVQ, ResidualSimVQ, RandomProjectionQuantizer. From the seed papers:
+HouseholderVQ (rotated VQ-VAE), HyperCodebook (meta-quantization's hyper-net codebook,
+CodebookMLP) and k-means initialization from encoder outputs (VectorQuantize.init_from /
+ResidualVQ.init_from). Also BSQ and the fixed lattice-shell codebooks LeechQuantize (196,560
+codes) and E8Quantize (240 codes).
 """
 
 from fastvq.nn.lattice import E8Quantize, LeechQuantize
@@ -17,6 +18,7 @@ from fastvq.nn.residual import (
     GroupedResidualVQ,
     ResidualFSQ,
     ResidualLFQ,
+    ResidualSimVQ,
     ResidualVQ,
 )
 from fastvq.nn.scalar import BSQ, FSQ, LFQ, LatentQuantize
@@ -38,6 +40,7 @@ __all__ = [
     "RandomProjectionQuantizer",
     "ResidualFSQ",
     "ResidualLFQ",
+    "ResidualSimVQ",
     "ResidualVQ",
     "SimVQ",
     "VectorQuantize",

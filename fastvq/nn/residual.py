@@ -1,8 +1,8 @@
-"""Residual quantizers: ResidualVQ, ResidualFSQ, ResidualLFQ and their grouped forms, drop-ins for
-vector-quantize-pytorch 1.32.0's classes of the same names (same constructor arguments, forward
-arguments and return tuples).
+"""Residual quantizers: ResidualVQ, ResidualFSQ, ResidualLFQ, ResidualSimVQ and the grouped forms
+of the first three, drop-ins for vector-quantize-pytorch 1.32.0's classes of the same names (same
+constructor arguments, forward arguments and return tuples).
 
-One mechanism (_Residual) serves all three: project in, then Q layers each quantize what the
+One mechanism (_Residual) serves all four: project in, then Q layers each quantize what the
 previous ones left (residual = residual - sg(q_l)), the outputs add up, project out. Quantize
 dropout (SoundStream / Encodec): in training a random layer r in [cutoff, Q) (rounded up to a
 multiple) ends the chain; later layers give index -1 and loss 0. The random index comes from a
@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvq.nn.projected import SimVQ
 from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, check_int, from_channel_last
 from fastvq.nn.vector_quantize import VectorQuantize, _is_distributed, eager_only
 from fastvq.ops._validate import check_floating
@@ -607,6 +608,75 @@ class ResidualLFQ(_Residual):
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
         return self._run(x, mask, rand_quantize_dropout_fixed_seed, return_all_codes)
+
+
+class ResidualSimVQ(_Residual):
+    """vector-quantize-pytorch's ResidualSimVQ: Q fastvq.nn.SimVQ layers on the residual chain,
+    no projections, the rotation trick on by default.
+
+    ResidualSimVQ(*, dim, num_quantizers, codebook_size, heads=1, quantize_dropout=False,
+    quantize_dropout_cutoff_index=0, quantize_dropout_multiple_of=1, channel_first=False,
+    rotation_trick=True, **sim_vq_kwargs) with sim_vq_kwargs any SimVQ argument
+    (codebook_transform, init_fn, frozen_codebook_dim, commitment_weight,
+    input_to_quantize_commit_loss_weight). A codebook_transform module passed here is shared by
+    every layer, as in the peer.
+    forward(x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None) -> (quantized,
+    indices (b, *spatial, Q) int64, losses (Q,) float32[, all_codes (Q, b, *spatial, dim)]).
+    x: (b, ..., dim), or (b, dim, ...) with channel_first.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        heads: int = 1,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        **sim_vq_kwargs,
+    ):
+        super().__init__()
+        if heads != 1:
+            raise ValueError(f"ResidualSimVQ supports heads=1 only (as the peer), got {heads}")
+        dim = check_int("dim", dim)
+        self._setup(
+            dim,
+            dim,
+            check_int("num_quantizers", num_quantizers),
+            quantize_dropout,
+            quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of,
+            bool(channel_first),
+        )
+        # The stack converts the layout once: its layers see (b, n, dim) rows.
+        self.layers = nn.ModuleList(
+            SimVQ(dim, codebook_size, rotation_trick=rotation_trick, **sim_vq_kwargs)
+            for _ in range(num_quantizers)
+        )
+        self.codebook_size = self.layers[0].codebook_size
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(Q, K, dim), differentiable in the layers' transforms (SimVQ.codebook)."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def _layer(self, i, residual, mask):
+        return self.layers[i](residual)
+
+    def _layer_codes(self, i, idx):
+        return self.layers[i].indices_to_codes(idx)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        return self._run(x, None, rand_quantize_dropout_fixed_seed, return_all_codes)
 
 
 class _Grouped(nn.Module):

@@ -24,6 +24,8 @@ MODULES = {
     "LFQ": (lambda k=16: fnn.LFQ(dim=D, codebook_size=k), (2, 5, D)),
     "BSQ": (lambda k=16: fnn.BSQ(dim=D, codebook_size=k), (2, 5, D)),
     "SimVQ": (lambda k=16: fnn.SimVQ(D, k), (2, 5, D)),
+    "ResidualSimVQ": (lambda k=16: fnn.ResidualSimVQ(dim=D, num_quantizers=2, codebook_size=k),
+                      (2, 5, D)),
     "RandomProjectionQuantizer": (
         lambda k=16: fnn.RandomProjectionQuantizer(dim=D, codebook_size=k, codebook_dim=4),
         (2, 5, D),

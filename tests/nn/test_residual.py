@@ -1,4 +1,4 @@
-"""fastvq.nn.residual: ResidualVQ, GroupedResidualVQ, ResidualFSQ, ResidualLFQ.
+"""fastvq.nn.residual: ResidualVQ, GroupedResidualVQ, ResidualFSQ, ResidualLFQ, ResidualSimVQ.
 
 Oracle: vector-quantize-pytorch 1.32.0 (the peer) with the same config and the peer's state dict
 loaded into fastvq, on the same inputs for several training steps: indices (tie-aware), outputs,
@@ -16,6 +16,7 @@ from fastvq.nn.residual import (
     GroupedResidualVQ,
     ResidualFSQ,
     ResidualLFQ,
+    ResidualSimVQ,
     ResidualVQ,
 )
 
@@ -497,3 +498,71 @@ def test_image_fmaps_round_trip(make):
     grouped = hasattr(module, "rvqs")
     assert q.shape == x.shape and idx.shape == ((2,) if grouped else ()) + (2, 3, 4, 2)
     torch.testing.assert_close(module.get_output_from_indices(idx), q)
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.ReLU(), torch.nn.Linear(16, DIM))
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        ({}, (3, 20, DIM)),  # the peer's default: rotation trick
+        ({"rotation_trick": False, "frozen_codebook_dim": 5, "commitment_weight": 0.5}, (2, 9, 8)),
+        ({"channel_first": True, "input_to_quantize_commit_loss_weight": 0.1}, (2, DIM, 4, 5)),
+        ({"quantize_dropout": True, "quantize_dropout_cutoff_index": 1}, (3, 20, DIM)),
+        ({"codebook_transform": _mlp}, (3, 20, DIM)),  # one module for every layer, as the peer
+    ],  # fmt: skip
+    ids=["default", "ste,frozen_dim", "channel_first", "dropout", "shared_mlp"],
+)
+def test_residual_simvq_matches_peer(kwargs, shape):
+    vqp = _peer()
+    config = {"dim": DIM, "num_quantizers": Q, "codebook_size": K, **kwargs}
+    if "codebook_transform" in kwargs:  # a fresh module each: the peer's and ours must not share
+        config["codebook_transform"] = kwargs["codebook_transform"]()
+    torch.manual_seed(0)
+    peer = vqp.ResidualSimVQ(**config)
+    if "codebook_transform" in kwargs:
+        config["codebook_transform"] = kwargs["codebook_transform"]()
+    ours = ResidualSimVQ(**config)
+    assert (ours.layers[0].code_transform is ours.layers[2].code_transform) == (
+        "codebook_transform" in kwargs
+    )
+    _load(ours, peer)
+    seed = 3  # drops the last layer with quantize_dropout (randrange(1, 3) = 1)
+    x = _randn(*shape) * 2
+    xp, xv = x.clone().requires_grad_(), x.clone().requires_grad_()
+    qp, ip, lp, cp = peer(xp, return_all_codes=True, rand_quantize_dropout_fixed_seed=seed)
+    qv, iv, lv, cv = ours(xv, return_all_codes=True, rand_quantize_dropout_fixed_seed=seed)
+    assert qv.shape == qp.shape == x.shape and iv.shape == ip.shape and lv.shape == (Q,)
+    if kwargs.get("quantize_dropout"):
+        assert bool((iv[..., -1] == -1).all()) and lv[-1] == 0
+    books = ours.codebooks.detach()
+    torch.testing.assert_close(books, peer.codebooks.detach())
+    z = (x.movedim(1, -1) if ours.channel_first else x).reshape(-1, DIM)
+    assert _first_tie(ours, z, books, ip.reshape(-1, Q), iv.reshape(-1, Q), False)
+    assert torch.equal(iv, ip)
+    torch.testing.assert_close(qv, qp, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(lv, lp, atol=1e-6, rtol=1e-5)
+    if ours.channel_first:  # documented difference: codes channel-last, as every residual stack
+        cp = cp.movedim(2, -1)
+    torch.testing.assert_close(cv, cp, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.get_output_from_indices(iv), peer.get_output_from_indices(ip))
+    grad = torch.randn(qp.shape, generator=torch.Generator().manual_seed(2))
+    ((qp * grad).sum() + lp.sum()).backward()
+    ((qv * grad).sum() + lv.sum()).backward()
+    torch.testing.assert_close(xv.grad, xp.grad, atol=3e-5, rtol=1e-4)
+    for (name, a), b in zip(peer.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_residual_simvq_bad_arguments():
+    with pytest.raises(ValueError, match="heads"):
+        ResidualSimVQ(dim=DIM, num_quantizers=2, codebook_size=K, heads=2)
+    with pytest.raises(ValueError, match="num_quantizers"):
+        ResidualSimVQ(dim=DIM, num_quantizers=0, codebook_size=K)
+    with pytest.raises(ValueError, match="codebook_size"):
+        ResidualSimVQ(dim=DIM, num_quantizers=2, codebook_size=0)
+    rsim = ResidualSimVQ(dim=DIM, num_quantizers=2, codebook_size=K)
+    with pytest.raises(ValueError, match="num_quantizers"):
+        rsim.get_codes_from_indices(torch.zeros(2, 3, 3, dtype=torch.long))

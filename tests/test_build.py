@@ -108,3 +108,21 @@ def test_triton_kernels_compile_for_sm90():
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "kernels compiled for sm_90" in result.stdout
+
+
+def test_cuda_arch_list_keeps_what_the_kernels_support():
+    # setup.py's choice of TORCH_CUDA_ARCH_LIST: the WMMA kernels need sm_80+, so a PyTorch
+    # image's list loses its older entries rather than failing the whole build.
+    spec = importlib.util.spec_from_file_location("fastvq_setup", os.path.join(ROOT, "setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    pick = setup.cuda_arch_list
+    assert pick("5.0;6.0;7.0;7.5;8.0;8.6;9.0+PTX", []) == "8.0;8.6;9.0+PTX"
+    assert pick("7.0 7.5 8.0 8.6", []) == "8.0;8.6"
+    assert pick("7.5;8.6+PTX;9.0", []) == "8.6+PTX;9.0+PTX"  # PTX moves to the newest kept
+    assert pick("Volta;Turing;Ampere;Hopper", []) == "Ampere;Hopper"
+    assert pick("9.0a;10.0", [(7, 5)]) == "9.0a;10.0"  # an explicit list wins over the GPUs
+    assert pick("7.0;7.5+PTX", [(9, 0)]) is None  # nothing left: build without CUDA kernels
+    assert pick(None, [(9, 0), (8, 6), (9, 0)]) == "8.6;9.0+PTX"
+    assert pick("native", [(7, 5)]) is None
+    assert pick("", []) == pick(None, []) == setup.DEFAULT_CUDA_ARCHS == "8.0;9.0+PTX"

@@ -8,6 +8,7 @@ import torch
 from fastvq import _ext
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+MIN_CUDA_CAPABILITY = (8, 0)  # setup.py's MIN_CUDA_ARCH: the kernels are built for sm_80 and up
 
 
 class Backend(NamedTuple):
@@ -43,6 +44,13 @@ def backends() -> dict[str, Backend]:
         )
     elif not cuda:
         report["cuda"] = Backend(False, "built with CUDA, but no CUDA device is visible")
+    elif torch.cuda.get_device_capability() < MIN_CUDA_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability()
+        report["cuda"] = Backend(
+            False,
+            f"the CUDA kernels need compute capability 8.0+ (bf16/tf32 tensor cores); the current "
+            f"device has {major}.{minor}",
+        )
     else:
         report["cuda"] = Backend(True, "C++/CUDA kernels")
     if _ext.EXTENSION_ERROR is not None:

@@ -310,3 +310,19 @@ def test_triton_split_k_is_identical_to_one_pass():
     split = nearest_code_triton(z, codebook, None, bias, False, splits=5)
     assert torch.equal(one, split)
     check_nearest(z, codebook, one)
+
+
+def test_cuda_backend_needs_compute_capability_8(monkeypatch):
+    # The CUDA kernels are built for sm_80+ (setup.py): on an older GPU, "cuda" is unavailable
+    # with the reason, and "auto" never picks it.
+    from fastvq import _ext
+
+    monkeypatch.setattr(_ext, "EXTENSION_ERROR", None)
+    monkeypatch.setattr(_ext, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    report = fastvq.backends()["cuda"]
+    assert not report.available and "compute capability 8.0+" in report.reason
+    assert "7.5" in report.reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fastvq.backends()["cuda"].available

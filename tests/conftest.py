@@ -22,8 +22,21 @@ def pytest_collection_modifyitems(config, items):
 def poison():
     """Fill every fresh allocation (torch.empty, at::empty) with NaN / the largest integer, so a
     kernel that leaves part of its output unwritten fails the test instead of passing by luck."""
+    # fill_uninitialized_memory needs deterministic mode, which also moves fastvq's atomic sums
+    # (EMA, the codebook gradient) to their deterministic paths: the tests of the atomic paths
+    # do without this fixture.
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
     torch.use_deterministic_algorithms(was)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for one test."""
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)

@@ -293,7 +293,7 @@ def ema_update_(
     decay: float,
     *,
     weight: torch.Tensor | None = None,
-    deterministic: bool = False,
+    deterministic: bool | None = None,
     backend: str = "auto",
     all_reduce=False,
     check_indices: bool = True,
@@ -314,9 +314,11 @@ def ema_update_(
         weight: optional float or bool tensor of shape z.shape[:-1]; a 0/1 mask drops padding.
             Default: every row weighs 1.
         deterministic: bit-identical results run to run (stable sort by code, then a fixed-order
-            segmented sum) instead of float atomics; equal to the default up to float rounding.
-            Extra memory O(N) for the sort. The C++ CPU kernel is deterministic either way (each
-            thread sums the rows of the codes it owns, in row order), whatever the thread count.
+            segmented sum) instead of float atomics; equal to the atomic path up to float rounding.
+            Extra memory O(N) for the sort. None (default): whether
+            torch.use_deterministic_algorithms is on. The C++ CPU kernel is deterministic either way
+            (each thread sums the rows of the codes it owns, in row order), whatever the thread
+            count.
         backend: "auto" (Triton, else CUDA C++, on CUDA tensors; C++ on CPU tensors; torch for
             float64 or where those are missing), "triton", "cuda", "cpu" or "torch".
         all_reduce: True (default process group) or a ProcessGroup: the batch's counts and sums are
@@ -348,6 +350,8 @@ def ema_update_(
             raise ValueError(f"weight is on {weight.device} but the statistics are on {device}")
     decay = _check_real("decay", decay, 0.0, 1.0)
     check_backend(backend)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     group = _process_group("all_reduce", all_reduce)
     float64 = torch.float64 in (embed_sum.dtype, z.dtype)
     name = _stats_backend(backend, device, float64)
@@ -689,7 +693,9 @@ def kmeans(
         history.append(dist.sum())
         if step == iters:
             break
-        stats = _batch_stats(xs, idx, None, k, acc, scatter, deterministic=False)
+        stats = _batch_stats(
+            xs, idx, None, k, acc, scatter, torch.are_deterministic_algorithms_enabled()
+        )
         if group is not None:
             _all_reduce(stats, group)
         counts, sums = stats[:, d], stats[:, :d]

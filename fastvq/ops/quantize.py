@@ -52,12 +52,18 @@ def _fwd_torch(z, codebook, indices, grad):
     return q, _stats_torch(z, q, grad)
 
 
+def _codebook_grad(g: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """dL/dC in g's dtype: g's rows summed onto their codes by index_add_ (deterministic on CUDA
+    under torch.use_deterministic_algorithms)."""
+    return torch.zeros(codebook.shape, dtype=g.dtype, device=g.device).index_add_(0, indices, g)
+
+
 def _bwd_torch(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook):
     acc = _acc(z.dtype)
     g = grad_out.to(acc)
     dz = dc = None
     if need_codebook:
-        dc = torch.zeros(codebook.shape, dtype=acc, device=z.device).index_add_(0, indices, g)
+        dc = _codebook_grad(g, codebook, indices)
     if need_z:
         zf, qf = z.to(acc), codebook.index_select(0, indices).to(acc)
         scale, inv_z, inv_q, w = stats.unbind(1)
@@ -171,16 +177,23 @@ def _backward(ctx, grad_zq, _grad_stats):
     if ste and need_z:
         dz = grad_zq
     kernel_z = need_z and not ste
-    if kernel_z or need_codebook:
+    # The Triton and CUDA kernels sum dL/dC with float atomics (rounding varies run to run):
+    # under torch.use_deterministic_algorithms, index_add_ takes over (deterministic there).
+    atomic = ctx.use_triton or (ctx.use_triton is None and grad_zq.is_cuda)
+    kernel_c = need_codebook and not (atomic and torch.are_deterministic_algorithms_enabled())
+    if kernel_z or kernel_c:
         g = grad_zq.contiguous()
         z = g if z is None else z  # STE's backward never reads z: any (N, D) tensor will do
-        args = (g, z, codebook, indices, stats, ctx.grad, kernel_z, need_codebook)
+        args = (g, z, codebook, indices, stats, ctx.grad, kernel_z, kernel_c)
         if ctx.use_triton is None:
             out_z, out_c = torch.ops.fastvq.quantize_bwd_cpp(*args)
         else:
             out_z, out_c = _quantize_bwd(*args, ctx.use_triton)
         dz = out_z if kernel_z else dz
-        dc = out_c if need_codebook else None
+        dc = out_c if kernel_c else None
+    if need_codebook and not kernel_c:
+        acc = _acc(codebook.dtype)
+        dc = _codebook_grad(grad_zq.to(acc), codebook, indices).to(codebook.dtype)
     return (dz, dc, None, None) if ctx.use_triton is None else (dz, dc, None, None, None)
 
 
@@ -225,16 +238,16 @@ def quantize(
     rotation trick gives there). Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to
     rounding. Once differentiable (no double backward through rotation / householder).
 
-    Codebook gradient (when codebook.requires_grad): dL/dC[k] = sum of g over rows with index k,
-    for every estimator, accumulated by scatter in O(K D) memory (float32 atomics on Triton, so
-    run-to-run rounding may differ, as on CUDA C++; index_add_ on torch; a fixed order on the C++
-    CPU backend). It is what autograd gives through the
-    references z_q = q + (z - z.detach()) and z_q = (s R).detach() @ z + (q - q.detach()), and
-    the only consistent value path: s R(z, q) z = q for every q, so even an undetached R gives
-    dz_q/dq = I. This feeds codebook losses, SimVQ-style projections and hyper-network
-    codebooks. VQ-VAE and Fifty et al. send no decoder gradient to the codebook through z_q: to
-    get that behaviour (vector-quantize-pytorch's), pass a codebook that does not require grad
-    (e.g. codebook.detach()) and train it by a codebook loss or EMA.
+    Codebook gradient (when codebook.requires_grad): dL/dC[k] = sum of g over rows with index k, for
+    every estimator, accumulated by scatter in O(K D) memory (float32 atomics on Triton, so
+    run-to-run rounding may differ, as on CUDA C++; index_add_ on torch, and on Triton and CUDA
+    under torch.use_deterministic_algorithms(True); a fixed order on the C++ CPU backend). It is
+    what autograd gives through the references z_q = q + (z - z.detach()) and z_q = (s R).detach() @
+    z + (q - q.detach()), and the only consistent value path: s R(z, q) z = q for every q, so even
+    an undetached R gives dz_q/dq = I. This feeds codebook losses, SimVQ-style projections and
+    hyper-network codebooks. VQ-VAE and Fifty et al. send no decoder gradient to the codebook
+    through z_q: to get that behaviour (vector-quantize-pytorch's), pass a codebook that does not
+    require grad (e.g. codebook.detach()) and train it by a codebook loss or EMA.
 
     Args:
         z: (..., D) float32, bfloat16 or float16 (float64 with backend "torch"/"auto").

@@ -155,6 +155,25 @@ def test_ema_update_float64_on_torch(deterministic):
         ema_update_(cs, es, z, idx, 0.37, backend="triton")
 
 
+@pytest.mark.parametrize("mode", [False, True], ids=["default", "deterministic_algorithms"])
+def test_ema_update_follows_torch_deterministic_mode(mode, monkeypatch, request):
+    # deterministic=None (the default) follows torch.use_deterministic_algorithms; an explicit
+    # value wins. Seen through the flag the torch backend's statistics receive.
+    from fastvq.ops import codebook as ops_codebook
+
+    if mode:
+        request.getfixturevalue("deterministic_algorithms")
+    seen = []
+    stats = ops_codebook._batch_stats
+    monkeypatch.setattr(
+        ops_codebook, "_batch_stats", lambda *args: seen.append(args[-1]) or stats(*args)
+    )
+    cs, es, z, idx, _ = _ema_inputs(40, 5, 3, torch.float32, "cpu", 9, None)
+    ema_update_(cs, es, z, idx, 0.9, backend="torch")
+    ema_update_(cs, es, z, idx, 0.9, backend="torch", deterministic=not mode)
+    assert seen == [mode, not mode]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_ema_update_deterministic_is_bit_identical(case):
     device, backend = case

@@ -284,6 +284,30 @@ def test_codebook_gradient_semantics(case, grad):
     torch.testing.assert_close(_grads(z_q, (codebook,), upstream)[0], dc, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] in ("triton", "cuda")])
+def test_codebook_gradient_under_deterministic_algorithms(
+    case, monkeypatch, deterministic_algorithms
+):
+    # The kernels' atomics round differently run to run: under torch.use_deterministic_algorithms,
+    # dL/dC comes from index_add_ (deterministic on CUDA there), equal bit for bit to the torch
+    # backend's, while dL/dz still comes from the kernel.
+    from fastvq.ops import quantize as ops_quantize
+
+    device, backend = case
+    z, codebook, upstream = _inputs(300, 7, 33, torch.float32, device, 52)  # hot codes
+    asked = []  # (use_triton, need_codebook) of each backward through the Python op
+    kernel = ops_quantize._quantize_bwd
+    monkeypatch.setattr(
+        ops_quantize, "_quantize_bwd", lambda *args: asked.append(args[8:6:-1]) or kernel(*args)
+    )
+    want = _grads(_run((device, "torch"), z, codebook, grad="rotation")[0], (z, codebook), upstream)
+    got = _grads(_run(case, z, codebook, grad="rotation")[0], (z, codebook), upstream)
+    # the torch backend's backward, then the Triton kernel's, asked for dz only
+    assert asked == [(False, True)] + [(True, False)] * (backend == "triton")
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

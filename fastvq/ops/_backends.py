@@ -8,7 +8,9 @@ import torch
 from fastvq import _ext
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
-MIN_CUDA_CAPABILITY = (8, 0)  # setup.py's MIN_CUDA_ARCH: the kernels are built for sm_80 and up
+# setup.py's MIN_CUDA_ARCH: the CUDA kernels are built for sm_80 and up, and the Triton search
+# asks for bf16 and tf32 tensor cores (sm_80+). Older GPUs run the torch backend.
+MIN_CUDA_CAPABILITY = (8, 0)
 
 
 class Backend(NamedTuple):
@@ -25,9 +27,18 @@ def triton_interpreting() -> bool:
 def backends() -> dict[str, Backend]:
     """Availability of each backend with the reason, e.g. {"cpu": Backend(True, "C++ ..."), ...}."""
     cuda = torch.cuda.is_available()
+    old_gpu = None
+    if cuda and torch.cuda.get_device_capability() < MIN_CUDA_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability()
+        old_gpu = (
+            f"fastvq's GPU kernels need compute capability 8.0+ (bf16/tf32 tensor cores); the "
+            f"current device has {major}.{minor}"
+        )
     report = {}
     if not _ext.HAS_TRITON:
         report["triton"] = Backend(False, "triton is not installed (pip install triton)")
+    elif old_gpu is not None:
+        report["triton"] = Backend(False, old_gpu)
     elif cuda:
         report["triton"] = Backend(True, "Triton kernels on CUDA tensors")
     elif triton_interpreting():
@@ -44,13 +55,8 @@ def backends() -> dict[str, Backend]:
         )
     elif not cuda:
         report["cuda"] = Backend(False, "built with CUDA, but no CUDA device is visible")
-    elif torch.cuda.get_device_capability() < MIN_CUDA_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability()
-        report["cuda"] = Backend(
-            False,
-            f"the CUDA kernels need compute capability 8.0+ (bf16/tf32 tensor cores); the current "
-            f"device has {major}.{minor}",
-        )
+    elif old_gpu is not None:
+        report["cuda"] = Backend(False, old_gpu)
     else:
         report["cuda"] = Backend(True, "C++/CUDA kernels")
     if _ext.EXTENSION_ERROR is not None:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvq
+from fastvq.ops._backends import pick_backend
 from fastvq.reference import METRICS
 from fastvq.testing import backend_cases, check_nearest
 
@@ -312,17 +313,20 @@ def test_triton_split_k_is_identical_to_one_pass():
     check_nearest(z, codebook, one)
 
 
-def test_cuda_backend_needs_compute_capability_8(monkeypatch):
-    # The CUDA kernels are built for sm_80+ (setup.py): on an older GPU, "cuda" is unavailable
-    # with the reason, and "auto" never picks it.
+def test_gpu_backends_need_compute_capability_8(monkeypatch):
+    # The CUDA kernels are built for sm_80+ (setup.py) and the Triton search uses bf16/tf32
+    # tensor cores: on an older GPU both are unavailable with the reason, and "auto" takes torch.
     from fastvq import _ext
 
     monkeypatch.setattr(_ext, "EXTENSION_ERROR", None)
     monkeypatch.setattr(_ext, "HAS_CUDA_KERNELS", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    report = fastvq.backends()["cuda"]
-    assert not report.available and "compute capability 8.0+" in report.reason
-    assert "7.5" in report.reason
+    report = fastvq.backends()
+    for name in ("cuda", "triton") if _ext.HAS_TRITON else ("cuda",):
+        assert not report[name].available, name
+        assert "compute capability 8.0+" in report[name].reason and "7.5" in report[name].reason
+    assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fastvq.backends()["cuda"].available
+    report = fastvq.backends()
+    assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON

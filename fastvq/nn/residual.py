@@ -202,6 +202,15 @@ class _Residual(nn.Module):
     def _finish(self, quantized, seq, mask):
         return quantized
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        """The stacks without a mask (ResidualFSQ, ResidualSimVQ); the others override it."""
+        return self._run(x, None, rand_quantize_dropout_fixed_seed, return_all_codes)
+
     # --- indices -> codes ----------------------------------------------------------------------
 
     def _codes_seq(self, indices: torch.Tensor) -> torch.Tensor:
@@ -525,14 +534,6 @@ class ResidualFSQ(_Residual):
     def _layer_codes(self, i, idx):
         return self.layers[i]._codes(idx, torch.float32) * self.scales[i]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        return_all_codes: bool = False,
-        rand_quantize_dropout_fixed_seed: int | None = None,
-    ):
-        return self._run(x, None, rand_quantize_dropout_fixed_seed, return_all_codes)
-
 
 class ResidualLFQ(_Residual):
     """Residual LFQ (vector-quantize-pytorch's ResidualLFQ): layer l is an LFQ with codebook_scale
@@ -669,14 +670,6 @@ class ResidualSimVQ(_Residual):
 
     def _layer_codes(self, i, idx):
         return self.layers[i].indices_to_codes(idx)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        return_all_codes: bool = False,
-        rand_quantize_dropout_fixed_seed: int | None = None,
-    ):
-        return self._run(x, None, rand_quantize_dropout_fixed_seed, return_all_codes)
 
 
 class _Grouped(nn.Module):

@@ -1,0 +1,336 @@
+// A CUDA emulator for tests: runs the kernels of csrc/cuda/*.cu on the CPU, so that CI, which has
+// no GPU, executes them. tests/test_cuda_emulated.py rewrites every `kernel<<<grid, block, smem,
+// stream>>>(args)` of a .cu into fastvq_emu::launch(...), adds a fresh_shared call after every
+// __shared__ declaration, and compiles the file with g++, nvcc's headers on the include path and
+// this header force-included (-include).
+//
+// What it models:
+//   - Launches: grid and block checked as the driver checks them (an invalid one sets
+//     cudaErrorInvalidConfiguration for cudaGetLastError and runs nothing); the blocks run one
+//     after another, to completion, before launch returns.
+//   - Threads: every CUDA thread of a block is a fiber (ucontext), all on one OS thread. A fiber
+//     runs until it reaches __syncthreads, __syncwarp, a shuffle or a vote, or exits; a barrier
+//     opens as soon as the last thread it waits for arrives. The next fiber to run is the first
+//     ready one in an order drawn from the seed (set_seed) at the start of the block and at every
+//     __syncthreads: the warps shuffled, and the lanes of each warp. One warp thus runs ahead of
+//     the others up to the next __syncthreads, and lanes run one after another up to the next
+//     warp barrier: a missing barrier lets a thread read a stale or poisoned value, and which one
+//     depends on the seed. A run is reproducible.
+//   - Barriers: __syncthreads waits for every thread of the block; warp operations for all 32
+//     lanes of the warp (full masks only). A barrier that some threads skip by exiting, and a
+//     state in which no thread can go on, abort with a message: on a GPU, undefined or a hang.
+//   - __shared__ variables become function-local statics, filled with 0xff bytes (NaN, -1) by the
+//     first thread of each block to pass their declaration (fresh_shared): shared memory starts
+//     every block as undefined as on a GPU, not holding the last block's values.
+//   - Atomics: a plain read-modify-write (fibers never interleave within one). Their order follows
+//     the run order, so float sums round differently from one seed to another, as on a GPU.
+// What it does not model: FMA contraction (nvcc fuses a * b + c by default, this build never does,
+// so float results can differ in the last bits wherever a kernel leaves contraction to nvcc); a
+// memory model (every store is at once visible to every thread: no caches, no reordering, no
+// fences); real concurrency (no two threads run at once, so races show only through the orders
+// drawn, and atomics never truly collide); independent thread scheduling, partial warp masks and
+// blocks that are not whole warps; streams; dynamic shared memory; tensor cores (WMMA), constant
+// and texture memory; timing.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+// Outside nvcc, the CUDA headers define __shared__ as nothing (an automatic variable of each
+// thread) and leave __launch_bounds__ undefined.
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+
+namespace fastvq_emu {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+// Per thread. The kernels here need a few KiB (leech.cu copies its 3.3 KiB tables argument), and
+// AddressSanitizer's redzones grow every frame; its swapcontext clears the shadow of the whole
+// stack at every switch, so a larger stack costs time (256 KiB: 1.7x slower).
+constexpr size_t kStackBytes = 64 << 10;
+
+struct Fiber {
+  enum State { kReady, kAtBlockBarrier, kAtWarpBarrier, kExited };
+  ucontext_t context;
+  char* stack;  // kStackBytes, above a guard page: an overflow faults instead of corrupting
+  uint3 index;  // threadIdx
+  State state;
+  unsigned exchanges;  // warp exchanges so far: their parity picks the slot (exchange below)
+};
+
+// The state of the running launch. One launch at a time, on one OS thread.
+inline std::vector<char*> stacks;  // grows to the largest block launched; reused
+inline std::vector<Fiber> fibers;  // the threads of the running block
+inline std::vector<int> priority;  // fibers, first to run first
+inline Fiber* current = nullptr;   // the running fiber; nullptr while the scheduler runs
+inline ucontext_t scheduler;
+inline uint3 block_index;
+inline dim3 grid_size, block_size;
+inline const char* kernel_name = "";
+inline std::mt19937_64 order_rng;
+inline cudaError_t last_error = cudaSuccess;
+inline uint64_t lane_values[2][1024];   // two slots per thread: its offer to a shuffle or vote
+inline std::vector<const void*> fresh;  // the __shared__ variables poisoned in this block
+inline void (*body_call)(void*);        // the kernel call of the running launch, type-erased
+inline void* body;
+
+inline void set_seed(uint64_t seed) { order_rng.seed(seed); }
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "fastvq_emu: %s in kernel %s, block (%u, %u, %u)\n", what, kernel_name,
+               block_index.x, block_index.y, block_index.z);
+  std::abort();
+}
+
+inline int linear_index(const Fiber& f) {
+  return static_cast<int>(f.index.x + block_size.x * (f.index.y + block_size.y * f.index.z));
+}
+
+// The first fiber of f's warp.
+inline int warp_first(const Fiber& f) { return linear_index(f) / kWarpSize * kWarpSize; }
+
+inline void fiber_main() {
+  body_call(body);
+  current->state = Fiber::kExited;  // returning resumes uc_link, the scheduler
+}
+
+// Called by a fiber: wait in `state` until the scheduler opens the barrier.
+inline void wait_at(Fiber::State state) {
+  Fiber* self = current;
+  if (self == nullptr) fail("a synchronization outside a kernel");
+  self->state = state;
+  swapcontext(&self->context, &scheduler);
+}
+
+// Called after each __shared__ declaration (the test's rewrite adds the call).
+inline void fresh_shared(void* variable, size_t bytes) {
+  if (std::find(fresh.begin(), fresh.end(), variable) != fresh.end()) return;
+  fresh.push_back(variable);
+  std::memset(variable, 0xff, bytes);
+}
+
+inline void draw_priority() {
+  std::vector<int> warps(fibers.size() / kWarpSize);
+  std::iota(warps.begin(), warps.end(), 0);
+  std::shuffle(warps.begin(), warps.end(), order_rng);
+  priority.clear();
+  for (int w : warps) {
+    const size_t at = priority.size();
+    for (int t = w * kWarpSize; t < (w + 1) * kWarpSize; ++t) priority.push_back(t);
+    std::shuffle(priority.begin() + at, priority.end(), order_rng);
+  }
+}
+
+// After f stopped: open its barrier if f was the last thread it waited for.
+inline void open_if_complete(const Fiber& f) {
+  const auto open = [](auto first, auto end, Fiber::State state) {
+    if (!std::all_of(first, end, [&](const Fiber& g) { return g.state == state; })) return false;
+    std::for_each(first, end, [](Fiber& g) { g.state = Fiber::kReady; });
+    return true;
+  };
+  if (f.state == Fiber::kAtWarpBarrier) {
+    const int first = warp_first(f);
+    open(fibers.begin() + first, fibers.begin() + first + kWarpSize, f.state);
+  } else if (f.state == Fiber::kAtBlockBarrier && open(fibers.begin(), fibers.end(), f.state)) {
+    draw_priority();
+  }
+}
+
+// No fiber is ready, and not all have exited: say why the rest wait forever.
+[[noreturn]] inline void fail_stuck() {
+  int exited = 0, at_block = 0;
+  for (const Fiber& f : fibers) {
+    exited += f.state == Fiber::kExited;
+    at_block += f.state == Fiber::kAtBlockBarrier;
+    if (f.state != Fiber::kAtWarpBarrier) continue;
+    const int first = warp_first(f);
+    for (int t = first; t < first + kWarpSize; ++t) {
+      if (fibers[t].state == Fiber::kExited) fail("a warp barrier with lanes that have exited");
+    }
+  }
+  if (at_block + exited == static_cast<int>(fibers.size())) {
+    fail("__syncthreads skipped by threads that have exited");
+  }
+  fail("deadlock: threads at __syncthreads, lanes of their warps at a warp barrier");
+}
+
+inline void run_block() {
+  for (Fiber& f : fibers) {
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &scheduler;
+    makecontext(&f.context, fiber_main, 0);
+    f.state = Fiber::kReady;
+    f.exchanges = 0;
+  }
+  fresh.clear();
+  draw_priority();
+  for (;;) {
+    const auto next = std::find_if(priority.begin(), priority.end(),
+                                   [](int t) { return fibers[t].state == Fiber::kReady; });
+    if (next == priority.end()) {
+      if (std::all_of(fibers.begin(), fibers.end(),
+                      [](const Fiber& f) { return f.state == Fiber::kExited; })) {
+        return;
+      }
+      fail_stuck();
+    }
+    current = &fibers[*next];
+    swapcontext(&scheduler, &current->context);
+    open_if_complete(*current);
+    current = nullptr;
+  }
+}
+
+// Runs `call` (the kernel applied to its arguments) as kernel<<<grid, block, shared_bytes,
+// stream>>> would: every block, every thread.
+template <class Call>
+void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+            Call&& call) {
+  (void)stream;  // streams are not modelled: the launch completes here
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
+      grid.z > 65535 || threads == 0 || threads > 1024 || block.z > 64) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  kernel_name = kernel;
+  if (shared_bytes != 0) fail("dynamic shared memory is not modelled");
+  if (threads % kWarpSize != 0) fail("a block of a partial warp is not modelled");
+  grid_size = grid;
+  block_size = block;
+  body = &call;
+  body_call = [](void* c) { (*static_cast<Call*>(c))(); };
+  while (stacks.size() < threads) {
+    const size_t page = 4096;
+    void* p = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED || mprotect(p, page, PROT_NONE) != 0) fail("no memory for a stack");
+    stacks.push_back(static_cast<char*>(p) + page);
+  }
+  fibers.assign(threads, {});
+  for (uint32_t t = 0; t < threads; ++t) {
+    fibers[t].stack = stacks[t];
+    fibers[t].index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+  }
+  for (uint32_t z = 0; z < grid.z; ++z) {
+    for (uint32_t y = 0; y < grid.y; ++y) {
+      for (uint32_t x = 0; x < grid.x; ++x) {
+        block_index = {x, y, z};
+        run_block();
+      }
+    }
+  }
+}
+
+inline void check_full_mask(unsigned mask, const char* what) {
+  if (mask != kFullMask) fail(what);
+}
+
+// A warp exchange: every lane offers a value, waits for the others, and reads what it needs.
+// Consecutive exchanges use alternate slots: a lane that runs on into the next exchange writes
+// the other slot while slower lanes still read this one, and cannot write this one again before
+// they have all reached the next barrier, that is, read.
+template <class Read>
+auto exchange(uint64_t offer, Read&& read) {
+  const int self = linear_index(*current);
+  uint64_t* slots = lane_values[current->exchanges++ % 2];
+  slots[self] = offer;
+  wait_at(Fiber::kAtWarpBarrier);
+  return read(slots + (self - self % kWarpSize), self % kWarpSize);
+}
+
+}  // namespace fastvq_emu
+
+// The built-in variables and device functions the kernels use, by their CUDA names.
+#define threadIdx (::fastvq_emu::current->index)
+#define blockIdx (::fastvq_emu::block_index)
+#define blockDim (::fastvq_emu::block_size)
+#define gridDim (::fastvq_emu::grid_size)
+
+extern "C" inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = fastvq_emu::last_error;
+  fastvq_emu::last_error = cudaSuccess;
+  return e;
+}
+
+inline void __syncthreads() { fastvq_emu::wait_at(fastvq_emu::Fiber::kAtBlockBarrier); }
+
+inline void __syncwarp(unsigned mask = fastvq_emu::kFullMask) {
+  fastvq_emu::check_full_mask(mask, "__syncwarp with a partial mask (not modelled)");
+  fastvq_emu::wait_at(fastvq_emu::Fiber::kAtWarpBarrier);
+}
+
+template <class T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = fastvq_emu::kWarpSize) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  fastvq_emu::check_full_mask(mask, "__shfl_xor_sync with a partial mask (not modelled)");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = fastvq_emu::exchange(bits, [&](const uint64_t* lanes, int lane) {
+    // A source past the lane's own group of `width` lanes yields the lane's own value.
+    const int source = lane ^ lane_mask;
+    return lanes[source < (lane & -width) + width ? source : lane];
+  });
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  fastvq_emu::check_full_mask(mask, "__ballot_sync with a partial mask (not modelled)");
+  return fastvq_emu::exchange(predicate != 0, [](const uint64_t* lanes, int) {
+    unsigned ballot = 0;
+    for (int l = 0; l < fastvq_emu::kWarpSize; ++l) ballot |= static_cast<unsigned>(lanes[l]) << l;
+    return ballot;
+  });
+}
+
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) {
+  return __ballot_sync(mask, predicate) == fastvq_emu::kFullMask;
+}
+
+template <class T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, sizeof f);
+  return f;
+}
+inline int __float_as_int(float x) {
+  int i;
+  std::memcpy(&i, &x, sizeof i);
+  return i;
+}
+// Never contracted into an FMA: the build passes -ffp-contract=off.
+inline float __fmul_rn(float a, float b) { return a * b; }
+// CUDA's max and min of floating types are fmax and fmin: a NaN operand loses.
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline double max(double a, double b) { return fmax(a, b); }
+inline float min(float a, float b) { return fminf(a, b); }
+inline double min(double a, double b) { return fmin(a, b); }
+using std::isfinite;

@@ -1,0 +1,65 @@
+// C entry points to the launch functions of csrc/cuda/{quantize,ema,leech}.cu, compiled against
+// emulator.h, for tests/test_cuda_emulated.py (through ctypes and run_calls.py). Every argument is
+// a pointer, an int64_t or a double, so ctypes needs no signature table; enums are passed as their
+// values (quantize.h's DType and Grad, leech.h's LeechDType). Each returns the launch function's
+// cudaError_t. Streams are null: the emulator runs every launch to completion.
+#include <cstdint>
+
+#include "ema.h"
+#include "leech.h"
+#include "quantize.h"
+
+using fastvq::cuda::DType;
+using fastvq::cuda::EmaArgs;
+using fastvq::cuda::Grad;
+using fastvq::cuda::LeechDType;
+
+extern "C" {
+
+// The seed of the emulator's thread order (emulator.h) for the launches that follow.
+int emu_seed(int64_t seed) {
+  fastvq_emu::set_seed(static_cast<uint64_t>(seed));
+  return cudaSuccess;
+}
+
+int emu_quantize_fwd(const void* z, const void* codebook, const int64_t* idx, int64_t n, int64_t k,
+                     int64_t d, int64_t dtype, int64_t grad, void* zq, float* stats) {
+  return fastvq::cuda::launch_quantize_fwd(z, codebook, idx, n, k, d, static_cast<DType>(dtype),
+                                           static_cast<Grad>(grad), zq, stats, nullptr);
+}
+
+int emu_quantize_bwd(const void* grad_out, const void* z, const void* codebook, const int64_t* idx,
+                     const float* stats, int64_t n, int64_t k, int64_t d, int64_t dtype,
+                     int64_t grad, void* dz, float* dc_acc) {
+  return fastvq::cuda::launch_quantize_bwd(grad_out, z, codebook, idx, stats, n, k, d,
+                                           static_cast<DType>(dtype), static_cast<Grad>(grad), dz,
+                                           dc_acc, nullptr);
+}
+
+// EmaArgs' fields, then the rows: `idx` for the atomic variant, or `sorted_idx` and `order` (the
+// glue's stable sort) for the deterministic one, which runs when sorted_idx is not null.
+int emu_ema(float* counts, int64_t ldc, float* sums, int64_t lds, const void* z, int64_t ldz,
+            int64_t dtype, const float* weight, int64_t n, int64_t k, int64_t d, double keep,
+            double gain, const int64_t* idx, const int64_t* sorted_idx, const int64_t* order) {
+  const EmaArgs a{.counts = counts,
+                  .ldc = ldc,
+                  .sums = sums,
+                  .lds = lds,
+                  .z = z,
+                  .ldz = ldz,
+                  .dtype = static_cast<DType>(dtype),
+                  .weight = weight,
+                  .n = n,
+                  .k = k,
+                  .d = d,
+                  .keep = static_cast<float>(keep),
+                  .gain = static_cast<float>(gain)};
+  if (sorted_idx != nullptr) return fastvq::cuda::launch_ema_sorted(a, sorted_idx, order, nullptr);
+  return fastvq::cuda::launch_ema_atomic(a, idx, nullptr);
+}
+
+int emu_leech_decode(const void* z, int64_t n, int64_t dtype, int64_t* out_idx) {
+  return fastvq::cuda::launch_leech_decode(z, n, static_cast<LeechDType>(dtype), out_idx, nullptr);
+}
+
+}  // extern "C"

@@ -1,0 +1,401 @@
+"""The CUDA kernels of csrc/cuda/quantize.cu, ema.cu and leech.cu, executed on the CPU through
+their real launch functions, against the CPU ops of the same contract.
+
+CI has no GPU. tests/cuda_emulator/emulator.h runs every CUDA thread as a fiber (its header says
+what it models and what not); here each `kernel<<<grid, block, smem, stream>>>(args)` of the three
+files becomes an emulator call, g++ compiles them with AddressSanitizer and UBSan where the
+toolchain has them (an out-of-bounds access in a kernel fails the test), and a child process
+(tests/cuda_emulator/run_calls.py) calls the launch functions through ctypes, under a timeout so
+that a hang fails instead of stalling CI. nearest_code.cu is not covered: it needs tensor cores.
+
+Outputs are poisoned before a launch with what they must not keep. Floating outputs follow
+tests/ops/test_quantize.py's rule, with the CPU op as the peer in the same precision:
+max|out - ref64| <= 2 max|cpu - ref64| + atol * max(1, max|ref64|). The gather and the Leech
+indices must be equal bit for bit.
+"""
+
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastvq.lattice import LEECH_SIZE, leech_codes
+from fastvq.ops.quantize import _bwd_torch, _fwd_torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+EMULATOR_DIR = os.path.join(ROOT, "tests", "cuda_emulator")
+KERNEL_FILES = ["quantize.cu", "ema.cu", "leech.cu"]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+KERNEL_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # quantize.h's DType
+LEECH_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+GRADS = {"ste": 0, "rotation": 1, "householder": 2}  # quantize.h's Grad
+ATOL = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# (D, padding): D = 1 and 3 give 4 lanes per row, 33 and 70 a partial last pass of 32 lanes.
+# Padded rows exercise the EMA strides; unpadded ones end where AddressSanitizer's redzone starts.
+SHAPES = [(1, 2), (3, 0), (33, 2), (70, 0)]
+BAD_CODES = [-1, 1 << 40]  # plus K itself: rows that the kernels must skip, touching nothing
+# A hang (a deadlock the emulator misses, an endless loop) must fail the test, not stall CI; the
+# slowest child here takes about 1 s under AddressSanitizer.
+TIMEOUT_S = 60
+
+
+def _cuda_include() -> str | None:
+    """nvcc's include directory (tests/test_build.py's search), for cuda_runtime.h and friends."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in filter(None, homes):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+_LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\s*\(", re.S)
+_SHARED = re.compile(r"__shared__[^;]*;")
+
+
+def emulated_source(source: str) -> str:
+    """A .cu for emulator.h: `kernel<<<config>>>(args)` becomes `::fastvq_emu::launch("kernel",
+    config, [&] { kernel(args); })`, and every `__shared__ T name[...];` is followed by
+    `::fastvq_emu::fresh_shared(name, sizeof name);`. Newlines are kept, so that compiler and
+    sanitizer messages give the .cu's own lines."""
+    out, pos = [], 0
+    for match in _LAUNCH.finditer(source):
+        depth, end = 1, match.end()
+        while depth:  # the arguments end at the parenthesis that balances the opening one
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        kernel, config, args = match[1], match[2], source[match.end() : end - 1]
+        out += [source[pos : match.start()], f'::fastvq_emu::launch("{kernel}", {config}, ']
+        out.append(f"[&] {{ {kernel}({args}); }})")
+        pos = end
+    source = "".join(out) + source[pos:]
+
+    def fresh(declaration):
+        names = re.findall(r"(\w+)\s*\[", declaration[0])  # arrays only: all the kernels have
+        assert names, f"a __shared__ declaration to teach the rewrite: {declaration[0]}"
+        return declaration[0] + "".join(
+            f" ::fastvq_emu::fresh_shared({name}, sizeof {name});" for name in names
+        )
+
+    return _SHARED.sub(fresh, source)
+
+
+class Emulated:
+    """The compiled library, and the child process that calls into it."""
+
+    def __init__(self, library: str, env: dict, workdir):
+        self.library, self.env, self.workdir = library, env, workdir
+        self.runs = itertools.count()
+
+    def run(self, *calls):
+        """Makes the calls, (function of shim.cpp, argument, ...), in order in one child process.
+        Tensor arguments (CPU, contiguous) go through device-like copies and come back in place,
+        so a later call sees what an earlier one wrote (distinct tensors must not share memory);
+        None is a null pointer, int an int64_t, float a double. Every call must return
+        cudaSuccess."""
+        tensors = {id(a): a for call in calls for a in call[1:] if isinstance(a, torch.Tensor)}
+        offsets, size = {}, 0
+        for key, t in tensors.items():
+            assert t.device.type == "cpu" and t.is_contiguous()
+            offsets[key], size = size, size + (t.numel() * t.element_size() + 63) // 64 * 64
+        path = self.workdir / f"arena{next(self.runs)}.bin"
+        # The child writes the file; this process sees its writes through the shared mapping.
+        arena = torch.from_file(str(path), shared=True, size=max(size, 1), dtype=torch.uint8)
+
+        def place(t):
+            offset = offsets[id(t)]
+            return arena[offset : offset + t.numel() * t.element_size()].view(t.dtype)
+
+        for t in tensors.values():
+            place(t).copy_(t.reshape(-1))
+
+        def encode(a):
+            if isinstance(a, torch.Tensor):
+                return ["buffer", offsets[id(a)], a.numel() * a.element_size()]
+            if a is None:
+                return ["null"]
+            return ["float" if isinstance(a, float) else "int", a]
+
+        job = {"library": self.library, "arena": str(path)}
+        job["calls"] = [[name, *map(encode, args)] for name, *args in calls]
+        try:
+            child = subprocess.run(
+                [sys.executable, os.path.join(EMULATOR_DIR, "run_calls.py")],
+                input=json.dumps(job),
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the emulated kernels ran past {TIMEOUT_S} s: a hang?")
+        # AddressSanitizer's one warning that it does not fully support swapcontext: no fiber here
+        # unwinds across a switch (no exceptions, no longjmp), where its false positives come from.
+        errors = re.sub(r".*makecontext/swapcontext.*\n", "", child.stderr)
+        assert child.returncode == 0, errors[-6000:]
+        errors = json.loads(child.stdout)
+        assert errors == [0] * len(calls), f"cudaError_t of each call: {errors}"
+        for t in tensors.values():
+            t.copy_(place(t).view(t.shape))
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    include = _cuda_include()
+    if include is None or shutil.which("g++") is None:
+        pytest.skip("needs nvcc's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) and g++")
+    ops = ["quantize_fwd_cpp", "quantize_bwd_cpp", "ema_scatter_cpp", "leech_decode"]
+    if not all(hasattr(torch.ops.fastvq, op) for op in ops):
+        pytest.skip("fastvq._C is not built: its CPU ops are the reference")
+    work = tmp_path_factory.mktemp("cuda_emulated")
+    flags = ["-std=c++20", "-O1", "-g1", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas"]
+    flags += ["-include", os.path.join(EMULATOR_DIR, "emulator.h"), "-isystem", include]
+    flags += ["-I", CUDA_DIR]
+    env = dict(os.environ)
+    asan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
+    if os.path.isabs(asan.stdout.strip()):
+        # The instrumented library loads into a Python built without ASan, whose runtime must
+        # then be loaded first, by LD_PRELOAD.
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        env |= {"LD_PRELOAD": asan.stdout.strip(), "ASAN_OPTIONS": "detect_leaks=0"}
+    sources = [os.path.join(EMULATOR_DIR, "shim.cpp")]
+    for name in KERNEL_FILES:
+        path = os.path.join(CUDA_DIR, name)
+        with open(path) as f:
+            text = f.read()
+        rewritten = emulated_source(text)
+        assert text.count("<<<") > 0 and "<<<" not in rewritten, f"{name}: a launch not rewritten"
+        sources.append(work / f"{name}.cpp")
+        sources[-1].write_text(f'#line 1 "{path}"\n{rewritten}')
+    # About 8 s for the four units on CI's two cores, one g++ each.
+    objects = [work / f"{os.path.basename(s)}.o" for s in sources]
+    jobs = [
+        subprocess.Popen(["g++", *flags, "-c", s, "-o", o], stderr=subprocess.PIPE, text=True)
+        for s, o in zip(sources, objects, strict=True)
+    ]
+    for job in jobs:
+        _, errors = job.communicate()
+        assert job.returncode == 0, errors[-6000:]
+    library = str(work / "libemulated.so")
+    link = subprocess.run(["g++", "-shared", *flags, *objects, "-o", library], capture_output=True)
+    assert link.returncode == 0, link.stderr.decode()[-6000:]
+    return Emulated(library, env, work)
+
+
+def _assert_parity(out, peer, ref64, what):
+    assert out.shape == ref64.shape and out.dtype == peer.dtype, what
+    assert bool(out.isfinite().all()), f"{what}: non-finite values (unwritten?)"
+    err = (out.double() - ref64).abs().max().item()
+    peer_err = (peer.double() - ref64).abs().max().item()
+    bound = 2 * peer_err + ATOL[out.dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (CPU op {peer_err:.3g})"
+
+
+def _codes(n, k, gen):
+    """(idx, bad): n codes in [0, k), half of them code 0 (contended atomics), except on three
+    rows, marked in bad, which hold BAD_CODES and k."""
+    idx = torch.randint(0, k, (n,), generator=gen) * (torch.rand(n, generator=gen) < 0.5)
+    bad = torch.zeros(n, dtype=torch.bool)
+    if n > 10:
+        idx[7:10] = torch.tensor([*BAD_CODES, k])
+        bad[7:10] = True
+    return idx, bad
+
+
+# --- quantize.cu: launch_quantize_fwd / launch_quantize_bwd ------------------------------------
+
+
+def _quantize_case(d, dtype, grad, seed):
+    """(z, codebook, g, idx, bad): rows, codes, upstream gradient, indices, bad rows."""
+    gen = torch.Generator().manual_seed(seed)
+    # N leaves a partial last block: 64 rows per block for D <= 4, 8 for D > 16.
+    n, k = (150 if d <= 4 else 61), 5
+    z, codebook, g = (torch.randn(m, d, generator=gen).to(dtype) for m in (n, k, n))
+    idx, bad = _codes(n, k, gen)
+    # Degenerate rows, exact in every dtype: z = 0, -q, 2q, q, and a zero code.
+    codebook[k - 1] = 0
+    idx[4] = k - 1
+    q = codebook[idx[:4]]
+    z[:4] = torch.stack([0 * q[0], -q[1], 2 * q[2], q[3]])
+    return z, codebook, g, idx, bad
+
+
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize(emulated, dtype, grad):
+    ste = grad == "ste"
+    # (need dz, need dcodebook) as the glue passes them; dz only for rotation / householder.
+    needs = [(False, True)] if ste else [(True, True), (True, False), (False, True)]
+    cases, calls = [], []
+    for seed, (d, _) in enumerate(SHAPES):
+        z, codebook, g, idx, bad = _quantize_case(d, dtype, grad, seed)
+        n, k = len(z), len(codebook)
+        zq = torch.full_like(z, math.nan)
+        zq[bad] = 0  # rows of bad codes must become NaN
+        stats = None if ste else torch.full((n, 4), math.nan)
+        common = (n, k, d, KERNEL_DTYPE[dtype], GRADS[grad])
+        calls.append(("emu_quantize_fwd", z, codebook, idx, *common, zq, stats))
+        outs = []
+        for need_z, need_c in needs:
+            dz = torch.full_like(z, math.nan) if need_z else None
+            if need_z:
+                dz[bad] = 0
+            dc = torch.zeros(k, d) if need_c else None  # the glue's zero-filled accumulator
+            calls.append(("emu_quantize_bwd", g, z, codebook, idx, stats, *common, dz, dc))
+            outs.append((dz, dc))
+        cases.append((z, codebook, g, idx, bad, zq, stats, outs))
+    # No launch for N = 0 (a grid of 0 blocks fails on a GPU) nor for neither gradient: both
+    # return cudaSuccess, and the last case's outputs, checked below, stay as they are.
+    calls.append(("emu_quantize_fwd", z, codebook, idx, 0, *common[1:], zq, stats))
+    calls.append(("emu_quantize_bwd", g, z, codebook, idx, stats, *common, None, None))
+    emulated.run(*calls)
+
+    for z, codebook, g, idx, bad, zq, stats, outs in cases:
+        what = f"D = {z.shape[1]}"
+        ok = ~bad
+        zq_cpu, stats_cpu = torch.ops.fastvq.quantize_fwd_cpp(z[ok], codebook, idx[ok], grad)
+        assert torch.equal(zq[ok], zq_cpu), f"{what}: z_q is not the gather"
+        assert bool(zq[bad].isnan().all()), f"{what}: rows of bad codes must be NaN"
+        z64, c64, g64 = (t.double() for t in (z[ok], codebook, g[ok]))
+        _, stats64 = _fwd_torch(z64, c64, idx[ok], grad)
+        if not ste:
+            _assert_parity(stats[ok], stats_cpu, stats64, f"{what}: stats")
+            assert bool((stats[bad] == torch.tensor([1.0, 0, 0, 0])).all()), f"{what}: bad stats"
+        dz64, dc64 = _bwd_torch(g64, z64, c64, idx[ok], stats64, grad, not ste, True)
+        dz_cpu, dc_cpu = torch.ops.fastvq.quantize_bwd_cpp(
+            g[ok], z[ok], codebook, idx[ok], stats_cpu, grad, not ste, True
+        )
+        for dz, dc in outs:
+            if dz is not None:
+                _assert_parity(dz[ok], dz_cpu, dz64, f"{what}: dz")
+                assert bool(dz[bad].isnan().all()), f"{what}: dz of bad codes must be NaN"
+            if dc is not None:  # the glue converts the float32 accumulator to the codebook's dtype
+                _assert_parity(dc.to(dtype), dc_cpu, dc64, f"{what}: dcodebook")
+
+
+# --- ema.cu: launch_ema_atomic / launch_ema_sorted ---------------------------------------------
+
+
+def _ema_case(n, d, pad, dtype, weighted, seed):
+    """Accumulators and rows in padded buffers (counts every other float, sums and z rows `pad`
+    wide beyond D): the kernels get their strides. Padding holds NaN or a sentinel."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 5
+    counts = torch.full((k, 2), -7.0)  # counts in column 0: ldc = 2
+    counts[:, 0] = torch.rand(k, generator=gen) * 4
+    sums = torch.full((k, d + pad), -7.0)
+    sums[:, :d] = torch.randn(k, d, generator=gen)
+    z = torch.full((n, d + pad), math.nan).to(dtype)  # NaN padding: never read
+    z[:, :d] = torch.randn(n, d, generator=gen).to(dtype)
+    idx, bad = _codes(n, k, gen)
+    weight = None
+    if weighted:
+        # Weight 0 marks padding rows, which may hold anything: NaN must not leak.
+        weight = torch.rand(n, generator=gen) * (torch.arange(n) % 7 != 0)
+        z[::7] = math.nan
+    return counts, sums, z, idx, bad, weight
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ema_scatter(emulated, dtype, deterministic, weighted):
+    # keep = 1 skips the atomic variant's scaling pass; N = 0 must still scale every code.
+    shapes = [(150, d, pad, 0.8 if d < 70 else 1.0) for d, pad in SHAPES] + [(0, 3, 1, 0.8)]
+    gain = 0.35
+    calls, cases = [], []
+    for seed, (n, d, pad, keep) in enumerate(shapes):
+        counts, sums, z, idx, bad, weight = _ema_case(n, d, pad, dtype, weighted, seed)
+        if deterministic:  # the glue's stable sort
+            rows = (None, *torch.sort(idx, stable=True))
+        else:
+            rows = (idx, None, None)
+        # The sorted variant runs twice, under two thread orders: it must give the same bits.
+        outs = [(counts.clone(), sums.clone()) for _ in range(1 + deterministic)]
+        for order, (c, s) in enumerate(outs):
+            args = (c, 2, s, d + pad, z, d + pad, KERNEL_DTYPE[dtype], weight, n, 5, d, keep, gain)
+            calls += [("emu_seed", order), ("emu_ema", *args, *rows)]
+        cases.append((d, keep, counts, sums, z, idx, bad, weight, outs))
+    emulated.run(*calls)
+
+    for d, keep, counts, sums, z, idx, bad, weight, outs in cases:
+        what = f"N = {len(z)}, D = {d}"
+        ok = ~bad  # the CPU op rejects bad codes; the CUDA kernels skip them
+        z_ok, idx_ok, w_ok = z[ok, :d], idx[ok], None if weight is None else weight[ok]
+        cpu_counts, cpu_sums = counts.clone(), sums.clone()
+        torch.ops.fastvq.ema_scatter_cpp(
+            cpu_counts[:, 0], cpu_sums[:, :d], z_ok, idx_ok, w_ok, keep, gain, deterministic
+        )
+        w64 = torch.ones(len(idx_ok), dtype=torch.float64) if w_ok is None else w_ok.double()
+        live = w64 != 0
+        c64 = torch.zeros(5, dtype=torch.float64).index_add_(0, idx_ok[live], w64[live])
+        s64 = torch.zeros(5, d, dtype=torch.float64)
+        s64.index_add_(0, idx_ok[live], w64[live, None] * z_ok[live].double())
+        for got_counts, got_sums in outs:
+            ref = keep * counts[:, 0].double() + gain * c64
+            _assert_parity(got_counts[:, 0], cpu_counts[:, 0], ref, f"{what}: counts")
+            ref = keep * sums[:, :d].double() + gain * s64
+            _assert_parity(got_sums[:, :d], cpu_sums[:, :d], ref, f"{what}: sums")
+            assert torch.equal(got_counts[:, 1:], counts[:, 1:]), f"{what}: wrote past counts"
+            assert torch.equal(got_sums[:, d:], sums[:, d:]), f"{what}: wrote past sums"
+        if deterministic:
+            assert all(map(torch.equal, outs[0], outs[1])), f"{what}: not bit-identical"
+
+
+# --- leech.cu: launch_leech_decode -------------------------------------------------------------
+
+
+def _leech_inputs(dtype, rows=48):
+    """(z, codes): rows of every kind the decoder tells apart, and the indices of the exact codes
+    among them (rows 3 * rows onwards). N is one past a multiple of the 4 rows of a block; the
+    last 4 rows hold NaN or inf."""
+    gen = torch.Generator().manual_seed(LEECH_DTYPE[dtype])
+    codes = torch.randint(0, LEECH_SIZE, (rows,), generator=gen)
+    parts = [
+        torch.randn(rows, 24, generator=gen, dtype=torch.float64),
+        torch.randint(-1, 2, (rows, 24), generator=gen).double(),  # ties everywhere
+        torch.randint(-3, 4, (rows, 24), generator=gen).double(),
+        (leech_codes(codes, torch.float64) * math.sqrt(32)).round(),  # exact integer codes
+    ]
+    # Past 2^64, the overflow scaling (float16 cannot hold such values): rows times 1e30 or 1e200,
+    # and rows whose largest entry is half the largest finite value, where scores overflow unscaled.
+    big = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float64: 1e200}
+    if dtype in big:
+        gauss = torch.randn(rows, 24, generator=gen, dtype=torch.float64)
+        top = torch.finfo(dtype).max / 2
+        parts.append(gauss[::2] * big[dtype])
+        parts.append(gauss[1::2] * (top / gauss[1::2].abs().amax(1, keepdim=True)))
+    special = torch.randn(9, 24, generator=gen, dtype=torch.float64)
+    special[0] = 0  # every code ties
+    special[5, 3] = math.nan
+    special[6] = math.nan
+    special[7, 23], special[8, 0] = math.inf, -math.inf
+    return torch.cat([*parts, special]).to(dtype), codes
+
+
+@pytest.mark.parametrize("dtype", list(LEECH_DTYPE), ids=str)
+def test_leech_decode(emulated, dtype):
+    z, codes = _leech_inputs(dtype)
+    out = torch.full((len(z),), -1)
+    emulated.run(("emu_leech_decode", z, len(z), LEECH_DTYPE[dtype], out))
+    cpu = torch.ops.fastvq.leech_decode(z)
+    differ = (out != cpu).nonzero().flatten().tolist()
+    assert not differ, (
+        f"row {differ[0]}: {z[differ[0]].tolist()}: CUDA {out[differ[0]]}, CPU {cpu[differ[0]]}"
+    )
+    first = 3 * len(codes)
+    assert torch.equal(out[first : first + len(codes)], codes), "an exact code decodes to itself"
+    assert not bool(out[-4:].any()), "rows with NaN or inf decode to 0"

@@ -118,3 +118,20 @@ def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> l
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def cuda_include_dir() -> str | None:
+    """nvcc's include directory (cuda_runtime.h and friends), or None without nvcc. nvcc may be
+    a wrapper script (as /usr/local/bin/nvcc is on the dev machines): the usual homes too."""
+    import os
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in filter(None, homes):
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return os.path.join(home, "include")
+    return None

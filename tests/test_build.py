@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from fastvq.testing import cuda_include_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 GLUE_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_torch.cpp")))
@@ -47,21 +49,8 @@ def test_cuda_sources_include_no_torch_headers():
             assert header not in text, f"{source} includes {header}"
 
 
-def _cuda_include() -> str | None:
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    # nvcc may be a wrapper script (as /usr/local/bin/nvcc is here): try the usual homes too.
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for home in filter(None, homes):
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
-            return os.path.join(home, "include")
-    return None
-
-
 @pytest.mark.skipif(
-    _cuda_include() is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++"
+    cuda_include_dir() is None or shutil.which("g++") is None, reason="needs nvcc's headers and g++"
 )
 def test_cuda_glue_parses_against_torch_headers(tmp_path):
     # The torch glue (csrc/cuda/*_torch.cpp) is built only where torch has CUDA, so a typo there
@@ -75,7 +64,7 @@ def test_cuda_glue_parses_against_torch_headers(tmp_path):
     stub.parent.mkdir(parents=True)
     stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     flags = ["-std=c++17", "-fsyntax-only", "-Werror", "-Wall", "-I", str(tmp_path)]
-    for path in [*include_paths(), _cuda_include(), sysconfig.get_paths()["include"]]:
+    for path in [*include_paths(), cuda_include_dir(), sysconfig.get_paths()["include"]]:
         flags += ["-isystem", path]
     # One translation unit for all of them: the torch headers dominate (about 10 s per parse).
     # Should that fail, each file alone tells a real error from a name shared between files.

@@ -28,6 +28,7 @@ import torch
 
 from fastvq.lattice import LEECH_SIZE, leech_codes
 from fastvq.ops.quantize import _bwd_torch, _fwd_torch
+from fastvq.testing import cuda_include_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -46,19 +47,6 @@ BAD_CODES = [-1, 1 << 40]  # plus K itself: rows that the kernels must skip, tou
 # A hang (a deadlock the emulator misses, an endless loop) must fail the test, not stall CI; the
 # slowest child here takes about 1 s under AddressSanitizer.
 TIMEOUT_S = 60
-
-
-def _cuda_include() -> str | None:
-    """nvcc's include directory (tests/test_build.py's search), for cuda_runtime.h and friends."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for home in filter(None, homes):
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
-            return os.path.join(home, "include")
-    return None
 
 
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\s*\(", re.S)
@@ -154,7 +142,7 @@ class Emulated:
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    include = _cuda_include()
+    include = cuda_include_dir()
     if include is None or shutil.which("g++") is None:
         pytest.skip("needs nvcc's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) and g++")
     ops = ["quantize_fwd_cpp", "quantize_bwd_cpp", "ema_scatter_cpp", "leech_decode"]

@@ -28,12 +28,14 @@ def backends() -> dict[str, Backend]:
     """Availability of each backend with the reason, e.g. {"cpu": Backend(True, "C++ ..."), ...}."""
     cuda = torch.cuda.is_available()
     old_gpu = None
-    if cuda and torch.cuda.get_device_capability() < MIN_CUDA_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability()
-        old_gpu = (
-            f"fastvq's GPU kernels need compute capability 8.0+ (bf16/tf32 tensor cores); the "
-            f"current device has {major}.{minor}"
-        )
+    if cuda:
+        # get_device_properties, not get_device_capability: torch.compile folds only the former.
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+        if (gpu.major, gpu.minor) < MIN_CUDA_CAPABILITY:
+            old_gpu = (
+                f"fastvq's GPU kernels need compute capability 8.0+ (bf16/tf32 tensor cores); the "
+                f"current device has {gpu.major}.{gpu.minor}"
+            )
     report = {}
     if not _ext.HAS_TRITON:
         report["triton"] = Backend(False, "triton is not installed (pip install triton)")

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -321,12 +322,14 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
     monkeypatch.setattr(_ext, "EXTENSION_ERROR", None)
     monkeypatch.setattr(_ext, "HAS_CUDA_KERNELS", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gpu = types.SimpleNamespace(major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu)
     report = fastvq.backends()
     for name in ("cuda", "triton") if _ext.HAS_TRITON else ("cuda",):
         assert not report[name].available, name
         assert "compute capability 8.0+" in report[name].reason and "7.5" in report[name].reason
     assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu.major, gpu.minor = 9, 0
     report = fastvq.backends()
     assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON

@@ -21,9 +21,9 @@ from fastvq.lattice import (
     leech_codes,
     leech_quantize,
 )
-from fastvq.nn.scalar import check_index_tensor, check_input, check_int, from_channel_last
+from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last
 from fastvq.ops._backends import pick_backend
-from fastvq.ops._validate import check_floating
+from fastvq.ops._validate import check_floating, check_int
 from fastvq.ops.quantize import _quantize_fwd
 
 

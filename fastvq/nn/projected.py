@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvq.nn.scalar import check_index_tensor, check_input, check_int, from_channel_last
-from fastvq.ops._validate import check_floating
+from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last
+from fastvq.ops._validate import check_floating, check_int
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import quantize
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvq.ops._validate import check_floating, check_tensor
+from fastvq.ops._validate import check_floating, check_int, check_tensor
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.scalar import (
     MAX_BITS,
@@ -35,15 +35,6 @@ Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
 LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
 
 # --- helpers shared by the fastvq.nn modules ---------------------------------------------------
-
-
-def check_int(name: str, value, low: int = 1) -> int:
-    """TypeError unless an int (not bool); ValueError unless >= low."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def check_input(name: str, x, dim: int, min_ndim: int = 2) -> None:

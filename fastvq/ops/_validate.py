@@ -1,5 +1,7 @@
 """Argument checks shared by the public ops: each message names the argument and what it wants."""
 
+import numbers
+
 import torch
 
 FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -14,6 +16,15 @@ def check_floating(name: str, value) -> None:
     check_tensor(name, value)
     if value.dtype not in FLOATING:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}")
+
+
+def check_int(name: str, value, low: int = 1) -> int:
+    """TypeError unless an int (not bool); ValueError unless >= low."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
 
 
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:

@@ -18,7 +18,13 @@ import torch.nn.functional as F
 
 from fastvq import _ext
 from fastvq.ops._backends import backends, check_backend, pick_backend
-from fastvq.ops._validate import check_choice, check_finite, check_floating, check_tensor
+from fastvq.ops._validate import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_int,
+    check_tensor,
+)
 from fastvq.ops.nearest_code import nearest_code
 
 ACCUMULATORS = (torch.float32, torch.float64)
@@ -163,14 +169,6 @@ def _check_real(name: str, value, low: float, high: float | None = None) -> floa
     if high is None and not low <= value < float("inf"):
         raise ValueError(f"{name} must be finite and >= {low:g}, got {value}")
     return value
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def _process_group(name: str, value):
@@ -635,8 +633,8 @@ def kmeans(
     check_floating("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (..., D) with at least 2 dimensions, got {x.dim()}")
-    k = _check_int("num_codes", num_codes, 1)
-    iters = _check_int("iters", iters, 0)
+    k = check_int("num_codes", num_codes, 1)
+    iters = check_int("iters", iters, 0)
     check_choice("metric", metric, KMEANS_METRICS)
     if not isinstance(init, torch.Tensor):
         check_choice("init", init, KMEANS_INITS)
@@ -736,7 +734,7 @@ def code_counts(
     check_tensor("indices", indices)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"indices must be an integer tensor (int64 or int32), got {indices.dtype}")
-    k = _check_int("num_codes", num_codes, 1)
+    k = check_int("num_codes", num_codes, 1)
     if out is not None:
         check_tensor("out", out)
         if out.shape != (k,) or out.device != indices.device:

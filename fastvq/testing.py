@@ -2,7 +2,7 @@
 
 import torch
 
-from fastvq.reference import code_terms, nearest_code_scores
+from fastvq.reference import code_terms, nearest_code_scores, topk_scores
 
 # Relative rounding of one product's inputs before the float32 accumulation: "exact" must be at
 # least as good as 3xTF32 (about 2^-22), "fast" may round float32 inputs to bf16 (2^-8).
@@ -67,6 +67,43 @@ def check_nearest(
             f"> allowed {allowed[r].item():.3g}"
         )
     return (indices == best).double().mean().item()
+
+
+def check_nearest_topk(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    metric: str = "l2",
+    precision: str = "exact",
+) -> float:
+    """Tie-aware check of k-nearest indices (N, k) against float64; returns the exact-row rate.
+
+    Scores off by at most b each move every order statistic by at most b, so with slack = twice
+    the row's largest bound: the j-th returned code's float64 score is within slack of the true
+    j-th best, consecutive returned scores never rise by more than slack, and a row's codes are
+    distinct. Exact agreement (rows equal to float64's order, ties by lower index) is the rate.
+    """
+    z64, c64 = z.detach().reshape(-1, z.shape[-1]).cpu().double(), codebook.detach().cpu().double()
+    indices = indices.detach().reshape(z64.shape[0], -1).cpu()
+    assert indices.dtype == torch.int64, f"indices must be int64, got {indices.dtype}"
+    if z64.shape[0] == 0:
+        return 1.0
+    assert bool(((indices >= 0) & (indices < c64.shape[0])).all()), "index out of range"
+    assert bool((indices.sort(1).values.diff(dim=1) != 0).all()), "a code is repeated in a row"
+    scale, bias = code_terms(c64, metric)
+    scores = nearest_code_scores(z64, c64, scale, bias)
+    slack = 2 * score_error_bound(z64, c64, scale, bias, precision).amax(1, keepdim=True)
+    best = topk_scores(scores, indices.shape[1])
+    got, want = scores.gather(1, indices), scores.gather(1, best)
+    bad = ((got < want - slack).any(1) | (got.diff(dim=1) > slack).any(1)).nonzero().flatten()
+    if len(bad):
+        r = int(bad[0])
+        raise AssertionError(
+            f"{len(bad)} of {len(best)} rows are not the k nearest up to rounding; row {r}: "
+            f"chose {indices[r].tolist()} (scores {got[r].tolist()}), best {best[r].tolist()} "
+            f"(scores {want[r].tolist()}), slack {slack[r].item():.3g}"
+        )
+    return (indices == best).all(1).double().mean().item()
 
 
 def backend_cases() -> list[tuple[str, str]]:

@@ -9,11 +9,13 @@ import torch
 
 from fastvq import _ext
 from fastvq.ops._backends import check_backend, pick_backend
-from fastvq.ops._validate import check_choice, check_finite, check_floating
-from fastvq.reference import METRICS, code_terms
+from fastvq.ops._validate import check_choice, check_finite, check_floating, check_int
+from fastvq.reference import METRICS, code_terms, topk_scores
 
 PRECISIONS = ("exact", "fast")
 MAX_DIM = 1024
+# Largest k of the top-k search: the Triton kernel keeps a row's k best in registers.
+MAX_TOPK = 128
 
 # Triton backend: an opaque custom op (not triton_op) so that importing fastvq does not import
 # Triton (0.44 s here); torch.compile keeps it as one node with the fake below.
@@ -37,6 +39,25 @@ def _(z, codebook, code_scale, code_bias, fast):
     return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
+@torch.library.custom_op("fastvq::nearest_code_topk_triton", mutates_args=())
+def _nearest_code_topk_triton(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    code_scale: torch.Tensor | None,
+    code_bias: torch.Tensor | None,
+    k: int,
+    fast: bool,
+) -> torch.Tensor:
+    from fastvq.kernels.nearest_code import nearest_code_topk_triton
+
+    return nearest_code_topk_triton(z, codebook, code_scale, code_bias, k, fast)
+
+
+@_nearest_code_topk_triton.register_fake
+def _(z, codebook, code_scale, code_bias, k, fast):
+    return z.new_empty(z.shape[0], k, dtype=torch.int64)
+
+
 if _ext.EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastvq::nearest_code")
@@ -44,20 +65,45 @@ if _ext.EXTENSION_ERROR is None:
         return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
-def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
+# A build from before the top-k kernel existed still loads; "cpu" then runs the torch path.
+_HAS_TOPK_CPU = _ext._has_kernel("nearest_code_topk", "CPU")
+if _HAS_TOPK_CPU:
+
+    @torch.library.register_fake("fastvq::nearest_code_topk")
+    def _(z, codebook, code_scale, code_bias, k, fast):
+        return z.new_empty(z.shape[0], k, dtype=torch.int64)
+
+
+def _score_chunks(z, codebook, code_scale, code_bias, fast, elements):
+    """(start, scores) for row chunks of about `elements` scores each (float32; float64 inputs
+    score in float64)."""
     # The reference recomputes (scale, bias) from the metric; here they are given, so score chunks
     # directly. fast on CUDA: bf16 matmul, the precision users get from autocast.
     compute = torch.bfloat16 if fast and z.is_cuda else torch.promote_types(z.dtype, torch.float32)
     zc, cc = z.to(compute), codebook.to(compute)
-    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
-    rows = max(1, (1 << 26) // codebook.shape[0])
+    rows = max(1, elements // codebook.shape[0])
     for start in range(0, z.shape[0], rows):
-        scores = (zc[start : start + rows] @ cc.T).float()
+        scores = (zc[start : start + rows] @ cc.T).to(torch.promote_types(compute, torch.float32))
         if code_scale is not None:
             scores.mul_(code_scale)
         if code_bias is not None:
             scores.add_(code_bias)
-        out[start : start + rows] = scores.masked_fill_(scores.isnan(), -torch.inf).argmax(dim=1)
+        yield start, scores
+
+
+def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
+    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    for start, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 26):
+        out[start : start + scores.shape[0]] = scores.masked_fill_(
+            scores.isnan(), -torch.inf
+        ).argmax(1)
+    return out
+
+
+def _nearest_code_topk_torch(z, codebook, code_scale, code_bias, k, fast):
+    out = torch.empty(z.shape[0], k, dtype=torch.int64, device=z.device)
+    for start, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 24):
+        out[start : start + scores.shape[0]] = topk_scores(scores, k)
     return out
 
 
@@ -66,6 +112,12 @@ _KERNELS = {
     "triton": _nearest_code_triton,
     "cpu": lambda *args: torch.ops.fastvq.nearest_code(*args),
     "cuda": lambda *args: torch.ops.fastvq.nearest_code(*args),
+}
+# No CUDA C++ top-k kernel: on CUDA tensors Triton runs it.
+_TOPK_KERNELS = {
+    "torch": _nearest_code_topk_torch,
+    "triton": _nearest_code_topk_triton,
+    "cpu": lambda *args: torch.ops.fastvq.nearest_code_topk(*args),
 }
 
 
@@ -78,8 +130,9 @@ def nearest_code(
     backend: str = "auto",
     return_distance: bool = False,
     check_inputs_finite: bool = True,
+    k: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest code for every vector of z, never building the N x K distance matrix.
+    """Index of the nearest code (or k nearest) for every vector of z, never building N x K.
 
     Args:
         z: (..., D) float32, bfloat16 or float16 (float64 with backend "torch" or "auto").
@@ -97,11 +150,15 @@ def nearest_code(
         check_inputs_finite: raise ValueError if z or codebook holds NaN or Inf (one reduction and
             one host sync per call; skipped under torch.compile). With False, non-finite inputs
             give defined but meaningless indices: NaN scores never win and a row whose scores are
-            all NaN or -inf gets index 0.
+            all NaN or -inf gets index 0 (with k: 0, 1, ..., k-1).
+        k: None for the nearest code; an int in [1, min(K, 128)] for the k nearest, nearest
+            first (beam search, re-ranking). Backends "triton", "cpu" and "torch" (no CUDA C++
+            kernel: "auto" runs Triton on GPUs); memory stays O(N k + K).
 
     Returns:
-        indices: int64 of shape z.shape[:-1]; ties go to the lowest index. With return_distance,
-        a pair (indices, values) with values of the same shape.
+        indices: int64 of shape z.shape[:-1] (with k: z.shape[:-1] + (k,), column 0 the nearest);
+        ties go to the lowest index. With return_distance, a pair (indices, values) with values
+        of the same shape.
     """
     check_floating("z", z)
     check_floating("codebook", codebook)
@@ -112,8 +169,8 @@ def nearest_code(
         raise ValueError("z must have shape (..., D), got a 0-d tensor")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must have shape (K, D), got shape {tuple(codebook.shape)}")
-    k, d = codebook.shape
-    if k < 1:
+    num_codes, d = codebook.shape
+    if num_codes < 1:
         raise ValueError("codebook must hold at least one code (K >= 1), got K = 0")
     if not 1 <= d <= MAX_DIM:
         raise ValueError(f"codebook's D must be between 1 and {MAX_DIM}, got {d}")
@@ -124,22 +181,43 @@ def nearest_code(
         )
     if z.device != codebook.device:
         raise ValueError(f"z is on {z.device} but codebook is on {codebook.device}")
+    if k is not None:
+        k = check_int("k", k)
+        if k > min(num_codes, MAX_TOPK):
+            raise ValueError(
+                f"k must be at most min(K, {MAX_TOPK}) = {min(num_codes, MAX_TOPK)}, got {k}"
+            )
     if check_inputs_finite:
         check_finite(z=z, codebook=codebook)
 
     dtype = torch.promote_types(z.dtype, codebook.dtype)
     name = pick_backend(backend, z.device, dtype)
+    topk = k is not None and k > 1  # k == 1 is the argmin kernels' answer
+    if topk and name == "cuda":
+        if backend == "cuda":
+            raise ValueError("backend 'cuda' has no top-k kernel (k > 1): use 'triton' or 'auto'")
+        name = "torch"  # "auto" chose CUDA C++ only because Triton is unavailable
+    if topk and name == "cpu" and not _HAS_TOPK_CPU:
+        name = "torch"
     z2 = z.reshape(-1, d).to(dtype).contiguous()
     cb = codebook.to(dtype).contiguous()
     scale, bias = code_terms(cb.detach(), metric)
+    fast = precision == "fast"
     if z2.shape[0] == 0:
-        indices = torch.empty(0, dtype=torch.int64, device=z.device)
+        indices = torch.empty(0, k or 1, dtype=torch.int64, device=z.device)
+    elif topk:
+        indices = _TOPK_KERNELS[name](z2.detach(), cb.detach(), scale, bias, k, fast)
     else:
-        indices = _KERNELS[name](z2.detach(), cb.detach(), scale, bias, precision == "fast")
-    indices = indices.view(z.shape[:-1])
+        indices = _KERNELS[name](z2.detach(), cb.detach(), scale, bias, fast)
+    if k is None:
+        indices = indices.view(z.shape[:-1])
+        zb = z
+    else:
+        indices = indices.view(*z.shape[:-1], k)
+        zb = z.unsqueeze(-2)
     if not return_distance:
         return indices
-    return indices, code_values(z, codebook, indices, metric)
+    return indices, code_values(zb, codebook, indices, metric)
 
 
 def code_values(z, codebook, indices, metric):

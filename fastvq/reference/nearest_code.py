@@ -15,6 +15,8 @@ METRICS = ("l2", "cosine", "dot")
 
 # Rows per chunk of the score matrix: chunk x K float32 stays near 256 MiB at K = 65,536.
 _CHUNK_ELEMENTS = 1 << 26
+# Top-k also holds an int64 cumsum of the chunk: 2^24 elements keep it at 128 MiB.
+_TOPK_CHUNK_ELEMENTS = 1 << 24
 
 
 def code_terms(
@@ -26,7 +28,9 @@ def code_terms(
     """
     acc = torch.float64 if codebook.dtype == torch.float64 else torch.float32
     if metric == "l2":
-        return None, torch.linalg.vector_norm(codebook, dim=-1, dtype=acc).square().mul_(-0.5)
+        # A sum of squares, not vector_norm().square(): the sqrt round trip would break exact ties
+        # between codes of equal score and different norm (integer-valued codebooks).
+        return None, codebook.to(acc).square().sum(-1).mul_(-0.5)
     if metric == "cosine":
         norm = torch.linalg.vector_norm(codebook, dim=-1, dtype=acc)
         return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)), None
@@ -79,4 +83,51 @@ def nearest_code(
         scores = scores.float() if scores.dtype in (torch.bfloat16, torch.float16) else scores
         scores.masked_fill_(scores.isnan(), -torch.inf)
         out[start : start + rows] = scores.argmax(dim=1)
+    return out
+
+
+def topk_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores of each row, best first; equal scores in increasing index.
+
+    scores: (N, K) floating, 1 <= k <= K. NaN ranks as -inf (so it never beats a number, and a
+    row of NaN gives 0, 1, ..., k-1). Returns int64 (N, k). O(N K) work and memory, no sort of K:
+    the k-th largest value splits the row into the codes above it and, in index order, just
+    enough codes equal to it (torch.topk alone leaves that choice unspecified).
+    """
+    s = scores.masked_fill(scores.isnan(), -torch.inf)
+    kth = s.topk(k, dim=1).values[:, -1:]
+    above = s > kth
+    at = s == kth
+    take = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    idx = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k codes in index order
+    order = s.gather(1, idx).sort(dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
+
+
+def nearest_code_topk(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    k: int,
+    metric: str = "l2",
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The k nearest codes of each row, nearest first, chunk by chunk (never N x K at once).
+
+    z: (N, D), codebook: (K, D), any floating dtype, 1 <= k <= K; compute_dtype as in
+    nearest_code. Equal scores go in increasing index. Returns int64 (N, k); column 0 is
+    nearest_code's answer.
+    """
+    if compute_dtype is None:
+        compute_dtype = z.dtype
+        if z.device.type == "cpu" and z.dtype in (torch.bfloat16, torch.float16):
+            compute_dtype = torch.float32
+    z = z.to(compute_dtype)
+    codebook = codebook.to(compute_dtype)
+    scale, bias = code_terms(codebook, metric)
+    out = torch.empty(z.shape[0], k, dtype=torch.int64, device=z.device)
+    rows = max(1, _TOPK_CHUNK_ELEMENTS // codebook.shape[0])
+    for start in range(0, z.shape[0], rows):
+        scores = nearest_code_scores(z[start : start + rows], codebook, scale, bias)
+        out[start : start + rows] = topk_scores(scores, k)
     return out

@@ -12,6 +12,14 @@ TORCH_LIBRARY(fastvq, m) {
   m.def(
       "nearest_code(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, bool fast) "
       "-> Tensor");
+  // The k best codes per row: score[n][j] = dot(z[n], codebook[j]) * code_scale[j] + code_bias[j]
+  // with nearest_code's inputs and arithmetic (its answer is column 0), 1 <= k <= min(K, 128).
+  // Returns int64 (N, k): the indices of each row's k largest scores, best first; equal scores in
+  // increasing index; NaN scores rank as -inf (a row of NaN gets 0, 1, ..., k-1, a NaN code comes
+  // after every number). `fast` as in nearest_code.
+  m.def(
+      "nearest_code_topk(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, int k, "
+      "bool fast) -> Tensor");
   // Structured Leech decoder (fastvq/lattice/leech.py): idx[n] = the canonical index of the
   // minimal Leech vector of largest inner product with z[n], ties to the lowest index, 0 for rows
   // with NaN or Inf. z (N, 24) contiguous float32/float64/float16/bfloat16 (scores in float32,

@@ -17,6 +17,39 @@ maximum score and the lowest index holding it. Each score is computed by the sam
 either path and the first occurrence of the maximum is unique, so the split and unsplit results
 are identical.
 
+`_nearest_code_topk_kernel` (fastvq.nearest_code(..., k=), 2 <= k <= 128): the k best codes per
+row, best first, equal scores by lower index, NaN as -inf. Sorting or torch.topk would need the
+N x K scores in memory, and a running top-k per (row, lane) like the argmin kernel's running best
+would take k times its registers; instead a row keeps one top-k, shared by its lanes. One program
+per BLOCK_N rows walks the whole codebook (no split-K yet: N = 1 with K = 2^20 runs on one SM) in
+BLOCK_K tiles scored by the argmin kernel's instructions (same BLOCK_D, precision, epilogue), so
+column 0 is its answer up to the rounding of the two tile shapes. The row's k best are an
+unordered (BLOCK_N, KP) int64 register tensor, KP = next power of 2 >= k; a slot packs an
+order-preserving int32 key of the score above the code's complement, so one int64 comparison
+orders by score then by lower code, and one min reduction finds the worst slot, whose score is
+the row's threshold. A tile's codes come after every code held, so one enters only by beating the
+threshold strictly. Per tile: each row's maximum score and a block vote (does any row's maximum
+beat its threshold?); in the common case that is all. Otherwise rounds, while any row of the
+block improves: each row moves its best remaining candidate (maximum, then lowest lane) into its
+worst slot if it beats the threshold, and knocks it out of the tile (to -inf, which never enters).
+Only scores > -inf enter, so NaN and -inf need no test in the loop; a row left with free slots
+(fewer than k scores > -inf) takes the lowest codes it does not hold, which is where -inf ties
+by index put them. The output is k rounds of extract-max.
+
+Cost on the H100, UNMEASURED (no GPU was available; from the sm_90 SASS of bf16, D = 32, k = 8,
+BLOCK_N = 128, BLOCK_K = 64, 8 warps: 32 candidates per thread per tile): a tile with no insertion
+is 202 instructions per thread against the argmin kernel's 243, its selection ~1.7 instructions
+per candidate (one FMNMX, then per row two shuffles and the block vote) against the argmin
+kernel's 3 (FSETP, FSEL, SEL). A round is 273 (8.5 per candidate: the lowest lane holding the
+maximum, the knock-out, the next maximum, then the slot update). Rounds are not rare: the vote is
+over all BLOCK_N rows, and a row inserts about k * BLOCK_K / m codes of a tile after m codes, so
+a block votes yes on most tiles until m ~ BLOCK_N * BLOCK_K * k (65,536 at k = 8). Simulated with
+Gaussian scores: 1.0 round per tile at K = 65,536, 2.0 at K = 8,192, 4.4 at K = 1,024 (k = 8).
+So expect ~15 instructions per candidate at K = 65,536 and ~23 at K = 8,192, 2-3x the argmin
+kernel's CUDA-core work, which the GEMM no longer hides at small D. k = 128 (BLOCK_N = 64, 16
+candidates per thread) is far dearer: a round is 446 instructions (the 64 x 128 slot update),
+with 2.9 rounds per tile at K = 65,536 and 9.2 at K = 8,192: ~90 per candidate.
+
 Precision of the products (accumulation is always float32):
 - bfloat16 / float16 inputs: plain tl.dot; the products are exact in float32.
 - float32, fast=False: input_precision="tf32x3" (3xTF32: about 2^-22 relative per product on the
@@ -225,6 +258,207 @@ def _nearest_code_fwd_reduce_kernel(
     tl.store(idx_ptr + rows, row_k.to(tl.int64), mask=row_ok)
 
 
+# Top-k slots: a row's state packs each slot into an int64, key << 32 | (code ^ IDX_LO), where the
+# key is an int32 whose signed order is the float order of the score (-0.0 taken as +0.0): the
+# int64 order is then by score, then by lower code.
+IDX_LO = tl.constexpr(2**31 - 1)  # code ^ IDX_LO = IDX_LO - code: lower code, larger int64
+# Free slot s holds SLOT_FREE + s: the key of -inf (0xff800000 ^ 0x7fffffff) with low bits below
+# every code's, so it is unique, decodes to a threshold of -inf and ranks below any code.
+SLOT_FREE = tl.constexpr(-2139095041 * 2**32)
+SLOT_PAD = tl.constexpr(2**63 - 1)  # slots k..KP-1: never the worst, dropped before output
+SLOT_NONE = tl.constexpr(-(2**63))  # below everything: taken slots in the output rounds
+
+# tl.reduce with Triton's own combine functions is what tl.max / tl.min run for 32- and 64-bit
+# operands, without their @triton.jit call: the interpreter re-patches triton.language on every
+# such call, which took 60 % of the top-k kernel's CPU test time (it reduces 4 times per round).
+# The interpreter recognises these two functions and reduces with numpy. They are private: a
+# Triton without them gets the same combine functions defined here (slower only when interpreted).
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_combine(a, b):
+    return tl.minimum(a, b)
+
+
+_MAX = getattr(tl.standard, "_elementwise_max", _max_combine)
+_MIN = getattr(tl.standard, "_elementwise_min", _min_combine)
+
+
+@triton.jit
+def _nearest_code_topk_kernel(
+    # inputs: z (N, D), codebook (K, D), row-major, one dtype; scale, bias (K,) float32
+    z_ptr,
+    codebook_ptr,
+    scale_ptr,
+    bias_ptr,
+    # output: idx (N, TOPK) int64
+    idx_ptr,
+    # sizes: 1 <= TOPK <= min(K, KP)
+    N,
+    K,
+    D,
+    TOPK,
+    # meta
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    ONE_D_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    KP: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    lanes = tl.arange(0, BLOCK_K)
+    dims = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, KP)
+    row_ok = (pid_n * BLOCK_N + rows) < N
+    # 64-bit base pointers, 32-bit offsets inside a tile (BLOCK * D < 2^31).
+    z_base = z_ptr + pid_n * BLOCK_N * D
+    z_offs = rows[:, None] * D + dims[None, :]
+    c_offs = lanes[:, None] * D + dims[None, :]
+    # As in _nearest_code_fwd_kernel, the loop body calls no @triton.jit helpers.
+
+    if ONE_D_CHUNK:
+        if EVEN_D:
+            z_tile = tl.load(z_base + z_offs, mask=row_ok[:, None], other=0.0)
+        else:
+            z_mask = row_ok[:, None] & (dims[None, :] < D)
+            z_tile = tl.load(z_base + z_offs, mask=z_mask, other=0.0)
+        if PRECISION == 2:
+            z_tile = z_tile.to(tl.bfloat16)
+        if INTERPRET:
+            z_tile = z_tile.to(tl.float32)
+
+    # Running top-k per row, unordered, packed as above; `worst` is its least slot (least score,
+    # then highest code; a free slot while the row holds fewer than k codes), `thr` the worst
+    # score as a float32 threshold (-inf while a slot is free). Only scores > -inf enter here;
+    # a row with fewer than k of those is completed after the walk. KP + K < 2^31, so free slots
+    # are exactly those below SLOT_FREE + KP.
+    state = tl.where(slots < TOPK, slots.to(tl.int64) + SLOT_FREE, SLOT_PAD)
+    state = state[None, :] + tl.zeros((BLOCK_N, KP), tl.int64)
+    worst = tl.full((BLOCK_N,), SLOT_FREE, tl.int64)
+    thr = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    lanes_2d = lanes[None, :]
+    c_base = codebook_ptr
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + lanes
+        code_ok = codes < K
+        # Scores: the instructions of _nearest_code_fwd_kernel, so column 0 is its answer.
+        if ONE_D_CHUNK:
+            if EVEN_K and EVEN_D:
+                c_tile = tl.load(c_base + c_offs)
+            elif EVEN_K:
+                c_tile = tl.load(c_base + c_offs, mask=dims[None, :] < D, other=0.0)
+            elif EVEN_D:
+                c_tile = tl.load(c_base + c_offs, mask=code_ok[:, None], other=0.0)
+            else:
+                c_mask = code_ok[:, None] & (dims[None, :] < D)
+                c_tile = tl.load(c_base + c_offs, mask=c_mask, other=0.0)
+            if PRECISION == 2:
+                c_tile = c_tile.to(tl.bfloat16)
+            if INTERPRET:
+                c_tile = c_tile.to(tl.float32)
+                acc = tl.sum(z_tile[:, None, :] * c_tile[None, :, :], axis=2)
+            elif PRECISION == 1:
+                acc = tl.dot(z_tile, tl.trans(c_tile), input_precision="tf32x3")
+            else:
+                acc = tl.dot(z_tile, tl.trans(c_tile))
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d_ok = (d0 + dims)[None, :] < D
+                if EVEN_D:
+                    z_chunk = tl.load(z_base + d0 + z_offs, mask=row_ok[:, None], other=0.0)
+                else:
+                    z_mask = row_ok[:, None] & d_ok
+                    z_chunk = tl.load(z_base + d0 + z_offs, mask=z_mask, other=0.0)
+                if EVEN_K and EVEN_D:
+                    c_chunk = tl.load(c_base + d0 + c_offs)
+                elif EVEN_K:
+                    c_chunk = tl.load(c_base + d0 + c_offs, mask=d_ok, other=0.0)
+                elif EVEN_D:
+                    c_chunk = tl.load(c_base + d0 + c_offs, mask=code_ok[:, None], other=0.0)
+                else:
+                    c_mask = code_ok[:, None] & d_ok
+                    c_chunk = tl.load(c_base + d0 + c_offs, mask=c_mask, other=0.0)
+                if PRECISION == 2:
+                    z_chunk = z_chunk.to(tl.bfloat16)
+                    c_chunk = c_chunk.to(tl.bfloat16)
+                if INTERPRET:
+                    z_chunk = z_chunk.to(tl.float32)
+                    c_chunk = c_chunk.to(tl.float32)
+                    acc += tl.sum(z_chunk[:, None, :] * c_chunk[None, :, :], axis=2)
+                elif PRECISION == 1:
+                    acc = tl.dot(z_chunk, tl.trans(c_chunk), acc, input_precision="tf32x3")
+                else:
+                    acc = tl.dot(z_chunk, tl.trans(c_chunk), acc)
+        score = acc
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + codes, mask=code_ok, other=1.0)
+            score = score * scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + codes, mask=code_ok, other=0.0)
+            if not EVEN_K:
+                bias = tl.where(code_ok, bias, float("-inf"))
+            score = score + bias[None, :]
+        elif not EVEN_K:
+            score = score + tl.where(code_ok, 0.0, float("-inf"))[None, :]
+
+        # A candidate enters if its score exceeds the threshold (strictly: its code is higher
+        # than every code held, so a tie loses; a NaN never does). Each round moves every row's
+        # best remaining candidate (largest score, then lowest code) into its worst slot if it
+        # enters, and knocks it out of the tile (-inf never enters). Candidates go best first, so
+        # a row stops improving for the tile once its best remaining one fails; the block stops
+        # when no row improves: at most min(k, BLOCK_K) rounds. The common case is none: one max
+        # per candidate (NaN-ignoring on the GPU; the interpreter's is too), then one vote.
+        best = tl.reduce(score, 1, _MAX)
+        better = best > thr
+        while tl.reduce(better.to(tl.int32), 0, _MAX) > 0:
+            lane = tl.reduce(tl.where(score == best[:, None], lanes_2d, BLOCK_K), 1, _MIN)
+            score = tl.where(lanes_2d == lane[:, None], float("-inf"), score)
+            bits = (best + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 keys as +0.0
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            new = (key.to(tl.int64) << 32) + ((k0 + lane) ^ IDX_LO)
+            state = tl.where((state == worst[:, None]) & better[:, None], new[:, None], state)
+            worst = tl.reduce(state, 1, _MIN)
+            wkey = (worst >> 32).to(tl.int32)
+            thr = (wkey ^ ((wkey >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            best = tl.reduce(score, 1, _MAX)
+            better = best > thr
+        c_base += BLOCK_K * D
+
+    # Rows with fewer than k scores > -inf (NaN / -inf scores, unchecked inputs): the rest rank
+    # as -inf, ties by index, so their free slots take the lowest codes not held, in order. The
+    # j-th of those is below k + j <= 2k, and below K since k <= K.
+    c = tl.full((), 0, tl.int32)
+    while tl.reduce((worst < SLOT_FREE + KP).to(tl.int32), 0, _MAX) > 0:
+        held = tl.reduce(((state.to(tl.int32) ^ IDX_LO) == c).to(tl.int32), 1, _MAX)
+        fill = (worst < SLOT_FREE + KP) & (held == 0)
+        new = (c ^ IDX_LO).to(tl.int64) + SLOT_FREE
+        state = tl.where((state == worst[:, None]) & fill[:, None], new, state)
+        worst = tl.reduce(state, 1, _MIN)
+        c += 1
+
+    # Output, best first: TOPK rounds of the largest slot. TOPK <= K, so every slot below TOPK
+    # holds a code by now.
+    state = tl.where(slots[None, :] < TOPK, state, SLOT_NONE)
+    out = idx_ptr + pid_n * BLOCK_N * TOPK + rows * TOPK
+    for j in range(0, TOPK):
+        top = tl.reduce(state, 1, _MAX)
+        tl.store(out + j, (top.to(tl.int32) ^ IDX_LO).to(tl.int64), mask=row_ok)
+        state = tl.where(state == top[:, None], SLOT_NONE, state)
+
+
 def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
     """Tile sizes and launch options for one call (no autotuning yet: see the NOTEs)."""
     d_pow2 = max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dim >= 16
@@ -368,4 +602,89 @@ def nearest_code_triton(
             BLOCK_R=block_r,
             BLOCK_S=max(2, triton.next_power_of_2(splits)),
         )
+    return out
+
+
+def _topk_config(n: int, d: int, kp: int, precision: int, device: torch.device) -> dict:
+    """Tile sizes for the top-k kernel: the argmin kernel's BLOCK_D (same scores), and rows per
+    program bounded so that the (BLOCK_N, KP) key and code state stays in registers."""
+    cfg = _config(n, d, precision, device)
+    if triton_interpreting():
+        return cfg
+    # NOTE: untuned, like _config: chosen from sm_90 compiles (tests/triton_sm90.py) only, with no
+    # spills in any (precision, D, N class, KP) tried: 105-170 registers at D = 32 for KP <= 32,
+    # 180-204 at KP = 128 with BLOCK_N = 64 and 8 warps, up to 255 in the chunked-D classes (as
+    # for the argmin kernel). 128 rows x KP = 128 slots would be 128 int64 registers per thread.
+    if kp > 32:
+        cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_warps=8)
+    return cfg
+
+
+def nearest_code_topk_triton(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    code_scale: torch.Tensor | None,
+    code_bias: torch.Tensor | None,
+    k: int,
+    fast: bool,
+    *,
+    launch: Callable | None = None,
+) -> torch.Tensor:
+    """The k best codes per row, best first, by (z[n] . codebook[j]) * scale[j] + bias[j].
+
+    Args:
+        z: (N, D) contiguous float32, bfloat16 or float16, N >= 0, 1 <= D <= 1024.
+        codebook: (K, D) contiguous, z's dtype and device, 1 <= K <= 2^31 - 2^16.
+        code_scale, code_bias: (K,) contiguous float32 on z's device, or None (1 and 0).
+        k: 1 <= k <= min(K, 128).
+        fast: float32 inputs multiply in bfloat16 (fp32 accumulation) instead of 3xTF32.
+        launch: as for nearest_code_triton.
+
+    Returns:
+        int64 (N, k) on z's device. Equal scores in increasing index; NaN scores rank as -inf (a
+        row of NaN scores gets 0, 1, ..., k-1). Column 0 is nearest_code_triton's answer up to the
+        rounding of the two kernels' tile shapes.
+    """
+    n, d = z.shape
+    num_codes = codebook.shape[0]
+    assert codebook.shape == (num_codes, d) and 1 <= num_codes <= 2**31 - 2**16, (
+        "codebook must be (K, D), K >= 1"
+    )
+    assert 1 <= k <= min(num_codes, 128), "k must be in 1..min(K, 128)"
+    assert z.dtype == codebook.dtype, "z and codebook must share a dtype"
+    assert z.is_contiguous() and codebook.is_contiguous(), "z and codebook must be contiguous"
+    for name, t in (("code_scale", code_scale), ("code_bias", code_bias)):
+        assert t is None or (
+            t.shape == (num_codes,) and t.dtype == torch.float32 and t.is_contiguous()
+        ), f"{name} must be a contiguous float32 (K,) tensor or None"
+    out = torch.empty(n, k, dtype=torch.int64, device=z.device)
+    if n == 0:
+        return out
+    if z.dtype == torch.float32:
+        precision = PREC_BF16 if fast else PREC_TF32X3
+    else:
+        precision = PREC_NATIVE
+    kp = max(2, triton.next_power_of_2(k))
+    cfg = _topk_config(n, d, kp, precision, z.device)
+    wrap = (lambda kernel: kernel) if launch is None else launch
+    wrap(_nearest_code_topk_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        z,
+        codebook,
+        z if code_scale is None else code_scale,
+        z if code_bias is None else code_bias,
+        out,
+        n,
+        num_codes,
+        d,
+        k,
+        HAS_SCALE=code_scale is not None,
+        HAS_BIAS=code_bias is not None,
+        EVEN_K=num_codes % cfg["BLOCK_K"] == 0,
+        EVEN_D=d % cfg["BLOCK_D"] == 0,
+        PRECISION=precision,
+        INTERPRET=triton_interpreting(),
+        ONE_D_CHUNK=d <= cfg["BLOCK_D"],
+        KP=kp,
+        **cfg,
+    )
     return out

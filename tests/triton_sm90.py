@@ -104,6 +104,19 @@ def _launch_everything():
         codebook = torch.randn(4096, d, generator=g).to(dtype)
         bias = torch.randn(4096, generator=g)
         nearest_code.nearest_code_triton(z, codebook, None, bias, fast, splits=splits)
+    # nearest code top-k: k's register classes (KP 8, 32, 128), one and several D chunks, bf16
+    for dtype, fast, n, d, k in [
+        (torch.float32, False, 4096, 32, 8),
+        (torch.bfloat16, False, 4096, 32, 8),
+        (torch.float32, True, 4096, 32, 32),
+        (torch.float32, False, 4096, 32, 128),
+        (torch.bfloat16, False, 4096, 256, 128),
+        (torch.bfloat16, False, 8, 256, 8),
+    ]:
+        z = torch.randn(n, d, generator=g).to(dtype)
+        codebook = torch.randn(4000, d, generator=g).to(dtype)
+        bias = torch.randn(4000, generator=g)
+        nearest_code.nearest_code_topk_triton(z, codebook, None, bias, k, fast)
     for dtype in (torch.float32, torch.bfloat16):
         n, k, d = 256, 64, 32
         z = torch.randn(n, d, generator=g).to(dtype)

@@ -10,8 +10,23 @@ seed drawn with torch's generator and summed over ranks, as the peer does, so ev
 DDP job drops the same layers. Subclasses only say how one layer quantizes and how indices map
 back to codes. _Grouped splits the feature axis into groups, one residual stack each.
 
-torch.compile: the stacks compile with fullgraph=True (training included); with quantize dropout
-the dropout draw is a graph break (host RNG), and the graph specializes on the layer it picks.
+torch.compile: the stacks compile with fullgraph=True (training included, ResidualVQ's beam
+search too); with quantize dropout the dropout draw is a graph break (host RNG), and the graph
+specializes on the layer it picks.
+
+ResidualVQ beam search (the peer's beam_size, eval_beam_size, beam_score_quantizer_weights and
+forward(beam_size=); beam_size > 1 searches, 1 or None is the greedy chain): every kept path's
+residual takes its layer's k = min(beam_size, codebook_size) nearest codes
+(VectorQuantize.forward(topk=)'s search, Gumbel top-k under stochastic_sample_codes in training),
+path scores add -loss * beam_score_quantizer_weights[l] (loss: the layer's per-candidate
+commitment loss, as its topk forward returns it), the best beam_size paths survive each layer
+and the best one the last layer that runs (quantize dropout's last layer included). Candidates are
+scored without gradients (O(N beam^2) numbers, codes gathered in row chunks); only the kept pairs
+go through the estimator and the loss, so memory stays O(N beam D), never N x K. Returns what
+the peer returns: the best path's quantized output, indices (-1 at masked rows and dropped
+layers) and per-layer losses = that path's candidate losses averaged over (unmasked) rows, in
+eval as well. After the search, in training, each layer that ran takes its EMA / dead-code step
+on the best path's residuals and codes (masked rows left out).
 
 Returns: ResidualVQ / ResidualLFQ -> (quantized, indices (..., Q) int64, losses (Q,) float32
 [, all_codes (Q, ..., codebook_dim)]); ResidualFSQ -> (quantized, indices[, all_codes]);
@@ -34,9 +49,19 @@ Deliberate differences from the peer (tested as fastvq's behaviour):
   get_output_from_indices returns what forward returns (x's layout).
 - ResidualLFQ.get_codes_from_indices with spherical=True returns the normalized codes the
   forward uses (the peer reads its layers' unnormalized `codebook` buffers there).
-- Not supported (ValueError): heads > 1 (the peer asserts too), implicit_neural_codebook, beam
-  search, diveq, forward's indices (cross-entropy to given codes), num_codebooks > 1 inside a
-  residual FSQ / LFQ layer.
+- Beam search: after the search every layer that ran updates its EMA / dead codes; the peer's
+  update reaches layer 0 only (its final t[..., 0, :] picks layer 0 of the saved residuals, and
+  the zip over layers stops there). freeze_codebook=True also freezes the post-search update
+  (the peer ignores it there). kmeans_init works (the peer's init on the beams' 4-d input fails
+  for batch > 1): each layer clusters its inputs of every beam. With commitment_weight 0 in
+  training, paths are ranked by the unweighted MSE (the peer's scores are then all 0, an
+  arbitrary pick). Equal path scores keep the lower (beam, rank) (torch.topk's choice is
+  unspecified). A shared codebook takes one update over all layers' chosen rows (as without
+  beam search). orthogonal_reg_active_codes_only counts the kept candidates' codes. beam_size
+  and eval_beam_size are ints <= 128 (fastvq.nearest_code's top-k limit).
+- Not supported (ValueError): heads > 1 (the peer asserts too), implicit_neural_codebook, diveq,
+  forward's indices (cross-entropy to given codes), num_codebooks > 1 inside a residual FSQ / LFQ
+  layer.
 """
 
 import math
@@ -47,17 +72,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.nn.projected import SimVQ
-from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, check_int, from_channel_last
-from fastvq.nn.vector_quantize import VectorQuantize, _is_distributed, eager_only
-from fastvq.ops._validate import check_floating
-from fastvq.ops.nearest_code import nearest_code
+from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, from_channel_last
+from fastvq.nn.vector_quantize import (
+    VectorQuantize,
+    _candidate_mse,
+    _is_distributed,
+    _l2norm,
+    _snapshot,
+    eager_only,
+)
+from fastvq.ops._validate import check_floating, check_int
+from fastvq.ops.nearest_code import MAX_TOPK, nearest_code
 
 _UNSUPPORTED_RVQ = {
     "implicit_neural_codebook": False,
     "mlp_kwargs": None,
-    "beam_size": None,
-    "eval_beam_size": None,
-    "beam_score_quantizer_weights": None,
     "diveq": False,
 }
 
@@ -257,12 +286,15 @@ class ResidualVQ(_Residual):
     ResidualVQ(*, dim, num_quantizers, codebook_size (int or one per layer), codebook_dim=None,
     shared_codebook=False, heads=1, quantize_dropout=False, quantize_dropout_cutoff_index=0,
     quantize_dropout_multiple_of=1, accept_image_fmap=False, quant_grad_frac=0.,
-    return_zeros_for_masked_padding=True, **vq_kwargs) with vq_kwargs any VectorQuantize
-    argument (decay, commitment_weight, kmeans_init, threshold_ema_dead_code, use_cosine_sim,
-    rotation_trick, sync_codebook, channel_last, accept_3d_fmap, ...).
+    return_zeros_for_masked_padding=True, beam_size=None, eval_beam_size=None (default
+    beam_size), beam_score_quantizer_weights=None (Q floats, default 1), **vq_kwargs) with
+    vq_kwargs any VectorQuantize argument (decay, commitment_weight, kmeans_init,
+    threshold_ema_dead_code, use_cosine_sim, rotation_trick, sync_codebook, channel_last,
+    accept_3d_fmap, ...). Beam search: see the module docstring.
 
     forward(x, mask=None, return_all_codes=False, sample_codebook_temp=None,
-    freeze_codebook=False, rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
+    freeze_codebook=False, beam_size=None (default beam_size in training, eval_beam_size in
+    eval), rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
     indices (b, *spatial, Q) int64 (-1: dropped layer or masked padding), losses (Q,) float32
     [, all_codes (Q, b, *spatial, codebook_dim)]). x: (b, n, dim), (b, dim) or, channel-first,
     (b, dim, n) / (b, dim, h, w) / (b, dim, t, h, w) with channel_last=False /
@@ -284,6 +316,9 @@ class ResidualVQ(_Residual):
         accept_image_fmap: bool = False,
         quant_grad_frac: float = 0.0,
         return_zeros_for_masked_padding: bool = True,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights=None,
         **vq_kwargs,
     ):
         super().__init__()
@@ -349,6 +384,23 @@ class ResidualVQ(_Residual):
             self.layers = nn.ModuleList([shared] * num_quantizers)
         else:
             self.layers = nn.ModuleList([make(k) for k in sizes])
+
+        # Beam search (the peer's beam_size / eval_beam_size / beam_score_quantizer_weights).
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size (as the peer)")
+        self.beam_size = None if beam_size is None else _check_beam("beam_size", beam_size)
+        if eval_beam_size is not None:
+            eval_beam_size = _check_beam("eval_beam_size", eval_beam_size)
+        self.eval_beam_size = self.beam_size if eval_beam_size is None else eval_beam_size
+        if beam_score_quantizer_weights is None:
+            beam_score_quantizer_weights = [1.0] * num_quantizers
+        weights = torch.as_tensor(beam_score_quantizer_weights, dtype=torch.float32)
+        if weights.shape != (num_quantizers,) or not bool(weights.isfinite().all()):
+            raise ValueError(
+                f"beam_score_quantizer_weights must hold num_quantizers = {num_quantizers} finite "
+                f"numbers, got {beam_score_quantizer_weights!r}"
+            )
+        self.register_buffer("beam_score_weights", weights, persistent=False)
 
     def _check_layout(self, x):
         if self._fmap_ndim is not None and x.dim() != self._fmap_ndim:
@@ -426,14 +478,14 @@ class ResidualVQ(_Residual):
         check_floating("x", x)
         if indices is not None:
             raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
-        if beam_size is not None and beam_size > 1:
-            raise ValueError("beam search is not supported by fastvq.nn.ResidualVQ")
+        if beam_size is not None:
+            beam_size = _check_beam("beam_size", beam_size)
         if x.dim() == 2:  # one token per row, as the peer's VectorQuantize
             if mask is not None:
                 raise ValueError("mask needs a sequence (b, n, dim), got one token (b, dim)")
             out = self.forward(
                 x[:, None], None, None, return_all_codes, sample_codebook_temp,
-                freeze_codebook, None, rand_quantize_dropout_fixed_seed,
+                freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed,
             )  # fmt: skip
             squeeze = [out[0][:, 0], out[1][:, 0], out[2]]
             if return_all_codes:
@@ -443,12 +495,162 @@ class ResidualVQ(_Residual):
             raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
         if self._fmap_ndim is not None and mask is not None:
             raise ValueError("mask is not supported with image or 3d feature maps")
-        kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
         seed = rand_quantize_dropout_fixed_seed
+        if beam_size is None:
+            beam_size = self.beam_size if self.training else self.eval_beam_size
+        if beam_size is not None and beam_size > 1:
+            return self._beam_run(
+                x, mask, seed, return_all_codes, beam_size, sample_codebook_temp, freeze_codebook
+            )
+        kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
         if self.shared_codebook and self.training:
             with self.layers[0]._deferred_update():
                 return self._run(x, mask, seed, return_all_codes, self.quant_grad_frac, **kwargs)
         return self._run(x, mask, seed, return_all_codes, self.quant_grad_frac, **kwargs)
+
+    # --- beam search ---------------------------------------------------------------------------
+
+    def _layer_updates(self, layer, freeze: bool) -> bool:
+        return bool(
+            layer.training
+            and not freeze
+            and layer.codebook_generator is None
+            and (layer.ema_update or layer.threshold_ema_dead_code > 0)
+        )
+
+    def _beam_run(self, x, mask, seed, return_all_codes, beam, temp, freeze):
+        """The peer's beam search: every kept path's residual takes its layer's top-k codes
+        (k = min(beam, codebook_size)), path scores add -loss_l * beam_score_weights[l], and the
+        best `beam` paths survive each layer (the best one at the last layer). Candidates are
+        scored without gradients (O(M beam^2) numbers); only the kept pairs go through the
+        estimator and the loss, so memory is O(M beam D), never M x K. After the search, in
+        training, each layer's EMA / dead codes see the chosen path's residuals and codes."""
+        seq, restore = self._to_seq(x)
+        b, n = seq.shape[:2]
+        if mask is not None and mask.shape != (b, n):
+            raise ValueError(
+                f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
+            )
+        z = self.project_in(seq)
+        out_dtype = z.dtype
+        last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
+        final = self.num_quantizers - 1 if last is None else last
+        m = b * n
+        row_mask = None if mask is None else mask.reshape(m)
+        with torch.autocast(seq.device.type, enabled=False):
+            z0 = z.float().reshape(m, 1, -1)
+            d = z0.shape[-1]
+            residual, out = z0, torch.zeros_like(z0)
+            scores = z0.new_zeros(m, 1)
+            steps = []  # per layer: parent beam (m, keep), code (m, keep), loss (m, keep)
+            for i in range(final + 1):
+                layer = self.layers[i]
+                j = residual.shape[1]
+                k = min(beam, layer.codebook_size)
+                keep = 1 if i == final else beam
+                rows = residual.reshape(m * j, d)
+                rows = _l2norm(rows) if layer.use_cosine_sim else rows
+                rep_mask = None if row_mask is None else row_mask.repeat_interleave(j)
+                if layer.training and layer.kmeans_init:
+                    layer._init_from_rows([rows], None if rep_mask is None else [rep_mask])
+                codebook = layer._codebooks()[0]
+                cb = codebook.detach()
+                t = layer.sample_codebook_temp if temp is None else temp
+                cand = layer._topk_search(rows, cb, k, t)  # (m j, k), nearest first
+                # The peer's score: the layer's per-candidate loss (commitment-weighted; the
+                # plain MSE at commitment_weight 0), 0 at masked rows.
+                mse = _candidate_mse(rows.detach(), cb, cand)
+                cw = layer.commitment_weight
+                cand_loss = mse * cw if cw > 0 else mse
+                if rep_mask is not None:
+                    cand_loss = torch.where(rep_mask[:, None], cand_loss, 0.0)
+                weight = self.beam_score_weights[i]
+                flat = scores[..., None] + (-cand_loss.view(m, j, k) * weight)
+                flat = flat.view(m, j * k)
+                if j * k > keep:  # best first; equal scores keep the lower (beam, rank)
+                    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
+                    order = order[:, :keep]
+                    scores = flat.gather(1, order)
+                else:
+                    order = torch.arange(j * k, device=flat.device).expand(m, -1)
+                    scores = flat
+                parent = torch.div(order, k, rounding_mode="floor")
+                code = cand.view(m, j * k).gather(1, order)
+                take = parent[..., None].expand(-1, -1, d)
+                r_sel = residual.gather(1, take)
+                r_in = _l2norm(r_sel) if layer.use_cosine_sim else r_sel
+                # A Parameter codebook is written in place by the update below: the estimator
+                # reads a copy (as VectorQuantize.forward).
+                update = self._layer_updates(layer, freeze) and layer._param_codebook()
+                q, loss, _, _ = layer._topk_apply(
+                    r_in, code, row_mask, codebook, freeze, cb=_snapshot(cb) if update else cb
+                )
+                q = q.float()
+                residual = r_sel - _frac_gradient(q, self.quant_grad_frac)
+                out = out.gather(1, take) + q
+                steps.append((parent, code, loss))
+            # Backtrack the best path (beam 0 of the last layer).
+            pick = torch.zeros(m, 1, dtype=torch.long, device=z0.device)
+            codes, losses = [None] * (final + 1), [None] * (final + 1)
+            for i in reversed(range(final + 1)):
+                parent, code, loss = steps[i]
+                codes[i] = code.gather(1, pick)[:, 0]
+                losses[i] = loss.gather(1, pick)[:, 0]
+                pick = parent.gather(1, pick)
+            self._beam_update(z0[:, 0].detach(), codes, row_mask, freeze)
+            losses = torch.stack(losses, dim=-1).float()  # (m, layers run)
+            if row_mask is None:
+                losses = losses.mean(0)
+            else:
+                valid = row_mask[:, None]
+                losses = torch.where(valid, losses, 0.0).sum(0) / row_mask.sum().clamp(min=1)
+            losses = F.pad(losses, (0, self.num_quantizers - final - 1))
+            indices = torch.stack(codes, dim=-1)
+            indices = F.pad(indices, (0, self.num_quantizers - final - 1), value=-1)
+            if row_mask is not None:
+                indices = indices.masked_fill(~row_mask[:, None], -1)
+            quantized = out[:, 0]
+        quantized = self.project_out(quantized.reshape(b, n, d).to(out_dtype))
+        quantized = self._finish(quantized, seq, mask)
+        indices = indices.reshape(b, n, self.num_quantizers)
+        ret = [restore(quantized, True), restore(indices, False), losses]
+        if return_all_codes:
+            all_codes = self._codes_seq(indices)  # (Q, b, n, d)
+            ret.append(torch.stack([restore(c, False) for c in all_codes]))
+        return tuple(ret)
+
+    def _beam_update(self, z0, codes, row_mask, freeze: bool) -> None:
+        """EMA / dead codes of each layer that ran, on the chosen path's residuals (recomputed
+        from z0 and the chosen codes exactly as the search formed them) and codes; a shared
+        codebook takes one update over all layers' rows (as without beam search)."""
+        layers = self.layers[: len(codes)]
+        if not any(self._layer_updates(layer, freeze) for layer in layers):
+            return
+        with torch.no_grad():
+            residual, rows = z0, []
+            for layer, code in zip(layers, codes, strict=True):
+                rows.append(_l2norm(residual) if layer.use_cosine_sim else residual)
+                q = layer._codebooks()[0].detach()[code].float()
+                residual = residual - _frac_gradient(q, self.quant_grad_frac)
+        masks = None if row_mask is None else [row_mask]
+        if self.shared_codebook:
+            layer = self.layers[0]
+            if masks is not None:
+                masks = [row_mask.repeat(len(codes))]
+            layer._update([torch.cat(rows)], [torch.cat(codes)], masks, layer.ema_update)
+            return
+        for layer, r, code in zip(layers, rows, codes, strict=True):
+            if self._layer_updates(layer, freeze):
+                layer._update([r], [code], masks, layer.ema_update)
+
+
+def _check_beam(name: str, value) -> int:
+    value = check_int(name, value, 1)
+    if value > MAX_TOPK:
+        raise ValueError(
+            f"{name} must be at most {MAX_TOPK} (fastvq.nearest_code's top-k limit), got {value}"
+        )
+    return value
 
 
 class ResidualFSQ(_Residual):

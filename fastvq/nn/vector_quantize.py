@@ -14,14 +14,27 @@ layernorm_after_project_in, threshold_ema_dead_code, channel_last, accept_image_
 accept_3d_fmap, commitment_weight, orthogonal_reg_weight, orthogonal_reg_active_codes_only,
 orthogonal_reg_max_codes, stochastic_sample_codes, sample_codebook_temp, rotation_trick,
 sync_codebook, ema_update, learnable_codebook, return_zeros_for_masked_padding,
-route_gradients_to_input; forward(x, mask=, lens=, sample_codebook_temp=, freeze_codebook=,
-return_loss_breakdown=, ema_update=). Peer state dicts (keys "_codebook.embed", ...) load as is.
+route_gradients_to_input; forward(x, mask=, lens=, topk=, sample_codebook_temp=,
+freeze_codebook=, return_loss_breakdown=, ema_update=). Peer state dicts (keys
+"_codebook.embed", ...) load as is.
+
+forward(x, topk=k) (heads=1 only, as the peer): the k nearest codes of every row
+(fastvq.nearest_code(k=), nearest first, ties to the lower index; k = min(topk, codebook_size)
+<= 128), or in training with stochastic_sample_codes the top k of the peer's Gumbel-perturbed
+logits (row chunks). quantized (..., k, dim) (channel-first layouts: (B, dim, ..., k)), indices
+(..., k), loss (..., k): the per-candidate commitment MSE (against the projected, normalized
+input), times commitment_weight (unweighted at weight 0 in eval, as the peer), 0 at masked rows,
+plus the orthogonal loss in training; in training AND eval, as the peer. Each candidate's output
+is the module's estimator (STE / rotation trick / householder) between x and that code. No EMA,
+no dead-code reset in top-k mode (as the peer); the k-means init still runs in training.
+ResidualVQ's beam search builds on it.
 
 Not supported (ValueError when given a non-default value): commitment_use_cross_entropy_loss,
 codebook_diversity_loss_weight, straight_through, directional_reparam, vq_bridge,
 manual_ema_update, in_place_codebook_optimizer, affine_param, sync_update_v, and forward's
-indices (cross-entropy to given codes), topk, codebook_transform_fn, ema_update_weight,
-accum_ema_update.
+indices (cross-entropy to given codes), codebook_transform_fn, ema_update_weight,
+accum_ema_update; topk with heads > 1 (the peer asserts) or above 128 (after clamping to
+codebook_size: fastvq.nearest_code's top-k limit).
 
 Deliberate differences from the peer (each tested as fastvq's behaviour):
 - eval() freezes the codebook completely: no EMA, no dead-code reset and no k-means init (the
@@ -49,10 +62,13 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
 - learnable_codebook=True defaults ema_update to False (the peer asks for ema_update=False).
 - Buffers: keep the module in float32 and use autocast for bf16: the EMA statistics are float32
   accumulators (distances and EMA are always computed in float32).
+- topk must be an int (the peer takes int(topk) of anything). In training with
+  commitment_weight 0 the top-k loss is zeros of shape (..., k) (the peer returns a scalar 0),
+  and LossBreakdown.commitment is the per-candidate MSE whatever the weight.
 
-torch.compile: forward compiles with fullgraph=True in eval and in training, the EMA update
-included (fastvq.ema_update_ / ema_codebook are custom ops; a buffer codebook is replaced by the
-updated tensor, never written in place under the estimator's saved codes). Deliberate graph
+torch.compile: forward compiles with fullgraph=True in eval and in training (topk= too), the EMA
+update included (fastvq.ema_update_ / ema_codebook are custom ops; a buffer codebook is replaced
+by the updated tensor, never written in place under the estimator's saved codes). Deliberate graph
 breaks, eager by design: the k-means init (data-dependent, first training step), dead-code
 replacement (threshold_ema_dead_code > 0), torch.unique of orthogonal_reg_active_codes_only,
 and the update of a Parameter codebook (orthogonal_reg_weight > 0: written through .data, which
@@ -69,8 +85,9 @@ from torch import nn
 
 import fastvq
 from fastvq.ops._backends import check_backend, pick_backend
-from fastvq.ops._validate import check_choice, check_floating, check_tensor
-from fastvq.ops.codebook import _check_int, _check_real, _sample_rows, _smoothed
+from fastvq.ops._validate import check_choice, check_floating, check_int, check_tensor
+from fastvq.ops.codebook import _check_real, _sample_rows, _smoothed
+from fastvq.ops.nearest_code import MAX_TOPK
 from fastvq.ops.quantize import _quantize_fwd
 
 LossBreakdown = namedtuple(
@@ -129,10 +146,10 @@ class CodebookMLP(nn.Module):
         self, codebook_size: int, codebook_dim: int = 32, embed_dim: int = 32, hidden_dim: int = 256
     ):
         super().__init__()
-        k = _check_int("codebook_size", codebook_size, 1)
-        d = _check_int("codebook_dim", codebook_dim, 1)
-        e = _check_int("embed_dim", embed_dim, 1)
-        h = _check_int("hidden_dim", hidden_dim, 1)
+        k = check_int("codebook_size", codebook_size, 1)
+        d = check_int("codebook_dim", codebook_dim, 1)
+        e = check_int("embed_dim", embed_dim, 1)
+        h = check_int("hidden_dim", hidden_dim, 1)
         self.codebook_size, self.codebook_dim = k, d
         self.embedding = nn.Parameter(torch.randn(k, e))
         self.mlp = nn.Sequential(nn.Linear(e, h), nn.Tanh(), nn.Linear(h, d))
@@ -155,6 +172,8 @@ class VectorQuantize(nn.Module):
       mask: (B, N) bool, True at valid positions (or lens: (B,) lengths): padded rows get zero
          (or input, with return_zeros_for_masked_padding=False) outputs and index -1, and are
          left out of the EMA, the loss, k-means and dead-code replacement.
+      topk: k candidates per row (see the module docstring): quantized gains a k axis before
+         the feature axis (last for channel-first layouts), indices and loss end with k.
 
     fastvq extensions (keyword-only): grad ("ste" | "rotation" | "householder", overrides
     rotation_trick), codebook_generator (a module whose forward() returns the (K, codebook_dim)
@@ -212,13 +231,13 @@ class VectorQuantize(nn.Module):
                     f"{name}={value!r} is not supported by fastvq.nn.VectorQuantize (only the "
                     f"default {_UNSUPPORTED[name]!r})"
                 )
-        dim = _check_int("dim", dim, 1)
-        codebook_size = _check_int("codebook_size", codebook_size, 1)
-        codebook_dim = dim if codebook_dim is None else _check_int("codebook_dim", codebook_dim, 1)
-        heads = _check_int("heads", heads, 1)
+        dim = check_int("dim", dim, 1)
+        codebook_size = check_int("codebook_size", codebook_size, 1)
+        codebook_dim = dim if codebook_dim is None else check_int("codebook_dim", codebook_dim, 1)
+        heads = check_int("heads", heads, 1)
         self.decay = _check_real("decay", decay, 0.0, 1.0)
         self.eps = _check_real("eps", eps, 0.0)
-        self.kmeans_iters = _check_int("kmeans_iters", kmeans_iters, 0)
+        self.kmeans_iters = check_int("kmeans_iters", kmeans_iters, 0)
         self.threshold_ema_dead_code = _check_real(
             "threshold_ema_dead_code", threshold_ema_dead_code, 0.0
         )
@@ -226,7 +245,7 @@ class VectorQuantize(nn.Module):
         self.orthogonal_reg_weight = _check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0)
         self.sample_codebook_temp = _check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
         if orthogonal_reg_max_codes is not None:
-            orthogonal_reg_max_codes = _check_int(
+            orthogonal_reg_max_codes = check_int(
                 "orthogonal_reg_max_codes", orthogonal_reg_max_codes, 1
             )
         if codebook_loss_weight is not None:
@@ -421,7 +440,6 @@ class VectorQuantize(nn.Module):
     ):
         for name, value in (
             ("indices", indices),
-            ("topk", topk),
             ("codebook_transform_fn", codebook_transform_fn),
             ("ema_update_weight", ema_update_weight),
         ):
@@ -429,6 +447,7 @@ class VectorQuantize(nn.Module):
                 raise ValueError(f"forward's {name} is not supported by fastvq.nn.VectorQuantize")
         if accum_ema_update:
             raise ValueError("accum_ema_update=True is not supported by fastvq.nn.VectorQuantize")
+        k = None if topk is None else self._check_topk(topk)
         z, mask, restore = self._to_rows(x, mask, lens)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         do_ema = self.ema_update if ema_update is None else ema_update
@@ -443,6 +462,22 @@ class VectorQuantize(nn.Module):
             rows, row_mask = self._split(z, mask)
             if self.training and self.kmeans_init:
                 self._init_from_rows(rows, row_mask)
+            if k is not None:
+                # heads == 1: one codebook, rows (b n, codebook_dim); no codebook update.
+                m = None if row_mask is None else row_mask[0]
+                codebook = self._codebooks()[0]
+                idx = self._topk_search(rows[0], codebook.detach(), k, temp)
+                r_rep = rows[0][:, None].expand(-1, k, -1)
+                q, loss, commit, ortho = self._topk_apply(r_rep, idx, m, codebook, freeze)
+        if k is not None:
+            quantized = self.project_out(q.reshape(b, n, k, self.codebook_dim).to(out_dtype))
+            quantized, idx, loss = restore(quantized, idx.reshape(b, n, k), loss.reshape(b, n, k))
+            if not return_loss_breakdown:
+                return quantized, idx, loss
+            commit = restore(None, None, commit.reshape(b, n, k))[2]
+            zero = ortho.new_zeros(())
+            return quantized, idx, loss, LossBreakdown(commit, zero, ortho, zero)
+        with torch.autocast(z.device.type, enabled=False):
             codebooks = self._codebooks()
             update = self.training and not freeze and self.codebook_generator is None
             update = update and (do_ema or self.threshold_ema_dead_code > 0)
@@ -533,20 +568,31 @@ class VectorQuantize(nn.Module):
                 )
         orig = seq
 
-        def restore(quantized, indices):
-            if mask is not None:
+        def restore(quantized, indices, loss=None):
+            """quantized (B, N[, k], dim), indices (B, N[, heads or k]) and, with topk, the
+            per-candidate loss (B, N, k) (indices' layout); None entries pass through."""
+            if quantized is not None and mask is not None:
                 fill = torch.zeros_like(orig) if self.return_zeros_for_masked_padding else orig
-                quantized = torch.where(mask[..., None], quantized, fill.to(quantized.dtype))
+                if quantized.dim() == 4:  # topk: (B, N, k, dim)
+                    fill = fill[:, :, None]
+                keep = mask.view(b, n, *([1] * (quantized.dim() - 2)))
+                quantized = torch.where(keep, quantized, fill.to(quantized.dtype))
                 keep = mask if indices.dim() == 2 else mask[..., None]
                 indices = indices.masked_fill(~keep, -1)
             if fmap:
-                quantized = quantized.transpose(1, 2).reshape(b, self.dim, *spatial)
-                indices = indices.reshape(b, *spatial, *indices.shape[2:])
+                if quantized is not None:
+                    quantized = quantized.movedim(-1, 1)
+                    quantized = quantized.reshape(b, self.dim, *spatial, *quantized.shape[3:])
+                indices, loss = (
+                    None if t is None else t.reshape(b, *spatial, *t.shape[2:])
+                    for t in (indices, loss)
+                )
             elif x.dim() == 2:
-                quantized, indices = quantized[:, 0], indices[:, 0]
-            elif not self.channel_last:
-                quantized = quantized.transpose(1, 2)
-            return quantized, indices
+                quantized, indices, loss = (None if t is None else t[:, 0]
+                                            for t in (quantized, indices, loss))  # fmt: skip
+            elif not self.channel_last and quantized is not None:
+                quantized = quantized.movedim(-1, 1)
+            return (quantized, indices) if loss is None else (quantized, indices, loss)
 
         return self.project_in(seq), mask, restore
 
@@ -570,6 +616,75 @@ class VectorQuantize(nn.Module):
             q = torch.stack([t.reshape(b, n, -1) for t in qs], dim=2).flatten(2)
             idx = torch.stack([t.reshape(b, n) for t in idxs], dim=2)
         return q, (idx[..., 0] if self.heads == 1 else idx)
+
+    # --- top-k (forward(topk=) and ResidualVQ's beam search) ------------------------------------
+
+    def _check_topk(self, topk) -> int:
+        """The peer's min(int(topk), codebook_size), with its assertion as a ValueError."""
+        if self.heads > 1:
+            raise ValueError(f"topk needs heads=1 (as the peer), got heads={self.heads}")
+        k = min(check_int("topk", topk, 1), self.codebook_size)
+        if k > MAX_TOPK:
+            raise ValueError(
+                f"topk must be at most {MAX_TOPK} (fastvq.nearest_code's top-k limit) or "
+                f"codebook_size, got topk={topk} for codebook_size={self.codebook_size}"
+            )
+        return k
+
+    def _topk_search(self, rows, codebook, k: int, temp: float) -> torch.Tensor:
+        """(M, k) int64 candidates for (M, codebook_dim) float32 rows (normalized for cosine),
+        nearest first; in training with stochastic_sample_codes, the top k of the peer's
+        Gumbel-perturbed logits (row chunks, never M x K)."""
+        rows = rows.detach()
+        if self.training and self.stochastic_sample_codes and temp > 0:
+            return _gumbel_indices(rows, codebook, self.metric, temp, k)
+        return fastvq.nearest_code(
+            rows, codebook, metric=self.metric, precision=self.precision, backend=self.backend, k=k
+        )
+
+    def _topk_apply(self, r_rep, idx, row_mask, codebook, freeze: bool, cb=None):
+        """The k candidates' outputs and losses, as the peer's topk forward.
+
+        r_rep: (M, k, codebook_dim) float32 rows, each repeated for its k candidates (or, in beam
+        search, one row per beam); idx: (M, k); row_mask: (M,) bool or None; codebook: the layer's
+        (K, codebook_dim) codebook (differentiable when learnable); cb: the detached codes the
+        estimator reads (default codebook.detach()).
+        Returns q (M, k, codebook_dim) (the estimator between each row and its code), loss (M, k),
+        commitment (M, k) (unweighted per-candidate MSE, 0 at masked rows), ortho (scalar).
+        """
+        m, k, d = r_rep.shape
+        cb = codebook.detach() if cb is None else cb
+        q = _gather(r_rep.reshape(m * k, d), cb, idx.reshape(-1), self.grad, self.backend)
+        q = q.view(m, k, d)
+        if not self.route_gradients_to_input:
+            q = q.detach()
+        learnable = self.learnable_codebook
+        codes = F.embedding(idx, codebook) if learnable else None
+        zero = r_rep.new_zeros(())
+        # The peer: commitment target = the codes, differentiable for a learnable codebook (in
+        # training only when not frozen and, in fastvq, without a separate codebook loss).
+        if self.training:
+            learn = learnable and not freeze
+            joint = learn and self.codebook_loss_weight is None
+        else:
+            learn, joint = False, learnable
+        commit = ((codes if joint else q.detach()) - r_rep).square().mean(-1)
+        if row_mask is not None:
+            commit = torch.where(row_mask[:, None], commit, 0.0)
+        cw = self.commitment_weight
+        if not self.training:  # the peer's eval loss: weighted, or unweighted at weight 0
+            return q, (commit * cw if cw > 0 else commit), commit, zero
+        loss = commit * cw if cw > 0 else torch.zeros_like(commit)
+        if learn and self.codebook_loss_weight is not None:
+            e2 = (codes - r_rep.detach()).square().mean(-1)
+            if row_mask is not None:
+                e2 = torch.where(row_mask[:, None], e2, 0.0)
+            loss = loss + e2 * self.codebook_loss_weight
+        ortho = zero
+        if self.orthogonal_reg_weight > 0:
+            ortho = self._orthogonal_loss([idx], None if row_mask is None else [row_mask])
+            loss = loss + ortho * self.orthogonal_reg_weight
+        return q, loss, commit, ortho
 
     # --- codebook learning (eager: data-dependent branches and host syncs) ----------------------
 
@@ -728,7 +843,7 @@ class VectorQuantize(nn.Module):
             raise ValueError(
                 f"encoder_outputs must have shape (..., {self.dim}), got {encoder_outputs.shape}"
             )
-        iters = self.kmeans_iters if iters is None else _check_int("iters", iters, 0)
+        iters = self.kmeans_iters if iters is None else check_int("iters", iters, 0)
         with torch.no_grad():
             z = self.project_in(encoder_outputs.reshape(1, -1, self.dim)).float()
             z = z.reshape(1, -1, self.heads, self.codebook_dim)
@@ -801,15 +916,17 @@ def _rename_peer_keys(state_dict, prefix, *args, **kwargs) -> None:
         state_dict[prefix + key[len(prefix + "_codebook.") :]] = state_dict.pop(key)
 
 
-def _gumbel_indices(z, codebook, metric: str, temp: float) -> torch.Tensor:
+def _gumbel_indices(z, codebook, metric: str, temp: float, topk: int | None = None):
     """argmax_k(logit[n, k] / temp + Gumbel noise), logit = -||z - c|| (the peer's clamped
     Euclidean distance, not squared) or the cosine similarity; rows in chunks so that memory is
-    O(chunk x K) with chunk x K <= 2^20."""
+    O(chunk x K) with chunk x K <= 2^20. With topk: the topk largest perturbed logits, (N, topk),
+    largest first (the peer's gumbel_sample(topk=))."""
     k = codebook.shape[0]
     if metric == "cosine":
         codebook = _l2norm(codebook)
     c2 = codebook.square().sum(1)
-    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    shape = (z.shape[0],) if topk is None else (z.shape[0], topk)
+    out = torch.empty(shape, dtype=torch.int64, device=z.device)
     step = max(1, _SAMPLE_CHUNK_ELEMENTS // k)
     for start in range(0, z.shape[0], step):
         zc = z[start : start + step]
@@ -821,7 +938,24 @@ def _gumbel_indices(z, codebook, metric: str, temp: float) -> torch.Tensor:
             logits = -d2.clamp(min=1e-8).sqrt()
         u = torch.rand_like(logits).clamp(min=1e-20)
         gumbel = -(-u.log()).clamp(min=1e-20).log()
-        out[start : start + step] = (logits / temp + gumbel).argmax(dim=1)
+        perturbed = logits / temp + gumbel
+        if topk is None:
+            out[start : start + step] = perturbed.argmax(dim=1)
+        else:
+            out[start : start + step] = perturbed.topk(topk, dim=1).indices
+    return out
+
+
+def _candidate_mse(rows, codebook, idx) -> torch.Tensor:
+    """mean((codebook[idx[m, j]] - rows[m])^2) over the features: (M, D) rows, (M, k) indices ->
+    (M, k), without gradients, gathering codes for row chunks of at most 2^20 elements."""
+    m, k = idx.shape
+    out = rows.new_empty(m, k)
+    step = max(1, _SAMPLE_CHUNK_ELEMENTS // (k * rows.shape[1]))
+    with torch.no_grad():
+        for start in range(0, m, step):
+            codes = codebook[idx[start : start + step]]
+            out[start : start + step] = (codes - rows[start : start + step, None]).square().mean(-1)
     return out
 
 

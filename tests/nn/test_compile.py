@@ -1,7 +1,8 @@
 """torch.compile of a small model containing the quantizer layers: no graph break in training or
-eval (fullgraph=True), the same outputs, gradients and codebook state as eager. Few tests: compiling
-is slow on CPU. Known breaks, by design: k-means init (first training step), dead-code
-replacement, quantize dropout's seed and a Parameter codebook's EMA (orthogonal regulariser)."""
+eval (fullgraph=True), the same outputs, gradients and codebook state as eager (VectorQuantize's
+top-k forward and ResidualVQ's beam search included). Few tests: compiling is slow on CPU. Known
+breaks, by design: k-means init (first training step), dead-code replacement, quantize dropout's
+seed and a Parameter codebook's EMA (orthogonal regulariser)."""
 
 import copy
 
@@ -79,6 +80,46 @@ def test_stack_trains_compiled_without_graph_breaks():
         torch.testing.assert_close(b, a, msg=name)
     # the EMA ran inside the graph
     assert not torch.equal(compiled_model.layers[0].embed, initial.layers[0].embed)
+
+
+def test_topk_and_beam_search_compile_without_graph_breaks():
+    # VectorQuantize.forward(topk=) and ResidualVQ's beam search trace whole (fullgraph=True),
+    # in eval and in training (the post-search EMA update of every layer included).
+    torch.manual_seed(0)
+    eager = nn.ModuleList(
+        [
+            VectorQuantize(DIM, 32, codebook_dim=4, use_cosine_sim=True),  # rotation trick
+            ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=16, beam_size=3),
+        ]
+    )
+    initial = copy.deepcopy(eager)
+    compiled_layers = copy.deepcopy(eager)
+
+    def run(layers, x):
+        q, idx, loss = layers[0](x, topk=3)
+        r, ridx, rloss = layers[1](q[:, :, 1])
+        total = q.square().mean() + loss.sum() + r.square().mean() + rloss.sum()
+        return total, torch.cat([idx.flatten(), ridx.flatten()])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for step, train in enumerate((False, True, True)):
+        eager.train(train)
+        compiled_layers.train(train)
+        x = torch.randn(2, 6, DIM, generator=torch.Generator().manual_seed(step))
+        want_loss, want_idx = run(eager, x)
+        got_loss, got_idx = compiled(compiled_layers, x)
+        assert torch.equal(got_idx, want_idx)
+        torch.testing.assert_close(got_loss, want_loss)
+        want_loss.backward()
+        got_loss.backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled_layers.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_layers.state_dict().values(),
+                            strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, msg=name)
+    # the beam search's EMA ran inside the graph, for the last layer too
+    assert not torch.equal(compiled_layers[1].layers[2].embed, initial[1].layers[2].embed)
 
 
 def test_deliberate_graph_breaks_run_eagerly_under_compile():

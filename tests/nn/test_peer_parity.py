@@ -237,3 +237,95 @@ def test_kmeans_init_matches_peer_properties():
     # two blobs, so only fastvq's codebook is required to hit all of them.
     err = torch.cdist(centres, ours.codebook.detach()).min(dim=1).values
     assert bool((err < 0.1).all())
+
+
+# --- forward(topk=k): the k nearest codes per row (ResidualVQ's beam search uses it) ------------
+
+TOPK = 3
+
+
+def _check_topk_indices(rows, codebook, ip, iv, cosine) -> bool:
+    """Tie-aware check of (M, k) candidate lists (rows of -1: masked in both): fastvq's must be
+    the k nearest codes in order, up to float32 rounding, and may differ from the peer's only
+    between equally near codes. Returns True if the lists are equal."""
+    valid = ip[:, 0] >= 0
+    assert torch.equal(valid, iv[:, 0] >= 0)
+    rows, cb = rows.double()[valid], codebook.double()
+    ip, iv = ip[valid], iv[valid]
+    d = -(rows @ cb.T) if cosine else torch.cdist(rows, cb)
+    best = d.sort(dim=1).values[:, : iv.shape[1]]
+    tol = 1e-5 * (1 + best.abs())
+    assert bool(((d.gather(1, iv) - best).abs() <= tol).all()), "not the k nearest, in order"
+    diff = iv != ip
+    if diff.any():
+        gap = (d.gather(1, iv) - d.gather(1, ip)).abs()
+        assert bool((gap[diff] <= tol[diff]).all()), "peer and fastvq differ off a tie"
+    return not diff.any()
+
+
+def _topk_seq(ours, x):
+    return x[:, None] if x.dim() == 2 else _as_seq(ours, x)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "config, shape, masked",
+    [
+        ({"rotation_trick": False}, (3, 20, DIM), False),
+        ({}, (3, 20, DIM), False),  # rotation trick between x repeated k times and the codes
+        ({"use_cosine_sim": True}, (3, 20, DIM), False),
+        ({"codebook_dim": 8, "commitment_weight": 0.37}, (3, 20, DIM), False),
+        ({"channel_last": False}, (2, DIM, 9), False),
+        ({"accept_image_fmap": True, "codebook_dim": 8}, (2, DIM, 3, 4), False),
+        ({}, (5, DIM), False),  # one token
+        ({"rotation_trick": False}, (3, 20, DIM), True),
+        ({"return_zeros_for_masked_padding": False}, (3, 20, DIM), True),
+        ({"learnable_codebook": True, "ema_update": False, "commitment_weight": 0.5},
+         (3, 20, DIM), False),
+        ({"orthogonal_reg_weight": 2.0, "rotation_trick": False}, (3, 20, DIM), False),
+    ],
+    ids=lambda c: (",".join(f"{k}={v}" for k, v in c.items()) or "default")
+    if isinstance(c, dict) else str(c),
+)  # fmt: skip
+def test_topk_matches_peer(config, shape, masked, train):
+    peer, ours = _pair(**config)
+    peer.train(train)
+    ours.train(train)
+    before = {name: getattr(ours, name).detach().clone() for name in STATE}
+    g = torch.Generator().manual_seed(5)
+    compared = 0
+    for _ in range(2):
+        x = torch.randn(*shape, generator=g) * 2
+        kwargs = {}
+        if masked:
+            lens = torch.randint(1, shape[1] + 1, (shape[0],), generator=g)
+            kwargs["mask"] = torch.arange(shape[1]) < lens[:, None]
+        xp, xv = x.clone().requires_grad_(), x.clone().requires_grad_()
+        qp, ip, lp = peer(xp, topk=TOPK, **kwargs)
+        qv, iv, lv = ours(xv, topk=TOPK, **kwargs)
+        assert qv.shape == qp.shape and iv.shape == ip.shape and lv.shape == lp.shape
+        assert iv.shape[-1] == TOPK and iv.dtype == torch.int64 and lv.shape == iv.shape
+        rows = _rows(ours, _topk_seq(ours, x))[0]
+        equal = _check_topk_indices(
+            rows, ours.embed[0].detach(), ip.reshape(-1, TOPK), iv.reshape(-1, TOPK),
+            config.get("use_cosine_sim", False),
+        )  # fmt: skip
+        if not equal:  # a tie went the other way: next input
+            continue
+        torch.testing.assert_close(qv, qp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lv, lp, atol=1e-6, rtol=1e-5)
+        if train:  # the peer's eval outputs carry no gradient (a documented difference)
+            grad = torch.randn(qp.shape, generator=g)
+            ((qp * grad).sum() + lp.sum()).backward()
+            ((qv * grad).sum() + lv.sum()).backward()
+            torch.testing.assert_close(xv.grad, xp.grad, atol=2e-5, rtol=1e-4)
+            if isinstance(ours.embed, torch.nn.Parameter):
+                theirs = peer._codebook.embed.grad
+                torch.testing.assert_close(ours.embed.grad, theirs, atol=1e-6, rtol=1e-4)
+                ours.embed.grad = peer._codebook.embed.grad = None
+        compared += 1
+    assert compared >= 1, "tied every time: pick another seed"
+    # top-k mode never updates the codebook statistics (as the peer)
+    for name in STATE:
+        assert torch.equal(getattr(ours, name).detach(), before[name]), name
+        torch.testing.assert_close(getattr(peer._codebook, name).detach(), before[name])

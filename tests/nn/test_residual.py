@@ -223,6 +223,298 @@ def test_grouped_residual_vq_matches_peer():
     assert ours.get_codes_from_indices(idx).shape == (2, 2, 2, 10, DIM // 2)
 
 
+# --- beam search (beam_size / eval_beam_size / beam_score_quantizer_weights) ------------------
+
+
+def _to_peer_state(state):
+    """fastvq's state dict with the peer's key names (layers.{i}._codebook.embed, ...)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "layers" and parts[2] in ("initted", "cluster_size", "embed_avg", "embed"):
+            key = ".".join([*parts[:2], "_codebook", *parts[2:]])
+        out[key] = value
+    return out
+
+
+def _path(z, books, idx, cosine):
+    """float64 layer inputs (rows the layer searches: normalized for cosine) and codes along the
+    paths idx (m, Q) (-1: layer not run)."""
+    residual, rows, codes = z.double(), [], []
+    for layer in range(idx.shape[-1]):
+        a = idx[:, layer]
+        code = books[layer].double()[a.clamp(min=0)] * (a >= 0)[:, None]
+        rows.append(F.normalize(residual, dim=-1) if cosine else residual)
+        codes.append(code)
+        residual = residual - code
+    return rows, codes
+
+
+def _path_scores(z, books, idx, cosine, weights, cw=1.0):
+    rows, codes = _path(z, books, idx, cosine)
+    return sum(
+        w * cw * (c - r).square().mean(-1) for w, r, c in zip(weights, rows, codes, strict=True)
+    )
+
+
+def _check_beam_state(ours, z, books, states, idx, mask, cosine, decay=0.8, eps=1e-5):
+    """Every layer that ran took one EMA step on the chosen path's rows (float64 reference)."""
+    rows, _ = _path(z, books, idx, cosine)
+    for layer, (cs, ea), r, a in zip(ours.layers, states, rows, idx.T, strict=True):
+        if bool((a == -1).all()):  # dropped layer: untouched
+            assert torch.equal(layer.cluster_size[0], cs) and torch.equal(layer.embed_avg[0], ea)
+            continue
+        w = (a >= 0).double() if mask is None else mask.double()
+        onehot = F.one_hot(a.clamp(min=0), cs.shape[0]).double() * w[:, None]
+        cs = decay * cs.double() + (1 - decay) * onehot.sum(0)
+        ea = decay * ea.double() + (1 - decay) * onehot.T @ r
+        n = cs.sum()
+        book = ea / ((cs + eps) / (n + cs.numel() * eps) * n)[:, None]
+        book = F.normalize(book, dim=-1) if cosine else book
+        tol = {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(layer.cluster_size[0].double(), cs, **tol)
+        torch.testing.assert_close(layer.embed_avg[0].double(), ea, **tol)
+        torch.testing.assert_close(layer.embed[0].double(), book, **tol)
+
+
+def _beam_steps(config, shape=(3, 20, DIM), steps=3, mask_fn=None, seeds=None):
+    """Training steps against the peer. The peer's post-search EMA update reaches only layer 0
+    (its t[..., 0, :] picks layer 0's residuals, and zip stops there): layer 0 is compared with
+    the peer, every layer with a float64 EMA step on the chosen path, and the peer is then given
+    fastvq's state so that both start the next step equal."""
+    vqp = _peer()
+    config = {"dim": DIM, "num_quantizers": Q, "codebook_size": K, **config}
+    peer = _perturbed_peer(vqp.ResidualVQ, **config)
+    ours = ResidualVQ(**config)
+    _load(ours, peer)
+    cosine = config.get("use_cosine_sim", False)
+    g = torch.Generator().manual_seed(1)
+    compared = 0
+    for step in range(steps):
+        x = torch.randn(*shape, generator=g) * 2
+        mask = mask_fn(g) if mask_fn else None
+        kwargs = {} if mask is None else {"mask": mask}
+        if seeds is not None:
+            kwargs["rand_quantize_dropout_fixed_seed"] = seeds[step]
+        books = [b.detach().clone() for b in ours.codebooks]
+        states = [(layer.cluster_size[0].clone(), layer.embed_avg[0].clone())
+                  for layer in ours.layers]  # fmt: skip
+        xp, xv = x.clone().requires_grad_(), x.clone().requires_grad_()
+        qp, ip, lp = peer(xp, **kwargs)
+        qv, iv, lv = ours(xv, **kwargs)
+        assert qv.shape == qp.shape == x.shape and iv.shape == ip.shape and lv.shape == (Q,)
+        z = ours.project_in(x).detach().reshape(-1, ours.codebook_dim)
+        flat_mask = None if mask is None else mask.reshape(-1)
+        if not torch.equal(iv, ip):  # tie-aware: the two paths must score the same
+            diff = (iv != ip).reshape(-1, Q).any(1)
+            weights = ours.beam_score_weights.tolist()
+            sv = _path_scores(z, books, iv.reshape(-1, Q), cosine, weights)[diff]
+            sp = _path_scores(z, books, ip.reshape(-1, Q), cosine, weights)[diff]
+            torch.testing.assert_close(sv, sp, rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(qv, qp, atol=3e-5, rtol=1e-5)
+            torch.testing.assert_close(lv, lp, atol=1e-6, rtol=1e-5)
+            grad = torch.randn(qp.shape, generator=g)
+            ((qp * grad).sum() + lp.sum()).backward()
+            ((qv * grad).sum() + lv.sum()).backward()
+            torch.testing.assert_close(xv.grad, xp.grad, atol=3e-5, rtol=1e-4)
+            for name in ("embed", "cluster_size", "embed_avg"):
+                theirs = getattr(peer.layers[0]._codebook, name).detach()
+                torch.testing.assert_close(getattr(ours.layers[0], name).detach(), theirs)
+            compared += 1
+        _check_beam_state(ours, z, books, states, iv.reshape(-1, Q), flat_mask, cosine,
+                          config.get("decay", 0.8))  # fmt: skip
+        peer.load_state_dict(_to_peer_state(ours.state_dict()))
+    assert compared >= steps - 1, "too many tied steps: pick another seed"
+    return peer, ours
+
+
+@pytest.mark.parametrize("beam", [2, 4])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rotation_trick": False},
+        {},  # rotation trick
+        {"use_cosine_sim": True, "decay": 0.9},
+        {"codebook_dim": 4, "commitment_weight": 0.3},  # projections
+        {"codebook_size": (16, 32, 8), "quant_grad_frac": 0.5},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
+)
+def test_beam_search_training_matches_peer(config, beam):
+    _beam_steps({**config, "beam_size": beam})
+
+
+@pytest.mark.parametrize("beam", [2, 4])
+def test_beam_search_masked_matches_peer(beam):
+    def mask_fn(g):
+        lens = torch.randint(1, 21, (3,), generator=g)
+        lens[0] = 20
+        return torch.arange(20) < lens[:, None]
+
+    _beam_steps({"beam_size": beam, "rotation_trick": beam == 4}, mask_fn=mask_fn)
+
+
+def test_beam_search_with_quantize_dropout_matches_peer():
+    config = {"beam_size": 3, "quantize_dropout": True, "quantize_dropout_cutoff_index": 1}
+    _, ours = _beam_steps(config, seeds=[3, 11, 7])
+    _, idx, losses = ours(_randn(2, 4, DIM), rand_quantize_dropout_fixed_seed=3)
+    assert bool((idx[..., -1] == -1).all()) and losses[-1] == 0  # seed 3 drops the last layer
+
+
+def test_beam_search_eval_matches_peer():
+    # eval_beam_size, per-layer score weights, a mask and return_all_codes; eval losses are the
+    # chosen path's commitment losses (0 without beam search, as the peer).
+    vqp = _peer()
+    config = dict(dim=DIM, num_quantizers=Q, codebook_size=K, codebook_dim=6, beam_size=2,
+                  eval_beam_size=5, beam_score_quantizer_weights=[1.0, 0.3, 2.0])  # fmt: skip
+    peer = _perturbed_peer(vqp.ResidualVQ, **config).eval()
+    ours = ResidualVQ(**config).eval()
+    _load(ours, peer)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = _randn(3, 11, DIM, seed=2) * 2
+    mask = torch.arange(11) < torch.tensor([11, 4, 8])[:, None]
+    for kwargs in ({}, {"mask": mask}, {"beam_size": 3}):
+        qp, ip, lp, cp = peer(x, return_all_codes=True, **kwargs)
+        qv, iv, lv, cv = ours(x, return_all_codes=True, **kwargs)
+        assert torch.equal(iv, ip)
+        torch.testing.assert_close(qv, qp, atol=3e-5, rtol=1e-5)
+        torch.testing.assert_close(lv, lp, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cv, cp)
+        assert bool((lv > 0).all())
+        if "mask" in kwargs:
+            assert bool((iv[~mask] == -1).all()) and not qv[~mask].any()
+    # the per-layer score weights change the search (and the peer agrees, above)
+    uniform = ResidualVQ(**{**config, "beam_score_quantizer_weights": None}).eval()
+    _load(uniform, peer)
+    assert not torch.equal(uniform(x, beam_size=3)[1], iv)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_beam_size_one_is_the_greedy_path():
+    # beam_size=1 is the greedy forward (as the peer); the beam machinery with one beam (called
+    # directly) gives the same indices, outputs, gradients, training losses and EMA state.
+    config = dict(dim=DIM, num_quantizers=Q, codebook_size=K, codebook_dim=6, decay=0.7)
+    torch.manual_seed(0)
+    greedy = ResidualVQ(**config)
+    beam = ResidualVQ(**config, beam_size=1)
+    beam.load_state_dict(greedy.state_dict())
+    x = _randn(3, 9, DIM, seed=3) * 2
+    mask = torch.arange(9) < torch.tensor([9, 2, 6])[:, None]
+    for kwargs in ({}, {"mask": mask}):
+        xg, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        qg, ig, lg = greedy(xg, **kwargs)
+        qb, ib, lb = beam._beam_run(xb, kwargs.get("mask"), None, False, 1, None, False)
+        assert torch.equal(ib, ig)
+        torch.testing.assert_close(qb, qg)
+        torch.testing.assert_close(lb, lg)
+        grad = _randn(*qg.shape, seed=4)
+        ((qg * grad).sum() + lg.sum()).backward()
+        ((qb * grad).sum() + lb.sum()).backward()
+        torch.testing.assert_close(xb.grad, xg.grad)
+        for (name, a), b in zip(greedy.state_dict().items(), beam.state_dict().values(),
+                                strict=True):  # fmt: skip
+            torch.testing.assert_close(b, a, msg=name)
+    q1, i1, _ = beam(x)  # the public beam_size=1: the greedy forward
+    q2, i2, _ = greedy(x)
+    assert torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_beam_search_beats_greedy_on_average(cosine):
+    # The searched objective (sum of per-layer commitment losses) and the final residual error
+    # are lower on average with beams than on the greedy path.
+    torch.manual_seed(0)
+    config = dict(dim=DIM, num_quantizers=Q, codebook_size=16, use_cosine_sim=cosine)
+    rvq = ResidualVQ(**config).eval()
+    x = _randn(4, 64, DIM, seed=5)
+    z = x.reshape(-1, DIM)
+    books = list(rvq.codebooks)
+    _, greedy_idx, _ = rvq(x)
+    scores = {}
+    for beam in (1, 2, 4, 8):
+        _, idx, losses = rvq(x, beam_size=beam)
+        s = _path_scores(z, books, idx.reshape(-1, Q), cosine, [1.0] * Q)
+        if beam > 1:  # the returned losses are the chosen path's, averaged over rows
+            torch.testing.assert_close(losses.sum().double(), s.mean(), rtol=1e-5, atol=1e-7)
+        scores[beam] = s.mean()
+    assert scores[2] < scores[1] and scores[4] < scores[1] and scores[8] <= scores[4] + 1e-6
+    g_scores = _path_scores(z, books, greedy_idx.reshape(-1, Q), cosine, [1.0] * Q)
+    torch.testing.assert_close(scores[1], g_scores.mean())
+    if not cosine:  # l2: the final residual error is the last layer's loss
+        err = {}
+        for beam in (1, 4):
+            q, _, _ = rvq(x, beam_size=beam)
+            err[beam] = (q - x).square().mean()
+        assert err[4] < err[1]
+
+
+def test_beam_search_shared_codebook_one_update():
+    # The search matches the peer; the shared codebook then takes one EMA step over every
+    # layer's chosen-path rows (fastvq's shared-codebook semantics, float64 reference).
+    vqp = _peer()
+    config = dict(dim=DIM, num_quantizers=Q, codebook_size=K, shared_codebook=True,
+                  rotation_trick=False, decay=0.7, beam_size=3)  # fmt: skip
+    peer = _perturbed_peer(vqp.ResidualVQ, **config)
+    ours = ResidualVQ(**config)
+    _load(ours, peer)
+    layer = ours.layers[0]
+    book = layer.embed[0].detach().double().clone()
+    cs, ea = layer.cluster_size[0].double().clone(), layer.embed_avg[0].double().clone()
+    x = _randn(3, 20, DIM, seed=4) * 2
+    qp, ip, lp = peer(x)
+    qv, iv, lv = ours(x)
+    assert torch.equal(iv, ip)
+    torch.testing.assert_close(qv, qp, atol=3e-5, rtol=1e-5)
+    torch.testing.assert_close(lv, lp)
+    rows, _ = _path(x.reshape(-1, DIM), [book] * Q, iv.reshape(-1, Q), False)
+    idx = iv.reshape(-1, Q).T.reshape(-1)
+    onehot = F.one_hot(idx, K).double()
+    cs = 0.7 * cs + 0.3 * onehot.sum(0)
+    ea = 0.7 * ea + 0.3 * onehot.T @ torch.cat(rows)
+    smoothed = (cs + 1e-5) / (cs.sum() + K * 1e-5) * cs.sum()
+    torch.testing.assert_close(layer.cluster_size[0].double(), cs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.embed[0].double(), ea / smoothed[:, None], rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_beam_search_kmeans_init_freeze_and_layouts():
+    # k-means init runs on each layer's input (the peer's crashes for batch > 1); a frozen
+    # codebook is not updated after the search (the peer's update_indices ignores the freeze).
+    rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=8, kmeans_init=True, beam_size=2)
+    x = _randn(3, 30, DIM, seed=6)
+    rvq(x)
+    assert all(bool(layer.initted) for layer in rvq.layers)
+    state = {k: v.clone() for k, v in rvq.state_dict().items()}
+    rvq(x, freeze_codebook=True)
+    for k, v in rvq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    rvq(x)
+    assert not torch.equal(rvq.layers[2].embed, state["layers.2.embed"])
+    # layouts: an image fmap and one token give what the channel-last sequence gives
+    img = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, accept_image_fmap=True,
+                     codebook_dim=4, beam_size=3).eval()  # fmt: skip
+    seq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, codebook_dim=4,
+                     beam_size=3).eval()  # fmt: skip
+    seq.load_state_dict(img.state_dict())
+    x = _randn(2, DIM, 3, 5, seed=7)
+    q, idx, losses, codes = img(x, return_all_codes=True)
+    q2, idx2, losses2 = seq(x.flatten(2).transpose(1, 2))
+    assert idx.shape == (2, 3, 5, Q) and codes.shape == (Q, 2, 3, 5, 4)
+    assert torch.equal(idx.reshape(2, 15, Q), idx2)
+    torch.testing.assert_close(q.flatten(2).transpose(1, 2), q2)
+    torch.testing.assert_close(losses, losses2)
+    torch.testing.assert_close(img.get_output_from_indices(idx), q)
+    one = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, beam_size=3).eval()
+    tokens = _randn(5, DIM, seed=8)
+    q, idx, losses = one(tokens)
+    q2, idx2, losses2 = one(tokens[:, None])
+    assert idx.shape == (5, Q) and torch.equal(idx, idx2[:, 0])
+    torch.testing.assert_close(q, q2[:, 0])
+    torch.testing.assert_close(losses, losses2)
+
+
 # --- layouts, dropout, state -----------------------------------------------------------------
 
 
@@ -433,7 +725,15 @@ def test_grouped_residual_lfq_shapes():
         (ResidualVQ, dict(quantize_dropout=True, quantize_dropout_cutoff_index=3), ValueError,
          "cutoff"),
         (ResidualVQ, dict(implicit_neural_codebook=True), ValueError, "implicit"),
-        (ResidualVQ, dict(beam_size=4), ValueError, "beam_size"),
+        (ResidualVQ, dict(beam_size=0), ValueError, "beam_size"),
+        (ResidualVQ, dict(beam_size=129), ValueError, "beam_size must be at most 128"),
+        (ResidualVQ, dict(beam_size=2.5), TypeError, "beam_size"),
+        (ResidualVQ, dict(eval_beam_size=2), ValueError, "eval_beam_size needs beam_size"),
+        (ResidualVQ, dict(beam_size=2, eval_beam_size=0), ValueError, "eval_beam_size"),
+        (ResidualVQ, dict(beam_size=2, beam_score_quantizer_weights=[1.0, 2.0]), ValueError,
+         "beam_score_quantizer_weights"),
+        (ResidualVQ, dict(beam_size=2, beam_score_quantizer_weights=[1.0, 2.0, float("nan")]),
+         ValueError, "beam_score_quantizer_weights"),
         (ResidualVQ, dict(decay=2.0), ValueError, "decay"),
         (ResidualFSQ, dict(levels=[1, 4]), ValueError, "levels"),
         (ResidualLFQ, dict(codebook_size=12), ValueError, "power of 2"),
@@ -461,6 +761,11 @@ def test_bad_calls():
         rvq(torch.randint(0, 3, (2, 5, DIM)))
     with pytest.raises(ValueError, match="mask"):
         rvq(torch.randn(2, 5, DIM), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):  # the beam-search path checks it too
+        rvq(torch.randn(2, 5, DIM), mask=torch.ones(2, 4, dtype=torch.bool), beam_size=2)
+    for beam, error in ((0, ValueError), (129, ValueError), (1.5, TypeError)):
+        with pytest.raises(error, match="beam_size"):
+            rvq(torch.randn(2, 5, DIM), beam_size=beam)
     with pytest.raises(ValueError, match="indices"):
         rvq(torch.randn(2, 5, DIM), indices=torch.zeros(2, 5, Q, dtype=torch.long))
     with pytest.raises(TypeError, match="indices"):

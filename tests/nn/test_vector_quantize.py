@@ -273,6 +273,120 @@ def test_stochastic_sampling_follows_gumbel_softmax(monkeypatch):
     assert bool((idx == 0).all())
 
 
+# --- forward(topk=k) (peer parity: test_peer_parity.py) -----------------------------------------
+
+
+def test_topk_candidates_losses_and_layout():
+    vq = VectorQuantize(DIM, K, codebook_dim=5, commitment_weight=0.3).eval()
+    x = _randn(2, 7, DIM, seed=6)
+    q, idx, loss, breakdown = vq(x, topk=4, return_loss_breakdown=True)
+    assert q.shape == (2, 7, 4, DIM) and idx.shape == loss.shape == (2, 7, 4)
+    z = vq.project_in(x).detach().reshape(-1, 5)
+    d = torch.cdist(z.double(), vq.codebook.double())
+    flat = idx.reshape(-1, 4)
+    # the 4 nearest codes, nearest first (tie-aware: distances, not indices)
+    best = d.sort(1).values[:, :4]
+    torch.testing.assert_close(d.gather(1, flat), best, rtol=1e-6, atol=1e-6)
+    codes = vq.codebook.detach()[flat]
+    torch.testing.assert_close(q, vq.project_out(codes).reshape(2, 7, 4, DIM))
+    mse = (codes - z[:, None]).square().mean(-1).reshape(2, 7, 4)
+    torch.testing.assert_close(loss, 0.3 * mse)  # eval too: the per-candidate commitment
+    torch.testing.assert_close(breakdown.commitment, mse)
+    # column 0 is the plain forward's code
+    q1, idx1, _ = vq(x)
+    assert torch.equal(idx[..., 0], idx1)
+    torch.testing.assert_close(q[:, :, 0], q1)
+    # k beyond the codebook is clamped to it (as the peer): every code, nearest first
+    small = VectorQuantize(DIM, 6).eval()
+    _, idx, loss = small(x, topk=50)
+    assert idx.shape == loss.shape == (2, 7, 6)
+    assert torch.equal(idx.sort(-1).values, torch.arange(6).expand(2, 7, 6))
+    assert bool((loss[..., 1:] >= loss[..., :-1]).all())
+
+
+def test_topk_commitment_weight_zero():
+    # The peer's eval loss is the unweighted MSE at commitment_weight 0; in training fastvq
+    # returns zeros of shape (..., k) (the peer: a scalar 0).
+    vq = VectorQuantize(DIM, K, commitment_weight=0.0)
+    x = _randn(2, 5, DIM, seed=7)
+    _, idx, loss = vq(x, topk=3)
+    assert loss.shape == (2, 5, 3) and not loss.any()
+    _, idx, loss = vq.eval()(x, topk=3)
+    codes = vq.codebook[idx]
+    torch.testing.assert_close(loss, (codes - x[:, :, None]).square().mean(-1))
+
+
+@pytest.mark.parametrize("grad", ["ste", "rotation", "householder"])
+def test_topk_estimator_per_candidate(grad):
+    # Each candidate's output is fastvq's estimator between the row and that code: the gradient
+    # of candidate j equals fastvq.quantize's on the same row when j's code is the nearest one,
+    # and in general that of the estimator with the given indices.
+    vq = VectorQuantize(DIM, K, grad=grad, rotation_trick=grad == "rotation")
+    vq.ema_update = False
+    x = _randn(3, 4, DIM, seed=8).requires_grad_()
+    q, idx, loss = vq(x, topk=3)
+    g = _randn(*q.shape, seed=9)
+    (q * g).sum().backward()
+    codebook = vq.codebook.detach()
+    want = torch.zeros_like(x)
+    for j in range(3):
+        z = x.detach().clone().requires_grad_()
+        qj = vqmod._gather(z.reshape(-1, DIM), codebook, idx[..., j].reshape(-1), grad, "torch")
+        torch.testing.assert_close(qj.reshape(3, 4, DIM), q[:, :, j].detach())
+        (qj.reshape(3, 4, DIM) * g[:, :, j]).sum().backward()
+        want += z.grad
+    # (only q was backpropagated: the loss adds nothing to x.grad here)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-6)
+    z = x.detach().clone().requires_grad_()
+    q0, idx0 = fastvq.quantize(z, codebook, grad=grad)
+    assert torch.equal(idx0, idx[..., 0])
+    (q0 * g[:, :, 0]).sum().backward()
+    x.grad = None
+    (vq(x, topk=3)[0][:, :, 0] * g[:, :, 0]).sum().backward()
+    torch.testing.assert_close(x.grad, z.grad)
+    if grad != "ste":  # the estimator is not the identity: a wrong pairing would show
+        assert not torch.allclose(x.grad, g[:, :, 0])
+
+
+def test_topk_trains_no_statistics_but_kmeans_inits():
+    vq = VectorQuantize(DIM, 8, kmeans_init=True, threshold_ema_dead_code=5.0)
+    x = _randn(2, 40, DIM, seed=10)
+    mask = torch.arange(40) < torch.tensor([40, 25])[:, None]
+    q, idx, loss = vq(x, topk=2, mask=mask)
+    assert bool(vq.initted)  # the peer's k-means init runs in top-k mode too
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    q, idx, loss = vq(x, topk=2, mask=mask)
+    for k, v in vq.state_dict().items():  # no EMA, no dead-code reset
+        assert torch.equal(v, state[k]), k
+    assert bool((idx[~mask] == -1).all()) and bool((idx[mask] >= 0).all())
+    assert not q[~mask].any() and not loss[~mask].any() and bool((loss[mask][:, 1] > 0).all())
+
+
+def test_topk_stochastic_sampling_follows_gumbel_top_k(monkeypatch):
+    # The peer's topk of Gumbel-perturbed logits: column 0 is a Gumbel-max sample, the k
+    # columns are distinct (sampling without replacement); chunks of 7 rows.
+    monkeypatch.setattr(vqmod, "_SAMPLE_CHUNK_ELEMENTS", 2 * 3 * 7)
+    vq = VectorQuantize(2, 3, stochastic_sample_codes=True, sample_codebook_temp=0.5)
+    vq.codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    x = torch.zeros(1, 6000, 2)
+    torch.manual_seed(0)
+    _, idx, _ = vq(x, topk=2)
+    assert idx.shape == (1, 6000, 2) and bool((idx[..., 0] != idx[..., 1]).all())
+    logits = -torch.tensor([0.0, 1.0, 2.0]) / 0.5
+    p = torch.softmax(logits, 0).double()
+    freq = torch.bincount(idx[..., 0].reshape(-1), minlength=3).double() / 6000
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+    # second draw without replacement: P(second = j) = sum_i p_i p_j / (1 - p_i)
+    second = torch.stack([sum(p[i] * p[j] / (1 - p[i]) for i in range(3) if i != j)
+                          for j in range(3)])  # fmt: skip
+    freq = torch.bincount(idx[..., 1].reshape(-1), minlength=3).double() / 6000
+    torch.testing.assert_close(freq, second, atol=0.02, rtol=0)
+    assert torch.equal(vq.cluster_size, torch.ones(1, 3))  # no statistics in top-k mode
+    # eval: the nearest codes
+    _, idx, _ = vq.eval()(x, topk=2)
+    assert bool((idx == torch.tensor([0, 1])).all())
+
+
 # --- state, dtype, compile -------------------------------------------------------------------
 
 
@@ -409,8 +523,15 @@ def test_bad_calls():
         vq(torch.randn(2, 5, DIM), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask or lens"):
         vq(torch.randn(2, 5, DIM), mask=torch.ones(2, 5, dtype=torch.bool), lens=torch.ones(2))
-    with pytest.raises(ValueError, match="topk"):
-        vq(torch.randn(2, 5, DIM), topk=2)
+    for topk, error in ((0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="topk"):
+            vq(torch.randn(2, 5, DIM), topk=topk)
+    with pytest.raises(ValueError, match="heads=1"):  # the peer asserts single-head codebooks
+        VectorQuantize(DIM, K, heads=2, codebook_dim=6)(torch.randn(2, 5, DIM), topk=2)
+    big = VectorQuantize(DIM, 200)
+    with pytest.raises(ValueError, match="at most 128"):
+        big(torch.randn(2, 5, DIM), topk=129)
+    assert big(torch.randn(2, 5, DIM), topk=128)[1].shape == (2, 5, 128)
     with pytest.raises(ValueError, match="indices"):
         vq(torch.randn(2, 5, DIM), torch.zeros(2, 5, dtype=torch.long))
     img = VectorQuantize(DIM, K, accept_image_fmap=True)

@@ -6,6 +6,9 @@ Triton assignment kernel (CUDA only). Correctness is checked before timing: agre
 float64 argmin on a row subsample, and the tie-aware check for the peer's arithmetic.
 TFLOP/s counts the 2·N·K·D flops of the distance GEMM.
 
+Top-k rows (k = 8, the beam width of a residual-VQ beam search): fastvq.nearest_code(k=8) against
+the same peers followed by torch.topk, checked tie-aware against the float64 k nearest.
+
 python -m bench.bench_nearest_code [--quick] [--out DIR]
 """
 
@@ -96,6 +99,41 @@ def peers(quick: bool) -> dict:
     return out
 
 
+TOPK = 8
+
+
+def naive_topk(z, c):
+    dist = (z * z).sum(-1, keepdim=True) - 2 * z @ c.T + (c * c).sum(-1)
+    return dist.topk(TOPK, dim=1, largest=False).indices
+
+
+def topk_peers() -> dict:
+    def plain(fn):
+        return lambda z, c: lambda: fn(z, c)
+
+    out = {f"fastvq top-{TOPK}": (plain(lambda z, c: fastvq.nearest_code(z, c, k=TOPK)), "tf32")}
+    if DEVICE == "cuda":
+        fn = lambda z, c: fastvq.nearest_code(z, c, k=TOPK, backend="triton")  # noqa: E731
+        out[f"fastvq triton top-{TOPK}"] = (plain(fn), "tf32")
+    out |= {
+        f"torch naive top-{TOPK} fp32": (plain(naive_topk), "fp32"),
+        f"torch cdist top-{TOPK} fp32": (
+            plain(lambda z, c: torch.cdist(z, c).topk(TOPK, dim=1, largest=False).indices),
+            "fp32",
+        ),
+        f"torch chunked top-{TOPK} fp32": (
+            plain(lambda z, c: fastvq.nearest_code(z, c, k=TOPK, backend="torch")),
+            "fp32",
+        ),
+    }
+    if DEVICE == "cuda":
+        out[f"torch naive top-{TOPK} bf16"] = (
+            lambda z, c: plain(naive_topk)(z.bfloat16(), c.bfloat16()),
+            "bf16",
+        )
+    return out
+
+
 def run(shapes, reps, quick):
     rows = []
     for n, k, d in shapes:
@@ -115,6 +153,22 @@ def run(shapes, reps, quick):
                     flops=2 * n * k * d,
                     arith=arith,
                     # unfused peers hold about two (N, K) score matrices at once
+                    need_bytes=2 * (2 if "bf16" in name else 4) * n * k
+                    if "naive" in name or "cdist" in name
+                    else None,
+                )
+            )
+        for name, (setup, arith) in topk_peers().items():
+            precision = "exact" if arith == "fp32" or "fastvq" in name else "fast"
+            rows.append(
+                measure(
+                    name,
+                    {"N": n, "K": k, "D": d, "k": TOPK},
+                    lambda s=setup, z=z, c=c: s(z, c),
+                    check=lambda idx, p=precision, z=z, c=c: check_indices(z, c, idx, "l2", p),
+                    reps=reps,
+                    flops=2 * n * k * d,
+                    arith=arith,
                     need_bytes=2 * (2 if "bf16" in name else 4) * n * k
                     if "naive" in name or "cdist" in name
                     else None,

@@ -193,20 +193,26 @@ def measure(
 
 
 def check_indices(z, codebook, indices, metric="l2", precision="exact", rows=CHECK_ROWS) -> dict:
-    """agree: fraction of sampled rows equal to the float64 argmin (argmax for "dot");
-    ok: fastvq.testing.check_nearest's tie-aware verdict for the arithmetic's precision."""
-    from fastvq.testing import check_nearest
+    """agree: fraction of sampled rows equal to the float64 argmin (argmax for "dot"), or for
+    (N, k) indices to the float64 k nearest in order; ok: fastvq.testing's tie-aware verdict
+    (check_nearest / check_nearest_topk) for the arithmetic's precision."""
+    from fastvq.reference import nearest_code, nearest_code_topk
+    from fastvq.testing import check_nearest, check_nearest_topk
 
     sub = sample_rows(len(z), rows, z.device)
+    topk = indices.dim() == 2
+    check = check_nearest_topk if topk else check_nearest
     try:
-        agree = check_nearest(z[sub], codebook, indices[sub].long(), metric, precision)
+        agree = check(z[sub], codebook, indices[sub].long(), metric, precision)
         return {"agree": agree, "ok": True}
     except AssertionError:
-        from fastvq.reference import nearest_code
-
-        best = nearest_code(z[sub].double().cpu(), codebook.double().cpu(), metric)
-        agree = (indices[sub].long().cpu() == best).double().mean().item()
-        return {"agree": agree, "ok": False}
+        z64, c64 = z[sub].double().cpu(), codebook.double().cpu()
+        if topk:
+            best = nearest_code_topk(z64, c64, indices.shape[1], metric)
+            same = (indices[sub].long().cpu() == best).all(1)
+        else:
+            same = indices[sub].long().cpu() == nearest_code(z64, c64, metric)
+        return {"agree": same.double().mean().item(), "ok": False}
 
 
 def sample_rows(n: int, rows: int, device) -> torch.Tensor:

@@ -21,7 +21,7 @@ from fastvq.lattice import (
     leech_codes,
     leech_quantize,
 )
-from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last
+from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last, mse
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_floating, check_int
 from fastvq.ops.quantize import _quantize_fwd
@@ -127,7 +127,7 @@ class _ShellQuantize(nn.Module):
         indices, q = self._decode(u.detach())
         loss = u.new_zeros(())
         if self.training and self.commitment_weight > 0:
-            loss = F.mse_loss(u, q) * self.commitment_weight
+            loss = mse(u, q) * self.commitment_weight
         out = attach_gradient(u, q, "rotation" if self.rotation_trick else "ste")
         out = self.project_out(out)
         return restore(out, True), restore(indices, False), loss

@@ -5,12 +5,14 @@ Both search with fastvq.nearest_code / fastvq.quantize, so no N x K distance mat
 (the peer's SimVQ calls torch.cdist; its RandomProjectionQuantizer keeps all distances).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last
+from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last, mse
 from fastvq.ops._validate import check_floating, check_int
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import quantize
@@ -26,10 +28,10 @@ def _pack(x: torch.Tensor, channel_first: bool):
         raise ValueError(f"x must have at least 2 dimensions, got {tuple(x.shape)}")
     if channel_first:
         spatial = tuple(x.shape[2:])
-        x = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+        x = x.movedim(1, -1).reshape(x.shape[0], math.prod(spatial), x.shape[1])
         return x, lambda y, feat: from_channel_last(y, spatial, channel_first=feat)
     lead = tuple(x.shape[1:-1])
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    x3 = x.reshape(x.shape[0], math.prod(lead), x.shape[-1])
     return x3, lambda y, feat: y.reshape(y.shape[0], *lead, *y.shape[2:])
 
 
@@ -98,8 +100,8 @@ class SimVQ(nn.Module):
         grad = "rotation" if self.rotation_trick else "ste"
         out, indices = quantize(x, codebook.detach(), grad=grad)
         q = codebook[indices]
-        loss = F.mse_loss(x.detach().to(q.dtype), q) + self.input_to_quantize_commit_loss_weight * (
-            F.mse_loss(x.to(q.dtype), q.detach())
+        loss = mse(x.detach().to(q.dtype), q) + self.input_to_quantize_commit_loss_weight * mse(
+            x.to(q.dtype), q.detach()
         )
         return (
             restore(out.to(x.dtype), True),

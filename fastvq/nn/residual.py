@@ -163,10 +163,11 @@ class _Residual(nn.Module):
         check_floating("x", x)
         if self._check_layout(x):
             spatial = tuple(x.shape[2:])
-            seq = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+            # math.prod, not -1: an empty batch has no size to infer
+            seq = x.movedim(1, -1).reshape(x.shape[0], math.prod(spatial), x.shape[1])
             return seq, lambda y, feat: from_channel_last(y, spatial, channel_first=feat)
         lead = tuple(x.shape[1:-1])
-        seq = x.reshape(x.shape[0], -1, x.shape[-1])
+        seq = x.reshape(x.shape[0], math.prod(lead), x.shape[-1])
         return seq, lambda y, feat: y.reshape(y.shape[0], *lead, *y.shape[2:])
 
     # --- forward -------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class _Residual(nn.Module):
             idx = indices[..., layer_index]
             valid = idx >= 0
             c = self._layer_codes(layer_index, idx.clamp(min=0).reshape(-1)).float()
-            c = c.reshape(*idx.shape, -1) * valid[..., None]
+            c = c.reshape(*idx.shape, c.shape[-1]) * valid[..., None]
             codes.append(c)
         return torch.stack(codes)
 
@@ -267,7 +268,7 @@ class _Residual(nn.Module):
         check_index_tensor("indices", indices)
         if indices.dim() < 2:
             raise ValueError(f"indices must be (b, ..., q), got shape {tuple(indices.shape)}")
-        flat = indices.reshape(indices.shape[0], -1, indices.shape[-1])
+        flat = indices.reshape(indices.shape[0], math.prod(indices.shape[1:-1]), indices.shape[-1])
         codes = self._codes_seq(flat)
         return codes.reshape(codes.shape[0], *indices.shape[:-1], codes.shape[-1])
 
@@ -538,7 +539,7 @@ class ResidualVQ(_Residual):
         m = b * n
         row_mask = None if mask is None else mask.reshape(m)
         with torch.autocast(seq.device.type, enabled=False):
-            z0 = z.float().reshape(m, 1, -1)
+            z0 = z.float().reshape(m, 1, z.shape[-1])
             d = z0.shape[-1]
             residual, out = z0, torch.zeros_like(z0)
             scores = z0.new_zeros(m, 1)

@@ -37,6 +37,12 @@ LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entrop
 # --- helpers shared by the fastvq.nn modules ---------------------------------------------------
 
 
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """F.mse_loss(a, b) for equal shapes, but 0 (not NaN) when empty: an empty batch has no
+    error."""
+    return (a - b).square().sum() / max(a.numel(), 1)
+
+
 def check_input(name: str, x, dim: int, min_ndim: int = 2) -> None:
     """TypeError unless a floating tensor; ValueError unless x.ndim >= min_ndim and the feature
     dimension (last, after any channel-first move) is `dim`."""
@@ -62,7 +68,8 @@ def to_channel_last(x: torch.Tensor, move: bool):
         return x, None
     if x.dim() < 3:
         raise ValueError(f"a channel-first x must be (b, d, ...), got shape {tuple(x.shape)}")
-    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1]), tuple(x.shape[2:])
+    spatial = tuple(x.shape[2:])
+    return x.movedim(1, -1).reshape(x.shape[0], math.prod(spatial), x.shape[1]), spatial
 
 
 def from_channel_last(y: torch.Tensor, spatial, features: int = 1, channel_first: bool = True):
@@ -496,8 +503,8 @@ class LFQ(nn.Module):
             if self.experimental_softplus_entropy_loss:
                 aux = F.softplus(aux + self.entropy_loss_offset)
             if self.commitment_loss_weight > 0:
-                err = F.mse_loss(x, codes.detach(), reduction="none")
-                commit = (err if mask is None else err[mask]).mean()
+                target = codes.detach()
+                commit = mse(x, target) if mask is None else mse(x[mask], target[mask])
         aux_loss = aux * self.entropy_loss_weight + commit * self.commitment_loss_weight
 
         codes = codes.to(orig_dtype)
@@ -658,9 +665,9 @@ class LatentQuantize(nn.Module):
             indices = indices.squeeze(-1)
         loss = out.new_zeros(())
         if self.training and self.commitment_loss_weight:
-            loss = loss + self.commitment_loss_weight * F.mse_loss(original.detach(), out)
+            loss = loss + self.commitment_loss_weight * mse(original.detach(), out)
         if self.training and self.quantization_loss_weight:
-            loss = loss + self.quantization_loss_weight * F.mse_loss(out.detach(), original)
+            loss = loss + self.quantization_loss_weight * mse(out.detach(), original)
         return out, indices, loss
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:

@@ -613,7 +613,7 @@ class VectorQuantize(nn.Module):
             q = qs[0].reshape(b, n, self.heads * self.codebook_dim)
             idx = idxs[0].reshape(b, n, self.heads)
         else:
-            q = torch.stack([t.reshape(b, n, -1) for t in qs], dim=2).flatten(2)
+            q = torch.stack([t.reshape(b, n, self.codebook_dim) for t in qs], dim=2).flatten(2)
             idx = torch.stack([t.reshape(b, n) for t in idxs], dim=2)
         return q, (idx[..., 0] if self.heads == 1 else idx)
 

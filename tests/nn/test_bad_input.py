@@ -75,3 +75,21 @@ def test_codebook_dim_with_a_lattice_codebook(cls, dim):
     with pytest.raises(ValueError, match="codebook_dim .* fixed .* lattice"):
         cls(dim=D, codebook_dim=4)
     cls(dim=D, codebook_dim=dim)  # repeating the fixed value is fine
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch(name, training):
+    # An empty batch (or empty sequence) flows through with the same layout as a full one: no
+    # reshape of 0 elements with an inferred -1, no NaN loss from a mean over nothing.
+    make, shape = MODULES[name]
+    module = make().train(training)
+    full = module(torch.randn(shape))
+    axis = 2 if name == "LatentQuantize" else 1
+    for empty_shape in ((0, *shape[1:]), tuple(0 if i == axis else s for i, s in enumerate(shape))):
+        out = module(torch.randn(empty_shape))
+        for got, ref in zip(out, full, strict=False):
+            if not isinstance(got, torch.Tensor):
+                continue
+            assert got.dim() == ref.dim(), (name, empty_shape, got.shape, ref.shape)
+            assert got.numel() == 0 or not got.dtype.is_floating_point or got.isfinite().all()

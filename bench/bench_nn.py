@@ -8,6 +8,11 @@ vq:    one training step of fastvq.nn.VectorQuantize against vector_quantize_pyt
        against the float64 argmin over the starting codebook (the EMA update comes after the
        search in both libraries), and err = max |quantized - codebook[indices]| / max |code|.
        GiB: peak device memory of one step (CUDA only). TFLOP/s counts the search's 2·N·K·D.
+rvq_beam: one training step of ResidualVQ (4 layers, beam_size 4: per layer each beam keeps its
+       4 nearest codes, the 4 best paths survive) in both libraries from the same state (the peer's
+       state dict loaded into fastvq's): forward, backward of (quantized * g).sum() + loss, the
+       EMA update of the chosen path. The peer's top-k builds an (N·beams, 4, K) one-hot.
+       Checked: quantized equals the sum of the chosen codes of the starting codebooks (err).
 vqgan: one generator step of a VQGAN tokenizer (fastvq.models.build_tokenizer: taming's f16
        network at 256x256 on CUDA, a small one on CPU) with either library's VectorQuantize:
        forward, L1 reconstruction + quantizer loss, backward, Adam step (no discriminator or LPIPS:
@@ -31,10 +36,16 @@ SHAPES = {
         ("vq", 256, 256, 16384, 8),
         ("vq", 256, 256, 65536, 32),
         ("vq", 64, 256, 65536, 256),
+        ("rvq_beam", 64, 256, 16384, 32),
         ("vqgan", 8, 256, 65536, 8),
     ],
-    "cpu": [("vq", 16, 256, 4096, 8), ("vq", 8, 256, 16384, 32), ("vqgan", 2, 32, 1024, 8)],
-    "quick": [("vq", 2, 32, 64, 8), ("vqgan", 1, 16, 64, 8)],
+    "cpu": [
+        ("vq", 16, 256, 4096, 8),
+        ("vq", 8, 256, 16384, 32),
+        ("rvq_beam", 8, 256, 1024, 32),
+        ("vqgan", 2, 32, 1024, 8),
+    ],
+    "quick": [("vq", 2, 32, 64, 8), ("rvq_beam", 2, 32, 64, 8), ("vqgan", 1, 16, 64, 8)],
 }
 # Same arguments for both libraries: EMA as vector-quantize-pytorch's README trains (decay 0.99,
 # dead codes below 2), commitment 0.25 as VQ-VAE; no k-means init (the starting codebook is given).
@@ -122,6 +133,61 @@ def run_vq(b, s, k, d, reps, amp=False, label="", rotations=(False, True)):
                     need_bytes=PEER_BYTES_PER_PAIR * n * k if library == "vqp" else None,
                 )
             )
+    return rows
+
+
+# --- rvq_beam ----------------------------------------------------------------------------------
+
+LAYERS, BEAM = 4, 4
+
+
+def run_rvq_beam(b, s, k, d, reps):
+    from vector_quantize_pytorch import ResidualVQ as PeerResidualVQ
+
+    from fastvq.nn import ResidualVQ
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, s, d, generator=gen).to(DEVICE)
+    g = torch.randn(b, s, d, generator=gen).to(DEVICE)
+    args = dict(dim=d, num_quantizers=LAYERS, codebook_size=k, beam_size=BEAM, **ARGS)
+    torch.manual_seed(0)
+    state = PeerResidualVQ(**args).state_dict()
+    books = [v.to(DEVICE).reshape(k, d) for n, v in state.items() if n.endswith("_codebook.embed")]
+    rows = []
+    for library, cls in (("fastvq", ResidualVQ), ("vqp", PeerResidualVQ)):
+
+        def setup(cls=cls):
+            layer = cls(**args)
+            layer.load_state_dict(state)
+            layer = layer.to(DEVICE).train()
+            xx = x.clone().requires_grad_()
+
+            def step():
+                q, idx, loss = layer(xx)
+                (dx,) = torch.autograd.grad((q * g).sum() + loss.sum(), xx)
+                return idx, q.detach(), dx
+
+            return step
+
+        def check(out):
+            idx, q, dx = out
+            codes = sum(book[idx[..., i]] for i, book in enumerate(books))
+            err = rel_err(q, codes.double())
+            return {"err": err, "ok": err < 1e-5 and bool(torch.isfinite(dx).all())}
+
+        rows.append(
+            measure(
+                f"{library} ResidualVQ beam {BEAM}",
+                {"op": "rvq_beam", "B": b, "S": s, "K": k, "D": d, "layers": LAYERS},
+                setup,
+                check=check,
+                reps=reps,
+                flops=2 * b * s * BEAM * k * d * LAYERS,
+                arith="tf32",
+                # the peer's (N * beams, beams, K) float32 one-hot, per layer
+                need_bytes=4 * b * s * BEAM * BEAM * k if library == "vqp" else None,
+            )
+        )
     return rows
 
 
@@ -221,6 +287,8 @@ def run(shapes, reps, quick):
     for op, b, s, k, d in shapes:
         if op == "vq":
             rows += run_vq(b, s, k, d, reps)
+        elif op == "rvq_beam":
+            rows += run_rvq_beam(b, s, k, d, reps)
         else:
             rows += run_vqgan(b, s, k, d, reps, quick)
     return rows

@@ -90,16 +90,21 @@ def topk_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores of each row, best first; equal scores in increasing index.
 
     scores: (N, K) floating, 1 <= k <= K. NaN ranks as -inf (so it never beats a number, and a
-    row of NaN gives 0, 1, ..., k-1). Returns int64 (N, k). O(N K) work and memory, no sort of K:
-    the k-th largest value splits the row into the codes above it and, in index order, just
-    enough codes equal to it (torch.topk alone leaves that choice unspecified).
+    row of NaN gives 0, 1, ..., k-1). Returns int64 (N, k). One torch.topk, which leaves open
+    which codes equal to the k-th value it takes: rows where it left some out (exact ties, rare
+    outside integer data) take them in index order instead, through a cumsum over the row.
     """
     s = scores.masked_fill(scores.isnan(), -torch.inf)
-    kth = s.topk(k, dim=1).values[:, -1:]
-    above = s > kth
-    at = s == kth
+    values, idx = s.topk(k, dim=1)
+    kth = values[:, -1:]
+    short = ((s == kth).sum(1) != (values == kth).sum(1)).nonzero()[:, 0]
+    sr, kr = s[short], kth[short]
+    above = sr > kr
+    at = sr == kr
     take = above | (at & (at.cumsum(1) <= k - above.sum(1, keepdim=True)))
-    idx = take.nonzero()[:, 1].view(-1, k)  # row-major: each row's k codes in index order
+    idx[short] = take.nonzero()[:, 1].view(-1, k)
+    # Equal scores in index order: sort the k codes by index, then stably by score.
+    idx = idx.sort(1).values
     order = s.gather(1, idx).sort(dim=1, descending=True, stable=True).indices
     return idx.gather(1, order)
 

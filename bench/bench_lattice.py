@@ -12,9 +12,11 @@ equivalent).
 E8: e8_shell_quantize (the 240 minimal vectors, decoded from their two shapes; the "auto" backend
 and the torch decoder) against brute force
 nearest_code(metric="dot") over e8_shell_codebook() and its chunked PyTorch reference (tie-aware
-check); e8_nearest (the lattice itself) checked by membership in E8 and by no root neighbour p + r
-(r among the 240 minimal vectors) being closer to x than p. GB/s counts z read and the int64
-index (shell) or the 8 floats (lattice point) written.
+check); e8_nearest (the lattice itself; each backend where it runs, against its torch path as the
+peer) checked by membership in E8, by no root neighbour p + r (r among the 240 minimal vectors)
+being closer to x than p, and extra.equal_torch_path, the fraction of sampled rows equal to the
+torch path's bit for bit (1.0 for every backend). GB/s counts z read and the int64 index (shell)
+or the 8 floats (lattice point) written.
 
 python -m bench.bench_lattice [--quick] [--out DIR]
 """
@@ -146,18 +148,29 @@ def run_e8(n, reps):
         roots = c.double()
         near = (x64[:, None] - p64[:, None] - roots).square().sum(-1).amin(-1)
         ok = bool(member.all()) and bool((best <= near + 1e-9).all())
-        return {"ok": ok, "agree": (member & (best <= near + 1e-9)).double().mean().item()}
+        same = e8_nearest(x[sub], backend="torch").view(torch.int32) == p[sub].view(torch.int32)
+        extra = {"equal_torch_path": same.all(-1).double().mean().item()}
+        agree = (member & (best <= near + 1e-9)).double().mean().item()
+        return {"ok": ok, "agree": agree, "extra": extra}
 
-    rows.append(
-        measure(
-            "fastvq e8_nearest (lattice)",
-            shape | {"K": "lattice"},
-            lambda: lambda: e8_nearest(x),
-            check=check_point,
-            reps=reps,
-            nbytes=2 * 4 * 8 * n,
+    nearest = {}
+    if "backend" in inspect.signature(e8_nearest).parameters:
+        for b in ("auto", BACKENDS[DEVICE][0]):  # "cpu" on CPU tensors, "triton" on CUDA ones
+            nearest[f"fastvq e8_nearest {b}"] = lambda b=b: lambda: e8_nearest(x, backend=b)
+        nearest["torch path (e8_nearest torch)"] = lambda: lambda: e8_nearest(x, backend="torch")
+    else:
+        nearest["fastvq e8_nearest (lattice)"] = lambda: lambda: e8_nearest(x)
+    for name, setup in nearest.items():
+        rows.append(
+            measure(
+                name,
+                shape | {"K": "lattice"},
+                setup,
+                check=check_point,
+                reps=reps,
+                nbytes=2 * 4 * 8 * n,
+            )
         )
-    )
     return rows
 
 

@@ -30,6 +30,12 @@ TORCH_LIBRARY(fastvq, m) {
   // with z[n], ties to the lowest index, 0 for rows with NaN or Inf. z (N, 8) contiguous
   // float32/float64/float16/bfloat16 (scores in float32, float64 for float64). Returns int64 (N,).
   m.def("e8_shell_decode(Tensor z) -> Tensor");
+  // The nearest E8 lattice point to each row (fastvq/lattice/e8.py _nearest, bit for bit, -0
+  // included), CPU only (CUDA tensors: its Triton twin in kernels/e8.py). x (N, 8) contiguous
+  // float32/float64/float16/bfloat16, computed in float32 (float64 for float64); the D8 point on
+  // equal distance; rows with NaN or Inf are rounded coordinate by coordinate (torch.round).
+  // Returns (N, 8) of x's dtype (rounded to nearest even).
+  m.def("e8_nearest(Tensor x) -> Tensor");
   // fastvq.quantize after the search (formulas in fastvq/ops/quantize.py). z (N, D) and codebook
   // (K, D) contiguous, one dtype (float32/bf16/fp16); indices (N,) int64 in [0, K); grad "ste",
   // "rotation" or "householder". Forward: z_q = codebook[indices] (N, D) and float32 per-row

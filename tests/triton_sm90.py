@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 TARGET = GPUTarget("cuda", 90, 32)
-OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 POINTER = {
     torch.float32: "*fp32",
     torch.float64: "*fp64",
@@ -89,6 +89,8 @@ def _launch_everything():
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         e8.e8_shell_decode_triton(torch.randn(1000, 8, generator=g).to(dtype))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        e8.e8_nearest_triton(torch.randn(1000, 8, generator=g).to(dtype))
     for dtype in (torch.float32, torch.float64):
         leech.leech_decode_triton(torch.randn(100, 24, generator=g).to(dtype))
     # nearest code: each precision, one and several D chunks, small and large N, split codebooks

@@ -32,35 +32,121 @@ E8_BACKENDS = ("auto", "triton", "cpu", "torch")  # no CUDA C++ kernel: Triton c
 _START2 = 112
 
 
-def _nearest_d8(x: torch.Tensor) -> torch.Tensor:
-    """Nearest point of D8 (integer vectors with even sum) to each row of x (B, 8).
+def _odd_sum(f: torch.Tensor) -> torch.Tensor:
+    """Whether each row of integer-valued f (B, 8) float32/float64 has an odd sum, exactly at every
+    magnitude: from 2^24 (2^53 in float64) up every value is even, so clamping there keeps the
+    parity, and the clamped values add exactly as integers."""
+    big, kind = (2**24, torch.int32) if f.dtype == torch.float32 else (2**53, torch.int64)
+    return (f.clamp(-big, big).to(kind).sum(-1, keepdim=True, dtype=kind) & 1) != 0
 
-    Conway & Sloane (ch. 20 sec. 2): round every coordinate; if the sum is odd, round the
-    coordinate with the largest rounding error the other way (the first such coordinate; a
-    coordinate rounded exactly moves up).
+
+def _nearest_d8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest point of D8 (integer vectors with even sum) to each finite row of x (B, 8), and x
+    rounded.
+
+    Conway & Sloane (ch. 20 sec. 2): round every coordinate (ties to even); if the sum is odd,
+    round the coordinate with the largest rounding error the other way (the first such coordinate;
+    a coordinate rounded exactly moves up). The parity is exact at every magnitude (_odd_sum); only
+    the moved coordinate changes (a -0 elsewhere stays -0).
     """
-    f = torch.round(x)
+    f = torch.round(x)  # the kernels: (|x| + 2^p) - 2^p with x's sign, p = 23 (52 in float64)
     err = x - f
-    k = err.abs().argmax(-1, keepdim=True)
-    step = torch.where(err.gather(-1, k) >= 0, 1.0, -1.0).to(x.dtype)
-    odd = torch.remainder(f.sum(-1, keepdim=True), 2) != 0
-    return f.scatter_add(-1, k, torch.where(odd, step, 0.0))
+    k = err.abs().argmax(-1, keepdim=True)  # the first of equal maxima (rows without NaN)
+    fk = f.gather(-1, k)
+    moved = fk + torch.where(err.gather(-1, k) >= 0, 1.0, -1.0).to(x.dtype)
+    return f.scatter(-1, k, torch.where(_odd_sum(f), moved, fk)), f
 
 
-def e8_nearest(x: torch.Tensor) -> torch.Tensor:
+def _squared_distance(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """|x - p|^2 per row of (B, 8): each square rounded once, then added as the tree
+    ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)), the order every backend uses."""
+    s = (x - p).square()
+    pairs = s[:, 0::2] + s[:, 1::2]  # (s0 + s1, s2 + s3, s4 + s5, s6 + s7)
+    quads = pairs[:, 0::2] + pairs[:, 1::2]
+    return quads[:, :1] + quads[:, 1:]
+
+
+def _nearest(y: torch.Tensor) -> torch.Tensor:
+    """(B, 8) float32/float64 -> (B, 8) the nearest E8 points, y's dtype: the torch path of
+    e8_nearest, whose arithmetic the C++ and Triton kernels (csrc/cpu/e8.cpp, kernels/e8.py)
+    reproduce bit for bit.
+
+    p0 = the nearest D8 point, p1 = the nearest D8 point to y - 1/2, plus 1/2; p1 wins if its
+    squared distance (_squared_distance) is strictly less. Rows with NaN or Inf, the rows whose
+    d0 is not finite (|y - p0| <= 1.5 elsewhere): torch.round(y) (no parity fix, NaN and Inf
+    kept), as e8_nearest has always returned.
+    """
+    p0, f = _nearest_d8(y)
+    p1 = _nearest_d8(y - 0.5)[0] + 0.5
+    d0 = _squared_distance(y, p0)
+    p = torch.where(_squared_distance(y, p1) < d0, p1, p0)
+    return torch.where(torch.isfinite(d0), p, f)
+
+
+def e8_nearest(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Nearest E8 lattice point (Euclidean) to each row: (..., 8) floating -> (..., 8), x's dtype.
 
     The better of the nearest points of D8 and of D8 + 1/2; the D8 point on equal distance.
-    Computes in float32 (float64 for float64); exact while |x| < 2^20 in float32, where the
-    parity test's sum of 8 rounded coordinates stays an exact integer.
+    Computes in float32 (float64 for float64); exact while |x| < 2^20 in float32 (y - 1/2 and
+    the rounding errors stay exact there; the D8 parity test is exact at every magnitude).
+
+    Args:
+        x: (..., 8) float32, float64, bfloat16 or float16, any strides.
+        backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "triton", "cpu" or
+            "torch"; every backend returns the same points, bit for bit (-0 included): the two
+            squared distances are summed in one fixed order (_squared_distance).
+
+    Rows with NaN or Inf are rounded coordinate by coordinate (torch.round: ties to even, no
+    parity fix; NaN and Inf kept), not a lattice point. Half inputs widen exactly; the point is
+    rounded back to x's dtype (to nearest even) at the end.
+
+    Gradient: zero (the output is piecewise constant in x), as autograd through torch.round gave.
     """
     check_vectors("x", x, 8)
-    y = x.reshape(-1, 8).to(compute_dtype(x.dtype))
-    p0 = _nearest_d8(y)
-    p1 = _nearest_d8(y - 0.5) + 0.5
-    d0 = (y - p0).square().sum(-1, keepdim=True)
-    d1 = (y - p1).square().sum(-1, keepdim=True)
-    return torch.where(d1 < d0, p1, p0).to(x.dtype).view(x.shape)
+    name = _pick(backend, x.device, "e8_nearest", _HAS_NEAREST_KERNEL)
+    return _NEAREST_KERNELS[name](x.reshape(-1, 8).contiguous()).view(x.shape)
+
+
+# --- Backends of e8_nearest: each maps x (N, 8) contiguous -> (N, 8) of x's dtype, the same bits --
+
+
+def _nearest_fake(x):
+    return torch.empty_like(x)
+
+
+def _nearest_backward(ctx, grad):
+    return torch.zeros_like(grad)  # piecewise constant: zero almost everywhere
+
+
+@torch.library.custom_op("fastvq::e8_nearest_torch", mutates_args=())
+def _nearest_torch(x: torch.Tensor) -> torch.Tensor:
+    return _nearest(x.to(compute_dtype(x.dtype))).to(x.dtype)
+
+
+# Triton: an opaque custom op (importing fastvq must not import Triton).
+@torch.library.custom_op("fastvq::e8_nearest_triton", mutates_args=())
+def _nearest_triton(x: torch.Tensor) -> torch.Tensor:
+    from fastvq.kernels.e8 import e8_nearest_triton
+
+    return e8_nearest_triton(x)
+
+
+_nearest_torch.register_fake(_nearest_fake)
+_nearest_torch.register_autograd(_nearest_backward)
+_nearest_triton.register_fake(_nearest_fake)
+_nearest_triton.register_autograd(_nearest_backward)
+
+# A build from before fastvq::e8_nearest existed has no schema to attach a fake to.
+_HAS_NEAREST_KERNEL = _ext._has_kernel("e8_nearest", "CPU")
+if _HAS_NEAREST_KERNEL:
+    torch.library.register_fake("fastvq::e8_nearest")(_nearest_fake)
+    torch.library.register_autograd("fastvq::e8_nearest", _nearest_backward)
+
+_NEAREST_KERNELS = {
+    "torch": _nearest_torch,
+    "triton": _nearest_triton,
+    "cpu": lambda x: torch.ops.fastvq.e8_nearest(x),
+}
 
 
 def _doubled_codes(index: torch.Tensor) -> torch.Tensor:
@@ -189,18 +275,20 @@ _KERNELS = {
 }
 
 
-def _pick(backend: str, device: torch.device) -> str:
+def _pick(backend: str, device: torch.device, op: str, has_kernel: bool) -> str:
+    """The backend of e8_shell_quantize (op "e8_shell_decode") or e8_nearest; has_kernel: whether
+    fastvq._C has the C++ kernel `op`."""
     check_choice("backend", backend, E8_BACKENDS)
     if backend == "auto":
         if device.type == "cuda" and backends()["triton"].available:
             return "triton"
-        return "cpu" if device.type == "cpu" and _HAS_KERNEL else "torch"
-    # Every backend takes float64 (scores in float64): checked as for float32.
+        return "cpu" if device.type == "cpu" and has_kernel else "torch"
+    # Every backend takes float64 (computed in float64): checked as for float32.
     name = pick_backend(backend, device, torch.float32)
-    if name == "cpu" and not _HAS_KERNEL:
+    if name == "cpu" and not has_kernel:
         raise ValueError(
-            "backend 'cpu' is unavailable: fastvq._C has no kernel for e8_shell_decode (a build "
-            "from before it existed: rebuild the extension)"
+            f"backend 'cpu' is unavailable: fastvq._C has no kernel for {op} (a build from "
+            "before it existed: rebuild the extension)"
         )
     return name
 
@@ -228,5 +316,5 @@ def e8_shell_quantize(
     Gradient: straight-through, as leech_quantize: codes carry dL/dz = dL/dcodes.
     """
     check_vectors("z", z, 8)
-    name = _pick(backend, z.device)
+    name = _pick(backend, z.device, "e8_shell_decode", _HAS_KERNEL)
     return quantize_rows(z, _KERNELS[name], _lookup)

@@ -1,16 +1,30 @@
 """e8_shell_quantize on every backend: indices equal the torch decoder's (_decode) bit for bit, and
 the torch decoder agrees with brute force (float64 scores over the 240 codes), tie-aware; so every
-backend agrees with brute force. Special rows, gradient, bad inputs, opcheck and torch.compile."""
+backend agrees with brute force. Special rows, gradient, bad inputs, opcheck and torch.compile.
 
+e8_nearest likewise (below the shell's tests): every backend's points equal the torch path's
+(_nearest) bit for bit, -0 included, and the torch path agrees with brute force over the 2 x 256
+lattice points around each row."""
+
+import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import fastvq
-from fastvq.lattice import E8_SHELL_SIZE, e8_shell_codebook, e8_shell_codes, e8_shell_quantize
+from fastvq.lattice import (
+    E8_SHELL_SIZE,
+    e8_nearest,
+    e8_shell_codebook,
+    e8_shell_codes,
+    e8_shell_quantize,
+)
 from fastvq.lattice._common import compute_dtype
-from fastvq.lattice.e8 import _decode
+from fastvq.lattice.e8 import _decode, _nearest
 from fastvq.testing import backend_cases, check_nearest
 
 CASES = [
@@ -216,3 +230,293 @@ def test_stale_build_without_the_kernel(monkeypatch):
     if fastvq.backends()["cpu"].available:
         with pytest.raises(ValueError, match="rebuild"):
             e8_shell_quantize(z, backend="cpu")
+
+
+# --- e8_nearest -------------------------------------------------------------------------------
+
+
+def _nearest_family(name: str, dtype: torch.dtype, n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 8) inputs of `dtype` for e8_nearest; NEAREST_EXACT names hold quarter-integers, where
+    distances are exact and ties (rounding, D8 against D8 + 1/2, the largest error) are common."""
+    g = _gen(seed + 7 * len(name))
+    gauss = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    if name == "gaussian":
+        x = 3 * gauss
+    elif name == "halves":  # integers and half-integers: rounding ties, points of either coset
+        x = torch.randint(-8, 9, (n, 8), generator=g) / 2
+    elif name == "quarters":  # D8 and D8 + 1/2 at equal distance, equal rounding errors
+        x = torch.randint(-12, 13, (n, 8), generator=g) / 4
+    elif name == "signed_zeros":  # -0 and (-0.5, 0): rounded to -0, which must survive
+        pick = torch.randint(0, 7, (n, 8), generator=g)
+        x = torch.tensor([-0.0, 0.0, -0.25, 0.25, -0.5, 0.5, -0.375], dtype=torch.float64)[pick]
+    elif name == "lattice_noise":  # E8 points and small noise: well inside the Voronoi cells
+        points = _nearest(4 * gauss)
+        x = points + 0.01 * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    elif name == "near_ties":  # quarter-integers nudged by one float32 ulp: rounding decides
+        x = torch.randint(-12, 13, (n, 8), generator=g) / 4
+        x = x * (1 + 2.0**-23 * torch.randint(-1, 2, (n, 8), generator=g))
+    elif name == "scales":  # one magnitude per row, 2^-120 .. 2^120: tiny, exact, huge
+        x = gauss * 2.0 ** torch.randint(-120, 121, (n, 1), generator=g)
+    elif name == "huge":  # past 2^20 in float32 (and 2^52 in float64), up to the largest finite
+        top = {torch.float64: 1e300, torch.float32: 3e38, torch.bfloat16: 3e38}.get(dtype, 6e4)
+        exp = torch.randint(20, 60, (n, 1), generator=g)
+        x = torch.where(torch.arange(n)[:, None] % 4 == 0, gauss * top / 5, gauss * 2.0**exp)
+    else:
+        raise AssertionError(name)
+    return x.to(dtype)
+
+
+NEAREST_FAMILIES = ["gaussian", "halves", "quarters", "signed_zeros", "lattice_noise"]
+NEAREST_FAMILIES += ["near_ties", "scales", "huge"]
+NEAREST_EXACT = ["halves", "quarters", "signed_zeros"]
+CORNERS = torch.tensor(list(itertools.product((0.0, 1.0), repeat=8)), dtype=torch.float64)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of t (-0 differs from +0), every NaN as one pattern."""
+    kind = {torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, torch.int16)
+    return torch.where(torch.isnan(t), -1, t.contiguous().view(kind))
+
+
+def _nearest_reference(x: torch.Tensor) -> torch.Tensor:
+    """The torch path of e8_nearest on the rows of x (..., 8), as every backend must return it."""
+    y = x.reshape(-1, 8).cpu().to(compute_dtype(x.dtype))
+    return _nearest(y).to(x.dtype).view(x.shape)
+
+
+def _coset_distances(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances (float64) from each row of x (N, 8) float64 to D8 and to D8 + 1/2, by brute
+    force: the nearest point of each rounds every coordinate down or up (2 x 256 candidates)."""
+    best = []
+    for shift in (0.0, 0.5):
+        p = torch.floor(x - shift)[:, None, :] + CORNERS + shift  # (N, 256, 8)
+        d = (p - x[:, None, :]).square().sum(-1)
+        d = d.masked_fill(torch.remainder((p - shift).sum(-1), 2.0) != 0, float("inf"))
+        best.append(d.amin(-1))
+    return best[0], best[1]
+
+
+@pytest.mark.parametrize("family", [f for f in NEAREST_FAMILIES if f not in ("scales", "huge")])
+def test_nearest_torch_path_matches_brute_force(family):
+    for dtype in DTYPES:
+        x = _nearest_family(family, dtype, n=400)
+        p = e8_nearest(x, backend="torch")
+        assert p.dtype == dtype and torch.equal(_bits(p), _bits(_nearest_reference(x)))
+        x64, p64 = x.double(), p.double()
+        d0, d1 = _coset_distances(x64)
+        d = (p64 - x64).square().sum(-1)
+        integer = (p64 == p64.round()).all(-1)
+        half = (p64 - 0.5 == (p64 - 0.5).round()).all(-1)
+        assert ((integer | half) & (p64.sum(-1) % 2 == 0)).all()  # in E8
+        if family in NEAREST_EXACT:
+            # Exact distances: the nearest point, and the D8 one on equal distance.
+            assert torch.equal(d, torch.minimum(d0, d1))
+            assert torch.equal(integer, d0 <= d1)
+        else:
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            assert (d - torch.minimum(d0, d1) <= tol).all()
+
+
+def test_nearest_rules_by_hand():
+    """Ties to even, the first largest error moved, -0 kept, the D8 point on equal distance."""
+    x = torch.tensor(
+        [
+            [0.4, 0.4, 1, 0, 0, 0, 0, 0],  # odd sum: the first of two largest errors moves up
+            [-0.4, -0.4, 1, 0, 0, 0, 0, 0],  # ... and down for a negative error
+            [-0.2, -0.0, 0.0, 0, 0, 0, 0, 0.5],  # even sum: -0 stays -0; 0.5 rounds to 0
+            [2.5, 1.5, 0, 0, 0, 0, 0, 0],  # ties to even: (2, 2), even
+            [0.25] * 8,  # D8 (0) and D8 + 1/2 (1/2)^8 at distance 0.5 both: D8
+            [0.75] * 8,  # 1^8 and (1/2)^8 at distance 0.5 both: D8 again
+            [0.5] * 7 + [0.6],  # (1/2)^8 at 0.01, the nearest D8 point at 1.91: the coset
+        ],
+        dtype=torch.float64,
+    )
+    expect = torch.tensor(
+        [
+            [1.0, 0, 1, 0, 0, 0, 0, 0],
+            [-1.0, -0.0, 1, 0, 0, 0, 0, 0],
+            [-0.0, -0.0, 0, 0, 0, 0, 0, 0],
+            [2.0, 2, 0, 0, 0, 0, 0, 0],
+            [0.0] * 8,
+            [1.0] * 8,
+            [0.5] * 8,
+        ],
+        dtype=torch.float64,
+    )
+    for device, backend in [c.values[0] for c in CASES]:
+        for dtype in DTYPES:
+            got = e8_nearest(x.to(dtype).to(device), backend=backend).cpu()
+            assert torch.equal(_bits(got), _bits(expect.to(dtype))), (backend, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN rows in the interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_nearest_kernels_equal_torch_path(case, dtype, poison):
+    device, backend = case
+    n = 300 if device == "cpu" else 20000
+    x = torch.cat([_nearest_family(f, dtype, n=n) for f in NEAREST_FAMILIES])
+    x[::97, 3] = float("nan")  # and a few rows with NaN / Inf: rounded coordinate by coordinate
+    x[::89, 5] = -float("inf")
+    p = e8_nearest(x.to(device), backend=backend)
+    assert p.device.type == device and p.dtype == dtype and p.shape == x.shape
+    assert torch.equal(_bits(p.cpu()), _bits(_nearest_reference(x)))
+
+
+@pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
+def test_nearest_cpu_kernel_does_not_depend_on_the_thread_count():
+    x = torch.cat([_nearest_family(f, torch.float32, n=20000, seed=1) for f in NEAREST_FAMILIES])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = e8_nearest(x, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(_bits(one), _bits(e8_nearest(x, backend="cpu")))
+    assert torch.equal(_bits(one), _bits(_nearest_reference(x)))
+
+
+# The C++ kernel is compiled twice, for SSE2 and for AVX2, and picked at run time (csrc/cpu/isa.h);
+# FASTVQ_CPU_BASELINE=1 forces SSE2. Both builds must return the torch path's bits.
+_ISA_SCRIPT = """
+import sys, torch
+from fastvq.lattice import e8_nearest
+xs = torch.load(sys.argv[1])
+torch.save([e8_nearest(x, backend="cpu") for x in xs], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
+def test_nearest_cpu_kernel_bit_identical_across_isa_builds(tmp_path):
+    """Vacuous on a CPU without AVX2 (both runs take the SSE2 build), exact everywhere else."""
+    xs = [torch.cat([_nearest_family(f, d, n=1001) for f in NEAREST_FAMILIES]) for d in DTYPES]
+    torch.save(xs, tmp_path / "x.pt")
+    for baseline in ("1", "0"):
+        out = tmp_path / f"baseline{baseline}.pt"
+        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
+        script = [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "x.pt"), str(out)]
+        subprocess.run(script, check=True, env=env)
+        for x, p in zip(xs, torch.load(out), strict=True):
+            assert torch.equal(_bits(p), _bits(_nearest_reference(x))), (baseline, x.dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN rows in the interpreter
+@pytest.mark.parametrize("case", CASES)
+def test_nearest_shapes_strides_and_special_rows(case, poison):
+    device, backend = case
+    x = (3 * torch.randn(3, 8, 5, generator=_gen(11))).to(device).transpose(1, 2)  # strided
+    p = e8_nearest(x, backend=backend)
+    assert p.shape == (3, 5, 8) and p.dtype == x.dtype and p.is_contiguous()
+    assert torch.equal(_bits(p.cpu()), _bits(_nearest_reference(x)))
+    assert torch.equal(e8_nearest(x[1, 2], backend=backend), p[1, 2])
+    for dtype in DTYPES:
+        empty = torch.zeros(2, 0, 8, device=device, dtype=dtype)
+        assert e8_nearest(empty, backend=backend).shape == (2, 0, 8)
+    # NaN / Inf anywhere in a row: torch.round of every coordinate, NaN and Inf kept, no parity fix.
+    special = 3 * torch.randn(6, 8, generator=_gen(12), dtype=torch.float64)
+    special[0, 2] = float("nan")
+    special[1, 7] = float("inf")
+    special[2, 0] = -float("inf")
+    special[3] = float("nan")
+    special[4, 1], special[4, 6] = float("inf"), float("nan")
+    special[5] = torch.tensor([0.4, -0.3, 1.5, 3.4, -0.5, 0, 0, float("inf")])
+    for dtype in DTYPES:
+        s = special.to(dtype)
+        p = e8_nearest(s.to(device), backend=backend).cpu()
+        expect = torch.round(s.to(compute_dtype(dtype))).to(dtype)
+        assert torch.equal(_bits(p), _bits(expect))
+        # Ties to even and -0 as torch.round; an odd sum of the finite ones, yet nothing moves.
+        row5 = torch.tensor([0.0, -0.0, 2, 3, -0.0, 0, 0, float("inf")]).to(dtype)
+        assert torch.equal(_bits(p[5]), _bits(row5))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nearest_gradient_is_zero(case):
+    """The output is piecewise constant in x: zero gradient (what autograd through torch.round
+    gave before the kernels), every backend, the float64 check by gradcheck."""
+    device, backend = case
+    x = (3 * torch.randn(4, 7, 8, generator=_gen(13))).to(device).transpose(0, 1).requires_grad_()
+    p = e8_nearest(x, backend=backend)
+    assert p.requires_grad
+    p.backward(torch.randn(7, 4, 8, generator=_gen(14)).to(device))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert not e8_nearest(x.detach(), backend=backend).requires_grad
+    x64 = (3 * torch.randn(5, 8, generator=_gen(15), dtype=torch.float64)).to(device)
+    assert torch.autograd.gradcheck(
+        lambda v: e8_nearest(v, backend=backend), (x64.requires_grad_(),), eps=1e-7
+    )
+
+
+def test_nearest_bad_backend_and_inputs():
+    x = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="backend"):
+        e8_nearest(x, backend="gpu")
+    with pytest.raises(ValueError, match="backend"):
+        e8_nearest(x, backend="cuda")  # no CUDA C++ kernel for E8
+    with pytest.raises(TypeError):
+        e8_nearest(x, "cpu")  # backend is keyword-only
+    for backend in ("torch", "cpu", "auto"):
+        with pytest.raises(ValueError, match="x"):
+            e8_nearest(torch.zeros(3, 7), backend=backend)
+        with pytest.raises(TypeError, match="x"):
+            e8_nearest(torch.zeros(3, 8, dtype=torch.int64), backend=backend)
+    if fastvq.backends()["cpu"].available:
+        op = torch.ops.fastvq.e8_nearest
+        with pytest.raises(RuntimeError, match=r"shape \(N, 8\)"):
+            op(torch.randn(3, 7))
+        with pytest.raises(RuntimeError, match="contiguous"):
+            op(torch.randn(8, 3).T)
+        with pytest.raises(RuntimeError, match="float32, float64"):
+            op(torch.zeros(3, 8, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_nearest_cuda_tensor_on_cpu_backend_is_refused():
+    with pytest.raises(ValueError, match="backend 'cpu'"):
+        e8_nearest(torch.randn(3, 8, device="cuda"), backend="cpu")
+
+
+def test_nearest_meta_tensors():
+    p = e8_nearest(torch.empty(3, 5, 8, device="meta", dtype=torch.bfloat16))
+    assert p.shape == (3, 5, 8) and p.dtype == torch.bfloat16 and p.device.type == "meta"
+
+
+def test_nearest_opcheck():
+    x = 3 * torch.randn(7, 8, generator=_gen(16))
+    ops = [torch.ops.fastvq.e8_nearest_torch]
+    if fastvq.backends()["cpu"].available:
+        ops.append(torch.ops.fastvq.e8_nearest)
+    if ("cpu", "triton") in [c.values[0] for c in CASES]:
+        ops.append(torch.ops.fastvq.e8_nearest_triton)
+    for op in ops:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            torch.library.opcheck(op, (x.to(dtype),))
+            torch.library.opcheck(op, (x.to(dtype).requires_grad_(),))
+        torch.library.opcheck(op, (x[:0],))
+
+
+def test_nearest_compiles_without_graph_breaks():
+    x = (3 * torch.randn(37, 8, generator=_gen(17))).requires_grad_()
+
+    def step(x):
+        p = e8_nearest(x)
+        return p, ((p - x) ** 2).sum()
+
+    eager = step(x)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(_bits(compiled[0]), _bits(eager[0]))
+    torch.testing.assert_close(compiled[1], eager[1])
+    (grad,) = torch.autograd.grad(compiled[1], x)
+    torch.testing.assert_close(grad, 2 * (x - eager[0]).detach())  # through x only
+
+
+def test_nearest_stale_build_without_the_kernel(monkeypatch):
+    """An extension built before fastvq::e8_nearest: "auto" falls back, "cpu" says why."""
+    import fastvq.lattice.e8 as e8
+
+    monkeypatch.setattr(e8, "_HAS_NEAREST_KERNEL", False)
+    x = 3 * torch.randn(5, 8, generator=_gen(18))
+    assert torch.equal(_bits(e8_nearest(x)), _bits(_nearest_reference(x)))
+    if fastvq.backends()["cpu"].available:
+        with pytest.raises(ValueError, match="rebuild"):
+            e8_nearest(x, backend="cpu")

@@ -86,6 +86,117 @@ PREC_NATIVE, PREC_TF32X3, PREC_BF16 = 0, 1, 2
 
 
 @triton.jit
+def _z_tile(z_base, z_offs, row_ok, dims, D, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+            INTERPRET: tl.constexpr):  # fmt: skip
+    """The program's BLOCK_N rows of z as the product's left operand, loaded once when D fits a
+    single BLOCK_D chunk. Masks only where the sizes need them (EVEN_D: D == BLOCK_D)."""
+    if EVEN_D:
+        z_tile = tl.load(z_base + z_offs, mask=row_ok[:, None], other=0.0)
+    else:
+        z_mask = row_ok[:, None] & (dims[None, :] < D)
+        z_tile = tl.load(z_base + z_offs, mask=z_mask, other=0.0)
+    if PRECISION == 2:
+        z_tile = z_tile.to(tl.bfloat16)
+    if INTERPRET:
+        z_tile = z_tile.to(tl.float32)
+    return z_tile
+
+
+@triton.jit
+def _score_tile(
+    # z: the tile from _z_tile (ONE_D_CHUNK) or its base pointer and offsets (chunked D)
+    z_tile,
+    z_base,
+    z_offs,
+    row_ok,
+    # codebook tile: base pointer of its first code, offsets, its codes and which are < K
+    c_base,
+    c_offs,
+    dims,
+    codes,
+    code_ok,
+    scale_ptr,
+    bias_ptr,
+    D,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    ONE_D_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_K) float32 scores (z . c) * scale + bias of one codebook tile, the same
+    instructions for every kernel that searches codes; codes past K score -inf."""
+    if ONE_D_CHUNK:
+        if EVEN_K and EVEN_D:
+            c_tile = tl.load(c_base + c_offs)
+        elif EVEN_K:
+            c_tile = tl.load(c_base + c_offs, mask=dims[None, :] < D, other=0.0)
+        elif EVEN_D:
+            c_tile = tl.load(c_base + c_offs, mask=code_ok[:, None], other=0.0)
+        else:
+            c_mask = code_ok[:, None] & (dims[None, :] < D)
+            c_tile = tl.load(c_base + c_offs, mask=c_mask, other=0.0)
+        if PRECISION == 2:
+            c_tile = c_tile.to(tl.bfloat16)
+        if INTERPRET:
+            c_tile = c_tile.to(tl.float32)
+            acc = tl.sum(z_tile[:, None, :] * c_tile[None, :, :], axis=2)
+        elif PRECISION == 1:
+            acc = tl.dot(z_tile, tl.trans(c_tile), input_precision="tf32x3")
+        else:
+            acc = tl.dot(z_tile, tl.trans(c_tile))
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + dims)[None, :] < D
+            if EVEN_D:
+                z_chunk = tl.load(z_base + d0 + z_offs, mask=row_ok[:, None], other=0.0)
+            else:
+                z_mask = row_ok[:, None] & d_ok
+                z_chunk = tl.load(z_base + d0 + z_offs, mask=z_mask, other=0.0)
+            if EVEN_K and EVEN_D:
+                c_chunk = tl.load(c_base + d0 + c_offs)
+            elif EVEN_K:
+                c_chunk = tl.load(c_base + d0 + c_offs, mask=d_ok, other=0.0)
+            elif EVEN_D:
+                c_chunk = tl.load(c_base + d0 + c_offs, mask=code_ok[:, None], other=0.0)
+            else:
+                c_mask = code_ok[:, None] & d_ok
+                c_chunk = tl.load(c_base + d0 + c_offs, mask=c_mask, other=0.0)
+            if PRECISION == 2:
+                z_chunk = z_chunk.to(tl.bfloat16)
+                c_chunk = c_chunk.to(tl.bfloat16)
+            if INTERPRET:
+                z_chunk = z_chunk.to(tl.float32)
+                c_chunk = c_chunk.to(tl.float32)
+                acc += tl.sum(z_chunk[:, None, :] * c_chunk[None, :, :], axis=2)
+            elif PRECISION == 1:
+                acc = tl.dot(z_chunk, tl.trans(c_chunk), acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(z_chunk, tl.trans(c_chunk), acc)
+
+    # Per-code terms are (BLOCK_K,) vectors, so masking codes past K costs nothing per
+    # candidate: -inf folded into the bias never wins.
+    score = acc
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + codes, mask=code_ok, other=1.0)
+        score = score * scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + codes, mask=code_ok, other=0.0)
+        if not EVEN_K:
+            bias = tl.where(code_ok, bias, float("-inf"))
+        score = score + bias[None, :]
+    elif not EVEN_K:
+        score = score + tl.where(code_ok, 0.0, float("-inf"))[None, :]
+    return score
+
+
+@triton.jit
 def _nearest_code_fwd_kernel(
     # inputs: z (N, D), codebook (K, D), row-major, one dtype; scale, bias (K,) float32
     z_ptr,
@@ -126,21 +237,11 @@ def _nearest_code_fwd_kernel(
     c_offs = lanes[:, None] * D + dims[None, :]
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    # The loop body calls no @triton.jit helpers: each device-function call costs the interpreter
-    # a re-patch of triton.language (about a third of the CPU test time when it did).
 
     if ONE_D_CHUNK:
-        # Masks only where the sizes need them (EVEN_D: D == BLOCK_D, EVEN_K: K % BLOCK_K == 0),
-        # so common shapes load whole vectors without per-element predicates.
-        if EVEN_D:
-            z_tile = tl.load(z_base + z_offs, mask=row_ok[:, None], other=0.0)
-        else:
-            z_mask = row_ok[:, None] & (dims[None, :] < D)
-            z_tile = tl.load(z_base + z_offs, mask=z_mask, other=0.0)
-        if PRECISION == 2:
-            z_tile = z_tile.to(tl.bfloat16)
-        if INTERPRET:
-            z_tile = z_tile.to(tl.float32)
+        z_tile = _z_tile(z_base, z_offs, row_ok, dims, D, EVEN_D, PRECISION, INTERPRET)
+    else:
+        z_tile = 0.0  # unused: the chunked product loads z chunk by chunk
 
     # Running best per (row, lane): best_k holds the start k0 of the tile where the lane's best
     # was found (a uniform register in the select), so its code is best_k + lane.
@@ -151,68 +252,9 @@ def _nearest_code_fwd_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         codes = k0 + lanes
         code_ok = codes < K
-        if ONE_D_CHUNK:
-            if EVEN_K and EVEN_D:
-                c_tile = tl.load(c_base + c_offs)
-            elif EVEN_K:
-                c_tile = tl.load(c_base + c_offs, mask=dims[None, :] < D, other=0.0)
-            elif EVEN_D:
-                c_tile = tl.load(c_base + c_offs, mask=code_ok[:, None], other=0.0)
-            else:
-                c_mask = code_ok[:, None] & (dims[None, :] < D)
-                c_tile = tl.load(c_base + c_offs, mask=c_mask, other=0.0)
-            if PRECISION == 2:
-                c_tile = c_tile.to(tl.bfloat16)
-            if INTERPRET:
-                c_tile = c_tile.to(tl.float32)
-                acc = tl.sum(z_tile[:, None, :] * c_tile[None, :, :], axis=2)
-            elif PRECISION == 1:
-                acc = tl.dot(z_tile, tl.trans(c_tile), input_precision="tf32x3")
-            else:
-                acc = tl.dot(z_tile, tl.trans(c_tile))
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d_ok = (d0 + dims)[None, :] < D
-                if EVEN_D:
-                    z_chunk = tl.load(z_base + d0 + z_offs, mask=row_ok[:, None], other=0.0)
-                else:
-                    z_mask = row_ok[:, None] & d_ok
-                    z_chunk = tl.load(z_base + d0 + z_offs, mask=z_mask, other=0.0)
-                if EVEN_K and EVEN_D:
-                    c_chunk = tl.load(c_base + d0 + c_offs)
-                elif EVEN_K:
-                    c_chunk = tl.load(c_base + d0 + c_offs, mask=d_ok, other=0.0)
-                elif EVEN_D:
-                    c_chunk = tl.load(c_base + d0 + c_offs, mask=code_ok[:, None], other=0.0)
-                else:
-                    c_mask = code_ok[:, None] & d_ok
-                    c_chunk = tl.load(c_base + d0 + c_offs, mask=c_mask, other=0.0)
-                if PRECISION == 2:
-                    z_chunk = z_chunk.to(tl.bfloat16)
-                    c_chunk = c_chunk.to(tl.bfloat16)
-                if INTERPRET:
-                    z_chunk = z_chunk.to(tl.float32)
-                    c_chunk = c_chunk.to(tl.float32)
-                    acc += tl.sum(z_chunk[:, None, :] * c_chunk[None, :, :], axis=2)
-                elif PRECISION == 1:
-                    acc = tl.dot(z_chunk, tl.trans(c_chunk), acc, input_precision="tf32x3")
-                else:
-                    acc = tl.dot(z_chunk, tl.trans(c_chunk), acc)
-
-        # Per-code terms are (BLOCK_K,) vectors, so masking codes past K costs nothing per
-        # candidate: -inf folded into the bias never beats the initial -inf.
-        score = acc
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + codes, mask=code_ok, other=1.0)
-            score = score * scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + codes, mask=code_ok, other=0.0)
-            if not EVEN_K:
-                bias = tl.where(code_ok, bias, float("-inf"))
-            score = score + bias[None, :]
-        elif not EVEN_K:
-            score = score + tl.where(code_ok, 0.0, float("-inf"))[None, :]
+        score = _score_tile(z_tile, z_base, z_offs, row_ok, c_base, c_offs, dims, codes, code_ok,
+                            scale_ptr, bias_ptr, D, HAS_SCALE, HAS_BIAS, EVEN_K, EVEN_D, PRECISION,
+                            INTERPRET, ONE_D_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
         # Strict >: a NaN score fails it, and a tie keeps the lane's earlier (lower) code.
         better = score > best
         best = tl.where(better, score, best)
@@ -326,18 +368,11 @@ def _nearest_code_topk_kernel(
     z_base = z_ptr + pid_n * BLOCK_N * D
     z_offs = rows[:, None] * D + dims[None, :]
     c_offs = lanes[:, None] * D + dims[None, :]
-    # As in _nearest_code_fwd_kernel, the loop body calls no @triton.jit helpers.
 
     if ONE_D_CHUNK:
-        if EVEN_D:
-            z_tile = tl.load(z_base + z_offs, mask=row_ok[:, None], other=0.0)
-        else:
-            z_mask = row_ok[:, None] & (dims[None, :] < D)
-            z_tile = tl.load(z_base + z_offs, mask=z_mask, other=0.0)
-        if PRECISION == 2:
-            z_tile = z_tile.to(tl.bfloat16)
-        if INTERPRET:
-            z_tile = z_tile.to(tl.float32)
+        z_tile = _z_tile(z_base, z_offs, row_ok, dims, D, EVEN_D, PRECISION, INTERPRET)
+    else:
+        z_tile = 0.0  # unused: the chunked product loads z chunk by chunk
 
     # Running top-k per row, unordered, packed as above; `worst` is its least slot (least score,
     # then highest code; a free slot while the row holds fewer than k codes), `thr` the worst
@@ -353,66 +388,10 @@ def _nearest_code_topk_kernel(
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + lanes
         code_ok = codes < K
-        # Scores: the instructions of _nearest_code_fwd_kernel, so column 0 is its answer.
-        if ONE_D_CHUNK:
-            if EVEN_K and EVEN_D:
-                c_tile = tl.load(c_base + c_offs)
-            elif EVEN_K:
-                c_tile = tl.load(c_base + c_offs, mask=dims[None, :] < D, other=0.0)
-            elif EVEN_D:
-                c_tile = tl.load(c_base + c_offs, mask=code_ok[:, None], other=0.0)
-            else:
-                c_mask = code_ok[:, None] & (dims[None, :] < D)
-                c_tile = tl.load(c_base + c_offs, mask=c_mask, other=0.0)
-            if PRECISION == 2:
-                c_tile = c_tile.to(tl.bfloat16)
-            if INTERPRET:
-                c_tile = c_tile.to(tl.float32)
-                acc = tl.sum(z_tile[:, None, :] * c_tile[None, :, :], axis=2)
-            elif PRECISION == 1:
-                acc = tl.dot(z_tile, tl.trans(c_tile), input_precision="tf32x3")
-            else:
-                acc = tl.dot(z_tile, tl.trans(c_tile))
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d_ok = (d0 + dims)[None, :] < D
-                if EVEN_D:
-                    z_chunk = tl.load(z_base + d0 + z_offs, mask=row_ok[:, None], other=0.0)
-                else:
-                    z_mask = row_ok[:, None] & d_ok
-                    z_chunk = tl.load(z_base + d0 + z_offs, mask=z_mask, other=0.0)
-                if EVEN_K and EVEN_D:
-                    c_chunk = tl.load(c_base + d0 + c_offs)
-                elif EVEN_K:
-                    c_chunk = tl.load(c_base + d0 + c_offs, mask=d_ok, other=0.0)
-                elif EVEN_D:
-                    c_chunk = tl.load(c_base + d0 + c_offs, mask=code_ok[:, None], other=0.0)
-                else:
-                    c_mask = code_ok[:, None] & d_ok
-                    c_chunk = tl.load(c_base + d0 + c_offs, mask=c_mask, other=0.0)
-                if PRECISION == 2:
-                    z_chunk = z_chunk.to(tl.bfloat16)
-                    c_chunk = c_chunk.to(tl.bfloat16)
-                if INTERPRET:
-                    z_chunk = z_chunk.to(tl.float32)
-                    c_chunk = c_chunk.to(tl.float32)
-                    acc += tl.sum(z_chunk[:, None, :] * c_chunk[None, :, :], axis=2)
-                elif PRECISION == 1:
-                    acc = tl.dot(z_chunk, tl.trans(c_chunk), acc, input_precision="tf32x3")
-                else:
-                    acc = tl.dot(z_chunk, tl.trans(c_chunk), acc)
-        score = acc
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + codes, mask=code_ok, other=1.0)
-            score = score * scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + codes, mask=code_ok, other=0.0)
-            if not EVEN_K:
-                bias = tl.where(code_ok, bias, float("-inf"))
-            score = score + bias[None, :]
-        elif not EVEN_K:
-            score = score + tl.where(code_ok, 0.0, float("-inf"))[None, :]
+        # _nearest_code_fwd_kernel's scores, so column 0 is its answer.
+        score = _score_tile(z_tile, z_base, z_offs, row_ok, c_base, c_offs, dims, codes, code_ok,
+                            scale_ptr, bias_ptr, D, HAS_SCALE, HAS_BIAS, EVEN_K, EVEN_D, PRECISION,
+                            INTERPRET, ONE_D_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
 
         # A candidate enters if its score exceeds the threshold (strictly: its code is higher
         # than every code held, so a tie loses; a NaN never does). Each round moves every row's

@@ -67,6 +67,18 @@ def nearest_code(
     half types on CPU) is the dtype of the score matmul. Ties go to the lowest index.
     Returns int64 (N,).
     """
+    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    for start, scores in _score_chunks(z, codebook, metric, compute_dtype, _CHUNK_ELEMENTS):
+        # NaN never wins, as in the kernels: argmax would otherwise pick it.
+        scores = scores.float() if scores.dtype in (torch.bfloat16, torch.float16) else scores
+        scores.masked_fill_(scores.isnan(), -torch.inf)
+        out[start : start + len(scores)] = scores.argmax(dim=1)
+    return out
+
+
+def _score_chunks(z, codebook, metric, compute_dtype, elements):
+    """(start, scores) for row chunks of z of about `elements` scores each, in compute_dtype
+    (default: z's dtype, float32 for half types on CPU)."""
     if compute_dtype is None:
         compute_dtype = z.dtype
         if z.device.type == "cpu" and z.dtype in (torch.bfloat16, torch.float16):
@@ -74,16 +86,9 @@ def nearest_code(
     z = z.to(compute_dtype)
     codebook = codebook.to(compute_dtype)
     scale, bias = code_terms(codebook, metric)
-    n, k = z.shape[0], codebook.shape[0]
-    out = torch.empty(n, dtype=torch.int64, device=z.device)
-    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
-    for start in range(0, n, rows):
-        scores = nearest_code_scores(z[start : start + rows], codebook, scale, bias)
-        # NaN never wins, as in the kernels: argmax would otherwise pick it.
-        scores = scores.float() if scores.dtype in (torch.bfloat16, torch.float16) else scores
-        scores.masked_fill_(scores.isnan(), -torch.inf)
-        out[start : start + rows] = scores.argmax(dim=1)
-    return out
+    rows = max(1, elements // max(codebook.shape[0], 1))
+    for start in range(0, z.shape[0], rows):
+        yield start, nearest_code_scores(z[start : start + rows], codebook, scale, bias)
 
 
 def topk_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,16 +128,7 @@ def nearest_code_topk(
     nearest_code. Equal scores go in increasing index. Returns int64 (N, k); column 0 is
     nearest_code's answer.
     """
-    if compute_dtype is None:
-        compute_dtype = z.dtype
-        if z.device.type == "cpu" and z.dtype in (torch.bfloat16, torch.float16):
-            compute_dtype = torch.float32
-    z = z.to(compute_dtype)
-    codebook = codebook.to(compute_dtype)
-    scale, bias = code_terms(codebook, metric)
     out = torch.empty(z.shape[0], k, dtype=torch.int64, device=z.device)
-    rows = max(1, _TOPK_CHUNK_ELEMENTS // codebook.shape[0])
-    for start in range(0, z.shape[0], rows):
-        scores = nearest_code_scores(z[start : start + rows], codebook, scale, bias)
-        out[start : start + rows] = topk_scores(scores, k)
+    for start, scores in _score_chunks(z, codebook, metric, compute_dtype, _TOPK_CHUNK_ELEMENTS):
+        out[start : start + len(scores)] = topk_scores(scores, k)
     return out

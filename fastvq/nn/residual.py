@@ -193,7 +193,9 @@ class _Residual(nn.Module):
         """Hook on the projected rows before the first layer (ResidualFSQ's soft clamp)."""
         return z
 
-    def _run(self, x, mask, seed, return_all_codes, quant_grad_frac=0.0, **layer_kwargs):
+    def _begin(self, x, mask, seed):
+        """A forward's (b, n, dim) rows, their restore function, the projected rows and the last
+        layer that runs (None: all; quantize dropout draws it)."""
         seq, restore = self._to_seq(x)
         b, n = seq.shape[:2]
         if mask is not None and mask.shape != (b, n):
@@ -201,8 +203,13 @@ class _Residual(nn.Module):
                 f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
             )
         z = self.project_in(seq)
-        out_dtype = z.dtype
         last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
+        return seq, restore, z, last
+
+    def _run(self, x, mask, seed, return_all_codes, quant_grad_frac=0.0, **layer_kwargs):
+        seq, restore, z, last = self._begin(x, mask, seed)
+        b, n = seq.shape[:2]
+        out_dtype = z.dtype
         with torch.autocast(seq.device.type, enabled=False):
             residual = self._prepare(z.float())
             out = torch.zeros_like(residual)
@@ -526,15 +533,9 @@ class ResidualVQ(_Residual):
         scored without gradients (O(M beam^2) numbers); only the kept pairs go through the
         estimator and the loss, so memory is O(M beam D), never M x K. After the search, in
         training, each layer's EMA / dead codes see the chosen path's residuals and codes."""
-        seq, restore = self._to_seq(x)
+        seq, restore, z, last = self._begin(x, mask, seed)
         b, n = seq.shape[:2]
-        if mask is not None and mask.shape != (b, n):
-            raise ValueError(
-                f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
-            )
-        z = self.project_in(seq)
         out_dtype = z.dtype
-        last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
         final = self.num_quantizers - 1 if last is None else last
         m = b * n
         row_mask = None if mask is None else mask.reshape(m)

@@ -141,40 +141,28 @@ def run(shapes, reps, quick):
         g = torch.Generator().manual_seed(0)
         z = torch.randn(n, d, generator=g).to(DEVICE)
         c = torch.randn(k, d, generator=g).to(DEVICE)
-        for name, (setup, arith) in peers(quick).items():
-            # tf32, bf16 and fp16 peers are held to their own arithmetic's rounding.
-            precision = "exact" if arith == "fp32" or name.endswith("exact") else "fast"
-            rows.append(
-                measure(
-                    name,
-                    {"N": n, "K": k, "D": d},
-                    lambda s=setup, z=z, c=c: s(z, c),
-                    check=lambda idx, p=precision, z=z, c=c: check_indices(z, c, idx, "l2", p),
-                    reps=reps,
-                    flops=2 * n * k * d,
-                    arith=arith,
-                    # unfused peers hold about two (N, K) score matrices at once
-                    need_bytes=2 * (2 if "bf16" in name else 4) * n * k
-                    if "naive" in name or "cdist" in name
-                    else None,
+        tables = ((peers(quick), {}), (topk_peers(), {"k": TOPK}))
+        for table, extra in tables:
+            for name, (setup, arith) in table.items():
+                # tf32, bf16 and fp16 peers are held to their own arithmetic's rounding, fastvq's
+                # rows to their precision argument.
+                exact = arith == "fp32" or (name.startswith("fastvq") and not name.endswith("fast"))
+                precision = "exact" if exact else "fast"
+                rows.append(
+                    measure(
+                        name,
+                        {"N": n, "K": k, "D": d, **extra},
+                        lambda s=setup, z=z, c=c: s(z, c),
+                        check=lambda idx, p=precision, z=z, c=c: check_indices(z, c, idx, "l2", p),
+                        reps=reps,
+                        flops=2 * n * k * d,
+                        arith=arith,
+                        # unfused peers hold about two (N, K) score matrices at once
+                        need_bytes=2 * (2 if "bf16" in name else 4) * n * k
+                        if "naive" in name or "cdist" in name
+                        else None,
+                    )
                 )
-            )
-        for name, (setup, arith) in topk_peers().items():
-            precision = "exact" if arith == "fp32" or "fastvq" in name else "fast"
-            rows.append(
-                measure(
-                    name,
-                    {"N": n, "K": k, "D": d, "k": TOPK},
-                    lambda s=setup, z=z, c=c: s(z, c),
-                    check=lambda idx, p=precision, z=z, c=c: check_indices(z, c, idx, "l2", p),
-                    reps=reps,
-                    flops=2 * n * k * d,
-                    arith=arith,
-                    need_bytes=2 * (2 if "bf16" in name else 4) * n * k
-                    if "naive" in name or "cdist" in name
-                    else None,
-                )
-            )
     return rows
 
 

@@ -10,6 +10,14 @@ PRODUCT_ROUNDOFF = {"exact": 2.0**-21, "fast": 2.0**-8}
 FLOAT32_ROUNDOFF = 2.0**-24
 
 
+def random_search_inputs(n, k, d, dtype, device, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh Gaussian z (n, d) and codebook (k, d) of `dtype` on `device`, from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g).to(dtype).to(device)
+    codebook = torch.randn(k, d, generator=g).to(dtype).to(device)
+    return z, codebook
+
+
 def score_error_bound(z64, codebook64, scale64, bias64, precision: str) -> torch.Tensor:
     """(N, K) float64 bound on |score computed by a kernel - exact score| for each candidate.
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import fastvq
 from fastvq.ops._backends import pick_backend
 from fastvq.reference import METRICS
-from fastvq.testing import backend_cases, check_nearest
+from fastvq.testing import backend_cases, check_nearest, random_search_inputs
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -49,13 +49,6 @@ INTERPRETER_SHAPES = [
 ]
 
 
-def _inputs(n, k, d, dtype, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, d, generator=g).to(dtype).to(device)
-    codebook = torch.randn(k, d, generator=g).to(dtype).to(device)
-    return z, codebook
-
-
 def _shapes(backend):
     return INTERPRETER_SHAPES if backend == "triton" and INTERPRET else SHAPES
 
@@ -67,7 +60,7 @@ def _shapes(backend):
 def test_parity_with_float64(case, dtype, metric, precision, poison):
     device, backend = case
     for seed, (n, k, d) in enumerate(_shapes(backend)):
-        z, codebook = _inputs(n, k, d, dtype, device, seed)
+        z, codebook = random_search_inputs(n, k, d, dtype, device, seed)
         idx = fastvq.nearest_code(z, codebook, metric=metric, precision=precision, backend=backend)
         agree = check_nearest(z, codebook, idx, metric, precision)
         # Random Gaussian data has few near-ties: a kernel that is right only up to the bound
@@ -94,7 +87,7 @@ def test_lowest_index_wins_exact_ties(case):
 @pytest.mark.parametrize("case", CASES)
 def test_non_finite_inputs(case):
     device, backend = case
-    z, codebook = _inputs(9, 31, 8, torch.float32, device, 2)
+    z, codebook = random_search_inputs(9, 31, 8, torch.float32, device, 2)
     z[3, 5] = float("nan")
     with pytest.raises(ValueError, match="z contains NaN"):
         fastvq.nearest_code(z, codebook, backend=backend)
@@ -112,7 +105,7 @@ def test_non_finite_inputs(case):
 @pytest.mark.parametrize("case", CASES)
 def test_shapes_layouts_and_empty(case, poison):
     device, backend = case
-    z, codebook = _inputs(2 * 3 * 5, 37, 24, torch.float32, device, 3)
+    z, codebook = random_search_inputs(2 * 3 * 5, 37, 24, torch.float32, device, 3)
     flat = fastvq.nearest_code(z, codebook, backend=backend)
     # Leading dimensions are kept, and a non-contiguous z gives the same answer.
     z5 = z.reshape(2, 3, 5, 24)
@@ -134,7 +127,7 @@ def test_shapes_layouts_and_empty(case, poison):
 @pytest.mark.parametrize("metric", METRICS)
 def test_return_distance(case, metric):
     device, backend = case
-    z, codebook = _inputs(50, 77, 33, torch.float32, device, 4)
+    z, codebook = random_search_inputs(50, 77, 33, torch.float32, device, 4)
     idx, values = fastvq.nearest_code(
         z, codebook, metric=metric, backend=backend, return_distance=True
     )
@@ -210,7 +203,7 @@ def test_huge_codebook_small_batch(case):
     # N = 3, K = 2^20: the kernels must split K (and stay correct doing so).
     device, backend = case
     k = 1 << 20 if backend != "triton" else 5000
-    z, codebook = _inputs(3, k, 8, torch.float32, device, 6)
+    z, codebook = random_search_inputs(3, k, 8, torch.float32, device, 6)
     idx = fastvq.nearest_code(z, codebook, backend=backend)
     check_nearest(z, codebook, idx)
 
@@ -225,7 +218,7 @@ def test_opcheck(case):
         if backend == "triton"
         else torch.ops.fastvq.nearest_code
     )
-    z, codebook = _inputs(17, 40, 24, torch.float32, device, 7)
+    z, codebook = random_search_inputs(17, 40, 24, torch.float32, device, 7)
     bias = torch.randn(40, device=device)
     torch.library.opcheck(op, (z, codebook, None, bias, False))
     torch.library.opcheck(op, (z.half(), codebook.half(), bias.abs(), None, True))
@@ -239,7 +232,7 @@ def test_compiles_without_graph_breaks(case):
         idx, dist = fastvq.nearest_code(z, codebook, backend=backend, return_distance=True)
         return codebook[idx] - z, dist.mean()
 
-    z, codebook = _inputs(64, 100, 16, torch.float32, device, 8)
+    z, codebook = random_search_inputs(64, 100, 16, torch.float32, device, 8)
     eager = step(z, codebook)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(z, codebook)
     torch.testing.assert_close(compiled, eager)
@@ -255,7 +248,7 @@ def test_compiles_without_graph_breaks(case):
     seed=st.integers(0, 2**31),
 )
 def test_fuzz_shapes(n, k, d, metric, dtype, seed):
-    z, codebook = _inputs(n, k, d, dtype, "cpu", seed)
+    z, codebook = random_search_inputs(n, k, d, dtype, "cpu", seed)
     for backend in ("torch", "cpu") if fastvq.backends()["cpu"].available else ("torch",):
         idx = fastvq.nearest_code(z, codebook, metric=metric, backend=backend)
         check_nearest(z, codebook, idx, metric)
@@ -306,7 +299,7 @@ def test_triton_split_k_is_identical_to_one_pass():
 
     device = "cuda" if CUDA else "cpu"
     # D = 300 leaves an uneven last D chunk; K = 700 an uneven last tile in some splits.
-    z, codebook = _inputs(37, 700, 300, torch.float32, device, 9)
+    z, codebook = random_search_inputs(37, 700, 300, torch.float32, device, 9)
     bias = -0.5 * codebook.square().sum(-1)
     one = nearest_code_triton(z, codebook, None, bias, False, splits=1)
     split = nearest_code_triton(z, codebook, None, bias, False, splits=5)

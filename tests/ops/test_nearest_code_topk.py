@@ -8,7 +8,7 @@ import torch
 import fastvq
 from fastvq.ops.nearest_code import MAX_TOPK
 from fastvq.reference import METRICS, topk_scores
-from fastvq.testing import backend_cases, check_nearest_topk
+from fastvq.testing import backend_cases, check_nearest_topk, random_search_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # No CUDA C++ top-k kernel: backend="cuda" with k > 1 is an error (tested below).
@@ -40,13 +40,6 @@ INTERPRETER_SHAPES = [
 ]
 
 
-def _inputs(n, k, d, dtype, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, d, generator=g).to(dtype).to(device)
-    codebook = torch.randn(k, d, generator=g).to(dtype).to(device)
-    return z, codebook
-
-
 def _shapes(backend):
     return INTERPRETER_SHAPES if backend == "triton" and INTERPRET else SHAPES
 
@@ -58,7 +51,7 @@ def _shapes(backend):
 def test_parity_with_float64(case, dtype, metric, precision, poison):
     device, backend = case
     for seed, (n, num_codes, d, k) in enumerate(_shapes(backend)):
-        z, codebook = _inputs(n, num_codes, d, dtype, device, seed)
+        z, codebook = random_search_inputs(n, num_codes, d, dtype, device, seed)
         idx = fastvq.nearest_code(
             z, codebook, metric=metric, precision=precision, backend=backend, k=k
         )
@@ -94,7 +87,7 @@ def test_exact_ties_go_in_index_order(case, metric):
 @pytest.mark.parametrize("case", CASES)
 def test_first_column_is_nearest_code(case):
     device, backend = case
-    z, codebook = _inputs(513, 1000, 32, torch.float32, device, 3)
+    z, codebook = random_search_inputs(513, 1000, 32, torch.float32, device, 3)
     top = fastvq.nearest_code(z, codebook, backend=backend, k=6)
     one = fastvq.nearest_code(z, codebook, backend=backend)
     # Same scores, same tie rule: bit-equal except where the two kernels round differently.
@@ -106,7 +99,7 @@ def test_first_column_is_nearest_code(case):
 @pytest.mark.parametrize("case", CASES)
 def test_shapes_layouts_empty_and_distances(case, poison):
     device, backend = case
-    z, codebook = _inputs(2 * 3 * 5, 37, 24, torch.float32, device, 4)
+    z, codebook = random_search_inputs(2 * 3 * 5, 37, 24, torch.float32, device, 4)
     flat = fastvq.nearest_code(z, codebook, backend=backend, k=4)
     z5 = z.reshape(2, 3, 5, 24)
     assert torch.equal(
@@ -132,7 +125,7 @@ def test_shapes_layouts_empty_and_distances(case, poison):
 @pytest.mark.parametrize("case", CASES)
 def test_non_finite_rows_unchecked(case):
     device, backend = case
-    z, codebook = _inputs(9, 31, 8, torch.float32, device, 5)
+    z, codebook = random_search_inputs(9, 31, 8, torch.float32, device, 5)
     z[3, 5] = float("nan")
     with pytest.raises(ValueError, match="z contains NaN"):
         fastvq.nearest_code(z, codebook, backend=backend, k=3)
@@ -154,7 +147,7 @@ def _renumber(idx, removed):
 def test_huge_codebook_small_batch(case):
     device, backend = case
     num_codes = 1 << 18 if backend != "triton" or not INTERPRET else 5000
-    z, codebook = _inputs(3, num_codes, 8, torch.float32, device, 6)
+    z, codebook = random_search_inputs(3, num_codes, 8, torch.float32, device, 6)
     idx = fastvq.nearest_code(z, codebook, backend=backend, k=10)
     check_nearest_topk(z, codebook, idx)
 
@@ -167,7 +160,7 @@ def test_compiles_without_graph_breaks(case):
         idx, dist = fastvq.nearest_code(z, codebook, backend=backend, k=3, return_distance=True)
         return codebook[idx] - z[:, None], dist.mean()
 
-    z, codebook = _inputs(33, 40, 8, torch.float32, device, 7)
+    z, codebook = random_search_inputs(33, 40, 8, torch.float32, device, 7)
     eager = step(z, codebook)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(z, codebook)
     torch.testing.assert_close(compiled, eager)
@@ -180,7 +173,7 @@ def test_opcheck(case):
         pytest.skip("the torch backend is plain PyTorch, not a custom op")
     name = "nearest_code_topk_triton" if backend == "triton" else "nearest_code_topk"
     op = getattr(torch.ops.fastvq, name)
-    z, codebook = _inputs(17, 40, 24, torch.float32, device, 8)
+    z, codebook = random_search_inputs(17, 40, 24, torch.float32, device, 8)
     bias = torch.randn(40, device=device)
     torch.library.opcheck(op, (z, codebook, None, bias, 5, False))
     torch.library.opcheck(op, (z.half(), codebook.half(), bias.abs(), None, 3, True))
@@ -218,7 +211,7 @@ def test_cpu_kernel_is_exact_and_thread_independent(case):
     threads = torch.get_num_threads()
     try:
         for n in (5, 2000):
-            z, codebook = _inputs(n, 3000, 24, torch.float32, "cpu", 9)
+            z, codebook = random_search_inputs(n, 3000, 24, torch.float32, "cpu", 9)
             bias = torch.randn(3000)
             outs = []
             for t in (1, 3):

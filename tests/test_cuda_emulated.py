@@ -1,12 +1,12 @@
-"""The CUDA kernels of csrc/cuda/quantize.cu, ema.cu and leech.cu, executed on the CPU through
-their real launch functions, against the CPU ops of the same contract.
+"""The CUDA kernels of csrc/cuda/nearest_code.cu, quantize.cu, ema.cu and leech.cu, executed on
+the CPU through their real launch functions, against float64 and the CPU ops of the same contract.
 
-CI has no GPU. tests/cuda_emulator/emulator.h runs every CUDA thread as a fiber (its header says
-what it models and what not); here each `kernel<<<grid, block, smem, stream>>>(args)` of the three
-files becomes an emulator call, g++ compiles them with AddressSanitizer and UBSan where the
-toolchain has them (an out-of-bounds access in a kernel fails the test), and a child process
-(tests/cuda_emulator/run_calls.py) calls the launch functions through ctypes, under a timeout so
-that a hang fails instead of stalling CI. nearest_code.cu is not covered: it needs tensor cores.
+CI has no GPU. tests/cuda_emulator/emulator.h runs every CUDA thread as a fiber and emulates WMMA
+(its header says what it models and what not); here each `kernel<<<grid, block, smem,
+stream>>>(args)` of the four files becomes an emulator call, g++ compiles them with
+AddressSanitizer and UBSan where the toolchain has them (an out-of-bounds access in a kernel fails
+the test), and a child process (tests/cuda_emulator/run_calls.py) calls the launch functions
+through ctypes, under a timeout so that a hang fails instead of stalling CI.
 
 Outputs are poisoned before a launch with what they must not keep. Floating outputs follow
 tests/ops/test_quantize.py's rule, with the CPU op as the peer in the same precision:
@@ -28,15 +28,16 @@ import torch
 
 from fastvq.lattice import LEECH_SIZE, leech_codes
 from fastvq.ops.quantize import _bwd_torch, _fwd_torch
-from fastvq.testing import cuda_include_dir
+from fastvq.reference import code_terms
+from fastvq.testing import check_nearest, cuda_include_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 EMULATOR_DIR = os.path.join(ROOT, "tests", "cuda_emulator")
-KERNEL_FILES = ["quantize.cu", "ema.cu", "leech.cu"]
+KERNEL_FILES = ["nearest_code.cu", "quantize.cu", "ema.cu", "leech.cu"]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-KERNEL_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # quantize.h's DType
+KERNEL_DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # nearest_code.h's DType
 LEECH_DTYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 GRADS = {"ste": 0, "rotation": 1, "householder": 2}  # quantize.h's Grad
 ATOL = {torch.float32: 2.0**-20, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -51,13 +52,17 @@ TIMEOUT_S = 60
 
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\s*\(", re.S)
 _SHARED = re.compile(r"__shared__[^;]*;")
+_DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([^;\[]+?)\s+(\w+)\[\];"
+)
 
 
 def emulated_source(source: str) -> str:
     """A .cu for emulator.h: `kernel<<<config>>>(args)` becomes `::fastvq_emu::launch("kernel",
-    config, [&] { kernel(args); })`, and every `__shared__ T name[...];` is followed by
-    `::fastvq_emu::fresh_shared(name, sizeof name);`. Newlines are kept, so that compiler and
-    sanitizer messages give the .cu's own lines."""
+    address of kernel, config, [&] { kernel(args); })`, `extern __shared__ T name[];` becomes
+    `T* const name = ...` the block's dynamic shared memory, and every other `__shared__ T
+    name[...];` is followed by `::fastvq_emu::fresh_shared(name, sizeof name);`. Newlines are
+    kept, so that compiler and sanitizer messages give the .cu's own lines."""
     out, pos = [], 0
     for match in _LAUNCH.finditer(source):
         depth, end = 1, match.end()
@@ -65,10 +70,18 @@ def emulated_source(source: str) -> str:
             depth += {"(": 1, ")": -1}.get(source[end], 0)
             end += 1
         kernel, config, args = match[1], match[2], source[match.end() : end - 1]
-        out += [source[pos : match.start()], f'::fastvq_emu::launch("{kernel}", {config}, ']
+        address = f"reinterpret_cast<const void*>(&{kernel})"
+        out += [
+            source[pos : match.start()],
+            f'::fastvq_emu::launch("{kernel}", {address}, {config}, ',
+        ]
         out.append(f"[&] {{ {kernel}({args}); }})")
         pos = end
     source = "".join(out) + source[pos:]
+    source = _DYNAMIC_SHARED.sub(
+        lambda m: f"{m[1]}* const {m[2]} = static_cast<{m[1]}*>(::fastvq_emu::dynamic_shared());",
+        source,
+    )
 
     def fresh(declaration):
         names = re.findall(r"(\w+)\s*\[", declaration[0])  # arrays only: all the kernels have
@@ -91,9 +104,11 @@ class Emulated:
         """Makes the calls, (function of shim.cpp, argument, ...), in order in one child process.
         Tensor arguments (CPU, contiguous) go through device-like copies and come back in place,
         so a later call sees what an earlier one wrote (distinct tensors must not share memory);
-        None is a null pointer, int an int64_t, float a double. Every call must return
-        cudaSuccess."""
-        tensors = {id(a): a for call in calls for a in call[1:] if isinstance(a, torch.Tensor)}
+        a (tensor, elements) pair passes a pointer that many elements past the copy's (16-byte
+        aligned) start; None is a null pointer, int an int64_t, float a double. Every call must
+        return cudaSuccess."""
+        args = [a[0] if isinstance(a, tuple) else a for call in calls for a in call[1:]]
+        tensors = {id(a): a for a in args if isinstance(a, torch.Tensor)}
         offsets, size = {}, 0
         for key, t in tensors.items():
             assert t.device.type == "cpu" and t.is_contiguous()
@@ -110,8 +125,10 @@ class Emulated:
             place(t).copy_(t.reshape(-1))
 
         def encode(a):
-            if isinstance(a, torch.Tensor):
-                return ["buffer", offsets[id(a)], a.numel() * a.element_size()]
+            t, shift = a if isinstance(a, tuple) else (a, 0)
+            if isinstance(t, torch.Tensor):
+                size = t.numel() * t.element_size()
+                return ["buffer", offsets[id(t)], size, shift * t.element_size()]
             if a is None:
                 return ["null"]
             return ["float" if isinstance(a, float) else "int", a]
@@ -145,7 +162,8 @@ def emulated(tmp_path_factory):
     include = cuda_include_dir()
     if include is None or shutil.which("g++") is None:
         pytest.skip("needs nvcc's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) and g++")
-    ops = ["quantize_fwd_cpp", "quantize_bwd_cpp", "ema_scatter_cpp", "leech_decode"]
+    ops = ["nearest_code", "quantize_fwd_cpp", "quantize_bwd_cpp", "ema_scatter_cpp"]
+    ops.append("leech_decode")
     if not all(hasattr(torch.ops.fastvq, op) for op in ops):
         pytest.skip("fastvq._C is not built: its CPU ops are the reference")
     work = tmp_path_factory.mktemp("cuda_emulated")
@@ -201,6 +219,130 @@ def _codes(n, k, gen):
         idx[7:10] = torch.tensor([*BAD_CODES, k])
         bad[7:10] = True
     return idx, bad
+
+
+# --- nearest_code.cu: nearest_code_workspace_bytes / launch_nearest_code ----------------------
+
+# mode: (dtype, fast, check_nearest's precision).
+SEARCH_MODES = {
+    "float32": (torch.float32, False, "exact"),
+    "float32-fast": (torch.float32, True, "fast"),
+    "bfloat16": (torch.bfloat16, False, "exact"),
+    "float16": (torch.float16, False, "exact"),
+}
+# (SM count, opt-in shared memory per block): an H100, and a device on which the CTA's block of z
+# no longer fits resident at the last shape's D and streams beside the codebook instead.
+DEVICES = {"h100": (132, 227 << 10), "small": (8, 100 << 10)}
+# (N, K, D, metric) per device, D by element size. Partial row and code tiles; D = 1 and 3 lie
+# below one k-step, 24 is one chunk of 16-byte loads, 33 a partial second chunk of element loads,
+# 1024 the largest D. The first shape of each device splits the codebook over CTAs (4 on 132 SMs,
+# 2 on 8 SMs), and its z starts one element past a 16-byte boundary, which rules out 16-byte loads.
+SEARCH_SHAPES = {
+    "h100": [
+        (3, 2200, 24, "l2"),
+        (130, 200, 1, "dot"),
+        (61, 300, 3, "cosine"),
+        (70, 129, 33, "l2"),
+        (5, 40, 1024, "l2"),
+        (1, 1, 5, "dot"),
+    ],
+    "small": [(9, 1100, 24, "l2"), (70, 150, {4: 100, 2: 300}, "l2")],
+}
+# Small integers: every score is exact in every mode, so the answer is exact too.
+INTEGER_SHAPE = (67, 150, 7, "l2")
+
+
+def _search_case(n, k, d, metric, dtype, seed, integer=False):
+    """(z, codebook, scale, bias): code terms in float32, as the glue passes them.
+
+    Gaussian; for l2, with near ties whose codes lie far apart, so that an error on either side
+    of the products shows: codes 2r and 2r + 1 lie at distances 2 and sqrt(4 + 2^-10) from row
+    r in random directions, their scores 2^-11 apart: at D = 24 to 33 beyond the error bound of
+    exact arithmetic, well within the error of tf32 (on either operand alone). With integer,
+    row 0 holds a NaN (its scores are all NaN: index 0), row 1 an inf (scores of +-inf and NaN),
+    row 2 a code that appears again at index K - 1, which must not win the tie."""
+    gen = torch.Generator().manual_seed(seed)
+    if integer:
+        z = torch.randint(-2, 3, (n, d), generator=gen).to(dtype)
+        codebook = torch.randint(-2, 3, (k, d), generator=gen).to(dtype)
+        codebook[k - 1] = codebook[k // 2]
+        z[2] = codebook[k // 2]
+        z[0, 0], z[1, d - 1] = math.nan, math.inf
+    else:
+        z, codebook = (torch.randn(m, d, generator=gen) for m in (n, k))
+        pairs = min(n // 2, k // 2) if metric == "l2" else 0
+        direction = torch.nn.functional.normalize(torch.randn(2 * pairs, d, generator=gen), dim=1)
+        codebook[: 2 * pairs : 2] = z[:pairs] + 2 * direction[::2]
+        codebook[1 : 2 * pairs : 2] = z[:pairs] + math.sqrt(4 + 2**-10) * direction[1::2]
+        z, codebook = z.to(dtype), codebook.to(dtype)
+    scale, bias = code_terms(codebook, metric)
+    return z, codebook, scale, bias
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", SEARCH_MODES)
+def test_nearest_code(emulated, mode, device):
+    dtype, fast, precision = SEARCH_MODES[mode]
+    shapes = [
+        (n, k, d[dtype.itemsize] if isinstance(d, dict) else d, metric)
+        for n, k, d, metric in SEARCH_SHAPES[device]
+    ]
+    shapes.append(INTEGER_SHAPE)
+    cases = [
+        _search_case(*shape, dtype, seed, integer=shape is INTEGER_SHAPE)
+        for seed, shape in enumerate(shapes)
+    ]
+    setup = ("emu_device", *DEVICES[device])
+    flags = (KERNEL_DTYPE[dtype], int(fast))
+    # The plans first, in a process of their own: the workspace each launch needs on this device.
+    sizes = [torch.full((1,), -1) for _ in shapes]
+    emulated.run(
+        setup,
+        *[
+            ("emu_nearest_code_workspace", *s[:3], *flags, b)
+            for s, b in zip(shapes, sizes, strict=True)
+        ],
+    )
+    sizes = [int(b) for b in sizes]
+    assert sizes[0] > 0, f"{shapes[0]} no longer splits the codebook on {device}: pick another"
+    calls, outs = [setup], []
+    for seed, ((n, k, d, _), (z, codebook, scale, bias), size) in enumerate(
+        zip(shapes, cases, sizes, strict=True)
+    ):
+        z_arg = z
+        if seed == 0:  # misaligned: z one element into a buffer
+            z_arg = (torch.cat([z.new_full((1,), math.nan), z.reshape(-1)]), 1)
+        out = torch.full((n,), -1)  # out of range: a row left unwritten fails the check
+        workspace = torch.full((size,), 0xFF, dtype=torch.uint8) if size else None  # NaN, -1
+        calls.append(("emu_seed", seed))
+        calls.append(
+            (
+                "emu_nearest_code",
+                z_arg,
+                codebook,
+                scale,
+                bias,
+                n,
+                k,
+                d,
+                *flags,
+                out,
+                workspace,
+                size,
+            )
+        )
+        outs.append(out)
+    emulated.run(*calls)
+
+    for shape, (z, codebook, _, bias), out in zip(shapes, cases, outs, strict=True):
+        if shape is not INTEGER_SHAPE:
+            check_nearest(z, codebook, out, shape[3], precision)
+            continue
+        scores = z.double() @ codebook.double().T + bias.double()  # all exact
+        want = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).argmax(1)
+        if dtype == torch.float32 and not fast:
+            want[1] = 0  # 3xTF32 splits inf into inf + NaN: every score of the row is NaN
+        assert torch.equal(out, want), f"{shape}: rows {(out != want).nonzero().flatten().tolist()}"
 
 
 # --- quantize.cu: launch_quantize_fwd / launch_quantize_bwd ------------------------------------

@@ -1,13 +1,20 @@
 // A CUDA emulator for tests: runs the kernels of csrc/cuda/*.cu on the CPU, so that CI, which has
 // no GPU, executes them. tests/test_cuda_emulated.py rewrites every `kernel<<<grid, block, smem,
 // stream>>>(args)` of a .cu into fastvq_emu::launch(...), adds a fresh_shared call after every
-// __shared__ declaration, and compiles the file with g++, nvcc's headers on the include path and
+// __shared__ declaration, turns `extern __shared__ T name[];` into a pointer to the block's
+// dynamic shared memory, and compiles the file with g++, nvcc's headers on the include path and
 // this header force-included (-include).
 //
 // What it models:
 //   - Launches: grid and block checked as the driver checks them (an invalid one sets
-//     cudaErrorInvalidConfiguration for cudaGetLastError and runs nothing); the blocks run one
-//     after another, to completion, before launch returns.
+//     cudaErrorInvalidConfiguration for cudaGetLastError and runs nothing), and the dynamic
+//     shared memory against the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (48 KiB
+//     unless raised by cudaFuncSetAttribute, at most the device's opt-in limit; beyond it,
+//     cudaErrorInvalidValue); the blocks run one after another, to completion, before launch
+//     returns.
+//   - One device, 0, with an H100's SM count and shared-memory limits (set_device changes them),
+//     for the attribute and occupancy queries a launch plan makes. Occupancy counts threads and
+//     shared memory, not registers.
 //   - Threads: every CUDA thread of a block is a fiber (ucontext), all on one OS thread. A fiber
 //     runs until it reaches __syncthreads, __syncwarp, a shuffle or a vote, or exits; a barrier
 //     opens as soon as the last thread it waits for arrives. The next fiber to run is the first
@@ -21,7 +28,18 @@
 //     state in which no thread can go on, abort with a message: on a GPU, undefined or a hang.
 //   - __shared__ variables become function-local statics, filled with 0xff bytes (NaN, -1) by the
 //     first thread of each block to pass their declaration (fresh_shared): shared memory starts
-//     every block as undefined as on a GPU, not holding the last block's values.
+//     every block as undefined as on a GPU, not holding the last block's values. Dynamic shared
+//     memory is a fresh allocation of exactly the launch's size per block, 0xff-filled, so that
+//     AddressSanitizer catches an access past it.
+//   - WMMA (nvcuda::wmma of mma.h, the m16n16k16 and m16n16k8 shapes): fragments hold 1/32 of
+//     the matrix per lane in a layout of this emulator's own (element e of lane l is the matrix's
+//     element e * 32 + l in row-major order), which a kernel may only use elementwise, as on a GPU.
+//     load/store/mma_sync are warp barriers; pointers must be 32-byte aligned and ldm a multiple
+//     of 16 bytes (else abort). mma_sync takes tf32 operands truncated to tf32 (their low 13 bits
+//     dropped) and 16-bit operands as they are, adds the exact products and the accumulator in
+//     double and rounds once to float: more accurate than a tensor core, whose fp32 accumulation
+//     order and rounding are unspecified, so parity tests here bound the kernel's error from
+//     above, not its bits.
 //   - Atomics: a plain read-modify-write (fibers never interleave within one). Their order follows
 //     the run order, so float sums round differently from one seed to another, as on a GPU.
 // What it does not model: FMA contraction (nvcc fuses a * b + c by default, this build never does,
@@ -29,8 +47,7 @@
 // memory model (every store is at once visible to every thread: no caches, no reordering, no
 // fences); real concurrency (no two threads run at once, so races show only through the orders
 // drawn, and atomics never truly collide); independent thread scheduling, partial warp masks and
-// blocks that are not whole warps; streams; dynamic shared memory; tensor cores (WMMA), constant
-// and texture memory; timing.
+// blocks that are not whole warps; streams; constant and texture memory; registers; timing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -90,6 +107,33 @@ inline uint64_t lane_values[2][1024];   // two slots per thread: its offer to a 
 inline std::vector<const void*> fresh;  // the __shared__ variables poisoned in this block
 inline void (*body_call)(void*);        // the kernel call of the running launch, type-erased
 inline void* body;
+inline void* dynamic_smem = nullptr;  // this block's dynamic shared memory
+inline size_t dynamic_smem_bytes = 0;
+
+// The emulated device 0 (an H100 SXM by default) and the kernels' raised shared-memory limits.
+struct Device {
+  int sms = 132;
+  int smem_per_block_optin = 227 << 10;
+  int smem_per_sm = 228 << 10;
+  int smem_reserved_per_block = 1 << 10;
+  int max_threads_per_sm = 2048;
+  int max_blocks_per_sm = 32;
+};
+inline Device device;
+constexpr int kDefaultDynamicSmem = 48 << 10;
+inline std::vector<std::pair<const void*, int>> max_dynamic_smem;  // per kernel, once raised
+
+inline void set_device(int sms, int smem_per_block_optin) {
+  device.sms = sms;
+  device.smem_per_block_optin = smem_per_block_optin;
+}
+
+inline int dynamic_smem_limit(const void* kernel) {
+  for (const auto& [k, bytes] : max_dynamic_smem) {
+    if (k == kernel) return bytes;
+  }
+  return kDefaultDynamicSmem;
+}
 
 inline void set_seed(uint64_t seed) { order_rng.seed(seed); }
 
@@ -97,6 +141,12 @@ inline void set_seed(uint64_t seed) { order_rng.seed(seed); }
   std::fprintf(stderr, "fastvq_emu: %s in kernel %s, block (%u, %u, %u)\n", what, kernel_name,
                block_index.x, block_index.y, block_index.z);
   std::abort();
+}
+
+// The block's `extern __shared__ T name[]` (the test's rewrite calls it).
+inline void* dynamic_shared() {
+  if (dynamic_smem == nullptr) fail("extern __shared__ memory read, but the launch gave 0 bytes");
+  return dynamic_smem;
 }
 
 inline int linear_index(const Fiber& f) {
@@ -182,6 +232,11 @@ inline void run_block() {
     f.exchanges = 0;
   }
   fresh.clear();
+  if (dynamic_smem_bytes != 0) {
+    // Exactly the launch's size, so that AddressSanitizer's redzone starts where it ends.
+    if (posix_memalign(&dynamic_smem, 128, dynamic_smem_bytes) != 0) fail("no dynamic smem");
+    std::memset(dynamic_smem, 0xff, dynamic_smem_bytes);
+  }
   draw_priority();
   for (;;) {
     const auto next = std::find_if(priority.begin(), priority.end(),
@@ -189,6 +244,8 @@ inline void run_block() {
     if (next == priority.end()) {
       if (std::all_of(fibers.begin(), fibers.end(),
                       [](const Fiber& f) { return f.state == Fiber::kExited; })) {
+        std::free(dynamic_smem);  // the block's, now that all its threads have exited
+        dynamic_smem = nullptr;
         return;
       }
       fail_stuck();
@@ -201,10 +258,10 @@ inline void run_block() {
 }
 
 // Runs `call` (the kernel applied to its arguments) as kernel<<<grid, block, shared_bytes,
-// stream>>> would: every block, every thread.
+// stream>>> would: every block, every thread. `address` is the kernel's, for its attributes.
 template <class Call>
-void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
-            Call&& call) {
+void launch(const char* kernel, const void* address, dim3 grid, dim3 block, size_t shared_bytes,
+            cudaStream_t stream, Call&& call) {
   (void)stream;  // streams are not modelled: the launch completes here
   const uint64_t threads = uint64_t{block.x} * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 ||
@@ -212,8 +269,12 @@ void launch(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cuda
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  if (shared_bytes > static_cast<size_t>(dynamic_smem_limit(address))) {
+    last_error = cudaErrorInvalidValue;
+    return;
+  }
   kernel_name = kernel;
-  if (shared_bytes != 0) fail("dynamic shared memory is not modelled");
+  dynamic_smem_bytes = shared_bytes;
   if (threads % kWarpSize != 0) fail("a block of a partial warp is not modelled");
   grid_size = grid;
   block_size = block;
@@ -272,6 +333,77 @@ extern "C" inline cudaError_t cudaGetLastError() {
   return e;
 }
 
+// Device 0 of fastvq_emu::device: the queries and the one function attribute the kernels use.
+// Anything else aborts: a kernel needing more needs this emulator extended.
+[[noreturn]] inline void host_unmodelled(const char* what) {
+  std::fprintf(stderr, "fastvq_emu: %s is not modelled\n", what);
+  std::abort();
+}
+
+extern "C" inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  const fastvq_emu::Device& d = fastvq_emu::device;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = d.sms;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = d.smem_per_block_optin;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      *value = d.smem_per_sm;
+      return cudaSuccess;
+    default:
+      host_unmodelled("this cudaDeviceGetAttribute attribute");
+  }
+}
+
+extern "C" inline cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr,
+                                                   int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    host_unmodelled("this cudaFuncSetAttribute attribute");
+  }
+  if (value < 0 || value > fastvq_emu::device.smem_per_block_optin) return cudaErrorInvalidValue;
+  auto& limits = fastvq_emu::max_dynamic_smem;
+  std::erase_if(limits, [&](const auto& entry) { return entry.first == func; });
+  limits.emplace_back(func, value);
+  return cudaSuccess;
+}
+
+// Resident blocks per SM as limited by threads, blocks and shared memory (registers unknown).
+extern "C" inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks,
+                                                                            const void* func,
+                                                                            int block_size,
+                                                                            size_t dynamic_smem) {
+  const fastvq_emu::Device& d = fastvq_emu::device;
+  if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
+  *blocks = 0;
+  if (dynamic_smem > static_cast<size_t>(fastvq_emu::dynamic_smem_limit(func))) return cudaSuccess;
+  const int warps = (block_size + fastvq_emu::kWarpSize - 1) / fastvq_emu::kWarpSize;
+  const int by_threads = d.max_threads_per_sm / (warps * fastvq_emu::kWarpSize);
+  const int by_smem = static_cast<int>(d.smem_per_sm / (dynamic_smem + d.smem_reserved_per_block));
+  *blocks = std::min({by_threads, by_smem, d.max_blocks_per_sm});
+  return cudaSuccess;
+}
+
+// cuda_runtime.h's C++ overloads for a kernel's address, visible to nvcc only.
+template <class T>
+cudaError_t cudaFuncSetAttribute(T* func, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(func), attr, value);
+}
+
+template <class T>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, T* func, int block_size,
+                                                          size_t dynamic_smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, reinterpret_cast<const void*>(func),
+                                                       block_size, dynamic_smem);
+}
+
 inline void __syncthreads() { fastvq_emu::wait_at(fastvq_emu::Fiber::kAtBlockBarrier); }
 
 inline void __syncwarp(unsigned mask = fastvq_emu::kFullMask) {
@@ -321,6 +453,15 @@ inline float __int_as_float(int x) {
   std::memcpy(&f, &x, sizeof f);
   return f;
 }
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, sizeof f);
+  return f;
+}
+template <class T>
+T __ldg(const T* p) {
+  return *p;
+}
 inline int __float_as_int(float x) {
   int i;
   std::memcpy(&i, &x, sizeof i);
@@ -334,3 +475,167 @@ inline double max(double a, double b) { return fmax(a, b); }
 inline float min(float a, float b) { return fminf(a, b); }
 inline double min(double a, double b) { return fmin(a, b); }
 using std::isfinite;
+
+// --- WMMA (mma.h) ------------------------------------------------------------------------------
+// The header's "What it models" says how; only the shapes, layouts and functions the kernels use.
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+
+template <class Use, int M, int N, int K>
+struct fragment_shape;  // rows x cols of the matrix a fragment holds
+template <int M, int N, int K>
+struct fragment_shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct fragment_shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct fragment_shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+
+template <class T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert((M == 16 && N == 16 && (K == 16 || K == 8)), "m16n16k16 and m16n16k8 only");
+  using element_type = typename storage<T>::type;
+  static constexpr int rows = fragment_shape<Use, M, N, K>::rows;
+  static constexpr int cols = fragment_shape<Use, M, N, K>::cols;
+  static constexpr int num_elements = rows * cols / fastvq_emu::kWarpSize;
+  element_type x[num_elements];
+  // Element e of this lane: the matrix element (row, col) of flat index e * 32 + lane.
+  static int row(int e, int lane) { return (e * fastvq_emu::kWarpSize + lane) / cols; }
+  static int col(int e, int lane) { return (e * fastvq_emu::kWarpSize + lane) % cols; }
+};
+
+// cvt.rna.tf32.f32: to nearest, ties away from zero; the low 13 bits come out zero.
+inline float __float_to_tf32(float x) {
+  if (!std::isfinite(x)) return x;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+namespace detail {
+
+template <class E>
+void check_memory(const E* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
+    fastvq_emu::fail("a WMMA load or store at a pointer not 32-byte aligned");
+  }
+  if (ldm * sizeof(E) % 16 != 0) {
+    fastvq_emu::fail("a WMMA load or store with an ldm not a multiple of 16 bytes");
+  }
+}
+
+// A tensor core's view of an operand: tf32 keeps the top 19 bits of a float, 16-bit types are
+// exact; every product of two is exact in double.
+template <class T>
+double operand(typename storage<T>::type v) {
+  if constexpr (std::is_same_v<T, precision::tf32>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    u &= 0xffffe000u;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "tf32, half and bf16 operands only");
+    return __bfloat162float(v);
+  }
+}
+
+}  // namespace detail
+
+template <class Use, int M, int N, int K, class T, class Layout, class E>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const E* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  static_assert(std::is_same_v<E, typename F::element_type>, "pointer of the fragment's type");
+  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
+                "an accumulator load needs a layout_t (not modelled)");
+  detail::check_memory(p, ldm);
+  __syncwarp();
+  const int lane = threadIdx.x % fastvq_emu::kWarpSize;
+  for (int e = 0; e < F::num_elements; ++e) {
+    const size_t r = F::row(e, lane), c = F::col(e, lane);
+    f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+  }
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
+  using F = fragment<accumulator, M, N, K, float>;
+  detail::check_memory(p, ldm);
+  __syncwarp();
+  const int lane = threadIdx.x % fastvq_emu::kWarpSize;
+  for (int e = 0; e < F::num_elements; ++e) {
+    const size_t r = F::row(e, lane), c = F::col(e, lane);
+    p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
+  }
+}
+
+template <class Use, int M, int N, int K, class T, class Layout>
+void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, typename storage<T>::type v) {
+  for (auto& x : f.x) x = v;
+}
+
+// d = a b + c, a warp operation: each lane computes its own elements of d from every lane's a
+// and b (read through pointers the lanes exchange), and writes them only after all lanes have
+// read, since d may be c.
+template <int M, int N, int K, class T, class LA, class LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+              const fragment<matrix_b, M, N, K, T, LB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  using FA = fragment<matrix_a, M, N, K, T, LA>;
+  using FB = fragment<matrix_b, M, N, K, T, LB>;
+  using FC = fragment<accumulator, M, N, K, float>;
+  struct Operands {
+    const FA* a;
+    const FB* b;
+  } mine{&a, &b};
+  float out[FC::num_elements];
+  fastvq_emu::exchange(reinterpret_cast<uintptr_t>(&mine), [&](const uint64_t* lanes, int lane) {
+    const auto element = [&](auto member, int cols, int r, int col) {
+      const int flat = r * cols + col;
+      const auto* ops = reinterpret_cast<const Operands*>(lanes[flat % fastvq_emu::kWarpSize]);
+      return detail::operand<T>((ops->*member)->x[flat / fastvq_emu::kWarpSize]);
+    };
+    for (int e = 0; e < FC::num_elements; ++e) {
+      const int r = FC::row(e, lane), col = FC::col(e, lane);
+      double sum = c.x[e];
+      for (int k = 0; k < K; ++k) {
+        sum += element(&Operands::a, K, r, k) * element(&Operands::b, N, k, col);
+      }
+      out[e] = static_cast<float>(sum);
+    }
+    return 0;
+  });
+  __syncwarp();
+  std::copy(out, out + FC::num_elements, d.x);
+}
+
+}  // namespace nvcuda::wmma

@@ -2,9 +2,10 @@
 kernels' library and makes the calls that a JSON job on stdin lists, on buffers kept in a file.
 
 Job: {"library": path, "arena": path, "calls": [[function, [kind, value...], ...], ...]}, kinds
-"buffer" (offset and size in the arena file), "int", "float" and "null". Every buffer is copied
-into a malloc'd block of exactly its size, as a cudaMemcpy to the device would, so that
-AddressSanitizer (preloaded by the test) guards its bounds, and copied back after the call.
+"buffer" (offset and size in the arena file, and the byte shift of the pointer passed), "int",
+"float" and "null". Every buffer is copied into a malloc'd block of exactly its size, as a
+cudaMemcpy to the device would, so that AddressSanitizer (preloaded by the test) guards its
+bounds, and copied back after the call.
 Prints the calls' return values as a JSON list. A child process, so that a hang ends in the test's
 timeout and a crash or a sanitizer report in an exit status, never in the test process itself.
 """
@@ -28,11 +29,11 @@ def main() -> None:
         values, buffers = [], []
         for kind, *value in args:
             if kind == "buffer":
-                offset, size = value
+                offset, size, shift = value
                 address = libc.malloc(size)
                 ctypes.memmove(address, os.pread(fd, size, offset), size)
                 buffers.append((address, offset, size))
-                values.append(ctypes.c_void_p(address))
+                values.append(ctypes.c_void_p(address + shift))
             elif kind == "int":
                 values.append(ctypes.c_int64(value[0]))
             elif kind == "float":

@@ -1,12 +1,14 @@
-// C entry points to the launch functions of csrc/cuda/{quantize,ema,leech}.cu, compiled against
-// emulator.h, for tests/test_cuda_emulated.py (through ctypes and run_calls.py). Every argument is
-// a pointer, an int64_t or a double, so ctypes needs no signature table; enums are passed as their
-// values (quantize.h's DType and Grad, leech.h's LeechDType). Each returns the launch function's
-// cudaError_t. Streams are null: the emulator runs every launch to completion.
+// C entry points to the launch functions of csrc/cuda/{nearest_code,quantize,ema,leech}.cu,
+// compiled against emulator.h, for tests/test_cuda_emulated.py (through ctypes and run_calls.py).
+// Every argument is a pointer, an int64_t or a double, so ctypes needs no signature table; enums
+// are passed as their values (nearest_code.h's DType, quantize.h's Grad, leech.h's LeechDType).
+// Each returns the launch function's cudaError_t. Streams are null: the emulator runs every
+// launch to completion.
 #include <cstdint>
 
 #include "ema.h"
 #include "leech.h"
+#include "nearest_code.h"
 #include "quantize.h"
 
 using fastvq::cuda::DType;
@@ -20,6 +22,30 @@ extern "C" {
 int emu_seed(int64_t seed) {
   fastvq_emu::set_seed(static_cast<uint64_t>(seed));
   return cudaSuccess;
+}
+
+// The emulated device's SM count and opt-in shared memory per block, for the plans that follow.
+int emu_device(int64_t sms, int64_t smem_per_block_optin) {
+  fastvq_emu::set_device(static_cast<int>(sms), static_cast<int>(smem_per_block_optin));
+  return cudaSuccess;
+}
+
+// *bytes = nearest_code_workspace_bytes(...), as an int64_t.
+int emu_nearest_code_workspace(int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t fast,
+                               int64_t* bytes) {
+  size_t b = 0;
+  const cudaError_t err =
+      fastvq::cuda::nearest_code_workspace_bytes(n, k, d, static_cast<DType>(dtype), fast != 0, &b);
+  *bytes = static_cast<int64_t>(b);
+  return err;
+}
+
+int emu_nearest_code(const void* z, const void* codebook, const float* scale, const float* bias,
+                     int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t fast, int64_t* out,
+                     void* workspace, int64_t workspace_bytes) {
+  return fastvq::cuda::launch_nearest_code(z, codebook, scale, bias, n, k, d,
+                                           static_cast<DType>(dtype), fast != 0, out, workspace,
+                                           static_cast<size_t>(workspace_bytes), nullptr);
 }
 
 int emu_quantize_fwd(const void* z, const void* codebook, const int64_t* idx, int64_t n, int64_t k,

@@ -5,10 +5,15 @@ Two kernels, both accumulating in float32 whatever z's dtype:
   adds scale * w[n] * z[n] into sums[idx[n]] and scale * w[n] into counts[idx[n]] with atomics.
   Bytes bound (z read once, K x D accumulators touched in L2); the order of the atomic adds, and
   so the float32 rounding, changes from run to run.
-- `_ema_segment_fwd_kernel`: the deterministic variant. The host sorts the indices (stable), so
-  the rows of code k are order[offsets[k]:offsets[k + 1]]; one program per (code, BLOCK_D
-  columns) sums its segment in a fixed order and writes keep * old + gain * sum. Every output is
-  written exactly once, without atomics, so the result is bit-identical run to run.
+- `_ema_piece_kernel` and `_ema_combine_kernel`: the deterministic variant. The host sorts the
+  indices (stable), so the rows of code k are order[offsets[k]:offsets[k + 1]], and cuts each
+  code's run into pieces of at most PIECE_ROWS rows: one program per (piece, BLOCK_D columns)
+  sums its rows in a fixed order. A code of one piece (the usual case) is written there, as
+  keep * old + gain * sum; the pieces of a longer run store partial sums, which the combine
+  kernel adds in piece order. A hot code (most of N, as at initialization or collapse) thus
+  spreads over N / PIECE_ROWS programs instead of being one program's serial loop. Every output
+  is written exactly once, without atomics, in an order fixed by the data alone, so the result
+  is bit-identical run to run.
 
 Host launchers take float32 accumulators that may be strided views (row stride free, unit
 column stride), so counts and sums can live in one (K, D + 1) buffer that a single all-reduce
@@ -64,17 +69,25 @@ def _ema_scatter_fwd_kernel(
 
 
 @triton.jit
-def _ema_segment_fwd_kernel(
-    # inputs: z (N, D) with row stride, order (N,) int64 rows sorted by code, offsets (K + 1,)
-    # int64 segment starts, weights (N,) float32 in z's row order
+def _ema_piece_kernel(
+    # inputs: z (N, D) with row stride, order (N,) int64 rows sorted by code, weights (N,)
+    # float32 in z's row order; per code (K + 1,) int64: offsets (run starts), piece_offsets
+    # (first piece), slot_offsets (first partial slot); piece_code (programs,) int64, K past
+    # the last piece
     z_ptr,
     order_ptr,
-    offsets_ptr,
     w_ptr,
-    # outputs, updated in place: counts (K,) and sums (K, D), float32
+    offsets_ptr,
+    piece_offsets_ptr,
+    slot_offsets_ptr,
+    piece_code_ptr,
+    # outputs: counts (K,) and sums (K, D) float32, updated in place for codes of one piece;
+    # partial (slots, D + 1) float32 for the pieces of longer runs
     counts_ptr,
     sums_ptr,
-    # sizes, strides, scalars: out = keep * out + gain * segment sum
+    partial_ptr,
+    # sizes, strides, scalars: out = keep * out + gain * run sum
+    K,
     D,
     stride_z,
     stride_counts,
@@ -82,16 +95,24 @@ def _ema_segment_fwd_kernel(
     keep,
     gain,
     # meta
+    PIECE_ROWS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    code = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    start = tl.load(offsets_ptr + code)
-    end = tl.load(offsets_ptr + code + 1)
+    code = tl.load(piece_code_ptr + pid)
+    real = code < K  # the grid is an upper bound on the number of pieces
+    code = tl.where(real, code, 0)
+    first_piece = tl.load(piece_offsets_ptr + code)
+    pieces = tl.load(piece_offsets_ptr + code + 1) - first_piece
+    piece = pid - first_piece
+    start = tl.load(offsets_ptr + code) + piece * PIECE_ROWS
+    end = tl.minimum(start + PIECE_ROWS, tl.load(offsets_ptr + code + 1))
+    end = tl.where(real, end, start)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_N], dtype=tl.float32)
     for s in range(start, end, BLOCK_N):
@@ -109,11 +130,55 @@ def _ema_segment_fwd_kernel(
         )
         acc += tl.sum(x.to(tl.float32) * w[:, None], axis=0)
         cnt += w
-    out = sums_ptr + code * stride_sums + cols
-    tl.store(out, keep * tl.load(out, mask=col_ok) + gain * acc, mask=col_ok)
-    if pid_d == 0:
-        out_count = counts_ptr + code * stride_counts
-        tl.store(out_count, keep * tl.load(out_count) + gain * tl.sum(cnt, axis=0))
+    total = tl.sum(cnt, axis=0)
+    if real:
+        if pieces == 1:
+            out = sums_ptr + code * stride_sums + cols
+            tl.store(out, keep * tl.load(out, mask=col_ok) + gain * acc, mask=col_ok)
+            if pid_d == 0:
+                out_count = counts_ptr + code * stride_counts
+                tl.store(out_count, keep * tl.load(out_count) + gain * total)
+        else:
+            slot = partial_ptr + (tl.load(slot_offsets_ptr + code) + piece) * (D + 1)
+            tl.store(slot + cols, acc, mask=col_ok)
+            if pid_d == 0:
+                tl.store(slot + D, total)
+
+
+@triton.jit
+def _ema_combine_kernel(
+    # inputs: piece_offsets, slot_offsets (K + 1,) int64 as above; partial (slots, D + 1) float32
+    piece_offsets_ptr,
+    slot_offsets_ptr,
+    partial_ptr,
+    # outputs, updated in place for codes of several pieces: counts (K,), sums (K, D) float32
+    counts_ptr,
+    sums_ptr,
+    D,
+    stride_counts,
+    stride_sums,
+    keep,
+    gain,
+    BLOCK_D: tl.constexpr,
+):
+    code = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    pieces = tl.load(piece_offsets_ptr + code + 1) - tl.load(piece_offsets_ptr + code)
+    if pieces > 1:
+        first = tl.load(slot_offsets_ptr + code)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        total = 0.0
+        for slot in range(first, first + pieces):
+            row = partial_ptr + slot * (D + 1)
+            acc += tl.load(row + cols, mask=col_ok, other=0.0)
+            total += tl.load(row + D)
+        out = sums_ptr + code * stride_sums + cols
+        tl.store(out, keep * tl.load(out, mask=col_ok) + gain * acc, mask=col_ok)
+        if pid_d == 0:
+            out_count = counts_ptr + code * stride_counts
+            tl.store(out_count, keep * tl.load(out_count) + gain * total)
 
 
 def _blocks(d: int, tile: int) -> tuple[int, int]:
@@ -168,6 +233,29 @@ def ema_scatter(
     )
 
 
+# Rows per piece of a code's run in the deterministic kernels: 8 steps of BLOCK_N = 64 rows.
+# NOTE: unmeasured on GPU, like the tile sizes above.
+PIECE_ROWS = 512
+
+
+def _pieces(sorted_codes: torch.Tensor, k: int, piece_rows: int):
+    """The cut of each code's run of sorted rows into pieces of at most piece_rows rows (an
+    empty run is one empty piece), without a host sync: (offsets, piece_offsets, slot_offsets)
+    of shape (K + 1,), piece_code (K + ceil(N / piece_rows),) with K past the last piece, and
+    the number of partial slots to allocate. Runs of one piece have no slots; the others have
+    one per piece, fewer than 2 N / piece_rows in all since each is longer than piece_rows."""
+    n, device = sorted_codes.shape[0], sorted_codes.device
+    offsets = torch.searchsorted(sorted_codes, torch.arange(k + 1, device=device))
+    pieces = (offsets.diff() + piece_rows - 1).div_(piece_rows, rounding_mode="floor").clamp_(min=1)
+    piece_offsets = torch.nn.functional.pad(pieces.cumsum(0), (1, 0))
+    slot_offsets = torch.nn.functional.pad((pieces * (pieces > 1)).cumsum(0), (1, 0))
+    programs = k + triton.cdiv(n, piece_rows)
+    piece_code = torch.searchsorted(
+        piece_offsets, torch.arange(programs, device=device), right=True
+    ).sub_(1)
+    return offsets, piece_offsets, slot_offsets, piece_code, 2 * triton.cdiv(n, piece_rows)
+
+
 def ema_segment(
     counts: torch.Tensor,
     sums: torch.Tensor,
@@ -176,36 +264,58 @@ def ema_segment(
     weight: torch.Tensor | None,
     keep: float,
     gain: float,
+    piece_rows: int = PIECE_ROWS,
 ) -> None:
     """Deterministic: counts = keep * counts + gain * c, sums = keep * sums + gain * s, where
     c[k] = sum of w[n] and s[k] = sum of w[n] * z[n] over the rows with indices[n] == k, each
-    summed in a fixed order (stable sort by code). Same shapes and dtypes as `ema_scatter`.
+    summed in an order fixed by the data (stable sort by code, pieces of piece_rows rows, the
+    pieces in order). Same shapes and dtypes as `ema_scatter`.
     """
     _check(counts, sums, z)
     k = counts.shape[0]
     d = z.shape[1]
     # Stable sort: the order of equal codes is the input order, so the sum order is fixed.
     sorted_codes, order = torch.sort(indices.to(torch.int64), stable=True)
-    bounds = torch.arange(k + 1, device=z.device, dtype=torch.int64)
-    offsets = torch.searchsorted(sorted_codes, bounds)
+    offsets, piece_offsets, slot_offsets, piece_code, slots = _pieces(sorted_codes, k, piece_rows)
+    partial = torch.empty(max(slots, 1), d + 1, dtype=torch.float32, device=z.device)
     block_n, block_d = _blocks(d, 2048)
     block_n = min(block_n, 64)
-    grid = (k, triton.cdiv(d, block_d))
-    _ema_segment_fwd_kernel[grid](
+    col_blocks = triton.cdiv(d, block_d)
+    _ema_piece_kernel[(piece_code.shape[0], col_blocks)](
         z,
         order,
-        offsets,
         weight if weight is not None else z,
+        offsets,
+        piece_offsets,
+        slot_offsets,
+        piece_code,
         counts,
         sums,
+        partial,
+        k,
         d,
         z.stride(0),
         counts.stride(0),
         sums.stride(0),
         keep,
         gain,
+        PIECE_ROWS=piece_rows,
         HAS_WEIGHT=weight is not None,
         BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    _ema_combine_kernel[(k, col_blocks)](
+        piece_offsets,
+        slot_offsets,
+        partial,
+        counts,
+        sums,
+        d,
+        counts.stride(0),
+        sums.stride(0),
+        keep,
+        gain,
         BLOCK_D=block_d,
         num_warps=4,
     )

@@ -174,6 +174,34 @@ def test_ema_update_follows_torch_deterministic_mode(mode, monkeypatch, request)
     assert seen == [mode, not mode]
 
 
+@pytest.mark.parametrize("case", TRITON_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_triton_cuts_long_runs_into_pieces(case, dtype, poison):
+    # The deterministic Triton kernels cut a code's run into pieces of piece_rows rows, summed
+    # apart and then added in order. Pieces of 4 rows make every kind show at interpreter sizes:
+    # a hot code of most rows, runs of exactly 4 and 5 rows, single rows, empty codes.
+    from fastvq.kernels.ema import ema_segment
+
+    device, _ = case
+    n, k, d = 70, 9, 33
+    cs, es, z, _, w = _ema_inputs(n, k, d, dtype, device, 5, "float")
+    runs = {2: 4, 3: 5, 4: 1, 6: 1, 7: 1}  # code 0 takes the other rows; codes 1, 5, 8 none
+    idx = torch.cat([torch.full((r,), c) for c, r in runs.items()])
+    idx = torch.cat([idx, torch.zeros(n - len(idx), dtype=torch.int64)])
+    idx = idx[torch.randperm(n, generator=torch.Generator().manual_seed(6))].to(device)
+    ref64 = ref.ema_update_onehot(cs.double(), es.double(), z.double(), idx, 0.8, w.double())
+    ref32 = ref.ema_update_onehot(cs, es, z.float(), idx, 0.8, w)
+    outs = []
+    for piece_rows in (4, 512):
+        a, b = cs.clone(), es.clone()
+        ema_segment(a, b, z, idx, w, 0.8, 0.2, piece_rows=piece_rows)
+        _assert_parity(a, ref64[0], ref32[0], f"cluster_size, pieces of {piece_rows}")
+        _assert_parity(b, ref64[1], ref32[1], f"embed_sum, pieces of {piece_rows}")
+        outs.append(b)
+    # The hot code's sum ran in another order: the pieces did cut it.
+    assert not torch.equal(outs[0][0], outs[1][0])
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_ema_update_deterministic_is_bit_identical(case):
     device, backend = case

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvq.ops.codebook import _ema_pieces
+
 
 @triton.jit
 def _ema_scatter_fwd_kernel(
@@ -233,27 +235,9 @@ def ema_scatter(
     )
 
 
-# Rows per piece of a code's run in the deterministic kernels: 8 steps of BLOCK_N = 64 rows.
-# NOTE: unmeasured on GPU, like the tile sizes above.
+# Rows per piece of a code's run in the deterministic kernels (fastvq.ops.codebook._ema_pieces):
+# 8 steps of BLOCK_N = 64 rows. NOTE: unmeasured on GPU, like the tile sizes above.
 PIECE_ROWS = 512
-
-
-def _pieces(sorted_codes: torch.Tensor, k: int, piece_rows: int):
-    """The cut of each code's run of sorted rows into pieces of at most piece_rows rows (an
-    empty run is one empty piece), without a host sync: (offsets, piece_offsets, slot_offsets)
-    of shape (K + 1,), piece_code (K + ceil(N / piece_rows),) with K past the last piece, and
-    the number of partial slots to allocate. Runs of one piece have no slots; the others have
-    one per piece, fewer than 2 N / piece_rows in all since each is longer than piece_rows."""
-    n, device = sorted_codes.shape[0], sorted_codes.device
-    offsets = torch.searchsorted(sorted_codes, torch.arange(k + 1, device=device))
-    pieces = (offsets.diff() + piece_rows - 1).div_(piece_rows, rounding_mode="floor").clamp_(min=1)
-    piece_offsets = torch.nn.functional.pad(pieces.cumsum(0), (1, 0))
-    slot_offsets = torch.nn.functional.pad((pieces * (pieces > 1)).cumsum(0), (1, 0))
-    programs = k + triton.cdiv(n, piece_rows)
-    piece_code = torch.searchsorted(
-        piece_offsets, torch.arange(programs, device=device), right=True
-    ).sub_(1)
-    return offsets, piece_offsets, slot_offsets, piece_code, 2 * triton.cdiv(n, piece_rows)
 
 
 def ema_segment(
@@ -276,7 +260,9 @@ def ema_segment(
     d = z.shape[1]
     # Stable sort: the order of equal codes is the input order, so the sum order is fixed.
     sorted_codes, order = torch.sort(indices.to(torch.int64), stable=True)
-    offsets, piece_offsets, slot_offsets, piece_code, slots = _pieces(sorted_codes, k, piece_rows)
+    offsets, piece_offsets, slot_offsets, piece_code, slots = _ema_pieces(
+        sorted_codes, k, piece_rows
+    )
     partial = torch.empty(max(slots, 1), d + 1, dtype=torch.float32, device=z.device)
     block_n, block_d = _blocks(d, 2048)
     block_n = min(block_n, 64)

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from fastvq.lattice import LEECH_SIZE, leech_codes
+from fastvq.ops.codebook import _ema_pieces
 from fastvq.ops.quantize import _bwd_torch, _fwd_torch
 from fastvq.reference import code_terms
 from fastvq.testing import check_nearest, cuda_include_dir
@@ -416,7 +417,10 @@ def test_quantize(emulated, dtype, grad):
                 _assert_parity(dc.to(dtype), dc_cpu, dc64, f"{what}: dcodebook")
 
 
-# --- ema.cu: launch_ema_atomic / launch_ema_sorted ---------------------------------------------
+# --- ema.cu: launch_ema_atomic / launch_ema_pieces ---------------------------------------------
+
+# Rows per piece in the deterministic plan: few, so that the hot code 0 takes several pieces.
+PIECE_ROWS = 16
 
 
 def _ema_case(n, d, pad, dtype, weighted, seed):
@@ -440,7 +444,7 @@ def _ema_case(n, d, pad, dtype, weighted, seed):
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ema_scatter(emulated, dtype, deterministic, weighted):
     # keep = 1 skips the atomic variant's scaling pass; N = 0 must still scale every code.
@@ -449,11 +453,15 @@ def test_ema_scatter(emulated, dtype, deterministic, weighted):
     calls, cases = [], []
     for seed, (n, d, pad, keep) in enumerate(shapes):
         counts, sums, z, idx, bad, weight = _ema_case(n, d, pad, dtype, weighted, seed)
-        if deterministic:  # the glue's stable sort
-            rows = (None, *torch.sort(idx, stable=True))
+        if deterministic:  # the glue's plan: a stable sort, then the pieces
+            sorted_codes, order = torch.sort(idx, stable=True)
+            *plan, piece_code, slots = _ema_pieces(sorted_codes, 5, PIECE_ROWS)
+            assert n == 0 or int(plan[1].diff().max()) > 1, "no code of several pieces"
+            partial = torch.full((max(slots, 1), d + 1), math.nan)
+            rows = (None, order, *plan, piece_code, len(piece_code), PIECE_ROWS, partial)
         else:
-            rows = (idx, None, None)
-        # The sorted variant runs twice, under two thread orders: it must give the same bits.
+            rows = (idx, None, None, None, None, None, 0, 1, None)
+        # The deterministic variant runs twice, under two thread orders: the same bits.
         outs = [(counts.clone(), sums.clone()) for _ in range(1 + deterministic)]
         for order, (c, s) in enumerate(outs):
             args = (c, 2, s, d + pad, z, d + pad, KERNEL_DTYPE[dtype], weight, n, 5, d, keep, gain)

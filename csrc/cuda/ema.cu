@@ -4,13 +4,15 @@
 //   atomic:        scale pass (K * (D + 1) elements), then a group of TPR = 4..32 lanes per row
 //                  adds gain * w * z[n] into sums[idx[n]] by float32 atomicAdd; atomics contend
 //                  only on hot codes.
-//   deterministic: after a stable sort (the glue's), one 32 x 8 block per code finds the code's
-//                  run [lo, hi) of sorted indices by binary search; lane x owns column c0 + x,
-//                  row group y sums rows lo + y, lo + y + 8, ... in order, and the 8 partials are
-//                  added in y order: a fixed order whatever the GPU, run or timing.
+//   deterministic: after a stable sort, each code's run of sorted rows is cut into pieces of at
+//                  most piece_rows rows (the glue's plan, ema.h), one 32 x 8 block per piece:
+//                  lane x owns column c0 + x, row group y sums rows lo + y, lo + y + 8, ... in
+//                  order, and the 8 partials are added in y order. A code of one piece is
+//                  written there; the pieces of a longer run store partial sums that a second
+//                  kernel adds in piece order. A fixed order whatever the GPU, run or timing,
+//                  and a code holding most of N spreads over N / piece_rows blocks.
 // 64-bit offsets wherever a row index meets a stride. Performance: unmeasured (no GPU in the
-// session that wrote this); a code holding most of N is one block's work in the deterministic
-// variant (a two-level split of long runs is the next step if that shows).
+// sessions that wrote this).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,7 +28,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;
-constexpr int kCols = 32;  // deterministic kernel: columns per pass (x)
+constexpr int kCols = 32;                     // deterministic kernel: columns per pass (x)
 constexpr int kRowGroups = kThreads / kCols;  // rows summed side by side (y)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -51,8 +53,8 @@ __global__ void __launch_bounds__(kThreads)
                   const int64_t* __restrict__ idx, int64_t n, int64_t k, int64_t d, float gain) {
   constexpr int kRowsPerBlock = kThreads / TPR;
   const int lane = threadIdx.x % TPR;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
-       row < n; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR; row < n;
+       row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t code = idx[row];
     const float w = weight != nullptr ? weight[row] : 1.f;
     if (code < 0 || code >= k || w == 0.f) continue;
@@ -64,42 +66,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// First position in sorted[0, n) whose value is >= key.
-__device__ __forceinline__ int64_t lower_bound(const int64_t* sorted, int64_t n, int64_t key) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (sorted[mid] < key) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
+// One block per piece (grid-stride): the fixed-order sum of its rows, written to the code when
+// the code has one piece, else to the piece's partial slot. Every branch is block-uniform.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    sorted_kernel(float* __restrict__ counts, int64_t ldc, float* __restrict__ sums, int64_t lds,
-                  const T* __restrict__ z, int64_t ldz, const float* __restrict__ weight,
-                  const int64_t* __restrict__ sorted, const int64_t* __restrict__ order, int64_t n,
-                  int64_t k, int64_t d, float keep, float gain) {
+    piece_kernel(EmaArgs a, const T* __restrict__ z, EmaPieces p) {
   __shared__ float part[kRowGroups][kCols + 1];
   __shared__ float part_w[kRowGroups];
-  __shared__ int64_t run[2];
   const int x = threadIdx.x % kCols, y = threadIdx.x / kCols;
-  for (int64_t code = blockIdx.x; code < k; code += gridDim.x) {
-    if (threadIdx.x < 2) run[threadIdx.x] = lower_bound(sorted, n, code + threadIdx.x);
-    __syncthreads();
-    const int64_t lo = run[0], hi = run[1];
-    for (int64_t c0 = 0; c0 < d; c0 += kCols) {
+  for (int64_t piece = blockIdx.x; piece < p.programs; piece += gridDim.x) {
+    const int64_t code = p.piece_code[piece];
+    if (code >= a.k) break;  // past the last piece: so are the later ones
+    const int64_t first = p.piece_offsets[code];
+    const bool alone = p.piece_offsets[code + 1] - first == 1;
+    const int64_t lo = p.offsets[code] + (piece - first) * p.piece_rows;
+    const int64_t end = p.offsets[code + 1];
+    const int64_t hi = lo + p.piece_rows < end ? lo + p.piece_rows : end;
+    float* const slot =
+        alone ? nullptr : p.partial + (p.slot_offsets[code] + piece - first) * (a.d + 1);
+    for (int64_t c0 = 0; c0 < a.d; c0 += kCols) {
       const int64_t col = c0 + x;
       float acc = 0.f, acc_w = 0.f;
       for (int64_t j = lo + y; j < hi; j += kRowGroups) {
-        const int64_t row = order[j];
-        const float w = weight != nullptr ? weight[row] : 1.f;
+        const int64_t row = p.order[j];
+        const float w = a.weight != nullptr ? a.weight[row] : 1.f;
         if (w == 0.f) continue;
-        if (col < d) acc += w * to_float(z[row * ldz + col]);
+        if (col < a.d) acc += w * to_float(z[row * a.ldz + col]);
         acc_w += w;
       }
       part[y][x] = acc;
@@ -108,18 +100,41 @@ __global__ void __launch_bounds__(kThreads)
       if (y == 0) {
         float total = 0.f;
         for (int r = 0; r < kRowGroups; ++r) total += part[r][x];
-        if (col < d) {
-          float* s = sums + code * lds + col;
-          *s = keep * *s + gain * total;
+        if (col < a.d) {
+          float* s = a.sums + code * a.lds + col;
+          if (alone) {
+            *s = a.keep * *s + a.gain * total;
+          } else {
+            slot[col] = total;
+          }
         }
         if (c0 == 0 && x == 0) {
           float total_w = 0.f;
           for (int r = 0; r < kRowGroups; ++r) total_w += part_w[r];
-          float* c = counts + code * ldc;
-          *c = keep * *c + gain * total_w;
+          float* c = a.counts + code * a.ldc;
+          if (alone) {
+            *c = a.keep * *c + a.gain * total_w;
+          } else {
+            slot[a.d] = total_w;
+          }
         }
       }
-      __syncthreads();  // part is rewritten by the next pass, run by the next code
+      __syncthreads();  // part is rewritten by the next pass, or the next piece
+    }
+  }
+}
+
+// One block per code of several pieces (grid-stride): its partials added in piece order.
+__global__ void __launch_bounds__(kThreads) combine_kernel(EmaArgs a, EmaPieces p) {
+  for (int64_t code = blockIdx.x; code < a.k; code += gridDim.x) {
+    const int64_t pieces = p.piece_offsets[code + 1] - p.piece_offsets[code];
+    if (pieces == 1) continue;
+    const float* const slots = p.partial + p.slot_offsets[code] * (a.d + 1);
+    for (int64_t col = threadIdx.x; col <= a.d; col += blockDim.x) {
+      float total = 0.f;
+      for (int64_t s = 0; s < pieces; ++s) total += slots[s * (a.d + 1) + col];
+      float* out = col < a.d ? a.sums + code * a.lds + col : a.counts + code * a.ldc;
+      *out = a.keep * *out + a.gain * total;
     }
   }
 }
@@ -130,12 +145,12 @@ template <class T>
 cudaError_t atomic_typed(const EmaArgs& a, const int64_t* idx, cudaStream_t stream) {
   const int tpr = lanes_for(a.d);
   const int64_t rows_per_block = kThreads / tpr;
-  const dim3 grid(static_cast<unsigned>(
-      std::min(kMaxBlocks, (a.n + rows_per_block - 1) / rows_per_block)));
+  const dim3 grid(
+      static_cast<unsigned>(std::min(kMaxBlocks, (a.n + rows_per_block - 1) / rows_per_block)));
   const auto* z = static_cast<const T*>(a.z);
-#define FASTVQ_EMA_ATOMIC(TPR_)                                                                  \
+#define FASTVQ_EMA_ATOMIC(TPR_)                                                                   \
   atomic_kernel<T, TPR_><<<grid, kThreads, 0, stream>>>(a.counts, a.ldc, a.sums, a.lds, z, a.ldz, \
-                                                         a.weight, idx, a.n, a.k, a.d, a.gain)
+                                                        a.weight, idx, a.n, a.k, a.d, a.gain)
   switch (tpr) {
     case 4:
       FASTVQ_EMA_ATOMIC(4);
@@ -154,12 +169,12 @@ cudaError_t atomic_typed(const EmaArgs& a, const int64_t* idx, cudaStream_t stre
 }
 
 template <class T>
-cudaError_t sorted_typed(const EmaArgs& a, const int64_t* sorted, const int64_t* order,
-                         cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(std::min(kMaxBlocks, a.k)));
-  sorted_kernel<T><<<grid, kThreads, 0, stream>>>(a.counts, a.ldc, a.sums, a.lds,
-                                                  static_cast<const T*>(a.z), a.ldz, a.weight,
-                                                  sorted, order, a.n, a.k, a.d, a.keep, a.gain);
+cudaError_t pieces_typed(const EmaArgs& a, const EmaPieces& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(std::min(kMaxBlocks, p.programs)));
+  piece_kernel<T><<<grid, kThreads, 0, stream>>>(a, static_cast<const T*>(a.z), p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  combine_kernel<<<static_cast<unsigned>(std::min(kMaxBlocks, a.k)), kThreads, 0, stream>>>(a, p);
   return cudaGetLastError();
 }
 
@@ -188,16 +203,15 @@ cudaError_t launch_ema_atomic(const EmaArgs& a, const int64_t* idx, cudaStream_t
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_ema_sorted(const EmaArgs& a, const int64_t* sorted_idx, const int64_t* order,
-                              cudaStream_t stream) {
-  if (bad_args(a)) return cudaErrorInvalidValue;
+cudaError_t launch_ema_pieces(const EmaArgs& a, const EmaPieces& p, cudaStream_t stream) {
+  if (bad_args(a) || p.programs < a.k || p.piece_rows < 1) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::F32:
-      return sorted_typed<float>(a, sorted_idx, order, stream);
+      return pieces_typed<float>(a, p, stream);
     case DType::BF16:
-      return sorted_typed<__nv_bfloat16>(a, sorted_idx, order, stream);
+      return pieces_typed<__nv_bfloat16>(a, p, stream);
     case DType::F16:
-      return sorted_typed<__half>(a, sorted_idx, order, stream);
+      return pieces_typed<__half>(a, p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -36,12 +36,28 @@ struct EmaArgs {
 // atomicAdd of gain * w[n] * z[n] per element; idx (n,) int64. Rounding order varies run to run.
 cudaError_t launch_ema_atomic(const EmaArgs& a, const int64_t* idx, cudaStream_t stream);
 
-// Deterministic: sorted_idx (n,) ascending and order (n,) the rows in that order, from a stable
-// sort of idx (the caller's). Each code's rows are one contiguous run of sorted_idx, summed in a
-// fixed order (fixed lane split and tree), so the result is bit-identical run to run. One block
-// per code: a code that holds most rows is summed by one block.
-cudaError_t launch_ema_sorted(const EmaArgs& a, const int64_t* sorted_idx, const int64_t* order,
-                              cudaStream_t stream);
+// The deterministic variant's plan, made by the caller from a stable sort of idx (the glue's;
+// fastvq.ops.codebook._ema_pieces says the same in Python): the rows of code k are
+// order[offsets[k]:offsets[k + 1]] (rows of indices outside [0, k) lie outside every run), cut
+// into pieces of at most piece_rows rows, an empty run into one empty piece. Code k's pieces are
+// piece_offsets[k] .. piece_offsets[k + 1] - 1; piece_code[q] is piece q's code for q < programs
+// (k past the last piece, programs >= the number of pieces). A code of several pieces keeps
+// their partial sums in the rows slot_offsets[k] .. of partial, (slots, d + 1) float32 (sums,
+// then the count), device scratch.
+struct EmaPieces {
+  const int64_t* order;          // (n,)
+  const int64_t* offsets;        // (k + 1,)
+  const int64_t* piece_offsets;  // (k + 1,)
+  const int64_t* slot_offsets;   // (k + 1,)
+  const int64_t* piece_code;     // (programs,)
+  int64_t programs;
+  int64_t piece_rows;
+  float* partial;
+};
+
+// Deterministic: each piece summed in a fixed order (fixed lane split and tree), the pieces of a
+// code added in piece order, so the result is bit-identical run to run.
+cudaError_t launch_ema_pieces(const EmaArgs& a, const EmaPieces& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastvq

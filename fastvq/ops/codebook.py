@@ -257,6 +257,29 @@ def _stats_torch(stats, z, idx, w, deterministic: bool) -> None:
             stats.index_add_(0, idx[sel], src)
 
 
+def _ema_pieces(sorted_codes: torch.Tensor, k: int, piece_rows: int):
+    """The plan of the deterministic GPU kernels (kernels/ema.py; csrc/cuda/ema.h's EmaPieces,
+    which the CUDA glue makes the same way): each code's run of sorted rows cut into pieces of at
+    most piece_rows rows, an empty run into one empty piece, without a host sync.
+
+    sorted_codes: (N,) int64 ascending. Returns (offsets, piece_offsets, slot_offsets) of shape
+    (K + 1,): the runs' starts, each code's first piece, each code's first partial slot (codes of
+    one piece have none, the others one per piece); piece_code (K + ceil(N / piece_rows),): each
+    piece's code, K past the last piece; and the number of slots to allocate, 2 ceil(N /
+    piece_rows), since every code of several pieces is longer than piece_rows.
+    """
+    n, device = sorted_codes.shape[0], sorted_codes.device
+    offsets = torch.searchsorted(sorted_codes, torch.arange(k + 1, device=device))
+    pieces = (offsets.diff() + piece_rows - 1).div_(piece_rows, rounding_mode="floor").clamp_(min=1)
+    piece_offsets = torch.nn.functional.pad(pieces.cumsum(0), (1, 0))
+    slot_offsets = torch.nn.functional.pad((pieces * (pieces > 1)).cumsum(0), (1, 0))
+    chunks = -(-n // piece_rows)
+    piece_code = torch.searchsorted(
+        piece_offsets, torch.arange(k + chunks, device=device), right=True
+    ).sub_(1)
+    return offsets, piece_offsets, slot_offsets, piece_code, 2 * chunks
+
+
 def _batch_stats(z, idx, w, k: int, dtype, backend: str, deterministic: bool) -> torch.Tensor:
     """(K, D + 1) buffer: [:, :D] = sum of w[n] z[n], [:, D] = sum of w[n] over idx[n] == k."""
     n, d = z.shape

@@ -13,6 +13,7 @@
 
 using fastvq::cuda::DType;
 using fastvq::cuda::EmaArgs;
+using fastvq::cuda::EmaPieces;
 using fastvq::cuda::Grad;
 using fastvq::cuda::LeechDType;
 
@@ -62,11 +63,13 @@ int emu_quantize_bwd(const void* grad_out, const void* z, const void* codebook, 
                                            dc_acc, nullptr);
 }
 
-// EmaArgs' fields, then the rows: `idx` for the atomic variant, or `sorted_idx` and `order` (the
-// glue's stable sort) for the deterministic one, which runs when sorted_idx is not null.
+// EmaArgs' fields, then the rows: `idx` for the atomic variant, or ema.h's EmaPieces (order ..
+// partial) for the deterministic one, which runs when order is not null.
 int emu_ema(float* counts, int64_t ldc, float* sums, int64_t lds, const void* z, int64_t ldz,
             int64_t dtype, const float* weight, int64_t n, int64_t k, int64_t d, double keep,
-            double gain, const int64_t* idx, const int64_t* sorted_idx, const int64_t* order) {
+            double gain, const int64_t* idx, const int64_t* order, const int64_t* offsets,
+            const int64_t* piece_offsets, const int64_t* slot_offsets, const int64_t* piece_code,
+            int64_t programs, int64_t piece_rows, float* partial) {
   const EmaArgs a{.counts = counts,
                   .ldc = ldc,
                   .sums = sums,
@@ -80,8 +83,10 @@ int emu_ema(float* counts, int64_t ldc, float* sums, int64_t lds, const void* z,
                   .d = d,
                   .keep = static_cast<float>(keep),
                   .gain = static_cast<float>(gain)};
-  if (sorted_idx != nullptr) return fastvq::cuda::launch_ema_sorted(a, sorted_idx, order, nullptr);
-  return fastvq::cuda::launch_ema_atomic(a, idx, nullptr);
+  if (order == nullptr) return fastvq::cuda::launch_ema_atomic(a, idx, nullptr);
+  const EmaPieces p{order,      offsets,  piece_offsets, slot_offsets,
+                    piece_code, programs, piece_rows,    partial};
+  return fastvq::cuda::launch_ema_pieces(a, p, nullptr);
 }
 
 int emu_leech_decode(const void* z, int64_t n, int64_t dtype, int64_t* out_idx) {

@@ -21,9 +21,9 @@ are identical.
 row, best first, equal scores by lower index, NaN as -inf. Sorting or torch.topk would need the
 N x K scores in memory, and a running top-k per (row, lane) like the argmin kernel's running best
 would take k times its registers; instead a row keeps one top-k, shared by its lanes. One program
-per BLOCK_N rows walks the whole codebook (no split-K yet: N = 1 with K = 2^20 runs on one SM) in
-BLOCK_K tiles scored by the argmin kernel's instructions (same BLOCK_D, precision, epilogue), so
-column 0 is its answer up to the rounding of the two tile shapes. The row's k best are an
+per (BLOCK_N rows, split of the codebook) walks its codes in BLOCK_K tiles scored by the argmin
+kernel's instructions (same BLOCK_D, precision, epilogue), so column 0 is its answer up to the
+rounding of the two tile shapes. The row's k best are an
 unordered (BLOCK_N, KP) int64 register tensor, KP = next power of 2 >= k; a slot packs an
 order-preserving int32 key of the score above the code's complement, so one int64 comparison
 orders by score then by lower code, and one min reduction finds the worst slot, whose score is
@@ -34,7 +34,10 @@ block improves: each row moves its best remaining candidate (maximum, then lowes
 worst slot if it beats the threshold, and knocks it out of the tile (to -inf, which never enters).
 Only scores > -inf enter, so NaN and -inf need no test in the loop; a row left with free slots
 (fewer than k scores > -inf) takes the lowest codes it does not hold, which is where -inf ties
-by index put them. The output is k rounds of extract-max.
+by index put them. The output is k rounds of extract-max. Split-K as for the argmin kernel,
+chosen the same way: each split keeps the top-k of its codes (its free slots filled from its own
+range) and writes its packed slots to an (N, S, k) buffer; one torch.topk over a row's S x k
+slots is the merge, since the packing orders them by score, then lower code, across splits.
 
 Cost on the H100, UNMEASURED (no GPU was available; from the sm_90 SASS of bf16, D = 32, k = 8,
 BLOCK_N = 128, BLOCK_K = 64, 8 warps: 32 candidates per thread per tile): a tile with no insertion
@@ -338,14 +341,20 @@ def _nearest_code_topk_kernel(
     codebook_ptr,
     scale_ptr,
     bias_ptr,
-    # output: idx (N, TOPK) int64
+    # output: idx (N, TOPK) int64, or with SPLIT each split's packed slots, part (N, S, TOPK)
+    # int64, which the host merges
     idx_ptr,
-    # sizes: 1 <= TOPK <= min(K, KP)
+    part_ptr,
+    # sizes: 1 <= TOPK <= min(K, KP); split s owns codes [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT),
+    # K_PER_SPLIT % BLOCK_K == 0
     N,
     K,
     D,
     TOPK,
+    K_PER_SPLIT,
+    SPLITS,
     # meta
+    SPLIT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -359,6 +368,9 @@ def _nearest_code_topk_kernel(
     KP: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     rows = tl.arange(0, BLOCK_N)
     lanes = tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
@@ -384,8 +396,8 @@ def _nearest_code_topk_kernel(
     worst = tl.full((BLOCK_N,), SLOT_FREE, tl.int64)
     thr = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     lanes_2d = lanes[None, :]
-    c_base = codebook_ptr
-    for k0 in range(0, K, BLOCK_K):
+    c_base = codebook_ptr + k_start.to(tl.int64) * D
+    for k0 in range(k_start, k_end, BLOCK_K):
         codes = k0 + lanes
         code_ok = codes < K
         # _nearest_code_fwd_kernel's scores, so column 0 is its answer.
@@ -418,9 +430,11 @@ def _nearest_code_topk_kernel(
 
     # Rows with fewer than k scores > -inf (NaN / -inf scores, unchecked inputs): the rest rank
     # as -inf, ties by index, so their free slots take the lowest codes not held, in order. The
-    # j-th of those is below k + j <= 2k, and below K since k <= K.
-    c = tl.full((), 0, tl.int32)
-    while tl.reduce((worst < SLOT_FREE + KP).to(tl.int32), 0, _MAX) > 0:
+    # j-th of those is below k_start + k + j <= k_start + 2k, and below K since k <= K; a split
+    # of fewer than k codes leaves slots free, ranked below every code in the merge. The splits'
+    # lowest codes not held, merged by their packed -inf keys, are the lowest overall.
+    c = k_start
+    while (tl.reduce((worst < SLOT_FREE + KP).to(tl.int32), 0, _MAX) > 0) & (c < k_end):
         held = tl.reduce(((state.to(tl.int32) ^ IDX_LO) == c).to(tl.int32), 1, _MAX)
         fill = (worst < SLOT_FREE + KP) & (held == 0)
         new = (c ^ IDX_LO).to(tl.int64) + SLOT_FREE
@@ -428,14 +442,18 @@ def _nearest_code_topk_kernel(
         worst = tl.reduce(state, 1, _MIN)
         c += 1
 
-    # Output, best first: TOPK rounds of the largest slot. TOPK <= K, so every slot below TOPK
-    # holds a code by now.
-    state = tl.where(slots[None, :] < TOPK, state, SLOT_NONE)
-    out = idx_ptr + pid_n * BLOCK_N * TOPK + rows * TOPK
-    for j in range(0, TOPK):
-        top = tl.reduce(state, 1, _MAX)
-        tl.store(out + j, (top.to(tl.int32) ^ IDX_LO).to(tl.int64), mask=row_ok)
-        state = tl.where(state == top[:, None], SLOT_NONE, state)
+    if SPLIT:
+        part = part_ptr + ((pid_n * BLOCK_N + rows[:, None]) * SPLITS + pid_s) * TOPK + slots
+        tl.store(part, state, mask=row_ok[:, None] & (slots[None, :] < TOPK))
+    else:
+        # Output, best first: TOPK rounds of the largest slot. TOPK <= K, so every slot below
+        # TOPK holds a code by now.
+        state = tl.where(slots[None, :] < TOPK, state, SLOT_NONE)
+        out = idx_ptr + pid_n * BLOCK_N * TOPK + rows * TOPK
+        for j in range(0, TOPK):
+            top = tl.reduce(state, 1, _MAX)
+            tl.store(out + j, (top.to(tl.int32) ^ IDX_LO).to(tl.int64), mask=row_ok)
+            state = tl.where(state == top[:, None], SLOT_NONE, state)
 
 
 def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
@@ -607,6 +625,7 @@ def nearest_code_topk_triton(
     k: int,
     fast: bool,
     *,
+    splits: int | None = None,
     launch: Callable | None = None,
 ) -> torch.Tensor:
     """The k best codes per row, best first, by (z[n] . codebook[j]) * scale[j] + bias[j].
@@ -617,6 +636,8 @@ def nearest_code_topk_triton(
         code_scale, code_bias: (K,) contiguous float32 on z's device, or None (1 and 0).
         k: 1 <= k <= min(K, 128).
         fast: float32 inputs multiply in bfloat16 (fp32 accumulation) instead of 3xTF32.
+        splits: codebook splits (clamped to 1..64), for tests; None picks one from the machine.
+            Each split keeps its own top-k; their packed slots merge by one torch.topk.
         launch: as for nearest_code_triton.
 
     Returns:
@@ -645,17 +666,30 @@ def nearest_code_topk_triton(
         precision = PREC_NATIVE
     kp = max(2, triton.next_power_of_2(k))
     cfg = _topk_config(n, d, kp, precision, z.device)
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    k_tiles = triton.cdiv(num_codes, cfg["BLOCK_K"])
+    if splits is None:
+        splits = _num_splits(row_blocks, k_tiles, z.device)
+    splits = max(1, min(splits, MAX_SPLITS, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, splits) * cfg["BLOCK_K"]
+    splits = triton.cdiv(num_codes, k_per_split)  # no empty split
+    # Split: (N, S, k) packed slots; else the kernel writes `out` and the dummy is never touched.
+    part = torch.empty(n, splits, k, dtype=torch.int64, device=z.device) if splits > 1 else z
     wrap = (lambda kernel: kernel) if launch is None else launch
-    wrap(_nearest_code_topk_kernel)[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+    wrap(_nearest_code_topk_kernel)[(row_blocks, splits)](
         z,
         codebook,
         z if code_scale is None else code_scale,
         z if code_bias is None else code_bias,
         out,
+        part,
         n,
         num_codes,
         d,
         k,
+        k_per_split,
+        splits,
+        SPLIT=splits > 1,
         HAS_SCALE=code_scale is not None,
         HAS_BIAS=code_bias is not None,
         EVEN_K=num_codes % cfg["BLOCK_K"] == 0,
@@ -666,4 +700,8 @@ def nearest_code_topk_triton(
         KP=kp,
         **cfg,
     )
+    if splits > 1:
+        # Slots are distinct (disjoint code ranges) and int64-ordered by score, then lower code.
+        top = part.view(n, splits * k).topk(k, dim=1).values
+        torch.sub(IDX_LO.value, top & 0xFFFFFFFF, out=out)
     return out

@@ -225,3 +225,23 @@ def test_cpu_kernel_is_exact_and_thread_independent(case):
                 assert torch.equal(op(z, codebook, None, bias, k, False), top[:, :k])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_split_k_is_identical_to_one_pass():
+    from fastvq.kernels.nearest_code import nearest_code_topk_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # 3 splits of 128 codes under the interpreter's BLOCK_K (fewer than k = 100 in the last one),
+    # uneven tiles on the GPU. Row 0's scores are all NaN and row 1's all +-inf or NaN: the -inf
+    # fill runs in every split and the merge must take the lowest codes overall.
+    z, codebook = random_search_inputs(37, 300, 8, torch.float32, device, 10)
+    z[0, 0], z[1, 3] = float("nan"), float("inf")
+    bias = -0.5 * codebook.square().sum(-1)
+    one = nearest_code_topk_triton(z, codebook, None, bias, 100, False, splits=1)
+    split = nearest_code_topk_triton(z, codebook, None, bias, 100, False, splits=3)
+    assert torch.equal(one, split)
+    assert one[0].tolist() == list(range(100))
+    check_nearest_topk(z[2:], codebook, one[2:])

@@ -1,11 +1,13 @@
 """Codebook learning (issue 3) against what users otherwise run, in one process and one table.
 
 ema:      one EMA step as a VQ layer runs it: EMA of counts and sums, Laplace-smoothed codebook,
-          dead-code check (and replacement). fastvq (each backend) vs the one-hot formulation
-          (vector-quantize-pytorch, Sonnet) vs index_add_, both from fastvq.reference.codebook,
-          with vector-quantize-pytorch's expire-codes step. Checked: one step from the same state
-          against float64 index_add_ (err). GB/s counts z and indices read once, the (K, D + 1)
-          statistics read and written, the codebook written.
+          dead-code check (and replacement). fastvq (each backend; GPU backends also with
+          deterministic=True) vs the one-hot formulation (vector-quantize-pytorch, Sonnet) vs
+          index_add_, both from fastvq.reference.codebook, with vector-quantize-pytorch's
+          expire-codes step. Checked: one step from the same state against float64 index_add_
+          (err). GB/s counts z and indices read once, the (K, D + 1) statistics read and written,
+          the codebook written. ema_hot: the same with half of the rows on code 0, as at
+          initialization or collapse (atomics contend, a deterministic run is long).
 quantize: forward + backward (dL/dz for a fixed random dL/dz_q; codebook without grad, as in
           EMA training) of fastvq.quantize with grad="ste" / "rotation", against nearest_code
           alone, autograd through the reference rotation trick (fastvq.reference.quantize) and
@@ -29,16 +31,23 @@ from fastvq.reference import quantize as ref_quantize
 SHAPES = {
     "cuda": [
         ("ema", 65536, 65536, 32),
+        ("ema_hot", 65536, 65536, 32),
         ("quantize", 65536, 65536, 32),
         ("kmeans", 262144, 65536, 32),
         ("kmeans", 65536, 16384, 32),
     ],
     "cpu": [
         ("ema", 16384, 4096, 32),
+        ("ema_hot", 16384, 4096, 32),
         ("quantize", 8192, 4096, 32),
         ("kmeans", 16384, 1024, 32),
     ],
-    "quick": [("ema", 256, 64, 8), ("quantize", 256, 64, 8), ("kmeans", 256, 16, 8)],
+    "quick": [
+        ("ema", 256, 64, 8),
+        ("ema_hot", 256, 64, 8),
+        ("quantize", 256, 64, 8),
+        ("kmeans", 256, 16, 8),
+    ],
 }
 DECAY = 0.99
 # A code dies after about log(THRESHOLD) / log(DECAY) = 460 steps without a row: a few die (and
@@ -77,12 +86,21 @@ def expire_codes_(codebook, cluster_size, embed_sum, z):
 def ema_peers(z, idx, k, d):
     """name -> setup() -> fn; every fn mutates its own copy of one initial state (k, d)."""
 
-    def fastvq_step(backend):
+    def fastvq_step(backend, deterministic=None):
         def setup():
             cs, es, cb = _state(k, d, torch.Generator().manual_seed(1))
 
             def step():
-                fastvq.ema_update_(cs, es, z, idx, DECAY, backend=backend, check_indices=False)
+                fastvq.ema_update_(
+                    cs,
+                    es,
+                    z,
+                    idx,
+                    DECAY,
+                    backend=backend,
+                    deterministic=deterministic,
+                    check_indices=False,
+                )
                 fastvq.ema_codebook(cs, es, out=cb)
                 fastvq.reset_dead_codes_(cb, cs, es, z, THRESHOLD)
                 return cs, es, cb
@@ -107,15 +125,21 @@ def ema_peers(z, idx, k, d):
         return setup
 
     peers = {f"fastvq ema {b}": fastvq_step(b) for b in ("auto", *backends_for(DEVICE))}
+    for b in backends_for(DEVICE):
+        if b in ("triton", "cuda"):  # the CPU kernel is deterministic either way
+            peers[f"fastvq ema {b} deterministic"] = fastvq_step(b, deterministic=True)
     peers["torch one-hot (vqp, Sonnet)"] = torch_step(ref_codebook.ema_update_onehot)
     peers["torch index_add_"] = torch_step(ref_codebook.ema_update_index_add)
     return peers
 
 
-def run_ema(n, k, d, reps):
+def run_ema(n, k, d, reps, hot=False):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, d, generator=g).to(DEVICE)
-    idx = torch.randint(k, (n,), generator=g).to(DEVICE)
+    idx = torch.randint(k, (n,), generator=g)
+    if hot:
+        idx[torch.rand(n, generator=g) < 0.5] = 0
+    idx = idx.to(DEVICE)
     cs, es, _ = _state(k, d, torch.Generator().manual_seed(1))
     cs64, es64 = ref_codebook.ema_update_index_add(cs.double(), es.double(), z.double(), idx, DECAY)
     cb64 = ref_codebook.ema_codebook(cs64, es64)
@@ -128,7 +152,7 @@ def run_ema(n, k, d, reps):
     return [
         measure(
             name,
-            {"op": "ema", "N": n, "K": k, "D": d},
+            {"op": "ema_hot" if hot else "ema", "N": n, "K": k, "D": d},
             setup,
             check=check,
             reps=reps,
@@ -273,7 +297,12 @@ def run_kmeans(n, k, d, reps):
 
 
 def run(shapes, reps, quick):
-    runners = {"ema": run_ema, "quantize": run_quantize, "kmeans": run_kmeans}
+    runners = {
+        "ema": run_ema,
+        "ema_hot": lambda *a: run_ema(*a, hot=True),
+        "quantize": run_quantize,
+        "kmeans": run_kmeans,
+    }
     return [row for op, n, k, d in shapes for row in runners[op](n, k, d, reps)]
 
 

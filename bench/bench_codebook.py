@@ -7,7 +7,8 @@ ema:      one EMA step as a VQ layer runs it: EMA of counts and sums, Laplace-sm
           expire-codes step. Checked: one step from the same state against float64 index_add_
           (err). GB/s counts z and indices read once, the (K, D + 1) statistics read and written,
           the codebook written. ema_hot: the same with half of the rows on code 0, as at
-          initialization or collapse (atomics contend, a deterministic run is long).
+          initialization or collapse (atomics contend, a deterministic run is long), without
+          the one-hot peer, whose cost does not depend on the codes.
 quantize: forward + backward (dL/dz for a fixed random dL/dz_q; codebook without grad, as in
           EMA training) of fastvq.quantize with grad="ste" / "rotation", against nearest_code
           alone, autograd through the reference rotation trick (fastvq.reference.quantize) and
@@ -160,6 +161,7 @@ def run_ema(n, k, d, reps, hot=False):
             need_bytes=12 * n * k if "one-hot" in name else None,  # int64 one-hot + float copy
         )
         for name, setup in ema_peers(z, idx, k, d).items()
+        if not (hot and "one-hot" in name)  # its cost does not depend on the codes
     ]
 
 

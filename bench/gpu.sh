@@ -57,7 +57,7 @@ main() {
     -k "cuda and not topk"
   # Benchmarks, most important first; each writes $OUT/<op>-<device>.json as soon as it finishes.
   step bench-nearest 75 python3 -m bench.run --only nearest_code --out "$OUT"
-  step bench-codebook 60 python3 -m bench.run --only codebook --out "$OUT"
+  step bench-codebook 75 python3 -m bench.run --only codebook --out "$OUT"
   step bench-nn 75 python3 -m bench.run --only nn --out "$OUT"
   step bench-lattice 40 python3 -m bench.run --only lattice --out "$OUT"
   step bench-scalar 40 python3 -m bench.run --only scalar --out "$OUT"

@@ -18,7 +18,14 @@ import fastvq
 from bench.common import DEVICE, Skip, check_indices, cli, measure
 
 SHAPES = {
-    "cuda": [(65536, 65536, 32), (65536, 16384, 8), (65536, 196560, 24), (16384, 65536, 256)],
+    # Last: a small batch over a large codebook, where only split-K fills the GPU (argmin, top-k).
+    "cuda": [
+        (65536, 65536, 32),
+        (65536, 16384, 8),
+        (65536, 196560, 24),
+        (16384, 65536, 256),
+        (64, 1048576, 32),
+    ],
     "cpu": [(8192, 16384, 32)],
     "quick": [(256, 1024, 32)],
 }

@@ -25,6 +25,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastvq.lattice import LEECH_SIZE, leech_codes
 from fastvq.ops.codebook import _ema_pieces
@@ -344,6 +346,32 @@ def test_nearest_code(emulated, mode, device):
         if dtype == torch.float32 and not fast:
             want[1] = 0  # 3xTF32 splits inf into inf + NaN: every score of the row is NaN
         assert torch.equal(out, want), f"{shape}: rows {(out != want).nonzero().flatten().tolist()}"
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    k=st.integers(1, 600),
+    d=st.integers(1, 200),
+    mode=st.sampled_from(list(SEARCH_MODES)),
+    metric=st.sampled_from(["l2", "dot", "cosine"]),
+    device=st.sampled_from(list(DEVICES)),
+    misaligned=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_nearest_code_fuzz(emulated, n, k, d, mode, metric, device, misaligned, seed):
+    dtype, fast, precision = SEARCH_MODES[mode]
+    z, codebook, scale, bias = _search_case(n, k, d, metric, dtype, seed)
+    setup, flags = ("emu_device", *DEVICES[device]), (KERNEL_DTYPE[dtype], int(fast))
+    size = torch.full((1,), -1)
+    emulated.run(setup, ("emu_nearest_code_workspace", n, k, d, *flags, size))
+    size = int(size)
+    out = torch.full((n,), -1)
+    workspace = torch.full((size,), 0xFF, dtype=torch.uint8) if size else None
+    z_arg = (torch.cat([z.new_full((1,), math.nan), z.reshape(-1)]), 1) if misaligned else z
+    launch = ("emu_nearest_code", z_arg, codebook, scale, bias, n, k, d, *flags, out, workspace)
+    emulated.run(setup, ("emu_seed", seed), (*launch, size))
+    check_nearest(z, codebook, out, metric, precision)
 
 
 # --- quantize.cu: launch_quantize_fwd / launch_quantize_bwd ------------------------------------

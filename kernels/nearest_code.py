@@ -491,18 +491,48 @@ def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
     return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
 
-def _num_splits(row_blocks: int, k_tiles: int, device: torch.device) -> int:
-    """Codebook splits so that row blocks x splits covers about two waves of the machine."""
-    if device.type == "cuda":
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        # The interpreter runs programs one after another: a few splits only exercise the path.
-        programs = 4
-    if row_blocks >= programs:
-        return 1
-    return max(
-        1, min(MAX_SPLITS, triton.cdiv(programs, row_blocks), k_tiles // MIN_TILES_PER_SPLIT)
+def _split_codebook(
+    row_blocks: int, num_codes: int, block_k: int, splits: int | None, device: torch.device
+) -> tuple[int, int]:
+    """(S, codes per split) for a kernel of row_blocks x S programs: S = `splits` clamped to
+    1..64 (for tests), or by default enough splits that the programs cover about two waves of the
+    machine. Splits hold whole BLOCK_K tiles and none is empty."""
+    k_tiles = triton.cdiv(num_codes, block_k)
+    if splits is None:
+        if device.type == "cuda":
+            programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            # The interpreter runs programs one after another: a few splits only exercise the path.
+            programs = 4
+        splits = 1
+        if row_blocks < programs:
+            splits = min(triton.cdiv(programs, row_blocks), k_tiles // MIN_TILES_PER_SPLIT)
+    splits = max(1, min(splits, MAX_SPLITS, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, splits) * block_k
+    return triton.cdiv(num_codes, k_per_split), k_per_split
+
+
+def _check_launch(z, codebook, code_scale, code_bias) -> None:
+    """Asserts the launchers' contract; the op layer has raised clear errors before."""
+    n, d = z.shape
+    num_codes = codebook.shape[0]
+    # int32 code indices in the kernels; the margin keeps k0 + BLOCK_K from wrapping.
+    assert codebook.shape == (num_codes, d) and 1 <= num_codes <= 2**31 - 2**16, (
+        "codebook must be (K, D), K >= 1"
     )
+    assert z.dtype == codebook.dtype, "z and codebook must share a dtype"
+    assert z.is_contiguous() and codebook.is_contiguous(), "z and codebook must be contiguous"
+    for name, t in (("code_scale", code_scale), ("code_bias", code_bias)):
+        assert t is None or (
+            t.shape == (num_codes,) and t.dtype == torch.float32 and t.is_contiguous()
+        ), f"{name} must be a contiguous float32 (K,) tensor or None"
+
+
+def _precision(z: torch.Tensor, fast: bool) -> int:
+    """PREC_NATIVE for bf16 / fp16; for float32, PREC_BF16 when fast, else PREC_TF32X3."""
+    if z.dtype == torch.float32:
+        return PREC_BF16 if fast else PREC_TF32X3
+    return PREC_NATIVE
 
 
 def nearest_code_triton(
@@ -531,32 +561,17 @@ def nearest_code_triton(
         int64 (N,) on z's device. Ties go to the lowest index; NaN scores never win; a row whose
         scores are all -inf/NaN gets 0.
     """
+    _check_launch(z, codebook, code_scale, code_bias)
     n, d = z.shape
     k = codebook.shape[0]
-    # int32 code indices in the kernel; the margin keeps k0 + BLOCK_K from wrapping.
-    assert codebook.shape == (k, d) and 1 <= k <= 2**31 - 2**16, "codebook must be (K, D), K >= 1"
-    assert z.dtype == codebook.dtype, "z and codebook must share a dtype"
-    assert z.is_contiguous() and codebook.is_contiguous(), "z and codebook must be contiguous"
-    for name, t in (("code_scale", code_scale), ("code_bias", code_bias)):
-        assert t is None or (t.shape == (k,) and t.dtype == torch.float32 and t.is_contiguous()), (
-            f"{name} must be a contiguous float32 (K,) tensor or None"
-        )
     out = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:
         return out
-    if z.dtype == torch.float32:
-        precision = PREC_BF16 if fast else PREC_TF32X3
-    else:
-        precision = PREC_NATIVE
+    precision = _precision(z, fast)
     cfg = _config(n, d, precision, z.device)
-    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    row_blocks = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    if splits is None:
-        splits = _num_splits(row_blocks, k_tiles, z.device)
-    splits = max(1, min(splits, MAX_SPLITS, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)  # no empty split
+    block_k = cfg["BLOCK_K"]
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    splits, k_per_split = _split_codebook(row_blocks, k, block_k, splits, z.device)
     if splits > 1:
         part_score = torch.empty(n, splits, dtype=torch.float32, device=z.device)
         part_idx = torch.empty(n, splits, dtype=torch.int32, device=z.device)
@@ -645,34 +660,18 @@ def nearest_code_topk_triton(
         row of NaN scores gets 0, 1, ..., k-1). Column 0 is nearest_code_triton's answer up to the
         rounding of the two kernels' tile shapes.
     """
+    _check_launch(z, codebook, code_scale, code_bias)
     n, d = z.shape
     num_codes = codebook.shape[0]
-    assert codebook.shape == (num_codes, d) and 1 <= num_codes <= 2**31 - 2**16, (
-        "codebook must be (K, D), K >= 1"
-    )
     assert 1 <= k <= min(num_codes, 128), "k must be in 1..min(K, 128)"
-    assert z.dtype == codebook.dtype, "z and codebook must share a dtype"
-    assert z.is_contiguous() and codebook.is_contiguous(), "z and codebook must be contiguous"
-    for name, t in (("code_scale", code_scale), ("code_bias", code_bias)):
-        assert t is None or (
-            t.shape == (num_codes,) and t.dtype == torch.float32 and t.is_contiguous()
-        ), f"{name} must be a contiguous float32 (K,) tensor or None"
     out = torch.empty(n, k, dtype=torch.int64, device=z.device)
     if n == 0:
         return out
-    if z.dtype == torch.float32:
-        precision = PREC_BF16 if fast else PREC_TF32X3
-    else:
-        precision = PREC_NATIVE
+    precision = _precision(z, fast)
     kp = max(2, triton.next_power_of_2(k))
     cfg = _topk_config(n, d, kp, precision, z.device)
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    k_tiles = triton.cdiv(num_codes, cfg["BLOCK_K"])
-    if splits is None:
-        splits = _num_splits(row_blocks, k_tiles, z.device)
-    splits = max(1, min(splits, MAX_SPLITS, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, splits) * cfg["BLOCK_K"]
-    splits = triton.cdiv(num_codes, k_per_split)  # no empty split
+    splits, k_per_split = _split_codebook(row_blocks, num_codes, cfg["BLOCK_K"], splits, z.device)
     # Split: (N, S, k) packed slots; else the kernel writes `out` and the dummy is never touched.
     part = torch.empty(n, splits, k, dtype=torch.int64, device=z.device) if splits > 1 else z
     wrap = (lambda kernel: kernel) if launch is None else launch

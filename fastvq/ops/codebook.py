@@ -271,8 +271,8 @@ def _ema_pieces(sorted_codes: torch.Tensor, k: int, piece_rows: int):
     n, device = sorted_codes.shape[0], sorted_codes.device
     offsets = torch.searchsorted(sorted_codes, torch.arange(k + 1, device=device))
     pieces = (offsets.diff() + piece_rows - 1).div_(piece_rows, rounding_mode="floor").clamp_(min=1)
-    piece_offsets = torch.nn.functional.pad(pieces.cumsum(0), (1, 0))
-    slot_offsets = torch.nn.functional.pad((pieces * (pieces > 1)).cumsum(0), (1, 0))
+    piece_offsets = F.pad(pieces.cumsum(0), (1, 0))
+    slot_offsets = F.pad((pieces * (pieces > 1)).cumsum(0), (1, 0))
     chunks = -(-n // piece_rows)
     piece_code = torch.searchsorted(
         piece_offsets, torch.arange(k + chunks, device=device), right=True

@@ -42,12 +42,15 @@
 //     above, not its bits.
 //   - Atomics: a plain read-modify-write (fibers never interleave within one). Their order follows
 //     the run order, so float sums round differently from one seed to another, as on a GPU.
-// What it does not model: FMA contraction (nvcc fuses a * b + c by default, this build never does,
-// so float results can differ in the last bits wherever a kernel leaves contraction to nvcc); a
-// memory model (every store is at once visible to every thread: no caches, no reordering, no
-// fences); real concurrency (no two threads run at once, so races show only through the orders
-// drawn, and atomics never truly collide); independent thread scheduling, partial warp masks and
-// blocks that are not whole warps; streams; constant and texture memory; registers; timing.
+//   - FMA contraction: nvcc fuses a * b + c by default; the test builds at -O2 with
+//     -ffp-contract=fast where the CPU has FMA (else with contraction off), so a kernel whose
+//     results hang on where the fusing happens shows, though GCC fuses in places of its own
+//     choosing. __fmul_rn is never fused, as on a GPU.
+// What it does not model: a memory model (every store is at once visible to every thread: no
+// caches, no reordering, no fences); real concurrency (no two threads run at once, so races show
+// only through the orders drawn, and atomics never truly collide); independent thread scheduling,
+// partial warp masks and blocks that are not whole warps; streams; constant and texture memory;
+// registers; timing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -467,8 +470,12 @@ inline int __float_as_int(float x) {
   std::memcpy(&i, &x, sizeof i);
   return i;
 }
-// Never contracted into an FMA: the build passes -ffp-contract=off.
-inline float __fmul_rn(float a, float b) { return a * b; }
+// Never contracted into an FMA: the empty asm hides the product from the optimizer.
+inline float __fmul_rn(float a, float b) {
+  float p = a * b;
+  asm("" : "+m"(p));
+  return p;
+}
 // CUDA's max and min of floating types are fmax and fmin: a NaN operand loses.
 inline float max(float a, float b) { return fmaxf(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }

@@ -60,6 +60,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -451,25 +452,13 @@ T atomicAdd(T* address, T value) {
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline float __int_as_float(int x) {
-  float f;
-  std::memcpy(&f, &x, sizeof f);
-  return f;
-}
-inline float __uint_as_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, sizeof f);
-  return f;
-}
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 template <class T>
 T __ldg(const T* p) {
   return *p;
 }
-inline int __float_as_int(float x) {
-  int i;
-  std::memcpy(&i, &x, sizeof i);
-  return i;
-}
+inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
 // Never contracted into an FMA: the empty asm hides the product from the optimizer.
 inline float __fmul_rn(float a, float b) {
   float p = a * b;
@@ -537,11 +526,7 @@ struct fragment {
 // cvt.rna.tf32.f32: to nearest, ties away from zero; the low 13 bits come out zero.
 inline float __float_to_tf32(float x) {
   if (!std::isfinite(x)) return x;
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u + 0x1000u) & 0xffffe000u;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(x) + 0x1000u) & 0xffffe000u);
 }
 
 namespace detail {
@@ -561,12 +546,7 @@ void check_memory(const E* p, unsigned ldm) {
 template <class T>
 double operand(typename storage<T>::type v) {
   if constexpr (std::is_same_v<T, precision::tf32>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    u &= 0xffffe000u;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
+    return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffffe000u);
   } else if constexpr (std::is_same_v<T, __half>) {
     return __half2float(v);
   } else {

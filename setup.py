@@ -20,7 +20,7 @@ except ImportError as e:  # pragma: no cover - only without torch
     ) from e
 
 
-# The CUDA kernels use bf16 and tf32 tensor cores (WMMA): compute capability 8.0 and up.
+# The CUDA kernels use bf16 and tf32 tensor cores (PTX mma.sync): compute capability 8.0 and up.
 MIN_CUDA_ARCH = (8, 0)
 # Without a visible GPU: Ampere SASS, Hopper SASS, and Hopper PTX that newer GPUs compile at load.
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"

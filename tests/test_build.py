@@ -20,7 +20,7 @@ GLUE_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_torch.cpp"
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles(source, tmp_path):
-    # sm_90 is the target (H100); sm_80 keeps the portable WMMA path honest.
+    # sm_90 is the target (H100); sm_80, the oldest the CUDA kernels build for, has mma.sync too.
     for arch in ("sm_90", "sm_80"):
         result = subprocess.run(
             [
@@ -100,7 +100,7 @@ def test_triton_kernels_compile_for_sm90():
 
 
 def test_cuda_arch_list_keeps_what_the_kernels_support():
-    # setup.py's choice of TORCH_CUDA_ARCH_LIST: the WMMA kernels need sm_80+, so a PyTorch
+    # setup.py's choice of TORCH_CUDA_ARCH_LIST: the tensor-core kernels need sm_80+, so a PyTorch
     # image's list loses its older entries rather than failing the whole build.
     spec = importlib.util.spec_from_file_location("fastvq_setup", os.path.join(ROOT, "setup.py"))
     setup = importlib.util.module_from_spec(spec)

@@ -1,12 +1,12 @@
 """The CUDA kernels of csrc/cuda/nearest_code.cu, quantize.cu, ema.cu and leech.cu, executed on
 the CPU through their real launch functions, against float64 and the CPU ops of the same contract.
 
-CI has no GPU. tests/cuda_emulator/emulator.h runs every CUDA thread as a fiber and emulates WMMA
-(its header says what it models and what not); here each `kernel<<<grid, block, smem,
-stream>>>(args)` of the four files becomes an emulator call, g++ compiles them with
-AddressSanitizer and UBSan where the toolchain has them (an out-of-bounds access in a kernel fails
-the test), and a child process (tests/cuda_emulator/run_calls.py) calls the launch functions
-through ctypes, under a timeout so that a hang fails instead of stalling CI.
+CI has no GPU. tests/cuda_emulator/emulator.h runs every CUDA thread as a fiber and emulates the
+tensor cores' mma.sync (its header says what it models and what not); here each
+`kernel<<<grid, block, smem, stream>>>(args)` of the four files becomes an emulator call, g++
+compiles them with AddressSanitizer and UBSan where the toolchain has them (an out-of-bounds access
+in a kernel fails the test), and a child process (tests/cuda_emulator/run_calls.py) calls the launch
+functions through ctypes, under a timeout so that a hang fails instead of stalling CI.
 
 Outputs are poisoned before a launch with what they must not keep. Floating outputs follow
 tests/ops/test_quantize.py's rule, with the CPU op as the peer in the same precision:

@@ -5,33 +5,35 @@
 // Design: a tensor-core GEMM z @ codebook^T whose epilogue keeps a running argmax, so the N x K
 // scores never leave the SM.
 //   - CTA = 8 warps, tile of BM = 128 rows of z x BN = 128 codes; warps 2 (M) x 4 (N), each warp
-//     64 rows x 32 codes = 4 x 2 WMMA accumulators. The CTA walks its codebook range tile by tile
-//     and each tile over D in BK = 32 chunks.
-//   - Products through the portable WMMA API (mma.h, HMMA on sm_80 and sm_90):
-//       bf16 / fp16 inputs: 16x16x16 fragments of the input type, fp32 accumulate (exact products);
+//     64 rows x 32 codes = 4 x 4 mma.sync accumulators of 16 x 8. The CTA walks its codebook range
+//     tile by tile and each tile over D in BK = 32 chunks.
+//   - Products through PTX mma.sync (mma_sync.h; HMMA on sm_80 and sm_90), whose documented
+//     fragment layouts let the epilogue work on the accumulators in registers:
+//       bf16 / fp16 inputs: m16n8k16 with operands of the input type, fp32 accumulate (exact
+//                           products);
 //       float32, fast:      operands rounded to bf16 while staged into shared memory (2^-8 relative
 //                           per operand; the precision of the torch and Triton fast paths);
-//       float32, exact:     3xTF32, 16x16x8 tf32 fragments: x = hi + lo with hi = tf32(x),
-//                           lo = tf32(x - hi), acc += lo*hi' + hi*lo' + hi*hi' (lo*lo' dropped):
-//                           about 2^-21 relative per product, within "float32 up to rounding".
+//       float32, exact:     3xTF32, m16n8k8 tf32: x = hi + lo with hi = tf32(x), lo = tf32(x - hi),
+//                           acc += lo*hi' + hi*lo' + hi*hi' (lo*lo' dropped): about 2^-21
+//                           relative per product, within "float32 up to rounding".
 //   - Staging: global -> registers -> shared memory, double-buffered: the loads of stage s + 1 are
 //     issued before the MMAs of stage s and stored after them, one __syncthreads per stage. 16-byte
 //     loads when D and the base pointers allow, else element loads; rows past N or K and columns
 //     past D are zero-filled, so any D (1, 3, 24, 33, 1024) runs the same code. The z block of the
 //     CTA (128 x D) stays resident in shared memory when it fits the device's opt-in limit (on
-//     H100's 227 KB: D <= 640 with 16-bit staging, D <= 256 for exact fp32), so only codebook
-//     tiles stream; otherwise z streams chunk by chunk beside them.
-//   - Epilogue, per warp and without a CTA barrier: after a tile's last chunk the warp stores its
-//     accumulators 16 rows at a time to a private shared-memory patch (the WMMA fragment layout is
-//     unspecified, so this is the portable way to know which (row, code) a value belongs to), and
-//     each lane owns 4 consecutive codes (its scale and bias in registers, -inf bias for codes past
-//     K) and 16 rows: score = fmaf(acc, scale, bias), then `score > best` (strict) and two selects.
-//     A lane visits its codes in increasing k, so it keeps the lowest index of its maximum; NaN
-//     fails the comparison and never wins; best starts at (-inf, 0).
-//   - End of CTA: lanes merge (xor shuffles) and then the 4 warps of a row merge through shared
-//     memory by (larger score, then lower index), which keeps "lowest index among the maxima" and
-//     "0 when nothing beats -inf". Split-K CTAs write (score, index) partials to the workspace and
-//     a second kernel reduces them per row the same way.
+//     H100's 227 KB: D <= 800 with 16-bit staging, D <= 352 for exact fp32), so only codebook
+//     tiles stream; otherwise z streams chunk by chunk beside them. Operands go from shared memory
+//     to registers by 32-bit loads in the fragment layouts (conflict-free, see SmemLayout).
+//   - Epilogue, in registers, per warp and without a barrier: after a tile's last chunk each lane
+//     holds the scores of 8 rows x 8 codes (the C layout: rows g, g + 8 of each 16-row fragment,
+//     codes 2t, 2t + 1 of each 8-code fragment), the 8 codes' scale and bias in registers (-inf
+//     bias for codes past K): score = fmaf(acc, scale, bias), then `score > best` (strict) and two
+//     selects. A lane visits its codes in increasing k, so it keeps the lowest index of its
+//     maximum; NaN fails the comparison and never wins; best starts at (-inf, 0).
+//   - End of CTA: the 4 lanes of a row merge (xor shuffles) and then the 4 warps of a row merge
+//     through shared memory by (larger score, then lower index), which keeps "lowest index among
+//     the maxima" and "0 when nothing beats -inf". Split-K CTAs write (score, index) partials to
+//     the workspace and a second kernel reduces them per row the same way.
 //   - Split-K: when the row tiles cannot fill the GPU (N = 1, K = 2^20), the codebook is split into
 //     S ranges of whole tiles, S chosen for wave efficiency (see choose_splits). The per-score
 //     arithmetic is the same with or without splits, so the result does not depend on S.
@@ -39,48 +41,47 @@
 //
 // Performance model (DESIGN.md ceilings; predictions, nothing here has run on a GPU) at
 // N = K = 65,536, D = 32: 4.3e9 candidates, 2.75e11 flop.
-//   - Tensor cores: bf16/fp16/fast at the 772 TFLOP/s wgmma ceiling 0.36 ms; WMMA issues mma.sync
-//     (HMMA), which on Hopper runs below the wgmma rate. Exact (3xTF32) is 3 tf32 products per
-//     term: 8.2e11 flop at 391 TFLOP/s = 2.1 ms at best.
-//   - Epilogue: ~4.3 lane instructions per candidate (0.25 LDS.128, FFMA, FSETP, 2 selects) plus
-//     the fragment store, about 0.15 warp instructions per candidate: 6.4e8 warp instructions over
-//     132 SMs x 4 schedulers at ~1.75 GHz = 0.7 ms.
-//   - Shared memory is the wall of this design: the accumulator round trip is 8 B per candidate
-//     (34 GB) and the WMMA operand loads ~3 B per candidate at D = 32 (13 GB); at 128 B/clk/SM
-//     (~30 TB/s over the chip) that is ~1.6 ms. So expect ~1.6-2.5 ms for bf16 and ~2.5-3.5 ms
-//     for exact fp32 here, against the design's 0.4-0.7 ms for a kernel that keeps the epilogue in
-//     registers and overlaps it with the MMAs.
+//   - Tensor cores: bf16/fp16/fast at the 772 TFLOP/s wgmma ceiling 0.36 ms; mma.sync runs below
+//     the wgmma rate on Hopper. Exact (3xTF32) is 3 tf32 products per term: 8.2e11 flop at
+//     391 TFLOP/s = 2.1 ms at best.
+//   - Epilogue: 4 lane instructions per candidate (FFMA, FSETP, 2 selects), 0.125 warp
+//     instructions per candidate: 5.4e8 over 132 SMs x 4 schedulers at ~1.75 GHz = 0.6 ms, now
+//     with no shared-memory traffic (the WMMA version stored every accumulator to shared memory
+//     and read it back: 8 B per candidate, 34 GB, ~1.1 ms at ~30 TB/s over the chip).
+//   - Operand loads: ~3 B per candidate at D = 32 (each 16-bit A fragment serves 4 codes' MMAs,
+//     each B fragment 4 row blocks): 13 GB, ~0.45 ms of shared-memory bandwidth; 24 LDS.32 per
+//     16 MMAs per k16 step (ldmatrix.x4 would issue 6).
+//   - So expect ~0.8-1.2 ms for bf16 (epilogue, loads and MMAs overlapping across the 8 warps,
+//     not within one) and ~2.5-3 ms for exact fp32, against the design's 0.4-0.7 ms for a kernel
+//     that overlaps the epilogue with the MMAs explicitly.
 //   - L2 -> SM: each of the N / 128 = 512 row tiles reads the codebook once: 4.3 GB in fp32
 //     (2.1 GB in 16-bit), well under a millisecond at L2 rates but not free.
 // Next steps, in order of expected gain:
-//   1. Epilogue in registers: raw mma.sync.m16n8k16 PTX, whose accumulator layout is documented
-//      (lane holds rows lane/4 and lane/4 + 8, columns 2*(lane%4) + {0, 1}), removes the 8 B per
-//      candidate round trip and keeps scale/bias of 2 columns per n8 tile in registers.
-//   2. sm_90a: wgmma with codebook tiles brought by TMA (cp.async.bulk.tensor, 128B swizzle,
+//   1. sm_90a: wgmma with codebook tiles brought by TMA (cp.async.bulk.tensor, 128B swizzle,
 //      3-4 stages on mbarriers) from a producer warp (setmaxnreg), z resident in shared memory,
 //      two consumer warpgroups ping-ponging so one runs the argmax epilogue while the other's
 //      wgmma runs (as FlashAttention-3 overlaps softmax). Persistent grid, tile scheduler.
-//   3. Exact mode as one bf16/tf32 pass plus a float32 recheck of rows whose best two candidates
+//   2. Exact mode as one bf16/tf32 pass plus a float32 recheck of rows whose best two candidates
 //      are closer than the pass's error bound (DESIGN.md: ~0.05 % of rows at tf32), instead of
 //      tripling the MMAs with 3xTF32.
+//   3. ldmatrix for the 16-bit operand loads (a quarter of the load instructions), and cp.async
+//      staging instead of the register round trip.
 //   4. Thread-block clusters of 2 along N with TMA multicast of codebook tiles: halves L2 reads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <type_traits>
 
+#include "mma_sync.h"
 #include "nearest_code.h"
 
 namespace fastvq {
 namespace cuda {
 namespace {
-
-namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -91,15 +92,13 @@ constexpr int kWM = 64;   // rows per warp
 constexpr int kWN = 32;   // codes per warp
 constexpr int kWarpsN = kBN / kWN;
 constexpr int kFragsM = kWM / 16;
-constexpr int kFragsN = kWN / 16;
+constexpr int kFragsN = kWN / 8;
 static_assert((kBM / kWM) * kWarpsN == kWarps, "warp grid must cover the CTA tile");
-static_assert(kFragsN == 2, "the epilogue's lane map assumes 32 codes per warp");
-// Epilogue patch: 16 rows x 32 codes of fp32 per warp, rows padded by 4 words so that the 8 lanes
-// of a quarter warp reading one row with 16-byte loads touch 32 distinct banks.
-constexpr int kEpLd = kWN + 4;
-// Lane map in the epilogue: lane = 8 * g + q owns codes 4q..4q+3 of the warp's 32 and rows
-// g + 4j (j = 0..3) of each 16-row fragment row, i.e. 16 of the warp's 64 rows.
-constexpr int kLaneRows = kFragsM * 4;
+// Epilogue: lane (g, t) holds rows g and g + 8 of each of the warp's kFragsM 16-row fragments and
+// codes 2t, 2t + 1 of each of its kFragsN 8-code fragments (mma_sync.h's C layout): 8 of the warp's
+// 64 rows, 8 of its 32 codes per tile.
+constexpr int kLaneRows = kFragsM * 2;
+constexpr int kLaneCodes = kFragsN * 2;
 
 constexpr int64_t kMaxDim = 1024;
 constexpr int64_t kMaxCodes = INT32_MAX - 2 * kBN;
@@ -121,38 +120,52 @@ __host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b
 
 // ---------------------------------------------------------------------------------------------
 // Products. S is the shared-memory element: float (3xTF32) or a 16-bit type (bf16 / fp16 MMAs).
+// A warp's tile is kFragsM x kFragsN accumulators of 16 rows x 8 codes (mma_sync.h's C layout).
+// Operands come from shared memory in mma_sync.h's fragment layouts, one 32-bit load per register:
+// lane (g, t) reads word t of rows g and g + 8, and the padded row pitches (SmemLayout) put the
+// 32 lanes on 32 distinct banks.
+
+using Acc = float[kFragsM][kFragsN][4];
+
+__device__ __forceinline__ uint32_t lds32(const void* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
 
 template <class S>
 struct Mma {
   static_assert(sizeof(S) == 2, "16-bit MMA path");
   static constexpr int kStep = 16;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, S, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, S, wmma::col_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-  // acc[mi][ni] += A[mi*16.., 0..ksteps*16) * B[ni*16.., same]^T. a: the warp's 64 rows of z,
+  // acc[mi][ni] += A[mi*16.., 0..ksteps*16) * B[ni*8.., same]^T. a: the warp's 64 rows of z,
   // row-major with leading dimension lda; b: its 32 codes, one code per row (col-major B).
-  static __device__ __forceinline__ void run(FragC (&acc)[kFragsM][kFragsN], const S* a, int lda,
-                                             const S* b, int ldb, int ksteps) {
+  static __device__ __forceinline__ void run(Acc& acc, const S* a, int lda, const S* b, int ldb,
+                                             int ksteps) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
 #pragma unroll
     for (int kk = 0; kk < kBK / kStep; ++kk) {
       if (kk < ksteps) {
-        FragA fa[kFragsM];
-        FragB fb[kFragsN];
+        uint32_t fa[kFragsM][4];
+        uint32_t fb[kFragsN][2];
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
-          wmma::load_matrix_sync(fa[mi], a + mi * 16 * lda + kk * kStep, lda);
+          const S* p = a + (mi * 16 + g) * lda + kk * kStep + 2 * t;
+          fa[mi][0] = lds32(p);
+          fa[mi][1] = lds32(p + 8 * lda);
+          fa[mi][2] = lds32(p + 8);
+          fa[mi][3] = lds32(p + 8 * lda + 8);
         }
 #pragma unroll
         for (int ni = 0; ni < kFragsN; ++ni) {
-          wmma::load_matrix_sync(fb[ni], b + ni * 16 * ldb + kk * kStep, ldb);
+          const S* p = b + (ni * 8 + g) * ldb + kk * kStep + 2 * t;
+          fb[ni][0] = lds32(p);
+          fb[ni][1] = lds32(p + 8);
         }
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
 #pragma unroll
-          for (int ni = 0; ni < kFragsN; ++ni) {
-            wmma::mma_sync(acc[mi][ni], fa[mi], fb[ni], acc[mi][ni]);
-          }
+          for (int ni = 0; ni < kFragsN; ++ni) ptx::mma_m16n8k16<S>(acc[mi][ni], fa[mi], fb[ni]);
         }
       }
     }
@@ -162,48 +175,46 @@ struct Mma {
 template <>
 struct Mma<float> {
   static constexpr int kStep = 8;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
-  // Elementwise, so valid whatever the fragment layout: hi = tf32(x), lo = tf32(x - hi); x - hi
-  // is exact in fp32, and hi + lo carries 22 of x's 24 significant bits.
-  template <class Frag>
-  static __device__ __forceinline__ void split(Frag& hi, Frag& lo) {
-#pragma unroll
-    for (int t = 0; t < hi.num_elements; ++t) {
-      const float x = hi.x[t];
-      const float h = wmma::__float_to_tf32(x);
-      hi.x[t] = h;
-      lo.x[t] = wmma::__float_to_tf32(x - h);
-    }
+  // hi = tf32(x), lo = tf32(x - hi); x - hi is exact in fp32, and hi + lo carries 22 of x's 24
+  // significant bits.
+  static __device__ __forceinline__ void split(float x, uint32_t& hi, uint32_t& lo) {
+    hi = ptx::to_tf32(x);
+    lo = ptx::to_tf32(x - __uint_as_float(hi));
   }
 
-  static __device__ __forceinline__ void run(FragC (&acc)[kFragsM][kFragsN], const float* a,
-                                             int lda, const float* b, int ldb, int ksteps) {
+  static __device__ __forceinline__ void run(Acc& acc, const float* a, int lda, const float* b,
+                                             int ldb, int ksteps) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
 #pragma unroll
     for (int kk = 0; kk < kBK / kStep; ++kk) {
       if (kk < ksteps) {
-        FragA ah[kFragsM], al[kFragsM];
-        FragB bh[kFragsN], bl[kFragsN];
+        uint32_t ah[kFragsM][4], al[kFragsM][4];
+        uint32_t bh[kFragsN][2], bl[kFragsN][2];
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
-          wmma::load_matrix_sync(ah[mi], a + mi * 16 * lda + kk * kStep, lda);
-          split(ah[mi], al[mi]);
+          const float* p = a + (mi * 16 + g) * lda + kk * kStep + t;
+          split(p[0], ah[mi][0], al[mi][0]);
+          split(p[8 * lda], ah[mi][1], al[mi][1]);
+          split(p[4], ah[mi][2], al[mi][2]);
+          split(p[8 * lda + 4], ah[mi][3], al[mi][3]);
         }
 #pragma unroll
         for (int ni = 0; ni < kFragsN; ++ni) {
-          wmma::load_matrix_sync(bh[ni], b + ni * 16 * ldb + kk * kStep, ldb);
-          split(bh[ni], bl[ni]);
+          const float* p = b + (ni * 8 + g) * ldb + kk * kStep + t;
+          split(p[0], bh[ni][0], bl[ni][0]);
+          split(p[4], bh[ni][1], bl[ni][1]);
         }
         // The small cross terms first, so that they are not absorbed by a large partial sum.
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
 #pragma unroll
           for (int ni = 0; ni < kFragsN; ++ni) {
-            wmma::mma_sync(acc[mi][ni], al[mi], bh[ni], acc[mi][ni]);
-            wmma::mma_sync(acc[mi][ni], ah[mi], bl[ni], acc[mi][ni]);
-            wmma::mma_sync(acc[mi][ni], ah[mi], bh[ni], acc[mi][ni]);
+            ptx::mma_m16n8k8_tf32(acc[mi][ni], al[mi], bh[ni]);
+            ptx::mma_m16n8k8_tf32(acc[mi][ni], ah[mi], bl[ni]);
+            ptx::mma_m16n8k8_tf32(acc[mi][ni], ah[mi], bh[ni]);
           }
         }
       }
@@ -296,13 +307,14 @@ struct Stage {
 
 // ---------------------------------------------------------------------------------------------
 // Shared-memory layout, shared by the kernel and the host (byte offsets, 128-byte aligned):
-//   [B: 2 stages x kBN x ldb] [A: resident kBM x lda, or 2 stages x kBM x lda] [epilogue patches]
-// ld = columns + 16 bytes of padding (4 floats or 8 halves): consecutive rows then start 4 banks
-// apart, which keeps WMMA loads and 16-byte staging stores free of bank conflicts.
+//   [B: 2 stages x kBN x ldb] [A: resident kBM x lda, or 2 stages x kBM x lda]
+// ld = columns + 16 bytes of padding (4 floats or 8 halves): a row pitch of 4 x (odd) words, so
+// the 8 rows a fragment load touches start on 8 distinct groups of 4 banks, and the 4 words each
+// row gives (lanes t = 0..3) fill them: no bank conflicts there, nor in 16-byte staging stores.
 
 struct SmemLayout {
   int ldb, lda;
-  size_t a_offset, ep_offset, bytes;
+  size_t a_offset, bytes;
 };
 
 __host__ __device__ inline SmemLayout smem_layout(int elem_bytes, bool a_resident, int64_t d) {
@@ -313,8 +325,7 @@ __host__ __device__ inline SmemLayout smem_layout(int elem_bytes, bool a_residen
   const size_t b_bytes = size_t{2} * kBN * l.ldb * elem_bytes;
   const size_t a_bytes = static_cast<size_t>(a_resident ? 1 : 2) * kBM * l.lda * elem_bytes;
   l.a_offset = align_up(b_bytes, 128);
-  l.ep_offset = align_up(l.a_offset + a_bytes, 128);
-  l.bytes = l.ep_offset + size_t{kWarps} * 16 * kEpLd * sizeof(float);
+  l.bytes = l.a_offset + a_bytes;
   return l;
 }
 
@@ -345,7 +356,6 @@ __device__ __forceinline__ bool better(float v, int32_t i, float bv, int32_t bi)
 template <class In, class S>
 __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params p) {
   using M = Mma<S>;
-  using FragC = typename M::FragC;
   extern __shared__ __align__(128) unsigned char smem[];
 
   const int tid = threadIdx.x;
@@ -353,13 +363,12 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
   const int warp = tid >> 5;
   const int wm = warp / kWarpsN;
   const int wn = warp % kWarpsN;
-  const int q = lane & 7;   // epilogue: code quad
-  const int g = lane >> 3;  // epilogue: row group
+  const int g = lane >> 2;  // epilogue: rows g, g + 8 of each fragment
+  const int tg = lane & 3;  // epilogue: codes 2 tg, 2 tg + 1 of each fragment
 
   const SmemLayout lay = smem_layout(sizeof(S), p.a_resident, p.d);
   S* const b_smem = reinterpret_cast<S*>(smem);
   S* const a_smem = reinterpret_cast<S*>(smem + lay.a_offset);
-  float* const ep = reinterpret_cast<float*>(smem + lay.ep_offset) + warp * 16 * kEpLd;
 
   const In* const z = static_cast<const In*>(p.z);
   const In* const cb = static_cast<const In*>(p.codebook);
@@ -380,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
   }
 
   // Prologue: the first codebook stage and z's first chunk in flight together; a resident z block
-  // loads chunk c + 1 while chunk c is stored (up to 20 chunks at D = 640 in 16-bit).
+  // loads chunk c + 1 while chunk c is stored (up to 25 chunks at D = 800 in 16-bit).
   Stage<In, kBN> stage_b;
   Stage<In, kBM> stage_a;
   stage_b.load(cb, code0, p.k, 0, p.d, p.vec);
@@ -398,8 +407,8 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
   stage_b.store(b_smem, lay.ldb);
   __syncthreads();
 
-  FragC acc[kFragsM][kFragsN];
-  float sc[4], bs[4];
+  Acc acc;
+  float sc[kLaneCodes], bs[kLaneCodes];
   int64_t t = 0;  // tile of this step
   int c = 0;      // D chunk of this step
   for (int64_t s = 0; s < steps; ++s) {
@@ -417,13 +426,13 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
       if (!p.a_resident) stage_a.load(z, row0, p.n, int64_t{c_next} * kBK, p.d, p.vec);
     }
     const bool last_chunk = c == p.chunks - 1;
-    const int64_t tile_code = code0 + t * kBN + wn * kWN + 4 * q;  // the lane's first code
+    const int64_t tile_code = code0 + t * kBN + wn * kWN + 2 * tg;  // the lane's first code
     if (last_chunk) {
       // Codes past K get scale 0 and bias -inf: their (zero) accumulator scores -inf (NaN if z
-      // holds inf), which never passes `>`.
+      // holds inf), which never passes `>`. Lane code e is tile_code + 8 (e / 2) + e % 2.
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t kk = tile_code + e;
+      for (int e = 0; e < kLaneCodes; ++e) {
+        const int64_t kk = tile_code + 8 * (e / 2) + e % 2;
         const bool in = kk < p.k;
         sc[e] = in ? (p.scale ? __ldg(p.scale + kk) : 1.f) : 0.f;
         bs[e] = in ? (p.bias ? __ldg(p.bias + kk) : 0.f) : kNegInf;
@@ -434,7 +443,10 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
 #pragma unroll
-          for (int ni = 0; ni < kFragsN; ++ni) wmma::fill_fragment(acc[mi][ni], 0.f);
+          for (int ni = 0; ni < kFragsN; ++ni) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+          }
         }
       }
       const S* a = p.a_resident ? a_smem + c * kBK : a_smem + buf * kBM * lay.lda;
@@ -453,25 +465,17 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
     if (last_chunk && warp_active) {
       const int32_t kq = static_cast<int32_t>(tile_code);
 #pragma unroll
-      for (int mi = 0; mi < kFragsM; ++mi) {
-        wmma::store_matrix_sync(ep, acc[mi][0], kEpLd, wmma::mem_row_major);
-        wmma::store_matrix_sync(ep + 16, acc[mi][1], kEpLd, wmma::mem_row_major);
-        __syncwarp();
+      for (int r = 0; r < kLaneRows; ++r) {
+        float& bv = best_v[r];
+        int32_t& bi = best_i[r];
+        // Codes in increasing order, so that `>` keeps the lowest index of equal scores.
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float4 v = *reinterpret_cast<const float4*>(ep + (g + 4 * j) * kEpLd + 4 * q);
-          const float x[4] = {v.x, v.y, v.z, v.w};
-          float& bv = best_v[mi * 4 + j];
-          int32_t& bi = best_i[mi * 4 + j];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float score = fmaf(x[e], sc[e], bs[e]);
-            const bool take = score > bv;  // strict: ties keep the lower k, NaN never wins
-            bv = take ? score : bv;
-            bi = take ? kq + e : bi;
-          }
+        for (int e = 0; e < kLaneCodes; ++e) {
+          const float score = fmaf(acc[r / 2][e / 2][2 * (r % 2) + e % 2], sc[e], bs[e]);
+          const bool take = score > bv;  // strict: ties keep the lower k, NaN never wins
+          bv = take ? score : bv;
+          bi = take ? kq + 8 * (e / 2) + e % 2 : bi;
         }
-        __syncwarp();  // the next fragment store overwrites the patch
       }
     }
     __syncthreads();
@@ -479,8 +483,8 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
     c = c_next;
   }
 
-  // Merge: the 8 lanes of a row (code quads), then the 4 warps of a row; the staging buffers are
-  // free after the loop's last barrier.
+  // Merge: the 4 lanes of a row (tg), then the 4 warps of a row; the staging buffers are free
+  // after the loop's last barrier.
   float* const red_v = reinterpret_cast<float*>(smem);
   int32_t* const red_i = reinterpret_cast<int32_t*>(smem + sizeof(float) * kWarpsN * kBM);
 #pragma unroll
@@ -488,7 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
     float v = best_v[r];
     int32_t i = best_i[r];
 #pragma unroll
-    for (int off = 1; off < 8; off <<= 1) {
+    for (int off = 1; off < 4; off <<= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, v, off);
       const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
       if (better(ov, oi, v, i)) {
@@ -496,8 +500,8 @@ __global__ void __launch_bounds__(kThreads, 1) nearest_code_kernel(const Params 
         i = oi;
       }
     }
-    if (q == 0) {
-      const int row = wm * kWM + (r / 4) * 16 + g + 4 * (r % 4);
+    if (tg == 0) {
+      const int row = wm * kWM + (r / 2) * 16 + g + 8 * (r % 2);
       red_v[wn * kBM + row] = v;
       red_i[wn * kBM + row] = i;
     }

@@ -31,15 +31,14 @@
 //     every block as undefined as on a GPU, not holding the last block's values. Dynamic shared
 //     memory is a fresh allocation of exactly the launch's size per block, 0xff-filled, so that
 //     AddressSanitizer catches an access past it.
-//   - WMMA (nvcuda::wmma of mma.h, the m16n16k16 and m16n16k8 shapes): fragments hold 1/32 of
-//     the matrix per lane in a layout of this emulator's own (element e of lane l is the matrix's
-//     element e * 32 + l in row-major order), which a kernel may only use elementwise, as on a GPU.
-//     load/store/mma_sync are warp barriers; pointers must be 32-byte aligned and ldm a multiple
-//     of 16 bytes (else abort). mma_sync takes tf32 operands truncated to tf32 (their low 13 bits
-//     dropped) and 16-bit operands as they are, adds the exact products and the accumulator in
-//     double and rounds once to float: more accurate than a tensor core, whose fp32 accumulation
-//     order and rounding are unspecified, so parity tests here bound the kernel's error from
-//     above, not its bits.
+//   - mma.sync (csrc/cuda/mma_sync.h's functions, which this header defines in place of their
+//     PTX): a warp barrier at which each lane computes its elements of d from every lane's operand
+//     registers, in the fragment layouts the PTX ISA documents (mma_sync.h restates them), so a
+//     kernel that loads a fragment wrongly computes a wrong product here as on a GPU. tf32
+//     operands lose their low 13 bits, 16-bit ones are exact; the products are exact in double,
+//     added to the accumulator in double and rounded once to float: more accurate than a tensor
+//     core, whose fp32 accumulation order and rounding are unspecified, so parity tests here bound
+//     the kernel's error from above, not its bits.
 //   - Atomics: a plain read-modify-write (fibers never interleave within one). Their order follows
 //     the run order, so float sums round differently from one seed to another, as on a GPU.
 //   - FMA contraction: nvcc fuses a * b + c by default; the test builds at -O2 with
@@ -472,157 +471,79 @@ inline float min(float a, float b) { return fminf(a, b); }
 inline double min(double a, double b) { return fmin(a, b); }
 using std::isfinite;
 
-// --- WMMA (mma.h) ------------------------------------------------------------------------------
-// The header's "What it models" says how; only the shapes, layouts and functions the kernels use.
-namespace nvcuda::wmma {
+// --- mma.sync (csrc/cuda/mma_sync.h) ----------------------------------------------------------
+// The header's "What it models" says how. mma_sync.h compiles its PTX only without this macro.
+#define FASTVQ_EMULATED_PTX 1
 
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-namespace precision {
-struct tf32 {};
-}  // namespace precision
-
-template <class Use, int M, int N, int K>
-struct fragment_shape;  // rows x cols of the matrix a fragment holds
-template <int M, int N, int K>
-struct fragment_shape<matrix_a, M, N, K> {
-  static constexpr int rows = M, cols = K;
-};
-template <int M, int N, int K>
-struct fragment_shape<matrix_b, M, N, K> {
-  static constexpr int rows = K, cols = N;
-};
-template <int M, int N, int K>
-struct fragment_shape<accumulator, M, N, K> {
-  static constexpr int rows = M, cols = N;
-};
-
-template <class T>
-struct storage {
-  using type = T;
-};
-template <>
-struct storage<precision::tf32> {
-  using type = float;
-};
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-  static_assert((M == 16 && N == 16 && (K == 16 || K == 8)), "m16n16k16 and m16n16k8 only");
-  using element_type = typename storage<T>::type;
-  static constexpr int rows = fragment_shape<Use, M, N, K>::rows;
-  static constexpr int cols = fragment_shape<Use, M, N, K>::cols;
-  static constexpr int num_elements = rows * cols / fastvq_emu::kWarpSize;
-  element_type x[num_elements];
-  // Element e of this lane: the matrix element (row, col) of flat index e * 32 + lane.
-  static int row(int e, int lane) { return (e * fastvq_emu::kWarpSize + lane) / cols; }
-  static int col(int e, int lane) { return (e * fastvq_emu::kWarpSize + lane) % cols; }
-};
-
-// cvt.rna.tf32.f32: to nearest, ties away from zero; the low 13 bits come out zero.
-inline float __float_to_tf32(float x) {
-  if (!std::isfinite(x)) return x;
-  return std::bit_cast<float>((std::bit_cast<uint32_t>(x) + 0x1000u) & 0xffffe000u);
-}
-
+namespace fastvq::cuda::ptx {
 namespace detail {
 
-template <class E>
-void check_memory(const E* p, unsigned ldm) {
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
-    fastvq_emu::fail("a WMMA load or store at a pointer not 32-byte aligned");
-  }
-  if (ldm * sizeof(E) % 16 != 0) {
-    fastvq_emu::fail("a WMMA load or store with an ldm not a multiple of 16 bytes");
-  }
-}
-
-// A tensor core's view of an operand: tf32 keeps the top 19 bits of a float, 16-bit types are
-// exact; every product of two is exact in double.
-template <class T>
-double operand(typename storage<T>::type v) {
-  if constexpr (std::is_same_v<T, precision::tf32>) {
-    return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffffe000u);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    return __half2float(v);
+// A tensor core's view of a 32-bit operand register: tf32 (S = float) keeps the top 19 bits, a
+// 16-bit type is element `half` of the pair (0: the low 16 bits); every product of two is exact
+// in double.
+template <class S>
+double operand(uint32_t reg, int half) {
+  if constexpr (std::is_same_v<S, float>) {
+    return std::bit_cast<float>(reg & 0xffffe000u);
   } else {
-    static_assert(std::is_same_v<T, __nv_bfloat16>, "tf32, half and bf16 operands only");
-    return __bfloat162float(v);
+    static_assert(std::is_same_v<S, __half> || std::is_same_v<S, __nv_bfloat16>, "16-bit types");
+    const auto bits = static_cast<uint16_t>(reg >> (16 * half));
+    if constexpr (std::is_same_v<S, __half>) {
+      return __half2float(std::bit_cast<__half>(bits));
+    } else {
+      return __bfloat162float(std::bit_cast<__nv_bfloat16>(bits));
+    }
   }
 }
 
-}  // namespace detail
-
-template <class Use, int M, int N, int K, class T, class Layout, class E>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const E* p, unsigned ldm) {
-  using F = fragment<Use, M, N, K, T, Layout>;
-  static_assert(std::is_same_v<E, typename F::element_type>, "pointer of the fragment's type");
-  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>,
-                "an accumulator load needs a layout_t (not modelled)");
-  detail::check_memory(p, ldm);
-  __syncwarp();
-  const int lane = threadIdx.x % fastvq_emu::kWarpSize;
-  for (int e = 0; e < F::num_elements; ++e) {
-    const size_t r = F::row(e, lane), c = F::col(e, lane);
-    f.x[e] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
-  }
-}
-
-template <int M, int N, int K>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
-                       layout_t layout) {
-  using F = fragment<accumulator, M, N, K, float>;
-  detail::check_memory(p, ldm);
-  __syncwarp();
-  const int lane = threadIdx.x % fastvq_emu::kWarpSize;
-  for (int e = 0; e < F::num_elements; ++e) {
-    const size_t r = F::row(e, lane), c = F::col(e, lane);
-    p[layout == mem_row_major ? r * ldm + c : c * ldm + r] = f.x[e];
-  }
-}
-
-template <class Use, int M, int N, int K, class T, class Layout>
-void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, typename storage<T>::type v) {
-  for (auto& x : f.x) x = v;
-}
-
-// d = a b + c, a warp operation: each lane computes its own elements of d from every lane's a
-// and b (read through pointers the lanes exchange), and writes them only after all lanes have
-// read, since d may be c.
-template <int M, int N, int K, class T, class LA, class LB>
-void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-              const fragment<matrix_b, M, N, K, T, LB>& b,
-              const fragment<accumulator, M, N, K, float>& c) {
-  using FA = fragment<matrix_a, M, N, K, T, LA>;
-  using FB = fragment<matrix_b, M, N, K, T, LB>;
-  using FC = fragment<accumulator, M, N, K, float>;
+// d += a b over an m16n8kK tile, a warp operation, in mma_sync.h's fragment layouts (K = 16:
+// 16-bit pairs; K = 8: tf32). Each lane computes its own 4 elements of d from every lane's a and
+// b (read through pointers the lanes exchange) and writes them after all lanes have read.
+template <class S, int K>
+void mma_m16n8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   struct Operands {
-    const FA* a;
-    const FB* b;
-  } mine{&a, &b};
-  float out[FC::num_elements];
+    const uint32_t* a;
+    const uint32_t* b;
+  } mine{a, b};
+  float out[4];
   fastvq_emu::exchange(reinterpret_cast<uintptr_t>(&mine), [&](const uint64_t* lanes, int lane) {
-    const auto element = [&](auto member, int cols, int r, int col) {
-      const int flat = r * cols + col;
-      const auto* ops = reinterpret_cast<const Operands*>(lanes[flat % fastvq_emu::kWarpSize]);
-      return detail::operand<T>((ops->*member)->x[flat / fastvq_emu::kWarpSize]);
-    };
-    for (int e = 0; e < FC::num_elements; ++e) {
-      const int r = FC::row(e, lane), col = FC::col(e, lane);
-      double sum = c.x[e];
+    const auto of = [&](int l) { return reinterpret_cast<const Operands*>(lanes[l]); };
+    const int g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+      double sum = d[e];
       for (int k = 0; k < K; ++k) {
-        sum += element(&Operands::a, K, r, k) * element(&Operands::b, N, k, col);
+        if constexpr (K == 16) {
+          sum += operand<S>(of(row % 8 * 4 + k % 8 / 2)->a[row / 8 + 2 * (k / 8)], k % 2) *
+                 operand<S>(of(col * 4 + k % 8 / 2)->b[k / 8], k % 2);
+        } else {
+          sum += operand<S>(of(row % 8 * 4 + k % 4)->a[row / 8 + 2 * (k / 4)], 0) *
+                 operand<S>(of(col * 4 + k % 4)->b[k / 4], 0);
+        }
       }
       out[e] = static_cast<float>(sum);
     }
     return 0;
   });
   __syncwarp();
-  std::copy(out, out + FC::num_elements, d.x);
+  std::copy(out, out + 4, d);
 }
 
-}  // namespace nvcuda::wmma
+}  // namespace detail
+
+template <class S>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  detail::mma_m16n8<S, 16>(d, a, b);
+}
+
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  detail::mma_m16n8<float, 8>(d, a, b);
+}
+
+// cvt.rna.tf32.f32: to nearest, ties away from zero; the low 13 bits come out zero.
+inline uint32_t to_tf32(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  return std::isfinite(x) ? (bits + 0x1000u) & 0xffffe000u : bits;
+}
+
+}  // namespace fastvq::cuda::ptx

@@ -4,7 +4,9 @@ Peers: the naive expansion + argmin users write (fp32, tf32 and bf16 on GPU), to
 the naive code under torch.compile, fastvq's chunked PyTorch reference, and flash-kmeans' fused
 Triton assignment kernel (CUDA only). Correctness is checked before timing: agreement with the
 float64 argmin on a row subsample, and the tie-aware check for the peer's arithmetic.
-TFLOP/s counts the 2·N·K·D flops of the distance GEMM.
+TFLOP/s counts the 2·N·K·D flops of the distance GEMM. On GPU, each fastvq backend and precision
+has its row, and `fastvq triton exact unscreened` is the exact Triton search without its tf32
+screening pass (3xTF32 on every candidate), for the ratio screening buys.
 
 Top-k rows (k = 8, the beam width of a residual-VQ beam search): fastvq.nearest_code(k=8) against
 the same peers followed by torch.topk, checked tie-aware against the float64 k nearest.
@@ -16,6 +18,7 @@ import torch
 
 import fastvq
 from bench.common import DEVICE, Skip, check_indices, cli, measure
+from fastvq.reference import code_terms
 
 SHAPES = {
     # Last: a small batch over a large codebook, where only split-K fills the GPU (argmin, top-k).
@@ -46,6 +49,12 @@ def _tf32(z, c):
         return naive(z, c)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _unscreened(z, c):
+    from fastvq.kernels.nearest_code import nearest_code_triton
+
+    return nearest_code_triton(z, c, None, code_terms(c, "l2")[1], False, screen=False)
 
 
 def flash_kmeans_assign(z, c, dtype=torch.float32):
@@ -84,6 +93,8 @@ def peers(quick: bool) -> dict:
                     z, c, backend=b, precision=p
                 )
                 out[f"fastvq {backend} {precision}"] = (plain(fn), arith)
+        # The exact Triton search without its tf32 screening pass: 3xTF32 on every candidate.
+        out["fastvq triton exact unscreened"] = (plain(_unscreened), "tf32")
     out |= {
         "torch naive fp32": (plain(naive), "fp32"),
         "torch cdist fp32": (plain(cdist), "fp32"),

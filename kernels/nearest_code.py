@@ -61,6 +61,22 @@ Precision of the products (accumulation is always float32):
   twice its tf32 rate (772 vs 391 TFLOP/s, DESIGN.md), bf16 operand tiles take half the
   registers, and it is the precision of the torch backend's fast path (a bf16 matmul), so every
   fast backend shares one error bound.
+Exact float32 search by screening (`_screened_search`, chosen by `_use_screening`): 3xTF32 is
+three tf32 products per term, 2.1 ms of H100 tensor-core time at N = K = 65,536, D = 32 before any
+epilogue. Instead, a screening pass multiplies z and the codebook rounded to tf32 (one product
+per term; the rounded copies are made by the host so that the products are exact in float32
+whatever the hardware does to tf32 inputs) and also writes each row's margin, its best score
+minus the best score of any other code (a per-lane runner-up: two more instructions per
+candidate). `_screening_bound` bounds, per row and for every code at once, how far a screening
+score can lie from the 3xTF32 score, from the norms of z, the codes and their tf32 residuals. A
+row whose margin exceeds twice its bound has the same winner in both passes; the others (near
+ties, exact ties, NaN or non-finite margins and bounds) are searched again by 3xTF32 alone,
+listed by torch.nonzero_static with their count left on the device: the recheck's grid covers
+all N rows and programs past the count exit. So the answer is the 3xTF32 search's, row for row,
+at about a third of its tensor-core work plus the rechecked rows: bench/results/
+screening-share.json records the share for Gaussian data (about 6 % at D = 32, K = 65,536; more
+at D = 8, where codes crowd, and at D = 1024, where the float32 accumulation term grows).
+
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests) the INTERPRET constexpr replaces
 tl.dot by a float32 product-and-sum over (BLOCK_N, BLOCK_K, BLOCK_D): the interpreter's tl.dot
 multiplies the raw bit patterns of bfloat16 operands (triton-lang/triton#11584, "not
@@ -83,9 +99,17 @@ MAX_SPLITS = 64
 # A split walks at least this many K tiles, so its final lane reduction and partial write stay
 # small next to its loop (an unmeasured guess; the bench session should revisit it).
 MIN_TILES_PER_SPLIT = 4
+# The exact float32 search screens with tf32 from this many candidates (N x K) and dimensions up
+# (unmeasured guesses), and sizes the recheck's codebook split for 1 / RECHECK_SHARE of the rows
+# (the share rechecked at D = 24 to 256, see the module docstring).
+SCREEN_MIN_WORK = 1 << 24
+SCREEN_MIN_DIM = 24
+RECHECK_SHARE = 16
 
-# Products: PREC_NATIVE for bf16/fp16 inputs, PREC_TF32X3 and PREC_BF16 for float32 inputs.
-PREC_NATIVE, PREC_TF32X3, PREC_BF16 = 0, 1, 2
+# Products: PREC_NATIVE for bf16/fp16 inputs, PREC_TF32X3 and PREC_BF16 for float32 inputs;
+# PREC_TF32 for float32 operands the caller has rounded to tf32 (the screening pass of the exact
+# search), whose products are then exact in float32.
+PREC_NATIVE, PREC_TF32X3, PREC_BF16, PREC_TF32 = 0, 1, 2, 3
 
 
 @triton.jit
@@ -151,6 +175,8 @@ def _score_tile(
             acc = tl.sum(z_tile[:, None, :] * c_tile[None, :, :], axis=2)
         elif PRECISION == 1:
             acc = tl.dot(z_tile, tl.trans(c_tile), input_precision="tf32x3")
+        elif PRECISION == 3:
+            acc = tl.dot(z_tile, tl.trans(c_tile), input_precision="tf32")
         else:
             acc = tl.dot(z_tile, tl.trans(c_tile))
     else:
@@ -180,6 +206,8 @@ def _score_tile(
                 acc += tl.sum(z_chunk[:, None, :] * c_chunk[None, :, :], axis=2)
             elif PRECISION == 1:
                 acc = tl.dot(z_chunk, tl.trans(c_chunk), acc, input_precision="tf32x3")
+            elif PRECISION == 3:
+                acc = tl.dot(z_chunk, tl.trans(c_chunk), acc, input_precision="tf32")
             else:
                 acc = tl.dot(z_chunk, tl.trans(c_chunk), acc)
 
@@ -209,6 +237,12 @@ def _nearest_code_fwd_kernel(
     # outputs: SPLIT: partial best score (N, S) float32 and index (N, S) int32; else idx (N,) int64
     idx_ptr,
     part_score_ptr,
+    # MARGIN: (N,) float32, best score minus the best score of any other code
+    margin_ptr,
+    # ROWS: search only rows rows_ptr[:count_ptr[0]] (int64), program i taking list entries
+    # [i * BLOCK_N, (i + 1) * BLOCK_N); partials go to (list entry, split), idx to the row
+    rows_ptr,
+    count_ptr,
     # sizes: split s owns codes [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), K_PER_SPLIT % BLOCK_K == 0
     N,
     K,
@@ -221,6 +255,8 @@ def _nearest_code_fwd_kernel(
     EVEN_K: tl.constexpr,
     EVEN_D: tl.constexpr,
     SPLIT: tl.constexpr,
+    MARGIN: tl.constexpr,
+    ROWS: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     ONE_D_CHUNK: tl.constexpr,
@@ -233,10 +269,24 @@ def _nearest_code_fwd_kernel(
     rows = tl.arange(0, BLOCK_N)
     lanes = tl.arange(0, BLOCK_K)
     dims = tl.arange(0, BLOCK_D)
-    row_ok = (pid_n * BLOCK_N + rows) < N
-    # 64-bit base pointers, 32-bit offsets inside a tile (BLOCK * D < 2^31).
-    z_base = z_ptr + pid_n * BLOCK_N * D
-    z_offs = rows[:, None] * D + dims[None, :]
+    # `slot`: where the row's partials go; `row`: the row of z (the same unless ROWS).
+    slot = pid_n * BLOCK_N + rows
+    if ROWS:
+        # The grid covers all N rows so that the count never travels to the host: programs past
+        # it exit at once.
+        count = tl.load(count_ptr)
+        if pid_n * BLOCK_N >= count:
+            return
+        row_ok = slot < count
+        row = tl.load(rows_ptr + slot, mask=row_ok, other=0)
+        z_base = z_ptr
+        z_offs = row[:, None] * D + dims[None, :]
+    else:
+        row_ok = slot < N
+        row = slot
+        # 64-bit base pointers, 32-bit offsets inside a tile (BLOCK * D < 2^31).
+        z_base = z_ptr + pid_n * BLOCK_N * D
+        z_offs = rows[:, None] * D + dims[None, :]
     c_offs = lanes[:, None] * D + dims[None, :]
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
@@ -250,6 +300,8 @@ def _nearest_code_fwd_kernel(
     # was found (a uniform register in the select), so its code is best_k + lane.
     best = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=tl.float32)
     best_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    # MARGIN: the lane's best score among its other codes, two more instructions per candidate.
+    runner = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=tl.float32)
     # The codebook pointer advances by BLOCK_K * D per tile, so k * D is never formed in 32 bits.
     c_base = codebook_ptr + k_start.to(tl.int64) * D
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -258,6 +310,8 @@ def _nearest_code_fwd_kernel(
         score = _score_tile(z_tile, z_base, z_offs, row_ok, c_base, c_offs, dims, codes, code_ok,
                             scale_ptr, bias_ptr, D, HAS_SCALE, HAS_BIAS, EVEN_K, EVEN_D, PRECISION,
                             INTERPRET, ONE_D_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
+        if MARGIN:
+            runner = tl.maximum(runner, tl.minimum(score, best))
         # Strict >: a NaN score fails it, and a tie keeps the lane's earlier (lower) code.
         better = score > best
         best = tl.where(better, score, best)
@@ -269,12 +323,19 @@ def _nearest_code_fwd_kernel(
     row_best = tl.max(best, axis=1)
     cand = tl.where(best == row_best[:, None], best_k + lanes[None, :], 2147483647)
     row_k = tl.min(cand, axis=1)
-    out_rows = pid_n * BLOCK_N + rows
     if SPLIT:
-        tl.store(part_score_ptr + out_rows * S + pid_s, row_best, mask=row_ok)
-        tl.store(idx_ptr + out_rows * S + pid_s, row_k, mask=row_ok)
+        tl.store(part_score_ptr + slot * S + pid_s, row_best, mask=row_ok)
+        tl.store(idx_ptr + slot * S + pid_s, row_k, mask=row_ok)
     else:
-        tl.store(idx_ptr + out_rows, row_k.to(tl.int64), mask=row_ok)
+        tl.store(idx_ptr + row, row_k.to(tl.int64), mask=row_ok)
+    if MARGIN:
+        # The runner-up: the best of the other lanes (the maximum itself if two lanes hold it),
+        # or of the other codes of the winning lane.
+        at_best = best == row_best[:, None]
+        other = tl.max(tl.where(at_best, float("-inf"), best), axis=1)
+        other = tl.where(tl.sum(at_best.to(tl.int32), axis=1) > 1, row_best, other)
+        second = tl.maximum(other, tl.max(runner, axis=1))
+        tl.store(margin_ptr + row, row_best - second, mask=row_ok)
 
 
 @triton.jit
@@ -282,25 +343,34 @@ def _nearest_code_fwd_reduce_kernel(
     # inputs: partial best score (N, S) float32 and index (N, S) int32
     part_score_ptr,
     part_idx_ptr,
+    # ROWS: as for the search kernel, the partials of list entry i belong to row rows_ptr[i]
+    rows_ptr,
+    count_ptr,
     # outputs: idx (N,) int64
     idx_ptr,
     # sizes
     N,
     S,
     # meta
+    ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     splits = tl.arange(0, BLOCK_S)
-    row_ok = rows < N
+    if ROWS:
+        row_ok = slot < tl.load(count_ptr)
+        row = tl.load(rows_ptr + slot, mask=row_ok, other=0)
+    else:
+        row_ok = slot < N
+        row = slot
     mask = row_ok[:, None] & (splits[None, :] < S)
-    offs = rows[:, None] * S + splits[None, :]
+    offs = slot[:, None] * S + splits[None, :]
     score = tl.load(part_score_ptr + offs, mask=mask, other=float("-inf"))
     k = tl.load(part_idx_ptr + offs, mask=mask, other=2147483647)
     row_best = tl.max(score, axis=1)
     row_k = tl.min(tl.where(score == row_best[:, None], k, 2147483647), axis=1)
-    tl.store(idx_ptr + rows, row_k.to(tl.int64), mask=row_ok)
+    tl.store(idx_ptr + row, row_k.to(tl.int64), mask=row_ok)
 
 
 # Top-k slots: a row's state packs each slot into an int64, key << 32 | (code ^ IDX_LO), where the
@@ -475,9 +545,11 @@ def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
     #     tile = 6.3 per candidate (a per-tile max/argmax epilogue instead: 300, 64 registers);
     #   bf16 single chunk up to D = 128: 128 registers; chunked D at BLOCK_D 64: 176, no spills;
     #   fp32 tf32x3 single chunk up to 64: 184; chunked at BLOCK_D 32: 232 (at 64: 24 B spilled);
+    #   fp32 screening pass (tf32 with the margin) at D = 32: 199, chunked at BLOCK_D 32: 255 and
+    #     no spills; the recheck (tf32x3 over listed rows) at D = 32: 211;
     #   fp32 fast (bf16) single chunk up to 128: 218; chunked at BLOCK_D 32: 192 (at 64: 16 B).
     # Small N wastes tensor-core rows anyway; its smaller tiles keep registers low.
-    if precision == PREC_TF32X3:
+    if precision in (PREC_TF32X3, PREC_TF32):
         block_d = d_pow2 if d_pow2 <= 64 else 32
     elif precision == PREC_BF16:
         block_d = d_pow2 if d_pow2 <= 128 else 32
@@ -535,43 +607,64 @@ def _precision(z: torch.Tensor, fast: bool) -> int:
     return PREC_NATIVE
 
 
-def nearest_code_triton(
-    z: torch.Tensor,
-    codebook: torch.Tensor,
-    code_scale: torch.Tensor | None,
-    code_bias: torch.Tensor | None,
-    fast: bool,
-    *,
-    splits: int | None = None,
-    launch: Callable | None = None,
-) -> torch.Tensor:
-    """Index of the best code per row: argmax_k (z[n] . codebook[k]) * code_scale[k] + code_bias[k].
+def _tf32_bound_terms(x: torch.Tensor, scale: torch.Tensor | None = None):
+    """x (rows, D) float32 rounded to tf32 for the screening pass, and per row the norms the
+    error bound needs: (x_tf32, |x|, |x - x_tf32|), the norms in float64 and times |scale| where
+    given.
 
-    Args:
-        z: (N, D) contiguous float32, bfloat16 or float16, N >= 0, 1 <= D <= 1024.
-        codebook: (K, D) contiguous, z's dtype and device, 1 <= K <= 2^31 - 2^16.
-        code_scale, code_bias: (K,) contiguous float32 on z's device, or None (1 and 0).
-        fast: float32 inputs multiply in bfloat16 (fp32 accumulation) instead of 3xTF32.
-        splits: codebook splits (clamped to 1..64), for tests; None picks one from the machine.
-        launch: applied to each kernel before `[grid](...)`; pass torch.library.wrap_triton when
-            this runs as the body of a torch.library.triton_op. None launches directly: an eager
-            wrap_triton call outside a triton_op goes through the higher-order-op dispatcher.
+    Rounding is to nearest, ties away from zero, at 10 explicit mantissa bits, and magnitudes
+    below float32's smallest normal flush to 0: the tensor cores then multiply these values
+    exactly, whether they round, truncate or flush their own inputs, and every difference from x
+    is in the residual, which the bound accounts for. Non-finite or overflowing values give
+    non-finite norms, so their rows are always rechecked."""
+    bits = x.view(torch.int32)
+    rounded = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    rounded = torch.where(x.abs() < torch.finfo(torch.float32).tiny, 0.0, rounded)
+    # float64 norms: squares of float32 values neither underflow nor overflow there (a residual
+    # of 1e-26 squares to 0 in float32).
+    norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    residual = torch.linalg.vector_norm(x - rounded, dim=1, dtype=torch.float64)
+    if scale is not None:
+        norm, residual = norm * scale.abs(), residual * scale.abs()
+    return rounded, norm, residual
 
-    Returns:
-        int64 (N,) on z's device. Ties go to the lowest index; NaN scores never win; a row whose
-        scores are all -inf/NaN gets 0.
-    """
-    _check_launch(z, codebook, code_scale, code_bias)
+
+def _screening_bound(z_norm, z_res, c_norm, c_res, code_bias, d: int, scale_max) -> torch.Tensor:
+    """Per row, a bound on |screening score - 3xTF32 score| that holds for every code.
+
+    For code k with s = |scale_k|, the screening pass computes fl(tf32(z) . tf32(c_k)) * scale_k
+    + bias_k and the exact pass the same from 3xTF32 products. Against the true score,
+    tf32(z) . tf32(c) - z . c = -(z - tf32(z)) . c - tf32(z) . (c - tf32(c)), so by Cauchy-Schwarz
+    the screening products are off by at most |r_z| U + |z~| V with U = max_k s |c_k|,
+    V = max_k s |r_c_k| and |z~| <= |z| + |r_z|. Accumulating D exact products in float32 costs
+    at most D ulps of the sum of their magnitudes (2^-22 per term leaves room for tensor cores
+    that truncate), 3xTF32 adds about 2^-20 per product, and each epilogue rounds twice: all
+    within `rel` of |z~| (U + V) + max|bias| for both passes together. `floor` covers products
+    and sums that underflow (flushed on GPUs). The last factor covers the rounding of the norms
+    and of this formula (float64, whose range holds every float32 square)."""
+    rel = (2 * d + 16) * 2.0**-22 + 2.0**-18 + 2.0**-20
+    floor = (4 * d + 8) * torch.finfo(torch.float32).tiny * (1 + scale_max)
+    u, v = c_norm.max(), c_res.max()
+    b = code_bias.abs().max() if code_bias is not None else 0.0
+    z_tilde = z_norm + z_res
+    return (z_res * u + z_tilde * v + rel * (z_tilde * (u + v) + b) + floor) * (1 + 2.0**-10)
+
+
+def _search(
+    z, codebook, code_scale, code_bias, out, precision, splits, wrap,
+    *, margin=None, rows=None, count=None, expected_rows=None,
+):  # fmt: skip
+    """One launch of the search kernel (and of the split reduction when the codebook is split)
+    writing `out`; with `margin`, also each row's margin (unsplit only); with `rows` and `count`,
+    only the rows listed, the split count chosen for `expected_rows` of them."""
     n, d = z.shape
     k = codebook.shape[0]
-    out = torch.empty(n, dtype=torch.int64, device=z.device)
-    if n == 0:
-        return out
-    precision = _precision(z, fast)
     cfg = _config(n, d, precision, z.device)
     block_k = cfg["BLOCK_K"]
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    splits, k_per_split = _split_codebook(row_blocks, k, block_k, splits, z.device)
+    busy_blocks = row_blocks if rows is None else triton.cdiv(expected_rows, cfg["BLOCK_N"])
+    splits, k_per_split = _split_codebook(busy_blocks, k, block_k, splits, z.device)
+    assert margin is None or splits == 1, "the margin comes from unsplit searches"
     if splits > 1:
         part_score = torch.empty(n, splits, dtype=torch.float32, device=z.device)
         part_idx = torch.empty(n, splits, dtype=torch.int32, device=z.device)
@@ -579,8 +672,7 @@ def nearest_code_triton(
         # SPLIT False: the kernel writes idx into `out` and never touches part_score; the dummy is
         # not `out` itself, so no tensor is passed twice where wrap_triton tracks mutations.
         part_score, part_idx = z, out
-    wrap = (lambda kernel: kernel) if launch is None else launch
-    # An absent scale/bias is never read: any valid pointer will do.
+    # Absent optional tensors are never read or written: any valid pointer will do.
     wrap(_nearest_code_fwd_kernel)[(row_blocks, splits)](
         z,
         codebook,
@@ -588,6 +680,9 @@ def nearest_code_triton(
         z if code_bias is None else code_bias,
         part_idx,
         part_score,
+        codebook if margin is None else margin,
+        codebook if rows is None else rows,
+        codebook if count is None else count,
         n,
         k,
         d,
@@ -598,6 +693,8 @@ def nearest_code_triton(
         EVEN_K=k % block_k == 0,
         EVEN_D=d % cfg["BLOCK_D"] == 0,
         SPLIT=splits > 1,
+        MARGIN=margin is not None,
+        ROWS=rows is not None,
         PRECISION=precision,
         INTERPRET=triton_interpreting(),
         ONE_D_CHUNK=d <= cfg["BLOCK_D"],
@@ -608,12 +705,92 @@ def nearest_code_triton(
         wrap(_nearest_code_fwd_reduce_kernel)[(triton.cdiv(n, block_r),)](
             part_score,
             part_idx,
+            part_idx if rows is None else rows,
+            part_idx if count is None else count,
             out,
             n,
             splits,
+            ROWS=rows is not None,
             BLOCK_R=block_r,
             BLOCK_S=max(2, triton.next_power_of_2(splits)),
         )
+
+
+def _screened_search(z, codebook, code_scale, code_bias, out, splits, wrap) -> None:
+    """The exact float32 search as a tf32 screening pass plus a 3xTF32 recheck of the rows whose
+    best two screening scores lie within twice the error bound (see the module docstring)."""
+    n, d = z.shape
+    z_tf32, z_norm, z_res = _tf32_bound_terms(z)
+    c_tf32, c_norm, c_res = _tf32_bound_terms(codebook, code_scale)
+    scale_max = code_scale.abs().max() if code_scale is not None else 1.0
+    margin = torch.empty(n, dtype=torch.float32, device=z.device)
+    _search(z_tf32, c_tf32, code_scale, code_bias, out, PREC_TF32, 1, wrap, margin=margin)
+    bound = _screening_bound(z_norm, z_res, c_norm, c_res, code_bias, d, scale_max)
+    recheck = ~(margin > 2 * bound)  # NaN margins and bounds are rechecked too
+    rows = torch.nonzero_static(recheck, size=n, fill_value=-1).view(n)
+    count = recheck.sum().view(1)
+    _search(z, codebook, code_scale, code_bias, out, PREC_TF32X3, splits, wrap, rows=rows,
+            count=count, expected_rows=triton.cdiv(n, RECHECK_SHARE))  # fmt: skip
+
+
+def _use_screening(n: int, k: int, d: int, screen: bool | None, device: torch.device) -> bool:
+    """Whether the exact float32 search screens with tf32 (`screen`, or a choice by size)."""
+    if screen is not None:
+        return screen
+    # NOTE: unmeasured: screening adds ~15 small launches and a tf32 copy of z and the codebook,
+    # worth it only where the search is long, where the MMAs it saves outweigh the two epilogue
+    # instructions it adds per candidate, and where the unsplit screening pass fills the machine
+    # (the interpreter, which has no machine to fill, screens whenever it may, to test it).
+    if not triton_interpreting() and (n * k < SCREEN_MIN_WORK or d < SCREEN_MIN_DIM):
+        return False
+    cfg = _config(n, d, PREC_TF32, device)
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    return _split_codebook(row_blocks, k, cfg["BLOCK_K"], None, device)[0] == 1
+
+
+def nearest_code_triton(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    code_scale: torch.Tensor | None,
+    code_bias: torch.Tensor | None,
+    fast: bool,
+    *,
+    splits: int | None = None,
+    screen: bool | None = None,
+    launch: Callable | None = None,
+) -> torch.Tensor:
+    """Index of the best code per row: argmax_k (z[n] . codebook[k]) * code_scale[k] + code_bias[k].
+
+    Args:
+        z: (N, D) contiguous float32, bfloat16 or float16, N >= 0, 1 <= D <= 1024.
+        codebook: (K, D) contiguous, z's dtype and device, 1 <= K <= 2^31 - 2^16.
+        code_scale, code_bias: (K,) contiguous float32 on z's device, or None (1 and 0).
+        fast: float32 inputs multiply in bfloat16 (fp32 accumulation) instead of 3xTF32.
+        splits: codebook splits (clamped to 1..64), for tests; None picks one from the machine.
+            With screening, it applies to the recheck (the screening pass is never split).
+        screen: float32 inputs with fast=False: True searches by a tf32 screening pass and a
+            3xTF32 recheck of the rows it cannot decide, False by 3xTF32 alone (the same
+            answer), None chooses from the size of the search.
+        launch: applied to each kernel before `[grid](...)`; pass torch.library.wrap_triton when
+            this runs as the body of a torch.library.triton_op. None launches directly: an eager
+            wrap_triton call outside a triton_op goes through the higher-order-op dispatcher.
+
+    Returns:
+        int64 (N,) on z's device. Ties go to the lowest index; NaN scores never win; a row whose
+        scores are all -inf/NaN gets 0.
+    """
+    _check_launch(z, codebook, code_scale, code_bias)
+    n = z.shape[0]
+    k = codebook.shape[0]
+    out = torch.empty(n, dtype=torch.int64, device=z.device)
+    if n == 0:
+        return out
+    precision = _precision(z, fast)
+    wrap = (lambda kernel: kernel) if launch is None else launch
+    if precision == PREC_TF32X3 and _use_screening(n, k, z.shape[1], screen, z.device):
+        _screened_search(z, codebook, code_scale, code_bias, out, splits, wrap)
+    else:
+        _search(z, codebook, code_scale, code_bias, out, precision, splits, wrap)
     return out
 
 

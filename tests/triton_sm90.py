@@ -93,19 +93,24 @@ def _launch_everything():
         e8.e8_nearest_triton(torch.randn(1000, 8, generator=g).to(dtype))
     for dtype in (torch.float32, torch.float64):
         leech.leech_decode_triton(torch.randn(100, 24, generator=g).to(dtype))
-    # nearest code: each precision, one and several D chunks, small and large N, split codebooks
-    for dtype, fast, n, d, splits in [
-        (torch.float32, False, 4096, 32, 1),
-        (torch.float32, True, 4096, 32, 1),
-        (torch.bfloat16, False, 4096, 32, 1),
-        (torch.float16, False, 48, 256, 1),
-        (torch.float32, False, 8, 300, 4),
-        (torch.bfloat16, False, 100, 8, 4),
+    # nearest code: each precision, one and several D chunks, small and large N, split codebooks,
+    # the exact float32 search by 3xTF32 alone and screened (tf32 pass, recheck unsplit / split)
+    for dtype, fast, n, d, splits, screen in [
+        (torch.float32, False, 4096, 32, 1, False),
+        (torch.float32, False, 4096, 32, 1, True),
+        (torch.float32, False, 4096, 256, 4, True),
+        (torch.float32, True, 4096, 32, 1, None),
+        (torch.bfloat16, False, 4096, 32, 1, None),
+        (torch.float16, False, 48, 256, 1, None),
+        (torch.float32, False, 8, 300, 4, False),
+        (torch.bfloat16, False, 100, 8, 4, None),
     ]:
         z = torch.randn(n, d, generator=g).to(dtype)
         codebook = torch.randn(4096, d, generator=g).to(dtype)
         bias = torch.randn(4096, generator=g)
-        nearest_code.nearest_code_triton(z, codebook, None, bias, fast, splits=splits)
+        nearest_code.nearest_code_triton(
+            z, codebook, None, bias, fast, splits=splits, screen=screen
+        )
     # nearest code top-k: k's register classes (KP 8, 32, 128), one and several D chunks, bf16
     for dtype, fast, n, d, k in [
         (torch.float32, False, 4096, 32, 8),

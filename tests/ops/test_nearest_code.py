@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fastvq
 from fastvq.ops._backends import pick_backend
-from fastvq.reference import METRICS
+from fastvq.reference import METRICS, code_terms
 from fastvq.testing import backend_cases, check_nearest, random_search_inputs
 
 CUDA = torch.cuda.is_available()
@@ -305,6 +305,105 @@ def test_triton_split_k_is_identical_to_one_pass():
     split = nearest_code_triton(z, codebook, None, bias, False, splits=5)
     assert torch.equal(one, split)
     check_nearest(z, codebook, one)
+
+
+def _screening_inputs(n, k, d, metric, device, seed):
+    """Gaussian z and codebook with the metric's (scale, bias) as the op passes them."""
+    z, codebook = random_search_inputs(n, k, d, torch.float32, device, seed)
+    return (z, codebook, *code_terms(codebook, metric))
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_screened_search_is_the_3xtf32_search(metric, poison):
+    from fastvq.kernels.nearest_code import nearest_code_triton
+
+    device = "cuda" if CUDA else "cpu"
+    # D = 1 and 33 pad the single chunk, 300 takes chunks with an uneven last one; K = 1 has no
+    # runner-up; recheck splits of 1 (default here) and 3.
+    for seed, (n, k, d, splits) in enumerate(
+        [(300, 257, 33, None), (200, 700, 300, 3), (130, 1, 8, None), (257, 64, 1, 3)]
+    ):
+        args = _screening_inputs(n, k, d, metric, device, seed)
+        direct = nearest_code_triton(*args, False, screen=False)
+        screened = nearest_code_triton(*args, False, splits=splits, screen=True)
+        assert torch.equal(screened, direct), (n, k, d)
+        check_nearest(*args[:2], screened, metric)
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_screening_rechecks_the_rows_it_cannot_decide(monkeypatch):
+    import fastvq.kernels.nearest_code as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(11)
+    # Codes near 40 centres, the rest short and far. Centres 0-19 have copies 2^-12 apart
+    # (tf32's rounding misorders them) at j, j + 128 and j + 256: one lane of the kernel's K tile
+    # (64 or 128 codes) holds all three, so only its runner-up sees the near tie. Centres 20-39
+    # have copies 2^-18 apart at j and j + 300, in two lanes: mostly equal after tf32 rounding,
+    # an exact tie of the screening scores that float32 still tells apart. Then an exact
+    # duplicate code, an integer row whose scores tie exactly, and an inf row (unchecked input).
+    centres = torch.randn(40, 24, generator=g)
+    codebook = 0.5 * torch.randn(400, 24, generator=g)
+    for start in (0, 128, 256):
+        codebook[start : start + 20] = centres[:20] + 2.0**-12 * torch.randn(20, 24, generator=g)
+    for start in (20, 320):
+        codebook[start : start + 20] = centres[20:] + 2.0**-18 * torch.randn(20, 24, generator=g)
+    codebook[399] = codebook[7]
+    near = torch.randint(0, 40, (256,), generator=g)
+    z = centres[near] + 0.1 * torch.randn(256, 24, generator=g)
+    z[3] = codebook[7]
+    z[4] = 0.0
+    z[4, :2] = 1.0
+    z[5, 7] = float("inf")
+    z, codebook, near = z.to(device), codebook.to(device), near.to(device)
+    for metric in METRICS:
+        args = (z, codebook, *code_terms(codebook, metric))
+        direct = kernels.nearest_code_triton(*args, False, screen=False)
+        assert torch.equal(kernels.nearest_code_triton(*args, False, screen=True), direct), metric
+        # Without the recheck (a zero bound) the screening answer is wrong on rows of both kinds
+        # of centre: the recheck is what makes the two equal.
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "_screening_bound", lambda z_norm, *rest: torch.zeros_like(z_norm))
+            unchecked = kernels.nearest_code_triton(*args, False, screen=True)
+        wrong = unchecked != direct
+        assert wrong[near < 20].any() and wrong[near >= 20].any(), metric
+
+
+@pytest.mark.parametrize("d", [2, 24, 1024])
+@pytest.mark.parametrize("metric", METRICS)
+def test_screening_bound_holds(d, metric):
+    # The bound must cover |screening score - true score| + |3xTF32 score - true score| for every
+    # code. Model of the two passes on the CPU: float32 matmuls of the tf32-rounded operands and
+    # of the original ones (whose error exceeds 3xTF32's). Rows of mixed scale (from 2^-70 to
+    # 2^40), subnormal entries and codes of very different norms.
+    from fastvq.kernels.nearest_code import _screening_bound, _tf32_bound_terms
+
+    g = torch.Generator().manual_seed(d)
+    z = torch.randn(64, d, generator=g) * 2.0 ** torch.randint(-70, 40, (64, 1), generator=g)
+    codebook = torch.randn(512, d, generator=g) * 2.0 ** torch.randint(-8, 8, (512, 1), generator=g)
+    z[0, 0] = 1e-40
+    codebook[1, -1] = -3e-41
+    scale, bias = code_terms(codebook, metric)
+    z_tf32, z_norm, z_res = _tf32_bound_terms(z)
+    c_tf32, c_norm, c_res = _tf32_bound_terms(codebook, scale)
+    scale_max = scale.abs().max() if scale is not None else 1.0
+    bound = _screening_bound(z_norm, z_res, c_norm, c_res, bias, d, scale_max).double()
+
+    def scores(a, b, dtype):
+        s = a.to(dtype) @ b.to(dtype).T
+        if scale is not None:
+            s = s * scale.to(dtype)
+        return s if bias is None else s + bias.to(dtype)
+
+    true = scores(z, codebook, torch.float64)
+    err = (scores(z_tf32, c_tf32, torch.float32) - true).abs()
+    err += (scores(z, codebook, torch.float32) - true).abs()
+    ratio = (err / bound[:, None]).max().item()
+    assert ratio <= 1, ratio
+    # ... and is not vacuous: within 50x of the worst error seen at small D.
+    if d <= 24:
+        assert ratio > 0.02, ratio
 
 
 def test_gpu_backends_need_compute_capability_8(monkeypatch):

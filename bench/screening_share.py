@@ -1,0 +1,75 @@
+"""The share of rows the exact float32 Triton search rechecks with 3xTF32 after its tf32 screening
+pass (fastvq.kernels.nearest_code, `_screened_search`), for Gaussian data at the bench shapes.
+
+The share is a property of the data and of the error bound, not of the device: a row is rechecked
+when its best two tf32 screening scores lie within twice `_screening_bound`. This computes the
+screening scores in float64 from the tf32-rounded operands (the pass's products are exact; only
+its float32 accumulation differs, far below the bound) for a sample of rows, and saves
+bench/results/screening_share.json. It also records the largest ratio of |screening score - true
+score| to the bound over the sample, which must stay below 1.
+
+python -m bench.screening_share [--rows 1024] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from fastvq.kernels.nearest_code import _screening_bound, _tf32_bound_terms
+
+from bench.common import environment
+from fastvq.reference import METRICS, code_terms
+
+SHAPES = [(65536, 32), (16384, 8), (196560, 24), (65536, 256), (16384, 1024)]  # (K, D)
+
+
+def _scores(z, codebook, scale, bias):
+    s = z.double() @ codebook.double().T
+    if scale is not None:
+        s = s * scale.double()
+    return s if bias is None else s + bias.double()
+
+
+def share(rows: int, k: int, d: int, metric: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, d, generator=g)
+    codebook = torch.randn(k, d, generator=g)
+    scale, bias = code_terms(codebook, metric)
+    z_tf32, z_norm, z_res = _tf32_bound_terms(z)
+    c_tf32, c_norm, c_res = _tf32_bound_terms(codebook, scale)
+    scale_max = scale.abs().max() if scale is not None else 1.0
+    bound = _screening_bound(z_norm, z_res, c_norm, c_res, bias, d, scale_max).double()
+    rechecked, ratio = 0, 0.0
+    for start in range(0, rows, 128):  # 128 x K float64 scores at a time
+        sl = slice(start, start + 128)
+        screen = _scores(z_tf32[sl], c_tf32, scale, bias)
+        true = _scores(z[sl], codebook, scale, bias)
+        top = screen.topk(2, dim=1).values
+        rechecked += int((~(top[:, 0] - top[:, 1] > 2 * bound[sl])).sum())
+        ratio = max(ratio, float(((screen - true).abs().amax(1) / bound[sl]).max()))
+    return {"K": k, "D": d, "metric": metric, "rows": rows, "rechecked": rechecked,
+            "share": rechecked / rows, "max_error_over_bound": ratio}  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    results = []
+    for k, d in SHAPES:
+        for metric in METRICS:
+            results.append(share(args.rows, k, d, metric))
+            r = results[-1]
+            print(f"K={k:6} D={d:4} {metric:6} rechecked {r['share']:6.2%} "
+                  f"max error / bound {r['max_error_over_bound']:.3f}", flush=True)  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "screening_share.json")
+    with open(path, "w") as f:
+        json.dump({"environment": environment("cpu"), "results": results}, f, indent=1)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -56,6 +56,18 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8 x 8 matrices of 16-bit elements, each 8 rows
+// of 16 bytes in shared memory. Lane l gives the (16-byte aligned) address of row l % 8 of matrix
+// l / 8 and receives in r[j] the 32-bit word l % 4 of row l / 4 of matrix j: for 16-bit types
+// the A and B fragment registers above, and for float32 seen as 16-bit pairs (8 rows of 4
+// floats) the tf32 ones.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
 // cvt.rna.tf32.f32: x rounded to tf32 (to nearest, ties away from zero), as float32 bits whose
 // low 13 bits are zero.
 __device__ __forceinline__ uint32_t to_tf32(float x) {

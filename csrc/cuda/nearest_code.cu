@@ -23,7 +23,7 @@
 //     CTA (128 x D) stays resident in shared memory when it fits the device's opt-in limit (on
 //     H100's 227 KB: D <= 800 with 16-bit staging, D <= 352 for exact fp32), so only codebook
 //     tiles stream; otherwise z streams chunk by chunk beside them. Operands go from shared memory
-//     to registers by 32-bit loads in the fragment layouts (conflict-free, see SmemLayout).
+//     to registers by ldmatrix.x4 in the fragment layouts (conflict-free, see SmemLayout).
 //   - Epilogue, in registers, per warp and without a barrier: after a tile's last chunk each lane
 //     holds the scores of 8 rows x 8 codes (the C layout: rows g, g + 8 of each 16-row fragment,
 //     codes 2t, 2t + 1 of each 8-code fragment), the 8 codes' scale and bias in registers (-inf
@@ -49,8 +49,8 @@
 //     with no shared-memory traffic (the WMMA version stored every accumulator to shared memory
 //     and read it back: 8 B per candidate, 34 GB, ~1.1 ms at ~30 TB/s over the chip).
 //   - Operand loads: ~3 B per candidate at D = 32 (each 16-bit A fragment serves 4 codes' MMAs,
-//     each B fragment 4 row blocks): 13 GB, ~0.45 ms of shared-memory bandwidth; 24 LDS.32 per
-//     16 MMAs per k16 step (ldmatrix.x4 would issue 6).
+//     each B fragment 4 row blocks): 13 GB, ~0.45 ms of shared-memory bandwidth; 6 ldmatrix.x4
+//     per 16 MMAs per k16 step (32-bit loads took 24).
 //   - So expect ~0.8-1.2 ms for bf16 (epilogue, loads and MMAs overlapping across the 8 warps,
 //     not within one) and ~2.5-3 ms for exact fp32, against the design's 0.4-0.7 ms for a kernel
 //     that overlaps the epilogue with the MMAs explicitly.
@@ -61,11 +61,11 @@
 //      3-4 stages on mbarriers) from a producer warp (setmaxnreg), z resident in shared memory,
 //      two consumer warpgroups ping-ponging so one runs the argmax epilogue while the other's
 //      wgmma runs (as FlashAttention-3 overlaps softmax). Persistent grid, tile scheduler.
-//   2. Exact mode as one bf16/tf32 pass plus a float32 recheck of rows whose best two candidates
-//      are closer than the pass's error bound (DESIGN.md: ~0.05 % of rows at tf32), instead of
-//      tripling the MMAs with 3xTF32.
-//   3. ldmatrix for the 16-bit operand loads (a quarter of the load instructions), and cp.async
-//      staging instead of the register round trip.
+//   2. Exact mode as the Triton search does it (kernels/nearest_code.py, `_screened_search`): a
+//      tf32 screening pass that also writes each row's margin over its runner-up, then 3xTF32
+//      over the rows whose margin is within twice a proven error bound (~6 % at D = 32,
+//      bench/results/screening_share.json), instead of tripling every MMA.
+//   3. cp.async staging instead of the register round trip.
 //   4. Thread-block clusters of 2 along N with TMA multicast of codebook tiles: halves L2 reads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -93,6 +93,7 @@ constexpr int kWN = 32;   // codes per warp
 constexpr int kWarpsN = kBN / kWN;
 constexpr int kFragsM = kWM / 16;
 constexpr int kFragsN = kWN / 8;
+static_assert(kFragsN % 2 == 0, "ldmatrix.x4 loads the B fragments of two 8-code blocks");
 static_assert((kBM / kWM) * kWarpsN == kWarps, "warp grid must cover the CTA tile");
 // Epilogue: lane (g, t) holds rows g and g + 8 of each of the warp's kFragsM 16-row fragments and
 // codes 2t, 2t + 1 of each of its kFragsN 8-code fragments (mma_sync.h's C layout): 8 of the warp's
@@ -121,14 +122,26 @@ __host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b
 // ---------------------------------------------------------------------------------------------
 // Products. S is the shared-memory element: float (3xTF32) or a 16-bit type (bf16 / fp16 MMAs).
 // A warp's tile is kFragsM x kFragsN accumulators of 16 rows x 8 codes (mma_sync.h's C layout).
-// Operands come from shared memory in mma_sync.h's fragment layouts, one 32-bit load per register:
-// lane (g, t) reads word t of rows g and g + 8, and the padded row pitches (SmemLayout) put the
-// 32 lanes on 32 distinct banks.
+// Operands come from shared memory by ldmatrix.x4, whose four 8 x 16-byte matrices are one A
+// fragment (rows +0 / +8 x the step's first / second 16 bytes of columns) or the B fragments of
+// two 8-code blocks. The padded row pitches (SmemLayout) put each 8-row phase on 32 distinct
+// banks.
 
 using Acc = float[kFragsM][kFragsN][4];
 
-__device__ __forceinline__ uint32_t lds32(const void* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
+// The row lane l addresses for ldmatrix.x4: matrix m = l / 8 is rows (m & 1) * 8 + [0, 8) and the
+// (m >> 1)-th 16 bytes of the k-step for A; for B, codes (m >> 1) * 8 + [0, 8) and the (m & 1)-th
+// 16 bytes.
+template <class S>
+__device__ __forceinline__ const S* a_row(const S* a, int lda, int mi, int k0, int lane) {
+  const int m = lane >> 3;
+  return a + (mi * 16 + (m & 1) * 8 + (lane & 7)) * lda + k0 + (m >> 1) * (16 / sizeof(S));
+}
+
+template <class S>
+__device__ __forceinline__ const S* b_row(const S* b, int ldb, int ni, int k0, int lane) {
+  const int m = lane >> 3;
+  return b + (ni * 8 + (m >> 1) * 8 + (lane & 7)) * ldb + k0 + (m & 1) * (16 / sizeof(S));
 }
 
 template <class S>
@@ -141,8 +154,6 @@ struct Mma {
   static __device__ __forceinline__ void run(Acc& acc, const S* a, int lda, const S* b, int ldb,
                                              int ksteps) {
     const int lane = threadIdx.x & 31;
-    const int g = lane >> 2;
-    const int t = lane & 3;
 #pragma unroll
     for (int kk = 0; kk < kBK / kStep; ++kk) {
       if (kk < ksteps) {
@@ -150,17 +161,16 @@ struct Mma {
         uint32_t fb[kFragsN][2];
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
-          const S* p = a + (mi * 16 + g) * lda + kk * kStep + 2 * t;
-          fa[mi][0] = lds32(p);
-          fa[mi][1] = lds32(p + 8 * lda);
-          fa[mi][2] = lds32(p + 8);
-          fa[mi][3] = lds32(p + 8 * lda + 8);
+          ptx::ldmatrix_x4(fa[mi], a_row(a, lda, mi, kk * kStep, lane));
         }
 #pragma unroll
-        for (int ni = 0; ni < kFragsN; ++ni) {
-          const S* p = b + (ni * 8 + g) * ldb + kk * kStep + 2 * t;
-          fb[ni][0] = lds32(p);
-          fb[ni][1] = lds32(p + 8);
+        for (int ni = 0; ni < kFragsN; ni += 2) {
+          uint32_t r[4];
+          ptx::ldmatrix_x4(r, b_row(b, ldb, ni, kk * kStep, lane));
+          fb[ni][0] = r[0];
+          fb[ni][1] = r[1];
+          fb[ni + 1][0] = r[2];
+          fb[ni + 1][1] = r[3];
         }
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
@@ -178,34 +188,42 @@ struct Mma<float> {
 
   // hi = tf32(x), lo = tf32(x - hi); x - hi is exact in fp32, and hi + lo carries 22 of x's 24
   // significant bits.
-  static __device__ __forceinline__ void split(float x, uint32_t& hi, uint32_t& lo) {
-    hi = ptx::to_tf32(x);
-    lo = ptx::to_tf32(x - __uint_as_float(hi));
+  static __device__ __forceinline__ void split(uint32_t (&x)[4], uint32_t (&lo)[4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float v = __uint_as_float(x[r]);
+      x[r] = ptx::to_tf32(v);
+      lo[r] = ptx::to_tf32(v - __uint_as_float(x[r]));
+    }
   }
 
   static __device__ __forceinline__ void run(Acc& acc, const float* a, int lda, const float* b,
                                              int ldb, int ksteps) {
     const int lane = threadIdx.x & 31;
-    const int g = lane >> 2;
-    const int t = lane & 3;
 #pragma unroll
     for (int kk = 0; kk < kBK / kStep; ++kk) {
       if (kk < ksteps) {
+        // ah / bh: the raw floats, then their tf32 high parts; al / bl: the low parts.
         uint32_t ah[kFragsM][4], al[kFragsM][4];
         uint32_t bh[kFragsN][2], bl[kFragsN][2];
 #pragma unroll
         for (int mi = 0; mi < kFragsM; ++mi) {
-          const float* p = a + (mi * 16 + g) * lda + kk * kStep + t;
-          split(p[0], ah[mi][0], al[mi][0]);
-          split(p[8 * lda], ah[mi][1], al[mi][1]);
-          split(p[4], ah[mi][2], al[mi][2]);
-          split(p[8 * lda + 4], ah[mi][3], al[mi][3]);
+          ptx::ldmatrix_x4(ah[mi], a_row(a, lda, mi, kk * kStep, lane));
+          split(ah[mi], al[mi]);
         }
 #pragma unroll
-        for (int ni = 0; ni < kFragsN; ++ni) {
-          const float* p = b + (ni * 8 + g) * ldb + kk * kStep + t;
-          split(p[0], bh[ni][0], bl[ni][0]);
-          split(p[4], bh[ni][1], bl[ni][1]);
+        for (int ni = 0; ni < kFragsN; ni += 2) {
+          uint32_t r[4], lo[4];
+          ptx::ldmatrix_x4(r, b_row(b, ldb, ni, kk * kStep, lane));
+          split(r, lo);
+          bh[ni][0] = r[0];
+          bh[ni][1] = r[1];
+          bh[ni + 1][0] = r[2];
+          bh[ni + 1][1] = r[3];
+          bl[ni][0] = lo[0];
+          bl[ni][1] = lo[1];
+          bl[ni + 1][0] = lo[2];
+          bl[ni + 1][1] = lo[3];
         }
         // The small cross terms first, so that they are not absorbed by a large partial sum.
 #pragma unroll

@@ -540,6 +540,22 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
   detail::mma_m16n8<float, 8>(d, a, b);
 }
 
+// ldmatrix.x4: every lane reads its four words through the row addresses the lanes exchange, all
+// before any lane goes on (a warp-synchronous load); a row address off 16 bytes is an error.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fastvq_emu::fail("ldmatrix: unaligned row");
+  uint32_t words[4];
+  fastvq_emu::exchange(reinterpret_cast<uintptr_t>(row), [&](const uint64_t* lanes, int lane) {
+    for (int j = 0; j < 4; ++j) {
+      const auto* p = reinterpret_cast<const unsigned char*>(lanes[8 * j + lane / 4]);
+      std::memcpy(&words[j], p + 4 * (lane % 4), 4);
+    }
+    return 0;
+  });
+  __syncwarp();
+  std::copy(words, words + 4, r);
+}
+
 // cvt.rna.tf32.f32: to nearest, ties away from zero; the low 13 bits come out zero.
 inline uint32_t to_tf32(float x) {
   const uint32_t bits = std::bit_cast<uint32_t>(x);

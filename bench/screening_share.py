@@ -16,7 +16,7 @@ import json
 import os
 
 import torch
-from fastvq.kernels.nearest_code import _screening_bound, _tf32_bound_terms
+from fastvq.kernels.nearest_code import _screening_reference
 
 from bench.common import environment
 from fastvq.reference import METRICS, code_terms
@@ -36,10 +36,7 @@ def share(rows: int, k: int, d: int, metric: str, seed: int = 0) -> dict:
     z = torch.randn(rows, d, generator=g)
     codebook = torch.randn(k, d, generator=g)
     scale, bias = code_terms(codebook, metric)
-    z_tf32, z_norm, z_res = _tf32_bound_terms(z)
-    c_tf32, c_norm, c_res = _tf32_bound_terms(codebook, scale)
-    scale_max = scale.abs().max() if scale is not None else 1.0
-    bound = _screening_bound(z_norm, z_res, c_norm, c_res, bias, d, scale_max).double()
+    z_tf32, c_tf32, bound = _screening_reference(z, codebook, scale, bias)
     rechecked, ratio = 0, 0.0
     for start in range(0, rows, 128):  # 128 x K float64 scores at a time
         sl = slice(start, start + 128)

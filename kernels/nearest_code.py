@@ -63,19 +63,22 @@ Precision of the products (accumulation is always float32):
   fast backend shares one error bound.
 Exact float32 search by screening (`_screened_search`, chosen by `_use_screening`): 3xTF32 is
 three tf32 products per term, 2.1 ms of H100 tensor-core time at N = K = 65,536, D = 32 before any
-epilogue. Instead, a screening pass multiplies z and the codebook rounded to tf32 (one product
-per term; the rounded copies are made by the host so that the products are exact in float32
-whatever the hardware does to tf32 inputs) and also writes each row's margin, its best score
-minus the best score of any other code (a per-lane runner-up: two more instructions per
-candidate). `_screening_bound` bounds, per row and for every code at once, how far a screening
-score can lie from the 3xTF32 score, from the norms of z, the codes and their tf32 residuals. A
-row whose margin exceeds twice its bound has the same winner in both passes; the others (near
-ties, exact ties, NaN or non-finite margins and bounds) are searched again by 3xTF32 alone,
-listed by torch.nonzero_static with their count left on the device: the recheck's grid covers
-all N rows and programs past the count exit. So the answer is the 3xTF32 search's, row for row,
-at about a third of its tensor-core work plus the rechecked rows: bench/results/
-screening-share.json records the share for Gaussian data (about 6 % at D = 32, K = 65,536; more
-at D = 8, where codes crowd, and at D = 1024, where the float32 accumulation term grows).
+epilogue. Instead, `_tf32_split_kernel` rounds z and the codebook to tf32 (copies, so that the
+products are exact in float32 whatever the hardware does to tf32 inputs) and writes per row the
+norms of the vector and of its rounding residual (for the codebook also their maxima). The
+screening pass multiplies the copies (one product per term) and keeps, beside each lane's best,
+its runner-up (two more instructions per candidate); its epilogue takes each row's margin, the
+best score minus the best score of any other code, and compares it with twice
+`_screening_bound`, which bounds, per row and for every code at once, how far a screening score
+can lie from the 3xTF32 score. A row whose margin exceeds that has the same winner in both
+passes; the others (near ties, exact ties, NaN or non-finite margins and bounds) are searched
+again by 3xTF32 alone, listed by torch.nonzero_static with their count left on the device: the
+recheck's grid covers all N rows and programs past the count exit, so nothing waits on the host.
+The answer is the 3xTF32 search's, row for row, at about a third of its tensor-core work plus
+the rechecked rows: bench/results/screening_share.json records their share for Gaussian data
+(about 6 % at D = 32, K = 65,536; more at D = 8, where codes crowd, and at D = 1024, where the
+float32 accumulation term grows). `_tf32_split_reference` and `_screening_reference` are the
+PyTorch specification of the split and the bound.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests) the INTERPRET constexpr replaces
 tl.dot by a float32 product-and-sum over (BLOCK_N, BLOCK_K, BLOCK_D): the interpreter's tl.dot
@@ -237,8 +240,14 @@ def _nearest_code_fwd_kernel(
     # outputs: SPLIT: partial best score (N, S) float32 and index (N, S) int32; else idx (N,) int64
     idx_ptr,
     part_score_ptr,
-    # MARGIN: (N,) float32, best score minus the best score of any other code
-    margin_ptr,
+    # SCREEN: recheck (N,) int8 out: 1 where the row's margin (best score minus the best score of
+    # any other code) is not above twice the row's `_screening_bound`, from z_terms (N, 2) and
+    # code_terms (4,) float64 (`_tf32_split_kernel`) and the constants rel, tiny_d
+    recheck_ptr,
+    z_terms_ptr,
+    code_terms_ptr,
+    rel,
+    tiny_d,
     # ROWS: search only rows rows_ptr[:count_ptr[0]] (int64), program i taking list entries
     # [i * BLOCK_N, (i + 1) * BLOCK_N); partials go to (list entry, split), idx to the row
     rows_ptr,
@@ -255,7 +264,7 @@ def _nearest_code_fwd_kernel(
     EVEN_K: tl.constexpr,
     EVEN_D: tl.constexpr,
     SPLIT: tl.constexpr,
-    MARGIN: tl.constexpr,
+    SCREEN: tl.constexpr,
     ROWS: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -300,7 +309,7 @@ def _nearest_code_fwd_kernel(
     # was found (a uniform register in the select), so its code is best_k + lane.
     best = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=tl.float32)
     best_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-    # MARGIN: the lane's best score among its other codes, two more instructions per candidate.
+    # SCREEN: the lane's best score among its other codes, two more instructions per candidate.
     runner = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=tl.float32)
     # The codebook pointer advances by BLOCK_K * D per tile, so k * D is never formed in 32 bits.
     c_base = codebook_ptr + k_start.to(tl.int64) * D
@@ -310,7 +319,7 @@ def _nearest_code_fwd_kernel(
         score = _score_tile(z_tile, z_base, z_offs, row_ok, c_base, c_offs, dims, codes, code_ok,
                             scale_ptr, bias_ptr, D, HAS_SCALE, HAS_BIAS, EVEN_K, EVEN_D, PRECISION,
                             INTERPRET, ONE_D_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)  # fmt: skip
-        if MARGIN:
+        if SCREEN:
             runner = tl.maximum(runner, tl.minimum(score, best))
         # Strict >: a NaN score fails it, and a tie keeps the lane's earlier (lower) code.
         better = score > best
@@ -328,14 +337,28 @@ def _nearest_code_fwd_kernel(
         tl.store(idx_ptr + slot * S + pid_s, row_k, mask=row_ok)
     else:
         tl.store(idx_ptr + row, row_k.to(tl.int64), mask=row_ok)
-    if MARGIN:
+    if SCREEN:
         # The runner-up: the best of the other lanes (the maximum itself if two lanes hold it),
         # or of the other codes of the winning lane.
         at_best = best == row_best[:, None]
         other = tl.max(tl.where(at_best, float("-inf"), best), axis=1)
         other = tl.where(tl.sum(at_best.to(tl.int32), axis=1) > 1, row_best, other)
-        second = tl.maximum(other, tl.max(runner, axis=1))
-        tl.store(margin_ptr + row, row_best - second, mask=row_ok)
+        margin = row_best - tl.maximum(other, tl.max(runner, axis=1))
+        z_norm = tl.load(z_terms_ptr + 2 * row, mask=row_ok, other=0.0)
+        z_res = tl.load(z_terms_ptr + 2 * row + 1, mask=row_ok, other=0.0)
+        bound = _screening_bound(
+            z_norm,
+            z_res,
+            tl.load(code_terms_ptr),
+            tl.load(code_terms_ptr + 1),
+            tl.load(code_terms_ptr + 2),
+            tl.load(code_terms_ptr + 3),
+            rel,
+            tiny_d,
+        )
+        # NaN margins and bounds fail the comparison: rechecked.
+        recheck = margin.to(tl.float64) > 2 * bound
+        tl.store(recheck_ptr + row, tl.where(recheck, 0, 1).to(tl.int8), mask=row_ok)
 
 
 @triton.jit
@@ -607,21 +630,19 @@ def _precision(z: torch.Tensor, fast: bool) -> int:
     return PREC_NATIVE
 
 
-def _tf32_bound_terms(x: torch.Tensor, scale: torch.Tensor | None = None):
-    """x (rows, D) float32 rounded to tf32 for the screening pass, and per row the norms the
-    error bound needs: (x_tf32, |x|, |x - x_tf32|), the norms in float64 and times |scale| where
-    given.
+def _tf32_split_reference(x: torch.Tensor, scale: torch.Tensor | None = None):
+    """What `_tf32_split_kernel` computes, in PyTorch: x (rows, D) float32 rounded to tf32 for the
+    screening pass, and per row (|x|, |x - x_tf32|) in float64, times |scale| where given.
 
     Rounding is to nearest, ties away from zero, at 10 explicit mantissa bits, and magnitudes
     below float32's smallest normal flush to 0: the tensor cores then multiply these values
     exactly, whether they round, truncate or flush their own inputs, and every difference from x
-    is in the residual, which the bound accounts for. Non-finite or overflowing values give
-    non-finite norms, so their rows are always rechecked."""
+    is in the residual, which the bound accounts for (x - x_tf32 is exact in float32). Norms are
+    float64, where squares of float32 values neither underflow nor overflow; non-finite or
+    overflowing values give non-finite norms, so their rows are always rechecked."""
     bits = x.view(torch.int32)
     rounded = ((bits + 0x1000) & -0x2000).view(torch.float32)
     rounded = torch.where(x.abs() < torch.finfo(torch.float32).tiny, 0.0, rounded)
-    # float64 norms: squares of float32 values neither underflow nor overflow there (a residual
-    # of 1e-26 squares to 0 in float32).
     norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
     residual = torch.linalg.vector_norm(x - rounded, dim=1, dtype=torch.float64)
     if scale is not None:
@@ -629,34 +650,132 @@ def _tf32_bound_terms(x: torch.Tensor, scale: torch.Tensor | None = None):
     return rounded, norm, residual
 
 
-def _screening_bound(z_norm, z_res, c_norm, c_res, code_bias, d: int, scale_max) -> torch.Tensor:
-    """Per row, a bound on |screening score - 3xTF32 score| that holds for every code.
+def _screening_reference(z, codebook, code_scale, code_bias):
+    """The screening pass's inputs in PyTorch: (z_tf32, codebook_tf32, per-row bound float64)."""
+    z_tf32, z_norm, z_res = _tf32_split_reference(z)
+    c_tf32, c_norm, c_res = _tf32_split_reference(codebook, code_scale)
+    bias_max = code_bias.abs().max().double() if code_bias is not None else 0.0
+    scale_max = code_scale.abs().max().double() if code_scale is not None else 1.0
+    constants = _screening_constants(z.shape[1])
+    bound = _screening_bound.fn(z_norm, z_res, c_norm.max(), c_res.max(), bias_max, scale_max,
+                                *constants)  # fmt: skip
+    return z_tf32, c_tf32, bound
+
+
+@triton.jit
+def _tf32_split_kernel(
+    # inputs: x (R, D) float32; scale, bias (R,) float32 (a codebook's per-code terms)
+    x_ptr,
+    scale_ptr,
+    bias_ptr,
+    # outputs: x rounded to tf32 (R, D); terms (R, 2) float64 = (|x|, |x - tf32(x)|) * |scale|;
+    # MAXIMA: per program, the maxima of both terms, |bias| and |scale| (grid, 4) float64
+    rounded_ptr,
+    terms_ptr,
+    maxima_ptr,
+    R,
+    D,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    MAXIMA: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """`_tf32_split_reference` in one pass over x."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    squares = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    res_squares = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        mask = row_ok[:, None] & ((d0 + dims) < D)[None, :]
+        offs = rows[:, None] * D + d0 + dims[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        rounded = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+        rounded = tl.where(tl.abs(x) < 1.1754943508222875e-38, 0.0, rounded)
+        tl.store(rounded_ptr + offs, rounded, mask=mask)
+        x64 = x.to(tl.float64)
+        res64 = (x - rounded).to(tl.float64)
+        squares += tl.sum(x64 * x64, axis=1)
+        res_squares += tl.sum(res64 * res64, axis=1)
+    norm = tl.sqrt(squares)
+    res = tl.sqrt(res_squares)
+    if HAS_SCALE:
+        scale = tl.abs(tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
+        norm *= scale
+        res *= scale
+    tl.store(terms_ptr + 2 * rows, norm, mask=row_ok)
+    tl.store(terms_ptr + 2 * rows + 1, res, mask=row_ok)
+    if MAXIMA:
+        # Rows past R hold 0, which never raises a maximum of magnitudes; NaN propagates.
+        tl.store(maxima_ptr + 4 * pid, tl.max(norm, axis=0))
+        tl.store(maxima_ptr + 4 * pid + 1, tl.max(res, axis=0))
+        bias_max = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+            bias_max = tl.max(tl.abs(bias), axis=0)
+        tl.store(maxima_ptr + 4 * pid + 2, bias_max)
+        if HAS_SCALE:
+            scale_max = tl.max(scale, axis=0)
+        else:
+            scale_max = 1.0
+        tl.store(maxima_ptr + 4 * pid + 3, scale_max)
+
+
+def _tf32_split(x, scale=None, bias=None, *, maxima=False, wrap=lambda kernel: kernel):
+    """`_tf32_split_kernel` on x: (x_tf32, terms (R, 2) float64); with `maxima` (for a codebook
+    and its scale and bias), also code_terms (4,) float64 = the maxima of |c| s, |r_c| s, |bias|
+    and s."""
+    r, d = x.shape
+    # 32 x 32 tiles: 128 registers on sm_90 (32 x 128 took 255); the pass is bound by memory.
+    block_r, block_d = 32, min(32, max(16, triton.next_power_of_2(d)))
+    grid = triton.cdiv(r, block_r)
+    rounded = torch.empty_like(x)
+    terms = torch.empty(r, 2, dtype=torch.float64, device=x.device)
+    partial = torch.empty(grid if maxima else 0, 4, dtype=torch.float64, device=x.device)
+    wrap(_tf32_split_kernel)[(grid,)](
+        x, x if scale is None else scale, x if bias is None else bias, rounded, terms, partial,
+        r, d, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, MAXIMA=maxima,
+        BLOCK_R=block_r, BLOCK_D=block_d,
+    )  # fmt: skip
+    return (rounded, terms, partial.amax(0)) if maxima else (rounded, terms)
+
+
+def _screening_constants(d: int) -> tuple[float, float]:
+    """`rel` and `tiny_d` of `_screening_bound` at dimension d."""
+    rel = (2 * d + 16) * 2.0**-22 + 2.0**-18 + 2.0**-20
+    return rel, (4 * d + 8) * torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def _screening_bound(z_norm, z_res, u, v, bias_max, scale_max, rel, tiny_d):
+    """Per row, a bound on |screening score - 3xTF32 score| that holds for every code; plain
+    arithmetic, so `_screening_bound.fn` evaluates it on torch tensors too.
 
     For code k with s = |scale_k|, the screening pass computes fl(tf32(z) . tf32(c_k)) * scale_k
     + bias_k and the exact pass the same from 3xTF32 products. Against the true score,
     tf32(z) . tf32(c) - z . c = -(z - tf32(z)) . c - tf32(z) . (c - tf32(c)), so by Cauchy-Schwarz
-    the screening products are off by at most |r_z| U + |z~| V with U = max_k s |c_k|,
-    V = max_k s |r_c_k| and |z~| <= |z| + |r_z|. Accumulating D exact products in float32 costs
-    at most D ulps of the sum of their magnitudes (2^-22 per term leaves room for tensor cores
-    that truncate), 3xTF32 adds about 2^-20 per product, and each epilogue rounds twice: all
-    within `rel` of |z~| (U + V) + max|bias| for both passes together. `floor` covers products
-    and sums that underflow (flushed on GPUs). The last factor covers the rounding of the norms
-    and of this formula (float64, whose range holds every float32 square)."""
-    rel = (2 * d + 16) * 2.0**-22 + 2.0**-18 + 2.0**-20
-    floor = (4 * d + 8) * torch.finfo(torch.float32).tiny * (1 + scale_max)
-    u, v = c_norm.max(), c_res.max()
-    b = code_bias.abs().max() if code_bias is not None else 0.0
+    the screening products are off by at most |r_z| U + |z~| V with U = max_k s |c_k| (u),
+    V = max_k s |r_c_k| (v) and |z~| <= |z| + |r_z|. Accumulating D exact products in float32
+    costs at most D ulps of the sum of their magnitudes (2^-22 per term leaves room for tensor
+    cores that truncate), 3xTF32 adds about 2^-20 per product, and each epilogue rounds twice:
+    all within `rel` of |z~| (U + V) + max|bias| for both passes together. `tiny_d` (1 + max s)
+    covers products and sums that underflow (flushed on GPUs). The last factor covers the
+    rounding of the norms and of this formula (float64; rel and tiny_d may arrive as float32)."""
     z_tilde = z_norm + z_res
-    return (z_res * u + z_tilde * v + rel * (z_tilde * (u + v) + b) + floor) * (1 + 2.0**-10)
+    bound = z_res * u + z_tilde * v + rel * (z_tilde * (u + v) + bias_max)
+    return (bound + tiny_d * (1 + scale_max)) * 1.0009765625
 
 
 def _search(
     z, codebook, code_scale, code_bias, out, precision, splits, wrap,
-    *, margin=None, rows=None, count=None, expected_rows=None,
+    *, screen=None, rows=None, count=None, expected_rows=None,
 ):  # fmt: skip
     """One launch of the search kernel (and of the split reduction when the codebook is split)
-    writing `out`; with `margin`, also each row's margin (unsplit only); with `rows` and `count`,
-    only the rows listed, the split count chosen for `expected_rows` of them."""
+    writing `out`; with `screen` = (recheck, z_terms, code_terms), also the rows to recheck
+    (unsplit only); with `rows` and `count`, only the rows listed, the split count chosen for
+    `expected_rows` of them."""
     n, d = z.shape
     k = codebook.shape[0]
     cfg = _config(n, d, precision, z.device)
@@ -664,7 +783,7 @@ def _search(
     row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
     busy_blocks = row_blocks if rows is None else triton.cdiv(expected_rows, cfg["BLOCK_N"])
     splits, k_per_split = _split_codebook(busy_blocks, k, block_k, splits, z.device)
-    assert margin is None or splits == 1, "the margin comes from unsplit searches"
+    assert screen is None or splits == 1, "screening passes are unsplit"
     if splits > 1:
         part_score = torch.empty(n, splits, dtype=torch.float32, device=z.device)
         part_idx = torch.empty(n, splits, dtype=torch.int32, device=z.device)
@@ -672,6 +791,8 @@ def _search(
         # SPLIT False: the kernel writes idx into `out` and never touches part_score; the dummy is
         # not `out` itself, so no tensor is passed twice where wrap_triton tracks mutations.
         part_score, part_idx = z, out
+    recheck, z_terms, code_terms = (codebook,) * 3 if screen is None else screen
+    rel, tiny_d = _screening_constants(d)
     # Absent optional tensors are never read or written: any valid pointer will do.
     wrap(_nearest_code_fwd_kernel)[(row_blocks, splits)](
         z,
@@ -680,7 +801,11 @@ def _search(
         z if code_bias is None else code_bias,
         part_idx,
         part_score,
-        codebook if margin is None else margin,
+        recheck,
+        z_terms,
+        code_terms,
+        rel,
+        tiny_d,
         codebook if rows is None else rows,
         codebook if count is None else count,
         n,
@@ -693,7 +818,7 @@ def _search(
         EVEN_K=k % block_k == 0,
         EVEN_D=d % cfg["BLOCK_D"] == 0,
         SPLIT=splits > 1,
-        MARGIN=margin is not None,
+        SCREEN=screen is not None,
         ROWS=rows is not None,
         PRECISION=precision,
         INTERPRET=triton_interpreting(),
@@ -716,19 +841,24 @@ def _search(
         )
 
 
+def _screen(z, codebook, code_scale, code_bias, out, wrap) -> torch.Tensor:
+    """The tf32 screening pass: writes its winners to `out`; returns the rows to recheck (N,)
+    int8, 1 where the winner is not certain to be the 3xTF32 search's."""
+    z_tf32, z_terms = _tf32_split(z, wrap=wrap)
+    c_tf32, _, code_terms = _tf32_split(codebook, code_scale, code_bias, maxima=True, wrap=wrap)
+    recheck = torch.empty(z.shape[0], dtype=torch.int8, device=z.device)
+    screen = (recheck, z_terms, code_terms)
+    _search(z_tf32, c_tf32, code_scale, code_bias, out, PREC_TF32, 1, wrap, screen=screen)
+    return recheck
+
+
 def _screened_search(z, codebook, code_scale, code_bias, out, splits, wrap) -> None:
-    """The exact float32 search as a tf32 screening pass plus a 3xTF32 recheck of the rows whose
-    best two screening scores lie within twice the error bound (see the module docstring)."""
-    n, d = z.shape
-    z_tf32, z_norm, z_res = _tf32_bound_terms(z)
-    c_tf32, c_norm, c_res = _tf32_bound_terms(codebook, code_scale)
-    scale_max = code_scale.abs().max() if code_scale is not None else 1.0
-    margin = torch.empty(n, dtype=torch.float32, device=z.device)
-    _search(z_tf32, c_tf32, code_scale, code_bias, out, PREC_TF32, 1, wrap, margin=margin)
-    bound = _screening_bound(z_norm, z_res, c_norm, c_res, code_bias, d, scale_max)
-    recheck = ~(margin > 2 * bound)  # NaN margins and bounds are rechecked too
+    """The exact float32 search as a tf32 screening pass plus a 3xTF32 recheck of the rows it
+    cannot decide (see the module docstring). Never syncs with the host."""
+    n = z.shape[0]
+    recheck = _screen(z, codebook, code_scale, code_bias, out, wrap)
     rows = torch.nonzero_static(recheck, size=n, fill_value=-1).view(n)
-    count = recheck.sum().view(1)
+    count = recheck.sum(dtype=torch.int64).view(1)
     _search(z, codebook, code_scale, code_bias, out, PREC_TF32X3, splits, wrap, rows=rows,
             count=count, expected_rows=triton.cdiv(n, RECHECK_SHARE))  # fmt: skip
 
@@ -737,10 +867,11 @@ def _use_screening(n: int, k: int, d: int, screen: bool | None, device: torch.de
     """Whether the exact float32 search screens with tf32 (`screen`, or a choice by size)."""
     if screen is not None:
         return screen
-    # NOTE: unmeasured: screening adds ~15 small launches and a tf32 copy of z and the codebook,
-    # worth it only where the search is long, where the MMAs it saves outweigh the two epilogue
-    # instructions it adds per candidate, and where the unsplit screening pass fills the machine
-    # (the interpreter, which has no machine to fill, screens whenever it may, to test it).
+    # NOTE: unmeasured: screening adds ~6 small launches (the two tf32 splits, a 4-value maximum,
+    # the row listing) and a tf32 copy of z and the codebook, worth it only where the search is
+    # long, where the MMAs it saves outweigh the two epilogue instructions it adds per candidate,
+    # and where the unsplit screening pass fills the machine (the interpreter, which has no
+    # machine to fill, screens whenever it may, to test it).
     if not triton_interpreting() and (n * k < SCREEN_MIN_WORK or d < SCREEN_MIN_DIM):
         return False
     cfg = _config(n, d, PREC_TF32, device)

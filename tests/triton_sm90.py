@@ -30,6 +30,7 @@ POINTER = {
     torch.bfloat16: "*bf16",
     torch.int64: "*i64",
     torch.int32: "*i32",
+    torch.int8: "*i8",
 }
 _compiled: dict[str, str] = {}
 

@@ -361,13 +361,69 @@ def test_triton_screening_rechecks_the_rows_it_cannot_decide(monkeypatch):
         args = (z, codebook, *code_terms(codebook, metric))
         direct = kernels.nearest_code_triton(*args, False, screen=False)
         assert torch.equal(kernels.nearest_code_triton(*args, False, screen=True), direct), metric
-        # Without the recheck (a zero bound) the screening answer is wrong on rows of both kinds
-        # of centre: the recheck is what makes the two equal.
+        # Without the recheck the screening answer is wrong on rows of both kinds of centre: the
+        # recheck is what makes the two equal.
         with monkeypatch.context() as m:
-            m.setattr(kernels, "_screening_bound", lambda z_norm, *rest: torch.zeros_like(z_norm))
+            m.setattr(kernels, "_screen", lambda *a, screen=kernels._screen: screen(*a).zero_())
             unchecked = kernels.nearest_code_triton(*args, False, screen=True)
         wrong = unchecked != direct
         assert wrong[near < 20].any() and wrong[near >= 20].any(), metric
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("d", [3, 33, 300])
+def test_triton_tf32_split_matches_its_reference(d, poison):
+    from fastvq.kernels.nearest_code import _tf32_split, _tf32_split_reference
+
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(70, d, generator=g) * 2.0 ** torch.randint(-60, 60, (70, 1), generator=g)
+    # a subnormal, a value that rounds up to inf, ties of the rounding, inf and NaN
+    x[0, 0], x[1, 0] = 1e-40, torch.finfo(torch.float32).max
+    x[2, :2] = torch.tensor([1 + 2.0**-11, -(1 + 3 * 2.0**-11)])
+    x[3, -1], x[4, 0] = float("inf"), float("nan")
+    scale, bias = torch.rand(70, generator=g) + 0.5, torch.randn(70, generator=g)
+    for s, b in ((None, None), (scale, None), (scale, bias), (None, bias)):
+        rounded, norm, res = _tf32_split_reference(x, s)
+        out = _tf32_split(x.to(device), *(t if t is None else t.to(device) for t in (s, b)),
+                          maxima=True)  # fmt: skip
+        assert torch.equal(out[0].cpu().view(torch.int32), rounded.view(torch.int32))
+        torch.testing.assert_close(out[1].cpu(), torch.stack([norm, res], 1), equal_nan=True)
+        finite = torch.arange(70) > 4  # maxima over the rows without inf or NaN
+        out = _tf32_split(x[finite].to(device), *(t if t is None else t[finite].to(device)
+                          for t in (s, b)), maxima=True)  # fmt: skip
+        expect = [norm[finite].max(), res[finite].max(), 0.0 if b is None else b.abs().max(),
+                  1.0 if s is None else s.max()]  # fmt: skip
+        torch.testing.assert_close(out[2].cpu(), torch.tensor(expect, dtype=torch.float64))
+    assert rounded[2, 0] == 1 + 2.0**-10 and rounded[2, 1] == -(1 + 2.0**-9)  # away from zero
+    assert rounded[0, 0] == 0 and rounded[1, 0] == float("inf")
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_screening_flags_the_rows_the_reference_does(metric):
+    # The kernel's rechecked rows against the reference: float64 margins of the tf32 scores
+    # against twice the PyTorch bound. They may differ only where the margin lies within the
+    # kernel's float32 accumulation error of the threshold.
+    import fastvq.kernels.nearest_code as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    z, codebook = random_search_inputs(600, 700, 8, torch.float32, "cpu", 4)
+    codebook += 2  # off the origin: |bias| weighs in the l2 bound
+    z += 2
+    scale, bias = code_terms(codebook, metric)
+    z_tf32, c_tf32, bound = kernels._screening_reference(z, codebook, scale, bias)
+    scores = z_tf32.double() @ c_tf32.double().T
+    scores = scores * (1 if scale is None else scale.double()) + (0 if bias is None else bias)
+    top = scores.topk(2, dim=1).values
+    margin = top[:, 0] - top[:, 1]
+    expect = ~(margin > 2 * bound)
+    out = torch.empty(600, dtype=torch.int64, device=device)
+    args = (t if t is None else t.to(device) for t in (z, codebook, scale, bias))
+    flags = kernels._screen(*args, out, lambda kernel: kernel).cpu().bool()
+    near = (margin - 2 * bound).abs() <= 2.0**-18 * top[:, 0].abs().clamp(min=1)
+    assert torch.equal(flags[~near], expect[~near])
+    assert 0 < int(expect.sum()) < 600, "a test with no (or only) rechecked rows tests nothing"
 
 
 @pytest.mark.parametrize("d", [2, 24, 1024])
@@ -377,7 +433,7 @@ def test_screening_bound_holds(d, metric):
     # code. Model of the two passes on the CPU: float32 matmuls of the tf32-rounded operands and
     # of the original ones (whose error exceeds 3xTF32's). Rows of mixed scale (from 2^-70 to
     # 2^40), subnormal entries and codes of very different norms.
-    from fastvq.kernels.nearest_code import _screening_bound, _tf32_bound_terms
+    from fastvq.kernels.nearest_code import _screening_reference
 
     g = torch.Generator().manual_seed(d)
     z = torch.randn(64, d, generator=g) * 2.0 ** torch.randint(-70, 40, (64, 1), generator=g)
@@ -385,10 +441,7 @@ def test_screening_bound_holds(d, metric):
     z[0, 0] = 1e-40
     codebook[1, -1] = -3e-41
     scale, bias = code_terms(codebook, metric)
-    z_tf32, z_norm, z_res = _tf32_bound_terms(z)
-    c_tf32, c_norm, c_res = _tf32_bound_terms(codebook, scale)
-    scale_max = scale.abs().max() if scale is not None else 1.0
-    bound = _screening_bound(z_norm, z_res, c_norm, c_res, bias, d, scale_max).double()
+    z_tf32, c_tf32, bound = _screening_reference(z, codebook, scale, bias)
 
     def scores(a, b, dtype):
         s = a.to(dtype) @ b.to(dtype).T

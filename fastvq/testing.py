@@ -18,6 +18,41 @@ def random_search_inputs(n, k, d, dtype, device, seed) -> tuple[torch.Tensor, to
     return z, codebook
 
 
+def screening_near_ties(seed: int = 11) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z (256, 24), codebook (560, 24), near (256,)) float32 on which a tf32 screening pass
+    alone picks wrong codes, in ways a screened search must catch: z's rows lie near 60
+    centres (near[n] is row n's), the other codes short and far.
+
+    Centres 0-19 have copies 2^-12 apart (tf32's rounding misorders them) at j, j + 128 and
+    j + 256: one lane of a 64- or 128-code tile holds all three, so only its runner-up sees the
+    near tie. The others have copies 2^-18 apart, mostly equal after tf32 rounding, an exact tie
+    of the screening scores that float32 still tells apart: centres 20-39 at j and j + 300,
+    codes in different warps of the CUDA kernel's tile; centres 40-59 at 400 + 8m and 402 + 8m,
+    two lanes of one warp there. Then an exact duplicate code (399 = 7), an integer row whose
+    scores tie exactly (row 4) and an inf row (row 5, for unchecked inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(60, 24, generator=g)
+    codebook = 0.5 * torch.randn(560, 24, generator=g)
+
+    def copies(where, which, spread):
+        codebook[where] = centres[which] + spread * torch.randn(20, 24, generator=g)
+
+    for start in (0, 128, 256):
+        copies(slice(start, start + 20), slice(0, 20), 2.0**-12)
+    for start in (20, 320):
+        copies(slice(start, start + 20), slice(20, 40), 2.0**-18)
+    for start in (400, 402):
+        copies(slice(start, start + 160, 8), slice(40, 60), 2.0**-18)
+    codebook[399] = codebook[7]
+    near = torch.randint(0, 60, (256,), generator=g)
+    z = centres[near] + 0.1 * torch.randn(256, 24, generator=g)
+    z[3] = codebook[7]
+    z[4] = 0.0
+    z[4, :2] = 1.0
+    z[5, 7] = float("inf")
+    return z, codebook, near
+
+
 def score_error_bound(z64, codebook64, scale64, bias64, precision: str) -> torch.Tensor:
     """(N, K) float64 bound on |score computed by a kernel - exact score| for each candidate.
 

@@ -586,6 +586,14 @@ def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
     return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
 
+def _sm_count(device: torch.device) -> int:
+    """The GPU's SMs; 2 under the interpreter, which runs programs one after another (a few
+    splits only exercise the path)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
 def _split_codebook(
     row_blocks: int, num_codes: int, block_k: int, splits: int | None, device: torch.device
 ) -> tuple[int, int]:
@@ -594,11 +602,7 @@ def _split_codebook(
     machine. Splits hold whole BLOCK_K tiles and none is empty."""
     k_tiles = triton.cdiv(num_codes, block_k)
     if splits is None:
-        if device.type == "cuda":
-            programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            # The interpreter runs programs one after another: a few splits only exercise the path.
-            programs = 4
+        programs = 2 * _sm_count(device)
         splits = 1
         if row_blocks < programs:
             splits = min(triton.cdiv(programs, row_blocks), k_tiles // MIN_TILES_PER_SPLIT)
@@ -869,14 +873,15 @@ def _use_screening(n: int, k: int, d: int, screen: bool | None, device: torch.de
         return screen
     # NOTE: unmeasured: screening adds ~6 small launches (the two tf32 splits, a 4-value maximum,
     # the row listing) and a tf32 copy of z and the codebook, worth it only where the search is
-    # long, where the MMAs it saves outweigh the two epilogue instructions it adds per candidate,
-    # and where the unsplit screening pass fills the machine (the interpreter, which has no
-    # machine to fill, screens whenever it may, to test it).
+    # long and the MMAs it saves outweigh the two epilogue instructions it adds per candidate
+    # (the interpreter screens whenever the rows allow, to test it). The screening pass cannot
+    # split the codebook (a row's margin needs all its codes), so its row blocks must cover the
+    # SMs, if only once (N = 16,384: 128 blocks on 132 SMs) where the search alone would split
+    # for two waves.
     if not triton_interpreting() and (n * k < SCREEN_MIN_WORK or d < SCREEN_MIN_DIM):
         return False
-    cfg = _config(n, d, PREC_TF32, device)
-    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    return _split_codebook(row_blocks, k, cfg["BLOCK_K"], None, device)[0] == 1
+    row_blocks = triton.cdiv(n, _config(n, d, PREC_TF32, device)["BLOCK_N"])
+    return row_blocks >= 0.9 * _sm_count(device)
 
 
 def nearest_code_triton(

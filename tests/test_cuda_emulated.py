@@ -32,7 +32,7 @@ from fastvq.lattice import LEECH_SIZE, leech_codes
 from fastvq.ops.codebook import _ema_pieces
 from fastvq.ops.quantize import _bwd_torch, _fwd_torch
 from fastvq.reference import code_terms
-from fastvq.testing import check_nearest, cuda_include_dir
+from fastvq.testing import check_nearest, cuda_include_dir, screening_near_ties
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -236,12 +236,14 @@ def _codes(n, k, gen):
 
 # --- nearest_code.cu: nearest_code_workspace_bytes / launch_nearest_code ----------------------
 
-# mode: (dtype, fast, check_nearest's precision).
+# mode: (dtype, the shim's precision: 0 exact, 1 fast, 2 exact by the tf32 screening pass and a
+# 3xTF32 recheck, check_nearest's precision).
 SEARCH_MODES = {
-    "float32": (torch.float32, False, "exact"),
-    "float32-fast": (torch.float32, True, "fast"),
-    "bfloat16": (torch.bfloat16, False, "exact"),
-    "float16": (torch.float16, False, "exact"),
+    "float32": (torch.float32, 0, "exact"),
+    "float32-screened": (torch.float32, 2, "exact"),
+    "float32-fast": (torch.float32, 1, "fast"),
+    "bfloat16": (torch.bfloat16, 0, "exact"),
+    "float16": (torch.float16, 0, "exact"),
 }
 # (SM count, opt-in shared memory per block): an H100, and a device on which the CTA's block of z
 # no longer fits resident at the last shape's D and streams beside the codebook instead.
@@ -295,7 +297,7 @@ def _search_case(n, k, d, metric, dtype, seed, integer=False):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", SEARCH_MODES)
 def test_nearest_code(emulated, mode, device):
-    dtype, fast, precision = SEARCH_MODES[mode]
+    dtype, kernel_precision, precision = SEARCH_MODES[mode]
     shapes = [
         (n, k, d[dtype.itemsize] if isinstance(d, dict) else d, metric)
         for n, k, d, metric in SEARCH_SHAPES[device]
@@ -306,7 +308,7 @@ def test_nearest_code(emulated, mode, device):
         for seed, shape in enumerate(shapes)
     ]
     setup = ("emu_device", *DEVICES[device])
-    flags = (KERNEL_DTYPE[dtype], int(fast))
+    flags = (KERNEL_DTYPE[dtype], kernel_precision)
     # The plans first, in a process of their own: the workspace each launch needs on this device.
     sizes = [torch.full((1,), -1) for _ in shapes]
     emulated.run(
@@ -353,8 +355,10 @@ def test_nearest_code(emulated, mode, device):
             continue
         scores = z.double() @ codebook.double().T + bias.double()  # all exact
         want = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf).argmax(1)
-        if dtype == torch.float32 and not fast:
-            want[1] = 0  # 3xTF32 splits inf into inf + NaN: every score of the row is NaN
+        if dtype == torch.float32 and kernel_precision != 1:
+            # 3xTF32 splits inf into inf + NaN: every score of the row is NaN (screening
+            # rechecks the row: its bound is inf)
+            want[1] = 0
         assert torch.equal(out, want), f"{shape}: rows {(out != want).nonzero().flatten().tolist()}"
 
 
@@ -370,9 +374,9 @@ def test_nearest_code(emulated, mode, device):
     seed=st.integers(0, 2**16),
 )
 def test_nearest_code_fuzz(emulated, n, k, d, mode, metric, device, misaligned, seed):
-    dtype, fast, precision = SEARCH_MODES[mode]
+    dtype, kernel_precision, precision = SEARCH_MODES[mode]
     z, codebook, scale, bias = _search_case(n, k, d, metric, dtype, seed)
-    setup, flags = ("emu_device", *DEVICES[device]), (KERNEL_DTYPE[dtype], int(fast))
+    setup, flags = ("emu_device", *DEVICES[device]), (KERNEL_DTYPE[dtype], kernel_precision)
     size = torch.full((1,), -1)
     emulated.run(setup, ("emu_nearest_code_workspace", n, k, d, *flags, size))
     size = int(size)
@@ -382,6 +386,37 @@ def test_nearest_code_fuzz(emulated, n, k, d, mode, metric, device, misaligned, 
     launch = ("emu_nearest_code", z_arg, codebook, scale, bias, n, k, d, *flags, out, workspace)
     emulated.run(setup, ("emu_seed", seed), (*launch, size))
     check_nearest(z, codebook, out, metric, precision)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nearest_code_screening_is_the_3xtf32_search(emulated, device):
+    # Row for row the same answer, on inputs where the screening pass alone errs (near ties in
+    # one lane and across lanes, exact ties, an inf row) and on Gaussian ones; the recheck split
+    # (3 rows expected of 700 on 132 SMs) or not (8 SMs).
+    setup = ("emu_device", *DEVICES[device])
+    z, codebook, _ = screening_near_ties()
+    cases = [(z, codebook, metric) for metric in ("l2", "dot", "cosine")]
+    cases.append((*_search_case(700, 1300, 40, "l2", torch.float32, 5)[:2], "l2"))
+    for z, codebook, metric in cases:
+        (n, d), k = z.shape, codebook.shape[0]
+        scale, bias = code_terms(codebook, metric)
+        sizes = [torch.full((1,), -1) for _ in range(2)]
+        emulated.run(
+            setup,
+            *[
+                ("emu_nearest_code_workspace", n, k, d, KERNEL_DTYPE[torch.float32], p, b)
+                for p, b in zip((0, 2), sizes, strict=True)
+            ],
+        )
+        outs = [torch.full((n,), -1) for _ in range(2)]
+        calls = [setup]
+        for p, size, out in zip((0, 2), sizes, outs, strict=True):
+            size = int(size)
+            workspace = torch.full((size,), 0xFF, dtype=torch.uint8) if size else None
+            args = (z, codebook, scale, bias, n, k, d, KERNEL_DTYPE[torch.float32], p, out)
+            calls.append(("emu_nearest_code", *args, workspace, size))
+        emulated.run(*calls)
+        assert torch.equal(outs[1], outs[0]), (metric, (outs[1] != outs[0]).nonzero().flatten())
 
 
 # --- quantize.cu: launch_quantize_fwd / launch_quantize_bwd ------------------------------------

@@ -18,12 +18,19 @@ namespace cuda {
 // Element type of z and codebook (the same for both).
 enum class DType { F32, BF16, F16 };
 
+// How an exact float32 search (dtype F32, fast false) multiplies: kNever by 3xTF32 throughout;
+// kAlways by a tf32 screening pass, then 3xTF32 over the rows whose best two codes the pass
+// cannot tell apart (the same answer, row for row); kAuto screens where the search is large
+// (N x K >= 2^24, D >= 24) and its row tiles fill the GPU unsplit.
+enum class Screen { kAuto, kNever, kAlways };
+
 // Sets *bytes to the device scratch that launch_nearest_code needs for this problem on the
 // current device: the split-K partials (N x S scores and indices), 0 when the row tiles alone
-// fill the GPU. Depends only on (n, k, d, dtype, fast) and the current device; queries device
-// attributes, launches nothing.
+// fill the GPU; a screened search also holds tf32 copies of z and the codebook, per-row norms
+// and the list of rows to recheck, O((N + K) D) in all. Depends only on the arguments and the
+// current device; queries device attributes, launches nothing.
 cudaError_t nearest_code_workspace_bytes(int64_t n, int64_t k, int64_t d, DType dtype, bool fast,
-                                         size_t* bytes);
+                                         size_t* bytes, Screen screen = Screen::kAuto);
 
 // Enqueues the search on `stream` (device = the current device); returns the first launch error
 // or cudaErrorInvalidValue for bad arguments. Execution errors surface at the next synchronizing
@@ -36,10 +43,12 @@ cudaError_t nearest_code_workspace_bytes(int64_t n, int64_t k, int64_t d, DType 
 //   out_idx:    (n,) int64, written for every row.
 //   workspace:  device memory of at least nearest_code_workspace_bytes(...) bytes (may be null
 //               when that is 0), used in stream order only.
+//   screen:     as for nearest_code_workspace_bytes, which must have been given the same.
 cudaError_t launch_nearest_code(const void* z, const void* codebook, const float* code_scale,
                                 const float* code_bias, int64_t n, int64_t k, int64_t d,
                                 DType dtype, bool fast, int64_t* out_idx, void* workspace,
-                                size_t workspace_bytes, cudaStream_t stream);
+                                size_t workspace_bytes, cudaStream_t stream,
+                                Screen screen = Screen::kAuto);
 
 }  // namespace cuda
 }  // namespace fastvq

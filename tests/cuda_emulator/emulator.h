@@ -343,6 +343,12 @@ extern "C" inline cudaError_t cudaGetLastError() {
   std::abort();
 }
 
+// Every launch has run to completion when it returns, so stream order is program order.
+extern "C" inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+
 extern "C" inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -450,6 +456,13 @@ T atomicAdd(T* address, T value) {
   return old;
 }
 
+template <class T>
+T atomicMax(T* address, T value) {
+  const T old = *address;
+  *address = std::max(old, value);
+  return old;
+}
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
 inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
@@ -458,6 +471,8 @@ T __ldg(const T* p) {
   return *p;
 }
 inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
+inline long long __double_as_longlong(double x) { return std::bit_cast<long long>(x); }
 // Never contracted into an FMA: the empty asm hides the product from the optimizer.
 inline float __fmul_rn(float a, float b) {
   float p = a * b;

@@ -31,22 +31,28 @@ int emu_device(int64_t sms, int64_t smem_per_block_optin) {
   return cudaSuccess;
 }
 
+// nearest_code's `precision`: 0 exact (screening chosen by size, which these small searches
+// never are), 1 fast, 2 exact with the tf32 screening pass forced.
+constexpr fastvq::cuda::Screen screen_of(int64_t precision) {
+  return precision == 2 ? fastvq::cuda::Screen::kAlways : fastvq::cuda::Screen::kAuto;
+}
+
 // *bytes = nearest_code_workspace_bytes(...), as an int64_t.
-int emu_nearest_code_workspace(int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t fast,
+int emu_nearest_code_workspace(int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t precision,
                                int64_t* bytes) {
   size_t b = 0;
-  const cudaError_t err =
-      fastvq::cuda::nearest_code_workspace_bytes(n, k, d, static_cast<DType>(dtype), fast != 0, &b);
+  const cudaError_t err = fastvq::cuda::nearest_code_workspace_bytes(
+      n, k, d, static_cast<DType>(dtype), precision == 1, &b, screen_of(precision));
   *bytes = static_cast<int64_t>(b);
   return err;
 }
 
 int emu_nearest_code(const void* z, const void* codebook, const float* scale, const float* bias,
-                     int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t fast, int64_t* out,
-                     void* workspace, int64_t workspace_bytes) {
-  return fastvq::cuda::launch_nearest_code(z, codebook, scale, bias, n, k, d,
-                                           static_cast<DType>(dtype), fast != 0, out, workspace,
-                                           static_cast<size_t>(workspace_bytes), nullptr);
+                     int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t precision,
+                     int64_t* out, void* workspace, int64_t workspace_bytes) {
+  return fastvq::cuda::launch_nearest_code(
+      z, codebook, scale, bias, n, k, d, static_cast<DType>(dtype), precision == 1, out, workspace,
+      static_cast<size_t>(workspace_bytes), nullptr, screen_of(precision));
 }
 
 int emu_quantize_fwd(const void* z, const void* codebook, const int64_t* idx, int64_t n, int64_t k,

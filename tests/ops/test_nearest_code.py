@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 import fastvq
 from fastvq.ops._backends import pick_backend
 from fastvq.reference import METRICS, code_terms
-from fastvq.testing import backend_cases, check_nearest, random_search_inputs
+from fastvq.testing import (
+    backend_cases,
+    check_nearest,
+    random_search_inputs,
+    screening_near_ties,
+)
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -209,6 +214,25 @@ def test_huge_codebook_small_batch(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_large_exact_search_screens_on_gpus(case):
+    # N K >= 2^24 and D >= 24 with row tiles that fill the GPU: both GPU backends screen with
+    # tf32 and recheck by 3xTF32, here on rows built to defeat the screening pass alone.
+    device, backend = case
+    if device != "cuda":
+        pytest.skip("the GPU backends screen large searches; CPU tests force it on small ones")
+    near_z, codebook, _ = screening_near_ties()
+    z, _ = random_search_inputs(65536, 1, 24, torch.float32, "cpu", 22)
+    z[: near_z.shape[0]] = near_z
+    z, codebook = z.to(device), codebook.to(device)
+    finite = z.isfinite().all(1)
+    for metric in METRICS:
+        idx = fastvq.nearest_code(
+            z, codebook, metric=metric, backend=backend, check_inputs_finite=False
+        )
+        check_nearest(z[finite], codebook, idx[finite], metric)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_opcheck(case):
     device, backend = case
     if backend == "torch":
@@ -336,27 +360,7 @@ def test_triton_screening_rechecks_the_rows_it_cannot_decide(monkeypatch):
     import fastvq.kernels.nearest_code as kernels
 
     device = "cuda" if CUDA else "cpu"
-    g = torch.Generator().manual_seed(11)
-    # Codes near 40 centres, the rest short and far. Centres 0-19 have copies 2^-12 apart
-    # (tf32's rounding misorders them) at j, j + 128 and j + 256: one lane of the kernel's K tile
-    # (64 or 128 codes) holds all three, so only its runner-up sees the near tie. Centres 20-39
-    # have copies 2^-18 apart at j and j + 300, in two lanes: mostly equal after tf32 rounding,
-    # an exact tie of the screening scores that float32 still tells apart. Then an exact
-    # duplicate code, an integer row whose scores tie exactly, and an inf row (unchecked input).
-    centres = torch.randn(40, 24, generator=g)
-    codebook = 0.5 * torch.randn(400, 24, generator=g)
-    for start in (0, 128, 256):
-        codebook[start : start + 20] = centres[:20] + 2.0**-12 * torch.randn(20, 24, generator=g)
-    for start in (20, 320):
-        codebook[start : start + 20] = centres[20:] + 2.0**-18 * torch.randn(20, 24, generator=g)
-    codebook[399] = codebook[7]
-    near = torch.randint(0, 40, (256,), generator=g)
-    z = centres[near] + 0.1 * torch.randn(256, 24, generator=g)
-    z[3] = codebook[7]
-    z[4] = 0.0
-    z[4, :2] = 1.0
-    z[5, 7] = float("inf")
-    z, codebook, near = z.to(device), codebook.to(device), near.to(device)
+    z, codebook, near = (t.to(device) for t in screening_near_ties())
     for metric in METRICS:
         args = (z, codebook, *code_terms(codebook, metric))
         direct = kernels.nearest_code_triton(*args, False, screen=False)

@@ -877,11 +877,12 @@ struct Screening {
   size_t z_tf32, c_tf32, z_terms, maxima, count, rows, bytes;
 };
 
-// *screens: whether an exact float32 search screens (`screen`, or by size), and if so its plan.
-cudaError_t plan_screening(int64_t n, int64_t k, int64_t d, Screen screen, bool* screens,
-                           Screening* sc) {
+// *screens: whether the search screens (exact float32 only: `screen`, or by size), and if so its
+// plan.
+cudaError_t plan_screening(int64_t n, int64_t k, int64_t d, DType dtype, bool fast, Screen screen,
+                           bool* screens, Screening* sc) {
   *screens = false;
-  if (screen == Screen::kNever) return cudaSuccess;
+  if (dtype != DType::F32 || fast || screen == Screen::kNever) return cudaSuccess;
   cudaError_t err = make_plan_typed<float, float, true>(n, k, d, &sc->pass);
   if (err != cudaSuccess) return err;
   const bool big = n >= ceil_div(kScreenMinWork, k) && d >= kScreenMinDim;
@@ -966,16 +967,12 @@ cudaError_t nearest_code_workspace_bytes(int64_t n, int64_t k, int64_t d, DType 
   if (bytes == nullptr || !valid_sizes(n, k, d)) return cudaErrorInvalidValue;
   *bytes = 0;
   if (n == 0) return cudaSuccess;
-  cudaError_t err;
-  if (dtype == DType::F32 && !fast) {
-    Screening sc;
-    bool screens = false;
-    err = plan_screening(n, k, d, screen, &screens, &sc);
-    if (err != cudaSuccess) return err;
-    if (screens) {
-      *bytes = sc.bytes;
-      return cudaSuccess;
-    }
+  Screening sc;
+  bool screens = false;
+  cudaError_t err = plan_screening(n, k, d, dtype, fast, screen, &screens, &sc);
+  if (err != cudaSuccess || screens) {
+    if (screens) *bytes = sc.bytes;
+    return err;
   }
   Plan plan;
   err = make_plan(n, k, d, dtype, fast, &plan);
@@ -991,17 +988,14 @@ cudaError_t launch_nearest_code(const void* z, const void* codebook, const float
   if (!valid_sizes(n, k, d)) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   if (z == nullptr || codebook == nullptr || out_idx == nullptr) return cudaErrorInvalidValue;
-  cudaError_t err;
-  if (dtype == DType::F32 && !fast) {
-    Screening sc;
-    bool screens = false;
-    err = plan_screening(n, k, d, screen, &screens, &sc);
-    if (err != cudaSuccess) return err;
-    if (screens) {
-      return launch_screened(static_cast<const float*>(z), static_cast<const float*>(codebook),
-                             code_scale, code_bias, n, k, d, out_idx, workspace, workspace_bytes,
-                             sc, stream);
-    }
+  Screening sc;
+  bool screens = false;
+  cudaError_t err = plan_screening(n, k, d, dtype, fast, screen, &screens, &sc);
+  if (err != cudaSuccess) return err;
+  if (screens) {
+    return launch_screened(static_cast<const float*>(z), static_cast<const float*>(codebook),
+                           code_scale, code_bias, n, k, d, out_idx, workspace, workspace_bytes, sc,
+                           stream);
   }
   Plan plan;
   err = make_plan(n, k, d, dtype, fast, &plan);

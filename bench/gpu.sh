@@ -53,8 +53,10 @@ main() {
   step backends 30 python3 -c "import fastvq; print(fastvq.backends())"
   # Top-k's GPU tests compile many Triton specializations: last, so they never starve the rest.
   step tests-gpu 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "not topk"
-  step tests-cuda 75 python3 -m pytest -q -p no:cacheprovider tests/ops tests/lattice \
-    -k "cuda and not topk"
+  # The op tests on CUDA tensors: every backend case on cuda, and the Triton launcher tests
+  # (screening, split-K), which take CUDA tensors wherever CUDA is.
+  step tests-cuda 90 python3 -m pytest -q -p no:cacheprovider tests/ops tests/lattice \
+    -k "(cuda or triton or screen) and not topk"
   # Benchmarks, most important first; each writes $OUT/<op>-<device>.json as soon as it finishes.
   step bench-nearest 75 python3 -m bench.run --only nearest_code --out "$OUT"
   step bench-codebook 75 python3 -m bench.run --only codebook --out "$OUT"

@@ -712,8 +712,11 @@ def _tf32_split_kernel(
     tl.store(terms_ptr + 2 * rows, norm, mask=row_ok)
     tl.store(terms_ptr + 2 * rows + 1, res, mask=row_ok)
     if MAXIMA:
-        # Rows past R hold 0, which never raises a maximum of magnitudes; NaN propagates.
-        tl.store(maxima_ptr + 4 * pid, tl.max(norm, axis=0))
+        # Rows past R hold 0, which never raises a maximum of magnitudes. A NaN norm (NaN in the
+        # codebook, whose tf32 copy may hold inf instead) must reach the maximum, so that every
+        # row is rechecked; tl.max may drop NaN on GPUs.
+        nan = tl.sum((norm != norm).to(tl.int32), axis=0) > 0
+        tl.store(maxima_ptr + 4 * pid, tl.where(nan, float("nan"), tl.max(norm, axis=0)))
         tl.store(maxima_ptr + 4 * pid + 1, tl.max(res, axis=0))
         bias_max = 0.0
         if HAS_BIAS:

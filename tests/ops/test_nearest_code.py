@@ -399,6 +399,9 @@ def test_triton_tf32_split_matches_its_reference(d, poison):
         expect = [norm[finite].max(), res[finite].max(), 0.0 if b is None else b.abs().max(),
                   1.0 if s is None else s.max()]  # fmt: skip
         torch.testing.assert_close(out[2].cpu(), torch.tensor(expect, dtype=torch.float64))
+    # NaN in a code reaches the maximum norm, so that every row is rechecked.
+    out = _tf32_split(x.to(device), scale.to(device), bias.to(device), maxima=True)
+    assert out[2][0].isnan()
     assert rounded[2, 0] == 1 + 2.0**-10 and rounded[2, 1] == -(1 + 2.0**-9)  # away from zero
     assert rounded[0, 0] == 0 and rounded[1, 0] == float("inf")
 

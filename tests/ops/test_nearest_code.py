@@ -214,12 +214,18 @@ def test_huge_codebook_small_batch(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_large_exact_search_screens_on_gpus(case):
+def test_large_exact_search_screens_on_gpus(case, monkeypatch):
     # N K >= 2^24 and D >= 24 with row tiles that fill the GPU: both GPU backends screen with
     # tf32 and recheck by 3xTF32, here on rows built to defeat the screening pass alone.
     device, backend = case
     if device != "cuda":
         pytest.skip("the GPU backends screen large searches; CPU tests force it on small ones")
+    screens = []
+    if backend == "triton":
+        import fastvq.kernels.nearest_code as kernels
+
+        spy = lambda *a, screen=kernels._screen: screens.append(1) or screen(*a)  # noqa: E731
+        monkeypatch.setattr(kernels, "_screen", spy)
     near_z, codebook, _ = screening_near_ties()
     z, _ = random_search_inputs(65536, 1, 24, torch.float32, "cpu", 22)
     z[: near_z.shape[0]] = near_z
@@ -230,6 +236,7 @@ def test_large_exact_search_screens_on_gpus(case):
             z, codebook, metric=metric, backend=backend, check_inputs_finite=False
         )
         check_nearest(z[finite], codebook, idx[finite], metric)
+    assert backend != "triton" or len(screens) == len(METRICS), "the search did not screen"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -382,6 +382,28 @@ def test_triton_screening_rechecks_the_rows_it_cannot_decide(monkeypatch):
 
 
 @pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_screens_the_large_searches_of_a_gpu(monkeypatch):
+    # The choice on an H100 (132 SMs), without one: large exact searches whose row blocks cover
+    # the SMs screen; small N K, D < 24 and a small batch over a large codebook do not.
+    import fastvq.kernels.nearest_code as kernels
+
+    gpu = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu)
+    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    for n, k, d, screens in [
+        (65536, 65536, 32, True),
+        (65536, 196560, 24, True),
+        (16384, 65536, 256, True),
+        (65536, 16384, 8, False),
+        (4096, 2048, 32, False),
+        (64, 1 << 20, 32, False),
+    ]:
+        assert kernels._use_screening(n, k, d, None, cuda) == screens, (n, k, d)
+        assert kernels._use_screening(n, k, d, not screens, cuda) == (not screens)
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
 @pytest.mark.parametrize("d", [3, 33, 300])
 def test_triton_tf32_split_matches_its_reference(d, poison):
     from fastvq.kernels.nearest_code import _tf32_split, _tf32_split_reference

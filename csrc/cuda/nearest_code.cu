@@ -882,7 +882,8 @@ struct Screening {
 cudaError_t plan_screening(int64_t n, int64_t k, int64_t d, DType dtype, bool fast, Screen screen,
                            bool* screens, Screening* sc) {
   *screens = false;
-  if (dtype != DType::F32 || fast || screen == Screen::kNever) return cudaSuccess;
+  // The flagged-row counter is int32 (beyond 2^31 rows z alone would exceed any GPU's memory).
+  if (dtype != DType::F32 || fast || screen == Screen::kNever || n > INT32_MAX) return cudaSuccess;
   cudaError_t err = make_plan_typed<float, float, true>(n, k, d, &sc->pass);
   if (err != cudaSuccess) return err;
   const bool big = n >= ceil_div(kScreenMinWork, k) && d >= kScreenMinDim;

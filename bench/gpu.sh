@@ -63,6 +63,8 @@ main() {
   step bench-nn 75 python3 -m bench.run --only nn --out "$OUT"
   step bench-lattice 40 python3 -m bench.run --only lattice --out "$OUT"
   step bench-scalar 40 python3 -m bench.run --only scalar --out "$OUT"
+  # The recheck share, and the screening bound against the tensor cores' own accumulation.
+  step screening 40 python3 -m bench.screening_share --rows 512 --out "$OUT"
   step tests-topk 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_nearest_code_topk.py \
     -k cuda
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null

@@ -53,6 +53,23 @@ def screening_near_ties(seed: int = 11) -> tuple[torch.Tensor, torch.Tensor, tor
     return z, codebook, near
 
 
+def screening_rechecks(z, codebook, scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rechecks, undecided), (N,) bool each, for an exact float32 search that screens: the rows
+    whose float64 margin between their best two tf32 screening scores is not above twice
+    `_screening_bound` (the rows a screening pass must hand to its 3xTF32 recheck), and the rows
+    whose margin lies so near that threshold that a kernel's float32 epilogue may decide either
+    way. scale and bias: `code_terms`'s, float32 or None."""
+    from fastvq.kernels.nearest_code import _screening_reference
+
+    z_tf32, c_tf32, bound = _screening_reference(z, codebook, scale, bias)
+    scores = z_tf32.double() @ c_tf32.double().T
+    scores = scores * (1 if scale is None else scale.double()) + (0 if bias is None else bias)
+    top = scores.topk(2, dim=1).values
+    margin = top[:, 0] - top[:, 1]
+    undecided = (margin - 2 * bound).abs() <= 2.0**-18 * top[:, 0].abs().clamp(min=1)
+    return ~(margin > 2 * bound), undecided
+
+
 def score_error_bound(z64, codebook64, scale64, bias64, precision: str) -> torch.Tensor:
     """(N, K) float64 bound on |score computed by a kernel - exact score| for each candidate.
 

@@ -32,7 +32,13 @@ from fastvq.lattice import LEECH_SIZE, leech_codes
 from fastvq.ops.codebook import _ema_pieces
 from fastvq.ops.quantize import _bwd_torch, _fwd_torch
 from fastvq.reference import code_terms
-from fastvq.testing import check_nearest, cuda_include_dir, screening_near_ties
+from fastvq.testing import (
+    check_nearest,
+    cuda_include_dir,
+    random_search_inputs,
+    screening_near_ties,
+    screening_rechecks,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -417,6 +423,33 @@ def test_nearest_code_screening_is_the_3xtf32_search(emulated, device):
             calls.append(("emu_nearest_code", *args, workspace, size))
         emulated.run(*calls)
         assert torch.equal(outs[1], outs[0]), (metric, (outs[1] != outs[0]).nonzero().flatten())
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+def test_nearest_code_screening_rechecks_the_rows_the_reference_does(emulated, metric):
+    # The rows the screening pass lists for its recheck, each once, against
+    # fastvq.testing.screening_rechecks; they may differ only where a row's margin lies within
+    # float32 error of the threshold. Off the origin, so that |bias| weighs in the l2 bound.
+    n, k, d = 300, 400, 8
+    z, codebook = (x + 2 for x in random_search_inputs(n, k, d, torch.float32, "cpu", 5))
+    scale, bias = code_terms(codebook, metric)
+    expect, near = screening_rechecks(z, codebook, scale, bias)
+    assert 0 < int(expect.sum()) < n, "a test with no (or only) rechecked rows tests nothing"
+    setup, sizes = ("emu_device", *DEVICES["h100"]), (n, k, d, KERNEL_DTYPE[torch.float32], 2)
+    size = torch.full((1,), -1)
+    emulated.run(setup, ("emu_nearest_code_workspace", *sizes, size))
+    workspace = torch.full((int(size),), 0xFF, dtype=torch.uint8)
+    out, count, rows = torch.full((n,), -1), torch.full((1,), -2), torch.full((n,), -1)
+    emulated.run(
+        setup,
+        ("emu_nearest_code", z, codebook, scale, bias, *sizes, out, workspace, int(size)),
+        ("emu_nearest_code_rechecked", *sizes, workspace, count, rows),
+    )
+    listed = rows[: int(count)]
+    assert len(listed.unique()) == len(listed) and listed.min() >= 0 and listed.max() < n
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[listed] = True
+    assert torch.equal(flags[~near], expect[~near])
 
 
 # --- quantize.cu: launch_quantize_fwd / launch_quantize_bwd ------------------------------------

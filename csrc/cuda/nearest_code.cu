@@ -982,6 +982,24 @@ cudaError_t nearest_code_workspace_bytes(int64_t n, int64_t k, int64_t d, DType 
   return cudaSuccess;
 }
 
+cudaError_t nearest_code_rechecked_rows(int64_t n, int64_t k, int64_t d, DType dtype, bool fast,
+                                        const void* workspace, const int32_t** count,
+                                        const int64_t** rows, Screen screen) {
+  if (count == nullptr || rows == nullptr || !valid_sizes(n, k, d)) return cudaErrorInvalidValue;
+  *count = nullptr;
+  *rows = nullptr;
+  if (n == 0) return cudaSuccess;
+  Screening sc;
+  bool screens = false;
+  const cudaError_t err = plan_screening(n, k, d, dtype, fast, screen, &screens, &sc);
+  if (err != cudaSuccess || !screens) return err;
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  const unsigned char* const w = static_cast<const unsigned char*>(workspace);
+  *count = reinterpret_cast<const int32_t*>(w + sc.count);
+  *rows = reinterpret_cast<const int64_t*>(w + sc.rows);
+  return cudaSuccess;
+}
+
 cudaError_t launch_nearest_code(const void* z, const void* codebook, const float* code_scale,
                                 const float* code_bias, int64_t n, int64_t k, int64_t d,
                                 DType dtype, bool fast, int64_t* out_idx, void* workspace,

@@ -50,5 +50,13 @@ cudaError_t launch_nearest_code(const void* z, const void* codebook, const float
                                 size_t workspace_bytes, cudaStream_t stream,
                                 Screen screen = Screen::kAuto);
 
+// Where a screened search left the rows it handed to its 3xTF32 recheck: *count (int32) rows at
+// *rows (int64, in no particular order), device pointers into `workspace`, valid once the launch
+// has run and until the workspace is reused. Both nullptr where this search does not screen.
+// The arguments are launch_nearest_code's. For diagnostics and tests: the share of rows rechecked.
+cudaError_t nearest_code_rechecked_rows(int64_t n, int64_t k, int64_t d, DType dtype, bool fast,
+                                        const void* workspace, const int32_t** count,
+                                        const int64_t** rows, Screen screen = Screen::kAuto);
+
 }  // namespace cuda
 }  // namespace fastvq

@@ -55,6 +55,20 @@ int emu_nearest_code(const void* z, const void* codebook, const float* scale, co
       static_cast<size_t>(workspace_bytes), nullptr, screen_of(precision));
 }
 
+// After emu_nearest_code, given its workspace: *count = the number of rows it rechecked and
+// rows[:*count] their indices (rows holds n), or *count = -1 where the search did not screen.
+int emu_nearest_code_rechecked(int64_t n, int64_t k, int64_t d, int64_t dtype, int64_t precision,
+                               const void* workspace, int64_t* count, int64_t* rows) {
+  const int32_t* listed_count = nullptr;
+  const int64_t* listed = nullptr;
+  const cudaError_t err = fastvq::cuda::nearest_code_rechecked_rows(
+      n, k, d, static_cast<DType>(dtype), precision == 1, workspace, &listed_count, &listed,
+      screen_of(precision));
+  *count = listed_count == nullptr ? -1 : *listed_count;
+  for (int64_t i = 0; i < *count; ++i) rows[i] = listed[i];
+  return err;
+}
+
 int emu_quantize_fwd(const void* z, const void* codebook, const int64_t* idx, int64_t n, int64_t k,
                      int64_t d, int64_t dtype, int64_t grad, void* zq, float* stats) {
   return fastvq::cuda::launch_quantize_fwd(z, codebook, idx, n, k, d, static_cast<DType>(dtype),

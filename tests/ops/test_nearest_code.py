@@ -16,6 +16,7 @@ from fastvq.testing import (
     check_nearest,
     random_search_inputs,
     screening_near_ties,
+    screening_rechecks,
 )
 
 CUDA = torch.cuda.is_available()
@@ -448,16 +449,10 @@ def test_triton_screening_flags_the_rows_the_reference_does(metric):
     codebook += 2  # off the origin: |bias| weighs in the l2 bound
     z += 2
     scale, bias = code_terms(codebook, metric)
-    z_tf32, c_tf32, bound = kernels._screening_reference(z, codebook, scale, bias)
-    scores = z_tf32.double() @ c_tf32.double().T
-    scores = scores * (1 if scale is None else scale.double()) + (0 if bias is None else bias)
-    top = scores.topk(2, dim=1).values
-    margin = top[:, 0] - top[:, 1]
-    expect = ~(margin > 2 * bound)
+    expect, near = screening_rechecks(z, codebook, scale, bias)
     out = torch.empty(600, dtype=torch.int64, device=device)
     args = (t if t is None else t.to(device) for t in (z, codebook, scale, bias))
     flags = kernels._screen(*args, out, lambda kernel: kernel).cpu().bool()
-    near = (margin - 2 * bound).abs() <= 2.0**-18 * top[:, 0].abs().clamp(min=1)
     assert torch.equal(flags[~near], expect[~near])
     assert 0 < int(expect.sum()) < 600, "a test with no (or only) rechecked rows tests nothing"
 

@@ -5,8 +5,8 @@ the naive code under torch.compile, fastvq's chunked PyTorch reference, and flas
 Triton assignment kernel (CUDA only). Correctness is checked before timing: agreement with the
 float64 argmin on a row subsample, and the tie-aware check for the peer's arithmetic.
 TFLOP/s counts the 2·N·K·D flops of the distance GEMM. On GPU, each fastvq backend and precision
-has its row, and `fastvq triton exact unscreened` is the exact Triton search without its tf32
-screening pass (3xTF32 on every candidate), for the ratio screening buys.
+has its row, and `fastvq <backend> exact unscreened` is that backend's exact search without its
+tf32 screening pass (3xTF32 on every candidate), for the ratio screening buys.
 
 Top-k rows (k = 8, the beam width of a residual-VQ beam search): fastvq.nearest_code(k=8) against
 the same peers followed by torch.topk, checked tie-aware against the float64 k nearest.
@@ -51,10 +51,11 @@ def _tf32(z, c):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _unscreened(z, c):
-    from fastvq.kernels.nearest_code import nearest_code_triton
-
-    return nearest_code_triton(z, c, None, code_terms(c, "l2")[1], False, screen=False)
+def _unscreened(backend):
+    """The exact l2 search of `backend` ("triton" or "cuda") with screen=False."""
+    ops = torch.ops.fastvq
+    op = ops.nearest_code_triton if backend == "triton" else ops.nearest_code
+    return lambda z, c: op(z, c, None, code_terms(c, "l2")[1], False, False)
 
 
 def flash_kmeans_assign(z, c, dtype=torch.float32):
@@ -93,8 +94,7 @@ def peers(quick: bool) -> dict:
                     z, c, backend=b, precision=p
                 )
                 out[f"fastvq {backend} {precision}"] = (plain(fn), arith)
-        # The exact Triton search without its tf32 screening pass: 3xTF32 on every candidate.
-        out["fastvq triton exact unscreened"] = (plain(_unscreened), "tf32")
+            out[f"fastvq {backend} exact unscreened"] = (plain(_unscreened(backend)), "tf32")
     out |= {
         "torch naive fp32": (plain(naive), "fp32"),
         "torch cdist fp32": (plain(cdist), "fp32"),

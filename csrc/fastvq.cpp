@@ -8,10 +8,13 @@ TORCH_LIBRARY(fastvq, m) {
   // z (N, D) and codebook (K, D) contiguous, one floating dtype; code_scale, code_bias (K,)
   // float32 or None (1 and 0). Dot products accumulate in float32; `fast` allows reduced-precision
   // products (bf16/tf32) for float32 inputs. Ties go to the lowest k; NaN scores never win; a row
-  // whose scores are all -inf or NaN gets 0. Returns int64 (N,).
+  // whose scores are all -inf or NaN gets 0. Returns int64 (N,). `screen` changes only how an
+  // exact float32 search on a GPU runs, never its answer: True by a tf32 screening pass and a
+  // 3xTF32 recheck of the rows it cannot decide (tf32 copies of z and codebook in scratch), False
+  // by 3xTF32 alone, None chosen by size; the CPU kernel ignores it.
   m.def(
-      "nearest_code(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, bool fast) "
-      "-> Tensor");
+      "nearest_code(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, bool fast, "
+      "bool? screen=None) -> Tensor");
   // The k best codes per row: score[n][j] = dot(z[n], codebook[j]) * code_scale[j] + code_bias[j]
   // with nearest_code's inputs and arithmetic (its answer is column 0), 1 <= k <= min(K, 128).
   // Returns int64 (N, k): the indices of each row's k largest scores, best first; equal scores in

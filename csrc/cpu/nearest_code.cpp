@@ -965,8 +965,10 @@ at::Tensor nearest_code_run(const char* op, const at::Tensor& z, const at::Tenso
 
 at::Tensor nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook,
                             const std::optional<at::Tensor>& code_scale,
-                            const std::optional<at::Tensor>& code_bias, bool fast) {
+                            const std::optional<at::Tensor>& code_bias, bool fast,
+                            std::optional<bool> screen) {
   (void)fast;  // float32 products are exact-mode products already; there is nothing faster here
+  (void)screen;
   return nearest_code_run("fastvq::nearest_code", z, codebook, code_scale, code_bias, 0);
 }
 

@@ -33,7 +33,8 @@ void check_code_term(const std::optional<at::Tensor>& t, const char* name, const
 
 at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
                              const std::optional<at::Tensor>& code_scale,
-                             const std::optional<at::Tensor>& code_bias, bool fast) {
+                             const std::optional<at::Tensor>& code_bias, bool fast,
+                             std::optional<bool> screen) {
   TORCH_CHECK(z.is_cuda() && codebook.is_cuda(),
               "fastvq::nearest_code (CUDA): z and codebook must be CUDA tensors, got ",
               z.device(), " and ", codebook.device());
@@ -71,8 +72,11 @@ at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
   const cuda::DType dt = dtype == at::kFloat      ? cuda::DType::F32
                          : dtype == at::kBFloat16 ? cuda::DType::BF16
                                                   : cuda::DType::F16;
+  const cuda::Screen how = !screen.has_value() ? cuda::Screen::kAuto
+                           : *screen           ? cuda::Screen::kAlways
+                                               : cuda::Screen::kNever;
   size_t workspace_bytes = 0;
-  cudaError_t err = cuda::nearest_code_workspace_bytes(N, K, D, dt, fast, &workspace_bytes);
+  cudaError_t err = cuda::nearest_code_workspace_bytes(N, K, D, dt, fast, &workspace_bytes, how);
   TORCH_CHECK(err == cudaSuccess, "fastvq::nearest_code (CUDA): planning failed: ",
               cudaGetErrorString(err));
   // Through the caching allocator on the current stream: freed at return, reused only by work
@@ -87,7 +91,7 @@ at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
       code_bias.has_value() ? code_bias->const_data_ptr<float>() : nullptr, N, K, D, dt, fast,
       out.mutable_data_ptr<int64_t>(),
       workspace_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, workspace_bytes,
-      c10::cuda::getCurrentCUDAStream(z.device().index()).stream());
+      c10::cuda::getCurrentCUDAStream(z.device().index()).stream(), how);
   TORCH_CHECK(err == cudaSuccess, "fastvq::nearest_code (CUDA): kernel launch failed: ",
               cudaGetErrorString(err));
   return out;

@@ -18,7 +18,9 @@ MAX_DIM = 1024
 MAX_TOPK = 128
 
 # Triton backend: an opaque custom op (not triton_op) so that importing fastvq does not import
-# Triton (0.44 s here); torch.compile keeps it as one node with the fake below.
+# Triton (0.44 s here); torch.compile keeps it as one node with the fake below. `screen` as in
+# fastvq::nearest_code's schema (csrc/fastvq.cpp): how an exact float32 search runs, not what it
+# returns.
 
 
 @torch.library.custom_op("fastvq::nearest_code_triton", mutates_args=())
@@ -28,14 +30,15 @@ def _nearest_code_triton(
     code_scale: torch.Tensor | None,
     code_bias: torch.Tensor | None,
     fast: bool,
+    screen: bool | None = None,
 ) -> torch.Tensor:
     from fastvq.kernels.nearest_code import nearest_code_triton
 
-    return nearest_code_triton(z, codebook, code_scale, code_bias, fast)
+    return nearest_code_triton(z, codebook, code_scale, code_bias, fast, screen=screen)
 
 
 @_nearest_code_triton.register_fake
-def _(z, codebook, code_scale, code_bias, fast):
+def _(z, codebook, code_scale, code_bias, fast, screen=None):
     return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
@@ -61,7 +64,7 @@ def _(z, codebook, code_scale, code_bias, k, fast):
 if _ext.EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastvq::nearest_code")
-    def _(z, codebook, code_scale, code_bias, fast):
+    def _(z, codebook, code_scale, code_bias, fast, screen=None):
         return z.new_empty(z.shape[0], dtype=torch.int64)
 
 

@@ -254,6 +254,38 @@ def test_opcheck(case):
     bias = torch.randn(40, device=device)
     torch.library.opcheck(op, (z, codebook, None, bias, False))
     torch.library.opcheck(op, (z.half(), codebook.half(), bias.abs(), None, True))
+    torch.library.opcheck(op, (z, codebook, None, bias, False, True))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_op_screen_changes_how_not_what(case, monkeypatch):
+    # `screen` forces the exact float32 search to screen, forbids it or leaves it to the size:
+    # the same indices every way, on rows that defeat the screening pass alone. The CPU kernel
+    # takes the argument and has nothing to change.
+    device, backend = case
+    if backend == "torch":
+        pytest.skip("the torch backend is plain PyTorch, not a custom op")
+    ops = torch.ops.fastvq
+    op = ops.nearest_code_triton if backend == "triton" else ops.nearest_code
+    screened = []
+    if backend == "triton":
+        import fastvq.kernels.nearest_code as kernels
+
+        spy = lambda *a, screen=kernels._screen: screened.append(1) or screen(*a)  # noqa: E731
+        monkeypatch.setattr(kernels, "_screen", spy)
+    z, codebook, _ = screening_near_ties()
+    z, codebook = z[z.isfinite().all(1)].to(device), codebook.to(device)
+    for metric in METRICS:
+        scale, bias = code_terms(codebook, metric)
+        outs = []
+        for screen in (True, False, None):
+            calls = len(screened)
+            outs.append(op(z, codebook, scale, bias, False, screen))
+            if backend == "triton" and screen is not None:
+                assert len(screened) - calls == screen, f"screen={screen}: {len(screened) - calls}"
+        check_nearest(z, codebook, outs[1], metric)
+        for out in outs[::2]:
+            assert torch.equal(out, outs[1]), (metric, (out != outs[1]).nonzero().flatten())
 
 
 @pytest.mark.parametrize("case", CASES)

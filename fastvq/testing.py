@@ -53,6 +53,45 @@ def screening_near_ties(seed: int = 11) -> tuple[torch.Tensor, torch.Tensor, tor
     return z, codebook, near
 
 
+def screening_overflows(d: int = 24) -> list[tuple[torch.Tensor, ...]]:
+    """(z (1, d), codebook (K, d), scale (K,) or None, bias (K,) or None) float32 cases, d >= 2,
+    on which a tf32 screening pass alone and the 3xTF32 search pick different codes because a
+    value leaves float32's range in one of them, where no error bound of the scores holds:
+    1. code 1's scaled score overflows from its tf32 copy only (1 + 2^-10 for 1 + 2^-10 - 2^-12);
+    2. code 0's unscaled product overflows in 3xTF32 only (the tf32 copy sums to 2^128 - 2^116),
+       where its scale of 2^-10 would have brought it below code 1;
+    3. and 4. a bias near float32's largest value takes code 1's tf32 score to inf, or to -inf;
+    5. code 0's tf32 copy is inf (float32's largest value rounds up) under a scale of 0: a NaN
+       screening score and a NaN residual norm, where 3xTF32 may score its bias of 2^20."""
+    big = torch.finfo(torch.float32).max
+    cases = [  # (z's leading entries, the codes' leading entries, scale, bias)
+        ([1.0], [[1.0], [1 + 2.0**-10 - 2.0**-12]], [big, big / (1 + 2.0**-10 - 2.0**-13)], None),
+        (
+            [1.0, 1.0],
+            [[2.0**127 + 2.0**116 - 2.0**104, 2.0**127 - 2.0**115 - 2.0**103], [2.0**118] * 2],
+            [2.0**-10, 1.0],
+            None,
+        ),
+        ([1.0], [[0.0], [2.0**120 - 2.0**108]], None, [big, 2.0**128 - 2.0**120]),
+        (
+            [1.0],
+            [[-(2.0**120)], [-(2.0**120 - 2.0**108 - 2.0**100)]],
+            None,
+            [-(2.0**128 - 2.0**110), -(2.0**128 - 2.0**120 + 2.0**108)],
+        ),
+        ([2.0**-30], [[big], [2.0**40], [0.5]], [0.0, 1.0, 1.0], [2.0**20, 0.0, 0.0]),
+    ]
+    out = []
+    for z_head, code_heads, scale, bias in cases:
+        z = torch.zeros(1, d)
+        z[0, : len(z_head)] = torch.tensor(z_head)
+        codebook = torch.zeros(len(code_heads), d)
+        codebook[:, : len(code_heads[0])] = torch.tensor(code_heads)
+        terms = (None if t is None else torch.tensor(t) for t in (scale, bias))
+        out.append((z, codebook, *terms))
+    return out
+
+
 def screening_rechecks(z, codebook, scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
     """(rechecks, undecided), (N,) bool each, for an exact float32 search that screens: the rows
     whose float64 margin between their best two tf32 screening scores is not above twice

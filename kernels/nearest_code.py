@@ -71,9 +71,10 @@ its runner-up (two more instructions per candidate); its epilogue takes each row
 best score minus the best score of any other code, and compares it with twice
 `_screening_bound`, which bounds, per row and for every code at once, how far a screening score
 can lie from the 3xTF32 score. A row whose margin exceeds that has the same winner in both
-passes; the others (near ties, exact ties, NaN or non-finite margins and bounds) are searched
-again by 3xTF32 alone, listed by torch.nonzero_static with their count left on the device: the
-recheck's grid covers all N rows and programs past the count exit, so nothing waits on the host.
+passes; the others (near ties, exact ties, NaN or non-finite margins and bounds, scores that
+may overflow float32) are searched again by 3xTF32 alone, listed by torch.nonzero_static with
+their count left on the device: the recheck's grid covers all N rows and programs past the count
+exit, so nothing waits on the host.
 The answer is the 3xTF32 search's, row for row, at about a third of its tensor-core work plus
 the rechecked rows: bench/results/screening_share.json records their share for Gaussian data
 (about 6 % at D = 32, K = 65,536; more at D = 8, where codes crowd, and at D = 1024, where the
@@ -242,7 +243,7 @@ def _nearest_code_fwd_kernel(
     part_score_ptr,
     # SCREEN: recheck (N,) int8 out: 1 where the row's margin (best score minus the best score of
     # any other code) is not above twice the row's `_screening_bound`, from z_terms (N, 2) and
-    # code_terms (4,) float64 (`_tf32_split_kernel`) and the constants rel, tiny_d
+    # code_terms (5,) float64 (`_tf32_split_kernel`) and the constants rel, tiny_d
     recheck_ptr,
     z_terms_ptr,
     code_terms_ptr,
@@ -353,6 +354,7 @@ def _nearest_code_fwd_kernel(
             tl.load(code_terms_ptr + 1),
             tl.load(code_terms_ptr + 2),
             tl.load(code_terms_ptr + 3),
+            tl.load(code_terms_ptr + 4),
             rel,
             tiny_d,
         )
@@ -661,9 +663,19 @@ def _screening_reference(z, codebook, code_scale, code_bias):
     bias_max = code_bias.abs().max().double() if code_bias is not None else 0.0
     scale_max = code_scale.abs().max().double() if code_scale is not None else 1.0
     constants = _screening_constants(z.shape[1])
+    c_max = torch.linalg.vector_norm(codebook, dim=1, dtype=torch.float64).max()
     bound = _screening_bound.fn(z_norm, z_res, c_norm.max(), c_res.max(), bias_max, scale_max,
-                                *constants)  # fmt: skip
+                                c_max, *constants)  # fmt: skip
     return z_tf32, c_tf32, bound
+
+
+@triton.jit
+def _max_keeping_nan(x):
+    """The maximum of a 1-D block, NaN if any element is. A NaN among the codebook's terms (a NaN
+    code, or a tf32 copy that overflowed to inf under a scale of 0) must reach the maxima, so
+    that every row is rechecked; tl.max may drop NaN on GPUs and does under the interpreter."""
+    nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    return tl.where(nan, float("nan"), tl.max(x, axis=0))
 
 
 @triton.jit
@@ -673,7 +685,7 @@ def _tf32_split_kernel(
     scale_ptr,
     bias_ptr,
     # outputs: x rounded to tf32 (R, D); terms (R, 2) float64 = (|x|, |x - tf32(x)|) * |scale|;
-    # MAXIMA: per program, the maxima of both terms, |bias| and |scale| (grid, 4) float64
+    # MAXIMA: per program, the maxima of both terms, |bias|, |scale| and |x| (grid, 5) float64
     rounded_ptr,
     terms_ptr,
     maxima_ptr,
@@ -703,7 +715,8 @@ def _tf32_split_kernel(
         res64 = (x - rounded).to(tl.float64)
         squares += tl.sum(x64 * x64, axis=1)
         res_squares += tl.sum(res64 * res64, axis=1)
-    norm = tl.sqrt(squares)
+    unscaled = tl.sqrt(squares)
+    norm = unscaled
     res = tl.sqrt(res_squares)
     if HAS_SCALE:
         scale = tl.abs(tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
@@ -712,35 +725,33 @@ def _tf32_split_kernel(
     tl.store(terms_ptr + 2 * rows, norm, mask=row_ok)
     tl.store(terms_ptr + 2 * rows + 1, res, mask=row_ok)
     if MAXIMA:
-        # Rows past R hold 0, which never raises a maximum of magnitudes. A NaN norm (NaN in the
-        # codebook, whose tf32 copy may hold inf instead) must reach the maximum, so that every
-        # row is rechecked; tl.max may drop NaN on GPUs.
-        nan = tl.sum((norm != norm).to(tl.int32), axis=0) > 0
-        tl.store(maxima_ptr + 4 * pid, tl.where(nan, float("nan"), tl.max(norm, axis=0)))
-        tl.store(maxima_ptr + 4 * pid + 1, tl.max(res, axis=0))
+        # Rows past R hold 0, which never raises a maximum of magnitudes.
+        tl.store(maxima_ptr + 5 * pid, _max_keeping_nan(norm))
+        tl.store(maxima_ptr + 5 * pid + 1, _max_keeping_nan(res))
         bias_max = 0.0
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-            bias_max = tl.max(tl.abs(bias), axis=0)
-        tl.store(maxima_ptr + 4 * pid + 2, bias_max)
+            bias_max = _max_keeping_nan(tl.abs(bias))
+        tl.store(maxima_ptr + 5 * pid + 2, bias_max)
         if HAS_SCALE:
-            scale_max = tl.max(scale, axis=0)
+            scale_max = _max_keeping_nan(scale)
         else:
             scale_max = 1.0
-        tl.store(maxima_ptr + 4 * pid + 3, scale_max)
+        tl.store(maxima_ptr + 5 * pid + 3, scale_max)
+        tl.store(maxima_ptr + 5 * pid + 4, _max_keeping_nan(unscaled))
 
 
 def _tf32_split(x, scale=None, bias=None, *, maxima=False, wrap=lambda kernel: kernel):
     """`_tf32_split_kernel` on x: (x_tf32, terms (R, 2) float64); with `maxima` (for a codebook
-    and its scale and bias), also code_terms (4,) float64 = the maxima of |c| s, |r_c| s, |bias|
-    and s."""
+    and its scale and bias), also code_terms (5,) float64 = the maxima of |c| s, |r_c| s, |bias|,
+    s and |c|."""
     r, d = x.shape
     # 32 x 32 tiles: 128 registers on sm_90 (32 x 128 took 255); the pass is bound by memory.
     block_r, block_d = 32, min(32, max(16, triton.next_power_of_2(d)))
     grid = triton.cdiv(r, block_r)
     rounded = torch.empty_like(x)
     terms = torch.empty(r, 2, dtype=torch.float64, device=x.device)
-    partial = torch.empty(grid if maxima else 0, 4, dtype=torch.float64, device=x.device)
+    partial = torch.empty(grid if maxima else 0, 5, dtype=torch.float64, device=x.device)
     wrap(_tf32_split_kernel)[(grid,)](
         x, x if scale is None else scale, x if bias is None else bias, rounded, terms, partial,
         r, d, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, MAXIMA=maxima,
@@ -752,11 +763,11 @@ def _tf32_split(x, scale=None, bias=None, *, maxima=False, wrap=lambda kernel: k
 def _screening_constants(d: int) -> tuple[float, float]:
     """`rel` and `tiny_d` of `_screening_bound` at dimension d."""
     rel = (2 * d + 16) * 2.0**-22 + 2.0**-18 + 2.0**-20
-    return rel, (4 * d + 8) * torch.finfo(torch.float32).tiny
+    return rel, (8 * d + 8) * torch.finfo(torch.float32).tiny
 
 
 @triton.jit
-def _screening_bound(z_norm, z_res, u, v, bias_max, scale_max, rel, tiny_d):
+def _screening_bound(z_norm, z_res, u, v, bias_max, scale_max, c_max, rel, tiny_d):
     """Per row, a bound on |screening score - 3xTF32 score| that holds for every code; plain
     arithmetic, so `_screening_bound.fn` evaluates it on torch tensors too.
 
@@ -768,11 +779,20 @@ def _screening_bound(z_norm, z_res, u, v, bias_max, scale_max, rel, tiny_d):
     costs at most D ulps of the sum of their magnitudes (2^-22 per term leaves room for tensor
     cores that truncate), 3xTF32 adds about 2^-20 per product, and each epilogue rounds twice:
     all within `rel` of |z~| (U + V) + max|bias| for both passes together. `tiny_d` (1 + max s)
-    covers products and sums that underflow (flushed on GPUs). The last factor covers the
-    rounding of the norms and of this formula (float64; rel and tiny_d may arrive as float32)."""
+    covers what underflows (flushed on GPUs), less than float32's smallest normal each time: d
+    products and d partial sums in the screening pass, 3d and 3d in 3xTF32, and the epilogues'
+    roundings. The factor covers the rounding of the norms and of this formula (float64; rel and
+    tiny_d may arrive as float32).
+
+    No error bound holds where a score may overflow float32 (one pass may reach inf where the
+    other does not), so the bound is infinite, and the row rechecked, wherever the scores
+    (|z~| (U + V) + max|bias|) or the partial sums of a product (|z~| max_k |c_k|, unscaled: c_max)
+    may come within a factor 4 of float32's range: the division by a false comparison (the
+    bound is positive)."""
     z_tilde = z_norm + z_res
     bound = z_res * u + z_tilde * v + rel * (z_tilde * (u + v) + bias_max)
-    return (bound + tiny_d * (1 + scale_max)) * 1.0009765625
+    reach = z_tilde * (u + v + c_max) + bias_max
+    return (bound + tiny_d * (1 + scale_max)) * 1.0009765625 / (reach < 2.0**126)
 
 
 def _search(

@@ -37,6 +37,7 @@ from fastvq.testing import (
     cuda_include_dir,
     random_search_inputs,
     screening_near_ties,
+    screening_overflows,
     screening_rechecks,
 )
 
@@ -109,13 +110,13 @@ class Emulated:
         self.library, self.env, self.workdir = library, env, workdir
         self.runs = itertools.count()
 
-    def run(self, *calls):
+    def run(self, *calls, expect=None):
         """Makes the calls, (function of shim.cpp, argument, ...), in order in one child process.
         Tensor arguments (CPU, contiguous) go through device-like copies and come back in place,
         so a later call sees what an earlier one wrote (distinct tensors must not share memory);
         a (tensor, elements) pair passes a pointer that many elements past the copy's (16-byte
         aligned) start; None is a null pointer, int an int64_t, float a double. Every call must
-        return cudaSuccess."""
+        return cudaSuccess, or the cudaError_t listed for it in `expect`."""
         args = [a[0] if isinstance(a, tuple) else a for call in calls for a in call[1:]]
         tensors = {id(a): a for a in args if isinstance(a, torch.Tensor)}
         offsets, size = {}, 0
@@ -159,8 +160,9 @@ class Emulated:
         # unwinds across a switch (no exceptions, no longjmp), where its false positives come from.
         errors = re.sub(r".*makecontext/swapcontext.*\n", "", child.stderr)
         assert child.returncode == 0, errors[-6000:]
-        errors = json.loads(child.stdout)
-        assert errors == [0] * len(calls), f"cudaError_t of each call: {errors}"
+        returned = json.loads(child.stdout)
+        want = [0] * len(calls) if expect is None else expect
+        assert returned == want, f"cudaError_t of each call: {returned}, expected {want}"
         for t in tensors.values():
             t.copy_(place(t).view(t.shape))
         path.unlink()
@@ -450,6 +452,46 @@ def test_nearest_code_screening_rechecks_the_rows_the_reference_does(emulated, m
     flags = torch.zeros(n, dtype=torch.bool)
     flags[listed] = True
     assert torch.equal(flags[~near], expect[~near])
+
+
+def test_nearest_code_rejects_a_misaligned_workspace(emulated):
+    # 8 bytes past a 16-byte boundary, where the workspace's doubles and 64-bit atomics would
+    # fault on a GPU: the launch returns cudaErrorInvalidValue (1) and writes nothing.
+    setup = ("emu_device", *DEVICES["h100"])
+    z, codebook, scale, bias = _search_case(3, 2200, 24, "l2", torch.float32, 0)
+    for precision in (0, 2):  # split unscreened, screened
+        sizes = (3, 2200, 24, KERNEL_DTYPE[torch.float32], precision)
+        size = torch.full((1,), -1)
+        emulated.run(setup, ("emu_nearest_code_workspace", *sizes, size))
+        assert int(size) > 0, precision
+        out = torch.full((3,), -1)
+        workspace = (torch.full((int(size) + 8,), 0xFF, dtype=torch.uint8), 8)
+        launch = ("emu_nearest_code", z, codebook, scale, bias, *sizes, out, workspace, int(size))
+        emulated.run(setup, launch, expect=[0, 1])
+        assert (out == -1).all(), precision
+
+
+@pytest.mark.parametrize("d", [2, 24])
+def test_nearest_code_screening_rechecks_rows_whose_scores_may_overflow(emulated, d):
+    # Where a score overflows in one pass only, the screened search must still answer as 3xTF32
+    # does: by rechecking the row, whatever its margin.
+    setup = ("emu_device", *DEVICES["h100"])
+    for case, (z, codebook, scale, bias) in enumerate(screening_overflows(d)):
+        sizes = (1, codebook.shape[0], d, KERNEL_DTYPE[torch.float32])
+        size = torch.full((1,), -1)
+        emulated.run(setup, ("emu_nearest_code_workspace", *sizes, 2, size))
+        workspace = torch.full((int(size),), 0xFF, dtype=torch.uint8)
+        outs = [torch.full((1,), -1) for _ in range(2)]
+        count, rows = torch.full((1,), -2), torch.full((1,), -1)
+        search = ("emu_nearest_code", z, codebook, scale, bias, *sizes)
+        emulated.run(
+            setup,
+            (*search, 0, outs[0], None, 0),
+            (*search, 2, outs[1], workspace, int(size)),
+            ("emu_nearest_code_rechecked", *sizes, 2, workspace, count, rows),
+        )
+        assert int(count) == 1 and int(rows[0]) == 0, case
+        assert torch.equal(outs[1], outs[0]), case
 
 
 # --- quantize.cu: launch_quantize_fwd / launch_quantize_bwd ------------------------------------

@@ -129,6 +129,8 @@ constexpr float kFloatMin = 1.17549435e-38f;  // FLT_MIN
 constexpr int64_t kScreenMinWork = int64_t{1} << 24;
 constexpr int64_t kScreenMinDim = 24;
 constexpr int64_t kRecheckShare = 16;
+// The codebook's maxima that screening_bound takes (Params::code_terms).
+constexpr int kCodeTerms = 5;
 
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -395,20 +397,23 @@ struct Params {
   // The screening pass appends the rows whose margin is not above twice screening_bound to
   // flagged[(*flagged_count)++], in no particular order.
   const double* z_terms;     // (n, 2): |z|, |z - tf32(z)|
-  const double* code_terms;  // (4,): maxima of s |c|, s |c - tf32(c)|, |bias|, s (s = |scale|)
+  const double* code_terms;  // (5,): maxima of s |c|, s |c - tf32(c)|, |bias|, s, |c| (s = |scale|)
   double rel, tiny_d;
   int64_t* flagged;
   int32_t* flagged_count;
 };
 
 // kernels/nearest_code.py's _screening_bound, where the derivation is: per row, a bound on
-// |screening score - 3xTF32 score| that holds for every code.
+// |screening score - 3xTF32 score| that holds for every code, infinite where a score or a
+// product's partial sum may come near float32's range.
 __device__ __forceinline__ double screening_bound(double z_norm, double z_res, const double* code,
                                                   double rel, double tiny_d) {
-  const double u = code[0], v = code[1], bias_max = code[2], scale_max = code[3];
+  const double u = code[0], v = code[1], bias_max = code[2], scale_max = code[3], c_max = code[4];
   const double z_tilde = z_norm + z_res;
   const double bound = z_res * u + z_tilde * v + rel * (z_tilde * (u + v) + bias_max);
-  return (bound + tiny_d * (1 + scale_max)) * 1.0009765625;
+  const double reach = z_tilde * (u + v + c_max) + bias_max;
+  // NaN reach (non-finite inputs) fails the comparison too.
+  return reach < 0x1p126 ? (bound + tiny_d * (1 + scale_max)) * 1.0009765625 : __builtin_huge_val();
 }
 
 // (v, i) replaces (bv, bi): larger score, or the same score at a lower index. Never NaN here:
@@ -653,9 +658,9 @@ __global__ void __launch_bounds__(kReduceThreads)
 // The screening pass's inputs (kernels/nearest_code.py's _tf32_split_reference says why this
 // rounding): one warp per row of x (r, d) float32 writes the row rounded to tf32 (to nearest, ties
 // away from zero; magnitudes below FLT_MIN flush to 0) and, in float64, the norms of the row and
-// of its residual times |scale| to terms (r, 2) (unless null), and raises maxima[0..3] (unless
+// of its residual times |scale| to terms (r, 2) (unless null), and raises maxima[0..4] (unless
 // null: non-negative doubles as bits, whose integer order is theirs, NaN above all) to the maxima
-// of both norms, |bias| and |scale| (1 without one).
+// of both norms, |bias|, |scale| (1 without one) and the unscaled norm.
 __global__ void __launch_bounds__(kSplitThreads)
     tf32_split_kernel(const float* __restrict__ x, const float* __restrict__ scale,
                       const float* __restrict__ bias, int64_t r, int64_t d,
@@ -681,7 +686,8 @@ __global__ void __launch_bounds__(kSplitThreads)
   }
   if (lane != 0) return;
   const double s = scale != nullptr ? fabs(double{scale[row]}) : 1.0;
-  const double norm = sqrt(squares) * s, res = sqrt(res_squares) * s;
+  const double unscaled = sqrt(squares);
+  const double norm = unscaled * s, res = sqrt(res_squares) * s;
   if (terms != nullptr) {
     terms[2 * row] = norm;
     terms[2 * row + 1] = res;
@@ -694,6 +700,7 @@ __global__ void __launch_bounds__(kSplitThreads)
     atomicMax(maxima + 1, bits(res));
     atomicMax(maxima + 2, bits(bias != nullptr ? fabs(double{bias[row]}) : 0.0));
     atomicMax(maxima + 3, bits(s));
+    atomicMax(maxima + 4, bits(unscaled));
   }
 }
 
@@ -904,8 +911,8 @@ cudaError_t plan_screening(int64_t n, int64_t k, int64_t d, DType dtype, bool fa
   sc->z_tf32 = take(nn * dd * sizeof(float));
   sc->c_tf32 = take(kk * dd * sizeof(float));
   sc->z_terms = take(nn * 2 * sizeof(double));
-  sc->maxima = take(4 * sizeof(unsigned long long) + sizeof(int32_t));  // then the count
-  sc->count = sc->maxima + 4 * sizeof(unsigned long long);
+  sc->maxima = take(kCodeTerms * sizeof(unsigned long long) + sizeof(int32_t));  // then the count
+  sc->count = sc->maxima + kCodeTerms * sizeof(unsigned long long);
   sc->rows = take(nn * sizeof(int64_t));
   sc->bytes = end;
   *screens = true;
@@ -916,7 +923,9 @@ cudaError_t launch_screened(const float* z, const float* codebook, const float* 
                             const float* code_bias, int64_t n, int64_t k, int64_t d,
                             int64_t* out_idx, void* workspace, size_t workspace_bytes,
                             const Screening& sc, cudaStream_t stream) {
-  if (workspace == nullptr || workspace_bytes < sc.bytes) return cudaErrorInvalidValue;
+  if (workspace == nullptr || workspace_bytes < sc.bytes || !aligned16(workspace)) {
+    return cudaErrorInvalidValue;
+  }
   const int64_t rows_per_block = kSplitThreads / 32;
   if (ceil_div(std::max(n, k), rows_per_block) > INT32_MAX) return cudaErrorInvalidConfiguration;
   unsigned char* const w = static_cast<unsigned char*>(workspace);
@@ -928,7 +937,7 @@ cudaError_t launch_screened(const float* z, const float* codebook, const float* 
   int64_t* const rows = reinterpret_cast<int64_t*>(w + sc.rows);
 
   cudaError_t err =
-      cudaMemsetAsync(maxima, 0, 4 * sizeof(unsigned long long) + sizeof(int32_t), stream);
+      cudaMemsetAsync(maxima, 0, kCodeTerms * sizeof(unsigned long long) + sizeof(int32_t), stream);
   if (err != cudaSuccess) return err;
   tf32_split_kernel<<<static_cast<unsigned>(ceil_div(n, rows_per_block)), kSplitThreads, 0,
                       stream>>>(z, nullptr, nullptr, n, d, z_tf32, z_terms, nullptr);
@@ -943,7 +952,7 @@ cudaError_t launch_screened(const float* z, const float* codebook, const float* 
   pass.code_terms = reinterpret_cast<const double*>(maxima);
   // kernels/nearest_code.py's _screening_constants.
   pass.rel = (2 * d + 16) * 0x1p-22 + 0x1p-18 + 0x1p-20;
-  pass.tiny_d = (4 * d + 8) * double{kFloatMin};
+  pass.tiny_d = (8 * d + 8) * double{kFloatMin};
   pass.flagged = rows;
   pass.flagged_count = count;
   err = launch_typed<float, float, true>(pass, sc.pass, stream);
@@ -1019,7 +1028,8 @@ cudaError_t launch_nearest_code(const void* z, const void* codebook, const float
   Plan plan;
   err = make_plan(n, k, d, dtype, fast, &plan);
   if (err != cudaSuccess) return err;
-  if (plan.workspace > 0 && (workspace == nullptr || workspace_bytes < plan.workspace)) {
+  if (plan.workspace > 0 &&
+      (workspace == nullptr || workspace_bytes < plan.workspace || !aligned16(workspace))) {
     return cudaErrorInvalidValue;
   }
 

@@ -41,8 +41,9 @@ cudaError_t nearest_code_workspace_bytes(int64_t n, int64_t k, int64_t d, DType 
 //   fast:       float32 inputs multiply in bf16 (fp32 accumulate) instead of 3xTF32; no effect
 //               for bf16 / fp16 inputs, whose products are exact in fp32.
 //   out_idx:    (n,) int64, written for every row.
-//   workspace:  device memory of at least nearest_code_workspace_bytes(...) bytes (may be null
-//               when that is 0), used in stream order only.
+//   workspace:  device memory of at least nearest_code_workspace_bytes(...) bytes, 16-byte
+//               aligned (cudaMalloc and torch's allocator give 256 or more; may be null when
+//               the size is 0), used in stream order only.
 //   screen:     as for nearest_code_workspace_bytes, which must have been given the same.
 cudaError_t launch_nearest_code(const void* z, const void* codebook, const float* code_scale,
                                 const float* code_bias, int64_t n, int64_t k, int64_t d,

@@ -16,6 +16,7 @@ from fastvq.testing import (
     check_nearest,
     random_search_inputs,
     screening_near_ties,
+    screening_overflows,
     screening_rechecks,
 )
 
@@ -415,6 +416,21 @@ def test_triton_screening_rechecks_the_rows_it_cannot_decide(monkeypatch):
 
 
 @pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("d", [2, 24])
+def test_triton_screening_rechecks_rows_whose_scores_may_overflow(d, monkeypatch):
+    import fastvq.kernels.nearest_code as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    for case, args in enumerate(screening_overflows(d)):
+        args = tuple(t if t is None else t.to(device) for t in args)
+        direct = kernels.nearest_code_triton(*args, False, screen=False)
+        assert torch.equal(kernels.nearest_code_triton(*args, False, screen=True), direct), case
+        with monkeypatch.context() as m:  # the screening pass alone errs: the flag decides
+            m.setattr(kernels, "_screen", lambda *a, screen=kernels._screen: screen(*a).zero_())
+            assert not torch.equal(kernels.nearest_code_triton(*args, False, screen=True), direct)
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
 def test_triton_screens_the_large_searches_of_a_gpu(monkeypatch):
     # The choice on an H100 (132 SMs), without one: large exact searches whose row blocks cover
     # the SMs screen; small N K, D < 24 and a small batch over a large codebook do not.
@@ -458,12 +474,16 @@ def test_triton_tf32_split_matches_its_reference(d, poison):
         finite = torch.arange(70) > 4  # maxima over the rows without inf or NaN
         out = _tf32_split(x[finite].to(device), *(t if t is None else t[finite].to(device)
                           for t in (s, b)), maxima=True)  # fmt: skip
+        unscaled = torch.linalg.vector_norm(x[finite], dim=1, dtype=torch.float64).max()
         expect = [norm[finite].max(), res[finite].max(), 0.0 if b is None else b.abs().max(),
-                  1.0 if s is None else s.max()]  # fmt: skip
+                  1.0 if s is None else s.max(), unscaled]  # fmt: skip
         torch.testing.assert_close(out[2].cpu(), torch.tensor(expect, dtype=torch.float64))
-    # NaN in a code reaches the maximum norm, so that every row is rechecked.
+    # NaN in a code reaches the maximum norm, so that every row is rechecked; so does the NaN
+    # residual of a code whose tf32 copy is inf (x[1]) under a scale of 0.
     out = _tf32_split(x.to(device), scale.to(device), bias.to(device), maxima=True)
     assert out[2][0].isnan()
+    out = _tf32_split(x[1:3].to(device), torch.tensor([0.0, 1.0], device=device), maxima=True)
+    assert out[2][1].isnan() and not out[2][0].isnan()
     assert rounded[2, 0] == 1 + 2.0**-10 and rounded[2, 1] == -(1 + 2.0**-9)  # away from zero
     assert rounded[0, 0] == 0 and rounded[1, 0] == float("inf")
 

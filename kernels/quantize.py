@@ -62,12 +62,14 @@ def _quantize_fwd_kernel(
         else:
             e = z * inv_z[:, None] - q * inv_q[:, None]
         e2 = tl.sum(e * e, axis=1)
+        # Below float32's smallest normal e counts as 0 (fastvq.reference.quantize says why).
+        e_ok = e2 >= 1.1754943508222875e-38
         if MODE == 1:
             # z^ = -q^: the rotation is not unique; the row falls back to STE.
-            ok = ok & (e2 > 0)
+            ok = ok & e_ok
             inv_z = tl.where(ok, inv_z, 0.0)
             inv_q = tl.where(ok, inv_q, 0.0)
-        w = tl.where(ok & (e2 > 0), 2.0 / tl.where(e2 > 0, e2, 1.0), 0.0)
+        w = tl.where(ok & e_ok, 2.0 / tl.where(e_ok, e2, 1.0), 0.0)
         scale = tl.where(ok, scale, 1.0)
         out = stats_ptr + rows * 4
         tl.store(out, scale, mask=row_ok)

@@ -565,6 +565,28 @@ def test_quantize(emulated, dtype, grad):
                 _assert_parity(dc.to(dtype), dc_cpu, dc64, f"{what}: dcodebook")
 
 
+@pytest.mark.parametrize("grad", ["rotation", "householder"])
+def test_quantize_nearly_degenerate_rows_fall_back(emulated, grad):
+    # |z^ -+ q^|^2 = 4e-40, below float32's smallest normal: the degenerate fallback (g for
+    # rotation, s g = g for householder), as the CPU kernel and the reference take it; 2 / |e|^2
+    # would overflow to inf and the gradient to NaN. Row 1's |e|^2 is normal: the formula.
+    sign = 1.0 if grad == "householder" else -1.0
+    z = torch.tensor([[1.0, 3e-20, 0.0], [1.0, 3e-17, 0.0]])
+    codebook = torch.tensor([[sign, sign * 1e-20, 0.0]])
+    idx, g = torch.zeros(2, dtype=torch.int64), torch.ones(2, 3)
+    common = (2, 1, 3, KERNEL_DTYPE[torch.float32], GRADS[grad])
+    zq, stats, dz = torch.full_like(z, math.nan), torch.full((2, 4), math.nan), torch.empty_like(z)
+    emulated.run(
+        ("emu_quantize_fwd", z, codebook, idx, *common, zq, stats),
+        ("emu_quantize_bwd", g, z, codebook, idx, stats, *common, dz.fill_(math.nan), None),
+    )
+    assert torch.equal(dz[0], g[0])
+    _, stats_cpu = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, grad)
+    dz_cpu, _ = torch.ops.fastvq.quantize_bwd_cpp(g, z, codebook, idx, stats_cpu, grad, True, False)
+    torch.testing.assert_close(dz, dz_cpu)
+    assert not torch.allclose(dz[1], g[1])
+
+
 # --- ema.cu: launch_ema_atomic / launch_ema_pieces ---------------------------------------------
 
 # Rows per piece in the deterministic plan: few, so that the hot code 0 takes several pieces.

@@ -5,7 +5,8 @@
 // Per row n, z = z[n], q = codebook[idx[n]] upcast to float32, g = dL/dz_q[n]:
 //   forward   z_q[n] = q (bit for bit); rotation / householder also stats[n] = (s, 1/|z|, 1/|q|, w)
 //             with s = |q|/|z|, e = z^ + sigma q^ (sigma = +1 rotation, -1 householder),
-//             w = 2/|e|^2; degenerate rows store (1, 0, 0, 0) (STE), householder e = 0 stores w = 0.
+//             w = 2/|e|^2; degenerate rows store (1, 0, 0, 0) (STE), householder e = 0 stores w = 0
+//             (e = 0: |e|^2 below float32's smallest normal).
 //   backward  dz = s (g - w (e.g) e [+ 2 (q^.g) z^ for rotation]) in z's dtype;
 //             dcodebook[k] = sum of g over rows with idx == k, by code ownership (by_code.h):
 //             no atomics, bit-identical whatever the thread count.
@@ -69,14 +70,16 @@ inline void row_stats(const float* z, const float* q, float* e, int64_t D, int m
   const float sign = mode == kRotation ? 1.f : -1.f;
   for (int64_t d = 0; d < D; ++d) e[d] = z[d] * inv_z + sign * (q[d] * inv_q);
   const float e2 = dot(e, e, D);
-  if (mode == kRotation && !(e2 > 0.f)) {
+  // Below float32's smallest normal e counts as 0 (fastvq/reference/quantize.py says why).
+  const bool e_ok = e2 >= std::numeric_limits<float>::min();
+  if (mode == kRotation && !e_ok) {
     ok = false;  // z^ = -q^: the rotation is not unique; the row falls back to STE
     inv_z = inv_q = 0.f;
   }
   out[0] = ok ? scale : 1.f;
   out[1] = inv_z;
   out[2] = inv_q;
-  out[3] = ok && e2 > 0.f ? 2.f / e2 : 0.f;
+  out[3] = ok && e_ok ? 2.f / e2 : 0.f;
 }
 
 // dz = s (g - w (e.g) e [+ 2 (q^.g) z^]) for one row; buf holds 2 D floats of scratch.

@@ -76,11 +76,13 @@ __device__ __forceinline__ Stats row_stats(float zz, float qq, bool rotation, co
   float inv_z = ok ? 1.f / nz : 0.f;
   float inv_q = ok ? 1.f / nq : 0.f;
   const float e2 = e2_of(inv_z, inv_q);
-  if (rotation && !(e2 > 0.f)) {
+  // Below float32's smallest normal e counts as 0 (fastvq/reference/quantize.py says why).
+  const bool e_ok = e2 >= 1.17549435e-38f;
+  if (rotation && !e_ok) {
     ok = false;  // z^ = -q^: the rotation is not unique; the row falls back to STE
     inv_z = inv_q = 0.f;
   }
-  return {ok ? scale : 1.f, inv_z, inv_q, ok && e2 > 0.f ? 2.f / e2 : 0.f};
+  return {ok ? scale : 1.f, inv_z, inv_q, ok && e_ok ? 2.f / e2 : 0.f};
 }
 
 // The row index of this lane's group in the grid-stride loop below, and whether it is a row.

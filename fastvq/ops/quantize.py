@@ -38,10 +38,11 @@ def _stats_torch(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tensor:
     inv_q = torch.where(ok, nq.reciprocal(), 0)
     sign = 1.0 if grad == "rotation" else -1.0
     e2 = (zf * inv_z[:, None] + sign * (qf * inv_q[:, None])).square().sum(1)
+    e_ok = e2 >= torch.finfo(acc).tiny  # else e = 0 (fastvq.reference.quantize says why)
     if grad == "rotation":
-        ok = ok & (e2 > 0)  # z^ = -q^: no unique rotation, STE
+        ok = ok & e_ok  # z^ = -q^: no unique rotation, STE
         inv_z, inv_q = torch.where(ok, inv_z, 0), torch.where(ok, inv_q, 0)
-    w = torch.where(ok & (e2 > 0), 2 / e2, 0)
+    w = torch.where(ok & e_ok, 2 / e2, 0)
     return torch.stack([torch.where(ok, scale, 1), inv_z, inv_q, w], dim=1)
 
 
@@ -232,11 +233,12 @@ def quantize(
                            paper leaves v's normalization open; normalizing z and q first is the
                            reading under which s H z = q, i.e. the transform maps z onto its
                            code as the rotation trick's does. H is a reflection (det -1).
-    Degenerate rows get a defined, finite gradient (checks are exact, "== 0" in float32, or
-    float64 for float64 inputs): z = 0, q = 0, or |z| or s overflowing -> STE (g); rotation with
-    z^ = -q^ (no unique rotation) -> STE; householder with z^ = q^ -> H = I, s g (what the
-    rotation trick gives there). Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to
-    rounding. Once differentiable (no double backward through rotation / householder).
+    Degenerate rows get a defined, finite gradient (checks in float32, or float64 for float64
+    inputs): z = 0, q = 0, or |z| or s overflowing -> STE (g); rotation with z^ = -q^ (no unique
+    rotation) -> STE; householder with z^ = q^ -> H = I, s g (what the rotation trick gives
+    there), where z^ = -+q^ means |z^ +- q^|^2 below the smallest normal of that arithmetic.
+    Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to rounding. Once differentiable
+    (no double backward through rotation / householder).
 
     Codebook gradient (when codebook.requires_grad): dL/dC[k] = sum of g over rows with index k, for
     every estimator, accumulated by scatter in O(K D) memory (float32 atomics on Triton, so

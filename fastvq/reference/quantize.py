@@ -12,10 +12,13 @@ with s = |q| / |z|, z^ = z / |z|, q^ = q / |q| and
     H = I - 2 v v^T,             v = (z^ - q^) / |z^ - q^|     (rotated VQ-VAE, Householder form)
 Both map z^ to q^, so s R z = s H z = q. Degenerate rows, where these are undefined:
     z = 0, q = 0 (or |z|, s not finite in the dtype)      -> s = 1, R = H = I (plain STE)
-    rotation, z^ = -q^ (z^ + q^ == 0)                     -> s = 1, R = I (plain STE)
-    householder, z^ = q^ (z^ - q^ == 0)                   -> H = I, s kept: s * g, which is what
+    rotation, z^ = -q^ (|z^ + q^| < 2^-63)                -> s = 1, R = I (plain STE)
+    householder, z^ = q^ (|z^ - q^| < 2^-63)              -> H = I, s kept: s * g, which is what
                                                             the rotation trick gives there
-The tests ("== 0" on the computed vectors) are exact, so only exactly degenerate rows fall back.
+The first tests are exact ("== 0", "not finite"). The others take z^ -+ q^ as 0 where its
+squared norm is below float32's smallest normal (2^-126; float64's, 2^-1022, for float64), where
+the kernels' float32 sums of squares underflow (or flush to 0 on GPUs): a direction that small
+is rounding noise, and 2 / |e|^2 would overflow.
 
 These build an (N, D, D) tensor: test oracles for small shapes, never a training path.
 """
@@ -46,16 +49,19 @@ def estimator_matrix(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tenso
     ok = (nz > 0) & (nq > 0) & nz.isfinite() & scale.isfinite()
     zh = torch.where(ok, z / nz, 0)
     qh = torch.where(ok, q / nq, 0)
+    # |e|^2 below the smallest normal of the kernels' arithmetic: e = 0 (compared in float64,
+    # where this bound does not round to 0 as in float16)
+    smallest = torch.finfo(torch.float64 if z.dtype == torch.float64 else torch.float32).tiny ** 0.5
     if grad == "rotation":
         e = zh + qh
         ne = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-        ok = ok & (ne > 0)
+        ok = ok & (ne.double() >= smallest)
         r = torch.where(ok, e / ne, 0)
         mat = eye - 2 * r[:, :, None] * r[:, None, :] + 2 * qh[:, :, None] * zh[:, None, :]
     else:
         e = zh - qh
         ne = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-        v = torch.where(ne > 0, e / ne, 0)  # z^ = q^: v = 0, H = I, the scale stays
+        v = torch.where(ne.double() >= smallest, e / ne, 0)  # z^ = q^: v = 0, H = I, scale stays
         mat = eye - 2 * v[:, :, None] * v[:, None, :]
     scale = torch.where(ok, scale, 1)
     mat = torch.where(ok[:, :, None], mat, eye)

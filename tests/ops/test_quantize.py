@@ -191,6 +191,30 @@ def test_degenerate_rows(case, grad, dtype):
         torch.testing.assert_close(dz, g[:1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "case, dtype",
+    [pytest.param(c.values[0], torch.float32, id=f"{c.id}-float32", marks=c.marks) for c in CASES]
+    + [pytest.param(("cpu", "torch"), torch.float64, id="cpu-torch-float64")],
+)
+@pytest.mark.parametrize("grad", ["rotation", "householder"])
+def test_nearly_degenerate_rows_fall_back(case, grad, dtype):
+    # z^ -+ q^ nonzero but with a squared norm below the smallest normal (2 / |e|^2 would overflow,
+    # and a GPU flushes it to 0): the row takes its degenerate fallback, g for rotation (STE) and
+    # s g for householder (H = I), as the reference does; rows of a normal |e|^2 keep the formula.
+    device, backend = case
+    t = torch.finfo(dtype).tiny ** 0.5 / 4  # |e| = 2t / 3: |e|^2 about tiny / 36
+    sign = 1.0 if grad == "householder" else -1.0
+    z = torch.tensor([[1.0, t], [1.0, 1e3 * t]], dtype=dtype, device=device, requires_grad=True)
+    code = torch.tensor([[sign, sign * t / 3]], dtype=dtype, device=device)
+    g = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=dtype, device=device)
+    z_q, idx = _run(case, z, code, grad=grad)
+    (dz,) = _grads(z_q, (z,), g)
+    torch.testing.assert_close(dz[0], g[0], rtol=0, atol=0)
+    ref = _reference_grads(z, code, idx, g, grad, dtype)
+    torch.testing.assert_close(dz.to(ref[1].dtype).cpu(), ref[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dz[1], g[1]), "a row of normal |e|^2 keeps its reflection"
+
+
 @pytest.mark.parametrize("grad", ["rotation", "householder"])
 def test_estimators_rotate_onto_the_code(grad):
     # Properties of the estimators that do not go through the reference: R and H are orthogonal

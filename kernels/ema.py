@@ -123,6 +123,7 @@ def _ema_piece_kernel(
         row = tl.load(order_ptr + pos, mask=ok, other=0)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + row, mask=ok, other=0.0)
+            ok = ok & (w != 0.0)  # padding rows add nothing, whatever they hold (0 * NaN is NaN)
         else:
             w = ok.to(tl.float32)
         x = tl.load(

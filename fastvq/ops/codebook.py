@@ -247,7 +247,9 @@ def _stats_torch(stats, z, idx, w, deterministic: bool) -> None:
         sel = order[start : start + rows] if deterministic else slice(start, start + rows)
         src = z[sel].to(stats.dtype)
         wc = w[sel] if w is not None else torch.ones_like(src[:, 0])
-        src = torch.cat([src * wc[:, None] if w is not None else src, wc[:, None]], dim=1)
+        if w is not None:  # rows of weight 0 (padding) add nothing, whatever they hold: not 0 * NaN
+            src = torch.where(wc[:, None] != 0, src * wc[:, None], 0)
+        src = torch.cat([src, wc[:, None]], dim=1)
         if deterministic:
             chunk = codes[start : start + rows]
             lengths = torch.zeros(k, dtype=torch.int64, device=z.device)

@@ -6,6 +6,7 @@ reference in float32 setting the scale of float32 rounding.
 """
 
 import importlib.util
+import math
 import os
 
 import pytest
@@ -237,6 +238,7 @@ def test_ema_update_mask_equals_dropping_rows(case, deterministic):
     device, backend = case
     cs, es, z, idx, mask = _ema_inputs(150, 9, 17, torch.float32, device, 5, "mask")
     idx[~mask] = 0  # padding rows often carry an arbitrary code: it must not matter
+    z[~mask] = torch.tensor([math.nan, math.inf], device=device).repeat(9)[:17]  # nor their values
     a, b = cs.clone(), es.clone()
     ema_update_(a, b, z, idx, 0.5, weight=mask, deterministic=deterministic, backend=backend)
     a2, b2 = cs.clone(), es.clone()

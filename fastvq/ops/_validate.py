@@ -32,8 +32,9 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_finite(**tensors: torch.Tensor) -> None:
+def check_finite(skippable: bool = True, **tensors: torch.Tensor) -> None:
     """Raise ValueError naming the first tensor with NaN or Inf; one host sync for all of them.
+    skippable: the op takes check_inputs_finite, and the message says so.
 
     Skipped while torch.compile traces (a data-dependent branch would break the graph).
     """
@@ -42,6 +43,5 @@ def check_finite(**tensors: torch.Tensor) -> None:
     flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
     for (name, _), ok in zip(tensors.items(), flags, strict=True):
         if not ok:
-            raise ValueError(
-                f"{name} contains NaN or Inf; pass check_inputs_finite=False to skip this check"
-            )
+            hint = "; pass check_inputs_finite=False to skip this check" if skippable else ""
+            raise ValueError(f"{name} contains NaN or Inf{hint}")

@@ -596,7 +596,8 @@ def _kmeanspp(x: torch.Tensor, k: int, generator, backend: str) -> torch.Tensor:
 
 
 def _far_rows(x: torch.Tensor, dist: torch.Tensor, m: int, group) -> torch.Tensor:
-    """The m rows of x with the largest dist, largest first; over the whole group if given."""
+    """The m rows of x with the largest dist, largest first; over the whole group if given.
+    Fewer where x (the group) has fewer than m rows."""
     vals, rows = dist.topk(min(m, dist.shape[0]))
     cand = x[rows]
     if group is None:
@@ -611,7 +612,8 @@ def _far_rows(x: torch.Tensor, dist: torch.Tensor, m: int, group) -> torch.Tenso
     all_cand = [torch.empty_like(cand) for _ in range(world)]
     dist_.all_gather(all_vals, vals, group=group)
     dist_.all_gather(all_cand, cand, group=group)
-    return torch.cat(all_cand)[torch.cat(all_vals).topk(m).indices]
+    vals, best = torch.cat(all_vals).topk(m)
+    return torch.cat(all_cand)[best[vals > -torch.inf]]
 
 
 def kmeans(
@@ -671,7 +673,7 @@ def kmeans(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scatter = _stats_backend(backend, x.device, acc == torch.float64, strict=False)
     xs = x.detach().reshape(-1, d).to(acc).contiguous()
-    check_finite(x=xs)
+    check_finite(skippable=False, x=xs)
     if metric == "cosine":
         xs = F.normalize(xs, dim=-1)
 
@@ -729,7 +731,9 @@ def kmeans(
         new = torch.where(empty[:, None], centroids, new)
         m = int(empty.sum())
         if m:
-            new[empty] = _far_rows(xs, dist, m, group)
+            # With more empty clusters than rows (a tensor init), the rest keep their centroid.
+            far = _far_rows(xs, dist, m, group)
+            new[empty.nonzero().flatten()[: far.shape[0]]] = far
         centroids = new
     if not return_inertia:
         return centroids

@@ -527,6 +527,18 @@ def test_kmeans_reproducible_low_precision_and_distinct_random_init():
     assert bool((init[:, None, :] == x.float()[None]).all(-1).any(1).all())  # rows of x
 
 
+def test_kmeans_more_empty_clusters_than_rows():
+    # An init of 8 centroids for 5 rows, 7 of them far from every row: the rows reseed the 5
+    # emptiest clusters' slots (farthest rows first) and the other 2 keep their centroid.
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(19))
+    init = torch.full((8, 3), 100.0)
+    init[0] = 0
+    out = kmeans(x, 8, iters=1, init=init)
+    assert bool((out[:1] != 100).all())
+    reseeded = (out[1:, None, :] == x[None]).all(-1).any(1)
+    assert int(reseeded.sum()) == 5 and bool((out[1:][~reseeded] == 100).all())
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -540,6 +552,7 @@ def test_kmeans_reproducible_low_precision_and_distinct_random_init():
         (dict(x=torch.randn(8)), ValueError, "x must have shape"),
         (dict(x=torch.ones(20, 8, dtype=torch.int64)), TypeError, "x must be float32"),
         (dict(backend="jax"), ValueError, "backend must be one of"),
+        (dict(x=torch.full((20, 8), math.nan)), ValueError, "x contains NaN or Inf$"),
     ],
 )
 def test_kmeans_bad_input(kwargs, error, match):

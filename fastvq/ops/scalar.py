@@ -155,6 +155,7 @@ def _fsq_fwd_torch(z, levels):
     shift, half_l, offset, half_width, top, _ = params
     r = torch.round(torch.tanh(z.to(params.dtype) + shift) * half_l - offset)
     r = torch.minimum(torch.maximum(torch.nan_to_num(r, nan=0.0), -half_width), top)
+    r = torch.where(r == 0, 0.0, r)  # +0 for the level 0, as the kernels and fsq_codes give
     indices = ((r + half_width).to(torch.int64) * basis).sum(1)
     return (r / half_width).to(z.dtype), indices
 

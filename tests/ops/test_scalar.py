@@ -188,6 +188,8 @@ def test_fsq_level_grids_and_edges(case):
         # Monotone in z, and b(0) = 0 exactly for odd and even L.
         assert bool((idx.diff() >= 0).all())
         assert fsq(torch.zeros(1, 1, device=device), [level], backend=backend)[0].item() == 0
+        # The level 0 is +0 from either side, as fsq_codes gives it (torch.equal hides -0).
+        assert not bool(codes[codes == 0].signbit().any()), level
     # A NaN component gets level 0 on every backend; the other dimensions are unaffected.
     zn = torch.tensor([[float("nan"), 3.0], [0.2, float("nan")]], device=device)
     codes, idx = fsq(zn, [5, 4], backend=backend)

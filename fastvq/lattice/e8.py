@@ -98,7 +98,10 @@ def e8_nearest(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
     Rows with NaN or Inf are rounded coordinate by coordinate (torch.round: ties to even, no
     parity fix; NaN and Inf kept), not a lattice point. Half inputs widen exactly; the point is
-    rounded back to x's dtype (to nearest even) at the end.
+    rounded back to x's dtype (to nearest even) at the end, so it is the lattice point only
+    where that dtype holds it: every coordinate within 2^8 for bfloat16, 2^11 for float16 (the
+    integers they represent). Beyond, the parity fix may move a coordinate to an odd integer
+    the dtype rounds away ([258, 1, 0, ...] in bfloat16 comes back as [260, 1, 0, ...]).
 
     Gradient: zero (the output is piecewise constant in x), as autograd through torch.round gave.
     """

@@ -69,9 +69,13 @@ def _rows_and_cols(N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _inv_norm(x):
-    """1 / |row| per row of a float32 tile, 0 where the norm is 0 (inf norms give 0 too)."""
-    norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-    return tl.where(norm > 0, 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+    """1 / |row| per row of a float32 tile (fastvq.ops.scalar._inv_norm's rule): the norm in
+    float64, where float32 squares neither underflow nor overflow; 0 where the norm is 0 or
+    its inverse exceeds float32 (a zero row; inf norms give 0 too)."""
+    x64 = x.to(tl.float64)
+    norm = tl.sqrt(tl.sum(x64 * x64, axis=1))
+    inv = 1.0 / tl.where(norm > 0, norm, 1.0)
+    return tl.where((norm > 0) & (inv <= 3.4028234663852886e38), inv, 0.0).to(tl.float32)
 
 
 # --- FSQ ---------------------------------------------------------------------------------------

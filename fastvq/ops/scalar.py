@@ -314,8 +314,12 @@ def _(z, impl):
 
 
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return torch.where(norm > 0, 1 / norm, 0)
+    """1 / |row| (N, 1) in x's dtype, the norm in float64: float32 squares of rows from 1e-19
+    (subnormal, or flushed) to 1e19 (overflowing) would turn them into zero rows. 0 where the
+    norm is 0 or its inverse exceeds x's dtype (a zero row; inf norms give 0 too)."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
+    inv = (1 / norm).to(x.dtype)
+    return torch.where((norm > 0) & inv.isfinite(), inv, 0)
 
 
 @torch.library.custom_op("fastvq::bsq_bwd", mutates_args=())

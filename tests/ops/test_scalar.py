@@ -257,6 +257,29 @@ def test_bsq_parity(case, dtype, poison):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_bsq_is_scale_invariant_over_float32s_range(case):
+    # z / |z| for rows from 2^-70 (float32 squares subnormal, or flushed) to 2^70 (squares
+    # overflow): the codes, indices and entropies of the unscaled rows, the gradient / scale.
+    device, backend = case
+    z = _randn((5, 8), torch.float32, device, 61, 1.0)
+    g = _randn((5, 8), torch.float32, device, 62, 1.0)
+
+    def run(x):
+        x = x.clone().requires_grad_()
+        codes, idx = bsq(x, backend=backend)
+        ps, cb = binary_entropy_loss(x, inv_temperature=10.0, quantizer="bsq", backend=backend)
+        (dz,) = torch.autograd.grad((codes * g).sum() + ps - cb, x)
+        return codes, idx, torch.stack([ps, cb]), dz
+
+    codes, idx, entropies, dz = run(z)
+    for scale in (2.0**-70, 2.0**70):
+        s_codes, s_idx, s_entropies, s_dz = run(z * scale)
+        assert torch.equal(s_codes, codes) and torch.equal(s_idx, idx), scale
+        torch.testing.assert_close(s_entropies, entropies, rtol=1e-5, atol=0)
+        torch.testing.assert_close(s_dz * scale, dz, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_sign_edge_values(case):
     device, backend = case
     inf, nan = float("inf"), float("nan")

@@ -569,10 +569,17 @@ class LatentQuantize(nn.Module):
     evenly in [-0.5, 0.5] with 0 in the middle), straight-through. forward(z) ->
     (quantized, indices, loss). z is channel-first, (b, dim, *spatial) (also for 3-D input,
     as the peer); indices (b, *spatial) int64 (with a trailing num_codebooks dimension when
-    keep_num_codebooks_dim); loss = commitment_loss_weight * mse(z.detach(), out) +
-    quantization_loss_weight * mse(out.detach(), z) in training, 0 in eval.
+    keep_num_codebooks_dim); in training loss = commitment_loss_weight * mse(z, sg(q)) +
+    quantization_loss_weight * mse(sg(z), q), the paper's two terms, with z the latents (after
+    project_in) and q their values: the first pulls the latents toward their codes, the second
+    the values toward the latents that chose them, which is how the values are learned. 0 in
+    eval.
 
     Differences from the peer (documented, tested):
+      - the losses: the peer takes both as mse(input, out) through the straight-through
+        estimator, so the values get no gradient at all, and with equal weights (the defaults)
+        the two terms' gradients on z cancel exactly. Without projections the loss's value is
+        the peer's.
       - indices are the argmin positions (mixed radix) themselves; the peer re-derives them from
         the code values assuming the initial grid and truncates with int32, so its indices are
         wrong once the values have been learned (and can be off by one from float error).
@@ -641,8 +648,9 @@ class LatentQuantize(nn.Module):
             return self.values_per_latent[i]
         return getattr(self, f"_values_{i}")
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (..., codebook_dim) -> (codes with straight-through gradient, indices (...))."""
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (..., codebook_dim) -> (codes with straight-through gradient, indices (...), the
+        codes with their gradient to the values only)."""
         digits, codes = [], []
         for i in range(self.codebook_dim):
             values = self._values(i)
@@ -651,23 +659,22 @@ class LatentQuantize(nn.Module):
             digits.append(idx)
             codes.append(values[idx])
         q = torch.stack(codes, -1).to(z.dtype)
-        return z + (q - z).detach(), _mixed_radix(torch.stack(digits, -1), self.levels)
+        return z + (q - z).detach(), _mixed_radix(torch.stack(digits, -1), self.levels), q
 
     def forward(self, z: torch.Tensor):
-        original = z
         z, spatial = to_channel_last(z, True)
         check_input("z", z, self.dim)
         z = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))
-        codes, indices = self.quantize(z)
+        codes, indices, q = self.quantize(z)
         out = from_channel_last(self.project_out(codes.flatten(-2)), spatial)
         indices = from_channel_last(indices, spatial, channel_first=False)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
         loss = out.new_zeros(())
         if self.training and self.commitment_loss_weight:
-            loss = loss + self.commitment_loss_weight * mse(original.detach(), out)
+            loss = loss + self.commitment_loss_weight * mse(z, q.detach())
         if self.training and self.quantization_loss_weight:
-            loss = loss + self.quantization_loss_weight * mse(out.detach(), original)
+            loss = loss + self.quantization_loss_weight * mse(z.detach(), q)
         return out, indices, loss
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:

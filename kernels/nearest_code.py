@@ -614,19 +614,39 @@ def _split_codebook(
 
 
 def _check_launch(z, codebook, code_scale, code_bias) -> None:
-    """Asserts the launchers' contract; the op layer has raised clear errors before."""
-    n, d = z.shape
-    num_codes = codebook.shape[0]
+    """The launchers' contract, raised as ValueError / TypeError (never asserts, which python -O
+    strips): they are reachable past fastvq.nearest_code's checks, as the custom ops
+    torch.ops.fastvq.nearest_code_triton and nearest_code_topk_triton."""
+    if z.dim() != 2 or codebook.dim() != 2:
+        raise ValueError(
+            f"z and codebook must be (N, D) and (K, D), got {tuple(z.shape)} and "
+            f"{tuple(codebook.shape)}"
+        )
+    d, num_codes = z.shape[1], codebook.shape[0]
+    if codebook.shape[1] != d or not 1 <= d <= 1024:
+        raise ValueError(
+            f"z's D ({d}) and codebook's ({codebook.shape[1]}) must be one D in 1..1024"
+        )
     # int32 code indices in the kernels; the margin keeps k0 + BLOCK_K from wrapping.
-    assert codebook.shape == (num_codes, d) and 1 <= num_codes <= 2**31 - 2**16, (
-        "codebook must be (K, D), K >= 1"
-    )
-    assert z.dtype == codebook.dtype, "z and codebook must share a dtype"
-    assert z.is_contiguous() and codebook.is_contiguous(), "z and codebook must be contiguous"
+    if not 1 <= num_codes <= 2**31 - 2**16:
+        raise ValueError(f"K must be between 1 and 2^31 - 2^16, got {num_codes}")
+    if z.dtype != codebook.dtype or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"z and codebook must share one of float32, bfloat16, float16, got {z.dtype} and "
+            f"{codebook.dtype}"
+        )
+    if codebook.device != z.device or not (z.is_contiguous() and codebook.is_contiguous()):
+        raise ValueError("z and codebook must be contiguous and on one device")
     for name, t in (("code_scale", code_scale), ("code_bias", code_bias)):
-        assert t is None or (
-            t.shape == (num_codes,) and t.dtype == torch.float32 and t.is_contiguous()
-        ), f"{name} must be a contiguous float32 (K,) tensor or None"
+        if t is not None and not (
+            t.shape == (num_codes,)
+            and t.dtype == torch.float32
+            and t.is_contiguous()
+            and t.device == z.device
+        ):
+            raise ValueError(
+                f"{name} must be None or a contiguous float32 ({num_codes},) on z's device"
+            )
 
 
 def _precision(z: torch.Tensor, fast: bool) -> int:

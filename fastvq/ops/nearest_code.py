@@ -10,7 +10,7 @@ import torch
 from fastvq import _ext
 from fastvq.ops._backends import check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_finite, check_floating, check_int
-from fastvq.reference import METRICS, code_terms, topk_scores
+from fastvq.reference import METRICS, code_terms, inv_norm, topk_scores
 
 PRECISIONS = ("exact", "fast")
 MAX_DIM = 1024
@@ -82,7 +82,8 @@ def _score_chunks(z, codebook, code_scale, code_bias, fast, elements):
     score in float64)."""
     # The reference recomputes (scale, bias) from the metric; here they are given, so score chunks
     # directly. fast on CUDA: bf16 matmul, the precision users get from autocast.
-    compute = torch.bfloat16 if fast and z.is_cuda else torch.promote_types(z.dtype, torch.float32)
+    fast = fast and z.is_cuda and z.dtype == torch.float32  # as the kernels: float32 inputs only
+    compute = torch.bfloat16 if fast else torch.promote_types(z.dtype, torch.float32)
     zc, cc = z.to(compute), codebook.to(compute)
     rows = max(1, elements // codebook.shape[0])
     for start in range(0, z.shape[0], rows):
@@ -229,8 +230,8 @@ def code_values(z, codebook, indices, metric):
     zf, cf = z.to(acc), codebook.to(acc)[indices]
     if metric == "l2":
         return (zf - cf).square().sum(-1)
-    dot = (zf * cf).sum(-1)
     if metric == "dot":
-        return dot
-    norms = torch.linalg.vector_norm(zf, dim=-1) * torch.linalg.vector_norm(cf, dim=-1)
-    return torch.where(norms > 0, dot / norms, torch.zeros_like(dot))
+        return (zf * cf).sum(-1)
+    # Normalized first: no overflow in the product, and 0 with a zero gradient for zero rows and
+    # codes (a division by their norms would give NaN gradients there).
+    return ((zf * inv_norm(zf)) * (cf * inv_norm(cf))).sum(-1)

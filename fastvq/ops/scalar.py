@@ -24,6 +24,7 @@ import torch
 from fastvq import _ext
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import FLOATING, check_choice, check_floating, check_tensor
+from fastvq.reference.nearest_code import inv_norm
 from fastvq.reference.scalar import FSQ_EPS
 
 SCALAR_BACKENDS = ("auto", "triton", "cpu", "torch")
@@ -313,15 +314,6 @@ def _(z, impl):
     return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
-def _inv_norm(x: torch.Tensor) -> torch.Tensor:
-    """1 / |row| (N, 1) in x's dtype, the norm in float64: float32 squares of rows from 1e-19
-    (subnormal, or flushed) to 1e19 (overflowing) would turn them into zero rows. 0 where the
-    norm is 0 or its inverse exceeds x's dtype (a zero row; inf norms give 0 too)."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
-    inv = (1 / norm).to(x.dtype)
-    return torch.where((norm > 0) & inv.isfinite(), inv, 0)
-
-
 @torch.library.custom_op("fastvq::bsq_bwd", mutates_args=())
 def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, impl: str) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype: g pulled back through u = z / |z| (0 for a zero row)."""
@@ -333,7 +325,7 @@ def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, impl: str) -> torch.Tensor:
         return bsq_bwd(g.contiguous(), z.contiguous())
     acc = _acc(z.dtype)
     x, gf = z.to(acc), g.to(acc)
-    inv = _inv_norm(x)
+    inv = inv_norm(x)
     u = x * inv
     return ((gf - u * (u * gf).sum(1, keepdim=True)) * inv).to(z.dtype)
 
@@ -432,7 +424,7 @@ def bsq_codes(indices: torch.Tensor, d: int, *, dtype: torch.dtype = torch.float
 def _logits(z, coef, spherical):
     """(x, 1/|z| or None, a = coef * x) in float32 / float64, x = z or z / |z|."""
     x = z.to(_acc(z.dtype))
-    inv = _inv_norm(x) if spherical else None
+    inv = inv_norm(x) if spherical else None
     if spherical:
         x = x * inv
     return x, inv, coef * x

@@ -4,6 +4,7 @@ and as the `backend="torch"` fallback."""
 from fastvq.reference.nearest_code import (
     METRICS,
     code_terms,
+    inv_norm,
     nearest_code,
     nearest_code_scores,
     nearest_code_topk,
@@ -13,6 +14,7 @@ from fastvq.reference.nearest_code import (
 __all__ = [
     "METRICS",
     "code_terms",
+    "inv_norm",
     "nearest_code",
     "nearest_code_scores",
     "nearest_code_topk",

@@ -6,7 +6,8 @@ Every metric reduces to one maximisation, which is the contract every kernel imp
 
     l2      scale = 1,          bias = -||c||^2 / 2   (||z-c||^2 = ||z||^2 - 2 (z.c - ||c||^2 / 2))
     dot     scale = 1,          bias = 0              (maximum inner product)
-    cosine  scale = 1 / ||c||,  bias = 0              (||z|| is constant per row; zero codes: 0)
+    cosine  scale = 1 / ||c||,  bias = 0              (||z|| is constant per row; zero codes: 0,
+                                                       see inv_norm)
 """
 
 import torch
@@ -17,6 +18,16 @@ METRICS = ("l2", "cosine", "dot")
 _CHUNK_ELEMENTS = 1 << 26
 # Top-k also holds an int64 cumsum of the chunk: 2^24 elements keep it at 128 MiB.
 _TOPK_CHUNK_ELEMENTS = 1 << 24
+
+
+def inv_norm(x: torch.Tensor) -> torch.Tensor:
+    """1 / |x| over the last dimension (kept), in x's dtype and differentiable. The norm is taken
+    in float64, where float32 squares neither underflow nor overflow (in float32, rows beyond
+    1e-19 to 1e19 would lose their norm); 0 where it is 0 or its inverse exceeds x's dtype,
+    which makes the row a zero row (and an inf norm gives 0 too). No NaN in the backward."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64)
+    ok = (norm > 0) & (1 / norm).to(x.dtype).isfinite()
+    return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(x.dtype)
 
 
 def code_terms(
@@ -32,8 +43,7 @@ def code_terms(
         # between codes of equal score and different norm (integer-valued codebooks).
         return None, codebook.to(acc).square().sum(-1).mul_(-0.5)
     if metric == "cosine":
-        norm = torch.linalg.vector_norm(codebook, dim=-1, dtype=acc)
-        return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)), None
+        return inv_norm(codebook.to(acc)).squeeze(-1), None
     if metric == "dot":
         return None, None
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from fastvq.reference.nearest_code import inv_norm
+
 FSQ_EPS = 1e-3
 
 
@@ -96,21 +98,12 @@ def lfq_codes(indices: torch.Tensor, d: int, dtype=torch.float32) -> torch.Tenso
     return (2 * _bits(indices, d) - 1).to(dtype)
 
 
-def _inv_norm(z: torch.Tensor) -> torch.Tensor:
-    """1 / |z| over the last dim in z's dtype, differentiable, the norm in float64 (float32
-    squares would underflow or overflow for rows beyond 1e-19 to 1e19); 0 where the norm is 0
-    or its inverse exceeds the dtype: a zero row."""
-    norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=torch.float64)
-    ok = (norm > 0) & (1 / norm).to(z.dtype).isfinite()
-    return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(z.dtype)
-
-
 def bsq(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BSQ codes (..., d) = sign(z / |z|) / sqrt(d) (a zero row: all +1/sqrt(d)) and LFQ's indices.
 
     Straight through to u = z / |z| (u = 0 and no gradient for a zero row).
     """
-    u = z * _inv_norm(z)
+    u = z * inv_norm(z)
     scale = torch.tensor(
         1 / math.sqrt(z.shape[-1]), dtype=torch.promote_types(z.dtype, torch.float32)
     )
@@ -128,7 +121,7 @@ def _binary_inputs(z: torch.Tensor, quantizer: str) -> tuple[torch.Tensor, float
     """(x, s): the vector that is quantized (z, or z / |z| for BSQ) and the code magnitude."""
     if quantizer == "lfq":
         return z, 1.0
-    return z * _inv_norm(z), 1 / math.sqrt(z.shape[-1])
+    return z * inv_norm(z), 1 / math.sqrt(z.shape[-1])
 
 
 def binary_entropy_loss(

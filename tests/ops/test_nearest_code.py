@@ -158,6 +158,59 @@ def test_distance_is_differentiable():
     torch.testing.assert_close(codebook.grad, expected)
 
 
+def test_cosine_distance_gradient_is_finite_at_zero_rows_and_codes():
+    # A zero row, and a row whose best code is the zero code (every other cosine is negative):
+    # cosine 0 with a zero gradient, and the codebook's gradient stays finite.
+    z = torch.tensor([[0.0, 0.0], [-1.0, -1.0], [1.0, 2.0]], requires_grad=True)
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    idx, cos = fastvq.nearest_code(z, codebook, metric="cosine", return_distance=True)
+    assert idx.tolist() == [0, 0, 2] and cos[:2].tolist() == [0.0, 0.0]
+    cos.sum().backward()
+    assert bool(z.grad.isfinite().all()) and bool(codebook.grad.isfinite().all())
+    assert z.grad[:2].abs().sum() == 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cosine_is_scale_invariant_over_float32s_range(case):
+    # Rows and codes from 2^-80 (float32 squares underflow) to 2^70 (they overflow): the indices
+    # and cosines of the unscaled search; a code is a zero code only when it is 0.
+    device, backend = case
+    z, codebook = random_search_inputs(40, 30, 8, torch.float32, device, 12)
+    idx, cos = fastvq.nearest_code(
+        z, codebook, metric="cosine", backend=backend, return_distance=True
+    )
+    for z_scale, c_scale in [(1.0, 2.0**70), (1.0, 2.0**-80), (2.0**70, 1.0), (2.0**-80, 1.0)]:
+        got, got_cos = fastvq.nearest_code(
+            z * z_scale, codebook * c_scale, metric="cosine", backend=backend,
+            return_distance=True,
+        )  # fmt: skip
+        assert torch.equal(got, idx), (z_scale, c_scale)
+        torch.testing.assert_close(got_cos, cos, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (lambda z, c, b: (z[0], c, None, b), ValueError, r"must be \(N, D\) and \(K, D\)"),
+        (lambda z, c, b: (z, c[:, :3], None, b), ValueError, "must be one D in 1..1024"),
+        (lambda z, c, b: (z, c.half(), None, b), TypeError, "must share one of float32"),
+        (lambda z, c, b: (z.double(), c.double(), None, b), TypeError, "must share one of"),
+        (lambda z, c, b: (z.t().contiguous().t(), c, None, b), ValueError, "contiguous"),
+        (lambda z, c, b: (z, c, None, b[:-1]), ValueError, r"code_bias must be None or .*\(9,\)"),
+        (lambda z, c, b: (z, c, b.double(), None), ValueError, "code_scale must be None or"),
+    ],
+)
+def test_triton_ops_reject_bad_input(args, error, match):
+    # The custom ops are public (README: screen=False), past fastvq.nearest_code's checks.
+    z, codebook = random_search_inputs(5, 9, 4, torch.float32, "cuda" if CUDA else "cpu", 13)
+    bias = code_terms(codebook, "l2")[1]
+    for op in (torch.ops.fastvq.nearest_code_triton, torch.ops.fastvq.nearest_code_topk_triton):
+        extra = (False,) if op is torch.ops.fastvq.nearest_code_triton else (2, False)
+        with pytest.raises(error, match=match):
+            op(*args(z, codebook, bias), *extra)
+
+
 def test_float64_runs_on_the_reference():
     z, codebook = torch.randn(40, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
     idx = fastvq.nearest_code(z, codebook)

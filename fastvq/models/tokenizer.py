@@ -14,7 +14,8 @@ from torch import nn
 
 from fastvq.ops._validate import check_choice, check_floating
 
-# fastvq.nn class name -> module holding it (the contract's layout of issue 5).
+# fastvq.nn class name -> module holding it (the contract's layout of issue 5). Not
+# RandomProjectionQuantizer: it returns indices only (BEST-RQ targets), no quantized latents.
 QUANTIZERS = {
     "VectorQuantize": "fastvq.nn.vector_quantize",
     "HouseholderVQ": "fastvq.nn.vector_quantize",
@@ -26,17 +27,18 @@ QUANTIZERS = {
     "LeechQuantize": "fastvq.nn.lattice",
     "E8Quantize": "fastvq.nn.lattice",
     "SimVQ": "fastvq.nn.projected",
-    "RandomProjectionQuantizer": "fastvq.nn.projected",
     "ResidualVQ": "fastvq.nn.residual",
     "GroupedResidualVQ": "fastvq.nn.residual",
     "ResidualFSQ": "fastvq.nn.residual",
     "ResidualLFQ": "fastvq.nn.residual",
+    "GroupedResidualFSQ": "fastvq.nn.residual",
+    "GroupedResidualLFQ": "fastvq.nn.residual",
 }
 
 
 class TokenizerOutput(NamedTuple):
     recon: torch.Tensor  # (B, C, H, W) reconstruction
-    indices: torch.Tensor | None  # (B, h, w) or (B, h, w, Q) for residual / grouped quantizers
+    indices: torch.Tensor | None  # (B, h, w), (B, h, w, Q) residual, (B, h, w, G, Q) grouped
     quant_loss: torch.Tensor  # scalar: commitment + codebook + aux (entropy) terms, 0 if none
     z: torch.Tensor  # (B, D, h, w) latents entering the quantizer
 
@@ -110,15 +112,22 @@ class Tokenizer(nn.Module):
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
         return self.quant_conv(self.encoder(x))
 
+    @property
+    def _grouped(self) -> bool:
+        """GroupedResidual* (fastvq.nn's and the peer's): indices lead with a groups axis."""
+        return hasattr(self.quantizer, "rvqs")
+
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z (B, D, h, w) -> (z_q (B, D, h, w), indices (B, h, w[, Q]), quant_loss scalar)."""
+        """z (B, D, h, w) -> (z_q (B, D, h, w), indices (B, h, w[, G][, Q]), quant_loss scalar)."""
         b, d, h, w = z.shape
         quantized, indices, loss = _split_output(self.quantizer(z.flatten(2).transpose(1, 2)))
         z_q = quantized.transpose(1, 2).reshape(b, d, h, w)
+        if self._grouped:  # (G, B, N, Q) -> (B, N, G, Q)
+            indices = indices.movedim(0, 2)
         return z_q, indices.reshape(b, h, w, *indices.shape[2:]), loss
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) in [-1, 1] -> (z_q (B, D, h, w), indices (B, h, w[, Q]), quant_loss)."""
+        """x (B, C, H, W) in [-1, 1] -> quantize(latents(x)): (z_q, indices, quant_loss)."""
         return self.quantize(self.latents(x))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
@@ -126,11 +135,13 @@ class Tokenizer(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (B, h, w[, Q]) -> the quantized latents z_q (B, D, h, w) they stand for."""
+        """indices (B, h, w[, G][, Q]) -> the quantized latents z_q (B, D, h, w) they stand for."""
         if indices.dim() < 3:
             raise ValueError(f"indices must be (B, h, w[, Q]), got shape {tuple(indices.shape)}")
         b, h, w = indices.shape[:3]
         flat = indices.reshape(b, h * w, *indices.shape[3:])
+        if self._grouped:
+            flat = flat.movedim(2, 0)
         q = self.quantizer
         if hasattr(q, "get_output_from_indices"):
             codes = q.get_output_from_indices(flat)
@@ -145,7 +156,7 @@ class Tokenizer(nn.Module):
         return codes.transpose(1, 2).reshape(b, -1, h, w)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (B, h, w[, Q]) from encode -> x_hat (B, C, H, W), equal to decode(z_q)."""
+        """indices (B, h, w[, G][, Q]) from encode -> x_hat (B, C, H, W), equal to decode(z_q)."""
         return self.decode(self.codes_from_indices(indices))
 
     def forward(self, x: torch.Tensor, quantize: bool = True) -> TokenizerOutput:

@@ -149,6 +149,12 @@ def test_fastvq_nn_quantizer():
         ({**VQGAN, "chmult": [1], "quantizer": {"type": "FSQ"}}, ValueError, "model.chmult"),
         ({**ROTATED, "attn_resolutions": [4], "quantizer": {}}, ValueError, "attn_resolutions"),
         ({**VQGAN, "quantizer": {"type": "Nope"}}, ValueError, "quantizer type must be one of"),
+        # indices only (BEST-RQ targets): no quantized latents to decode
+        (
+            {**VQGAN, "quantizer": {"type": "RandomProjectionQuantizer"}},
+            ValueError,
+            "quantizer type must be one of",
+        ),
         ({**VQGAN, "quantizer": {"codebook_size": 8}}, ValueError, "'type' key"),
         ({**VQGAN, "resolution": 9, "quantizer": {"type": "FSQ"}}, ValueError, "resolution"),
         ({**ROTATED, "resolution": 6, "quantizer": {"type": "FSQ"}}, ValueError, "resolution"),
@@ -176,6 +182,10 @@ FASTVQ_QUANTIZERS = [
     ("lattice", {"type": "E8Quantize"}),
     ("residual", {"type": "ResidualVQ", "num_quantizers": 2, "codebook_size": 8}),
     ("residual", {"type": "ResidualFSQ", "levels": [3, 3], "num_quantizers": 2}),
+    ("residual", {"type": "GroupedResidualVQ", "groups": 2, "num_quantizers": 2,
+                  "codebook_size": 8}),
+    ("residual", {"type": "GroupedResidualFSQ", "groups": 2, "levels": [3, 3],
+                  "num_quantizers": 2}),
 ]  # fmt: skip
 
 

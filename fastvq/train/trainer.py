@@ -261,6 +261,8 @@ class Trainer:
                 z, k, iters=ic["kmeans_iters"], generator=g, all_reduce=self.world > 1
             )
             q.codebook = centroids.to(q.codebook.dtype)
+        if self.ema is not None:  # the weights' EMA starts from the fitted codebook
+            self.ema.load_state_dict(_unwrap(self.model).state_dict())
         model.train(was)
 
     # -------------------------------------------------------------------------- state dicts
@@ -298,6 +300,8 @@ class Trainer:
         _unwrap(self.model).load_state_dict(s["model"])
         if self.ema is not None and s["ema"] is not None:
             self.ema.load_state_dict(s["ema"])
+        elif self.ema is not None:  # EMA turned on at resume: it starts from the resumed weights
+            self.ema.load_state_dict(_unwrap(self.model).state_dict())
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
         # The discriminator's weights travel inside the loss module's state.

@@ -165,11 +165,16 @@ def test_init_from_pretrained_autoencoder_then_kmeans(make_config, datasets, tmp
     common = ("train.steps=0", f"init.checkpoint={ckpt}", "init.kmeans_batches=2")
     plain = Trainer(make_config(*common, f"train.out_dir={tmp_path / 'a'}"), datasets=datasets)
     fitted = Trainer(
-        make_config(*common, "init.kmeans=true", f"train.out_dir={tmp_path / 'b'}"),
+        make_config(
+            *common, "init.kmeans=true", "train.ema_decay=0.9", f"train.out_dir={tmp_path / 'b'}"
+        ),
         datasets=datasets,
     )
     for key, v in pre.model.encoder.state_dict().items():
         assert torch.equal(v, fitted.model.encoder.state_dict()[key]), key
+    # The weights' EMA (what evaluation uses) starts from the fitted model, codebook included.
+    for key, v in fitted.model.state_dict().items():
+        assert torch.equal(v, fitted.ema.state_dict()[key]), key
     x = torch.stack([datasets[1][i] for i in range(8)])
 
     def distortion(trainer):

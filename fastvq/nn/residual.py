@@ -187,7 +187,8 @@ class _Residual(nn.Module):
         m = self.quantize_dropout_multiple_of
         if m != 1:
             index = math.ceil((index + 1) / m) * m - 1
-        return index
+        # A multiple past the stack (m not dividing Q) keeps every layer, as in the peer.
+        return min(index, self.num_quantizers - 1)
 
     def _prepare(self, z: torch.Tensor) -> torch.Tensor:
         """Hook on the projected rows before the first layer (ResidualFSQ's soft clamp)."""

@@ -362,6 +362,17 @@ def test_beam_search_with_quantize_dropout_matches_peer():
     assert bool((idx[..., -1] == -1).all()) and losses[-1] == 0  # seed 3 drops the last layer
 
 
+def test_quantize_dropout_multiple_past_the_stack_keeps_every_layer():
+    # Q = 3 with multiples of 2: a drawn index of 2 rounds up to 3, past the last layer; greedy
+    # and beam search then both run all three (the beam search indexed layer 3).
+    for beam in (1, 2):
+        rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, quantize_dropout=True,
+                         quantize_dropout_multiple_of=2, beam_size=beam)  # fmt: skip
+        for seed in range(12):
+            _, idx, _ = rvq(_randn(2, 5, 8), rand_quantize_dropout_fixed_seed=seed)
+            assert bool((idx >= 0).all()) or bool((idx[..., 2] == -1).all()), (beam, seed)
+
+
 def test_beam_search_eval_matches_peer():
     # eval_beam_size, per-layer score weights, a mask and return_all_codes; eval losses are the
     # chosen path's commitment losses (0 without beam search, as the peer).

@@ -220,6 +220,8 @@ def _check_ranges(cfg: dict) -> None:
     t, o, d = cfg["train"], cfg["optim"], cfg["data"]
     need(t["steps"] >= 0, "train.steps", ">= 0")
     need(t["batch_size"] >= 1, "train.batch_size", ">= 1")
+    need(t["log_every"] >= 1, "train.log_every", ">= 1")
+    need(cfg["eval"]["num_images"] >= 1, "eval.num_images", ">= 1")
     need(0.0 <= t["ema_decay"] < 1.0, "train.ema_decay", "in [0, 1)")
     need(o["accum_steps"] >= 1, "optim.accum_steps", ">= 1")
     need(o["lr"] > 0, "optim.lr", "> 0")

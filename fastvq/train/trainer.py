@@ -287,6 +287,8 @@ class Trainer:
             "step": self.step,
             "items": self.items,
             "history": list(self.history),
+            # The codes chosen since the last log line (rank 0's, the one that logs).
+            "window_counts": self.window_counts.cpu(),
             "fixed_batch": self.fixed_batch.cpu() if self.fixed_batch is not None else None,
             "rng": rngs,
             "world": self.world,
@@ -311,6 +313,8 @@ class Trainer:
                 own.load_state_dict(s[name])
         self.step, self.items = s["step"], s["items"]
         self.history = list(s["history"])
+        if s.get("window_counts") is not None:  # checkpoints from before it was saved: restart
+            self.window_counts.copy_(s["window_counts"])
         fb = s.get("fixed_batch")
         self.fixed_batch = fb.to(self.device) if fb is not None else None
         if s["world"] != self.world:
@@ -430,9 +434,11 @@ class Trainer:
             recons.append(out.recon.detach())
         clip = cfg["optim"]["grad_clip"]
         if clip > 0:
-            logs_sum["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            )
+            # The parameters this optimizer steps: under MQVAE not the hyper-net's, whose
+            # gradients here are discarded (the hypergradient step owns them).
+            stepped = [p for group in self.opt.param_groups for p in group["params"]]
+            logs_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(stepped, clip))
+        logs_sum["lr"] = self.opt.param_groups[0]["lr"]  # this step's, before the schedule moves
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
@@ -535,7 +541,6 @@ class Trainer:
                     now = time.perf_counter()
                     logs["images_per_s"] = images_per_step * (self.step - tick_step) / (now - tick)
                     tick, tick_step = now, self.step
-                    logs["lr"] = self.sched.get_last_lr()[0]
                     if self.codebook_size and self.cfg["train"]["vq"]:
                         from fastvq.train.metrics import code_stats
 
@@ -574,11 +579,16 @@ class Trainer:
 
     def _open_logs(self):
         path = self.out_dir / "log.csv"
-        new = not path.exists() or self.step == 0
-        csv_file = open(path, "w" if new else "a", newline="")
+        rows = []
+        if path.exists() and self.step > 0:
+            # Resumed: keep the rows up to the checkpoint's step; a killed run may have logged
+            # past it, and those steps are about to run (and be logged) again.
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        csv_file = open(path, "w", newline="")
         writer = csv.DictWriter(csv_file, self.CSV_FIELDS, extrasaction="ignore", restval="")
-        if new:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows(rows)
         tb = None
         try:  # TensorBoard only when the tensorboard package is installed
             import tensorboard  # noqa: F401

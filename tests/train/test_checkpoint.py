@@ -1,6 +1,7 @@
 """Checkpoints: kill / resume continues the same run bit for bit on CPU, atomic writes survive a
 crash mid-save, the NaN/Inf guard stops with the last good checkpoint kept, overfit-one-batch."""
 
+import csv
 import subprocess
 import sys
 import textwrap
@@ -47,8 +48,8 @@ def test_kill_and_resume_is_exact(make_config, datasets, tmp_path):
     step = first.train_step
 
     def dies_after_the_checkpoint(batches):
-        if first.step == 3:
-            raise Killed  # the process dies after step 3's checkpoint, mid-run
+        if first.step == 5:
+            raise Killed  # the process dies two steps after step 3's checkpoint (step 4 logged)
         return step(batches)
 
     first.train_step = dies_after_the_checkpoint
@@ -70,6 +71,12 @@ def test_kill_and_resume_is_exact(make_config, datasets, tmp_path):
             assert all(torch.equal(s[k], ob["state"][i][k]) for k in s), (name, i)
     assert straight.sched.get_last_lr() == resumed.sched.get_last_lr()
     assert a["eval"] == b["eval"]
+    # The log holds each step once, with the values of the straight run (but its timing).
+    logs = [list(csv.DictReader(open(tmp_path / run / "log.csv"))) for run in ("a", "b")]
+    for rows in logs:
+        for row in rows:
+            row.pop("images_per_s")
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0] if r["loss"]] == ["2", "4", "6"]
 
 
 def test_resume_refuses_a_different_world_size(make_config, datasets):

@@ -34,6 +34,8 @@ def test_overrides_parse_as_yaml(tmp_path):
         ("trian.steps=3", ValueError, "unknown config section 'trian'"),
         ("train.steps=ten", ValueError, "train.steps must be int"),
         ("train.steps=-1", ValueError, "train.steps must be >= 0"),
+        ("train.log_every=0", ValueError, "train.log_every must be >= 1"),
+        ("eval.num_images=0", ValueError, "eval.num_images must be >= 1"),
         ("train.bf16=1", ValueError, "train.bf16 must be bool"),
         ("loss.recon=l3", ValueError, "loss.recon must be one of"),
         ("optim.betas=[0.9]", ValueError, "optim.betas"),

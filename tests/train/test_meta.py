@@ -96,3 +96,26 @@ def test_meta_trainer_steps_update_the_hyper_net(make_config, datasets):
     assert calls == [0, 2]  # one upper step per codebook_every lower steps
     assert all(not torch.equal(p, q) for p, q in zip(upper, psi0, strict=True))
     assert all(torch.isfinite(torch.tensor(result["history"])))
+
+
+def test_meta_trainer_clips_only_what_its_optimizer_steps(make_config, datasets, monkeypatch):
+    # The hyper-net's gradients from the lower step are discarded: they must not weigh in the
+    # clipping norm of the encoder-decoder (nor in the logged grad_norm).
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config(
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 8, embed_dim: 4,"
+        " hidden_dim: 8}",
+        "meta.enabled=true",
+        "optim.grad_clip=1.0",
+        "train.steps=1",
+    )
+    trainer = Trainer(cfg, datasets=datasets)
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda ps, c: clipped.append(list(ps)) or clip(ps, c)
+    )
+    trainer.fit()
+    stepped = {id(p) for g in trainer.opt.param_groups for p in g["params"]}
+    assert clipped and all({id(p) for p in ps} == stepped for ps in clipped)

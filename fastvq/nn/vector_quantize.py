@@ -127,6 +127,15 @@ def _l2norm(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t, dim=-1, eps=_NORM_EPS)
 
 
+def _leader_counts(counts: list[int], group: bool, device) -> list[int]:
+    """counts as they are on rank 0 (one broadcast when group), else as given."""
+    if not group:
+        return counts
+    t = torch.tensor(counts, dtype=torch.int64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return t.tolist()
+
+
 def _is_distributed() -> bool:
     import torch.distributed as dist
 
@@ -703,11 +712,14 @@ class VectorQuantize(nn.Module):
     def _kmeans_into_state(self, rows, iters, generator) -> None:
         group = self._group(self.sync_kmeans)
         k = self.codebook_size
+        # Synced, rank 0's row counts pick the branch on every rank (k-means, or rows repeated:
+        # rank 0 draws either way): ranks with other counts would join other collectives.
+        counts = _leader_counts([r.shape[0] for r in rows], group, rows[0].device)
         for c, r in enumerate(rows):
             r = r.detach().float()
-            if r.shape[0] == 0:
-                raise ValueError("k-means init needs at least one (unmasked) row")
-            if r.shape[0] >= k:
+            if counts[c] == 0:
+                raise ValueError("k-means init needs at least one (unmasked) row (on rank 0)")
+            if counts[c] >= k:
                 centroids = fastvq.kmeans(
                     r,
                     k,
@@ -725,7 +737,10 @@ class VectorQuantize(nn.Module):
                     "repeated",
                     stacklevel=3,
                 )
-                centroids = r[_sample_rows(r.shape[0], k, generator, r.device)]
+                if r.shape[0] > 0:
+                    centroids = r[_sample_rows(r.shape[0], k, generator, r.device)]
+                else:  # a synced rank without rows receives rank 0's
+                    centroids = r.new_empty(k, r.shape[1])
                 if self.use_cosine_sim:
                     centroids = _l2norm(centroids)
                 if group:
@@ -785,9 +800,13 @@ class VectorQuantize(nn.Module):
     def _reset_dead(self, embed, rows, masks, group) -> None:
         """Dead-code replacement: data-dependent row selection (and a broadcast when synced)
         runs eagerly, a deliberate graph break under torch.compile."""
-        for c, (r, w) in enumerate(zip(rows, masks, strict=True)):
-            live = r.detach() if w is None else r.detach()[w]
-            if live.shape[0] > 0:
+        lives = [
+            r.detach() if w is None else r.detach()[w] for r, w in zip(rows, masks, strict=True)
+        ]
+        # Synced, every rank joins rank 0's broadcast, or none does: rank 0 draws the rows.
+        counts = _leader_counts([live.shape[0] for live in lives], group, rows[0].device)
+        for c, live in enumerate(lives):
+            if counts[c] > 0:
                 fastvq.reset_dead_codes_(
                     embed[c],
                     self.cluster_size[c],

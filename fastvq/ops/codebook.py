@@ -526,7 +526,8 @@ def reset_dead_codes_(
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     group = _process_group("broadcast", broadcast)
     rows = z.detach().reshape(-1, d)
-    if rows.shape[0] == 0:
+    draws = group is None or torch.distributed.get_rank() == _first_rank(group)
+    if rows.shape[0] == 0 and draws:  # the other ranks only receive
         raise ValueError("z must hold at least one row to replace dead codes with")
 
     with torch.no_grad():
@@ -534,7 +535,7 @@ def reset_dead_codes_(
         m = dead.numel()
         if m == 0:
             return dead
-        if group is None or torch.distributed.get_rank() == _first_rank(group):
+        if draws:
             new = rows[_sample_rows(rows.shape[0], m, generator, device)].to(embed_sum.dtype)
         else:
             new = torch.empty(m, d, dtype=embed_sum.dtype, device=device)

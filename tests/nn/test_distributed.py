@@ -62,6 +62,23 @@ def _residual(rank: int) -> dict:
     return {"state": state, "dropped": torch.tensor(dropped)}
 
 
+def _uneven(rank: int) -> dict:
+    # Synced k-means init and dead-code reset with rank-dependent row counts: more rows than
+    # codes on one rank and fewer on the other (both ways round), then a rank whose batch is all
+    # padding. Every rank must join the same collectives (it hung) and end with rank 0's state.
+    torch.manual_seed(rank)
+    g = torch.Generator().manual_seed(20 + rank)
+    out = {}
+    for name, rows in (("more_on_0", (20, 5)), ("more_on_1", (5, 20))):
+        vq = VectorQuantize(DIM, K, kmeans_init=True, sync_codebook=True,
+                            threshold_ema_dead_code=2.0)  # fmt: skip
+        vq(torch.randn(1, rows[rank], DIM, generator=g))
+        mask = torch.full((1, 12), rank == 0)  # rank 1: all padding
+        vq(torch.randn(1, 12, DIM, generator=g), mask=mask)
+        out[name] = {k: v.clone() for k, v in vq.state_dict().items()}
+    return out
+
+
 def _worker(rank: int, out_dir: str, port: int) -> None:
     torch.set_num_threads(1)  # 2 ranks on a 2-core machine
     dist.init_process_group(
@@ -70,7 +87,7 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
     try:
         ddp = nn.parallel.DistributedDataParallel(_model(sync=True), **_NO_BUFFER_SYNC)
         shards = [x.chunk(WORLD)[rank] for x in _batches()]
-        results = {"vq": _train(ddp, shards), "rvq": _residual(rank)}
+        results = {"vq": _train(ddp, shards), "rvq": _residual(rank), "uneven": _uneven(rank)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -85,6 +102,9 @@ def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
         assert torch.equal(ranks[0]["rvq"]["state"][key], ranks[1]["rvq"]["state"][key]), key
     assert torch.equal(ranks[0]["rvq"]["dropped"], ranks[1]["rvq"]["dropped"])
     assert bool(ranks[0]["rvq"]["state"]["layers.0.initted"])
+    for name, state in ranks[0]["uneven"].items():
+        for key in state:
+            assert torch.equal(state[key], ranks[1]["uneven"][name][key]), (name, key)
     # ... equal to one process on the whole batches, up to float32 rounding.
     single = _train(_model(sync=False), _batches())
     for key, want in single.items():

@@ -907,8 +907,12 @@ class VectorQuantize(nn.Module):
     def _orthogonal_loss(self, idxs, row_mask) -> torch.Tensor:
         """Eq. (2) of Shin et al. 2021 as the peer: sum over heads of ||C^ C^T||_F^2 / (H n^2)
         - 1/n over n normalized codes, computed as ||C^T C^||_F^2 (a D x D Gram matrix: O(D^2)
-        memory instead of the peer's O(n^2))."""
+        memory instead of the peer's O(n^2)). On a copy of a Parameter codebook: a shared or beam
+        update writes the codebook in place after this loss, and the backward must see the
+        values the loss was computed from."""
         codebook = self._codebooks()
+        if self._param_codebook():
+            codebook = _snapshot(codebook)
         if self.orthogonal_reg_active_codes_only:
             used = idxs[0] if row_mask is None else idxs[0][row_mask[0]]
             codebook = codebook[:, torch.unique(used)]

@@ -362,6 +362,31 @@ def test_beam_search_with_quantize_dropout_matches_peer():
     assert bool((idx[..., -1] == -1).all()) and losses[-1] == 0  # seed 3 drops the last layer
 
 
+@pytest.mark.parametrize("config", [{"shared_codebook": True}, {"beam_size": 2}], ids=str)
+def test_orthogonal_loss_gradient_is_that_of_the_codebook_it_was_computed_on(config):
+    # The shared-codebook and beam paths update the Parameter codebook in place after the loss:
+    # its gradient must be the loss's own, at the pre-update codebook (it mixed in the update).
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, orthogonal_reg_weight=1.0,
+                     commitment_weight=0.0, decay=0.5, **config)  # fmt: skip
+    before = [layer.embed.detach().clone().requires_grad_() for layer in rvq.layers]
+    _, _, losses = rvq(_randn(4, 20, 8) * 3)
+    losses.sum().backward()
+
+    def ortho(c):  # Shin et al.'s loss over one head's n codes
+        normed = torch.nn.functional.normalize(c, dim=-1, eps=1e-6)
+        n = c.shape[-2]
+        return (normed.transpose(-1, -2) @ normed).square().sum() / n**2 - 1 / n
+
+    shared = config.get("shared_codebook", False)
+    expected = 2 * ortho(before[0]) if shared else sum(ortho(b) for b in before)
+    torch.testing.assert_close(losses.sum(), expected.detach())
+    expected.backward()
+    for layer, b in zip(rvq.layers[:1] if shared else rvq.layers, before, strict=False):
+        assert not torch.equal(layer.embed.detach(), b.detach()), "the update ran"
+        torch.testing.assert_close(layer.embed.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_quantize_dropout_multiple_past_the_stack_keeps_every_layer():
     # Q = 3 with multiples of 2: a drawn index of 2 rounds up to 3, past the last layer; greedy
     # and beam search then both run all three (the beam search indexed layer 3).

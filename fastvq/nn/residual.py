@@ -492,12 +492,14 @@ class ResidualVQ(_Residual):
         if x.dim() == 2:  # one token per row, as the peer's VectorQuantize
             if mask is not None:
                 raise ValueError("mask needs a sequence (b, n, dim), got one token (b, dim)")
+            # the sequence of one token in this module's layout: (b, dim, 1) channel first
+            first = self.channel_first is True
             out = self.forward(
-                x[:, None], None, None, return_all_codes, sample_codebook_temp,
-                freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed,
+                x[..., None] if first else x[:, None], None, None, return_all_codes,
+                sample_codebook_temp, freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed,
             )  # fmt: skip
-            squeeze = [out[0][:, 0], out[1][:, 0], out[2]]
-            if return_all_codes:
+            squeeze = [out[0][..., 0] if first else out[0][:, 0], out[1][:, 0], out[2]]
+            if return_all_codes:  # (Q, b, n, d) in either layout
                 squeeze.append(out[3][:, :, 0])
             return tuple(squeeze)
         if mask is not None and mask.dtype != torch.bool:

@@ -561,6 +561,7 @@ def test_beam_search_kmeans_init_freeze_and_layouts():
         ({"accept_3d_fmap": True}, (1, DIM, 2, 3, 2), (1, 2, 3, 2, Q)),
         ({"channel_last": False, "codebook_dim": 5}, (2, DIM, 7), (2, 7, Q)),
         ({}, (4, DIM), (4, Q)),
+        ({"channel_last": False}, (4, DIM), (4, Q)),  # one token, as VectorQuantize takes it
     ],
 )
 def test_residual_vq_layouts(config, shape, idx_shape):

@@ -10,7 +10,6 @@ Return convention of vector-quantize-pytorch's VectorQuantize: (quantized, indic
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastvq.lattice import (
@@ -25,6 +24,7 @@ from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last,
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_floating, check_int
 from fastvq.ops.quantize import _quantize_fwd
+from fastvq.reference import inv_norm
 
 
 def attach_gradient(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tensor:
@@ -87,6 +87,8 @@ class _ShellQuantize(nn.Module):
         d, k, bias = self.dim, self.shell_dim, projection_has_bias
         self.project_in = nn.Linear(d, k, bias=bias) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(k, d, bias=bias) if self.has_projections else nn.Identity()
+        # Follows .to(device) where the module has no parameters (no projections).
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
 
     # subclasses: u (..., D) -> (indices (...), unit codes (..., D) in u's dtype), and
     # indices -> unit codes; _decode must trace under torch.compile without a graph break.
@@ -99,8 +101,9 @@ class _ShellQuantize(nn.Module):
     @property
     def codebook(self) -> torch.Tensor:
         """All unit codes (codebook_size, codebook_dim) float32, built on access (not stored)."""
-        device = next(iter(self.parameters()), torch.empty(0)).device
-        return self._unit_codes(torch.arange(self.shell_size, device=device), torch.float32)
+        return self._unit_codes(
+            torch.arange(self.shell_size, device=self._anchor.device), torch.float32
+        )
 
     def _layout(self, x):
         """-> (b, n, dim) and a function restoring outputs / indices to the input's layout."""
@@ -123,7 +126,7 @@ class _ShellQuantize(nn.Module):
         x, restore = self._layout(x)
         check_input("x", x, self.dim)
         z = self.project_in(x)
-        u = F.normalize(z, dim=-1)
+        u = z * inv_norm(z)  # norms in float64: a zero row (fp16 padding) stays 0, never NaN
         indices, q = self._decode(u.detach())
         loss = u.new_zeros(())
         if self.training and self.commitment_weight > 0:

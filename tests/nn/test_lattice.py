@@ -102,7 +102,24 @@ def test_bf16_state_dict_and_codebook():
     u = _unit_inputs(m, x.bfloat16()).float()
     check_nearest(u, _shell(LeechQuantize), idx16.reshape(-1), metric="dot")
     assert m.codebook_size == LEECH_SIZE and E8Quantize().codebook.shape == (240, 8)
+    # The codebook follows .to(device) through a buffer the state dict does not hold.
+    assert "_anchor" not in E8Quantize().state_dict() and "_anchor" in dict(m.named_buffers())
     torch.testing.assert_close(E8Quantize().codebook.norm(dim=1), torch.ones(240))
+
+
+@pytest.mark.parametrize("cls", [LeechQuantize, E8Quantize])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_zero_rows_stay_finite(cls, dtype):
+    # A zero row (padding) has no direction: u = 0, a finite loss and a zero gradient, in every
+    # dtype (normalize's 1e-12 guard rounds to 0 in float16 and made it NaN).
+    m = cls()
+    x = torch.randn(1, 4, m.dim).to(dtype)
+    x[0, 0] = 0
+    x.requires_grad_()
+    out, _, loss = m(x)
+    assert bool(out.isfinite().all()) and bool(loss.isfinite())
+    (out.float().square().sum() + loss).backward()
+    assert bool(x.grad.isfinite().all()) and bool((x.grad[0, 0] == 0).all())
 
 
 def test_bad_input():

@@ -18,6 +18,7 @@ import torch
 
 import fastvq
 from bench.common import DEVICE, Skip, check_indices, cli, measure
+from fastvq.ops._validate import check_finite
 from fastvq.reference import code_terms
 
 SHAPES = {
@@ -52,10 +53,17 @@ def _tf32(z, c):
 
 
 def _unscreened(backend):
-    """The exact l2 search of `backend` ("triton" or "cuda") with screen=False."""
+    """The exact l2 search of `backend` ("triton" or "cuda") with screen=False, with the input
+    check that fastvq.nearest_code runs first (a host sync), so that the ratio to its screened
+    row is the search's alone."""
     ops = torch.ops.fastvq
     op = ops.nearest_code_triton if backend == "triton" else ops.nearest_code
-    return lambda z, c: op(z, c, None, code_terms(c, "l2")[1], False, False)
+
+    def run(z, c):
+        check_finite(z=z, codebook=c)
+        return op(z, c, None, code_terms(c, "l2")[1], False, False)
+
+    return run
 
 
 def flash_kmeans_assign(z, c, dtype=torch.float32):

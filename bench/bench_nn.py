@@ -117,7 +117,9 @@ def run_vq(b, s, k, d, reps, amp=False, label="", rotations=(False, True)):
                 result = check_indices(x.reshape(-1, d), c, flat, "l2", "fast" if amp else "exact")
                 result["err"] = rel_err(q.reshape(-1, d), c[flat].double())
                 finite = bool(torch.isfinite(dx).all()) and bool(torch.isfinite(loss).all())
-                result["ok"] = result["ok"] and finite and result["err"] < (1e-2 if amp else 1e-6)
+                # float32: the peer's rotation output is the code up to rounding (1.2e-6 at D =
+                # 256), fastvq's the code itself
+                result["ok"] = result["ok"] and finite and result["err"] < (1e-2 if amp else 1e-5)
                 return result
 
             name = f"{library} VectorQuantize{' rotation' if rotation else ''}{label}"
@@ -182,7 +184,7 @@ def run_rvq_beam(b, s, k, d, reps):
                 setup,
                 check=check,
                 reps=reps,
-                flops=2 * b * s * BEAM * k * d * LAYERS,
+                flops=2 * b * s * k * d * (1 + BEAM * (LAYERS - 1)),  # one beam enters layer 0
                 arith="tf32",
                 # the peer's (N * beams, beams, K) float32 one-hot, per layer
                 need_bytes=4 * b * s * BEAM * BEAM * k if library == "vqp" else None,

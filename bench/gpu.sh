@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The one script of a GPU session (the device tool's command limit is 10 minutes): build with CUDA,
 # GPU tests, the full op tests on CUDA tensors, then every benchmark. Each step has its own timeout,
-# capped by what is left of GPU_SH_SECONDS (default 540 s), so a hang or failure in one step never
-# costs the steps after it.
+# capped by what is left of GPU_SH_SECONDS (default 540 s), so a hang or failure in one step costs
+# the later steps at most that step's budget. The budgets add up to more than the deadline: steps
+# run in order of importance, and if the early ones take their whole budgets the last ones are
+# skipped (the summary says which).
 #
 #   device run (carry [".whl"]):  bash bench/gpu.sh
 #
 # .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels):
 #   pip download --no-deps -d .whl flash-kmeans vector-quantize-pytorch==1.32.0 einx==0.4.3 \
-#     loguru torch-einops-utils frozendict
+#     loguru torch-einops-utils frozendict einops tqdm
+# (tqdm: without it flash-kmeans' __init__ quietly swaps its Triton k-means for a torch fallback.)
 # What comes back in $OUT (the tool returns at most 8 files): log.txt (every step's output, then a
 # summary table), <op>-<device>.json per benchmark module, logs.tar.gz (one log per step).
 # Run by hand without $OUT, everything goes to bench/results.

@@ -88,7 +88,9 @@ def peers(quick: bool) -> dict:
     def compiled(z, c):
         if quick:
             raise Skip("compile time (--quick)")
-        fn = torch.compile(naive)
+        # Static shapes: after the first shape, automatic dynamic shapes would hand the later
+        # ones a kernel compiled for symbolic sizes, a handicap the peer would not have alone.
+        fn = torch.compile(naive, dynamic=False)
         return lambda: fn(z, c)
 
     out = {

@@ -84,8 +84,10 @@ class SimVQ(nn.Module):
 
     @property
     def codebook(self) -> torch.Tensor:
-        """The implicit codebook (codebook_size, dim), differentiable in the transform."""
-        codes = self.code_transform(self.frozen_codebook)
+        """The implicit codebook (codebook_size, dim), differentiable in the transform; float32
+        under autocast too, as every fastvq.nn codebook."""
+        with torch.autocast(self.frozen_codebook.device.type, enabled=False):
+            codes = self.code_transform(self.frozen_codebook)
         if codes.shape != (self.codebook_size, self.dim):
             raise ValueError(
                 f"codebook_transform must map (K, frozen_codebook_dim) to (K, {self.dim}), "

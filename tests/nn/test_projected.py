@@ -57,6 +57,11 @@ def test_simvq_mlp_transform_bf16_and_bad_input():
     out16, idx16, _ = m(x.bfloat16())
     assert out16.dtype == torch.bfloat16
     check_nearest(x.bfloat16().float().reshape(-1, 6), m.codebook.detach(), idx16.reshape(-1))
+    # Under bf16 autocast the codebook, the search and the loss stay float32, as the README says.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, idx_ac, loss_ac = m(x)
+        assert m.codebook.dtype == torch.float32 and loss_ac.dtype == torch.float32
+    assert torch.equal(idx_ac, idx) and torch.equal(out_ac, out)
     m2 = SimVQ(dim=6, codebook_size=24, codebook_transform=nn.Sequential(
         nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 6)))  # fmt: skip
     m2.load_state_dict(m.state_dict())

@@ -75,6 +75,11 @@ eval: {batch_size: 4}
     rows = list(csv.DictReader(open(run / "log.csv")))
     assert [r["step"] for r in rows if r["loss"]] == ["4", "8"]
     assert all(float(r["images_per_s"]) > 0 for r in rows if r["loss"])
+    # Each row's lr is the one its step trained with (the schedule's value before it moved on).
+    o = load_config(run / "config.yaml")["optim"]
+    want = [3e-3 * lr_factor(s - 1, 8, o["warmup_steps"], o["schedule"], o["min_lr_ratio"])
+            for s in (4, 8)]  # fmt: skip
+    assert [float(r["lr"]) for r in rows if r["loss"]] == pytest.approx(want, rel=1e-5)
     assert (run / "images" / "recon_0000008.png").is_file()
     assert (run / "images" / "usage_0000008.png").is_file()
     assert load_config(run / "config.yaml")["train"]["steps"] == 8

@@ -34,6 +34,9 @@ QUANTIZERS = {
     "GroupedResidualFSQ": "fastvq.nn.residual",
     "GroupedResidualLFQ": "fastvq.nn.residual",
 }
+# Quantizers that take channel-first latents (b, dim, *spatial) only, like the peer's
+# LatentQuantize: the tokenizer hands them its (B, D, h, w) maps as they are.
+CHANNEL_FIRST = {"LatentQuantize"}
 
 
 class TokenizerOutput(NamedTuple):
@@ -68,7 +71,8 @@ def _split_output(out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 class Tokenizer(nn.Module):
     """Image tokenizer around any quantizer with vector-quantize-pytorch's conventions.
 
-    The quantizer sees channel-last latents (B, h*w, D); its outputs are reshaped back to maps.
+    The quantizer sees channel-last latents (B, h*w, D), its outputs reshaped back to maps;
+    those in CHANNEL_FIRST see the (B, D, h, w) maps themselves.
 
     Args:
         encoder: (B, C, H, W) -> (B, Z, h, w).
@@ -105,6 +109,20 @@ class Tokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
+    @property
+    def codebook_sizes(self) -> tuple[int, ...] | None:
+        """The size of each codebook behind the indices' trailing (G, Q) entries, in their order,
+        or one size (K,) shared by all; None for a quantizer without codebook_size."""
+        layers = self.quantizer.rvqs if self._grouped else [self.quantizer]
+        sizes = []
+        for layer in layers:
+            per_layer = getattr(layer, "codebook_sizes", None)
+            k = getattr(layer, "codebook_size", None)
+            if per_layer is None and k is None:
+                return None
+            sizes += list(per_layer) if per_layer is not None else [k]
+        return (sizes[0],) if len(set(sizes)) == 1 else tuple(sizes)
+
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [-1, 1] -> latents entering the quantizer (B, D, h, w)."""
         check_floating("x", x)
@@ -117,8 +135,14 @@ class Tokenizer(nn.Module):
         """GroupedResidual* (fastvq.nn's and the peer's): indices lead with a groups axis."""
         return hasattr(self.quantizer, "rvqs")
 
+    @property
+    def _channel_first(self) -> bool:
+        return type(self.quantizer).__name__ in CHANNEL_FIRST
+
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z (B, D, h, w) -> (z_q (B, D, h, w), indices (B, h, w[, G][, Q]), quant_loss scalar)."""
+        if self._channel_first:
+            return _split_output(self.quantizer(z))
         b, d, h, w = z.shape
         quantized, indices, loss = _split_output(self.quantizer(z.flatten(2).transpose(1, 2)))
         z_q = quantized.transpose(1, 2).reshape(b, d, h, w)
@@ -138,6 +162,8 @@ class Tokenizer(nn.Module):
         """indices (B, h, w[, G][, Q]) -> the quantized latents z_q (B, D, h, w) they stand for."""
         if indices.dim() < 3:
             raise ValueError(f"indices must be (B, h, w[, Q]), got shape {tuple(indices.shape)}")
+        if self._channel_first:  # (b, *spatial[, c]) -> (b, dim, *spatial)
+            return self.quantizer.indices_to_codes(indices)
         b, h, w = indices.shape[:3]
         flat = indices.reshape(b, h * w, *indices.shape[3:])
         if self._grouped:

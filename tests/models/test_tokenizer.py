@@ -178,6 +178,7 @@ FASTVQ_QUANTIZERS = [
     ("scalar", {"type": "FSQ", "levels": [5, 4, 3]}),
     ("scalar", {"type": "LFQ", "codebook_size": 16}),
     ("scalar", {"type": "BSQ", "codebook_size": 16}),
+    ("scalar", {"type": "LatentQuantize", "levels": [3, 5, 7, 9]}),
     ("projected", {"type": "SimVQ", "codebook_size": 16}),
     ("lattice", {"type": "E8Quantize"}),
     ("residual", {"type": "ResidualVQ", "num_quantizers": 2, "codebook_size": 8}),
@@ -191,8 +192,9 @@ FASTVQ_QUANTIZERS = [
 
 @pytest.mark.parametrize("module,qcfg", FASTVQ_QUANTIZERS, ids=lambda v: str(v)[:24])
 def test_every_fastvq_quantizer_family_in_a_tokenizer(module, qcfg):
-    """Output shapes, a finite loss, gradients to the encoder, and decode_indices == decode for
-    each fastvq.nn quantizer family (fresh modules: skipped where one has not landed)."""
+    """Output shapes, a finite loss, gradients to the encoder, decode_indices == decode, and each
+    position quantized as its own latent vector, for each fastvq.nn quantizer family (fresh
+    modules: skipped where one has not landed)."""
     pytest.importorskip(f"fastvq.nn.{module}")
     torch.manual_seed(4)
     tok = build_tokenizer({**ROTATED, "quantizer": qcfg})
@@ -206,3 +208,10 @@ def test_every_fastvq_quantizer_family_in_a_tokenizer(module, qcfg):
     with torch.no_grad():
         z_q, idx, _ = tok.encode(x)
         torch.testing.assert_close(tok.decode_indices(idx), tok.decode(z_q), rtol=1e-5, atol=1e-5)
+        # A position alone gets the code it gets among the others (a quantizer handed the map
+        # in the wrong layout mixes positions, or fails where h * w != D).
+        z = tok.latents(x)
+        for i, j in [(0, 0), (1, 0), (1, 1)]:
+            z_q1, idx1, _ = tok.quantize(z[:, :, i : i + 1, j : j + 1])
+            assert torch.equal(idx1[:, 0, 0], idx[:, i, j])
+            torch.testing.assert_close(z_q1[:, :, 0, 0], z_q[:, :, i, j], rtol=1e-5, atol=1e-6)

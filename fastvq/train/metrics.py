@@ -119,33 +119,104 @@ class FeatureStats:
         return mu, cov
 
 
-def code_stats(counts: torch.Tensor) -> dict:
-    """Usage (fraction of codes used), perplexity and entropy in bits of accumulated counts (K,)."""
-    c = counts.double()
-    ppl = float(fastvq.perplexity(c))
+def code_stats(counts: torch.Tensor, sizes=None) -> dict:
+    """Usage (fraction of codes used), perplexity and entropy in bits of accumulated counts (K,),
+    or of counts (C, K) of C codebooks whose sizes are `sizes` (C,) (default: K each): then each
+    statistic is the mean over the codebooks of its value for each, and codes_used their sum."""
+    c = counts.double().reshape(-1, counts.shape[-1])
+    sizes = torch.as_tensor(sizes if sizes is not None else [c.shape[1]] * len(c)).double()
+    used = (c > 0).sum(1)
+    ppl = fastvq.perplexity(c)
     return {
-        "usage": float(fastvq.usage(c)),
-        "codes_used": int((c > 0).sum()),
-        "perplexity": ppl,
-        "entropy_bits": math.log2(ppl) if ppl > 0 else 0.0,
+        "usage": float((used / sizes).mean()),
+        "codes_used": int(used.sum()),
+        "perplexity": float(ppl.mean()),
+        "entropy_bits": float(torch.log2(ppl.clamp(min=1)).mean()),
     }
+
+
+class CodeCounts:
+    """How often each code was chosen, accumulated per codebook.
+
+    Tokenizer indices (B, h, w, *slots) hold one code of each of the C = prod(slots) codebooks
+    (residual layers, groups, heads) per position. sizes: each codebook's size in that order, or
+    one size for all (an int; Tokenizer.codebook_sizes gives them). Entries < 0 (a layer that
+    quantize dropout skipped) are not counted. counts: (C, max(sizes)) int64, allocated at the
+    first update.
+    """
+
+    def __init__(self, sizes, device):
+        self.sizes = (int(sizes),) if isinstance(sizes, int) else tuple(int(k) for k in sizes)
+        self.device = device
+        self.counts: torch.Tensor | None = None
+
+    def _sizes(self, c: int) -> tuple[int, ...]:
+        if len(self.sizes) == 1:
+            return self.sizes * c
+        if len(self.sizes) != c:
+            raise ValueError(
+                f"indices hold {c} codes per position, but the quantizer has {len(self.sizes)} "
+                f"codebooks (sizes {self.sizes})"
+            )
+        return self.sizes
+
+    def update(self, indices: torch.Tensor) -> None:
+        if indices.dim() < 3:
+            raise ValueError(f"indices must be (B, h, w, *slots), got {tuple(indices.shape)}")
+        c = math.prod(indices.shape[3:])
+        sizes = self._sizes(c)
+        if self.counts is None:
+            self.counts = torch.zeros(c, max(sizes), dtype=torch.int64, device=self.device)
+        elif len(self.counts) != c:
+            raise ValueError(f"indices hold {c} codes per position, earlier {len(self.counts)}")
+        idx = indices.reshape(-1, c).to(self.device)
+        limit = torch.tensor(sizes, device=idx.device)
+        if bool((idx >= limit).any()):
+            raise ValueError(f"indices must lie below their codebook's size {sizes}")
+        flat = idx + torch.arange(c, device=idx.device) * self.counts.shape[1]
+        fastvq.code_counts(flat[idx >= 0], self.counts.numel(), out=self.counts.view(-1))
+
+    def all_reduce(self) -> None:
+        """Sums the counts across processes (a process that counted nothing contributes zeros)."""
+        import torch.distributed as dist
+
+        shape = torch.tensor(self.counts.shape if self.counts is not None else (0, 0))
+        shape = shape.to(self.device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX)
+        if self.counts is None and int(shape[0]):
+            self.counts = torch.zeros(shape.tolist(), dtype=torch.int64, device=self.device)
+        if self.counts is not None:
+            dist.all_reduce(self.counts)
+
+    def stats(self) -> dict:
+        """code_stats of the counts; {} before any update."""
+        if self.counts is None:
+            return {}
+        return code_stats(self.counts, self._sizes(len(self.counts)))
+
+    def every_code(self) -> torch.Tensor:
+        """The counts of every code of every codebook, (sum(sizes),): the padding left out."""
+        sizes = self._sizes(len(self.counts))
+        return torch.cat([row[:k] for row, k in zip(self.counts, sizes, strict=True)])
+
+    def zero_(self) -> None:
+        if self.counts is not None:
+            self.counts.zero_()
 
 
 class Evaluator:
     """Accumulates reconstruction metrics and code counts over an evaluation set.
 
     update(x, recon, indices) per batch; result() -> dict of means over every image seen and the
-    code statistics of all indices seen. `all_reduce` sums the accumulators across processes.
+    code statistics of all indices seen (CodeCounts, with codebook_sizes as Tokenizer gives them;
+    None: none). `all_reduce` sums the accumulators across processes.
     """
 
-    def __init__(self, codebook_size: int | None, device, feature_fn=None):
-        self.k = codebook_size
+    def __init__(self, codebook_sizes, device, feature_fn=None):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # mse, psnr, ssim
         self.n = 0
-        # (K,) int64 keeps counts exact; K = 196,560 (Leech) is 1.5 MiB.
-        self.counts = (
-            torch.zeros(codebook_size, dtype=torch.int64, device=device) if codebook_size else None
-        )
+        # int64 keeps counts exact; K = 196,560 (Leech) is 1.5 MiB.
+        self.codes = CodeCounts(codebook_sizes, device) if codebook_sizes else None
         self.feature_fn = feature_fn
         self.real, self.fake = FeatureStats(), FeatureStats()
 
@@ -158,8 +229,8 @@ class Evaluator:
         s = ssim(x, recon) if min(x.shape[-2:]) >= 11 else torch.full_like(m, float("nan"))
         self.sums += torch.stack([m.sum(), p.sum(), s.sum()])
         self.n += len(x)
-        if self.counts is not None and indices is not None:
-            fastvq.code_counts(indices.flatten(), self.k, out=self.counts)
+        if self.codes is not None and indices is not None:
+            self.codes.update(indices)
         if self.feature_fn is not None:
             self.real.update(self.feature_fn((x + 1) / 2))
             self.fake.update(self.feature_fn((recon + 1) / 2))
@@ -168,8 +239,10 @@ class Evaluator:
         import torch.distributed as dist
 
         n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sums.device)
-        for t in (self.sums, n) + ((self.counts,) if self.counts is not None else ()):
+        for t in (self.sums, n):
             dist.all_reduce(t)
+        if self.codes is not None:
+            self.codes.all_reduce()
         self.n = int(n.item())
         if self.feature_fn is not None:
             for st in (self.real, self.fake):
@@ -184,8 +257,8 @@ class Evaluator:
             raise ValueError("no images were evaluated")
         m, p, s = (self.sums / self.n).tolist()
         out = {"images": self.n, "mse": m, "psnr": p, "ssim": s}
-        if self.counts is not None:
-            out.update(code_stats(self.counts))
+        if self.codes is not None:
+            out.update(self.codes.stats())
         if self.feature_fn is not None:
             out["rfid"] = frechet_distance(*self.real.mean_cov(), *self.fake.mean_cov())
         return out

@@ -25,7 +25,7 @@ import torch
 from fastvq.train import checkpoint as ckpt
 from fastvq.train.config import dump_config
 from fastvq.train.data import build_datasets, eval_loader, train_loader
-from fastvq.train.metrics import Evaluator, load_feature_fn
+from fastvq.train.metrics import CodeCounts, Evaluator, load_feature_fn
 from fastvq.train.visuals import save_grid, save_usage_histogram
 
 
@@ -170,11 +170,7 @@ class Trainer:
         self.items = 0  # training items this rank consumed: the data stream's resume position
         self.history: list[float] = []  # per-step loss on this rank
         # Codes chosen since the last log line: the live usage / perplexity of the progress bar.
-        self.window_counts = torch.zeros(
-            getattr(model.quantizer, "codebook_size", None) or 1,
-            dtype=torch.int64,
-            device=self.device,
-        )
+        self.window_codes = CodeCounts(self.codebook_sizes or (1,), self.device)
         self.fixed_batch = None
         torch.manual_seed(t["seed"] * 7919 + self.rank)  # per-rank stream for dropout, resets
 
@@ -213,6 +209,10 @@ class Trainer:
     @property
     def codebook_size(self) -> int | None:
         return getattr(_unwrap(self.model).quantizer, "codebook_size", None)
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...] | None:
+        return _unwrap(self.model).codebook_sizes
 
     def load_weights(self, path) -> None:
         """Model weights from a trainer checkpoint (its EMA copy when it has one) or a plain
@@ -288,7 +288,9 @@ class Trainer:
             "items": self.items,
             "history": list(self.history),
             # The codes chosen since the last log line (rank 0's, the one that logs).
-            "window_counts": self.window_counts.cpu(),
+            "window_counts": (
+                self.window_codes.counts.cpu() if self.window_codes.counts is not None else None
+            ),
             "fixed_batch": self.fixed_batch.cpu() if self.fixed_batch is not None else None,
             "rng": rngs,
             "world": self.world,
@@ -313,8 +315,9 @@ class Trainer:
                 own.load_state_dict(s[name])
         self.step, self.items = s["step"], s["items"]
         self.history = list(s["history"])
-        if s.get("window_counts") is not None:  # checkpoints from before it was saved: restart
-            self.window_counts.copy_(s["window_counts"])
+        counts = s.get("window_counts")
+        if counts is not None and counts.dim() == 2:  # older checkpoints: restart the window
+            self.window_codes.counts = counts.to(self.device)
         fb = s.get("fixed_batch")
         self.fixed_batch = fb.to(self.device) if fb is not None else None
         if s["world"] != self.world:
@@ -424,12 +427,8 @@ class Trainer:
             total += value / accum
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / accum
-            if out.indices is not None and self.codebook_size:
-                import fastvq
-
-                fastvq.code_counts(
-                    out.indices.flatten(), self.codebook_size, out=self.window_counts
-                )
+            if out.indices is not None and self.codebook_sizes:
+                self.window_codes.update(out.indices)
             xs.append(x)
             recons.append(out.recon.detach())
         clip = cfg["optim"]["grad_clip"]
@@ -460,14 +459,16 @@ class Trainer:
         model = _unwrap(self.model)
         lower, upper = split_parameters(model)
         x = self.fixed_batch if self.fixed_batch is not None else next(batches)
-        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t["bf16"])
 
-        def loss():
-            with autocast:
+        def loss(mixed: bool = True):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=t["bf16"] and mixed):
                 out = model(x)
                 return self._generator_loss(x, out, self.step)[0]
 
-        grads, _ = hypergradient(lower, upper, loss, None, m["inner_lr"], m["fd_eps"])
+        # The finite-difference passes in float32 (hypergradient's fd_loss says why).
+        grads, _ = hypergradient(
+            lower, upper, loss, None, m["inner_lr"], m["fd_eps"], fd_loss=lambda: loss(False)
+        )
         if self.world > 1:
             import torch.distributed as dist
 
@@ -541,12 +542,10 @@ class Trainer:
                     now = time.perf_counter()
                     logs["images_per_s"] = images_per_step * (self.step - tick_step) / (now - tick)
                     tick, tick_step = now, self.step
-                    if self.codebook_size and self.cfg["train"]["vq"]:
-                        from fastvq.train.metrics import code_stats
-
-                        st = code_stats(self.window_counts)
+                    st = self.window_codes.stats() if self.cfg["train"]["vq"] else {}
+                    if st:
                         logs["usage"], logs["perplexity"] = st["usage"], st["perplexity"]
-                        self.window_counts.zero_()
+                        self.window_codes.zero_()
                     progress.update(self.step, {
                         k: logs[k] for k in ("loss", "usage", "perplexity", "images_per_s")
                         if k in logs
@@ -623,8 +622,8 @@ class Trainer:
         was = model.training
         model.eval()
         feature_fn = load_feature_fn(e["fid_features"], self.device) if e["fid_features"] else None
-        k = self.codebook_size if cfg["train"]["vq"] else None
-        ev = Evaluator(k, self.device, feature_fn)
+        sizes = self.codebook_sizes if cfg["train"]["vq"] else None
+        ev = Evaluator(sizes, self.device, feature_fn)
         lpips = getattr(self.loss_fn, "lpips", None)
         lpips_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=cfg["train"]["bf16"])
@@ -653,6 +652,6 @@ class Trainer:
         if save_images and self.rank == 0 and shown is not None:
             img_dir = self.out_dir / "images"
             save_grid(*shown, img_dir / f"recon_{self.step:07d}.png")
-            if ev.counts is not None:
-                save_usage_histogram(ev.counts, img_dir / f"usage_{self.step:07d}.png")
+            if ev.codes is not None and ev.codes.counts is not None:
+                save_usage_histogram(ev.codes.every_code(), img_dir / f"usage_{self.step:07d}.png")
         return result

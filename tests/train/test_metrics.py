@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastvq.train.metrics import (
+    CodeCounts,
     Evaluator,
     FeatureStats,
     code_stats,
@@ -113,3 +114,30 @@ def test_code_stats_and_evaluator():
     assert r["psnr"] == pytest.approx((120 + 20) / 2, rel=1e-5)  # a perfect image counts 120 dB
     with pytest.raises(ValueError, match="no images"):
         Evaluator(4, "cpu").result()
+
+
+def test_code_counts_per_codebook():
+    """Residual indices (B, h, w, Q) count per layer, each against its own size: two layers using
+    disjoint halves of one 8-code range have usage 1/2 each (pooled counts would say 1), a
+    64-code second layer is no out-of-range error, and dropped layers (-1) are not counted."""
+    layer0 = torch.arange(4).repeat(9).view(1, 6, 6)
+    ev = Evaluator(8, "cpu")
+    x = torch.rand(2, 3, 12, 12) * 1.6 - 0.8
+    ev.update(x, x, torch.stack([layer0, layer0 + 4], -1).expand(2, 6, 6, 2))
+    r = ev.result()
+    assert r["usage"] == 0.5 and r["codes_used"] == 8 and r["perplexity"] == pytest.approx(4.0)
+
+    codes = CodeCounts((8, 64), "cpu")
+    second = torch.arange(36).view(1, 6, 6)
+    second[0, 0, :3] = -1  # quantize dropout skipped the layer at three positions
+    codes.update(torch.stack([layer0, second], -1))
+    assert codes.counts.shape == (2, 64) and codes.counts.sum(1).tolist() == [36, 33]
+    st = codes.stats()
+    assert st["usage"] == pytest.approx((4 / 8 + 33 / 64) / 2)
+    assert st["perplexity"] == pytest.approx((4 + 33) / 2)
+    assert st["entropy_bits"] == pytest.approx((2 + math.log2(33)) / 2)
+    assert codes.every_code().shape == (72,) and int(codes.every_code().sum()) == 69
+    with pytest.raises(ValueError, match="below their codebook's size"):
+        codes.update(torch.stack([layer0 + 5, second], -1))  # 8 is past the first codebook
+    with pytest.raises(ValueError, match="3 codes per position"):
+        codes.update(torch.zeros(1, 2, 2, 3, dtype=torch.long))

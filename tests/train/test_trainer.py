@@ -158,6 +158,25 @@ def test_bf16_autocast_and_accumulation_run(make_config, datasets):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast only
 
 
+def test_residual_quantizer_code_statistics_per_layer(make_config, datasets, tmp_path):
+    """A ResidualVQ with a codebook size per layer and quantize dropout trains, resumes and
+    evaluates: its code counts are per layer, each against its own size, and skip dropped
+    layers (-1), where one K-bin histogram failed on the second layer's codes and on -1."""
+    q = "{type: ResidualVQ, num_quantizers: 2, codebook_size: [4, 32], quantize_dropout: true}"
+    trainer = Trainer(make_config("train.steps=4", f"model.quantizer={q}"), datasets=datasets)
+    result = trainer.fit()
+    counts = trainer.window_codes.counts
+    assert counts.shape == (2, 32) and int(counts[0, 4:].sum()) == 0
+    r = result["eval"]
+    assert 0 < r["usage"] <= 1 and r["codes_used"] <= 4 + 32 and r["perplexity"] >= 1
+    rows = list(csv.DictReader(open(trainer.out_dir / "log.csv")))
+    assert any(row.get("usage") for row in rows)
+
+    resumed = Trainer(make_config("train.steps=4", f"model.quantizer={q}"), datasets=datasets)
+    resumed.load_state(trainer.ckpt_dir / "latest.pt")
+    assert resumed.window_codes.counts.shape == (2, 32)
+
+
 def test_init_from_pretrained_autoencoder_then_kmeans(make_config, datasets, tmp_path):
     """The collapse recipe's stages 1 -> 2: weights from the VQ-free pretraining, then a codebook
     k-means-fitted to the pretrained encoder's outputs (lower distortion than the random one)."""

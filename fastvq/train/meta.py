@@ -48,6 +48,7 @@ def hypergradient(
     val_loss: Callable[[], torch.Tensor] | None = None,
     inner_lr: float = 1e-3,
     fd_eps: float = 0.01,
+    fd_loss: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """One-step-unrolled hypergradient of the upper-level parameters, by finite differences.
 
@@ -61,13 +62,18 @@ def hypergradient(
             of the same form at both levels, possibly on another batch).
         inner_lr: xi, the unrolled inner step (0 gives the plain gradient grad_psi L_val).
         fd_eps: finite-difference step, relative to |v| (see the module docstring).
+        fd_loss: closure for L_train in the two finite-difference passes; None = train_loss.
+            Give one that runs in float32 when train_loss runs under bf16 autocast: the step
+            moves each of P weights by about fd_eps / sqrt(P), below bf16's resolution, so in
+            bf16 the difference measures rounding, not the Hessian-vector product.
 
     Returns:
         (grads, logs): grads[i] has upper[i]'s shape and dtype; logs holds the detached direct and
         indirect gradient norms and the losses. Nothing is written to .grad.
 
     Forward passes run in whatever mode the modules are in: BatchNorm running statistics see
-    the extra passes in train mode.
+    the extra passes in train mode. The two finite-difference passes start from the same random
+    state, so dropout draws the same masks in both and cancels from their difference.
     """
     lower, upper = list(lower), list(upper)
     if not lower or not upper:
@@ -75,6 +81,8 @@ def hypergradient(
     if inner_lr < 0 or fd_eps <= 0:
         raise ValueError(f"inner_lr must be >= 0 and fd_eps > 0, got {inner_lr}, {fd_eps}")
     val_loss = train_loss if val_loss is None else val_loss
+    fd_loss = train_loss if fd_loss is None else fd_loss
+    cuda = sorted({p.device.index or 0 for p in [*lower, *upper] if p.is_cuda})
     w0 = [p.detach().clone() for p in lower]
     try:
         l_train = train_loss()
@@ -88,9 +96,10 @@ def hypergradient(
         if inner_lr > 0 and v_norm > 0:
             r = fd_eps / v_norm.item()
             _assign(lower, w0, v, r)
-            g_plus = _grads(train_loss(), upper)
+            with torch.random.fork_rng(devices=cuda):
+                g_plus = _grads(fd_loss(), upper)
             _assign(lower, w0, v, -r)
-            g_minus = _grads(train_loss(), upper)
+            g_minus = _grads(fd_loss(), upper)
             indirect = [
                 (a - b) * (inner_lr / (2 * r)) for a, b in zip(g_plus, g_minus, strict=True)
             ]

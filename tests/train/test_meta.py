@@ -64,6 +64,39 @@ def test_hypergradient_matches_finite_differences(xi):
         assert logs["indirect_norm"] == 0
 
 
+def test_hypergradient_finite_difference_passes():
+    """The two finite-difference passes run fd_loss (the trainer's float32 closure under bf16)
+    and draw the same dropout masks: with dropout in the loss, the indirect term stays put as
+    fd_eps shrinks (independent masks would add a difference of order 1 / fd_eps)."""
+    a, b, lower, upper, loss = _problem()
+    calls = []
+
+    def fd_loss():
+        calls.append(1)
+        return loss(a, *lower, *upper)
+
+    plain, _ = hypergradient(lower, upper, lambda: loss(a, *lower, *upper), inner_lr=0.3)
+    via, _ = hypergradient(
+        lower, upper, lambda: loss(a, *lower, *upper), None, 0.3, fd_loss=fd_loss
+    )
+    assert len(calls) == 2
+    for p, q in zip(plain, via, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    def dropped():
+        h = torch.nn.functional.dropout(torch.tanh(a @ lower[0][:, None] * upper[0][:3]), 0.5)
+        return (h @ lower[1].T - upper[1]).square().mean()
+
+    indirect = []
+    for eps in (1e-3, 1e-5):
+        torch.manual_seed(0)  # the same masks in both calls' passes
+        indirect.append(
+            hypergradient(lower, upper, dropped, inner_lr=0.3, fd_eps=eps)[1]["indirect_norm"]
+        )
+    assert indirect[0] > 0
+    assert indirect[1] == pytest.approx(indirect[0], rel=1e-2)
+
+
 def test_hypergradient_errors():
     a, b, lower, upper, loss = _problem()
     with pytest.raises(ValueError, match="at least one"):

@@ -2,7 +2,8 @@
 // folded into EMA accumulators in place:
 //   counts[k] = keep * counts[k] + gain * c[k],   c[k] = sum of w[n]
 //   sums[k]   = keep * sums[k]   + gain * s[k],   s[k] = sum of w[n] * z[n]   over idx[n] == k
-// in float32 whatever z's dtype. By code ownership (by_code.h): each thread sums the rows of its
+// in float32 whatever z's dtype, each code's batch sums in double (a float32 count stops growing
+// at 2^24 rows of one code; k-means over many rows gets there). By code ownership (by_code.h): each thread sums the rows of its
 // codes in increasing n into a private buffer and writes its codes once, so the result is
 // bit-identical run to run and for any thread count; `deterministic` is therefore ignored here.
 // Rows of weight 0 (padding under a mask) are skipped, as in kernels/ema.py.
@@ -29,23 +30,23 @@ void ema_kernel(const T* z, int64_t ldz, const int64_t* idx, const float* weight
   cpu::for_each_code_range(bounds, [&](int64_t k0, int64_t k1) {
     // (k1 - k0) x (D + 1): the sums, then the count, of each owned code.
     const int64_t width = D + 1;
-    std::vector<float> acc((k1 - k0) * width, 0.f);
+    std::vector<double> acc((k1 - k0) * width, 0.0);
     const uint64_t span = static_cast<uint64_t>(k1 - k0);
     for (int64_t n = 0; n < N; ++n) {
       const uint64_t j = static_cast<uint64_t>(idx[n] - k0);
       if (j >= span) continue;
       const float w = weight != nullptr ? weight[n] : 1.f;
       if (w == 0.f) continue;
-      float* a = acc.data() + j * width;
+      double* a = acc.data() + j * width;
       const T* x = z + n * ldz;
       for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(x[d]);
       a[D] += w;
     }
     for (int64_t k = k0; k < k1; ++k) {
-      const float* a = acc.data() + (k - k0) * width;
+      const double* a = acc.data() + (k - k0) * width;
       float* s = sums + k * lds;
-      for (int64_t d = 0; d < D; ++d) s[d] = keep * s[d] + gain * a[d];
-      counts[k * ldc] = keep * counts[k * ldc] + gain * a[D];
+      for (int64_t d = 0; d < D; ++d) s[d] = keep * s[d] + gain * static_cast<float>(a[d]);
+      counts[k * ldc] = keep * counts[k * ldc] + gain * static_cast<float>(a[D]);
     }
   });
 }

@@ -37,6 +37,9 @@ KMEANS_INITS = ("kmeans++", "random")
 KMEANS_PP_ROUNDS = 64
 # Rows per chunk of the torch path's float32 copy of z: the temporary stays O(K * D + 2^20).
 _CHUNK_ELEMENTS = 1 << 20
+# Rows per scatter into a float32 batch buffer: a float32 count (and sum) stops growing at 2^24
+# rows of one code, so longer batches add their chunks' statistics in float64.
+_STATS_CHUNK_ROWS = 1 << 22
 
 
 # --- Triton ops: opaque custom ops (importing fastvq must not import Triton), with fakes ---------
@@ -285,6 +288,13 @@ def _ema_pieces(sorted_codes: torch.Tensor, k: int, piece_rows: int):
 def _batch_stats(z, idx, w, k: int, dtype, backend: str, deterministic: bool) -> torch.Tensor:
     """(K, D + 1) buffer: [:, :D] = sum of w[n] z[n], [:, D] = sum of w[n] over idx[n] == k."""
     n, d = z.shape
+    if n > _STATS_CHUNK_ROWS and dtype != torch.float64:
+        total = torch.zeros(k, d + 1, dtype=torch.float64, device=z.device)
+        for start in range(0, n, _STATS_CHUNK_ROWS):
+            rows = slice(start, start + _STATS_CHUNK_ROWS)
+            part = w[rows] if w is not None else None
+            total += _batch_stats(z[rows], idx[rows], part, k, dtype, backend, deterministic)
+        return total.to(dtype)
     stats = torch.zeros(k, d + 1, dtype=dtype, device=z.device)
     if n == 0:
         return stats
@@ -388,8 +398,12 @@ def ema_update_(
     idx = indices.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.detach().reshape(-1).to(acc).contiguous()
 
-    if name == "cpp" and group is None:
-        # One pass: the kernel writes decay * old + (1 - decay) * batch sum into the accumulators.
+    if name == "cpp" and group is None and (device.type == "cpu" or deterministic):
+        # One pass: the kernel writes decay * old + (1 - decay) * batch sum into the accumulators
+        # (the CPU kernel sums each code's rows in double first, the deterministic GPU kernels
+        # in pieces of 512 rows). Float atomics go through a zeroed batch buffer below: added
+        # straight into the accumulators, (1 - decay) * w falls below half an ulp of a count of
+        # 2^24 (1 - decay) and is lost.
         sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
         torch.ops.fastvq.ema_scatter_cpp(
             cluster_size, sums, z2, idx, w, decay, 1.0 - decay, deterministic
@@ -398,20 +412,15 @@ def ema_update_(
             embed_sum.copy_(sums)
         return cluster_size, embed_sum
 
-    if name == "triton" and group is None:
-        # No (K, D + 1) buffer: the deterministic kernel writes decay * old + (1 - decay) * sum
-        # once per accumulator; the atomic path scales by decay (one mul_), then adds
-        # (1 - decay) * w * z. A copy only for an embed_sum without unit column stride.
+    if name == "triton" and group is None and deterministic:
+        # No (K, D + 1) buffer: the kernel writes decay * old + (1 - decay) * sum once per
+        # accumulator. A copy only for an embed_sum without unit column stride.
         sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
         if z2.shape[0] == 0:
             cluster_size.mul_(decay)
             sums.mul_(decay)
-        elif deterministic:
-            _ema_segment_triton(cluster_size, sums, z2, idx, w, decay, 1.0 - decay)
         else:
-            cluster_size.mul_(decay)
-            sums.mul_(decay)
-            _ema_scatter_triton(cluster_size, sums, z2, idx, w, 1.0 - decay)
+            _ema_segment_triton(cluster_size, sums, z2, idx, w, decay, 1.0 - decay)
         if sums is not embed_sum:
             embed_sum.copy_(sums)
         return cluster_size, embed_sum

@@ -277,6 +277,60 @@ def test_ema_update_decay_edges_empty_batch_and_layouts(case, poison):
     torch.testing.assert_close(es_view, expected[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_ema_update_keeps_a_hot_codes_batch(case, deterministic):
+    """A code at the steady state of large batches (count 300,000 at decay 0.99) that takes all
+    of another 300,000 rows keeps its count and mean. Float atomics added straight into the
+    decayed accumulators lose each row's 0.01, below half the count's ulp (2^-5), and with it the
+    whole batch (297,000)."""
+    device, backend = case
+    n = 300_000
+    cs = torch.tensor([float(n), 1.0], device=device)
+    es = torch.tensor([[0.5 * n], [0.0]], device=device)
+    z = torch.full((n, 1), 0.5, device=device)
+    idx = torch.zeros(n, dtype=torch.int64, device=device)
+    ema_update_(cs, es, z, idx, 0.99, deterministic=deterministic, backend=backend)
+    assert abs(cs[0].item() - n) <= 1 and abs(es[0, 0].item() - 0.5 * n) <= 0.5
+    assert cs[1].item() == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] in ("torch", "cpu")])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_ema_update_counts_past_float32_integers(case, deterministic):
+    """2^24 + 2^12 rows of one code in one batch: every row counts (a float32 running count stops
+    at 2^24, where adding 1 rounds back down), on the backends fast enough for 17M rows here."""
+    device, backend = case
+    n = (1 << 24) + (1 << 12)
+    cs, es = torch.ones(2, device=device), torch.zeros(2, 1, device=device)
+    z = torch.full((n, 1), 0.25, device=device)
+    idx = torch.zeros(n, dtype=torch.int64, device=device)
+    ema_update_(cs, es, z, idx, 0.0, deterministic=deterministic, backend=backend)
+    assert cs.tolist() == [n, 0.0] and es[0, 0].item() == n / 4
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_ema_update_in_row_chunks_equals_one_pass(case, deterministic, monkeypatch):
+    """Batches longer than fastvq.ops.codebook._STATS_CHUNK_ROWS are scattered chunk by chunk and
+    added in float64 (here chunks of 64 rows): the same statistics, weights and all."""
+    from fastvq.ops import codebook
+
+    device, backend = case
+    cs, es, z, idx, w = _ema_inputs(300, 7, 5, torch.float32, device, 8, "float")
+    expected = cs.clone(), es.clone()
+    ema_update_(*expected, z, idx, 0.9, weight=w, deterministic=deterministic, backend=backend)
+    monkeypatch.setattr(codebook, "_STATS_CHUNK_ROWS", 64)
+    got = cs.clone(), es.clone()
+    ema_update_(*got, z, idx, 0.9, weight=w, deterministic=deterministic, backend=backend)
+    centroids = kmeans(z, 3, iters=3, generator=torch.Generator(device).manual_seed(0))
+    monkeypatch.setattr(codebook, "_STATS_CHUNK_ROWS", 1 << 22)
+    unchunked = kmeans(z, 3, iters=3, generator=torch.Generator(device).manual_seed(0))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(centroids, unchunked, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] == "torch"])
 def test_ema_update_never_builds_n_by_k(case):
     # N = K = 2^17: a one-hot would take 64 GiB; the scatter needs O(K * D + N).

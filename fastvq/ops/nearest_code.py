@@ -213,19 +213,29 @@ def nearest_code(
         indices = _TOPK_KERNELS[name](z2.detach(), cb.detach(), scale, bias, k, fast)
     else:
         indices = _KERNELS[name](z2.detach(), cb.detach(), scale, bias, fast)
-    if k is None:
-        indices = indices.view(z.shape[:-1])
-        zb = z
-    else:
-        indices = indices.view(*z.shape[:-1], k)
-        zb = z.unsqueeze(-2)
-    if not return_distance:
-        return indices
-    return indices, code_values(zb, codebook, indices, metric)
+    values = None
+    if return_distance:  # (N, 1 or k)
+        flat = indices.view(z2.shape[0], k or 1)
+        values = code_values(z.reshape(-1, 1, d), codebook, flat, metric)
+    shape = z.shape[:-1] if k is None else (*z.shape[:-1], k)
+    indices = indices.view(shape)
+    return indices if values is None else (indices, values.view(shape))
+
+
+# Elements of the gathered codes per chunk of code_values: with k codes per row, one gather would
+# hold N x k x D values (128 GiB at N = 2^20, k = 128, D = 256).
+_GATHER_ELEMENTS = 1 << 24
 
 
 def code_values(z, codebook, indices, metric):
-    """Distance / similarity between z (..., D) and codebook[indices], in float32 or float64."""
+    """Distance / similarity between z (N, 1, D) and codebook[indices], indices (N, k), in float32
+    or float64: (N, k), in chunks of rows that gather at most _GATHER_ELEMENTS code values."""
+    rows = max(1, _GATHER_ELEMENTS // max(indices.shape[1] * codebook.shape[1], 1))
+    if indices.shape[0] > rows:
+        return torch.cat([
+            code_values(z[i : i + rows], codebook, indices[i : i + rows], metric)
+            for i in range(0, indices.shape[0], rows)
+        ])  # fmt: skip
     acc = torch.promote_types(torch.promote_types(z.dtype, codebook.dtype), torch.float32)
     zf, cf = z.to(acc), codebook.to(acc)[indices]
     if metric == "l2":

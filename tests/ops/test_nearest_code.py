@@ -158,6 +158,31 @@ def test_distance_is_differentiable():
     torch.testing.assert_close(codebook.grad, expected)
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_distances_in_row_chunks(k, monkeypatch):
+    """return_distance gathers the chosen codes in chunks of rows (here 20 values, 2 or 6 rows at
+    a time, where one gather of N x k x D values could exceed memory): the same values and
+    gradients as in one piece."""
+    from fastvq.ops import nearest_code as op
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    codebook = torch.randn(30, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    runs = []
+    for elements in (op._GATHER_ELEMENTS, 20):
+        monkeypatch.setattr(op, "_GATHER_ELEMENTS", elements)
+        idx, dist = fastvq.nearest_code(z, codebook, k=k, metric="dot", return_distance=True)
+        grads = torch.autograd.grad((dist * dist.detach()).sum(), [z, codebook])
+        runs.append((idx, dist, *grads))
+    expected = (z[..., None, :] if k else z) * codebook[runs[0][0]]
+    assert runs[0][1].shape == runs[0][0].shape == (3, 5, *([k] if k else []))
+    torch.testing.assert_close(runs[0][1], expected.sum(-1), rtol=0, atol=0)
+    for a, b in zip(runs[0][:2], runs[1][:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(runs[0][2:], runs[1][2:], strict=True):  # summed in another order
+        torch.testing.assert_close(a, b)
+
+
 def test_cosine_distance_gradient_is_finite_at_zero_rows_and_codes():
     # A zero row, and a row whose best code is the zero code (every other cosine is negative):
     # cosine 0 with a zero gradient, and the codebook's gradient stays finite.

@@ -1,3 +1,4 @@
+import itertools
 import os
 import subprocess
 import sys
@@ -79,13 +80,23 @@ def test_parity_with_float64(case, dtype, metric, precision, poison):
 def test_lowest_index_wins_exact_ties(case):
     device, backend = case
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(40, 24, generator=g)
-    codebook = torch.cat([base, base, base[:7]]).to(device)  # code j == code j + 40 (== j + 80)
-    z = (base + 1e-3 * torch.randn(40, 24, generator=g)).to(device)
+    base = torch.randn(64, 24, generator=g)
+    # Code j == j + 64 == j + 128 == j + 192: copies in other lanes, and in the same lane of
+    # later tiles (of 64 or 128 codes); K = 263 ends in a partial tile.
+    codebook = torch.cat([base] * 4 + [base[:7]]).to(device)
+    z = (base + 1e-3 * torch.randn(64, 24, generator=g)).to(device)
     for metric in METRICS:
         idx = fastvq.nearest_code(z, codebook, metric=metric, backend=backend)
         check_nearest(z, codebook, idx, metric)
-        assert bool((idx < 40).all()), f"{metric}: a duplicate with a higher index won a tie"
+        assert bool((idx < 64).all()), f"{metric}: a duplicate with a higher index won a tie"
+    # Unchecked, a row that scores -inf against every code (past the first tile too) gets 0.
+    minus = -codebook.abs()
+    inf_row = torch.zeros(2, 24, device=device)
+    inf_row[:, 0] = float("inf")
+    idx = fastvq.nearest_code(
+        inf_row, minus, metric="dot", backend=backend, check_inputs_finite=False
+    )
+    assert idx.tolist() == [0, 0]
     # A zero vector scores 0 against every code under cosine: the first code wins.
     zero = torch.zeros(3, 24, device=device)
     assert fastvq.nearest_code(zero, codebook, metric="cosine", backend=backend).tolist() == [0] * 3
@@ -448,6 +459,15 @@ def test_triton_split_k_is_identical_to_one_pass():
     split = nearest_code_triton(z, codebook, None, bias, False, splits=5)
     assert torch.equal(one, split)
     check_nearest(z, codebook, one)
+    # Exact ties across splits go to the lowest index, screened or not.
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 24, generator=g)
+    codebook = torch.cat([base] * 4).to(device)  # code j == j + 64 == j + 128 == j + 192
+    z = (base + 1e-3 * torch.randn(64, 24, generator=g)).to(device)
+    bias = -0.5 * codebook.square().sum(-1)
+    for splits, screen in itertools.product((2, 4), (False, True)):
+        idx = nearest_code_triton(z, codebook, None, bias, False, splits=splits, screen=screen)
+        assert bool((idx < 64).all()), (splits, screen)
 
 
 def _screening_inputs(n, k, d, metric, device, seed):
@@ -506,6 +526,22 @@ def test_triton_screening_rechecks_rows_whose_scores_may_overflow(d, monkeypatch
         with monkeypatch.context() as m:  # the screening pass alone errs: the flag decides
             m.setattr(kernels, "_screen", lambda *a, screen=kernels._screen: screen(*a).zero_())
             assert not torch.equal(kernels.nearest_code_triton(*args, False, screen=True), direct)
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_screening_rechecks_rows_near_float32s_range():
+    """A row whose scores may reach 2^126 (here |z| |c| = 1.5 2^124, a factor 4 below) is
+    rechecked however clear its winner; a row of ordinary size is not."""
+    import fastvq.kernels.nearest_code as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    z = torch.zeros(2, 8, device=device)
+    z[0, 0], z[1, 0] = 2.0**63, 1.0
+    codebook = torch.zeros(2, 8, device=device)
+    codebook[:, 0] = torch.tensor([3 * 2.0**61, -3 * 2.0**61])
+    out = torch.empty(2, dtype=torch.int64, device=device)
+    assert kernels._screen(z, codebook, None, None, out, lambda kernel: kernel).tolist() == [1, 0]
+    assert out.tolist() == [0, 0]
 
 
 @pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")

@@ -114,6 +114,21 @@ def test_kernels_equal_decoder(case, dtype, poison):
     assert torch.equal(codes.cpu(), leech_codes(index.cpu(), dtype))
 
 
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernels_equal_decoder_on_ties(case):
+    """Rows of -1, 0, 1 and of +-1, where many codewords of each shape tie (shape 3, the
+    (+-3, +-1^23) words, wins 453 of these rows): the lowest index, as the decoder."""
+    device, backend = case
+    g = _gen(9)
+    z = torch.cat([
+        torch.randint(-1, 2, (256, 24), generator=g).float(),
+        torch.randint(0, 2, (256, 24), generator=g).float() * 2 - 1,
+        torch.ones(2, 24),
+        -torch.ones(2, 24),
+    ])  # fmt: skip
+    assert torch.equal(leech_quantize(z.to(device), backend=backend)[0].cpu(), _reference(z))
+
+
 @pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_cpu_kernel_equals_decoder_many_rows(dtype):

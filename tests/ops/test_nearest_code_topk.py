@@ -245,3 +245,12 @@ def test_triton_split_k_is_identical_to_one_pass():
     assert torch.equal(one, split)
     assert one[0].tolist() == list(range(100))
     check_nearest_topk(z[2:], codebook, one[2:])
+    # -0.0 and +0.0 scores are equal: index order (code 0 in the first tile, 150 in another),
+    # which a key built from the bits of -0.0 would reverse.
+    z, codebook = torch.zeros(2, 16, device=device), torch.randn(200, 16, device=device)
+    scale = torch.ones(200, device=device)
+    scale[0] = -1.0
+    bias = torch.full((200,), -1.0, device=device)
+    bias[0] = bias[150] = -0.0
+    top = nearest_code_topk_triton(z, codebook, scale, bias, 2, False, splits=1)
+    assert top.tolist() == [[0, 150]] * 2

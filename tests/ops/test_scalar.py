@@ -277,6 +277,13 @@ def test_bsq_is_scale_invariant_over_float32s_range(case):
         assert torch.equal(s_codes, codes) and torch.equal(s_idx, idx), scale
         torch.testing.assert_close(s_entropies, entropies, rtol=1e-5, atol=0)
         torch.testing.assert_close(s_dz * scale, dz, rtol=1e-5, atol=1e-6)
+    # Subnormal rows (2^-140: 1/|z| overflows float32) count as zero rows, as in torch: finite.
+    tiny = run(z * 2.0**-140)
+    assert all(bool(t.isfinite().all()) for t in tiny)
+    if backend != "torch":
+        backend, expected = "torch", run(z * 2.0**-140)
+        for a, b in zip(tiny, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -2,8 +2,7 @@
 // folded into EMA accumulators in place:
 //   counts[k] = keep * counts[k] + gain * c[k],   c[k] = sum of w[n]
 //   sums[k]   = keep * sums[k]   + gain * s[k],   s[k] = sum of w[n] * z[n]   over idx[n] == k
-// in float32 whatever z's dtype, each code's batch sums in double (a float32 count stops growing
-// at 2^24 rows of one code; k-means over many rows gets there). By code ownership (by_code.h): each thread sums the rows of its
+// in float32 whatever z's dtype. By code ownership (by_code.h): each thread sums the rows of its
 // codes in increasing n into a private buffer and writes its codes once, so the result is
 // bit-identical run to run and for any thread count; `deterministic` is therefore ignored here.
 // Rows of weight 0 (padding under a mask) are skipped, as in kernels/ema.py.
@@ -11,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -22,6 +22,11 @@ namespace fastvq {
 namespace {
 
 constexpr const char* kOp = "fastvq::ema_scatter_cpp";
+// Rows per float32 partial sum: a float32 count stops growing at 2^24 rows of one code (k-means
+// over many rows gets there), so longer batches add their blocks' partials in double. One block
+// (the usual batch) folds straight from the float32 partial: double sums throughout took
+// 0.17-0.30 ms against 0.12 ms at N = 16,384, K = 4096, D = 32 on the 2-core dev machine.
+constexpr int64_t kRowsPerBlock = int64_t{1} << 20;
 
 template <class T>
 void ema_kernel(const T* z, int64_t ldz, const int64_t* idx, const float* weight, int64_t N,
@@ -30,23 +35,35 @@ void ema_kernel(const T* z, int64_t ldz, const int64_t* idx, const float* weight
   cpu::for_each_code_range(bounds, [&](int64_t k0, int64_t k1) {
     // (k1 - k0) x (D + 1): the sums, then the count, of each owned code.
     const int64_t width = D + 1;
-    std::vector<double> acc((k1 - k0) * width, 0.0);
+    std::vector<float> acc((k1 - k0) * width, 0.f);
+    std::vector<double> total(N > kRowsPerBlock ? acc.size() : 0, 0.0);
     const uint64_t span = static_cast<uint64_t>(k1 - k0);
-    for (int64_t n = 0; n < N; ++n) {
-      const uint64_t j = static_cast<uint64_t>(idx[n] - k0);
-      if (j >= span) continue;
-      const float w = weight != nullptr ? weight[n] : 1.f;
-      if (w == 0.f) continue;
-      double* a = acc.data() + j * width;
-      const T* x = z + n * ldz;
-      for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(x[d]);
-      a[D] += w;
+    for (int64_t n0 = 0; n0 < N; n0 += kRowsPerBlock) {
+      if (n0 > 0) std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t n = n0; n < std::min(N, n0 + kRowsPerBlock); ++n) {
+        const uint64_t j = static_cast<uint64_t>(idx[n] - k0);
+        if (j >= span) continue;
+        const float w = weight != nullptr ? weight[n] : 1.f;
+        if (w == 0.f) continue;
+        float* a = acc.data() + j * width;
+        const T* x = z + n * ldz;
+        for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(x[d]);
+        a[D] += w;
+      }
+      for (size_t i = 0; i < total.size(); ++i) total[i] += acc[i];
     }
-    for (int64_t k = k0; k < k1; ++k) {
-      const double* a = acc.data() + (k - k0) * width;
-      float* s = sums + k * lds;
-      for (int64_t d = 0; d < D; ++d) s[d] = keep * s[d] + gain * static_cast<float>(a[d]);
-      counts[k * ldc] = keep * counts[k * ldc] + gain * static_cast<float>(a[D]);
+    const auto fold = [&](const auto* partial) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const auto* a = partial + (k - k0) * width;
+        float* s = sums + k * lds;
+        for (int64_t d = 0; d < D; ++d) s[d] = keep * s[d] + gain * static_cast<float>(a[d]);
+        counts[k * ldc] = keep * counts[k * ldc] + gain * static_cast<float>(a[D]);
+      }
+    };
+    if (total.empty()) {
+      fold(acc.data());
+    } else {
+      fold(total.data());
     }
   });
 }

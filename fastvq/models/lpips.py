@@ -129,9 +129,15 @@ class LPIPS(nn.Module):
             raise ValueError(
                 f"x and y must both be (B, 3, H, W), got {tuple(x.shape)}, {tuple(y.shape)}"
             )
+        # One pass each, as lpips does: the weights are frozen, so an input without grad (the
+        # target) builds no graph, where one pass of torch.cat([x, y]) kept both halves'
+        # activations and ran the backward through both.
+        taps = []
+        for t in (x, y):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t.requires_grad):
+                taps.append(self._taps(t))
         d = 0
-        for i, f in enumerate(self._taps(torch.cat([x, y]))):
-            fx, fy = f.chunk(2)
+        for i, (fx, fy) in enumerate(zip(*taps, strict=True)):
             lin = getattr(self, f"lin{i}").model[1]
             d = d + F.conv2d((fx - fy).square(), lin.weight).mean((1, 2, 3))
         return d

@@ -95,6 +95,27 @@ def test_matches_functional_reference(lpips):
     torch.testing.assert_close(lpips(x, y), ref, rtol=1e-4, atol=1e-6)
 
 
+def test_target_without_grad_builds_no_graph(lpips):
+    """The loss's usual call, lpips(target, reconstruction): only the reconstruction's pass
+    saves activations for the backward, about half of what two inputs with grad save."""
+
+    def saved(x, y):
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lpips(x, y).sum().backward()
+        return count[0]
+
+    x, y = _images(5), _images(6)
+    both = saved(x.clone().requires_grad_(), y.clone().requires_grad_())
+    one = saved(x, y.clone().requires_grad_())
+    assert 0 < one < 0.6 * both
+
+
 def test_weight_files_round_trip(tmp_path, lpips):
     torch.manual_seed(1)
     other = LPIPS()  # different random weights

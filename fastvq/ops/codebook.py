@@ -286,29 +286,40 @@ def _ema_pieces(sorted_codes: torch.Tensor, k: int, piece_rows: int):
 
 
 def _batch_stats(z, idx, w, k: int, dtype, backend: str, deterministic: bool) -> torch.Tensor:
-    """(K, D + 1) buffer: [:, :D] = sum of w[n] z[n], [:, D] = sum of w[n] over idx[n] == k."""
+    """(K, D + 1) buffer: [:, :D] = sum of w[n] z[n], [:, D] = sum of w[n] over idx[n] == k.
+
+    The torch backend sums in float64; the kernels in float32, batches of more than
+    _STATS_CHUNK_ROWS rows chunk by chunk, the chunks' sums added in float64."""
     n, d = z.shape
-    if n > _STATS_CHUNK_ROWS and dtype != torch.float64:
-        total = torch.zeros(k, d + 1, dtype=torch.float64, device=z.device)
-        for start in range(0, n, _STATS_CHUNK_ROWS):
-            rows = slice(start, start + _STATS_CHUNK_ROWS)
-            part = w[rows] if w is not None else None
-            total += _batch_stats(z[rows], idx[rows], part, k, dtype, backend, deterministic)
-        return total.to(dtype)
+    if backend == "torch":
+        stats = torch.zeros(k, d + 1, dtype=torch.float64, device=z.device)
+        _stats_torch(stats, z, idx, w, deterministic)
+        return stats.to(dtype)
+    if n <= _STATS_CHUNK_ROWS or dtype == torch.float64:
+        return _kernel_stats(z, idx, w, k, dtype, backend, deterministic)
+    total = torch.zeros(k, d + 1, dtype=torch.float64, device=z.device)
+    for start in range(0, n, _STATS_CHUNK_ROWS):
+        rows = slice(start, start + _STATS_CHUNK_ROWS)
+        part = w[rows] if w is not None else None
+        total += _kernel_stats(z[rows], idx[rows], part, k, dtype, backend, deterministic)
+    return total.to(dtype)
+
+
+def _kernel_stats(z, idx, w, k: int, dtype, backend: str, deterministic: bool) -> torch.Tensor:
+    """_batch_stats by the Triton ("triton") or C++ ("cpp") scatter, in `dtype`."""
+    d = z.shape[1]
     stats = torch.zeros(k, d + 1, dtype=dtype, device=z.device)
-    if n == 0:
+    if z.shape[0] == 0:
         return stats
     if backend == "triton":
         if deterministic:
             _ema_segment_triton(stats[:, d], stats[:, :d], z, idx, w, 0.0, 1.0)
         else:
             _ema_scatter_triton(stats[:, d], stats[:, :d], z, idx, w, 1.0)
-    elif backend == "cpp":
+    else:
         torch.ops.fastvq.ema_scatter_cpp(
             stats[:, d], stats[:, :d], z, idx, w, 0.0, 1.0, deterministic
         )
-    else:
-        _stats_torch(stats, z, idx, w, deterministic)
     return stats
 
 
@@ -351,7 +362,11 @@ def ema_update_(
             Extra memory O(N) for the sort. None (default): whether
             torch.use_deterministic_algorithms is on. The C++ CPU kernel is deterministic either way
             (each thread sums the rows of the codes it owns, in row order), whatever the thread
-            count.
+            count. Float atomics add a code's rows one by one into one float32 sum (in batch
+            chunks of 2^22 rows), which errs by up to n 2^-24 of it for a code of n rows; the
+            deterministic GPU kernels sum pieces of 512 rows, the C++ CPU kernel partials of 256
+            rows in double, the torch backend in float64: the accurate choices for a code that
+            holds a large share of a big batch.
         backend: "auto" (Triton, else CUDA C++, on CUDA tensors; C++ on CPU tensors; torch for
             float64 or where those are missing), "triton", "cuda", "cpu" or "torch".
         all_reduce: True (default process group) or a ProcessGroup: the batch's counts and sums are
@@ -653,7 +668,8 @@ def kmeans(
             floating tensor of initial centroids.
         generator: torch.Generator on the CPU or on x's device, for the initialisation.
         backend: the search's backend (see fastvq.nearest_code); the scatter uses it too ("cpu"
-            and "cuda": the C++ op fastvq::ema_scatter_cpp).
+            and "cuda": the C++ op fastvq::ema_scatter_cpp), deterministic (sums in pieces: a
+            cluster may hold most of the rows, more than float atomics sum accurately).
         all_reduce: True (default process group) or a ProcessGroup: x is this rank's shard; the
             group's first rank initializes and broadcasts, the sums are all-reduced and empty
             clusters are re-seeded from the group's farthest rows, so every rank gets the same
@@ -728,9 +744,9 @@ def kmeans(
         history.append(dist.sum())
         if step == iters:
             break
-        stats = _batch_stats(
-            xs, idx, None, k, acc, scatter, torch.are_deterministic_algorithms_enabled()
-        )
+        # The deterministic scatter sums each cluster in pieces: float atomics add a cluster's
+        # rows one by one into one float32 sum, which errs by up to n 2^-24 of it.
+        stats = _batch_stats(xs, idx, None, k, acc, scatter, deterministic=True)
         if group is not None:
             _all_reduce(stats, group)
         counts, sums = stats[:, d], stats[:, :d]

@@ -309,6 +309,25 @@ def test_ema_update_counts_past_float32_integers(case, deterministic):
     assert cs.tolist() == [n, 0.0] and es[0, 0].item() == n / 4
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] in ("torch", "cpu")])
+def test_ema_update_and_kmeans_sum_a_hot_code_accurately(case):
+    """2^21 rows of 10 + U(0, 1) in one code: the mean is the float64 mean to 2^-20. Summed one
+    by one in float32, the sum's ulp (2 past 2^24) exceeds the rows' spread and every row rounds
+    the same way (about 1e-2 off). k-means on two such clusters too."""
+    device, backend = case
+    g = torch.Generator().manual_seed(12)
+    n = 1 << 21
+    z = (10 + torch.rand(n, 1, generator=g)).to(device)
+    cs, es = torch.ones(2, device=device), torch.zeros(2, 1, device=device)
+    ema_update_(cs, es, z, torch.zeros(n, dtype=torch.int64, device=device), 0.0, backend=backend)
+    mean = z.double().mean().item()
+    assert cs[0].item() == n and abs(es[0, 0].item() / n - mean) < 2.0**-20 * mean
+    x = torch.cat([z, -z])
+    centroids = kmeans(x, 2, iters=1, init=torch.tensor([[9.0], [-9.0]]), backend=backend)
+    expected = torch.full((2,), mean, dtype=torch.float64)
+    assert torch.allclose(centroids.double().flatten().abs(), expected, rtol=2.0**-20, atol=0)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_ema_update_in_row_chunks_equals_one_pass(case, deterministic, monkeypatch):

@@ -16,6 +16,8 @@ PRECISIONS = ("exact", "fast")
 MAX_DIM = 1024
 # Largest k of the top-k search: the Triton kernel keeps a row's k best in registers.
 MAX_TOPK = 128
+# Most codes the GPU kernels search: they index codes in int32, with a margin for the last tile.
+MAX_GPU_CODES = 2**31 - 2**16
 
 # Triton backend: an opaque custom op (not triton_op) so that importing fastvq does not import
 # Triton (0.44 s here); torch.compile keeps it as one node with the fake below. `screen` as in
@@ -202,6 +204,13 @@ def nearest_code(
             raise ValueError("backend 'cuda' has no top-k kernel (k > 1): use 'triton' or 'auto'")
         name = "torch"  # "auto" chose CUDA C++ only because Triton is unavailable
     if topk and name == "cpu" and not _HAS_TOPK_CPU:
+        name = "torch"
+    if name in ("triton", "cuda") and num_codes > MAX_GPU_CODES:
+        if backend != "auto":
+            raise ValueError(
+                f"codebook has {num_codes} codes; backend {backend!r} searches at most "
+                f"2^31 - 2^16 = {MAX_GPU_CODES} (int32 code indices): use backend='torch'"
+            )
         name = "torch"
     z2 = z.reshape(-1, d).to(dtype).contiguous()
     cb = codebook.to(dtype).contiguous()

@@ -284,6 +284,18 @@ def test_unavailable_backend_is_a_clear_error():
         fastvq.nearest_code(z, codebook, backend="cuda")
 
 
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_codebook_beyond_the_gpu_kernels_int32_indices():
+    # A stride-0 view: 2^31 - 2^16 + 1 codes without the memory; the check comes before a copy.
+    from fastvq.ops.nearest_code import MAX_GPU_CODES
+
+    codebook = torch.zeros(1, 8).expand(MAX_GPU_CODES + 1, 8)
+    with pytest.raises(ValueError, match="backend 'triton' searches at most 2\\^31 - 2\\^16"):
+        fastvq.nearest_code(
+            torch.randn(2, 8), codebook, backend="triton", check_inputs_finite=False
+        )
+
+
 def test_n_times_k_beyond_int32():
     # 65,536 x 32,769 candidates > 2^31; each z is a code plus small noise, so the answer is known.
     backend = "cpu" if fastvq.backends()["cpu"].available else "torch"

@@ -427,16 +427,10 @@ def test_nearest_code_screening_is_the_3xtf32_search(emulated, device):
         assert torch.equal(outs[1], outs[0]), (metric, (outs[1] != outs[0]).nonzero().flatten())
 
 
-@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
-def test_nearest_code_screening_rechecks_the_rows_the_reference_does(emulated, metric):
-    # The rows the screening pass lists for its recheck, each once, against
-    # fastvq.testing.screening_rechecks; they may differ only where a row's margin lies within
-    # float32 error of the threshold. Off the origin, so that |bias| weighs in the l2 bound.
-    n, k, d = 300, 400, 8
-    z, codebook = (x + 2 for x in random_search_inputs(n, k, d, torch.float32, "cpu", 5))
-    scale, bias = code_terms(codebook, metric)
-    expect, near = screening_rechecks(z, codebook, scale, bias)
-    assert 0 < int(expect.sum()) < n, "a test with no (or only) rechecked rows tests nothing"
+def _screened_search(emulated, z, codebook, scale, bias):
+    """(out (N,), the rows the screening pass listed for its recheck) of the screened float32
+    search on the H100's settings."""
+    (n, d), k = z.shape, codebook.shape[0]
     setup, sizes = ("emu_device", *DEVICES["h100"]), (n, k, d, KERNEL_DTYPE[torch.float32], 2)
     size = torch.full((1,), -1)
     emulated.run(setup, ("emu_nearest_code_workspace", *sizes, size))
@@ -447,11 +441,57 @@ def test_nearest_code_screening_rechecks_the_rows_the_reference_does(emulated, m
         ("emu_nearest_code", z, codebook, scale, bias, *sizes, out, workspace, int(size)),
         ("emu_nearest_code_rechecked", *sizes, workspace, count, rows),
     )
-    listed = rows[: int(count)]
+    return out, rows[: int(count)]
+
+
+@pytest.mark.parametrize("metric", ["l2", "dot", "cosine"])
+def test_nearest_code_screening_rechecks_the_rows_the_reference_does(emulated, metric):
+    # The rows the screening pass lists for its recheck, each once, against
+    # fastvq.testing.screening_rechecks; they may differ only where a row's margin lies within
+    # float32 error of the threshold. Off the origin, so that |bias| weighs in the l2 bound.
+    n, k, d = 300, 400, 8
+    z, codebook = (x + 2 for x in random_search_inputs(n, k, d, torch.float32, "cpu", 5))
+    scale, bias = code_terms(codebook, metric)
+    expect, near = screening_rechecks(z, codebook, scale, bias)
+    assert 0 < int(expect.sum()) < n, "a test with no (or only) rechecked rows tests nothing"
+    _, listed = _screened_search(emulated, z, codebook, scale, bias)
     assert len(listed.unique()) == len(listed) and listed.min() >= 0 and listed.max() < n
     flags = torch.zeros(n, dtype=torch.bool)
     flags[listed] = True
     assert torch.equal(flags[~near], expect[~near])
+
+
+def test_nearest_code_screening_rechecks_rows_near_float32s_range(emulated):
+    # As tests/ops/test_nearest_code.py's Triton twin: |z| |c| = 1.5 2^124, a reach of 1.5 2^126,
+    # is rechecked however clear its winner; row 1, of ordinary size, is not.
+    z = torch.zeros(2, 8)
+    z[0, 0], z[1, 0] = 2.0**63, 1.0
+    codebook = torch.zeros(2, 8)
+    codebook[:, 0] = torch.tensor([3 * 2.0**61, -3 * 2.0**61])
+    out, listed = _screened_search(emulated, z, codebook, None, None)
+    assert listed.tolist() == [0] and out.tolist() == [0, 0]
+
+
+def test_nearest_code_split_k_ties_go_to_the_lowest_index(emulated):
+    # K = 2200 splits over 4 CTAs on the H100's settings; row 1's best code is 5 and again 2100
+    # (the last split). Small integers: the float64 scores are exact.
+    gen = torch.Generator().manual_seed(0)
+    n, k, d = 3, 2200, 24
+    codebook = torch.randint(-2, 3, (k, d), generator=gen).float()
+    codebook[2100] = codebook[5]
+    z = torch.randint(-2, 3, (n, d), generator=gen).float()
+    z[1] = codebook[5]
+    scale, bias = code_terms(codebook, "l2")
+    setup, sizes = ("emu_device", *DEVICES["h100"]), (n, k, d, KERNEL_DTYPE[torch.float32], 0)
+    size = torch.full((1,), -1)
+    emulated.run(setup, ("emu_nearest_code_workspace", *sizes, size))
+    assert int(size) > 0, "the search no longer splits K"
+    out, workspace = torch.full((n,), -1), torch.full((int(size),), 0xFF, dtype=torch.uint8)
+    emulated.run(
+        setup, ("emu_nearest_code", z, codebook, scale, bias, *sizes, out, workspace, int(size))
+    )
+    scores = z.double() @ codebook.double().T + bias.double()
+    assert torch.equal(out, scores.argmax(1)) and int(out[1]) == 5  # argmax: the first maximum
 
 
 def test_nearest_code_rejects_a_misaligned_workspace(emulated):
@@ -585,6 +625,26 @@ def test_quantize_nearly_degenerate_rows_fall_back(emulated, grad):
     dz_cpu, _ = torch.ops.fastvq.quantize_bwd_cpp(g, z, codebook, idx, stats_cpu, grad, True, False)
     torch.testing.assert_close(dz, dz_cpu)
     assert not torch.allclose(dz[1], g[1])
+
+
+@pytest.mark.parametrize("grad", ["rotation", "householder"])
+def test_quantize_scale_overflow_falls_back(emulated, grad):
+    # |q| / |z| = 1e19 / 1e-22 overflows float32 (|z|^2 = 1e-44 is subnormal, not 0): the row
+    # falls back to STE, stats (1, 0, 0, 0) as the CPU kernel's, and dz = g stays finite.
+    z = torch.tensor([[1e-22, 0.0, 0.0], [1.0, 2.0, 0.5]])
+    codebook = torch.tensor([[1e19, 0.0, 0.0], [0.5, 1.0, -1.0]])
+    idx, g = torch.tensor([0, 1]), torch.ones(2, 3)
+    common = (2, 2, 3, KERNEL_DTYPE[torch.float32], GRADS[grad])
+    zq, stats = torch.full_like(z, math.nan), torch.full((2, 4), math.nan)
+    dz = torch.full_like(z, math.nan)
+    emulated.run(
+        ("emu_quantize_fwd", z, codebook, idx, *common, zq, stats),
+        ("emu_quantize_bwd", g, z, codebook, idx, stats, *common, dz, None),
+    )
+    _, stats_cpu = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, grad)
+    assert stats_cpu[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert torch.equal(stats[0], stats_cpu[0]) and torch.equal(dz[0], g[0])
+    torch.testing.assert_close(stats[1], stats_cpu[1])
 
 
 # --- ema.cu: launch_ema_atomic / launch_ema_pieces ---------------------------------------------

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fastvq
 from fastvq.ops._backends import pick_backend
-from fastvq.reference import METRICS, code_terms
+from fastvq.reference import METRICS, code_terms, topk_scores
 from fastvq.testing import (
     backend_cases,
     check_nearest,
@@ -687,3 +687,101 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
     gpu.major, gpu.minor = 9, 0
     report = fastvq.backends()
     assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON
+
+
+# --- the C++ CPU kernels' own paths -------------------------------------------------------------
+
+needs_cpp = pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="no C++ build")
+ISA_SHAPES = [(1, 7, 3), (5, 33, 5), (13, 200, 9), (37, 1000, 13), (3000, 70, 6), (7, 5000, 4)]
+_ISA_SCRIPT = f"""
+import sys, torch, fastvq
+ops, g, out = torch.ops.fastvq, torch.Generator().manual_seed(0), []
+for n, k, d in {ISA_SHAPES}:
+    z, c = torch.randint(-2, 3, (n, d), generator=g), torch.randint(-2, 3, (k, d), generator=g)
+    bias = torch.randint(-3, 4, (k,), generator=g).float()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            zz, cc = z.to(dtype), c.to(dtype)
+            out.append(ops.nearest_code(zz, cc, None, bias, False, None)[:, None])
+            out += [ops.nearest_code_topk(zz, cc, None, bias, min(k, t), False) for t in (20, 40)]
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_cpp
+def test_cpp_isa_builds_give_the_exact_answer(tmp_path):
+    """The AVX2 and the SSE2 build (FASTVQ_CPU_BASELINE=1; csrc/cpu/isa.h) of the search and the
+    top-k, each dtype, 1 and 2 threads, on small integers (every score exact, with FMA or not):
+    the float64 answer, ties by index. Tails of rows, codes, dims and several code blocks."""
+    runs = []
+    for baseline in ("1", "0"):
+        path = tmp_path / f"baseline{baseline}.pt"
+        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
+        runs.append(torch.load(path))
+    g, i = torch.Generator().manual_seed(0), 0
+    for n, k, d in ISA_SHAPES:
+        z, c = torch.randint(-2, 3, (n, d), generator=g), torch.randint(-2, 3, (k, d), generator=g)
+        bias = torch.randint(-3, 4, (k,), generator=g).double()
+        scores = z.double() @ c.double().T + bias
+        want = [topk_scores(scores, t) for t in (1, min(k, 20), min(k, 40))] * 6  # dtypes, threads
+        for got in runs:
+            for a, b in zip(got[i : i + len(want)], want, strict=True):
+                assert torch.equal(a, b), (n, k, d)
+        i += len(want)
+
+
+@needs_cpp
+def test_cpp_ties_across_code_blocks_and_fp16_subnormals():
+    ops = torch.ops.fastvq
+    g = torch.Generator().manual_seed(0)
+    # D = 256: a block holds 96 float32 (128 half) codes, so 300 equal codes span 3-4 blocks.
+    z, code = torch.randn(13, 256, generator=g), torch.randn(1, 256, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        codebook = code.expand(300, 256).contiguous().to(dtype)
+        assert ops.nearest_code(z.to(dtype), codebook, None, None, False, None).tolist() == [0] * 13
+    inf_rows = torch.zeros(2, 256)
+    inf_rows[:, 0] = float("inf")  # -inf against every code of every block: code 0
+    minus = -(torch.rand(300, 256, generator=g) + 0.5)
+    assert ops.nearest_code(inf_rows, minus, None, None, False, None).tolist() == [0, 0]
+    # D = 3: the scalar half -> float conversion of the tail; 0x0300 is the subnormal 768 2^-24.
+    z = torch.tensor([0x0300, 0, 0], dtype=torch.int16).view(torch.float16).repeat(7, 1)
+    codebook = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [-1.0, 0, 0]], dtype=torch.float16)
+    for bias1, want in ((5e-5, 1), (4e-5, 0)):  # code 1 scores its bias, code 0 768 2^-24
+        bias = torch.tensor([0.0, bias1, 0.0])
+        assert ops.nearest_code(z, codebook, None, bias, False, None).tolist() == [want] * 7
+
+
+@needs_cpp
+def test_cpp_rows_split_over_threads_without_a_code_split():
+    # N = 1500 on 2 threads: two row ranges and no K split, a branch 1 and 3 threads never take.
+    ops = torch.ops.fastvq
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(1500, 16, generator=g), torch.randn(100, 16, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.nearest_code(z, codebook, None, None, False, None)
+        top = ops.nearest_code_topk(z, codebook, None, None, 5, False)
+        torch.set_num_threads(2)
+        assert torch.equal(ops.nearest_code(z, codebook, None, None, False, None), one)
+        assert torch.equal(ops.nearest_code_topk(z, codebook, None, None, 5, False), top)
+    finally:
+        torch.set_num_threads(threads)
+    check_nearest(z, codebook, one, "dot")
+
+
+@needs_cpp
+def test_cpp_op_rejects_bad_k_and_strided_code_terms():
+    # The ops' own checks, which the Python layer's validation otherwise hides: k > 128 would
+    # overrun the kernel's fixed 128-entry arrays.
+    ops = torch.ops.fastvq
+    z, codebook = torch.randn(4, 8), torch.randn(200, 8)
+    for k, book in ((0, codebook), (129, codebook), (201, codebook), (6, codebook[:5])):
+        with pytest.raises(RuntimeError, match="k must be between 1 and"):
+            ops.nearest_code_topk(z, book, None, None, k, False)
+    strided = torch.randn(400)[::2]
+    for terms in ((strided, None), (None, strided)):
+        with pytest.raises(RuntimeError, match="must be contiguous"):
+            ops.nearest_code(z, codebook, *terms, False, None)

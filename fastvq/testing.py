@@ -256,6 +256,23 @@ def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> l
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
+def run_isa_builds(script: str, out_dir, *args) -> list:
+    """Run `python -c script *args out` twice, with FASTVQ_CPU_BASELINE=1 (the C++ CPU kernels'
+    SSE2 build) and =0 (AVX2 where the CPU has it); returns what each run saved to `out`, its last
+    argument, SSE2 first. A process each: the build is chosen once, when fastvq._C loads."""
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for baseline in ("1", "0"):
+        out = os.path.join(out_dir, f"isa_baseline{baseline}.pt")
+        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
+        subprocess.run([sys.executable, "-c", script, *map(str, args), out], check=True, env=env)
+        runs.append(torch.load(out))
+    return runs
+
+
 def cuda_include_dir() -> str | None:
     """nvcc's include directory (cuda_runtime.h and friends), or None without nvcc. nvcc may be
     a wrapper script (as /usr/local/bin/nvcc is on the dev machines): the usual homes too."""

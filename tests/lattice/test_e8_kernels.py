@@ -8,9 +8,6 @@ lattice points around each row."""
 
 import itertools
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +22,7 @@ from fastvq.lattice import (
 )
 from fastvq.lattice._common import compute_dtype
 from fastvq.lattice.e8 import _decode, _nearest
-from fastvq.testing import backend_cases, check_nearest
+from fastvq.testing import backend_cases, check_nearest, run_isa_builds
 
 CASES = [
     pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
@@ -391,12 +388,9 @@ def test_nearest_cpu_kernel_bit_identical_across_isa_builds(tmp_path):
     """Vacuous on a CPU without AVX2 (both runs take the SSE2 build), exact everywhere else."""
     xs = [torch.cat([_nearest_family(f, d, n=1001) for f in NEAREST_FAMILIES]) for d in DTYPES]
     torch.save(xs, tmp_path / "x.pt")
-    for baseline in ("1", "0"):
-        out = tmp_path / f"baseline{baseline}.pt"
-        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
-        script = [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "x.pt"), str(out)]
-        subprocess.run(script, check=True, env=env)
-        for x, p in zip(xs, torch.load(out), strict=True):
+    runs = run_isa_builds(_ISA_SCRIPT, tmp_path, tmp_path / "x.pt")
+    for baseline, run in zip("10", runs, strict=True):
+        for x, p in zip(xs, run, strict=True):
             assert torch.equal(_bits(p), _bits(_nearest_reference(x))), (baseline, x.dtype)
 
 

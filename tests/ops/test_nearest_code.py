@@ -16,6 +16,7 @@ from fastvq.testing import (
     backend_cases,
     check_nearest,
     random_search_inputs,
+    run_isa_builds,
     screening_near_ties,
     screening_overflows,
     screening_rechecks,
@@ -714,12 +715,7 @@ def test_cpp_isa_builds_give_the_exact_answer(tmp_path):
     """The AVX2 and the SSE2 build (FASTVQ_CPU_BASELINE=1; csrc/cpu/isa.h) of the search and the
     top-k, each dtype, 1 and 2 threads, on small integers (every score exact, with FMA or not):
     the float64 answer, ties by index. Tails of rows, codes, dims and several code blocks."""
-    runs = []
-    for baseline in ("1", "0"):
-        path = tmp_path / f"baseline{baseline}.pt"
-        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
-        runs.append(torch.load(path))
+    runs = run_isa_builds(_ISA_SCRIPT, tmp_path)
     g, i = torch.Generator().manual_seed(0), 0
     for n, k, d in ISA_SHAPES:
         z, c = torch.randint(-2, 3, (n, d), generator=g), torch.randint(-2, 3, (k, d), generator=g)

@@ -26,7 +26,7 @@ from fastvq.ops.scalar import (
     lfq_codes,
 )
 from fastvq.reference import scalar as ref
-from fastvq.testing import backend_cases
+from fastvq.testing import backend_cases, run_isa_builds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -679,12 +679,7 @@ torch.save(out, sys.argv[1])
 @needs_cpp
 def test_cpp_ops_bit_identical_across_isa_builds(tmp_path):
     """Vacuous on a CPU without AVX2 (both runs take the SSE2 build), exact everywhere else."""
-    runs = []
-    for baseline in ("1", "0"):
-        path = tmp_path / f"baseline{baseline}.pt"
-        env = dict(os.environ, FASTVQ_CPU_BASELINE=baseline)
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
-        runs.append(torch.load(path))
+    runs = run_isa_builds(_ISA_SCRIPT, tmp_path)
     assert len(runs[0]) == 3 * 12
     for x, y in zip(*runs, strict=True):
         assert torch.equal(x, y)

@@ -364,9 +364,9 @@ def ema_update_(
             (each thread sums the rows of the codes it owns, in row order), whatever the thread
             count. Float atomics add a code's rows one by one into one float32 sum (in batch
             chunks of 2^22 rows), which errs by up to n 2^-24 of it for a code of n rows; the
-            deterministic GPU kernels sum pieces of 512 rows, the C++ CPU kernel partials of 256
-            rows in double, the torch backend in float64: the accurate choices for a code that
-            holds a large share of a big batch.
+            deterministic GPU kernels sum pieces of 512 rows, the C++ CPU kernel adds partials of
+            weight 256 (rows) in double, the torch backend sums in float64: the accurate choices
+            for a code that holds a large share of a big batch.
         backend: "auto" (Triton, else CUDA C++, on CUDA tensors; C++ on CPU tensors; torch for
             float64 or where those are missing), "triton", "cuda", "cpu" or "torch".
         all_reduce: True (default process group) or a ProcessGroup: the batch's counts and sums are

@@ -415,10 +415,10 @@ def ema_update_(
 
     if name == "cpp" and group is None and (device.type == "cpu" or deterministic):
         # One pass: the kernel writes decay * old + (1 - decay) * batch sum into the accumulators
-        # (the CPU kernel sums each code's rows in double first, the deterministic GPU kernels
-        # in pieces of 512 rows). Float atomics go through a zeroed batch buffer below: added
-        # straight into the accumulators, (1 - decay) * w falls below half an ulp of a count of
-        # 2^24 (1 - decay) and is lost.
+        # (the CPU kernel moves each code's float32 partial into double every 256 rows, the
+        # deterministic GPU kernels sum pieces of 512 rows). Float atomics go through a zeroed
+        # batch buffer below: added straight into the accumulators, (1 - decay) * w falls below
+        # half an ulp of a count of 2^24 (1 - decay) and is lost.
         sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
         torch.ops.fastvq.ema_scatter_cpp(
             cluster_size, sums, z2, idx, w, decay, 1.0 - decay, deterministic

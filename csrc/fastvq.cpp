@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(fastvq, m) {
   // idx[n] = argmax_k  dot(z[n], codebook[k]) * code_scale[k] + code_bias[k]
   // z (N, D) and codebook (K, D) contiguous, one floating dtype; code_scale, code_bias (K,)
@@ -82,8 +84,20 @@ TORCH_LIBRARY(fastvq, m) {
       "bool spherical) -> Tensor");
 }
 
-// The extension is loaded for its op registrations only; Python needs a module init to import it.
+// Which build of the CPU kernels this process runs (csrc/cpu/isa.h), for fastvq.backends():
+// "avx2+fma" (all of them AVX2), "avx2" (the search, which wants FMA, runs its baseline build) or
+// "baseline" (SSE2 on x86-64; FASTVQ_CPU_BASELINE=1 forces it).
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  namespace cpu = fastvq::cpu;
+  return PyUnicode_FromString(cpu::use_avx2(/*with_fma=*/true)    ? "avx2+fma"
+                              : cpu::use_avx2(/*with_fma=*/false) ? "avx2"
+                                                                  : "baseline");
+}
+
+// The extension is loaded for its op registrations; cpu_isa is its one Python function.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {{"cpu_isa", cpu_isa, METH_NOARGS, nullptr},
+                                  {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

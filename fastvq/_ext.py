@@ -29,3 +29,5 @@ def _has_kernel(name: str, key: str) -> bool:
 HAS_CPU_KERNELS = _has_kernel("nearest_code", "CPU")
 HAS_CUDA_KERNELS = _has_kernel("nearest_code", "CUDA")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Which build of the C++ CPU kernels runs: "avx2+fma", "avx2" or "baseline" (csrc/fastvq.cpp).
+CPU_ISA = None if EXTENSION_ERROR is not None else _C.cpu_isa()

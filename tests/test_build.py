@@ -115,3 +115,32 @@ def test_cuda_arch_list_keeps_what_the_kernels_support():
     assert pick(None, [(9, 0), (8, 6), (9, 0)]) == "8.6;9.0+PTX"
     assert pick("native", [(7, 5)]) is None
     assert pick("", []) == pick(None, []) == setup.DEFAULT_CUDA_ARCHS == "8.0;9.0+PTX"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split()[2:]) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_cpu_baseline_env_selects_the_baseline_build():
+    """The ISA-comparison tests (fastvq.testing.run_isa_builds) rely on FASTVQ_CPU_BASELINE=1
+    switching the C++ CPU kernels to their baseline build, and on =0 leaving AVX2 on where the CPU
+    has it: otherwise they would compare one build with itself and pass."""
+    pytest.importorskip("fastvq._C", reason="fastvq._C is not built")
+    isa = {}
+    for baseline in ("1", "0"):
+        run = subprocess.run(
+            [sys.executable, "-c", "import fastvq._ext as e; print(e.CPU_ISA)"],
+            env=dict(os.environ, FASTVQ_CPU_BASELINE=baseline), capture_output=True, text=True,
+            check=True,
+        )  # fmt: skip
+        isa[baseline] = run.stdout.strip()
+    assert isa["1"] == "baseline"
+    flags = _cpu_flags()
+    expected = "avx2+fma" if {"avx2", "fma"} <= flags else "avx2" if "avx2" in flags else None
+    if expected is None:
+        pytest.skip("not a Linux x86-64 CPU with AVX2: only the baseline build exists here")
+    assert isa["0"] == expected

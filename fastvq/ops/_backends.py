@@ -66,7 +66,7 @@ def backends() -> dict[str, Backend]:
     elif not _ext.HAS_CPU_KERNELS:
         report["cpu"] = Backend(False, "fastvq._C has no CPU kernel for nearest_code")
     else:
-        report["cpu"] = Backend(True, "C++ CPU kernels")
+        report["cpu"] = Backend(True, f"C++ CPU kernels, {_ext.CPU_ISA} build")
     report["torch"] = Backend(True, "plain PyTorch reference, chunked")
     return report
 

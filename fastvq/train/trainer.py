@@ -149,6 +149,11 @@ class Trainer:
             from fastvq.train.meta import split_parameters
 
             lower, upper = split_parameters(self.model)
+            if not upper:
+                raise ValueError(
+                    f"meta.enabled needs a quantizer with trainable parameters (the upper level), "
+                    f"e.g. HyperCodebook; {cfg['model']['quantizer']['type']} has none here"
+                )
             self.meta_opt = torch.optim.AdamW(upper, lr=o["lr"], betas=tuple(o["betas"]))
             self.meta_sched = torch.optim.lr_scheduler.LambdaLR(self.meta_opt, self._lr_lambda)
         self.opt = torch.optim.AdamW(
@@ -465,10 +470,19 @@ class Trainer:
                 out = model(x)
                 return self._generator_loss(x, out, self.step)[0]
 
-        # The finite-difference passes in float32 (hypergradient's fd_loss says why).
-        grads, _ = hypergradient(
-            lower, upper, loss, None, m["inner_lr"], m["fd_eps"], fd_loss=lambda: loss(False)
-        )
+        # The hypergradient's four passes run in train mode, two at perturbed weights: they must
+        # not move the buffers (EMA codebook, dead-code usage, k-means state, BatchNorm
+        # statistics), which the lower step's own pass updates once.
+        buffers = [b.detach().clone() for b in model.buffers()]
+        try:
+            # The finite-difference passes in float32 (hypergradient's fd_loss says why).
+            grads, _ = hypergradient(
+                lower, upper, loss, None, m["inner_lr"], m["fd_eps"], fd_loss=lambda: loss(False)
+            )
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
         if self.world > 1:
             import torch.distributed as dist
 

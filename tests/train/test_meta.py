@@ -150,3 +150,35 @@ def test_meta_trainer_clips_only_what_its_optimizer_steps(make_config, datasets,
     trainer.fit()
     stepped = {id(p) for g in trainer.opt.param_groups for p in g["params"]}
     assert clipped and all({id(p) for p in ps} == stepped for ps in clipped)
+
+
+def test_meta_step_leaves_the_buffers_alone(make_config, datasets):
+    # An EMA quantizer with trainable projections (the upper level): the hypergradient's passes,
+    # two at perturbed weights, must not move its EMA codebook or usage counts; the lower step's
+    # own pass does, once.
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config(
+        "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.8, codebook_dim: 4}",
+        "meta.enabled=true",
+    )
+    trainer = Trainer(cfg, datasets=datasets)
+    _, upper = split_parameters(trainer.model)
+    buffers = {n: b.clone() for n, b in trainer.model.named_buffers()}
+    psi0 = [p.detach().clone() for p in upper]
+    batches = trainer._batches()
+    trainer.model.train()
+    trainer._meta_step(batches)
+    assert any(not torch.equal(p, q) for p, q in zip(upper, psi0, strict=True))
+    for name, b in trainer.model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    trainer.train_step(batches)  # the lower step still updates the EMA codebook
+    assert not torch.equal(trainer.model.quantizer.embed, buffers["quantizer.embed"])
+
+
+def test_meta_needs_a_quantizer_with_parameters(make_config, datasets):
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config("meta.enabled=true")  # the EMA VectorQuantize: its codebook is a buffer
+    with pytest.raises(ValueError, match="meta.enabled needs a quantizer with trainable"):
+        Trainer(cfg, datasets=datasets)

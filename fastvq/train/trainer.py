@@ -152,7 +152,7 @@ class Trainer:
             if not upper:
                 raise ValueError(
                     f"meta.enabled needs a quantizer with trainable parameters (the upper level), "
-                    f"e.g. HyperCodebook; {cfg['model']['quantizer']['type']} has none here"
+                    f"e.g. HyperCodebook; {type(self.model.quantizer).__name__} has none here"
                 )
             self.meta_opt = torch.optim.AdamW(upper, lr=o["lr"], betas=tuple(o["betas"]))
             self.meta_sched = torch.optim.lr_scheduler.LambdaLR(self.meta_opt, self._lr_lambda)

@@ -215,3 +215,11 @@ def test_every_fastvq_quantizer_family_in_a_tokenizer(module, qcfg):
             z_q1, idx1, _ = tok.quantize(z[:, :, i : i + 1, j : j + 1])
             assert torch.equal(idx1[:, 0, 0], idx[:, i, j])
             torch.testing.assert_close(z_q1[:, :, 0, 0], z_q[:, :, i, j], rtol=1e-5, atol=1e-6)
+
+
+def test_last_layer_falls_back_to_the_decoders_last_weight(standin):
+    """A decoder without a last_layer property: the adaptive GAN weight's layer is its last
+    parameter of dimension > 1 (the output convolution), not its first."""
+    dec = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.Conv2d(6, 3, 1))
+    tok = Tokenizer(nn.Conv2d(3, 4, 1), standin(4), dec)
+    assert tok.last_layer is dec[2].weight

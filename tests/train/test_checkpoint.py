@@ -160,3 +160,40 @@ def test_overfit_one_batch(make_config, datasets):
     assert trainer.items == 8  # one batch drawn, reused for every step
     first, last = result["history"][0], result["history"][-1]
     assert last < 0.3 * first, result["history"]
+
+
+def test_resume_at_a_logged_step_restores_generators_and_keeps_its_log_row(
+    make_config, datasets, tmp_path
+):
+    """Killed after step 2's checkpoint, which step 2 also logged: the resumed run starts with
+    every generator as the checkpoint saved it, and log.csv keeps step 2's row (it is not trained
+    again, so it would never be written again)."""
+    import random
+
+    import numpy as np
+
+    cfg = make_config("train.steps=4", "train.ckpt_every=2", "train.log_every=2")
+    first = Trainer(cfg, datasets=datasets)
+    step = first.train_step
+
+    def dies_at_step_3(batches):
+        if first.step == 3:
+            raise Killed
+        return step(batches)
+
+    first.train_step = dies_at_step_3
+    with pytest.raises(Killed):
+        first.fit()
+    saved = ckpt.load(first.ckpt_dir / "latest.pt")
+    assert saved["step"] == 2
+    random.seed(1)
+    np.random.seed(1)
+    resumed = Trainer(cfg, datasets=datasets)
+    rng = saved["rng"][0]
+    assert resumed.step == 2
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+    assert random.getstate() == rng["python"]
+    assert np.array_equal(np.random.get_state()[1], rng["numpy"][1])
+    resumed.fit()
+    rows = list(csv.DictReader(open(resumed.out_dir / "log.csv")))
+    assert [r["step"] for r in rows if r["loss"]] == ["2", "4"]

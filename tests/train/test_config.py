@@ -20,7 +20,8 @@ def test_overrides_parse_as_yaml(tmp_path):
     assert cfg["loss"]["lpips"] is None and cfg["train"]["bf16"] is True
     assert cfg["model"]["quantizer"] == {"type": "FSQ", "levels": [8, 5]}
     assert parse_value("3e-4") == 3e-4  # YAML 1.1 would read this as a string
-    assert load_config(None, ["optim.lr=1"])["optim"]["lr"] == 1.0  # ints widen to floats
+    lr = load_config(None, ["optim.lr=1"])["optim"]["lr"]
+    assert lr == 1.0 and isinstance(lr, float)  # ints widen to floats
     (tmp_path / "base.yaml").write_text("optim: {lr: 1e-3, weight_decay: 0.1}\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 5e-4}\n")
     cfg = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.2"])
@@ -43,6 +44,10 @@ def test_overrides_parse_as_yaml(tmp_path):
         ("train.steps", ValueError, "section.key=value"),
         ("train..steps=1", ValueError, "bad key"),
         ("optim.lr.x=1", ValueError, "optim.lr must be float"),
+        ("train.ema_decay=1.0", ValueError, r"train.ema_decay must be in \[0, 1\)"),
+        ("optim.accum_steps=0", ValueError, "optim.accum_steps must be >= 1"),
+        ("data.val_fraction=1.0", ValueError, r"data.val_fraction must be in \(0, 1\)"),
+        ("data.val_fraction=0", ValueError, r"data.val_fraction must be in \(0, 1\)"),
     ],
 )
 def test_override_errors(override, err, match):

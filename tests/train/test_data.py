@@ -118,3 +118,32 @@ def test_samples_have_held_out_strips():
     widths = [img.shape[-1] for img in train_set.images]
     assert all(w < full.shape[-1] for w, full in zip(widths, eval_set.images, strict=True))
     assert all(left >= widths[n] for n, _, left in eval_set.boxes)
+
+
+def test_stream_reshuffles_each_epoch_and_never_reuses_a_crop_seed():
+    """Each epoch is its own permutation; crop seeds differ across items and across ranks (two
+    ranks drawing the same seed for different items would crop every image the same way)."""
+    stream = [k for _, k in zip(range(30), StreamSampler(10, seed=5), strict=False)]
+    epochs = [[i for i, _ in stream[e * 10 : (e + 1) * 10]] for e in range(3)]
+    assert all(sorted(e) == list(range(10)) for e in epochs) and len({*map(tuple, epochs)}) == 3
+    ranks = [[s for _, (_, s) in zip(range(20), StreamSampler(10, 5, rank=r, world=2),
+                                     strict=False)] for r in range(2)]  # fmt: skip
+    assert len(set(ranks[0] + ranks[1])) == 40
+
+
+def test_eval_shards_cover_the_set_and_crops_respect_the_split(tmp_path):
+    from fastvq.train.data import Crops, eval_loader
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(7, 3, 4, 4, generator=g)
+    shards = [torch.cat(list(eval_loader(data, 2, rank=r, world=2))) for r in range(2)]
+    torch.testing.assert_close(torch.cat(shards).sort(0).values, data.sort(0).values)
+    assert len(shards[0]) == 4 and len(shards[1]) == 3
+    img = torch.randint(0, 256, (3, 8, 40), generator=g, dtype=torch.uint8)
+    train = Crops([img], 8, 0.25, train=True, flip=False)
+    assert train.images[0].shape[-1] == 30  # the left 1 - val_fraction of the width
+    # flip=False: every training crop is the image's own pixels, never mirrored.
+    unit = img.float() / 127.5 - 1
+    for key in range(6):
+        crop = train[(0, key)]
+        assert any(torch.equal(crop, unit[:, :, left : left + 8]) for left in range(23))

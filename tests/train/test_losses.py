@@ -160,3 +160,42 @@ def test_perceptual_term_with_random_lpips(tmp_path):
         build_loss({"perceptual_weight": 1.0, "lpips": None})
     with pytest.raises(ValueError, match="needs a discriminator"):
         build_loss({"disc_weight": 0.5})
+
+
+def test_weighted_terms_and_adaptive_weight_with_perceptual_term():
+    """Non-default recon / perceptual / quant weights each scale their own term, and the adaptive
+    weight balances the GAN gradient against the whole nll = recon_weight * rec + perceptual_weight
+    * lpips (taming's nll_loss), not the reconstruction term alone; float64 against autograd."""
+    torch.manual_seed(0)
+    tok = build_tokenizer(MODEL).double()
+    disc = PatchGANDiscriminator(3, ndf=4, n_layers=2, norm="none").double()
+    lp = LPIPS().double()
+    loss = VQGANLoss(recon="l2", recon_weight=0.7, perceptual_weight=0.3, lpips=lp,
+                     discriminator=disc, disc_weight=0.6, quant_weight=0.4)  # fmt: skip
+    x = _img(8).double()
+    out = tok(x)
+    last = tok.last_layer
+    total, logs = loss.generator_loss(x, out.recon, out.quant_loss, step=0, last_layer=last)
+    rec = (out.recon - x).square().mean()
+    p = lp(x, out.recon).mean()
+    nll = 0.7 * rec + 0.3 * p
+    g = -disc(out.recon).mean()
+    (g_nll,) = torch.autograd.grad(nll, last, retain_graph=True)
+    (g_rec,) = torch.autograd.grad(rec, last, retain_graph=True)
+    (g_g,) = torch.autograd.grad(g, last, retain_graph=True)
+    want = g_nll.norm() / (g_g.norm() + 1e-4)
+    alone = 0.7 * g_rec.norm() / (g_g.norm() + 1e-4)
+    assert abs(float(want) - float(alone)) > 1e-3 * float(want)  # the perceptual term matters
+    assert float(logs["d_weight"]) == pytest.approx(float(want), rel=1e-9)
+    assert out.quant_loss.item() > 0
+    want_total = nll + 0.4 * out.quant_loss + 0.6 * want * g
+    assert total.item() == pytest.approx(want_total.item(), rel=1e-9)
+    assert logs["rec"].item() == pytest.approx(rec.item(), rel=1e-12)
+    assert logs["lpips"].item() == pytest.approx(p.item(), rel=1e-12)
+
+
+def test_build_loss_discriminator_takes_the_model_channels():
+    loss = build_loss({"disc_weight": 0.5}, {"ndf": 4, "n_layers": 1, "norm": "none"}, 1)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    total, logs = loss.discriminator_loss(x, x.flip(-1), step=0)
+    assert logs["logits_real"].shape == () and total.item() > 0

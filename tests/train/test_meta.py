@@ -182,3 +182,74 @@ def test_meta_needs_a_quantizer_with_parameters(make_config, datasets):
     cfg = make_config("meta.enabled=true")  # the EMA VectorQuantize: its codebook is a buffer
     with pytest.raises(ValueError, match="meta.enabled needs a quantizer with trainable"):
         Trainer(cfg, datasets=datasets)
+
+
+def test_meta_trainer_descends_the_hypergradient(make_config, datasets, monkeypatch):
+    """The upper step moves the hyper-net against its hypergradient: AdamW's first step from the
+    returned gradient g is psi (1 - lr wd) - lr g / (|g| + eps), at the warmup learning rate; the
+    hyper-net's schedule advances with the main one."""
+    from fastvq.models import build_tokenizer
+    from fastvq.train import meta
+    from fastvq.train.trainer import Trainer
+
+    lr = 2e-3
+    cfg = make_config(
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 8, embed_dim: 4,"
+        " hidden_dim: 8}",
+        "meta.enabled=true",
+        "meta.inner_lr=1e-2",
+        f"optim.lr={lr}",
+        "optim.warmup_steps=2",
+        "train.steps=3",
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, model=build_tokenizer(cfg["model"]).double(), datasets=datasets)
+    _, upper = split_parameters(trainer.model)
+    returned = []
+    hypergradient = meta.hypergradient
+
+    def recorded(*args, **kwargs):
+        grads, logs = hypergradient(*args, **kwargs)
+        returned.append([g.clone() for g in grads])
+        return grads, logs
+
+    monkeypatch.setattr(meta, "hypergradient", recorded)
+    psi0 = [p.detach().clone() for p in upper]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(4)]
+    trainer.train_step(iter(xs[:2]))  # one batch for the upper step, one for the lower
+    assert len(returned) == 1
+    group = trainer.meta_opt.param_groups[0]
+    step_lr, wd, eps = lr / 2, group["weight_decay"], group["eps"]
+    moved = 0
+    for p, p0, grad in zip(upper, psi0, returned[0], strict=True):
+        want = p0 * (1 - step_lr * wd) - step_lr * grad / (grad.abs() + eps)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-9, atol=1e-12)
+        moved += int((grad.abs() > 1e-6).sum())
+    assert moved > 0
+    trainer.step = 1
+    trainer.train_step(iter(xs[2:]))
+    assert trainer.meta_opt.param_groups[0]["lr"] == trainer.opt.param_groups[0]["lr"] != lr / 2
+
+
+def test_finite_difference_step_moves_w_by_fd_eps_in_norm():
+    """DARTS' step: the two finite-difference passes run at w +- r v with r = fd_eps / |v|, so w
+    moves by exactly fd_eps in norm whatever the scale of v."""
+    a, b, lower, upper, loss = _problem()
+    w0 = [p.detach().clone() for p in lower]
+    moves = []
+
+    def fd_loss():
+        step = [(p - q).flatten() for p, q in zip(lower, w0, strict=True)]
+        moves.append(torch.linalg.vector_norm(torch.cat(step)))
+        return loss(a, *lower, *upper)
+
+    for scale in (1.0, 50.0):  # |v| grows with the loss's scale; the step must not
+        moves.clear()
+        hypergradient(
+            lower, upper, lambda: loss(a, *lower, *upper),
+            lambda s=scale: s * loss(b, *lower, *upper), inner_lr=0.3, fd_eps=1e-3,
+            fd_loss=fd_loss,
+        )  # fmt: skip
+        assert len(moves) == 2
+        assert [m.item() for m in moves] == pytest.approx([1e-3, 1e-3], rel=1e-9)

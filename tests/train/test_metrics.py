@@ -141,3 +141,17 @@ def test_code_counts_per_codebook():
         codes.update(torch.stack([layer0 + 5, second], -1))  # 8 is past the first codebook
     with pytest.raises(ValueError, match="3 codes per position"):
         codes.update(torch.zeros(1, 2, 2, 3, dtype=torch.long))
+
+
+def test_evaluator_clamps_reconstructions_to_the_image_range():
+    """A reconstruction overshooting [-1, 1] is scored as the image it displays (clamped)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 12, 12, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    recon = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
+    assert (recon.abs() > 1).any()
+    ev = Evaluator(None, "cpu")
+    ev.update(x, recon, None)
+    r = ev.result()
+    clamped = recon.float().clamp(-1, 1)
+    assert r["mse"] == pytest.approx(mse(x.float(), clamped).mean().item(), rel=1e-6)
+    assert r["ssim"] == pytest.approx(ssim(x.float(), clamped).mean().item(), rel=1e-6)

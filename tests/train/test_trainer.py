@@ -37,6 +37,7 @@ def test_lr_schedule():
     assert lr_factor(50, 100, 0, "constant", 0.0) == 1.0
 
 
+
 def test_training_lowers_reconstruction_error(make_config, datasets):
     cfg = make_config("train.steps=60", "model.ch=8", "optim.lr=1e-2", "train.ema_decay=0.5")
     trainer = Trainer(cfg, datasets=datasets)
@@ -233,3 +234,149 @@ def test_compiled_training_follows_eager(make_config, datasets, tmp_path):
         histories.append(Trainer(cfg, datasets=datasets).fit()["history"])
     np.testing.assert_allclose(histories[1], histories[0], rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def _draw(n, seed):
+    """n fresh (8, 3, 16, 16) float64 batches in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(8, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(n)]
+
+
+def test_train_steps_match_a_plain_pytorch_reference(make_config, datasets):
+    """Two optimizer steps of two micro-batches each against the same recipe written out in plain
+    PyTorch, in float64: gradient accumulation as a mean, clipping of the total norm, AdamW with
+    the configured betas and weight decay on matrices only, the warmup learning rate of each step
+    applied before the schedule moves, the EMA weights lerped by 1 - decay and buffers copied."""
+    import copy
+
+    from fastvq.models import build_tokenizer
+
+    lr, clip, decay, wd = 3e-3, 0.02, 0.7, 0.1
+    cfg = make_config("optim.accum_steps=2", f"optim.grad_clip={clip}", f"train.ema_decay={decay}",
+                      f"optim.weight_decay={wd}", "optim.betas=[0.5, 0.9]", "optim.warmup_steps=2",
+                      f"optim.lr={lr}")  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, model=build_tokenizer(cfg["model"]).double(), datasets=datasets)
+    ref = copy.deepcopy(trainer.model)
+    ref_ema = copy.deepcopy(trainer.model).requires_grad_(False)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=lr, betas=(0.5, 0.9),
+    )  # fmt: skip
+    assert any(p.dim() < 2 for p in params) and any(p.dim() >= 2 for p in params)
+    for step, factor in enumerate((0.5, 1.0)):  # warmup over 2 steps: (step + 1) / 2
+        xs = _draw(2, seed=10 + step)
+        torch.manual_seed(step)
+        logs = trainer.train_step(iter(xs))
+        trainer.step += 1
+
+        torch.manual_seed(step)
+        ref.train()
+        losses, recs = [], []
+        for x in xs:
+            out = ref(x)
+            rec = (out.recon - x).abs().mean()
+            loss = rec + out.quant_loss
+            (loss / 2).backward()
+            losses.append(float(loss.detach()))
+            recs.append(float(rec.detach()))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        assert norm > 2 * clip  # the clipping is active
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for e, p in zip(ref_ema.parameters(), ref.parameters(), strict=True):
+                e.copy_(decay * e + (1 - decay) * p)
+            for e, b in zip(ref_ema.buffers(), ref.buffers(), strict=True):
+                e.copy_(b)
+
+        assert logs["lr"] == pytest.approx(lr * factor, rel=1e-12)
+        assert logs["grad_norm"] == pytest.approx(norm, rel=1e-9)
+        assert logs["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)  # via float32
+        assert logs["recon"] == pytest.approx(sum(recs) / 2, rel=1e-9)
+        for (k, v), w in zip(trainer.model.state_dict().items(), ref.state_dict().values(),
+                             strict=True):  # fmt: skip
+            torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-12, msg=k)
+        for (k, v), w in zip(trainer.ema.state_dict().items(), ref_ema.state_dict().values(),
+                             strict=True):  # fmt: skip
+            torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-12, msg=k)
+    last = trainer.model.decoder.conv_out.weight
+    assert not torch.equal(trainer.ema.decoder.conv_out.weight, last)  # the EMA lags
+
+
+def test_discriminator_steps_match_a_plain_pytorch_reference(make_config, datasets):
+    """From loss.disc_start on, each step ends with one discriminator step whose gradient is the
+    mean hinge loss over the step's micro-batches (the generator pass adds nothing to it), clipped,
+    at optim.disc_lr on its own warmup schedule; the learning rate moves once per disc step."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastvq.models import build_tokenizer
+
+    disc_lr, clip = 1e-3, 0.05
+    cfg = make_config("disc={ndf: 4, n_layers: 1, norm: none}", "loss.disc_weight=0.5",
+                      "loss.disc_start=1", "optim.accum_steps=2", f"optim.disc_lr={disc_lr}",
+                      f"optim.grad_clip={clip}", "optim.warmup_steps=2")  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, model=build_tokenizer(cfg["model"]).double(), datasets=datasets)
+    trainer.loss_fn.double()
+    seen = []
+    disc_step = trainer._disc_step
+
+    def recorded_disc_step(xs, recons, autocast):
+        frozen = copy.deepcopy(trainer.disc).requires_grad_(True)
+        for x, r in zip(xs, recons, strict=True):
+            d = 0.5 * (F.relu(1 - frozen(x)).mean() + F.relu(1 + frozen(r)).mean())
+            (d / len(xs)).backward()
+        torch.nn.utils.clip_grad_norm_(list(frozen.parameters()), clip)
+        seen.append({"step": trainer.step, "want": [p.grad for p in frozen.parameters()]})
+        return disc_step(xs, recons, autocast)
+
+    def before_disc_opt_step(opt, args, kwargs):
+        seen[-1]["got"] = [p.grad.clone() for p in trainer.disc.parameters()]
+        seen[-1]["lr"] = opt.param_groups[0]["lr"]
+
+    trainer._disc_step = recorded_disc_step
+    trainer.disc_opt.register_step_pre_hook(before_disc_opt_step)
+    for step in range(3):
+        trainer.train_step(iter(_draw(2, seed=20 + step)))
+        trainer.step += 1
+    assert [s["step"] for s in seen] == [1, 2]
+    assert [s["lr"] for s in seen] == pytest.approx([disc_lr / 2, disc_lr], rel=1e-12)
+    for s in seen:
+        assert len(s["got"]) == len(s["want"]) > 0
+        for got, want in zip(s["got"], s["want"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)
+
+
+def test_ema_weights_evaluate_and_initialise_and_usage_window(make_config, datasets, tmp_path):
+    """evaluate() scores the EMA weights; init.checkpoint takes a checkpoint's EMA weights; the
+    logged code usage covers the steps since the previous log line only."""
+    from fastvq.train.metrics import mse
+
+    trainer = Trainer(make_config("train.steps=3", "train.ema_decay=0.5"), datasets=datasets)
+    windows = []
+    stats = trainer.window_codes.stats
+    trainer.window_codes.stats = lambda: (windows.append(int(trainer.window_codes.counts.sum())),
+                                          stats())[1]  # fmt: skip
+    trainer.fit()
+    assert windows == [2 * 8 * 16, 1 * 8 * 16]  # logs at steps 2 and 3; 4 x 4 codes per image
+    x = torch.stack([datasets[1][i] for i in range(len(datasets[1]))])
+    with torch.no_grad():
+        ema_mse = mse(x, trainer.ema.eval()(x).recon.clamp(-1, 1)).mean().item()
+        live_mse = mse(x, trainer.model.eval()(x).recon.clamp(-1, 1)).mean().item()
+    assert abs(ema_mse - live_mse) > 1e-6 * live_mse
+    assert trainer.evaluate(save_images=False)["mse"] == pytest.approx(ema_mse, rel=1e-5)
+
+    ckpt = trainer.ckpt_dir / "latest.pt"
+    init = Trainer(
+        make_config(f"init.checkpoint={ckpt}", f"train.out_dir={tmp_path / 'init'}"),
+        datasets=datasets,
+    )
+    for key, v in trainer.ema.state_dict().items():
+        assert torch.equal(init.model.state_dict()[key], v), key

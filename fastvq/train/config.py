@@ -36,7 +36,7 @@ DEFAULTS: dict = {
         "lr": 2e-4,
         "weight_decay": 0.0,
         "betas": [0.9, 0.99],
-        "disc_lr": None,  # None: same as lr
+        "disc_lr": None,  # None: same as lr; its warmup and decay span loss.disc_start..steps
         "warmup_steps": 0,
         "schedule": "cosine",
         "min_lr_ratio": 0.0,

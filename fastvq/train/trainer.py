@@ -167,7 +167,7 @@ class Trainer:
                 lr=o["disc_lr"] or o["lr"],
                 betas=tuple(o["betas"]),
             )
-            self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, self._lr_lambda)
+            self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, self._disc_lr_lambda)
         if datasets is None:
             datasets = build_datasets(cfg["data"])
         self.train_set, self.eval_set = datasets
@@ -202,6 +202,13 @@ class Trainer:
         return lr_factor(
             step, self.cfg["train"]["steps"], o["warmup_steps"], o["schedule"], o["min_lr_ratio"]
         )
+
+    def _disc_lr_lambda(self, disc_step: int) -> float:
+        # The discriminator steps from loss.disc_start on: its warmup starts there (a fresh
+        # discriminator), and its decay spans the steps it takes, reaching min_lr_ratio at the end.
+        o, t = self.cfg["optim"], self.cfg["train"]
+        total = t["steps"] - self.cfg["loss"]["disc_start"]
+        return lr_factor(disc_step, total, o["warmup_steps"], o["schedule"], o["min_lr_ratio"])
 
     def _build_loss(self):
         """fastvq.train.losses.VQGANLoss from the loss and disc sections: reconstruction,

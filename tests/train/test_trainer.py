@@ -37,6 +37,18 @@ def test_lr_schedule():
     assert lr_factor(50, 100, 0, "constant", 0.0) == 1.0
 
 
+def test_discriminator_schedule_spans_the_steps_it_takes(make_config, datasets):
+    # It steps from loss.disc_start on: warmup from there, min_lr_ratio at train.steps.
+    cfg = make_config(
+        *("disc={ndf: 4, n_layers: 1}", "loss.disc_weight=0.5", "loss.disc_start=4"),
+        *("train.steps=10", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1"),
+    )
+    trainer = Trainer(cfg, datasets=datasets)
+    factors = [trainer.disc_sched.lr_lambdas[0](s) for s in range(7)]  # disc steps 4..10
+    assert factors[:2] == pytest.approx([0.5, 1.0])
+    assert factors[4] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factors[6] == pytest.approx(0.1)
+
 
 def test_training_lowers_reconstruction_error(make_config, datasets):
     cfg = make_config("train.steps=60", "model.ch=8", "optim.lr=1e-2", "train.ema_decay=0.5")

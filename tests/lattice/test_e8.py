@@ -105,7 +105,13 @@ def test_shell_index_round_trip_and_rejects():
     assert torch.equal(e8_shell_codes(idx.int(), torch.float64), c.double()[idx])
     odd = torch.full((8,), 0.5)
     odd[3] = -0.5
-    for v in (torch.zeros(8), 2 * c[0], odd, torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])):
+    # Within 0.05 per coordinate of a shell vector: its index; further: rejected.
+    g = _gen(4)
+    near = c + (torch.rand(240, 8, generator=g) - 0.5) * 0.09
+    assert torch.equal(e8_shell_index(near), torch.arange(240))
+    off = c[7].clone()
+    off[torch.randint(0, 8, (1,), generator=g)] += 0.06
+    for v in (torch.zeros(8), 2 * c[0], odd, torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]), off):
         with pytest.raises(ValueError, match="vectors"):
             e8_shell_index(torch.cat((c[:2], v[None])))
 

@@ -152,6 +152,24 @@ def test_shapes_strides_and_special_rows(case, poison):
     assert torch.equal(scaled, index[[0, 6]])
 
 
+@pytest.mark.parametrize(
+    "dtype, big", [(torch.float32, 2.0**126), (torch.float64, 2.0**1022)], ids=["f32", "f64"]
+)
+@pytest.mark.parametrize("case", CASES)
+def test_huge_rows_with_zero_coordinates(case, dtype, big):
+    """The overflow rescaling goes by a row's largest |z|: rows of +-2^126 (2^1022 in float64),
+    whose unscaled scores overflow, with some zero coordinates decode as their signs do."""
+    device, backend = case
+    g = _gen(20)
+    signs = torch.randint(0, 2, (64, 8), generator=g) * 2 - 1
+    zeros = torch.rand(64, 8, generator=g).argsort(-1) < torch.randint(1, 4, (64, 1), generator=g)
+    small = (signs * ~zeros).double()  # exact scores against the doubled codes
+    want = (small @ e8_shell_codebook(torch.float64).T).argmax(-1)
+    assert (want >= 112).any()  # not only pair codes: the overflow would pick those
+    index = e8_shell_quantize((small * big).to(dtype).to(device), backend=backend)[0]
+    assert torch.equal(index.cpu(), want)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_straight_through_gradient(case):
     device, backend = case

@@ -173,9 +173,20 @@ def test_index_rejects_non_codes():
     odd[golay_octads()[0]] = 2.0
     odd[golay_octads()[0][0]] = -2.0
     not_codes.append(odd)
+    # Within 0.05 per coordinate at squared norm 32 of a code: its index; 0.1 off: rejected.
+    idx = torch.tensor([5, 2000, 150000])
+    x = leech_codes(idx, torch.float64) * SQRT32
+    g = _gen(4)
+    near = x + (torch.rand(3, 24, generator=g, dtype=torch.float64) - 0.5) * 0.06
+    assert torch.equal(leech_index(near), idx)
+    for row in x:
+        off = row.clone()
+        k = int(torch.nonzero(off.abs() <= 1)[0])  # a zero (shapes 1, 2) or a +-1 (shape 3)
+        off[k] += 0.1
+        not_codes.append(off)
     for v in not_codes:
         with pytest.raises(ValueError, match="vectors"):
-            leech_index(torch.cat((leech_codes(torch.arange(3)), v[None])))
+            leech_index(torch.cat((leech_codes(torch.arange(3)), v[None].float())))
 
 
 def _family(name, seed, n=192):

@@ -166,6 +166,24 @@ def test_shapes_strides_and_special_rows(case, poison):
     assert torch.equal(scaled, index[[0, 5]])
 
 
+@pytest.mark.parametrize(
+    "dtype, big", [(torch.float32, 2.0**126), (torch.float64, 2.0**1022)], ids=["f32", "f64"]
+)
+@pytest.mark.parametrize("case", CASES)
+def test_huge_rows_with_zero_coordinates(ints, case, dtype, big):
+    """The overflow rescaling goes by a row's largest |z|: rows of +-2^126 (2^1022 in float64),
+    whose unscaled scores overflow, with some zero coordinates decode as their signs do."""
+    device, backend = case
+    g = _gen(20)
+    signs = torch.randint(0, 2, (32, 24), generator=g) * 2 - 1
+    zeros = torch.rand(32, 24, generator=g).argsort(-1) < torch.randint(1, 4, (32, 1), generator=g)
+    small = (signs * ~zeros).double()  # exact scores against the integer codes
+    want = (small @ ints.T).argmax(-1)
+    assert (want >= 1104).all()  # the overflow would tie every shape and pick shape 1
+    index = leech_quantize((small * big).to(dtype).to(device), backend=backend)[0]
+    assert torch.equal(index.cpu(), want)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_straight_through_gradient(case):
     device, backend = case

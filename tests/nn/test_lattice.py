@@ -17,8 +17,8 @@ from fastvq.testing import check_nearest
 
 CASES = [
     (LeechQuantize, dict(dim=32), (2, 5, 32)),
-    (LeechQuantize, dict(), (1, 7, 24)),
-    (E8Quantize, dict(dim=8, accept_image_fmap=True), (2, 8, 3, 3)),
+    (LeechQuantize, dict(commitment_weight=0.3), (1, 7, 24)),
+    (E8Quantize, dict(dim=8, accept_image_fmap=True, commitment_weight=2.5), (2, 8, 3, 3)),
     (E8Quantize, dict(dim=5, channel_last=False), (2, 5, 6)),
 ]
 
@@ -55,7 +55,7 @@ def test_indices_match_brute_force(cls, kwargs, shape):
     agree = check_nearest(u, _shell(cls), idx.reshape(-1), metric="dot")
     assert agree == 1.0  # random inputs: no near ties
     q = _shell(cls)[idx.reshape(-1)]
-    torch.testing.assert_close(loss, F.mse_loss(u, q))
+    torch.testing.assert_close(loss, m.commitment_weight * F.mse_loss(u, q))
     m.eval()
     torch.testing.assert_close(m.get_output_from_indices(idx), m(x)[0])
     assert m(x)[2].item() == 0.0
@@ -101,6 +101,11 @@ def test_bf16_state_dict_and_codebook():
     assert out16.dtype == torch.bfloat16 and idx16.shape == idx.shape
     u = _unit_inputs(m, x.bfloat16()).float()
     check_nearest(u, _shell(LeechQuantize), idx16.reshape(-1), metric="dot")
+    # From indices, in the module's dtype (the codes follow project_out's weights).
+    out16 = m.get_output_from_indices(idx16)
+    assert out16.dtype == torch.bfloat16
+    # (forward's u + sg(q - u) rounds in bfloat16)
+    torch.testing.assert_close(out16, m.eval()(x.bfloat16())[0], atol=1e-2, rtol=2e-2)
     assert m.codebook_size == LEECH_SIZE and E8Quantize().codebook.shape == (240, 8)
     # The codebook follows .to(device) through a buffer the state dict does not hold.
     assert "_anchor" not in E8Quantize().state_dict() and "_anchor" in dict(m.named_buffers())

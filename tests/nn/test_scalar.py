@@ -38,6 +38,7 @@ def _copy(peer, mine):
         (dict(levels=[5, 5, 5], orthogonal_rotation=True), (2, 9, 3)),
         (dict(levels=[2, 5, 4], preserve_symmetry=True), (2, 9, 3)),
         (dict(levels=[3, 4], preserve_symmetry=True, bound_hard_clamp=True), (2, 9, 2)),
+        (dict(levels=[5, 4], keep_num_codebooks_dim=True), (2, 6, 2)),  # indices (b, n, 1)
     ],
 )
 def test_fsq_matches_peer(kwargs, shape):
@@ -58,6 +59,83 @@ def test_fsq_matches_peer(kwargs, shape):
     out_m.backward(g)
     torch.testing.assert_close(z2.grad, z1.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mine.indices_to_codes(idx_m), peer.indices_to_codes(idx_p))
+
+
+def test_fsq_num_codebooks_without_dim_matches_peer():
+    # dim defaults to len(levels) * num_codebooks: no projections.
+    vq = _peer()
+    _seed(12)
+    peer = vq.FSQ(levels=[4, 5, 3], num_codebooks=2)
+    mine = FSQ(levels=[4, 5, 3], num_codebooks=2)
+    assert mine.dim == peer.dim == 6 and not mine.has_projections
+    z = torch.randn(2, 7, 6) * 2
+    out_p, idx_p = peer(z)
+    out_m, idx_m = mine(z)
+    assert torch.equal(idx_m, idx_p.long())
+    torch.testing.assert_close(out_m, out_p)
+
+
+def test_fsq_hard_clamp_rounds_grid_midpoints_as_peer():
+    # z at the midpoints between levels of the eps-free grid, z = (k + 1/2) / ((L - 1) / 2): the
+    # bound's (1 + 1e-3) stretch decides which way they round (away from 0), as in the peer.
+    vq = _peer()
+    levels = [5, 4, 3]
+    peer = vq.FSQ(levels=levels, bound_hard_clamp=True)
+    mine = FSQ(levels=levels, bound_hard_clamp=True)
+    g = torch.Generator().manual_seed(13)
+    cols = []
+    for n in levels:
+        half = (n - 1) / 2
+        mids = torch.tensor([k + 0.5 for k in range(-n, n) if abs(k + 0.5) < half]) / half
+        cols.append(mids[torch.randint(0, len(mids), (40,), generator=g)])
+    z = torch.stack(cols, -1).view(2, 20, 3)
+    out_p, idx_p = peer(z)
+    out_m, idx_m = mine(z)
+    assert torch.equal(idx_m, idx_p.long())
+    torch.testing.assert_close(out_m, out_p)
+    # Away from 0: the grid integer is the midpoint k + 1/2 moved out by 1/2.
+    half_width = torch.tensor([n // 2 for n in levels], dtype=torch.float32)
+    half = torch.tensor([(n - 1) / 2 for n in levels])
+    assert torch.equal((out_m * half_width).abs(), (z * half).abs() + 0.5)
+
+
+def test_fsq_noise_dropout_matches_peer():
+    # The same random stream as the peer: a Bernoulli mask, then uniform offsets in [-1/2, 1/2),
+    # clamped to [-1, 1]; training only.
+    vq = _peer()
+    kw = dict(levels=[5, 4, 3], preserve_symmetry=True, noise_dropout=0.5)
+    peer, mine = vq.FSQ(**kw), FSQ(**kw)
+    _seed(14)
+    z = torch.randn(2, 30, 3) * 2
+    clean, idx_clean = mine.eval()(z)
+    out_p, idx_p = peer.eval()(z)
+    assert torch.equal(idx_clean, idx_p.long())
+    torch.testing.assert_close(clean, out_p)
+    _seed(15)
+    out_p, idx_p = peer.train()(z)
+    _seed(15)
+    out_m, idx_m = mine.train()(z)
+    assert torch.equal(idx_m, idx_p.long()) and torch.equal(idx_m, idx_clean)
+    torch.testing.assert_close(out_m, out_p)
+    noisy = out_m != clean
+    assert 0.3 < noisy.float().mean() < 0.7  # about noise_dropout of the entries moved
+    assert (out_m.abs() <= 1).all() and ((out_m - clean).abs() <= 0.5).all()
+
+
+def test_fsq_symmetric_bf16_is_quantized_in_float32():
+    # force_quantization_f32 (default): a dtype outside allowed_dtypes is quantized in float32,
+    # on the same path as the peer (the symmetric grid runs as plain torch ops).
+    vq = _peer()
+    kw = dict(levels=[7, 5, 6], preserve_symmetry=True)
+    peer, mine = vq.FSQ(**kw), FSQ(**kw)
+    _seed(16)
+    z = (torch.randn(2, 50, 3) * 2).bfloat16()
+    out_m, idx_m = mine(z)
+    out_f, idx_f = mine(z.float())
+    out_p, idx_p = peer(z)
+    assert out_m.dtype == torch.bfloat16
+    assert torch.equal(idx_m, idx_f) and torch.equal(idx_m, idx_p.long())
+    assert torch.equal(out_m, out_f.bfloat16())
 
 
 def test_fsq_hard_clamp_matches_peer():
@@ -128,6 +206,13 @@ def test_fsq_bad_input():
         (dict(codebook_size=16, spherical=True, codebook_scale=0.7), (2, 6, 4)),
         (dict(codebook_size=8, orthogonal_rotation=True, diversity_gamma=0.5), (2, 6, 3)),
         (dict(codebook_size=8, experimental_softplus_entropy_loss=True), (2, 6, 3)),
+        (dict(codebook_size=16, dim=6, cosine_sim_project_in=True, codebook_scale=0.5), (2, 5, 6)),
+        (
+            dict(codebook_size=16, spherical=True, codebook_scale=0.7, commitment_loss_weight=0.5),
+            (2, 6, 4),
+        ),
+        (dict(codebook_size=16, dim=4, channel_first=True), (2, 4, 5)),  # channel-first, 3-D
+        (dict(codebook_size=8, keep_num_codebooks_dim=True), (2, 5, 3)),
     ],
 )
 def test_lfq_matches_peer(kwargs, shape):
@@ -182,6 +267,75 @@ def test_lfq_mask_matches_peer():
     (_, _, _), (ps_m, _, cm_m) = mine(x, mask=mask, return_loss_breakdown=True)
     torch.testing.assert_close(ps_m, ps_p, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(cm_m, cm_p)
+
+
+@pytest.mark.parametrize("softplus", [False, True])
+def test_lfq_aux_loss_combines_the_breakdown(softplus):
+    # aux = w_e * (per_sample - gamma * batch) [softplus(. + offset)] + w_c * commitment.
+    _seed(17)
+    m = LFQ(
+        codebook_size=16,
+        entropy_loss_weight=0.3,
+        commitment_loss_weight=0.7,
+        diversity_gamma=0.6,
+        experimental_softplus_entropy_loss=softplus,
+        entropy_loss_offset=2.0,
+    )
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    (_, _, aux), (ps, be, cm) = m(x, inv_temperature=2.0, return_loss_breakdown=True)
+    ps, be, cm = float(ps), float(be), float(cm)
+    assert ps > 0 and be > 0 and cm > 0
+    entropy = ps - 0.6 * be
+    if softplus:
+        entropy = math.log1p(math.exp(entropy + 2.0))
+    assert math.isclose(float(aux), 0.3 * entropy + 0.7 * cm, rel_tol=1e-6)
+
+
+def test_lfq_commitment_gradient_pulls_toward_the_codes():
+    # commitment = mse(x, sg(codes)): d/dx = 2 (x - codes) / n (the codes carry no gradient).
+    _seed(18)
+    m = LFQ(codebook_size=8, entropy_loss_weight=0.0, commitment_loss_weight=1.0)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    _, _, aux = m(x)
+    aux.backward()
+    codes = torch.where(x.detach() > 0, 1.0, -1.0).double()
+    torch.testing.assert_close(x.grad, 2 * (x.detach() - codes) / x.numel())
+
+
+def test_lfq_frac_per_sample_entropy_uses_a_subset():
+    # frac 1/4 of 4 tokens: both entropies are those of one token, so they are equal and
+    # per_sample is one token's entropy (with all tokens, batch > per_sample).
+    _seed(19)
+    x = torch.randn(1, 4, 3)
+    full = LFQ(codebook_size=8)
+    (_, _, _), (ps_all, be_all, _) = full(x, inv_temperature=1.0, return_loss_breakdown=True)
+    assert float(be_all) > float(ps_all) + 1e-3
+    one = [
+        float(full(x[:, i : i + 1], inv_temperature=1.0, return_loss_breakdown=True)[1][0])
+        for i in range(4)
+    ]
+    m = LFQ(codebook_size=8, frac_per_sample_entropy=0.25)
+    for seed in range(3):
+        _seed(seed)
+        (_, _, _), (ps, be, _) = m(x, inv_temperature=1.0, return_loss_breakdown=True)
+        assert math.isclose(float(ps), float(be), rel_tol=1e-5)  # computed in float32
+        assert min(abs(float(ps) - e) for e in one) < 1e-6
+
+
+def test_lfq_mask_excludes_tokens_from_the_losses():
+    # Masked-out tokens count in neither entropy nor the commitment: the breakdown is that of the
+    # kept tokens alone (soft probabilities, so the entropies see every token).
+    _seed(20)
+    m = LFQ(codebook_size=8, commitment_loss_weight=1.0)
+    x = torch.randn(2, 6, 3)
+    mask = torch.tensor([[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    x[~mask] *= 0.05  # near-uniform probabilities where masked out
+    got = m(x, inv_temperature=2.0, mask=mask, return_loss_breakdown=True)[1]
+    want = m(x[mask][None], inv_temperature=2.0, return_loss_breakdown=True)[1]
+    every = m(x, inv_temperature=2.0, return_loss_breakdown=True)[1]
+    for a, b, c in zip(got, want, every, strict=True):
+        assert math.isclose(float(a), float(b), rel_tol=1e-5)
+        assert abs(float(a) - float(c)) > 1e-2
 
 
 def test_lfq_eval_zero_loss_and_zero_input():
@@ -257,6 +411,16 @@ def test_latent_quantize_matches_peer(kwargs, shape):
     out_p.square().sum().backward()
     out_m.square().sum().backward()
     torch.testing.assert_close(z2.grad, z1.grad)
+
+
+def test_latent_quantize_initial_values_match_peer():
+    # Odd L: linspace(-0.5, 0.5, L); even L: arange(L) / L - 0.5 (0 included), as the peer.
+    vq = _peer()
+    peer = vq.LatentQuantize(levels=[4, 5, 6, 3], dim=4)
+    mine = LatentQuantize(levels=[4, 5, 6, 3], dim=4)
+    assert len(peer.values_per_latent) == len(mine.values_per_latent) == 4
+    for p, m in zip(peer.values_per_latent, mine.values_per_latent, strict=True):
+        assert torch.equal(m.detach(), p.detach())
 
 
 def test_latent_quantize_losses_train_the_latents_and_the_values():

@@ -329,3 +329,27 @@ def test_topk_matches_peer(config, shape, masked, train):
     for name in STATE:
         assert torch.equal(getattr(ours, name).detach(), before[name]), name
         torch.testing.assert_close(getattr(peer._codebook, name).detach(), before[name])
+
+
+def test_topk_eval_loss_gradient_of_a_learnable_codebook_matches_peer():
+    # In eval the peer's top-k loss still compares the learnable codes (not detached) with the
+    # input: its gradient reaches the codebook and x, as fastvq's.
+    torch.manual_seed(0)
+    config = dict(dim=DIM, codebook_size=K, learnable_codebook=True, ema_update=False,
+                  commitment_weight=0.5)  # fmt: skip
+    peer = vqp.VectorQuantize(**config).eval()
+    ours = VectorQuantize(**config).eval()
+    with torch.no_grad():
+        peer._codebook.embed.mul_(torch.rand(1, K, 1) * 4 + 1)
+    ours.load_state_dict(peer.state_dict())
+    x = torch.randn(2, 7, DIM, generator=torch.Generator().manual_seed(1))
+    xp, xv = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _, ip, lp = peer(xp, topk=3)
+    _, iv, lv = ours(xv, topk=3)
+    assert torch.equal(iv, ip)
+    torch.testing.assert_close(lv, lp)
+    lp.sum().backward()
+    lv.sum().backward()
+    assert ours.embed.grad is not None and bool(ours.embed.grad.any())
+    torch.testing.assert_close(ours.embed.grad, peer._codebook.embed.grad)
+    torch.testing.assert_close(xv.grad, xp.grad)

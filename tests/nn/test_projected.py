@@ -76,6 +76,16 @@ def test_simvq_mlp_transform_bf16_and_bad_input():
         SimVQ(dim=4, codebook_size=5, codebook_transform=nn.Linear(4, 3))(torch.randn(1, 2, 4))
 
 
+def test_simvq_frozen_codebook_is_scaled_by_its_dimension():
+    # The peer's init: randn(K, frozen_codebook_dim) * frozen_codebook_dim^-1/2 (the state dict
+    # parity tests load the peer's buffer, so they never see fastvq's own init).
+    torch.manual_seed(0)
+    m = SimVQ(dim=16, codebook_size=2048, frozen_codebook_dim=64)
+    assert m.frozen_codebook.shape == (2048, 64)
+    assert abs(m.frozen_codebook.std().item() * 64**0.5 - 1) < 0.02
+    assert abs(m.frozen_codebook.mean().item()) < 0.01
+
+
 def test_random_projection_quantizer_matches_peer():
     vq = _peer()
     torch.manual_seed(2)

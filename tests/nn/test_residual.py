@@ -6,6 +6,8 @@ input gradients, losses and the EMA state of every layer. Documented differences
 codebook EMA, channel-first layouts) are tested against plain float64 formulas.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,6 +202,34 @@ def test_shared_codebook_one_ema_step_over_all_layers():
                                atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("beam", [None, 3])
+def test_shared_codebook_masked_update_leaves_out_padding(beam):
+    # One EMA step over every layer's rows of the valid positions (float64 reference).
+    rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, shared_codebook=True,
+                     rotation_trick=False, decay=0.7, beam_size=beam)  # fmt: skip
+    layer = rvq.layers[0]
+    book = layer.embed[0].detach().double().clone()
+    cs, ea = layer.cluster_size[0].double().clone(), layer.embed_avg[0].double().clone()
+    x = _randn(3, 12, DIM, seed=2) * 2
+    mask = torch.arange(12) < torch.tensor([12, 3, 7])[:, None]
+    _, idx, _ = rvq(x, mask=mask)
+    valid = mask.reshape(-1)
+    flat = idx.reshape(-1, Q)
+    assert bool((flat[~valid] == -1).all()) and bool((flat[valid] >= 0).all())
+    residual, rows = x.reshape(-1, DIM).double(), []
+    for i in range(Q):
+        rows.append(residual)
+        residual = residual - book[flat[:, i].clamp(min=0)]
+    w = valid.double().repeat(Q)
+    onehot = F.one_hot(flat.T.reshape(-1).clamp(min=0), K).double() * w[:, None]
+    cs = 0.7 * cs + 0.3 * onehot.sum(0)
+    ea = 0.7 * ea + 0.3 * onehot.T @ torch.cat(rows)
+    smoothed = (cs + 1e-5) / (cs.sum() + K * 1e-5) * cs.sum()
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(layer.cluster_size[0].double(), cs, **tol)
+    torch.testing.assert_close(layer.embed[0].double(), ea / smoothed[:, None], **tol)
+
+
 def test_grouped_residual_vq_matches_peer():
     vqp = _peer()
     config = dict(dim=DIM, groups=2, num_quantizers=2, codebook_size=16, rotation_trick=False)
@@ -387,6 +417,27 @@ def test_orthogonal_loss_gradient_is_that_of_the_codebook_it_was_computed_on(con
         torch.testing.assert_close(layer.embed.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [{"shared_codebook": True}, {"beam_size": 2}], ids=str)
+def test_rotation_gradient_uses_the_codes_before_the_parameter_update(config):
+    # The Parameter codebook (orthogonal regulariser) is written in place after the search: the
+    # rotation trick's backward must read the codes it quantized with, as a frozen step does.
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, orthogonal_reg_weight=1.0,
+                     decay=0.5, **config)  # fmt: skip
+    frozen = copy.deepcopy(rvq)
+    x = _randn(4, 20, 8, seed=1) * 3
+    g = _randn(4, 20, 8, seed=2)
+    grads = []
+    for module, freeze in ((frozen, True), (rvq, False)):
+        xg = x.clone().requires_grad_()
+        q, idx, _ = module(xg, freeze_codebook=freeze)
+        (q * g).sum().backward()
+        grads.append((idx, xg.grad))
+    assert not torch.equal(rvq.layers[0].embed, frozen.layers[0].embed), "the update ran"
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+
+
 def test_quantize_dropout_multiple_past_the_stack_keeps_every_layer():
     # Q = 3 with multiples of 2: a drawn index of 2 rounds up to 3, past the last layer; greedy
     # and beam search then both run all three (the beam search indexed layer 3).
@@ -551,6 +602,19 @@ def test_beam_search_kmeans_init_freeze_and_layouts():
     torch.testing.assert_close(losses, losses2)
 
 
+def test_beam_search_kmeans_init_leaves_out_masked_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, DIM, generator=g)
+    x[1, 10:] = 1000.0 + torch.randn(20, DIM, generator=g)  # padding: never a centroid
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 10:] = False
+    rvq = ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=8, kmeans_init=True, beam_size=2,
+                     ema_update=False)  # fmt: skip
+    rvq(x, mask=mask)
+    for layer in rvq.layers:
+        assert bool(layer.initted) and layer.embed.abs().max() < 20
+
+
 # --- layouts, dropout, state -----------------------------------------------------------------
 
 
@@ -601,6 +665,49 @@ def test_quantize_dropout_cutoff_and_multiple():
     with torch.no_grad():
         out = rvq.eval()(x)[1]
     assert bool((out >= 0).all())  # no dropout in eval
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.25])
+def test_quant_grad_frac_scales_the_residual_gradient(frac):
+    # Straight-through layers, no projections: d(sum_l q_l)/dx = sum_l (1 - frac)^l.
+    rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, rotation_trick=False,
+                     quant_grad_frac=frac).eval()  # fmt: skip
+    x = _randn(2, 5, DIM).requires_grad_()
+    q, _, _ = rvq(x)
+    g = _randn(2, 5, DIM, seed=1)
+    (q * g).sum().backward()
+    scale = sum((1 - frac) ** i for i in range(Q))
+    torch.testing.assert_close(x.grad, g * scale)
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (ResidualFSQ, dict(levels=[5, 5], num_quantizers=4)),
+    (ResidualLFQ, dict(dim=4, codebook_size=16, num_quantizers=4)),
+])  # fmt: skip
+def test_fsq_lfq_stacks_drop_layers_only_with_grad_enabled(cls, kwargs):
+    # As the peer: ResidualFSQ / ResidualLFQ apply quantize dropout only when grad is enabled.
+    rq = cls(quantize_dropout=True, **kwargs)
+    x = _randn(2, 5, rq.dim)
+    dropped = 0
+    for seed in range(6):
+        with torch.no_grad():
+            idx = rq(x, rand_quantize_dropout_fixed_seed=seed)[1]
+        assert bool((idx >= 0).all()), seed
+        dropped += int((rq(x, rand_quantize_dropout_fixed_seed=seed)[1] == -1).any())
+    assert dropped > 0  # the same seeds drop layers with grad enabled
+
+
+def test_grouped_stacks_drop_the_same_layers():
+    grvq = GroupedResidualVQ(dim=DIM, groups=2, num_quantizers=4, codebook_size=16,
+                             quantize_dropout=True)  # fmt: skip
+    torch.manual_seed(0)
+    runs = set()
+    for step in range(8):
+        _, idx, _ = grvq(_randn(2, 5, DIM, seed=step))
+        run = (idx[:, 0, 0] >= 0).sum(-1)  # layers run, per group
+        assert run[0] == run[1], step
+        runs.add(int(run[0]))
+    assert len(runs) > 1  # dropout varied
 
 
 def test_init_from_clusters_layer_by_layer():

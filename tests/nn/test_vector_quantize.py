@@ -76,6 +76,29 @@ def test_quantized_is_nearest_code_and_tie_aware():
     torch.testing.assert_close(q, vq.project_out(vq.codebook[idx]))
 
 
+def test_cosine_codebook_starts_on_the_unit_sphere():
+    # The peer l2-normalizes its kaiming-uniform init under use_cosine_sim (norms ~0.25 without).
+    torch.manual_seed(0)
+    vq = VectorQuantize(DIM, K, codebook_dim=6, use_cosine_sim=True, heads=2,
+                        separate_codebook_per_head=True)  # fmt: skip
+    torch.testing.assert_close(vq.embed.norm(dim=-1), torch.ones(2, K))
+    assert torch.equal(vq.embed_avg, vq.embed)
+
+
+def test_masked_indices_give_zero_codes():
+    vq = VectorQuantize(DIM, K, codebook_dim=5).eval()
+    x = _randn(2, 6, DIM)
+    mask = torch.arange(6) < torch.tensor([6, 3])[:, None]
+    q, idx, _ = vq(x, mask=mask)
+    assert bool((idx[~mask] == -1).all())
+    codes = vq.get_codes_from_indices(idx)
+    assert codes.shape == (2, 6, 5) and not codes[~mask].any()
+    torch.testing.assert_close(codes[mask], vq.codebook[idx[mask]])
+    out = vq.get_output_from_indices(idx)
+    torch.testing.assert_close(out[mask], q[mask])
+    torch.testing.assert_close(out[~mask], vq.project_out.bias.detach().expand(3, DIM))
+
+
 # --- codebook learning against references ------------------------------------------------------
 
 
@@ -257,6 +280,143 @@ def test_learnable_codebook_separate_codebook_loss():
     assert torch.equal(vq.codebook, codebook)  # no EMA
 
 
+def test_forward_ema_update_argument_overrides_the_module():
+    x = _randn(2, 10, DIM, seed=1)
+    vq = VectorQuantize(DIM, K, rotation_trick=False)
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(x, ema_update=False)  # no EMA, no dead codes: nothing moves
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    off = VectorQuantize(DIM, K, rotation_trick=False, ema_update=False)
+    off.load_state_dict(state)
+    off(x, ema_update=True)
+    vq(x)
+    for k, v in vq.state_dict().items():  # the forward's True does what the default does
+        torch.testing.assert_close(off.state_dict()[k], v, msg=k)
+    assert not torch.equal(vq.embed, state["embed"])
+
+
+def test_dead_codes_are_replaced_without_ema_update():
+    # As the peer: with ema_update=False the statistics still track usage and dead codes are
+    # replaced by batch rows; live codes keep their values.
+    vq = VectorQuantize(DIM, K, ema_update=False, threshold_ema_dead_code=0.9, rotation_trick=False)
+    before = vq.embed.detach().clone()
+    x = _randn(2, 10, DIM, seed=2) * 2  # 20 rows for 48 codes: some codes go unused
+    _, idx, _ = vq(x)
+    used = torch.isin(torch.arange(K), idx)
+    assert 0 < int((~used).sum())
+    assert bool((vq.cluster_size[0, ~used] == 0.9).all())  # reset to the threshold
+    assert torch.equal(vq.embed[0, used], before[0, used])
+    dist = torch.cdist(vq.embed[0, ~used].double(), x.reshape(-1, DIM).double()).min(1).values
+    assert bool((dist < 1e-6).all())
+
+
+def test_kmeans_state_reads_back_the_centroids_with_a_large_eps():
+    # embed_avg = centroid * smoothed(count): the EMA-free read-back is the centroid for any eps
+    # (unequal cluster sizes, so that smoothed(count) != count).
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, DIM, generator=g) * 8
+    sizes = torch.tensor([5, 10, 20, 45])
+    x = centres.repeat_interleave(sizes, 0) + 0.05 * torch.randn(80, DIM, generator=g)
+    vq = VectorQuantize(DIM, 4, eps=0.5)
+    vq.init_from(x, generator=torch.Generator().manual_seed(1))
+    order = torch.cdist(centres, vq.codebook).argmin(1)
+    assert torch.equal(order.sort().values, torch.arange(4))
+    torch.testing.assert_close(vq.cluster_size[0, order], sizes.float())
+    back = fastvq.ema_codebook(vq.cluster_size[0], vq.embed_avg[0], 0.5)
+    torch.testing.assert_close(back, vq.codebook)
+
+
+def test_kmeans_init_leaves_out_masked_rows():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, DIM, generator=g)
+    x[1, 10:] = 1000.0 + torch.randn(20, DIM, generator=g)  # padding: never a centroid
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 10:] = False
+    vq = VectorQuantize(DIM, 8, kmeans_init=True, ema_update=False)
+    vq(x, mask=mask)
+    assert bool(vq.initted) and vq.embed.abs().max() < 10
+    assert vq.cluster_size.sum().item() == 40  # the 40 valid rows
+
+
+def test_ortho_active_codes_only_counts_unmasked_rows():
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True,
+                        commitment_weight=0.0, ema_update=False)  # fmt: skip
+    x = _randn(2, 10, DIM, seed=3)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :3] = True  # 3 valid rows, 17 padding rows whose codes must not count
+    with torch.no_grad():
+        all_idx = vq.eval()(x)[1]
+    _, idx, loss = vq.train()(x, mask=mask)
+    used = idx[mask].unique()
+    assert not bool(torch.isin(all_idx[~mask], used).all())  # padding picks other codes
+    c = F.normalize(vq.embed[0].detach()[used].double(), dim=-1)
+    n = len(used)
+    want = (c @ c.T).square().sum() / n**2 - 1 / n
+    torch.testing.assert_close(loss.item(), want.item(), rtol=1e-5, atol=1e-6)
+
+
+def test_ortho_loss_averages_over_separate_head_codebooks():
+    # Shin et al. / the peer: sum over heads of ||C_h C_h^T||_F^2 / (H n^2) - 1/n.
+    vq = VectorQuantize(
+        DIM,
+        K,
+        codebook_dim=6,
+        heads=2,
+        separate_codebook_per_head=True,
+        orthogonal_reg_weight=0.5,
+        commitment_weight=0.0,
+        ema_update=False,
+    )
+    _, _, loss = vq(_randn(2, 8, DIM, seed=4))
+    c = F.normalize(vq.embed.detach().double(), dim=-1)
+    want = (c @ c.transpose(1, 2)).square().sum() / (2 * K**2) - 1 / K
+    torch.testing.assert_close(loss.item(), 0.5 * want.item(), rtol=1e-5, atol=1e-7)
+
+
+def test_ortho_max_codes_samples_exactly_that_many_codes():
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=1.0, orthogonal_reg_max_codes=5,
+                        commitment_weight=0.0, ema_update=False)  # fmt: skip
+    torch.manual_seed(0)
+    _, _, loss = vq(_randn(2, 8, DIM, seed=5))
+    loss.backward()
+    rows = (vq.embed.grad[0].abs().sum(1) > 0).nonzero().flatten()
+    assert len(rows) == 5
+    c = F.normalize(vq.embed[0].detach()[rows].double(), dim=-1)
+    want = (c @ c.T).square().sum() / 25 - 1 / 5
+    torch.testing.assert_close(loss.item(), want.item(), rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_learnable_codebook_gets_no_loss_gradient():
+    # As the peer: freeze_codebook detaches the commitment target of a learnable codebook.
+    vq = VectorQuantize(DIM, K, learnable_codebook=True, commitment_weight=0.5,
+                        rotation_trick=False)  # fmt: skip
+    x = _randn(2, 8, DIM, seed=7).requires_grad_()
+    q, idx, loss = vq(x, freeze_codebook=True)
+    loss.backward()
+    assert vq.embed.grad is None or not vq.embed.grad.any()
+    codes = vq.codebook.detach()[idx]
+    torch.testing.assert_close(x.grad, 0.5 * 2 * (x - codes).detach() / x.numel())
+
+
+def test_rotation_gradient_uses_the_codes_before_the_parameter_update():
+    # With the orthogonal regulariser the codebook is a Parameter written in place by the EMA
+    # step after the search: the estimator's backward must see the codes it quantized with.
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=1.0, decay=0.5)
+    assert vq.grad == "rotation"
+    codebook = vq.codebook.detach().clone()
+    x = _randn(3, 6, DIM, seed=8).requires_grad_()
+    q, idx, _ = vq(x)
+    assert not torch.equal(vq.codebook.detach(), codebook)  # the update ran
+    g = _randn(*q.shape, seed=9)
+    (q * g).sum().backward()
+    z = x.detach().clone().requires_grad_()
+    q2, idx2 = fastvq.quantize(z, codebook, grad="rotation")
+    assert torch.equal(idx2, idx)
+    (q2 * g).sum().backward()
+    torch.testing.assert_close(x.grad, z.grad)
+
+
 def test_stochastic_sampling_follows_gumbel_softmax(monkeypatch):
     monkeypatch.setattr(vqmod, "_SAMPLE_CHUNK_ELEMENTS", 2 * 3 * 7)  # many chunks of 7 rows
     vq = VectorQuantize(2, 3, stochastic_sample_codes=True, sample_codebook_temp=0.5)
@@ -270,6 +430,8 @@ def test_stochastic_sampling_follows_gumbel_softmax(monkeypatch):
     torch.testing.assert_close(freq, want, atol=0.02, rtol=0)
     # eval, or temperature 0: the nearest code
     _, idx, _ = vq(x, sample_codebook_temp=0.0)
+    assert bool((idx == 0).all())
+    _, idx, _ = vq.eval()(x)
     assert bool((idx == 0).all())
 
 
@@ -346,6 +508,14 @@ def test_topk_estimator_per_candidate(grad):
     torch.testing.assert_close(x.grad, z.grad)
     if grad != "ste":  # the estimator is not the identity: a wrong pairing would show
         assert not torch.allclose(x.grad, g[:, :, 0])
+
+
+def test_topk_training_with_stochastic_codes_at_temperature_zero_is_nearest():
+    vq = VectorQuantize(DIM, K, stochastic_sample_codes=True, sample_codebook_temp=0.0)
+    x = _randn(2, 7, DIM, seed=6)
+    _, idx, _ = vq(x, topk=3)
+    _, want, _ = vq.eval()(x, topk=3)
+    assert torch.equal(idx, want)
 
 
 def test_topk_trains_no_statistics_but_kmeans_inits():

@@ -235,6 +235,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """os.environ with `extra` and, first on PYTHONPATH, the directory this process imported
+    fastvq from: a child running a script file (whose own directory heads its sys.path) then
+    tests this checkout's code, not the one an editable install points at."""
+    import os
+
+    import fastvq
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastvq.__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return os.environ | {"PYTHONPATH": path, **extra}
+
+
 def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> list:
     """Run `python script out_dir port`, whose __main__ starts `world` gloo ranks on 127.0.0.1:port
     that each save out_dir/rank{r}.pt; returns what they saved, rank by rank.
@@ -247,7 +260,7 @@ def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> l
     import subprocess
     import sys
 
-    env = os.environ | {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    env = checkout_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     run = subprocess.run(
         [sys.executable, "-W", "ignore::FutureWarning", script, str(out_dir), str(free_port())],
         capture_output=True, text=True, timeout=timeout, env=env,

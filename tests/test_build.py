@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fastvq.testing import cuda_include_dir
+from fastvq.testing import checkout_env, cuda_include_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -90,7 +90,7 @@ def test_triton_kernels_compile_for_sm90():
     """The interpreter that runs the Triton kernels in CI checks neither types nor layouts as the
     compiler does, nor the GPU tile sizes: tests/triton_sm90.py compiles every kernel, as each
     launcher would launch it on an H100, to a cubin, and fails if one is never launched there."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in checkout_env().items() if k != "TRITON_INTERPRET"}
     script = os.path.join(ROOT, "tests", "triton_sm90.py")
     result = subprocess.run(
         [sys.executable, script], env=env, capture_output=True, text=True, timeout=900

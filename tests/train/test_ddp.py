@@ -1,14 +1,13 @@
 """DDP on 2 CPU processes (gloo): each rank trains on its own shard, yet weights and EMA
 codebooks stay identical across ranks, evaluation is all-reduced, one checkpoint is written."""
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import torch
 
-from fastvq.testing import free_port
+from fastvq.testing import checkout_env, free_port
 
 WORKER = textwrap.dedent("""
     import sys
@@ -64,8 +63,8 @@ def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
     try:
         codes = [p.wait(timeout=240) for p in procs]

@@ -477,10 +477,11 @@ class Trainer:
                 out = model(x)
                 return self._generator_loss(x, out, self.step)[0]
 
-        # The hypergradient's four passes run in train mode, two at perturbed weights: they must
-        # not move the buffers (EMA codebook, dead-code usage, k-means state, BatchNorm
-        # statistics), which the lower step's own pass updates once.
-        buffers = [b.detach().clone() for b in model.buffers()]
+        # The hypergradient's four passes run in train mode, two at perturbed weights: what they
+        # update (EMA codebook, dead-code usage and replacement, k-means state, BatchNorm
+        # statistics) is put back, for the lower step's own pass to update once. It restores the
+        # lower parameters itself. Buffers are looked up again: a quantizer may assign new ones.
+        saved = [p.detach().clone() for p in [*upper, *model.buffers()]]
         try:
             # The finite-difference passes in float32 (hypergradient's fd_loss says why).
             grads, _ = hypergradient(
@@ -488,8 +489,8 @@ class Trainer:
             )
         finally:
             with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers, strict=True):
-                    b.copy_(saved)
+                for p, value in zip([*upper, *model.buffers()], saved, strict=True):
+                    p.copy_(value)
         if self.world > 1:
             import torch.distributed as dist
 

@@ -176,6 +176,26 @@ def test_meta_step_leaves_the_buffers_alone(make_config, datasets):
     assert not torch.equal(trainer.model.quantizer.embed, buffers["quantizer.embed"])
 
 
+def test_meta_step_changes_the_codebook_by_its_optimizer_only(make_config, datasets):
+    # A learnable codebook whose every code is dead (threshold 100): the hypergradient's passes
+    # replace codes in place, which must not outlive them. At learning rate 0 the meta step then
+    # leaves the codebook as it was.
+    from fastvq.train.trainer import Trainer
+
+    quantizer = ("{type: VectorQuantize, codebook_size: 16, ema_update: false, "
+                 "learnable_codebook: true, threshold_ema_dead_code: 100}")  # fmt: skip
+    trainer = Trainer(make_config(f"model.quantizer={quantizer}", "meta.enabled=true"),
+                      datasets=datasets)  # fmt: skip
+    codebook = trainer.model.quantizer.embed
+    before = codebook.detach().clone()
+    trainer.meta_opt.param_groups[0]["lr"] = 0.0
+    trainer.model.train()
+    trainer._meta_step(trainer._batches())
+    assert torch.equal(codebook, before)
+    trainer.train_step(trainer._batches())  # the lower step's pass replaces them
+    assert not torch.equal(codebook, before)
+
+
 def test_meta_needs_a_quantizer_with_parameters(make_config, datasets):
     from fastvq.train.trainer import Trainer
 

@@ -1,12 +1,15 @@
 """The benchmarks run end to end (--quick, on this machine's device) and write a complete record:
 environment, shapes, one row per peer, every fastvq row checked correct before it was timed."""
 
+import dataclasses
 import importlib
 import json
+import subprocess
 
 import pytest
 import torch
 
+from bench import common
 from bench.run import MODULES, main
 
 # Rows that need fastvq.models (issue 6) may be skipped while that package does not build.
@@ -67,6 +70,19 @@ def test_bench_writes_its_record(tmp_path, module, one_thread):
             assert status != "skipped: ", row
             if status == "ok":
                 assert row["ms"] > 0, row
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    if module == "nearest_code":  # TFLOP/s counts the distance GEMM's 2·N·K·D over the median
+        for row in ok_rows:
+            n, k, d = (row["shape"][key] for key in "NKD")
+            assert row["tflops"] == pytest.approx(2 * n * k * d / row["ms"] / 1e9), row
+    if module == "nn" and _models_build():  # the quantizer alone on the step's latents, over it
+        alone = {r["name"].split()[0]: r for r in ok_rows if "(VQGAN latents)" in r["name"]}
+        steps = [r for r in ok_rows if r["name"].endswith("VQGAN step")]
+        assert any(r["name"].startswith("fastvq") for r in steps), rows
+        for row in steps:
+            q = alone[row["name"].split()[0]]
+            assert row["extra"]["quantizer_ms"] == q["ms"], (row, q)
+            assert row["extra"]["quantizer_share"] == pytest.approx(q["ms"] / row["ms"])
 
 
 def test_run_reports_a_broken_module(tmp_path, monkeypatch, capsys):
@@ -78,3 +94,258 @@ def test_run_reports_a_broken_module(tmp_path, monkeypatch, capsys):
         main(["--only", "scalar", "--quick", "--out", str(tmp_path)])
     assert exc.value.code == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+# --- the harness's bookkeeping, on fake work: what it records, never how fast anything ran ---
+
+
+@pytest.mark.skipif(common.DEVICE == "cuda", reason="the CPU path of timeit")
+def test_timeit_median_and_percentiles(monkeypatch):
+    """CPU timeit: `reps` runs, (median, p20, p80) of their durations, on a fake clock."""
+    clock, durations = [0.0], iter([0.005, 0.001, 0.003, 0.002, 0.004])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def fn():
+        calls.append(1)
+        clock[0] += next(durations)
+
+    median, p20, p80 = common.timeit(fn, reps=5)
+    assert len(calls) == 5
+    expected = torch.quantile(torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([0.5, 0.2, 0.8]))
+    assert [median, p20, p80] == pytest.approx(expected.tolist())
+    assert p20 < median < p80
+
+
+def test_measure_records_rates_and_check(monkeypatch, capsys):
+    """measure: the check's fields land in the row, the p20 / p80 columns are the timer's, TFLOP/s
+    and GB/s are the counted work over the median, percent of peak uses the ceiling of the row's
+    arithmetic (and the nearer of the two limits on an H100), and a failed check is flagged."""
+    monkeypatch.setattr(common, "timeit", lambda fn, reps: (2.0, 1.0, 3.0))
+    row = common.measure(
+        "p", {"N": 1}, lambda: lambda: 7, check=lambda out: {"agree": 0.5, "ok": out == 8}
+    )
+    assert (row.ms, row.ms_p20, row.ms_p80) == (2.0, 1.0, 3.0)
+    assert row.agree == 0.5 and row.ok is False and row.status == "ok"
+    assert "CHECK-FAILED" in capsys.readouterr().out
+    assert row.tflops is None and row.gbps is None and row.percent_of_peak is None
+    row = common.measure("p", {"N": 1}, lambda: lambda: 8, check=lambda out: {"ok": out == 8},
+                         flops=4e9, nbytes=6e6, arith="bf16")  # fmt: skip
+    assert row.ok is True and "CHECK-FAILED" not in capsys.readouterr().out
+    assert row.tflops == pytest.approx(2.0) and row.gbps == pytest.approx(3.0)
+    monkeypatch.setattr(common, "device_name", lambda device=None: "nvidia-h100-80gb-hbm3")
+    row = common.measure("p", {}, lambda: lambda: 0, flops=4e9, nbytes=6e6, arith="bf16")
+    # bf16 share 100 * 2 / 772 = 0.26 %, copy share 100 * 3 / 3000 = 0.1 %: the arithmetic binds
+    assert row.percent_of_peak == pytest.approx(100 * 2.0 / common.H100_LIMITS["bf16"])
+    row = common.measure("p", {}, lambda: lambda: 0, flops=4e9, arith="fp32")
+    assert row.percent_of_peak == pytest.approx(100 * 2.0 / common.H100_LIMITS["fp32"])
+    row = common.measure("p", {}, lambda: lambda: 0, nbytes=6e8)
+    assert row.percent_of_peak == pytest.approx(100 * 300.0 / common.H100_LIMITS["copy"])
+
+
+def _raises(error):
+    def setup():
+        raise error
+
+    return setup
+
+
+def test_measure_statuses(monkeypatch):
+    """A peer over the memory limit is skipped without being set up; a real error is an error,
+    only an allocation failure is OOM; Skip and a missing package are skips with their reason."""
+    monkeypatch.setattr(common, "timeit", lambda fn, reps: (1.0, 1.0, 1.0))
+    limit = common.memory_limit()
+    row = common.measure("p", {}, _raises(AssertionError("set up")), need_bytes=2 * limit)
+    assert row.status.startswith("skipped: needs")
+    assert common.measure("p", {}, lambda: lambda: 0, need_bytes=limit / 2).status == "ok"
+    boom = common.measure("p", {}, _raises(RuntimeError("boom")))
+    assert boom.status == "error: RuntimeError: boom"
+    assert common.measure("p", {}, _raises(RuntimeError("CUDA out of memory."))).status == "OOM"
+    assert common.measure("p", {}, _raises(torch.OutOfMemoryError("x"))).status == "OOM"
+    assert common.measure("p", {}, _raises(common.Skip("no GPU"))).status == "skipped: no GPU"
+    missing = common.measure("p", {}, _raises(ImportError("x", name="somepkg")))
+    assert missing.status == "skipped: somepkg not installed"
+
+
+def test_check_indices_verdicts():
+    """check_indices: wrong indices give ok False and their exact agreement rate; an exact tie
+    (a duplicated code) is right either way (ok) but not counted as agreement; top-k indices
+    are checked in order; the precision argument sets the tolerance of a near tie."""
+    from fastvq.reference import nearest_code, nearest_code_topk
+
+    g = torch.Generator().manual_seed(0)
+    z, c = torch.randn(40, 4, generator=g), torch.randn(16, 4, generator=g)
+    idx = nearest_code(z.double(), c.double())
+    assert common.check_indices(z, c, idx) == {"agree": 1.0, "ok": True}
+    bad = idx.clone()
+    bad[::4] = (bad[::4] + 1) % 16  # 10 of 40 rows
+    assert common.check_indices(z, c, bad) == {"agree": 0.75, "ok": False}
+    twin = torch.cat([c, c[idx[:1]]])  # code 16 duplicates row 0's nearest code
+    tie = idx.clone()
+    tie[0] = 16
+    out = common.check_indices(z, twin, tie)
+    assert out["ok"] is True and out["agree"] == pytest.approx(39 / 40)
+    top = nearest_code_topk(z.double(), c.double(), 3)
+    assert common.check_indices(z, c, top) == {"agree": 1.0, "ok": True}
+    assert common.check_indices(z, c, top.flip(1))["ok"] is False
+    # a near tie (gap 4e-4 in squared distance): within bf16 rounding, not within float32's
+    zn = torch.tensor([[0.4999, 0.0, 0.0, 0.0]])
+    cn = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    second = torch.tensor([1])
+    assert common.check_indices(zn, cn, second, precision="fast")["ok"] is True
+    assert common.check_indices(zn, cn, second, precision="exact")["ok"] is False
+
+
+def test_sample_rows_and_rel_err():
+    assert common.sample_rows(10, 4, "cpu").tolist() == [0, 3, 6, 9]  # first to last, even
+    assert common.sample_rows(3, 512, "cpu").tolist() == [0, 1, 2]
+    ref = torch.tensor([1.0, -4.0], dtype=torch.float64)
+    assert common.rel_err(torch.tensor([1.0, -6.0]), ref) == pytest.approx(0.5)  # 2 / max|ref|
+
+
+def test_environment_records_what_ran(tmp_path, monkeypatch):
+    """torch and peer versions as installed, the CPU model as the device on CPU, and the commit,
+    "+dirty" when a file under test changed, but not for records written to bench/results."""
+    from importlib import metadata
+
+    def version(p):
+        try:
+            return metadata.version(p)
+        except metadata.PackageNotFoundError:
+            return None
+
+    repo = tmp_path / "repo"
+    (repo / "bench" / "results").mkdir(parents=True)
+    (repo / "a.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git[:5], "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    monkeypatch.chdir(repo)
+    (repo / "bench" / "results" / "op-cpu.json").write_text("{}")
+    env = common.environment("cpu")
+    assert env["git"] == head.strip()
+    assert env["torch"] == torch.__version__ and env["triton"] == version("triton")
+    assert env["peers"] == {p: version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")}
+    assert env["device"] == env["cpu"]
+    (repo / "a.py").write_text("x = 2\n")
+    assert common.environment("cpu")["git"] == head.strip() + "+dirty"
+
+
+def test_cli_saves_every_shape_and_completeness(tmp_path, monkeypatch):
+    """cli: the record holds the rows of every shape so far, and says complete only after the
+    last one (a run cut short keeps what it finished, marked incomplete)."""
+    monkeypatch.setattr(common, "timeit", lambda fn, reps: (1.0, 1.0, 1.0))
+    shapes = {"quick": [(1,), (2,)], "cpu": [(1,), (2,)], "cuda": [(1,), (2,)]}
+
+    def run(chosen, reps, quick):
+        ((n,),) = chosen
+        if n == 3:
+            raise KeyboardInterrupt
+        return [common.measure(f"p{n}", {"n": n}, lambda: lambda: 0)]
+
+    argv = ["--quick", "--out", str(tmp_path)]
+    path = common.cli(argv, "doc", "fake", run, shapes)
+    assert path == str(tmp_path / f"fake-{common.device_name()}-quick.json")
+    record = json.load(open(path))
+    assert [r["name"] for r in record["rows"]] == ["p1", "p2"] and record["complete"] is True
+    shapes["quick"] = [(1,), (3,)]
+    with pytest.raises(KeyboardInterrupt):
+        common.cli(argv, "doc", "fake", run, shapes)
+    record = json.load(open(path))
+    assert [r["name"] for r in record["rows"]] == ["p1"] and record["complete"] is False
+
+
+def test_summary_flags_failed_checks(tmp_path, capsys):
+    from bench.run import summary
+
+    ok = dict(dataclasses.asdict(common.Row("good", {"N": 1}, ms=1.0, ok=True)))
+    failed = dict(ok, name="wrong", ok=False)
+    skipped = dict(dataclasses.asdict(common.Row("absent", {"N": 1})), status="skipped: why")
+    record = {"environment": {"device": "dev"}, "rows": [ok, failed, skipped]}
+    (tmp_path / "op-dev.json").write_text(json.dumps(record))
+    summary(str(tmp_path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "-- op-dev.json (dev)"
+    good, wrong, absent = lines[1:]
+    assert "CHECK-FAILED" in wrong and "CHECK-FAILED" not in good
+    assert absent.split()[0] == "absent" and "skipped: why" in absent
+
+
+# --- each bench module's correctness check rejects a wrong fastvq result before timing ---
+
+
+def _fastvq_rows(rows):
+    return [r for r in rows if r.name.startswith("fastvq") and r.status == "ok"]
+
+
+def test_codebook_checks_catch_wrong_results(monkeypatch):
+    import bench.bench_codebook as bench
+    import fastvq
+
+    ema_codebook, quantize = fastvq.ema_codebook, fastvq.quantize
+
+    def bad_codebook(cs, es, out=None):
+        return ema_codebook(cs, es, out=out).add_(1e-2)
+
+    def bad_gradient(z, c, **kw):  # right codes and indices, dL/dz scaled by 1.5
+        z_q, idx = quantize(z, c, **kw)
+        return z_q + 0.5 * (z - z.detach()), idx
+
+    monkeypatch.setattr(fastvq, "ema_codebook", bad_codebook)
+    monkeypatch.setattr(fastvq, "quantize", bad_gradient)
+    rows = bench.run_ema(64, 16, 4, 1) + bench.run_quantize(64, 16, 4, 1)
+    checked = [r for r in _fastvq_rows(rows) if "alone" not in r.name]
+    assert len(checked) >= 4 and all(r.ok is False for r in checked), rows
+    assert all(r.ok is True for r in rows if r.name.startswith("torch"))
+
+
+def test_scalar_checks_catch_wrong_results(monkeypatch):
+    import bench.bench_scalar as bench
+    import fastvq
+
+    fsq, entropy = fastvq.fsq, fastvq.binary_entropy_loss
+
+    def bad_indices(z, levels):  # right codes, indices shifted
+        codes, idx = fsq(z, levels)
+        return codes, (idx + 1) % 64000
+
+    def bad_per_sample(z, **kw):  # per-sample entropy off by 10 %, gradient unchanged
+        per_sample, codebook = entropy(z, **kw)
+        return per_sample + 0.1 * per_sample.detach(), codebook
+
+    monkeypatch.setattr(fastvq, "fsq", bad_indices)
+    monkeypatch.setattr(fastvq, "binary_entropy_loss", bad_per_sample)
+    rows = bench.run_entropy(32, 4, 1) + bench.run_quantize(32, 4, 1)
+    wrong = [r for r in _fastvq_rows(rows) if r.name in ("fastvq fsq", "fastvq lfq entropy")]
+    assert len(wrong) == 2 and all(r.ok is False for r in wrong), rows
+
+
+def test_lattice_check_catches_a_point_that_is_not_nearest(monkeypatch):
+    import bench.bench_lattice as bench
+
+    e8_nearest = bench.e8_nearest
+    root = torch.tensor([1.0, 1.0, 0, 0, 0, 0, 0, 0])  # p + root is in E8, one shell further
+
+    monkeypatch.setattr(bench, "e8_nearest", lambda x, **kw: e8_nearest(x, **kw) + root)
+    rows = [r for r in bench.run_e8(64, 1) if r.shape.get("K") == "lattice"]
+    assert rows and all(r.status == "ok" and r.ok is False for r in rows), rows
+
+
+def test_nn_check_catches_wrong_indices(monkeypatch):
+    """A VectorQuantize that returns the code it names, but not the nearest one, fails the check."""
+    import bench.bench_nn as bench
+    import fastvq
+
+    quantize = fastvq.quantize
+
+    def second_best(z, c, **kw):
+        _, idx = quantize(z, c, **kw)
+        idx = (idx + 1) % len(c)
+        return c[idx] + (z - z.detach()), idx
+
+    monkeypatch.setattr(fastvq, "quantize", second_best)
+    rows = {r.name: r for r in bench.run_vq(1, 16, 32, 4, 1, rotations=(False,))}
+    assert rows["fastvq VectorQuantize"].status == "ok", rows
+    assert rows["fastvq VectorQuantize"].ok is False and rows["fastvq VectorQuantize"].err == 0

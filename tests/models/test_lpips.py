@@ -66,10 +66,14 @@ def test_state_dict_names(lpips):
 
 def _reference(state, x, y):
     """LPIPS re-derived with functional ops from the state dict (lpips.LPIPS(net='vgg') math)."""
+    return sum(_reference_terms(state, x, y))
+
+
+def _reference_terms(state, x, y):
+    """The five layers' terms of _reference, each (B,)."""
     shift = torch.tensor([-0.030, -0.088, -0.188], dtype=x.dtype).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450], dtype=x.dtype).view(1, 3, 1, 1)
     taps = {2: 0, 7: 1, 14: 2, 21: 3, 28: 4}  # the conv whose relu is relu1_2 ... relu5_3
-    total = 0
     feats = []
     for h in (x, y):
         h, out = (h - shift) / scale, []
@@ -82,10 +86,11 @@ def _reference(state, x, y):
             if i in taps:
                 out.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
         feats.append(out)
+    terms = []
     for k, (a, b) in enumerate(zip(*feats, strict=True)):
         w = state[f"lin{k}.model.1.weight"].view(1, -1, 1, 1)
-        total = total + ((a - b) ** 2 * w).sum(1).mean((1, 2))
-    return total
+        terms.append(((a - b) ** 2 * w).sum(1).mean((1, 2)))
+    return terms
 
 
 def test_matches_functional_reference(lpips):
@@ -144,3 +149,19 @@ def test_missing_or_wrong_files(tmp_path, lpips):
         lpips.load_head(tmp_path / "missing_head.pth")
     with pytest.raises(ValueError, match="B, 3, H, W"):
         lpips(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+
+
+def test_every_tap_matches_the_reference():
+    """With random weights the deep taps' terms are ~1e-10 of the first's (deep random features
+    all point alike), so the test above cannot see relu4_3 / relu5_3. Here each head is divided
+    by its layer's float64 reference term: every layer then adds about 1 to the distance."""
+    torch.manual_seed(0)
+    model = LPIPS().double()
+    x, y = _images(7, dtype=torch.float64), _images(8, dtype=torch.float64)
+    terms = _reference_terms(model.state_dict(), x, y)
+    assert min(t.min().item() for t in terms) > 0
+    with torch.no_grad():
+        for i, t in enumerate(terms):
+            getattr(model, f"lin{i}").model[1].weight.div_(t.mean())
+    expected = sum(t / t.mean() for t in terms)
+    torch.testing.assert_close(model(x, y), expected, rtol=1e-7, atol=0)

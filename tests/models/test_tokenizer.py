@@ -223,3 +223,64 @@ def test_last_layer_falls_back_to_the_decoders_last_weight(standin):
     dec = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.Conv2d(6, 3, 1))
     tok = Tokenizer(nn.Conv2d(3, 4, 1), standin(4), dec)
     assert tok.last_layer is dec[2].weight
+
+
+@pytest.mark.parametrize("model", [ROTATED, VQGAN])
+def test_in_and_out_channels(standin, model):
+    """in_channels sizes the encoder's input, out_channels (default in_channels) the decoder's."""
+    tok = build_tokenizer(
+        {**model, "in_channels": 1, "out_channels": 2, "quantizer": {"type": standin}}
+    )
+    x = _x()[:, :1]
+    assert tok(x).recon.shape == (2, 2, 8, 8)
+    tok = build_tokenizer({**model, "in_channels": 1, "quantizer": {"type": standin}})
+    assert tok(x).recon.shape == x.shape
+
+
+def test_post_quant_conv_before_the_decoder(standin):
+    """decode (and forward, with or without the quantizer) run post_quant_conv, then the decoder."""
+    torch.manual_seed(5)
+    tok = build_tokenizer({**VQGAN, "quantizer": {"type": standin}})
+    assert isinstance(tok.post_quant_conv, nn.Conv2d)
+    x = _x(seed=3)
+    with torch.no_grad():
+        z_q, _, _ = tok.encode(x)
+        expected = tok.decoder(tok.post_quant_conv(z_q))
+        assert torch.equal(tok.decode(z_q), expected)
+        assert not torch.allclose(tok.decoder(z_q), expected)
+        assert torch.equal(tok(x).recon, expected)
+        z = tok.latents(x)
+        assert torch.equal(tok(x, quantize=False).recon, tok.decoder(tok.post_quant_conv(z)))
+
+
+def test_build_quantizer_keeps_the_configs_dim(standin):
+    q = build_quantizer({"type": standin, "dim": 5}, dim=8)
+    assert q.embed.shape == (16, 5)
+    assert build_quantizer({"type": standin}, dim=8).embed.shape == (16, 8)
+
+
+def test_rotated_defaults_are_the_papers(standin):
+    """arch rotated_vqvae alone builds the paper's network: six residual blocks on each side,
+    8-head attention, widths 64-128-256, downsampling 8, no 1x1 convs (D = z_channels = 256)."""
+    tok = build_tokenizer({"arch": "rotated_vqvae", "quantizer": {"type": standin}})
+    for part in (tok.encoder, tok.decoder):
+        assert sum(type(m).__name__ == "ResBlock" for m in part.modules()) == 6
+    (attn,) = [m for m in tok.decoder.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert attn.num_heads == 8 and attn.embed_dim == 256
+    assert tok.encoder.downsample_factor == 8 and isinstance(tok.quant_conv, nn.Identity)
+    assert tok.quantizer.embed.shape == (16, 256)
+
+
+def test_codebook_sizes_in_index_order():
+    """codebook_sizes: one size per trailing (G, Q) index entry, in their order, or (K,) when all
+    are equal; a grouped stack's sizes come from each group's residual stack."""
+    pytest.importorskip("fastvq.nn.residual")
+    qcfg = {"type": "GroupedResidualVQ", "groups": 2, "num_quantizers": 2, "codebook_size": [8, 4]}
+    tok = build_tokenizer({**ROTATED, "quantizer": qcfg})
+    assert tok.codebook_sizes == (8, 4, 8, 4)
+    idx = tok(_x()).indices
+    assert idx.shape[3:] == (2, 2) and int(idx[..., 1].max()) < 4
+    qcfg = {"type": "ResidualVQ", "num_quantizers": 3, "codebook_size": 8}
+    assert build_tokenizer({**ROTATED, "quantizer": qcfg}).codebook_sizes == (8,)
+    enc, dec = nn.Conv2d(3, 2, 2, stride=2), nn.ConvTranspose2d(2, 3, 2, stride=2)
+    assert Tokenizer(enc, _Fixed("pair"), dec).codebook_sizes == (4,)

@@ -288,7 +288,13 @@ def build_tokenizer(cfg: dict) -> Tokenizer:
     c = {**_DEFAULTS[arch], **cfg}
     z = c["z_channels"]
     qcfg = c["quantizer"]
-    dim = c.get("embed_dim") or (qcfg.get("dim") if isinstance(qcfg, dict) else None) or z
+    qdim = qcfg.get("dim") if isinstance(qcfg, dict) else None
+    if c.get("embed_dim") and qdim and c["embed_dim"] != qdim:
+        raise ValueError(
+            f"model.embed_dim ({c['embed_dim']}) and model.quantizer.dim ({qdim}) disagree: the "
+            "quantizer's input is the embedding; set one of them"
+        )
+    dim = c.get("embed_dim") or qdim or z
     out_channels = c.get("out_channels") or c["in_channels"]
     ch_mult = tuple(c["ch_mult"])
 

@@ -159,6 +159,11 @@ def test_fastvq_nn_quantizer():
         ({**VQGAN, "resolution": 9, "quantizer": {"type": "FSQ"}}, ValueError, "resolution"),
         ({**ROTATED, "resolution": 6, "quantizer": {"type": "FSQ"}}, ValueError, "resolution"),
         ([1, 2], ValueError, "mapping"),
+        (
+            {**VQGAN, "embed_dim": 3, "quantizer": {"type": "VectorQuantize", "dim": 5}},
+            ValueError,
+            r"model.embed_dim \(3\) and model.quantizer.dim \(5\) disagree",
+        ),
     ],
 )
 def test_bad_configs(cfg, err, match):

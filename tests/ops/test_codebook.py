@@ -362,6 +362,19 @@ def test_ema_update_never_builds_n_by_k(case):
     torch.testing.assert_close(es.double(), expected[1], rtol=1e-6, atol=1e-6)
 
 
+def test_reference_scatter_equals_onehot_with_weights():
+    # The scatter reference (the oracle of the test above) against the one-hot one, in float64,
+    # with weights: a float weight scales both a row's count and its sum.
+    for weighting in ("float", "mask"):
+        cs, es, z, idx, w = _ema_inputs(300, 17, 5, torch.float64, "cpu", 24, weighting)
+        cs, es = cs.double(), es.double()
+        want = ref.ema_update_onehot(cs, es, z, idx, 0.7, w)
+        got = ref.ema_update_index_add(cs, es, z, idx, 0.7, w)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        unweighted = ref.ema_update_index_add(cs, es, z, idx, 0.7)
+        assert (unweighted[0] - got[0]).abs().max().item() > 0.1, weighting
+
+
 def _bad(**changes):
     cs, es, z, idx, _ = _ema_inputs(10, 6, 4, torch.float32, "cpu", 8)
     args = dict(cluster_size=cs, embed_sum=es, z=z, indices=idx, decay=0.9) | changes
@@ -663,6 +676,9 @@ def test_perplexity_and_usage():
     g = torch.Generator().manual_seed(19)
     counts = torch.randint(0, 50, (3, k), generator=g) * (torch.rand(3, k, generator=g) > 0.5)
     torch.testing.assert_close(perplexity(counts).double(), ref.perplexity(counts))
+    counts[1] = 0  # a row without any count: perplexity 0 in both
+    torch.testing.assert_close(perplexity(counts).double(), ref.perplexity(counts))
+    assert ref.perplexity(counts)[1].item() == 0.0
     torch.testing.assert_close(usage(counts).double(), ref.usage(counts))
     assert perplexity(counts).shape == (3,) and perplexity(counts).dtype == torch.float32
     assert usage(torch.tensor([0, 3, 0, 1])).item() == 0.5

@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -108,7 +109,8 @@ def test_non_finite_inputs(case):
     device, backend = case
     z, codebook = random_search_inputs(9, 31, 8, torch.float32, device, 2)
     z[3, 5] = float("nan")
-    with pytest.raises(ValueError, match="z contains NaN"):
+    hint = "; pass check_inputs_finite=False to skip this check"
+    with pytest.raises(ValueError, match=f"^z contains NaN or Inf{hint}$"):
         fastvq.nearest_code(z, codebook, backend=backend)
     bad_codebook = codebook.clone()
     bad_codebook[7, 0] = float("inf")
@@ -256,6 +258,64 @@ def test_float64_runs_on_the_reference():
         fastvq.nearest_code(z, codebook, backend="cpu")
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_cosine_against_normalized_brute_force(case):
+    # check_nearest scores through code_terms, as the kernels are fed: this oracle normalizes the
+    # rows instead, so a wrong cosine (scale, bias) cannot pass on both sides. Codes of norms from
+    # 1e-2 to 1e2 make cosine and dot disagree on most rows. Either side of a float32 near-tie.
+    device, backend = case
+    z, codebook = random_search_inputs(64, 50, 8, torch.float32, "cpu", 23)
+    codebook = codebook * torch.logspace(-2, 2, 50)[:, None]
+    cos = F.normalize(z.double(), dim=1) @ F.normalize(codebook.double(), dim=1).T
+    best = cos.topk(4, dim=1).values
+    idx = fastvq.nearest_code(z.to(device), codebook.to(device), metric="cosine", backend=backend)
+    assert (best[:, 0] - cos.gather(1, idx.cpu()[:, None])[:, 0]).max().item() <= 1e-5
+    assert (idx.cpu() != (z @ codebook.T).argmax(1)).double().mean().item() > 0.5
+    top = fastvq.nearest_code(
+        z.to(device), codebook.to(device), metric="cosine", backend=backend, k=4
+    )
+    assert (best - cos.gather(1, top.cpu())).abs().max().item() <= 1e-5
+
+
+def test_reference_search_against_brute_force():
+    # fastvq.reference.nearest_code / nearest_code_topk (bench/'s baseline, the reference
+    # quantize's search) against float64 brute force, independent of code_terms: small integers
+    # (exact scores, ties everywhere; every code twice, so the copy at i + 40 never wins),
+    # torch.argmax's first-maximum rule for l2 / dot, and normalized rows for cosine.
+    from fastvq.reference import nearest_code as ref_search
+    from fastvq.reference import nearest_code_topk as ref_topk
+
+    g = torch.Generator().manual_seed(22)
+    base = torch.randint(-2, 3, (40, 5), generator=g).double()
+    codebook = torch.cat([base, base])
+    z = torch.randint(-2, 3, (100, 5), generator=g).double()
+    exact = {"l2": z @ codebook.T - codebook.square().sum(1) / 2, "dot": z @ codebook.T}
+    for metric, scores in exact.items():
+        idx = ref_search(z, codebook, metric)
+        assert torch.equal(idx, scores.argmax(1)), metric
+        assert bool((idx < 40).all()), metric
+        top = ref_topk(z, codebook, 5, metric)
+        assert torch.equal(top[:, 0], idx), metric
+        want = scores.sort(dim=1, descending=True, stable=True)
+        assert torch.equal(top, want.indices[:, :5]), metric
+    x = torch.randn(100, 5, generator=g, dtype=torch.float64)
+    cos = F.normalize(x, dim=1) @ F.normalize(codebook, dim=1).T
+    idx = ref_search(x, codebook, "cosine")
+    assert (cos.max(1).values - cos.gather(1, idx[:, None])[:, 0]).max().item() <= 1e-12
+    # A NaN score never wins (code 0 is NaN: its rows take the copy, code 40).
+    nan_code = codebook.clone()
+    nan_code[0, 0] = float("nan")
+    for metric in METRICS:
+        idx = ref_search(x, nan_code, metric)
+        assert bool((idx != 0).all()), metric
+        assert bool((idx[ref_search(x, codebook, metric) == 0] == 40).all()), metric
+    # Half-precision inputs on the CPU are scored in float32: 1000 * 999 overflows float16.
+    zh = torch.tensor([[1000.0]], dtype=torch.float16)
+    ch = torch.tensor([[0.0], [999.0]], dtype=torch.float16)
+    assert ref_search(zh, ch).tolist() == [1]
+    assert ref_topk(zh, ch, 2).tolist() == [[1, 0]]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -271,6 +331,8 @@ def test_float64_runs_on_the_reference():
         (dict(precision="tf32"), ValueError, "precision must be one of"),
         (dict(backend="numpy"), ValueError, "backend must be one of"),
         (dict(z=torch.randn(4, 8, device="meta")), ValueError, "z is on meta"),
+        (dict(k=True), TypeError, "k must be an int, got bool"),
+        (dict(k=0), ValueError, "k must be >= 1, got 0"),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -685,9 +747,36 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
         assert not report[name].available, name
         assert "compute capability 8.0+" in report[name].reason and "7.5" in report[name].reason
     assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
-    gpu.major, gpu.minor = 9, 0
-    report = fastvq.backends()
-    assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON
+    for gpu.major, gpu.minor in [(8, 0), (9, 0)]:  # 8.0 (an A100) is the oldest supported
+        report = fastvq.backends()
+        assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON
+
+
+def test_pick_backend_rules(monkeypatch):
+    # "auto" on CPU tensors: C++ when it is built, else torch. A named backend must be available
+    # and take tensors on their device. Triton runs on CPU tensors only with TRITON_INTERPRET=1.
+    from fastvq import _ext
+    from fastvq.ops._backends import triton_interpreting
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    has_cpu = fastvq.backends()["cpu"].available
+    assert pick_backend("auto", cpu, torch.float32) == ("cpu" if has_cpu else "torch")
+    assert pick_backend("torch", meta, torch.float32) == "torch"
+    if has_cpu:
+        with pytest.raises(ValueError, match="backend 'cpu' runs on cpu tensors here, got .* meta"):
+            pick_backend("cpu", meta, torch.float32)
+    monkeypatch.setattr(_ext, "EXTENSION_ERROR", "fastvq._C failed to load (test)")
+    with pytest.raises(ValueError, match=r"backend 'cpu' is unavailable: fastvq._C failed to load"):
+        pick_backend("cpu", cpu, torch.float32)
+    assert pick_backend("auto", cpu, torch.float32) == "torch"
+    for value, interpreting in [(None, False), ("0", False), ("true", False), ("1", True)]:
+        if value is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_interpreting() is interpreting, value
+        if _ext.HAS_TRITON and not CUDA:
+            assert fastvq.backends()["triton"].available is interpreting, value
 
 
 # --- the C++ CPU kernels' own paths -------------------------------------------------------------

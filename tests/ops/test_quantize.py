@@ -130,6 +130,17 @@ def test_metrics(case, metric, poison):
         _assert_parity(dc, ref32[2], ref64[2], torch.float32, f"dc {metric} {grad}")
 
 
+def test_reference_search_follows_the_metric():
+    # The reference's own search (indices=None, as in its gradcheck) under each metric.
+    z, codebook, _ = _inputs(61, 45, 24, torch.float64, "cpu", 12)
+    found = []
+    for metric in METRICS:
+        _, idx = quantize_ref(z, codebook, metric=metric)
+        assert torch.equal(idx, fastvq.nearest_code(z, codebook, metric=metric, backend="torch"))
+        found.append(idx)
+    assert not torch.equal(found[0], found[1]) and not torch.equal(found[1], found[2])
+
+
 def _degenerate_inputs(device, dtype):
     """One code c (K = 1, so every row picks it) and rows z = 0, -c, -2c, c, 2c, 0.5c, random;
     and a zero code. Scalings by powers of two keep z^ == +-q^ exact in floating point."""
@@ -213,6 +224,18 @@ def test_nearly_degenerate_rows_fall_back(case, grad, dtype):
     ref = _reference_grads(z, code, idx, g, grad, dtype)
     torch.testing.assert_close(dz.to(ref[1].dtype).cpu(), ref[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(dz[1], g[1]), "a row of normal |e|^2 keeps its reflection"
+
+
+def test_reference_in_float16_keeps_float32s_degeneracy_bound():
+    # The reference in float16 takes z^ -+ q^ as 0 only below float32's smallest normal, as the
+    # kernels do; float16's own bound (|e| < 2^-7) would turn these rows, |e| = 2^-8, into plain
+    # STE / H = I. Same matrices as the float32 reference, to float16 rounding.
+    z, q = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 2.0**-8]])
+    for grad, zz in [("householder", z), ("rotation", -z)]:
+        m32 = estimator_matrix(zz, q, grad)
+        m16 = estimator_matrix(zz.half(), q.half(), grad)
+        torch.testing.assert_close(m16.float(), m32, rtol=0, atol=2.0**-6)
+        assert m32[0, 1, 1].item() == -1.0, grad  # a reflection, not the identity
 
 
 @pytest.mark.parametrize("grad", ["rotation", "householder"])

@@ -175,6 +175,9 @@ def test_fsq_round_trip_on_every_index(case):
         out, idx = fsq(z, levels, backend=backend)
         assert torch.equal(idx, every), levels
         assert torch.equal(out, codes), levels
+        # The reference's index map agrees with the enumeration.
+        ref_codes, ref_idx = ref.fsq(z.cpu().double(), levels)
+        assert torch.equal(ref_idx, every.cpu()) and torch.equal(ref_codes, codebook), levels
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -198,11 +201,48 @@ def test_fsq_level_grids_and_edges(case):
     # L = 2^16: large |z| reaches both extreme levels (through the clamp), indices 0 and L - 1.
     codes, idx = fsq(torch.tensor([[-1e9], [1e9]], device=device), [2**16], backend=backend)
     assert idx.tolist() == [0, 2**16 - 1] and codes[0].item() == -1.0
+    ref_codes, ref_idx = ref.fsq(torch.tensor([[-1e9], [1e9]], dtype=torch.float64), [2**16])
+    assert ref_idx.tolist() == [0, 2**16 - 1] and ref_codes[:, 0].tolist() == [-1.0, 32767 / 32768]
     # Near the int64 limit: 3 * 2^61 codes, the top index is 3 * 2^61 - 1 (L = 2: codes -1, 0).
     levels = [3] + [2] * 61
     z = torch.full((2, 62), 5.0, device=device)
     z[1] = -5
     assert fsq(z, levels, backend=backend)[1].tolist() == [3 * 2**61 - 1, 0]
+
+
+def test_fsq_torch_body_rounds_exact_ties_half_to_even():
+    # The parity tests accept either neighbour of a near-tie, so they cannot tell half-even from
+    # half-up (test_scalar_rounding.py pins the Triton helper). Here: float32 z, found by a search
+    # around each bin edge, where the torch body's float32 b = tanh(z + shift) * h - offset is
+    # exactly k + 1/2; the level must be the even one of k, k + 1.
+    from fastvq.ops.scalar import _fsq_tables
+
+    deciding = 0
+    for level in (4, 5, 8):
+        params, _ = _fsq_tables((level,), torch.device("cpu"), torch.float32)
+        shift, half_l, offset = params[0], params[1], params[2]
+        edges = torch.arange(-(level // 2), level - 1 - level // 2, dtype=torch.float64) + 0.5
+        z0 = torch.atanh((edges + offset.double()) / half_l.double()) - shift.double()
+        steps = torch.arange(-300, 301, dtype=torch.float64) * 2.0**-24
+        z = (z0[:, None] + steps * z0.abs().clamp(min=2.0**-20)[:, None]).float().reshape(-1, 1)
+        b = (torch.tanh(z + shift) * half_l - offset)[:, 0]
+        tie = b - b.floor() == 0.5
+        _, idx = fsq(z[tie], [level], backend="torch")
+        r, low = (idx - level // 2).double(), b[tie].floor().double()
+        assert bool(((r == low) | (r == low + 1)).all()), level
+        assert bool((r.remainder(2) == 0).all()), (level, z[tie][r.remainder(2) != 0].tolist())
+        deciding += int((low.remainder(2) == 0).sum())  # half-up would take the odd k + 1
+    assert deciding >= 10, deciding
+
+
+def test_fsq_codes_in_half_precision():
+    # Digits up to 65535 are not exact in bfloat16 / float16: fsq_codes computes in float32 and
+    # rounds once, as fsq's codes do (bfloat16 999 - 500 would give 1.0 for 499 / 500).
+    for levels in ([1001, 3], [2**16]):
+        every = torch.arange(math.prod(levels))
+        codebook = ref.fsq_codebook(levels).float()
+        for dtype in (torch.bfloat16, torch.float16):
+            assert torch.equal(fsq_codes(every, levels, dtype=dtype), codebook.to(dtype)), dtype
 
 
 # --- LFQ and BSQ -------------------------------------------------------------------------------
@@ -318,6 +358,8 @@ def test_sign_round_trip_on_every_index(case):
         assert torch.equal(lfq(codes, backend=backend)[1], every)
         assert torch.equal(bsq(codes, backend=backend)[1], every)
         assert torch.equal(bsq(bsq_codes(every, d), backend=backend)[0], bsq_codes(every, d))
+        assert torch.equal(ref.lfq_codes(every.cpu(), d), codes.cpu())
+        assert torch.equal(ref.bsq_codes(every.cpu(), d), bsq_codes(every, d).cpu())
 
 
 # --- entropy regularizer -----------------------------------------------------------------------
@@ -409,6 +451,19 @@ def test_entropy_parity(case, dtype, quantizer, poison):
         _, dz64 = _ref_grad(loss, z, torch.tensor(1.0), torch.float64)
         _, dz_dt = _ref_grad(loss, z, torch.tensor(1.0), dtype)
         _assert_parity(dz, dz_dt, dz64, dtype, f"entropy dz {quantizer} {(n, d)}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_entropy_takes_the_widest_rows(case):
+    # d = 1024, the most the kernels hold in one program, is accepted (1025 is not, see BAD).
+    device, backend = case
+    z = _randn((3, 1024), torch.float32, device, 81)
+    for quantizer in ("lfq", "bsq"):
+        tau = _temperature(quantizer, 1024)
+        out = binary_entropy_loss(z, inv_temperature=tau, quantizer=quantizer, backend=backend)
+        want = ref.binary_entropy_loss(z.cpu().double(), tau, quantizer)
+        for got, w in zip(out, want, strict=True):
+            assert abs(got.item() - w.item()) <= 2.0**-18 * max(1, w.item()), (quantizer, got, w)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -759,6 +814,9 @@ BAD = [
     (lambda: binary_entropy_loss(Z, inv_temperature=1, quantizer="fsq"), ValueError, "quantizer"),
     (lambda: binary_entropy_loss(Z.int(), inv_temperature=1.0), TypeError, "z must be float32"),
     (lambda: binary_entropy_loss(torch.randn(2, 1025), inv_temperature=1.0), ValueError, "1024"),
+    (lambda: fsq(Z, [3, 3, 3, 3]), ValueError, r"z's last dimension \(3\) must equal len"),
+    (lambda: lfq_codes(IDX, True), TypeError, "d must be an int, got bool"),
+    (lambda: binary_entropy_loss(Z, inv_temperature=True), TypeError, "inv_temperature must be a"),
 ]
 
 

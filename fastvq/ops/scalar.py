@@ -22,7 +22,7 @@ import operator
 import torch
 
 from fastvq import _ext
-from fastvq.ops._backends import pick_backend
+from fastvq.ops._backends import backends, pick_backend
 from fastvq.ops._validate import FLOATING, check_choice, check_floating, check_tensor
 from fastvq.reference.nearest_code import inv_norm
 from fastvq.reference.scalar import FSQ_EPS
@@ -65,7 +65,7 @@ def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:
         if dtype == torch.float64:
             return "torch"
         if device.type == "cuda":
-            return "triton" if _ext.HAS_TRITON else "torch"
+            return "triton" if backends()["triton"].available else "torch"  # sm_80+
         return "cpu" if _HAS_CPP else "torch"
     pick_backend(backend, device, dtype)  # raises ValueError where it cannot run these
     if backend == "cpu" and not _HAS_CPP:

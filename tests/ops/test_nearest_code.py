@@ -747,6 +747,12 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
         assert not report[name].available, name
         assert "compute capability 8.0+" in report[name].reason and "7.5" in report[name].reason
     assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
+    # Every op family's "auto" agrees: the scalar quantizers and E8 too.
+    from fastvq.lattice.e8 import _pick as e8_backend
+    from fastvq.ops.scalar import _impl as scalar_backend
+
+    assert scalar_backend("auto", torch.device("cuda"), torch.float32) == "torch"
+    assert e8_backend("auto", torch.device("cuda"), "e8_nearest", True) == "torch"
     for gpu.major, gpu.minor in [(8, 0), (9, 0)]:  # 8.0 (an A100) is the oldest supported
         report = fastvq.backends()
         assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON

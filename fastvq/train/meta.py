@@ -12,7 +12,7 @@ with the Hessian-vector product replaced by a central difference of first-order 
     grad^2_{psi,w} L_train . v ~= (grad_psi L_train(w+, psi) - grad_psi L_train(w-, psi)) / (2 r),
     w+- = w +- r v,  r = fd_eps / |v|  (DARTS' step: fd_eps = 0.01 moves w by 0.01 in norm).
 
-So only torch.autograd.grad on first derivatives: five forward/backward passes, no second-order
+So only torch.autograd.grad on first derivatives: four forward/backward passes, no second-order
 graph, no bi-level library. MQVAE perturbs phi and theta in two separate differences; one joint
 difference over w = (phi, theta) is the same quantity to first order and costs half.
 """

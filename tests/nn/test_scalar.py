@@ -20,6 +20,15 @@ def _peer():
     return pytest.importorskip("vector_quantize_pytorch")
 
 
+def _assert_same_as_peer(mine, peer, z) -> torch.Tensor:
+    """Both modules on z: the same indices, outputs within float32's tolerance; returns mine."""
+    out_p, idx_p = peer(z)
+    out_m, idx_m = mine(z)
+    assert torch.equal(idx_m, idx_p.long())
+    torch.testing.assert_close(out_m, out_p)
+    return out_m
+
+
 def _copy(peer, mine):
     missing, unexpected = mine.load_state_dict(peer.state_dict(), strict=False)
     assert not missing and not unexpected, (missing, unexpected)
@@ -69,10 +78,7 @@ def test_fsq_num_codebooks_without_dim_matches_peer():
     mine = FSQ(levels=[4, 5, 3], num_codebooks=2)
     assert mine.dim == peer.dim == 6 and not mine.has_projections
     z = torch.randn(2, 7, 6) * 2
-    out_p, idx_p = peer(z)
-    out_m, idx_m = mine(z)
-    assert torch.equal(idx_m, idx_p.long())
-    torch.testing.assert_close(out_m, out_p)
+    _assert_same_as_peer(mine, peer, z)
 
 
 def test_fsq_hard_clamp_rounds_grid_midpoints_as_peer():
@@ -89,10 +95,7 @@ def test_fsq_hard_clamp_rounds_grid_midpoints_as_peer():
         mids = torch.tensor([k + 0.5 for k in range(-n, n) if abs(k + 0.5) < half]) / half
         cols.append(mids[torch.randint(0, len(mids), (40,), generator=g)])
     z = torch.stack(cols, -1).view(2, 20, 3)
-    out_p, idx_p = peer(z)
-    out_m, idx_m = mine(z)
-    assert torch.equal(idx_m, idx_p.long())
-    torch.testing.assert_close(out_m, out_p)
+    out_m = _assert_same_as_peer(mine, peer, z)
     # Away from 0: the grid integer is the midpoint k + 1/2 moved out by 1/2.
     half_width = torch.tensor([n // 2 for n in levels], dtype=torch.float32)
     half = torch.tensor([(n - 1) / 2 for n in levels])
@@ -144,10 +147,7 @@ def test_fsq_hard_clamp_matches_peer():
     mine = FSQ(levels=[5, 4, 3], bound_hard_clamp=True)
     _seed(2)
     z = torch.randn(2, 11, 3) * 1.5
-    out_p, idx_p = peer(z)
-    out_m, idx_m = mine(z)
-    assert torch.equal(idx_m, idx_p.long())
-    torch.testing.assert_close(out_m, out_p)
+    _assert_same_as_peer(mine, peer, z)
 
 
 def test_fsq_level_two_without_symmetry_is_allowed():

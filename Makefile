@@ -1,7 +1,7 @@
 # fastvq: `make demo` runs the demo, `make test` the test suite; both install what they need first.
 PYTHON ?= python3
 PYTEST ?= $(PYTHON) -m pytest
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.inc)
 
 .PHONY: install demo test test-gpu bench lint gpu
 

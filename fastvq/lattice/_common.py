@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from fastvq.ops._validate import check_floating, check_tensor
+from fastvq.ops._validate import FLOATING, check_floating, check_tensor
 
 INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -22,6 +22,13 @@ def check_vectors(name: str, value, dim: int) -> None:
     check_floating(name, value)
     if value.dim() == 0 or value.shape[-1] != dim:
         raise ValueError(f"{name} must have shape (..., {dim}), got {tuple(value.shape)}")
+
+
+def check_code_dtype(dtype) -> None:
+    """TypeError unless a floating dtype: unit codes cast to an integer or bool dtype would be
+    silently wrong (rounded to 0, or True)."""
+    if dtype not in FLOATING:
+        raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
 
 
 def check_indices(name: str, value, size: int) -> None:

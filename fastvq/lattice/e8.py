@@ -14,6 +14,7 @@ from fastvq import _ext
 from fastvq.lattice._common import (
     best_even_signs,
     best_pair,
+    check_code_dtype,
     check_indices,
     check_vectors,
     compute_dtype,
@@ -177,8 +178,10 @@ def _(index, dtype):
 
 
 def e8_shell_codes(indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """E8 minimal vectors from canonical indices: (...) integer in [0, 240) -> (..., 8) `dtype`."""
+    """E8 minimal vectors from canonical indices: (...) integer in [0, 240) -> (..., 8) `dtype`
+    (float32, bfloat16, float16 or float64)."""
     check_indices("indices", indices, E8_SHELL_SIZE)
+    check_code_dtype(dtype)
     return _lookup(indices.long(), dtype)
 
 

@@ -25,6 +25,7 @@ from fastvq.lattice import golay
 from fastvq.lattice._common import (
     best_even_signs,
     best_pair,
+    check_code_dtype,
     check_indices,
     check_vectors,
     compute_dtype,
@@ -97,10 +98,12 @@ def _unit_codes(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def leech_codes(indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit Leech codes from indices in the canonical order (module docstring), by index arithmetic.
 
-    indices: (...) integer tensor with entries in [0, 196560). Returns (..., 24) `dtype` on the
-    indices' device, each row a minimal vector divided by sqrt(32).
+    indices: (...) integer tensor with entries in [0, 196560); dtype: float32, bfloat16, float16 or
+    float64. Returns (..., 24) `dtype` on the indices' device, each row a minimal vector divided
+    by sqrt(32).
     """
     check_indices("indices", indices, LEECH_SIZE)
+    check_code_dtype(dtype)
     return _unit_codes(indices.reshape(-1).long(), dtype).view(*indices.shape, 24)
 
 

@@ -178,6 +178,12 @@ def test_bad_inputs(fn):
         e8_shell_codes(torch.zeros(3))
     with pytest.raises(ValueError, match="indices"):
         e8_shell_codes(torch.tensor([240]))
+    # An integer or bool dtype would silently give wrong codes (0.5 for bool): refused.
+    for dtype in (torch.int64, torch.bool):
+        with pytest.raises(TypeError, match="dtype"):
+            e8_shell_codes(torch.tensor([3]), dtype)
+        with pytest.raises(TypeError, match="dtype"):
+            e8_shell_codebook(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -286,3 +286,5 @@ def test_bad_inputs():
         leech_codes(torch.tensor([0, LEECH_SIZE]))
     with pytest.raises(ValueError, match="indices"):
         leech_codes(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="dtype"):
+        leech_codes(torch.tensor([0]), torch.int64)  # unit codes would round to 0

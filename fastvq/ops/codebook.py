@@ -25,7 +25,7 @@ from fastvq.ops._validate import (
     check_int,
     check_tensor,
 )
-from fastvq.ops.nearest_code import nearest_code
+from fastvq.ops.nearest_code import MAX_DIM, nearest_code
 
 ACCUMULATORS = (torch.float32, torch.float64)
 KMEANS_METRICS = ("l2", "cosine")
@@ -329,6 +329,9 @@ def _all_reduce(tensor: torch.Tensor, group) -> None:
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
+# Under no_grad: the statistics are never differentiated, and every backend then accepts
+# accumulators that require grad (the C++ op did already; in-place torch ops on such leaves raise).
+@torch.no_grad()
 def ema_update_(
     cluster_size: torch.Tensor,
     embed_sum: torch.Tensor,
@@ -349,7 +352,8 @@ def ema_update_(
         counts[k] = sum of weight[n],  sums[k] = sum of weight[n] * z[n]  over indices[n] == k
 
     Args:
-        cluster_size: (K,) float32 accumulator (float64 on backend "torch"), updated in place.
+        cluster_size: (K,) float32 accumulator (float64 on backend "torch"), updated in place
+            under no_grad (a buffer, or a Parameter: either is fine).
         embed_sum: (K, D) accumulator of cluster_size's dtype and device, updated in place.
         z: (..., D) float32, bfloat16, float16 (float64 on backend "torch"); products and sums are
             computed in the accumulators' dtype whatever z's dtype. Not differentiated through.
@@ -468,8 +472,10 @@ def ema_codebook(
     Args:
         cluster_size: (K,) float32/float64; embed_sum: (K, D) of the same dtype and device.
         eps: >= 0. The total n must be positive (start the statistics at cluster_size = 1,
-            embed_sum = initial codebook, say); with n = 0 the codebook is NaN.
-        out: optional (K, D) floating tensor (e.g. the codebook parameter's data) written in place.
+            embed_sum = initial codebook, say); with n = 0 the codebook is not finite (+-inf, NaN
+            where embed_sum is 0 or eps = 0).
+        out: optional (K, D) floating tensor (e.g. the codebook parameter or its data) written in
+            place, under no_grad.
 
     Returns:
         (K, D) codebook in the accumulators' dtype, or `out`.
@@ -485,7 +491,8 @@ def ema_codebook(
             f"out must have embed_sum's shape {tuple(embed_sum.shape)} and device "
             f"{embed_sum.device}, got {tuple(out.shape)} on {out.device}"
         )
-    return torch.div(embed_sum, smoothed, out=out)
+    with torch.no_grad():  # out= is not differentiable: a Parameter's tensor is written as data
+        return torch.div(embed_sum, smoothed, out=out)
 
 
 def _sample_rows(n: int, m: int, generator, device) -> torch.Tensor:
@@ -657,8 +664,9 @@ def kmeans(
     fastvq.nearest_code (assignment) and a scatter (sums), never an N x K matrix.
 
     Args:
-        x: (..., D) float32, bfloat16, float16 or float64; the rows are clustered in float32
-            (float64 for float64 x). At least num_codes rows (on the first rank, with all_reduce).
+        x: (..., D) float32, bfloat16, float16 or float64, 1 <= D <= 1024; the rows are clustered
+            in float32 (float64 for float64 x). At least num_codes rows (on the first rank, with
+            all_reduce).
         num_codes: K >= 1.
         iters: Lloyd iterations >= 0.
         metric: "l2" (means, squared-distance objective) or "cosine" (spherical k-means: rows and
@@ -696,6 +704,8 @@ def kmeans(
     check_backend(backend)
     group = _process_group("all_reduce", all_reduce)
     d = x.shape[-1]
+    if not 1 <= d <= MAX_DIM:  # the search's limit, checked here to name x rather than a codebook
+        raise ValueError(f"x's last dimension D must be between 1 and {MAX_DIM}, got {d}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     scatter = _stats_backend(backend, x.device, acc == torch.float64, strict=False)
     xs = x.detach().reshape(-1, d).to(acc).contiguous()
@@ -792,6 +802,10 @@ def code_counts(
     k = check_int("num_codes", num_codes, 1)
     if out is not None:
         check_tensor("out", out)
+        if out.dtype == torch.bool or out.dtype.is_complex:
+            raise TypeError(
+                f"out must be a real tensor (int64 keeps counts exact), got {out.dtype}"
+            )
         if out.shape != (k,) or out.device != indices.device:
             raise ValueError(
                 f"out must have shape ({k},) on {indices.device}, got {tuple(out.shape)} on "
@@ -812,14 +826,16 @@ def _check_counts(counts) -> None:
             f"counts must be a real (..., K) tensor, got {counts.dtype} of shape "
             f"{tuple(counts.shape)}"
         )
+    if counts.shape[-1] < 1:  # no codes: usage would be 0 / 0
+        raise ValueError(f"counts must hold K >= 1 codes, got shape {tuple(counts.shape)}")
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code distribution p = counts / sum(counts): K when uniform over K codes,
     1 when one code takes everything, 0 when counts are all zero.
 
-    counts: (..., K) non-negative, e.g. from code_counts accumulated over batches. Computed in
-    float64; returns shape counts.shape[:-1], float64 for float64 counts, else float32.
+    counts: (..., K), K >= 1, non-negative, e.g. from code_counts accumulated over batches.
+    Computed in float64; returns shape counts.shape[:-1], float64 for float64 counts, else float32.
     """
     _check_counts(counts)
     c = counts.double()
@@ -833,7 +849,8 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 def usage(counts: torch.Tensor) -> torch.Tensor:
     """Fraction of codes used at least once: mean of counts > 0 over the last dimension.
 
-    counts: (..., K); returns shape counts.shape[:-1], float64 for float64 counts, else float32.
+    counts: (..., K), K >= 1; returns shape counts.shape[:-1], float64 for float64 counts, else
+    float32.
     """
     _check_counts(counts)
     dtype = torch.float64 if counts.dtype == torch.float64 else torch.float32

@@ -279,6 +279,21 @@ def test_ema_update_decay_edges_empty_batch_and_layouts(case, poison):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("deterministic", [False, True])
+def test_ema_update_takes_accumulators_that_require_grad(case, deterministic):
+    # Parameters as accumulators: every backend updates them in place (under no_grad), as the
+    # C++ op did, rather than some raising torch's in-place-on-a-leaf error.
+    device, backend = case
+    cs, es, z, idx, _ = _ema_inputs(20, 5, 3, torch.float32, device, 7)
+    expected = cs.clone(), es.clone()
+    ema_update_(*expected, z, idx, 0.9, deterministic=deterministic, backend=backend)
+    a, b = torch.nn.Parameter(cs.clone()), torch.nn.Parameter(es.clone())
+    ema_update_(a, b, z, idx, 0.9, deterministic=deterministic, backend=backend)
+    assert torch.equal(a.detach(), expected[0]) and torch.equal(b.detach(), expected[1])
+    assert a.grad_fn is None and b.grad_fn is None
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("deterministic", [False, True])
 def test_ema_update_keeps_a_hot_codes_batch(case, deterministic):
     """A code at the steady state of large batches (count 300,000 at decay 0.99) that takes all
     of another 300,000 rows keeps its count and mean. Float atomics added straight into the
@@ -477,6 +492,13 @@ def test_ema_codebook():
         ema_codebook(torch.ones(3), torch.ones(3, 2), out=torch.empty(2, 3))
     with pytest.raises(ValueError, match=r"embed_sum must have shape \(K, D\) with K = 3"):
         ema_codebook(torch.ones(3), torch.ones(4, 2))
+    # out= a Parameter (the module's codebook): written in place, no autograd error.
+    param = torch.nn.Parameter(torch.empty(300, 5))
+    assert ema_codebook(torch.ones(300), codebook, out=param) is param
+    assert torch.equal(param.detach(), codebook) and param.grad_fn is None
+    # n = 0: not finite, inf where embed_sum is not 0 (the docstring's promise).
+    empty = ema_codebook(torch.zeros(2), torch.tensor([[1.0], [0.0]]))
+    assert empty[0].isinf().all() and empty[1].isnan().all()
 
 
 # --- reset_dead_codes_ -------------------------------------------------------------------------
@@ -639,6 +661,8 @@ def test_kmeans_more_empty_clusters_than_rows():
         (dict(x=torch.ones(20, 8, dtype=torch.int64)), TypeError, "x must be float32"),
         (dict(backend="jax"), ValueError, "backend must be one of"),
         (dict(x=torch.full((20, 8), math.nan)), ValueError, "x contains NaN or Inf$"),
+        (dict(x=torch.randn(20, 0)), ValueError, "x's last dimension D must be between 1"),
+        (dict(x=torch.randn(20, 1025)), ValueError, "x's last dimension D must be between 1"),
     ],
 )
 def test_kmeans_bad_input(kwargs, error, match):
@@ -666,6 +690,8 @@ def test_code_counts_accumulate_across_batches():
         code_counts(torch.zeros(3), 37)
     with pytest.raises(ValueError, match=r"out must have shape \(37,\)"):
         code_counts(batches[0], 37, out=torch.zeros(36, dtype=torch.int64))
+    with pytest.raises(TypeError, match="out must be a real tensor"):
+        code_counts(batches[0], 37, out=torch.zeros(37, dtype=torch.bool))  # cannot hold counts
 
 
 def test_perplexity_and_usage():
@@ -688,6 +714,9 @@ def test_perplexity_and_usage():
     assert perplexity(torch.tensor([3.0, 1.0])).item() == pytest.approx(expected)
     with pytest.raises(TypeError, match="counts must be a torch.Tensor"):
         perplexity([1, 2])
+    for fn in (perplexity, usage):  # no codes: usage would be NaN, perplexity 0
+        with pytest.raises(ValueError, match="K >= 1"):
+            fn(torch.zeros(3, 0))
 
 
 # --- the C++ op called directly (torch.ops.fastvq.ema_scatter_cpp) ------------------------------

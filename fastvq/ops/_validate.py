@@ -36,9 +36,10 @@ def check_finite(skippable: bool = True, **tensors: torch.Tensor) -> None:
     """Raise ValueError naming the first tensor with NaN or Inf; one host sync for all of them.
     skippable: the op takes check_inputs_finite, and the message says so.
 
-    Skipped while torch.compile traces (a data-dependent branch would break the graph).
+    Skipped while torch.compile traces (a data-dependent branch would break the graph) and for
+    meta tensors (no values to check: shape inference only).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or any(t.is_meta for t in tensors.values()):
         return
     flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
     for (name, _), ok in zip(tensors.items(), flags, strict=True):

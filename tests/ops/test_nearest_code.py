@@ -876,3 +876,13 @@ def test_cpp_op_rejects_bad_k_and_strided_code_terms():
     for terms in ((strided, None), (None, strided)):
         with pytest.raises(RuntimeError, match="must be contiguous"):
             ops.nearest_code(z, codebook, *terms, False, None)
+
+
+def test_meta_tensors_give_shapes():
+    # Meta tensors hold no values: the NaN/Inf check is skipped (it would fail copying out of
+    # them) and the search returns meta outputs of the documented shapes.
+    z, codebook = torch.empty(5, 2, 3, device="meta"), torch.empty(4, 3, device="meta")
+    idx = fastvq.nearest_code(z, codebook)
+    assert idx.device.type == "meta" and idx.shape == (5, 2) and idx.dtype == torch.int64
+    idx, dist = fastvq.nearest_code(z, codebook, k=2, return_distance=True)
+    assert idx.shape == dist.shape == (5, 2, 2) and dist.dtype == torch.float32

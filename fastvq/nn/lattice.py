@@ -20,7 +20,13 @@ from fastvq.lattice import (
     leech_codes,
     leech_quantize,
 )
-from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last, mse
+from fastvq.nn.scalar import (
+    check_index_tensor,
+    check_input,
+    from_channel_last,
+    mse,
+    project_in,
+)
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_floating, check_int
 from fastvq.ops.quantize import _quantize_fwd
@@ -120,12 +126,14 @@ class _ShellQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x: (b, n, dim) (or (b, dim, n) with channel_last=False, (b, dim, h, w) with
-        accept_image_fmap), float32 / bf16 / fp16 / float64. Returns quantized (x's shape and
+        accept_image_fmap), float32 / bf16 / fp16 / float64 (with a projection, dim != the
+        lattice's, the projection's dtype or autocast: TypeError otherwise, as for any
+        nn.Linear). Returns quantized (x's shape and
         dtype), indices (b, n) or (b, h, w) int64 in [0, codebook_size), and the commitment
         loss commitment_weight * mse(u, sg(code)) (0-d; 0 in eval)."""
         x, restore = self._layout(x)
         check_input("x", x, self.dim)
-        z = self.project_in(x)
+        z = project_in("x", self.project_in, x)
         u = z * inv_norm(z)  # norms in float64: a zero row (fp16 padding) stays 0, never NaN
         indices, q = self._decode(u.detach())
         loss = u.new_zeros(())

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.nn.projected import SimVQ
-from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, from_channel_last
+from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, from_channel_last, project_in
 from fastvq.nn.vector_quantize import (
     VectorQuantize,
     _candidate_mse,
@@ -203,7 +203,7 @@ class _Residual(nn.Module):
             raise ValueError(
                 f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
             )
-        z = self.project_in(seq)
+        z = project_in("x", self.project_in, seq)
         last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
         return seq, restore, z, last
 

@@ -55,6 +55,18 @@ def check_input(name: str, x, dim: int, min_ndim: int = 2) -> None:
         )
 
 
+def project_in(name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), where layer is a module's project_in: TypeError naming x when a Linear's weights
+    and x differ in dtype outside autocast (nn.Linear's own error names neither)."""
+    w = getattr(layer, "weight", None)
+    if w is not None and x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} is {x.dtype} but the module's project_in weights are {w.dtype}: cast the "
+            "module to that dtype or run it under torch.autocast"
+        )
+    return layer(x)
+
+
 def check_index_tensor(name: str, indices) -> None:
     check_tensor(name, indices)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -108,8 +120,10 @@ class FSQ(nn.Module):
 
     forward(z) -> (quantized, indices). z: (b, n, dim) channel-last, or channel-first
     (b, dim, *spatial) when channel_first or z.ndim >= 4 (images, video); float32 / bf16 / fp16 /
-    float64. quantized has z's shape and dtype; indices (b, n) int64, or (b, *spatial), with a
-    trailing num_codebooks dimension when keep_num_codebooks_dim (default: num_codebooks > 1).
+    float64 (with a projection, dim != len(levels) * num_codebooks, the projection's dtype or
+    autocast: TypeError otherwise, as for any nn.Linear). quantized has z's shape and dtype;
+    indices (b, n) int64, or (b, *spatial), with a trailing num_codebooks dimension when
+    keep_num_codebooks_dim (default: num_codebooks > 1).
 
     The default (tanh) bound is fastvq.fsq (fused kernel on GPU); preserve_symmetry (the
     symmetric grid 2k/(L-1) - 1 of arXiv 2411.19842, needed by ResidualFSQ) and
@@ -225,7 +239,7 @@ class FSQ(nn.Module):
         move = z.dim() >= 4 or self.channel_first
         z, spatial = to_channel_last(z, move)
         check_input("z", z, self.dim)
-        z = self.project_in(z)
+        z = project_in("z", self.project_in, z)
         z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
         if self.orthogonal_rotation:
             z = z @ self.orthogonal_rot.to(z.dtype)
@@ -480,7 +494,7 @@ class LFQ(nn.Module):
                     f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got "
                     f"{mask.dtype} {tuple(mask.shape)}"
                 )
-        x = self.project_in(x)
+        x = project_in("x", self.project_in, x)
         if self.soft_clamp_input_value is not None:
             c = self.soft_clamp_input_value
             x = (x / c).tanh() * c
@@ -664,7 +678,8 @@ class LatentQuantize(nn.Module):
     def forward(self, z: torch.Tensor):
         z, spatial = to_channel_last(z, True)
         check_input("z", z, self.dim)
-        z = self.project_in(z).unflatten(-1, (self.num_codebooks, self.codebook_dim))
+        z = project_in("z", self.project_in, z)
+        z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
         codes, indices, q = self.quantize(z)
         out = from_channel_last(self.project_out(codes.flatten(-2)), spatial)
         indices = from_channel_last(indices, spatial, channel_first=False)

@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvq
+from fastvq.nn.scalar import project_in
 from fastvq.ops._backends import check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_floating, check_int, check_tensor
 from fastvq.ops.codebook import _check_real, _sample_rows, _smoothed
@@ -174,7 +175,9 @@ class VectorQuantize(nn.Module):
     forward(x) -> (quantized, indices, loss):
       x: (B, N, dim) (channel_last), (B, dim, N) (channel_last=False), (B, dim) (one token),
          (B, dim, H, W) (accept_image_fmap) or (B, dim, T, H, W) (accept_3d_fmap); any floating
-         dtype (bf16 under autocast is fine: search and EMA run in float32).
+         dtype (bf16 under autocast is fine: search and EMA run in float32), but where the module
+         projects (dim != heads * codebook_dim) x must have the projection's dtype outside
+         autocast (TypeError otherwise), as for any nn.Linear.
       quantized: x's shape; indices: int64 of x's shape without the feature axis, with a trailing
          heads axis when heads > 1 (-1 at masked padding); loss: float32 scalar, in training
          commitment_weight * commitment (+ orthogonal_reg_weight * orthogonal loss), else 0.
@@ -416,6 +419,13 @@ class VectorQuantize(nn.Module):
         else:
             indices = indices[..., None]
         idx = indices.long()
+        if idx.numel() and not torch.compiler.is_compiling():  # one host sync, as code_counts
+            lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+            if lo < -1 or hi >= self.codebook_size:  # else IndexError, or -2 a silent zero code
+                raise ValueError(
+                    f"indices must lie in [-1, {self.codebook_size}) (-1: masked padding), got "
+                    f"values from {lo} to {hi}"
+                )
         valid = (idx >= 0)[..., None]
         idx = idx.clamp(min=0)
         if self.num_codebooks == 1:
@@ -603,7 +613,7 @@ class VectorQuantize(nn.Module):
                 quantized = quantized.movedim(-1, 1)
             return (quantized, indices) if loss is None else (quantized, indices, loss)
 
-        return self.project_in(seq), mask, restore
+        return project_in("x", self.project_in, seq), mask, restore
 
     def _split(self, z, mask):
         """Per codebook: (M, codebook_dim) rows and (M,) bool mask (or None). z: (B, N, H, Dc)."""

@@ -93,3 +93,19 @@ def test_empty_batch(name, training):
                 continue
             assert got.dim() == ref.dim(), (name, empty_shape, got.shape, ref.shape)
             assert got.numel() == 0 or not got.dtype.is_floating_point or got.isfinite().all()
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_input_dtype_against_the_projection(name):
+    # A float32 module given fp16 x: a TypeError naming the input where a Linear projects it
+    # (not nn.Linear's "mat1 and mat2 must have the same dtype"), and autocast still runs.
+    make, shape = MODULES[name]
+    module = make()
+    x = torch.randn(shape).half()
+    if isinstance(getattr(module, "project_in", None), torch.nn.Linear):
+        with pytest.raises(TypeError, match=r"(x|z) is torch.float16 .* project_in"):
+            module(x)
+    else:
+        module(x)  # no projection: any floating dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(torch.randn(shape))

@@ -713,3 +713,15 @@ def test_bad_calls():
         vq.get_codes_from_indices(torch.zeros(3))
     with pytest.raises(ValueError, match="encoder_outputs"):
         vq.init_from(torch.randn(10, DIM + 1))
+
+
+def test_get_codes_from_indices_rejects_out_of_range():
+    # -1 is masked padding (a zero code); anything else outside [0, K) is a clear ValueError,
+    # not torch's IndexError (>= K) or a silent zero code (-2).
+    vq = VectorQuantize(dim=8, codebook_size=16)
+    assert torch.equal(vq.get_codes_from_indices(torch.tensor([[-1]])), torch.zeros(1, 1, 8))
+    for bad in (16, -2):
+        with pytest.raises(ValueError, match=r"indices must lie in \[-1, 16\)"):
+            vq.get_codes_from_indices(torch.tensor([[0, bad]]))
+        with pytest.raises(ValueError, match=r"indices must lie in \[-1, 16\)"):
+            vq.get_output_from_indices(torch.tensor([[bad]]))

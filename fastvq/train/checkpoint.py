@@ -6,6 +6,7 @@ either the old complete file or the new complete file under the name, never a to
 """
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -51,7 +52,10 @@ def load(path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     # weights_only=False: checkpoints hold RNG states (numpy arrays, python tuples) and the
     # config; only load checkpoints you wrote or trust.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError) as e:  # e.g. config.yaml given as the checkpoint
+        raise ValueError(f"checkpoint {str(path)!r} is not a torch checkpoint: {e}") from e
 
 
 def rng_state() -> dict:

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a tokenizer from a YAML config",
         description="Train a tokenizer. Resumes from train.out_dir/checkpoints/latest.pt if it "
-        "exists (train.resume=false starts over). Works under torchrun for several GPUs.",
+        "exists (train.resume=false starts over): the model must be the same; train.steps and the "
+        "optim settings may change, and the schedule follows them. Works under torchrun for "
+        "several GPUs.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate a checkpoint (JSON metrics + PNG reconstructions)",
         description="Evaluate a checkpoint's EMA weights (or its weights when it has no EMA) on "
         "the evaluation split: MSE, PSNR, SSIM, codebook usage, perplexity and entropy over the "
-        "whole split; LPIPS and rFID when their weight files are configured. Writes eval.json, "
+        "whole split; LPIPS when loss.perceptual_weight > 0 (weights in loss.lpips), rFID when "
+        "eval.fid_features names a feature extractor. Writes eval.json, "
         "a reconstruction grid and a code-usage histogram.",
     )
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvq train")
@@ -104,20 +107,28 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
     from fastvq.train.trainer import Trainer
 
     path = Path(checkpoint)
+    state = ckpt.load(path)
     if config is not None:
         cfg = load_config(config, overrides)
     else:
-        cfg = ckpt.load(path)["config"]
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds no config (not written by fastvq train?): "
+                "pass the run's config.yaml with --config"
+            )
+        cfg = state["config"]
         for o in overrides:
             apply_override(cfg, o)
         cfg = validate(cfg)
     out_dir = Path(out) if out else path.resolve().parent.parent / "eval"
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
-    # weights when the checkpoint has them).
+    # weights when the checkpoint has them), and every weight, the quantizer's included: a
+    # model section that differs from the checkpoint's is an error, not a random codebook.
     cfg["train"].update(out_dir=str(out_dir), resume=False, ema_decay=0.0, compile=False)
-    cfg["init"].update(checkpoint=str(path), kmeans=False)
+    cfg["init"].update(checkpoint=None, kmeans=False)
     trainer = Trainer(cfg)
-    trainer.step = ckpt.load(path).get("step", 0)
+    trainer.load_weights(path, strict=True)
+    trainer.step = state.get("step", 0)
     result = trainer.evaluate(use_ema=False)
     if trainer.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,9 +146,19 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
 
     path = resolve_config(config)
     with open(path) as f:
-        spec = (yaml.safe_load(f) or {}).get("sweep")
+        doc = yaml.safe_load(f) or {}
+    spec = doc.get("sweep") if isinstance(doc, dict) else None
     if not isinstance(spec, dict) or not {"config", "key", "values"} <= set(spec):
         raise ValueError(f"{config}: needs a `sweep:` mapping with config, key and values")
+    # Anything else would be ignored without a word (settings belong in the run's config or on
+    # the command line).
+    keys = {"config", "key", "values", "pretrain", "baseline", "out_dir"}
+    extra = sorted(set(doc) - {"sweep"}) + [f"sweep.{k}" for k in sorted(set(spec) - keys)]
+    if extra:
+        raise ValueError(
+            f"{config}: unknown key {extra[0]}; a sweep file holds only `sweep:` with "
+            f"{', '.join(sorted(keys))} (put run settings in its config or on the command line)"
+        )
     vals = [parse_value(v) for v in values.split(",")] if values else spec["values"]
     out_root = Path(spec.get("out_dir", "runs/sweep"))
     for o in overrides:

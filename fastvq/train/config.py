@@ -239,8 +239,14 @@ def resolve_config(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file() or path.parent != Path("."):
         return path
-    shipped = Path(str(resources.files("fastvq.configs"))) / path.with_suffix(".yaml").name
-    return shipped if shipped.is_file() else path
+    recipes = Path(str(resources.files("fastvq.configs")))
+    shipped = recipes / path.with_suffix(".yaml").name
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in recipes.glob("*.yaml")))
+        raise FileNotFoundError(
+            f"config {str(path)!r} is neither a file nor a shipped recipe (one of: {names})"
+        )
+    return shipped
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:

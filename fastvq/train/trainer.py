@@ -67,6 +67,35 @@ def _param_groups(params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _changed(old, new, prefix: str) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (None: empty)."""
+    old, new = old or {}, new or {}
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key} {a!r} -> {b!r}")
+    return out
+
+
+def _load_schedule(opt, sched, opt_state: dict, sched_state: dict) -> None:
+    """Resume an optimizer and its LambdaLR: moments and step counts from the checkpoint, the
+    settings (optim.lr, betas, weight decay) and the schedule's shape (train.steps) from this
+    run's config, so a run resumed with more steps follows the new schedule from its first step
+    instead of the old one's last learning rate (0 at the end of a cosine). An unchanged config
+    gives the checkpoint's values exactly."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(sched_state)
+    for group, own, fn in zip(opt.param_groups, settings, sched.lr_lambdas, strict=True):
+        group.update(own)
+        group["lr"] = own["initial_lr"] * fn(sched.last_epoch)
+    sched.base_lrs = [own["initial_lr"] for own in settings]
+    sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+
 class Progress:
     """One rewritten stderr line (live loss, usage, throughput) on a terminal; plain log lines
     every log_every steps otherwise (CI logs, files)."""
@@ -133,6 +162,13 @@ class Trainer:
             # sync_codebook=None default then all-reduce their codebook statistics by themselves.
             model = build_tokenizer(cfg["model"])
         self.model = model.to(self.device)
+        # Else the decoder's output misses the input's size and the loss fails deep in torch.
+        factor = getattr(getattr(model, "encoder", None), "downsample_factor", None)
+        if factor and cfg["data"]["resolution"] % factor:
+            raise ValueError(
+                f"data.resolution must be a multiple of the model's downsampling factor {factor}, "
+                f"got {cfg['data']['resolution']}"
+            )
         if cfg["init"]["checkpoint"]:
             self.load_weights(cfg["init"]["checkpoint"])
         self.loss_fn = self._build_loss()
@@ -226,20 +262,24 @@ class Trainer:
     def codebook_sizes(self) -> tuple[int, ...] | None:
         return _unwrap(self.model).codebook_sizes
 
-    def load_weights(self, path) -> None:
+    def load_weights(self, path, strict: bool = False) -> None:
         """Model weights from a trainer checkpoint (its EMA copy when it has one) or a plain
-        state_dict; the quantizer is skipped when shapes differ (a pretrained autoencoder whose
-        codebook size differs from this run's)."""
+        state_dict; unless strict (evaluation), the quantizer is skipped when shapes differ (a
+        pretrained autoencoder whose codebook size differs from this run's)."""
+        name = "checkpoint" if strict else "init.checkpoint"
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
         state = ckpt.load(path)
         if isinstance(state, dict) and "model" in state:
             state = state.get("ema") or state["model"]
         own = self.model.state_dict()
         keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in keep and not k.startswith("quantizer.")]
+        missing = [k for k in own if k not in keep and (strict or not k.startswith("quantizer."))]
         if missing:
             raise ValueError(
-                f"init.checkpoint {str(path)!r} lacks {len(missing)} weights of this model, "
-                f"e.g. {missing[:3]}: was it trained with the same model section?"
+                f"{name} {str(path)!r} lacks {len(missing)} weights of this model or holds "
+                f"them in other shapes, e.g. {missing[:3]}: was it trained with the same model "
+                "section?"
             )
         self.model.load_state_dict(keep, strict=False)
 
@@ -252,8 +292,15 @@ class Trainer:
         ic = self.cfg["init"]
         model = _unwrap(self.model)
         q = model.quantizer
-        if getattr(q, "codebook", None) is None:
-            raise ValueError(f"init.kmeans: {type(q).__name__} has no codebook to initialise")
+        # Checked before the k-means runs: a fixed (LeechQuantize) or generated (SimVQ) codebook
+        # is a read-only property; a ResidualVQ initialises its layers through init_from.
+        prop = getattr(type(q), "codebook", None)
+        settable = not (isinstance(prop, property) and prop.fset is None)
+        if not hasattr(q, "init_from") and (getattr(q, "codebook", None) is None or not settable):
+            raise ValueError(
+                f"init.kmeans: {type(q).__name__} has no learnable codebook to initialise; "
+                "set init.kmeans=false"
+            )
         was = model.training
         model.eval()
         loader = train_loader(self.train_set, self.cfg["train"]["batch_size"], seed=12345)
@@ -313,18 +360,31 @@ class Trainer:
         """Resume from a checkpoint written by save(): every weight, optimizer, schedule, step,
         data position and random generator."""
         s = ckpt.load(path, map_location=self.device)
-        _unwrap(self.model).load_state_dict(s["model"])
+        try:
+            _unwrap(self.model).load_state_dict(s["model"])
+            # The discriminator's weights travel inside the loss module's state.
+            if s.get("loss") is not None:
+                self.loss_fn.load_state_dict(s["loss"])
+        except RuntimeError as e:  # torch lists every tensor; say which setting changed
+            old = s.get("config") or {}
+            changed = [
+                k
+                for sec in ("model", "disc", "loss")
+                for k in _changed(old.get(sec), self.cfg[sec], sec)
+            ]
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds other weights than this run builds (changed: "
+                f"{', '.join(changed) or 'unknown'}): resume with the settings it was written "
+                "with, or start over in another train.out_dir (or with train.resume=false)"
+            ) from e
         if self.ema is not None and s["ema"] is not None:
             self.ema.load_state_dict(s["ema"])
         elif self.ema is not None:  # EMA turned on at resume: it starts from the resumed weights
             self.ema.load_state_dict(_unwrap(self.model).state_dict())
-        self.opt.load_state_dict(s["opt"])
-        self.sched.load_state_dict(s["sched"])
-        # The discriminator's weights travel inside the loss module's state.
-        for name in ("loss", "disc_opt", "disc_sched", "meta_opt", "meta_sched"):
-            own = getattr(self, "loss_fn" if name == "loss" else name)
-            if own is not None and s.get(name) is not None:
-                own.load_state_dict(s[name])
+        for name in ("opt", "disc_opt", "meta_opt"):
+            opt, sched = getattr(self, name), getattr(self, name.replace("opt", "sched"))
+            if opt is not None and s.get(name) is not None:
+                _load_schedule(opt, sched, s[name], s[name.replace("opt", "sched")])
         self.step, self.items = s["step"], s["items"]
         self.history = list(s["history"])
         counts = s.get("window_counts")

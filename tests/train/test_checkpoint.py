@@ -197,3 +197,38 @@ def test_resume_at_a_logged_step_restores_generators_and_keeps_its_log_row(
     resumed.fit()
     rows = list(csv.DictReader(open(resumed.out_dir / "log.csv")))
     assert [r["step"] for r in rows if r["loss"]] == ["2", "4"]
+
+
+def test_resume_with_more_steps_and_another_lr_follows_the_new_config(make_config, datasets):
+    """A finished run started again with more steps (and here a new optim.lr) trains on with the
+    new schedule from its first resumed step: not the old schedule's last rate (0 at the end of
+    its cosine), nor the checkpoint's base rate. Moments and step counts come from the
+    checkpoint."""
+    from fastvq.train.trainer import lr_factor
+
+    Trainer(make_config("train.steps=2"), datasets=datasets).fit()
+    resumed = Trainer(make_config("train.steps=4", "optim.lr=1e-3"), datasets=datasets)
+    assert resumed.step == 2 and resumed.opt.state  # Adam moments restored
+    lrs = []
+    step = resumed.train_step
+
+    def recorded(batches):
+        logs = step(batches)
+        lrs.append(logs["lr"])
+        return logs
+
+    resumed.train_step = recorded
+    resumed.fit()
+    assert lrs == pytest.approx([1e-3 * lr_factor(s, 4, 0, "cosine", 0.0) for s in (2, 3)])
+
+
+def test_resume_with_another_model_names_the_change(make_config, datasets):
+    Trainer(make_config("train.steps=1"), datasets=datasets).fit()
+    other = "model.quantizer={type: VectorQuantize, codebook_size: 8, decay: 0.8}"
+    with pytest.raises(ValueError, match=r"model.quantizer.codebook_size 16 -> 8.*train.out_dir"):
+        Trainer(make_config("train.steps=2", other), datasets=datasets)
+    with pytest.raises(ValueError, match=r"disc.ndf None -> 4"):
+        Trainer(
+            make_config("train.steps=2", "disc={ndf: 4, n_layers: 1}", "loss.disc_weight=0.5"),
+            datasets=datasets,
+        )

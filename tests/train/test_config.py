@@ -58,6 +58,8 @@ def test_override_errors(override, err, match):
 def test_file_errors_and_missing_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="nor a shipped recipe .*rotated_vqvae"):
+        load_config("rotatd_vqvae")
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="cycle"):

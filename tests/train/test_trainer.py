@@ -392,3 +392,52 @@ def test_ema_weights_evaluate_and_initialise_and_usage_window(make_config, datas
     )
     for key, v in trainer.ema.state_dict().items():
         assert torch.equal(init.model.state_dict()[key], v), key
+
+
+def test_cli_eval_refuses_checkpoints_that_do_not_fit(tmp_path, make_config, datasets):
+    """fastvq eval loads every weight, the quantizer's included (init.checkpoint may skip it): a
+    model section that differs from the checkpoint's is an error, never a random codebook; a
+    checkpoint without its config, or a file that is no checkpoint, says what it needs."""
+    _png_folder(tmp_path / "images")
+    cfg = make_config("train.steps=1", "data.kind=folder", f"data.path={tmp_path / 'images'}")
+    trainer = Trainer(cfg, datasets=datasets)
+    trainer.fit()
+    latest = str(trainer.ckpt_dir / "latest.pt")
+    with pytest.raises(ValueError, match="quantizer.embed"):
+        main(["eval", "--checkpoint", latest, "model.quantizer.codebook_size=8"])
+    torch.save(trainer.model.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="holds no config.*--config"):
+        main(["eval", "--checkpoint", str(tmp_path / "weights.pt")])
+    with pytest.raises(ValueError, match="config.yaml' is not a torch checkpoint"):
+        main(["eval", "--checkpoint", str(trainer.out_dir / "config.yaml")])
+
+
+def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
+    with pytest.raises(ValueError, match="data.resolution must be a multiple of .* factor 4"):
+        Trainer(make_config("data.resolution=18"), datasets=datasets)
+    # e.g. collapse_finetune run before collapse_pretrain: the recipe names the checkpoint
+    with pytest.raises(FileNotFoundError, match="init.checkpoint .*pre.pt' does not exist"):
+        Trainer(make_config(f"init.checkpoint={tmp_path / 'pre.pt'}"), datasets=datasets)
+
+
+def test_kmeans_init_takes_residual_vq_and_refuses_fixed_codebooks(make_config, datasets):
+    # kmeans_init: its layers start un-initted, so `initted` shows that init_from ran.
+    rvq = "{type: ResidualVQ, num_quantizers: 2, codebook_size: 8, kmeans_init: true}"
+    cfg = make_config(f"model.quantizer={rvq}", "init.kmeans=true", "init.kmeans_batches=1")
+    trainer = Trainer(cfg, datasets=datasets)
+    assert all(bool(layer.initted) for layer in trainer.model.quantizer.layers)
+    with pytest.raises(ValueError, match="init.kmeans: SimVQ has no learnable codebook"):
+        Trainer(
+            make_config("model.quantizer={type: SimVQ, codebook_size: 8}", "init.kmeans=true"),
+            datasets=datasets,
+        )
+
+
+def test_sweep_refuses_keys_it_would_ignore(tmp_path):
+    sweep = "sweep: {config: c.yaml, key: train.seed, values: [1], baselin: true}\n"
+    (tmp_path / "s.yaml").write_text(sweep)
+    with pytest.raises(ValueError, match="unknown key sweep.baselin"):
+        main(["sweep", "--config", str(tmp_path / "s.yaml")])
+    (tmp_path / "s.yaml").write_text(sweep.replace(", baselin: true", "") + "train: {steps: 2}\n")
+    with pytest.raises(ValueError, match="unknown key train"):
+        main(["sweep", "--config", str(tmp_path / "s.yaml")])

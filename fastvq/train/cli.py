@@ -12,7 +12,7 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  fastvq demo                 # a small tokenizer on bundled photos, ~40 s on 2 CPU cores
+  fastvq demo                 # a small tokenizer on bundled photos, ~22 s on 2 CPU cores
   fastvq train --config rotated_vqvae data.kind=cifar10 data.path=~/data/cifar10
   fastvq train --config vqgan_65k data.path=~/imagenet optim.lr=1e-4 train.bf16=true
   torchrun --nproc_per_node 8 -m fastvq train --config vqgan_65k data.path=...

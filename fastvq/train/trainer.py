@@ -67,6 +67,12 @@ def _param_groups(params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def _without_lpips(state: dict) -> dict:
+    """A loss module's state without LPIPS: its frozen weights come from the files loss.lpips
+    names (14.7 M VGG-16 weights, 59 MB in every checkpoint otherwise), so they never travel."""
+    return {k: v for k, v in state.items() if not k.startswith("lpips.")}
+
+
 def _changed(old, new, prefix: str) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts (None: empty)."""
     old, new = old or {}, new or {}
@@ -340,7 +346,7 @@ class Trainer:
             "sched": self.sched.state_dict(),
             "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None,
             "disc_sched": self.disc_sched.state_dict() if self.disc_sched is not None else None,
-            "loss": self.loss_fn.state_dict() if self.loss_fn is not None else None,
+            "loss": _without_lpips(self.loss_fn.state_dict()) if self.loss_fn is not None else None,
             "meta_opt": self.meta_opt.state_dict() if self.meta_opt is not None else None,
             "meta_sched": self.meta_sched.state_dict() if self.meta_sched is not None else None,
             "step": self.step,
@@ -362,9 +368,15 @@ class Trainer:
         s = ckpt.load(path, map_location=self.device)
         try:
             _unwrap(self.model).load_state_dict(s["model"])
-            # The discriminator's weights travel inside the loss module's state.
+            # The discriminator's weights and LeCAM's averages travel inside the loss module's
+            # state; LPIPS never does (older checkpoints that hold it: ignored).
             if s.get("loss") is not None:
-                self.loss_fn.load_state_dict(s["loss"])
+                own = self.loss_fn.state_dict()
+                keys = _without_lpips(own).keys()
+                state = _without_lpips(s["loss"])
+                if state.keys() != keys:
+                    raise RuntimeError(f"loss state keys differ: {sorted(state.keys() ^ keys)}")
+                self.loss_fn.load_state_dict({**own, **state})
         except RuntimeError as e:  # torch lists every tensor; say which setting changed
             old = s.get("config") or {}
             changed = [

@@ -232,3 +232,33 @@ def test_resume_with_another_model_names_the_change(make_config, datasets):
             make_config("train.steps=2", "disc={ndf: 4, n_layers: 1}", "loss.disc_weight=0.5"),
             datasets=datasets,
         )
+
+
+def test_checkpoints_leave_lpips_out(make_config, datasets, tmp_path):
+    """LPIPS's frozen weights come from loss.lpips's files: a checkpoint holds the discriminator
+    and LeCAM state of the loss module but none of LPIPS's 14.7 M weights, and resuming (here
+    with the perceptual term switched on) keeps the weights the files hold."""
+    from fastvq.models.lpips import LPIPS
+
+    torch.manual_seed(0)
+    files = {"backbone": tmp_path / "vgg.pth", "head": tmp_path / "lin.pth"}
+    want = LPIPS().state_dict()  # random weights under both files' key names
+    for path in files.values():
+        torch.save(want, path)
+    lpips = f"loss.lpips={{backbone: {files['backbone']}, head: {files['head']}}}"
+    gan = ["disc={ndf: 4, n_layers: 1}", "loss.disc_weight=0.5", "loss.lecam_weight=0.1"]
+    first = Trainer(make_config("train.steps=1", *gan), datasets=datasets)
+    first.fit()
+    saved = ckpt.load(first.out_dir / "checkpoints" / "latest.pt")["loss"]
+    assert saved and not any(k.startswith("lpips.") for k in saved)
+    resumed = Trainer(
+        make_config("train.steps=2", *gan, "loss.perceptual_weight=0.5", lpips), datasets=datasets
+    )
+    assert resumed.step == 1
+    for k, v in resumed.loss_fn.lpips.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    for k, v in first.loss_fn.discriminator.state_dict().items():
+        assert torch.equal(v, resumed.loss_fn.discriminator.state_dict()[k]), k
+    resumed.fit()
+    saved = ckpt.load(resumed.out_dir / "checkpoints" / "latest.pt")["loss"]
+    assert not any(k.startswith("lpips.") for k in saved)

@@ -254,6 +254,10 @@ class _Residual(nn.Module):
     def _codes_seq(self, indices: torch.Tensor) -> torch.Tensor:
         """(b, m, q) indices, q <= Q, -1 for dropped -> (Q, b, m, codebook_dim) float32 codes."""
         check_index_tensor("indices", indices)
+        if indices.numel() and not torch.compiler.is_compiling():  # one host sync
+            lo = int(indices.min())
+            if lo < -1:  # else clamped to a silent zero code; -1 alone marks a dropped layer
+                raise ValueError(f"indices must be >= -1 (-1: a dropped layer), got {lo}")
         q = indices.shape[-1]
         if q > self.num_quantizers:
             raise ValueError(

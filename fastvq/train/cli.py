@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvq train")
     e.add_argument("--config", help="config (default: the one stored in the checkpoint)")
-    e.add_argument("--out", help="output directory (default: <run>/eval next to checkpoints/)")
+    e.add_argument(
+        "--out",
+        help="output directory (default: <run>/eval for <run>/checkpoints/*.pt, else eval/ "
+        "beside the checkpoint)",
+    )
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
     s = sub.add_parser(
@@ -120,7 +124,9 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
         for o in overrides:
             apply_override(cfg, o)
         cfg = validate(cfg)
-    out_dir = Path(out) if out else path.resolve().parent.parent / "eval"
+    # <run>/checkpoints/x.pt -> <run>/eval; a checkpoint anywhere else -> eval/ beside it.
+    home = path.resolve().parent
+    out_dir = Path(out) if out else (home.parent if home.name == "checkpoints" else home) / "eval"
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
     # weights when the checkpoint has them), and every weight, the quantizer's included: a
     # model section that differs from the checkpoint's is an error, not a random codebook.

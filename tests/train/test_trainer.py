@@ -101,6 +101,13 @@ eval: {batch_size: 4}
     printed = json.loads(capsys.readouterr().out)
     again = json.loads((run / "eval" / "eval.json").read_text())
     assert printed == again
+    # A checkpoint outside a run's checkpoints/ evaluates into eval/ beside it.
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "model.pt"
+    moved.write_bytes((run / "checkpoints" / "latest.pt").read_bytes())
+    assert main(["eval", "--checkpoint", str(moved)]) == 0
+    capsys.readouterr()
+    assert json.loads((moved.parent / "eval" / "eval.json").read_text()) == again
     for key in ("mse", "psnr", "ssim", "usage", "perplexity"):
         assert again[key] == pytest.approx(saved[key], rel=1e-6), key
     # Starting the same command again resumes: the run is complete, nothing more is trained.

@@ -89,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         help="run the repository's benchmarks (python -m bench.run)",
         description="Runs `python -m bench.run ARGS` from the fastvq source checkout.",
     )
-    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to bench.run (e.g. --quick)")
+    b.add_argument("args", nargs="*", help="passed to bench.run (e.g. --quick)")
 
-    # Listed for --help only: main() hands `fastvq demo ...` to fastvq.demo before parsing.
+    # Listed for --help only: main() hands `fastvq demo ...` to fastvq.demo and `fastvq bench
+    # ...` to bench.run before parsing.
     sub.add_parser("demo", help="train a small tokenizer on bundled photographs (see demo --help)")
     return p
 
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
         demo(argv[1:])
         return 0
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        # Every argument belongs to bench.run: argparse's REMAINDER refuses a leading option
+        # ("fastvq bench --quick": unrecognized arguments).
+        return bench(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "train":
         train(args.config, args.overrides)
@@ -237,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(args.checkpoint, args.config, args.out, args.overrides)
     elif args.command == "sweep":
         sweep(args.config, args.values, args.overrides)
-    elif args.command == "bench":
-        return bench(args.args)
     return 0
 
 

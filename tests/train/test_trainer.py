@@ -4,11 +4,15 @@ sweep records MSE and perplexity per codebook size."""
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import fastvq
 from fastvq.train.cli import main
 from fastvq.train.config import load_config
 from fastvq.train.trainer import Trainer, lr_factor
@@ -115,7 +119,7 @@ eval: {batch_size: 4}
     assert json.loads((run / "eval.json").read_text())["mse"] == pytest.approx(saved["mse"])
 
 
-def test_cli_help_and_errors(tmp_path, capsys):
+def test_cli_help_and_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
@@ -128,6 +132,15 @@ def test_cli_help_and_errors(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("data: {kind: folder, path: null}\n")
     with pytest.raises(ValueError, match="data.path"):
         main(["train", "--config", str(tmp_path / "c.yaml")])
+    # fastvq bench hands every argument, leading options included, to bench.run in the checkout.
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    assert main(["bench", "--quick", "--only", "scalar"]) == 0
+    assert calls == [([sys.executable, "-m", "bench.run", "--quick", "--only", "scalar"],
+                      Path(fastvq.__file__).resolve().parents[1])]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "passed to bench.run" in capsys.readouterr().out
 
 
 def test_collapse_sweep_records_mse_and_perplexity(tmp_path, capsys):
@@ -135,7 +148,6 @@ def test_collapse_sweep_records_mse_and_perplexity(tmp_path, capsys):
     pretrain without VQ, k-means-initialised fine-tunes for two codebook sizes, and the
     from-scratch baseline; sweep.csv holds MSE and perplexity per size and variant."""
     import pickle
-    from pathlib import Path
 
     rng = np.random.default_rng(0)
     cifar = tmp_path / "cifar"

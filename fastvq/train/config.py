@@ -60,7 +60,7 @@ DEFAULTS: dict = {
         "device": "auto",
         "num_workers": 0,
         "progress": True,
-        "nan_guard": True,
+        "nan_guard": True,  # stop before a step on a non-finite loss or gradient norm
     },
     "data": {
         "kind": "samples",

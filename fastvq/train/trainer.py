@@ -470,18 +470,39 @@ class Trainer:
             loss /= self.world
         value = float(loss)
         if self.cfg["train"]["nan_guard"] and not math.isfinite(value):
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
-            latest = self.ckpt_dir / "latest.pt"
-            kept = (
-                f"the last good checkpoint is {latest}"
-                if latest.exists()
-                else "no checkpoint was written"
-            )
-            raise NonFiniteLossError(
-                f"loss is {value} at step {self.step} ({parts}); stopped without saving, {kept}. "
-                "Try a lower optim.lr, optim.grad_clip > 0, or train.bf16=false."
-            )
+            self._stop("loss", value, logs)
         return value
+
+    def _clip_gradients(self, params, what: str = "the gradient norm") -> float | None:
+        """Clip the gradients of `params` to optim.grad_clip; returns their norm before clipping
+        (None with neither clipping nor the guard). The guard stops on a non-finite norm before
+        the optimizer steps: a finite loss can still have NaN gradients (a bf16 overflow, a sqrt
+        at 0 in backward), and clipping by a NaN norm would put NaN in every weight and in the
+        next checkpoint. Gradients are already averaged over ranks: all stop together."""
+        params = [p for p in params if p.grad is not None]
+        clip, guard = self.cfg["optim"]["grad_clip"], self.cfg["train"]["nan_guard"]
+        if clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        elif guard:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        else:
+            return None
+        if guard and not math.isfinite(norm):
+            self._stop(what, norm, {})
+        return norm
+
+    def _stop(self, what: str, value: float, logs: dict) -> None:
+        parts = "".join(f", {k}={float(v):.4g}" for k, v in logs.items())
+        latest = self.ckpt_dir / "latest.pt"
+        kept = (
+            f"the last good checkpoint is {latest}"
+            if latest.exists()
+            else "no checkpoint was written"
+        )
+        raise NonFiniteLossError(
+            f"{what} is {value} at step {self.step}{parts}: stopped without saving, {kept}. Try a "
+            "lower optim.lr, optim.grad_clip > 0, or train.bf16=false."
+        )
 
     def train_step(self, batches) -> dict:
         """One optimizer step over accum_steps micro-batches; returns float logs."""
@@ -515,12 +536,11 @@ class Trainer:
                 self.window_codes.update(out.indices)
             xs.append(x)
             recons.append(out.recon.detach())
-        clip = cfg["optim"]["grad_clip"]
-        if clip > 0:
-            # The parameters this optimizer steps: under MQVAE not the hyper-net's, whose
-            # gradients here are discarded (the hypergradient step owns them).
-            stepped = [p for group in self.opt.param_groups for p in group["params"]]
-            logs_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(stepped, clip))
+        # The parameters this optimizer steps: under MQVAE not the hyper-net's, whose gradients
+        # here are discarded (the hypergradient step owns them).
+        norm = self._clip_gradients([p for group in self.opt.param_groups for p in group["params"]])
+        if norm is not None:
+            logs_sum["grad_norm"] = norm
         logs_sum["lr"] = self.opt.param_groups[0]["lr"]  # this step's, before the schedule moves
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -591,9 +611,7 @@ class Trainer:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
-        clip = self.cfg["optim"]["grad_clip"]
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
+        self._clip_gradients(self.disc.parameters(), "the discriminator's gradient norm")
         self.disc_opt.step()
         self.disc_opt.zero_grad(set_to_none=True)
         self.disc_sched.step()

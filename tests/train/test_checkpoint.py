@@ -262,3 +262,27 @@ def test_checkpoints_leave_lpips_out(make_config, datasets, tmp_path):
     resumed.fit()
     saved = ckpt.load(resumed.out_dir / "checkpoints" / "latest.pt")["loss"]
     assert not any(k.startswith("lpips.") for k in saved)
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0.0"])
+def test_nan_guard_stops_on_non_finite_gradients_of_a_finite_loss(make_config, datasets, clip):
+    """sqrt(0 * sum) adds 0 to the loss and NaN to every decoder gradient: the guard stops before
+    the optimizer steps (with or without clipping), so no NaN reaches the weights or the
+    checkpoint written after that step, and the error says so rather than the next forward's."""
+    trainer = Trainer(
+        make_config("train.steps=4", "train.ckpt_every=1", f"optim.grad_clip={clip}"),
+        datasets=datasets,
+    )
+    gen_loss = trainer.loss_fn.generator_loss
+
+    def poisoned(x, x_hat, quant_loss, step, last_layer=None):
+        total, logs = gen_loss(x, x_hat, quant_loss, step, last_layer)
+        return (total + (x_hat.sum() * 0).sqrt() if step >= 2 else total), logs
+
+    trainer.loss_fn.generator_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is nan at step 2.*last good"):
+        trainer.fit()
+    latest = ckpt.load(trainer.ckpt_dir / "latest.pt")
+    assert latest["step"] == 2
+    assert all(v.isfinite().all() for v in latest["model"].values() if v.is_floating_point())
+    assert all(p.isfinite().all() for p in trainer.model.parameters())

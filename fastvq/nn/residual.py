@@ -42,7 +42,8 @@ Deliberate differences from the peer (tested as fastvq's behaviour):
   ResidualVQ raises a shape error for these layouts, and its ResidualFSQ with is_channel_first
   returns indices (b, Q, *spatial); fastvq's are (b, *spatial, Q) everywhere, the layout
   get_codes_from_indices takes.
-- The residual chain runs in float32 (under bf16 autocast too); quantized is cast back to the
+- The residual chain runs in float32 (under bf16 autocast and in a module cast to bf16 / fp16
+  too, whose VectorQuantize layers keep float32 EMA statistics); quantized is cast back to the
   projection's output dtype.
 - get_codes_from_indices accepts fewer than Q trailing indices (coarse codes) without
   quantize_dropout, and returns codes in x's layout channel-last (Q, b, *spatial, d);

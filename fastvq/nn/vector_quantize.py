@@ -60,8 +60,12 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
   moving channels first (the peer applies the Linear to the channel-first tensor).
 - The orthogonal regulariser of the active codes only counts unmasked rows' codes.
 - learnable_codebook=True defaults ema_update to False (the peer asks for ema_update=False).
-- Buffers: keep the module in float32 and use autocast for bf16: the EMA statistics are float32
-  accumulators (distances and EMA are always computed in float32).
+- dtypes: the EMA statistics (cluster_size, embed_avg) stay float32 accumulators whatever the
+  module's dtype: module.to(torch.bfloat16) / .half() casts the codebook (and projections) but
+  not them (float64 casts make them float64); the peer casts them too and its bf16 EMA stalls
+  (see _apply). The search, EMA and losses run in float32 under autocast and after a bf16 / fp16
+  cast alike (rows are cast to float32, a low-precision codebook is promoted; a float64 codebook
+  promotes the search to float64); outputs come back in x's dtype.
 - topk must be an int (the peer takes int(topk) of anything). In training with
   commitment_weight 0 the top-k loss is zeros of shape (..., k) (the peer returns a scalar 0),
   and LossBreakdown.commitment is the per-candidate MSE whatever the weight.
@@ -87,7 +91,7 @@ import fastvq
 from fastvq.nn.scalar import project_in
 from fastvq.ops._backends import check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_floating, check_int, check_tensor
-from fastvq.ops.codebook import _check_real, _sample_rows, _smoothed
+from fastvq.ops.codebook import ACCUMULATORS, _check_real, _sample_rows, _smoothed
 from fastvq.ops.nearest_code import MAX_TOPK
 from fastvq.ops.quantize import _quantize_fwd
 
@@ -149,7 +153,8 @@ class CodebookMLP(nn.Module):
     standard Gaussian init, MLP = Linear(embed_dim, hidden_dim) -> Tanh -> Linear(hidden_dim,
     codebook_dim) with PyTorch's default init; the paper's setting is 32 -> 256 -> 32.
 
-    forward() -> (K, codebook_dim) float32 codebook, differentiable in the embedding and the MLP.
+    forward() -> (K, codebook_dim) codebook in the MLP's dtype, differentiable in the embedding
+    and the MLP.
     """
 
     def __init__(
@@ -175,9 +180,10 @@ class VectorQuantize(nn.Module):
     forward(x) -> (quantized, indices, loss):
       x: (B, N, dim) (channel_last), (B, dim, N) (channel_last=False), (B, dim) (one token),
          (B, dim, H, W) (accept_image_fmap) or (B, dim, T, H, W) (accept_3d_fmap); any floating
-         dtype (bf16 under autocast is fine: search and EMA run in float32), but where the module
-         projects (dim != heads * codebook_dim) x must have the projection's dtype outside
-         autocast (TypeError otherwise), as for any nn.Linear.
+         dtype (bf16 under autocast, or a module cast with .to(dtype), is fine: search and EMA run
+         in float32 and the EMA statistics stay float32), but where the module projects (dim !=
+         heads * codebook_dim) x must have the projection's dtype outside autocast (TypeError
+         otherwise), as for any nn.Linear.
       quantized: x's shape; indices: int64 of x's shape without the feature axis, with a trailing
          heads axis when heads > 1 (-1 at masked padding); loss: float32 scalar, in training
          commitment_weight * commitment (+ orthogonal_reg_weight * orthogonal loss), else 0.
@@ -360,10 +366,30 @@ class VectorQuantize(nn.Module):
             self.register_buffer("embed", embed)
         self._register_load_state_dict_pre_hook(_rename_peer_keys)
 
+    # EMA statistics, kept float32 (float64 after a float64 cast) whatever the module's dtype.
+    _EMA_STATS = ("cluster_size", "embed_avg")
+
+    def _apply(self, fn, recurse=True):
+        """module.to(dtype), .half(), .bfloat16() cast the codebook (searched in float32 all the
+        same) but keep the EMA statistics float32, moved unrounded from the tensors they were.
+        bf16 keeps 8 significant bits, so a change under half an ulp, 2^-9 to 2^-8 (0.2-0.4 %) of
+        the value, rounds away; a decay-0.99 step changes a statistic by 1 % of its gap to the
+        batch's value, so gaps under 20-40 % are lost and the EMA stalls: a count of 100 meeting
+        110 every step stays at 100 in bf16 (100.1 rounds to 100), and stops at 109.4 in fp16.
+        float32 and float64 casts apply as given."""
+        before = {name: self._buffers.get(name) for name in self._EMA_STATS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype not in ACCUMULATORS:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
     # --- codebook access -----------------------------------------------------------------------
 
     def _codebooks(self) -> torch.Tensor:
-        """(C, K, codebook_dim) float32 codebook(s), differentiable when generated/learnable."""
+        """(C, K, codebook_dim) codebook(s), differentiable when generated/learnable; in the
+        module's dtype (a generated codebook: float32)."""
         if self.codebook_generator is not None:
             codebook = self.codebook_generator()
             k, d = self.codebook_size, self.codebook_dim
@@ -923,6 +949,7 @@ class VectorQuantize(nn.Module):
         codebook = self._codebooks()
         if self._param_codebook():
             codebook = _snapshot(codebook)
+        codebook = codebook.to(torch.promote_types(codebook.dtype, torch.float32))  # bf16: float32
         if self.orthogonal_reg_active_codes_only:
             used = idxs[0] if row_mask is None else idxs[0][row_mask[0]]
             codebook = codebook[:, torch.unique(used)]
@@ -955,6 +982,7 @@ def _gumbel_indices(z, codebook, metric: str, temp: float, topk: int | None = No
     O(chunk x K) with chunk x K <= 2^20. With topk: the topk largest perturbed logits, (N, topk),
     largest first (the peer's gumbel_sample(topk=))."""
     k = codebook.shape[0]
+    codebook = codebook.to(z.dtype)  # a module cast to bf16 / fp16 / float64: float32 rows
     if metric == "cosine":
         codebook = _l2norm(codebook)
     c2 = codebook.square().sum(1)

@@ -1,4 +1,9 @@
-"""Helpers shared by tests and benchmarks: tolerances, backend cases, process-group launches."""
+"""Helpers shared by tests and benchmarks: tolerances, backend cases, process-group launches,
+a host-sync counter."""
+
+import contextlib
+import os
+import traceback
 
 import torch
 
@@ -301,3 +306,82 @@ def cuda_include_dir() -> str | None:
         if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
             return os.path.join(home, "include")
     return None
+
+
+# Ops whose output size depends on tensor values, or that return a value to Python: on a GPU each
+# waits for the stream (a host sync). bincount reads its maximum; index / index_put count only
+# with a boolean mask (they run nonzero).
+_SYNC_OPS = (
+    "_local_scalar_dense",  # .item(), float(), int(), bool(), `if t:`, f"{t:.3g}"
+    "nonzero",
+    "masked_select",
+    "bincount",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "equal",
+)
+
+
+@contextlib.contextmanager
+def count_syncs():
+    """Record the host syncs a block would make on a GPU, counted on any device: yields a list
+    that fills with (what, "file:line"), the innermost fastvq frame (else the caller's) of each.
+
+    Counts value reads (.item(), float(), bool(), ...: aten._local_scalar_dense), ops of
+    data-dependent output size (nonzero, unique, masked_select, bincount, boolean-mask indexing)
+    and Tensor.tolist / .cpu() / .numpy() (which never dispatch on CPU tensors). Not counted:
+    host-to-device copies (torch.tensor(list, device="cuda") waits for the stream too) and
+    anything inside C++ / Triton kernels. Single-threaded use: it patches torch.Tensor methods.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncs, inside = [], [False]
+
+    def where() -> str:
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if f.filename != __file__ and f"{os.sep}torch{os.sep}" not in f.filename
+        ]
+        mine = [f for f in frames if f"{os.sep}fastvq{os.sep}" in f.filename]
+        f = (mine or frames)[-1]
+        return f"{f.filename.rsplit(os.sep + 'fastvq' + os.sep, 1)[-1]}:{f.lineno}"
+
+    def record(what: str) -> None:
+        if not inside[0]:
+            syncs.append((what, where()))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            masked = name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                for t in args[1]
+            )
+            if name in _SYNC_OPS or masked:
+                record(name + ("[mask]" if masked else ""))
+            return func(*args, **(kwargs or {}))
+
+    def patch(method: str):
+        original = getattr(torch.Tensor, method)
+
+        def wrapper(self, *args, **kwargs):
+            record(method)
+            inside[0] = True
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                inside[0] = False
+
+        setattr(torch.Tensor, method, wrapper)
+        return original
+
+    originals = {m: patch(m) for m in ("tolist", "cpu", "numpy")}
+    try:
+        with Mode():
+            yield syncs
+    finally:
+        for method, original in originals.items():
+            setattr(torch.Tensor, method, original)

@@ -82,7 +82,7 @@ from fastvq.nn.vector_quantize import (
     _snapshot,
     eager_only,
 )
-from fastvq.ops._validate import check_floating, check_int
+from fastvq.ops._validate import check_finite, check_floating, check_int
 from fastvq.ops.nearest_code import MAX_TOPK, nearest_code
 
 _UNSUPPORTED_RVQ = {
@@ -214,6 +214,8 @@ class _Residual(nn.Module):
         out_dtype = z.dtype
         with torch.autocast(seq.device.type, enabled=False):
             residual = self._prepare(z.float())
+            if self._check_stack_finite(residual, last, **layer_kwargs):
+                layer_kwargs = {**layer_kwargs, "check_inputs_finite": False}
             out = torch.zeros_like(residual)
             indices, losses = [], []
             for q_index in range(self.num_quantizers):
@@ -240,6 +242,10 @@ class _Residual(nn.Module):
 
     def _finish(self, quantized, seq, mask):
         return quantized
+
+    def _check_stack_finite(self, residual, last, **layer_kwargs) -> bool:
+        """ResidualVQ: one finite check for the stack (True: the layers skip theirs)."""
+        return False
 
     def forward(
         self,
@@ -461,13 +467,41 @@ class ResidualVQ(_Residual):
                 idx = nearest_code(residual, codebook, metric=layer.metric, backend=layer.backend)
                 residual = residual - codebook[idx]
 
-    def _layer(self, i, residual, mask, sample_codebook_temp=None, freeze_codebook=False):
+    def _layer(
+        self,
+        i,
+        residual,
+        mask,
+        sample_codebook_temp=None,
+        freeze_codebook=False,
+        check_inputs_finite=True,
+    ):
         return self.layers[i](
             residual,
             mask=mask,
             sample_codebook_temp=sample_codebook_temp,
             freeze_codebook=freeze_codebook,
+            check_inputs_finite=check_inputs_finite,
         )
+
+    def _check_stack_finite(self, residual, last, sample_codebook_temp=None, **_) -> bool:
+        """ValueError if the stack's input rows or the codebook of a layer that runs hold NaN or
+        Inf: the layers' own checks (z, codebook) in one host sync instead of one per layer (4
+        per step at 4 layers). Residuals stay finite from finite rows and codes within the
+        search's contract (|z|, |c| below about 2.6e19, fastvq.nearest_code). Raises before any
+        layer updates its codebook, where a layer's own check let the layers before it update.
+        False (the layers check, as before) where a layer would not search (it samples codes:
+        no check) or may run its k-means init first (which names x in its own check)."""
+        layers = self.layers[: self.num_quantizers if last is None else last + 1]
+        for layer in layers:
+            temp = sample_codebook_temp
+            temp = layer.sample_codebook_temp if temp is None else temp
+            pending_init = layer.training and layer.kmeans_init
+            if layer._samples(temp) or pending_init or layer.codebook_generator is not None:
+                return False
+        layers = layers[:1] if self.shared_codebook else layers  # one codebook under all
+        check_finite(z=residual, codebook=[layer._codebooks() for layer in layers])
+        return True
 
     def _layer_codes(self, i, idx):
         return self.layers[i].get_codes_from_indices(idx)
@@ -550,6 +584,7 @@ class ResidualVQ(_Residual):
         with torch.autocast(seq.device.type, enabled=False):
             z0 = z.float().reshape(m, 1, z.shape[-1])
             d = z0.shape[-1]
+            check = not self._check_stack_finite(z0, last, sample_codebook_temp=temp)
             residual, out = z0, torch.zeros_like(z0)
             scores = z0.new_zeros(m, 1)
             steps = []  # per layer: parent beam (m, keep), code (m, keep), loss (m, keep)
@@ -566,7 +601,7 @@ class ResidualVQ(_Residual):
                 codebook = layer._codebooks()[0]
                 cb = codebook.detach()
                 t = layer.sample_codebook_temp if temp is None else temp
-                cand = layer._topk_search(rows, cb, k, t)  # (m j, k), nearest first
+                cand = layer._topk_search(rows, cb, k, t, check)  # (m j, k), nearest first
                 # The peer's score: the layer's per-candidate loss (commitment-weighted; the
                 # plain MSE at commitment_weight 0), 0 at masked rows.
                 mse = _candidate_mse(rows.detach(), cb, cand)

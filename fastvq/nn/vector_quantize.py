@@ -90,7 +90,13 @@ from torch import nn
 import fastvq
 from fastvq.nn.scalar import project_in
 from fastvq.ops._backends import check_backend, pick_backend
-from fastvq.ops._validate import check_choice, check_floating, check_int, check_tensor
+from fastvq.ops._validate import (
+    check_choice,
+    check_finite,
+    check_floating,
+    check_int,
+    check_tensor,
+)
 from fastvq.ops.codebook import ACCUMULATORS, _check_real, _sample_rows, _smoothed
 from fastvq.ops.nearest_code import MAX_TOPK
 from fastvq.ops.quantize import _quantize_fwd
@@ -198,7 +204,9 @@ class VectorQuantize(nn.Module):
     codebook; trained by gradient, regenerated every forward), codebook_loss_weight (learnable
     codebooks: separate VQ-VAE codebook loss ||sg(z) - q||^2 with this weight instead of the
     peer's single ||z - q||^2 term with gradients to both), backend and precision (passed to
-    fastvq.quantize).
+    fastvq.quantize); forward's check_inputs_finite (keyword-only, default True: as in
+    fastvq.quantize, one host sync per codebook; ResidualVQ checks its whole stack at once and
+    passes False to its layers).
     """
 
     def __init__(
@@ -482,6 +490,8 @@ class VectorQuantize(nn.Module):
         ema_update_weight: torch.Tensor | None = None,
         accum_ema_update: bool = False,
         ema_update: bool | None = None,
+        *,
+        check_inputs_finite: bool = True,
     ):
         for name, value in (
             ("indices", indices),
@@ -511,7 +521,7 @@ class VectorQuantize(nn.Module):
                 # heads == 1: one codebook, rows (b n, codebook_dim); no codebook update.
                 m = None if row_mask is None else row_mask[0]
                 codebook = self._codebooks()[0]
-                idx = self._topk_search(rows[0], codebook.detach(), k, temp)
+                idx = self._topk_search(rows[0], codebook.detach(), k, temp, check_inputs_finite)
                 r_rep = rows[0][:, None].expand(-1, k, -1)
                 q, loss, commit, ortho = self._topk_apply(r_rep, idx, m, codebook, freeze)
         if k is not None:
@@ -526,7 +536,12 @@ class VectorQuantize(nn.Module):
             codebooks = self._codebooks()
             update = self.training and not freeze and self.codebook_generator is None
             update = update and (do_ema or self.threshold_ema_dead_code > 0)
-            stochastic = self.training and self.stochastic_sample_codes and temp > 0
+            stochastic = self._samples(temp)
+            check = check_inputs_finite and not stochastic
+            if check and self.num_codebooks > 1:
+                # Every head's rows and codebook in one host sync, not one per head.
+                check_finite(z=z, codebook=codebooks)
+                check = False
             qs, idxs, codes = [], [], []
             for c, zc in enumerate(rows):
                 # A Parameter codebook is updated in place below, and the estimator's backward
@@ -545,6 +560,7 @@ class VectorQuantize(nn.Module):
                         grad=self.grad,
                         precision=self.precision,
                         backend=self.backend,
+                        check_inputs_finite=check,
                     )
                 if not self.route_gradients_to_input:
                     q = q.detach()
@@ -676,16 +692,28 @@ class VectorQuantize(nn.Module):
             )
         return k
 
-    def _topk_search(self, rows, codebook, k: int, temp: float) -> torch.Tensor:
+    def _topk_search(self, rows, codebook, k: int, temp: float, check: bool = True):
         """(M, k) int64 candidates for (M, codebook_dim) float32 rows (normalized for cosine),
         nearest first; in training with stochastic_sample_codes, the top k of the peer's
-        Gumbel-perturbed logits (row chunks, never M x K)."""
+        Gumbel-perturbed logits (row chunks, never M x K). check: nearest_code's
+        check_inputs_finite."""
         rows = rows.detach()
-        if self.training and self.stochastic_sample_codes and temp > 0:
+        if self._samples(temp):
             return _gumbel_indices(rows, codebook, self.metric, temp, k)
         return fastvq.nearest_code(
-            rows, codebook, metric=self.metric, precision=self.precision, backend=self.backend, k=k
+            rows,
+            codebook,
+            metric=self.metric,
+            precision=self.precision,
+            backend=self.backend,
+            k=k,
+            check_inputs_finite=check,
         )
+
+    def _samples(self, temp: float) -> bool:
+        """Whether a forward at this temperature samples codes (Gumbel) instead of searching:
+        then no finite check runs on its rows."""
+        return self.training and self.stochastic_sample_codes and temp > 0
 
     def _topk_apply(self, r_rep, idx, row_mask, codebook, freeze: bool, cb=None):
         """The k candidates' outputs and losses, as the peer's topk forward.
@@ -812,7 +840,12 @@ class VectorQuantize(nn.Module):
             for c, (r, idx) in enumerate(zip(rows, idxs, strict=True)):
                 cs, es = self.cluster_size[c], self.embed_avg[c]
                 w = masks[c]
-                fastvq.ema_update_(cs, es, r.detach(), idx, self.decay, weight=w, all_reduce=group)
+                # check_indices=False: idx comes from this module's search or sampler, in [0, K)
+                # by construction, and the range check costs a host sync per codebook per step.
+                fastvq.ema_update_(
+                    cs, es, r.detach(), idx, self.decay, weight=w, all_reduce=group,
+                    check_indices=False,
+                )  # fmt: skip
             if self._param_codebook():
                 embed = self.embed.data
             elif do_ema or self.threshold_ema_dead_code > 0:

@@ -32,16 +32,19 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_finite(skippable: bool = True, **tensors: torch.Tensor) -> None:
+def check_finite(skippable: bool = True, **tensors) -> None:
     """Raise ValueError naming the first tensor with NaN or Inf; one host sync for all of them.
-    skippable: the op takes check_inputs_finite, and the message says so.
+    Each value is a tensor or a sequence of tensors checked under one name (a residual stack's
+    codebooks). skippable: the op takes check_inputs_finite, and the message says so.
 
     Skipped while torch.compile traces (a data-dependent branch would break the graph) and for
     meta tensors (no values to check: shape inference only).
     """
-    if torch.compiler.is_compiling() or any(t.is_meta for t in tensors.values()):
+    groups = [[v] if isinstance(v, torch.Tensor) else list(v) for v in tensors.values()]
+    if torch.compiler.is_compiling() or any(t.is_meta for ts in groups for t in ts):
         return
-    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    alls = [[torch.isfinite(t).all() for t in ts] for ts in groups]
+    flags = torch.stack([a[0] if len(a) == 1 else torch.stack(a).all() for a in alls]).tolist()
     for (name, _), ok in zip(tensors.items(), flags, strict=True):
         if not ok:
             hint = "; pass check_inputs_finite=False to skip this check" if skippable else ""

@@ -1,0 +1,171 @@
+"""Host syncs per call, pinned: on a GPU each one stalls the stream (a VectorQuantize step at
+65,536 codes is about 1 ms of kernels), so a change that adds one fails here. Counted on the CPU
+by fastvq.testing.count_syncs; the remaining ones are the documented NaN/Inf input check (one
+per op call, one per residual stack or multi-head layer) and nothing else."""
+
+import pytest
+import torch
+
+import fastvq
+from fastvq.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from fastvq.ops._backends import backends
+from fastvq.testing import count_syncs
+
+BACKENDS = ["torch"] + (["cpu"] if backends()["cpu"].available else [])
+FINITE = ("tolist", "ops/_validate.py")  # check_finite's one sync
+
+
+def locations(syncs):
+    return [where for _, where in syncs]
+
+
+def assert_finite_checks(syncs, n: int) -> None:
+    assert len(syncs) == n, syncs
+    assert all(what == FINITE[0] and where.startswith(FINITE[1]) for what, where in syncs), syncs
+
+
+def train_step(module, x, **kwargs):
+    module.train()
+    module(x, **kwargs)  # a first step outside the count (k-means init and such)
+    with count_syncs() as syncs:
+        out = module(x, **kwargs)
+        loss = out[0].square().mean() + out[2].sum()
+        loss.backward()
+    return syncs
+
+
+def eval_forward(module, x, **kwargs):
+    module.eval()
+    with torch.no_grad(), count_syncs() as syncs:
+        module(x, **kwargs)
+    return syncs
+
+
+def test_counter_sees_every_kind():
+    x = torch.randn(6)
+    with count_syncs() as syncs:
+        x[0].item()
+        bool(x.sum() > 0)
+        x.tolist()
+        x[x > 0]
+        torch.unique(x)
+        torch.bincount(torch.tensor([1, 2]), minlength=4)
+        f"{x.sum():.3g}"
+    kinds = [what for what, _ in syncs]
+    assert kinds == ["_local_scalar_dense"] * 2 + ["tolist", "index[mask]", "_unique2"] + [
+        "bincount",
+        "_local_scalar_dense",
+    ]
+    assert all("test_host_syncs.py:" in where for where in locations(syncs)), syncs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops(backend):
+    z = torch.randn(97, 16, requires_grad=True)
+    codebook = torch.randn(33, 16)
+    with count_syncs() as syncs:
+        fastvq.nearest_code(z.detach(), codebook, backend=backend)
+    assert_finite_checks(syncs, 1)
+    with count_syncs() as syncs:
+        fastvq.nearest_code(z.detach(), codebook, backend=backend, check_inputs_finite=False)
+    assert syncs == []
+    for grad in ("ste", "rotation", "householder"):
+        with count_syncs() as syncs:
+            z_q, idx = fastvq.quantize(z, codebook.requires_grad_(), grad=grad, backend=backend)
+            z_q.square().sum().backward()
+        assert_finite_checks(syncs, 1)
+    cluster_size, embed_sum = torch.ones(33), codebook.detach().clone()
+    with count_syncs() as syncs:
+        fastvq.ema_update_(cluster_size, embed_sum, z, idx, 0.9, backend=backend)
+    assert len(syncs) == 1 and syncs[0][1].startswith("ops/codebook.py"), syncs  # index range
+    with count_syncs() as syncs:
+        fastvq.ema_update_(
+            cluster_size, embed_sum, z, idx, 0.9, backend=backend, check_indices=False
+        )
+        fastvq.ema_codebook(cluster_size, embed_sum)
+    assert syncs == []
+
+
+MODULES = {
+    # name: (constructor, syncs per training step, per eval forward)
+    "vq": (lambda b: VectorQuantize(dim=16, codebook_size=64, backend=b), 1, 1),
+    "vq_rotation_mask": (
+        lambda b: VectorQuantize(dim=16, codebook_size=64, rotation_trick=True, backend=b),
+        1,
+        1,
+    ),
+    "vq_heads": (
+        lambda b: VectorQuantize(
+            dim=16, codebook_size=64, heads=2, separate_codebook_per_head=True, backend=b
+        ),
+        1,
+        1,
+    ),
+    "vq_learnable": (
+        lambda b: VectorQuantize(dim=16, codebook_size=64, learnable_codebook=True, backend=b),
+        1,
+        1,
+    ),
+    "rvq": (lambda b: ResidualVQ(dim=16, num_quantizers=4, codebook_size=64, backend=b), 1, 1),
+    "rvq_shared": (
+        lambda b: ResidualVQ(
+            dim=16, num_quantizers=4, codebook_size=64, shared_codebook=True, backend=b
+        ),
+        1,
+        1,
+    ),
+    "rvq_beam": (
+        lambda b: ResidualVQ(dim=16, num_quantizers=3, codebook_size=64, beam_size=4, backend=b),
+        1,
+        1,
+    ),
+    "grouped_rvq": (
+        lambda b: GroupedResidualVQ(
+            dim=16, groups=2, num_quantizers=2, codebook_size=64, backend=b
+        ),
+        2,  # one check per group
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules(name, backend):
+    make, train, evaluate = MODULES[name]
+    torch.manual_seed(0)
+    module = make(backend)
+    x = torch.randn(2, 48, 16, requires_grad=True)
+    kwargs = {"mask": torch.rand(2, 48) > 0.3} if name in ("vq_rotation_mask", "rvq") else {}
+    for syncs, n in (
+        (train_step(module, x, **kwargs), train),
+        (eval_forward(module, x, **kwargs), evaluate),
+    ):
+        if name == "rvq_beam" and backend == "torch":
+            # The reference top-k's tie fix (fastvq.reference.topk_scores): two nonzero per
+            # layer; on GPUs "auto" runs Triton's top-k, which has none.
+            ties = [s for s in syncs if s[1].startswith("reference/nearest_code.py")]
+            assert len(ties) == 2 * 3, syncs
+            syncs = [s for s in syncs if s not in ties]
+        assert_finite_checks(syncs, n)
+
+
+def test_residual_layers_still_check():
+    """The stack's one check replaces its layers' own: NaN input or a NaN codebook of any layer
+    still raises, before any layer updates its statistics."""
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        rvq(x.index_fill(1, torch.tensor([3]), float("nan")))
+    before = [layer.cluster_size.clone() for layer in rvq.layers]
+    with torch.no_grad():
+        rvq.layers[2].embed[0, 5, 1] = float("inf")
+    for beam in (None, 2):
+        with pytest.raises(ValueError, match="codebook contains NaN or Inf"):
+            rvq(x, beam_size=beam)
+    assert all(
+        torch.equal(b, layer.cluster_size) for b, layer in zip(before, rvq.layers, strict=True)
+    )
+    rvq.eval()
+    with pytest.raises(ValueError, match="codebook contains NaN or Inf"):
+        rvq(x)

@@ -149,6 +149,7 @@ class CodeCounts:
         self.sizes = (int(sizes),) if isinstance(sizes, int) else tuple(int(k) for k in sizes)
         self.device = device
         self.counts: torch.Tensor | None = None
+        self._limit: torch.Tensor | None = None  # (C,) sizes on device
 
     def _sizes(self, c: int) -> tuple[int, ...]:
         if len(self.sizes) == 1:
@@ -170,11 +171,19 @@ class CodeCounts:
         elif len(self.counts) != c:
             raise ValueError(f"indices hold {c} codes per position, earlier {len(self.counts)}")
         idx = indices.reshape(-1, c).to(self.device)
-        limit = torch.tensor(sizes, device=idx.device)
-        if bool((idx >= limit).any()):
+        if self._limit is None or self._limit.shape[0] != c:
+            # Built once: a host-to-device copy of a list waits for the stream on CUDA.
+            self._limit = torch.tensor(sizes, device=self.device)
+        # One host sync per training step, this range check; the counts add without another
+        # (code_counts took three more: boolean indexing's data-dependent size, its own range
+        # check, which the one here covers, and bincount's maximum).
+        if bool((idx >= self._limit).any()):
             raise ValueError(f"indices must lie below their codebook's size {sizes}")
         flat = idx + torch.arange(c, device=idx.device) * self.counts.shape[1]
-        fastvq.code_counts(flat[idx >= 0], self.counts.numel(), out=self.counts.view(-1))
+        valid = idx >= 0  # < 0: a layer that quantize dropout skipped, not counted
+        self.counts.view(-1).index_add_(
+            0, torch.where(valid, flat, 0).view(-1), valid.view(-1).to(self.counts.dtype)
+        )
 
     def all_reduce(self) -> None:
         """Sums the counts across processes (a process that counted nothing contributes zeros)."""

@@ -469,9 +469,14 @@ class LFQ(nn.Module):
             kind, inv_t = "bsq", inv_temperature * s * s
         else:
             kind, inv_t = "lfq", inv_temperature * s
+        # As the peer: under DDP the batch entropy is that of all ranks' rows.
+        dist = torch.distributed
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         per_sample, batch = [], []
         for c in range(x.shape[1]):
-            ps, cb = binary_entropy_loss(x[:, c], inv_temperature=inv_t, quantizer=kind)
+            ps, cb = binary_entropy_loss(
+                x[:, c], inv_temperature=inv_t, quantizer=kind, all_reduce=synced
+            )
             per_sample.append(ps)
             batch.append(cb)
         return torch.stack(per_sample).mean(), torch.stack(batch).mean()

@@ -506,12 +506,32 @@ def _entropy_backward(ctx, g_row, g_col):
 _binary_entropy_fwd.register_autograd(_entropy_backward, setup_context=_entropy_setup)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward sums the ranks' gradients too (as vector-quantize-pytorch's
+    torch.distributed.nn.all_reduce, deprecated in torch 2.13): DDP's average of the parameter
+    gradients is then the gradient of one process's loss on the whole batch."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        torch.distributed.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def binary_entropy_loss(
     z: torch.Tensor,
     *,
     inv_temperature: float,
     quantizer: str = "lfq",
     backend: str = "auto",
+    all_reduce=False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy regularizers of LFQ / BSQ over 2^d codes in O(N d), never enumerating the codes.
 
@@ -539,10 +559,17 @@ def binary_entropy_loss(
         quantizer: "lfq" or "bsq".
         backend: "auto" (Triton on CUDA tensors, C++ on CPU tensors, torch for float64),
             "triton", "cpu" or "torch".
+        all_reduce: True (default process group) or a ProcessGroup: z is this rank's shard and
+            the bit marginals are averaged over the group's rows (a differentiable all-reduce, as
+            vector-quantize-pytorch's LFQ does under DDP), so codebook_entropy is the group
+            batch's; per_sample_entropy stays this rank's mean.
     Memory: O(N d) for the backward (z is saved), O(d) extra in the forward.
     """
+    from fastvq.ops.codebook import _process_group
+
     d = _check_z(z, 1, MAX_ENTROPY_DIM, "")
     check_choice("quantizer", quantizer, QUANTIZERS)
+    group = _process_group("all_reduce", all_reduce)
     if isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real):
         raise TypeError(f"inv_temperature must be a float, got {type(inv_temperature).__name__}")
     if not (math.isfinite(inv_temperature) and inv_temperature > 0):
@@ -554,6 +581,11 @@ def binary_entropy_loss(
     coef = 4.0 * float(inv_temperature) * (1 / math.sqrt(d) if spherical else 1.0)
     rows, sums = _binary_entropy_fwd(z2, coef, spherical, impl)
     per_sample = rows.sum() / max(n, 1)
+    if group is not None:
+        sums = _SumOverRanks.apply(sums, group)
+        count = torch.tensor([n], device=z.device)
+        torch.distributed.all_reduce(count, group=group)
+        n = int(count)
     probs = sums / max(n, 1)
     # log of the clamped probability: a column with mean p = 0 gets H = 0 and a finite gradient.
     tiny = torch.finfo(probs.dtype).tiny

@@ -3,7 +3,8 @@ every batch, train a Linear + VectorQuantize(sync_codebook=True) under Distribut
 (broadcast_buffers=False, so nothing but the quantizer's own all-reduce keeps the codebooks
 together). After a few SGD steps both ranks hold the same codebook, EMA state and weights, equal
 to one process training on the concatenated batches. A ResidualVQ with quantize dropout, dead
-codes and k-means init checks that the ranks agree where random draws are involved.
+codes and k-means init checks that the ranks agree where random draws are involved; an LFQ under
+DDP gets the gradient of its batch entropy over both ranks' rows, as one process would.
 
 The test runs this file as a script, which forks the two ranks (fork: the children inherit the
 imports, ~3 s each on this machine, instead of re-importing as spawn would; the script keeps the
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastvq.nn import ResidualVQ, VectorQuantize
+from fastvq.nn import LFQ, ResidualVQ, VectorQuantize
 from fastvq.testing import run_rank_script
 
 WORLD = 2
@@ -79,6 +80,29 @@ def _uneven(rank: int) -> dict:
     return out
 
 
+class _LinearLFQ(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.lfq = nn.Linear(DIM, 6), LFQ(dim=6, codebook_size=64)
+
+    def forward(self, x):
+        return self.lfq(self.proj(x), return_loss_breakdown=True)
+
+
+def _lfq_step(model: nn.Module, x: torch.Tensor) -> dict:
+    # LFQ's batch entropy under DDP is that of all ranks' rows (the peer's distributed mean): the
+    # averaged gradient then equals one process's on the whole batch.
+    (_, _, aux), parts = model(x)
+    aux.backward()
+    inner = model.module if hasattr(model, "module") else model
+    return {"batch_entropy": parts.batch_entropy.detach(), "grad": inner.proj.weight.grad.clone()}
+
+
+def _lfq_batch() -> torch.Tensor:
+    return torch.randn(4, 10, DIM, generator=torch.Generator().manual_seed(3))
+
+
 def _worker(rank: int, out_dir: str, port: int) -> None:
     torch.set_num_threads(1)  # 2 ranks on a 2-core machine
     dist.init_process_group(
@@ -88,6 +112,8 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
         ddp = nn.parallel.DistributedDataParallel(_model(sync=True), **_NO_BUFFER_SYNC)
         shards = [x.chunk(WORLD)[rank] for x in _batches()]
         results = {"vq": _train(ddp, shards), "rvq": _residual(rank), "uneven": _uneven(rank)}
+        lfq = nn.parallel.DistributedDataParallel(_LinearLFQ())
+        results["lfq"] = _lfq_step(lfq, _lfq_batch().chunk(WORLD)[rank])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -110,6 +136,9 @@ def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
     for key, want in single.items():
         torch.testing.assert_close(ranks[0]["vq"][key], want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(single["1.embed"], _model(sync=False).state_dict()["1.embed"])
+    lfq = _lfq_step(_LinearLFQ(), _lfq_batch())
+    for rank in ranks:
+        torch.testing.assert_close(rank["lfq"], lfq, rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":

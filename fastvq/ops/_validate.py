@@ -32,10 +32,15 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+class NonFiniteError(ValueError):
+    """An op's input holds NaN or Inf (the trainer's NaN guard tells it from other errors)."""
+
+
 def check_finite(skippable: bool = True, **tensors) -> None:
-    """Raise ValueError naming the first tensor with NaN or Inf; one host sync for all of them.
-    Each value is a tensor or a sequence of tensors checked under one name (a residual stack's
-    codebooks). skippable: the op takes check_inputs_finite, and the message says so.
+    """Raise NonFiniteError (a ValueError) naming the first tensor with NaN or Inf; one host sync
+    for all of them. Each value is a tensor or a sequence of tensors checked under one name (a
+    residual stack's codebooks). skippable: the op takes check_inputs_finite, and the message
+    says so.
 
     Skipped while torch.compile traces (a data-dependent branch would break the graph) and for
     meta tensors (no values to check: shape inference only).
@@ -48,4 +53,4 @@ def check_finite(skippable: bool = True, **tensors) -> None:
     for (name, _), ok in zip(tensors.items(), flags, strict=True):
         if not ok:
             hint = "; pass check_inputs_finite=False to skip this check" if skippable else ""
-            raise ValueError(f"{name} contains NaN or Inf{hint}")
+            raise NonFiniteError(f"{name} contains NaN or Inf{hint}")

@@ -79,7 +79,7 @@ DEFAULTS: dict = {
     },
     "eval": {
         "batch_size": 64,
-        "max_batches": 0,  # 0: the whole evaluation split
+        "max_batches": 0,  # the first max_batches * batch_size images (over all ranks); 0: all
         "fid_features": None,  # TorchScript file mapping (B, 3, H, W) in [0, 1] to (B, F)
         "num_images": 16,  # reconstructions in the saved grid
     },

@@ -310,9 +310,13 @@ def train_loader(
     )
 
 
-def eval_loader(dataset, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0):
-    """This rank's shard (items rank, rank + world, ...) of the evaluation set, in order."""
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+def eval_loader(
+    dataset, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0, items: int = 0
+):
+    """This rank's shard (items rank, rank + world, ...) of the evaluation set, in order; of its
+    first `items` items only when items > 0 (the same images whatever the number of ranks)."""
+    n = min(len(dataset), items) if items > 0 else len(dataset)
+    shard = torch.utils.data.Subset(dataset, range(rank, n, world))
     return torch.utils.data.DataLoader(
         shard, batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
     )

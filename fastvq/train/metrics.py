@@ -111,6 +111,23 @@ class FeatureStats:
         self.total += f.sum(0)
         self.outer += f.T @ f
 
+    def all_reduce(self, device) -> None:
+        """Sums n, total and outer across processes; a process that saw no features (an empty
+        evaluation shard) contributes zeros of the others' width instead of failing on None."""
+        import torch.distributed as dist
+
+        n = torch.tensor([self.n], device=device)
+        width = torch.tensor([0 if self.total is None else len(self.total)], device=device)
+        dist.all_reduce(n)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        self.n, width = int(n), int(width)
+        if self.total is None and width:
+            self.total = torch.zeros(width, dtype=torch.float64, device=device)
+            self.outer = torch.zeros(width, width, dtype=torch.float64, device=device)
+        if self.total is not None:
+            dist.all_reduce(self.total)
+            dist.all_reduce(self.outer)
+
     def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n < 2:
             raise ValueError(f"need at least 2 feature rows for a covariance, got {self.n}")
@@ -255,11 +272,7 @@ class Evaluator:
         self.n = int(n.item())
         if self.feature_fn is not None:
             for st in (self.real, self.fake):
-                dist.all_reduce(st.total)
-                dist.all_reduce(st.outer)
-                cnt = torch.tensor([st.n], device=self.sums.device)
-                dist.all_reduce(cnt)
-                st.n = int(cnt.item())
+                st.all_reduce(self.sums.device)
 
     def result(self) -> dict:
         if self.n == 0:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
 from fastvq.train.config import dump_config
 from fastvq.train.data import build_datasets, eval_loader, train_loader
@@ -232,8 +233,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # Without VQ the quantizer's parameters get no gradient: DDP must look for them.
-            self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=not t["vq"])
+            # Without VQ the quantizer's parameters get no gradient, nor do those of the layers
+            # quantize dropout skips (learnable residual codebooks, SimVQ maps): DDP must look
+            # for them, else its next step fails ("Expected to have finished reduction").
+            drops = any(getattr(m, "quantize_dropout", False) for m in self.model.modules())
+            unused = not t["vq"] or drops
+            self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=unused)
         if t["compile"]:
             self.forward_model = torch.compile(self.forward_model)
 
@@ -309,7 +314,12 @@ class Trainer:
             )
         was = model.training
         model.eval()
-        loader = train_loader(self.train_set, self.cfg["train"]["batch_size"], seed=12345)
+        # Each rank encodes its own shard, as in training: the k-means (synced over the ranks)
+        # then clusters world x kmeans_batches batches once each, and the counts it leaves in the
+        # EMA statistics are those of one process at batch world x B (identical batches on every
+        # rank made them world times too large).
+        t = self.cfg["train"]
+        loader = train_loader(self.train_set, t["batch_size"], 12345, 0, self.rank, self.world)
         zs, it = [], iter(loader)
         for _ in range(ic["kmeans_batches"]):
             z = model.latents(next(it).to(self.device))
@@ -326,6 +336,13 @@ class Trainer:
                 z, k, iters=ic["kmeans_iters"], generator=g, all_reduce=self.world > 1
             )
             q.codebook = centroids.to(q.codebook.dtype)
+        if self.world > 1:
+            # A quantizer built with sync_codebook=False clustered its own shard only: rank 0's
+            # codebook everywhere before the EMA copy below (DDP syncs the model, not the copy).
+            import torch.distributed as dist
+
+            for value in q.state_dict().values():
+                dist.broadcast(value, 0)
         if self.ema is not None:  # the weights' EMA starts from the fitted codebook
             self.ema.load_state_dict(_unwrap(self.model).state_dict())
         model.train(was)
@@ -477,7 +494,8 @@ class Trainer:
         got = dict(zip(names, values, strict=True))
         floats = {k: got[k] if k in got else float(v) for k, v in logs.items()}
         if self.cfg["train"]["nan_guard"] and not math.isfinite(value):
-            self._stop("loss", value, floats)
+            parts = "".join(f", {k}={v:.4g}" for k, v in floats.items())
+            raise self._stop(f"loss is {value} at step {self.step}{parts}")
         return value, floats
 
     def _clip_gradients(self, params, what: str = "the gradient norm") -> float | None:
@@ -495,21 +513,32 @@ class Trainer:
         else:
             return None
         if guard and not math.isfinite(norm):
-            self._stop(what, norm, {})
+            raise self._stop(f"{what} is {norm} at step {self.step}")
         return norm
 
-    def _stop(self, what: str, value: float, logs: dict) -> None:
-        parts = "".join(f", {k}={float(v):.4g}" for k, v in logs.items())
+    def _stop(self, what: str) -> NonFiniteLossError:
+        """The NaN guard's error, to raise: what happened, and which checkpoint is left."""
         latest = self.ckpt_dir / "latest.pt"
         kept = (
             f"the last good checkpoint is {latest}"
             if latest.exists()
             else "no checkpoint was written"
         )
-        raise NonFiniteLossError(
-            f"{what} is {value} at step {self.step}{parts}: stopped without saving, {kept}. Try a "
-            "lower optim.lr, optim.grad_clip > 0, or train.bf16=false."
+        return NonFiniteLossError(
+            f"{what}: stopped without saving, {kept}. "
+            "Try a lower optim.lr, optim.grad_clip > 0, or train.bf16=false."
         )
+
+    def _forward(self, x):
+        try:
+            return self.forward_model(x, quantize=self.cfg["train"]["vq"])
+        except NonFiniteError as e:
+            # A quantizer refuses NaN or Inf latents before its codebook update, so the loss
+            # never gets to be NaN: without this the guard missed every blow-up of the encoder
+            # (and the error advised turning the quantizer's check off).
+            if not self.cfg["train"]["nan_guard"]:
+                raise
+            raise self._stop(f"NaN or Inf reached the model's quantizer at step {self.step}") from e
 
     def train_step(self, batches) -> dict:
         """One optimizer step over accum_steps micro-batches; returns float logs."""
@@ -532,7 +561,7 @@ class Trainer:
             else:
                 x = next(batches)
             with autocast:
-                out = self.forward_model(x, quantize=t["vq"])
+                out = self._forward(x)
                 loss, logs = self._generator_loss(x, out, self.step)
             value, logs = self._check_finite(loss, logs)
             (loss / accum).backward()
@@ -747,10 +776,12 @@ class Trainer:
         lpips_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=cfg["train"]["bf16"])
         shown = None
-        loader = eval_loader(self.eval_set, e["batch_size"], self.rank, self.world)
-        for i, x in enumerate(loader):
-            if e["max_batches"] and i >= e["max_batches"]:
-                break
+        # eval.max_batches counts batches of one process: under torchrun the ranks share those
+        # images rather than each taking max_batches batches of its own shard (world times as
+        # many images, and other metrics than one process reports).
+        items = e["max_batches"] * e["batch_size"]
+        loader = eval_loader(self.eval_set, e["batch_size"], self.rank, self.world, items=items)
+        for x in loader:
             x = x.to(self.device)
             with autocast:
                 out = model(x, quantize=cfg["train"]["vq"])

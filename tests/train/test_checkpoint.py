@@ -146,6 +146,23 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, datasets):
     assert all(p.isfinite().all() for p in trainer.model.parameters())
 
 
+def test_nan_guard_stops_when_the_latents_blow_up(make_config, datasets):
+    # The quantizer refuses NaN latents before any loss exists: the guard must still stop the
+    # run, with its advice, rather than let the quantizer's ValueError through.
+    trainer = Trainer(make_config("train.steps=6", "train.ckpt_every=2"), datasets=datasets)
+    latents, calls = trainer.model.latents, []
+
+    def poisoned(x):
+        calls.append(None)
+        z = latents(x)
+        return z * float("nan") if len(calls) >= 3 else z
+
+    trainer.model.latents = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"quantizer at step 2.*last good checkpoint"):
+        trainer.fit()
+    assert ckpt.load(trainer.ckpt_dir / "latest.pt")["step"] == 2
+
+
 def test_nan_guard_can_be_disabled(make_config, datasets):
     trainer = Trainer(make_config("train.steps=1", "train.nan_guard=false"), datasets=datasets)
     assert trainer._check_finite(torch.tensor(float("inf")), {})[0] == float("inf")

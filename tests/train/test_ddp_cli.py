@@ -1,0 +1,198 @@
+"""`fastvq train` as torchrun runs it (2 CPU processes, gloo): k-means init reads each rank's own
+shard, a limited evaluation (eval.max_batches) evaluates the images one process would, the
+process group is closed before exit; and evaluation sums (rFID's included) merge when a rank
+evaluated nothing.
+
+The last test runs this file as a script, which forks its two ranks (see
+fastvq.testing.run_rank_script)."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastvq.testing import checkout_env, free_port, run_rank_script
+from fastvq.train.metrics import Evaluator
+
+B, KMEANS_BATCHES = 2, 2
+
+# Runs `fastvq train` through cli.main, recording which images each rank's k-means init encodes.
+WORKER = textwrap.dedent("""
+    import os
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from fastvq.models.tokenizer import Tokenizer
+    from fastvq.train import trainer as tr
+    from fastvq.train.cli import main
+
+    out, args = sys.argv[1], sys.argv[2:]
+    seen = []
+    kmeans_init, latents = tr.Trainer.kmeans_init, Tokenizer.latents
+
+    def recorded_kmeans_init(self):
+        def record(model, x):
+            seen.append(x.clone())
+            return latents(model, x)
+
+        Tokenizer.latents = record
+        try:
+            kmeans_init(self)
+        finally:
+            Tokenizer.latents = latents
+
+    tr.Trainer.kmeans_init = recorded_kmeans_init
+    assert main(args) == 0
+    rank = os.environ["RANK"]
+    torch.save({"seen": seen, "initialized": dist.is_initialized()}, f"{out}/rank{rank}.pt")
+""")
+
+
+class Features(torch.nn.Module):
+    """A stand-in rFID feature extractor (eval.fid_features takes a TorchScript file)."""
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def _cifar(root, n_train: int, n_test: int) -> None:
+    g = np.random.default_rng(0)
+    root.mkdir()
+    for name, n in (("data_batch_1", n_train), ("test_batch", n_test)):
+        low = torch.from_numpy(g.random((n, 3, 2, 2), dtype=np.float32))
+        img = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear")
+        data = (img * 255).round().to(torch.uint8).reshape(n, -1).numpy()
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": data}, f)
+
+
+def _args(tmp_path, out: str, batch: int, *overrides: str) -> list[str]:
+    return [
+        "train", "--config", str(tmp_path / "config.yaml"), f"train.out_dir={tmp_path / out}",
+        f"train.batch_size={batch}", *overrides,
+    ]  # fmt: skip
+
+
+def _run(tmp_path, out: str, batch: int, world: int, *overrides: str) -> list[dict]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port, procs = str(free_port()), []
+    for rank in range(world):
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        args = [str(script), str(tmp_path / out), *_args(tmp_path, out, batch, *overrides)]
+        args.insert(0, sys.executable)
+        procs.append(subprocess.Popen(args, env=env))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0] * world
+    return [torch.load(tmp_path / out / f"rank{r}.pt") for r in range(world)]
+
+
+MODEL = (
+    "{arch: rotated_vqvae, ch: 4, ch_mult: [1, 2], num_res_blocks: 1, z_channels: 8, "
+    "attn_heads: 2, quantizer: {type: VectorQuantize, codebook_size: 16, decay: 0.8}}"
+)
+
+
+def test_torchrun_train_matches_one_process_in_kmeans_data_and_eval(tmp_path):
+    _cifar(tmp_path / "cifar", 16, 9)
+    torch.jit.script(Features()).save(str(tmp_path / "features.pt"))
+    (tmp_path / "config.yaml").write_text(f"""
+model: {MODEL}
+data: {{kind: cifar10, path: {tmp_path / "cifar"}, resolution: 16}}
+train: {{steps: 2, device: cpu, progress: false}}
+init: {{kmeans: true, kmeans_batches: {KMEANS_BATCHES}, kmeans_iters: 2}}
+eval: {{batch_size: 3, max_batches: 2, fid_features: {tmp_path / "features.pt"}}}
+""")
+    ranks = _run(tmp_path, "ddp", B, world=2)
+    (single,) = _run(tmp_path, "single", 2 * B, world=1)
+
+    # The group is closed before exit (left to interpreter exit, gloo could abort the process).
+    assert not any(r["initialized"] for r in ranks)
+    # Each rank's k-means encodes its own shard: together the images of one process at 2B.
+    seen = [torch.cat(r["seen"]) for r in (*ranks, single)]
+    assert len(seen[0]) == len(seen[1]) == B * KMEANS_BATCHES
+    assert not (seen[0][:, None] == seen[1][None]).flatten(2).all(-1).any()
+    union = torch.cat(seen[:2]).flatten(1)
+    assert torch.equal(union.unique(dim=0), seen[2].flatten(1).unique(dim=0))
+
+    # The 2-rank run's final evaluation covers the first 2 x 3 images, as one process evaluating
+    # its checkpoint does (train.ema_decay = 0: the evaluated weights are the checkpoint's).
+    trained = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    ckpt = tmp_path / "ddp" / "checkpoints" / "latest.pt"
+    env = checkout_env(OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "fastvq", "eval", "--checkpoint", str(ckpt), "--out",
+           str(tmp_path / "eval1")]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=240)
+    alone = json.loads((tmp_path / "eval1" / "eval.json").read_text())
+    assert trained["images"] == alone["images"] == 6
+    for key in ("mse", "psnr", "ssim", "usage", "perplexity", "rfid"):
+        assert abs(trained[key] - alone[key]) <= 1e-6 * (1 + abs(alone[key])), key
+
+
+def test_torchrun_train_with_quantize_dropout_of_learnable_codebooks(tmp_path):
+    # Layers that quantize dropout skips give their codebook parameters no gradient; DDP fails
+    # at its next step unless told to look for unused parameters.
+    _cifar(tmp_path / "cifar", 8, 2)
+    quantizer = (
+        "{type: ResidualVQ, num_quantizers: 3, codebook_size: 8, quantize_dropout: true, "
+        "learnable_codebook: true, ema_update: false}"
+    )
+    (tmp_path / "config.yaml").write_text(f"""
+model: {MODEL}
+data: {{kind: cifar10, path: {tmp_path / "cifar"}, resolution: 16}}
+train: {{steps: 4, device: cpu, progress: false}}
+""")
+    _run(tmp_path, "ddp", 2, 2, f"model.quantizer={quantizer}")
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=False)
+    assert ckpt["step"] == 4
+
+
+def _images():
+    g = torch.Generator().manual_seed(0)
+    x, recon = torch.rand(2, 3, 3, 12, 12, generator=g) * 2 - 1
+    return x, recon
+
+
+def _features(x):
+    return x.flatten(1)[:, :4]
+
+
+def _worker(rank: int, out_dir: str, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ev = Evaluator(None, torch.device("cpu"), _features)
+        if rank == 0:  # rank 1's evaluation shard is empty (more ranks than images)
+            ev.update(*_images(), None)
+        ev.all_reduce()
+        torch.save(ev.result(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eval_metrics_merge_with_a_rank_that_saw_nothing(tmp_path):
+    ranks = run_rank_script(__file__, tmp_path, 2)
+    one = Evaluator(None, torch.device("cpu"), _features)
+    one.update(*_images(), None)
+    want = one.result()
+    assert want["images"] == 3 and "rfid" in want
+    assert ranks[0] == ranks[1] == want
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.start_processes(
+        _worker, args=(sys.argv[1], int(sys.argv[2])), nprocs=2, start_method="fork"
+    )

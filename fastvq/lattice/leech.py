@@ -174,7 +174,7 @@ def _decode(z: torch.Tensor) -> torch.Tensor:
     multiply-adds round once, as the plain subtractions do).
     """
     t = _tables(z.device)
-    inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
+    inf = torch.full((), float("inf"), dtype=z.dtype, device=z.device)  # a fill, no host copy
     z = scale_large_rows(z)
 
     # Shape 1: 4 (|z_i| + |z_j|) for the two largest |z|.

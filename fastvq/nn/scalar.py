@@ -22,6 +22,7 @@ from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.scalar import (
     MAX_BITS,
     _check_levels,
+    _radix,
     binary_entropy_loss,
     bsq,
     bsq_codes,
@@ -95,14 +96,13 @@ def from_channel_last(y: torch.Tensor, spatial, features: int = 1, channel_first
 
 def _mixed_radix(digits: torch.Tensor, levels) -> torch.Tensor:
     """(..., d) int64 digits -> (...) int64, dimension 0 least significant (fsq's order)."""
-    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], device=digits.device)
+    basis, _ = _radix(tuple(levels), digits.device)
     return (digits * basis).sum(-1)
 
 
 def _digits(indices: torch.Tensor, levels) -> torch.Tensor:
     """(...) integer -> (..., d) int64 digits of the mixed-radix index (inverse of _mixed_radix)."""
-    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], device=indices.device)
-    lv = torch.tensor(levels, device=indices.device)
+    basis, lv = _radix(tuple(levels), indices.device)
     return indices.to(torch.int64)[..., None].div(basis, rounding_mode="floor").remainder(lv)
 
 

@@ -129,6 +129,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=64)
+def _radix(levels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """basis (d,) = prod(levels[:i]) and levels (d,), int64 on `device`, built once per device:
+    torch.tensor(list, device="cuda") copies from the host and waits for the stream (a host
+    sync) on every call."""
+    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.int64)
+    return basis.to(device), torch.tensor(levels, dtype=torch.int64).to(device)
+
+
+@functools.lru_cache(maxsize=64)
 def _fsq_tables(levels: tuple[int, ...], device: torch.device, dtype: torch.dtype):
     """params (6, d): shift, h, offset, L // 2, L - 1 - L // 2, h / (L // 2); basis (d,) int64."""
     rows = []
@@ -141,8 +150,7 @@ def _fsq_tables(levels: tuple[int, ...], device: torch.device, dtype: torch.dtyp
              half_l / half_width)
         )  # fmt: skip
     params = torch.tensor(rows, dtype=torch.float64).T.to(dtype).contiguous()
-    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))], dtype=torch.int64)
-    return params.to(device), basis.to(device)
+    return params.to(device), _radix(levels, device)[0]
 
 
 def _slope(x: torch.Tensor) -> torch.Tensor:
@@ -261,8 +269,7 @@ def fsq_codes(indices: torch.Tensor, levels, *, dtype: torch.dtype = torch.float
     levels = _check_levels(levels)
     _check_indices(indices, dtype)
     acc = _acc(dtype)
-    _, basis = _fsq_tables(levels, indices.device, acc)
-    lv = torch.tensor(levels, dtype=torch.int64, device=indices.device)
+    basis, lv = _radix(levels, indices.device)
     digits = indices.to(torch.int64)[..., None].div(basis, rounding_mode="floor").remainder(lv)
     half_width = (lv // 2).to(acc)
     return ((digits.to(acc) - half_width) / half_width).to(dtype)
@@ -414,7 +421,7 @@ def bsq_codes(indices: torch.Tensor, d: int, *, dtype: torch.dtype = torch.float
     """BSQ codes (..., d) = +-1/sqrt(d) for bit-packed indices (...,), equal to bsq's codes."""
     d = _check_bits(d)
     _check_indices(indices, dtype)
-    s = torch.tensor(1 / math.sqrt(d), dtype=_acc(dtype), device=indices.device)
+    s = torch.full((), 1 / math.sqrt(d), dtype=_acc(dtype), device=indices.device)  # no copy
     return torch.where(_bits(indices, d), s, -s).to(dtype)
 
 

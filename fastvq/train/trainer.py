@@ -31,7 +31,10 @@ from fastvq.train.visuals import save_grid, save_usage_histogram
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; training stopped without writing a checkpoint."""
+    """The NaN guard stopped training without writing a checkpoint: the loss, a gradient norm or
+    the quantizer's input was NaN or Inf. The loss and the gradient norms are the same on every
+    rank, so all ranks stop together; the quantizer's input is this rank's, so only this rank
+    stops and torchrun ends the others (they wait at the next collective)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -276,7 +279,8 @@ class Trainer:
     def load_weights(self, path, strict: bool = False) -> None:
         """Model weights from a trainer checkpoint (its EMA copy when it has one) or a plain
         state_dict; unless strict (evaluation), the quantizer is skipped when shapes differ (a
-        pretrained autoencoder whose codebook size differs from this run's)."""
+        pretrained autoencoder whose codebook size differs from this run's). strict also refuses
+        weights the model lacks (a deeper quantizer's layers: else evaluated without them)."""
         name = "checkpoint" if strict else "init.checkpoint"
         if not Path(path).is_file():
             raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
@@ -286,11 +290,13 @@ class Trainer:
         own = self.model.state_dict()
         keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         missing = [k for k in own if k not in keep and (strict or not k.startswith("quantizer."))]
+        if strict:
+            missing += [k for k in state if k not in own]
         if missing:
             raise ValueError(
-                f"{name} {str(path)!r} lacks {len(missing)} weights of this model or holds "
-                f"them in other shapes, e.g. {missing[:3]}: was it trained with the same model "
-                "section?"
+                f"{name} {str(path)!r} lacks {len(missing)} weights of this model, holds them "
+                f"in other shapes or holds others, e.g. {missing[:3]}: was it trained with the "
+                "same model section?"
             )
         self.model.load_state_dict(keep, strict=False)
 

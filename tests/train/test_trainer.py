@@ -431,6 +431,19 @@ def test_cli_eval_refuses_checkpoints_that_do_not_fit(tmp_path, make_config, dat
         main(["eval", "--checkpoint", str(trainer.out_dir / "config.yaml")])
 
 
+def test_cli_eval_refuses_extra_quantizer_layers(tmp_path, make_config, datasets):
+    # Every weight this model has is in the checkpoint, but not every weight of the checkpoint
+    # is in this model: evaluated anyway, the 2-layer stack would stand for the 4-layer one.
+    _png_folder(tmp_path / "images")
+    rvq = "model.quantizer={type: ResidualVQ, num_quantizers: 4, codebook_size: 8}"
+    folder = ["data.kind=folder", f"data.path={tmp_path / 'images'}"]
+    trainer = Trainer(make_config("train.steps=1", *folder, rvq), datasets=datasets)
+    trainer.fit()
+    latest = str(trainer.ckpt_dir / "latest.pt")
+    with pytest.raises(ValueError, match=r"quantizer\.layers\.2\."):
+        main(["eval", "--checkpoint", latest, "model.quantizer.num_quantizers=2"])
+
+
 def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
     with pytest.raises(ValueError, match="data.resolution must be a multiple of .* factor 4"):
         Trainer(make_config("data.resolution=18"), datasets=datasets)

@@ -261,10 +261,13 @@ class _Residual(nn.Module):
     def _codes_seq(self, indices: torch.Tensor) -> torch.Tensor:
         """(b, m, q) indices, q <= Q, -1 for dropped -> (Q, b, m, codebook_dim) float32 codes."""
         check_index_tensor("indices", indices)
-        if indices.numel() and not torch.compiler.is_compiling():  # one host sync
-            lo = int(indices.min())
-            if lo < -1:  # else clamped to a silent zero code; -1 alone marks a dropped layer
-                raise ValueError(f"indices must be >= -1 (-1: a dropped layer), got {lo}")
+        if indices.numel() and not torch.compiler.is_compiling():  # one host sync for the stack
+            lo, hi = torch.stack(torch.aminmax(indices.long())).tolist()
+            if lo < -1 or hi >= self.codebook_size:  # -1 alone marks a dropped layer
+                raise ValueError(
+                    f"indices must lie in [-1, {self.codebook_size}) (-1: a dropped layer), got "
+                    f"values from {lo} to {hi}"
+                )
         q = indices.shape[-1]
         if q > self.num_quantizers:
             raise ValueError(
@@ -504,7 +507,7 @@ class ResidualVQ(_Residual):
         return True
 
     def _layer_codes(self, i, idx):
-        return self.layers[i].get_codes_from_indices(idx)
+        return self.layers[i]._lookup(idx, check=False)  # _codes_seq checked the whole stack
 
     def _finish(self, quantized, seq, mask):
         if mask is None:

@@ -440,7 +440,9 @@ class VectorQuantize(nn.Module):
         """project_out(codes): what forward returns for those indices (in x's layout)."""
         return self._channels_first(self.project_out(self._lookup(indices)))
 
-    def _lookup(self, indices: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """(..., d) codes of indices (..., heads) (or (...) with one head); check: the range
+        check, one host sync (a residual stack checks all its layers' indices at once)."""
         check_tensor("indices", indices)
         if indices.dtype.is_floating_point or indices.dtype == torch.bool:
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
@@ -453,7 +455,7 @@ class VectorQuantize(nn.Module):
         else:
             indices = indices[..., None]
         idx = indices.long()
-        if idx.numel() and not torch.compiler.is_compiling():  # one host sync, as code_counts
+        if check and idx.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.stack(torch.aminmax(idx)).tolist()
             if lo < -1 or hi >= self.codebook_size:  # else IndexError, or -2 a silent zero code
                 raise ValueError(

@@ -169,3 +169,13 @@ def test_residual_layers_still_check():
     rvq.eval()
     with pytest.raises(ValueError, match="codebook contains NaN or Inf"):
         rvq(x)
+
+
+def test_decoding_a_stack_checks_its_indices_once():
+    """indices -> codes: one range check for the whole stack, not one more per layer."""
+    rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=64)
+    indices = torch.randint(-1, 64, (2, 10, 4))
+    for decode in (rvq.get_codes_from_indices, rvq.get_output_from_indices):
+        with count_syncs() as syncs:
+            decode(indices)
+        assert [where.split(":")[0] for _, where in syncs] == ["nn/residual.py"], syncs

@@ -916,8 +916,9 @@ def test_bad_calls():
         rvq.get_codes_from_indices(torch.zeros(2, 5, Q))
     with pytest.raises(ValueError, match="at most num_quantizers"):
         rvq.get_codes_from_indices(torch.zeros(2, 5, Q + 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="indices must be >= -1"):  # -1 alone means dropped
-        rvq.get_codes_from_indices(torch.tensor([[[0, -2]]]))
+    for bad in (-2, K):  # -1 alone means dropped
+        with pytest.raises(ValueError, match=rf"indices must lie in \[-1, {K}\)"):
+            rvq.get_codes_from_indices(torch.tensor([[[0, bad]]]))
     img = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, accept_image_fmap=True)
     with pytest.raises(ValueError, match=r"\(b, dim, h, w\)"):
         img(torch.randn(2, 5, DIM))

@@ -331,6 +331,9 @@ class LFQ(nn.Module):
         without a path to x).
       - frac_per_sample_entropy < 1 draws its subset with torch.randperm (a different random
         stream from the peer's).
+      - under DDP (a process group of several ranks), batch_entropy is that of the bit marginals
+        of all ranks' rows together (the peer averages the ranks' means: the same for equal
+        shards), so every rank must run each training forward: two all-reduces per codebook.
     """
 
     spherical_default = False

@@ -588,12 +588,13 @@ def binary_entropy_loss(
     coef = 4.0 * float(inv_temperature) * (1 / math.sqrt(d) if spherical else 1.0)
     rows, sums = _binary_entropy_fwd(z2, coef, spherical, impl)
     per_sample = rows.sum() / max(n, 1)
-    if group is not None:
+    if group is None:
+        probs = sums / max(n, 1)
+    else:  # the group's rows: its total count stays on the device (no host sync)
         sums = _SumOverRanks.apply(sums, group)
-        count = torch.tensor([n], device=z.device)
+        count = torch.full((), n, dtype=sums.dtype, device=z.device)
         torch.distributed.all_reduce(count, group=group)
-        n = int(count)
-    probs = sums / max(n, 1)
+        probs = sums / count.clamp_min(1)
     # log of the clamped probability: a column with mean p = 0 gets H = 0 and a finite gradient.
     tiny = torch.finfo(probs.dtype).tiny
     codebook = -(probs * torch.log(probs.clamp_min(tiny))).sum()

@@ -58,7 +58,8 @@ DEFAULTS: dict = {
         "vq": True,  # False trains the autoencoder without its quantizer (collapse pretraining)
         "resume": True,  # continue from out_dir/checkpoints/latest.pt when it exists
         "device": "auto",
-        "num_workers": 0,
+        # Data-loading processes: "auto" is 0 on CPU and min(8, cores per local process) on CUDA.
+        "num_workers": "auto",
         "progress": True,
         "nan_guard": True,  # stop before a step on a non-finite loss or gradient norm
     },
@@ -86,6 +87,7 @@ DEFAULTS: dict = {
     "meta": {"enabled": False, "inner_lr": 1e-3, "codebook_every": 1, "fd_eps": 0.01},
 }
 
+INT_OR_AUTO = {"train.num_workers"}
 CHOICES = {
     "loss.recon": ("l1", "l2"),
     "loss.disc_loss": ("hinge", "non_saturating"),
@@ -197,7 +199,10 @@ def validate(cfg: dict) -> dict:
                 )
         merged = {**copy.deepcopy(defaults), **value}
         for key, v in merged.items():
-            if not _type_ok(defaults[key], v):
+            if f"{section}.{key}" in INT_OR_AUTO:
+                if v != "auto" and not _type_ok(0, v):
+                    raise ValueError(f"config key {section}.{key} must be int or 'auto', got {v!r}")
+            elif not _type_ok(defaults[key], v):
                 raise ValueError(
                     f"config key {section}.{key} must be {type(defaults[key]).__name__}, got {v!r}"
                 )
@@ -221,6 +226,7 @@ def _check_ranges(cfg: dict) -> None:
     need(t["steps"] >= 0, "train.steps", ">= 0")
     need(t["batch_size"] >= 1, "train.batch_size", ">= 1")
     need(t["log_every"] >= 1, "train.log_every", ">= 1")
+    need(t["num_workers"] == "auto" or t["num_workers"] >= 0, "train.num_workers", ">= 0")
     need(cfg["eval"]["num_images"] >= 1, "eval.num_images", ">= 1")
     need(0.0 <= t["ema_decay"] < 1.0, "train.ema_decay", "in [0, 1)")
     need(o["accum_steps"] >= 1, "optim.accum_steps", ">= 1")

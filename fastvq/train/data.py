@@ -295,14 +295,17 @@ def train_loader(
     rank: int = 0,
     world: int = 1,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Endless loader of (B, 3, R, R) batches starting at this rank's item `start_item`."""
+    """Endless loader of (B, 3, R, R) batches starting at this rank's item `start_item`; the same
+    batches for any num_workers (each item's crop is seeded by its position in the stream)."""
     sampler = StreamSampler(len(dataset), seed, rank, world, start_item)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         drop_last=True,
         # A private generator: DataLoader otherwise draws its worker base seed from the global
         # torch RNG, and a resumed run would draw it at a different point than the original.
@@ -311,12 +314,23 @@ def train_loader(
 
 
 def eval_loader(
-    dataset, batch_size: int, rank: int = 0, world: int = 1, num_workers: int = 0, items: int = 0
+    dataset,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+    items: int = 0,
+    pin_memory: bool = False,
 ):
     """This rank's shard (items rank, rank + world, ...) of the evaluation set, in order; of its
     first `items` items only when items > 0 (the same images whatever the number of ranks)."""
     n = min(len(dataset), items) if items > 0 else len(dataset)
     shard = torch.utils.data.Subset(dataset, range(rank, n, world))
     return torch.utils.data.DataLoader(
-        shard, batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
+        shard,
+        batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
     )

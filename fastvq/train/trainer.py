@@ -46,6 +46,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_num_workers(setting, device: torch.device) -> int:
+    """train.num_workers: an int as given; "auto" is 0 on CPU (the tests' and the demo's small
+    images load faster in the main process than workers start) and on CUDA min(8, cores per
+    local process), so that decoding and cropping images never leaves the GPU waiting on the
+    main process."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, (os.cpu_count() or 1) // local)
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the base learning rate at `step`: linear warmup from 1/warmup to 1 over
     `warmup` steps, then constant or cosine decay to min_ratio at `total`."""
@@ -475,7 +488,8 @@ class Trainer:
             self.items,
             self.rank,
             self.world,
-            t["num_workers"],
+            resolve_num_workers(t["num_workers"], self.device),
+            pin_memory=self.device.type == "cuda",  # so that non_blocking copies overlap
         )
         for batch in loader:
             self.items += len(batch)
@@ -786,9 +800,13 @@ class Trainer:
         # images rather than each taking max_batches batches of its own shard (world times as
         # many images, and other metrics than one process reports).
         items = e["max_batches"] * e["batch_size"]
-        loader = eval_loader(self.eval_set, e["batch_size"], self.rank, self.world, items=items)
+        workers = resolve_num_workers(cfg["train"]["num_workers"], self.device)
+        loader = eval_loader(
+            self.eval_set, e["batch_size"], self.rank, self.world, workers, items,
+            pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
         for x in loader:
-            x = x.to(self.device)
+            x = x.to(self.device, non_blocking=True)
             with autocast:
                 out = model(x, quantize=cfg["train"]["vq"])
             ev.update(x, out.recon, out.indices)

@@ -48,6 +48,8 @@ def test_overrides_parse_as_yaml(tmp_path):
         ("optim.accum_steps=0", ValueError, "optim.accum_steps must be >= 1"),
         ("data.val_fraction=1.0", ValueError, r"data.val_fraction must be in \(0, 1\)"),
         ("data.val_fraction=0", ValueError, r"data.val_fraction must be in \(0, 1\)"),
+        ("train.num_workers=some", ValueError, "train.num_workers must be int or 'auto'"),
+        ("train.num_workers=-1", ValueError, "train.num_workers must be >= 0"),
     ],
 )
 def test_override_errors(override, err, match):

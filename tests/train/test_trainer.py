@@ -4,6 +4,7 @@ sweep records MSE and perplexity per codebook size."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import fastvq
 from fastvq.train.cli import main
 from fastvq.train.config import load_config
-from fastvq.train.trainer import Trainer, lr_factor
+from fastvq.train.trainer import Trainer, lr_factor, resolve_num_workers
 
 
 def _png_folder(root, n=12, res=16):
@@ -473,3 +474,21 @@ def test_sweep_refuses_keys_it_would_ignore(tmp_path):
     (tmp_path / "s.yaml").write_text(sweep.replace(", baselin: true", "") + "train: {steps: 2}\n")
     with pytest.raises(ValueError, match="unknown key train"):
         main(["sweep", "--config", str(tmp_path / "s.yaml")])
+
+
+def test_data_workers_load_the_same_batches(make_config, datasets, monkeypatch):
+    # Each item's crop is seeded by its place in the stream, so two workers feed the steps and
+    # the evaluation exactly what the main process does.
+    runs = [
+        Trainer(make_config("train.steps=3", f"train.num_workers={w}"), datasets=datasets).fit()
+        for w in (0, 2)
+    ]
+    assert runs[0]["history"] == runs[1]["history"] and runs[0]["eval"] == runs[1]["eval"]
+    # "auto": none on CPU; on CUDA min(8, cores per local process).
+    assert resolve_num_workers("auto", torch.device("cpu")) == 0
+    assert resolve_num_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 24)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_num_workers("auto", torch.device("cuda", 0)) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_num_workers("auto", torch.device("cuda", 0)) == 8

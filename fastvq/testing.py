@@ -332,8 +332,9 @@ def count_syncs():
     Counts value reads (.item(), float(), bool(), ...: aten._local_scalar_dense), ops of
     data-dependent output size (nonzero, unique, masked_select, bincount, boolean-mask indexing)
     and Tensor.tolist / .cpu() / .numpy() (which never dispatch on CPU tensors). Not counted:
-    host-to-device copies (torch.tensor(list, device="cuda") waits for the stream too) and
-    anything inside C++ / Triton kernels. Single-threaded use: it patches torch.Tensor methods.
+    copies between host and device by .to() or copy_ (on CPU tensors they are no-ops or CPU
+    copies; on CUDA, torch.tensor(list, device="cuda") and .to("cpu") wait for the stream too)
+    and anything inside C++ / Triton kernels. Single-threaded use: it patches torch.Tensor methods.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 

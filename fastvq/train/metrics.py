@@ -286,9 +286,8 @@ class Evaluator:
         return out
 
 
-def load_feature_fn(path, device):
-    """A TorchScript feature extractor from a local file (e.g. an exported Inception for rFID):
-    (B, 3, H, W) in [0, 1] -> (B, F). Never downloads."""
+def check_feature_file(path) -> None:
+    """FileNotFoundError unless eval.fid_features names a file."""
     from pathlib import Path
 
     if not Path(path).is_file():
@@ -296,6 +295,12 @@ def load_feature_fn(path, device):
             f"eval.fid_features {str(path)!r} does not exist: give a TorchScript file mapping "
             "(B, 3, H, W) images in [0, 1] to (B, F) features, or set eval.fid_features=null"
         )
+
+
+def load_feature_fn(path, device):
+    """A TorchScript feature extractor from a local file (e.g. an exported Inception for rFID):
+    (B, 3, H, W) in [0, 1] -> (B, F). Never downloads."""
+    check_feature_file(path)
     net = torch.jit.load(str(path), map_location=device).eval()
 
     def features(x):

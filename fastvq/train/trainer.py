@@ -26,7 +26,7 @@ from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
 from fastvq.train.config import dump_config
 from fastvq.train.data import build_datasets, eval_loader, train_loader
-from fastvq.train.metrics import CodeCounts, Evaluator, load_feature_fn
+from fastvq.train.metrics import CodeCounts, Evaluator, check_feature_file, load_feature_fn
 from fastvq.train.visuals import save_grid, save_usage_histogram
 
 
@@ -195,6 +195,8 @@ class Trainer:
         if cfg["init"]["checkpoint"]:
             self.load_weights(cfg["init"]["checkpoint"])
         self.loss_fn = self._build_loss()
+        if cfg["eval"]["fid_features"]:  # loaded at each evaluation: else missed until the first
+            check_feature_file(cfg["eval"]["fid_features"])
         self.disc = self.loss_fn.discriminator if self.loss_fn.uses_disc else None
         self.ema = None
         if t["ema_decay"] > 0:

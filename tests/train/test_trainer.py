@@ -451,6 +451,9 @@ def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
     # e.g. collapse_finetune run before collapse_pretrain: the recipe names the checkpoint
     with pytest.raises(FileNotFoundError, match="init.checkpoint .*pre.pt' does not exist"):
         Trainer(make_config(f"init.checkpoint={tmp_path / 'pre.pt'}"), datasets=datasets)
+    # The rFID extractor loads at each evaluation: a missing one is named before training.
+    with pytest.raises(FileNotFoundError, match="eval.fid_features .*inception.pt' does not"):
+        Trainer(make_config(f"eval.fid_features={tmp_path / 'inception.pt'}"), datasets=datasets)
 
 
 def test_kmeans_init_takes_residual_vq_and_refuses_fixed_codebooks(make_config, datasets):

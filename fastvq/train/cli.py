@@ -6,6 +6,7 @@ Entry point fastvq.train.cli:main (the `fastvq` console script and `python -m fa
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,7 +186,7 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
     variants = [("pretrained", init)] if init is not None else [("scratch", None)]
     if init is not None and spec.get("baseline", False):
         variants.append(("scratch", None))
-    rows = []
+    rows, leader = [], int(os.environ.get("RANK", 0)) == 0
     name = spec["key"].split(".")[-1]
     for value in vals:
         for variant, init_ckpt in variants:
@@ -194,9 +195,12 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
             extra.append(f"init.checkpoint={init_ckpt if init_ckpt else 'null'}")
             r = train(str(run_cfg), [*overrides, *extra])["eval"]
             rows.append({"variant": variant, spec["key"]: value, **r})
-            print(f"sweep {variant} {name}={value}: " + ", ".join(
-                f"{k} {r[k]:.4g}" for k in ("mse", "psnr", "usage", "perplexity") if k in r
-            ))  # fmt: skip
+            if leader:
+                print(f"sweep {variant} {name}={value}: " + ", ".join(
+                    f"{k} {r[k]:.4g}" for k in ("mse", "psnr", "usage", "perplexity") if k in r
+                ))  # fmt: skip
+    if not leader:  # under torchrun every rank holds the same (all-reduced) results
+        return rows
     out_root.mkdir(parents=True, exist_ok=True)
     with open(out_root / "sweep.json", "w") as f:
         json.dump(rows, f, indent=2)

@@ -479,6 +479,20 @@ def test_sweep_refuses_keys_it_would_ignore(tmp_path):
         main(["sweep", "--config", str(tmp_path / "s.yaml")])
 
 
+def test_sweep_under_torchrun_writes_its_tables_once(tmp_path, monkeypatch, capsys):
+    # Every rank holds the same all-reduced results: rank 0 alone prints and writes them.
+    from fastvq.train import cli
+
+    (tmp_path / "s.yaml").write_text("sweep: {config: c.yaml, key: train.seed, values: [1, 2]}\n")
+    monkeypatch.setattr(cli, "train", lambda config, overrides: {"eval": {"mse": 0.5}})
+    for rank, written in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        rows = cli.sweep(str(tmp_path / "s.yaml"), None, [f"train.out_dir={tmp_path / 'out'}"])
+        assert [r["train.seed"] for r in rows] == [1, 2]
+        assert (tmp_path / "out" / "sweep.csv").is_file() == written
+        assert ("sweep scratch seed=1: mse 0.5" in capsys.readouterr().out) == written
+
+
 def test_data_workers_load_the_same_batches(make_config, datasets, monkeypatch):
     # Each item's crop is seeded by its place in the stream, so two workers feed the steps and
     # the evaluation exactly what the main process does.

@@ -109,3 +109,4 @@ def test_input_dtype_against_the_projection(name):
         module(x)  # no projection: any floating dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         module(torch.randn(shape))
+        module(torch.randn(shape).bfloat16())  # autocast casts for the projection: no TypeError

@@ -101,6 +101,19 @@ MODULES = {
         1,
         1,
     ),
+    "vq_heads_sampling": (  # sampled codes: no search, so no finite check in training
+        lambda b: VectorQuantize(
+            dim=16,
+            codebook_size=64,
+            heads=2,
+            separate_codebook_per_head=True,
+            stochastic_sample_codes=True,
+            sample_codebook_temp=1.0,
+            backend=b,
+        ),
+        0,
+        1,
+    ),
     "vq_learnable": (
         lambda b: VectorQuantize(dim=16, codebook_size=64, learnable_codebook=True, backend=b),
         1,
@@ -169,6 +182,62 @@ def test_residual_layers_still_check():
     rvq.eval()
     with pytest.raises(ValueError, match="codebook contains NaN or Inf"):
         rvq(x)
+
+
+def test_multi_head_layer_still_checks_every_head():
+    """The heads' one check covers every head's rows and codebook, before any update."""
+    vq = VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True)
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        vq(x.index_fill(2, torch.tensor([7]), float("nan")))  # the last head's rows
+    before = vq.cluster_size.clone()
+    with torch.no_grad():
+        vq.embed[1, 5, 1] = float("inf")
+    for mode in (vq.train, vq.eval):
+        mode()
+        with pytest.raises(ValueError, match="codebook contains NaN or Inf"):
+            vq(x)
+    assert torch.equal(before, vq.cluster_size)
+
+
+def test_topk_forward_checks_its_rows_unless_told_not_to():
+    vq = VectorQuantize(dim=8, codebook_size=16).eval()
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        vq(x.index_fill(1, torch.tensor([4]), float("nan")), topk=2)
+    with count_syncs() as syncs:
+        vq(x, topk=2)
+    assert_finite_checks(syncs, 1)
+    with count_syncs() as syncs:
+        vq(x, topk=2, check_inputs_finite=False)
+    assert syncs == []
+
+
+def test_residual_stack_leaves_generated_codebooks_and_kmeans_init_to_its_layers():
+    """A generated codebook is computed once per layer per forward (the stack's check would
+    compute it again); a layer whose k-means init is pending checks its own input, named x."""
+    from fastvq.nn.vector_quantize import CodebookMLP
+
+    generator, calls = CodebookMLP(4, 8, embed_dim=4, hidden_dim=8), []
+    generator.register_forward_hook(lambda *_: calls.append(None))
+    rvq = ResidualVQ(
+        dim=8,
+        num_quantizers=2,
+        codebook_size=4,
+        codebook_generator=generator,
+        learnable_codebook=True,
+        ema_update=False,
+    )
+    x = torch.randn(2, 10, 8)
+    for mode in (rvq.train, rvq.eval):
+        mode()
+        calls.clear()
+        rvq(x)
+        assert len(calls) == 2
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, kmeans_init=True)
+    with pytest.raises(ValueError, match="^x contains NaN or Inf"):
+        rvq(x.index_fill(1, torch.tensor([3]), float("nan")))
+    assert not rvq.layers[0].initted
 
 
 def test_decoding_a_stack_checks_its_indices_once():

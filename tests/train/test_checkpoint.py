@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import torch
 
+from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
-from fastvq.train.trainer import NonFiniteLossError, Trainer
+from fastvq.train.trainer import NonFiniteLossError, Trainer, lr_factor
 
 # A VQGAN-style run: EMA weights, a discriminator from step 2 with LeCAM, gradient accumulation,
 # warmup: every piece of state a resumed step depends on.
@@ -146,6 +147,23 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, datasets):
     assert all(p.isfinite().all() for p in trainer.model.parameters())
 
 
+def test_nan_guard_stops_on_non_finite_discriminator_gradients(make_config, datasets):
+    # sqrt(0 * d_loss) adds 0 to the discriminator's loss and NaN to its gradients: the guard
+    # stops before its optimizer steps, so its weights stay finite.
+    gan = ["disc={ndf: 4, n_layers: 1}", "loss.disc_weight=0.5", "loss.disc_start=0"]
+    trainer = Trainer(make_config("train.steps=4", *gan), datasets=datasets)
+    d_loss = trainer.loss_fn.discriminator_loss
+
+    def poisoned(x, recon, step):
+        total, logs = d_loss(x, recon, step)
+        return (total + (total * 0).sqrt() if step >= 1 else total), logs
+
+    trainer.loss_fn.discriminator_loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"discriminator's gradient norm is nan at step 1"):
+        trainer.fit()
+    assert all(p.isfinite().all() for p in trainer.disc.parameters())
+
+
 def test_nan_guard_stops_when_the_latents_blow_up(make_config, datasets):
     # The quantizer refuses NaN latents before any loss exists: the guard must still stop the
     # run, with its advice, rather than let the quantizer's ValueError through.
@@ -166,6 +184,20 @@ def test_nan_guard_stops_when_the_latents_blow_up(make_config, datasets):
 def test_nan_guard_can_be_disabled(make_config, datasets):
     trainer = Trainer(make_config("train.steps=1", "train.nan_guard=false"), datasets=datasets)
     assert trainer._check_finite(torch.tensor(float("inf")), {})[0] == float("inf")
+    # The quantizer's own error then comes through as it is, not as the guard's stop.
+    latents = trainer.model.latents
+    trainer.model.latents = lambda x: latents(x) * float("nan")
+    with pytest.raises(NonFiniteError, match="contains NaN or Inf"):
+        trainer.fit()
+
+
+def test_check_finite_returns_every_log_as_a_float(make_config, datasets):
+    # Tensor logs come back in the loss's sync; a plain number is passed through as a float.
+    trainer = Trainer(make_config("train.steps=1"), datasets=datasets)
+    half = torch.tensor(2.5, dtype=torch.bfloat16)
+    value, logs = trainer._check_finite(torch.tensor(1.5), {"a": half, "b": 3, "c": 0.25})
+    assert value == 1.5 and logs == {"a": 2.5, "b": 3.0, "c": 0.25}
+    assert all(type(v) is float for v in logs.values())
 
 
 def test_overfit_one_batch(make_config, datasets):
@@ -221,8 +253,6 @@ def test_resume_with_more_steps_and_another_lr_follows_the_new_config(make_confi
     new schedule from its first resumed step: not the old schedule's last rate (0 at the end of
     its cosine), nor the checkpoint's base rate. Moments and step counts come from the
     checkpoint."""
-    from fastvq.train.trainer import lr_factor
-
     Trainer(make_config("train.steps=2"), datasets=datasets).fit()
     resumed = Trainer(make_config("train.steps=4", "optim.lr=1e-3"), datasets=datasets)
     assert resumed.step == 2 and resumed.opt.state  # Adam moments restored
@@ -237,6 +267,22 @@ def test_resume_with_more_steps_and_another_lr_follows_the_new_config(make_confi
     resumed.train_step = recorded
     resumed.fit()
     assert lrs == pytest.approx([1e-3 * lr_factor(s, 4, 0, "cosine", 0.0) for s in (2, 3)])
+
+
+def test_resume_takes_the_optimizer_settings_of_the_new_config(make_config, datasets):
+    """betas and weight decay come from the resumed run's config like the learning rate, and
+    the schedule's last rate is the one the optimizer holds (not the checkpoint's)."""
+    Trainer(make_config("train.steps=2"), datasets=datasets).fit()
+    resumed = Trainer(
+        make_config("train.steps=4", "optim.betas=[0.5, 0.9]", "optim.weight_decay=0.25"),
+        datasets=datasets,
+    )
+    assert resumed.step == 2 and resumed.opt.state
+    groups = resumed.opt.param_groups
+    assert [g["betas"] for g in groups] == [(0.5, 0.9)] * 2
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.0]  # the no-decay group stays 0
+    assert resumed.sched.get_last_lr() == [g["lr"] for g in groups]
+    assert groups[0]["lr"] == pytest.approx(3e-3 * lr_factor(2, 4, 0, "cosine", 0.0))
 
 
 def test_resume_with_another_model_names_the_change(make_config, datasets):

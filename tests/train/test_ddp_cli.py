@@ -160,6 +160,61 @@ train: {{steps: 4, device: cpu, progress: false}}
     assert ckpt["step"] == 4
 
 
+# A quantizer that does not sync its statistics: each rank's k-means clusters its own shard.
+UNSYNCED = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from fastvq.train.config import load_config
+    from fastvq.train.data import TensorImages
+    from fastvq.train.trainer import Trainer
+
+    out = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(40, 3, 2, 2, generator=g)
+    imgs = (torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear") * 255).byte()
+    data = TensorImages(imgs[:32], 16, train=True), TensorImages(imgs[32:], 16, train=False)
+    cfg = load_config(None, [
+        "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
+        "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+        "model.quantizer={type: VectorQuantize, codebook_size: 8, sync_codebook: false}",
+        "data.resolution=16", "train.batch_size=4", "train.steps=0", "train.device=cpu",
+        "train.progress=false", f"train.out_dir={out}/run", "train.ema_decay=0.9",
+        "init.kmeans=true", "init.kmeans_batches=2", "init.kmeans_iters=2",
+    ])
+    trainer = Trainer(cfg, datasets=data)
+    torch.save({
+        "model": trainer.model.quantizer.state_dict(),
+        "ema": trainer.ema.quantizer.state_dict(),
+    }, f"{out}/rank{trainer.rank}.pt")
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_kmeans_init_of_an_unsynced_quantizer_gives_every_rank_rank_0s_codebook(tmp_path):
+    # DDP broadcasts the model's state at its start, but not the weights' EMA copy: without the
+    # trainer's broadcast each rank's EMA copy (what evaluation uses) held its own shard's fit.
+    script = tmp_path / "worker.py"
+    script.write_text(UNSYNCED)
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["model"].keys() == r0["ema"].keys() and "embed" in r0["model"]
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), k
+        assert torch.equal(v, r0["ema"][k]) and torch.equal(v, r1["ema"][k]), k
+
+
 def _images():
     g = torch.Generator().manual_seed(0)
     x, recon = torch.rand(2, 3, 3, 12, 12, generator=g) * 2 - 1

@@ -493,6 +493,26 @@ def test_sweep_under_torchrun_writes_its_tables_once(tmp_path, monkeypatch, caps
         assert ("sweep scratch seed=1: mse 0.5" in capsys.readouterr().out) == written
 
 
+def test_cli_leaves_a_callers_process_group_alone(tmp_path, monkeypatch):
+    # main() closes only a group the Trainer started under torchrun, never its caller's.
+    import torch.distributed as dist
+
+    from fastvq.testing import free_port
+    from fastvq.train import cli
+
+    (tmp_path / "s.yaml").write_text("sweep: {config: c.yaml, key: train.seed, values: [1]}\n")
+    monkeypatch.setattr(cli, "train", lambda config, overrides: {"eval": {"mse": 0.5}})
+    init = f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        out = f"train.out_dir={tmp_path / 'out'}"
+        assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml"), out]) == 0
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_data_workers_load_the_same_batches(make_config, datasets, monkeypatch):
     # Each item's crop is seeded by its place in the stream, so two workers feed the steps and
     # the evaluation exactly what the main process does.

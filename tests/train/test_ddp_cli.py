@@ -80,16 +80,16 @@ def _args(tmp_path, out: str, batch: int, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(tmp_path, out: str, batch: int, world: int, *overrides: str) -> list[dict]:
+def _spawn(tmp_path, source: str, world: int, *args: str) -> None:
+    """Run `source` as `python worker.py *args` in `world` processes with torchrun's environment
+    (RANK, WORLD_SIZE, MASTER_*), and check that every one exits 0."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(source)
     port, procs = str(free_port()), []
     for rank in range(world):
         ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
         env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        args = [str(script), str(tmp_path / out), *_args(tmp_path, out, batch, *overrides)]
-        args.insert(0, sys.executable)
-        procs.append(subprocess.Popen(args, env=env))
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env))
     try:
         codes = [p.wait(timeout=240) for p in procs]
     finally:
@@ -97,6 +97,10 @@ def _run(tmp_path, out: str, batch: int, world: int, *overrides: str) -> list[di
             if p.poll() is None:
                 p.kill()
     assert codes == [0] * world
+
+
+def _run(tmp_path, out: str, batch: int, world: int, *overrides: str) -> list[dict]:
+    _spawn(tmp_path, WORKER, world, str(tmp_path / out), *_args(tmp_path, out, batch, *overrides))
     return [torch.load(tmp_path / out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -194,20 +198,7 @@ UNSYNCED = textwrap.dedent("""
 def test_kmeans_init_of_an_unsynced_quantizer_gives_every_rank_rank_0s_codebook(tmp_path):
     # DDP broadcasts the model's state at its start, but not the weights' EMA copy: without the
     # trainer's broadcast each rank's EMA copy (what evaluation uses) held its own shard's fit.
-    script = tmp_path / "worker.py"
-    script.write_text(UNSYNCED)
-    port, procs = str(free_port()), []
-    for rank in range(2):
-        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0]
+    _spawn(tmp_path, UNSYNCED, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["model"].keys() == r0["ema"].keys() and "embed" in r0["model"]
     for k, v in r0["model"].items():

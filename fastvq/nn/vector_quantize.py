@@ -205,8 +205,8 @@ class VectorQuantize(nn.Module):
     codebooks: separate VQ-VAE codebook loss ||sg(z) - q||^2 with this weight instead of the
     peer's single ||z - q||^2 term with gradients to both), backend and precision (passed to
     fastvq.quantize); forward's check_inputs_finite (keyword-only, default True: as in
-    fastvq.quantize, one host sync per codebook; ResidualVQ checks its whole stack at once and
-    passes False to its layers).
+    fastvq.quantize, one host sync per forward, every head at once; ResidualVQ checks its whole
+    stack at once and passes False to its layers).
     """
 
     def __init__(

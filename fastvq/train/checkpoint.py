@@ -1,10 +1,11 @@
-"""Checkpoints written atomically and resumed exactly.
+"""Checkpoints written atomically and resumed exactly, and the trained tokenizer read back.
 
 save_atomic writes a temporary file in the target's directory, fsyncs it, then os.replace()s it
 over the target: the rename is atomic on POSIX filesystems, so a crash at any moment leaves
 either the old complete file or the new complete file under the name, never a torn one.
 """
 
+import copy
 import os
 import pickle
 import random
@@ -56,6 +57,63 @@ def load(path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, EOFError) as e:  # e.g. config.yaml given as the checkpoint
         raise ValueError(f"checkpoint {str(path)!r} is not a torch checkpoint: {e}") from e
+
+
+def trained_config(state, path, overrides=()) -> dict:
+    """The validated config a checkpoint `state` (read from `path`) was trained with, after
+    "a.b=value" overrides."""
+    from fastvq.train.config import apply_override, validate
+
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no config (not written by fastvq train?): "
+            "pass the run's config.yaml with --config"
+        )
+    cfg = copy.deepcopy(state["config"])
+    for o in overrides:
+        apply_override(cfg, o)
+    return validate(cfg)
+
+
+def load_weights(
+    model, path, *, strict: bool = True, ema: bool = True, name="checkpoint", state=None
+) -> None:
+    """Load `model`'s weights from a trainer checkpoint (its EMA copy when it has one and `ema`)
+    or a plain state_dict. strict refuses weights the model lacks as well as missing ones (else
+    a deeper quantizer's checkpoint is used without its extra layers); unless strict (a
+    pretrained autoencoder as init.checkpoint), quantizer weights may be missing or differ in
+    shape, and are then left as they are. `name` is the setting named in errors; `state` is
+    the checkpoint when already read from `path`."""
+    if state is None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
+        state = load(path)
+    if isinstance(state, dict) and "model" in state:
+        state = (ema and state.get("ema")) or state["model"]
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in keep and (strict or not k.startswith("quantizer."))]
+    if strict:
+        missing += [k for k in state if k not in own]
+    if missing:
+        raise ValueError(
+            f"{name} {str(path)!r} lacks {len(missing)} weights of this model, holds them "
+            f"in other shapes or holds others, e.g. {missing[:3]}: was it trained with the "
+            "same model section?"
+        )
+    model.load_state_dict(keep, strict=False)
+
+
+def load_tokenizer(path, *, ema: bool = True, map_location="cpu"):
+    """The tokenizer a `fastvq train` checkpoint holds, in eval mode, for encode() and
+    decode_indices(): built from the checkpoint's model section, with its EMA weights (the ones
+    `fastvq eval` reports) unless ema=False or the run kept none."""
+    from fastvq.models import build_tokenizer
+
+    state = load(path)
+    model = build_tokenizer(trained_config(state, path)["model"])
+    load_weights(model, path, ema=ema, state=state)
+    return model.to(map_location).eval()
 
 
 def rng_state() -> dict:

@@ -18,6 +18,7 @@ examples:
   fastvq train --config vqgan_65k data.path=~/imagenet optim.lr=1e-4 train.bf16=true
   torchrun --nproc_per_node 8 -m fastvq train --config vqgan_65k data.path=...
   fastvq eval --checkpoint runs/vqgan_65k/checkpoints/latest.pt
+  fastvq tokenize --checkpoint runs/vqgan_65k/checkpoints/latest.pt --split train
   fastvq sweep --config collapse_sweep data.path=~/data/cifar10
   fastvq bench --quick
 
@@ -73,6 +74,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
+    k = sub.add_parser(
+        "tokenize",
+        help="encode a split of the data into token grids (.npy) with a trained tokenizer",
+        description="Encode every image of a split with a checkpoint's EMA weights (or its "
+        "weights when it has no EMA, or with --weights model) into DIR/tokens-SPLIT.npy: row i "
+        "is image i's index grid (h, w), (h, w, Q) for residual quantizers, (h, w, G, Q) for "
+        "grouped ones, in the smallest of uint16, int32 and int64 that holds the codebook "
+        "sizes. Both splits take the evaluation transform (centre crops, no flips). "
+        "DIR/tokens-SPLIT.json describes the file; for image folders, DIR/tokens-SPLIT.txt "
+        "lists row i's image (relative to data.path). The data section is the checkpoint's: "
+        "data.path=... tokenizes another dataset. Works under torchrun (each rank encodes its "
+        "shard into the same file).",
+    )
+    k.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvq train")
+    k.add_argument("--split", choices=("train", "val"), default="train", help="default: train")
+    k.add_argument(
+        "--out",
+        help="output directory (default: <run>/tokens for <run>/checkpoints/*.pt, else tokens/ "
+        "beside the checkpoint)",
+    )
+    k.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        default="ema",
+        help="the EMA of the weights (default, when the run kept one) or the trained weights",
+    )
+    k.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
     s = sub.add_parser(
         "sweep",
         help="train and evaluate one config over several values of a key (collapse study)",
@@ -106,10 +135,16 @@ def train(config: str, overrides: list[str]) -> dict:
     return Trainer(load_config(config, overrides)).fit()
 
 
+def _beside_run(checkpoint: Path, name: str) -> Path:
+    """<run>/checkpoints/x.pt -> <run>/name; a checkpoint anywhere else -> name/ beside it."""
+    home = checkpoint.resolve().parent
+    return (home.parent if home.name == "checkpoints" else home) / name
+
+
 def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: list[str]) -> dict:
     """Evaluate a checkpoint; writes eval.json and PNGs under `out`; returns the metrics."""
     from fastvq.train import checkpoint as ckpt
-    from fastvq.train.config import apply_override, load_config, validate
+    from fastvq.train.config import load_config
     from fastvq.train.trainer import Trainer
 
     path = Path(checkpoint)
@@ -117,25 +152,15 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
     if config is not None:
         cfg = load_config(config, overrides)
     else:
-        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-            raise ValueError(
-                f"checkpoint {str(path)!r} holds no config (not written by fastvq train?): "
-                "pass the run's config.yaml with --config"
-            )
-        cfg = state["config"]
-        for o in overrides:
-            apply_override(cfg, o)
-        cfg = validate(cfg)
-    # <run>/checkpoints/x.pt -> <run>/eval; a checkpoint anywhere else -> eval/ beside it.
-    home = path.resolve().parent
-    out_dir = Path(out) if out else (home.parent if home.name == "checkpoints" else home) / "eval"
+        cfg = ckpt.trained_config(state, path, overrides)
+    out_dir = Path(out) if out else _beside_run(path, "eval")
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
     # weights when the checkpoint has them), and every weight, the quantizer's included: a
     # model section that differs from the checkpoint's is an error, not a random codebook.
     cfg["train"].update(out_dir=str(out_dir), resume=False, ema_decay=0.0, compile=False)
     cfg["init"].update(checkpoint=None, kmeans=False)
     trainer = Trainer(cfg)
-    trainer.load_weights(path, strict=True)
+    ckpt.load_weights(trainer.model, path, state=state)
     trainer.step = state.get("step", 0)
     result = trainer.evaluate(use_ema=False)
     if trainer.rank == 0:
@@ -144,6 +169,62 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
             json.dump(result, f, indent=2)
         print(json.dumps(result, indent=2))
     return result
+
+
+def tokenize(
+    checkpoint: str, split: str, out: str | None, overrides: list[str], weights: str = "ema"
+) -> dict:
+    """Encode a split into <out>/tokens-<split>.npy (see the `tokenize` --help); returns the
+    description written beside it as tokens-<split>.json."""
+    from fastvq.models import build_tokenizer
+    from fastvq.train import checkpoint as ckpt
+    from fastvq.train.data import build_datasets
+    from fastvq.train.tokens import index_dtype, write_tokens
+    from fastvq.train.trainer import join_process_group, pick_device, resolve_num_workers
+
+    path = Path(checkpoint)
+    state = ckpt.load(path)
+    cfg = ckpt.trained_config(state, path, overrides)
+    data = cfg["data"]
+    dataset = build_datasets(data, augment=False)[split == "val"]
+    if dataset is None:
+        raise ValueError(
+            "data.kind=samples trains on random crops of its photographs, not on a fixed set of "
+            "images: tokenize --split val, or point data.kind=folder at images"
+        )
+    model = build_tokenizer(cfg["model"])
+    ckpt.load_weights(model, path, ema=weights == "ema", state=state)
+    device = pick_device(cfg["train"]["device"])
+    rank, world = join_process_group(device)
+    model.to(device).eval()
+    out_dir = Path(out) if out else _beside_run(path, "tokens")
+    target = out_dir / f"tokens-{split}.npy"
+    workers = resolve_num_workers(cfg["train"]["num_workers"], device)
+    shape = write_tokens(
+        model, dataset, target, batch_size=cfg["eval"]["batch_size"], device=device,
+        bf16=cfg["train"]["bf16"], rank=rank, world=world, num_workers=workers,
+    )  # fmt: skip
+    files = getattr(dataset, "files", None)
+    info = {
+        "tokens": target.name,
+        "shape": list(shape),
+        "dtype": index_dtype(model.codebook_sizes).name,
+        "codebook_sizes": list(model.codebook_sizes or []) or None,
+        "checkpoint": str(path.resolve()),
+        "step": state.get("step"),
+        "weights": "ema" if weights == "ema" and state.get("ema") else "model",
+        "split": split,
+        "data": data,
+        "files": f"tokens-{split}.txt" if files is not None else None,
+    }
+    if rank == 0:
+        if files is not None:
+            root = Path(data["path"]).expanduser()
+            names = [str(Path(f).relative_to(root)) for f in files]
+            (out_dir / info["files"]).write_text("".join(n + "\n" for n in names))
+        (out_dir / f"tokens-{split}.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(json.dumps({k: info[k] for k in ("tokens", "shape", "dtype", "weights")}))
+    return info
 
 
 def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
@@ -248,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         train(args.config, args.overrides)
     elif args.command == "eval":
         evaluate(args.checkpoint, args.config, args.out, args.overrides)
+    elif args.command == "tokenize":
+        tokenize(args.checkpoint, args.split, args.out, args.overrides, args.weights)
     elif args.command == "sweep":
         sweep(args.config, args.values, args.overrides)
     # Left to interpreter exit, gloo's threads are torn down with the interpreter: about one

@@ -221,24 +221,28 @@ def load_cifar10(root) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([read(p) for p in train_files]), read(root / "test_batch")
 
 
-def build_datasets(data: dict) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-    """(train, eval) datasets for the config's `data` section; see DEFAULTS in config.py."""
+def build_datasets(
+    data: dict, augment: bool = True
+) -> tuple[torch.utils.data.Dataset | None, torch.utils.data.Dataset]:
+    """(train, eval) datasets for the config's `data` section; see DEFAULTS in config.py.
+
+    augment=False gives the training split the evaluation's fixed transform (centre crops, no
+    flips), indexed by plain integers, to tokenize it; data.kind=samples then has no training
+    split (its training images are random crops): None."""
     kind, res, flip = data["kind"], data["resolution"], data["flip"]
     if kind == "samples":
         images = [_fit(img, res, data["scale"]) for _, img in sample_images()]
-        return (
-            Crops(images, res, data["val_fraction"], True, data["epoch_size"], flip),
-            Crops(images, res, data["val_fraction"], False),
-        )
+        train = Crops(images, res, data["val_fraction"], True, data["epoch_size"], flip)
+        return train if augment else None, Crops(images, res, data["val_fraction"], False)
     root = Path(data["path"]).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.path {str(root)!r} is not a directory (data.kind={kind})")
     if kind == "cifar10":
         train, test = load_cifar10(root)
-        return TensorImages(train, res, True, flip), TensorImages(test, res, False)
+        return TensorImages(train, res, augment, flip), TensorImages(test, res, False)
     train_files, val_files = _split_folder(root, data["val_fraction"])
     return (
-        ImageFolder(train_files, res, data["scale"], True, flip),
+        ImageFolder(train_files, res, data["scale"], augment, flip),
         ImageFolder(val_files, res, data["scale"], False),
     )
 

@@ -46,6 +46,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def join_process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; with several processes, starts the
+    process group (NCCL on CUDA, gloo else) unless the caller already has."""
+    import torch.distributed as dist
+
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
 def resolve_num_workers(setting, device: torch.device) -> int:
     """train.num_workers: an int as given; "auto" is 0 on CPU (the tests' and the demo's small
     images load faster in the main process than workers start) and on CUDA min(8, cores per
@@ -161,18 +174,10 @@ class Trainer:
     )  # fmt: skip
 
     def __init__(self, cfg: dict, model=None, datasets=None):
-        import torch.distributed as dist
-
         self.cfg = cfg
         t, o = cfg["train"], cfg["optim"]
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
         self.device = pick_device(t["device"])
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(backend)
+        self.rank, self.world = join_process_group(self.device)
         self.out_dir = Path(t["out_dir"])
         self.ckpt_dir = self.out_dir / "checkpoints"
 
@@ -193,7 +198,8 @@ class Trainer:
                 f"got {cfg['data']['resolution']}"
             )
         if cfg["init"]["checkpoint"]:
-            self.load_weights(cfg["init"]["checkpoint"])
+            path = cfg["init"]["checkpoint"]
+            ckpt.load_weights(self.model, path, strict=False, name="init.checkpoint")
         self.loss_fn = self._build_loss()
         if cfg["eval"]["fid_features"]:  # loaded at each evaluation: else missed until the first
             check_feature_file(cfg["eval"]["fid_features"])
@@ -290,30 +296,6 @@ class Trainer:
     @property
     def codebook_sizes(self) -> tuple[int, ...] | None:
         return _unwrap(self.model).codebook_sizes
-
-    def load_weights(self, path, strict: bool = False) -> None:
-        """Model weights from a trainer checkpoint (its EMA copy when it has one) or a plain
-        state_dict; unless strict (evaluation), the quantizer is skipped when shapes differ (a
-        pretrained autoencoder whose codebook size differs from this run's). strict also refuses
-        weights the model lacks (a deeper quantizer's layers: else evaluated without them)."""
-        name = "checkpoint" if strict else "init.checkpoint"
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
-        state = ckpt.load(path)
-        if isinstance(state, dict) and "model" in state:
-            state = state.get("ema") or state["model"]
-        own = self.model.state_dict()
-        keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        missing = [k for k in own if k not in keep and (strict or not k.startswith("quantizer."))]
-        if strict:
-            missing += [k for k in state if k not in own]
-        if missing:
-            raise ValueError(
-                f"{name} {str(path)!r} lacks {len(missing)} weights of this model, holds them "
-                f"in other shapes or holds others, e.g. {missing[:3]}: was it trained with the "
-                "same model section?"
-            )
-        self.model.load_state_dict(keep, strict=False)
 
     @torch.no_grad()
     def kmeans_init(self) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fastvq.testing import checkout_env, free_port, run_rank_script
+from fastvq.train.cli import main
 from fastvq.train.metrics import Evaluator
 
 B, KMEANS_BATCHES = 2, 2
@@ -162,6 +163,29 @@ train: {{steps: 4, device: cpu, progress: false}}
     _run(tmp_path, "ddp", 2, 2, f"model.quantizer={quantizer}")
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "latest.pt", weights_only=False)
     assert ckpt["step"] == 4
+
+
+CLI = "import sys\nfrom fastvq.train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def test_torchrun_tokenize_writes_the_file_one_process_writes(tmp_path):
+    # 9 test images over 2 ranks in batches of 2: shards of 5 and 4 rows, interleaved.
+    _cifar(tmp_path / "cifar", 8, 9)
+    (tmp_path / "config.yaml").write_text(f"""
+model: {MODEL}
+data: {{kind: cifar10, path: {tmp_path / "cifar"}, resolution: 16}}
+train: {{steps: 1, device: cpu, progress: false, ema_decay: 0.5}}
+eval: {{batch_size: 2}}
+""")
+    assert main(_args(tmp_path, "run", 4)) == 0
+    ckpt = str(tmp_path / "run" / "checkpoints" / "latest.pt")
+    tokenize = ["tokenize", "--checkpoint", ckpt, "--split", "val", "--out"]
+    _spawn(tmp_path, CLI, 2, *tokenize, str(tmp_path / "ddp"))
+    assert main([*tokenize, str(tmp_path / "one")]) == 0
+    ddp, one = (np.load(tmp_path / d / "tokens-val.npy") for d in ("ddp", "one"))
+    assert ddp.shape == (9, 4, 4) and np.array_equal(ddp, one)
+    info = [json.loads((tmp_path / d / "tokens-val.json").read_text()) for d in ("ddp", "one")]
+    assert info[0] == info[1]
 
 
 # A quantizer that does not sync its statistics: each rank's k-means clusters its own shard.

@@ -1,0 +1,151 @@
+"""A trained tokenizer read back (load_tokenizer) and `fastvq tokenize`: every row of the token
+file is what the checkpoint's tokenizer gives that image under the evaluation transform."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastvq.train
+from fastvq.train import checkpoint as ckpt
+from fastvq.train.cli import main
+from fastvq.train.data import ImageFolder, TensorImages
+from fastvq.train.tokens import index_dtype, write_tokens
+from fastvq.train.trainer import Trainer
+
+
+def _folder(root, sizes) -> None:
+    """Random-blob PNGs of the given (h, w) sizes under root/train/<class> and root/val."""
+    g = torch.Generator().manual_seed(3)
+    for n, (h, w) in enumerate(sizes):
+        low = torch.rand(1, 3, 3, 3, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear")[0]
+        sub = root / ("val" if n % 4 == 3 else f"train/c{n % 2}")
+        sub.mkdir(parents=True, exist_ok=True)
+        arr = (img * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(sub / f"im{n}.png")
+
+
+@pytest.fixture
+def trained(make_config, tmp_path):
+    """A folder run of 4 steps with an EMA of the weights: (latest.pt, data root, config)."""
+    root = tmp_path / "images"
+    _folder(root, [(16, 16), (20, 31), (40, 18), (17, 17), (16, 24), (33, 33), (18, 16)] * 2)
+    cfg = make_config(
+        "data.kind=folder", f"data.path={root}", "train.steps=4", "train.ema_decay=0.5"
+    )
+    Trainer(cfg).fit()
+    return tmp_path / "run" / "checkpoints" / "latest.pt", root, cfg
+
+
+def _encode(model, images) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(torch.stack(list(images)))[1]
+
+
+def test_load_tokenizer_gives_the_evaluated_weights_in_eval_mode(trained):
+    path, _, _ = trained
+    state = torch.load(path, weights_only=False)
+    for ema, want in ((True, state["ema"]), (False, state["model"])):
+        model = fastvq.train.load_tokenizer(path, ema=ema)
+        assert not model.training
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["ema"])
+
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(model.decode_indices(out.indices), out.recon)
+
+
+def test_load_tokenizer_refuses_a_checkpoint_without_config(trained, tmp_path):
+    path, _, _ = trained
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(path, weights_only=False)["model"], bare)
+    with pytest.raises(ValueError, match="holds no config"):
+        ckpt.load_tokenizer(bare)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_tokenize_a_folder_row_by_row(trained, split, tmp_path):
+    path, root, cfg = trained
+    assert main(["tokenize", "--checkpoint", str(path), "--split", split]) == 0
+    out = tmp_path / "run" / "tokens"
+    tokens = np.load(out / f"tokens-{split}.npy")
+    info = json.loads((out / f"tokens-{split}.json").read_text())
+    files = (out / info["files"]).read_text().splitlines()
+
+    want = sorted(p.relative_to(root).as_posix() for p in root.glob(f"{split}/**/*.png"))
+    assert files == want and len(want) > 1
+    images = ImageFolder([root / f for f in files], 16, train=False)
+    expect = _encode(ckpt.load_tokenizer(path), images).numpy()
+    assert tokens.dtype == np.uint16 and tokens.shape == expect.shape == (len(files), 4, 4)
+    assert np.array_equal(tokens, expect)
+    assert info["shape"] == list(tokens.shape) and info["dtype"] == "uint16"
+    assert info["weights"] == "ema" and info["codebook_sizes"] == [16] and info["step"] == 4
+    assert info["split"] == split and info["data"] == cfg["data"]
+    assert not list(out.glob("*.partial"))
+
+
+def test_tokenize_with_the_trained_weights_and_an_out_dir(trained, tmp_path):
+    path, root, _ = trained
+    out = tmp_path / "elsewhere"
+    args = ["tokenize", "--checkpoint", str(path), "--out", str(out), "--weights", "model"]
+    assert main(args) == 0
+    info = json.loads((out / "tokens-train.json").read_text())
+    files = (out / "tokens-train.txt").read_text().splitlines()
+    images = ImageFolder([root / f for f in files], 16, train=False)
+    expect = _encode(ckpt.load_tokenizer(path, ema=False), images).numpy()
+    assert info["weights"] == "model"
+    assert np.array_equal(np.load(out / "tokens-train.npy"), expect)
+
+
+def test_tokenize_residual_indices_of_tensor_images(make_config, tmp_path):
+    quantizer = "{type: ResidualVQ, num_quantizers: 3, codebook_size: 300, decay: 0.8}"
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(11, 3, 16, 16, generator=g) * 255).byte()
+    data = TensorImages(images[:8], 16, train=True), TensorImages(images[8:], 16, train=False)
+    cfg = make_config(f"model.quantizer={quantizer}", "train.steps=1", "eval.batch_size=2")
+    trainer = Trainer(cfg, datasets=data)
+    trainer.fit()
+    model = ckpt.load_tokenizer(tmp_path / "run" / "checkpoints" / "latest.pt")
+    dataset = TensorImages(images, 16, train=False)
+    target = tmp_path / "t.npy"
+    shape = write_tokens(model, dataset, target, batch_size=4, device=torch.device("cpu"))
+    tokens = np.load(target)
+    expect = _encode(model, dataset).numpy()
+    assert shape == tokens.shape == expect.shape == (11, 4, 4, 3)
+    assert tokens.dtype == np.uint16 and np.array_equal(tokens, expect)
+
+
+def test_index_dtype_is_the_smallest_that_holds_the_codes():
+    assert index_dtype([16]) == np.uint16
+    assert index_dtype([2**16]) == np.uint16
+    assert index_dtype([8, 2**16 + 1]) == np.int32
+    assert index_dtype([196_560]) == np.int32
+    assert index_dtype([2**31]) == np.int32
+    assert index_dtype([2**31 + 1]) == np.int64
+    assert index_dtype(None) == np.int64
+
+
+def test_write_tokens_refuses_indices_the_file_cannot_hold(trained, tmp_path):
+    model = ckpt.load_tokenizer(trained[0])
+    encode = model.encode
+    model.encode = lambda x: (lambda z, i, loss: (z, i + 16, loss))(*encode(x))
+    dataset = TensorImages((torch.rand(3, 3, 16, 16) * 255).byte(), 16, train=False)
+    target = tmp_path / "t.npy"
+    with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
+        write_tokens(model, dataset, target, batch_size=2, device=torch.device("cpu"))
+    assert not target.exists()
+
+
+def test_tokenize_refuses_the_training_split_of_the_sample_photographs(make_config, tmp_path):
+    cfg = make_config("train.steps=0")
+    trainer = Trainer(cfg, datasets=(None, None))
+    path = trainer.save()
+    with pytest.raises(ValueError, match="random crops"):
+        main(["tokenize", "--checkpoint", str(path)])

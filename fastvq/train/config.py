@@ -36,6 +36,7 @@ DEFAULTS: dict = {
         "lr": 2e-4,
         "weight_decay": 0.0,
         "betas": [0.9, 0.99],
+        "amsgrad": False,  # AdamW's AMSGrad variant (the collapse study's Adam(amsgrad=True))
         "disc_lr": None,  # None: same as lr; its warmup and decay span loss.disc_start..steps
         "warmup_steps": 0,
         "schedule": "cosine",

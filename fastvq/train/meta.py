@@ -116,9 +116,16 @@ def hypergradient(
 
 
 def split_parameters(tokenizer: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(lower, upper) trainable parameters of a Tokenizer: everything but the quantizer, and the
-    quantizer's (its hyper-net and embedding for a HyperCodebook-style quantizer)."""
-    upper_ids = {id(p) for p in tokenizer.quantizer.parameters()}
+    """(lower, upper) trainable parameters of a Tokenizer: upper is the hyper-net and its
+    embedding when the quantizer has a codebook generator (HyperCodebook: MQVAE's psi), else every
+    quantizer parameter; lower is everything else. A HyperCodebook's input / output projections
+    (dim != codebook_dim) map the encoder's latents into code space and back, so they belong to
+    the encoder-decoder, trained at every lower step: as upper parameters they only moved at the
+    meta steps (every codebook_every steps), their lower-step gradients discarded."""
+    q = tokenizer.quantizer
+    generator = getattr(q, "codebook_generator", None)
+    owner = generator if isinstance(generator, nn.Module) else q
+    upper = [p for p in owner.parameters() if p.requires_grad]
+    upper_ids = {id(p) for p in upper}
     lower = [p for p in tokenizer.parameters() if p.requires_grad and id(p) not in upper_ids]
-    upper = [p for p in tokenizer.quantizer.parameters() if p.requires_grad]
     return lower, upper

@@ -130,6 +130,13 @@ def _load_schedule(opt, sched, opt_state: dict, sched_state: dict) -> None:
         group["lr"] = own["initial_lr"] * fn(sched.last_epoch)
     sched.base_lrs = [own["initial_lr"] for own in settings]
     sched._last_lr = [group["lr"] for group in opt.param_groups]
+    # optim.amsgrad turned on at resume: AdamW's step would fail on the missing running maximum
+    # (KeyError 'max_exp_avg_sq'); it starts from the second moments so far.
+    for group in opt.param_groups:
+        for p in group["params"] if group.get("amsgrad") else ():
+            state = opt.state.get(p)
+            if state and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = state["exp_avg_sq"].clone()
 
 
 class Progress:
@@ -221,10 +228,17 @@ class Trainer:
                     f"meta.enabled needs a quantizer with trainable parameters (the upper level), "
                     f"e.g. HyperCodebook; {type(self.model.quantizer).__name__} has none here"
                 )
-            self.meta_opt = torch.optim.AdamW(upper, lr=o["lr"], betas=tuple(o["betas"]))
+            # weight_decay=0 explicitly (AdamW's default is 0.01): MQVAE applies no weight decay
+            # to the quantizer, whatever optim.weight_decay gives the encoder-decoder.
+            self.meta_opt = torch.optim.AdamW(
+                upper, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=0.0, amsgrad=o["amsgrad"]
+            )
             self.meta_sched = torch.optim.lr_scheduler.LambdaLR(self.meta_opt, self._lr_lambda)
         self.opt = torch.optim.AdamW(
-            _param_groups(lower, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"])
+            _param_groups(lower, o["weight_decay"]),
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            amsgrad=o["amsgrad"],
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_lambda)
         self.disc_opt = self.disc_sched = None
@@ -233,6 +247,7 @@ class Trainer:
                 _param_groups(self.disc, o["weight_decay"]),
                 lr=o["disc_lr"] or o["lr"],
                 betas=tuple(o["betas"]),
+                amsgrad=o["amsgrad"],
             )
             self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, self._disc_lr_lambda)
         if datasets is None:
@@ -316,7 +331,13 @@ class Trainer:
                 "set init.kmeans=false"
             )
         was = model.training
-        model.eval()
+        # The latents are taken in train mode, as the training forwards that follow see them:
+        # in eval mode BatchNorm uses its running statistics, which for an untrained encoder
+        # (the collapse baseline) are the initial 0 / 1, and the rotated VQ-VAE's latents came
+        # out ~9x smaller in norm than in training (0.47 vs 4.3 at init), so every code sat far
+        # from the latents it was meant for. The running statistics are put back afterwards.
+        saved = [b.clone() for b in model.buffers()]
+        model.train()
         # Each rank encodes its own shard, as in training: the k-means (synced over the ranks)
         # then clusters world x kmeans_batches batches once each, and the counts it leaves in the
         # EMA statistics are those of one process at batch world x B (identical batches on every
@@ -327,6 +348,9 @@ class Trainer:
         for _ in range(ic["kmeans_batches"]):
             z = model.latents(next(it).to(self.device))
             zs.append(z.flatten(2).transpose(1, 2).reshape(-1, z.shape[1]).float())
+        for b, value in zip(model.buffers(), saved, strict=True):
+            b.copy_(value)
+        model.eval()
         z = torch.cat(zs)
         k = self.codebook_size
         if len(z) < k:  # more codes than latent vectors: repeat rows (k-means then re-seeds)

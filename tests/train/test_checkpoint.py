@@ -285,6 +285,16 @@ def test_resume_takes_the_optimizer_settings_of_the_new_config(make_config, data
     assert groups[0]["lr"] == pytest.approx(3e-3 * lr_factor(2, 4, 0, "cosine", 0.0))
 
 
+def test_resume_can_turn_amsgrad_on(make_config, datasets):
+    # The checkpoint's AdamW state has no running maximum of the second moments: seeded from
+    # them, else the first resumed step raised KeyError 'max_exp_avg_sq'.
+    Trainer(make_config("train.steps=2"), datasets=datasets).fit()
+    resumed = Trainer(make_config("train.steps=3", "optim.amsgrad=true"), datasets=datasets)
+    assert all(g["amsgrad"] for g in resumed.opt.param_groups) and resumed.opt.state
+    resumed.fit()
+    assert resumed.step == 3
+
+
 def test_resume_with_another_model_names_the_change(make_config, datasets):
     Trainer(make_config("train.steps=1"), datasets=datasets).fit()
     other = "model.quantizer={type: VectorQuantize, codebook_size: 8, decay: 0.8}"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastvq.models.tokenizer import build_quantizer
 from fastvq.train.config import load_config, parse_value
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -109,12 +110,19 @@ def test_recipes_match_the_papers():
     assert rot["optim"]["lr"] == 2e-4 and rot["optim"]["weight_decay"] == 0.01
     assert rot["optim"]["schedule"] == "cosine" and rot["train"]["batch_size"] == 128
     q = rot["model"]["quantizer"]
-    assert q["decay"] == 0.99 and q["commitment_weight"] == 0.25 and q["rotation_trick"]
+    assert q["decay"] == 0.99 and q["commitment_weight"] == 0.25
     assert rot["model"]["ch_mult"] == [1, 2, 4] and rot["model"]["num_res_blocks"] == 6
+    # The paper's eq. 4: one Householder reflection, not Fifty et al.'s rotation trick.
+    assert build_quantizer(q, 256).grad == "householder"
 
     pre = load_config(CONFIGS / "collapse_pretrain.yaml", ["data.path=/data"])
     fine = load_config(CONFIGS / "collapse_finetune.yaml", ["data.path=/data"])
     assert pre["train"]["vq"] is False and fine["train"]["vq"] is True
+    # van den Oord's VQ-VAE: straight-through gradient (VectorQuantize defaults to the rotation
+    # trick), EMA decay 0.99, beta 0.25; Adam with amsgrad.
+    q = fine["model"]["quantizer"]
+    assert build_quantizer(q, 32).grad == "ste" and q["decay"] == 0.99
+    assert fine["optim"]["amsgrad"] and fine["optim"]["lr"] == 3e-4
     assert fine["init"]["kmeans"] and fine["init"]["checkpoint"].endswith("latest.pt")
     import yaml
 
@@ -125,6 +133,19 @@ def test_recipes_match_the_papers():
     mq = load_config(CONFIGS / "mqvae.yaml", ["data.path=/data"])
     assert mq["meta"]["enabled"] and mq["meta"]["codebook_every"] > 1
     assert mq["model"]["quantizer"]["type"] == "HyperCodebook"
+    assert mq["optim"]["weight_decay"] == 0.0 and mq["optim"]["betas"] == [0.9, 0.95]
+    assert mq["data"]["flip"] is False  # "No additional augmentations are used for CIFAR10"
+    # psi = the hyper-net and its embedding only: the 32-d codes need no projection in the
+    # quantizer (an upper-level parameter otherwise, trained only at the meta steps).
+    from fastvq.models import build_tokenizer
+    from fastvq.train.meta import split_parameters
+
+    small = load_config(CONFIGS / "mqvae.yaml", ["data.path=/data", *SMALL["rotated_vqvae"]])
+    tok = build_tokenizer(small["model"])
+    assert not tok.quantizer.has_projections
+    names = {id(p): n for n, p in tok.named_parameters()}
+    _, upper = split_parameters(tok)
+    assert all(names[id(p)].startswith("quantizer.codebook_generator.") for p in upper)
 
     gan = load_config(CONFIGS / "vqgan_65k.yaml", ["data.path=/data"])
     assert gan["model"]["quantizer"]["codebook_size"] == 65536
@@ -132,3 +153,6 @@ def test_recipes_match_the_papers():
     leech = load_config(CONFIGS / "leech.yaml", ["data.path=/data"])
     assert leech["model"]["quantizer"]["type"] == "LeechQuantize"
     assert leech["model"]["embed_dim"] == 24
+    # The post: L1 + LPIPS + GAN, "the commitment loss is gone too".
+    assert leech["model"]["quantizer"]["commitment_weight"] == 0.0
+    assert leech["loss"]["recon"] == "l1" and leech["loss"]["perceptual_weight"] > 0

@@ -196,6 +196,44 @@ def test_meta_step_changes_the_codebook_by_its_optimizer_only(make_config, datas
     assert not torch.equal(codebook, before)
 
 
+def test_meta_optimizer_applies_no_weight_decay(make_config, datasets):
+    # MQVAE: "No weight decay is applied to the quantizer". AdamW's default is 0.01; the
+    # encoder-decoder keeps optim.weight_decay on its matrices.
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config(
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 8, embed_dim: 4,"
+        " hidden_dim: 8}",
+        "meta.enabled=true",
+        "optim.weight_decay=0.1",
+    )
+    trainer = Trainer(cfg, datasets=datasets)
+    assert [g["weight_decay"] for g in trainer.meta_opt.param_groups] == [0.0]
+    assert [g["weight_decay"] for g in trainer.opt.param_groups] == [0.1, 0.0]
+
+
+def test_hyper_codebook_projections_are_lower_level(make_config):
+    # dim 8 != codebook_dim 4: project_in / project_out map latents into code space and back,
+    # part of the encoder-decoder; psi is the hyper-net and its embedding (MQVAE section 4.1).
+    from fastvq.models import build_tokenizer
+
+    cfg = make_config(
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 4, embed_dim: 4,"
+        " hidden_dim: 8}",
+    )
+    model = build_tokenizer(cfg["model"])
+    assert model.quantizer.has_projections
+    lower, upper = split_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in upper) == sorted(
+        f"quantizer.codebook_generator.{n}"
+        for n, _ in model.quantizer.codebook_generator.named_parameters()
+    )
+    lower_names = {names[id(p)] for p in lower}
+    assert {"quantizer.project_in.weight", "quantizer.project_out.weight"} <= lower_names
+    assert len(lower) + len(upper) == len(list(model.parameters()))
+
+
 def test_meta_needs_a_quantizer_with_parameters(make_config, datasets):
     from fastvq.train.trainer import Trainer
 

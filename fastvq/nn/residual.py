@@ -65,8 +65,10 @@ Deliberate differences from the peer (tested as fastvq's behaviour):
   layer.
 """
 
+import contextlib
 import math
 import random
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -196,8 +198,8 @@ class _Residual(nn.Module):
         return z
 
     def _begin(self, x, mask, seed):
-        """A forward's (b, n, dim) rows, their restore function, the projected rows and the last
-        layer that runs (None: all; quantize dropout draws it)."""
+        """A forward's (b, n, dim) rows, their restore function, the projected rows, the last
+        layer that runs (None: all; quantize dropout draws it) and the (b, n) mask (or None)."""
         seq, restore = self._to_seq(x)
         b, n = seq.shape[:2]
         if mask is not None and mask.shape != (b, n):
@@ -206,15 +208,17 @@ class _Residual(nn.Module):
             )
         z = project_in("x", self.project_in, seq)
         last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
-        return seq, restore, z, last
+        return seq, restore, z, last, mask
 
-    def _run(self, x, mask, seed, return_all_codes, quant_grad_frac=0.0, **layer_kwargs):
-        seq, restore, z, last = self._begin(x, mask, seed)
+    def _run(self, begun, return_all_codes, quant_grad_frac=0.0, checked=False, **layer_kwargs):
+        """begun: _begin's tuple; checked: the stack's rows and codebooks were checked for NaN /
+        Inf (ResidualVQ's one check), so its layers skip their own checks."""
+        seq, restore, z, last, mask = begun
         b, n = seq.shape[:2]
         out_dtype = z.dtype
         with torch.autocast(seq.device.type, enabled=False):
             residual = self._prepare(z.float())
-            if self._check_stack_finite(residual, last, **layer_kwargs):
+            if checked:
                 layer_kwargs = {**layer_kwargs, "check_inputs_finite": False}
             out = torch.zeros_like(residual)
             indices, losses = [], []
@@ -243,10 +247,6 @@ class _Residual(nn.Module):
     def _finish(self, quantized, seq, mask):
         return quantized
 
-    def _check_stack_finite(self, residual, last, **layer_kwargs) -> bool:
-        """ResidualVQ: one finite check for the stack (True: the layers skip theirs)."""
-        return False
-
     def forward(
         self,
         x: torch.Tensor,
@@ -254,7 +254,7 @@ class _Residual(nn.Module):
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
         """The stacks without a mask (ResidualFSQ, ResidualSimVQ); the others override it."""
-        return self._run(x, None, rand_quantize_dropout_fixed_seed, return_all_codes)
+        return self._run(self._begin(x, None, rand_quantize_dropout_fixed_seed), return_all_codes)
 
     # --- indices -> codes ----------------------------------------------------------------------
 
@@ -487,24 +487,27 @@ class ResidualVQ(_Residual):
             check_inputs_finite=check_inputs_finite,
         )
 
-    def _check_stack_finite(self, residual, last, sample_codebook_temp=None, **_) -> bool:
-        """ValueError if the stack's input rows or the codebook of a layer that runs hold NaN or
-        Inf: the layers' own checks (z, codebook) in one host sync instead of one per layer (4
-        per step at 4 layers). Residuals stay finite from finite rows and codes within the
-        search's contract (|z|, |c| below about 2.6e19, fastvq.nearest_code). Raises before any
-        layer updates its codebook, where a layer's own check let the layers before it update.
-        False (the layers check, as before) where a layer would not search (it samples codes:
-        no check) or may run its k-means init first (which names x in its own check)."""
+    def _stack_finite(self, z, last, sample_codebook_temp=None) -> dict | None:
+        """What the stack's one NaN / Inf check covers, as check_finite's keyword arguments: its
+        projected input rows z and the codebook of every layer that runs, the layers' own checks
+        (z, codebook) in one host sync instead of one per layer (4 per step at 4 layers).
+        Residuals stay finite from finite rows and codes within the search's contract (|z|, |c|
+        below about 2.6e19, fastvq.nearest_code). Checked before any layer updates its codebook,
+        where a layer's own check let the layers before it update. None (the layers check, as
+        before) where a layer would not search (it samples codes: no check) or may run its
+        k-means init first (which names x in its own check): until it is known initted."""
         layers = self.layers[: self.num_quantizers if last is None else last + 1]
         for layer in layers:
             temp = sample_codebook_temp
             temp = layer.sample_codebook_temp if temp is None else temp
-            pending_init = layer.training and layer.kmeans_init
+            pending_init = layer.training and layer.kmeans_init and not layer._initted_known()
             if layer._samples(temp) or pending_init or layer.codebook_generator is not None:
-                return False
+                return None
         layers = layers[:1] if self.shared_codebook else layers  # one codebook under all
-        check_finite(z=residual, codebook=[layer._codebooks() for layer in layers])
-        return True
+        # The rows are searched in float32: a widening cast keeps NaN / Inf as they are, but a
+        # float64 z (float64 x without projections, a float64 module) may overflow float32.
+        z = z.float() if z.dtype == torch.float64 else z
+        return {"z": z, "codebook": [layer._codebooks() for layer in layers]}
 
     def _layer_codes(self, i, idx):
         return self.layers[i]._lookup(idx, check=False)  # _codes_seq checked the whole stack
@@ -526,6 +529,29 @@ class ResidualVQ(_Residual):
         beam_size: int | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
+        finite, step = self._plan(
+            x, mask, indices, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size,
+            rand_quantize_dropout_fixed_seed,
+        )  # fmt: skip
+        if finite is not None:
+            check_finite(**finite)
+        return self._step(step, finite is not None)
+
+    def _plan(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        indices=None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool = False,
+        beam_size: int | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
+        """forward's first half (arguments, layout, projection, the dropout draw): returns
+        (finite, step): the stack's NaN / Inf check as check_finite's keyword arguments (None:
+        its layers check) and what _step(step, checked) runs. GroupedResidualVQ plans every
+        group, then checks all of them at once."""
         check_floating("x", x)
         if indices is not None:
             raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
@@ -536,30 +562,41 @@ class ResidualVQ(_Residual):
                 raise ValueError("mask needs a sequence (b, n, dim), got one token (b, dim)")
             # the sequence of one token in this module's layout: (b, dim, 1) channel first
             first = self.channel_first is True
-            out = self.forward(
+            finite, step = self._plan(
                 x[..., None] if first else x[:, None], None, None, return_all_codes,
                 sample_codebook_temp, freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed,
             )  # fmt: skip
-            squeeze = [out[0][..., 0] if first else out[0][:, 0], out[1][:, 0], out[2]]
-            if return_all_codes:  # (Q, b, n, d) in either layout
-                squeeze.append(out[3][:, :, 0])
-            return tuple(squeeze)
+            return finite, step._replace(one_token=first)
         if mask is not None and mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
         if self._fmap_ndim is not None and mask is not None:
             raise ValueError("mask is not supported with image or 3d feature maps")
-        seed = rand_quantize_dropout_fixed_seed
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
+        begun = self._begin(x, mask, rand_quantize_dropout_fixed_seed)
+        finite = self._stack_finite(begun[2], begun[3], sample_codebook_temp)
+        return finite, _Step(
+            begun, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size, None
+        )
+
+    def _step(self, step, checked: bool):
+        """forward's second half: the stack on _plan's rows (checked: its one finite check ran,
+        the layers skip theirs)."""
+        begun, return_all_codes, temp, freeze, beam_size, first = step
         if beam_size is not None and beam_size > 1:
-            return self._beam_run(
-                x, mask, seed, return_all_codes, beam_size, sample_codebook_temp, freeze_codebook
-            )
-        kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
-        if self.shared_codebook and self.training:
-            with self.layers[0]._deferred_update():
-                return self._run(x, mask, seed, return_all_codes, self.quant_grad_frac, **kwargs)
-        return self._run(x, mask, seed, return_all_codes, self.quant_grad_frac, **kwargs)
+            out = self._beam_run(begun, return_all_codes, beam_size, temp, freeze, checked)
+        else:
+            kwargs = dict(sample_codebook_temp=temp, freeze_codebook=freeze)
+            shared = self.shared_codebook and self.training
+            with self.layers[0]._deferred_update() if shared else contextlib.nullcontext():
+                out = self._run(begun, return_all_codes, self.quant_grad_frac, checked, **kwargs)
+        if first is None:
+            return out
+        # one token per row: drop the sequence axis of its one-token sequence again
+        squeeze = [out[0][..., 0] if first else out[0][:, 0], out[1][:, 0], out[2]]
+        if return_all_codes:  # (Q, b, n, d) in either layout
+            squeeze.append(out[3][:, :, 0])
+        return tuple(squeeze)
 
     # --- beam search ---------------------------------------------------------------------------
 
@@ -571,14 +608,15 @@ class ResidualVQ(_Residual):
             and (layer.ema_update or layer.threshold_ema_dead_code > 0)
         )
 
-    def _beam_run(self, x, mask, seed, return_all_codes, beam, temp, freeze):
+    def _beam_run(self, begun, return_all_codes, beam, temp, freeze, checked=False):
         """The peer's beam search: every kept path's residual takes its layer's top-k codes
         (k = min(beam, codebook_size)), path scores add -loss_l * beam_score_weights[l], and the
         best `beam` paths survive each layer (the best one at the last layer). Candidates are
         scored without gradients (O(M beam^2) numbers); only the kept pairs go through the
         estimator and the loss, so memory is O(M beam D), never M x K. After the search, in
-        training, each layer's EMA / dead codes see the chosen path's residuals and codes."""
-        seq, restore, z, last = self._begin(x, mask, seed)
+        training, each layer's EMA / dead codes see the chosen path's residuals and codes.
+        begun: _begin's tuple; checked: the stack's one finite check ran (the layers skip)."""
+        seq, restore, z, last, mask = begun
         b, n = seq.shape[:2]
         out_dtype = z.dtype
         final = self.num_quantizers - 1 if last is None else last
@@ -587,7 +625,7 @@ class ResidualVQ(_Residual):
         with torch.autocast(seq.device.type, enabled=False):
             z0 = z.float().reshape(m, 1, z.shape[-1])
             d = z0.shape[-1]
-            check = not self._check_stack_finite(z0, last, sample_codebook_temp=temp)
+            check = not checked
             residual, out = z0, torch.zeros_like(z0)
             scores = z0.new_zeros(m, 1)
             steps = []  # per layer: parent beam (m, keep), code (m, keep), loss (m, keep)
@@ -690,6 +728,13 @@ class ResidualVQ(_Residual):
         for layer, r, code in zip(layers, rows, codes, strict=True):
             if self._layer_updates(layer, freeze):
                 layer._update([r], [code], masks, layer.ema_update)
+
+
+# ResidualVQ._plan's hand-over to _step; one_token: None, or whether the one-token sequence
+# _plan made of a (b, dim) input is channel-first.
+_Step = namedtuple(
+    "_Step", ["begun", "return_all_codes", "temp", "freeze", "beam_size", "one_token"]
+)
 
 
 def _check_beam(name: str, value) -> int:
@@ -858,7 +903,7 @@ class ResidualLFQ(_Residual):
         return_all_codes: bool = False,
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
-        return self._run(x, mask, rand_quantize_dropout_fixed_seed, return_all_codes)
+        return self._run(self._begin(x, mask, rand_quantize_dropout_fixed_seed), return_all_codes)
 
 
 class ResidualSimVQ(_Residual):
@@ -986,22 +1031,44 @@ class _Grouped(nn.Module):
         # host sync, so a graph break under torch.compile).
         dropout = self.training and self.rvqs[0].quantize_dropout
         seed = sync_seed(x.device) if dropout else None
-        outs = [
-            rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed,
-                **kwargs)
-            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=axis), strict=True)
-        ]  # fmt: skip
+        kwargs.update(return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
+        outs = self._run_groups(x.chunk(self.groups, dim=axis), kwargs)
         parts = list(zip(*outs, strict=True))
         return (torch.cat(parts[0], dim=axis), *(torch.stack(p) for p in parts[1:]))
+
+    def _run_groups(self, chunks, kwargs) -> list:
+        """Each group's stack on its chunk of the features: its forward's outputs."""
+        return [rvq(chunk, **kwargs) for rvq, chunk in zip(self.rvqs, chunks, strict=True)]
 
 
 class GroupedResidualVQ(_Grouped):
     """vector-quantize-pytorch's GroupedResidualVQ: GroupedResidualVQ(*, dim, groups=1,
     accept_image_fmap=False, **ResidualVQ kwargs); forward(x, indices=None,
     return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False, mask=None) ->
-    (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes (G, Q, b, ..., d)])."""
+    (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes (G, Q, b, ..., d)]).
+
+    One NaN / Inf check per forward for all groups (one host sync): every group's projected rows
+    and the codebooks of its layers that run, before any group searches or updates its codebooks;
+    the error names the group ("z of group 1 contains NaN or Inf"). A group whose layers check
+    themselves (sampled codes, a k-means init not yet known done: see ResidualVQ) still does."""
 
     residual_cls = ResidualVQ
+
+    def _run_groups(self, chunks, kwargs) -> list:
+        """Every group's stack planned (layout, projection), then one check, then the stacks
+        run: ResidualVQ's forward in two halves, so hooks on self.rvqs[g] do not fire."""
+        plans = [rvq._plan(chunk, **kwargs) for rvq, chunk in zip(self.rvqs, chunks, strict=True)]
+        finite = {
+            f"{name} of group {g}": tensors
+            for g, (checks, _) in enumerate(plans)
+            for name, tensors in (checks or {}).items()
+        }
+        if finite:
+            check_finite(**finite)
+        return [
+            rvq._step(step, checks is not None)
+            for rvq, (checks, step) in zip(self.rvqs, plans, strict=True)
+        ]
 
 
 class GroupedResidualFSQ(_Grouped):

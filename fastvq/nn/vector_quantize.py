@@ -207,6 +207,13 @@ class VectorQuantize(nn.Module):
     fastvq.quantize); forward's check_inputs_finite (keyword-only, default True: as in
     fastvq.quantize, one host sync per forward, every head at once; ResidualVQ checks its whole
     stack at once and passes False to its layers).
+
+    kmeans_init: the first training forward runs the init and sets the `initted` buffer (kept in
+    the state dict); later forwards skip it without reading the buffer from the device, until
+    it is written again: load_state_dict, .to(device), an in-place write by hand (fill_, copy_)
+    or a new tensor make the next training forward read it once more (and re-run the init where
+    it is False). Not seen: writes through .data or numpy, and collectives (dist.broadcast,
+    DDP's buffer broadcast); under DDP load every rank's state, not rank 0's alone.
     """
 
     def __init__(
@@ -374,6 +381,8 @@ class VectorQuantize(nn.Module):
             self.register_buffer("embed", embed)
         self._register_load_state_dict_pre_hook(_rename_peer_keys)
 
+    # (the `initted` tensor, its version counter) once it is known True: see _is_initted.
+    _initted_seen = None
     # EMA statistics, kept float32 (float64 after a float64 cast) whatever the module's dtype.
     _EMA_STATS = ("cluster_size", "embed_avg")
 
@@ -766,9 +775,39 @@ class VectorQuantize(nn.Module):
     def _group(self, sync: bool):
         return True if sync and self.sync_codebook else False
 
+    def _initted_known(self) -> bool:
+        """Whether `initted` is known True without reading it (no host sync): it was read or set
+        True, and since then neither replaced (.to(device), load_state_dict(assign=True)) nor
+        written in place (load_state_dict, copy_ / fill_ by hand, the trainer's meta step putting
+        its buffers back: each bumps the tensor's version counter)."""
+        seen, buf = self._initted_seen, self.initted
+        return seen is not None and seen[0] is buf and seen[1] == buf._version
+
+    def _see_initted(self) -> None:
+        """Record that `initted` holds True now (inference tensors have no version: not kept)."""
+        buf = self.initted
+        self._initted_seen = None if buf.is_inference() else (buf, buf._version)
+
+    def _is_initted(self) -> bool:
+        """bool(initted), reading the buffer (a host sync) only until it is known True: the init
+        runs once, and a read in every training step would stall the stream for good. Writes
+        the version counter misses are missed here too: through .data or numpy, and collectives
+        (dist.broadcast, DDP's buffer broadcast, which hand every rank rank 0's value): a rank
+        whose `initted` is known True skips the init even if rank 0's turned False that way."""
+        if self._initted_known():
+            return True
+        if not bool(self.initted):
+            return False
+        self._see_initted()
+        return True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted_seen = None  # the next training forward reads the loaded `initted`
+
     @eager_only
     def _init_from_rows(self, rows, row_mask) -> None:
-        if bool(self.initted):
+        if self._is_initted():
             return
         if row_mask is not None:
             rows = [r[m] for r, m in zip(rows, row_mask, strict=True)]
@@ -818,6 +857,7 @@ class VectorQuantize(nn.Module):
             es.copy_(centroids * _smoothed(cs, self.eps)[:, None])
             self.embed.data[c].copy_(centroids)
         self.initted.fill_(True)
+        self._see_initted()  # the next steps skip the init without reading the buffer
 
     def _update(self, rows, idxs, row_mask, do_ema: bool) -> None:
         """EMA statistics (in place), then the new codebook. A buffer codebook is replaced by a

@@ -1,14 +1,18 @@
 """Host syncs per call, pinned: on a GPU each one stalls the stream (a VectorQuantize step at
 65,536 codes is about 1 ms of kernels), so a change that adds one fails here. Counted on the CPU
 by fastvq.testing.count_syncs; the remaining ones are the documented NaN/Inf input check (one
-per op call, one per residual stack or multi-head layer) and nothing else."""
+per op call, one per residual stack, grouped stack or multi-head layer) and nothing else: a
+k-means init that ran costs none in later steps."""
+
+import copy
 
 import pytest
 import torch
 
 import fastvq
-from fastvq.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from fastvq.nn import GroupedResidualVQ, HouseholderVQ, ResidualVQ, VectorQuantize
 from fastvq.ops._backends import backends
+from fastvq.ops._validate import NonFiniteError
 from fastvq.testing import count_syncs
 
 BACKENDS = ["torch"] + (["cpu"] if backends()["cpu"].available else [])
@@ -136,10 +140,56 @@ MODULES = {
         lambda b: GroupedResidualVQ(
             dim=16, groups=2, num_quantizers=2, codebook_size=64, backend=b
         ),
-        2,  # one check per group
-        2,
+        1,  # every group at once
+        1,
+    ),
+    "grouped_rvq_beam": (
+        lambda b: GroupedResidualVQ(
+            dim=16, groups=2, num_quantizers=2, codebook_size=64, beam_size=2, backend=b
+        ),
+        1,
+        1,
+    ),
+    # k-means init: the first step (outside the count) runs it; later steps do not read
+    # `initted` again (a read per step was a sync per step for good).
+    "vq_kmeans": (
+        lambda b: VectorQuantize(dim=16, codebook_size=64, kmeans_init=True, backend=b),
+        1,
+        1,
+    ),
+    "householder_kmeans": (lambda b: HouseholderVQ(16, 64, kmeans_init=True, backend=b), 1, 1),
+    "rvq_kmeans": (  # and the stack's one check again, once its layers are known initted
+        lambda b: ResidualVQ(
+            dim=16, num_quantizers=3, codebook_size=32, kmeans_init=True, backend=b
+        ),
+        1,
+        1,
+    ),
+    "rvq_kmeans_shared_beam": (
+        lambda b: ResidualVQ(
+            dim=16,
+            num_quantizers=3,
+            codebook_size=32,
+            kmeans_init=True,
+            shared_codebook=True,
+            beam_size=2,
+            backend=b,
+        ),
+        1,
+        1,
+    ),
+    "grouped_rvq_kmeans": (
+        lambda b: GroupedResidualVQ(
+            dim=16, groups=2, num_quantizers=2, codebook_size=32, kmeans_init=True, backend=b
+        ),
+        1,
+        1,
     ),
 }
+
+
+# Beam-search modules: their layers' top-k searches per forward.
+BEAM_SEARCHES = {"rvq_beam": 3, "grouped_rvq_beam": 2 * 2, "rvq_kmeans_shared_beam": 3}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,16 +199,17 @@ def test_modules(name, backend):
     torch.manual_seed(0)
     module = make(backend)
     x = torch.randn(2, 48, 16, requires_grad=True)
-    kwargs = {"mask": torch.rand(2, 48) > 0.3} if name in ("vq_rotation_mask", "rvq") else {}
+    masked = ("vq_rotation_mask", "rvq", "rvq_kmeans", "grouped_rvq_kmeans")
+    kwargs = {"mask": torch.rand(2, 48) > 0.3} if name in masked else {}
     for syncs, n in (
         (train_step(module, x, **kwargs), train),
         (eval_forward(module, x, **kwargs), evaluate),
     ):
-        if name == "rvq_beam" and backend == "torch":
+        if name in BEAM_SEARCHES and backend == "torch":
             # The reference top-k's tie fix (fastvq.reference.topk_scores): two nonzero per
             # layer; on GPUs "auto" runs Triton's top-k, which has none.
             ties = [s for s in syncs if s[1].startswith("reference/nearest_code.py")]
-            assert len(ties) == 2 * 3, syncs
+            assert len(ties) == 2 * BEAM_SEARCHES[name], syncs
             syncs = [s for s in syncs if s not in ties]
         assert_finite_checks(syncs, n)
 
@@ -248,3 +299,159 @@ def test_decoding_a_stack_checks_its_indices_once():
         with count_syncs() as syncs:
             decode(indices)
         assert [where.split(":")[0] for _, where in syncs] == ["nn/residual.py"], syncs
+
+
+def _kmeans_inits(vq) -> list:
+    """A list that grows by one at each k-means init of vq (its _kmeans_into_state)."""
+    calls, kmeans = [], vq._kmeans_into_state
+
+    def counted(*args):
+        calls.append(None)
+        return kmeans(*args)
+
+    vq._kmeans_into_state = counted
+    return calls
+
+
+def _restore_buffers(module, saved):
+    """The trainer's meta step: every buffer written back in place with its saved value."""
+    with torch.no_grad():
+        for b, value in zip(module.buffers(), saved, strict=True):
+            b.copy_(value)
+
+
+@pytest.mark.parametrize(
+    "write", ["load_state_dict", "load_state_dict_assign", "fill_", "new_buffer", "restore"]
+)
+def test_kmeans_init_sees_initted_written_false(write):
+    """Once its init ran, a layer stops reading `initted` (a host sync per step), yet a False
+    written by load_state_dict (in place or assigned), by hand (fill_, a new tensor) or by the
+    trainer's meta step (its buffers put back in place) re-runs the init at the next training
+    forward, and only there: eval forwards still leave the codebook alone."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)
+    fresh = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True).state_dict()
+    saved = [b.clone() for b in vq.buffers()]
+    inits = _kmeans_inits(vq)
+    x = torch.randn(2, 40, 8)
+    vq(x)
+    with count_syncs() as syncs:
+        vq(x)
+    assert_finite_checks(syncs, 1)
+    assert len(inits) == 1
+    if write == "load_state_dict":
+        vq.load_state_dict(fresh)
+    elif write == "load_state_dict_assign":
+        vq.load_state_dict(fresh, assign=True)
+    elif write == "fill_":
+        with torch.no_grad():
+            vq.initted.fill_(False)
+    elif write == "new_buffer":
+        vq.initted = torch.tensor(False)
+    else:
+        _restore_buffers(vq, saved)
+    assert not vq.initted
+    vq.eval()(x)
+    assert len(inits) == 1 and not vq.initted
+    vq.train()(x)
+    assert len(inits) == 2 and vq.initted and vq.embed.abs().sum() > 0
+    with count_syncs() as syncs:
+        vq(x)
+    assert_finite_checks(syncs, 1)
+    assert len(inits) == 2
+
+
+def test_loaded_initted_true_is_read_once():
+    """A state dict whose `initted` is True: no init, one read of the loaded flag at the next
+    training forward, none after; casts keep the init."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 8)
+    trained = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)
+    trained(x)
+    vq = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)
+    inits = _kmeans_inits(vq)
+    vq.load_state_dict(trained.state_dict())
+    for reads in (1, 0):
+        with count_syncs() as syncs:
+            vq(x)
+        read = [s for s in syncs if s[1].startswith("nn/vector_quantize.py")]
+        assert len(read) == reads, syncs
+        assert_finite_checks([s for s in syncs if s not in read], 1)
+    vq.double()(x.double())
+    vq.float()(x)
+    assert not inits
+
+
+def test_kmeans_init_in_inference_mode():
+    """A module built under inference_mode (its `initted` an inference tensor, which has no
+    version counter) still initializes once."""
+    with torch.inference_mode():
+        vq = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)
+        inits = _kmeans_inits(vq)
+        x = torch.randn(2, 40, 8)
+        for _ in range(2):
+            vq(x)
+    assert len(inits) == 1 and vq.initted
+
+
+def test_residual_stack_rereads_a_loaded_initted():
+    """ResidualVQ after load_state_dict: the layer loaded with initted False re-runs its init, the
+    others do not; the stack's one check waits until every layer is known initted again."""
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, kmeans_init=True)
+    inits = [_kmeans_inits(layer) for layer in rvq.layers]
+    x = torch.randn(2, 40, 8)
+    rvq(x)
+    state = rvq.state_dict()
+    state["layers.1.initted"] = torch.tensor(False)
+    rvq.load_state_dict(state)
+    with count_syncs() as syncs:
+        rvq(x)
+    assert [len(i) for i in inits] == [1, 2, 1]
+    reads = [s for s in syncs if s[1].startswith("nn/vector_quantize.py")]
+    assert len(reads) == 3, syncs  # every layer's loaded initted, once
+    with count_syncs() as syncs:
+        rvq(x)
+    assert_finite_checks(syncs, 1)
+    assert [len(i) for i in inits] == [1, 2, 1]
+
+
+def test_grouped_stack_checks_every_group_at_once():
+    """GroupedResidualVQ's one check covers every group's rows (after its projection) and every
+    codebook, names the group, and raises before any group updates its statistics (checked group
+    by group, group 0 updated before group 1's NaN raised)."""
+    torch.manual_seed(0)
+    grouped = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=16)
+    x = torch.randn(2, 10, 8)
+    grouped(x)
+
+    def stats(module):
+        return [layer.cluster_size.clone() for rvq in module.rvqs for layer in rvq.layers]
+
+    before = stats(grouped)
+    for group in (0, 1):
+        bad = x.index_fill(2, torch.tensor([4 * group + 1]), float("nan"))
+        for mode, beam in ((grouped.train, None), (grouped.train, 2), (grouped.eval, None)):
+            mode()
+            with pytest.raises(NonFiniteError, match=f"^z of group {group} contains NaN or Inf"):
+                grouped(bad, beam_size=beam)
+    grouped.train()
+    for group, layer in ((0, 1), (1, 0), (1, 1)):
+        broken = copy.deepcopy(grouped)
+        with torch.no_grad():
+            broken.rvqs[group].layers[layer].embed[0, 3, 1] = float("inf")
+        with pytest.raises(NonFiniteError, match=f"^codebook of group {group} contains NaN"):
+            broken(x)
+        assert all(map(torch.equal, stats(broken), before))
+    assert all(map(torch.equal, stats(grouped), before))
+    projected = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=16,
+                                  codebook_dim=3)  # fmt: skip
+    with torch.no_grad():
+        projected.rvqs[1].project_in.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="^z of group 1 contains NaN or Inf"):
+        projected(x)
+    pending = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=4,
+                                kmeans_init=True)  # fmt: skip
+    with pytest.raises(ValueError, match="^x contains NaN or Inf"):  # the layers' own checks
+        pending(x.index_fill(2, torch.tensor([5]), float("nan")))
+    assert not pending.rvqs[1].layers[0].initted

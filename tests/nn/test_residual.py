@@ -492,7 +492,9 @@ def test_beam_size_one_is_the_greedy_path():
     for kwargs in ({}, {"mask": mask}):
         xg, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         qg, ig, lg = greedy(xg, **kwargs)
-        qb, ib, lb = beam._beam_run(xb, kwargs.get("mask"), None, False, 1, None, False)
+        qb, ib, lb = beam._beam_run(
+            beam._begin(xb, kwargs.get("mask"), None), False, 1, None, False
+        )
         assert torch.equal(ib, ig)
         torch.testing.assert_close(qb, qg)
         torch.testing.assert_close(lb, lg)

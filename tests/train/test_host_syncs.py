@@ -1,5 +1,6 @@
 """Host syncs of one trainer step, pinned (see tests/nn/test_host_syncs.py)."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -7,8 +8,11 @@ from fastvq.testing import count_syncs
 from fastvq.train.trainer import Trainer
 
 
-def test_train_step_syncs(make_config, datasets):
-    trainer = Trainer(make_config(), datasets=datasets)
+@pytest.mark.parametrize("kmeans_init", [False, True])
+def test_train_step_syncs(make_config, datasets, kmeans_init):
+    # kmeans_init (the demo's quantizer): once its init ran, no step reads `initted` again.
+    quantizer = f"type: VectorQuantize, codebook_size: 16, decay: 0.8, kmeans_init: {kmeans_init}"
+    trainer = Trainer(make_config(f"model.quantizer={{{quantizer}}}"), datasets=datasets)
     batch = next(trainer._batches())
     trainer.train_step(iter([batch]))
     step = trainer.opt.step

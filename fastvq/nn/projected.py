@@ -95,12 +95,16 @@ class SimVQ(nn.Module):
             )
         return codes
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, *, check_inputs_finite: bool = True):
+        """check_inputs_finite=False skips the NaN / Inf check of x and the codebook (its one
+        host sync), as in fastvq.quantize."""
         x, restore = _pack(x, self.channel_first)
         check_input("x", x, self.dim)
         codebook = self.codebook
         grad = "rotation" if self.rotation_trick else "ste"
-        out, indices = quantize(x, codebook.detach(), grad=grad)
+        out, indices = quantize(
+            x, codebook.detach(), grad=grad, check_inputs_finite=check_inputs_finite
+        )
         q = codebook[indices]
         loss = mse(x.detach().to(q.dtype), q) + self.input_to_quantize_commit_loss_weight * mse(
             x.to(q.dtype), q.detach()

@@ -528,11 +528,17 @@ class ResidualVQ(_Residual):
         freeze_codebook: bool = False,
         beam_size: int | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
+        *,
+        check_inputs_finite: bool = True,
     ):
+        """check_inputs_finite=False skips the stack's NaN / Inf check of its input and
+        codebooks (one host sync per forward) and its layers' own."""
         finite, step = self._plan(
             x, mask, indices, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size,
             rand_quantize_dropout_fixed_seed,
         )  # fmt: skip
+        if not check_inputs_finite:
+            return self._step(step, True)
         if finite is not None:
             check_finite(**finite)
         return self._step(step, finite is not None)
@@ -960,8 +966,20 @@ class ResidualSimVQ(_Residual):
         """(Q, K, dim), differentiable in the layers' transforms (SimVQ.codebook)."""
         return torch.stack([layer.codebook for layer in self.layers])
 
-    def _layer(self, i, residual, mask):
-        return self.layers[i](residual)
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        *,
+        check_inputs_finite: bool = True,
+    ):
+        """check_inputs_finite=False skips the layers' NaN / Inf checks (a host sync each)."""
+        begun = self._begin(x, None, rand_quantize_dropout_fixed_seed)
+        return self._run(begun, return_all_codes, checked=not check_inputs_finite)
+
+    def _layer(self, i, residual, mask, check_inputs_finite=True):
+        return self.layers[i](residual, check_inputs_finite=check_inputs_finite)
 
     def _layer_codes(self, i, idx):
         return self.layers[i].indices_to_codes(idx)
@@ -1044,29 +1062,32 @@ class _Grouped(nn.Module):
 class GroupedResidualVQ(_Grouped):
     """vector-quantize-pytorch's GroupedResidualVQ: GroupedResidualVQ(*, dim, groups=1,
     accept_image_fmap=False, **ResidualVQ kwargs); forward(x, indices=None,
-    return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False, mask=None) ->
-    (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes (G, Q, b, ..., d)]).
+    return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False, mask=None,
+    check_inputs_finite=True) -> (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes
+    (G, Q, b, ..., d)]).
 
-    One NaN / Inf check per forward for all groups (one host sync): every group's projected rows
-    and the codebooks of its layers that run, before any group searches or updates its codebooks;
-    the error names the group ("z of group 1 contains NaN or Inf"). A group whose layers check
-    themselves (sampled codes, a k-means init not yet known done: see ResidualVQ) still does."""
+    One NaN / Inf check per forward for all groups (one host sync; check_inputs_finite=False
+    skips it): every group's projected rows and the codebooks of its layers that run, before any
+    group searches or updates its codebooks; the error names the group ("z of group 1 contains
+    NaN or Inf"). A group whose layers check themselves (sampled codes, a k-means init not yet
+    known done: see ResidualVQ) still does."""
 
     residual_cls = ResidualVQ
 
     def _run_groups(self, chunks, kwargs) -> list:
         """Every group's stack planned (layout, projection), then one check, then the stacks
         run: ResidualVQ's forward in two halves, so hooks on self.rvqs[g] do not fire."""
+        check = kwargs.pop("check_inputs_finite", True)
         plans = [rvq._plan(chunk, **kwargs) for rvq, chunk in zip(self.rvqs, chunks, strict=True)]
         finite = {
             f"{name} of group {g}": tensors
             for g, (checks, _) in enumerate(plans)
             for name, tensors in (checks or {}).items()
         }
-        if finite:
+        if finite and check:
             check_finite(**finite)
         return [
-            rvq._step(step, checks is not None)
+            rvq._step(step, checks is not None or not check)
             for rvq, (checks, step) in zip(self.rvqs, plans, strict=True)
         ]
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 import fastvq
-from fastvq.nn import GroupedResidualVQ, HouseholderVQ, ResidualVQ, VectorQuantize
+from fastvq.nn import (
+    GroupedResidualVQ,
+    HouseholderVQ,
+    ResidualSimVQ,
+    ResidualVQ,
+    SimVQ,
+    VectorQuantize,
+)
 from fastvq.ops._backends import backends
 from fastvq.ops._validate import NonFiniteError
 from fastvq.testing import count_syncs
@@ -212,6 +219,29 @@ def test_modules(name, backend):
             assert len(ties) == 2 * BEAM_SEARCHES[name], syncs
             syncs = [s for s in syncs if s not in ties]
         assert_finite_checks(syncs, n)
+
+
+SKIPPABLE = {
+    "simvq": lambda: SimVQ(dim=16, codebook_size=64),
+    "rvq": lambda: ResidualVQ(dim=16, num_quantizers=3, codebook_size=64),
+    "rvq_beam": lambda: ResidualVQ(dim=16, num_quantizers=2, codebook_size=64, beam_size=2),
+    "grouped_rvq": lambda: GroupedResidualVQ(dim=16, groups=2, num_quantizers=2, codebook_size=64),
+    "residual_simvq": lambda: ResidualSimVQ(dim=16, num_quantizers=2, codebook_size=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPABLE))
+def test_layers_whose_check_names_check_inputs_finite_take_it(name):
+    """Their NaN error says "pass check_inputs_finite=False": they take it, and then neither
+    check nor wait for the GPU (the beam search's reference top-k aside)."""
+    module = SKIPPABLE[name]()
+    x = torch.randn(2, 24, 16)
+    bad = x.index_fill(1, torch.tensor([5]), float("nan"))
+    with pytest.raises(NonFiniteError, match="pass check_inputs_finite=False"):
+        module(bad)
+    module.eval()(bad, check_inputs_finite=False)
+    syncs = train_step(SKIPPABLE[name](), x.requires_grad_(), check_inputs_finite=False)
+    assert [s for s in syncs if not s[1].startswith("reference/nearest_code.py")] == []
 
 
 def test_residual_layers_still_check():

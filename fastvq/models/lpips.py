@@ -70,6 +70,10 @@ class LPIPS(nn.Module):
     (unit-normalized over channels), w_l >= 0 the linear heads: lpips' "vgg" v0.1 model exactly.
     Frozen (requires_grad False, eval mode); gradients still flow to the inputs.
 
+    As a metric this is LPIPS-VGG, the taming/LlamaGen perceptual loss's network: the lpips
+    package's default and recommended metric is AlexNet (lpips.LPIPS(net='alex')), whose values
+    differ, so compare with papers' LPIPS-VGG numbers only (SimVQ's evaluation reports both).
+
     LPIPS() has random weights (heads |N(0, 1)| so distances are positive): for tests and shapes.
     LPIPS.from_files(backbone, head) loads the real ones.
     """

@@ -82,7 +82,9 @@ DEFAULTS: dict = {
     "eval": {
         "batch_size": 64,
         "max_batches": 0,  # the first max_batches * batch_size images (over all ranks); 0: all
-        "fid_features": None,  # TorchScript file mapping (B, 3, H, W) in [0, 1] to (B, F)
+        # TorchScript file mapping (B, 3, H, W) in [0, 1] to (B, F); it resizes and normalizes
+        # for its network itself (see metrics.load_feature_fn)
+        "fid_features": None,
         "num_images": 16,  # reconstructions in the saved grid
     },
     "meta": {"enabled": False, "inner_lr": 1e-3, "codebook_every": 1, "fd_eps": 0.01},

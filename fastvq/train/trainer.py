@@ -26,7 +26,13 @@ from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
 from fastvq.train.config import dump_config
 from fastvq.train.data import build_datasets, eval_loader, train_loader
-from fastvq.train.metrics import CodeCounts, Evaluator, check_feature_file, load_feature_fn
+from fastvq.train.metrics import (
+    CodeCounts,
+    Evaluator,
+    check_feature_file,
+    load_feature_fn,
+    to_8bit,
+)
 from fastvq.train.visuals import save_grid, save_usage_histogram
 
 
@@ -791,7 +797,8 @@ class Trainer:
     def evaluate(self, use_ema: bool = True, save_images: bool = True) -> dict:
         """Metrics over the whole evaluation split (this rank's shard, all-reduced): MSE, PSNR,
         SSIM, code usage / perplexity / entropy from accumulated counts, LPIPS and rFID when
-        their weights are given. Saves a reconstruction grid and a usage histogram (rank 0)."""
+        their weights are given; the image metrics of the reconstructions rounded to 8 bits.
+        Saves a reconstruction grid and a usage histogram (rank 0)."""
         cfg, e = self.cfg, self.cfg["eval"]
         self._broadcast_buffers()
         model = self.ema if (use_ema and self.ema is not None) else _unwrap(self.model)
@@ -817,9 +824,10 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             with autocast:
                 out = model(x, quantize=cfg["train"]["vq"])
-            ev.update(x, out.recon, out.indices)
+            recon = to_8bit(out.recon.float())  # the saved image, which every metric scores
+            ev.update(x, recon, out.indices)
             if lpips is not None:
-                lpips_sum += lpips(x, out.recon.float().clamp(-1, 1)).double().sum()
+                lpips_sum += lpips(x, recon).double().sum()
             if shown is None:
                 shown = (x[: e["num_images"]], out.recon[: e["num_images"]].float())
         if self.world > 1:

@@ -15,7 +15,13 @@ from fastvq.train.metrics import (
     mse,
     psnr,
     ssim,
+    to_8bit,
 )
+
+
+def _levels(g, shape, lo=0, hi=255):
+    """Images on the 8-bit grid, as data loaders give them: uint8 levels lo..hi in [-1, 1]."""
+    return torch.randint(lo, hi + 1, shape, generator=g).double() / 127.5 - 1
 
 
 def _scipy_fid(mu1, s1, mu2, s2):
@@ -71,27 +77,32 @@ def test_mse_psnr_ssim_on_known_inputs():
         mse(x.long(), y.long())
 
 
-def test_ssim_matches_scipy_gaussian_filter_reference():
+@pytest.mark.parametrize("shape", [(1, 3, 24, 20), (2, 1, 13, 17)])
+def test_ssim_matches_scipy_gaussian_filter_reference(shape):
     """scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False) re-done with scipy.ndimage: filter, then crop the border."""
+    use_sample_covariance=False, data_range=1, channel_axis=0) re-done with scipy.ndimage (mode
+    reflect, its default): filter, crop the border, mean over each channel, then the channels;
+    per image, grayscale too."""
     ndimage = pytest.importorskip("scipy.ndimage")
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(1, 3, 24, 20, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
     y = (x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
-    a, b = ((x[0] + 1) / 2).numpy(), ((y[0] + 1) / 2).numpy()
-    c1, c2, per_channel = 0.01**2, 0.03**2, []
-    for u, v in zip(a, b, strict=True):
+    c1, c2, want = 0.01**2, 0.03**2, []
 
-        def f(t):
-            return ndimage.gaussian_filter(t, sigma=1.5, truncate=3.5)  # 11 taps
+    def f(t):
+        return ndimage.gaussian_filter(t, sigma=1.5, truncate=3.5, mode="reflect")  # 11 taps
 
-        mu_u, mu_v = f(u), f(v)
-        vu, vv, cuv = f(u * u) - mu_u**2, f(v * v) - mu_v**2, f(u * v) - mu_u * mu_v
-        s_map = ((2 * mu_u * mu_v + c1) * (2 * cuv + c2)) / (
-            (mu_u**2 + mu_v**2 + c1) * (vu + vv + c2)
-        )
-        per_channel.append(s_map[5:-5, 5:-5].mean())
-    assert ssim(x, y).item() == pytest.approx(float(np.mean(per_channel)), rel=1e-9)
+    for a, b in zip(((x + 1) / 2).numpy(), ((y + 1) / 2).numpy(), strict=True):
+        per_channel = []
+        for u, v in zip(a, b, strict=True):
+            mu_u, mu_v = f(u), f(v)
+            vu, vv, cuv = f(u * u) - mu_u**2, f(v * v) - mu_v**2, f(u * v) - mu_u * mu_v
+            s_map = ((2 * mu_u * mu_v + c1) * (2 * cuv + c2)) / (
+                (mu_u**2 + mu_v**2 + c1) * (vu + vv + c2)
+            )
+            per_channel.append(s_map[5:-5, 5:-5].mean())
+        want.append(np.mean(per_channel))
+    np.testing.assert_allclose(ssim(x, y).numpy(), want, rtol=1e-9)
 
 
 def test_code_stats_and_evaluator():
@@ -105,13 +116,13 @@ def test_code_stats_and_evaluator():
     # Usage is counted over the whole set, not averaged per batch: two batches using disjoint
     # halves of the codebook give full usage and perplexity K.
     ev = Evaluator(8, "cpu")
-    x = torch.rand(4, 3, 12, 12) * 1.6 - 0.8
+    x = _levels(torch.Generator().manual_seed(0), (4, 3, 12, 12), 0, 200)
     ev.update(x, x, torch.arange(4).view(1, 2, 2).expand(4, 2, 2))
-    ev.update(x, x + 0.2, torch.arange(4, 8).view(1, 2, 2).expand(4, 2, 2))
+    ev.update(x, x + 51 / 127.5, torch.arange(4, 8).view(1, 2, 2).expand(4, 2, 2))
     r = ev.result()
     assert r["images"] == 8 and r["usage"] == 1.0 and r["perplexity"] == pytest.approx(8.0)
-    assert r["mse"] == pytest.approx(0.005, rel=1e-5)  # half the images off by 0.1
-    assert r["psnr"] == pytest.approx((120 + 20) / 2, rel=1e-5)  # a perfect image counts 120 dB
+    assert r["mse"] == pytest.approx(0.02, rel=1e-5)  # half the images off by 51 / 255 = 0.2
+    assert r["psnr"] == pytest.approx((120 + 13.979400) / 2, rel=1e-5)  # perfect counts 120 dB
     with pytest.raises(ValueError, match="no images"):
         Evaluator(4, "cpu").result()
 
@@ -146,12 +157,65 @@ def test_code_counts_per_codebook():
 def test_evaluator_clamps_reconstructions_to_the_image_range():
     """A reconstruction overshooting [-1, 1] is scored as the image it displays (clamped)."""
     g = torch.Generator().manual_seed(4)
-    x = torch.rand(2, 3, 12, 12, generator=g, dtype=torch.float64) * 1.6 - 0.8
+    x = _levels(g, (2, 3, 12, 12), 25, 230)
     recon = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
     assert (recon.abs() > 1).any()
     ev = Evaluator(None, "cpu")
     ev.update(x, recon, None)
     r = ev.result()
-    clamped = recon.float().clamp(-1, 1)
-    assert r["mse"] == pytest.approx(mse(x.float(), clamped).mean().item(), rel=1e-6)
-    assert r["ssim"] == pytest.approx(ssim(x.float(), clamped).mean().item(), rel=1e-6)
+    clamped = to_8bit(recon.clamp(-1, 1))
+    assert r["mse"] == pytest.approx(mse(x, clamped).mean().item(), rel=1e-6)
+    assert r["ssim"] == pytest.approx(ssim(x, clamped).mean().item(), rel=1e-6)
+
+
+def _llamagen_psnr(x, recon):
+    """LlamaGen's tokenizer/tokenizer_image/reconstruction_vq_ddp.py: the reconstruction to uint8 by
+    clamp(127.5 r + 128, 0, 255) truncated, /255; the ground truth (x + 1) / 2 as it is; skimage's
+    peak_signal_noise_ratio (data range 1 for float images in [0, 1]) per image, averaged."""
+    gt = ((x + 1) / 2).numpy()
+    r = torch.clamp(127.5 * recon + 128.0, 0, 255).to(torch.uint8).numpy().astype(np.float32) / 255
+    err = ((r.astype(np.float64) - gt) ** 2).reshape(len(gt), -1).mean(1)
+    return float(np.mean(10 * np.log10(1 / err)))
+
+
+def test_evaluator_scores_the_8bit_images_as_llamagen_does():
+    """Reconstructions are rounded to the 256 levels of the saved image before any metric: PSNR
+    is then LlamaGen's number (the float reconstruction read 0.018 dB higher here, 36.549 for
+    36.531), and one within half a level of the image is the image (it read 56 dB)."""
+    g = torch.Generator().manual_seed(5)
+    x = _levels(g, (6, 3, 16, 16))
+    recon = x + 0.03 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ev = Evaluator(None, "cpu")
+    ev.update(x, recon, None)
+    assert ev.result()["psnr"] == pytest.approx(_llamagen_psnr(x, recon), abs=1e-4)
+
+    ev = Evaluator(None, "cpu")
+    ev.update(x, x + 0.4 / 127.5, None)  # 0.4 of a level
+    r = ev.result()
+    assert r["mse"] == 0 and r["psnr"] == pytest.approx(120) and r["ssim"] == pytest.approx(1)
+
+    torch.testing.assert_close(to_8bit(x), x, rtol=0, atol=1e-12)  # the data's levels stay
+    # 0 lies halfway between levels 127 and 128: it rounds up, as floor(127.5 x + 128) does
+    torch.testing.assert_close(
+        to_8bit(torch.tensor([-1.5, 1.5, 0.0])), torch.tensor([-1, 1, 1 / 255])
+    )
+
+
+def test_feature_extractor_gets_8bit_images_in_unit_range():
+    """rFID's extractor sees what the PSNR sees: [0, 1] on the 1/255 grid, real and
+    reconstructed, as the papers' Inception saw their PNG files."""
+    seen = []
+
+    def feature_fn(t):
+        seen.append(t)
+        return t.mean((2, 3))
+
+    g = torch.Generator().manual_seed(6)
+    x = _levels(g, (4, 3, 12, 12))
+    recon = 1.2 * x + 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    ev = Evaluator(None, "cpu", feature_fn)
+    ev.update(x, recon, None)
+    assert len(seen) == 2 and ev.result()["rfid"] > 0
+    for t in seen:
+        assert t.min() >= 0 and t.max() <= 1
+        torch.testing.assert_close(t * 255, (t * 255).round(), rtol=0, atol=1e-4)

@@ -162,6 +162,10 @@ class Tokenizer(nn.Module):
         """indices (B, h, w[, G][, Q]) -> the quantized latents z_q (B, D, h, w) they stand for."""
         if indices.dim() < 3:
             raise ValueError(f"indices must be (B, h, w[, Q]), got shape {tuple(indices.shape)}")
+        if not (indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool):
+            # Token files hold uint16 / int32 (fastvq tokenize): some quantizers index only with
+            # int64 (SimVQ's codebook[...], E8's lookup refused uint16).
+            indices = indices.long()
         if self._channel_first:  # (b, *spatial[, c]) -> (b, dim, *spatial)
             return self.quantizer.indices_to_codes(indices)
         b, h, w = indices.shape[:3]

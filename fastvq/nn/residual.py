@@ -261,19 +261,24 @@ class _Residual(nn.Module):
     def _codes_seq(self, indices: torch.Tensor) -> torch.Tensor:
         """(b, m, q) indices, q <= Q, -1 for dropped -> (Q, b, m, codebook_dim) float32 codes."""
         check_index_tensor("indices", indices)
-        if indices.numel() and not torch.compiler.is_compiling():  # one host sync for the stack
-            lo, hi = torch.stack(torch.aminmax(indices.long())).tolist()
-            if lo < -1 or hi >= self.codebook_size:  # -1 alone marks a dropped layer
-                raise ValueError(
-                    f"indices must lie in [-1, {self.codebook_size}) (-1: a dropped layer), got "
-                    f"values from {lo} to {hi}"
-                )
         q = indices.shape[-1]
         if q > self.num_quantizers:
             raise ValueError(
                 f"indices' last dimension must be at most num_quantizers = "
                 f"{self.num_quantizers}, got shape {tuple(indices.shape)}"
             )
+        if indices.numel() and not torch.compiler.is_compiling():  # one host sync for the stack
+            # Each layer against its own size: ResidualVQ's may differ ((4, 32): layer 1's codes
+            # 4 ... 31 are valid, layer 0's are not).
+            flat = indices.reshape(-1, q).long()
+            lows, highs = torch.stack([flat.amin(0), flat.amax(0)]).tolist()
+            sizes = getattr(self, "codebook_sizes", None) or [self.codebook_size] * q
+            for layer, (lo, hi, k) in enumerate(zip(lows, highs, sizes[:q], strict=True)):
+                if lo < -1 or hi >= k:  # -1 alone marks a dropped layer
+                    raise ValueError(
+                        f"indices must lie in [-1, {k}) (-1: a dropped layer), got values from "
+                        f"{lo} to {hi} (layer {layer})"
+                    )
         indices = F.pad(indices.long(), (0, self.num_quantizers - q), value=-1)
         codes = []
         for layer_index in range(self.num_quantizers):

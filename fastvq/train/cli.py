@@ -81,11 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         "weights when it has no EMA, or with --weights model) into DIR/tokens-SPLIT.npy: row i "
         "is image i's index grid (h, w), (h, w, Q) for residual quantizers, (h, w, G, Q) for "
         "grouped ones, in the smallest of uint16, int32 and int64 that holds the codebook "
-        "sizes. Both splits take the evaluation transform (centre crops, no flips). "
+        "sizes. Both splits take the evaluation transform (centre crops, no flips), under "
+        "bf16 autocast when the run trained so (train.bf16=false encodes in float32). "
         "DIR/tokens-SPLIT.json describes the file; for image folders, DIR/tokens-SPLIT.txt "
-        "lists row i's image (relative to data.path). The data section is the checkpoint's: "
-        "data.path=... tokenizes another dataset. Works under torchrun (each rank encodes its "
-        "shard into the same file).",
+        "lists row i's image (relative to data.path); CIFAR-10's rows are in the batches' "
+        "order (data_batch_1 ... 5, test_batch). The data section is the checkpoint's: "
+        "data.path=... tokenizes another dataset; the model section cannot be overridden. "
+        "Works under torchrun (each rank encodes its shard into the same file).",
     )
     k.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvq train")
     k.add_argument("--split", choices=("train", "val"), default="train", help="default: train")
@@ -183,9 +185,24 @@ def tokenize(
     from fastvq.train.trainer import join_process_group, pick_device, resolve_num_workers
 
     path = Path(checkpoint)
+    # The tokenizer is the checkpoint's: a model override builds another one, and one whose
+    # weights still fit (FSQ levels [8, 5, 5] -> [5, 5, 8]: no weights) writes other codes.
+    model_overrides = [o for o in overrides if o.split("=", 1)[0].split(".")[0] == "model"]
+    if model_overrides:
+        raise ValueError(
+            f"tokenize takes the checkpoint's model section as it was trained; drop "
+            f"{model_overrides[0]!r} (the data, eval and train sections may be)"
+        )
     state = ckpt.load(path)
     cfg = ckpt.trained_config(state, path, overrides)
+    if not cfg["train"]["vq"]:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with train.vq=false (an autoencoder without "
+            "its quantizer): its codebook is untrained, its tokens would mean nothing"
+        )
     data = cfg["data"]
+    if data["kind"] != "samples":  # tokens-SPLIT.txt names images relative to it, from anywhere
+        data["path"] = str(Path(data["path"]).expanduser().resolve())
     dataset = build_datasets(data, augment=False)[split == "val"]
     if dataset is None:
         raise ValueError(
@@ -215,13 +232,16 @@ def tokenize(
         "weights": "ema" if weights == "ema" and state.get("ema") else "model",
         "split": split,
         "data": data,
+        "bf16": cfg["train"]["bf16"],  # encoded under bf16 autocast: a few codes differ
         "files": f"tokens-{split}.txt" if files is not None else None,
     }
     if rank == 0:
         if files is not None:
-            root = Path(data["path"]).expanduser()
-            names = [str(Path(f).relative_to(root)) for f in files]
-            (out_dir / info["files"]).write_text("".join(n + "\n" for n in names))
+            root = Path(data["path"])
+            # The names' bytes as the filesystem holds them: a name that is not UTF-8 (a
+            # Latin-1 archive) made write_text raise after the whole split was encoded.
+            names = [os.fsencode(Path(f).relative_to(root)) for f in files]
+            (out_dir / info["files"]).write_bytes(b"".join(n + b"\n" for n in names))
         (out_dir / f"tokens-{split}.json").write_text(json.dumps(info, indent=2) + "\n")
         print(json.dumps({k: info[k] for k in ("tokens", "shape", "dtype", "weights")}))
     return info

@@ -1020,3 +1020,16 @@ def test_residual_simvq_bad_arguments():
     rsim = ResidualSimVQ(dim=DIM, num_quantizers=2, codebook_size=K)
     with pytest.raises(ValueError, match="num_quantizers"):
         rsim.get_codes_from_indices(torch.zeros(2, 3, 3, dtype=torch.long))
+
+
+def test_decoding_checks_each_layer_against_its_own_codebook_size():
+    # Checked against the first layer's size, layer 1's valid codes 4 ... 31 were refused (a
+    # tokenizer on this stack could not decode its own tokens) and layer 1 of (8, 4) took code 6.
+    for sizes, idx in (((4, 32), [0, 31]), ((8, 4), [7, 3])):
+        rvq = ResidualVQ(dim=DIM, codebook_size=sizes).eval()
+        x = torch.randn(1, 5, DIM)
+        _, indices, _ = rvq(x)
+        assert torch.equal(rvq.get_output_from_indices(indices), rvq(x)[0])
+        rvq.get_output_from_indices(torch.tensor([[idx]]))
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 4\) .* from 6 to 6 \(layer 1\)"):
+        rvq.get_output_from_indices(torch.tensor([[[7, 6]]]))

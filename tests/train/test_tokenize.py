@@ -2,6 +2,8 @@
 file is what the checkpoint's tokenizer gives that image under the evaluation transform."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,3 +151,57 @@ def test_tokenize_refuses_the_training_split_of_the_sample_photographs(make_conf
     path = trainer.save()
     with pytest.raises(ValueError, match="random crops"):
         main(["tokenize", "--checkpoint", str(path)])
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [
+        "{type: SimVQ, codebook_size: 16}",  # indexed its codebook with int64 only
+        "{type: ResidualVQ, num_quantizers: 2, codebook_size: [4, 32]}",  # layer 1 beyond 4
+    ],
+)
+def test_decode_indices_of_the_token_file_reconstructs_the_forward(make_config, quantizer):
+    cfg = make_config(f"model.quantizer={quantizer}", "train.steps=0")
+    path = Trainer(cfg, datasets=(None, None)).save()
+    model = ckpt.load_tokenizer(path)
+    dataset = TensorImages((torch.rand(5, 3, 16, 16) * 255).byte(), 16, train=False)
+    target = path.parent / "t.npy"
+    write_tokens(model, dataset, target, batch_size=2, device=torch.device("cpu"))
+    tokens = np.load(target)
+    assert tokens.dtype == np.uint16 and tokens.max() >= 4
+    with torch.no_grad():
+        recon = model(torch.stack(list(dataset))).recon
+        assert torch.equal(model.decode_indices(torch.from_numpy(tokens)), recon)
+
+
+def test_tokenize_refuses_a_quantizer_it_was_not_trained_with(make_config):
+    fsq = "model.quantizer={type: FSQ, levels: [2, 8]}"
+    # The pretraining run (train.vq=false): its codebook never saw a latent.
+    path = Trainer(
+        make_config(fsq, "train.vq=false", "train.steps=0"), datasets=(None, None)
+    ).save()
+    args = ["tokenize", "--checkpoint", str(path), "--split", "val"]
+    with pytest.raises(ValueError, match="train.vq=false"):
+        main(args)
+    # FSQ has no weights to disagree with: other levels were taken silently, other codes.
+    Trainer(make_config(fsq, "train.steps=0"), datasets=(None, None)).save()
+    with pytest.raises(ValueError, match="model section"):
+        main([*args, "model.quantizer.levels=[8, 2]"])
+
+
+def test_tokenize_names_images_from_any_directory_whatever_their_bytes(
+    make_config, tmp_path, monkeypatch
+):
+    root = tmp_path / "images"
+    _folder(root, [(16, 16)] * 8)
+    latin1 = os.fsencode(root / "train" / "c0") + b"/caf\xe9 1.png"  # not UTF-8
+    os.rename(root / "train" / "c0" / "im0.png", latin1)
+    monkeypatch.chdir(tmp_path)
+    path = Trainer(make_config("data.kind=folder", "data.path=images", "train.steps=0")).save()
+    main(["tokenize", "--checkpoint", str(path), "--out", "tok", "train.bf16=true"])
+    info = json.loads((tmp_path / "tok" / "tokens-train.json").read_text())
+    names = (tmp_path / "tok" / "tokens-train.txt").read_bytes().splitlines()
+    assert b"train/c0/caf\xe9 1.png" in names and len(names) == info["shape"][0] == 6
+    monkeypatch.chdir(root)  # the JSON's data.path, not the directory tokenize ran in
+    assert all((Path(info["data"]["path"]) / os.fsdecode(n)).is_file() for n in names)
+    assert info["bf16"] is True  # the codes of bf16 autocast, not always float32's

@@ -170,6 +170,9 @@ class LeechQuantize(_ShellQuantize):
     The code for u = z / |z| is argmax_k <u, c_k> (fastvq.lattice.leech_quantize, structured
     decoder, ties to the lowest index); the gradient is straight-through on u, or the rotation
     trick (rotation_trick=True). forward -> (quantized, indices, commitment loss).
+    The Lambda24-SQ post trains without a commitment loss ("thanks to the non-parametric nature,
+    the commitment loss is gone too"): commitment_weight=0 is that recipe (configs/leech.yaml);
+    the default 1.0 is VectorQuantize's.
     """
 
     shell_dim, shell_size, name = 24, LEECH_SIZE, "LeechQuantize"

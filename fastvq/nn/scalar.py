@@ -132,6 +132,9 @@ class FSQ(nn.Module):
     Differences from the peer (documented, tested):
       - levels of 2 are allowed without preserve_symmetry (grid {-1, 0}, as fastvq.fsq); the peer
         asserts there.
+      - bound_hard_clamp with a level L > 1000: the rounded bound is clamped to the L levels (as
+        fastvq.fsq's); the peer's reaches one level past each end there (codes beyond [-1, 1],
+        indices that decode to other codes). Below L = 1001 the clamp never acts.
       - indices are int64 (the peer's are int32) and always mapped digit-exactly, never by a
         float round of the code.
       - no `implicit_codebook` buffer (K x d); `codebook` is None.
@@ -216,7 +219,10 @@ class FSQ(nn.Module):
         offset = torch.where(self._levels_f.remainder(2) == 0, 0.5, 0.0).to(z.dtype)
         b = (z + offset / half_l).clamp(-1.0, 1.0) * half_l - offset
         half_width = torch.div(lv, 2, rounding_mode="floor")
-        r = b.round()
+        # From L = 1001 up the (1 + 1e-3) stretch puts b's ends past the outer levels (L = 1003:
+        # +-501.5 rounds to +-502, half_width 501): clamp to the L integers, as fastvq.fsq does,
+        # or the digit spills into the next dimension's and the index decodes to another code.
+        r = b.round().maximum(-half_width).minimum(lv - 1 - half_width)
         codes = (b + (r - b).detach()) / half_width
         digits = (r.detach() + half_width).to(torch.int64)
         return codes, _mixed_radix(digits, self.levels)

@@ -150,6 +150,22 @@ def test_fsq_hard_clamp_matches_peer():
     _assert_same_as_peer(mine, peer, z)
 
 
+@pytest.mark.parametrize("level", [1001, 1003, 2000])
+def test_fsq_hard_clamp_large_levels_stay_on_the_grid(level):
+    # Past L = 1000 the bound's (1 + 1e-3) stretch rounds its ends one level beyond the grid (the
+    # peer's codes leave [-1, 1] and their digits spill into the next dimension). Saturated
+    # inputs must give the outer levels, indices in range that decode to the same codes.
+    m = FSQ(levels=[level, 3], bound_hard_clamp=True)
+    z = torch.tensor([[[50.0, 0.0], [-50.0, 0.0], [0.3, -50.0]]])
+    out, idx = m(z)
+    half_width = level // 2
+    top = (level - 1 - half_width) / half_width
+    assert out[0, 0, 0] == top and out[0, 1, 0] == -1.0 and (out.abs() <= 1).all()
+    assert (idx >= 0).all() and (idx < level * 3).all()
+    assert torch.equal(m.indices_to_level_indices(idx)[..., 1], torch.tensor([[1, 1, 0]]))
+    assert torch.equal(m.indices_to_codes(idx), out)
+
+
 def test_fsq_level_two_without_symmetry_is_allowed():
     # The peer asserts here; fastvq's grid for L = 2 is {-1, 0} (fastvq.fsq).
     _seed(3)

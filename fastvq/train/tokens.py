@@ -53,7 +53,9 @@ def write_tokens(
 ) -> tuple[int, ...]:
     """Encode every item of `dataset` with `model` (a Tokenizer, in eval mode, on `device`) and
     write the index grids to the .npy file `path`; returns its shape. The file appears complete
-    or not at all (it is written as `path`.partial and renamed once every row is in)."""
+    or not at all: it is written as `path`.partial, renamed once every row is in, and removed
+    when this process fails (a rank that dies under torchrun leaves rank 0 waiting: torchrun
+    ends it, and the .partial file stays)."""
     n = len(dataset)
     if n == 0:
         raise ValueError("the split to tokenize holds no images")
@@ -72,25 +74,30 @@ def write_tokens(
         path.parent.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(partial, "w+", dtype, (n, *item)).flush()
     _sum_over_ranks(0, world, device)  # a barrier: the other ranks open the file rank 0 made
-    out = np.lib.format.open_memmap(partial, "r+")
-    pin = device.type == "cuda"
-    done = 0  # this rank's shard is rows rank, rank + world, ... in eval_loader's order
-    for x in eval_loader(dataset, batch_size, rank, world, num_workers, pin_memory=pin):
-        idx = encode(x).cpu().numpy()
-        # An index the dtype cannot hold would be written wrapped around, silently.
-        if sizes and (idx.min() < 0 or idx.max() >= max(sizes)):
-            raise ValueError(
-                f"the tokenizer returned indices outside [0, {max(sizes)}): "
-                f"{idx.min()} ... {idx.max()}"
-            )
-        out[rank + world * np.arange(done, done + len(idx))] = idx
-        done += len(idx)
-    out.flush()
-    del out
-    total = _sum_over_ranks(done, world, device)
-    if rank == 0:
-        if total != n:  # not expected: eval_loader's shards cover the split
-            raise RuntimeError(f"wrote {total} of {n} rows of {str(path)!r}")
-        os.replace(partial, path)
+    try:
+        out = np.lib.format.open_memmap(partial, "r+")
+        pin = device.type == "cuda"
+        done = 0  # this rank's shard is rows rank, rank + world, ... in eval_loader's order
+        for x in eval_loader(dataset, batch_size, rank, world, num_workers, pin_memory=pin):
+            idx = encode(x).cpu().numpy()
+            # An index the dtype cannot hold would be written wrapped around, silently.
+            if sizes and (idx.min() < 0 or idx.max() >= max(sizes)):
+                raise ValueError(
+                    f"the tokenizer returned indices outside [0, {max(sizes)}): "
+                    f"{idx.min()} ... {idx.max()}"
+                )
+            out[rank + world * np.arange(done, done + len(idx))] = idx
+            done += len(idx)
+        out.flush()
+        del out
+        total = _sum_over_ranks(done, world, device)
+        if rank == 0:
+            if total != n:  # not expected: eval_loader's shards cover the split
+                raise RuntimeError(f"wrote {total} of {n} rows of {str(path)!r}")
+            os.replace(partial, path)
+    except BaseException:
+        if rank == 0:  # a split of 1.28 M images leaves no gigabytes of rows behind
+            partial.unlink(missing_ok=True)
+        raise
     _sum_over_ranks(0, world, device)  # no rank returns before the file is in place
     return (n, *item)

@@ -139,10 +139,10 @@ def test_write_tokens_refuses_indices_the_file_cannot_hold(trained, tmp_path):
     encode = model.encode
     model.encode = lambda x: (lambda z, i, loss: (z, i + 16, loss))(*encode(x))
     dataset = TensorImages((torch.rand(3, 3, 16, 16) * 255).byte(), 16, train=False)
-    target = tmp_path / "t.npy"
+    target = tmp_path / "tokens" / "t.npy"
     with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
         write_tokens(model, dataset, target, batch_size=2, device=torch.device("cpu"))
-    assert not target.exists()
+    assert list(target.parent.iterdir()) == []  # neither the file nor its partial rows
 
 
 def test_tokenize_refuses_the_training_split_of_the_sample_photographs(make_config, tmp_path):

@@ -1,14 +1,15 @@
 """Codebook learning (issue 3) against what users otherwise run, in one process and one table.
 
 ema:      one EMA step as a VQ layer runs it: EMA of counts and sums, Laplace-smoothed codebook,
-          dead-code check (and replacement). fastvq (each backend; GPU backends also with
-          deterministic=True) vs the one-hot formulation (vector-quantize-pytorch, Sonnet) vs
-          index_add_, both from fastvq.reference.codebook, with vector-quantize-pytorch's
-          expire-codes step. Checked: one step from the same state against float64 index_add_
-          (err). GB/s counts z and indices read once, the (K, D + 1) statistics read and written,
-          the codebook written. ema_hot: the same with half of the rows on code 0, as at
-          initialization or collapse (atomics contend, a deterministic run is long), without
-          the one-hot peer, whose cost does not depend on the codes.
+          dead-code check. fastvq (each backend; GPU backends also with deterministic=True) vs
+          the one-hot formulation (vector-quantize-pytorch, Sonnet) vs index_add_, both from
+          fastvq.reference.codebook, with vector-quantize-pytorch's expire-codes step (threshold
+          0: the check runs, but no code dies however often a step repeats, so every peer's timed
+          steps do the same work). Checked: one step from the same state against float64
+          index_add_ (err). GB/s counts z and indices read once, the (K, D + 1) statistics read
+          and written, the codebook written. ema_hot: the same with half of the rows on code 0,
+          as at initialization or collapse (atomics contend, a deterministic run is long),
+          without the one-hot peer, whose cost does not depend on the codes.
 quantize: forward + backward (dL/dz for a fixed random dL/dz_q; codebook without grad, as in
           EMA training) of fastvq.quantize with grad="ste" / "rotation", against nearest_code
           alone, autograd through the reference rotation trick (fastvq.reference.quantize) and
@@ -51,10 +52,11 @@ SHAPES = {
     ],
 }
 DECAY = 0.99
-# A code dies after about log(THRESHOLD) / log(DECAY) = 460 steps without a row: a few die (and
-# are replaced) while a benchmark repeats the step, as in training; none in the checked first step
-# (every cluster size starts at 1 and stays >= DECAY).
-THRESHOLD = 0.01
+# Every step checks for dead codes (each peer's host sync) and none ever dies: with a threshold
+# above 0 the ~37 % of codes that no row picks would all die at step 460 and then every step after,
+# so a peer fast enough for do_bench to repeat it past 460 steps (thousands at 0.05 ms) would be
+# timed replacing ~24,000 codes per step while a slow one (a few repeats) replaces none.
+THRESHOLD = 0.0
 
 
 def backends_for(device: str) -> list[str]:

@@ -9,6 +9,7 @@ session its other numbers.
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -44,7 +45,7 @@ class Row:
     tflops: float | None = None  # counted flops / median time
     gbps: float | None = None  # bytes the op must move (inputs once, outputs once) / median time
     percent_of_peak: float | None = None  # of the H100 ceiling that binds: arithmetic or copy
-    peak_gib: float | None = None  # device memory of one call beyond what was allocated before
+    peak_gib: float | None = None  # device memory of a warm call beyond what was allocated before
     agree: float | None = None  # fraction of sampled indices equal to the float64 reference
     err: float | None = None  # max |out - ref64| / max |ref64| over the checked outputs
     ok: bool | None = None  # the op's correctness verdict (tie-aware for indices)
@@ -131,7 +132,8 @@ def measure(
     arith: str | None = None,
     need_bytes: float | None = None,
 ) -> Row:
-    """One row: fn = setup(); out = fn() (warm-up, peak memory); check(out); then time fn().
+    """One row: fn = setup(); out = fn() (warm-up); check(out); on CUDA the peak memory of a
+    second fn(); then time fn().
 
     setup: prepares inputs (dtype conversions, modules) outside the timed region and returns the
         zero-argument callable to time; it raises Skip (or ImportError) when the peer cannot run.
@@ -141,6 +143,7 @@ def measure(
     need_bytes: predicted peak memory; a peer over memory_limit() is skipped, not tried.
     """
     row = Row(name=name, shape=dict(shape))
+    fn = out = None
     try:
         limit = memory_limit()
         if need_bytes is not None and need_bytes > limit:
@@ -148,18 +151,22 @@ def measure(
                 f"needs ~{need_bytes / 2**30:.0f} GiB, over the {limit / 2**30:.0f} GiB limit"
             )
         fn = setup()
+        out = fn()  # the warm-up, and the output checked: stateful peers' first step
         _sync()
-        if DEVICE == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        out = fn()
-        _sync()
-        if DEVICE == "cuda":
-            row.peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
         if check is not None:
             for key, value in check(out).items():
                 setattr(row, key, value)
-        del out
+        out = None
+        if DEVICE == "cuda":
+            # Peak memory of a second call: the first one also holds what a process allocates
+            # once (cuBLAS's workspace for whichever peer calls it first, Triton autotuning's and
+            # torch.compile's benchmark buffers), which is no op's own.
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            out = fn()
+            _sync()
+            row.peak_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+            out = None
         row.ms, row.ms_p20, row.ms_p80 = timeit(fn, reps)
         h100 = "h100" in device_name().lower()
         if flops:
@@ -185,7 +192,7 @@ def measure(
     except Exception as e:  # noqa: BLE001  (a broken peer must not end the run)
         row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
-        fn = None
+        fn = out = None  # an exception in check() or timeit() would otherwise keep the output
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -241,6 +248,22 @@ def _version(package: str) -> str | None:
         return None
 
 
+@functools.cache
+def gpu_state() -> dict:
+    """GPU 0's driver, clocks, temperature and power as nvidia-smi reads them ({} without it):
+    a record taken on a down-clocked or hot card says so. Once per process (nvidia-smi can take
+    a second to start), after the first shape's timings."""
+    fields = ("driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "temperature.gpu",
+              "power.draw", "power.limit")  # fmt: skip
+    query = ["nvidia-smi", "--id=0", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    values = [v.strip() for v in out.strip().split(",")]
+    return dict(zip(fields, values, strict=True)) if len(values) == len(fields) else {}
+
+
 def environment(device: str = DEVICE) -> dict:
     def git(*args):
         try:
@@ -252,8 +275,25 @@ def environment(device: str = DEVICE) -> dict:
     if os.path.exists("/proc/cpuinfo"):
         models = re.findall(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
         cpu = models[0] if models else cpu
+    gpu = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        gpu = {
+            "capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mib": getattr(props, "L2_cache_size", 0) / 2**20 or None,
+            "cudnn": torch.backends.cudnn.version(),
+            **gpu_state(),
+        }
+    # The commit: a tree copied without its .git (as the device machine's may be) has none to
+    # read, so gpu.sh's caller passes it as FASTVQ_GIT_REV.
+    rev = git("rev-parse", "HEAD")
+    if rev and git("status", "--porcelain", "--", ".", ":!bench/results"):
+        rev += "+dirty"  # records written earlier in the same run do not make the code dirty
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu,
+        "gpu": gpu,
         "cpu": cpu,
         "threads": torch.get_num_threads(),
         # 1-minute load average at the end of the run: above the thread count, CPU timings are
@@ -263,9 +303,7 @@ def environment(device: str = DEVICE) -> dict:
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
         "peers": {p: _version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")},
-        # Records written earlier in the same run do not make the code under test dirty.
-        "git": git("rev-parse", "HEAD")
-        + ("+dirty" if git("status", "--porcelain", "--", ".", ":!bench/results") else ""),
+        "git": rev or os.environ.get("FASTVQ_GIT_REV", "unknown"),
         "backends": {k: v.available for k, v in __import__("fastvq").backends().items()},
     }
 

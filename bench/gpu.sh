@@ -6,7 +6,8 @@
 # run in order of importance, and if the early ones take their whole budgets the last ones are
 # skipped (the summary says which).
 #
-#   device run (carry [".whl"]):  bash bench/gpu.sh
+#   device run (carry [".whl"]):  FASTVQ_GIT_REV=<`git rev-parse HEAD` here> bash bench/gpu.sh
+# (where the tree arrives without its .git, the records take their commit from FASTVQ_GIT_REV)
 #
 # .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels):
 #   pip download --no-deps -d .whl flash-kmeans vector-quantize-pytorch==1.32.0 einx==0.4.3 \
@@ -51,25 +52,37 @@ main() {
       --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   fi
   if ! step build 200 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
-    echo "build failed: the tests and benchmarks below run on whatever backends import"
+    # Without an install fastvq.kernels does not import (setup.py maps it from kernels/): the
+    # package alone (5 s), so that a failed CUDA build does not cost the Triton rows too.
+    echo "build failed: installing without the C++ extension; the C++ backends are unavailable"
+    step build-no-ext 30 env FASTVQ_NO_EXTENSION=1 python3 -m pip install -q --no-index \
+      --no-deps --no-build-isolation -e .
   fi
   step backends 30 python3 -c "import fastvq; print(fastvq.backends())"
   # Top-k's GPU tests compile many Triton specializations: last, so they never starve the rest.
   step tests-gpu 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "not topk"
-  # The op tests on CUDA tensors: every backend case on cuda, and the Triton launcher tests
-  # (screening, split-K), which take CUDA tensors wherever CUDA is.
-  step tests-cuda 90 python3 -m pytest -q -p no:cacheprovider tests/ops tests/lattice \
-    -k "(cuda or triton or screen) and not topk"
+  # The Triton launcher tests (screening, split-K), which take CUDA tensors wherever CUDA is but
+  # carry no gpu marker; not gpu: the cuda-* backend cases are all tests-gpu's (348 of them,
+  # which this step ran a second time before).
+  step tests-cuda 45 python3 -m pytest -q -p no:cacheprovider tests/ops tests/lattice \
+    -m "not gpu" -k "(cuda or triton or screen) and not topk"
   # Benchmarks, most important first; each writes $OUT/<op>-<device>.json as soon as it finishes.
-  step bench-nearest 75 python3 -m bench.run --only nearest_code --out "$OUT"
+  # nearest: ~105 rows at ~0.5-1 s of fixed cost each (the float64 check of 512 sampled rows on
+  # the CPU: 1-5 s per row on the 2-core CPU machine at K = 65,536-196,560; do_bench's 0.125 s; gc)
+  # plus four torch.compile builds and the Triton JIT of each shape's specializations (BLOCK_D,
+  # EVEN_K, SPLIT, ...): ~90 s, an estimate (no GPU run yet); at 75 s the last shape, the split-K
+  # one, would be lost. The build's 200 s are a cap: nvcc took 3-5 s per .cu and g++
+  # 5-21 s per .cpp on the CPU machine, for 16 parallel jobs.
+  step bench-nearest 100 python3 -m bench.run --only nearest_code --out "$OUT"
   step bench-codebook 75 python3 -m bench.run --only codebook --out "$OUT"
   step bench-nn 75 python3 -m bench.run --only nn --out "$OUT"
   step bench-lattice 40 python3 -m bench.run --only lattice --out "$OUT"
   step bench-scalar 40 python3 -m bench.run --only scalar --out "$OUT"
   # The recheck share, and the screening bound against the tensor cores' own accumulation.
   step screening 40 python3 -m bench.screening_share --rows 512 --out "$OUT"
+  # cuda-* cases and the top-k split-K launcher test (CUDA tensors, no "cuda" in its name)
   step tests-topk 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_nearest_code_topk.py \
-    -k cuda
+    -k "cuda or triton"
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
   echo "== summary (${SECONDS} s)"
   printf '%s\n' "${SUMMARY[@]}"

@@ -4,7 +4,9 @@ environment, shapes, one row per peer, every fastvq row checked correct before i
 import dataclasses
 import importlib
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,3 +351,235 @@ def test_nn_check_catches_wrong_indices(monkeypatch):
     rows = {r.name: r for r in bench.run_vq(1, 16, 32, 4, 1, rotations=(False,))}
     assert rows["fastvq VectorQuantize"].status == "ok", rows
     assert rows["fastvq VectorQuantize"].ok is False and rows["fastvq VectorQuantize"].err == 0
+
+
+# --- what a GPU run measures, on fakes: CUDA's code paths without a GPU ---
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """measure's CUDA path on a fake caching allocator: yields alloc(bytes) (negative frees) and
+    the list that empty_cache() appends its calls to."""
+    allocated, peak, emptied = [0], [0], []
+
+    def alloc(n):
+        allocated[0] += n
+        peak[0] = max(peak[0], allocated[0])
+
+    monkeypatch.setattr(common, "DEVICE", "cuda")
+    monkeypatch.setattr(common, "timeit", lambda fn, reps: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(common, "memory_limit", lambda: 2**40)
+    monkeypatch.setattr(common, "device_name", lambda device=None: "fake")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated[0])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak[0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.__setitem__(0, 0))
+    yield alloc, emptied
+
+
+def test_peak_memory_is_a_warm_calls(fake_cuda):
+    """peak_gib: one call's own memory, not what the process allocates once on its first call
+    (cuBLAS's workspace for whichever peer calls it first, autotuning's benchmark buffers)."""
+    alloc, _ = fake_cuda
+    calls, checked = [], []
+
+    def fn():
+        if not calls:
+            alloc(2**30)  # a library's workspace, kept by the process
+        calls.append(len(calls))
+        alloc(2**29)  # the op's own temporary
+        alloc(-(2**29))
+        return len(calls)
+
+    row = common.measure("p", {}, lambda: fn, check=lambda out: checked.append(out) or {})
+    assert row.status == "ok" and row.peak_gib == 0.5
+    assert checked == [1]  # the check sees the first call's output (a stateful peer's first step)
+
+
+def test_a_failed_peer_leaves_nothing_for_empty_cache_to_miss(fake_cuda, monkeypatch):
+    """When a peer fails (OOM in a call, an error in its check), nothing of it is referenced any
+    more when measure empties the allocator's cache: the rows after it get the memory back."""
+    import weakref
+
+    refs, alive = [], []
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: alive.append([r() is not None for r in refs])
+    )
+
+    def oom():
+        scores = torch.empty(1000)  # a local of the failing frame, held by the traceback
+        refs.append(weakref.ref(scores))
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    def output():
+        out = torch.empty(1000)
+        refs.append(weakref.ref(out))
+        return out
+
+    assert common.measure("p", {}, lambda: oom).status == "OOM"
+    row = common.measure("p", {}, lambda: output, check=lambda out: 1 / 0)
+    assert row.status.startswith("error: ZeroDivisionError"), row
+    assert alive == [[False], [False, False]]
+
+
+def test_ema_steps_do_the_same_work_however_often_they_run(monkeypatch):
+    """do_bench repeats a fast step thousands of times and a slow one a few: no code may die (and
+    be replaced) part way, or fast and slow peers' medians would time different work."""
+    import bench.bench_codebook as bench
+    import fastvq
+
+    dead = []
+    reset, expire = fastvq.reset_dead_codes_, bench.expire_codes_
+
+    def counting_reset(*args, **kwargs):
+        dead.append(len(reset(*args, **kwargs)))
+
+    def counting_expire(codebook, cluster_size, embed_sum, z):
+        dead.append(int((cluster_size < bench.THRESHOLD).sum()))
+        expire(codebook, cluster_size, embed_sum, z)
+
+    monkeypatch.setattr(fastvq, "reset_dead_codes_", counting_reset)
+    monkeypatch.setattr(bench, "expire_codes_", counting_expire)
+    g = torch.Generator().manual_seed(0)
+    z, idx = torch.randn(64, 4, generator=g), torch.randint(16, (64,), generator=g)
+    peers = bench.ema_peers(z, idx, 32, 4)  # codes 16..31 get no row
+    for name in ("fastvq ema torch", "torch index_add_"):
+        step = peers[name]()
+        for _ in range(600):
+            step()
+    assert len(dead) == 1200 and sum(dead) == 0
+
+
+def test_entropy_steps_make_no_host_sync_of_their_own():
+    """A timed step returns tensors: a value read there would sync the host in the timed region
+    (vector-quantize-pytorch's LFQ itself has none)."""
+    import bench.bench_scalar as bench
+    from fastvq.testing import count_syncs
+
+    rows = bench.run_entropy(32, 4, 1)
+    assert all(r.status == "ok" for r in rows if not r.name.startswith("vqp")), rows
+    z = torch.randn(32, 4)
+    for name, setup in bench.entropy_peers(z, "lfq").items():
+        try:
+            step = setup()
+        except ImportError:
+            continue
+        step()
+        with count_syncs() as syncs:
+            step()
+        assert syncs == [], (name, syncs)
+
+
+def test_a_missing_peer_package_costs_only_its_rows(monkeypatch):
+    """The residual-VQ rows start from the peer's state: without vector-quantize-pytorch (the GPU
+    image lacks it) fastvq's row still runs, and the peer's is skipped instead of ending the
+    module (and the VQGAN shapes after it)."""
+    import sys
+
+    import bench.bench_nn as bench
+
+    monkeypatch.setitem(sys.modules, "vector_quantize_pytorch", None)
+    rows = {r.name: r for r in bench.run_rvq_beam(1, 16, 32, 4, 1)}
+    assert rows["fastvq ResidualVQ beam 4"].status == "ok", rows
+    assert rows["fastvq ResidualVQ beam 4"].ok is True, rows
+    assert rows["vqp ResidualVQ beam 4"].status == "skipped: vector_quantize_pytorch not installed"
+
+
+def test_environment_reads_the_gpu_and_a_passed_revision(tmp_path, monkeypatch):
+    """nvidia-smi's driver and clocks go into the record ({} where it is missing); a tree
+    without .git (the device machine's copy) takes its commit from FASTVQ_GIT_REV."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\necho '580.159.04, 1980 MHz, 1980 MHz, 2619 MHz, 41, 120.5 W, 700 W'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    common.gpu_state.cache_clear()
+    state = common.gpu_state()
+    assert state["driver_version"] == "580.159.04" and state["clocks.sm"] == "1980 MHz", state
+    assert state["power.limit"] == "700 W"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi, no git
+    common.gpu_state.cache_clear()
+    assert common.gpu_state() == {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTVQ_GIT_REV", "abc123")
+    assert common.environment("cpu")["git"] == "abc123"
+    common.gpu_state.cache_clear()
+
+
+# Pretends a CUDA device exists while pytest collects, so that the cuda-* cases are generated.
+FAKE_CUDA = """
+import types
+import torch
+props = types.SimpleNamespace(major=9, minor=0, total_memory=80 * 2**30, name="fake",
+                              multi_processor_count=132)
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+torch.cuda.current_device = lambda: 0
+torch.cuda.get_device_properties = lambda *a: props
+torch.cuda.get_device_capability = lambda *a: (9, 0)
+torch.cuda.get_device_name = lambda *a: props.name
+import fastvq._ext
+fastvq._ext.HAS_CUDA_KERNELS = True
+"""
+
+
+def test_gpu_sh_runs_each_gpu_test_once(tmp_path):
+    """gpu.sh's pytest steps, collected as on a GPU machine: no test in two steps (each costs
+    seconds of a 540 s session), every gpu-marked op test in one, and the Triton launcher tests
+    that take CUDA tensors without a gpu marker (split-K, screening) too."""
+    import re
+    import shlex
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(root, "bench", "gpu.sh")).read().replace("\\\n", " ")
+    steps = dict(re.findall(r"^\s*step (\S+) \d+ python3 -m pytest (.*)$", script, re.M))
+    assert set(steps) == {"tests-gpu", "tests-cuda", "tests-topk"}, steps
+    (tmp_path / "fake_cuda.py").write_text(FAKE_CUDA)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    def collect(*args):
+        cmd = [sys.executable, "-m", "pytest", "-p", "fake_cuda", "--collect-only", "-q", *args]
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True).stdout
+        return {line for line in out.splitlines() if "::" in line}
+
+    # one -q lists node ids (the steps' own -q would make it -qq: counts per file)
+    chosen = {n: collect(*(a for a in shlex.split(args) if a != "-q")) for n, args in steps.items()}
+    gpu, cuda, topk = (chosen[n] for n in ("tests-gpu", "tests-cuda", "tests-topk"))
+    assert gpu and cuda and topk
+    assert not gpu & cuda and not gpu & topk and not cuda & topk
+    marked = collect("-m", "gpu", "tests/ops/test_nearest_code_topk.py")
+    assert any("[cuda-" in t for t in marked) and marked <= topk
+    launchers = {t for t in gpu | cuda | topk if "split_k" in t}
+    assert any("topk" in t for t in launchers) and any("topk" not in t for t in launchers)
+
+
+def test_fsq_check_takes_either_neighbour_at_a_rounding_tie():
+    """A bound within float32 rounding of k + 1/2 rounds either way (seed 0's 1,048,576 CUDA rows
+    hold one, on which float32 and float64 disagree): either code passes there, nowhere else."""
+    import bench.bench_scalar as bench
+    from fastvq.reference import scalar as ref
+
+    gen = torch.Generator().manual_seed(0)
+    z, g = torch.randn(64, 6, generator=gen), torch.randn(64, 6, generator=gen)
+    shift, half_l, offset, half_width, _ = ref._fsq_params(bench.LEVELS, torch.float64, "cpu")
+    z[0, 0] = float(torch.atanh((1.5 + offset[0]) / half_l[0]) - shift[0])  # bound 1.5: 1 or 2
+    check = bench.quantize_check("fsq", z, g)
+    zz = z.clone().requires_grad_()
+    codes, idx = ref.fsq(zz, bench.LEVELS)
+    (dz,) = torch.autograd.grad(codes, zz, g)
+    codes = codes.detach()
+    assert check((codes, idx, dz))["ok"] is True
+
+    def other_neighbour(row):
+        r = int(torch.round(codes[row, 0] * half_width[0]))  # in -4..3
+        step = 3 - 2 * r if row == 0 else 1 if r < 3 else -1  # row 0: 1 <-> 2
+        moved, moved_idx = codes.clone(), idx.clone()
+        moved[row, 0] += step / half_width[0]
+        moved_idx[row] += step  # dimension 0 is the mixed radix's lowest digit
+        return check((moved, moved_idx, dz))
+
+    assert other_neighbour(0)["ok"] is True
+    assert other_neighbour(1)["ok"] is False and other_neighbour(1)["agree"] == 63 / 64

@@ -446,7 +446,16 @@ class Trainer:
         for name in ("opt", "disc_opt", "meta_opt"):
             opt, sched = getattr(self, name), getattr(self, name.replace("opt", "sched"))
             if opt is not None and s.get(name) is not None:
-                _load_schedule(opt, sched, s[name], s[name.replace("opt", "sched")])
+                try:
+                    _load_schedule(opt, sched, s[name], s[name.replace("opt", "sched")])
+                except ValueError as e:  # torch's "doesn't match the size of optimizer's group"
+                    # e.g. an MQVAE run written before HyperCodebook's projections moved from
+                    # the meta optimizer to the encoder-decoder's: same weights, other groups.
+                    raise ValueError(
+                        f"checkpoint {str(path)!r}: its {name} optimizer holds other parameters "
+                        f"than this run's ({e}): start a new run from its weights with "
+                        f"init.checkpoint={str(path)!r} in another train.out_dir"
+                    ) from e
         self.step, self.items = s["step"], s["items"]
         self.history = list(s["history"])
         counts = s.get("window_counts")

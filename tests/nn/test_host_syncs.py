@@ -315,10 +315,50 @@ def test_residual_stack_leaves_generated_codebooks_and_kmeans_init_to_its_layers
         calls.clear()
         rvq(x)
         assert len(calls) == 2
+        for beam in (None, 2):  # the stack does not check: its layers must
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                rvq(x.index_fill(1, torch.tensor([3]), float("nan")), beam_size=beam)
     rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, kmeans_init=True)
     with pytest.raises(ValueError, match="^x contains NaN or Inf"):
         rvq(x.index_fill(1, torch.tensor([3]), float("nan")))
     assert not rvq.layers[0].initted
+
+
+def test_grouped_generated_codebooks_skip_every_check_when_told():
+    """Groups whose layers check themselves (a generated codebook) skip those checks too under
+    check_inputs_finite=False: no error on NaN rows, no wait for the GPU."""
+    from fastvq.nn.vector_quantize import CodebookMLP
+
+    grouped = GroupedResidualVQ(
+        dim=16,
+        groups=2,
+        num_quantizers=2,
+        codebook_size=4,
+        codebook_generator=CodebookMLP(4, 8, embed_dim=4, hidden_dim=8),
+        learnable_codebook=True,
+        ema_update=False,
+    ).eval()
+    bad = torch.randn(2, 10, 16).index_fill(1, torch.tensor([3]), float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        grouped(bad)
+    assert eval_forward(grouped, bad, check_inputs_finite=False) == []
+
+
+def test_residual_stack_in_eval_checks_once_before_any_init():
+    """Eval forwards never run the k-means init: a stack whose layers are not known initted
+    (fresh, or just loaded, as load_tokenizer's) still checks once, not once per layer."""
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, kmeans_init=True)
+    assert_finite_checks(eval_forward(rvq, torch.randn(2, 10, 8)), 1)
+
+
+def test_residual_stack_checks_float64_rows_as_the_float32_it_searches():
+    """1e39 is finite in float64 and Inf in the float32 search: the stack's check, which lets its
+    layers skip theirs, must see the float32 value."""
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16)
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    x[0, 3, 1] = 1e39
+    with pytest.raises(NonFiniteError, match="^z contains NaN or Inf"):
+        rvq(x)
 
 
 def test_decoding_a_stack_checks_its_indices_once():
@@ -351,7 +391,15 @@ def _restore_buffers(module, saved):
 
 
 @pytest.mark.parametrize(
-    "write", ["load_state_dict", "load_state_dict_assign", "fill_", "new_buffer", "restore"]
+    "write",
+    [
+        "load_state_dict",
+        "load_state_dict_assign",
+        "fill_",
+        "new_buffer",
+        "new_buffer_same_version",
+        "restore",
+    ],
 )
 def test_kmeans_init_sees_initted_written_false(write):
     """Once its init ran, a layer stops reading `initted` (a host sync per step), yet a False
@@ -378,6 +426,11 @@ def test_kmeans_init_sees_initted_written_false(write):
             vq.initted.fill_(False)
     elif write == "new_buffer":
         vq.initted = torch.tensor(False)
+    elif write == "new_buffer_same_version":  # the version alone cannot tell them apart
+        flag = torch.tensor(False)
+        while flag._version < vq.initted._version:
+            flag.fill_(False)
+        vq.initted = flag
     else:
         _restore_buffers(vq, saved)
     assert not vq.initted

@@ -291,6 +291,8 @@ def test_resume_can_turn_amsgrad_on(make_config, datasets):
     Trainer(make_config("train.steps=2"), datasets=datasets).fit()
     resumed = Trainer(make_config("train.steps=3", "optim.amsgrad=true"), datasets=datasets)
     assert all(g["amsgrad"] for g in resumed.opt.param_groups) and resumed.opt.state
+    for st in resumed.opt.state.values():  # the running maximum starts at the moments so far
+        assert torch.equal(st["max_exp_avg_sq"], st["exp_avg_sq"])
     resumed.fit()
     assert resumed.step == 3
 

@@ -78,6 +78,9 @@ def test_cifar10_python_format(tmp_path):
     torch.testing.assert_close(img[2], blue)
     second = torch.from_numpy(batches[1][0].reshape(3, 32, 32)).float() / 127.5 - 1
     torch.testing.assert_close(train_set[(6, 0)], second)  # batch 2 follows batch 1
+    # augment=False (fastvq tokenize): the training split by plain index, no crops or flips
+    fixed = build_datasets({**cfg, "flip": True}, augment=False)[0]
+    torch.testing.assert_close(fixed[6], second)
     small = build_datasets({**cfg, "resolution": 16})[1][0]
     assert small.shape == (3, 16, 16)
     (tmp_path / "other").mkdir()

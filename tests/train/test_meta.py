@@ -234,6 +234,36 @@ def test_hyper_codebook_projections_are_lower_level(make_config):
     assert len(lower) + len(upper) == len(list(model.parameters()))
 
 
+def test_resuming_a_run_written_before_the_projection_split_names_the_way_out(
+    make_config, datasets, monkeypatch
+):
+    # Before the split, a HyperCodebook's projections trained with the meta optimizer: such a
+    # checkpoint's optimizers hold other parameter groups than this run's, and torch's bare
+    # "doesn't match the size of optimizer's group" left the user guessing.
+    import fastvq.train.meta as meta
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config(
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 4, embed_dim: 4,"
+        " hidden_dim: 8}",
+        "meta.enabled=true",
+        "train.steps=1",
+    )
+
+    def old_split(tokenizer):
+        upper = [p for p in tokenizer.quantizer.parameters() if p.requires_grad]
+        ids = {id(p) for p in upper}
+        return [p for p in tokenizer.parameters() if id(p) not in ids], upper
+
+    with monkeypatch.context() as m:
+        m.setattr(meta, "split_parameters", old_split)
+        Trainer(cfg, datasets=datasets).fit()
+    with pytest.raises(
+        ValueError, match=r"its opt optimizer holds other parameters .* init\.checkpoint"
+    ):
+        Trainer({**cfg, "train": {**cfg["train"], "steps": 2}}, datasets=datasets)
+
+
 def test_meta_needs_a_quantizer_with_parameters(make_config, datasets):
     from fastvq.train.trainer import Trainer
 

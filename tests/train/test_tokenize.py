@@ -134,15 +134,61 @@ def test_index_dtype_is_the_smallest_that_holds_the_codes():
     assert index_dtype(None) == np.int64
 
 
-def test_write_tokens_refuses_indices_the_file_cannot_hold(trained, tmp_path):
+@pytest.mark.parametrize("shift", [16, "to 16"])  # codes 16 ... 31, or exactly 16 = K
+def test_write_tokens_refuses_indices_the_file_cannot_hold(trained, tmp_path, shift):
     model = ckpt.load_tokenizer(trained[0])
     encode = model.encode
-    model.encode = lambda x: (lambda z, i, loss: (z, i + 16, loss))(*encode(x))
+
+    def wrong(i):
+        return i + 16 if shift == 16 else torch.full_like(i, 16)
+
+    model.encode = lambda x: (lambda z, i, loss: (z, wrong(i), loss))(*encode(x))
     dataset = TensorImages((torch.rand(3, 3, 16, 16) * 255).byte(), 16, train=False)
     target = tmp_path / "tokens" / "t.npy"
     with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
         write_tokens(model, dataset, target, batch_size=2, device=torch.device("cpu"))
     assert list(target.parent.iterdir()) == []  # neither the file nor its partial rows
+
+
+def test_write_tokens_refuses_a_file_with_rows_missing(trained, tmp_path, monkeypatch):
+    # Not expected (eval_loader's shards cover the split), but a file with rows never written
+    # would hold zeros that read as code 0: refused, and nothing left behind.
+    import fastvq.train.tokens as tokens
+
+    real = tokens.eval_loader
+    monkeypatch.setattr(tokens, "eval_loader", lambda *a, **k: list(real(*a, **k))[:-1])
+    dataset = TensorImages((torch.rand(3, 3, 16, 16) * 255).byte(), 16, train=False)
+    target = tmp_path / "tokens" / "t.npy"
+    with pytest.raises(RuntimeError, match="wrote 2 of 3 rows"):
+        write_tokens(
+            ckpt.load_tokenizer(trained[0]), dataset, target, batch_size=2,
+            device=torch.device("cpu"),
+        )  # fmt: skip
+    assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_write_tokens_encodes_under_bf16_autocast_when_asked(trained, tmp_path, bf16):
+    model = ckpt.load_tokenizer(trained[0])
+    encode, seen = model.encode, []
+
+    def spy(x):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return encode(x)
+
+    model.encode = spy
+    dataset = TensorImages((torch.rand(3, 3, 16, 16) * 255).byte(), 16, train=False)
+    write_tokens(model, dataset, tmp_path / "t.npy", batch_size=2, device=torch.device("cpu"),
+                 bf16=bf16)  # fmt: skip
+    assert len(seen) == 3 and set(seen) == {torch.bfloat16 if bf16 else False}
+
+
+def test_trained_config_leaves_the_checkpoint_alone(trained):
+    path, _, cfg = trained
+    state = torch.load(path, weights_only=False)
+    got = ckpt.trained_config(state, path, ["train.steps=9", "data.resolution=8"])
+    assert got["train"]["steps"] == 9 and got["data"]["resolution"] == 8
+    assert state["config"]["train"]["steps"] == 4 and state["config"]["data"]["resolution"] == 16
 
 
 def test_tokenize_refuses_the_training_split_of_the_sample_photographs(make_config, tmp_path):
@@ -205,3 +251,4 @@ def test_tokenize_names_images_from_any_directory_whatever_their_bytes(
     monkeypatch.chdir(root)  # the JSON's data.path, not the directory tokenize ran in
     assert all((Path(info["data"]["path"]) / os.fsdecode(n)).is_file() for n in names)
     assert info["bf16"] is True  # the codes of bf16 autocast, not always float32's
+    assert info["weights"] == "model"  # --weights ema, but the run kept no EMA

@@ -490,7 +490,26 @@ def test_amsgrad_reaches_every_optimizer(make_config, datasets):
     trainer = Trainer(cfg, datasets=datasets)
     groups = trainer.opt.param_groups + trainer.disc_opt.param_groups
     assert all(g["amsgrad"] for g in groups)
+    hyper = "{type: HyperCodebook, codebook_size: 16, codebook_dim: 4, embed_dim: 4, hidden_dim: 8}"
+    meta = make_config("optim.amsgrad=true", f"model.quantizer={hyper}", "meta.enabled=true")
+    assert all(g["amsgrad"] for g in Trainer(meta, datasets=datasets).meta_opt.param_groups)
     assert not any(g["amsgrad"] for g in Trainer(make_config(), datasets=datasets).opt.param_groups)
+
+
+def test_evaluation_scores_lpips_on_the_8bit_reconstructions(make_config, datasets):
+    # Every image metric sees the reconstruction as saved (metrics.to_8bit), LPIPS included.
+    from fastvq.train.metrics import to_8bit
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, recon):
+            seen.append(recon)
+            return recon.new_zeros(len(recon))
+
+    seen, trainer = [], Trainer(make_config(), datasets=datasets)
+    trainer.loss_fn.lpips = Spy()
+    result = trainer.evaluate(save_images=False)
+    assert seen and result["lpips"] == 0.0
+    assert all(torch.equal(to_8bit(r), r) for r in seen)
 
 
 def test_kmeans_init_takes_residual_vq_and_refuses_fixed_codebooks(make_config, datasets):
@@ -545,6 +564,11 @@ def test_cli_leaves_a_callers_process_group_alone(tmp_path, monkeypatch):
         out = f"train.out_dir={tmp_path / 'out'}"
         assert cli.main(["sweep", "--config", str(tmp_path / "s.yaml"), out]) == 0
         assert dist.is_initialized()
+        # Under torchrun's environment too (train, eval, tokenize): no second init, which raises.
+        from fastvq.train.trainer import join_process_group
+
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert join_process_group(torch.device("cpu")) == (0, 2) and dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

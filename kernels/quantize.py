@@ -10,6 +10,13 @@ Per row n, with z = z[n], q = codebook[idx[n]] (both upcast to float32) and g = 
       householder  dz = s (g - w (e.g) e)                    = s H^T g,  H = I - 2vv^T
   (w e e^T = 2 r r^T, resp. 2 v v^T: never a D x D matrix), and/or scatters g into the float32
   codebook gradient dc[idx[n]] += g with atomics (never an N x K one-hot).
+Both kernels round as the CPU reference does, operation by operation: launched with
+enable_fp_fusion=False, and tl.div_rn, not / (div.full.f32 on NVIDIA, up to 2 ulps off). A row
+with z^ = q^ (householder) or z^ = -q^ (rotation), as when z equals its code, must give e = 0
+exactly to take its fallback. Fused (sm_90 PTX: e = fma(inv_z, z, -(q * inv_q))), e is the
+rounding error of one product: |e|^2 = 7.5e-16 for test_degenerate_rows' 6-d row (emulated in
+numpy), far above the 2^-126 threshold, so the row was reflected along rounding noise. The
+backward recomputes the forward's e, bit for bit only if both round alike.
 One program holds BLOCK_N whole rows (BLOCK_D = next_pow2(D) <= 1024 columns), so each row's
 reductions stay in registers: forward reads q (+ z), writes z_q (+ 16 bytes); backward reads
 g, z, q, writes dz. Bytes bound; all of it is small next to the search.
@@ -53,10 +60,10 @@ def _quantize_fwd_kernel(
         nz = tl.sqrt_rn(tl.sum(z * z, axis=1))
         nq = tl.sqrt_rn(tl.sum(q * q, axis=1))
         # Divisors replaced by 1 where they are 0 (padding rows too): no inf/NaN is ever formed.
-        scale = nq / tl.where(nz > 0, nz, 1.0)
+        scale = tl.div_rn(nq, tl.where(nz > 0, nz, 1.0))
         ok = (nz > 0) & (nq > 0) & (nz < float("inf")) & (scale < float("inf"))
-        inv_z = tl.where(ok, 1.0 / tl.where(ok, nz, 1.0), 0.0)
-        inv_q = tl.where(ok, 1.0 / tl.where(ok, nq, 1.0), 0.0)
+        inv_z = tl.where(ok, tl.div_rn(1.0, tl.where(ok, nz, 1.0)), 0.0)
+        inv_q = tl.where(ok, tl.div_rn(1.0, tl.where(ok, nq, 1.0)), 0.0)
         if MODE == 1:
             e = z * inv_z[:, None] + q * inv_q[:, None]
         else:
@@ -69,7 +76,7 @@ def _quantize_fwd_kernel(
             ok = ok & e_ok
             inv_z = tl.where(ok, inv_z, 0.0)
             inv_q = tl.where(ok, inv_q, 0.0)
-        w = tl.where(ok & e_ok, 2.0 / tl.where(e_ok, e2, 1.0), 0.0)
+        w = tl.where(ok & e_ok, tl.div_rn(2.0, tl.where(e_ok, e2, 1.0)), 0.0)
         scale = tl.where(ok, scale, 1.0)
         out = stats_ptr + rows * 4
         tl.store(out, scale, mask=row_ok)
@@ -166,6 +173,7 @@ def quantize_fwd(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=_NUM_WARPS,
+        enable_fp_fusion=False,  # e = z^ -+ q^ exactly 0 where z^ = +-q^ (module docstring)
     )
     return z_q, stats
 
@@ -213,5 +221,6 @@ def quantize_bwd(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=_NUM_WARPS,
+        enable_fp_fusion=False,  # the forward's e, bit for bit
     )
     return dz, dc

@@ -52,11 +52,14 @@ def _log1p_small(e):
 def _cast_for(x, ptr):
     """x (float32) in ptr's element type, rounded to nearest even. For bfloat16 the rounding is
     done here on the bits, because the interpreter's float32 -> bfloat16 cast truncates (1/3 ->
-    0.33203 instead of 0.33398); the cast that follows is then exact on every target."""
+    0.33203 instead of 0.33398); the cast that follows is then exact on every target. A NaN
+    becomes a quiet NaN instead: NVIDIA GPUs compute one NaN, 0x7FFFFFFF, which the carry wrapped
+    to -0.0 (numpy's 0x7FC00000 survives it, so the interpreter never showed this), and a NaN
+    with its payload in the low 16 bits only would truncate to inf in the interpreter's cast."""
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), float("nan"))
     return x.to(ptr.dtype.element_ty)
 
 

@@ -4,12 +4,14 @@ The launchers in fastvq.kernels run on CPU tensors with Triton's launch replaced
 triton.compile of the same kernel, arguments, constexprs and launch options, down to a cubin
 (Triton bundles ptxas). That checks what the interpreter cannot: types, layouts and lowering of
 the GPU tile sizes. Each compiled specialization prints one line with the registers, spills
-(LOCAL bytes) and shared memory that cuobjdump reports.
+(LOCAL bytes) and shared memory that cuobjdump reports. The kernels in IEEE_ONLY are also read in
+PTX for arithmetic that rounds differently from the interpreter's numpy.
 
 python tests/triton_sm90.py   (run with TRITON_INTERPRET unset; tests/test_build.py does so)
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,15 @@ POINTER = {
     torch.int8: "*i8",
 }
 _compiled: dict[str, str] = {}
+# Kernels whose docstrings promise the CPU reference's rounding, operation by operation (bit for
+# bit, or an exact cancellation such as quantize's e = z^ - q^ = 0 at z = q). Their PTX may hold
+# no fused multiply-add (launch them with enable_fp_fusion=False: Triton fuses a * b + c by
+# default) and no approximate division, square root, exp or log (`/` on float32 is div.full.f32,
+# up to 2 ulps off, and tl.sqrt sqrt.approx.f32; tl.div_rn and tl.sqrt_rn round exactly). The
+# interpreter rounds each operation exactly, so only the compiled code can show these.
+IEEE_ONLY = {"_quantize_fwd_kernel", "_quantize_bwd_kernel", "_e8_nearest_fwd_kernel"}
+NOT_IEEE = re.compile(r"\b(fma\.rn|div\.full|(div|sqrt|rcp|ex2|lg2|sin|cos|tanh)\.approx)\.\S+")
+_not_ieee: list[str] = []
 
 
 def _type(value) -> str:
@@ -81,6 +92,10 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
             f"{time.perf_counter() - start:.1f} s"
         )
         print(_compiled[key], flush=True)
+        if self.__name__ in IEEE_ONLY:
+            found = sorted({m.group(0) for m in NOT_IEEE.finditer(kernel.asm["ptx"])})
+            if found:
+                _not_ieee.append(f"{self.__name__} [{flags}] {options}: {found}")
 
 
 def _launch_everything():
@@ -178,6 +193,9 @@ def main() -> int:
     missing = _all_kernels() - compiled
     if missing:
         print(f"never launched here (add them to _launch_everything): {sorted(missing)}")
+        return 1
+    if _not_ieee:
+        print("IEEE_ONLY kernels with fused or approximate float arithmetic:", *_not_ieee, sep="\n")
         return 1
     return 0
 

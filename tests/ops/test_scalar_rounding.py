@@ -40,3 +40,20 @@ def test_round_half_even_and_bfloat16_cast_match_torch():
     _round_and_cast_kernel[(1,)](x, rounded, bf16, 64)
     assert torch.equal(rounded, torch.round(x))
     assert torch.equal(bf16.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN in the interpreter
+def test_bfloat16_cast_keeps_nan():
+    # 0x7FFFFFFF is the only float32 NaN NVIDIA GPUs compute (0 * inf, NaN * g, ...): the
+    # rounding's carry wrapped it to 0x80000000, -0.0, so a NaN gradient came out as -0.0 in
+    # bfloat16. numpy computes 0x7FC00000 / 0xFFC00000, which the carry leaves NaN: the bit
+    # patterns are given here. Any NaN pattern out is right (torch writes 0x7FC0, a GPU 0x7FFF).
+    nans = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFF8000, 0x7FFFFFFE]
+    bits = torch.tensor(nans + [0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x3F800000], dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)  # int64 -> int32 keeps the low 32 bits
+    x = torch.cat([x, x.new_zeros(16 - len(x))]).to(DEVICE)
+    bf16 = torch.empty(x.shape, dtype=torch.bfloat16, device=DEVICE)
+    _round_and_cast_kernel[(1,)](x, torch.empty_like(x), bf16, 16)
+    nan = x.isnan()
+    assert torch.equal(bf16.isnan(), nan), bf16.view(torch.int16)[: len(nans)]
+    assert torch.equal(bf16[~nan].float(), x[~nan].to(torch.bfloat16).float())  # inf, max -> inf

@@ -30,6 +30,7 @@ per row, 200 of them shuffles.) Unmeasured on a GPU.
 import torch
 import triton
 import triton.language as tl
+from fastvq.kernels import on_input_device
 from fastvq.kernels.scalar import _cast_for
 
 from fastvq.ops._backends import triton_interpreting
@@ -112,6 +113,7 @@ def _e8_shell_decode_fwd_kernel(
     tl.store(idx_ptr + rows, tl.where(bad, 0, index), mask=row_ok)
 
 
+@on_input_device
 def e8_shell_decode_triton(z: torch.Tensor) -> torch.Tensor:
     """z (N, 8) contiguous float32/float64/bfloat16/float16 -> (N,) int64 canonical indices."""
     n = z.shape[0]
@@ -305,6 +307,7 @@ def _e8_nearest_fwd_kernel(
     )
 
 
+@on_input_device
 def e8_nearest_triton(x: torch.Tensor) -> torch.Tensor:
     """x (N, 8) contiguous float32/float64/bfloat16/float16 -> (N, 8) the nearest E8 points."""
     n = x.shape[0]

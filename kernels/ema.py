@@ -23,6 +23,7 @@ sends.
 import torch
 import triton
 import triton.language as tl
+from fastvq.kernels import on_input_device
 
 from fastvq.ops.codebook import _ema_pieces
 
@@ -197,6 +198,7 @@ def _check(counts: torch.Tensor, sums: torch.Tensor, z: torch.Tensor) -> None:
     assert counts.shape[0] == sums.shape[0] and sums.shape[1] == z.shape[1]
 
 
+@on_input_device
 def ema_scatter(
     counts: torch.Tensor,
     sums: torch.Tensor,
@@ -241,6 +243,7 @@ def ema_scatter(
 PIECE_ROWS = 512
 
 
+@on_input_device
 def ema_segment(
     counts: torch.Tensor,
     sums: torch.Tensor,

@@ -30,6 +30,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from fastvq.kernels import on_input_device
 
 from fastvq.lattice.leech import _tables
 from fastvq.ops._backends import triton_interpreting
@@ -219,6 +220,7 @@ def _golay_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tor
     return hlo, hhi, octads
 
 
+@on_input_device
 def leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
     """z (N, 24) contiguous float32/float64/bfloat16/float16 -> (N,) int64 canonical indices."""
     n = z.shape[0]

@@ -95,6 +95,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from fastvq.kernels import on_input_device
 
 from fastvq.ops._backends import triton_interpreting
 
@@ -927,6 +928,7 @@ def _use_screening(n: int, k: int, d: int, screen: bool | None, device: torch.de
     return row_blocks >= 0.9 * _sm_count(device)
 
 
+@on_input_device
 def nearest_code_triton(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -988,6 +990,7 @@ def _topk_config(n: int, d: int, kp: int, precision: int, device: torch.device) 
     return cfg
 
 
+@on_input_device
 def nearest_code_topk_triton(
     z: torch.Tensor,
     codebook: torch.Tensor,

@@ -25,6 +25,7 @@ g, z, q, writes dz. Bytes bound; all of it is small next to the search.
 import torch
 import triton
 import triton.language as tl
+from fastvq.kernels import on_input_device
 
 MODES = {"ste": 0, "rotation": 1, "householder": 2}
 
@@ -148,6 +149,7 @@ def _blocks(d: int) -> tuple[int, int]:
 _NUM_WARPS = 8
 
 
+@on_input_device
 def quantize_fwd(
     z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, grad: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +180,7 @@ def quantize_fwd(
     return z_q, stats
 
 
+@on_input_device
 def quantize_bwd(
     grad_out: torch.Tensor,
     z: torch.Tensor,

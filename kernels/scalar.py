@@ -20,6 +20,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from fastvq.kernels import on_input_device
 
 # --- shared device helpers ---------------------------------------------------------------------
 
@@ -299,6 +300,7 @@ def _grid(n: int, block_n: int) -> tuple[int]:
     return (triton.cdiv(n, block_n),)
 
 
+@on_input_device
 def fsq_fwd(
     z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,6 +317,7 @@ def fsq_fwd(
     return codes, idx
 
 
+@on_input_device
 def fsq_bwd(g: torch.Tensor, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """dL/dz (N, D) in z's dtype from g = dL/dcodes (N, D) contiguous."""
     n, d = z.shape
@@ -327,6 +330,7 @@ def fsq_bwd(g: torch.Tensor, z: torch.Tensor, params: torch.Tensor) -> torch.Ten
     return dz
 
 
+@on_input_device
 def sign_fwd(z: torch.Tensor, spherical: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ (spherical=False: +-1) or BSQ (+-1/sqrt(D)) codes (N, D) and indices (N,) int64."""
     n, d = z.shape
@@ -341,6 +345,7 @@ def sign_fwd(z: torch.Tensor, spherical: bool) -> tuple[torch.Tensor, torch.Tens
     return codes, idx
 
 
+@on_input_device
 def bsq_bwd(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """dL/dz (N, D) in z's dtype: g pulled back through u = z / |z|."""
     n, d = z.shape
@@ -351,6 +356,7 @@ def bsq_bwd(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return dz
 
 
+@on_input_device
 def binary_entropy_fwd(
     z: torch.Tensor, coef: float, spherical: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,6 +374,7 @@ def binary_entropy_fwd(
     return rows, partial.sum(0)
 
 
+@on_input_device
 def binary_entropy_bwd(
     g_row: torch.Tensor, g_col: torch.Tensor, z: torch.Tensor, coef: float, spherical: bool
 ) -> torch.Tensor:

@@ -20,11 +20,17 @@ GLUE_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_torch.cpp"
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles(source, tmp_path):
+    # With the flags torch's CUDAExtension adds to every .cu of setup.py's build
+    # (-D__CUDA_NO_HALF_OPERATORS__ and the like: no implicit half / bf16 arithmetic or
+    # conversions), so that code only this check accepts fails here, not on the GPU machine.
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
     # sm_90 is the target (H100); sm_80, the oldest the CUDA kernels build for, has mma.sync too.
     for arch in ("sm_90", "sm_80"):
         result = subprocess.run(
             [
                 "nvcc",
+                *COMMON_NVCC_FLAGS,
                 "-std=c++17",
                 "-O3",
                 f"-arch={arch}",

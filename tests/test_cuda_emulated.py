@@ -691,7 +691,7 @@ def test_ema_scatter(emulated, dtype, deterministic, weighted):
             rows = (None, order, *plan, piece_code, len(piece_code), PIECE_ROWS, partial)
         else:
             rows = (idx, None, None, None, None, None, 0, 1, None)
-        # The deterministic variant runs twice, under two thread orders: the same bits.
+        # The deterministic variant runs twice, under two thread and block orders: the same bits.
         outs = [(counts.clone(), sums.clone()) for _ in range(1 + deterministic)]
         for order, (c, s) in enumerate(outs):
             args = (c, 2, s, d + pad, z, d + pad, KERNEL_DTYPE[dtype], weight, n, 5, d, keep, gain)

@@ -10,8 +10,11 @@
 //     cudaErrorInvalidConfiguration for cudaGetLastError and runs nothing), and the dynamic
 //     shared memory against the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (48 KiB
 //     unless raised by cudaFuncSetAttribute, at most the device's opt-in limit; beyond it,
-//     cudaErrorInvalidValue); the blocks run one after another, to completion, before launch
-//     returns.
+//     cudaErrorInvalidValue); the blocks run one after another, each to completion, in an order
+//     drawn from the seed (set_seed), all before launch returns: a GPU runs them in any order and
+//     at once, so a result that hangs on block order (a block reading what another wrote, float
+//     atomics from several blocks in a path that claims run-to-run identical bits) changes with
+//     the seed here too.
 //   - One device, 0, with an H100's SM count and shared-memory limits (set_device changes them),
 //     for the attribute and occupancy queries a launch plan makes. Occupancy counts threads and
 //     shared memory, not registers.
@@ -47,7 +50,11 @@
 //     choosing. __fmul_rn is never fused, as on a GPU.
 // What it does not model: a memory model (every store is at once visible to every thread: no
 // caches, no reordering, no fences); real concurrency (no two threads run at once, so races show
-// only through the orders drawn, and atomics never truly collide); independent thread scheduling,
+// only through the orders drawn, and atomics never truly collide); memory ordering at shuffles,
+// votes, mma.sync and ldmatrix (lanes meet there, so what one lane stored before is seen by the
+// others after, where a GPU orders shared memory between lanes only by __syncwarp or
+// __syncthreads: deleting leech.cu's __syncwarp after its ballot, or the one ending its row loop,
+// still passes the tests); independent thread scheduling,
 // partial warp masks and blocks that are not whole warps; streams; constant and texture memory;
 // registers; timing.
 #pragma once
@@ -295,13 +302,17 @@ void launch(const char* kernel, const void* address, dim3 grid, dim3 block, size
     fibers[t].stack = stacks[t];
     fibers[t].index = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
   }
+  std::vector<uint3> blocks;
+  blocks.reserve(uint64_t{grid.x} * grid.y * grid.z);
   for (uint32_t z = 0; z < grid.z; ++z) {
     for (uint32_t y = 0; y < grid.y; ++y) {
-      for (uint32_t x = 0; x < grid.x; ++x) {
-        block_index = {x, y, z};
-        run_block();
-      }
+      for (uint32_t x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
     }
+  }
+  std::shuffle(blocks.begin(), blocks.end(), order_rng);
+  for (const uint3& b : blocks) {
+    block_index = b;
+    run_block();
   }
 }
 

@@ -542,11 +542,9 @@ class ResidualVQ(_Residual):
             x, mask, indices, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size,
             rand_quantize_dropout_fixed_seed,
         )  # fmt: skip
-        if not check_inputs_finite:
-            return self._step(step, True)
-        if finite is not None:
+        if finite is not None and check_inputs_finite:
             check_finite(**finite)
-        return self._step(step, finite is not None)
+        return self._step(step, finite is not None or not check_inputs_finite)
 
     def _plan(
         self,

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "weights when it has no EMA, or with --weights model) into DIR/tokens-SPLIT.npy: row i "
         "is image i's index grid (h, w), (h, w, Q) for residual quantizers, (h, w, G, Q) for "
         "grouped ones, in the smallest of uint16, int32 and int64 that holds the codebook "
-        "sizes. Both splits take the evaluation transform (centre crops, no flips), under "
+        "sizes. Both splits take the evaluation transform (centre crops, no random flips), under "
         "bf16 autocast when the run trained so (train.bf16=false encodes in float32). "
         "DIR/tokens-SPLIT.json describes the file; for image folders, DIR/tokens-SPLIT.txt "
         "lists row i's image (relative to data.path); CIFAR-10's rows are in the batches' "
@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("ema", "model"),
         default="ema",
         help="the EMA of the weights (default, when the run kept one) or the trained weights",
+    )
+    k.add_argument(
+        "--flip",
+        action="store_true",
+        help="also the mirror images: row i is (2, h, w...), image i's grid then its mirror's "
+        "(LlamaGen's flip augmentation)",
     )
     k.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
@@ -174,7 +180,12 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
 
 
 def tokenize(
-    checkpoint: str, split: str, out: str | None, overrides: list[str], weights: str = "ema"
+    checkpoint: str,
+    split: str,
+    out: str | None,
+    overrides: list[str],
+    weights: str = "ema",
+    flip: bool = False,
 ) -> dict:
     """Encode a split into <out>/tokens-<split>.npy (see the `tokenize` --help); returns the
     description written beside it as tokens-<split>.json."""
@@ -219,7 +230,7 @@ def tokenize(
     workers = resolve_num_workers(cfg["train"]["num_workers"], device)
     shape = write_tokens(
         model, dataset, target, batch_size=cfg["eval"]["batch_size"], device=device,
-        bf16=cfg["train"]["bf16"], rank=rank, world=world, num_workers=workers,
+        bf16=cfg["train"]["bf16"], rank=rank, world=world, num_workers=workers, flip=flip,
     )  # fmt: skip
     files = getattr(dataset, "files", None)
     info = {
@@ -233,6 +244,7 @@ def tokenize(
         "split": split,
         "data": data,
         "bf16": cfg["train"]["bf16"],  # encoded under bf16 autocast: a few codes differ
+        "flip": flip,  # axis 1: the image's grid, then its mirror image's
         "files": f"tokens-{split}.txt" if files is not None else None,
     }
     if rank == 0:
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "eval":
         evaluate(args.checkpoint, args.config, args.out, args.overrides)
     elif args.command == "tokenize":
-        tokenize(args.checkpoint, args.split, args.out, args.overrides, args.weights)
+        tokenize(args.checkpoint, args.split, args.out, args.overrides, args.weights, args.flip)
     elif args.command == "sweep":
         sweep(args.config, args.values, args.overrides)
     # Left to interpreter exit, gloo's threads are torn down with the interpreter: about one

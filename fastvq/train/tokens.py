@@ -50,20 +50,26 @@ def write_tokens(
     rank: int = 0,
     world: int = 1,
     num_workers: int = 0,
+    flip: bool = False,
 ) -> tuple[int, ...]:
     """Encode every item of `dataset` with `model` (a Tokenizer, in eval mode, on `device`) and
-    write the index grids to the .npy file `path`; returns its shape. The file appears complete
-    or not at all: it is written as `path`.partial, renamed once every row is in, and removed
-    when this process fails (a rank that dies under torchrun leaves rank 0 waiting: torchrun
-    ends it, and the .partial file stays)."""
+    write the index grids to the .npy file `path`; returns its shape. flip: row i holds two
+    grids, image i's and its mirror image's (LlamaGen's flip augmentation of the tokens).
+
+    The file appears complete or not at all: it is written as `path`.partial, renamed once every
+    row is in, and removed when this process fails (a rank that dies under torchrun leaves rank
+    0 waiting: torchrun ends it, and the .partial file stays)."""
     n = len(dataset)
     if n == 0:
         raise ValueError("the split to tokenize holds no images")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def encode(x):
+        x = x.to(device, non_blocking=True)
         with autocast:
-            return model.encode(x.to(device, non_blocking=True))[1]
+            if not flip:
+                return model.encode(x)[1]
+            return torch.stack([model.encode(x)[1], model.encode(x.flip(-1))[1]], dim=1)
 
     item = tuple(encode(dataset[0][None]).shape[1:])
     sizes = model.codebook_sizes

@@ -252,3 +252,19 @@ def test_tokenize_names_images_from_any_directory_whatever_their_bytes(
     assert all((Path(info["data"]["path"]) / os.fsdecode(n)).is_file() for n in names)
     assert info["bf16"] is True  # the codes of bf16 autocast, not always float32's
     assert info["weights"] == "model"  # --weights ema, but the run kept no EMA
+
+
+def test_tokenize_with_flips_holds_each_image_and_its_mirror(trained, tmp_path):
+    path, root, _ = trained
+    out = tmp_path / "flipped"
+    args = ["tokenize", "--checkpoint", str(path), "--split", "val", "--out", str(out), "--flip"]
+    assert main(args) == 0
+    tokens = np.load(out / "tokens-val.npy")
+    info = json.loads((out / "tokens-val.json").read_text())
+    files = (out / "tokens-val.txt").read_text().splitlines()
+    images = torch.stack(list(ImageFolder([root / f for f in files], 16, train=False)))
+    model = ckpt.load_tokenizer(path)
+    expect = [_encode(model, images).numpy(), _encode(model, images.flip(-1)).numpy()]
+    assert info["flip"] is True and info["shape"] == [len(files), 2, 4, 4]
+    assert np.array_equal(tokens[:, 0], expect[0]) and np.array_equal(tokens[:, 1], expect[1])
+    assert not np.array_equal(expect[0], expect[1])  # the mirror images encode differently

@@ -286,7 +286,7 @@ def _pick(backend: str, device: torch.device, op: str, has_kernel: bool) -> str:
     fastvq._C has the C++ kernel `op`."""
     check_choice("backend", backend, E8_BACKENDS)
     if backend == "auto":
-        if device.type == "cuda" and backends()["triton"].available:
+        if device.type == "cuda" and backends(device)["triton"].available:
             return "triton"
         return "cpu" if device.type == "cpu" and has_kernel else "torch"
     # Every backend takes float64 (computed in float64): checked as for float32.

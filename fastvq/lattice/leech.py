@@ -301,7 +301,7 @@ def _pick(backend: str, device: torch.device) -> str:
                 f"backend {backend!r} is unavailable: fastvq._C has no {name} kernel for "
                 "leech_decode (a build from before it existed: rebuild the extension)"
             )
-        name = "triton" if name == "cuda" and backends()["triton"].available else "torch"
+        name = "triton" if name == "cuda" and backends(device)["triton"].available else "torch"
     return name
 
 

@@ -24,17 +24,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def backends() -> dict[str, Backend]:
-    """Availability of each backend with the reason, e.g. {"cpu": Backend(True, "C++ ..."), ...}."""
+def backends(device: torch.device | None = None) -> dict[str, Backend]:
+    """Availability of each backend with the reason, e.g. {"cpu": Backend(True, "C++ ..."), ...}.
+
+    device: the GPU whose compute capability decides for the GPU backends (a machine may mix
+    generations); default, or a CPU device, the current CUDA device.
+    """
     cuda = torch.cuda.is_available()
     old_gpu = None
     if cuda:
+        index = device.index if device is not None and device.type == "cuda" else None
+        index = torch.cuda.current_device() if index is None else index
         # get_device_properties, not get_device_capability: torch.compile folds only the former.
-        gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpu = torch.cuda.get_device_properties(index)
         if (gpu.major, gpu.minor) < MIN_CUDA_CAPABILITY:
             old_gpu = (
-                f"fastvq's GPU kernels need compute capability 8.0+ (bf16/tf32 tensor cores); the "
-                f"current device has {gpu.major}.{gpu.minor}"
+                f"fastvq's GPU kernels need compute capability 8.0+ (bf16/tf32 tensor cores); "
+                f"cuda:{index} has {gpu.major}.{gpu.minor}"
             )
     report = {}
     if not _ext.HAS_TRITON:
@@ -85,7 +91,7 @@ def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
                 "backend='torch'"
             )
         return "torch"
-    report = backends()
+    report = backends(device)
     if backend == "auto":
         # NOTE: Triton before CUDA C++ on GPU is unmeasured so far: bench/ decides once it has run.
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")

@@ -207,7 +207,7 @@ def _stats_backend(backend: str, device: torch.device, float64: bool, strict: bo
     if backend == "auto":
         if float64:
             return "torch"
-        report = backends()
+        report = backends(device)
         # NOTE: Triton before CUDA C++ is unmeasured on GPU, as in fastvq.nearest_code.
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         for name in order:

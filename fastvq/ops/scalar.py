@@ -65,7 +65,7 @@ def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:
         if dtype == torch.float64:
             return "torch"
         if device.type == "cuda":
-            return "triton" if backends()["triton"].available else "torch"  # sm_80+
+            return "triton" if backends(device)["triton"].available else "torch"  # sm_80+
         return "cpu" if _HAS_CPP else "torch"
     pick_backend(backend, device, dtype)  # raises ValueError where it cannot run these
     if backend == "cpu" and not _HAS_CPP:

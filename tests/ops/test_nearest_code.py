@@ -749,6 +749,7 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
     assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
     # Every op family's "auto" agrees: the scalar quantizers and E8 too.
     from fastvq.lattice.e8 import _pick as e8_backend
+    from fastvq.ops.codebook import _stats_backend as stats_backend
     from fastvq.ops.scalar import _impl as scalar_backend
 
     assert scalar_backend("auto", torch.device("cuda"), torch.float32) == "torch"
@@ -756,6 +757,20 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
     for gpu.major, gpu.minor in [(8, 0), (9, 0)]:  # 8.0 (an A100) is the oldest supported
         report = fastvq.backends()
         assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON
+    # A machine mixing generations decides by the tensors' GPU, not the current one.
+    gpus = {0: types.SimpleNamespace(major=9, minor=0), 1: types.SimpleNamespace(major=7, minor=5)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpus[index])
+    old, new = torch.device("cuda:1"), torch.device("cuda:0")
+    assert not fastvq.backends(old)["cuda"].available and fastvq.backends(new)["cuda"].available
+    assert "cuda:1 has 7.5" in fastvq.backends(old)["cuda"].reason
+    assert pick_backend("auto", old, torch.float32) == "torch"
+    assert scalar_backend("auto", old, torch.float32) == "torch"
+    assert e8_backend("auto", old, "e8_nearest", True) == "torch"
+    assert stats_backend("auto", old, False) == "torch"
+    assert pick_backend("auto", new, torch.float32) != "torch"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert pick_backend("auto", new, torch.float32) != "torch"
+    assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
 
 
 def test_pick_backend_rules(monkeypatch):

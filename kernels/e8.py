@@ -137,7 +137,10 @@ def _round_half_even(v, ROUND: tl.constexpr, BITS: tl.constexpr):
     (integers), Inf and NaN unchanged. BITS: the signed integer type of v's width."""
     a = tl.abs(v)
     r = tl.where(a < ROUND, (a + ROUND) - ROUND, a)
-    return tl.where(v.to(BITS, bitcast=True) < 0, -r, r)
+    # v's sign bit onto r >= 0 by bits: `-r` is 0 - r in Triton <= 3.6 (+0 for r = +0), which
+    # would lose the -0 of v in [-0.5, -0].
+    sign = v.to(BITS, bitcast=True) & -(1 << (BITS.primitive_bitwidth - 1))
+    return (r.to(BITS, bitcast=True) | sign).to(v.dtype, bitcast=True)
 
 
 @triton.jit

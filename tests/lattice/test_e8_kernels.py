@@ -364,6 +364,27 @@ def test_nearest_rules_by_hand():
             assert torch.equal(_bits(got), _bits(expect.to(dtype))), (backend, dtype)
 
 
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_keeps_minus_zero_where_unary_minus_is_a_subtraction(monkeypatch):
+    """Triton up to 3.6 (the GPU machine's) lowers -x on floats as 0 - x, which is +0 for x = +0;
+    later versions negate. The -0 of rounding [-0.5, -0] must not depend on which."""
+    from triton.language import semantic
+
+    def minus(self, x):  # Triton 3.6's TritonSemantic.minus, in this version's builder API
+        scalar = x.type.scalar
+        zero = self.make_tensor(self.builder.get_null_value(scalar.to_ir(self.builder)), scalar)
+        return self.sub(zero, x, True)
+
+    if hasattr(semantic.TritonSemantic, "make_tensor"):  # else this Triton subtracts already
+        monkeypatch.setattr(semantic.TritonSemantic, "minus", minus)
+    x = torch.tensor([[-0.2, -0.0, 0.0, -0.4, 0.3, -0.5, 0.0, 0.0]])
+    expect = torch.tensor([[-0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 0.0, 0.0]])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in DTYPES:
+        got = e8_nearest(x.to(dtype).to(device), backend="triton").cpu()
+        assert torch.equal(_bits(got), _bits(expect.to(dtype))), dtype
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN rows in the interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", KERNEL_CASES)

@@ -564,28 +564,23 @@ def _config(n: int, d: int, precision: int, device: torch.device) -> dict:
         block_d = min(d_pow2, 256, (1 << 20) // (block_n * 128))
         return dict(BLOCK_N=block_n, BLOCK_K=128, BLOCK_D=block_d, num_warps=4, num_stages=1)
     # NOTE: untuned: no GPU was available when these were chosen; nothing here was timed. They
-    # come from compiling for sm_90 with Triton 3.9 without running (registers / spills from
-    # cuobjdump, as tests/triton_sm90.py prints them; instructions in the K loop from the SASS),
-    # bias on, K and D multiples of 16:
-    #   bf16, 128 x 64 x 32, 8 warps: 119 registers (two CTAs per SM), 202 instructions per K
-    #     tile = 6.3 per candidate (a per-tile max/argmax epilogue instead: 300, 64 registers);
-    #   bf16 single chunk up to D = 128: 128 registers; chunked D at BLOCK_D 64: 176, no spills;
-    #   fp32 tf32x3 single chunk up to 64: 184; chunked at BLOCK_D 32: 232 (at 64: 24 B spilled);
-    #   fp32 screening pass (tf32 with the margin) at D = 32: 199, chunked at BLOCK_D 32: 255 and
-    #     no spills; the recheck (tf32x3 over listed rows) at D = 32: 211;
-    #   fp32 fast (bf16) single chunk up to 128: 218; chunked at BLOCK_D 32: 192 (at 64: 16 B).
-    # Small N wastes tensor-core rows anyway; its smaller tiles keep registers low.
+    # come from compiling for sm_90 with Triton 3.9 and 3.6 without running (tests/triton_sm90.py,
+    # which fails on a spill here): the largest tiles whose every specialization, K a multiple of
+    # BLOCK_K or not, fits in 255 registers with no spill store (STL in the SASS). At Triton 3.9,
+    # bias on: 189 registers for tf32x3 128 x 64 x 32, 201 screened, 155 for bf16; 244-254 in the
+    # chunked-D classes. Spills appeared, with K not a multiple of BLOCK_K (the masked epilogue),
+    # at chunked BLOCK_D 32 for tf32x3 (36-152 stores) and 64 for bf16 (11-49), at 16 x 128 x 128
+    # bf16 tiles (53) and in every 64-row class at 4 warps (4-152). Small N wastes tensor-core
+    # rows anyway; its smaller tiles keep registers low.
     if precision in (PREC_TF32X3, PREC_TF32):
-        block_d = d_pow2 if d_pow2 <= 64 else 32
-    elif precision == PREC_BF16:
-        block_d = d_pow2 if d_pow2 <= 128 else 32
+        block_d = d_pow2 if d_pow2 <= 64 else 16
     else:
-        block_d = d_pow2 if d_pow2 <= 128 else 64
+        block_d = d_pow2 if d_pow2 <= 128 else 32
     if n <= 16:
-        block_k = 128 if precision == PREC_NATIVE else 64
+        block_k = 128 if precision == PREC_NATIVE and block_d <= 64 else 64
         return dict(BLOCK_N=16, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4, num_stages=3)
     if n <= 64:
-        return dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+        return dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_K=64, BLOCK_D=block_d, num_warps=8, num_stages=3)
 
 
@@ -982,10 +977,14 @@ def _topk_config(n: int, d: int, kp: int, precision: int, device: torch.device) 
     if triton_interpreting():
         return cfg
     # NOTE: untuned, like _config: chosen from sm_90 compiles (tests/triton_sm90.py) only, with no
-    # spills in any (precision, D, N class, KP) tried: 105-170 registers at D = 32 for KP <= 32,
-    # 180-204 at KP = 128 with BLOCK_N = 64 and 8 warps, up to 255 in the chunked-D classes (as
-    # for the argmin kernel). 128 rows x KP = 128 slots would be 128 int64 registers per thread.
-    if kp > 32:
+    # spill store in any (precision, D, N class, KP) tried: 105-170 registers at D = 32 for
+    # KP <= 32, 180-204 at KP = 128 with BLOCK_N = 64 and 8 warps, up to 255 in the chunked-D
+    # classes. 128 rows x KP = 128 slots would be 128 int64 registers per thread. 16-row programs
+    # spilled at BLOCK_K 128 beside BLOCK_D 64 (bf16), at 3 stages of chunked tf32x3 and at 8 warps
+    # with KP = 128 (ptxas then kept 128 registers), and not at BLOCK_K 64, 2 stages, 4 warps.
+    if cfg["BLOCK_N"] == 16:
+        cfg.update(BLOCK_K=64, num_stages=2)
+    elif kp > 32:
         cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), num_warps=8)
     return cfg
 

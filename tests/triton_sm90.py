@@ -3,9 +3,14 @@
 The launchers in fastvq.kernels run on CPU tensors with Triton's launch replaced by
 triton.compile of the same kernel, arguments, constexprs and launch options, down to a cubin
 (Triton bundles ptxas). That checks what the interpreter cannot: types, layouts and lowering of
-the GPU tile sizes. Each compiled specialization prints one line with the registers, spills
-(LOCAL bytes) and shared memory that cuobjdump reports. The kernels in IEEE_ONLY are also read in
-PTX for arithmetic that rounds differently from the interpreter's numpy.
+the GPU tile sizes. Each compiled specialization prints one line with its registers, its spills
+(STL: local-memory stores in the SASS; STACK: the stack frame in bytes; cuobjdump's LOCAL field
+stays 0 for spilled registers) and its shared memory (Triton allocates it dynamically at launch:
+the kernel's metadata, not cuobjdump's SHARED, which counts static shared memory only). The
+kernels in HOT may not spill, and no kernel may ask for more shared memory than an H100 gives a
+block: only a GPU run would show either (local-memory traffic in the inner loop, or a launch
+error). The kernels in IEEE_ONLY are also read in PTX for arithmetic that rounds differently from
+the interpreter's numpy.
 
 python tests/triton_sm90.py   (run with TRITON_INTERPRET unset; tests/test_build.py does so)
 """
@@ -44,6 +49,19 @@ _compiled: dict[str, str] = {}
 IEEE_ONLY = {"_quantize_fwd_kernel", "_quantize_bwd_kernel", "_e8_nearest_fwd_kernel"}
 NOT_IEEE = re.compile(r"\b(fma\.rn|div\.full|(div|sqrt|rcp|ex2|lg2|sin|cos|tanh)\.approx)\.\S+")
 _not_ieee: list[str] = []
+# The searches and the per-row kernels of training steps: a spill there is local-memory traffic on
+# every K tile or row. 227 KiB: the most shared memory an sm_90 block may opt in to.
+HOT = (
+    "_nearest_code_fwd_kernel",
+    "_nearest_code_topk_kernel",
+    "_quantize_fwd_kernel",
+    "_quantize_bwd_kernel",
+    "_ema_scatter_fwd_kernel",
+    "_ema_piece_kernel",
+    "_ema_combine_kernel",
+)
+MAX_SHARED = 227 * 1024
+_over_budget: list[str] = []
 
 
 def _type(value) -> str:
@@ -58,15 +76,22 @@ def _type(value) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-def _resources(cubin: bytes) -> str:
+def _resources(kernel) -> tuple[str, int]:
+    """The resource summary of a compiled kernel, and its spill stores (STL instructions)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(kernel.asm["cubin"])
         f.flush()
         dump = [tool, "--dump-resource-usage", f.name]
         out = subprocess.run(dump, capture_output=True, text=True)
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     fields = dict(w.split(":", 1) for w in out.stdout.split() if w.split(":")[0].isupper())
-    return f"REG {fields.get('REG')} LOCAL {fields.get('LOCAL')} SHARED {fields.get('SHARED')}"
+    stl = len(re.findall(r"\bSTL(\.\w+)*\s", sass))
+    summary = (
+        f"REG {fields.get('REG')} STL {stl} STACK {fields.get('STACK')} "
+        f"SHARED {kernel.metadata.shared}"
+    )
+    return summary, stl
 
 
 def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
@@ -87,11 +112,14 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
         kernel = triton.compile(source, target=TARGET, options=options)
         types = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
         flags = " ".join(f"{k}={v}" for k, v in constexprs.items())
+        summary, stl = _resources(kernel)
         _compiled[key] = (
-            f"{self.__name__} ({types}) [{flags}] {options}: {_resources(kernel.asm['cubin'])}, "
+            f"{self.__name__} ({types}) [{flags}] {options}: {summary}, "
             f"{time.perf_counter() - start:.1f} s"
         )
         print(_compiled[key], flush=True)
+        if (stl and self.__name__ in HOT) or kernel.metadata.shared > MAX_SHARED:
+            _over_budget.append(_compiled[key])
         if self.__name__ in IEEE_ONLY:
             found = sorted({m.group(0) for m in NOT_IEEE.finditer(kernel.asm["ptx"])})
             if found:
@@ -110,20 +138,26 @@ def _launch_everything():
     for dtype in (torch.float32, torch.float64):
         leech.leech_decode_triton(torch.randn(100, 24, generator=g).to(dtype))
     # nearest code: each precision, one and several D chunks, small and large N, split codebooks,
-    # the exact float32 search by 3xTF32 alone and screened (tf32 pass, recheck unsplit / split)
-    for dtype, fast, n, d, splits, screen in [
-        (torch.float32, False, 4096, 32, 1, False),
-        (torch.float32, False, 4096, 32, 1, True),
-        (torch.float32, False, 4096, 256, 4, True),
-        (torch.float32, True, 4096, 32, 1, None),
-        (torch.bfloat16, False, 4096, 32, 1, None),
-        (torch.float16, False, 48, 256, 1, None),
-        (torch.float32, False, 8, 300, 4, False),
-        (torch.bfloat16, False, 100, 8, 4, None),
+    # the exact float32 search by 3xTF32 alone and screened (tf32 pass, recheck unsplit / split);
+    # K = 4000 adds the masked epilogue (EVEN_K False), the heavier specialization in registers
+    for dtype, fast, n, d, k, splits, screen in [
+        (torch.float32, False, 4096, 32, 4096, 1, False),
+        (torch.float32, False, 4096, 32, 4096, 1, True),
+        (torch.float32, False, 4096, 256, 4096, 4, True),
+        (torch.float32, False, 4096, 256, 4000, 1, False),
+        (torch.float32, True, 4096, 32, 4096, 1, None),
+        (torch.float32, True, 48, 128, 4000, 1, None),
+        (torch.bfloat16, False, 4096, 32, 4096, 1, None),
+        (torch.bfloat16, False, 4096, 256, 4000, 1, None),
+        (torch.float16, False, 48, 256, 4096, 1, None),
+        (torch.float32, False, 48, 64, 4000, 1, False),
+        (torch.float32, False, 8, 300, 4096, 4, False),
+        (torch.bfloat16, False, 8, 128, 4000, 1, None),
+        (torch.bfloat16, False, 100, 8, 4096, 4, None),
     ]:
         z = torch.randn(n, d, generator=g).to(dtype)
-        codebook = torch.randn(4096, d, generator=g).to(dtype)
-        bias = torch.randn(4096, generator=g)
+        codebook = torch.randn(k, d, generator=g).to(dtype)
+        bias = torch.randn(k, generator=g)
         nearest_code.nearest_code_triton(
             z, codebook, None, bias, fast, splits=splits, screen=screen
         )
@@ -135,6 +169,8 @@ def _launch_everything():
         (torch.float32, False, 4096, 32, 128),
         (torch.bfloat16, False, 4096, 256, 128),
         (torch.bfloat16, False, 8, 256, 8),
+        (torch.bfloat16, False, 8, 128, 8),
+        (torch.float32, True, 8, 256, 128),
     ]:
         z = torch.randn(n, d, generator=g).to(dtype)
         codebook = torch.randn(4000, d, generator=g).to(dtype)
@@ -193,6 +229,9 @@ def main() -> int:
     missing = _all_kernels() - compiled
     if missing:
         print(f"never launched here (add them to _launch_everything): {sorted(missing)}")
+        return 1
+    if _over_budget:
+        print("spills in HOT kernels or shared memory over 227 KiB:", *_over_budget, sep="\n")
         return 1
     if _not_ieee:
         print("IEEE_ONLY kernels with fused or approximate float arithmetic:", *_not_ieee, sep="\n")

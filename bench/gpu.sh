@@ -9,10 +9,12 @@
 #   device run (carry [".whl"]):  FASTVQ_GIT_REV=<`git rev-parse HEAD` here> bash bench/gpu.sh
 # (where the tree arrives without its .git, the records take their commit from FASTVQ_GIT_REV)
 #
-# .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels):
+# .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels, and ninja's):
 #   pip download --no-deps -d .whl flash-kmeans vector-quantize-pytorch==1.32.0 einx==0.4.3 \
-#     loguru torch-einops-utils frozendict einops tqdm
-# (tqdm: without it flash-kmeans' __init__ quietly swaps its Triton k-means for a torch fallback.)
+#     loguru torch-einops-utils frozendict einops tqdm wheel ninja
+# (tqdm: without it flash-kmeans' __init__ quietly swaps its Triton k-means for a torch fallback;
+# wheel: pip's editable build needs bdist_wheel, which setuptools < 70.1 lacks without it; ninja:
+# without it torch's BuildExtension compiles one file at a time.)
 # What comes back in $OUT (the tool returns at most 8 files): log.txt (every step's output, then a
 # summary table), <op>-<device>.json per benchmark module, logs.tar.gz (one log per step).
 # Run by hand without $OUT, everything goes to bench/results.
@@ -49,14 +51,21 @@ main() {
   step gpu 15 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
   if compgen -G ".whl/*.whl" >/dev/null; then
     step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+      --upgrade --target /tmp/site .whl/*.whl &&
+      export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+  fi
+  # torch takes CUDA_HOME from the nvcc on PATH: a wrapper script there (as /usr/local/bin/nvcc on
+  # the CPU machine) makes it a folder without cuda_runtime.h, and the build fails.
+  if [[ -z ${CUDA_HOME:-} && -f /usr/local/cuda/include/cuda_runtime.h ]]; then
+    export CUDA_HOME=/usr/local/cuda
   fi
   if ! step build 200 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
-    # Without an install fastvq.kernels does not import (setup.py maps it from kernels/): the
-    # package alone (5 s), so that a failed CUDA build does not cost the Triton rows too.
-    echo "build failed: installing without the C++ extension; the C++ backends are unavailable"
-    step build-no-ext 30 env FASTVQ_NO_EXTENSION=1 python3 -m pip install -q --no-index \
-      --no-deps --no-build-isolation -e .
+    # Without an install fastvq.kernels and fastvq.configs do not import (setup.py maps them from
+    # kernels/ and configs/): link them into the package and run from the tree, so that a failed
+    # build (of the CUDA sources, or pip's own) does not cost the Triton rows too.
+    echo "build failed: running from the tree without the C++ extension"
+    ln -sfn ../kernels fastvq/kernels && ln -sfn ../configs fastvq/configs
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
   step backends 30 python3 -c "import fastvq; print(fastvq.backends())"
   # Top-k's GPU tests compile many Triton specializations: last, so they never starve the rest.

@@ -69,7 +69,8 @@ main() {
   fi
   step backends 30 python3 -c "import fastvq; print(fastvq.backends())"
   # Top-k's GPU tests compile many Triton specializations: last, so they never starve the rest.
-  step tests-gpu 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests -k "not topk"
+  step tests-gpu 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests \
+    -k "not topk and not sync_only_where_counted"
   # The Triton launcher tests (screening, split-K), which take CUDA tensors wherever CUDA is but
   # carry no gpu marker; not gpu: the cuda-* backend cases are all tests-gpu's (348 of them,
   # which this step ran a second time before).
@@ -92,6 +93,9 @@ main() {
   # cuda-* cases and the top-k split-K launcher test (CUDA tensors, no "cuda" in its name)
   step tests-topk 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_nearest_code_topk.py \
     -k "cuda or triton"
+  # The GPU's own count of host syncs per op call and per layer step (set_sync_debug_mode)
+  step tests-syncs 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/nn/test_host_syncs.py \
+    -k sync_only_where_counted
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
   echo "== summary (${SECONDS} s)"
   printf '%s\n' "${SUMMARY[@]}"

@@ -528,7 +528,7 @@ fastvq._ext.HAS_CUDA_KERNELS = True
 
 def test_gpu_sh_runs_each_gpu_test_once(tmp_path):
     """gpu.sh's pytest steps, collected as on a GPU machine: no test in two steps (each costs
-    seconds of a 540 s session), every gpu-marked op test in one, and the Triton launcher tests
+    seconds of a 540 s session), every gpu-marked test in one, and the Triton launcher tests
     that take CUDA tensors without a gpu marker (split-K, screening) too."""
     import re
     import shlex
@@ -536,7 +536,7 @@ def test_gpu_sh_runs_each_gpu_test_once(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = open(os.path.join(root, "bench", "gpu.sh")).read().replace("\\\n", " ")
     steps = dict(re.findall(r"^\s*step (\S+) \d+ python3 -m pytest (.*)$", script, re.M))
-    assert set(steps) == {"tests-gpu", "tests-cuda", "tests-topk"}, steps
+    assert set(steps) == {"tests-gpu", "tests-cuda", "tests-topk", "tests-syncs"}, steps
     (tmp_path / "fake_cuda.py").write_text(FAKE_CUDA)
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
@@ -547,11 +547,15 @@ def test_gpu_sh_runs_each_gpu_test_once(tmp_path):
 
     # one -q lists node ids (the steps' own -q would make it -qq: counts per file)
     chosen = {n: collect(*(a for a in shlex.split(args) if a != "-q")) for n, args in steps.items()}
-    gpu, cuda, topk = (chosen[n] for n in ("tests-gpu", "tests-cuda", "tests-topk"))
-    assert gpu and cuda and topk
-    assert not gpu & cuda and not gpu & topk and not cuda & topk
+    gpu, cuda, topk, syncs = (
+        chosen[n] for n in ("tests-gpu", "tests-cuda", "tests-topk", "tests-syncs")
+    )
+    assert gpu and cuda and topk and syncs
+    assert sum(map(len, chosen.values())) == len(gpu | cuda | topk | syncs)  # no test twice
+    assert collect("-m", "gpu", "tests") <= gpu | cuda | topk | syncs
     marked = collect("-m", "gpu", "tests/ops/test_nearest_code_topk.py")
     assert any("[cuda-" in t for t in marked) and marked <= topk
+    assert any("test_host_syncs.py" in t for t in syncs)
     launchers = {t for t in gpu | cuda | topk if "split_k" in t}
     assert any("topk" in t for t in launchers) and any("topk" not in t for t in launchers)
 

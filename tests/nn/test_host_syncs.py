@@ -4,7 +4,9 @@ by fastvq.testing.count_syncs; the remaining ones are the documented NaN/Inf inp
 per op call, one per residual stack, grouped stack or multi-head layer) and nothing else: a
 k-means init that ran costs none in later steps."""
 
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -195,6 +197,7 @@ MODULES = {
 }
 
 
+MASKED = ("vq_rotation_mask", "rvq", "rvq_kmeans", "grouped_rvq_kmeans")  # called with a mask
 # Beam-search modules: their layers' top-k searches per forward.
 BEAM_SEARCHES = {"rvq_beam": 3, "grouped_rvq_beam": 2 * 2, "rvq_kmeans_shared_beam": 3}
 
@@ -206,8 +209,7 @@ def test_modules(name, backend):
     torch.manual_seed(0)
     module = make(backend)
     x = torch.randn(2, 48, 16, requires_grad=True)
-    masked = ("vq_rotation_mask", "rvq", "rvq_kmeans", "grouped_rvq_kmeans")
-    kwargs = {"mask": torch.rand(2, 48) > 0.3} if name in masked else {}
+    kwargs = {"mask": torch.rand(2, 48) > 0.3} if name in MASKED else {}
     for syncs, n in (
         (train_step(module, x, **kwargs), train),
         (eval_forward(module, x, **kwargs), evaluate),
@@ -219,6 +221,81 @@ def test_modules(name, backend):
             assert len(ties) == 2 * BEAM_SEARCHES[name], syncs
             syncs = [s for s in syncs if s not in ties]
         assert_finite_checks(syncs, n)
+
+
+@contextlib.contextmanager
+def gpu_syncs():
+    """The syncs the GPU itself reports (torch.cuda.set_sync_debug_mode): their messages."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        found = []
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        found += [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_ops_on_cuda_sync_only_where_counted(backend):
+    """count_syncs is blind inside CUDA glue and Triton launchers: on a GPU the ops of test_ops
+    make the counted syncs and no others."""
+    if not backends()[backend].available:
+        pytest.skip(backends()[backend].reason)
+    z = torch.randn(97, 16, device="cuda", requires_grad=True)
+    codebook = torch.randn(33, 16, device="cuda")
+    fastvq.nearest_code(z.detach(), codebook, backend=backend)  # compiled and loaded, untimed
+    with gpu_syncs() as found:
+        fastvq.nearest_code(z.detach(), codebook, backend=backend)
+    assert len(found) == 1, found
+    with gpu_syncs() as found:
+        fastvq.nearest_code(z.detach(), codebook, backend=backend, check_inputs_finite=False)
+        fastvq.nearest_code(
+            z.detach(), codebook, backend=backend, screen=True, check_inputs_finite=False
+        )
+    assert found == []
+    for grad in ("ste", "rotation", "householder"):
+        z_q, idx = fastvq.quantize(z, codebook.requires_grad_(), grad=grad, backend=backend)
+        z_q.square().sum().backward()
+        with gpu_syncs() as found:
+            z_q, idx = fastvq.quantize(z, codebook, grad=grad, backend=backend)
+            z_q.square().sum().backward()
+        assert len(found) == 1, (grad, found)
+    cluster_size, embed_sum = torch.ones(33, device="cuda"), codebook.detach().clone()
+    fastvq.ema_update_(cluster_size, embed_sum, z, idx, 0.9, backend=backend)
+    with gpu_syncs() as found:
+        fastvq.ema_update_(cluster_size, embed_sum, z, idx, 0.9, backend=backend)
+    assert len(found) == 1, found  # the index range
+    with gpu_syncs() as found:
+        fastvq.ema_update_(
+            cluster_size, embed_sum, z, idx, 0.9, backend=backend, check_indices=False
+        )
+        fastvq.ema_codebook(cluster_size, embed_sum)
+    assert found == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_on_cuda_sync_only_where_counted(name):
+    """test_modules' training step and eval forward on CUDA tensors ("auto": the Triton kernels),
+    counted by the GPU."""
+    make, train, evaluate = MODULES[name]
+    torch.manual_seed(0)
+    module = make("auto").cuda()
+    x = torch.randn(2, 48, 16, device="cuda", requires_grad=True)
+    kwargs = {"mask": torch.rand(2, 48, device="cuda") > 0.3} if name in MASKED else {}
+    module.train()
+    module(x, **kwargs)  # k-means init, kernel compiles
+    with gpu_syncs() as found:
+        out = module(x, **kwargs)
+        (out[0].square().mean() + out[2].sum()).backward()
+    assert len(found) == train, found
+    module.eval()
+    with torch.no_grad(), gpu_syncs() as found:
+        module(x, **kwargs)
+    assert len(found) == evaluate, found
 
 
 SKIPPABLE = {

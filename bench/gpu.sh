@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one script of a GPU session (the device tool's command limit is 10 minutes): build with CUDA,
-# GPU tests, the full op tests on CUDA tensors, then every benchmark. Each step has its own timeout,
-# capped by what is left of GPU_SH_SECONDS (default 540 s), so a hang or failure in one step costs
-# the later steps at most that step's budget. The budgets add up to more than the deadline: steps
-# run in order of importance, and if the early ones take their whole budgets the last ones are
-# skipped (the summary says which).
+# GPU tests, the full op tests on CUDA tensors, every benchmark, then the GPU's own count of host
+# syncs and compute-sanitizer's memcheck and racecheck (tests/cuda_sanitize.py). Each step has its
+# own timeout, capped by what is left of GPU_SH_SECONDS (default 540 s), so a hang or failure in
+# one step costs the later steps at most that step's budget. The budgets add up to more than the
+# deadline: steps run in order of importance, and if the early ones take their whole budgets the
+# last ones are skipped (the summary says which).
 #
 #   device run (carry [".whl"]):  FASTVQ_GIT_REV=<`git rev-parse HEAD` here> bash bench/gpu.sh
 # (where the tree arrives without its .git, the records take their commit from FASTVQ_GIT_REV)
@@ -96,6 +97,15 @@ main() {
   # The GPU's own count of host syncs per op call and per layer step (set_sync_debug_mode)
   step tests-syncs 45 python3 -m pytest -q -p no:cacheprovider -m gpu tests/nn/test_host_syncs.py \
     -k sync_only_where_counted
+  # compute-sanitizer over one small launch of every kernel: out-of-bounds and misaligned
+  # accesses (all kernels), shared-memory races (the CUDA C++ ones, which manage their own).
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer ||
+    echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  step memcheck 60 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    python3 tests/cuda_sanitize.py
+  step racecheck 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
+    python3 tests/cuda_sanitize.py cuda
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
   echo "== summary (${SECONDS} s)"
   printf '%s\n' "${SUMMARY[@]}"

@@ -105,6 +105,21 @@ def test_triton_kernels_compile_for_sm90():
     assert "kernels compiled for sm_90" in result.stdout
 
 
+def test_cuda_sanitize_script_runs():
+    """tests/cuda_sanitize.py, which gpu.sh runs under compute-sanitizer, makes the same calls on
+    CPU tensors: the C++ kernels, and the Triton ones under the interpreter."""
+    import fastvq
+
+    script = os.path.join(ROOT, "tests", "cuda_sanitize.py")
+    env = dict(checkout_env(), TRITON_INTERPRET="1")
+    cmd = [sys.executable, script, "--device", "cpu", "cpu", "triton"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    for backend in ("cpu", "triton"):
+        if fastvq.backends()[backend].available:
+            assert f"backend {backend} on cpu: every launch returned" in result.stdout
+
+
 def test_cuda_arch_list_keeps_what_the_kernels_support():
     # setup.py's choice of TORCH_CUDA_ARCH_LIST: the tensor-core kernels need sm_80+, so a PyTorch
     # image's list loses its older entries rather than failing the whole build.

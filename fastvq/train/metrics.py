@@ -8,7 +8,8 @@ LlamaGen's reconstruction script and torchvision's save_image), then mapped to [
         LlamaGen does (skimage peak_signal_noise_ratio per image); a perfect image counts 120 dB.
   SSIM: Wang et al. 2004 (11 x 11 Gaussian, sigma 1.5, K1 0.01, K2 0.03, data range 1, valid
         windows, channels averaged) = skimage structural_similarity(gaussian_weights=True,
-        sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1), per image.
+        sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1), per image;
+        None (JSON null) for images under 11 pixels on a side, which hold no window.
         LlamaGen's script calls skimage's defaults instead (7 x 7 uniform window) with
         data_range=2 on [0, 1] images, which read 0.04 to 0.21 higher here: not comparable.
   rFID: Fréchet distance of the feature means and covariances (N - 1, as np.cov in pytorch-fid
@@ -260,6 +261,7 @@ class Evaluator:
     def __init__(self, codebook_sizes, device, feature_fn=None):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # mse, psnr, ssim
         self.n = 0
+        self.ssim_defined = True
         # int64 keeps counts exact; K = 196,560 (Leech) is 1.5 MiB.
         self.codes = CodeCounts(codebook_sizes, device) if codebook_sizes else None
         self.feature_fn = feature_fn
@@ -274,7 +276,8 @@ class Evaluator:
         x = to_8bit(x.float())  # data loaders give 8-bit levels already: then a no-op
         m = mse(x, recon)
         p = -10 * torch.log10(m.clamp(min=1e-12))  # a perfect image counts as 120 dB, not inf
-        s = ssim(x, recon) if min(x.shape[-2:]) >= 11 else torch.full_like(m, float("nan"))
+        self.ssim_defined &= min(x.shape[-2:]) >= 11
+        s = ssim(x, recon) if self.ssim_defined else torch.zeros_like(m)
         self.sums += torch.stack([m.sum(), p.sum(), s.sum()])
         self.n += len(x)
         if self.codes is not None and indices is not None:
@@ -300,7 +303,7 @@ class Evaluator:
         if self.n == 0:
             raise ValueError("no images were evaluated")
         m, p, s = (self.sums / self.n).tolist()
-        out = {"images": self.n, "mse": m, "psnr": p, "ssim": s}
+        out = {"images": self.n, "mse": m, "psnr": p, "ssim": s if self.ssim_defined else None}
         if self.codes is not None:
             out.update(self.codes.stats())
         if self.feature_fn is not None:

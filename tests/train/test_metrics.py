@@ -219,3 +219,16 @@ def test_feature_extractor_gets_8bit_images_in_unit_range():
     for t in seen:
         assert t.min() >= 0 and t.max() <= 1
         torch.testing.assert_close(t * 255, (t * 255).round(), rtol=0, atol=1e-4)
+
+
+def test_evaluator_ssim_is_null_for_images_without_an_11_pixel_window():
+    """eval.json must stay valid JSON (no NaN) for 8 x 8 images: SSIM is None, the rest scored."""
+    import json
+
+    g = torch.Generator().manual_seed(6)
+    x = _levels(g, (4, 3, 8, 8))
+    ev = Evaluator([16], "cpu")
+    ev.update(x, x.flip(0), torch.randint(0, 16, (4, 2, 2), generator=g))
+    r = ev.result()
+    assert r["ssim"] is None and r["mse"] > 0 and math.isfinite(r["psnr"])
+    assert json.loads(json.dumps(r, allow_nan=False)) == r

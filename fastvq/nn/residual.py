@@ -646,7 +646,7 @@ class ResidualVQ(_Residual):
                 rows = residual.reshape(m * j, d)
                 rows = _l2norm(rows) if layer.use_cosine_sim else rows
                 rep_mask = None if row_mask is None else row_mask.repeat_interleave(j)
-                if layer.training and layer.kmeans_init:
+                if layer.training and layer.kmeans_init and not layer._initted_known():
                     layer._init_from_rows([rows], None if rep_mask is None else [rep_mask])
                 codebook = layer._codebooks()[0]
                 cb = codebook.detach()

@@ -526,7 +526,7 @@ class VectorQuantize(nn.Module):
             if self.use_cosine_sim:
                 z = _l2norm(z)
             rows, row_mask = self._split(z, mask)
-            if self.training and self.kmeans_init:
+            if self.training and self.kmeans_init and not self._initted_known():
                 self._init_from_rows(rows, row_mask)
             if k is not None:
                 # heads == 1: one codebook, rows (b n, codebook_dim); no codebook update.
@@ -780,6 +780,11 @@ class VectorQuantize(nn.Module):
         True, and since then neither replaced (.to(device), load_state_dict(assign=True)) nor
         written in place (load_state_dict, copy_ / fill_ by hand, the trainer's meta step putting
         its buffers back: each bumps the tensor's version counter)."""
+        if torch.compiler.is_compiling():
+            # dynamo reads no version counter: it guards on whether `initted` was seen True, so
+            # a compiled step after the init holds neither the init nor a graph break. Writes
+            # to `initted` by hand under compile go unseen; load_state_dict's do not.
+            return self._initted_seen is not None
         seen, buf = self._initted_seen, self.initted
         return seen is not None and seen[0] is buf and seen[1] == buf._version
 

@@ -1,8 +1,8 @@
 """torch.compile of a small model containing the quantizer layers: no graph break in training or
 eval (fullgraph=True), the same outputs, gradients and codebook state as eager (VectorQuantize's
 top-k forward and ResidualVQ's beam search included). Few tests: compiling is slow on CPU. Known
-breaks, by design: k-means init (first training step), dead-code replacement, quantize dropout's
-seed and a Parameter codebook's EMA (orthogonal regulariser)."""
+breaks, by design: k-means init (the step that runs it, not the later ones), dead-code
+replacement, quantize dropout's seed and a Parameter codebook's EMA (orthogonal regulariser)."""
 
 import copy
 
@@ -162,6 +162,37 @@ def test_deliberate_graph_breaks_run_eagerly_under_compile():
                             strict=True):  # fmt: skip
         torch.testing.assert_close(b, a, msg=name)
     assert bool(compiled_layers[0].initted) and counters["graph_break"]
+
+
+def test_kmeans_init_layers_compile_without_breaks_once_initted():
+    """The init is an eager island for one step; after it, a training step compiles whole (dynamo
+    guards on `initted` having been seen True, no version counter read in the graph), and a
+    state dict whose `initted` is False makes the compiled step run the init again."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(
+        [
+            VectorQuantize(DIM, 16, kmeans_init=True),
+            ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=8, kmeans_init=True),
+            ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=8, kmeans_init=True, beam_size=2),
+        ]
+    )
+
+    def run(x):
+        return sum(layer(x)[0].square().mean() for layer in layers)
+
+    x = torch.randn(4, 6, DIM)
+    run(x)  # the inits, eagerly
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    for step in range(2):
+        compiled(torch.randn(4, 6, DIM, generator=torch.Generator().manual_seed(step)))
+    state = {k: v.zero_() if k.endswith("initted") else v for k, v in layers.state_dict().items()}
+    layers.load_state_dict(state)
+    embed = layers[0].embed.clone()
+    torch.compile(run, backend="eager")(x)
+    initted = [layers[0].initted] + [q.initted for rvq in layers[1:] for q in rvq.layers]
+    assert all(bool(t) for t in initted)
+    assert not torch.equal(layers[0].embed, embed)  # k-means ran again on x
 
 
 def test_import_leaves_dynamo_unloaded():

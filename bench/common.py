@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import gc
+import glob
 import json
 import os
 import platform
@@ -322,6 +323,14 @@ def save(folder: str, op: str, rows: list[Row], extra: dict, quick: bool = False
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     return path
+
+
+def records(folder: str) -> list[tuple[str, dict]]:
+    """(path, record) of every record `save` wrote in folder, by file name (other JSON files, such
+    as screening_share.json, have no rows and are left out)."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.json")))
+    found = [(path, json.load(open(path))) for path in paths]
+    return [(path, record) for path, record in found if "rows" in record]
 
 
 def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:

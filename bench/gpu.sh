@@ -17,7 +17,8 @@
 # wheel: pip's editable build needs bdist_wheel, which setuptools < 70.1 lacks without it; ninja:
 # without it torch's BuildExtension compiles one file at a time.)
 # What comes back in $OUT (the tool returns at most 8 files): log.txt (every step's output, then a
-# summary table), <op>-<device>.json per benchmark module, logs.tar.gz (one log per step).
+# summary table and the issues' targets, met or not), <op>-<device>.json per benchmark module,
+# logs.tar.gz (one log per step).
 # Run by hand without $OUT, everything goes to bench/results.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -110,6 +111,7 @@ main() {
   echo "== summary (${SECONDS} s)"
   printf '%s\n' "${SUMMARY[@]}"
   python3 -m bench.run --summary "$OUT"
+  python3 -m bench.run --targets "$OUT"
 }
 
 # A pipeline, not exec > >(tee): the shell waits for tee, so the end of log.txt is never lost.

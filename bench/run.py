@@ -2,29 +2,29 @@
 
 python -m bench.run [--quick] [--only nearest_code codebook ...] [--out DIR] [--reps N]
 python -m bench.run --summary DIR    (a compact table of every record in DIR)
+python -m bench.run --targets DIR    (the issues' performance targets: met, MISSED or not measured)
 
 Every option but --only goes to each module's command line (bench/common.py's cli). A module that
 fails as a whole is reported and the others still run; the exit status says whether any failed.
 """
 
 import argparse
-import glob
 import importlib
-import json
 import os
 import sys
 import time
 import traceback
 
+from bench import targets
+from bench.common import records
+
 MODULES = ("nearest_code", "codebook", "lattice", "scalar", "nn")
 
 
 def summary(folder: str) -> None:
-    """One short line per row of every <op>-*.json in folder: what a GPU session prints last."""
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        record = json.load(open(path))
-        if "rows" not in record:
-            continue
+    """One short line per row of every <op>-*.json in folder: what a GPU session prints
+    before its targets."""
+    for path, record in records(folder):
         print(f"-- {os.path.basename(path)} ({record['environment'].get('device')})")
         for row in record["rows"]:
             shape = " ".join(f"{v}" for v in row["shape"].values())
@@ -48,9 +48,13 @@ def main(argv=None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument("--only", nargs="+", choices=MODULES, default=list(MODULES))
     parser.add_argument("--summary", metavar="DIR")
+    parser.add_argument("--targets", metavar="DIR")
     args, rest = parser.parse_known_args(argv)
     if args.summary:
         summary(args.summary)
+        return []
+    if args.targets:
+        targets.report(args.targets)
         return []
     if "-h" in rest or "--help" in rest:
         print(__doc__)

@@ -275,6 +275,100 @@ def test_summary_flags_failed_checks(tmp_path, capsys):
     assert absent.split()[0] == "absent" and "skipped: why" in absent
 
 
+def test_targets_verdicts(tmp_path, capsys):
+    """--targets: a target is met or MISSED only from a GPU record's ok rows that passed their check
+    (a ratio from two rows of one record); a skipped row, a failed check, a row the run did not
+    reach, a record from another device or none at all are "not measured", saying why."""
+    from bench.run import main
+    from bench.targets import TARGETS, report
+
+    def row(name, ms=1.0, ok=True, **shape):
+        return dataclasses.asdict(common.Row(name, shape, ms=ms, ok=ok))
+
+    def write(file, device, rows, gpu=True, **more):
+        env = {"device": device, "gpu": {"capability": "9.0"} if gpu else None, "threads": 2}
+        op = file.split("-")[0]
+        record = {"op": op, "environment": env, "quick": False, "complete": True, "rows": rows}
+        (tmp_path / file).write_text(json.dumps(record | more))
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    write("nearest_code-nvidia-h100.json", h100, [
+        row("fastvq exact", 0.5, N=65536, K=65536, D=32),  # <= 0.8: met
+        row("fastvq exact", 2.0, N=65536, K=196560, D=24),  # <= 1.5: missed
+        dict(row("fastvq exact", N=16384, K=65536, D=256), ms=None, status="OOM"),
+        row("fastvq exact", 0.1, ok=False, N=65536, K=16384, D=8),  # fast, but wrong
+    ])  # fmt: skip
+    quantize = {"op": "quantize", "N": 65536, "K": 65536, "D": 32}
+    write("codebook-nvidia-h100.json", h100, [
+        row("fastvq quantize rotation auto", 1.3, **quantize),
+        row("fastvq quantize ste auto", 1.0, **quantize),  # rotation / ste 1.3 > 1.1: missed
+    ], complete=False)  # fmt: skip
+    write("nearest_code-cpu.json", "AMD EPYC", [
+        row("torch chunked fp32", 30.0, N=8192, K=16384, D=32),
+        row("fastvq exact", 5.0, N=8192, K=16384, D=32),  # 6x >= 3x: met
+    ], gpu=False)  # fmt: skip
+    write("nn-cpu.json", "AMD EPYC", [], gpu=False)
+    # the share of the copy bandwidth: the same bytes copied in the same run, on any GPU
+    fsq = {"op": "fsq", "N": 1048576, "D": 6}
+    write("scalar-nvidia-h200.json", "NVIDIA H200", [
+        row("fastvq fsq", 0.5, **fsq), row("torch copy (same bytes)", 0.4, **fsq),  # 80 %: met
+        row("fastvq lfq", 1.0, op="lfq", N=1048576, D=18),  # no copy row: not measured
+    ])  # fmt: skip
+    # a smoke run's numbers never count, though its row would meet the target
+    write("lattice-nvidia-h100-quick.json", h100, [row("fastvq leech structured auto", 0.1,
+          op="leech", N=65536)], quick=True)  # fmt: skip
+    (tmp_path / "screening_share.json").write_text(json.dumps({"results": []}))
+
+    assert main(["--targets", str(tmp_path)]) == []
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + len(TARGETS)  # a header, one line per target (one record or none)
+    lines = {
+        t.what: (device, value, verdict) for t, device, value, verdict in report(str(tmp_path))
+    }
+    assert [line.split()[0] for line in printed[1:]] == [str(t.issue) for t in TARGETS]
+    assert lines["nearest_code exact fp32 65536x65536x32"] == (h100, "0.5 ms", "met")
+    assert lines["nearest_code exact fp32 65536x196560x24"] == (h100, "2 ms", "MISSED")
+    assert lines["nearest_code exact fp32 16384x65536x256"] == (
+        h100,
+        "-",
+        "not measured: 'fastvq exact' at N=16384 K=65536 D=256: OOM",
+    )
+    assert lines["nearest_code exact fp32 65536x16384x8"][2] == (
+        "not measured: 'fastvq exact' at N=65536 K=16384 D=8: correctness check failed"
+    )
+    assert lines["chunked ref / C++ nearest_code 8192x16384x32"] == (
+        "AMD EPYC, 2 threads",
+        "6x (30 / 5 ms)",
+        "met",
+    )
+    assert lines["quantize fwd+bwd rotation / ste 65536x65536x32"][1:] == (
+        "1.3x (1.3 / 1 ms)",
+        "MISSED",
+    )
+    verdict = lines["quantize rotation / nearest_code alone"][2]
+    assert verdict == (
+        "not measured: no row 'fastvq nearest_code alone' at op=quantize N=65536 K=65536 D=32 "
+        "(the run stopped early)"
+    )
+    assert lines["Leech structured decoder N 65536"] == (
+        "-",
+        "-",
+        "not measured: no lattice record from a CUDA GPU",
+    )
+    assert lines["VQGAN step: quantizer share"][2] == (
+        "not measured: no nn record from a CUDA GPU (only AMD EPYC, 2 threads)"
+    )
+    assert lines["FSQ fwd+bwd N 1048576: share of copy bandwidth"] == (
+        "NVIDIA H200",
+        "80 % (0.5 / 0.4 ms)",
+        "met",
+    )
+    assert lines["LFQ fwd+bwd N 1048576: share of copy bandwidth"][2] == (
+        "not measured: no row 'torch copy (same bytes)' at op=lfq N=1048576"
+    )
+    assert lines["LFQ entropy fwd+bwd 65536x18, 2^18 codes"][2].startswith("not measured: no row")
+
+
 # --- each bench module's correctness check rejects a wrong fastvq result before timing ---
 
 

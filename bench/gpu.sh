@@ -12,10 +12,11 @@
 #
 # .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels, and ninja's):
 #   pip download --no-deps -d .whl flash-kmeans vector-quantize-pytorch==1.32.0 einx==0.4.3 \
-#     loguru torch-einops-utils frozendict einops tqdm wheel ninja
+#     loguru torch-einops-utils frozendict einops tqdm wheel ninja "nvidia-cuda-sanitizer-api==13.0.*"
 # (tqdm: without it flash-kmeans' __init__ quietly swaps its Triton k-means for a torch fallback;
 # wheel: pip's editable build needs bdist_wheel, which setuptools < 70.1 lacks without it; ninja:
-# without it torch's BuildExtension compiles one file at a time.)
+# without it torch's BuildExtension compiles one file at a time; the sanitizer wheel (14 MB) holds
+# compute-sanitizer for CUDA 13.0, for an image whose toolkit lacks it.)
 # What comes back in $OUT (the tool returns at most 8 files): log.txt (every step's output, then a
 # summary table and the issues' targets, met or not), <op>-<device>.json per benchmark module,
 # logs.tar.gz (one log per step).
@@ -101,12 +102,18 @@ main() {
   # compute-sanitizer over one small launch of every kernel: out-of-bounds and misaligned
   # accesses (all kernels), shared-memory races (the CUDA C++ ones, which manage their own).
   local sanitizer
-  sanitizer=$(command -v compute-sanitizer ||
-    echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-  step memcheck 60 "$sanitizer" --tool memcheck --error-exitcode 1 \
-    python3 tests/cuda_sanitize.py
-  step racecheck 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
-    python3 tests/cuda_sanitize.py cuda
+  sanitizer=$(command -v compute-sanitizer)
+  for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin" /tmp/site/nvidia/cu13/bin; do
+    [[ -z $sanitizer && -x $candidate/compute-sanitizer ]] && sanitizer=$candidate/compute-sanitizer
+  done
+  if [[ -n $sanitizer ]]; then
+    step memcheck 60 "$sanitizer" --tool memcheck --error-exitcode 1 \
+      python3 tests/cuda_sanitize.py
+    step racecheck 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
+      python3 tests/cuda_sanitize.py cuda
+  else
+    SUMMARY+=("memcheck, racecheck skipped: no compute-sanitizer (see the header)")
+  fi
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
   echo "== summary (${SECONDS} s)"
   printf '%s\n' "${SUMMARY[@]}"

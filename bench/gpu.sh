@@ -8,6 +8,8 @@
 # last ones are skipped (the summary says which).
 #
 #   device run (carry [".whl"]):  FASTVQ_GIT_REV=<`git rev-parse HEAD` here> bash bench/gpu.sh
+#   then, on the same warm machine, the steps the deadline skipped (the summary names them):
+#     GPU_SH_ONLY="tests-topk tests-syncs memcheck racecheck" FASTVQ_GIT_REV=... bash bench/gpu.sh
 # (where the tree arrives without its .git, the records take their commit from FASTVQ_GIT_REV)
 #
 # .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels, and ninja's):
@@ -31,10 +33,13 @@ mkdir -p "$OUT"
 SUMMARY=()
 
 # step NAME BUDGET_S COMMAND...: runs COMMAND with a timeout of min(BUDGET_S, time left), output to
-# the console and to $LOGS/NAME.log; with under 10 s left the step is not started.
+# the console and to $LOGS/NAME.log; with under 10 s left the step is not started. With
+# GPU_SH_ONLY="NAME ..." (a second call on the still-warm machine, whose install and /tmp/site are
+# kept), only the named steps run.
 step() {
   local name=$1 budget=$2 start=$SECONDS rc
   shift 2
+  [[ -n ${GPU_SH_ONLY:-} && " $GPU_SH_ONLY " != *" $name "* ]] && return 0
   local left=$((DEADLINE - SECONDS))
   if ((left < 10)); then
     SUMMARY+=("$(printf '%-16s skipped: out of time' "$name")")

@@ -120,6 +120,32 @@ def test_cuda_sanitize_script_runs():
             assert f"backend {backend} on cpu: every launch returned" in result.stdout
 
 
+def test_cuda_sanitize_arguments(monkeypatch, capsys):
+    """Its command line: no backend named runs both GPU backends on CUDA tensors (gpu.sh's
+    memcheck), the C++ one with --device cpu; an unavailable backend is skipped, saying why; an
+    unknown one is refused."""
+    import fastvq
+    from fastvq.ops._backends import Backend
+
+    path = os.path.join(ROOT, "tests", "cuda_sanitize.py")
+    spec = importlib.util.spec_from_file_location("cuda_sanitize", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+    monkeypatch.setattr(script, "run", lambda backend, device: calls.append((backend, device)))
+    report = {name: Backend(True, "") for name in ("triton", "cuda", "cpu", "torch")}
+    monkeypatch.setattr(fastvq, "backends", lambda: report)
+    assert script.main([]) == 0 and calls == [("cuda", "cuda"), ("triton", "cuda")]
+    calls.clear()
+    assert script.main(["--device", "cpu"]) == 0 and calls == [("cpu", "cpu")]
+    calls.clear()
+    report["cuda"] = Backend(False, "no GPU here")
+    assert script.main(["cuda", "triton"]) == 0 and calls == [("triton", "cuda")]
+    assert "backend cuda skipped: no GPU here" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(["cpu", "gpu"])
+
+
 def test_cuda_arch_list_keeps_what_the_kernels_support():
     # setup.py's choice of TORCH_CUDA_ARCH_LIST: the tensor-core kernels need sm_80+, so a PyTorch
     # image's list loses its older entries rather than failing the whole build.

@@ -232,3 +232,30 @@ def test_evaluator_ssim_is_null_for_images_without_an_11_pixel_window():
     r = ev.result()
     assert r["ssim"] is None and r["mse"] > 0 and math.isfinite(r["psnr"])
     assert json.loads(json.dumps(r, allow_nan=False)) == r
+
+
+@pytest.mark.parametrize(
+    "sizes, defined",
+    [
+        ([(11, 11)], True),
+        ([(10, 10)], False),
+        ([(8, 16)], False),
+        ([(16, 8)], False),
+        ([(8, 8), (12, 12)], False),
+    ],
+)
+def test_evaluator_ssim_needs_every_image_11_pixels_on_each_side(sizes, defined):
+    """11 x 11 images hold one window and are scored; an image under 11 pixels on either side, in
+    any batch, makes SSIM None, also where later batches would have a window."""
+    g = torch.Generator().manual_seed(7)
+    ev = Evaluator(None, "cpu")
+    scores = []
+    for h, w in sizes:
+        x = _levels(g, (2, 3, h, w))
+        ev.update(x, x.flip(0), None)
+        scores.append(ssim(x, x.flip(0)) if defined else None)
+    got = ev.result()["ssim"]
+    if defined:
+        assert got == pytest.approx(torch.cat(scores).mean().item())
+    else:
+        assert got is None

@@ -89,8 +89,8 @@ main() {
   # the CPU: 1-5 s per row on the 2-core CPU machine at K = 65,536-196,560; do_bench's 0.125 s; gc)
   # plus four torch.compile builds and the Triton JIT of each shape's specializations (BLOCK_D,
   # EVEN_K, SPLIT, ...): ~90 s, an estimate (no GPU run yet); at 75 s the last shape, the split-K
-  # one, would be lost. The build's 200 s are a cap: nvcc took 3-5 s per .cu and g++
-  # 5-21 s per .cpp on the CPU machine, for 16 parallel jobs.
+  # one, would be lost. The build's 200 s are a cap: the whole CUDA build (torch 2.11 + CUDA 13,
+  # ninja) took 78 s with 2 jobs on the 2-core CPU machine; here it has 16.
   step bench-nearest 100 python3 -m bench.run --only nearest_code --out "$OUT"
   step bench-codebook 75 python3 -m bench.run --only codebook --out "$OUT"
   step bench-nn 75 python3 -m bench.run --only nn --out "$OUT"

@@ -6,10 +6,10 @@
 (bench/gpu.sh runs both.) The CPU emulator (tests/cuda_emulator) runs the .cu files under
 AddressSanitizer, but it cannot see races between warps on shared memory, misaligned vector
 loads, or the Triton kernels' compiled code: the sanitizer on a GPU can. The shapes are small and
-odd (N = 37, K = 301, D = 33; a view with a storage offset) so that each masked edge and each
-unaligned fallback runs. Backends to run: the arguments ("cuda", "triton"; default both that
-are available). With --device cpu it runs the same calls on CPU tensors (backend "cpu", or
-"triton" under TRITON_INTERPRET=1), which is how the tests keep it working without a GPU.
+odd (N = 37, K = 301, D = 33 and 32; z starts one element into its buffer) so that each masked
+edge and each unaligned fallback runs. Backends to run: the arguments ("cuda", "triton"; default
+both that are available). With --device cpu it runs the same calls on CPU tensors (backend "cpu",
+or "triton" under TRITON_INTERPRET=1), which is how the tests keep it working without a GPU.
 """
 
 import argparse
@@ -21,16 +21,18 @@ import fastvq
 from fastvq.lattice import e8_nearest, e8_shell_quantize, leech_quantize
 
 
-def _inputs(device, dtype, n=37, k=301, d=33):
+def _inputs(device, dtype, d, n=37, k=301):
     g = torch.Generator(device="cpu").manual_seed(0)
-    z = torch.randn(n + 1, d, generator=g)[1:]  # a storage offset: not 16-byte aligned
+    # z one element into its buffer, made on the device: a base pointer no vector load may assume
+    # aligned (D = 32 would otherwise take the 16-byte loads)
+    z = torch.randn(n * d + 1, generator=g).to(device, dtype)[1:].view(n, d)
     codebook = torch.randn(k, d, generator=g)
-    return z.to(device, dtype), codebook.to(device, dtype)
+    return z, codebook.to(device, dtype)
 
 
 def run(backend: str, device: str) -> None:
-    for dtype in (torch.float32, torch.bfloat16):
-        z, codebook = _inputs(device, dtype)
+    for dtype, d in ((torch.float32, 33), (torch.float32, 32), (torch.bfloat16, 32)):
+        z, codebook = _inputs(device, dtype, d)
         for metric in ("l2", "cosine", "dot"):
             for precision in ("exact", "fast"):
                 fastvq.nearest_code(

@@ -255,7 +255,8 @@ class Evaluator:
 
     update(x, recon, indices) per batch; result() -> dict of means over every image seen and the
     code statistics of all indices seen (CodeCounts, with codebook_sizes as Tokenizer gives them;
-    None: none). `all_reduce` sums the accumulators across processes.
+    None: none). `all_reduce` sums the accumulators across processes; SSIM stays defined only where
+    every process saw images of at least 11 pixels a side.
     """
 
     def __init__(self, codebook_sizes, device, feature_fn=None):
@@ -289,12 +290,17 @@ class Evaluator:
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
-        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sums.device)
+        # SSIM is defined for the whole set only if it was on every rank: count the ranks where not.
+        n = torch.tensor(
+            [float(self.n), float(not self.ssim_defined)],
+            dtype=torch.float64,
+            device=self.sums.device,
+        )
         for t in (self.sums, n):
             dist.all_reduce(t)
         if self.codes is not None:
             self.codes.all_reduce()
-        self.n = int(n.item())
+        self.n, self.ssim_defined = int(n[0].item()), not n[1].item()
         if self.feature_fn is not None:
             for st in (self.real, self.fake):
                 st.all_reduce(self.sums.device)

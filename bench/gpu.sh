@@ -36,10 +36,12 @@ SUMMARY=()
 # the console and to $LOGS/NAME.log; with under 10 s left the step is not started. With
 # GPU_SH_ONLY="NAME ..." (a second call on the still-warm machine, whose install and /tmp/site are
 # kept), only the named steps run.
+wanted() { [[ -z ${GPU_SH_ONLY:-} || " $GPU_SH_ONLY " == *" $1 "* ]]; }
+
 step() {
   local name=$1 budget=$2 start=$SECONDS rc
   shift 2
-  [[ -n ${GPU_SH_ONLY:-} && " $GPU_SH_ONLY " != *" $name "* ]] && return 0
+  wanted "$name" || return 0
   local left=$((DEADLINE - SECONDS))
   if ((left < 10)); then
     SUMMARY+=("$(printf '%-16s skipped: out of time' "$name")")
@@ -116,7 +118,7 @@ main() {
       python3 tests/cuda_sanitize.py
     step racecheck 60 "$sanitizer" --tool racecheck --error-exitcode 1 \
       python3 tests/cuda_sanitize.py cuda
-  else
+  elif wanted memcheck || wanted racecheck; then
     SUMMARY+=("memcheck, racecheck skipped: no compute-sanitizer (see the header)")
   fi
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null

@@ -35,9 +35,14 @@ from fastvq.kernels import on_input_device
 from fastvq.lattice.leech import _tables
 from fastvq.ops._backends import triton_interpreting
 
-# Rows per program: 16 rows x 64 lanes keeps each table at 1,024 elements (8 per thread with 4
-# warps), which is small enough for the eight group tables to stay in registers.
-BLOCK_M = 16
+# Rows per program and warps, by score dtype: the sixteen (BLOCK_M, 64) group tables (4 groups x
+# signed sum, minimum, |z| sum, |z| minimum) must stay in registers. 16 rows x 64 lanes over 8 warps
+# is 4 float32 elements per thread and table, 64 registers in all; 8 rows for float64 holds the
+# same 64. With 4 warps (8 elements each) float32 hit the 255-register cap, and spilled under
+# Triton 3.9 (11 stores, float64 236-339); these choices compile spill-free for sm_90 under
+# Triton 3.6 and 3.9 (tests/triton_sm90.py: 128 registers, 128-138 for float64). Untimed.
+BLOCK_M, BLOCK_M_F64 = 16, 8
+NUM_WARPS = 8
 INTERPRETER_BLOCK_M = 64
 BLOCK_O = 128  # octads per tile: 759 in 6 tiles
 OCTADS_PADDED = 768
@@ -228,8 +233,12 @@ def leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return out
     hlo, hhi, octads = _golay_tables(z.device)
+    wide = z.dtype == torch.float64
     # The interpreter (CPU tensors) pays per program, not per row: 64 rows per program there.
-    block_m = INTERPRETER_BLOCK_M if triton_interpreting() else BLOCK_M
+    if triton_interpreting():
+        block_m = INTERPRETER_BLOCK_M
+    else:
+        block_m = BLOCK_M_F64 if wide else BLOCK_M
     grid = (triton.cdiv(n, block_m),)
     _leech_decode_fwd_kernel[grid](
         z,
@@ -241,6 +250,7 @@ def leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
         BLOCK_M=block_m,
         BLOCK_O=BLOCK_O,
         OCTADS_PADDED=OCTADS_PADDED,
-        DTYPE=tl.float64 if z.dtype == torch.float64 else tl.float32,
+        DTYPE=tl.float64 if wide else tl.float32,
+        num_warps=NUM_WARPS,
     )
     return out

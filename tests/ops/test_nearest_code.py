@@ -104,6 +104,26 @@ def test_lowest_index_wins_exact_ties(case):
     assert fastvq.nearest_code(zero, codebook, metric="cosine", backend=backend).tolist() == [0] * 3
 
 
+def test_finite_check_on_sums_that_overflow():
+    """The check sums each tensor first; finite terms can overflow that sum, and NaN hidden among
+    them must still be found: the exact check decides there."""
+    from fastvq.ops._validate import check_finite
+
+    g = torch.Generator().manual_seed(5)
+    big = torch.rand(64, 8, generator=g) + 3e37  # sums to ~1.5e40: inf in float32
+    check_finite(z=big, codebooks=[torch.randn(4, 8), big.flip(0)])
+    check_finite(z=torch.full((40000, 2), 60000.0, dtype=torch.float16))  # summed in float32
+    for bad in (float("nan"), float("inf")):
+        hidden = big.clone()
+        hidden[17, 3] = bad
+        with pytest.raises(ValueError, match="^codebooks contains NaN or Inf"):
+            check_finite(z=big, codebooks=[torch.randn(4, 8), hidden])
+    # Through an op: dot scores of such z stay finite, and every row has its argmax.
+    codebook = torch.randn(5, 8, generator=g) * 1e-3
+    want = (big.double() @ codebook.double().T).argmax(-1)
+    assert torch.equal(fastvq.nearest_code(big, codebook, metric="dot"), want)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_non_finite_inputs(case):
     device, backend = case

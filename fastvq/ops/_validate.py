@@ -46,9 +46,9 @@ def check_finite(skippable: bool = True, **tensors) -> None:
     meta tensors (no values to check: shape inference only).
 
     A tensor's sum is finite only if all its terms are (NaN and Inf propagate through additions),
-    so one reduction per tensor settles the usual case; isfinite().all() reads each tensor about
-    five times (on the CPU 3.8 ms against 0.13 ms for a (65536, 32) float32 z). Only where a sum
-    is not finite, which finite terms can also give by overflowing, do the exact checks run.
+    so one reduction per tensor settles the usual case, where isfinite().all() makes about five
+    passes and four temporaries. Only where a sum is not finite, which finite terms can also give
+    by overflowing, do the exact checks run.
     """
     groups = [[v] if isinstance(v, torch.Tensor) else list(v) for v in tensors.values()]
     if torch.compiler.is_compiling() or any(t.is_meta for ts in groups for t in ts):

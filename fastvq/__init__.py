@@ -3,6 +3,9 @@
 Importing fastvq loads the compiled extension if it was built, never Triton and never CUDA.
 """
 
+# fastvq.lattice defines its ops (torch.ops.fastvq.leech_*, e8_*) in Python: imported here so
+# that `import fastvq` registers every op an exported program may call (torch.export.load).
+from fastvq import lattice  # noqa: F401
 from fastvq.ops._backends import backends
 from fastvq.ops.codebook import (
     code_counts,

@@ -1,4 +1,5 @@
-"""Loads the compiled extension fastvq._C if it was built, and remembers why not otherwise."""
+"""Loads the compiled extension fastvq._C if it was built, and remembers why not otherwise; and
+the package's other registrations with torch."""
 
 import importlib.util
 import warnings
@@ -22,6 +23,17 @@ def _has_kernel(name: str, key: str) -> bool:
     if EXTENSION_ERROR is not None or not hasattr(torch.ops.fastvq, name):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvq::{name}", key)
+
+
+def register_namedtuple(cls):
+    """Name a namedtuple that a forward returns for torch.export: save writes a returned
+    namedtuple's type only under a registered name (NotImplementedError otherwise), and load
+    finds it once the defining module is imported. Returns cls. The registration is private
+    torch API (the one torch's error message names); a torch without it only loses the save."""
+    register = getattr(torch.utils._pytree, "_register_namedtuple", None)
+    if register is not None:
+        register(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    return cls
 
 
 # Plain booleans read once at import (dispatcher queries, no CUDA): torch.compile can trace code

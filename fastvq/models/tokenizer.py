@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastvq._ext import register_namedtuple
 from fastvq.ops._validate import check_choice, check_floating
 
 # fastvq.nn class name -> module holding it (the contract's layout of issue 5). Not
@@ -39,6 +40,7 @@ QUANTIZERS = {
 CHANNEL_FIRST = {"LatentQuantize"}
 
 
+@register_namedtuple
 class TokenizerOutput(NamedTuple):
     recon: torch.Tensor  # (B, C, H, W) reconstruction
     indices: torch.Tensor | None  # (B, h, w), (B, h, w, Q) residual, (B, h, w, G, Q) grouped

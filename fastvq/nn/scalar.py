@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvq._ext import register_namedtuple
 from fastvq.ops._validate import check_floating, check_int, check_tensor
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.scalar import (
@@ -32,8 +33,10 @@ from fastvq.ops.scalar import (
     lfq_codes,
 )
 
-Return = namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"])
-LossBreakdown = namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+Return = register_namedtuple(namedtuple("Return", ["quantized", "indices", "entropy_aux_loss"]))
+LossBreakdown = register_namedtuple(
+    namedtuple("LossBreakdown", ["per_sample_entropy", "batch_entropy", "commitment"])
+)
 
 # --- helpers shared by the fastvq.nn modules ---------------------------------------------------
 

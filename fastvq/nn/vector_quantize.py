@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvq
+from fastvq._ext import register_namedtuple
 from fastvq.nn.scalar import project_in
 from fastvq.ops._backends import check_backend, pick_backend
 from fastvq.ops._validate import (
@@ -101,8 +102,10 @@ from fastvq.ops.codebook import ACCUMULATORS, _check_real, _sample_rows, _smooth
 from fastvq.ops.nearest_code import MAX_TOPK
 from fastvq.ops.quantize import _quantize_fwd
 
-LossBreakdown = namedtuple(
-    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+LossBreakdown = register_namedtuple(
+    namedtuple(
+        "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+    )
 )
 
 GRADS = ("ste", "rotation", "householder")
@@ -1089,12 +1092,21 @@ def _gumbel_indices(z, codebook, metric: str, temp: float, topk: int | None = No
 
 def _candidate_mse(rows, codebook, idx) -> torch.Tensor:
     """mean((codebook[idx[m, j]] - rows[m])^2) over the features: (M, D) rows, (M, k) indices ->
-    (M, k), without gradients, gathering codes for row chunks of at most 2^20 elements."""
+    (M, k), without gradients, gathering codes for row chunks of at most 2^20 elements (one chunk
+    when traced)."""
     m, k = idx.shape
     out = rows.new_empty(m, k)
-    step = max(1, _SAMPLE_CHUNK_ELEMENTS // (k * rows.shape[1]))
+    if torch.compiler.is_compiling():
+        # Traced (torch.compile, torch.export), one chunk: with a dynamic batch, a loop over
+        # range(m) would specialize m to the traced value (a recompile per batch size, an export
+        # error). The price is the whole (M, k, D) gather at once: beam search's rows are paths
+        # (M = tokens x beam, k = beam), so 134 MB of float32 at 65,536 tokens, beam 4, D 32.
+        step, starts = m, (0,)
+    else:
+        step = max(1, _SAMPLE_CHUNK_ELEMENTS // (k * rows.shape[1]))
+        starts = range(0, m, step)
     with torch.no_grad():
-        for start in range(0, m, step):
+        for start in starts:
             codes = codebook[idx[start : start + step]]
             out[start : start + step] = (codes - rows[start : start + step, None]).square().mean(-1)
     return out

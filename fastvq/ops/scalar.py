@@ -579,7 +579,9 @@ def binary_entropy_loss(
     group = _process_group("all_reduce", all_reduce)
     if isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real):
         raise TypeError(f"inv_temperature must be a float, got {type(inv_temperature).__name__}")
-    if not (math.isfinite(inv_temperature) and inv_temperature > 0):
+    # Comparisons rather than math.isfinite (NaN fails both): under torch.compile(dynamic=True) a
+    # float argument is a SymFloat, which math.isfinite cannot trace (a graph break).
+    if not 0 < inv_temperature < math.inf:
         raise ValueError(f"inv_temperature must be positive and finite, got {inv_temperature}")
     impl = _impl(backend, z.device, z.dtype)
     z2 = z.reshape(-1, d).contiguous()

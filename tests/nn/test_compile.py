@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastvq.nn import (
+    BSQ,
     FSQ,
     LFQ,
     E8Quantize,
@@ -202,3 +203,73 @@ def test_import_leaves_dynamo_unloaded():
 
     code = "import sys, fastvq.nn; assert 'torch._dynamo' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dynamic_batch_trains_in_one_graph():
+    # torch.compile(dynamic=True): one graph for every batch size, no break. LFQ / BSQ broke the
+    # graph on math.isfinite of the SymFloat temperature; beam search recompiled per batch size
+    # (its candidate loop over range(M) specialized M).
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = nn.ModuleList(
+        [
+            LFQ(dim=DIM, codebook_size=16),
+            BSQ(dim=DIM, codebook_size=16),
+            ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=16, beam_size=2),
+        ]
+    )
+    compiled_layers = copy.deepcopy(eager)
+
+    def run(layers, x):
+        outs = [layer(x) for layer in layers]
+        loss = sum(q.square().mean() + aux.sum() for q, _, aux in outs)
+        return loss, torch.cat([idx.flatten() for _, idx, _ in outs])
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="eager")
+    for batch in (2, 3, 5):
+        x = torch.randn(batch, 6, DIM, generator=torch.Generator().manual_seed(batch))
+        want_loss, want_idx = run(eager, x)
+        got_loss, got_idx = compiled(compiled_layers, x)
+        assert torch.equal(got_idx, want_idx)
+        torch.testing.assert_close(got_loss, want_loss)
+        got_loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_export_with_dynamic_batch_saves_and_loads(tmp_path):
+    # torch.export in eval with a dynamic batch: the program runs other batch sizes with eager's
+    # indices and values, and survives save / load (LFQ returns a namedtuple: it needs a
+    # registered name); a fresh process loads it after `import fastvq` alone (the lattice ops are
+    # defined in Python, in fastvq.lattice).
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    layers = {
+        "vq": VectorQuantize(DIM, 32, codebook_dim=4, use_cosine_sim=True),
+        "beam": ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=16, beam_size=2),
+        "lfq": LFQ(dim=DIM, codebook_size=16),
+        "leech": LeechQuantize(dim=DIM),
+    }
+    x, x2 = torch.randn(4, 6, DIM), torch.randn(7, 6, DIM)
+    for name, layer in layers.items():
+        layer.eval()
+        program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("b")},))
+        path = tmp_path / f"{name}.pt2"
+        torch.export.save(program, path)
+        with torch.no_grad():
+            want = layer(x2)
+            for got in (program.module()(x2), torch.export.load(path).module()(x2)):
+                assert torch.equal(got[1], want[1]), name
+                torch.testing.assert_close(got[0], want[0], msg=name)
+    torch.save(x2, tmp_path / "x2.pt")
+    code = (
+        "import sys, torch, fastvq; d = sys.argv[1]; "
+        "q, idx, _ = torch.export.load(d + '/leech.pt2').module()(torch.load(d + '/x2.pt')); "
+        "torch.save(idx, d + '/idx.pt')"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert torch.equal(torch.load(tmp_path / "idx.pt"), layers["leech"](x2)[1])

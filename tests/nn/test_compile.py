@@ -273,3 +273,27 @@ def test_export_with_dynamic_batch_saves_and_loads(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
     assert torch.equal(torch.load(tmp_path / "idx.pt"), layers["leech"](x2)[1])
+
+
+def test_export_saves_and_loads_the_returned_namedtuples(tmp_path):
+    # Each namedtuple a forward returns needs its own registered name to be saved, and loads as
+    # its own class: LFQ's and VectorQuantize's LossBreakdown (one class name, two modules), and
+    # the Tokenizer's output.
+    from fastvq.models import Tokenizer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, DIM)
+    conv, deconv = nn.Conv2d(3, 2, 2, stride=2), nn.ConvTranspose2d(2, 3, 2, stride=2)
+    cases = {
+        "lfq": (LFQ(dim=DIM, codebook_size=16), x, {"return_loss_breakdown": True}),
+        "vq": (VectorQuantize(DIM, 16), x, {"return_loss_breakdown": True}),
+        "tokenizer": (Tokenizer(conv, FSQ(levels=[3, 3]), deconv), torch.rand(2, 3, 8, 8), {}),
+    }
+    for name, (layer, inp, kwargs) in cases.items():
+        layer.eval()
+        path = tmp_path / f"{name}.pt2"
+        torch.export.save(torch.export.export(layer, (inp,), kwargs=kwargs), path)
+        with torch.no_grad():
+            want, got = layer(inp, **kwargs), torch.export.load(path).module()(inp, **kwargs)
+        assert [type(o) for o in (got, *got)] == [type(o) for o in (want, *want)], name
+        torch.testing.assert_close(got, want, msg=name)

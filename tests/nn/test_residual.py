@@ -510,6 +510,27 @@ def test_beam_size_one_is_the_greedy_path():
     assert torch.equal(i1, i2)
 
 
+def test_beam_search_candidate_scores_in_many_chunks(monkeypatch):
+    # The candidates' MSE is gathered in row chunks of at most 2^20 elements, which the small
+    # tests never exceed: with chunks of 5 rows (a ragged last one), every row is still scored
+    # and the search picks what one chunk picks.
+    import fastvq.nn.vector_quantize as vqmod
+
+    rows, codebook = _randn(23, 6, seed=1), _randn(11, 6, seed=2)
+    idx = torch.randint(0, 11, (23, 3), generator=torch.Generator().manual_seed(3))
+    want = (codebook[idx] - rows[:, None]).square().mean(-1)
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, beam_size=3).eval()
+    x = _randn(2, 9, DIM, seed=4)
+    q1, i1, _ = rvq(x)
+    monkeypatch.setattr(vqmod, "_SAMPLE_CHUNK_ELEMENTS", 5 * 3 * 6)
+    torch.testing.assert_close(vqmod._candidate_mse(rows, codebook, idx), want)
+    monkeypatch.setattr(vqmod, "_SAMPLE_CHUNK_ELEMENTS", 5 * 3 * DIM)
+    q2, i2, _ = rvq(x)
+    assert torch.equal(i2, i1)
+    torch.testing.assert_close(q2, q1)
+
+
 @pytest.mark.parametrize("cosine", [False, True])
 def test_beam_search_beats_greedy_on_average(cosine):
     # The searched objective (sum of per-layer commitment losses) and the final residual error

@@ -103,7 +103,9 @@ int64_t decode_row(const T* z) {
 at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
   // ~150 instructions per row: 2,048 rows (64 KiB of float32 input) amortise a task.
   return decode_shell_rows<8>("fastvq::e8_shell_decode", z, 2048,
-                              [](const auto* row) { return decode_row(row); });
+                              [](const auto* rows, int m, int64_t* out) {
+                                for (int r = 0; r < m; ++r) out[r] = decode_row(rows[r]);
+                              });
 }
 
 // --- e8_nearest ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from fastvq.lattice import LEECH_SIZE, leech_codebook, leech_codes, leech_quanti
 from fastvq.lattice._common import compute_dtype
 from fastvq.lattice.leech import _decode
 from fastvq.ops._backends import triton_interpreting
-from fastvq.testing import backend_cases, check_nearest
+from fastvq.testing import backend_cases, check_nearest, run_isa_builds
 
 CUDA = torch.cuda.is_available()
 CASES = [
@@ -143,14 +143,49 @@ def test_triton_gpu_row_tiles(dtype, monkeypatch, poison):
     assert torch.equal(leech_quantize(z, backend="triton")[0], _reference(z))
 
 
+def _many_rows(dtype):
+    """More rows than the interpreter can afford, ternary rows among them (ties everywhere); 3,319
+    rows, so the C++ kernel's last tile of rows is partial."""
+    ternary = torch.randint(-1, 2, (1024, 24), generator=_gen(8)).to(dtype)
+    return torch.cat([_family(f, dtype, n=255, seed=1) for f in FAMILIES] + [ternary])
+
+
 @pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_cpu_kernel_equals_decoder_many_rows(dtype):
-    """More rows than the interpreter can afford, ternary rows among them (ties everywhere)."""
-    g = _gen(8)
-    ternary = torch.randint(-1, 2, (1024, 24), generator=g).to(dtype)
-    z = torch.cat([_family(f, dtype, n=256, seed=1) for f in FAMILIES] + [ternary])
-    assert torch.equal(leech_quantize(z, backend="cpu")[0], _reference(z))
+    """Rows share SIMD tiles in the C++ kernel, tiles cut where a thread's rows start: one thread
+    and several tile the rows differently and must return the same indices."""
+    z = _many_rows(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = leech_quantize(z, backend="cpu")[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, _reference(z))
+    assert torch.equal(leech_quantize(z, backend="cpu")[0], one)
+
+
+# The C++ kernel's tiles are compiled twice, for SSE2 and for AVX2, and picked at run time
+# (csrc/cpu/isa.h); FASTVQ_CPU_BASELINE=1 forces SSE2. Both builds must return the torch path's
+# bits.
+_ISA_SCRIPT = """
+import sys, torch
+from fastvq.lattice import leech_quantize
+zs = torch.load(sys.argv[1])
+torch.save([leech_quantize(z, backend="cpu")[0] for z in zs], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
+def test_cpu_kernel_bit_identical_across_isa_builds(tmp_path):
+    """Vacuous on a CPU without AVX2 (both runs take the SSE2 build), exact everywhere else."""
+    zs = [_many_rows(dtype) for dtype in DTYPES]
+    torch.save(zs, tmp_path / "z.pt")
+    runs = run_isa_builds(_ISA_SCRIPT, tmp_path, tmp_path / "z.pt")
+    for baseline, run in zip("10", runs, strict=True):
+        for z, index in zip(zs, run, strict=True):
+            assert torch.equal(index, _reference(z)), (baseline, z.dtype)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN rows in the interpreter

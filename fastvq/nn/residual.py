@@ -82,6 +82,7 @@ from fastvq.nn.vector_quantize import (
     _is_distributed,
     _l2norm,
     _snapshot,
+    autocast_off,
     eager_only,
 )
 from fastvq.ops._validate import check_finite, check_floating, check_int
@@ -216,7 +217,7 @@ class _Residual(nn.Module):
         seq, restore, z, last, mask = begun
         b, n = seq.shape[:2]
         out_dtype = z.dtype
-        with torch.autocast(seq.device.type, enabled=False):
+        with autocast_off(seq.device.type):
             residual = self._prepare(z.float())
             if checked:
                 layer_kwargs = {**layer_kwargs, "check_inputs_finite": False}
@@ -631,7 +632,7 @@ class ResidualVQ(_Residual):
         final = self.num_quantizers - 1 if last is None else last
         m = b * n
         row_mask = None if mask is None else mask.reshape(m)
-        with torch.autocast(seq.device.type, enabled=False):
+        with autocast_off(seq.device.type):
             z0 = z.float().reshape(m, 1, z.shape[-1])
             d = z0.shape[-1]
             check = not checked

@@ -80,6 +80,8 @@ a compiled graph would drop).
 """
 
 import contextlib
+import functools
+import operator
 import warnings
 from collections import namedtuple
 
@@ -98,7 +100,15 @@ from fastvq.ops._validate import (
     check_int,
     check_tensor,
 )
-from fastvq.ops.codebook import ACCUMULATORS, _check_real, _sample_rows, _smoothed
+from fastvq.ops.codebook import (
+    ACCUMULATORS,
+    _check_real,
+    _ema_update,
+    _process_group,
+    _sample_rows,
+    _smoothed,
+    _stats_backend,
+)
 from fastvq.ops.nearest_code import MAX_TOPK
 from fastvq.ops.quantize import _quantize_fwd
 
@@ -135,6 +145,16 @@ _NORM_EPS = 1e-6
 # torch.compiler.disable, which imports torch._dynamo (1.5 s, most of `import fastvq.nn`) at the
 # first call instead of at decoration.
 eager_only = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False), or no context where autocast is off already:
+    entering and leaving one costs ~4 us on a CPU, two per VectorQuantize forward, that is two
+    per layer of a residual stack, whose own context has turned autocast off around them.
+    torch.compile guards on the autocast state, so a compiled forward stays right either way."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _l2norm(t: torch.Tensor) -> torch.Tensor:
@@ -207,7 +227,8 @@ class VectorQuantize(nn.Module):
     codebook; trained by gradient, regenerated every forward), codebook_loss_weight (learnable
     codebooks: separate VQ-VAE codebook loss ||sg(z) - q||^2 with this weight instead of the
     peer's single ||z - q||^2 term with gradients to both), backend and precision (passed to
-    fastvq.quantize); forward's check_inputs_finite (keyword-only, default True: as in
+    fastvq.quantize and the k-means init's search; the EMA statistics take fastvq.ema_update_'s
+    "auto"); forward's check_inputs_finite (keyword-only, default True: as in
     fastvq.quantize, one host sync per forward, every head at once; ResidualVQ checks its whole
     stack at once and passes False to its layers).
 
@@ -524,7 +545,7 @@ class VectorQuantize(nn.Module):
         b, n = z.shape[:2]
         out_dtype = z.dtype
         # Search, EMA and losses in float32 whatever the autocast dtype (as the peer).
-        with torch.autocast(z.device.type, enabled=False):
+        with autocast_off(z.device.type):
             z = z.float().reshape(b, n, self.heads, self.codebook_dim)
             if self.use_cosine_sim:
                 z = _l2norm(z)
@@ -546,7 +567,7 @@ class VectorQuantize(nn.Module):
             commit = restore(None, None, commit.reshape(b, n, k))[2]
             zero = ortho.new_zeros(())
             return quantized, idx, loss, LossBreakdown(commit, zero, ortho, zero)
-        with torch.autocast(z.device.type, enabled=False):
+        with autocast_off(z.device.type):
             codebooks = self._codebooks()
             update = self.training and not freeze and self.codebook_generator is None
             update = update and (do_ema or self.threshold_ema_dead_code > 0)
@@ -886,29 +907,37 @@ class VectorQuantize(nn.Module):
     def _update_stats(self, rows, idxs, row_mask, do_ema: bool) -> None:
         group = self._group(True)
         masks = [None] * len(rows) if row_mask is None else row_mask
+        # fastvq.ema_update_'s work without its checks, which this module's own buffers, rows,
+        # masks and indices pass by construction (indices in [0, K) from its search or sampler:
+        # the range check would cost a host sync per codebook per step); the backend, the
+        # deterministic mode and the process group resolved once per step, not per codebook.
+        stats = self.embed_avg
+        float64 = torch.float64 in (stats.dtype, rows[0].dtype)
+        name = _stats_backend("auto", stats.device, float64)  # as ema_update_'s default
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        pg = _process_group("all_reduce", group)
+        param = self._param_codebook()
         with torch.no_grad():
             for c, (r, idx) in enumerate(zip(rows, idxs, strict=True)):
                 cs, es = self.cluster_size[c], self.embed_avg[c]
-                w = masks[c]
-                # check_indices=False: idx comes from this module's search or sampler, in [0, K)
-                # by construction, and the range check costs a host sync per codebook per step.
-                fastvq.ema_update_(
-                    cs, es, r.detach(), idx, self.decay, weight=w, all_reduce=group,
-                    check_indices=False,
-                )  # fmt: skip
-            if self._param_codebook():
+                _ema_update(cs, es, r.detach(), idx, self.decay, masks[c], deterministic, name, pg)
+            if param:
                 embed = self.embed.data
-            elif do_ema or self.threshold_ema_dead_code > 0:
+            elif do_ema:
+                embed = torch.empty_like(self.embed)  # every codebook is written below
+            elif self.threshold_ema_dead_code > 0:
                 embed = self.embed.clone()
             else:
                 return
             if do_ema:
                 for c in range(self.num_codebooks):
-                    code = fastvq.ema_codebook(self.cluster_size[c], self.embed_avg[c], self.eps)
+                    # fastvq.ema_codebook without its argument checks
+                    smoothed = _smoothed(self.cluster_size[c], self.eps)[:, None]
+                    code = self.embed_avg[c] / smoothed
                     embed[c] = _l2norm(code) if self.use_cosine_sim else code
         if self.threshold_ema_dead_code > 0:
             self._reset_dead(embed, rows, masks, group)
-        if not self._param_codebook():
+        if not param:
             self.embed = embed
 
     def _param_codebook(self) -> bool:
@@ -999,7 +1028,9 @@ class VectorQuantize(nn.Module):
         loss = commit = ortho = zero
         learn = self.learnable_codebook and not freeze
         if self.commitment_weight > 0 or (learn and self.codebook_loss_weight is not None):
-            sq_commit = sq_codebook = zero
+            # Per-codebook sums of squares, added without a leading 0 + ...: an op fewer each,
+            # and the same bits (0 + s is s for any such sum: never -0).
+            sq_commit, sq_codebook = [], []
             count = zero
             for c, (r, q) in enumerate(zip(rows, qs, strict=True)):
                 w = None if row_mask is None else row_mask[c].to(r.dtype)[:, None]
@@ -1008,16 +1039,17 @@ class VectorQuantize(nn.Module):
                     d2 = (codes[c] - r).square()
                 else:
                     d2 = (q.detach() - r).square()
-                sq_commit = sq_commit + (d2 if w is None else d2 * w).sum()
+                sq_commit.append((d2 if w is None else d2 * w).sum())
                 if learn and self.codebook_loss_weight is not None:
                     e2 = (codes[c] - r.detach()).square()
-                    sq_codebook = sq_codebook + (e2 if w is None else e2 * w).sum()
+                    sq_codebook.append((e2 if w is None else e2 * w).sum())
                 count = count + (r.numel() if w is None else w.sum() * r.shape[1])
             count = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
-            commit = sq_commit / count
-            loss = loss + commit * self.commitment_weight
+            commit = functools.reduce(operator.add, sq_commit) / count
+            loss = commit * self.commitment_weight
             if learn and self.codebook_loss_weight is not None:
-                loss = loss + sq_codebook / count * self.codebook_loss_weight
+                codebook_loss = functools.reduce(operator.add, sq_codebook) / count
+                loss = loss + codebook_loss * self.codebook_loss_weight
         if self.orthogonal_reg_weight > 0:
             ortho = self._orthogonal_loss(idxs, row_mask)
             loss = loss + ortho * self.orthogonal_reg_weight

@@ -1,6 +1,9 @@
 """Argument checks shared by the public ops: each message names the argument and what it wants."""
 
+import functools
+import math
 import numbers
+import operator
 
 import torch
 
@@ -46,22 +49,27 @@ def check_finite(skippable: bool = True, **tensors) -> None:
     meta tensors (no values to check: shape inference only).
 
     A tensor's sum is finite only if all its terms are (NaN and Inf propagate through additions),
-    so one reduction per tensor settles the usual case, where isfinite().all() makes about five
-    passes and four temporaries. Only where a sum is not finite, which finite terms can also give
-    by overflowing, do the exact checks run.
+    and so is a sum of such sums: one reduction per tensor (float16 and bfloat16 summed in
+    float32), their total and one sync settle the usual case, where isfinite().all() makes about
+    five passes and four temporaries; per-tensor flags (an isfinite each and a stack) made the
+    check 22 of nearest_code's 48 us per call at N = 16, K = 64, D = 8 on a CPU, the total 8.
+    Only where the total is not finite, which finite terms can also give by overflowing, do the
+    exact checks run, and they name the first offending tensor.
     """
-    groups = [[v] if isinstance(v, torch.Tensor) else list(v) for v in tensors.values()]
-    if torch.compiler.is_compiling() or any(t.is_meta for ts in groups for t in ts):
+    groups = [(v,) if isinstance(v, torch.Tensor) else tuple(v) for v in tensors.values()]
+    flat = [t for ts in groups for t in ts]
+    if not flat or torch.compiler.is_compiling() or any(t.is_meta for t in flat):
         return
-
-    def all_of(check) -> list[bool]:
-        alls = [[check(t) for t in ts] for ts in groups]
-        return torch.stack([a[0] if len(a) == 1 else torch.stack(a).all() for a in alls]).tolist()
-
-    flags = all_of(lambda t: t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).isfinite())
-    if not all(flags):
-        flags = all_of(lambda t: torch.isfinite(t).all())
-    for (name, _), ok in zip(tensors.items(), flags, strict=True):
+    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in flat]
+    # n - 1 additions, or a stack and a sum (two ops) once that is fewer.
+    total = functools.reduce(operator.add, sums) if len(sums) <= 3 else torch.stack(sums).sum()
+    if math.isfinite(total.tolist()):
+        return
+    true = total.new_ones((), dtype=torch.bool)  # leads each group's flags: an empty group is fine
+    flags = torch.stack(
+        [torch.stack([true, *(t.isfinite().all() for t in ts)]).all() for ts in groups]
+    )
+    for name, ok in zip(tensors, flags.tolist(), strict=True):
         if not ok:
             hint = "; pass check_inputs_finite=False to skip this check" if skippable else ""
             raise NonFiniteError(f"{name} contains NaN or Inf{hint}")

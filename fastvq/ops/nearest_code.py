@@ -166,6 +166,14 @@ def nearest_code(
         ties go to the lowest index. With return_distance, a pair (indices, values) with values
         of the same shape.
     """
+    args = (metric, precision, backend, return_distance, check_inputs_finite, k)
+    return _nearest_code(z, codebook, *args)[0]
+
+
+def _nearest_code(z, codebook, metric, precision, backend, return_distance, check_inputs_finite, k):
+    """nearest_code's result, and what fastvq.quantize goes on with instead of working it out a
+    second time: the backend that `backend` picks for these tensors (before the search's own
+    fallbacks), z's rows (N, D) and the codebook in the promoted dtype, contiguous."""
     check_floating("z", z)
     check_floating("codebook", codebook)
     check_choice("metric", metric, METRICS)
@@ -197,7 +205,7 @@ def nearest_code(
         check_finite(z=z, codebook=codebook)
 
     dtype = torch.promote_types(z.dtype, codebook.dtype)
-    name = pick_backend(backend, z.device, dtype)
+    name = picked = pick_backend(backend, z.device, dtype)
     topk = k is not None and k > 1  # k == 1 is the argmin kernels' answer
     if topk and name == "cuda":
         if backend == "cuda":
@@ -228,7 +236,7 @@ def nearest_code(
         values = code_values(z.reshape(-1, 1, d), codebook, flat, metric)
     shape = z.shape[:-1] if k is None else (*z.shape[:-1], k)
     indices = indices.view(shape)
-    return indices if values is None else (indices, values.view(shape))
+    return (indices if values is None else (indices, values.view(shape))), picked, z2, cb
 
 
 # Elements of the gathered codes per chunk of code_values: with k codes per row, one gather would

@@ -14,9 +14,8 @@ N x K or an N x D x D tensor.
 import torch
 
 from fastvq import _ext
-from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_choice, check_floating
-from fastvq.ops.nearest_code import nearest_code
+from fastvq.ops.nearest_code import _nearest_code
 from fastvq.reference.quantize import GRADS
 
 # --- torch bodies ------------------------------------------------------------------------------
@@ -274,20 +273,11 @@ def quantize(
     check_floating("z", z)
     check_floating("codebook", codebook)
     check_choice("grad", grad, GRADS)
-    indices = nearest_code(
-        z,
-        codebook,
-        metric=metric,
-        precision=precision,
-        backend=backend,
-        check_inputs_finite=check_inputs_finite,
-    )
-    # nearest_code has validated shapes, devices, metric, precision and backend.
-    dtype = torch.promote_types(z.dtype, codebook.dtype)
-    name = pick_backend(backend, z.device, dtype)
+    # The search validates shapes, devices, metric, precision and backend, and hands back the
+    # backend and the promoted, contiguous rows and codebook it picked and made.
+    args = (metric, precision, backend, False, check_inputs_finite, None)
+    indices, name, z2, cb = _nearest_code(z, codebook, *args)
     d = codebook.shape[1]
-    z2 = z.reshape(-1, d).to(dtype).contiguous()
-    cb = codebook.to(dtype).contiguous()
     idx = indices.reshape(-1)
     if name in ("cpu", "cuda") and _CPP_ON[name]:
         z_q, _ = torch.ops.fastvq.quantize_fwd_cpp(z2, cb, idx, grad)

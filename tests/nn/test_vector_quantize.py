@@ -574,6 +574,68 @@ def test_state_dict_round_trip():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"use_cosine_sim": True, "eps": 0.5},
+        {"heads": 2, "separate_codebook_per_head": True, "codebook_dim": DIM // 2},
+        {"orthogonal_reg_weight": 0.5},  # a Parameter codebook, written in place
+        {"threshold_ema_dead_code": 1e-9},  # no code that dead
+        {"ema_update": False, "threshold_ema_dead_code": 1e-9},  # statistics only, codes kept
+    ],
+)
+def test_ema_step_equals_the_public_ops(config, deterministic, backend):
+    """A training step's EMA state and codebook are, bit for bit, fastvq.ema_update_ and
+    fastvq.ema_codebook on the step's rows and indices (the module calls their unchecked core,
+    resolving the backend, the deterministic mode and the group once per step)."""
+    vq = VectorQuantize(DIM, K, decay=0.7, backend=backend, **config)
+    heads = vq.num_codebooks
+    x = _randn(2, 9, DIM, seed=4)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    cluster_size, embed_avg = vq.cluster_size.clone(), vq.embed_avg.clone()
+    codes = vq.embed.detach().clone()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _, idx, _ = vq(x, mask=mask)
+        rows = x.reshape(2, 9, heads, DIM // heads)
+        rows = vqmod._l2norm(rows) if vq.use_cosine_sim else rows
+        for h in range(heads):
+            # backend "auto" (ema_update_'s default): the module's backend names its search only
+            idx_h = idx if heads == 1 else idx[..., h]
+            fastvq.ema_update_(cluster_size[h], embed_avg[h], rows[:, :, h][mask], idx_h[mask], 0.7)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(vq.cluster_size, cluster_size) and torch.equal(vq.embed_avg, embed_avg)
+    for h in range(heads):
+        code = fastvq.ema_codebook(cluster_size[h], embed_avg[h], vq.eps)
+        code = vqmod._l2norm(code) if vq.use_cosine_sim else code
+        assert torch.equal(vq.embed[h], code if vq.ema_update else codes[h])
+
+
+def test_autocast_off_turns_an_enabled_autocast_off():
+    """The layers' float32 region: under autocast, autocast_off disables it (a matmul stays
+    float32: the orthogonal loss is the same as without autocast); without autocast there is
+    nothing to disable."""
+    for enabled in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            with vqmod.autocast_off("cpu"):
+                assert not torch.is_autocast_enabled("cpu")
+                assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+            assert torch.is_autocast_enabled("cpu") == enabled
+    vq = VectorQuantize(DIM, K, orthogonal_reg_weight=1.0, commitment_weight=0.0)
+    x = _randn(2, 9, DIM, seed=5)
+    with torch.no_grad():
+        _, _, plain = vq(x, freeze_codebook=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, _, mixed = vq(x, freeze_codebook=True)
+    assert plain.dtype == mixed.dtype == torch.float32 and torch.equal(plain, mixed)
+
+
 def test_bf16_autocast_keeps_float32_state():
     vq = VectorQuantize(DIM, K, codebook_dim=8, rotation_trick=False)
     x = _randn(2, 10, DIM)

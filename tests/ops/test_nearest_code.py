@@ -128,6 +128,43 @@ def test_finite_check_on_sums_that_overflow():
     assert torch.equal(fastvq.nearest_code(big, codebook, metric="dot"), want)
 
 
+def test_finite_check_totals_every_tensor_in_one_sync():
+    """check_finite adds the tensors' sums into one total read by one sync; where the total is not
+    finite, the exact check names the first offending tensor, and finite tensors whose sums are
+    finite but whose total overflows pass."""
+    from fastvq.ops._validate import NonFiniteError, check_finite
+
+    g = torch.Generator().manual_seed(11)
+    books = [torch.randn(16, 8, generator=g) for _ in range(8)]  # a stack of 8: the stacked total
+    z = torch.randn(32, 8, generator=g)
+    with count_syncs() as syncs:
+        check_finite(z=z, codebook=books)
+    assert [what for what, _ in syncs] == ["tolist"], syncs
+    # Each sum finite, their total not: the exact check runs and passes them.
+    half = torch.full((1, 8), 2.0**124)  # sums to 2^127, below float32's max (~2^128)
+    check_finite(a=half, b=half)  # total 2^128: inf in float32
+    check_finite(a=half, b=[half, half, half])  # the stacked total of four: inf too
+    # Several bad tensors: the first named, whichever kind and position; a finite tensor whose own
+    # sum overflows is never named.
+    nan, inf = torch.tensor([float("nan")]), torch.tensor([-float("inf")])
+    for kwargs, first in [
+        (dict(z=half, codebook=[books[0], nan], x=inf), "codebook"),
+        (dict(z=nan, codebook=[books[0], inf]), "z"),
+        (dict(z=torch.full((64, 8), 3e37), codebook=books[:7] + [inf], x=nan), "codebook"),
+        (dict(a=z, b=books[0], c=inf.double(), d=nan), "c"),
+        (dict(z=z, codebook=books[:7] + [nan]), "codebook"),  # the last of a group, alone
+    ]:
+        with pytest.raises(NonFiniteError, match=f"^{first} contains NaN or Inf; pass"):
+            check_finite(**kwargs)
+    with pytest.raises(NonFiniteError, match="^x contains NaN or Inf$"):
+        check_finite(False, x=nan)
+    check_finite(z=z, codebook=[])  # an empty group holds nothing to check
+    check_finite(a=half, b=[], c=half)  # ... in the exact check too
+    with pytest.raises(NonFiniteError, match="^c contains"):
+        check_finite(a=half, b=[], c=[half, nan])
+    check_finite(z=torch.full((3, 2), float("nan"), device="meta"))  # meta tensors: skipped
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_non_finite_inputs(case):
     device, backend = case

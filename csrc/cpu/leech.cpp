@@ -19,11 +19,11 @@
 // by side, and the codeword and octad loops read the same entries for every row, so each step is
 // a few vector instructions over the tile (GCC vector extensions: 2 vectors of 8 floats with AVX2,
 // 4 of 4 with SSE2, the build picked at run time as in e8.cpp; 4 vectors for every 8 rows in
-// float64). The tables of a float32 tile take 80 KiB (L2); the shape-3 loop reads 32 of them.
-// On one core of the 2-core EPYC dev box, float32 rows (thread CPU time, A/B in one session):
-// 2.5 us per row with AVX2 and 3.3 with SSE2, against 11.7 for the row-at-a-time kernel this
-// replaced, whose every table load took its own index arithmetic; 8 rows a tile ran 3.0 us, 32 no
-// faster than 16 (and float64 slower).
+// float64). The tables of a float32 tile take 80 KiB, the shape-3 loop reads 32 of them.
+// On one core of a 2-core Intel Xeon dev box (AVX-512 capable, 48 KiB L1d, 2 MiB L2), float32
+// rows, thread CPU time, A/B in one session: 2.5 us per row with AVX2 and 3.3 with SSE2, against
+// 11.7 for the row-at-a-time kernel this replaced, whose every table load took its own index
+// arithmetic; 8 rows a tile ran 3.0 us, 32 no faster than 16 (and float64 slower).
 // Ties go to the lowest index (lower shape, then lower codeword / octad / pair); a row with NaN or
 // Inf gets index 0, as in the torch path; a row beyond 2^64 is scaled first (leech::row_scale).
 // Scores are computed in float32 for float32, float16 and bfloat16 inputs (half inputs are

@@ -8,13 +8,20 @@
 //   - half-integer shape (+-1)^8, even minus count: sum |z| as the tree
 //     ((u0 + u1) + (u2 + u3)) + ((u4 + u5) + (u6 + u7)), less 2 min |z| if z has an odd number of
 //     minus signs (one sign must flip, at a least |z|, chosen as leech::even_sign_rank does).
-//   About 150 instructions per row, branch-free, against 240 x 8 multiply-adds for brute force.
-//   Instruction bound: 41 ns per row on one core of the 2-core EPYC dev box (2.7 ms for
-//   N = 65,536, whose 2 MiB of input stream in a fraction of that); 1.6 ms on both cores.
+//   About 150 operations per row, against 240 x 8 multiply-adds for brute force.
+// Rows are decoded as e8_nearest's below are: tiles of kTileRows rows, one array per coordinate,
+// every step a select over the rows of a tile (the argmax positions, the flipped sign and the
+// winner too), so GCC vectorizes the row loop; SSE2 and AVX2 builds picked at run time. One core
+// of a 2-core Intel Xeon dev box, N = 65,536 (thread CPU time, A/B in one session), ns per row:
+// float32 19-21 with AVX2 and 32 with SSE2, against 43-45 for the branch-free row-at-a-time
+// kernel this replaced (bit masks, ctz, a table); float64 38 with AVX2 (42-46 before) but 65 with
+// SSE2 (45 before): two double lanes do not pay for the selects. Float32 is the common case (and
+// float16 and bfloat16 decode in it).
 // Ties go to the lowest index (the pair shape on equal scores); a row with NaN or Inf gets 0; a row
 // beyond 2^64 is scaled first (leech::row_scale). Scores in float32 for float32, float16 and
 // bfloat16 inputs (half inputs widen exactly), in float64 for float64. Threads: at::parallel_for
-// over rows, every row the same serial code, so results do not depend on the thread count.
+// over rows, every row the same arithmetic in any lane, so results do not depend on the thread
+// count; neither build contracts to FMA (products here are by 2 or of small integers: exact).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../leech_decode.h"
 #include "isa.h"
@@ -41,72 +49,101 @@ T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
-// reverse7[m]: bit 6 - k set for each bit k of the 7-bit m. The rank of a sign pattern is the
-// reversal of its minus mask on slots 0..6 (slot 0 is the most significant bit).
-struct Reverse7 {
-  uint8_t r[128];
-  constexpr Reverse7() : r() {
-    for (int m = 0; m < 128; ++m) {
-      for (int k = 0; k < 7; ++k) r[m] |= ((m >> k) & 1) << (6 - k);
-    }
-  }
-};
-constexpr Reverse7 kReverse7;
+constexpr int64_t kTileRows = 256;  // rows per tile, both decoders
 
-// Branch-free but for the NaN / Inf test (the ternaries compile to selects): on random rows the
-// shape, the argmax positions and the flipped sign are unpredictable, and a mispredicted branch
-// costs about as much as the whole row (a branchy first version took 86 ns per row, this one 41).
+#define FASTVQ_INLINE inline __attribute__((always_inline))
+
+// Indices (as T, exact: below 240) of the rows y[p][r], r < m, of a tile, each row scaled by
+// leech::row_scale first. Branch-free selects over the rows of the tile, every value (masks and
+// positions too) of T's width, so that GCC vectorizes the row loop. Inlined into the two builds
+// below.
 template <typename T>
-int64_t decode_row(const T* z) {
-  T u[8];
-  uint32_t neg = 0;
-  bool finite = true;
-  for (int p = 0; p < 8; ++p) {
-    u[p] = std::abs(z[p]);
-    finite &= u[p] <= std::numeric_limits<T>::max();  // false for NaN and Inf
-    neg |= static_cast<uint32_t>(z[p] < 0) << p;
-  }
-  if (!finite) return 0;
-  // The two largest |z| (top2 == top1 on a tie) and the least. min_of / max_of on values:
-  // std::min / std::max return references, which GCC turned into branches here.
-  T top1 = u[0], top2 = 0, least = u[0];
-  for (int p = 1; p < 8; ++p) {
-    top2 = max_of(top2, leech::min_of(top1, u[p]));
-    top1 = max_of(top1, u[p]);
-    least = leech::min_of(least, u[p]);
-  }
-  uint32_t at_top1 = 0, at_top2 = 0, at_least = 0;
-  for (int p = 0; p < 8; ++p) {
-    at_top1 |= static_cast<uint32_t>(u[p] == top1) << p;
-    at_top2 |= static_cast<uint32_t>(u[p] == top2) << p;
-    at_least |= static_cast<uint32_t>(u[p] == least) << p;
-  }
-  const int i = __builtin_ctz(at_top1);               // the first largest |z|
-  const int j = __builtin_ctz(at_top2 & ~(1u << i));  // the first largest of the others
-  const int64_t index1 = leech::pair_index<8>(z, i, j);
+FASTVQ_INLINE void decode_block(const T (*__restrict y)[kTileRows], T* __restrict index,
+                                int64_t m) {
+  for (int64_t r = 0; r < m; ++r) {
+    T v[8], u[8];
+    T finite = 1, odd = 0, largest = 0;  // odd: the parity of the number of z < 0
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; ++p) {
+      v[p] = y[p][r];
+      largest = largest < std::abs(v[p]) ? std::abs(v[p]) : largest;  // NaN is dropped, as 0 wins
+    }
+    const T scale = leech::row_scale(largest);
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; ++p) {
+      v[p] *= scale;
+      u[p] = std::abs(v[p]);
+      finite = u[p] <= std::numeric_limits<T>::max() ? finite : T(0);  // NaN, Inf: 0
+      odd = v[p] < 0 ? T(1) - odd : odd;
+    }
+    // The two largest |z| (top2 == top1 on a tie) and the least.
+    T top1 = u[0], top2 = 0, least = u[0];
+#pragma GCC unroll 8
+    for (int p = 1; p < 8; ++p) {
+      top2 = max_of(top2, leech::min_of(top1, u[p]));
+      top1 = max_of(top1, u[p]);
+      least = leech::min_of(least, u[p]);
+    }
+    // Pair shape: i the first largest |z|, j the first largest of the others; the pair's index
+    // as leech::pair_index<8>: pair (a, b), a < b, then the signs of z there.
+    T i = 7, j = 7;
+#pragma GCC unroll 8
+    for (int p = 6; p >= 0; --p) i = u[p] == top1 ? T(p) : i;
+#pragma GCC unroll 8
+    for (int p = 7; p >= 0; --p) {
+      const T others = T(p) == i ? T(-1) : u[p];  // -1: below every |z|
+      j = others == top2 ? T(p) : j;
+    }
+    const T a = leech::min_of(i, j), b = max_of(i, j);
+    T neg_a = 0, neg_b = 0;
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; ++p) {
+      const T minus = v[p] < 0 ? T(1) : T(0);
+      neg_a = a == T(p) ? minus : neg_a;
+      neg_b = b == T(p) ? minus : neg_b;
+    }
+    const T pair = a * 7 - a * (a - 1) / 2 + (b - a - 1);  // small integers: exact
+    const T index1 = pair * 4 + 2 * neg_a + neg_b;
 
-  // Half-integer shape: sign(z); an odd minus count flips one least |z| (_common.best_even_signs),
-  // the one of least key: k for a minus at slot k < 7, 8 for slot 7, 22 - k for a plus at k < 7.
-  const uint32_t odd = __builtin_popcount(neg) & 1u;
-  const uint32_t keys = (at_least & neg & 0x7fu) | ((at_least & 0x80u) << 1) |
-                        (static_cast<uint32_t>(kReverse7.r[at_least & ~neg & 0x7fu]) << 16);
-  const int key = __builtin_ctz(keys);  // keys != 0: some |z| is the least
-  const int flip = key < 7 ? key : (key == 8 ? 7 : 22 - key);
-  const int64_t index2 = kStart2 + kReverse7.r[(neg ^ (odd << flip)) & 0x7fu];
+    // Half-integer shape: sign(z); an odd minus count flips one least |z| (_common.best_even_signs),
+    // the one of least key: k for a minus at slot k < 7, 8 for slot 7, 22 - k for a plus at k < 7.
+    // The rank of the signs is the minus mask on slots 0..6, slot 0 the most significant bit.
+    T flip = 0, best_key = 100;
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; ++p) {
+      const T key = u[p] != least ? T(100) : p == 7 ? T(8) : v[p] < 0 ? T(p) : T(22 - p);
+      flip = key < best_key ? T(p) : flip;
+      best_key = key < best_key ? key : best_key;
+    }
+    T rank = 0;
+#pragma GCC unroll 7
+    for (int p = 0; p < 7; ++p) {
+      const T minus = v[p] < 0 ? T(1) : T(0);
+      const T flipped = flip == T(p) ? odd : T(0);
+      rank = minus != flipped ? rank + T(1 << (6 - p)) : rank;
+    }
+    const T index2 = T(kStart2) + rank;
 
-  const T total = ((u[0] + u[1]) + (u[2] + u[3])) + ((u[4] + u[5]) + (u[6] + u[7]));
-  const T score2 = odd ? total - 2 * least : total;
-  // >= keeps the pair shape (the lower indices) on equal scores.
-  return 2 * (top1 + top2) >= score2 ? index1 : index2;
+    const T total = ((u[0] + u[1]) + (u[2] + u[3])) + ((u[4] + u[5]) + (u[6] + u[7]));
+    const T score2 = odd != 0 ? total - 2 * least : total;
+    // >= keeps the pair shape (the lower indices) on equal scores.
+    const T best = 2 * (top1 + top2) >= score2 ? index1 : index2;
+    index[r] = finite != 0 ? best : T(0);
+  }
 }
 
-at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
-  // ~150 instructions per row: 2,048 rows (64 KiB of float32 input) amortise a task.
-  return decode_shell_rows<8>("fastvq::e8_shell_decode", z, 2048,
-                              [](const auto* rows, int m, int64_t* out) {
-                                for (int r = 0; r < m; ++r) out[r] = decode_row(rows[r]);
-                              });
+template <typename T>
+void decode_block_baseline(const T (*y)[kTileRows], T* index, int64_t m) {
+  decode_block<T>(y, index, m);
 }
+
+#if defined(FASTVQ_X86)
+template <typename T>
+__attribute__((target("avx2"))) void decode_block_avx2(const T (*y)[kTileRows], T* index,
+                                                       int64_t m) {
+  decode_block<T>(y, index, m);
+}
+#endif
 
 // --- e8_nearest ---------------------------------------------------------------------------------
 //
@@ -117,17 +154,15 @@ at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
 //   of largest |v - f| moved by +1 (v - f >= 0) or -1; p1 wins if its squared distance is less,
 //   each distance the tree ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)) of squares rounded
 //   once. A row with NaN or Inf: round(y).
-// Rows are widened into tiles of kNearestTile rows, one array per coordinate, so that every step
-// is elementwise over the rows of a tile and branch-free (selects): GCC vectorizes the row loop
-// (scalar code would take about 40 data-dependent branches per row: the argmax, the parity, the
-// winner). round() is (|v| + 2^p) - 2^p with v's sign (p = 23, 52 for double) below 2^p, v itself
+// Rows are widened into tiles of kTileRows rows, one array per coordinate (for_each_tile), so that
+// every step is elementwise over the rows of a tile and branch-free (selects): GCC vectorizes the
+// row loop (scalar code would take about 40 data-dependent branches per row: the argmax, the
+// parity, the winner). round() is (|v| + 2^p) - 2^p with v's sign (p = 23, 52 for double) below 2^p, v itself
 // above (an integer, or Inf / NaN): torch.round's value and sign, in SSE2 as in AVX2.
 // Compiled twice, as scalar.cpp's kernels: SSE2 (4 float lanes) and AVX2 (8 lanes, one-instruction
 // selects), picked at run time; neither contracts to FMA, so both return the same bits (tested).
 // N = 65,536 float32 rows on the 2-core EPYC dev box: one core 2.4 ms with SSE2, 0.95 ms with AVX2;
 // both cores 0.5-0.75 ms (a noisy shared box), against 9-15 ms for the torch path.
-
-constexpr int64_t kNearestTile = 256;
 
 template <typename T>
 struct Magic;
@@ -141,8 +176,6 @@ struct Magic<double> {
   static constexpr double kRound = 0x1p52;
   static constexpr double kParity = 0x1p53;
 };
-
-#define FASTVQ_INLINE inline __attribute__((always_inline))
 
 // torch.round(v): to nearest, ties to even; [-0.5, -0] gives -0; Inf and NaN pass.
 template <typename T>
@@ -192,8 +225,8 @@ FASTVQ_INLINE T squared_distance(const T (&y)[8], const T (&p)[8]) {
 
 // out[c][r] = the nearest E8 point to row r of y[c][r], r < m. Inlined into the two builds below.
 template <typename T>
-FASTVQ_INLINE void nearest_tile(const T (*__restrict y)[kNearestTile],
-                                T (*__restrict out)[kNearestTile], int64_t m) {
+FASTVQ_INLINE void nearest_tile(const T (*__restrict y)[kTileRows],
+                                T (*__restrict out)[kTileRows], int64_t m) {
   for (int64_t r = 0; r < m; ++r) {
     T v[8], f[8], p0[8], h[8], p1[8], unused[8];
     T finite = 1;
@@ -218,34 +251,75 @@ FASTVQ_INLINE void nearest_tile(const T (*__restrict y)[kNearestTile],
 }
 
 template <typename T>
-void nearest_tile_baseline(const T (*y)[kNearestTile], T (*out)[kNearestTile], int64_t m) {
+void nearest_tile_baseline(const T (*y)[kTileRows], T (*out)[kTileRows], int64_t m) {
   nearest_tile<T>(y, out, m);
 }
 
 #if defined(FASTVQ_X86)
 template <typename T>
-__attribute__((target("avx2"))) void nearest_tile_avx2(const T (*y)[kNearestTile],
-                                                       T (*out)[kNearestTile], int64_t m) {
+__attribute__((target("avx2"))) void nearest_tile_avx2(const T (*y)[kTileRows],
+                                                       T (*out)[kTileRows], int64_t m) {
   nearest_tile<T>(y, out, m);
 }
 #endif
 
-template <typename T, typename In>
-void nearest_rows(const In* x, In* out, int64_t n) {
-#if defined(FASTVQ_X86)
-  const bool avx2 = cpu::use_avx2(/*with_fma=*/false);
-#endif
-  // ~35 ns per row with SSE2, ~15 with AVX2: 2,048 rows (64 KiB of float32) amortise a task.
+// Both decoders: the rows of x (N, 8) widened to T into tiles of kTileRows rows, one array per
+// coordinate (y[c][r]), handed to tile(y, r0, m) for rows r0 .. r0 + m; 2,048 rows (64 KiB of
+// float32) per parallel task.
+template <typename T, typename In, typename Tile>
+void for_each_tile(const In* x, int64_t n, const Tile& tile) {
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    alignas(64) T y[8][kNearestTile];
-    alignas(64) T p[8][kNearestTile];
-    for (int64_t r0 = begin; r0 < end; r0 += kNearestTile) {
-      const int64_t m = std::min(kNearestTile, end - r0);
+    alignas(64) T y[8][kTileRows];
+    for (int64_t r0 = begin; r0 < end; r0 += kTileRows) {
+      const int64_t m = std::min(kTileRows, end - r0);
       const In* xr = x + r0 * 8;
       for (int64_t r = 0; r < m; ++r) {
 #pragma GCC unroll 8
         for (int c = 0; c < 8; ++c) y[c][r] = static_cast<T>(xr[r * 8 + c]);
       }
+      tile(y, r0, m);
+    }
+  });
+}
+
+at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
+#if defined(FASTVQ_X86)
+  const bool avx2 = cpu::use_avx2(/*with_fma=*/false);
+#endif
+  at::Tensor out;
+  with_rows<8>("fastvq::e8_shell_decode", "z", z, [&](auto t, const auto* in) {
+    using T = decltype(t);
+    out = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+    int64_t* o = out.mutable_data_ptr<int64_t>();
+    for_each_tile<T>(in, z.size(0), [&](const T (*y)[kTileRows], int64_t r0, int64_t m) {
+      alignas(64) T index[kTileRows];
+#if defined(FASTVQ_X86)
+      if (avx2) {
+        decode_block_avx2<T>(y, index, m);
+      } else {
+        decode_block_baseline<T>(y, index, m);
+      }
+#else
+      decode_block_baseline<T>(y, index, m);
+#endif
+      for (int64_t r = 0; r < m; ++r) o[r0 + r] = static_cast<int64_t>(index[r]);
+    });
+  });
+  return out;
+}
+
+at::Tensor e8_nearest_cpu(const at::Tensor& x) {
+#if defined(FASTVQ_X86)
+  const bool avx2 = cpu::use_avx2(/*with_fma=*/false);
+#endif
+  at::Tensor out;
+  with_rows<8>("fastvq::e8_nearest", "x", x, [&](auto t, const auto* in) {
+    using T = decltype(t);
+    using In = std::remove_cv_t<std::remove_pointer_t<decltype(in)>>;
+    out = at::empty({x.size(0), 8}, x.options());
+    In* o = out.mutable_data_ptr<In>();
+    for_each_tile<T>(in, x.size(0), [&](const T (*y)[kTileRows], int64_t r0, int64_t m) {
+      alignas(64) T p[8][kTileRows];
 #if defined(FASTVQ_X86)
       if (avx2) {
         nearest_tile_avx2<T>(y, p, m);
@@ -255,40 +329,13 @@ void nearest_rows(const In* x, In* out, int64_t n) {
 #else
       nearest_tile_baseline<T>(y, p, m);
 #endif
-      In* o = out + r0 * 8;
       for (int64_t r = 0; r < m; ++r) {
 #pragma GCC unroll 8
-        for (int c = 0; c < 8; ++c) o[r * 8 + c] = static_cast<In>(p[c][r]);  // to nearest even
+        // to nearest even
+        for (int c = 0; c < 8; ++c) o[(r0 + r) * 8 + c] = static_cast<In>(p[c][r]);
       }
-    }
+    });
   });
-}
-
-at::Tensor e8_nearest_cpu(const at::Tensor& x) {
-  const char* op = "fastvq::e8_nearest";
-  TORCH_CHECK(x.device().is_cpu(), op, " (CPU): x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == 8, op, ": x must have shape (N, 8), got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  const int64_t n = x.size(0);
-  at::Tensor out = at::empty({n, 8}, x.options());
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      nearest_rows<float>(x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n);
-      break;
-    case at::kDouble:
-      nearest_rows<double>(x.const_data_ptr<double>(), out.mutable_data_ptr<double>(), n);
-      break;
-    case at::kHalf:
-      nearest_rows<float>(x.const_data_ptr<c10::Half>(), out.mutable_data_ptr<c10::Half>(), n);
-      break;
-    case at::kBFloat16:
-      nearest_rows<float>(x.const_data_ptr<c10::BFloat16>(), out.mutable_data_ptr<c10::BFloat16>(),
-                          n);
-      break;
-    default:
-      TORCH_CHECK(false, op, ": x must be float32, float64, float16 or bfloat16, got ",
-                  x.scalar_type());
-  }
   return out;
 }
 

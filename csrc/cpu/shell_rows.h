@@ -1,10 +1,10 @@
-// CPU glue shared by the lattice-shell decoders (leech.cpp, e8.cpp): checks that z is a contiguous
-// (N, kDim) CPU tensor and returns the (N,) int64 indices that decode_rows gives its rows. Rows
-// reach decode_rows in blocks of at most kShellBlock, widened to the scores' type T (float for
-// float32, float16 and bfloat16, whose values widen exactly; double for float64) and scaled by
-// leech::row_scale. Blocks are split over threads by at::parallel_for in tasks of at least
-// `grain` rows; every row gets the same arithmetic whichever block it lands in (the decoders
-// promise this), so results do not depend on the thread count.
+// CPU glue of the lattice decoders. with_rows checks an (N, kDim) input and dispatches on its
+// dtype (e8.cpp, leech.cpp). decode_shell_rows (leech.cpp) returns the (N,) int64 indices that
+// decode_rows gives the rows, which reach it in blocks of at most kShellBlock, widened to the
+// scores' type T (float for float32, float16 and bfloat16, whose values widen exactly; double for
+// float64) and scaled by leech::row_scale. Blocks are split over threads by at::parallel_for in
+// tasks of at least `grain` rows; every row gets the same arithmetic whichever block it lands in
+// (the decoder promises this), so results do not depend on the thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -46,35 +46,41 @@ void decode_scaled_rows(const In* z, int64_t n, int64_t grain, int64_t* out,
   });
 }
 
+// f(T(), data) for x, a CPU tensor (N, kDim) named `name` of op `op`, after checking it: data its
+// contiguous elements, T the compute type (float for float32, float16 and bfloat16, whose values
+// widen exactly; double for float64).
+template <int kDim, typename F>
+void with_rows(const char* op, const char* name, const at::Tensor& x, const F& f) {
+  TORCH_CHECK(x.device().is_cpu(), op, " (CPU): ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == kDim, op, ": ", name, " must have shape (N, ", kDim,
+              "), got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return f(float(), x.const_data_ptr<float>());
+    case at::kDouble:
+      return f(double(), x.const_data_ptr<double>());
+    case at::kHalf:
+      return f(float(), x.const_data_ptr<c10::Half>());
+    case at::kBFloat16:
+      return f(float(), x.const_data_ptr<c10::BFloat16>());
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+                  x.scalar_type());
+  }
+}
+
 // decode_rows(rows, m, out): out[r] = the index of rows[r], r < m <= kShellBlock, for rows of type
 // const float (*)[kDim] and const double (*)[kDim] (a generic lambda).
 template <int kDim, typename DecodeRows>
 at::Tensor decode_shell_rows(const char* op, const at::Tensor& z, int64_t grain,
                              const DecodeRows& decode_rows) {
-  TORCH_CHECK(z.device().is_cpu(), op, " (CPU): z must be a CPU tensor, got ", z.device());
-  TORCH_CHECK(z.dim() == 2 && z.size(1) == kDim, op, ": z must have shape (N, ", kDim, "), got ",
-              z.sizes());
-  TORCH_CHECK(z.is_contiguous(), op, ": z must be contiguous");
-  const int64_t n = z.size(0);
-  at::Tensor out = at::empty({n}, z.options().dtype(at::kLong));
-  int64_t* o = out.mutable_data_ptr<int64_t>();
-  switch (z.scalar_type()) {
-    case at::kFloat:
-      decode_scaled_rows<float, kDim>(z.const_data_ptr<float>(), n, grain, o, decode_rows);
-      break;
-    case at::kDouble:
-      decode_scaled_rows<double, kDim>(z.const_data_ptr<double>(), n, grain, o, decode_rows);
-      break;
-    case at::kHalf:
-      decode_scaled_rows<float, kDim>(z.const_data_ptr<c10::Half>(), n, grain, o, decode_rows);
-      break;
-    case at::kBFloat16:
-      decode_scaled_rows<float, kDim>(z.const_data_ptr<c10::BFloat16>(), n, grain, o, decode_rows);
-      break;
-    default:
-      TORCH_CHECK(false, op, ": z must be float32, float64, float16 or bfloat16, got ",
-                  z.scalar_type());
-  }
+  at::Tensor out;
+  with_rows<kDim>(op, "z", z, [&](auto t, const auto* in) {
+    out = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+    decode_scaled_rows<decltype(t), kDim>(in, z.size(0), grain, out.mutable_data_ptr<int64_t>(),
+                                          decode_rows);
+  });
   return out;
 }
 

@@ -412,25 +412,30 @@ def test_nearest_cpu_kernel_does_not_depend_on_the_thread_count():
     assert torch.equal(_bits(one), _bits(_nearest_reference(x)))
 
 
-# The C++ kernel is compiled twice, for SSE2 and for AVX2, and picked at run time (csrc/cpu/isa.h);
-# FASTVQ_CPU_BASELINE=1 forces SSE2. Both builds must return the torch path's bits.
+# The C++ kernels are compiled twice, for SSE2 and for AVX2, and picked at run time
+# (csrc/cpu/isa.h); FASTVQ_CPU_BASELINE=1 forces SSE2. Both builds must return the torch path's
+# bits: the lattice points of e8_nearest, the shell decoder's indices.
 _ISA_SCRIPT = """
 import sys, torch
-from fastvq.lattice import e8_nearest
-xs = torch.load(sys.argv[1])
-torch.save([e8_nearest(x, backend="cpu") for x in xs], sys.argv[2])
+from fastvq.lattice import e8_nearest, e8_shell_quantize
+xs, zs = torch.load(sys.argv[1])
+points = [e8_nearest(x, backend="cpu") for x in xs]
+torch.save((points, [e8_shell_quantize(z, backend="cpu")[0] for z in zs]), sys.argv[2])
 """
 
 
 @pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
-def test_nearest_cpu_kernel_bit_identical_across_isa_builds(tmp_path):
+def test_cpu_kernels_bit_identical_across_isa_builds(tmp_path):
     """Vacuous on a CPU without AVX2 (both runs take the SSE2 build), exact everywhere else."""
     xs = [torch.cat([_nearest_family(f, d, n=1001) for f in NEAREST_FAMILIES]) for d in DTYPES]
-    torch.save(xs, tmp_path / "x.pt")
+    zs = [torch.cat([_family(f, d, n=1001) for f in FAMILIES]) for d in DTYPES]
+    torch.save((xs, zs), tmp_path / "x.pt")
     runs = run_isa_builds(_ISA_SCRIPT, tmp_path, tmp_path / "x.pt")
-    for baseline, run in zip("10", runs, strict=True):
-        for x, p in zip(xs, run, strict=True):
+    for baseline, (points, indices) in zip("10", runs, strict=True):
+        for x, p in zip(xs, points, strict=True):
             assert torch.equal(_bits(p), _bits(_nearest_reference(x))), (baseline, x.dtype)
+        for z, index in zip(zs, indices, strict=True):
+            assert torch.equal(index, _reference(z)), (baseline, z.dtype)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN rows in the interpreter

@@ -274,6 +274,17 @@ def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> l
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
+def on_one_thread(fn):
+    """fn() with one intra-op thread, the thread count restored after: a kernel's answer without
+    threads, to compare with its threaded one (rows split at other places)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_isa_builds(script: str, out_dir, *args) -> list:
     """Run `python -c script *args out` twice, with FASTVQ_CPU_BASELINE=1 (the C++ CPU kernels'
     SSE2 build) and =0 (AVX2 where the CPU has it); returns what each run saved to `out`, its last

@@ -105,9 +105,10 @@ FASTVQ_INLINE void decode_block(const T (*__restrict y)[kTileRows], T* __restric
     const T pair = a * 7 - a * (a - 1) / 2 + (b - a - 1);  // small integers: exact
     const T index1 = pair * 4 + 2 * neg_a + neg_b;
 
-    // Half-integer shape: sign(z); an odd minus count flips one least |z| (_common.best_even_signs),
-    // the one of least key: k for a minus at slot k < 7, 8 for slot 7, 22 - k for a plus at k < 7.
-    // The rank of the signs is the minus mask on slots 0..6, slot 0 the most significant bit.
+    // Half-integer shape: sign(z); an odd minus count flips one least |z|
+    // (_common.best_even_signs), the one of least key: k for a minus at slot k < 7, 8 for slot 7,
+    // 22 - k for a plus at k < 7. The rank of the signs is the minus mask on slots 0..6, slot 0
+    // the most significant bit.
     T flip = 0, best_key = 100;
 #pragma GCC unroll 8
     for (int p = 0; p < 8; ++p) {
@@ -157,8 +158,8 @@ __attribute__((target("avx2"))) void decode_block_avx2(const T (*y)[kTileRows], 
 // Rows are widened into tiles of kTileRows rows, one array per coordinate (for_each_tile), so that
 // every step is elementwise over the rows of a tile and branch-free (selects): GCC vectorizes the
 // row loop (scalar code would take about 40 data-dependent branches per row: the argmax, the
-// parity, the winner). round() is (|v| + 2^p) - 2^p with v's sign (p = 23, 52 for double) below 2^p, v itself
-// above (an integer, or Inf / NaN): torch.round's value and sign, in SSE2 as in AVX2.
+// parity, the winner). round() is (|v| + 2^p) - 2^p with v's sign (p = 23, 52 for double) below
+// 2^p, v itself above (an integer, or Inf / NaN): torch.round's value and sign, in SSE2 as in AVX2.
 // Compiled twice, as scalar.cpp's kernels: SSE2 (4 float lanes) and AVX2 (8 lanes, one-instruction
 // selects), picked at run time; neither contracts to FMA, so both return the same bits (tested).
 // N = 65,536 float32 rows on the 2-core EPYC dev box: one core 2.4 ms with SSE2, 0.95 ms with AVX2;
@@ -263,6 +264,14 @@ __attribute__((target("avx2"))) void nearest_tile_avx2(const T (*y)[kTileRows],
 }
 #endif
 
+// kernel_avx2(...) where the AVX2 build may run, else kernel_baseline(...).
+#if defined(FASTVQ_X86)
+#define FASTVQ_TILE_KERNEL(kernel, ...)                                                    \
+  (cpu::use_avx2(/*with_fma=*/false) ? kernel##_avx2(__VA_ARGS__) : kernel##_baseline(__VA_ARGS__))
+#else
+#define FASTVQ_TILE_KERNEL(kernel, ...) kernel##_baseline(__VA_ARGS__)
+#endif
+
 // Both decoders: the rows of x (N, 8) widened to T into tiles of kTileRows rows, one array per
 // coordinate (y[c][r]), handed to tile(y, r0, m) for rows r0 .. r0 + m; 2,048 rows (64 KiB of
 // float32) per parallel task.
@@ -283,9 +292,6 @@ void for_each_tile(const In* x, int64_t n, const Tile& tile) {
 }
 
 at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
-#if defined(FASTVQ_X86)
-  const bool avx2 = cpu::use_avx2(/*with_fma=*/false);
-#endif
   at::Tensor out;
   with_rows<8>("fastvq::e8_shell_decode", "z", z, [&](auto t, const auto* in) {
     using T = decltype(t);
@@ -293,15 +299,7 @@ at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
     int64_t* o = out.mutable_data_ptr<int64_t>();
     for_each_tile<T>(in, z.size(0), [&](const T (*y)[kTileRows], int64_t r0, int64_t m) {
       alignas(64) T index[kTileRows];
-#if defined(FASTVQ_X86)
-      if (avx2) {
-        decode_block_avx2<T>(y, index, m);
-      } else {
-        decode_block_baseline<T>(y, index, m);
-      }
-#else
-      decode_block_baseline<T>(y, index, m);
-#endif
+      FASTVQ_TILE_KERNEL(decode_block, y, index, m);
       for (int64_t r = 0; r < m; ++r) o[r0 + r] = static_cast<int64_t>(index[r]);
     });
   });
@@ -309,9 +307,6 @@ at::Tensor e8_shell_decode_cpu(const at::Tensor& z) {
 }
 
 at::Tensor e8_nearest_cpu(const at::Tensor& x) {
-#if defined(FASTVQ_X86)
-  const bool avx2 = cpu::use_avx2(/*with_fma=*/false);
-#endif
   at::Tensor out;
   with_rows<8>("fastvq::e8_nearest", "x", x, [&](auto t, const auto* in) {
     using T = decltype(t);
@@ -320,15 +315,7 @@ at::Tensor e8_nearest_cpu(const at::Tensor& x) {
     In* o = out.mutable_data_ptr<In>();
     for_each_tile<T>(in, x.size(0), [&](const T (*y)[kTileRows], int64_t r0, int64_t m) {
       alignas(64) T p[8][kTileRows];
-#if defined(FASTVQ_X86)
-      if (avx2) {
-        nearest_tile_avx2<T>(y, p, m);
-      } else {
-        nearest_tile_baseline<T>(y, p, m);
-      }
-#else
-      nearest_tile_baseline<T>(y, p, m);
-#endif
+      FASTVQ_TILE_KERNEL(nearest_tile, y, p, m);
       for (int64_t r = 0; r < m; ++r) {
 #pragma GCC unroll 8
         // to nearest even

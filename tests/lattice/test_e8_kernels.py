@@ -22,7 +22,7 @@ from fastvq.lattice import (
 )
 from fastvq.lattice._common import compute_dtype
 from fastvq.lattice.e8 import _decode, _nearest
-from fastvq.testing import backend_cases, check_nearest, run_isa_builds
+from fastvq.testing import backend_cases, check_nearest, on_one_thread, run_isa_builds
 
 CASES = [
     pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.gpu] * (c[0] == "cuda"))
@@ -114,12 +114,7 @@ def test_kernels_equal_decoder(case, dtype, poison):
 @pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
 def test_cpu_kernel_does_not_depend_on_the_thread_count():
     z = torch.cat([_family(f, torch.float32, n=20000, seed=1) for f in FAMILIES])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = e8_shell_quantize(z, backend="cpu")[0]
-    finally:
-        torch.set_num_threads(threads)
+    one = on_one_thread(lambda: e8_shell_quantize(z, backend="cpu")[0])
     assert torch.equal(one, e8_shell_quantize(z, backend="cpu")[0])
     assert torch.equal(one, _reference(z))
 
@@ -402,12 +397,7 @@ def test_nearest_kernels_equal_torch_path(case, dtype, poison):
 @pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
 def test_nearest_cpu_kernel_does_not_depend_on_the_thread_count():
     x = torch.cat([_nearest_family(f, torch.float32, n=20000, seed=1) for f in NEAREST_FAMILIES])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = e8_nearest(x, backend="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    one = on_one_thread(lambda: e8_nearest(x, backend="cpu"))
     assert torch.equal(_bits(one), _bits(e8_nearest(x, backend="cpu")))
     assert torch.equal(_bits(one), _bits(_nearest_reference(x)))
 

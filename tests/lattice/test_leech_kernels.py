@@ -13,7 +13,7 @@ from fastvq.lattice import LEECH_SIZE, leech_codebook, leech_codes, leech_quanti
 from fastvq.lattice._common import compute_dtype
 from fastvq.lattice.leech import _decode
 from fastvq.ops._backends import triton_interpreting
-from fastvq.testing import backend_cases, check_nearest, run_isa_builds
+from fastvq.testing import backend_cases, check_nearest, on_one_thread, run_isa_builds
 
 CUDA = torch.cuda.is_available()
 CASES = [
@@ -156,12 +156,7 @@ def test_cpu_kernel_equals_decoder_many_rows(dtype):
     """Rows share SIMD tiles in the C++ kernel, tiles cut where a thread's rows start: one thread
     and several tile the rows differently and must return the same indices."""
     z = _many_rows(dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = leech_quantize(z, backend="cpu")[0]
-    finally:
-        torch.set_num_threads(threads)
+    one = on_one_thread(lambda: leech_quantize(z, backend="cpu")[0])
     assert torch.equal(one, _reference(z))
     assert torch.equal(leech_quantize(z, backend="cpu")[0], one)
 

@@ -57,7 +57,8 @@ const leech::GolayTables& golay_tables() {
 
 // One tile: its rows y[p][v] (row r is lane r % W of vector r / W) and their tables over the 4
 // groups of 6 coordinates and the 64 sign patterns e of a group, in vectors of kBytes (16 for
-// SSE2, 32 for AVX2; GCC vector extensions, so both builds share this code).
+// SSE2, 32 for AVX2; GCC vector extensions, so both builds share this code). On the stack of the
+// thread that decodes: 82 KiB in float32, 164 in float64 (OpenMP threads get megabytes).
 template <typename T, int kBytes>
 struct Tile {
   static constexpr int W = kBytes / sizeof(T);  // lanes per vector

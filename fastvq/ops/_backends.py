@@ -78,9 +78,9 @@ def backends(device: torch.device | None = None) -> dict[str, Backend]:
 
 
 def cpu_available() -> bool:
-    """backends()["cpu"].available without building the report: "auto" asks it on every call on
-    CPU tensors, where the report (CUDA queries, the environment, four reasons) costs ~3 us, up
-    to three times per fastvq.quantize call before."""
+    """backends()["cpu"].available without building the report (CUDA queries, the environment,
+    four reasons), which "auto" would otherwise build on every call on CPU tensors (three times
+    per fastvq.quantize call before)."""
     return _ext.EXTENSION_ERROR is None and _ext.HAS_CPU_KERNELS
 
 

@@ -66,7 +66,8 @@ FASTVQ_INLINE void decode_block(const T (*__restrict y)[kTileRows], T* __restric
 #pragma GCC unroll 8
     for (int p = 0; p < 8; ++p) {
       v[p] = y[p][r];
-      largest = largest < std::abs(v[p]) ? std::abs(v[p]) : largest;  // NaN is dropped, as 0 wins
+      // NaN is dropped (such rows get index 0 anyway), as in shell_rows.h
+      largest = largest < std::abs(v[p]) ? std::abs(v[p]) : largest;
     }
     const T scale = leech::row_scale(largest);
 #pragma GCC unroll 8

@@ -51,8 +51,6 @@ T max_of(T a, T b) {
 
 constexpr int64_t kTileRows = 256;  // rows per tile, both decoders
 
-#define FASTVQ_INLINE inline __attribute__((always_inline))
-
 // Indices (as T, exact: below 240) of the rows y[p][r], r < m, of a tile, each row scaled by
 // leech::row_scale first. Branch-free selects over the rows of the tile, every value (masks and
 // positions too) of T's width, so that GCC vectorizes the row loop. Inlined into the two builds

@@ -11,6 +11,10 @@
 #define FASTVQ_X86 1
 #endif
 
+// For helpers of the kernels compiled per ISA: inlined into each target("...") caller, they take
+// its instruction set (a helper left out of line is compiled for the baseline ISA).
+#define FASTVQ_INLINE inline __attribute__((always_inline))
+
 namespace fastvq {
 namespace cpu {
 

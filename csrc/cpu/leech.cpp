@@ -46,8 +46,6 @@ namespace {
 
 using leech::kOctads;
 
-#define FASTVQ_INLINE inline __attribute__((always_inline))
-
 constexpr int kTile = kShellBlock;  // rows per tile, one per lane
 
 const leech::GolayTables& golay_tables() {

@@ -66,8 +66,6 @@
 #error "csrc/cpu/nearest_code.cpp needs GCC or Clang vector extensions"
 #endif
 
-#define FASTVQ_INLINE inline __attribute__((always_inline))
-
 namespace fastvq {
 namespace {
 

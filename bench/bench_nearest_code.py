@@ -30,7 +30,8 @@ SHAPES = {
         (16384, 65536, 256),
         (64, 1048576, 32),
     ],
-    "cpu": [(8192, 16384, 32)],
+    # Last: a few rows over a large codebook, where the per-code terms cost as much as the search.
+    "cpu": [(8192, 16384, 32), (4, 262144, 32)],
     "quick": [(256, 1024, 32)],
 }
 

@@ -25,6 +25,10 @@ TORCH_LIBRARY(fastvq, m) {
   m.def(
       "nearest_code_topk(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, int k, "
       "bool fast) -> Tensor");
+  // The sum of squares of each row of x, accumulated in float64 (the squares of float32 and half
+  // values exactly), CPU only: the per-code terms of the CPU search. x (K, D) contiguous
+  // float32/float64/float16/bfloat16. Returns float64 (K,).
+  m.def("squared_norms(Tensor x) -> Tensor");
   // Structured Leech decoder (fastvq/lattice/leech.py): idx[n] = the canonical index of the
   // minimal Leech vector of largest inner product with z[n], ties to the lowest index, 0 for rows
   // with NaN or Inf. z (N, 24) contiguous float32/float64/float16/bfloat16 (scores in float32,

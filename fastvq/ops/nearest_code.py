@@ -70,6 +70,24 @@ if _ext.EXTENSION_ERROR is None:
         return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
+_HAS_SQUARED_NORMS = _ext._has_kernel("squared_norms", "CPU")
+if _HAS_SQUARED_NORMS:
+
+    @torch.library.register_fake("fastvq::squared_norms")
+    def _(x):
+        return x.new_empty(x.shape[0], dtype=torch.float64)
+
+
+def _code_terms(codebook, metric, backend):
+    """code_terms of `backend`'s search. The C++ CPU kernel's come from fastvq::squared_norms, one
+    pass over the codebook: code_terms' own square() (or float64 vector_norm) first writes a K x D
+    temporary in freshly allocated memory, whose page faults alone cost more than the search at a
+    few rows over a large codebook (K = 2^18, D = 32)."""
+    if backend == "cpu" and metric != "dot" and _HAS_SQUARED_NORMS:
+        return code_terms(codebook, metric, torch.ops.fastvq.squared_norms(codebook))
+    return code_terms(codebook, metric)
+
+
 # A build from before the top-k kernel existed still loads; "cpu" then runs the torch path.
 _HAS_TOPK_CPU = _ext._has_kernel("nearest_code_topk", "CPU")
 if _HAS_TOPK_CPU:
@@ -222,7 +240,7 @@ def _nearest_code(z, codebook, metric, precision, backend, return_distance, chec
         name = "torch"
     z2 = z.reshape(-1, d).to(dtype).contiguous()
     cb = codebook.to(dtype).contiguous()
-    scale, bias = code_terms(cb.detach(), metric)
+    scale, bias = _code_terms(cb.detach(), metric, name)
     fast = precision == "fast"
     if z2.shape[0] == 0:
         indices = torch.empty(0, k or 1, dtype=torch.int64, device=z.device)

@@ -26,24 +26,36 @@ def inv_norm(x: torch.Tensor) -> torch.Tensor:
     1e-19 to 1e19 would lose their norm); 0 where it is 0 or its inverse exceeds x's dtype,
     which makes the row a zero row (and an inf norm gives 0 too). No NaN in the backward."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64)
-    ok = (norm > 0) & (1 / norm).to(x.dtype).isfinite()
-    return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(x.dtype)
+    return inverse_of_norm(norm, x.dtype)
+
+
+def inverse_of_norm(norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / norm in dtype, from float64 norms, by inv_norm's rule: 0 where the norm is 0 or inf or
+    its inverse exceeds dtype."""
+    ok = (norm > 0) & (1 / norm).to(dtype).isfinite()
+    return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(dtype)
 
 
 def code_terms(
-    codebook: torch.Tensor, metric: str
+    codebook: torch.Tensor, metric: str, squared_norms: torch.Tensor | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-code (scale, bias) of the score for `metric`: float32 (float64 for a float64 codebook).
 
-    codebook: (K, D). Returns two (K,) tensors or None (meaning 1 and 0).
+    codebook: (K, D). squared_norms: the codes' sums of squares, float64 (K,), where the caller
+    has them (the CPU search takes them from fastvq::squared_norms); computed here if None.
+    Returns two (K,) tensors or None (meaning 1 and 0).
     """
     acc = torch.float64 if codebook.dtype == torch.float64 else torch.float32
     if metric == "l2":
         # A sum of squares, not vector_norm().square(): the sqrt round trip would break exact ties
         # between codes of equal score and different norm (integer-valued codebooks).
-        return None, codebook.to(acc).square().sum(-1).mul_(-0.5)
+        if squared_norms is None:
+            return None, codebook.to(acc).square().sum(-1).mul_(-0.5)
+        return None, squared_norms.to(acc).mul(-0.5)
     if metric == "cosine":
-        return inv_norm(codebook.to(acc)).squeeze(-1), None
+        if squared_norms is None:
+            return inv_norm(codebook.to(acc)).squeeze(-1), None
+        return inverse_of_norm(squared_norms.sqrt(), acc), None
     if metric == "dot":
         return None, None
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -1,4 +1,5 @@
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -952,6 +953,74 @@ def test_cpp_op_rejects_bad_k_and_strided_code_terms():
     for terms in ((strided, None), (None, strided)):
         with pytest.raises(RuntimeError, match="must be contiguous"):
             ops.nearest_code(z, codebook, *terms, False, None)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_squared_norms(dtype, poison):
+    """fastvq::squared_norms against math.fsum of the squares: float64 sums of D positive terms
+    err by at most (D - 1) 2^-53 of themselves (D 2^-53 for float64 inputs, whose squares round
+    too). D over the partial sums' tails; magnitudes whose squares leave float32's range (the
+    search's code terms need them)."""
+    op = torch.ops.fastvq.squared_norms
+    g = torch.Generator().manual_seed(0)
+    top = 30 if dtype in (torch.float32, torch.float64, torch.bfloat16) else 2
+    for d in (1, 3, 7, 8, 9, 31, 256):
+        x = torch.randn(200, d, generator=g, dtype=torch.float64)
+        x = (x * torch.logspace(-top, top, 200, dtype=torch.float64)[:, None]).to(dtype)
+        got = op(x)
+        assert got.dtype == torch.float64 and got.shape == (200,)
+        rows = x.double().tolist()
+        exact = torch.tensor([math.fsum(v * v for v in row) for row in rows], dtype=torch.float64)
+        assert ((got - exact).abs() <= d * 2**-53 * exact).all(), d
+        assert torch.equal(op(x[7:]), got[7:])  # a row's sum does not depend on its neighbours
+    ints = torch.randint(-300, 300, (100, 33), generator=g).to(dtype)
+    assert torch.equal(op(ints), ints.double().square().sum(-1))
+    special = torch.tensor([[1.0, float("inf")], [float("nan"), 1.0], [0.0, -0.0]], dtype=dtype)
+    assert op(special).tolist()[0] == float("inf") and math.isnan(op(special)[1])
+    assert op(special).tolist()[2] == 0 and op(x[:0]).shape == (0,)
+    torch.library.opcheck(op, (x,))
+
+
+@needs_cpp
+def test_cpp_squared_norms_thread_count_and_bad_input():
+    op = torch.ops.fastvq.squared_norms
+    x = torch.randn(5000, 32)  # tasks of 1024 rows: several per thread
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x)
+        torch.set_num_threads(2)
+        assert torch.equal(op(x), one)
+    finally:
+        torch.set_num_threads(threads)
+    for bad, match in (
+        (torch.randn(8), "must have shape"),
+        (torch.randn(8, 6)[:, ::2], "must be contiguous"),
+        (torch.ones(4, 3, dtype=torch.int32), "must be float32, float64"),
+    ):
+        with pytest.raises(RuntimeError, match=f"squared_norms: x {match}"):
+            op(bad)
+
+
+@needs_cpp
+def test_cpu_search_code_terms_are_correctly_rounded():
+    """The C++ search's l2 bias is -|c|^2 / 2 rounded once to float32 (code_terms' float32 sum
+    is off by more than half an ulp in some codes: the test fails if the search falls back to
+    it); its cosine scale is code_terms' (norms in float64 both), also for codes whose squares
+    leave float32's range."""
+    from fastvq.ops.nearest_code import _code_terms
+
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(2000, 256, generator=g)
+    exact = code_terms(codebook.double(), "l2")[1]
+    assert not torch.equal(code_terms(codebook, "l2")[1], exact.float())
+    assert torch.equal(_code_terms(codebook, "l2", "cpu")[1], exact.float())
+    codebook[:4] = torch.tensor([1e-40, 1e-30, 1e30, 0.0])[:, None]  # norms: 16x these
+    scale = _code_terms(codebook, "cosine", "cpu")[0]
+    assert torch.equal(scale, code_terms(codebook, "cosine")[0])  # its norms are float64 too
+    # 1 / (16 1e-40) exceeds float32: a zero code, as a zero norm
+    assert scale[:4].tolist() == pytest.approx([0.0, 1e30 / 16, 1e-30 / 16, 0.0], rel=1e-6)
 
 
 def test_meta_tensors_give_shapes():

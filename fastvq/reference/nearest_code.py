@@ -26,14 +26,8 @@ def inv_norm(x: torch.Tensor) -> torch.Tensor:
     1e-19 to 1e19 would lose their norm); 0 where it is 0 or its inverse exceeds x's dtype,
     which makes the row a zero row (and an inf norm gives 0 too). No NaN in the backward."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64)
-    return inverse_of_norm(norm, x.dtype)
-
-
-def inverse_of_norm(norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """1 / norm in dtype, from float64 norms, by inv_norm's rule: 0 where the norm is 0 or inf or
-    its inverse exceeds dtype."""
-    ok = (norm > 0) & (1 / norm).to(dtype).isfinite()
-    return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(dtype)
+    ok = (norm > 0) & (1 / norm).to(x.dtype).isfinite()
+    return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(x.dtype)
 
 
 def code_terms(
@@ -55,7 +49,10 @@ def code_terms(
     if metric == "cosine":
         if squared_norms is None:
             return inv_norm(codebook.to(acc)).squeeze(-1), None
-        return inverse_of_norm(squared_norms.sqrt(), acc), None
+        # inv_norm's rule, in place (nothing to differentiate): 1/0 = inf, inverses beyond acc
+        # round to inf and NaN stays NaN, all made 0 (as 1/inf is)
+        scale = squared_norms.sqrt().reciprocal_().to(acc)
+        return scale.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), None
     if metric == "dot":
         return None, None
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -1016,11 +1016,13 @@ def test_cpu_search_code_terms_are_correctly_rounded():
     exact = code_terms(codebook.double(), "l2")[1]
     assert not torch.equal(code_terms(codebook, "l2")[1], exact.float())
     assert torch.equal(_code_terms(codebook, "l2", "cpu")[1], exact.float())
-    codebook[:4] = torch.tensor([1e-40, 1e-30, 1e30, 0.0])[:, None]  # norms: 16x these
+    # norms: 16x these; inf and NaN as nearest_code(check_inputs_finite=False) passes them
+    codebook[:6] = torch.tensor([1e-40, 1e-30, 1e30, 0.0, math.inf, math.nan])[:, None]
     scale = _code_terms(codebook, "cosine", "cpu")[0]
     assert torch.equal(scale, code_terms(codebook, "cosine")[0])  # its norms are float64 too
-    # 1 / (16 1e-40) exceeds float32: a zero code, as a zero norm
-    assert scale[:4].tolist() == pytest.approx([0.0, 1e30 / 16, 1e-30 / 16, 0.0], rel=1e-6)
+    # 1 / (16 1e-40) exceeds float32: a zero code, as a zero, infinite or NaN norm
+    want = [0.0, 1e30 / 16, 1e-30 / 16, 0.0, 0.0, 0.0]
+    assert scale[:6].tolist() == pytest.approx(want, rel=1e-6)
 
 
 def test_meta_tensors_give_shapes():

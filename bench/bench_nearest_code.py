@@ -6,7 +6,9 @@ Triton assignment kernel (CUDA only). Correctness is checked before timing: agre
 float64 argmin on a row subsample, and the tie-aware check for the peer's arithmetic.
 TFLOP/s counts the 2·N·K·D flops of the distance GEMM. On GPU, each fastvq backend and precision
 has its row, and `fastvq <backend> exact unscreened` is that backend's exact search without its
-tf32 screening pass (3xTF32 on every candidate), for the ratio screening buys.
+tf32 screening pass (3xTF32 on every candidate), for the ratio screening buys; `fastvq triton exact,
+code terms in eager PyTorch` is the Triton row with code_terms' square().sum() (a K x D temporary
+written and read back) in place of its one-read squared norms, for what those buy at small N.
 
 Top-k rows (k = 8, the beam width of a residual-VQ beam search): fastvq.nearest_code(k=8) against
 the same peers followed by torch.topk, checked tie-aware against the float64 k nearest.
@@ -19,6 +21,7 @@ import torch
 import fastvq
 from bench.common import DEVICE, Skip, check_indices, cli, measure
 from fastvq.ops._validate import check_finite
+from fastvq.ops.nearest_code import _code_terms
 from fastvq.reference import code_terms
 
 SHAPES = {
@@ -53,16 +56,17 @@ def _tf32(z, c):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _unscreened(backend):
-    """The exact l2 search of `backend` ("triton" or "cuda") with screen=False, with the input
-    check that fastvq.nearest_code runs first (a host sync), so that the ratio to its screened
-    row is the search's alone."""
+def _exact_search(backend, screen=None, terms=_code_terms):
+    """The exact l2 search of `backend` ("triton" or "cuda") as fastvq.nearest_code runs it
+    (the input check, a host sync, then the code terms), with `screen` and the code terms from
+    `terms`: screen=False against its screened row gives the ratio screening buys, the eager
+    code_terms against its row that of the Triton squared norms."""
     ops = torch.ops.fastvq
     op = ops.nearest_code_triton if backend == "triton" else ops.nearest_code
 
     def run(z, c):
         check_finite(z=z, codebook=c)
-        return op(z, c, None, code_terms(c, "l2")[1], False, False)
+        return op(z, c, None, terms(c, "l2", backend)[1], False, screen)
 
     return run
 
@@ -105,7 +109,15 @@ def peers(quick: bool) -> dict:
                     z, c, backend=b, precision=p
                 )
                 out[f"fastvq {backend} {precision}"] = (plain(fn), arith)
-            out[f"fastvq {backend} exact unscreened"] = (plain(_unscreened(backend)), "tf32")
+            out[f"fastvq {backend} exact unscreened"] = (
+                plain(_exact_search(backend, screen=False)),
+                "tf32",
+            )
+        eager = lambda c, metric, backend: code_terms(c, metric)  # noqa: E731
+        out["fastvq triton exact, code terms in eager PyTorch"] = (
+            plain(_exact_search("triton", terms=eager)),
+            "tf32",
+        )
     out |= {
         "torch naive fp32": (plain(naive), "fp32"),
         "torch cdist fp32": (plain(cdist), "fp32"),

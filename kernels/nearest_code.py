@@ -99,6 +99,9 @@ from fastvq.kernels import on_input_device
 
 from fastvq.ops._backends import triton_interpreting
 
+# The element types of the Triton search's z and codebook.
+SEARCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 # The contract bounds the partial buffer at N x 64.
 MAX_SPLITS = 64
 # A split walks at least this many K tiles, so its final lane reduction and partial write stay
@@ -626,7 +629,7 @@ def _check_launch(z, codebook, code_scale, code_bias) -> None:
     # int32 code indices in the kernels; the margin keeps k0 + BLOCK_K from wrapping.
     if not 1 <= num_codes <= 2**31 - 2**16:
         raise ValueError(f"K must be between 1 and 2^31 - 2^16, got {num_codes}")
-    if z.dtype != codebook.dtype or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if z.dtype != codebook.dtype or z.dtype not in SEARCH_DTYPES:
         raise TypeError(
             f"z and codebook must share one of float32, bfloat16, float16, got {z.dtype} and "
             f"{codebook.dtype}"
@@ -774,6 +777,43 @@ def _tf32_split(x, scale=None, bias=None, *, maxima=False, wrap=lambda kernel: k
         BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
     return (rounded, terms, partial.amax(0)) if maxima else (rounded, terms)
+
+
+@triton.jit
+def _squared_norms_kernel(x_ptr, out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = sum_d x[r, d]^2 in float64: x (R, D) float32, bfloat16 or float16, whose squares
+    float64 holds exactly."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        mask = row_ok[:, None] & ((d0 + dims) < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
+        x64 = x.to(tl.float32).to(tl.float64)
+        acc += tl.sum(x64 * x64, axis=1)
+    tl.store(out_ptr + rows, acc, mask=row_ok)
+
+
+@on_input_device
+def squared_norms_triton(x: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of each row of x (R, D) contiguous float32/bfloat16/float16, in
+    float64 (R,): the search's per-code terms in one read of the codebook, where code_terms in
+    eager PyTorch writes and reads back an (R, D) temporary of squares."""
+    if x.dim() != 2 or not x.is_contiguous() or x.dtype not in SEARCH_DTYPES:
+        raise ValueError(
+            "squared_norms_triton: x must be a contiguous (R, D) float32, bfloat16 or float16 "
+            f"tensor, got {x.dtype} of shape {tuple(x.shape)}"
+        )
+    r, d = x.shape
+    out = torch.empty(r, dtype=torch.float64, device=x.device)
+    if r:
+        # _tf32_split's tiles: the pass is bound by memory
+        block_r, block_d = 32, min(32, max(16, triton.next_power_of_2(d)))
+        _squared_norms_kernel[(triton.cdiv(r, block_r),)](
+            x, out, r, d, BLOCK_R=block_r, BLOCK_D=block_d
+        )
+    return out
 
 
 def _screening_constants(d: int) -> tuple[float, float]:

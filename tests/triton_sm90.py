@@ -162,6 +162,9 @@ def _launch_everything():
         nearest_code.nearest_code_triton(
             z, codebook, None, bias, fast, splits=splits, screen=screen
         )
+    # the search's code terms: one and several D chunks
+    for dtype, d in ((torch.float32, 32), (torch.bfloat16, 300), (torch.float16, 8)):
+        nearest_code.squared_norms_triton(torch.randn(5000, d, generator=g).to(dtype))
     # nearest code top-k: k's register classes (KP 8, 32, 128), one and several D chunks, bf16
     for dtype, fast, n, d, k in [
         (torch.float32, False, 4096, 32, 8),

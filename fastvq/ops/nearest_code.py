@@ -70,6 +70,18 @@ if _ext.EXTENSION_ERROR is None:
         return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
+@torch.library.custom_op("fastvq::squared_norms_triton", mutates_args=())
+def _squared_norms_triton(x: torch.Tensor) -> torch.Tensor:
+    from fastvq.kernels.nearest_code import squared_norms_triton
+
+    return squared_norms_triton(x)
+
+
+@_squared_norms_triton.register_fake
+def _(x):
+    return x.new_empty(x.shape[0], dtype=torch.float64)
+
+
 _HAS_SQUARED_NORMS = _ext._has_kernel("squared_norms", "CPU")
 if _HAS_SQUARED_NORMS:
 
@@ -79,12 +91,17 @@ if _HAS_SQUARED_NORMS:
 
 
 def _code_terms(codebook, metric, backend):
-    """code_terms of `backend`'s search. The C++ CPU kernel's come from fastvq::squared_norms, one
-    pass over the codebook: code_terms' own square() (or float64 vector_norm) first writes a K x D
-    temporary in freshly allocated memory, whose page faults alone cost more than the search at a
-    few rows over a large codebook (K = 2^18, D = 32)."""
-    if backend == "cpu" and metric != "dot" and _HAS_SQUARED_NORMS:
+    """code_terms of `backend`'s search. The C++ CPU and the Triton kernels take the codes'
+    squared norms from one read of the codebook (fastvq::squared_norms, squared_norms_triton):
+    code_terms' own square() (or float64 vector_norm) first writes a K x D temporary and reads it
+    back. On CPUs that temporary is freshly allocated memory, whose page faults alone cost more
+    than the search at a few rows over a large codebook (K = 2^18, D = 32)."""
+    if metric == "dot":
+        return None, None
+    if backend == "cpu" and _HAS_SQUARED_NORMS:
         return code_terms(codebook, metric, torch.ops.fastvq.squared_norms(codebook))
+    if backend == "triton":
+        return code_terms(codebook, metric, _squared_norms_triton(codebook))
     return code_terms(codebook, metric)
 
 

@@ -955,31 +955,43 @@ def test_cpp_op_rejects_bad_k_and_strided_code_terms():
             ops.nearest_code(z, codebook, *terms, False, None)
 
 
-@needs_cpp
+def _squared_norms_op(case, dtype):
+    """The squared-norms op of the search of `case` (device, backend) for dtype, or a skip."""
+    device, backend = case
+    if backend == "triton" and dtype != torch.float64:
+        return torch.ops.fastvq.squared_norms_triton
+    if backend == "cpu":
+        return torch.ops.fastvq.squared_norms
+    pytest.skip(f"backend {backend!r} on {dtype} takes its code terms from code_terms alone")
+
+
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_cpp_squared_norms(dtype, poison):
-    """fastvq::squared_norms against math.fsum of the squares: float64 sums of D positive terms
-    err by at most (D - 1) 2^-53 of themselves (D 2^-53 for float64 inputs, whose squares round
-    too). D over the partial sums' tails; magnitudes whose squares leave float32's range (the
-    search's code terms need them)."""
-    op = torch.ops.fastvq.squared_norms
+def test_squared_norms(case, dtype, poison):
+    """fastvq::squared_norms (C++) and squared_norms_triton against math.fsum of the squares:
+    float64 sums of D positive terms err by at most (D - 1) 2^-53 of themselves (D 2^-53 for
+    float64 inputs, whose squares round too). D over the partial sums' tails and several Triton
+    D chunks; magnitudes whose squares leave float32's range (the search's code terms need them)."""
+    op = _squared_norms_op(case, dtype)
+    device = case[0]
     g = torch.Generator().manual_seed(0)
     top = 30 if dtype in (torch.float32, torch.float64, torch.bfloat16) else 2
-    for d in (1, 3, 7, 8, 9, 31, 256):
+    for d in (1, 3, 7, 8, 9, 31, 33, 256):
         x = torch.randn(200, d, generator=g, dtype=torch.float64)
         x = (x * torch.logspace(-top, top, 200, dtype=torch.float64)[:, None]).to(dtype)
-        got = op(x)
+        got = op(x.to(device)).cpu()
         assert got.dtype == torch.float64 and got.shape == (200,)
         rows = x.double().tolist()
         exact = torch.tensor([math.fsum(v * v for v in row) for row in rows], dtype=torch.float64)
         assert ((got - exact).abs() <= d * 2**-53 * exact).all(), d
-        assert torch.equal(op(x[7:]), got[7:])  # a row's sum does not depend on its neighbours
+        assert torch.equal(op(x[7:].to(device)).cpu(), got[7:])  # rows do not see neighbours
     ints = torch.randint(-300, 300, (100, 33), generator=g).to(dtype)
-    assert torch.equal(op(ints), ints.double().square().sum(-1))
-    special = torch.tensor([[1.0, float("inf")], [float("nan"), 1.0], [0.0, -0.0]], dtype=dtype)
-    assert op(special).tolist()[0] == float("inf") and math.isnan(op(special)[1])
-    assert op(special).tolist()[2] == 0 and op(x[:0]).shape == (0,)
-    torch.library.opcheck(op, (x,))
+    assert torch.equal(op(ints.to(device)).cpu(), ints.double().square().sum(-1))
+    special = torch.tensor([[1.0, math.inf], [math.nan, 1.0], [0.0, -0.0]], dtype=dtype)
+    got = op(special.to(device)).tolist()
+    assert got[0] == math.inf and math.isnan(got[1]) and got[2] == 0
+    assert op(x[:0].to(device)).shape == (0,)
+    torch.library.opcheck(op, (x.to(device),))
 
 
 @needs_cpp
@@ -1003,22 +1015,34 @@ def test_cpp_squared_norms_thread_count_and_bad_input():
             op(bad)
 
 
-@needs_cpp
-def test_cpu_search_code_terms_are_correctly_rounded():
-    """The C++ search's l2 bias is -|c|^2 / 2 rounded once to float32 (code_terms' float32 sum
-    is off by more than half an ulp in some codes: the test fails if the search falls back to
-    it); its cosine scale is code_terms' (norms in float64 both), also for codes whose squares
-    leave float32's range."""
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+def test_triton_squared_norms_rejects_what_it_cannot_sum():
+    from fastvq.kernels.nearest_code import squared_norms_triton
+
+    # float64 would be summed from float32 values: an error, not a silently rounded answer
+    for bad in (torch.randn(4, 3).double(), torch.randn(8, 6)[:, ::2], torch.randn(8)):
+        with pytest.raises(ValueError, match="squared_norms_triton: x must be a contiguous"):
+            squared_norms_triton(bad)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_search_code_terms_are_correctly_rounded(case):
+    """The C++ and Triton searches' l2 bias is -|c|^2 / 2 rounded once to float32 (code_terms'
+    float32 sum is off by more than half an ulp in some codes: the test fails if a search falls
+    back to it); their cosine scale is code_terms' (norms in float64 both), also for codes whose
+    squares leave float32's range."""
     from fastvq.ops.nearest_code import _code_terms
 
+    device, backend = case
+    _squared_norms_op(case, torch.float32)  # skips the backends that use code_terms as it is
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(2000, 256, generator=g)
     exact = code_terms(codebook.double(), "l2")[1]
     assert not torch.equal(code_terms(codebook, "l2")[1], exact.float())
-    assert torch.equal(_code_terms(codebook, "l2", "cpu")[1], exact.float())
+    assert torch.equal(_code_terms(codebook.to(device), "l2", backend)[1].cpu(), exact.float())
     # norms: 16x these; inf and NaN as nearest_code(check_inputs_finite=False) passes them
     codebook[:6] = torch.tensor([1e-40, 1e-30, 1e30, 0.0, math.inf, math.nan])[:, None]
-    scale = _code_terms(codebook, "cosine", "cpu")[0]
+    scale = _code_terms(codebook.to(device), "cosine", backend)[0].cpu()
     assert torch.equal(scale, code_terms(codebook, "cosine")[0])  # its norms are float64 too
     # 1 / (16 1e-40) exceeds float32: a zero code, as a zero, infinite or NaN norm
     want = [0.0, 1e30 / 16, 1e-30 / 16, 0.0, 0.0, 0.0]

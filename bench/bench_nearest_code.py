@@ -8,7 +8,8 @@ TFLOP/s counts the 2·N·K·D flops of the distance GEMM. On GPU, each fastvq ba
 has its row, and `fastvq <backend> exact unscreened` is that backend's exact search without its
 tf32 screening pass (3xTF32 on every candidate), for the ratio screening buys; `fastvq triton exact,
 code terms in eager PyTorch` is the Triton row with code_terms' square().sum() (a K x D temporary
-written and read back) in place of its one-read squared norms, for what those buy at small N.
+written and read back, and a finite check that reads the codebook again) in place of its one-read
+squared norms, for what those buy at small N.
 
 Top-k rows (k = 8, the beam width of a residual-VQ beam search): fastvq.nearest_code(k=8) against
 the same peers followed by torch.topk, checked tie-aware against the float64 k nearest.
@@ -21,7 +22,7 @@ import torch
 import fastvq
 from bench.common import DEVICE, Skip, check_indices, cli, measure
 from fastvq.ops._validate import check_finite
-from fastvq.ops.nearest_code import _code_terms
+from fastvq.ops.nearest_code import _squared_norms
 from fastvq.reference import code_terms
 
 SHAPES = {
@@ -56,17 +57,19 @@ def _tf32(z, c):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _exact_search(backend, screen=None, terms=_code_terms):
-    """The exact l2 search of `backend` ("triton" or "cuda") as fastvq.nearest_code runs it
-    (the input check, a host sync, then the code terms), with `screen` and the code terms from
-    `terms`: screen=False against its screened row gives the ratio screening buys, the eager
-    code_terms against its row that of the Triton squared norms."""
+def _exact_search(backend, screen=None, eager_terms=False):
+    """The exact l2 search of `backend` ("triton" or "cuda") as fastvq.nearest_code runs it: the
+    input check (a host sync) and the code terms from the backend's squared norms, then the search
+    with `screen`. screen=False against the screened row gives the ratio screening buys;
+    eager_terms (code_terms' K x D temporary, and a check that reads the codebook itself, as
+    before the squared norms) what those buy at small N."""
     ops = torch.ops.fastvq
     op = ops.nearest_code_triton if backend == "triton" else ops.nearest_code
 
     def run(z, c):
-        check_finite(z=z, codebook=c)
-        return op(z, c, None, terms(c, "l2", backend)[1], False, screen)
+        squared_norms = None if eager_terms else _squared_norms(c, "l2", backend)
+        check_finite(z=z, codebook=c if squared_norms is None else squared_norms)
+        return op(z, c, None, code_terms(c, "l2", squared_norms)[1], False, screen)
 
     return run
 
@@ -113,9 +116,8 @@ def peers(quick: bool) -> dict:
                 plain(_exact_search(backend, screen=False)),
                 "tf32",
             )
-        eager = lambda c, metric, backend: code_terms(c, metric)  # noqa: E731
         out["fastvq triton exact, code terms in eager PyTorch"] = (
-            plain(_exact_search("triton", terms=eager)),
+            plain(_exact_search("triton", eager_terms=True)),
             "tf32",
         )
     out |= {

@@ -90,19 +90,20 @@ if _HAS_SQUARED_NORMS:
         return x.new_empty(x.shape[0], dtype=torch.float64)
 
 
-def _code_terms(codebook, metric, backend):
-    """code_terms of `backend`'s search. The C++ CPU and the Triton kernels take the codes'
-    squared norms from one read of the codebook (fastvq::squared_norms, squared_norms_triton):
-    code_terms' own square() (or float64 vector_norm) first writes a K x D temporary and reads it
-    back. On CPUs that temporary is freshly allocated memory, whose page faults alone cost more
-    than the search at a few rows over a large codebook (K = 2^18, D = 32)."""
+def _squared_norms(codebook, metric, backend):
+    """The codes' squared norms, float64 (K,), for the code terms of `backend`'s search, or None
+    where code_terms computes them itself. The C++ CPU and the Triton kernels read the codebook
+    once (fastvq::squared_norms, squared_norms_triton), where code_terms' square() (or float64
+    vector_norm) first writes a K x D temporary and reads it back. On CPUs that temporary is
+    freshly allocated memory, whose page faults alone cost more than the search at a few rows
+    over a large codebook (K = 2^18, D = 32)."""
     if metric == "dot":
-        return None, None
+        return None
     if backend == "cpu" and _HAS_SQUARED_NORMS:
-        return code_terms(codebook, metric, torch.ops.fastvq.squared_norms(codebook))
+        return torch.ops.fastvq.squared_norms(codebook)
     if backend == "triton":
-        return code_terms(codebook, metric, _squared_norms_triton(codebook))
-    return code_terms(codebook, metric)
+        return _squared_norms_triton(codebook)
+    return None
 
 
 # A build from before the top-k kernel existed still loads; "cpu" then runs the torch path.
@@ -236,8 +237,6 @@ def _nearest_code(z, codebook, metric, precision, backend, return_distance, chec
             raise ValueError(
                 f"k must be at most min(K, {MAX_TOPK}) = {min(num_codes, MAX_TOPK)}, got {k}"
             )
-    if check_inputs_finite:
-        check_finite(z=z, codebook=codebook)
 
     dtype = torch.promote_types(z.dtype, codebook.dtype)
     name = picked = pick_backend(backend, z.device, dtype)
@@ -257,7 +256,12 @@ def _nearest_code(z, codebook, metric, precision, backend, return_distance, chec
         name = "torch"
     z2 = z.reshape(-1, d).to(dtype).contiguous()
     cb = codebook.to(dtype).contiguous()
-    scale, bias = _code_terms(cb.detach(), metric, name)
+    squared_norms = _squared_norms(cb.detach(), metric, name)
+    if check_inputs_finite:
+        # Squared norms are finite exactly where the codes are (a float32 or half code's fit in
+        # float64; float64 codebooks have none): checking them spares a read of the codebook.
+        check_finite(z=z, codebook=cb if squared_norms is None else squared_norms)
+    scale, bias = code_terms(cb.detach(), metric, squared_norms)
     fast = precision == "fast"
     if z2.shape[0] == 0:
         indices = torch.empty(0, k or 1, dtype=torch.int64, device=z.device)

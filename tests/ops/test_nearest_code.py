@@ -174,10 +174,12 @@ def test_non_finite_inputs(case):
     hint = "; pass check_inputs_finite=False to skip this check"
     with pytest.raises(ValueError, match=f"^z contains NaN or Inf{hint}$"):
         fastvq.nearest_code(z, codebook, backend=backend)
-    bad_codebook = codebook.clone()
-    bad_codebook[7, 0] = float("inf")
-    with pytest.raises(ValueError, match="codebook contains NaN"):
-        fastvq.nearest_code(z.nan_to_num(), bad_codebook, backend=backend)
+    # l2 and cosine check the codebook through its squared norms on the C++ and Triton backends
+    for bad, metric in itertools.product((math.nan, math.inf, -math.inf), METRICS):
+        bad_codebook = codebook.clone()
+        bad_codebook[7, 0] = bad
+        with pytest.raises(ValueError, match=f"^codebook contains NaN or Inf{hint}$"):
+            fastvq.nearest_code(z.nan_to_num(), bad_codebook, metric=metric, backend=backend)
     # Unchecked, the documented result: a NaN row gets 0, other rows are unaffected.
     idx = fastvq.nearest_code(z, codebook, backend=backend, check_inputs_finite=False)
     assert idx[3].item() == 0
@@ -1031,18 +1033,23 @@ def test_search_code_terms_are_correctly_rounded(case):
     float32 sum is off by more than half an ulp in some codes: the test fails if a search falls
     back to it); their cosine scale is code_terms' (norms in float64 both), also for codes whose
     squares leave float32's range."""
-    from fastvq.ops.nearest_code import _code_terms
+    from fastvq.ops.nearest_code import _squared_norms
 
     device, backend = case
+
+    def search_terms(codebook, metric):
+        codebook = codebook.to(device)
+        return code_terms(codebook, metric, _squared_norms(codebook, metric, backend))
+
     _squared_norms_op(case, torch.float32)  # skips the backends that use code_terms as it is
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(2000, 256, generator=g)
     exact = code_terms(codebook.double(), "l2")[1]
     assert not torch.equal(code_terms(codebook, "l2")[1], exact.float())
-    assert torch.equal(_code_terms(codebook.to(device), "l2", backend)[1].cpu(), exact.float())
+    assert torch.equal(search_terms(codebook, "l2")[1].cpu(), exact.float())
     # norms: 16x these; inf and NaN as nearest_code(check_inputs_finite=False) passes them
     codebook[:6] = torch.tensor([1e-40, 1e-30, 1e30, 0.0, math.inf, math.nan])[:, None]
-    scale = _code_terms(codebook.to(device), "cosine", backend)[0].cpu()
+    scale = search_terms(codebook, "cosine")[0].cpu()
     assert torch.equal(scale, code_terms(codebook, "cosine")[0])  # its norms are float64 too
     # 1 / (16 1e-40) exceeds float32: a zero code, as a zero, infinite or NaN norm
     want = [0.0, 1e30 / 16, 1e-30 / 16, 0.0, 0.0, 0.0]

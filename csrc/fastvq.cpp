@@ -26,7 +26,8 @@ TORCH_LIBRARY(fastvq, m) {
       "nearest_code_topk(Tensor z, Tensor codebook, Tensor? code_scale, Tensor? code_bias, int k, "
       "bool fast) -> Tensor");
   // The sum of squares of each row of x, accumulated in float64 (the squares of float32 and half
-  // values exactly), CPU only: the per-code terms of the CPU search. x (K, D) contiguous
+  // values exactly): the codes' norms behind the C++ search's per-code terms. CPU only (the
+  // Triton search's: squared_norms_triton in kernels/nearest_code.py). x (K, D) contiguous
   // float32/float64/float16/bfloat16. Returns float64 (K,).
   m.def("squared_norms(Tensor x) -> Tensor");
   // Structured Leech decoder (fastvq/lattice/leech.py): idx[n] = the canonical index of the

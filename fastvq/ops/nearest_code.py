@@ -259,7 +259,8 @@ def _nearest_code(z, codebook, metric, precision, backend, return_distance, chec
     squared_norms = _squared_norms(cb.detach(), metric, name)
     if check_inputs_finite:
         # Squared norms are finite exactly where the codes are (a float32 or half code's fit in
-        # float64; float64 codebooks have none): checking them spares a read of the codebook.
+        # float64; float64 codebooks, searched by the torch backend, get none): checking them
+        # spares a second read of the codebook.
         check_finite(z=z, codebook=cb if squared_norms is None else squared_norms)
     scale, bias = code_terms(cb.detach(), metric, squared_norms)
     fast = precision == "fast"

@@ -36,7 +36,7 @@ def code_terms(
     """Per-code (scale, bias) of the score for `metric`: float32 (float64 for a float64 codebook).
 
     codebook: (K, D). squared_norms: the codes' sums of squares, float64 (K,), where the caller
-    has them (the CPU search takes them from fastvq::squared_norms); computed here if None.
+    has them (the C++ and Triton searches, from one read of the codebook); computed here if None.
     Returns two (K,) tensors or None (meaning 1 and 0).
     """
     acc = torch.float64 if codebook.dtype == torch.float64 else torch.float32

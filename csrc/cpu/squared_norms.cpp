@@ -1,5 +1,5 @@
 // CPU kernel of fastvq::squared_norms: out[k] = sum_d x[k][d]^2 in float64, one pass over x. It
-// gives the C++ search its per-code terms (_code_terms in fastvq/ops/nearest_code.py): PyTorch
+// gives the C++ search its per-code terms (_squared_norms in fastvq/ops/nearest_code.py): PyTorch
 // would first write a K x D temporary (square(), or vector_norm's float64 copy) into memory taken
 // anew from the system each call, whose page faults cost more than the search at a few rows.
 //

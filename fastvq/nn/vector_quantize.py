@@ -227,11 +227,11 @@ class VectorQuantize(nn.Module):
     rotation_trick), codebook_generator (a module whose forward() returns the (K, codebook_dim)
     codebook; trained by gradient, regenerated every forward), codebook_loss_weight (learnable
     codebooks: separate VQ-VAE codebook loss ||sg(z) - q||^2 with this weight instead of the
-    peer's single ||z - q||^2 term with gradients to both), backend and precision (passed to
-    fastvq.quantize and the k-means init's search; the EMA statistics take fastvq.ema_update_'s
-    "auto"); forward's check_inputs_finite (keyword-only, default True: as in
-    fastvq.quantize, one host sync per forward, every head at once; ResidualVQ checks its whole
-    stack at once and passes False to its layers).
+    peer's single ||z - q||^2 term with gradients to both), backend (the search, the EMA
+    statistics' scatter and the k-means init: "torch" runs the plain-PyTorch reference
+    throughout) and precision (the search); forward's check_inputs_finite (keyword-only,
+    default True: as in fastvq.quantize, one host sync per forward, every head at once;
+    ResidualVQ checks its whole stack at once and passes False to its layers).
 
     kmeans_init: the first training forward runs the init and sets the `initted` buffer (kept in
     the state dict); later forwards skip it without reading the buffer from the device, until
@@ -883,7 +883,7 @@ class VectorQuantize(nn.Module):
             idx = fastvq.nearest_code(r, centroids, metric=self.metric, backend=self.backend)
             cs, es = self.cluster_size[c], self.embed_avg[c]
             # decay 0: the statistics become this batch's counts (all-reduced when synced).
-            fastvq.ema_update_(cs, es, r, idx, 0.0, all_reduce=group)
+            fastvq.ema_update_(cs, es, r, idx, 0.0, all_reduce=group, backend=self.backend)
             es.copy_(centroids * _smoothed(cs, self.eps)[:, None])
             self.embed.data[c].copy_(centroids)
         self.initted.fill_(True)
@@ -914,7 +914,7 @@ class VectorQuantize(nn.Module):
         # deterministic mode and the process group resolved once per step, not per codebook.
         stats = self.embed_avg
         float64 = torch.float64 in (stats.dtype, rows[0].dtype)
-        name = _stats_backend("auto", stats.device, float64)  # as ema_update_'s default
+        name = _stats_backend(self.backend, stats.device, float64)
         deterministic = torch.are_deterministic_algorithms_enabled()
         pg = _process_group("all_reduce", group)
         param = self._param_codebook()

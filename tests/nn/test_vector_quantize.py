@@ -5,6 +5,7 @@ test_compile.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvq
 from fastvq.nn import vector_quantize as vqmod
@@ -605,9 +606,11 @@ def test_ema_step_equals_the_public_ops(config, deterministic, backend):
         rows = x.reshape(2, 9, heads, DIM // heads)
         rows = vqmod._l2norm(rows) if vq.use_cosine_sim else rows
         for h in range(heads):
-            # backend "auto" (ema_update_'s default): the module's backend names its search only
             idx_h = idx if heads == 1 else idx[..., h]
-            fastvq.ema_update_(cluster_size[h], embed_avg[h], rows[:, :, h][mask], idx_h[mask], 0.7)
+            r_h = rows[:, :, h][mask]
+            fastvq.ema_update_(
+                cluster_size[h], embed_avg[h], r_h, idx_h[mask], 0.7, backend=backend
+            )
     finally:
         torch.use_deterministic_algorithms(before)
     assert torch.equal(vq.cluster_size, cluster_size) and torch.equal(vq.embed_avg, embed_avg)
@@ -615,6 +618,34 @@ def test_ema_step_equals_the_public_ops(config, deterministic, backend):
         code = fastvq.ema_codebook(cluster_size[h], embed_avg[h], vq.eps)
         code = vqmod._l2norm(code) if vq.use_cosine_sim else code
         assert torch.equal(vq.embed[h], code if vq.ema_update else codes[h])
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_backend_names_every_kernel_of_a_training_step(backend):
+    """backend="torch" keeps k-means init, search, EMA scatter and dead-code reset in plain
+    PyTorch: the only fastvq op a step dispatches is quantize_fwd, a Python custom op running
+    the torch gather. "auto" on a C++ build reaches the C++ search and scatter (so the log
+    sees them)."""
+    vq = VectorQuantize(DIM, K, kmeans_init=True, threshold_ema_dead_code=2.0, backend=backend)
+    x = _randn(2, 30, DIM, seed=6)
+    with _OpLog() as log:
+        for _ in range(2):  # the init, then a step
+            vq(x)
+    ours = {name for name in log.names if name.startswith("fastvq::")}
+    if backend == "torch":
+        assert ours == {"fastvq::quantize_fwd"}
+    elif fastvq.backends()["cpu"].available:
+        assert {"fastvq::nearest_code", "fastvq::ema_scatter_cpp"} <= ours
 
 
 def test_autocast_off_turns_an_enabled_autocast_off():

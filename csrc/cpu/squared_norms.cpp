@@ -1,7 +1,7 @@
 // CPU kernel of fastvq::squared_norms: out[k] = sum_d x[k][d]^2 in float64, one pass over x. It
 // gives the C++ search its per-code terms (_squared_norms in fastvq/ops/nearest_code.py): PyTorch
-// would first write a K x D temporary (square(), or vector_norm's float64 copy) into memory taken
-// anew from the system each call, whose page faults cost more than the search at a few rows.
+// would first write a K x D float64 temporary (code_terms' copy, or vector_norm's) into memory
+// taken anew from the system each call, whose page faults cost more than the search at few rows.
 //
 // Squares of float32, float16 and bfloat16 values are exact in float64, so only the additions
 // round. Rows of D >= 8 are summed in 8 interleaved partial sums (vector adds, no chain of one

@@ -93,8 +93,8 @@ if _HAS_SQUARED_NORMS:
 def _squared_norms(codebook, metric, backend):
     """The codes' squared norms, float64 (K,), for the code terms of `backend`'s search, or None
     where code_terms computes them itself. The C++ CPU and the Triton kernels read the codebook
-    once (fastvq::squared_norms, squared_norms_triton), where code_terms' square() (or float64
-    vector_norm) first writes a K x D temporary and reads it back. On CPUs that temporary is
+    once (fastvq::squared_norms, squared_norms_triton), where code_terms first writes a K x D
+    float64 copy (or vector_norm's) and reads it back. On CPUs that temporary is
     freshly allocated memory, whose page faults alone cost more than the search at a few rows
     over a large codebook (K = 2^18, D = 32)."""
     if metric == "dot":

@@ -41,11 +41,13 @@ def code_terms(
     """
     acc = torch.float64 if codebook.dtype == torch.float64 else torch.float32
     if metric == "l2":
-        # A sum of squares, not vector_norm().square(): the sqrt round trip would break exact ties
-        # between codes of equal score and different norm (integer-valued codebooks).
+        # -|c|^2 / 2 rounded once to acc from a float64 sum of squares: float32 squares of codes
+        # beyond 1.8e19 overflow where the bias does not (up to 2.6e19). A sum of squares, not
+        # vector_norm().square(): that sqrt round trip would break exact ties between codes of
+        # equal score and different norm (integer-valued codebooks).
         if squared_norms is None:
-            return None, codebook.to(acc).square().sum(-1).mul_(-0.5)
-        return None, squared_norms.to(acc).mul(-0.5)
+            squared_norms = codebook.to(torch.float64).square().sum(-1)
+        return None, squared_norms.mul(-0.5).to(acc)
     if metric == "cosine":
         if squared_norms is None:
             return inv_norm(codebook.to(acc)).squeeze(-1), None

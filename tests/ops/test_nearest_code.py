@@ -291,6 +291,20 @@ def test_cosine_is_scale_invariant_over_float32s_range(case):
         torch.testing.assert_close(got_cos, cos, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_l2_reaches_codes_whose_squares_leave_float32(case):
+    # Codes of norm 1.9e19 to 2.5e19: |c|^2 exceeds float32 but the bias -|c|^2 / 2 and the scores
+    # (rows of norm up to 1.3e19) do not. Scaling by 2^62 is exact: the unscaled search's indices.
+    device, backend = case
+    z, codebook = random_search_inputs(40, 30, 8, torch.float32, device, 13)
+    norms = torch.linspace(4.1, 5.4, 30, device=device)[:, None]
+    codebook = codebook / codebook.norm(dim=1, keepdim=True) * norms
+    z = z / z.norm(dim=1).max() * 2.8
+    idx = fastvq.nearest_code(z, codebook, backend=backend)
+    assert len(set(idx.tolist())) > 3  # not one code (a code whose bias overflowed never wins)
+    assert torch.equal(fastvq.nearest_code(z * 2.0**62, codebook * 2.0**62, backend=backend), idx)
+
+
 @pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
 @pytest.mark.parametrize(
     "args, error, match",
@@ -1029,10 +1043,9 @@ def test_triton_squared_norms_rejects_what_it_cannot_sum():
 
 @pytest.mark.parametrize("case", CASES)
 def test_search_code_terms_are_correctly_rounded(case):
-    """The C++ and Triton searches' l2 bias is -|c|^2 / 2 rounded once to float32 (code_terms'
-    float32 sum is off by more than half an ulp in some codes: the test fails if a search falls
-    back to it); their cosine scale is code_terms' (norms in float64 both), also for codes whose
-    squares leave float32's range."""
+    """The C++ and Triton searches' l2 bias is code_terms': -|c|^2 / 2 rounded once to float32
+    (a float32 sum of squares is off by more than half an ulp in some codes); their cosine scale
+    is code_terms' (norms in float64 both), also for codes whose squares leave float32's range."""
     from fastvq.ops.nearest_code import _squared_norms
 
     device, backend = case
@@ -1045,7 +1058,8 @@ def test_search_code_terms_are_correctly_rounded(case):
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(2000, 256, generator=g)
     exact = code_terms(codebook.double(), "l2")[1]
-    assert not torch.equal(code_terms(codebook, "l2")[1], exact.float())
+    assert not torch.equal(codebook.square().sum(-1).mul(-0.5), exact.float())
+    assert torch.equal(code_terms(codebook, "l2")[1], exact.float())
     assert torch.equal(search_terms(codebook, "l2")[1].cpu(), exact.float())
     # norms: 16x these; inf and NaN as nearest_code(check_inputs_finite=False) passes them
     codebook[:6] = torch.tensor([1e-40, 1e-30, 1e30, 0.0, math.inf, math.nan])[:, None]

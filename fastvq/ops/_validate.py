@@ -30,6 +30,18 @@ def check_int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
+def check_writable(name: str, value: torch.Tensor) -> None:
+    """ValueError where `value`, written in place, repeats one element along a dimension (an
+    expand()ed view, stride 0): its elements' updates would overwrite one another."""
+    if any(
+        stride == 0 and size > 1 for stride, size in zip(value.stride(), value.shape, strict=True)
+    ):
+        raise ValueError(
+            f"{name} is written in place, so it must not be an expanded view (a dimension of "
+            f"stride 0); got shape {tuple(value.shape)}, strides {value.stride()}: pass a copy"
+        )
+
+
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -24,6 +24,7 @@ from fastvq.ops._validate import (
     check_floating,
     check_int,
     check_tensor,
+    check_writable,
 )
 from fastvq.ops.nearest_code import MAX_DIM, nearest_code
 
@@ -358,6 +359,9 @@ def ema_update_(
         embed_sum: (K, D) accumulator of cluster_size's dtype and device, updated in place.
         z: (..., D) float32, bfloat16, float16 (float64 on backend "torch"); products and sums are
             computed in the accumulators' dtype whatever z's dtype. Not differentiated through.
+            Not checked for NaN or Inf (rows of weight 0, padding, may hold anything): the search
+            that gave the indices checks its rows; a NaN that reaches a weighted row makes its
+            code's statistics NaN.
         indices: integer tensor of shape z.shape[:-1], values in [0, K).
         decay: real number in [0, 1]; 1 keeps the statistics, 0 replaces them by the batch's.
         weight: optional float or bool tensor of shape z.shape[:-1]; a 0/1 mask drops padding.
@@ -386,6 +390,8 @@ def ema_update_(
         (cluster_size, embed_sum), the updated inputs. Extra memory O(K * D + N).
     """
     _check_accumulators(cluster_size, embed_sum)
+    check_writable("cluster_size", cluster_size)
+    check_writable("embed_sum", embed_sum)
     k, d = embed_sum.shape
     device = embed_sum.device
     _check_rows("z", z, d, device)
@@ -405,6 +411,8 @@ def ema_update_(
     check_backend(backend)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    elif not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool or None, got {type(deterministic).__name__}")
     group = _process_group("all_reduce", all_reduce)
     float64 = torch.float64 in (embed_sum.dtype, z.dtype)
     name = _stats_backend(backend, device, float64)
@@ -415,6 +423,12 @@ def ema_update_(
     )
 
 
+def _unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """x (R, C), or a copy with stride(1) == 1 where the kernels need it: .contiguous() keeps any
+    strides of an empty x, or of a size-1 dimension (a (K, 1) transpose has stride(1) K)."""
+    return x if x.stride(1) == 1 else x.clone(memory_format=torch.contiguous_format)
+
+
 def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministic, name, group):
     """ema_update_ after its checks, with its arguments resolved: decay a float, deterministic a
     bool, name _stats_backend's answer, group a ProcessGroup or None. VectorQuantize's EMA step
@@ -423,9 +437,7 @@ def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministi
     k, d = embed_sum.shape
     device = embed_sum.device
     acc = embed_sum.dtype
-    z2 = z.detach().reshape(-1, d)
-    if z2.stride(1) != 1:
-        z2 = z2.contiguous()
+    z2 = _unit_columns(z.detach().reshape(-1, d))
     idx = indices.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.detach().reshape(-1).to(acc).contiguous()
 
@@ -435,7 +447,7 @@ def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministi
         # deterministic GPU kernels sum pieces of 512 rows). Float atomics go through a zeroed
         # batch buffer below: added straight into the accumulators, (1 - decay) * w falls below
         # half an ulp of a count of 2^24 (1 - decay) and is lost.
-        sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
+        sums = _unit_columns(embed_sum)
         torch.ops.fastvq.ema_scatter_cpp(
             cluster_size, sums, z2, idx, w, decay, 1.0 - decay, deterministic
         )
@@ -446,7 +458,7 @@ def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministi
     if name == "triton" and group is None and deterministic:
         # No (K, D + 1) buffer: the kernel writes decay * old + (1 - decay) * sum once per
         # accumulator. A copy only for an embed_sum without unit column stride.
-        sums = embed_sum if embed_sum.stride(1) == 1 else embed_sum.contiguous()
+        sums = _unit_columns(embed_sum)
         if z2.shape[0] == 0:
             cluster_size.mul_(decay)
             sums.mul_(decay)
@@ -503,6 +515,7 @@ def ema_codebook(
             f"out must have embed_sum's shape {tuple(embed_sum.shape)} and device "
             f"{embed_sum.device}, got {tuple(out.shape)} on {out.device}"
         )
+    check_writable("out", out)
     with torch.no_grad():  # out= is not differentiable: a Parameter's tensor is written as data
         return torch.div(embed_sum, smoothed, out=out)
 
@@ -562,6 +575,12 @@ def reset_dead_codes_(
             f"codebook must have embed_sum's shape {(k, d)} and device {device}, got "
             f"{tuple(codebook.shape)} on {codebook.device}"
         )
+    for name, value in (
+        ("codebook", codebook),
+        ("cluster_size", cluster_size),
+        ("embed_sum", embed_sum),
+    ):
+        check_writable(name, value)
     _check_rows("z", z, d, device)
     threshold = _check_real("threshold", threshold, 0.0)
     eps = _check_real("eps", eps, 0.0)
@@ -823,6 +842,7 @@ def code_counts(
                 f"out must have shape ({k},) on {indices.device}, got {tuple(out.shape)} on "
                 f"{out.device}"
             )
+        check_writable("out", out)
     idx = indices.reshape(-1)
     _check_index_range(idx, k)
     counts = torch.bincount(idx, minlength=k)
@@ -846,7 +866,8 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code distribution p = counts / sum(counts): K when uniform over K codes,
     1 when one code takes everything, 0 when counts are all zero.
 
-    counts: (..., K), K >= 1, non-negative, e.g. from code_counts accumulated over batches.
+    counts: (..., K), K >= 1, non-negative, e.g. from code_counts accumulated over batches (not
+    checked, which would cost a host sync: negative, NaN or infinite counts give NaN or 0).
     Computed in float64; returns shape counts.shape[:-1], float64 for float64 counts, else float32.
     """
     _check_counts(counts)

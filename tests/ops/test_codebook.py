@@ -6,6 +6,7 @@ reference in float32 setting the scale of float32 rounding.
 """
 
 import importlib.util
+import itertools
 import math
 import os
 
@@ -260,12 +261,23 @@ def test_ema_update_decay_edges_empty_batch_and_layouts(case, poison):
     sums = torch.zeros(7, 6, device=device).index_add_(0, idx, z)
     torch.testing.assert_close(a, counts, rtol=0, atol=0)
     torch.testing.assert_close(b, sums, rtol=1e-6, atol=1e-6)
-    # An empty batch only decays.
-    for det in (False, True):
+    # An empty batch only decays (also one whose columns are strided: .contiguous() keeps them).
+    empty = torch.randn(0, 12, device=device)[:, ::2]
+    for det, rows in itertools.product((False, True), (z[:0], empty)):
         a, b = cs.clone(), es.clone()
-        ema_update_(a, b, z[:0], idx[:0], 0.25, deterministic=det, backend=backend)
+        ema_update_(a, b, rows, idx[:0], 0.25, deterministic=det, backend=backend)
         torch.testing.assert_close(a, 0.25 * cs, rtol=0, atol=0)
         torch.testing.assert_close(b, 0.25 * es, rtol=0, atol=0)
+    # D = 1 from transposes: column stride K or N, which .contiguous() keeps too.
+    for det in (False, True):
+        want = cs.clone(), es[:, :1].clone()
+        ema_update_(*want, z[:, :1].clone(), idx, 0.6, deterministic=det, backend=backend)
+        got = cs.clone(), torch.empty(1, 7, device=device).copy_(es[:, :1].T).T
+        rows = torch.empty(1, len(z), device=device).copy_(z[:, :1].T).T
+        ema_update_(*got, rows, idx, 0.6, deterministic=det, backend=backend)
+        assert got[1].stride(1) == 7 and rows.stride(1) == len(z)
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1], want[1])
     # Leading dimensions, int32 indices, and accumulators that are strided views.
     expected = cs.clone(), es.clone()
     ema_update_(*expected, z, idx, 0.7, backend=backend)
@@ -416,6 +428,9 @@ BAD_EMA_INPUTS = [
     (dict(decay=torch.tensor(0.5)), TypeError, "decay must be a real number"),
     (dict(weight=torch.ones(9)), ValueError, "weight must have z's leading shape"),
     (dict(weight=torch.ones(10, dtype=LONG)), TypeError, "weight must be a floating or bool"),
+    (dict(cluster_size=torch.ones(1).expand(6)), ValueError, "cluster_size is written in place"),
+    (dict(embed_sum=torch.ones(6, 1).expand(6, 4)), ValueError, "embed_sum is written in place"),
+    (dict(deterministic="yes"), TypeError, "deterministic must be a bool or None, got str"),
     (dict(backend="numpy"), ValueError, "backend must be one of"),
     (dict(backend="cuda"), ValueError, "backend 'cuda' (is unavailable|runs on cuda tensors)"),
     (dict(all_reduce=True), ValueError, "all_reduce needs torch.distributed to be initialized"),
@@ -490,6 +505,12 @@ def test_ema_codebook():
         ema_codebook(torch.ones(3), torch.ones(3, 2), eps=-1.0)
     with pytest.raises(ValueError, match="out must have embed_sum's shape"):
         ema_codebook(torch.ones(3), torch.ones(3, 2), out=torch.empty(2, 3))
+    with pytest.raises(ValueError, match="out is written in place, so it must not be an expanded"):
+        ema_codebook(torch.ones(3), torch.ones(3, 2), out=torch.empty(1, 2).expand(3, 2))
+    # Expanded statistics are only read: fine.
+    torch.testing.assert_close(
+        ema_codebook(torch.ones(1).expand(3), es[:3].float()), es[:3].float()
+    )
     with pytest.raises(ValueError, match=r"embed_sum must have shape \(K, D\) with K = 3"):
         ema_codebook(torch.ones(3), torch.ones(4, 2))
     # out= a Parameter (the module's codebook): written in place, no autograd error.
@@ -572,6 +593,12 @@ def test_reset_dead_codes_bad_input():
         reset_dead_codes_(codebook, cs, es, z[:, :3], 1.0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         reset_dead_codes_(codebook, cs, es, z, 1.0, generator=0)
+    expanded = {"codebook": codebook[:1].expand(50, 7), "cluster_size": cs[:1].expand(50)}
+    expanded["embed_sum"] = es[:, :1].expand(50, 7)
+    for name, value in expanded.items():
+        args = {"codebook": codebook, "cluster_size": cs, "embed_sum": es} | {name: value}
+        with pytest.raises(ValueError, match=f"{name} is written in place"):
+            reset_dead_codes_(z=z, threshold=1.0, **args)
 
 
 # --- kmeans ------------------------------------------------------------------------------------
@@ -692,6 +719,8 @@ def test_code_counts_accumulate_across_batches():
         code_counts(batches[0], 37, out=torch.zeros(36, dtype=torch.int64))
     with pytest.raises(TypeError, match="out must be a real tensor"):
         code_counts(batches[0], 37, out=torch.zeros(37, dtype=torch.bool))  # cannot hold counts
+    with pytest.raises(ValueError, match="out is written in place, so it must not be an expanded"):
+        code_counts(batches[0], 37, out=torch.zeros(1, dtype=torch.int64).expand(37))
 
 
 def test_perplexity_and_usage():

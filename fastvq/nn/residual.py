@@ -321,9 +321,10 @@ class ResidualVQ(_Residual):
     threshold_ema_dead_code, use_cosine_sim, rotation_trick, sync_codebook, channel_last,
     accept_3d_fmap, ...). Beam search: see the module docstring.
 
-    forward(x, mask=None, return_all_codes=False, sample_codebook_temp=None,
-    freeze_codebook=False, beam_size=None (default beam_size in training, eval_beam_size in
-    eval), rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
+    forward(x, mask=None, indices=None (the peer's cross-entropy targets: not supported, must be
+    None), return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False,
+    beam_size=None (default beam_size in training, eval_beam_size in eval),
+    rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
     indices (b, *spatial, Q) int64 (-1: dropped layer or masked padding), losses (Q,) float32
     [, all_codes (Q, b, *spatial, codebook_dim)]). x: (b, n, dim), (b, dim) or, channel-first,
     (b, dim, n) / (b, dim, h, w) / (b, dim, t, h, w) with channel_last=False /

@@ -853,7 +853,10 @@ class VectorQuantize(nn.Module):
         for c, r in enumerate(rows):
             r = r.detach().float()
             if counts[c] == 0:
-                raise ValueError("k-means init needs at least one (unmasked) row (on rank 0)")
+                raise ValueError(
+                    "x: k-means init needs at least one (unmasked) row in the first training "
+                    "batch (on rank 0)"
+                )
             if counts[c] >= k:
                 centroids = fastvq.kmeans(
                     r,

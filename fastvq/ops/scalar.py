@@ -558,7 +558,9 @@ def binary_entropy_loss(
             it when that average is itself a product distribution (e.g. N = 1).
     The usual loss is per_sample_entropy - gamma * codebook_entropy (both lie in [0, d log 2]).
     An empty batch gives (0, 0). H(p) = log(1 + e^-|a|) + |a| e^-|a| / (1 + e^-|a|) is computed
-    without cancellation, and saturated columns (mean p = 0 or 1) keep finite gradients.
+    without cancellation, and saturated columns (mean p = 0 or 1) keep finite gradients. z is not
+    checked for NaN or Inf, which make the entropies NaN (a loss: the training loop's NaN guard
+    sees it).
 
     Args:
         z: (..., d), 1 <= d <= 1024, float32, bfloat16 or float16 (float64 on backend "torch").

@@ -218,6 +218,16 @@ def test_kmeans_init_with_few_rows_warns():
     assert bool(vq.initted) and torch.isfinite(vq.embed).all()
 
 
+def test_kmeans_init_needs_a_row_and_waits_for_one():
+    vq = VectorQuantize(DIM, K, kmeans_init=True)
+    for empty, mask in [(_randn(2, 0, DIM), None), (_randn(1, 5, DIM), torch.zeros(1, 5) > 0)]:
+        with pytest.raises(ValueError, match="^x: k-means init needs at least one .unmasked. row"):
+            vq(empty, mask=mask)
+        assert not bool(vq.initted)
+    vq(_randn(1, 60, DIM))
+    assert bool(vq.initted)
+
+
 def test_dead_codes_come_from_unmasked_rows():
     vq = VectorQuantize(DIM, K, threshold_ema_dead_code=2.0, rotation_trick=False)
     x = _randn(2, 16, DIM)

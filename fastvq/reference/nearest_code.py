@@ -46,7 +46,12 @@ def code_terms(
         # vector_norm().square(): that sqrt round trip would break exact ties between codes of
         # equal score and different norm (integer-valued codebooks).
         if squared_norms is None:
-            squared_norms = codebook.to(torch.float64).square().sum(-1)
+            # One K x D temporary: a float64 copy squared in place (a float64 codebook's own
+            # squares out of place)
+            if codebook.dtype == torch.float64:
+                squared_norms = codebook.square().sum(-1)
+            else:
+                squared_norms = codebook.to(torch.float64).square_().sum(-1)
         return None, squared_norms.mul(-0.5).to(acc)
     if metric == "cosine":
         if squared_norms is None:

@@ -1057,7 +1057,9 @@ def test_search_code_terms_are_correctly_rounded(case):
     _squared_norms_op(case, torch.float32)  # skips the backends that use code_terms as it is
     g = torch.Generator().manual_seed(0)
     codebook = torch.randn(2000, 256, generator=g)
-    exact = code_terms(codebook.double(), "l2")[1]
+    c64 = codebook.double()
+    exact = code_terms(c64, "l2")[1]
+    assert torch.equal(c64, codebook.double())  # squares its own copy, never the codebook
     assert not torch.equal(codebook.square().sum(-1).mul(-0.5), exact.float())
     assert torch.equal(code_terms(codebook, "l2")[1], exact.float())
     assert torch.equal(search_terms(codebook, "l2")[1].cpu(), exact.float())

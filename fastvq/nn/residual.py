@@ -82,9 +82,9 @@ from fastvq.nn.vector_quantize import (
     _is_distributed,
     _l2norm,
     _snapshot,
-    autocast_off,
     eager_only,
 )
+from fastvq.ops._backends import autocast_off
 from fastvq.ops._validate import check_finite, check_floating, check_int
 from fastvq.ops.nearest_code import MAX_TOPK, nearest_code
 

@@ -92,7 +92,7 @@ from torch import nn
 import fastvq
 from fastvq._ext import register_namedtuple
 from fastvq.nn.scalar import project_in
-from fastvq.ops._backends import check_backend, pick_backend
+from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import (
     check_choice,
     check_finite,
@@ -145,17 +145,6 @@ _NORM_EPS = 1e-6
 # torch.compiler.disable, which imports torch._dynamo (1.5 s, most of `import fastvq.nn`) at the
 # first call instead of at decoration.
 eager_only = getattr(torch, "_disable_dynamo", torch.compiler.disable)
-
-
-def autocast_off(device_type: str):
-    """torch.autocast(device_type, enabled=False), or no context where autocast is off already:
-    entering and leaving one is host time in every forward (two per VectorQuantize forward, so
-    two per layer of a residual stack, whose own context has turned autocast off around them),
-    a visible share of a small layer's step. torch.compile guards on the autocast state, so a
-    compiled forward stays right either way."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _l2norm(t: torch.Tensor) -> torch.Tensor:

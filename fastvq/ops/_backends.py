@@ -1,5 +1,6 @@
 """Which kernel backends exist on this machine, and which one `backend="auto"` picks."""
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -16,6 +17,17 @@ MIN_CUDA_CAPABILITY = (8, 0)
 class Backend(NamedTuple):
     available: bool
     reason: str
+
+
+def autocast_off(device_type: str):
+    """torch.autocast(device_type, enabled=False), or no context where autocast is off already:
+    entering and leaving one is host time in every forward (two per VectorQuantize forward, so
+    two per layer of a residual stack, whose own context has turned autocast off around them),
+    a visible share of a small layer's step. torch.compile guards on the autocast state, so a
+    compiled forward stays right either way."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def triton_interpreting() -> bool:

@@ -8,7 +8,7 @@ here, so kernels know nothing about metrics.
 import torch
 
 from fastvq import _ext
-from fastvq.ops._backends import check_backend, pick_backend
+from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_finite, check_floating, check_int
 from fastvq.reference import METRICS, code_terms, inv_norm, topk_scores
 
@@ -125,7 +125,9 @@ def _score_chunks(z, codebook, code_scale, code_bias, fast, elements):
     zc, cc = z.to(compute), codebook.to(compute)
     rows = max(1, elements // codebook.shape[0])
     for start in range(0, z.shape[0], rows):
-        scores = (zc[start : start + rows] @ cc.T).to(torch.promote_types(compute, torch.float32))
+        with autocast_off(z.device.type):  # the caller's autocast would make an exact search bf16
+            scores = zc[start : start + rows] @ cc.T
+        scores = scores.to(torch.promote_types(compute, torch.float32))
         if code_scale is not None:
             scores.mul_(code_scale)
         if code_bias is not None:

@@ -292,6 +292,20 @@ def test_cosine_is_scale_invariant_over_float32s_range(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_exact_search_ignores_the_callers_autocast(case):
+    # A bf16 autocast around the call must not turn the exact search's matmul bf16 (the torch
+    # backend's scores are a torch matmul): same indices and distances as without it.
+    device, backend = case
+    z, codebook = random_search_inputs(300, 200, 32, torch.float32, device, 14)
+    for metric, k in itertools.product(METRICS, (None, 3)):
+        kwargs = dict(metric=metric, backend=backend, k=k, return_distance=True)
+        want = fastvq.nearest_code(z, codebook, **kwargs)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            got = fastvq.nearest_code(z, codebook, **kwargs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (metric, k)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_l2_reaches_codes_whose_squares_leave_float32(case):
     # Codes of norm 1.9e19 to 2.5e19: |c|^2 exceeds float32 but the bias -|c|^2 / 2 and the scores
     # (rows of norm up to 1.3e19) do not. Scaling by 2^62 is exact: the unscaled search's indices.

@@ -179,8 +179,11 @@ def _backward(ctx, grad_zq, _grad_stats):
     kernel_z = need_z and not ste
     # The Triton and CUDA kernels sum dL/dC with float atomics (rounding varies run to run):
     # under torch.use_deterministic_algorithms, index_add_ takes over (deterministic there).
+    # Under backward(create_graph=True) (grad mode on here) index_add_ too: dL/dC is linear in
+    # grad_zq, and autograd differentiates it; the kernels' outputs have no derivative.
     atomic = ctx.use_triton or (ctx.use_triton is None and grad_zq.is_cuda)
-    kernel_c = need_codebook and not (atomic and torch.are_deterministic_algorithms_enabled())
+    torch_c = torch.is_grad_enabled() or (atomic and torch.are_deterministic_algorithms_enabled())
+    kernel_c = need_codebook and not torch_c
     if kernel_z or kernel_c:
         g = grad_zq.contiguous()
         z = g if z is None else z  # STE's backward never reads z: any (N, D) tensor will do
@@ -197,11 +200,22 @@ def _backward(ctx, grad_zq, _grad_stats):
     return (dz, dc, None, None) if ctx.use_triton is None else (dz, dc, None, None, None)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fastvq.quantize has no double backward through the rotation or householder gradient "
+        "of z (one fused kernel); STE's and the codebook's gradients are differentiable"
+    )
+
+
 _quantize_fwd.register_autograd(_backward, setup_context=_setup_context)
+_quantize_bwd.register_autograd(_no_double_backward)
 if _HAS_CPP:
     torch.library.register_autograd(
         "fastvq::quantize_fwd_cpp", _backward, setup_context=_setup_context
     )
+    # Without it the dispatcher runs the C++ op under autograd with a warning, and a second
+    # derivative through its outputs is silently 0.
+    torch.library.register_autograd("fastvq::quantize_bwd_cpp", _no_double_backward)
 
 
 # --- public op ---------------------------------------------------------------------------------
@@ -236,8 +250,9 @@ def quantize(
     inputs): z = 0, q = 0, or |z| or s overflowing -> STE (g); rotation with z^ = -q^ (no unique
     rotation) -> STE; householder with z^ = q^ -> H = I, s g (what the rotation trick gives
     there), where z^ = -+q^ means |z^ +- q^|^2 below the smallest normal of that arithmetic.
-    Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to rounding. Once differentiable
-    (no double backward through rotation / householder).
+    Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to rounding. Double backward: STE's
+    dL/dz and every estimator's dL/dC are differentiable; differentiating rotation's or
+    householder's dL/dz again is a NotImplementedError.
 
     Codebook gradient (when codebook.requires_grad): dL/dC[k] = sum of g over rows with index k, for
     every estimator, accumulated by scatter in O(K D) memory (float32 atomics on Triton, so

@@ -331,6 +331,33 @@ def test_codebook_gradient_semantics(case, grad):
     torch.testing.assert_close(_grads(z_q, (codebook,), upstream)[0], dc, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("grad", GRADS)
+def test_double_backward(case, grad):
+    """A second derivative through STE's dL/dz and every estimator's dL/dC is autograd's through
+    the reference (the loss |z_q|^2 makes both depend on the codebook); one through rotation's or
+    householder's dL/dz is a clear error, never a silent 0."""
+    device, _ = case
+    z, codebook, _ = _inputs(50, 20, 8, torch.float32, device, 52)
+    inputs = (z, codebook) if grad == "ste" else (codebook,)
+    second = []
+    for run in (
+        lambda: _run(case, z, codebook, grad=grad),
+        lambda: quantize_ref(z, codebook, grad=grad),
+    ):
+        first = torch.autograd.grad(run()[0].square().sum(), inputs, create_graph=True)
+        second.append(torch.autograd.grad(sum(g.square().sum() for g in first), inputs))
+    for got, want in zip(*second, strict=True):
+        assert bool(want.abs().sum() > 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # z_q: code vs R z
+    if grad != "ste":
+        (dz,) = torch.autograd.grad(
+            _run(case, z, codebook, grad=grad)[0].sum(), z, create_graph=True
+        )
+        with pytest.raises(NotImplementedError, match="no double backward through the rotation"):
+            torch.autograd.grad(dz.sum(), codebook)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] in ("triton", "cuda")])
 def test_codebook_gradient_under_deterministic_algorithms(
     case, monkeypatch, deterministic_algorithms

@@ -53,6 +53,35 @@ _HAS_CPP = all(
         "binary_entropy_bwd_cpp",
     )
 )
+if _HAS_CPP:
+    # Shapes of the C++ ops (schemas in csrc/fastvq.cpp), so that they trace and pass opcheck on
+    # their own too, not only inside the custom ops below that call them.
+
+    @torch.library.register_fake("fastvq::fsq_fwd_cpp")
+    def _(z, params, basis):
+        return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+
+    @torch.library.register_fake("fastvq::sign_fwd_cpp")
+    def _(z, scale):
+        return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+
+    @torch.library.register_fake("fastvq::binary_entropy_fwd_cpp")
+    def _(z, coef, spherical):
+        return z.new_empty(z.shape[0], dtype=torch.float32), z.new_empty(
+            2, z.shape[1], dtype=torch.float32
+        )
+
+    @torch.library.register_fake("fastvq::fsq_bwd_cpp")
+    def _(grad_codes, z, params):
+        return torch.empty_like(z)
+
+    @torch.library.register_fake("fastvq::bsq_bwd_cpp")
+    def _(grad_codes, z):
+        return torch.empty_like(z)
+
+    @torch.library.register_fake("fastvq::binary_entropy_bwd_cpp")
+    def _(grad_rows, grad_cols, z, coef, spherical):
+        return torch.empty_like(z)
 
 
 def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:

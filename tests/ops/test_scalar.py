@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fastvq
+import fastvq.ops.scalar as scalar_ops
 from fastvq.ops.scalar import (
     binary_entropy_loss,
     bsq,
@@ -607,6 +608,23 @@ def test_opcheck(device, impl):
             g_row, g_col = g[:, 0].contiguous(), g[:2].contiguous()
             args = (g_row, g_col, zz.detach(), 1.3, spherical, impl)
             torch.library.opcheck(ops.binary_entropy_bwd, args)
+
+
+@pytest.mark.skipif(not scalar_ops._HAS_CPP, reason="fastvq._C without the C++ scalar kernels")
+def test_cpp_opcheck():
+    """The C++ ops on their own (the custom ops above call them): fake shapes, schemas."""
+    ops = torch.ops.fastvq
+    params, basis = scalar_ops._fsq_tables((8, 5, 4, 3, 2), torch.device("cpu"), torch.float32)
+    g_row, g_col = _randn((9,), torch.float32, "cpu", 10), _randn((2, 5), torch.float32, "cpu", 11)
+    for dtype in (torch.float32, torch.float16):
+        z, g = _randn((9, 5), dtype, "cpu", 8), _randn((9, 5), dtype, "cpu", 9)
+        torch.library.opcheck(ops.fsq_fwd_cpp, (z, params, basis))
+        torch.library.opcheck(ops.fsq_bwd_cpp, (g, z, params))
+        torch.library.opcheck(ops.sign_fwd_cpp, (z, 0.5))
+        torch.library.opcheck(ops.bsq_bwd_cpp, (g, z))
+        for spherical in (False, True):
+            torch.library.opcheck(ops.binary_entropy_fwd_cpp, (z, 1.3, spherical))
+            torch.library.opcheck(ops.binary_entropy_bwd_cpp, (g_row, g_col, z, 1.3, spherical))
 
 
 @pytest.mark.parametrize("case", CASES)

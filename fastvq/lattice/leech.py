@@ -104,7 +104,8 @@ def leech_codes(indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     """
     check_indices("indices", indices, LEECH_SIZE)
     check_code_dtype(dtype)
-    return _unit_codes(indices.reshape(-1).long(), dtype).view(*indices.shape, 24)
+    # The custom op: torch.compile keeps it whole (its tables' boolean indexing would break it)
+    return _leech_unit_codes(indices.long(), dtype)
 
 
 def leech_codebook(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

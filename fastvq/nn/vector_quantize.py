@@ -97,6 +97,7 @@ from fastvq.ops._validate import (
     check_choice,
     check_finite,
     check_floating,
+    check_index_range,
     check_int,
     check_tensor,
 )
@@ -478,13 +479,8 @@ class VectorQuantize(nn.Module):
         else:
             indices = indices[..., None]
         idx = indices.long()
-        if check and idx.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(idx)).tolist()
-            if lo < -1 or hi >= self.codebook_size:  # else IndexError, or -2 a silent zero code
-                raise ValueError(
-                    f"indices must lie in [-1, {self.codebook_size}) (-1: masked padding), got "
-                    f"values from {lo} to {hi}"
-                )
+        if check:  # else IndexError, or -2 a silent zero code
+            check_index_range("indices", idx, -1, self.codebook_size, " (-1: masked padding)")
         valid = (idx >= 0)[..., None]
         idx = idx.clamp(min=0)
         if self.num_codebooks == 1:

@@ -30,6 +30,16 @@ def check_int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
+def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:
+    """ValueError unless low <= indices < high (why: a note after the range); one host sync,
+    skipped while torch.compile traces (a data-dependent branch would break the graph)."""
+    if indices.numel() == 0 or indices.is_meta or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+    if lo < low or hi >= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}){why}, got values from {lo} to {hi}")
+
+
 def check_writable(name: str, value: torch.Tensor) -> None:
     """ValueError where `value`, written in place, repeats one element along a dimension (an
     expand()ed view, stride 0): its elements' updates would overwrite one another."""

@@ -22,6 +22,7 @@ from fastvq.ops._validate import (
     check_choice,
     check_finite,
     check_floating,
+    check_index_range,
     check_int,
     check_tensor,
     check_writable,
@@ -153,15 +154,6 @@ def _check_indices(indices, shape, device) -> None:
         )
     if indices.device != device:
         raise ValueError(f"indices is on {indices.device} but the statistics are on {device}")
-
-
-def _check_index_range(indices: torch.Tensor, k: int) -> None:
-    """ValueError unless 0 <= indices < k; one host sync (skipped while torch.compile traces)."""
-    if indices.numel() == 0 or torch.compiler.is_compiling():
-        return
-    lo, hi = torch.stack(torch.aminmax(indices)).tolist()
-    if lo < 0 or hi >= k:
-        raise ValueError(f"indices must lie in [0, {k}), got values from {lo} to {hi}")
 
 
 def _check_real(name: str, value, low: float, high: float | None = None) -> float:
@@ -417,7 +409,7 @@ def ema_update_(
     float64 = torch.float64 in (embed_sum.dtype, z.dtype)
     name = _stats_backend(backend, device, float64)
     if check_indices:
-        _check_index_range(indices, k)
+        check_index_range("indices", indices, 0, k)
     return _ema_update(
         cluster_size, embed_sum, z, indices, decay, weight, deterministic, name, group
     )
@@ -844,7 +836,7 @@ def code_counts(
             )
         check_writable("out", out)
     idx = indices.reshape(-1)
-    _check_index_range(idx, k)
+    check_index_range("indices", idx, 0, k)
     counts = torch.bincount(idx, minlength=k)
     if out is None:
         return counts

@@ -103,6 +103,9 @@ def test_shell_index_round_trip_and_rejects():
     assert torch.equal(e8_shell_index(c.double().view(2, 120, 8)), torch.arange(240).view(2, 120))
     idx = torch.randint(0, 240, (4, 7), generator=_gen(3))
     assert torch.equal(e8_shell_codes(idx.int(), torch.float64), c.double()[idx])
+    # One graph (the range check is skipped while compiling): the same codes.
+    compiled = torch.compile(e8_shell_codes, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(idx, torch.float64), c.double()[idx])
     odd = torch.full((8,), 0.5)
     odd[3] = -0.5
     # Within 0.05 per coordinate of a shell vector: its index; further: rejected.

@@ -143,6 +143,9 @@ def test_codes_from_indices(ints):
     assert c.shape == (3, 5, 24) and c.dtype == torch.float64
     assert torch.equal(c, ints[idx] / SQRT32)
     assert torch.equal(leech_codes(idx), c.float())
+    # One graph (the range check is skipped while compiling, the tables are the custom op's).
+    compiled = torch.compile(leech_codes, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(idx, torch.float64), c)
     first3 = torch.tensor([-3.0] + [1.0] * 23, dtype=torch.float64) / SQRT32
     assert torch.equal(leech_codes(torch.tensor(98256)), first3.float())
 

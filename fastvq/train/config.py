@@ -91,6 +91,14 @@ DEFAULTS: dict = {
 }
 
 INT_OR_AUTO = {"train.num_workers"}
+# The type of the keys whose default is None (unset), when they are set.
+WHEN_SET = {
+    "loss.lpips": dict,
+    "optim.disc_lr": float,
+    "data.path": str,
+    "init.checkpoint": str,
+    "eval.fid_features": str,
+}
 CHOICES = {
     "loss.recon": ("l1", "l2"),
     "loss.disc_loss": ("hinge", "non_saturating"),
@@ -119,7 +127,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 
 def parse_value(text: str):
     """A command-line value parsed as YAML: '1e-4' -> 0.0001, 'null' -> None, '[1, 2]' -> list."""
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"value {text!r} is not valid YAML ({e.problem})") from None
 
 
 def _read(path: Path, seen: tuple = ()) -> dict:
@@ -134,6 +145,8 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     base = cfg.pop("base", None)
     if base is None:
         return cfg
+    if not isinstance(base, str):
+        raise ValueError(f"config {str(path)!r}: base must be one file name, got {base!r}")
     return merge(_read(path.parent / base, (*seen, path.resolve())), cfg)
 
 
@@ -163,12 +176,17 @@ def apply_override(cfg: dict, override: str) -> None:
         if not isinstance(node[part], dict):
             raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = node[part]
-    node[parts[-1]] = parse_value(text)
+    try:
+        node[parts[-1]] = parse_value(text)
+    except ValueError as e:
+        raise ValueError(f"override {override!r}: {e}") from None
 
 
 def _type_ok(default, value) -> bool:
-    if default is None or value is None:
-        return True
+    if value is None:  # only where unset is the default ("null" elsewhere is a type error)
+        return default is None
+    if isinstance(default, type):  # WHEN_SET's type of a key whose default is None
+        default = default()
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -205,6 +223,12 @@ def validate(cfg: dict) -> dict:
             if f"{section}.{key}" in INT_OR_AUTO:
                 if v != "auto" and not _type_ok(0, v):
                     raise ValueError(f"config key {section}.{key} must be int or 'auto', got {v!r}")
+            elif defaults[key] is None and section not in FREE_FORM:
+                kind = WHEN_SET[f"{section}.{key}"]
+                if v is not None and not _type_ok(kind, v):
+                    raise ValueError(
+                        f"config key {section}.{key} must be {kind.__name__} or null, got {v!r}"
+                    )
             elif not _type_ok(defaults[key], v):
                 raise ValueError(
                     f"config key {section}.{key} must be {type(defaults[key]).__name__}, got {v!r}"
@@ -225,22 +249,49 @@ def _check_ranges(cfg: dict) -> None:
             section, name = key.split(".")
             raise ValueError(f"config key {key} must be {what}, got {cfg[section][name]!r}")
 
-    t, o, d = cfg["train"], cfg["optim"], cfg["data"]
-    need(t["steps"] >= 0, "train.steps", ">= 0")
+    t, o, d, e, i, m = (cfg[s] for s in ("train", "optim", "data", "eval", "init", "meta"))
+    for key in ("steps", "eval_every", "ckpt_every"):  # 0: off, or only at the end
+        need(t[key] >= 0, f"train.{key}", ">= 0")
     need(t["batch_size"] >= 1, "train.batch_size", ">= 1")
     need(t["log_every"] >= 1, "train.log_every", ">= 1")
     need(t["num_workers"] == "auto" or t["num_workers"] >= 0, "train.num_workers", ">= 0")
-    need(cfg["eval"]["num_images"] >= 1, "eval.num_images", ">= 1")
     need(0.0 <= t["ema_decay"] < 1.0, "train.ema_decay", "in [0, 1)")
+    for key in ("recon_weight", "perceptual_weight", "disc_weight", "lecam_weight", "quant_weight"):
+        need(cfg["loss"][key] >= 0, f"loss.{key}", ">= 0")
+    need(cfg["loss"]["disc_start"] >= 0, "loss.disc_start", ">= 0")
     need(o["accum_steps"] >= 1, "optim.accum_steps", ">= 1")
     need(o["lr"] > 0, "optim.lr", "> 0")
+    need(o["disc_lr"] is None or o["disc_lr"] > 0, "optim.disc_lr", "> 0 or null")
+    need(o["weight_decay"] >= 0, "optim.weight_decay", ">= 0")
     need(o["warmup_steps"] >= 0, "optim.warmup_steps", ">= 0")
-    need(isinstance(o["betas"], list) and len(o["betas"]) == 2, "optim.betas", "a list [b1, b2]")
+    need(0.0 <= o["min_lr_ratio"] <= 1.0, "optim.min_lr_ratio", "in [0, 1]")
+    need(o["grad_clip"] >= 0, "optim.grad_clip", ">= 0 (0 disables clipping)")
+    betas = o["betas"]
+    need(
+        isinstance(betas, list)
+        and len(betas) == 2
+        and all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas
+        ),
+        "optim.betas",
+        "a list [b1, b2] of numbers in [0, 1)",
+    )
     need(d["resolution"] >= 1, "data.resolution", ">= 1")
     need(0.0 < d["val_fraction"] < 1.0, "data.val_fraction", "in (0, 1)")
     need(d["scale"] > 0, "data.scale", "> 0")
+    need(d["epoch_size"] >= 1, "data.epoch_size", ">= 1")
     if d["kind"] != "samples":
         need(d["path"] is not None, "data.path", f"a directory for data.kind={d['kind']}")
+    else:
+        need(d["path"] is None, "data.path", "null for data.kind=samples (the bundled photographs)")
+    need(e["batch_size"] >= 1, "eval.batch_size", ">= 1")
+    need(e["max_batches"] >= 0, "eval.max_batches", ">= 0 (0: all)")
+    need(e["num_images"] >= 1, "eval.num_images", ">= 1")
+    need(i["kmeans_batches"] >= 1, "init.kmeans_batches", ">= 1")
+    need(i["kmeans_iters"] >= 0, "init.kmeans_iters", ">= 0")
+    need(m["codebook_every"] >= 1, "meta.codebook_every", ">= 1")
+    need(m["inner_lr"] > 0, "meta.inner_lr", "> 0")
+    need(m["fd_eps"] > 0, "meta.fd_eps", "> 0")
 
 
 def resolve_config(path: str | Path) -> Path:

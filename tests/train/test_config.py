@@ -51,6 +51,30 @@ def test_overrides_parse_as_yaml(tmp_path):
         ("data.val_fraction=0", ValueError, r"data.val_fraction must be in \(0, 1\)"),
         ("train.num_workers=some", ValueError, "train.num_workers must be int or 'auto'"),
         ("train.num_workers=-1", ValueError, "train.num_workers must be >= 0"),
+        # null only where it is the default (unset); those keys take their type or null
+        ("train.steps=null", ValueError, "train.steps must be int, got None"),
+        ("train.out_dir=null", ValueError, "train.out_dir must be str, got None"),
+        ("train.vq=null", ValueError, "train.vq must be bool, got None"),
+        ("data.path=5", ValueError, "data.path must be str or null, got 5"),
+        ("optim.disc_lr=abc", ValueError, "optim.disc_lr must be float or null"),
+        ("loss.lpips=vgg", ValueError, "loss.lpips must be dict or null"),
+        ("optim.min_lr_ratio=-1", ValueError, r"optim.min_lr_ratio must be in \[0, 1\]"),
+        ("optim.weight_decay=-1", ValueError, "optim.weight_decay must be >= 0"),
+        ("optim.disc_lr=0", ValueError, "optim.disc_lr must be > 0 or null"),
+        ("optim.grad_clip=-1", ValueError, "optim.grad_clip must be >= 0"),
+        ("optim.betas=[a, b]", ValueError, r"optim.betas must be a list \[b1, b2\] of numbers"),
+        ("optim.betas=[2, 3]", ValueError, r"optim.betas must be .* in \[0, 1\)"),
+        ("loss.recon_weight=-1", ValueError, "loss.recon_weight must be >= 0"),
+        ("loss.quant_weight=-1", ValueError, "loss.quant_weight must be >= 0"),
+        ("train.eval_every=-2", ValueError, "train.eval_every must be >= 0"),
+        ("train.ckpt_every=-1", ValueError, "train.ckpt_every must be >= 0"),
+        ("eval.batch_size=0", ValueError, "eval.batch_size must be >= 1"),
+        ("eval.max_batches=-1", ValueError, "eval.max_batches must be >= 0"),
+        ("init.kmeans_batches=0", ValueError, "init.kmeans_batches must be >= 1"),
+        ("meta.codebook_every=0", ValueError, "meta.codebook_every must be >= 1"),
+        ("data.epoch_size=0", ValueError, "data.epoch_size must be >= 1"),
+        ("data.path=/data", ValueError, "data.path must be null for data.kind=samples"),
+        ("train.steps=[", ValueError, r"override 'train.steps=\[': value '\[' is not valid YAML"),
     ],
 )
 def test_override_errors(override, err, match):
@@ -70,6 +94,9 @@ def test_file_errors_and_missing_dataset(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ValueError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+    (tmp_path / "bases.yaml").write_text("base: [list.yaml]\n")
+    with pytest.raises(ValueError, match="base must be one file name"):
+        load_config(tmp_path / "bases.yaml")
     from fastvq.train.data import build_datasets
 
     cfg = load_config(None, ["data.kind=cifar10", f"data.path={tmp_path / 'cifar'}"])
@@ -90,9 +117,10 @@ SMALL = {
 def test_every_recipe_loads_and_builds(name):
     from fastvq.models import build_tokenizer
 
-    cfg = load_config(CONFIGS / name, ["data.path=/data"])
+    data = [] if name == "demo.yaml" else ["data.path=/data"]  # the demo's bundled photographs
+    cfg = load_config(CONFIGS / name, data)
     arch = cfg["model"]["arch"]
-    cfg = load_config(CONFIGS / name, ["data.path=/data", *SMALL[arch]])
+    cfg = load_config(CONFIGS / name, [*data, *SMALL[arch]])
     torch.manual_seed(0)
     tok = build_tokenizer(cfg["model"]).eval()
     res = 16

@@ -54,12 +54,17 @@ def main(argv=None) -> dict:
 
     cfg = load_demo_config(overrides)
     trainer = Trainer(cfg)
-    t, q, res = cfg["train"], cfg["model"]["quantizer"], cfg["data"]["resolution"]
+    t, q, data = cfg["train"], cfg["model"]["quantizer"], cfg["data"]
     backends = [name for name, b in fastvq.backends().items() if b.available]
+    source = (
+        f"{len(trainer.train_set.images)} photographs"  # the bundled ones (data.kind=samples)
+        if data["kind"] == "samples"
+        else f"data.path {data['path']}"
+    )
     print(
         f"fastvq demo on {trainer.device} (backends: {', '.join(backends)}): a rotated VQ-VAE "
         f"with {q['codebook_size']} codes, {t['steps']} steps of {t['batch_size']} crops of "
-        f"{res}x{res} from {len(trainer.train_set.images)} photographs; evaluation on "
+        f"{data['resolution']}x{data['resolution']} from {source}; evaluation on "
         f"{len(trainer.eval_set)} held-out tiles"
     )
     initial = trainer.evaluate(save_images=False)

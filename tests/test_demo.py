@@ -26,6 +26,23 @@ def test_demo_trains_a_tokenizer_on_real_images(tmp_path, capsys):
     assert (tmp_path / "eval.json").is_file()
 
 
+def test_demo_on_an_image_folder(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fastvq.demo import main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{i}.png"
+        )
+    main(["--quiet", "train.steps=2", "train.batch_size=4", "model.ch=8", "data.kind=folder",
+          f"data.path={tmp_path / 'images'}", f"train.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert f"from data.path {tmp_path / 'images'};" in capsys.readouterr().out
+
+
 def test_recipes_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
     from fastvq.demo import load_demo_config
     from fastvq.train.config import load_config

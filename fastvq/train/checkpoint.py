@@ -55,8 +55,10 @@ def load(path, map_location="cpu") -> dict:
     # config; only load checkpoints you wrote or trust.
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, EOFError) as e:  # e.g. config.yaml given as the checkpoint
-        raise ValueError(f"checkpoint {str(path)!r} is not a torch checkpoint: {e}") from e
+    # A text file (config.yaml given as the checkpoint), a truncated or corrupt archive, a
+    # map_location this machine lacks
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
 
 
 def trained_config(state, path, overrides=()) -> dict:
@@ -66,13 +68,24 @@ def trained_config(state, path, overrides=()) -> dict:
 
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(
-            f"checkpoint {str(path)!r} holds no config (not written by fastvq train?): "
-            "pass the run's config.yaml with --config"
+            f"checkpoint {str(path)!r} holds no config (not written by fastvq train?); "
+            "fastvq eval takes the run's config.yaml with --config"
         )
     cfg = copy.deepcopy(state["config"])
     for o in overrides:
         apply_override(cfg, o)
     return validate(cfg)
+
+
+def tokenizer_config(state, path, overrides=()) -> dict:
+    """trained_config, for a checkpoint whose quantizer was trained (tokenize, load_tokenizer)."""
+    cfg = trained_config(state, path, overrides)
+    if not cfg["train"]["vq"]:
+        raise ValueError(
+            f"checkpoint {str(path)!r} was trained with train.vq=false (an autoencoder without "
+            "its quantizer): its codebook is untrained, its tokens would mean nothing"
+        )
+    return cfg
 
 
 def load_weights(
@@ -111,7 +124,7 @@ def load_tokenizer(path, *, ema: bool = True, map_location="cpu"):
     from fastvq.models import build_tokenizer
 
     state = load(path)
-    model = build_tokenizer(trained_config(state, path)["model"])
+    model = build_tokenizer(tokenizer_config(state, path)["model"])
     load_weights(model, path, ema=ema, state=state)
     return model.to(map_location).eval()
 

@@ -198,19 +198,14 @@ def tokenize(
     path = Path(checkpoint)
     # The tokenizer is the checkpoint's: a model override builds another one, and one whose
     # weights still fit (FSQ levels [8, 5, 5] -> [5, 5, 8]: no weights) writes other codes.
-    model_overrides = [o for o in overrides if o.split("=", 1)[0].split(".")[0] == "model"]
+    model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "model"]
     if model_overrides:
         raise ValueError(
             f"tokenize takes the checkpoint's model section as it was trained; drop "
             f"{model_overrides[0]!r} (the data, eval and train sections may be)"
         )
     state = ckpt.load(path)
-    cfg = ckpt.trained_config(state, path, overrides)
-    if not cfg["train"]["vq"]:
-        raise ValueError(
-            f"checkpoint {str(path)!r} was trained with train.vq=false (an autoencoder without "
-            "its quantizer): its codebook is untrained, its tokens would mean nothing"
-        )
+    cfg = ckpt.tokenizer_config(state, path, overrides)
     data = cfg["data"]
     if data["kind"] != "samples":  # tokens-SPLIT.txt names images relative to it, from anywhere
         data["path"] = str(Path(data["path"]).expanduser().resolve())
@@ -280,13 +275,31 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
             f"{config}: unknown key {extra[0]}; a sweep file holds only `sweep:` with "
             f"{', '.join(sorted(keys))} (put run settings in its config or on the command line)"
         )
-    vals = [parse_value(v) for v in values.split(",")] if values else spec["values"]
+    for key, kind in (("config", str), ("key", str), ("pretrain", str | None), ("out_dir", str)):
+        if key in spec and not isinstance(spec[key], kind):
+            raise ValueError(f"{config}: sweep.{key} must be a string, got {spec[key]!r}")
+    if not isinstance(spec.get("baseline", False), bool):
+        raise ValueError(f"{config}: sweep.baseline must be true or false")
+    if values is not None:
+        if not all(v.strip() for v in values.split(",")):
+            raise ValueError(f"--values {values!r}: comma-separated values, none of them empty")
+        vals = [parse_value(v) for v in values.split(",")]
+    else:
+        vals = spec["values"]
+    if not isinstance(vals, list) or not vals:
+        raise ValueError(f"{config}: sweep.values must be a non-empty list, got {vals!r}")
     out_root = Path(spec.get("out_dir", "runs/sweep"))
     for o in overrides:
         if o.startswith("train.out_dir="):
             out_root = Path(o.split("=", 1)[1])
     overrides = [o for o in overrides if not o.startswith("train.out_dir=")]
     run_cfg = path.parent / spec["config"]
+
+    def setting(value) -> str:  # the override for one value (JSON is YAML: null, lists, "text")
+        return f"{spec['key']}={json.dumps(value)}"
+
+    for value in vals:  # every value's config checked before the first run starts
+        load_config(run_cfg, [*overrides, setting(value)])
     init = None
     if spec.get("pretrain"):
         pre = load_config(
@@ -304,7 +317,7 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
     for value in vals:
         for variant, init_ckpt in variants:
             run_dir = out_root / f"{variant}_{name}_{value}"
-            extra = [f"{spec['key']}={value}", f"train.out_dir={run_dir}"]
+            extra = [setting(value), f"train.out_dir={run_dir}"]
             extra.append(f"init.checkpoint={init_ckpt if init_ckpt else 'null'}")
             r = train(str(run_cfg), [*overrides, *extra])["eval"]
             rows.append({"variant": variant, spec["key"]: value, **r})

@@ -51,7 +51,11 @@ def load_image(path) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
+        if im.mode.startswith("I"):  # 16-bit grayscale (PNG): convert("RGB") would clip at 255
+            gray = np.rint(np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+            arr = np.repeat(gray[..., None], 3, axis=-1)
+        else:
+            arr = np.asarray(im.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -213,10 +217,16 @@ def load_cifar10(root) -> tuple[torch.Tensor, torch.Tensor]:
         )
 
     def read(path):
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)  # (n, 3072): R plane, G plane, B plane
-        return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8)  # (n, 3072): R, G, B planes
+            return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{str(path)!r} is not a CIFAR-10 python batch (a pickled dict whose b'data' "
+                f"holds rows of 3072 bytes): {type(e).__name__}: {e}"
+            ) from e
 
     return torch.cat([read(p) for p in train_files]), read(root / "test_batch")
 

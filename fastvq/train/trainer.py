@@ -46,7 +46,15 @@ class NonFiniteLossError(RuntimeError):
 def pick_device(name: str) -> torch.device:
     """ "auto" -> this rank's GPU when CUDA is available, else CPU; anything else as given."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(
+                f"train.device must be 'auto' or a torch device, got {name!r}"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r}, but torch sees no CUDA device here")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -86,6 +86,24 @@ def test_cifar10_python_format(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         build_datasets({**cfg, "path": str(tmp_path / "other")})
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    for bad in (b"", pickle.dumps({b"labels": [1]})):  # empty; no b"data"
+        batch.write_bytes(bad)
+        with pytest.raises(ValueError, match="test_batch' is not a CIFAR-10 python batch"):
+            build_datasets(cfg)
+
+
+def test_sixteen_bit_grayscale_keeps_its_range(tmp_path):
+    from PIL import Image
+
+    from fastvq.train.data import load_image
+
+    gray = np.random.default_rng(0).integers(0, 65536, (12, 20)).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "g16.png")  # mode I;16
+    img = load_image(tmp_path / "g16.png")
+    assert img.shape == (3, 12, 20) and img.dtype == torch.uint8
+    want = torch.from_numpy(np.rint(gray / 257).astype(np.uint8))
+    assert all(torch.equal(channel, want) for channel in img)
 
 
 def test_stream_resumes_exactly_and_shards():

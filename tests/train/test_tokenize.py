@@ -229,10 +229,13 @@ def test_tokenize_refuses_a_quantizer_it_was_not_trained_with(make_config):
     args = ["tokenize", "--checkpoint", str(path), "--split", "val"]
     with pytest.raises(ValueError, match="train.vq=false"):
         main(args)
+    with pytest.raises(ValueError, match="train.vq=false"):
+        fastvq.train.load_tokenizer(path)
     # FSQ has no weights to disagree with: other levels were taken silently, other codes.
     Trainer(make_config(fsq, "train.steps=0"), datasets=(None, None)).save()
-    with pytest.raises(ValueError, match="model section"):
-        main([*args, "model.quantizer.levels=[8, 2]"])
+    for override in ("model.quantizer.levels=[8, 2]", " model.quantizer.levels=[8, 2]"):
+        with pytest.raises(ValueError, match="model section"):
+            main([*args, override])
 
 
 def test_tokenize_names_images_from_any_directory_whatever_their_bytes(

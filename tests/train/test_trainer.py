@@ -433,8 +433,24 @@ def test_cli_eval_refuses_checkpoints_that_do_not_fit(tmp_path, make_config, dat
     torch.save(trainer.model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="holds no config.*--config"):
         main(["eval", "--checkpoint", str(tmp_path / "weights.pt")])
-    with pytest.raises(ValueError, match="config.yaml' is not a torch checkpoint"):
+    with pytest.raises(ValueError, match="config.yaml' could not be read"):
         main(["eval", "--checkpoint", str(trainer.out_dir / "config.yaml")])
+    data = (trainer.ckpt_dir / "latest.pt").read_bytes()
+    for cut in (5000, len(data) // 2):  # truncated checkpoints
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="cut.pt' could not be read"):
+            main(["eval", "--checkpoint", str(tmp_path / "cut.pt")])
+
+
+def test_pick_device_names_the_key():
+    from fastvq.train.trainer import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="train.device must be 'auto' or a torch device"):
+        pick_device("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device='cuda', but torch sees no CUDA"):
+            pick_device("cuda")
 
 
 def test_cli_eval_refuses_extra_quantizer_layers(tmp_path, make_config, datasets):
@@ -535,11 +551,37 @@ def test_sweep_refuses_keys_it_would_ignore(tmp_path):
         main(["sweep", "--config", str(tmp_path / "s.yaml")])
 
 
+@pytest.mark.parametrize(
+    "spec, values, match",
+    [
+        ({"values": []}, None, "sweep.values must be a non-empty list"),
+        ({"values": 3}, None, "sweep.values must be a non-empty list, got 3"),
+        ({"config": ["c.yaml"]}, None, "sweep.config must be a string"),
+        ({"key": 5}, None, "sweep.key must be a string"),
+        ({"out_dir": 5}, None, "sweep.out_dir must be a string"),
+        ({}, "8,,16", "--values '8,,16': comma-separated values, none of them empty"),
+        ({}, "", "--values '': comma-separated values, none of them empty"),
+        ({"values": [1, -2]}, None, "train.steps must be >= 0, got -2"),  # before the first run
+    ],
+)
+def test_sweep_checks_its_section_and_every_value_before_running(tmp_path, spec, values, match):
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(f"train: {{steps: 1, out_dir: {tmp_path / 'runs'}}}\n")
+    spec = {"config": "c.yaml", "key": "train.steps", "values": [1], **spec}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"sweep": spec}))
+    args = ["sweep", "--config", str(tmp_path / "s.yaml")]
+    with pytest.raises(ValueError, match=match):
+        main([*args, *(["--values", values] if values is not None else [])])
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
 def test_sweep_under_torchrun_writes_its_tables_once(tmp_path, monkeypatch, capsys):
     # Every rank holds the same all-reduced results: rank 0 alone prints and writes them.
     from fastvq.train import cli
 
     (tmp_path / "s.yaml").write_text("sweep: {config: c.yaml, key: train.seed, values: [1, 2]}\n")
+    (tmp_path / "c.yaml").write_text("train: {steps: 1}\n")  # read to check each value's config
     monkeypatch.setattr(cli, "train", lambda config, overrides: {"eval": {"mse": 0.5}})
     for rank, written in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
@@ -557,6 +599,7 @@ def test_cli_leaves_a_callers_process_group_alone(tmp_path, monkeypatch):
     from fastvq.train import cli
 
     (tmp_path / "s.yaml").write_text("sweep: {config: c.yaml, key: train.seed, values: [1]}\n")
+    (tmp_path / "c.yaml").write_text("train: {steps: 1}\n")
     monkeypatch.setattr(cli, "train", lambda config, overrides: {"eval": {"mse": 0.5}})
     init = f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)

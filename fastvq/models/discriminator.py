@@ -10,7 +10,8 @@ NORMS = ("batch", "spectral", "none")
 
 
 class PatchGANDiscriminator(nn.Module):
-    """x (B, in_channels, H, W) -> logits (B, 1, H / 2**n_layers - 2, W / 2**n_layers - 2).
+    """x (B, in_channels, H, W) -> logits (B, 1, H / 2**n_layers - 2, W / 2**n_layers - 2); H and
+    W at least min_size = 3 * 2**n_layers (24 at n_layers=3).
 
     n_layers stride-2 4x4 convolutions (widths ndf * min(2**i, 8)), one stride-1 4x4 convolution,
     and a 4x4 convolution to one logit per patch (70x70 receptive field at n_layers=3).
@@ -49,6 +50,8 @@ class PatchGANDiscriminator(nn.Module):
             layers += [conv(widths[i - 1], widths[i], stride, inner_bias), *bn(widths[i]), act]
         layers.append(conv(widths[-1], 1, 1))
         self.main = nn.Sequential(*layers)
+        # The stride-2 convolutions halve (floored), the last two take 1 and then 2 pixels off.
+        self.n_layers, self.min_size = n_layers, 3 * 2**n_layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)

@@ -225,6 +225,13 @@ class Trainer:
         if cfg["eval"]["fid_features"]:  # loaded at each evaluation: else missed until the first
             check_feature_file(cfg["eval"]["fid_features"])
         self.disc = self.loss_fn.discriminator if self.loss_fn.uses_disc else None
+        res = cfg["data"]["resolution"]
+        if self.disc is not None and res < getattr(self.disc, "min_size", 0):
+            raise ValueError(
+                f"the discriminator (disc.n_layers={self.disc.n_layers}) needs "
+                f"images of at least {self.disc.min_size} px, got data.resolution={res}: lower "
+                "disc.n_layers or raise data.resolution"
+            )
         self.ema = None
         if t["ema_decay"] > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()

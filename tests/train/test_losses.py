@@ -194,6 +194,23 @@ def test_weighted_terms_and_adaptive_weight_with_perceptual_term():
     assert logs["lpips"].item() == pytest.approx(p.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("n_layers", [1, 2, 3])
+def test_discriminator_min_size(n_layers):
+    disc = PatchGANDiscriminator(ndf=4, n_layers=n_layers).eval()
+    m = disc.min_size
+    assert disc(torch.randn(2, 3, m, m)).shape == (2, 1, 1, 1)
+    with pytest.raises(RuntimeError):
+        disc(torch.randn(2, 3, m - 1, m - 1))
+
+
+def test_trainer_refuses_images_smaller_than_the_discriminator(make_config):
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config("disc={ndf: 4, n_layers: 3}", "loss.disc_weight=0.5")  # 16 px < 24
+    with pytest.raises(ValueError, match="disc.n_layers=3. needs images of at least 24 px, got"):
+        Trainer(cfg, datasets=(None, None))
+
+
 def test_build_loss_discriminator_takes_the_model_channels():
     loss = build_loss({"disc_weight": 0.5}, {"ndf": 4, "n_layers": 1, "norm": "none"}, 1)
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1

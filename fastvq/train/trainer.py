@@ -285,6 +285,12 @@ class Trainer:
         latest = self.ckpt_dir / "latest.pt"
         if t["resume"] and latest.is_file():
             self.load_state(latest)
+            if self.step > t["steps"]:  # would report that run's evaluation as this one's
+                raise ValueError(
+                    f"train.steps={t['steps']}, but {str(latest)!r} is at step {self.step}: "
+                    "raise train.steps to continue it, or start over in another train.out_dir "
+                    "(or with train.resume=false)"
+                )
         if cfg["init"]["kmeans"] and self.step == 0 and t["vq"]:
             self.kmeans_init()
 

@@ -118,6 +118,10 @@ eval: {batch_size: 4}
     # Starting the same command again resumes: the run is complete, nothing more is trained.
     assert main(["train", *args]) == 0
     assert json.loads((run / "eval.json").read_text())["mse"] == pytest.approx(saved["mse"])
+    # Fewer steps than the checkpoint has: an error, not that run's evaluation as this one's.
+    steps = json.loads((run / "eval.json").read_text())["step"]
+    with pytest.raises(ValueError, match=f"train.steps=1, but .* is at step {steps}"):
+        main(["train", *args, "train.steps=1"])
 
 
 def test_cli_help_and_errors(tmp_path, capsys, monkeypatch):

@@ -99,11 +99,11 @@ from fastvq.ops._validate import (
     check_floating,
     check_index_range,
     check_int,
+    check_real,
     check_tensor,
 )
 from fastvq.ops.codebook import (
     ACCUMULATORS,
-    _check_real,
     _ema_update,
     _process_group,
     _sample_rows,
@@ -283,21 +283,21 @@ class VectorQuantize(nn.Module):
         codebook_size = check_int("codebook_size", codebook_size, 1)
         codebook_dim = dim if codebook_dim is None else check_int("codebook_dim", codebook_dim, 1)
         heads = check_int("heads", heads, 1)
-        self.decay = _check_real("decay", decay, 0.0, 1.0)
-        self.eps = _check_real("eps", eps, 0.0)
+        self.decay = check_real("decay", decay, 0.0, 1.0)
+        self.eps = check_real("eps", eps, 0.0)
         self.kmeans_iters = check_int("kmeans_iters", kmeans_iters, 0)
-        self.threshold_ema_dead_code = _check_real(
+        self.threshold_ema_dead_code = check_real(
             "threshold_ema_dead_code", threshold_ema_dead_code, 0.0
         )
-        self.commitment_weight = _check_real("commitment_weight", commitment_weight, 0.0)
-        self.orthogonal_reg_weight = _check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0)
-        self.sample_codebook_temp = _check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
+        self.commitment_weight = check_real("commitment_weight", commitment_weight, 0.0)
+        self.orthogonal_reg_weight = check_real("orthogonal_reg_weight", orthogonal_reg_weight, 0)
+        self.sample_codebook_temp = check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
         if orthogonal_reg_max_codes is not None:
             orthogonal_reg_max_codes = check_int(
                 "orthogonal_reg_max_codes", orthogonal_reg_max_codes, 1
             )
         if codebook_loss_weight is not None:
-            codebook_loss_weight = _check_real("codebook_loss_weight", codebook_loss_weight, 0.0)
+            codebook_loss_weight = check_real("codebook_loss_weight", codebook_loss_weight, 0.0)
         check_backend(backend)
         check_choice("precision", precision, ("exact", "fast"))
         has_generator = codebook_generator is not None

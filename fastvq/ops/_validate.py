@@ -30,6 +30,19 @@ def check_int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
+def check_real(name: str, value, low: float, high: float | None = None) -> float:
+    """The value as a float: TypeError unless a real number (not a bool); ValueError unless in
+    [low, high], or finite and >= low without high (NaN fails both)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+    if high is None and not low <= value < float("inf"):
+        raise ValueError(f"{name} must be finite and >= {low:g}, got {value}")
+    return value
+
+
 def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:
     """ValueError unless low <= indices < high (why: a note after the range); one host sync,
     skipped while torch.compile traces (a data-dependent branch would break the graph)."""

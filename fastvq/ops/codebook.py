@@ -11,8 +11,6 @@ C++ on CPU tensors, torch where those are missing or for float64. Nothing here b
 tensor.
 """
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +22,7 @@ from fastvq.ops._validate import (
     check_floating,
     check_index_range,
     check_int,
+    check_real,
     check_tensor,
     check_writable,
 )
@@ -154,17 +153,6 @@ def _check_indices(indices, shape, device) -> None:
         )
     if indices.device != device:
         raise ValueError(f"indices is on {indices.device} but the statistics are on {device}")
-
-
-def _check_real(name: str, value, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if high is not None and not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
-    if high is None and not low <= value < float("inf"):
-        raise ValueError(f"{name} must be finite and >= {low:g}, got {value}")
-    return value
 
 
 def _process_group(name: str, value):
@@ -399,7 +387,7 @@ def ema_update_(
             )
         if weight.device != device:
             raise ValueError(f"weight is on {weight.device} but the statistics are on {device}")
-    decay = _check_real("decay", decay, 0.0, 1.0)
+    decay = check_real("decay", decay, 0.0, 1.0)
     check_backend(backend)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -497,7 +485,7 @@ def ema_codebook(
         (K, D) codebook in the accumulators' dtype, or `out`.
     """
     _check_accumulators(cluster_size, embed_sum)
-    eps = _check_real("eps", eps, 0.0)
+    eps = check_real("eps", eps, 0.0)
     smoothed = _smoothed(cluster_size, eps)[:, None]
     if out is None:
         return embed_sum / smoothed
@@ -574,8 +562,8 @@ def reset_dead_codes_(
     ):
         check_writable(name, value)
     _check_rows("z", z, d, device)
-    threshold = _check_real("threshold", threshold, 0.0)
-    eps = _check_real("eps", eps, 0.0)
+    threshold = check_real("threshold", threshold, 0.0)
+    eps = check_real("eps", eps, 0.0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     group = _process_group("broadcast", broadcast)

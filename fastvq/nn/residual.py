@@ -85,7 +85,7 @@ from fastvq.nn.vector_quantize import (
     eager_only,
 )
 from fastvq.ops._backends import autocast_off
-from fastvq.ops._validate import check_finite, check_floating, check_int
+from fastvq.ops._validate import check_finite, check_floating, check_int, check_real
 from fastvq.ops.nearest_code import MAX_TOPK, nearest_code
 
 _UNSUPPORTED_RVQ = {
@@ -203,6 +203,10 @@ class _Residual(nn.Module):
         layer that runs (None: all; quantize dropout draws it) and the (b, n) mask (or None)."""
         seq, restore = self._to_seq(x)
         b, n = seq.shape[:2]
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
+        if mask is not None and mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
         if mask is not None and mask.shape != (b, n):
             raise ValueError(
                 f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
@@ -390,7 +394,7 @@ class ResidualVQ(_Residual):
             quantize_dropout_multiple_of,
             channel_first,
         )
-        self.quant_grad_frac = float(quant_grad_frac)
+        self.quant_grad_frac = check_real("quant_grad_frac", quant_grad_frac, 0.0, 1.0)
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.codebook_sizes = sizes
         self.uniform_codebook_size = len(set(sizes)) == 1
@@ -568,6 +572,8 @@ class ResidualVQ(_Residual):
             raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
         if beam_size is not None:
             beam_size = _check_beam("beam_size", beam_size)
+        if sample_codebook_temp is not None:
+            sample_codebook_temp = check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
         if x.dim() == 2:  # one token per row, as the peer's VectorQuantize
             if mask is not None:
                 raise ValueError("mask needs a sequence (b, n, dim), got one token (b, dim)")
@@ -578,8 +584,6 @@ class ResidualVQ(_Residual):
                 sample_codebook_temp, freeze_codebook, beam_size, rand_quantize_dropout_fixed_seed,
             )  # fmt: skip
             return finite, step._replace(one_token=first)
-        if mask is not None and mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
         if self._fmap_ndim is not None and mask is not None:
             raise ValueError("mask is not supported with image or 3d feature maps")
         if beam_size is None:
@@ -696,8 +700,8 @@ class ResidualVQ(_Residual):
                 pick = parent.gather(1, pick)
             self._beam_update(z0[:, 0].detach(), codes, row_mask, freeze)
             losses = torch.stack(losses, dim=-1).float()  # (m, layers run)
-            if row_mask is None:
-                losses = losses.mean(0)
+            if row_mask is None:  # an empty batch: 0, as the greedy path (mean would be NaN)
+                losses = losses.mean(0) if losses.shape[0] else losses.sum(0)
             else:
                 valid = row_mask[:, None]
                 losses = torch.where(valid, losses, 0.0).sum(0) / row_mask.sum().clamp(min=1)

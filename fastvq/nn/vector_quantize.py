@@ -425,6 +425,7 @@ class VectorQuantize(nn.Module):
         if self.codebook_generator is not None:
             codebook = self.codebook_generator()
             k, d = self.codebook_size, self.codebook_dim
+            check_tensor("codebook_generator's output", codebook)
             if codebook.shape != (k, d):
                 raise ValueError(
                     f"codebook_generator must return shape {(k, d)}, got {tuple(codebook.shape)}"
@@ -444,6 +445,10 @@ class VectorQuantize(nn.Module):
     def codebook(self, codes: torch.Tensor) -> None:
         if self.codebook_generator is not None:
             raise ValueError("a generated codebook cannot be assigned")
+        check_tensor("codebook", codes)
+        shape = self.codebook.shape  # the getter's: (heads,) K, codebook_dim
+        if codes.shape != shape:  # a (D, K) transpose of as many elements would scramble codes
+            raise ValueError(f"codebook must have shape {tuple(shape)}, got {tuple(codes.shape)}")
         with torch.no_grad():
             self.embed.copy_(codes.reshape(self.embed.shape))
 
@@ -527,7 +532,9 @@ class VectorQuantize(nn.Module):
         z, mask, restore = self._to_rows(x, mask, lens)
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         do_ema = self.ema_update if ema_update is None else ema_update
-        temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        temp = self.sample_codebook_temp
+        if sample_codebook_temp is not None:
+            temp = check_real("sample_codebook_temp", sample_codebook_temp, 0.0)
         b, n = z.shape[:2]
         out_dtype = z.dtype
         # Search, EMA and losses in float32 whatever the autocast dtype (as the peer).
@@ -1062,6 +1069,8 @@ class VectorQuantize(nn.Module):
             keep = torch.randperm(num, device=codebook.device)[: self.orthogonal_reg_max_codes]
             codebook = codebook[:, keep]
         h, num = codebook.shape[:2]
+        if num == 0:  # no valid row, so no active code (the peer's loss is NaN there)
+            return codebook.sum() * 0.0  # 0, still attached to the codebook's graph
         normed = _l2norm(codebook)
         gram = normed.transpose(1, 2) @ normed
         return gram.square().sum() / (h * num**2) - 1 / num

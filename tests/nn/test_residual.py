@@ -902,6 +902,9 @@ def test_grouped_residual_lfq_shapes():
         (ResidualVQ, dict(beam_size=2, beam_score_quantizer_weights=[1.0, 2.0, float("nan")]),
          ValueError, "beam_score_quantizer_weights"),
         (ResidualVQ, dict(decay=2.0), ValueError, "decay"),
+        (ResidualVQ, dict(quant_grad_frac=float("nan")), ValueError,
+         r"quant_grad_frac must be in \[0, 1\], got nan"),
+        (ResidualVQ, dict(quant_grad_frac="x"), TypeError, "quant_grad_frac must be a real"),
         (ResidualFSQ, dict(levels=[1, 4]), ValueError, "levels"),
         (ResidualLFQ, dict(codebook_size=12), ValueError, "power of 2"),
         (GroupedResidualVQ, dict(groups=3), ValueError, "divisible"),
@@ -916,6 +919,17 @@ def test_bad_construction(cls, kwargs, error, match):
     }[cls]
     with pytest.raises(error, match=match):
         cls(**{**base, **kwargs})
+
+
+def test_beam_search_on_an_empty_batch_has_zero_losses():
+    # As the greedy path: no row, no loss (a mean over no rows would be NaN).
+    rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, beam_size=2)
+    for training in (True, False):
+        rvq.train(training)
+        for x in (torch.randn(0, 5, DIM), torch.randn(2, 0, DIM)):
+            out, idx, losses = rvq(x)
+            assert out.shape == x.shape and idx.shape == (*x.shape[:2], Q)
+            assert torch.equal(losses, torch.zeros(Q)), (training, x.shape)
 
 
 def test_bad_calls():
@@ -933,6 +947,13 @@ def test_bad_calls():
     for beam, error in ((0, ValueError), (129, ValueError), (1.5, TypeError)):
         with pytest.raises(error, match="beam_size"):
             rvq(torch.randn(2, 5, DIM), beam_size=beam)
+    for temp, error in ((-1.0, ValueError), (float("nan"), ValueError), ("hot", TypeError)):
+        with pytest.raises(error, match="sample_codebook_temp"):
+            rvq(torch.randn(2, 5, DIM), sample_codebook_temp=temp)
+    rlfq = ResidualLFQ(dim=4, codebook_size=16, num_quantizers=2)
+    for layer, x in ((rvq, torch.randn(2, 5, DIM)), (rlfq, torch.randn(2, 5, 4))):
+        with pytest.raises(TypeError, match="mask must be a bool tensor, got list"):
+            layer(x, mask=[[True] * 5] * 2)
     with pytest.raises(ValueError, match="indices"):
         rvq(torch.randn(2, 5, DIM), indices=torch.zeros(2, 5, Q, dtype=torch.long))
     with pytest.raises(TypeError, match="indices"):

@@ -816,6 +816,39 @@ def test_bad_calls():
         vq.get_codes_from_indices(torch.zeros(3))
     with pytest.raises(ValueError, match="encoder_outputs"):
         vq.init_from(torch.randn(10, DIM + 1))
+    sampler = VectorQuantize(DIM, K, stochastic_sample_codes=True)
+    for temp, error in ((-1.0, ValueError), (float("nan"), ValueError), ("hot", TypeError)):
+        with pytest.raises(error, match="sample_codebook_temp"):
+            sampler(torch.randn(2, 5, DIM), sample_codebook_temp=temp)
+    # The setter checks the shape: a (D, K) transpose has as many elements, scrambled codes.
+    for bad in (vq.codebook.detach().T.contiguous(), torch.randn(K - 1, DIM)):
+        with pytest.raises(ValueError, match=rf"codebook must have shape \({K}, {DIM}\)"):
+            vq.codebook = bad
+    with pytest.raises(TypeError, match="codebook must be a torch.Tensor"):
+        vq.codebook = [[0.0] * DIM] * K
+
+    class Text(torch.nn.Module):
+        def forward(self):
+            return "codes"
+
+    generated = VectorQuantize(
+        DIM, K, codebook_generator=Text(), learnable_codebook=True, ema_update=False
+    )
+    with pytest.raises(TypeError, match="codebook_generator's output must be a torch.Tensor"):
+        generated(torch.randn(2, 5, DIM))
+
+
+def test_orthogonal_loss_of_active_codes_without_rows_is_zero():
+    # No valid row, no active code: 0 (the peer divides by zero codes), in a step that still
+    # trains (greedy, top-k and empty batches alike).
+    vq = VectorQuantize(
+        DIM, K, orthogonal_reg_weight=0.1, orthogonal_reg_active_codes_only=True
+    ).train()
+    masked = torch.zeros(2, 5, dtype=torch.bool)
+    for x, kwargs in [(torch.randn(2, 5, DIM), dict(mask=masked)), (torch.randn(0, 5, DIM), {})]:
+        for topk in (None, 2):
+            loss = vq(x, topk=topk, **kwargs)[2]
+            assert bool((loss == 0).all()), (kwargs, topk)
 
 
 def test_get_codes_from_indices_rejects_out_of_range():

@@ -67,6 +67,7 @@ Deliberate differences from the peer (tested as fastvq's behaviour):
 
 import contextlib
 import math
+import numbers
 import random
 from collections import namedtuple
 
@@ -103,6 +104,20 @@ def sync_seed(device, high: int = 10_000) -> int:
     if _is_distributed():
         torch.distributed.all_reduce(seed)
     return int(seed.item())
+
+
+def _clamp_values(value, d: int) -> torch.Tensor:
+    """ResidualFSQ's soft_clamp_input_value: one positive finite number, or one per level."""
+    value = value.tolist() if isinstance(value, torch.Tensor) else value
+    values = [value] if isinstance(value, numbers.Real) else value
+    if not isinstance(values, list | tuple) or len(values) not in (1, d):
+        raise ValueError(
+            f"soft_clamp_input_value must be a number or {d} numbers (one per level), got {value!r}"
+        )
+    values = [check_real("soft_clamp_input_value", v, 0.0) for v in values]
+    if min(values) <= 0:
+        raise ValueError(f"soft_clamp_input_value must be > 0, got {value!r}")
+    return torch.tensor(values if len(values) > 1 else values[0], dtype=torch.float32)
 
 
 def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
@@ -793,6 +808,8 @@ class ResidualFSQ(_Residual):
         super().__init__()
         if fsq_kwargs.get("num_codebooks", 1) != 1:
             raise ValueError("ResidualFSQ supports num_codebooks=1 per layer only")
+        if not isinstance(levels, list | tuple):
+            raise TypeError(f"levels must be a list of ints, got {type(levels).__name__}")
         levels = list(levels)
         codebook_dim = len(levels)
         dim = codebook_dim if dim is None else check_int("dim", dim)
@@ -828,8 +845,8 @@ class ResidualFSQ(_Residual):
             if soft_clamp_input_value is not None:
                 raise ValueError("soft_clamp_input_value is set by bound_hard_clamp=True")
             soft_clamp_input_value = 1 + 1 / (lv - 1)
-        if soft_clamp_input_value is not None:
-            soft_clamp_input_value = torch.as_tensor(soft_clamp_input_value, dtype=torch.float32)
+        elif soft_clamp_input_value is not None:
+            soft_clamp_input_value = _clamp_values(soft_clamp_input_value, len(levels))
         self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
 
     def _prepare(self, z):

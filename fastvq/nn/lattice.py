@@ -28,7 +28,7 @@ from fastvq.nn.scalar import (
     project_in,
 )
 from fastvq.ops._backends import pick_backend
-from fastvq.ops._validate import check_floating, check_int
+from fastvq.ops._validate import check_floating, check_int, check_real
 from fastvq.ops.quantize import _quantize_fwd
 from fastvq.reference import inv_norm
 
@@ -85,7 +85,7 @@ class _ShellQuantize(nn.Module):
             )
         self.codebook_size = self.shell_size
         self.codebook_dim = self.shell_dim
-        self.commitment_weight = float(commitment_weight)
+        self.commitment_weight = check_real("commitment_weight", commitment_weight, 0.0)
         self.rotation_trick = rotation_trick
         self.accept_image_fmap = accept_image_fmap
         self.channel_last = channel_last
@@ -121,6 +121,8 @@ class _ShellQuantize(nn.Module):
             x = x.flatten(2).transpose(1, 2)
             return x, lambda y, feat: from_channel_last(y, spatial, channel_first=feat)
         if not self.channel_last:
+            if x.dim() != 3:
+                raise ValueError(f"channel_last=False needs x (b, dim, n), got {tuple(x.shape)}")
             return x.transpose(1, 2), lambda y, feat: y.transpose(1, 2) if feat else y
         return x, lambda y, feat: y
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last, mse
-from fastvq.ops._validate import check_floating, check_int
+from fastvq.ops._validate import check_floating, check_index_range, check_int, check_real
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import quantize
 
@@ -72,15 +72,31 @@ class SimVQ(nn.Module):
         frozen_dim = check_int("frozen_codebook_dim", frozen_dim)
         codebook = torch.randn(self.codebook_size, frozen_dim) * frozen_dim**-0.5
         if init_fn is not None:
+            if not callable(init_fn):
+                raise TypeError(f"init_fn must be callable, got {type(init_fn).__name__}")
+            shape = tuple(codebook.shape)
             codebook = init_fn(codebook)
+            check_floating("init_fn's result", codebook)
+            if codebook.shape != shape:
+                raise ValueError(
+                    f"init_fn must return a codebook of shape {shape} (codebook_size, "
+                    f"frozen_codebook_dim), got {tuple(codebook.shape)}"
+                )
         self.register_buffer("frozen_codebook", codebook)
         if codebook_transform is None:
             codebook_transform = nn.Linear(frozen_dim, self.dim, bias=False)
+        if not callable(codebook_transform):
+            raise TypeError(
+                "codebook_transform must be an nn.Module mapping (K, frozen_codebook_dim) to "
+                f"(K, dim), got {type(codebook_transform).__name__}"
+            )
         self.code_transform = codebook_transform
         self.channel_first = channel_first
         self.rotation_trick = rotation_trick
-        self.input_to_quantize_commit_loss_weight = input_to_quantize_commit_loss_weight
-        self.commitment_weight = commitment_weight
+        self.input_to_quantize_commit_loss_weight = check_real(
+            "input_to_quantize_commit_loss_weight", input_to_quantize_commit_loss_weight, 0.0
+        )
+        self.commitment_weight = check_real("commitment_weight", commitment_weight, 0.0)
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -118,8 +134,13 @@ class SimVQ(nn.Module):
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (b, ..., dim) (channel-first (b, dim, ...) with channel_first) for (b, ...)."""
         check_index_tensor("indices", indices)
-        codes = self.code_transform(self.frozen_codebook[indices])
+        check_index_range("indices", indices, 0, self.codebook_size)
+        codes = self._codes(indices)
         return codes.movedim(-1, 1) if self.channel_first else codes
+
+    def _codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(..., dim) codes of indices in range, unchecked (ResidualSimVQ checks its stack once)."""
+        return self.code_transform(self.frozen_codebook[indices])
 
     get_output_from_indices = indices_to_codes
 
@@ -173,7 +194,10 @@ class RandomProjectionQuantizer(nn.Module):
         self.norm = nn.LayerNorm(self.dim, elementwise_affine=False) if norm else nn.Identity()
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("x", x, self.dim, min_ndim=3)
+        check_floating("x", x)
+        if x.dim() != 3:
+            raise ValueError(f"x must be (b, n, dim), got shape {tuple(x.shape)}")
+        check_input("x", x, self.dim)
         x = self.norm(x)
         return torch.einsum("bnd,hde->bnhe", x, self.rand_projs.to(x.dtype))
 
@@ -195,6 +219,7 @@ class RandomProjectionQuantizer(nn.Module):
         expect = z.shape[:2] if self.num_codebooks == 1 else z.shape[:3]
         if indices.shape != expect:
             raise ValueError(f"indices must have shape {tuple(expect)}, got {tuple(indices.shape)}")
+        check_index_range("indices", indices, -1, self.codebook_size, " (-1: ignored)")
         target = indices.reshape(*z.shape[:2], -1).long()
         u = F.normalize(z, dim=-1)
         rows = max(1, _CE_ELEMENTS // self.codebook_size)

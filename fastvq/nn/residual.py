@@ -86,7 +86,13 @@ from fastvq.nn.vector_quantize import (
     eager_only,
 )
 from fastvq.ops._backends import autocast_off
-from fastvq.ops._validate import check_finite, check_floating, check_int, check_real
+from fastvq.ops._validate import (
+    check_finite,
+    check_floating,
+    check_int,
+    check_positive,
+    check_real,
+)
 from fastvq.ops.nearest_code import MAX_TOPK, nearest_code
 
 _UNSUPPORTED_RVQ = {
@@ -114,9 +120,7 @@ def _clamp_values(value, d: int) -> torch.Tensor:
         raise ValueError(
             f"soft_clamp_input_value must be a number or {d} numbers (one per level), got {value!r}"
         )
-    values = [check_real("soft_clamp_input_value", v, 0.0) for v in values]
-    if min(values) <= 0:
-        raise ValueError(f"soft_clamp_input_value must be > 0, got {value!r}")
+    values = [check_positive("soft_clamp_input_value", v) for v in values]
     return torch.tensor(values if len(values) > 1 else values[0], dtype=torch.float32)
 
 
@@ -1008,7 +1012,7 @@ class ResidualSimVQ(_Residual):
         return self.layers[i](residual, check_inputs_finite=check_inputs_finite)
 
     def _layer_codes(self, i, idx):
-        return self.layers[i].indices_to_codes(idx)
+        return self.layers[i]._codes(idx)  # _codes_seq checked the whole stack
 
 
 class _Grouped(nn.Module):

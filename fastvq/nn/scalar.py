@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq._ext import register_namedtuple
-from fastvq.ops._validate import check_floating, check_int, check_tensor
+from fastvq.ops._validate import (
+    check_floating,
+    check_index_range,
+    check_int,
+    check_positive,
+    check_real,
+    check_tensor,
+)
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.scalar import (
     MAX_BITS,
@@ -170,8 +177,7 @@ class FSQ(nn.Module):
             keep_num_codebooks_dim = self.num_codebooks > 1
         if self.num_codebooks > 1 and not keep_num_codebooks_dim:
             raise ValueError("keep_num_codebooks_dim must be True when num_codebooks > 1")
-        if not 0.0 <= noise_dropout <= 1.0:
-            raise ValueError(f"noise_dropout must be in [0, 1], got {noise_dropout}")
+        noise_dropout = check_real("noise_dropout", noise_dropout, 0.0, 1.0)
         if noise_dropout > 0 and not preserve_symmetry:
             raise ValueError("noise_dropout > 0 needs preserve_symmetry=True (as in the peer)")
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
@@ -179,12 +185,18 @@ class FSQ(nn.Module):
         self.effective_codebook_dim = self.codebook_dim * self.num_codebooks
         self.dim = self.effective_codebook_dim if dim is None else check_int("dim", dim)
         self.scale = scale
+        if not isinstance(allowed_dtypes, (tuple, list, set, frozenset)) or not all(
+            isinstance(t, torch.dtype) for t in allowed_dtypes
+        ):
+            raise TypeError(
+                f"allowed_dtypes must be a tuple of torch.dtype, got {allowed_dtypes!r}"
+            )
         self.allowed_dtypes = tuple(allowed_dtypes)
         self.channel_first = channel_first
         self.return_indices = return_indices
         self.force_quantization_f32 = force_quantization_f32
         self.preserve_symmetry = preserve_symmetry
-        self.noise_dropout = float(noise_dropout)
+        self.noise_dropout = noise_dropout
         self.bound_hard_clamp = bound_hard_clamp
         self.codebook_size = math.prod(self.levels)
         self.has_projections = self.dim != self.effective_codebook_dim
@@ -392,12 +404,18 @@ class LFQ(nn.Module):
         if self.num_codebooks > 1 and not keep_num_codebooks_dim:
             raise ValueError("keep_num_codebooks_dim must be True when num_codebooks > 1")
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
-        if not 0 < frac_per_sample_entropy <= 1:
-            raise ValueError(
-                f"frac_per_sample_entropy must be in (0, 1], got {frac_per_sample_entropy}"
+        frac = check_real("frac_per_sample_entropy", frac_per_sample_entropy, 0.0, 1.0)
+        if frac == 0:
+            raise ValueError("frac_per_sample_entropy must be in (0, 1], got 0")
+        codebook_scale = check_positive("codebook_scale", codebook_scale)
+        if soft_clamp_input_value is not None:
+            soft_clamp_input_value = check_positive(
+                "soft_clamp_input_value", soft_clamp_input_value
             )
-        if not codebook_scale > 0:
-            raise ValueError(f"codebook_scale must be positive, got {codebook_scale}")
+        if cosine_sim_project_in_scale is not None:
+            cosine_sim_project_in_scale = check_positive(
+                "cosine_sim_project_in_scale", cosine_sim_project_in_scale
+            )
         if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
             raise ValueError(
                 f"soft_clamp_input_value ({soft_clamp_input_value}) must be >= codebook_scale "
@@ -430,13 +448,15 @@ class LFQ(nn.Module):
         self.orthogonal_rotation = orthogonal_rotation
         if orthogonal_rotation:
             self.register_buffer("orthogonal_rot", _orthogonal(self.codebook_dim))
-        self.frac_per_sample_entropy = frac_per_sample_entropy
-        self.diversity_gamma = diversity_gamma
-        self.entropy_loss_weight = entropy_loss_weight
+        self.frac_per_sample_entropy = frac
+        self.diversity_gamma = check_real("diversity_gamma", diversity_gamma, 0.0)
+        self.entropy_loss_weight = check_real("entropy_loss_weight", entropy_loss_weight, 0.0)
         self.codebook_scale = codebook_scale
-        self.commitment_loss_weight = commitment_loss_weight
+        self.commitment_loss_weight = check_real(
+            "commitment_loss_weight", commitment_loss_weight, 0.0
+        )
         self.soft_clamp_input_value = soft_clamp_input_value
-        self.entropy_loss_offset = entropy_loss_offset
+        self.entropy_loss_offset = check_real("entropy_loss_offset", entropy_loss_offset, -math.inf)
         self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
         self.force_quantization_f32 = force_quantization_f32
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
@@ -501,6 +521,8 @@ class LFQ(nn.Module):
         mask: torch.Tensor | None = None,
     ):
         check_floating("x", x)
+        # Checked here, not only where the entropies use it: eval skips them.
+        inv_temperature = check_positive("inv_temperature", inv_temperature)
         move = x.dim() >= 4 if self.channel_first is None else self.channel_first
         x, spatial = to_channel_last(x, move)
         check_input("x", x, self.dim)
@@ -620,6 +642,9 @@ class LatentQuantize(nn.Module):
         state dict); in_place_codebook_optimizer is not supported (ValueError; the peer's path
         reads an attribute it never sets).
       - no implicit_codebook buffer (K x d); `codebook` is None.
+      - keep_num_codebooks_dim=False with num_codebooks > 1 is a ValueError, as in FSQ and LFQ
+        (the peer silently keeps the dimension), and indices_to_codes checks the indices' shape
+        and range [0, codebook_size) (the peer wraps out-of-range indices modulo the levels).
     """
 
     def __init__(
@@ -637,8 +662,12 @@ class LatentQuantize(nn.Module):
         super().__init__()
         if in_place_codebook_optimizer is not None:
             raise ValueError("in_place_codebook_optimizer is not supported by fastvq")
+        if isinstance(codebook_dim, bool) or not isinstance(codebook_dim, numbers.Integral):
+            raise TypeError(
+                f"codebook_dim must be an int (-1: len(levels)), got {type(codebook_dim).__name__}"
+            )
         if isinstance(levels, numbers.Integral) and not isinstance(levels, bool):
-            if codebook_dim is None or codebook_dim < 1:
+            if codebook_dim < 1:
                 raise ValueError("an int `levels` needs codebook_dim >= 1")
             levels = [int(levels)] * codebook_dim
         self.levels = list(_check_levels(levels))
@@ -649,11 +678,17 @@ class LatentQuantize(nn.Module):
                 f"codebook_dim ({self.codebook_dim}) must equal len(levels) ({len(self.levels)})"
             )
         self.num_codebooks = check_int("num_codebooks", num_codebooks)
-        keep = keep_num_codebooks_dim or self.num_codebooks > 1
-        self.keep_num_codebooks_dim = keep
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = self.num_codebooks > 1
+        if self.num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("keep_num_codebooks_dim must be True when num_codebooks > 1")
+        self.keep_num_codebooks_dim = bool(keep_num_codebooks_dim)
         self.effective_codebook_dim = self.codebook_dim * self.num_codebooks
-        self.commitment_loss_weight = float(commitment_loss_weight or 0.0)
-        self.quantization_loss_weight = float(quantization_loss_weight or 0.0)
+        # None: no such loss (0).
+        c = 0.0 if commitment_loss_weight is None else commitment_loss_weight
+        q = 0.0 if quantization_loss_weight is None else quantization_loss_weight
+        self.commitment_loss_weight = check_real("commitment_loss_weight", c, 0.0)
+        self.quantization_loss_weight = check_real("quantization_loss_weight", q, 0.0)
         self.has_projections = self.dim != self.effective_codebook_dim
         e = self.effective_codebook_dim
         self.project_in = nn.Linear(self.dim, e) if self.has_projections else nn.Identity()
@@ -712,7 +747,12 @@ class LatentQuantize(nn.Module):
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Codes (b, dim, *spatial) for indices (b, *spatial[, c]), from the current values."""
         check_index_tensor("indices", indices)
-        if not self.keep_num_codebooks_dim:
+        keep = self.keep_num_codebooks_dim
+        if indices.dim() < 1 + keep or (keep and indices.shape[-1] != self.num_codebooks):
+            want = f"(b, *spatial, {self.num_codebooks})" if keep else "(b, *spatial)"
+            raise ValueError(f"indices must be {want}, got shape {tuple(indices.shape)}")
+        check_index_range("indices", indices, 0, self.codebook_size)
+        if not keep:
             indices = indices[..., None]
         digits = _digits(indices, self.levels)
         codes = torch.stack([self._values(i)[digits[..., i]] for i in range(self.codebook_dim)], -1)

@@ -43,6 +43,13 @@ def check_real(name: str, value, low: float, high: float | None = None) -> float
     return value
 
 
+def check_positive(name: str, value) -> float:
+    """check_real, and > 0: a scale or a divisor, where 0 would give NaN or lose the input."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0 < value < math.inf:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return check_real(name, value, 0.0)
+
+
 def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:
     """ValueError unless low <= indices < high (why: a note after the range); one host sync,
     skipped while torch.compile traces (a data-dependent branch would break the graph)."""

@@ -21,7 +21,7 @@ from fastvq.nn import (
     VectorQuantize,
 )
 from fastvq.ops._backends import backends
-from fastvq.ops._validate import NonFiniteError
+from fastvq.ops._validate import NonFiniteError, check_index_range
 from fastvq.testing import count_syncs
 
 BACKENDS = ["torch"] + (["cpu"] if backends()["cpu"].available else [])
@@ -90,7 +90,9 @@ def test_ops(backend):
     cluster_size, embed_sum = torch.ones(33), codebook.detach().clone()
     with count_syncs() as syncs:
         fastvq.ema_update_(cluster_size, embed_sum, z, idx, 0.9, backend=backend)
-    assert len(syncs) == 1 and syncs[0][1].startswith("ops/codebook.py"), syncs  # index range
+    with count_syncs() as index_range:  # where check_index_range syncs
+        check_index_range("indices", idx, 0, 33)
+    assert len(syncs) == 1 and syncs == index_range, syncs
     with count_syncs() as syncs:
         fastvq.ema_update_(
             cluster_size, embed_sum, z, idx, 0.9, backend=backend, check_indices=False
@@ -443,12 +445,15 @@ def test_residual_stack_checks_float64_rows_as_the_float32_it_searches():
 
 def test_decoding_a_stack_checks_its_indices_once():
     """indices -> codes: one range check for the whole stack, not one more per layer."""
-    rvq = ResidualVQ(dim=16, num_quantizers=4, codebook_size=64)
     indices = torch.randint(-1, 64, (2, 10, 4))
-    for decode in (rvq.get_codes_from_indices, rvq.get_output_from_indices):
-        with count_syncs() as syncs:
-            decode(indices)
-        assert [where.split(":")[0] for _, where in syncs] == ["nn/residual.py"], syncs
+    for rvq in (
+        ResidualVQ(dim=16, num_quantizers=4, codebook_size=64),
+        ResidualSimVQ(dim=16, num_quantizers=4, codebook_size=64),
+    ):
+        for decode in (rvq.get_codes_from_indices, rvq.get_output_from_indices):
+            with count_syncs() as syncs:
+                decode(indices)
+            assert [where.split(":")[0] for _, where in syncs] == ["nn/residual.py"], syncs
 
 
 def _kmeans_inits(vq) -> list:

@@ -143,3 +143,11 @@ def test_bad_input():
         m.get_codes_from_indices(torch.tensor([LEECH_SIZE]))
     with pytest.raises(ValueError, match="accept_image_fmap"):
         E8Quantize(accept_image_fmap=True)(torch.randn(2, 8, 3))
+    with pytest.raises(ValueError, match=r"channel_last=False needs x \(b, dim, n\)"):
+        E8Quantize(channel_last=False)(torch.randn(4, 8))
+    for cls in (E8Quantize, LeechQuantize):
+        for bad in (float("nan"), -1.0, float("inf")):
+            with pytest.raises(ValueError, match="^commitment_weight must be finite and >= 0"):
+                cls(commitment_weight=bad)
+        with pytest.raises(TypeError, match="^commitment_weight must be a real number"):
+            cls(commitment_weight="x")

@@ -74,6 +74,23 @@ def test_simvq_mlp_transform_bf16_and_bad_input():
         SimVQ(dim=4, codebook_size=0)
     with pytest.raises(ValueError, match="codebook_transform"):
         SimVQ(dim=4, codebook_size=5, codebook_transform=nn.Linear(4, 3))(torch.randn(1, 2, 4))
+    with pytest.raises(TypeError, match="codebook_transform must be an nn.Module"):
+        SimVQ(dim=4, codebook_size=5, codebook_transform="lin")
+    with pytest.raises(TypeError, match="init_fn must be callable"):
+        SimVQ(dim=4, codebook_size=5, init_fn="uniform")
+    with pytest.raises(TypeError, match="init_fn's result must be a torch.Tensor"):
+        SimVQ(dim=4, codebook_size=5, init_fn=lambda t: None)
+    with pytest.raises(ValueError, match=r"init_fn must return a codebook of shape \(5, 4\)"):
+        SimVQ(dim=4, codebook_size=5, init_fn=lambda t: t[:2])
+    for name in ("commitment_weight", "input_to_quantize_commit_loss_weight"):
+        for bad in (float("nan"), -1.0):
+            with pytest.raises(ValueError, match=f"^{name} must be finite and >= 0"):
+                SimVQ(dim=4, codebook_size=5, **{name: bad})
+        with pytest.raises(TypeError, match=f"^{name} must be a real number"):
+            SimVQ(dim=4, codebook_size=5, **{name: "x"})
+    for bad in (24, -1):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 24\)"):
+            m.indices_to_codes(torch.tensor([[0, bad]]))
 
 
 def test_simvq_frozen_codebook_is_scaled_by_its_dimension():
@@ -154,5 +171,11 @@ def test_random_projection_quantizer_state_and_bad_input():
         m(torch.ones(2, 5, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="indices must have shape"):
         m(x, indices=torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"x must be \(b, n, dim\), got shape \(2, 3, 5, 8\)"):
+        m(torch.randn(2, 3, 5, 8))
+    for bad in (16, -2):
+        with pytest.raises(ValueError, match=r"indices must lie in \[-1, 16\) \(-1: ignored\)"):
+            m(x, torch.full((2, 5), bad))
+    assert m(x, torch.full((2, 5), -1)).item() == 0.0  # all ignored
     with pytest.raises(TypeError, match="unexpected keyword"):
         RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4, decay=0.9)

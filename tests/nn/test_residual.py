@@ -910,7 +910,7 @@ def test_grouped_residual_lfq_shapes():
         (ResidualFSQ, dict(bound_hard_clamp=False, soft_clamp_input_value=[1.0, 2.0, 3.0]),
          ValueError, r"soft_clamp_input_value must be a number or 2 numbers \(one per level\)"),
         (ResidualFSQ, dict(bound_hard_clamp=False, soft_clamp_input_value=0.0), ValueError,
-         "soft_clamp_input_value must be > 0"),
+         "soft_clamp_input_value must be finite and > 0"),
         (ResidualFSQ, dict(bound_hard_clamp=False, soft_clamp_input_value="a"), ValueError,
          "soft_clamp_input_value must be a number"),
         (ResidualLFQ, dict(codebook_size=12), ValueError, "power of 2"),

@@ -200,6 +200,14 @@ def test_fsq_bad_input():
         FSQ(levels=[4, 4], num_codebooks=2, keep_num_codebooks_dim=False)
     with pytest.raises(ValueError, match="noise_dropout"):
         FSQ(levels=[4, 4], noise_dropout=0.5)
+    with pytest.raises(TypeError, match="noise_dropout must be a real number"):
+        FSQ(levels=[4, 4], noise_dropout="a", preserve_symmetry=True)
+    with pytest.raises(ValueError, match="noise_dropout"):
+        FSQ(levels=[4, 4], noise_dropout=float("nan"), preserve_symmetry=True)
+    with pytest.raises(TypeError, match="allowed_dtypes must be a tuple of torch.dtype"):
+        FSQ(levels=[4, 4], allowed_dtypes=None)
+    with pytest.raises(TypeError, match="levels must be a sequence of ints"):
+        FSQ(levels=4)
     m = FSQ(levels=[4, 4])
     with pytest.raises(ValueError, match="feature dimension must be 2"):
         m(torch.randn(2, 3, 3))
@@ -389,6 +397,24 @@ def test_lfq_bad_input():
         LFQ(codebook_size=2**63)
     with pytest.raises(ValueError, match="soft_clamp"):
         LFQ(codebook_size=4, soft_clamp_input_value=0.5)
+    nan, inf = float("nan"), float("inf")
+    for cls in (LFQ, BSQ):
+        for name, bad in [
+            ("entropy_loss_weight", [nan, -1.0, inf]),
+            ("diversity_gamma", [nan, -1.0]),
+            ("commitment_loss_weight", [nan, -0.5]),
+            ("soft_clamp_input_value", [nan, 0.0, -2.0, inf]),
+            ("cosine_sim_project_in_scale", [nan, 0.0, -1.0, inf]),
+            ("codebook_scale", [nan, 0.0, -1.0, inf]),
+            ("frac_per_sample_entropy", [nan, 0.0, 1.5]),
+            ("entropy_loss_offset", [nan, inf]),
+        ]:
+            kwargs = dict(dim=6, codebook_size=4, cosine_sim_project_in=True)
+            for value in bad:
+                with pytest.raises(ValueError, match=f"^{name} must"):
+                    cls(**kwargs, **{name: value})
+            with pytest.raises(TypeError, match=f"^{name} must be a real number"):
+                cls(**kwargs, **{name: "x"})
     m = LFQ(codebook_size=8)
     with pytest.raises(ValueError, match="feature dimension must be 3"):
         m(torch.randn(2, 4, 5))
@@ -396,6 +422,12 @@ def test_lfq_bad_input():
         m(torch.ones(2, 4, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="mask"):
         m(torch.randn(2, 4, 3), mask=torch.ones(2, 3, dtype=torch.bool))
+    for mode in (m.train(), m.eval()):  # eval never reaches the entropies
+        with pytest.raises(TypeError, match="inv_temperature must be a real number"):
+            mode(torch.randn(2, 4, 3), inv_temperature="x")
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="inv_temperature must be finite and > 0"):
+                mode(torch.randn(2, 4, 3), inv_temperature=bad)
 
 
 # --- LatentQuantize ----------------------------------------------------------------------------
@@ -490,6 +522,31 @@ def test_latent_quantize_bad_input():
         LatentQuantize(levels=3, dim=2)
     with pytest.raises(ValueError, match="levels"):
         LatentQuantize(levels=[1, 3], dim=2)
+    for name in ("commitment_loss_weight", "quantization_loss_weight"):
+        for bad in (float("nan"), -1.0, float("inf")):
+            with pytest.raises(ValueError, match=f"^{name} must be finite and >= 0"):
+                LatentQuantize(levels=[3, 3], dim=2, **{name: bad})
+        with pytest.raises(TypeError, match=f"^{name} must be a real number"):
+            LatentQuantize(levels=[3, 3], dim=2, **{name: "x"})
+        assert getattr(LatentQuantize(levels=[3, 3], dim=2, **{name: None}), name) == 0.0
+    with pytest.raises(TypeError, match="codebook_dim must be an int"):
+        LatentQuantize(levels=[3, 3], dim=2, codebook_dim=None)
+    with pytest.raises(ValueError, match="keep_num_codebooks_dim must be True"):
+        LatentQuantize(levels=[5, 5], dim=16, num_codebooks=2, keep_num_codebooks_dim=False)
+    m2 = LatentQuantize(levels=[5, 5], dim=16, num_codebooks=2)
+    with pytest.raises(
+        ValueError, match=r"indices must be \(b, \*spatial, 2\), got shape \(1, 1, 3\)"
+    ):
+        m2.indices_to_codes(torch.tensor([[[1, 2, 3]]]))
+    with pytest.raises(ValueError, match=r"indices must be \(b, \*spatial, 2\)"):
+        m2.indices_to_codes(torch.tensor([[1, 2, 3]]))  # no codebook axis
+    m1 = LatentQuantize(levels=[5, 5], dim=2)
+    with pytest.raises(ValueError, match=r"indices must be \(b, \*spatial\)"):
+        m1.indices_to_codes(torch.tensor(3))
+    for bad in (25, -1):  # the peer wraps these modulo the levels
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 25\)"):
+            m1.indices_to_codes(torch.tensor([[0, bad]]))
+    assert m1.indices_to_codes(torch.tensor([[0, 24]])).shape == (1, 2, 2)
     m = LatentQuantize(levels=[3, 3], dim=2)
     with pytest.raises(ValueError, match="feature dimension must be 2"):
         m(torch.randn(2, 3, 4))

@@ -645,7 +645,8 @@ class VectorQuantize(nn.Module):
         b, n = seq.shape[:2]
         if lens is not None:
             check_tensor("lens", lens)
-            if lens.shape != (b,) or lens.dtype.is_floating_point:
+            integer = not (lens.dtype.is_floating_point or lens.dtype.is_complex)
+            if lens.shape != (b,) or not integer or lens.dtype == torch.bool:
                 raise ValueError(f"lens must be an integer tensor of shape ({b},), got {lens}")
             mask = torch.arange(n, device=seq.device) < lens[:, None].to(seq.device)
         if mask is not None:

@@ -796,6 +796,9 @@ def test_bad_calls():
         vq(torch.randn(2, 5, DIM), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask or lens"):
         vq(torch.randn(2, 5, DIM), mask=torch.ones(2, 5, dtype=torch.bool), lens=torch.ones(2))
+    for lens in (torch.tensor([True, False]), torch.ones(2), torch.ones(3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"lens must be an integer tensor of shape \(2,\)"):
+            vq(torch.randn(2, 5, DIM), lens=lens)
     for topk, error in ((0, ValueError), (-2, ValueError), (2.5, TypeError), (True, TypeError)):
         with pytest.raises(error, match="topk"):
             vq(torch.randn(2, 5, DIM), topk=topk)

@@ -146,6 +146,9 @@ def test_codes_from_indices(ints):
     # One graph (the range check is skipped while compiling, the tables are the custom op's).
     compiled = torch.compile(leech_codes, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(idx, torch.float64), c)
+    # Meta indices hold no values to check: shapes only.
+    meta = leech_codes(torch.zeros(3, dtype=torch.long, device="meta"))
+    assert meta.shape == (3, 24) and meta.device.type == "meta"
     first3 = torch.tensor([-3.0] + [1.0] * 23, dtype=torch.float64) / SQRT32
     assert torch.equal(leech_codes(torch.tensor(98256)), first3.float())
 

@@ -439,6 +439,18 @@ BAD_EMA_INPUTS = [
 ]
 
 
+def test_written_in_place_tensors_must_not_repeat_elements():
+    # check_writable's boundary: a stride-0 dimension of size 2 repeats an element; one of size
+    # 1 holds one element, written once.
+    z, idx = torch.randn(5, 3), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="embed_sum is written in place"):
+        ema_update_(torch.ones(2), torch.zeros(1, 3).expand(2, 3), z, idx, 0.9)
+    cs, es = torch.zeros(()).expand(1), torch.zeros(1, 3)
+    ema_update_(cs, es, z, idx, 0.5)
+    assert cs.item() == 2.5  # 0.5 * 0 + 0.5 * 5 rows
+    torch.testing.assert_close(es[0], 0.5 * z.sum(0))
+
+
 @pytest.mark.parametrize("changes, error, match", BAD_EMA_INPUTS)
 def test_ema_update_bad_input(changes, error, match):
     args = _bad(**changes)

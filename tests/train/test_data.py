@@ -87,7 +87,11 @@ def test_cifar10_python_format(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         build_datasets({**cfg, "path": str(tmp_path / "other")})
     batch = tmp_path / "cifar-10-batches-py" / "test_batch"
-    for bad in (b"", pickle.dumps({b"labels": [1]})):  # empty; no b"data"
+    for bad in (
+        b"",
+        pickle.dumps({b"labels": [1]}),
+        pickle.dumps([1, 2]),
+    ):  # empty; no b"data"; a list
         batch.write_bytes(bad)
         with pytest.raises(ValueError, match="test_batch' is not a CIFAR-10 python batch"):
             build_datasets(cfg)
@@ -104,6 +108,9 @@ def test_sixteen_bit_grayscale_keeps_its_range(tmp_path):
     assert img.shape == (3, 12, 20) and img.dtype == torch.uint8
     want = torch.from_numpy(np.rint(gray / 257).astype(np.uint8))
     assert all(torch.equal(channel, want) for channel in img)
+    # 32-bit integer images (mode I): values outside 16 bits saturate, not wrap
+    Image.fromarray(np.array([[70000, -5, 257]], np.int32)).save(tmp_path / "i32.tif")
+    assert load_image(tmp_path / "i32.tif")[0].tolist() == [[255, 0, 1]]
 
 
 def test_stream_resumes_exactly_and_shards():

@@ -209,6 +209,8 @@ def test_trainer_refuses_images_smaller_than_the_discriminator(make_config):
     cfg = make_config("disc={ndf: 4, n_layers: 3}", "loss.disc_weight=0.5")  # 16 px < 24
     with pytest.raises(ValueError, match="disc.n_layers=3. needs images of at least 24 px, got"):
         Trainer(cfg, datasets=(None, None))
+    cfg = make_config("disc={ndf: 4, n_layers: 3}", "loss.disc_weight=0.5", "data.resolution=24")
+    assert Trainer(cfg, datasets=(None, None)).disc.min_size == 24  # the smallest that fits
 
 
 def test_build_loss_discriminator_takes_the_model_channels():

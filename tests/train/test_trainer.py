@@ -120,8 +120,8 @@ eval: {batch_size: 4}
     assert json.loads((run / "eval.json").read_text())["mse"] == pytest.approx(saved["mse"])
     # Fewer steps than the checkpoint has: an error, not that run's evaluation as this one's.
     steps = json.loads((run / "eval.json").read_text())["step"]
-    with pytest.raises(ValueError, match=f"train.steps=1, but .* is at step {steps}"):
-        main(["train", *args, "train.steps=1"])
+    with pytest.raises(ValueError, match=f"train.steps={steps - 1}, but .* is at step {steps}"):
+        main(["train", *args, f"train.steps={steps - 1}"])
 
 
 def test_cli_help_and_errors(tmp_path, capsys, monkeypatch):
@@ -440,8 +440,12 @@ def test_cli_eval_refuses_checkpoints_that_do_not_fit(tmp_path, make_config, dat
     with pytest.raises(ValueError, match="config.yaml' could not be read"):
         main(["eval", "--checkpoint", str(trainer.out_dir / "config.yaml")])
     data = (trainer.ckpt_dir / "latest.pt").read_bytes()
-    for cut in (5000, len(data) // 2):  # truncated checkpoints
-        (tmp_path / "cut.pt").write_bytes(data[:cut])
+    torch.save({"step": 1}, tmp_path / "small.pt")
+    small = (tmp_path / "small.pt").read_bytes()
+    # truncated (torch.load raises OSError, or RuntimeError for the small archive), a pickle of
+    # an unknown protocol (ValueError)
+    for bad in (data[:5000], data[: len(data) // 2], small[: len(small) // 2], b"\x80\x09xyz"):
+        (tmp_path / "cut.pt").write_bytes(bad)
         with pytest.raises(ValueError, match="cut.pt' could not be read"):
             main(["eval", "--checkpoint", str(tmp_path / "cut.pt")])
 
@@ -566,6 +570,7 @@ def test_sweep_refuses_keys_it_would_ignore(tmp_path):
         ({}, "8,,16", "--values '8,,16': comma-separated values, none of them empty"),
         ({}, "", "--values '': comma-separated values, none of them empty"),
         ({"values": [1, -2]}, None, "train.steps must be >= 0, got -2"),  # before the first run
+        ({"baseline": "yes"}, None, "sweep.baseline must be true or false"),
     ],
 )
 def test_sweep_checks_its_section_and_every_value_before_running(tmp_path, spec, values, match):
@@ -578,6 +583,23 @@ def test_sweep_checks_its_section_and_every_value_before_running(tmp_path, spec,
     with pytest.raises(ValueError, match=match):
         main([*args, *(["--values", values] if values is not None else [])])
     assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_sweep_passes_each_value_as_yaml(tmp_path, monkeypatch):
+    # null stays null (not the string "None"), and a null pretrain means none.
+    from fastvq.train import cli
+
+    spec = "{config: c.yaml, key: optim.disc_lr, values: [null, 0.001], pretrain: null}"
+    (tmp_path / "s.yaml").write_text(f"sweep: {spec}\n")
+    (tmp_path / "c.yaml").write_text("train: {steps: 1}\n")
+    runs = []
+    monkeypatch.setattr(
+        cli, "train", lambda config, overrides: runs.append(overrides) or {"eval": {"mse": 0.5}}
+    )
+    rows = cli.sweep(str(tmp_path / "s.yaml"), None, [f"train.out_dir={tmp_path / 'out'}"])
+    assert [r["optim.disc_lr"] for r in rows] == [None, 0.001]
+    assert ["optim.disc_lr=null" in o for o in runs] == [True, False]
+    assert ["optim.disc_lr=0.001" in o for o in runs] == [False, True]
 
 
 def test_sweep_under_torchrun_writes_its_tables_once(tmp_path, monkeypatch, capsys):

@@ -39,8 +39,8 @@
 //     aarch64), so the library runs anywhere. It is plain C++ on GCC/Clang vector extensions
 //     (no intrinsics); float contraction (-ffp-contract=fast, GCC's default for C++) turns
 //     acc += a * b into vfmadd231ps. Results can differ in the last bits between the two.
-// Measured (bench/results/nearest_code-cpu.json, 2-core Intel Xeon, AVX2 build): 0.159 TFLOP/s at
-// N = 8192, K = 16,384, D = 32, 10.0x the chunked PyTorch reference in the same run; top-8 1.00x
+// Measured (bench/results/nearest_code-cpu.json, 2-core Intel Xeon, AVX2 build): 0.152 TFLOP/s at
+// N = 8192, K = 16,384, D = 32, 10.8x the chunked PyTorch reference in the same run; top-8 1.11x
 // the argmax's time there (on an earlier 2-core AMD EPYC: 0.121 TFLOP/s, top-8 1.21x; 1 thread,
 // same shape: k = 32 1.9x, k = 128 3.4x the argmax's time). An AVX-512 build (16 lanes, same
 // micro-kernel) ran no faster on that Xeon (82 against 78-83 GFLOP/s, one core, N = 2048,

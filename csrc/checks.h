@@ -66,6 +66,17 @@ inline void no_internal_overlap(const char* op, const at::Tensor& t, const char*
               t.strides());
 }
 
+// `out`, written in place, must not share memory with `in`, which the kernel reads meanwhile
+// (threads would read values other threads already wrote). Only layouts ATen can decide (FULL or
+// PARTIAL overlap of dense tensors) fail, as in ATen's own out= checks.
+inline void no_overlap(const char* op, const at::Tensor& out, const char* out_name,
+                       const at::Tensor& in, const char* in_name) {
+  const auto status = at::get_overlap_status(out, in);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op,
+              ": ", out_name, " is written in place and must not share memory with ", in_name,
+              " (pass a copy)");
+}
+
 // (n,) of dtype `dt` on `device`, contiguous.
 inline void vector(const char* op, const at::Tensor& t, const char* name, int64_t n,
                    at::ScalarType dt, const c10::Device& device) {
@@ -151,6 +162,13 @@ inline void ema_scatter_args(const char* op, const at::Tensor& counts, const at:
   unit_column_stride(op, sums, "sums");
   vector(op, indices, "indices", z.size(0), at::kLong, z.device());
   optional_vector(op, weight, "weight", z.size(0), at::kFloat, z.device());
+  for (const auto* t : {&counts, &sums}) {
+    const char* name = t == &counts ? "counts" : "sums";
+    no_overlap(op, *t, name, z, "z");
+    no_overlap(op, *t, name, indices, "indices");
+    if (weight.has_value()) no_overlap(op, *t, name, *weight, "weight");
+  }
+  no_overlap(op, counts, "counts", sums, "sums");
 }
 
 }  // namespace checks

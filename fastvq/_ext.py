@@ -25,6 +25,18 @@ def _has_kernel(name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvq::{name}", key)
 
 
+def fake_on_one_device(op: str, *tensors) -> None:
+    """For the fake (meta) kernels of the C++ ops with several tensor arguments: the dispatcher
+    runs the fake whenever one argument is a meta tensor, where the real kernel refuses mixed
+    devices; without this check the fake returns an uninitialised tensor on the others' device
+    (or, for an in-place op, does nothing)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(
+            f"fastvq::{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
+
+
 def register_namedtuple(cls):
     """Name a namedtuple that a forward returns for torch.export: save writes a returned
     namedtuple's type only under a registered name (NotImplementedError otherwise), and load

@@ -838,8 +838,9 @@ at::Tensor nearest_code_run(const char* op, const at::Tensor& z, const at::Tenso
   const auto dtype = z.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": dtype must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(z.is_contiguous() && codebook.is_contiguous(), op,
-              ": z and codebook must be contiguous");
+  for (const auto* t : {&z, &codebook}) {
+    TORCH_CHECK(t->is_contiguous(), op, ": ", t == &z ? "z" : "codebook", " must be contiguous");
+  }
   check_code_term(code_scale, op, "code_scale", K);
   check_code_term(code_bias, op, "code_bias", K);
 

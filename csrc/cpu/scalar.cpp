@@ -133,6 +133,8 @@ at::Tensor fsq_bwd_cpu(const at::Tensor& grad_codes, const at::Tensor& z,
 std::tuple<at::Tensor, at::Tensor> sign_fwd_cpu(const at::Tensor& z, double scale) {
   constexpr const char* op = "fastvq::sign_fwd_cpp";
   check_z(op, z, kMaxBits);
+  // The indices come from the codes' signs: a scale <= 0 or NaN would flip or zero them.
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), op, ": scale must be finite and > 0, got ", scale);
   at::Tensor codes = at::empty_like(z);
   at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   FASTVQ_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "sign_fwd", [&] {

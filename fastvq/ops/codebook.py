@@ -101,7 +101,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::ema_scatter_cpp")
     def _(counts, sums, z, indices, weight, keep, gain, deterministic):
-        return None
+        _ext.fake_on_one_device("ema_scatter_cpp", counts, sums, z, indices, weight)
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -388,6 +388,9 @@ def ema_update_(
         if weight.device != device:
             raise ValueError(f"weight is on {weight.device} but the statistics are on {device}")
     decay = check_real("decay", decay, 0.0, 1.0)
+    for name, value in (("z", z), ("weight", weight)):
+        if value is not None and _shares_storage(value, cluster_size, embed_sum):
+            raise ValueError(f"{name} must not share memory with cluster_size or embed_sum")
     check_backend(backend)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -401,6 +404,16 @@ def ema_update_(
     return _ema_update(
         cluster_size, embed_sum, z, indices, decay, weight, deterministic, name, group
     )
+
+
+def _shares_storage(rows: torch.Tensor, *written: torch.Tensor) -> bool:
+    """Whether rows lie in the storage of a tensor the op writes while it reads them (the
+    result would depend on the threads' order). Not checked while torch.compile traces, which
+    cannot read storage pointers, nor for meta tensors, which have none."""
+    if torch.compiler.is_compiling() or rows.numel() == 0 or rows.is_meta:
+        return False
+    ptr = rows.untyped_storage().data_ptr()
+    return any(t.numel() > 0 and t.untyped_storage().data_ptr() == ptr for t in written)
 
 
 def _unit_columns(x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ if _ext.EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastvq::nearest_code")
     def _(z, codebook, code_scale, code_bias, fast, screen=None):
+        _ext.fake_on_one_device("nearest_code", z, codebook, code_scale, code_bias)
         return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
@@ -112,6 +113,7 @@ if _HAS_TOPK_CPU:
 
     @torch.library.register_fake("fastvq::nearest_code_topk")
     def _(z, codebook, code_scale, code_bias, k, fast):
+        _ext.fake_on_one_device("nearest_code_topk", z, codebook, code_scale, code_bias)
         return z.new_empty(z.shape[0], k, dtype=torch.int64)
 
 

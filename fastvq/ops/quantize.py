@@ -147,6 +147,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::quantize_fwd_cpp")
     def _(z, codebook, indices, grad):
+        _ext.fake_on_one_device("quantize_fwd_cpp", z, codebook, indices)
         n, d = z.shape
         return codebook.new_empty(n, d), z.new_empty(
             n, 0 if grad == "ste" else 4, dtype=_acc(z.dtype)
@@ -154,6 +155,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::quantize_bwd_cpp")
     def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook):
+        _ext.fake_on_one_device("quantize_bwd_cpp", grad_out, z, codebook, indices, stats)
         d = z.shape[1]
         dz = z.new_empty(z.shape[0] if need_z else 0, d)
         dc = codebook.new_empty(codebook.shape[0] if need_codebook else 0, d)

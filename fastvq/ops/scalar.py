@@ -59,6 +59,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::fsq_fwd_cpp")
     def _(z, params, basis):
+        _ext.fake_on_one_device("fsq_fwd_cpp", z, params, basis)
         return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("fastvq::sign_fwd_cpp")
@@ -73,14 +74,17 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::fsq_bwd_cpp")
     def _(grad_codes, z, params):
+        _ext.fake_on_one_device("fsq_bwd_cpp", grad_codes, z, params)
         return torch.empty_like(z)
 
     @torch.library.register_fake("fastvq::bsq_bwd_cpp")
     def _(grad_codes, z):
+        _ext.fake_on_one_device("bsq_bwd_cpp", grad_codes, z)
         return torch.empty_like(z)
 
     @torch.library.register_fake("fastvq::binary_entropy_bwd_cpp")
     def _(grad_rows, grad_cols, z, coef, spherical):
+        _ext.fake_on_one_device("binary_entropy_bwd_cpp", grad_rows, grad_cols, z)
         return torch.empty_like(z)
 
 

@@ -839,6 +839,40 @@ def test_cpp_op_bit_identical_across_thread_counts():
     assert not torch.allclose(runs[0][1], 0.9 * es, atol=1e-2)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_ema_update_refuses_rows_that_share_the_statistics_memory(case):
+    # The kernels read z (and weight) while they write the statistics: aliased, the result
+    # would depend on the threads' order. The (K, D + 1) buffer layout (counts and sums as views
+    # of one tensor) is fine.
+    device, backend = case
+    buf = torch.randn(64, 5, device=device)
+    counts, sums = buf[:, 4], buf[:, :4]
+    idx = torch.arange(64, device=device)
+    with pytest.raises(ValueError, match="z must not share memory with cluster_size or embed_sum"):
+        ema_update_(counts, sums, sums, idx, 0.5, backend=backend)
+    with pytest.raises(ValueError, match="weight must not share memory"):
+        ema_update_(counts, sums, torch.randn_like(sums), idx, 0.5, weight=counts, backend=backend)
+    rows = torch.randn(64, 4, device=device)
+    ema_update_(counts, sums, rows, idx, 0.0, backend=backend)
+    assert torch.equal(counts, torch.ones_like(counts)) and torch.equal(sums, rows)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_cpp_op_refuses_outputs_that_share_memory_with_inputs(device):
+    ops = torch.ops.fastvq
+    s = torch.arange(256.0, device=device).view(64, 4).clone()
+    idx = torch.arange(63, -1, -1, device=device)
+    with pytest.raises(
+        RuntimeError, match="sums is written in place and must not share memory with z"
+    ):
+        ops.ema_scatter_cpp(torch.zeros(64, device=device), s, s, idx, None, 0.0, 1.0, True)
+    c = torch.zeros(64, device=device)
+    with pytest.raises(
+        RuntimeError, match="counts is written in place .* share memory with weight"
+    ):
+        ops.ema_scatter_cpp(c, torch.zeros(64, 4, device=device), s.clone(), idx, c, 0.0, 1.0, True)
+
+
 def _cpp_ema(device, **changes):
     cs, es, z, idx, w = _ema_inputs(10, 6, 4, torch.float32, device, 23, "float")
     args = dict(counts=cs, sums=es, z=z, indices=idx, weight=w, keep=0.9, gain=0.1)

@@ -983,6 +983,12 @@ def test_cpp_op_rejects_bad_k_and_strided_code_terms():
     for terms in ((strided, None), (None, strided)):
         with pytest.raises(RuntimeError, match="must be contiguous"):
             ops.nearest_code(z, codebook, *terms, False, None)
+    for args, name in (
+        ((z.T.contiguous().T, codebook), "z"),
+        ((z, codebook.T.contiguous().T), "codebook"),
+    ):
+        with pytest.raises(RuntimeError, match=f"nearest_code: {name} must be contiguous"):
+            ops.nearest_code(*args, None, None, False, None)
 
 
 def _squared_norms_op(case, dtype):
@@ -1084,6 +1090,37 @@ def test_search_code_terms_are_correctly_rounded(case):
     # 1 / (16 1e-40) exceeds float32: a zero code, as a zero, infinite or NaN norm
     want = [0.0, 1e30 / 16, 1e-30 / 16, 0.0, 0.0, 0.0]
     assert scale[:6].tolist() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C not built")
+def test_cpp_op_fakes_refuse_mixed_devices():
+    """One meta argument sends a C++ op to its fake kernel: the fake must refuse mixed devices as
+    the kernel does, not return uninitialised memory on the CPU (or skip an in-place update)."""
+    from fastvq.ops.scalar import _fsq_tables
+
+    ops, long = torch.ops.fastvq, torch.long
+    params, basis = _fsq_tables((4, 4), torch.device("cpu"), torch.float32)
+    z, g, idx = torch.randn(4, 2), torch.randn(4, 2), torch.zeros(4, dtype=long)
+    calls = {
+        "nearest_code": lambda m: ops.nearest_code(z, m(5, 2), None, None, False),
+        "nearest_code_topk": lambda m: ops.nearest_code_topk(z, m(5, 2), None, None, 2, False),
+        "ema_scatter_cpp": lambda m: ops.ema_scatter_cpp(
+            torch.ones(5), torch.zeros(5, 2), m(4, 2), idx, None, 0.5, 0.5, False
+        ),
+        "quantize_fwd_cpp": lambda m: ops.quantize_fwd_cpp(z, m(5, 2), idx, "ste"),
+        "quantize_bwd_cpp": lambda m: ops.quantize_bwd_cpp(
+            g, z, m(5, 2), idx, torch.zeros(4, 0), "ste", False, True
+        ),
+        "fsq_fwd_cpp": lambda m: ops.fsq_fwd_cpp(m(4, 2), params, basis),
+        "fsq_bwd_cpp": lambda m: ops.fsq_bwd_cpp(g, m(4, 2), params),
+        "bsq_bwd_cpp": lambda m: ops.bsq_bwd_cpp(g, m(4, 2)),
+        "binary_entropy_bwd_cpp": lambda m: ops.binary_entropy_bwd_cpp(
+            torch.randn(4), torch.randn(2, 2), m(4, 2), 1.0, False
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: all tensors must be on one device"):
+            call(lambda *shape: torch.empty(*shape, device="meta"))
 
 
 def test_meta_tensors_give_shapes():

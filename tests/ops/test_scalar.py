@@ -770,6 +770,8 @@ BAD_CPP = [
     (lambda o: o.fsq_bwd_cpp(Z9, torch.randn(4, 0), Z9), r"with 1 <= D <= 1024"),
     (lambda o: o.sign_fwd_cpp(torch.randn(2, 63), 1.0), r"with 1 <= D <= 62"),
     (lambda o: o.sign_fwd_cpp(torch.randn(3, 4).T, 1.0), "z must be contiguous"),
+    (lambda o: o.sign_fwd_cpp(torch.randn(3, 4), float("nan")), "scale must be finite and > 0"),
+    (lambda o: o.sign_fwd_cpp(torch.randn(3, 4), -0.5), "scale must be finite and > 0"),
     (lambda o: o.bsq_bwd_cpp(Z9.half(), Z9), "grad_codes and z must have the same dtype"),
     (
         lambda o: o.binary_entropy_fwd_cpp(torch.randn(2, 1025), 1.0, False),

@@ -847,8 +847,8 @@ class VectorQuantize(nn.Module):
             r = r.detach().float()
             if counts[c] == 0:
                 raise ValueError(
-                    "x: k-means init needs at least one (unmasked) row in the first training "
-                    "batch (on rank 0)"
+                    "x: k-means init needs at least one (unmasked) row in the batch that runs it "
+                    "(on rank 0 when synced)"
                 )
             if counts[c] >= k:
                 centroids = fastvq.kmeans(

@@ -274,6 +274,16 @@ class Trainer:
         if datasets is None:
             datasets = build_datasets(cfg["data"])
         self.train_set, self.eval_set = datasets
+        e = cfg["eval"]
+        if e["fid_features"] and self.eval_set is not None:  # else it fails after training
+            images = len(self.eval_set)
+            if e["max_batches"]:
+                images = min(images, e["max_batches"] * e["batch_size"])
+            if images < 2:
+                raise ValueError(
+                    f"eval.fid_features: rFID needs at least 2 evaluation images (a covariance), "
+                    f"the evaluation has {images}"
+                )
         self.step = 0
         self.items = 0  # training items this rank consumed: the data stream's resume position
         self.history: list[float] = []  # per-step loss on this rank

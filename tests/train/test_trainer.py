@@ -483,6 +483,13 @@ def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
     # The rFID extractor loads at each evaluation: a missing one is named before training.
     with pytest.raises(FileNotFoundError, match="eval.fid_features .*inception.pt' does not"):
         Trainer(make_config(f"eval.fid_features={tmp_path / 'inception.pt'}"), datasets=datasets)
+    # rFID needs a covariance, so 2 images: named before training, not after it.
+    (tmp_path / "features.pt").write_bytes(b"")  # only its existence is checked at start
+    fid = f"eval.fid_features={tmp_path / 'features.pt'}"
+    with pytest.raises(ValueError, match="rFID needs at least 2 evaluation images"):
+        Trainer(make_config(fid, "eval.max_batches=1", "eval.batch_size=1"), datasets=datasets)
+    with pytest.raises(ValueError, match="the evaluation has 1"):
+        Trainer(make_config(fid), datasets=(datasets[0], torch.utils.data.Subset(datasets[1], [0])))
 
 
 def test_kmeans_init_fits_the_latents_training_sees(make_config, datasets):

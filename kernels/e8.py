@@ -30,10 +30,11 @@ per row, 200 of them shuffles.) Unmeasured on a GPU.
 import torch
 import triton
 import triton.language as tl
-from fastvq.kernels import on_input_device
+from fastvq.kernels import check_operand, on_input_device
 from fastvq.kernels.scalar import _cast_for
 
 from fastvq.ops._backends import triton_interpreting
+from fastvq.ops._validate import FLOATING
 
 BLOCK_M = 128  # 1,024 elements per tile: 8 per thread with 4 warps
 INTERPRETER_BLOCK_M = 1024  # the interpreter pays per program, not per row
@@ -116,6 +117,7 @@ def _e8_shell_decode_fwd_kernel(
 @on_input_device
 def e8_shell_decode_triton(z: torch.Tensor) -> torch.Tensor:
     """z (N, 8) contiguous float32/float64/bfloat16/float16 -> (N,) int64 canonical indices."""
+    check_operand("e8_shell_decode_triton", "z", z, (None, 8), FLOATING)
     n = z.shape[0]
     out = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:
@@ -313,6 +315,7 @@ def _e8_nearest_fwd_kernel(
 @on_input_device
 def e8_nearest_triton(x: torch.Tensor) -> torch.Tensor:
     """x (N, 8) contiguous float32/float64/bfloat16/float16 -> (N, 8) the nearest E8 points."""
+    check_operand("e8_nearest_triton", "x", x, (None, 8), FLOATING)
     n = x.shape[0]
     out = torch.empty_like(x)
     if n == 0:

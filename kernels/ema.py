@@ -23,8 +23,9 @@ sends.
 import torch
 import triton
 import triton.language as tl
-from fastvq.kernels import on_input_device
+from fastvq.kernels import check_operand, on_input_device
 
+from fastvq.ops._validate import FLOATING, check_writable
 from fastvq.ops.codebook import _ema_pieces
 
 
@@ -39,6 +40,7 @@ def _ema_scatter_fwd_kernel(
     sums_ptr,
     # sizes, strides, scalars
     N,
+    K,
     D,
     stride_z,
     stride_counts,
@@ -55,6 +57,7 @@ def _ema_scatter_fwd_kernel(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < N
     code = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    row_ok = row_ok & (code >= 0) & (code < K)  # out-of-range rows are skipped, as on CUDA
     if HAS_WEIGHT:
         w = tl.load(w_ptr + rows, mask=row_ok, other=0.0) * scale
         # Padding rows (weight 0, the common mask) cost no atomics on whatever code they carry.
@@ -192,10 +195,21 @@ def _blocks(d: int, tile: int) -> tuple[int, int]:
     return max(1, min(1024, tile // block_d)), block_d
 
 
-def _check(counts: torch.Tensor, sums: torch.Tensor, z: torch.Tensor) -> None:
-    assert counts.dtype == sums.dtype == torch.float32, (counts.dtype, sums.dtype)
-    assert sums.stride(1) == 1 and z.stride(1) == 1, "unit column stride expected"
-    assert counts.shape[0] == sums.shape[0] and sums.shape[1] == z.shape[1]
+def _check(op: str, counts, sums, z, indices, weight) -> None:
+    """The launchers' contract as ValueError: they are reachable as torch.ops.fastvq.ema_*_triton
+    past fastvq.ema_update_'s checks."""
+    device = z.device
+    check_operand(op, "z", z, (None, None), FLOATING, strided_rows=True)
+    n, d = z.shape
+    check_operand(op, "sums", sums, (None, d), (torch.float32,), device, strided_rows=True)
+    check_operand(
+        op, "counts", counts, (sums.shape[0],), (torch.float32,), device, strided_rows=True
+    )
+    check_writable(f"{op}: counts", counts)
+    check_writable(f"{op}: sums", sums)
+    check_operand(op, "indices", indices, (n,), (torch.int32, torch.int64), device)
+    if weight is not None:
+        check_operand(op, "weight", weight, (n,), (torch.float32,), device)
 
 
 @on_input_device
@@ -209,11 +223,11 @@ def ema_scatter(
 ) -> None:
     """counts[idx[n]] += scale * w[n]; sums[idx[n]] += scale * w[n] * z[n] (float32 atomics).
 
-    counts (K,) and sums (K, D) float32, updated in place; z (N, D) float32/bf16/fp16 with unit
-    column stride; indices (N,) int32/int64 in [0, K) (not checked here); weight (N,) float32 or
-    None (all ones).
+    counts (K,) and sums (K, D) float32 with any row stride, updated in place; z (N, D) floating
+    with unit column stride; indices (N,) int32/int64 contiguous, rows outside [0, K) skipped
+    (not a host sync to check them); weight (N,) float32 contiguous or None (all ones).
     """
-    _check(counts, sums, z)
+    _check("ema_scatter_triton", counts, sums, z, indices, weight)
     n, d = z.shape
     if n == 0:
         return
@@ -226,6 +240,7 @@ def ema_scatter(
         counts,
         sums,
         n,
+        counts.shape[0],
         d,
         z.stride(0),
         counts.stride(0),
@@ -257,9 +272,9 @@ def ema_segment(
     """Deterministic: counts = keep * counts + gain * c, sums = keep * sums + gain * s, where
     c[k] = sum of w[n] and s[k] = sum of w[n] * z[n] over the rows with indices[n] == k, each
     summed in an order fixed by the data (stable sort by code, pieces of piece_rows rows, the
-    pieces in order). Same shapes and dtypes as `ema_scatter`.
+    pieces in order). Same shapes and dtypes as `ema_scatter`, rows outside [0, K) skipped too.
     """
-    _check(counts, sums, z)
+    _check("ema_segment_triton", counts, sums, z, indices, weight)
     k = counts.shape[0]
     d = z.shape[1]
     # Stable sort: the order of equal codes is the input order, so the sum order is fixed.

@@ -30,10 +30,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from fastvq.kernels import on_input_device
+from fastvq.kernels import check_operand, on_input_device
 
 from fastvq.lattice.leech import _tables
 from fastvq.ops._backends import triton_interpreting
+from fastvq.ops._validate import FLOATING
 
 # Rows per program and warps, by score dtype: the sixteen (BLOCK_M, 64) group tables (4 groups x
 # signed sum, minimum, |z| sum, |z| minimum) must stay in registers. 16 rows x 64 lanes over 8 warps
@@ -228,6 +229,7 @@ def _golay_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tor
 @on_input_device
 def leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
     """z (N, 24) contiguous float32/float64/bfloat16/float16 -> (N,) int64 canonical indices."""
+    check_operand("leech_decode_triton", "z", z, (None, 24), FLOATING)
     n = z.shape[0]
     out = torch.empty(n, dtype=torch.int64, device=z.device)
     if n == 0:

@@ -95,7 +95,7 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from fastvq.kernels import on_input_device
+from fastvq.kernels import check_operand, on_input_device
 
 from fastvq.ops._backends import triton_interpreting
 
@@ -800,11 +800,7 @@ def squared_norms_triton(x: torch.Tensor) -> torch.Tensor:
     """The sum of squares of each row of x (R, D) contiguous float32/bfloat16/float16, in
     float64 (R,): the search's per-code terms in one read of the codebook, where code_terms in
     eager PyTorch writes and reads back an (R, D) temporary of squares."""
-    if x.dim() != 2 or not x.is_contiguous() or x.dtype not in SEARCH_DTYPES:
-        raise ValueError(
-            "squared_norms_triton: x must be a contiguous (R, D) float32, bfloat16 or float16 "
-            f"tensor, got {x.dtype} of shape {tuple(x.shape)}"
-        )
+    check_operand("squared_norms_triton", "x", x, (None, None), SEARCH_DTYPES)
     r, d = x.shape
     out = torch.empty(r, dtype=torch.float64, device=x.device)
     if r:
@@ -1061,7 +1057,10 @@ def nearest_code_topk_triton(
     _check_launch(z, codebook, code_scale, code_bias)
     n, d = z.shape
     num_codes = codebook.shape[0]
-    assert 1 <= k <= min(num_codes, 128), "k must be in 1..min(K, 128)"
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(num_codes, 128):
+        raise ValueError(
+            f"k must be an int in 1..min(K, 128) = 1..{min(num_codes, 128)}, got {k!r}"
+        )
     out = torch.empty(n, k, dtype=torch.int64, device=z.device)
     if n == 0:
         return out

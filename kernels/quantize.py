@@ -25,7 +25,8 @@ g, z, q, writes dz. Bytes bound; all of it is small next to the search.
 import torch
 import triton
 import triton.language as tl
-from fastvq.kernels import on_input_device
+from fastvq.kernels import check_operand, on_input_device
+from fastvq.kernels.nearest_code import SEARCH_DTYPES
 
 MODES = {"ste": 0, "rotation": 1, "householder": 2}
 
@@ -41,6 +42,7 @@ def _quantize_fwd_kernel(
     stats_ptr,
     # sizes
     N,
+    K,
     D,
     # meta
     MODE: tl.constexpr,
@@ -52,12 +54,21 @@ def _quantize_fwd_kernel(
     row_ok = rows < N
     mask = row_ok[:, None] & (cols[None, :] < D)
     code = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    q = tl.load(codebook_ptr + code[:, None] * D + cols[None, :], mask=mask, other=0.0)
-    tl.store(zq_ptr + rows[:, None] * D + cols[None, :], q, mask=mask)
+    # An index outside [0, K) reads nothing: its row of z_q is NaN and its stats (1, 0, 0, 0),
+    # as in the CUDA kernels (a range check on the host would cost a sync per call).
+    code_ok = (code >= 0) & (code < K)
+    q = tl.load(
+        codebook_ptr + code[:, None] * D + cols[None, :], mask=mask & code_ok[:, None], other=0.0
+    )
+    tl.store(
+        zq_ptr + rows[:, None] * D + cols[None, :],
+        tl.where(code_ok[:, None], q, float("nan")),
+        mask=mask,
+    )
     if MODE != 0:
         z = tl.load(z_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
         z = z.to(tl.float32)
-        q = q.to(tl.float32)
+        q = q.to(tl.float32)  # 0 for an index out of range: the q = 0 fallback below
         nz = tl.sqrt_rn(tl.sum(z * z, axis=1))
         nq = tl.sqrt_rn(tl.sum(q * q, axis=1))
         # Divisors replaced by 1 where they are 0 (padding rows too): no inf/NaN is ever formed.
@@ -99,6 +110,7 @@ def _quantize_bwd_kernel(
     dc_ptr,
     # sizes
     N,
+    K,
     D,
     # meta
     MODE: tl.constexpr,
@@ -113,12 +125,22 @@ def _quantize_bwd_kernel(
     mask = row_ok[:, None] & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
     code = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    code_ok = (code >= 0) & (code < K)  # else: no codebook term, dz NaN (as the forward's z_q)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if NEED_DC:
-        tl.atomic_add(dc_ptr + code[:, None] * D + cols[None, :], g, mask=mask, sem="relaxed")
+        tl.atomic_add(
+            dc_ptr + code[:, None] * D + cols[None, :],
+            g,
+            mask=mask & code_ok[:, None],
+            sem="relaxed",
+        )
     if NEED_DZ:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.load(codebook_ptr + code[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        q = tl.load(
+            codebook_ptr + code[:, None] * D + cols[None, :],
+            mask=mask & code_ok[:, None],
+            other=0.0,
+        )
         q = q.to(tl.float32)
         scale = tl.load(stats_ptr + rows * 4, mask=row_ok, other=1.0)
         inv_z = tl.load(stats_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
@@ -134,7 +156,7 @@ def _quantize_bwd_kernel(
         if MODE == 1:
             qg = tl.sum(q * g, axis=1) * inv_q
             dz += (2.0 * qg)[:, None] * zs
-        dz = scale[:, None] * dz
+        dz = tl.where(code_ok[:, None], scale[:, None] * dz, float("nan"))
         tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -149,14 +171,29 @@ def _blocks(d: int) -> tuple[int, int]:
 _NUM_WARPS = 8
 
 
+def _check(op: str, z, codebook, indices, grad: str) -> int:
+    """The launchers' contract as ValueError (they are reachable as torch.ops.fastvq.quantize_fwd
+    / quantize_bwd past fastvq.quantize's checks); returns the estimator's MODE."""
+    if grad not in MODES:
+        raise ValueError(f"{op}: grad must be one of {tuple(MODES)}, got {grad!r}")
+    check_operand(op, "codebook", codebook, (None, None), SEARCH_DTYPES, z.device)
+    k, d = codebook.shape
+    if k < 1 or not 1 <= d <= 1024:
+        raise ValueError(f"{op}: codebook must be (K, D) with K >= 1, 1 <= D <= 1024, got {(k, d)}")
+    check_operand(op, "z", z, (None, d), (codebook.dtype,))
+    check_operand(op, "indices", indices, (z.shape[0],), (torch.int64,), z.device)
+    return MODES[grad]
+
+
 @on_input_device
 def quantize_fwd(
     z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, grad: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z_q = codebook[indices] (N, D) in codebook's dtype, and stats (N, 4) float32 ((N, 0) for
-    grad="ste"). z (N, D) and codebook (K, D) contiguous, one dtype; indices (N,) int64."""
+    grad="ste"). z (N, D) and codebook (K, D) contiguous, one dtype; indices (N,) int64. A row
+    whose index is outside [0, K) gets NaN in z_q and the stats (1, 0, 0, 0)."""
+    mode = _check("quantize_fwd", z, codebook, indices, grad)
     n, d = z.shape
-    mode = MODES[grad]
     z_q = torch.empty(n, d, dtype=codebook.dtype, device=z.device)
     stats = torch.empty(n, 4 if mode else 0, dtype=torch.float32, device=z.device)
     if n == 0:
@@ -170,6 +207,7 @@ def quantize_fwd(
         z_q,
         stats if mode else z_q,  # an empty tensor may have no storage: pass a valid dummy
         n,
+        codebook.shape[0],
         d,
         MODE=mode,
         BLOCK_N=block_n,
@@ -195,11 +233,18 @@ def quantize_bwd(
 
     grad_out, z (N, D) and codebook (K, D) contiguous; need_z only for rotation / householder
     (the STE gradient is grad_out itself). dc is accumulated with float32 atomics, so its
-    rounding depends on the order in which rows land.
+    rounding depends on the order in which rows land. stats (N, 4) float32 from the forward
+    (read for need_z only). A row whose index is outside [0, K) adds nothing to dc and gets NaN
+    in dz.
     """
+    op = "quantize_bwd"
+    mode = _check(op, z, codebook, indices, grad)
+    if mode == 0 and need_z:
+        raise ValueError(f"{op}: need_z is for rotation / householder; STE's dz is grad_out")
     n, d = z.shape
-    mode = MODES[grad]
-    assert mode != 0 or not need_z, "the STE gradient of z is grad_out itself"
+    check_operand(op, "grad_out", grad_out, (n, d), (z.dtype,), z.device)
+    if need_z:
+        check_operand(op, "stats", stats, (n, 4), (torch.float32,), z.device)
     dz = torch.empty_like(z) if need_z else None
     dc = (
         torch.zeros(codebook.shape, dtype=torch.float32, device=z.device) if need_codebook else None
@@ -217,6 +262,7 @@ def quantize_bwd(
         dz if need_z else grad_out,  # unused pointer when NEED_DZ is False
         dc if need_codebook else grad_out,
         n,
+        codebook.shape[0],
         d,
         MODE=mode,
         NEED_DZ=need_z,

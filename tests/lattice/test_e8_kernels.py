@@ -498,6 +498,24 @@ def test_nearest_bad_backend_and_inputs():
             op(torch.zeros(3, 8, dtype=torch.int32))
 
 
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("op", ["e8_nearest_triton", "e8_shell_decode_triton"])
+def test_triton_op_refuses_what_its_kernel_cannot_read(op):
+    # The kernel reads contiguous (N, 8) rows by raw pointer, and torch.ops.fastvq.* reaches it
+    # past the public op's checks: short rows overran the heap, strided rows gave wrong answers,
+    # integers were read as floats.
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under TRITON_INTERPRET=1
+    kernel = getattr(torch.ops.fastvq, op)
+    for bad, match in [
+        (torch.randn(4, 4), r"must be a contiguous \(\*, 8\) tensor"),
+        (torch.randn(8), r"must be a contiguous \(\*, 8\) tensor"),
+        (torch.randn(16, 16)[:, ::2], r"strides \(16, 2\)"),
+        (torch.randint(0, 3, (4, 8), dtype=torch.int32), "got torch.int32"),
+    ]:
+        with pytest.raises(ValueError, match=f"{op}: .* {match}"):
+            kernel(bad.to(device))
+
+
 @pytest.mark.gpu
 def test_nearest_cuda_tensor_on_cpu_backend_is_refused():
     with pytest.raises(ValueError, match="backend 'cpu'"):

@@ -262,6 +262,24 @@ def test_bad_inputs():
         leech_quantize(z, "cpu")  # backend is keyword-only
 
 
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("op", ["leech_decode_triton"])
+def test_triton_op_refuses_what_its_kernel_cannot_read(op):
+    # The kernel reads contiguous (N, 24) rows by raw pointer, and torch.ops.fastvq.* reaches it
+    # past the public op's checks: short rows overran the heap, strided rows gave wrong answers,
+    # integers were read as floats.
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under TRITON_INTERPRET=1
+    kernel = getattr(torch.ops.fastvq, op)
+    for bad, match in [
+        (torch.randn(4, 12), r"must be a contiguous \(\*, 24\) tensor"),
+        (torch.randn(24), r"must be a contiguous \(\*, 24\) tensor"),
+        (torch.randn(16, 48)[:, ::2], r"strides \(48, 2\)"),
+        (torch.randint(0, 3, (4, 24), dtype=torch.int32), "got torch.int32"),
+    ]:
+        with pytest.raises(ValueError, match=f"{op}: .* {match}"):
+            kernel(bad.to(device))
+
+
 def test_meta_tensors():
     index, codes = leech_quantize(torch.empty(3, 5, 24, device="meta", dtype=torch.float16))
     assert index.shape == (3, 5) and index.dtype == torch.int64 and index.device.type == "meta"

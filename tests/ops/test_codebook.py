@@ -928,6 +928,68 @@ def test_cuda_op_skips_out_of_range_indices(deterministic):
     torch.testing.assert_close(b, ref_s)
 
 
+def _triton_ema(device, deterministic, **changes):
+    cs, es, z, idx, w = _ema_inputs(10, 6, 4, torch.float32, device, 25, "float")
+    args = dict(counts=cs, sums=es, z=z, indices=idx, weight=w) | changes
+    args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()}
+    if deterministic:
+        torch.ops.fastvq.ema_segment_triton(*args.values(), 0.9, 0.1)
+    else:
+        torch.ops.fastvq.ema_scatter_triton(*args.values(), 0.1)
+
+
+# The Triton launchers behind torch.ops.fastvq.ema_*_triton, past ema_update_'s checks: strided
+# indices or weights were read as if contiguous (wrong counts), short ones read past their end.
+BAD_TRITON_EMA = [
+    (dict(z=torch.randn(10)), r"z must be a unit-column-stride \(\*, \*\) tensor"),
+    (dict(z=torch.randn(10, 5)), r"sums must be a unit-column-stride \(\*, 5\) tensor"),
+    (dict(z=torch.randn(4, 10).T), r"z must be a unit-column-stride"),
+    (dict(z=torch.randint(0, 3, (10, 4))), "z must .* tensor of float32, bfloat16"),
+    (dict(counts=torch.ones(5)), r"counts must be a \(6,\) tensor"),
+    (dict(counts=torch.ones(6).double()), "counts must .* of float32"),
+    (dict(sums=torch.ones(6, 4).bfloat16()), "sums must .* of float32"),
+    (dict(sums=torch.ones(4, 6).T), "sums must be a unit-column-stride"),
+    (dict(sums=torch.ones(1, 4).expand(6, 4)), "sums is written in place"),
+    (dict(counts=torch.ones(1).expand(6)), "counts is written in place"),
+    (dict(indices=torch.zeros(9, dtype=LONG)), r"indices must be a contiguous \(10,\)"),
+    (dict(indices=torch.zeros(20, dtype=LONG)[::2]), "indices must be a contiguous"),
+    (dict(indices=torch.zeros(10)), "indices must .* of int32, int64"),
+    (dict(weight=torch.ones(10).double()), "weight must .* of float32"),
+    (dict(weight=torch.ones(20)[::2]), "weight must be a contiguous"),
+    (dict(weight=torch.ones(9)), r"weight must be a contiguous \(10,\)"),
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+@pytest.mark.parametrize("changes, match", BAD_TRITON_EMA)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_op_bad_input_is_a_clear_error(case, changes, match, deterministic):
+    with pytest.raises(ValueError, match=match):
+        _triton_ema(case[0], deterministic, **changes)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_triton_op_skips_out_of_range_indices(case, deterministic):
+    # As the CUDA glue, no sync to check the range: such rows are dropped, nothing else moves.
+    device = case[0]
+    cs, es, z, idx, _ = _ema_inputs(50, 6, 4, torch.float32, device, 26)
+    idx[::5] = torch.tensor([6, -1, 1 << 40, 7, -3] * 2, device=device)
+    a, b = cs.clone(), es.clone()
+    if deterministic:
+        torch.ops.fastvq.ema_segment_triton(a, b, z, idx, None, 0.5, 0.5)
+    else:
+        a.mul_(0.5)
+        b.mul_(0.5)
+        torch.ops.fastvq.ema_scatter_triton(a, b, z, idx, None, 0.5)
+    live = (idx >= 0) & (idx < 6)
+    ones = torch.ones(40, device=device)
+    ref_c = 0.5 * cs + 0.5 * torch.zeros_like(cs).index_add_(0, idx[live], ones)
+    ref_s = 0.5 * es + 0.5 * torch.zeros_like(es).index_add_(0, idx[live], z[live])
+    torch.testing.assert_close(a, ref_c)
+    torch.testing.assert_close(b, ref_s)
+
+
 def test_partial_build_without_the_cpp_scatter(monkeypatch):
     # fastvq._C with a search kernel on a device but no ema_scatter_cpp kernel there: "auto" and
     # k-means use the torch scatter; an explicit ema_update_ backend says what is missing.

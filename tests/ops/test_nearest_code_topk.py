@@ -202,6 +202,16 @@ def test_bad_input(kwargs, error, match):
         fastvq.nearest_code(args.pop("z"), args.pop("codebook"), **args)
 
 
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("k", [0, -1, 6, 129])
+def test_triton_op_refuses_a_bad_k(k):
+    # An assert did this (python -O strips it: the kernel then wrote indices past K or k).
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under TRITON_INTERPRET=1
+    z, codebook = random_search_inputs(4, 5 if k != 129 else 300, 8, torch.float32, device, 10)
+    with pytest.raises(ValueError, match=r"k must be an int in 1\.\.min\(K, 128\)"):
+        torch.ops.fastvq.nearest_code_topk_triton(z, codebook, None, None, k, False)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.id == "cpu-cpu"])
 def test_cpu_kernel_is_exact_and_thread_independent(case):
     # The C++ kernel scores exactly as nearest_code's: column 0 is its answer bit for bit, a

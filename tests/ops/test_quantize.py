@@ -623,6 +623,83 @@ def test_cuda_ops_out_of_range_indices_touch_nothing_outside():
         assert bool(dz[keep].isfinite().all())
 
 
+_TRITON = fastvq.backends()["triton"].available
+_TRITON_DEVICE = "cuda" if CUDA else "cpu"  # CPU tensors run under TRITON_INTERPRET=1
+
+
+def _triton_call(op, **changes):
+    z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, _TRITON_DEVICE, 68))
+    idx = torch.tensor([0, 3, 1, 1, 2, 0], device=_TRITON_DEVICE)
+    stats = torch.ops.fastvq.quantize_fwd(z, codebook, idx, "rotation", True)[1]
+    args = dict(grad_out=g, z=z, codebook=codebook, indices=idx, stats=stats, grad="rotation")
+    args |= dict(need_z=True, need_codebook=True) | changes
+    if op == "fwd":
+        fwd_args = (args["z"], args["codebook"], args["indices"], args["grad"])
+        return torch.ops.fastvq.quantize_fwd(*fwd_args, True)
+    return torch.ops.fastvq.quantize_bwd(*args.values(), True)
+
+
+# The Triton launchers behind torch.ops.fastvq.quantize_fwd / quantize_bwd (use_triton=True):
+# past fastvq.quantize's checks, a wrong shape or stride read other memory or the wrong elements.
+BAD_TRITON_INPUTS = [
+    ("fwd", dict(grad="identity"), "grad must be one of"),
+    ("fwd", dict(z=_T(6, 4)), r"z must be a contiguous \(\*, 5\) tensor"),
+    ("fwd", dict(z=_T(6)), r"z must be a contiguous \(\*, 5\) tensor"),
+    ("fwd", dict(codebook=_T(0, 5)), "K >= 1"),
+    ("fwd", dict(codebook=_T(4, 1025), z=_T(6, 1025)), "D <= 1024"),
+    ("fwd", dict(z=_T(6, 5).double(), codebook=_T(4, 5).double()), "codebook must .* of float32"),
+    ("fwd", dict(z=_T(6, 5).half()), "z must .* tensor of float32;"),
+    ("fwd", dict(z=_T(5, 6).T), "z must be a contiguous"),
+    ("fwd", dict(codebook=_T(5, 4).T), "codebook must be a contiguous"),
+    ("fwd", dict(indices=torch.zeros(5, dtype=torch.long)), r"indices must be a contiguous \(6,\)"),
+    ("fwd", dict(indices=torch.zeros(6, dtype=torch.int32)), "indices must .* of int64"),
+    ("fwd", dict(indices=torch.zeros(12, dtype=torch.long)[::2]), "indices must be a contiguous"),
+    ("bwd", dict(grad_out=_T(6, 4)), r"grad_out must be a contiguous \(6, 5\)"),
+    ("bwd", dict(grad_out=_T(6, 5).half()), "grad_out must .* of float32"),
+    ("bwd", dict(grad_out=_T(5, 6).T), "grad_out must be a contiguous"),
+    ("bwd", dict(stats=torch.ones(6, 3)), r"stats must be a contiguous \(6, 4\)"),
+    ("bwd", dict(stats=torch.ones(6, 4).double()), "stats must .* of float32"),
+    ("bwd", dict(stats=torch.ones(12, 4)[::2]), "stats must be a contiguous"),
+    ("bwd", dict(grad="ste"), "need_z is for rotation / householder"),
+    ("bwd", dict(codebook=_T(4, 5).bfloat16()), "z must .* tensor of bfloat16"),
+]
+
+
+@pytest.mark.skipif(not _TRITON, reason="Triton unavailable")
+@pytest.mark.parametrize("op, changes, match", BAD_TRITON_INPUTS)
+def test_triton_ops_bad_input_is_a_clear_error(op, changes, match):
+    changes = {k: v.to(_TRITON_DEVICE) if torch.is_tensor(v) else v for k, v in changes.items()}
+    with pytest.raises(ValueError, match=match):
+        _triton_call(op, **changes)
+
+
+@pytest.mark.skipif(not _TRITON, reason="Triton unavailable")
+@pytest.mark.parametrize("grad", GRADS)
+def test_triton_ops_out_of_range_indices_touch_nothing_outside(grad):
+    # As the CUDA glue, no sync to check the range: such a row gets NaN and no codebook term, and
+    # every other row is what in-range indices give.
+    z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, _TRITON_DEVICE, 69))
+    good = torch.tensor([0, 3, 1, 1, 2, 0], device=_TRITON_DEVICE)
+    keep = torch.arange(6, device=_TRITON_DEVICE) != 3
+    z_ok, stats_ok = torch.ops.fastvq.quantize_fwd(z, codebook, good, grad, True)
+    need_z = grad != "ste"
+    dz_ok, _ = torch.ops.fastvq.quantize_bwd(
+        g, z, codebook, good, stats_ok, grad, need_z, True, True
+    )
+    for bad in (4, -1, 1 << 40):
+        idx = good.clone()
+        idx[3] = bad
+        z_q, stats = torch.ops.fastvq.quantize_fwd(z, codebook, idx, grad, True)
+        assert bool(z_q[3].isnan().all()) and torch.equal(z_q[keep], z_ok[keep])
+        if need_z:
+            assert stats[3].tolist() == [1.0, 0.0, 0.0, 0.0]
+            assert torch.equal(stats[keep], stats_ok[keep])
+        dz, dc = torch.ops.fastvq.quantize_bwd(g, z, codebook, idx, stats, grad, need_z, True, True)
+        torch.testing.assert_close(dc, torch.zeros_like(dc).index_add_(0, idx[keep], g[keep]))
+        if need_z:
+            assert bool(dz[3].isnan().all()) and torch.equal(dz[keep], dz_ok[keep])
+
+
 def test_partial_build_without_the_cpp_pair_gathers_on_torch(monkeypatch):
     # An extension whose search has kernels on a device but whose quantize pair does not (a
     # partial or stale build) must run the torch gather there, not fail in the dispatcher.

@@ -98,9 +98,7 @@ import triton.language as tl
 from fastvq.kernels import check_operand, on_input_device
 
 from fastvq.ops._backends import triton_interpreting
-
-# The element types of the Triton search's z and codebook.
-SEARCH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from fastvq.ops._validate import KERNEL_FLOATING
 
 # The contract bounds the partial buffer at N x 64.
 MAX_SPLITS = 64
@@ -629,7 +627,7 @@ def _check_launch(z, codebook, code_scale, code_bias) -> None:
     # int32 code indices in the kernels; the margin keeps k0 + BLOCK_K from wrapping.
     if not 1 <= num_codes <= 2**31 - 2**16:
         raise ValueError(f"K must be between 1 and 2^31 - 2^16, got {num_codes}")
-    if z.dtype != codebook.dtype or z.dtype not in SEARCH_DTYPES:
+    if z.dtype != codebook.dtype or z.dtype not in KERNEL_FLOATING:
         raise TypeError(
             f"z and codebook must share one of float32, bfloat16, float16, got {z.dtype} and "
             f"{codebook.dtype}"
@@ -800,7 +798,7 @@ def squared_norms_triton(x: torch.Tensor) -> torch.Tensor:
     """The sum of squares of each row of x (R, D) contiguous float32/bfloat16/float16, in
     float64 (R,): the search's per-code terms in one read of the codebook, where code_terms in
     eager PyTorch writes and reads back an (R, D) temporary of squares."""
-    check_operand("squared_norms_triton", "x", x, (None, None), SEARCH_DTYPES)
+    check_operand("squared_norms_triton", "x", x, (None, None), KERNEL_FLOATING)
     r, d = x.shape
     out = torch.empty(r, dtype=torch.float64, device=x.device)
     if r:

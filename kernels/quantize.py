@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from fastvq.kernels import check_operand, on_input_device
-from fastvq.kernels.nearest_code import SEARCH_DTYPES
+
+from fastvq.ops._validate import KERNEL_FLOATING
 
 MODES = {"ste": 0, "rotation": 1, "householder": 2}
 
@@ -176,7 +177,7 @@ def _check(op: str, z, codebook, indices, grad: str) -> int:
     / quantize_bwd past fastvq.quantize's checks); returns the estimator's MODE."""
     if grad not in MODES:
         raise ValueError(f"{op}: grad must be one of {tuple(MODES)}, got {grad!r}")
-    check_operand(op, "codebook", codebook, (None, None), SEARCH_DTYPES, z.device)
+    check_operand(op, "codebook", codebook, (None, None), KERNEL_FLOATING, z.device)
     k, d = codebook.shape
     if k < 1 or not 1 <= d <= 1024:
         raise ValueError(f"{op}: codebook must be (K, D) with K >= 1, 1 <= D <= 1024, got {(k, d)}")

@@ -20,7 +20,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from fastvq.kernels import on_input_device
+from fastvq.kernels import check_operand, on_input_device
+
+from fastvq.ops._validate import KERNEL_FLOATING
+from fastvq.ops.scalar import MAX_BITS, MAX_ENTROPY_DIM
 
 # --- shared device helpers ---------------------------------------------------------------------
 
@@ -300,13 +303,27 @@ def _grid(n: int, block_n: int) -> tuple[int]:
     return (triton.cdiv(n, block_n),)
 
 
+def _check_rows(op: str, z: torch.Tensor, max_dim: int, g: torch.Tensor | None = None) -> None:
+    """The launchers' contract as ValueError (reachable as torch.ops.fastvq.* past the public
+    ops' checks): z (N, D) contiguous, 1 <= D <= max_dim; g, where given, an upstream gradient
+    like z."""
+    check_operand(op, "z", z, (None, None), KERNEL_FLOATING)
+    if not 1 <= z.shape[1] <= max_dim:
+        raise ValueError(f"{op}: z must have 1 <= D <= {max_dim} columns, got {z.shape[1]}")
+    if g is not None:
+        check_operand(op, "grad", g, tuple(z.shape), (z.dtype,), z.device)
+
+
 @on_input_device
 def fsq_fwd(
     z: torch.Tensor, params: torch.Tensor, basis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (N, D) in z's dtype and indices (N,) int64. z (N, D) contiguous float32/bf16/fp16;
     params (6, D) float32 and basis (D,) int64 on z's device (fastvq.ops.scalar builds them)."""
+    _check_rows("fsq_fwd", z, MAX_ENTROPY_DIM)
     n, d = z.shape
+    check_operand("fsq_fwd", "params", params, (6, d), (torch.float32,), z.device)
+    check_operand("fsq_fwd", "basis", basis, (d,), (torch.int64,), z.device)
     codes = torch.empty_like(z)
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
     if n:
@@ -320,7 +337,9 @@ def fsq_fwd(
 @on_input_device
 def fsq_bwd(g: torch.Tensor, z: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """dL/dz (N, D) in z's dtype from g = dL/dcodes (N, D) contiguous."""
+    _check_rows("fsq_bwd", z, MAX_ENTROPY_DIM, g)
     n, d = z.shape
+    check_operand("fsq_bwd", "params", params, (6, d), (torch.float32,), z.device)
     dz = torch.empty_like(z)
     if n:
         block_n, block_d = _blocks(d)
@@ -333,6 +352,7 @@ def fsq_bwd(g: torch.Tensor, z: torch.Tensor, params: torch.Tensor) -> torch.Ten
 @on_input_device
 def sign_fwd(z: torch.Tensor, spherical: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ (spherical=False: +-1) or BSQ (+-1/sqrt(D)) codes (N, D) and indices (N,) int64."""
+    _check_rows("sign_fwd", z, MAX_BITS)
     n, d = z.shape
     codes = torch.empty_like(z)
     idx = torch.empty(n, dtype=torch.int64, device=z.device)
@@ -348,6 +368,7 @@ def sign_fwd(z: torch.Tensor, spherical: bool) -> tuple[torch.Tensor, torch.Tens
 @on_input_device
 def bsq_bwd(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """dL/dz (N, D) in z's dtype: g pulled back through u = z / |z|."""
+    _check_rows("bsq_bwd", z, MAX_ENTROPY_DIM, g)
     n, d = z.shape
     dz = torch.empty_like(z)
     if n:
@@ -361,6 +382,7 @@ def binary_entropy_fwd(
     z: torch.Tensor, coef: float, spherical: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """row entropy (N,) float32 and column sums (2, D) float32 of p(+) and p(-)."""
+    _check_rows("binary_entropy_fwd", z, MAX_ENTROPY_DIM)
     n, d = z.shape
     rows = torch.empty(n, dtype=torch.float32, device=z.device)
     if not n:
@@ -379,7 +401,11 @@ def binary_entropy_bwd(
     g_row: torch.Tensor, g_col: torch.Tensor, z: torch.Tensor, coef: float, spherical: bool
 ) -> torch.Tensor:
     """dL/dz (N, D) in z's dtype; g_row (N,) and g_col (2, D) float32 contiguous."""
+    op = "binary_entropy_bwd"
+    _check_rows(op, z, MAX_ENTROPY_DIM)
     n, d = z.shape
+    check_operand(op, "g_row", g_row, (n,), (torch.float32,), z.device)
+    check_operand(op, "g_col", g_col, (2, d), (torch.float32,), z.device)
     dz = torch.empty_like(z)
     if n:
         block_n, block_d = _blocks(d)

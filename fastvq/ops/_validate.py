@@ -8,6 +8,8 @@ import operator
 import torch
 
 FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# What the Triton and C++ kernels read (float64 inputs take the torch paths, except the lattices').
+KERNEL_FLOATING = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_tensor(name: str, value) -> None:

@@ -33,7 +33,7 @@ MAX_BITS = 62  # LFQ / BSQ indices 2^d - 1 stay well inside int64
 # float32 (the kernels' arithmetic) resolves the bounded value of a 2^16-level dimension to
 # 2^-8 of a level (its ulp at 2^15); beyond that rounding would no longer mean much.
 MAX_LEVEL = 2**16
-MAX_ENTROPY_DIM = 1024  # one row per program in registers (BLOCK_D = 1024)
+MAX_ENTROPY_DIM = 1024  # widest row of the kernels: one row per program in registers
 INT64_MAX = 2**63 - 1
 
 

@@ -795,6 +795,45 @@ def test_cpp_op_bad_input_is_a_clear_error(call, match):
         call(torch.ops.fastvq)
 
 
+# The Triton launchers, reachable as torch.ops.fastvq.*(impl="triton") past the public ops'
+# checks, read params, basis and gradients by raw pointer: a levels list shorter than D read past
+# params, a short gradient past its end, a D = 70 LFQ wrapped its int64 index bits.
+BAD_TRITON = [
+    (lambda k: k.fsq_fwd(Z9.double(), *_cpp_params([3] * 3)), "z must .* of float32, bfloat16"),
+    (lambda k: k.fsq_fwd(Z9, *_cpp_params([3] * 2)), r"params must be a contiguous \(6, 3\)"),
+    (
+        lambda k: k.fsq_fwd(Z9, _cpp_params([3] * 3)[0], torch.ones(3, dtype=torch.int32)),
+        "basis must .* of int64",
+    ),
+    (lambda k: k.fsq_fwd(Z9.T, *_cpp_params([3] * 4)), "z must be a contiguous"),
+    (lambda k: k.fsq_bwd(Z9[:, :2], Z9, _cpp_params([3] * 3)[0]), r"grad must .* \(4, 3\)"),
+    (lambda k: k.fsq_bwd(Z9, Z9, _cpp_params([3] * 4)[0]), r"params must .* \(6, 3\)"),
+    (lambda k: k.sign_fwd(torch.randn(2, 63), False), r"1 <= D <= 62"),
+    (lambda k: k.sign_fwd(torch.randn(2, 0), True), r"1 <= D <= 62"),
+    (lambda k: k.sign_fwd(torch.randint(0, 3, (2, 4)), True), "z must .* got torch.int64"),
+    (lambda k: k.bsq_bwd(Z9.half(), Z9), "grad must .* of float32"),
+    (lambda k: k.binary_entropy_fwd(torch.randn(2, 1025), 1.0, False), r"1 <= D <= 1024"),
+    (lambda k: k.binary_entropy_fwd(torch.randn(2, 4, 3), 1.0, False), r"\(\*, \*\) tensor"),
+    (
+        lambda k: k.binary_entropy_bwd(torch.ones(3), torch.ones(2, 3), Z9, 1.0, False),
+        r"g_row must be a contiguous \(4,\)",
+    ),
+    (
+        lambda k: k.binary_entropy_bwd(torch.ones(4), torch.ones(2, 3).double(), Z9, 1.0, True),
+        "g_col must .* of float32",
+    ),
+]
+
+
+@pytest.mark.skipif(not fastvq.backends()["triton"].available, reason="Triton unavailable")
+@pytest.mark.parametrize("call, match", BAD_TRITON)
+def test_triton_launcher_bad_input_is_a_clear_error(call, match):
+    from fastvq.kernels import scalar
+
+    with pytest.raises(ValueError, match=match):
+        call(scalar)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -30,6 +31,8 @@ H100_LIMITS = {"bf16": 772.0, "tf32": 391.0, "fp32": 52.0, "copy": 3000.0}
 # has no swap (23 GiB for 6 helpers), so a failed allocation there can take others down with it.
 CPU_MEMORY_LIMIT = 4 * 2**30
 CHECK_ROWS = 512  # rows sampled for float64 checks: enough to see a 0.2 % disagreement rate
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+RESULTS = os.path.join("bench", "results")
 
 
 class Skip(Exception):
@@ -265,10 +268,14 @@ def gpu_state() -> dict:
     return dict(zip(fields, values, strict=True)) if len(values) == len(fields) else {}
 
 
-def environment(device: str = DEVICE) -> dict:
+def environment(device: str = DEVICE, out: str | None = None) -> dict:
+    """The record's environment; out: the folder the records go to, whose files (written earlier
+    in the same run) do not make the code dirty."""
+
     def git(*args):
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+            run = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+            return run.stdout.strip()
         except OSError:
             return ""
 
@@ -290,8 +297,10 @@ def environment(device: str = DEVICE) -> dict:
     # The commit: a tree copied without its .git (as the device machine's may be) has none to
     # read, so gpu.sh's caller passes it as FASTVQ_GIT_REV.
     rev = git("rev-parse", "HEAD")
-    if rev and git("status", "--porcelain", "--", ".", ":!bench/results"):
-        rev += "+dirty"  # records written earlier in the same run do not make the code dirty
+    # git's exclude pathspecs are relative to the checkout (absolute ones match nothing)
+    outputs = {RESULTS, os.path.relpath(os.path.abspath(out or RESULTS), ROOT)}
+    if rev and git("status", "--porcelain", "--", ".", *(f":!{path}" for path in outputs)):
+        rev += "+dirty"
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu,
         "gpu": gpu,
@@ -316,21 +325,63 @@ def save(folder: str, op: str, rows: list[Row], extra: dict, quick: bool = False
     path = os.path.join(folder, f"{op}-{device_name()}{'-quick' if quick else ''}.json")
     record = {
         "op": op,
-        "environment": environment(),
+        "environment": environment(out=folder),
         **extra,
         "rows": [dataclasses.asdict(r) for r in rows],
     }
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(path, record)
     return path
 
 
+def write_json(path: str, value) -> None:
+    """Replace path's contents at once: a run killed mid-write (a GPU step's timeout) leaves the
+    previous file, never a truncated one that hides the shapes it had finished."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+ROW_KEYS = {f.name for f in dataclasses.fields(Row)}
+
+
 def records(folder: str) -> list[tuple[str, dict]]:
-    """(path, record) of every record `save` wrote in folder, by file name (other JSON files, such
-    as screening_share.json, have no rows and are left out)."""
-    paths = sorted(glob.glob(os.path.join(folder, "*.json")))
-    found = [(path, json.load(open(path))) for path in paths]
-    return [(path, record) for path, record in found if "rows" in record]
+    """(path, record) of every record `save` wrote in folder, by file name. Other JSON files
+    without rows (screening_share.json) are left out; an unreadable file or a record of another
+    format is left out with a note on stderr naming it."""
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{folder!r} is not a folder of benchmark records")
+    found = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.json"))):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            print(f"skipped {path}: not readable as JSON ({e})", file=sys.stderr)
+            continue
+        if not isinstance(record, dict) or "rows" not in record:
+            continue
+        rows = record["rows"]
+        if not (
+            isinstance(record.get("op"), str)
+            and isinstance(record.get("environment"), dict)
+            and isinstance(rows, list)
+            and all(isinstance(row, dict) and ROW_KEYS <= row.keys() for row in rows)
+        ):
+            print(f"skipped {path}: not a record of this version's format", file=sys.stderr)
+            continue
+        found.append((path, record))
+    return found
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
 
 
 def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
@@ -338,14 +389,26 @@ def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
     "quick": [...]}; run(shapes, reps, quick) -> rows. Returns the JSON path."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--reps", type=int, default=5, help="timed runs on CPU (GPU: do_bench)")
+    parser.add_argument("--out", default=RESULTS, help=f"records' folder (default {RESULTS})")
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: torch's); recorded in the JSON"
+        "--reps", type=positive_int, default=5, help="timed runs on CPU (GPU: do_bench)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads (default: torch's); recorded in the JSON",
     )
     args = parser.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads > (os.cpu_count() or 1):
+            parser.error(f"--threads: this machine has {os.cpu_count()} CPUs, got {args.threads}")
         torch.set_num_threads(args.threads)
+    try:  # before any work: a GPU session must not time a whole shape to fail at its save
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        parser.error(f"--out {args.out!r}: {e.strerror or e}")
     chosen = shapes["quick"] if args.quick else shapes[DEVICE]
     print(f"== {op} on {device_name()}")
     print(Row.header())

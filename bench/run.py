@@ -4,12 +4,14 @@ python -m bench.run [--quick] [--only nearest_code codebook ...] [--out DIR] [--
 python -m bench.run --summary DIR    (a compact table of every record in DIR)
 python -m bench.run --targets DIR    (the issues' performance targets: met, MISSED or not measured)
 
-Every option but --only goes to each module's command line (bench/common.py's cli). A module that
-fails as a whole is reported and the others still run; the exit status says whether any failed.
+Every option but --only goes to each module's command line (bench/common.py's cli: also --reps N,
+--threads N). A module that fails as a whole, or whose fastvq rows failed (an error or a failed
+correctness check), is reported and the others still run; the exit status says whether any failed.
 """
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -21,11 +23,24 @@ from bench.common import records
 MODULES = ("nearest_code", "codebook", "lattice", "scalar", "nn")
 
 
-def summary(folder: str) -> None:
+def _state(record: dict) -> str:
+    """What a record's header says besides its device: smoke run, cut run, busy CPU."""
+    env = record["environment"]
+    notes = ["quick"] * bool(record.get("quick"))
+    notes += ["INCOMPLETE: the run stopped early"] * (record.get("complete") is False)
+    load, threads = env.get("load"), env.get("threads")
+    if not env.get("gpu") and load is not None and threads and load > threads:
+        notes.append(f"load {load:.1f} > {threads} threads: timings shared")
+    return "".join(f", {note}" for note in notes)
+
+
+def summary(folder: str) -> int:
     """One short line per row of every <op>-*.json in folder: what a GPU session prints
-    before its targets."""
-    for path, record in records(folder):
-        print(f"-- {os.path.basename(path)} ({record['environment'].get('device')})")
+    before its targets. Returns the number of records."""
+    found = records(folder)
+    for path, record in found:
+        device = record["environment"].get("device")
+        print(f"-- {os.path.basename(path)} ({device}{_state(record)})")
         for row in record["rows"]:
             shape = " ".join(f"{v}" for v in row["shape"].values())
             if row["status"] != "ok":
@@ -41,6 +56,20 @@ def summary(folder: str) -> None:
                 f"{row['name'][:40]:40} {shape:24} {row['ms']:9.3f} ms {gib:>6} GiB "
                 f"{agree:>7}{flag} {extra}"
             )
+    return len(found)
+
+
+def failed_rows(path: str) -> list[str]:
+    """The fastvq rows of the record at path that errored or failed their correctness check
+    (a peer may fail: a missing or out-of-memory peer is a row like any other)."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return [
+        f"{row['name']} {row['shape']}: {'CHECK-FAILED' if row['ok'] is False else row['status']}"
+        for row in rows
+        if row["name"].startswith("fastvq")
+        and (row["status"].startswith("error") or row["ok"] is False)
+    ]
 
 
 def main(argv=None) -> list[str]:
@@ -50,21 +79,33 @@ def main(argv=None) -> list[str]:
     parser.add_argument("--summary", metavar="DIR")
     parser.add_argument("--targets", metavar="DIR")
     args, rest = parser.parse_known_args(argv)
-    if args.summary:
-        summary(args.summary)
-        return []
-    if args.targets:
-        targets.report(args.targets)
+    if args.summary or args.targets:
+        if rest:
+            parser.error(f"--summary / --targets read records and take no other options: {rest}")
+        for folder in {args.summary, args.targets} - {None}:
+            if not os.path.isdir(folder):
+                parser.error(f"{folder!r} is not a folder of benchmark records")
+        if args.summary and not summary(args.summary):
+            print(f"no benchmark records in {args.summary}", file=sys.stderr)
+            raise SystemExit(1)
+        if args.targets:
+            targets.report(args.targets)
         return []
     if "-h" in rest or "--help" in rest:
         print(__doc__)
         return []
     paths, failed = [], []
-    for name in args.only:
+    for name in dict.fromkeys(args.only):  # a module named twice runs once
         start = time.perf_counter()
         try:
             module = importlib.import_module(f"bench.bench_{name}")
-            paths.append(module.main(rest))
+            path = module.main(rest)
+            paths.append(path)
+            if bad := failed_rows(path):
+                print(f"{name}: fastvq rows failed:\n  " + "\n  ".join(bad), file=sys.stderr)
+                failed.append(name)
+        except SystemExit as e:  # a module's argparse error: the same for every module
+            raise SystemExit(e.code) from None
         except Exception:  # noqa: BLE001  (one broken module must not cost the others)
             traceback.print_exc()
             failed.append(name)

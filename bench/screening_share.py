@@ -15,13 +15,12 @@ python -m bench.screening_share [--rows 1024] [--out DIR]
 """
 
 import argparse
-import json
 import os
 
 import torch
 from fastvq.kernels.nearest_code import _screening_reference
 
-from bench.common import environment
+from bench.common import RESULTS, environment, positive_int, write_json
 from fastvq.reference import METRICS, code_terms
 
 SHAPES = [(65536, 32), (16384, 8), (196560, 24), (65536, 256), (16384, 1024)]  # (K, D)
@@ -74,8 +73,8 @@ def share(rows: int, k: int, d: int, metric: str, seed: int = 0) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=1024)
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--rows", type=positive_int, default=1024)
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
     results = []
     for k, d in SHAPES:
@@ -88,9 +87,8 @@ def main(argv=None):
             print(f"{line} max error / bound {r['max_error_over_bound']:.3f}{gpu}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "screening_share.json")
-    with open(path, "w") as f:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        json.dump({"environment": environment(device), "results": results}, f, indent=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_json(path, {"environment": environment(device, args.out), "results": results})
     print(f"saved {path}")
 
 

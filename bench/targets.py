@@ -11,6 +11,7 @@ a wrong result never meets a target).
 """
 
 import dataclasses
+import sys
 from collections.abc import Callable
 
 from bench.bench_scalar import COPY
@@ -139,10 +140,28 @@ def _device(record: dict) -> str:
     return env["device"] if env.get("gpu") else f"{env['device']}, {env['threads']} threads"
 
 
+def _counted(target: Target, record: dict, measured: str, verdict: str) -> tuple[str, str]:
+    """(measured, verdict), the verdict qualified where the record cannot settle the target: a
+    time bound is an H100's (another GPU's time, an H200's included, is not counted; a ratio of
+    two rows of one run is); a CPU record taken with the load above its threads had its timings
+    shared."""
+    env = record["environment"]
+    settled = verdict in ("met", "MISSED")
+    if settled and target.device == "cuda" and target.unit == " ms" and "H100" not in env["device"]:
+        return measured, f"not counted: not an H100 ({verdict} on this GPU)"
+    load, threads = env.get("load"), env.get("threads")
+    if target.device == "cpu" and load is not None and threads and load > threads:
+        verdict += f" (load {load:.1f} > {threads} threads: timings shared)"
+    return measured, verdict
+
+
 def report(folder: str) -> list[tuple[Target, str, str, str]]:
     """Prints one line per target and record of its device in folder, or one saying that there is
     none; returns the lines' (target, device, measured, verdict)."""
-    found = [r for _, r in records(folder) if not r.get("quick")]  # smoke runs measure nothing
+    every = records(folder)
+    if not every:
+        print(f"no benchmark records in {folder}", file=sys.stderr)
+    found = [r for _, r in every if not r.get("quick")]  # smoke runs measure nothing
     lines = []
     for target in TARGETS:
         ops = [r for r in found if r["op"] == target.op]
@@ -155,7 +174,7 @@ def report(folder: str) -> list[tuple[Target, str, str, str]]:
             if ops:
                 why += f" (only {'; '.join(sorted({_device(r) for r in ops}))})"
             lines.append((target, "-", "-", why))
-        lines += [(target, _device(r), *evaluate(target, r)) for r in mine]
+        lines += [(target, _device(r), *_counted(target, r, *evaluate(target, r))) for r in mine]
     print(f"{'#':>2} {'target':48} {'bound':>10} {'device':22} {'measured':28} verdict")
     for target, device, measured, verdict in lines:
         bound = f"{target.compare} {target.bound:g}{target.unit}"

@@ -1,6 +1,6 @@
 """pytest-benchmark microbenchmarks of nearest_code per backend (not part of `make test`):
 
-python -m pytest bench/test_microbench.py --benchmark-json bench/results/micro-<device>.json
+python -m pytest bench/test_microbench.py --benchmark-json bench/results/micro.json
 """
 
 import pytest
@@ -34,6 +34,6 @@ def test_nearest_code(benchmark, shape, case, precision):
     idx = benchmark(run)
     rows = torch.arange(0, n, max(1, n // 256), device=device)
     check_nearest(z[rows], codebook, idx[rows], precision=precision)
-    benchmark.extra_info.update(
-        n=n, k=k, d=d, tflops_per_s=2 * n * k * d / benchmark.stats["median"] / 1e12
-    )
+    if benchmark.stats is not None:  # None under --benchmark-disable (a run without timings)
+        median = benchmark.stats["median"]
+        benchmark.extra_info.update(n=n, k=k, d=d, tflops_per_s=2 * n * k * d / median / 1e12)

@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,46 @@ def test_bench_writes_its_record(tmp_path, module, one_thread):
             found = [r for r in rows if r["name"] == name and set(shape) <= set(r["shape"])]
             assert found, (target.what, name, shape)
             assert any(r["shape"].get("op") == shape.get("op") for r in found), (name, shape)
+
+
+def test_run_fails_on_failed_fastvq_rows_and_runs_a_module_once(tmp_path, monkeypatch, capsys):
+    """A module whose fastvq row errored or failed its check is a failed module (it exited 0,
+    and gpu.sh called the step ok); a failing peer is not; --only a a runs a once."""
+    import bench.bench_scalar
+
+    calls = []
+
+    def fake(argv, rows):
+        calls.append(argv)
+        path = str(tmp_path / "scalar-cpu.json")
+        common.write_json(path, {"op": "scalar", "environment": {}, "rows": rows})
+        return path
+
+    peer = dataclasses.asdict(common.Row("vqp fsq", {"N": 1}, status="error: RuntimeError: x"))
+    good = dataclasses.asdict(common.Row("fastvq fsq", {"N": 1}, ms=1.0, ok=True))
+    monkeypatch.setattr(bench.bench_scalar, "main", lambda argv: fake(argv, [peer, good]))
+    assert main(["--only", "scalar", "scalar", "--quick"]) == [str(tmp_path / "scalar-cpu.json")]
+    assert calls == [["--quick"]]
+    for bad in (dict(good, ok=False), dict(good, status="error: ValueError: y", ms=None)):
+        monkeypatch.setattr(bench.bench_scalar, "main", lambda argv, b=bad: fake(argv, [b]))
+        with pytest.raises(SystemExit) as exc:
+            main(["--only", "scalar"])
+        assert exc.value.code == 1
+        assert "scalar: fastvq rows failed" in capsys.readouterr().err
+
+
+def test_fastvq_bench_takes_folders_from_where_it_runs(tmp_path, monkeypatch):
+    """`fastvq bench` runs bench.run in the checkout: a relative --out / --summary / --targets
+    wrote into, or read from, the checkout instead of the user's folder."""
+    from fastvq.train.cli import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    args = ["--quick", "--out", "res", "--summary=s", "--targets", "/abs", "--only", "nn"]
+    assert _absolute_paths(args) == [
+        "--quick", "--out", f"{here}/res", f"--summary={here}/s", "--targets", "/abs",
+        "--only", "nn",
+    ]  # fmt: skip
 
 
 def test_run_reports_a_broken_module(tmp_path, monkeypatch, capsys):
@@ -234,12 +275,19 @@ def test_environment_records_what_ran(tmp_path, monkeypatch):
     subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     monkeypatch.chdir(repo)
+    monkeypatch.setattr(common, "ROOT", str(repo))
     (repo / "bench" / "results" / "op-cpu.json").write_text("{}")
     env = common.environment("cpu")
     assert env["git"] == head.strip()
     assert env["torch"] == torch.__version__ and env["triton"] == version("triton")
     assert env["peers"] == {p: version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")}
     assert env["device"] == env["cpu"]
+    # nor do records in the folder of this run's --out
+    (repo / "mine").mkdir()
+    (repo / "mine" / "op-cpu.json").write_text("{}")
+    assert common.environment("cpu", out="mine")["git"] == head.strip()
+    assert common.environment("cpu")["git"] == head.strip() + "+dirty"
+    (repo / "mine" / "op-cpu.json").unlink()
     (repo / "a.py").write_text("x = 2\n")
     assert common.environment("cpu")["git"] == head.strip() + "+dirty"
 
@@ -274,14 +322,89 @@ def test_summary_flags_failed_checks(tmp_path, capsys):
     ok = dict(dataclasses.asdict(common.Row("good", {"N": 1}, ms=1.0, ok=True)))
     failed = dict(ok, name="wrong", ok=False)
     skipped = dict(dataclasses.asdict(common.Row("absent", {"N": 1})), status="skipped: why")
-    record = {"environment": {"device": "dev"}, "rows": [ok, failed, skipped]}
+    record = {"op": "op", "environment": {"device": "dev"}, "rows": [ok, failed, skipped]}
     (tmp_path / "op-dev.json").write_text(json.dumps(record))
-    summary(str(tmp_path))
+    assert summary(str(tmp_path)) == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "-- op-dev.json (dev)"
     good, wrong, absent = lines[1:]
     assert "CHECK-FAILED" in wrong and "CHECK-FAILED" not in good
     assert absent.split()[0] == "absent" and "skipped: why" in absent
+    # a smoke run, a run cut short and a busy CPU say so in the header
+    env = {"device": "cpu", "gpu": None, "threads": 2, "load": 3.5}
+    record |= {"environment": env, "quick": True, "complete": False}
+    (tmp_path / "op-dev.json").write_text(json.dumps(record))
+    summary(str(tmp_path))
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "-- op-dev.json (cpu, quick, INCOMPLETE: the run stopped early, "
+        "load 3.5 > 2 threads: timings shared)"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--reps", "0"], "--reps: expected an int >= 1, got 0"),
+        (["--reps", "-3"], "--reps: expected an int >= 1, got -3"),
+        (["--threads", "0"], "--threads: expected an int >= 1, got 0"),
+        (["--threads", "100000"], "--threads: this machine has"),
+        (["--out", "FILE"], "--out '.*FILE': File exists"),
+        (["--out", "FILE/sub"], "--out '.*FILE/sub': Not a directory"),
+        (["--out", ""], "--out '': No such file or directory"),
+    ],
+)
+def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, argv, match):
+    """--reps 0 wrote a record of errors over the measured one (exit 0); --threads 100000
+    crashed torch; an --out that cannot hold records failed only after a whole shape ran."""
+    (tmp_path / "FILE").write_text("x")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    ran = []
+    with pytest.raises(SystemExit) as exc:
+        common.cli(argv, "doc", "fake", lambda *a: ran.append(a) or [], {"cpu": [1], "cuda": [1]})
+    assert exc.value.code == 2 and not ran
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_records_are_written_whole_and_read_with_care(tmp_path, capsys):
+    """write_json replaces a record at once (a GPU step killed mid-write keeps the old one), and
+    records() names what it cannot read instead of failing on every record of the folder."""
+    folder = tmp_path / "res[gpu]"  # glob characters in the name: a folder like any other
+    folder.mkdir()
+    good = {"op": "op", "environment": {"device": "d"}, "rows": []}
+    common.write_json(str(folder / "op-d.json"), good)
+    with pytest.raises(TypeError):
+        common.write_json(str(folder / "op-d.json"), {"rows": [object()]})
+    assert json.loads((folder / "op-d.json").read_text()) == good
+    (folder / "op-d.json.tmp").unlink()
+    (folder / "cut-d.json").write_text('{"op": "cut", "rows": [')
+    (folder / "old-d.json").write_text(json.dumps({"rows": [{"shape": {}}], "environment": {}}))
+    (folder / "screening_share.json").write_text(json.dumps({"results": []}))
+    assert common.records(str(folder)) == [(str(folder / "op-d.json"), good)]
+    err = capsys.readouterr().err
+    assert f"skipped {folder / 'cut-d.json'}: not readable as JSON" in err
+    assert f"skipped {folder / 'old-d.json'}: not a record of this version's format" in err
+    with pytest.raises(NotADirectoryError, match="is not a folder of benchmark records"):
+        common.records(str(tmp_path / "missing"))
+
+
+def test_summary_and_targets_refuse_what_is_not_a_records_folder(tmp_path, capsys):
+    """A mistyped folder read as an empty session ("not measured" everywhere, exit 0)."""
+    (tmp_path / "file").write_text("x")
+    for option in ("--summary", "--targets"):
+        for folder in (tmp_path / "missing", tmp_path / "file"):
+            with pytest.raises(SystemExit) as exc:
+                main([option, str(folder)])
+            assert exc.value.code == 2 and "is not a folder of benchmark records" in (
+                capsys.readouterr().err
+            )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["--summary", str(tmp_path / "empty")])
+    assert exc.value.code == 1 and "no benchmark records in" in capsys.readouterr().err
+    main(["--targets", str(tmp_path / "empty")])
+    assert "no benchmark records in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--summary", str(tmp_path / "empty"), "--quick"])  # ignored before
 
 
 def test_targets_verdicts(tmp_path, capsys):
@@ -387,6 +510,37 @@ def test_targets_verdicts(tmp_path, capsys):
         target = by_what[what]
         rows = [row(name, t, **shape) for (name, shape), t in zip(target.rows, ms, strict=True)]
         assert evaluate(target, {"rows": rows}) == (expect, "met")
+
+
+def test_targets_count_an_h100s_times_and_flag_a_busy_cpu(tmp_path):
+    """A time bound is an H100's: another GPU's time (an RTX 4090 meeting 0.8 ms) is shown but
+    not counted; a CPU ratio measured with the load above the threads says so."""
+    from bench.targets import report
+
+    def write(file, device, rows, gpu=True, load=0.5):
+        env = {"device": device, "gpu": {"capability": "8.9"} if gpu else None, "threads": 2}
+        env["load"] = load
+        record = {"op": file.split("-")[0], "environment": env, "rows": rows}
+        (tmp_path / file).write_text(json.dumps(record))
+
+    def row(name, ms, **shape):
+        return dataclasses.asdict(common.Row(name, shape, ms=ms, ok=True))
+
+    write("nearest_code-rtx.json", "NVIDIA GeForce RTX 4090", [
+        row("fastvq exact", 0.5, N=65536, K=65536, D=32),
+    ])  # fmt: skip
+    write("nearest_code-cpu.json", "AMD EPYC", [
+        row("torch chunked fp32", 30.0, N=8192, K=16384, D=32),
+        row("fastvq exact", 5.0, N=8192, K=16384, D=32),
+    ], gpu=False, load=3.0)  # fmt: skip
+    lines = {t.what: (value, verdict) for t, _, value, verdict in report(str(tmp_path))}
+    assert lines["nearest_code exact fp32 65536x65536x32"] == (
+        "0.5 ms",
+        "not counted: not an H100 (met on this GPU)",
+    )
+    assert lines["chunked ref / C++ nearest_code 8192x16384x32"][1] == (
+        "met (load 3.0 > 2 threads: timings shared)"
+    )
 
 
 # --- each bench module's correctness check rejects a wrong fastvq result before timing ---

@@ -125,7 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="run the repository's benchmarks (python -m bench.run)",
-        description="Runs `python -m bench.run ARGS` from the fastvq source checkout.",
+        description=(
+            "Runs `python -m bench.run ARGS` from the fastvq source checkout: records go to its "
+            "bench/results unless --out DIR (a relative DIR, and --summary / --targets DIR, "
+            "are taken from where you run fastvq). ARGS: [--quick] [--only MODULE ...] "
+            "[--out DIR] [--reps N] [--threads N] | --summary DIR | --targets DIR; see "
+            "bench/README.md."
+        ),
     )
     b.add_argument("args", nargs="*", help="passed to bench.run (e.g. --quick)")
 
@@ -350,7 +356,25 @@ def bench(args: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    return subprocess.call([sys.executable, "-m", "bench.run", *args], cwd=root)
+    return subprocess.call([sys.executable, "-m", "bench.run", *_absolute_paths(args)], cwd=root)
+
+
+_BENCH_PATH_OPTIONS = ("--out", "--summary", "--targets")
+
+
+def _absolute_paths(args: list[str]) -> list[str]:
+    """bench.run's folder arguments made absolute: it runs from the checkout, and a user's
+    `fastvq bench --out results` means ./results where they stand, not one in the checkout."""
+    out, follows_option = [], False
+    for arg in args:
+        option, eq, value = arg.partition("=")
+        if follows_option:
+            arg = os.path.abspath(arg)
+        elif eq and option in _BENCH_PATH_OPTIONS:
+            arg = f"{option}={os.path.abspath(value)}"
+        follows_option = arg in _BENCH_PATH_OPTIONS
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

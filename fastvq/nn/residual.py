@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvq.nn._constants import ConstantBuffers
 from fastvq.nn.projected import SimVQ
 from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, from_channel_last, project_in
 from fastvq.nn.vector_quantize import (
@@ -121,7 +122,7 @@ def _clamp_values(value, d: int) -> torch.Tensor:
             f"soft_clamp_input_value must be a number or {d} numbers (one per level), got {value!r}"
         )
     values = [check_positive("soft_clamp_input_value", v) for v in values]
-    return torch.tensor(values if len(values) > 1 else values[0], dtype=torch.float32)
+    return torch.tensor(values if len(values) > 1 else values[0], dtype=torch.float32, device="cpu")
 
 
 def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
@@ -130,7 +131,7 @@ def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
     return frac * t + (1.0 - frac) * t.detach()
 
 
-class _Residual(nn.Module):
+class _Residual(ConstantBuffers):
     """Shared residual stack. Subclasses build self.layers and define _layer (one layer's
     quantization of (b, n, d) float32 rows) and _layer_codes ((m,) indices -> (m, d) codes)."""
 
@@ -447,13 +448,13 @@ class ResidualVQ(_Residual):
         self.eval_beam_size = self.beam_size if eval_beam_size is None else eval_beam_size
         if beam_score_quantizer_weights is None:
             beam_score_quantizer_weights = [1.0] * num_quantizers
-        weights = torch.as_tensor(beam_score_quantizer_weights, dtype=torch.float32)
+        weights = torch.as_tensor(beam_score_quantizer_weights, dtype=torch.float32, device="cpu")
         if weights.shape != (num_quantizers,) or not bool(weights.isfinite().all()):
             raise ValueError(
                 f"beam_score_quantizer_weights must hold num_quantizers = {num_quantizers} finite "
                 f"numbers, got {beam_score_quantizer_weights!r}"
             )
-        self.register_buffer("beam_score_weights", weights, persistent=False)
+        self.register_constant("beam_score_weights", weights)
 
     def _check_layout(self, x):
         if self._fmap_ndim is not None and x.dim() != self._fmap_ndim:
@@ -839,19 +840,17 @@ class ResidualFSQ(_Residual):
             for _ in range(num_quantizers)
         )
         self.codebook_size = self.layers[0].codebook_size
-        lv = torch.tensor(levels, dtype=torch.float32)
+        lv = torch.tensor(levels, dtype=torch.float32, device="cpu")
         if bool((lv < 2).any()):
             raise ValueError(f"levels must all be >= 2, got {levels}")
-        self.register_buffer(
-            "scales", torch.stack([lv**-i for i in range(num_quantizers)]), persistent=False
-        )
+        self.register_constant("scales", torch.stack([lv**-i for i in range(num_quantizers)]))
         if bound_hard_clamp:
             if soft_clamp_input_value is not None:
                 raise ValueError("soft_clamp_input_value is set by bound_hard_clamp=True")
             soft_clamp_input_value = 1 + 1 / (lv - 1)
         elif soft_clamp_input_value is not None:
             soft_clamp_input_value = _clamp_values(soft_clamp_input_value, len(levels))
-        self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
+        self.register_constant("soft_clamp_input_value", soft_clamp_input_value)
 
     def _prepare(self, z):
         c = self.soft_clamp_input_value

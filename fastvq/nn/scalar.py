@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq._ext import register_namedtuple
+from fastvq.nn._constants import ConstantBuffers
 from fastvq.ops._validate import (
     check_floating,
     check_index_range,
@@ -125,7 +126,7 @@ def _orthogonal(d: int) -> torch.Tensor:
 # --- FSQ ---------------------------------------------------------------------------------------
 
 
-class FSQ(nn.Module):
+class FSQ(ConstantBuffers):
     """Finite scalar quantization (Mentzer et al. 2024), vector-quantize-pytorch's FSQ.
 
     forward(z) -> (quantized, indices). z: (b, n, dim) channel-last, or channel-first
@@ -207,10 +208,7 @@ class FSQ(nn.Module):
         self.orthogonal_rotation = orthogonal_rotation
         if orthogonal_rotation:
             self.register_buffer("orthogonal_rot", _orthogonal(self.codebook_dim))
-        # (L - 1) as floats for the symmetric grid; a non-persistent buffer follows .to(device).
-        self.register_buffer(
-            "_levels_f", torch.tensor(self.levels, dtype=torch.float32), persistent=False
-        )
+        self.register_constant("_levels_f", self.levels)  # for the symmetric grid
 
     @property
     def codebook(self):
@@ -326,7 +324,7 @@ class CosineSimLinear(nn.Module):
         return F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0) * self.scale
 
 
-class LFQ(nn.Module):
+class LFQ(ConstantBuffers):
     """Lookup-free quantization (MAGVIT-v2), vector-quantize-pytorch's LFQ (spherical=True: BSQ).
 
     forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)
@@ -355,6 +353,10 @@ class LFQ(nn.Module):
       - under DDP (a process group of several ranks), batch_entropy is that of the bit marginals
         of all ranks' rows together (the peer averages the ranks' means: the same for equal
         shards), so every rank must run each training forward: two all-reduces per codebook.
+
+    Under torch.compile an inv_temperature changed from step to step (annealed) is a constant of
+    the graph (the entropy op takes it as a float): each value compiles again, up to torch's
+    recompile limit.
     """
 
     spherical_default = False
@@ -459,7 +461,7 @@ class LFQ(nn.Module):
         self.entropy_loss_offset = check_real("entropy_loss_offset", entropy_loss_offset, -math.inf)
         self.experimental_softplus_entropy_loss = experimental_softplus_entropy_loss
         self.force_quantization_f32 = force_quantization_f32
-        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        self.register_constant("zero", 0.0)
         # Unused by fastvq; a persistent (d,) buffer in the peer, kept so its checkpoints load.
         self.register_buffer("mask", 2 ** torch.arange(self.codebook_dim - 1, -1, -1))
 

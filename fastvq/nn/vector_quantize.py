@@ -72,7 +72,10 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
 
 torch.compile: forward compiles with fullgraph=True in eval and in training (topk= too), the EMA
 update included (fastvq.ema_update_ / ema_codebook are custom ops; a buffer codebook is replaced
-by the updated tensor, never written in place under the estimator's saved codes). Deliberate graph
+by the updated tensor, never written in place under the estimator's saved codes; _update says
+where it is written in place instead). A float hyperparameter changed from step to step (a decay
+warm-up) is a constant of the graph: each value compiles again, up to torch's recompile limit
+(then eager; an error under fullgraph=True). Deliberate graph
 breaks, eager by design: the k-means init (data-dependent, first training step), dead-code
 replacement (threshold_ema_dead_code > 0), torch.unique of orthogonal_reg_active_codes_only,
 and the update of a Parameter codebook (orthogonal_reg_weight > 0: written through .data, which
@@ -572,11 +575,12 @@ class VectorQuantize(nn.Module):
                 check = False
             qs, idxs, codes = [], [], []
             for c, zc in enumerate(rows):
-                # A Parameter codebook is updated in place below, and the estimator's backward
-                # reads the codes it quantized with: a copy (K x D, small next to the search).
-                # A buffer codebook is replaced by a new tensor instead, so needs none.
+                # A codebook updated in place below (a Parameter, a DataParallel replica's) is
+                # copied first: the estimator's backward reads the codes it quantized with (K x D,
+                # small next to the search). A buffer codebook is replaced by a new tensor
+                # instead, so needs none.
                 cb = codebooks[c].detach()
-                cb = _snapshot(cb) if update and self._param_codebook() else cb
+                cb = _snapshot(cb) if update and self._updates_in_place() else cb
                 if stochastic:
                     idx = _gumbel_indices(zc.detach(), cb, self.metric, temp)
                     q = _gather(zc, cb, idx, self.grad, self.backend)
@@ -890,7 +894,11 @@ class VectorQuantize(nn.Module):
         new tensor rather than written in place: the estimator's backward (rotation trick)
         reads the codes it quantized with, and torch.compile's partitioner may recompute a
         forward-time copy from the buffer itself. A Parameter codebook (orthogonal regulariser,
-        learnable) is written through .data; the forward quantized with a copy of it."""
+        learnable) is written through .data; the forward quantized with a copy of it. Written in
+        place too: a DataParallel replica's buffer (an attribute set on the replica would be lost
+        with it; its device-0 buffers are the module's own), after a copy like a Parameter's;
+        and under torch.inference_mode in eager mode (no backward; the new tensor would be an
+        inference tensor, which no later training step could save for its backward)."""
         if self._param_codebook():
             self._update_param(rows, idxs, row_mask, do_ema)
             return
@@ -934,11 +942,24 @@ class VectorQuantize(nn.Module):
                     embed[c] = _l2norm(code) if self.use_cosine_sim else code
         if self.threshold_ema_dead_code > 0:
             self._reset_dead(embed, rows, masks, group)
-        if not param:
+        if param:
+            return
+        # (dynamo cannot trace is_inference_mode_enabled: compiled, the buffer is replaced)
+        inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+        if inference or self._is_replica:
+            with torch.no_grad():
+                self.embed.copy_(embed)
+        else:
             self.embed = embed
 
     def _param_codebook(self) -> bool:
         return isinstance(self.embed, nn.Parameter)
+
+    # nn.DataParallel sets it on each replica (torch.nn.Module._replicate_for_data_parallel).
+    _is_replica = False
+
+    def _updates_in_place(self) -> bool:
+        return self._param_codebook() or self._is_replica
 
     @eager_only
     @torch.no_grad()

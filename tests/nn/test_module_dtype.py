@@ -336,3 +336,63 @@ def test_peer_state_dict_loads_into_cast_module(dtype):
     assert layer.cluster_size.dtype == torch.float32
     assert torch.equal(layer.cluster_size, peer_sd["layers.1._codebook.cluster_size"].float())
     cast(torch.randn(2, 5, 8, dtype=dtype))  # trains
+
+
+# Layers whose constructor fixes constant buffers (not in the state dict): ResidualVQ's beam
+# weights, ResidualFSQ's scales and clamp, FSQ's levels, LFQ's zero.
+CONSTANTS = {
+    "rvq_beam": lambda: ResidualVQ(
+        dim=D,
+        num_quantizers=3,
+        codebook_size=K,
+        beam_size=2,
+        beam_score_quantizer_weights=[1, 2, 3],
+    ),
+    "rfsq": lambda: ResidualFSQ(levels=[7, 5, 4], num_quantizers=3, dim=D),
+    "rfsq_hard": lambda: ResidualFSQ(
+        levels=[8, 5, 5, 5], num_quantizers=4, dim=D, bound_hard_clamp=True
+    ),
+    "fsq_symmetric": lambda: FSQ([5, 4, 3], dim=D, preserve_symmetry=True),
+    "lfq": lambda: LFQ(dim=D, codebook_size=16),
+}
+
+
+def _eval(module, x):
+    with torch.no_grad():
+        out = module.eval()(x)
+    return out[0] if isinstance(out[0], tuple) else out
+
+
+@pytest.mark.parametrize("name", list(CONSTANTS))
+def test_meta_build_then_to_empty_and_load_restores_every_value(name):
+    # The checkpoint-restore idiom: a skeleton built on the meta device (the residual stacks
+    # crashed there, reading .item() of their checks), to_empty, load_state_dict. Constant
+    # buffers are not in the state dict: they held uninitialized memory (other indices, NaN, an
+    # LFQ loss of -1.7e37).
+    torch.manual_seed(0)
+    trained = CONSTANTS[name]()
+    with torch.device("meta"):
+        skeleton = CONSTANTS[name]()
+    restored = skeleton.to_empty(device="cpu")
+    restored.load_state_dict(trained.state_dict())
+    for (key, a), (_, b) in zip(trained.named_buffers(), restored.named_buffers(), strict=True):
+        assert torch.equal(a, b), key
+    x = torch.randn(2, 40, D)
+    for a, b in zip(_eval(trained, x), _eval(restored, x), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cast_residual_fsq_quantizes_with_float32_constants(dtype):
+    # Its docstring: the residual chain runs in float32 in a module cast to bf16 / fp16 too. The
+    # cast rounded the scales and clamp values, so a bf16 copy of a checkpoint gave other tokens
+    # (55 % of the last layer's indices for these levels) on the same bf16-exact input.
+    torch.manual_seed(0)
+    for kwargs in ({"levels": [8, 5, 5, 5]}, {"levels": [7, 7, 7], "bound_hard_clamp": True}):
+        module = ResidualFSQ(num_quantizers=4, **kwargs)  # no projections: dim = len(levels)
+        cast = copy.deepcopy(module).to(dtype)
+        for name in ("scales", "soft_clamp_input_value"):
+            want = getattr(module, name)
+            assert want is None or torch.equal(getattr(cast, name), want), name
+        x = torch.randn(4, 500, len(kwargs["levels"])).to(dtype)
+        assert torch.equal(_eval(cast, x)[1], _eval(module, x.float())[1])

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvq
 from fastvq.nn import vector_quantize as vqmod
+from fastvq.nn.residual import ResidualVQ
 from fastvq.nn.vector_quantize import (
     CodebookMLP,
     HouseholderVQ,
@@ -426,6 +427,61 @@ def test_rotation_gradient_uses_the_codes_before_the_parameter_update():
     assert torch.equal(idx2, idx)
     (q2 * g).sum().backward()
     torch.testing.assert_close(x.grad, z.grad)
+
+
+@pytest.mark.parametrize("layer", ["vq", "rvq"])
+def test_a_training_forward_under_inference_mode_leaves_the_layer_trainable(layer):
+    # The EMA step replaced the codebook buffer by a tensor made under inference_mode: an
+    # inference tensor, which every later training step failed to save for its backward (and
+    # load_state_dict could not write). Under inference_mode it is now written in place.
+    def build():
+        torch.manual_seed(0)
+        if layer == "vq":
+            return VectorQuantize(DIM, K, decay=0.5, threshold_ema_dead_code=1, grad="rotation")
+        return ResidualVQ(dim=DIM, codebook_size=K, num_quantizers=2, decay=0.5)
+
+    vq, twin = build(), build()
+    x = _randn(3, 6, DIM, seed=10)
+    with torch.inference_mode():
+        torch.manual_seed(1)  # the dead-code rows
+        vq(x)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        twin(x)
+    for a, b in zip(vq.buffers(), twin.buffers(), strict=True):
+        assert not a.is_inference() and torch.equal(a, b)  # the same step, as a normal tensor
+    vq.load_state_dict(twin.state_dict())
+    xg = x.clone().requires_grad_()
+    q, _, loss = vq(xg)
+    (q.square().mean() + loss.sum()).backward()
+    assert xg.grad is not None and bool(xg.grad.isfinite().all())
+
+
+def test_a_dataparallel_replica_updates_the_modules_codebook():
+    # nn.DataParallel's device-0 replica (torch's own constructor of it, on CPU here) shares the
+    # module's buffers: its EMA step advanced the module's statistics but set the new codebook
+    # on the replica, discarded after the step. The codebook now follows its statistics, and the
+    # rotation trick's backward still sees the codes it quantized with. (A Parameter codebook's
+    # replica needs torch.nn.parallel.replicate, on GPUs: not tested here.)
+    def build():
+        torch.manual_seed(0)
+        return VectorQuantize(DIM, K, decay=0.5, grad="rotation")
+
+    vq, twin = build(), build()
+    x = _randn(3, 6, DIM, seed=11)
+    before = vq.codebook.detach().clone()
+    replica = vq._replicate_for_data_parallel()
+    xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    q, idx, _ = replica(xr)
+    qt, idx_t, _ = twin(xt)
+    assert torch.equal(idx, idx_t) and not torch.equal(vq.codebook, before)
+    for a, b in zip(vq.buffers(), twin.buffers(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(vq.codebook, twin.codebook)
+    g = _randn(*q.shape, seed=12)
+    (q * g).sum().backward()
+    (qt * g).sum().backward()
+    torch.testing.assert_close(xr.grad, xt.grad)
 
 
 def test_stochastic_sampling_follows_gumbel_softmax(monkeypatch):

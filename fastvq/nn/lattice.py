@@ -24,6 +24,7 @@ from fastvq.nn.scalar import (
     check_index_tensor,
     check_input,
     from_channel_last,
+    loss_dtype,
     mse,
     project_in,
 )
@@ -138,7 +139,7 @@ class _ShellQuantize(nn.Module):
         z = project_in("x", self.project_in, x)
         u = z * inv_norm(z)  # norms in float64: a zero row (fp16 padding) stays 0, never NaN
         indices, q = self._decode(u.detach())
-        loss = u.new_zeros(())
+        loss = u.new_zeros((), dtype=loss_dtype(u.dtype))
         if self.training and self.commitment_weight > 0:
             loss = mse(u, q) * self.commitment_weight
         out = attach_gradient(u, q, "rotation" if self.rotation_trick else "ste")

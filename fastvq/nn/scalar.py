@@ -51,8 +51,14 @@ LossBreakdown = register_namedtuple(
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """F.mse_loss(a, b) for equal shapes, but 0 (not NaN) when empty: an empty batch has no
-    error."""
-    return (a - b).square().sum() / max(a.numel(), 1)
+    error. In float32 at least (bf16 / fp16 inputs: a float32 loss, as every layer's)."""
+    acc = loss_dtype(a.dtype)
+    return (a.to(acc) - b.to(acc)).square().sum() / max(a.numel(), 1)
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a layer's losses for inputs of `dtype`: float32, or float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def check_input(name: str, x, dim: int, min_ndim: int = 2) -> None:
@@ -722,8 +728,9 @@ class LatentQuantize(nn.Module):
         digits, codes = [], []
         for i in range(self.codebook_dim):
             values = self._values(i)
-            # A 1-D nearest_code: |z - v|^2 over L values, ties to the lowest index.
-            idx = nearest_code(z[..., i : i + 1].detach(), values.detach()[:, None].to(z.dtype))
+            # A 1-D nearest_code: |z - v|^2 over L values, ties to the lowest index, in the
+            # promoted dtype (bf16 latents under autocast: float32 values, not rounded ones).
+            idx = nearest_code(z[..., i : i + 1].detach(), values.detach()[:, None])
             digits.append(idx)
             codes.append(values[idx])
         q = torch.stack(codes, -1).to(z.dtype)
@@ -739,7 +746,7 @@ class LatentQuantize(nn.Module):
         indices = from_channel_last(indices, spatial, channel_first=False)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)
-        loss = out.new_zeros(())
+        loss = out.new_zeros((), dtype=loss_dtype(out.dtype))
         if self.training and self.commitment_loss_weight:
             loss = loss + self.commitment_loss_weight * mse(z, q.detach())
         if self.training and self.quantization_loss_weight:

@@ -396,3 +396,28 @@ def test_cast_residual_fsq_quantizes_with_float32_constants(dtype):
             assert want is None or torch.equal(getattr(cast, name), want), name
         x = torch.randn(4, 500, len(kwargs["levels"])).to(dtype)
         assert torch.equal(_eval(cast, x)[1], _eval(module, x.float())[1])
+
+
+@pytest.mark.parametrize(
+    "build, dim",
+    [
+        (lambda: E8Quantize(dim=8, commitment_weight=1.0), 8),
+        (lambda: LeechQuantize(dim=24, commitment_weight=1.0), 24),
+        (lambda: LatentQuantize(levels=[5, 6, 7, 8], dim=4, commitment_loss_weight=0.5), 4),
+    ],
+    ids=["e8", "leech", "latent"],
+)
+def test_bf16_autocast_losses_are_float32(build, dim):
+    # These returned a bf16 loss for bf16 input (a bf16 sum of squares), every other layer a
+    # float32 one; LatentQuantize also searched its float32 values rounded to bf16. (No
+    # projections: the float32 module then sees the same rows.)
+    torch.manual_seed(0)
+    module = build().train()
+    x = torch.randn(2, dim, 300) if isinstance(module, LatentQuantize) else torch.randn(2, 40, dim)
+    x = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, indices, loss = module(x)
+        assert module.eval()(x)[2].dtype == torch.float32
+    _, want_indices, want = module.train()(x.float())
+    assert loss.dtype == torch.float32 and torch.equal(indices, want_indices)
+    torch.testing.assert_close(loss, want, rtol=1e-2, atol=0)

@@ -155,9 +155,9 @@ class VQGANLoss(nn.Module):
         """Total generator-side loss and logs. x, x_hat: (B, C, H, W); quant_loss: scalar.
 
         last_layer (the decoder's last weight) is needed for the adaptive weight once the GAN
-        term is on; without it (or in eval mode, where no graph is kept) the weight is 1. The GAN
-        term's backward also reaches the discriminator's parameters unless they are frozen
-        (requires_grad_(False)), as the trainer does for the generator step.
+        term is on; without it (or with grad disabled, where no graph is kept) the weight is 1.
+        The GAN term's backward also reaches the discriminator's parameters unless they are
+        frozen (requires_grad_(False)), as the trainer does for the generator step.
         """
         rec = reconstruction_loss(x, x_hat, self.recon)
         nll = self.recon_weight * rec

@@ -866,8 +866,8 @@ class Trainer:
                 out = model(x, quantize=cfg["train"]["vq"])
             recon = to_8bit(out.recon.float())  # the saved image, which every metric scores
             ev.update(x, recon, out.indices)
-            if lpips is not None:
-                lpips_sum += lpips(x, recon).double().sum()
+            if lpips is not None:  # against the 8-bit reference, as every other metric
+                lpips_sum += lpips(to_8bit(x.float()), recon).double().sum()
             if shown is None:
                 shown = (x[: e["num_images"]], out.recon[: e["num_images"]].float())
         if self.world > 1:

@@ -192,6 +192,7 @@ class RandomProjectionQuantizer(nn.Module):
         nn.init.kaiming_uniform_(codes)
         self.register_buffer("codebook", F.normalize(codes, dim=-1))
         self.norm = nn.LayerNorm(self.dim, elementwise_affine=False) if norm else nn.Identity()
+        self._register_load_state_dict_pre_hook(_peer_rpq_keys)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         check_floating("x", x)
@@ -236,3 +237,14 @@ class RandomProjectionQuantizer(nn.Module):
                 total = total + part.float()
         count = (target != -1).sum().clamp(min=1)
         return total / count
+
+
+def _peer_rpq_keys(state_dict, prefix, *args, **kwargs) -> None:
+    """Load vector-quantize-pytorch's RandomProjectionQuantizer state dicts (num_codebooks = 1;
+    with more, its layout differs): its vq._codebook.embed is this codebook, and the EMA
+    statistics of its never-trained VectorQuantize are dropped."""
+    peer = prefix + "vq._codebook."
+    if peer + "embed" in state_dict and prefix + "codebook" not in state_dict:
+        state_dict[prefix + "codebook"] = state_dict.pop(peer + "embed")
+        for name in ("initted", "cluster_size", "embed_avg"):
+            state_dict.pop(peer + name, None)

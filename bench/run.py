@@ -24,9 +24,11 @@ MODULES = ("nearest_code", "codebook", "lattice", "scalar", "nn")
 
 
 def _state(record: dict) -> str:
-    """What a record's header says besides its device: smoke run, cut run, busy CPU."""
+    """What a record's header says besides its device: the commit (a record an earlier run left
+    behind shows an older one), smoke run, cut run, busy CPU."""
     env = record["environment"]
-    notes = ["quick"] * bool(record.get("quick"))
+    notes = [f"git {env['git'][:12]}"] if env.get("git") else []
+    notes += ["quick"] * bool(record.get("quick"))
     notes += ["INCOMPLETE: the run stopped early"] * (record.get("complete") is False)
     load, threads = env.get("load"), env.get("threads")
     if not env.get("gpu") and load is not None and threads and load > threads:

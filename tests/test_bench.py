@@ -331,12 +331,12 @@ def test_summary_flags_failed_checks(tmp_path, capsys):
     assert "CHECK-FAILED" in wrong and "CHECK-FAILED" not in good
     assert absent.split()[0] == "absent" and "skipped: why" in absent
     # a smoke run, a run cut short and a busy CPU say so in the header
-    env = {"device": "cpu", "gpu": None, "threads": 2, "load": 3.5}
+    env = {"device": "cpu", "gpu": None, "threads": 2, "load": 3.5, "git": "0123456789abcdef+dirty"}
     record |= {"environment": env, "quick": True, "complete": False}
     (tmp_path / "op-dev.json").write_text(json.dumps(record))
     summary(str(tmp_path))
     assert capsys.readouterr().out.splitlines()[0] == (
-        "-- op-dev.json (cpu, quick, INCOMPLETE: the run stopped early, "
+        "-- op-dev.json (cpu, git 0123456789ab, quick, INCOMPLETE: the run stopped early, "
         "load 3.5 > 2 threads: timings shared)"
     )
 

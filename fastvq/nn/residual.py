@@ -700,9 +700,9 @@ class ResidualVQ(_Residual):
                 take = parent[..., None].expand(-1, -1, d)
                 r_sel = residual.gather(1, take)
                 r_in = _l2norm(r_sel) if layer.use_cosine_sim else r_sel
-                # A Parameter codebook is written in place by the update below: the estimator
-                # reads a copy (as VectorQuantize.forward).
-                update = self._layer_updates(layer, freeze) and layer._param_codebook()
+                # A codebook written in place by the update below (a Parameter, a DataParallel
+                # replica's): the estimator reads a copy (as VectorQuantize.forward).
+                update = self._layer_updates(layer, freeze) and layer._updates_in_place()
                 q, loss, _, _ = layer._topk_apply(
                     r_in, code, row_mask, codebook, freeze, cb=_snapshot(cb) if update else cb
                 )

@@ -75,7 +75,9 @@ update included (fastvq.ema_update_ / ema_codebook are custom ops; a buffer code
 by the updated tensor, never written in place under the estimator's saved codes; _update says
 where it is written in place instead). A float hyperparameter changed from step to step (a decay
 warm-up) is a constant of the graph: each value compiles again, up to torch's recompile limit
-(then eager; an error under fullgraph=True). Deliberate graph
+(then eager; an error under fullgraph=True). Compiled, a training step under
+torch.inference_mode leaves an inference-tensor codebook that later training steps cannot use
+(eager, it is written in place): use eval() or torch.no_grad there. Deliberate graph
 breaks, eager by design: the k-means init (data-dependent, first training step), dead-code
 replacement (threshold_ema_dead_code > 0), torch.unique of orthogonal_reg_active_codes_only,
 and the update of a Parameter codebook (orthogonal_reg_weight > 0: written through .data, which
@@ -953,7 +955,10 @@ class VectorQuantize(nn.Module):
             self.embed = embed
 
     def _param_codebook(self) -> bool:
-        return isinstance(self.embed, nn.Parameter)
+        # A DataParallel replica holds its Parameters as plain tensors (views of them on device
+        # 0) and lists them in _former_parameters: they are updated as Parameters still.
+        former = self.__dict__.get("_former_parameters") or {}
+        return isinstance(self.embed, nn.Parameter) or "embed" in former
 
     # nn.DataParallel sets it on each replica (torch.nn.Module._replicate_for_data_parallel).
     _is_replica = False

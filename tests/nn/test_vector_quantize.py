@@ -457,30 +457,82 @@ def test_a_training_forward_under_inference_mode_leaves_the_layer_trainable(laye
     assert xg.grad is not None and bool(xg.grad.isfinite().all())
 
 
-def test_a_dataparallel_replica_updates_the_modules_codebook():
-    # nn.DataParallel's device-0 replica (torch's own constructor of it, on CPU here) shares the
-    # module's buffers: its EMA step advanced the module's statistics but set the new codebook
-    # on the replica, discarded after the step. The codebook now follows its statistics, and the
-    # rotation trick's backward still sees the codes it quantized with. (A Parameter codebook's
-    # replica needs torch.nn.parallel.replicate, on GPUs: not tested here.)
+class _Broadcast(torch.autograd.Function):
+    """comm.broadcast_coalesced's output on the source device: the inputs themselves."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+def _device0_replica(network: torch.nn.Module) -> torch.nn.Module:
+    """torch.nn.parallel.replicate's replica on the source device, on the CPU: the module's
+    buffers, its Parameters as plain tensors through the broadcast (listed in
+    _former_parameters), each submodule from _replicate_for_data_parallel."""
+    modules = list(network.modules())
+    params = list(network.parameters())
+    copies = dict(zip(params, _Broadcast.apply(*params), strict=True)) if params else {}
+    replicas = {m: m._replicate_for_data_parallel() for m in modules}
+    for m, r in replicas.items():
+        r._former_parameters = {}
+        r._modules = {k: None if c is None else replicas[c] for k, c in m._modules.items()}
+        for k, p in m._parameters.items():
+            if p is not None:
+                setattr(r, k, copies[p])
+                r._former_parameters[k] = copies[p]
+        r._buffers = dict(m._buffers)
+    return replicas[network]
+
+
+DATAPARALLEL = {
+    "buffer": lambda: VectorQuantize(DIM, K, decay=0.5, grad="rotation"),
+    "parameter": lambda: VectorQuantize(
+        DIM, K, decay=0.5, grad="rotation", orthogonal_reg_weight=1
+    ),
+    "learnable": lambda: VectorQuantize(
+        DIM,
+        K,
+        grad="rotation",
+        learnable_codebook=True,
+        ema_update=False,
+        threshold_ema_dead_code=9,
+    ),
+    "rvq_beam": lambda: ResidualVQ(
+        dim=DIM, codebook_size=K, num_quantizers=2, decay=0.5, beam_size=2, rotation_trick=True
+    ),
+    "rvq_shared": lambda: ResidualVQ(
+        dim=DIM, codebook_size=K, num_quantizers=2, decay=0.5, shared_codebook=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DATAPARALLEL))
+def test_a_dataparallel_replica_updates_the_modules_codebook(name):
+    # nn.DataParallel's device-0 replica shares the module's tensors: its EMA step advanced the
+    # module's statistics but set the new codebook on the replica, discarded after the step. Its
+    # codebook is now written in place, after the estimator took a copy, and training through
+    # the replica is training the module (same indices, state and input gradients).
     def build():
         torch.manual_seed(0)
-        return VectorQuantize(DIM, K, decay=0.5, grad="rotation")
+        return DATAPARALLEL[name]().train()
 
     vq, twin = build(), build()
     x = _randn(3, 6, DIM, seed=11)
-    before = vq.codebook.detach().clone()
-    replica = vq._replicate_for_data_parallel()
     xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
-    q, idx, _ = replica(xr)
-    qt, idx_t, _ = twin(xt)
-    assert torch.equal(idx, idx_t) and not torch.equal(vq.codebook, before)
-    for a, b in zip(vq.buffers(), twin.buffers(), strict=True):
-        assert torch.equal(a, b)
-    assert torch.equal(vq.codebook, twin.codebook)
+    torch.manual_seed(1)  # the dead-code rows
+    q, idx, loss = _device0_replica(vq)(xr)
+    torch.manual_seed(1)
+    qt, idx_t, loss_t = twin(xt)
+    assert torch.equal(idx, idx_t)
+    for (key, a), (_, b) in zip(vq.state_dict().items(), twin.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
     g = _randn(*q.shape, seed=12)
-    (q * g).sum().backward()
-    (qt * g).sum().backward()
+    ((q * g).sum() + loss.sum()).backward()
+    ((qt * g).sum() + loss_t.sum()).backward()
     torch.testing.assert_close(xr.grad, xt.grad)
 
 

@@ -268,17 +268,31 @@ def gpu_state() -> dict:
     return dict(zip(fields, values, strict=True)) if len(values) == len(fields) else {}
 
 
+def _git(*args) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return None
+
+
+def _dirty(out: str | None) -> bool:
+    """Whether the checkout differs from its commit, the benchmark records aside (bench/results
+    and this run's --out folder: records written earlier in the run do not make the code
+    dirty). True where git cannot tell: a record is never called clean by mistake."""
+    status = _git("status", "--porcelain", "-z", "--untracked-files=all")
+    if status is None or status.returncode != 0:
+        return True
+    root = os.path.realpath(ROOT)
+    folders = {os.path.join(root, RESULTS), os.path.realpath(out or RESULTS)}
+    for entry in filter(None, status.stdout.split("\0")):
+        path = os.path.join(root, entry[3:])  # "XY path", relative to the checkout
+        if not (os.path.dirname(path) in folders and path.endswith((".json", ".json.tmp"))):
+            return True
+    return False
+
+
 def environment(device: str = DEVICE, out: str | None = None) -> dict:
-    """The record's environment; out: the folder the records go to, whose files (written earlier
-    in the same run) do not make the code dirty."""
-
-    def git(*args):
-        try:
-            run = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
-            return run.stdout.strip()
-        except OSError:
-            return ""
-
+    """The record's environment; out: the folder the records go to."""
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
         models = re.findall(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
@@ -296,10 +310,9 @@ def environment(device: str = DEVICE, out: str | None = None) -> dict:
         }
     # The commit: a tree copied without its .git (as the device machine's may be) has none to
     # read, so gpu.sh's caller passes it as FASTVQ_GIT_REV.
-    rev = git("rev-parse", "HEAD")
-    # git's exclude pathspecs are relative to the checkout (absolute ones match nothing)
-    outputs = {RESULTS, os.path.relpath(os.path.abspath(out or RESULTS), ROOT)}
-    if rev and git("status", "--porcelain", "--", ".", *(f":!{path}" for path in outputs)):
+    head = _git("rev-parse", "HEAD")
+    rev = head.stdout.strip() if head is not None and head.returncode == 0 else ""
+    if rev and _dirty(out):
         rev += "+dirty"
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu,
@@ -336,12 +349,19 @@ def save(folder: str, op: str, rows: list[Row], extra: dict, quick: bool = False
 def write_json(path: str, value) -> None:
     """Replace path's contents at once: a run killed mid-write (a GPU step's timeout) leaves the
     previous file, never a truncated one that hides the shapes it had finished."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        if os.path.exists(path + ".tmp"):
+            os.unlink(path + ".tmp")
+        raise
 
 
-ROW_KEYS = {f.name for f in dataclasses.fields(Row)}
+# The row fields that --summary and --targets read: a record without one is of another format
+# (a field added to Row later does not make the committed records unreadable).
+ROW_KEYS = {"name", "shape", "status", "ms", "ok", "peak_gib", "agree", "extra"}
 
 
 def records(folder: str) -> list[tuple[str, dict]]:
@@ -387,7 +407,7 @@ def positive_int(text: str) -> int:
 def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
     """The command line every bench module shares; shapes = {"cuda": [...], "cpu": [...],
     "quick": [...]}; run(shapes, reps, quick) -> rows. Returns the JSON path."""
-    parser = argparse.ArgumentParser(description=doc)
+    parser = argparse.ArgumentParser(description=doc, allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--out", default=RESULTS, help=f"records' folder (default {RESULTS})")
     parser.add_argument(

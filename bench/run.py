@@ -76,7 +76,10 @@ def failed_rows(path: str) -> list[str]:
 
 def main(argv=None) -> list[str]:
     """Returns the JSON paths written; raises SystemExit(1) after the last module if any failed."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    # allow_abbrev=False: `fastvq bench` rewrites the folder options' values by their full names
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False
+    )
     parser.add_argument("--only", nargs="+", choices=MODULES, default=list(MODULES))
     parser.add_argument("--summary", metavar="DIR")
     parser.add_argument("--targets", metavar="DIR")
@@ -87,11 +90,13 @@ def main(argv=None) -> list[str]:
         for folder in {args.summary, args.targets} - {None}:
             if not os.path.isdir(folder):
                 parser.error(f"{folder!r} is not a folder of benchmark records")
-        if args.summary and not summary(args.summary):
+        empty = args.summary is not None and not summary(args.summary)
+        if empty:
             print(f"no benchmark records in {args.summary}", file=sys.stderr)
-            raise SystemExit(1)
         if args.targets:
             targets.report(args.targets)
+        if empty:
+            raise SystemExit(1)
         return []
     if "-h" in rest or "--help" in rest:
         print(__doc__)

@@ -207,6 +207,8 @@ def _check(op: str, counts, sums, z, indices, weight) -> None:
     )
     check_writable(f"{op}: counts", counts)
     check_writable(f"{op}: sums", sums)
+    if sums.shape[0] > 1 and sums.stride(0) < sums.shape[1]:  # rows would share elements
+        raise ValueError(f"{op}: sums' rows overlap (row stride {sums.stride(0)} < D = {d})")
     check_operand(op, "indices", indices, (n,), (torch.int32, torch.int64), device)
     if weight is not None:
         check_operand(op, "weight", weight, (n,), (torch.float32,), device)

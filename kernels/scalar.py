@@ -305,13 +305,13 @@ def _grid(n: int, block_n: int) -> tuple[int]:
 
 def _check_rows(op: str, z: torch.Tensor, max_dim: int, g: torch.Tensor | None = None) -> None:
     """The launchers' contract as ValueError (reachable as torch.ops.fastvq.* past the public
-    ops' checks): z (N, D) contiguous, 1 <= D <= max_dim; g, where given, an upstream gradient
-    like z."""
+    ops' checks): z (N, D) contiguous, 1 <= D <= max_dim; g, where given, the upstream gradient
+    (N, D) in z's dtype."""
     check_operand(op, "z", z, (None, None), KERNEL_FLOATING)
     if not 1 <= z.shape[1] <= max_dim:
         raise ValueError(f"{op}: z must have 1 <= D <= {max_dim} columns, got {z.shape[1]}")
     if g is not None:
-        check_operand(op, "grad", g, tuple(z.shape), (z.dtype,), z.device)
+        check_operand(op, "g", g, tuple(z.shape), (z.dtype,), z.device)
 
 
 @on_input_device

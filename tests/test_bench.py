@@ -135,6 +135,11 @@ def test_fastvq_bench_takes_folders_from_where_it_runs(tmp_path, monkeypatch):
         "--quick", "--out", f"{here}/res", f"--summary={here}/s", "--targets", "/abs",
         "--only", "nn",
     ]  # fmt: skip
+    # a missing value stays missing (bench.run's argparse says so), not a folder "--quick"
+    assert _absolute_paths(["--out", "--quick"]) == ["--out", "--quick"]
+    with pytest.raises(SystemExit) as exc:  # abbreviations would escape the rewriting
+        main(["--summ", str(tmp_path)])
+    assert exc.value.code == 2
 
 
 def test_run_reports_a_broken_module(tmp_path, monkeypatch, capsys):
@@ -282,14 +287,23 @@ def test_environment_records_what_ran(tmp_path, monkeypatch):
     assert env["torch"] == torch.__version__ and env["triton"] == version("triton")
     assert env["peers"] == {p: version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")}
     assert env["device"] == env["cpu"]
-    # nor do records in the folder of this run's --out
+    # nor do records in the folder of this run's --out, but only records there
     (repo / "mine").mkdir()
     (repo / "mine" / "op-cpu.json").write_text("{}")
     assert common.environment("cpu", out="mine")["git"] == head.strip()
     assert common.environment("cpu")["git"] == head.strip() + "+dirty"
+    (repo / "mine" / "notes.py").write_text("")
+    assert common.environment("cpu", out="mine")["git"] == head.strip() + "+dirty"
+    (repo / "mine" / "notes.py").unlink()
+    for out in (".", str(tmp_path / "elsewhere")):  # the checkout itself; outside it
+        assert common.environment("cpu", out=out)["git"] == head.strip() + "+dirty", out
     (repo / "mine" / "op-cpu.json").unlink()
     (repo / "a.py").write_text("x = 2\n")
     assert common.environment("cpu")["git"] == head.strip() + "+dirty"
+    assert common.environment("cpu", out=str(tmp_path / "elsewhere"))["git"].endswith("+dirty")
+    failed = subprocess.CompletedProcess([], 128, "", "fatal: outside repository")
+    monkeypatch.setattr(common, "_git", lambda *args: failed)
+    assert common._dirty(None) is True  # where git cannot tell, never called clean
 
 
 def test_cli_saves_every_shape_and_completeness(tmp_path, monkeypatch):
@@ -375,7 +389,7 @@ def test_records_are_written_whole_and_read_with_care(tmp_path, capsys):
     with pytest.raises(TypeError):
         common.write_json(str(folder / "op-d.json"), {"rows": [object()]})
     assert json.loads((folder / "op-d.json").read_text()) == good
-    (folder / "op-d.json.tmp").unlink()
+    assert not (folder / "op-d.json.tmp").exists()
     (folder / "cut-d.json").write_text('{"op": "cut", "rows": [')
     (folder / "old-d.json").write_text(json.dumps({"rows": [{"shape": {}}], "environment": {}}))
     (folder / "screening_share.json").write_text(json.dumps({"results": []}))
@@ -403,6 +417,9 @@ def test_summary_and_targets_refuse_what_is_not_a_records_folder(tmp_path, capsy
     assert exc.value.code == 1 and "no benchmark records in" in capsys.readouterr().err
     main(["--targets", str(tmp_path / "empty")])
     assert "no benchmark records in" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # both asked: both printed, then the status
+        main(["--summary", str(tmp_path / "empty"), "--targets", str(tmp_path / "empty")])
+    assert exc.value.code == 1 and "verdict" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--summary", str(tmp_path / "empty"), "--quick"])  # ignored before
 

@@ -52,7 +52,7 @@ LossBreakdown = register_namedtuple(
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """F.mse_loss(a, b) for equal shapes, but 0 (not NaN) when empty: an empty batch has no
     error. In float32 at least (bf16 / fp16 inputs: a float32 loss, as every layer's)."""
-    acc = loss_dtype(a.dtype)
+    acc = loss_dtype(torch.promote_types(a.dtype, b.dtype))
     return (a.to(acc) - b.to(acc)).square().sum() / max(a.numel(), 1)
 
 

@@ -368,7 +368,7 @@ def _absolute_paths(args: list[str]) -> list[str]:
     out, follows_option = [], False
     for arg in args:
         option, eq, value = arg.partition("=")
-        if follows_option:
+        if follows_option and not arg.startswith("-"):  # else: bench.run says what is missing
             arg = os.path.abspath(arg)
         elif eq and option in _BENCH_PATH_OPTIONS:
             arg = f"{option}={os.path.abspath(value)}"

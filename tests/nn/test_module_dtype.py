@@ -421,3 +421,20 @@ def test_bf16_autocast_losses_are_float32(build, dim):
     _, want_indices, want = module.train()(x.float())
     assert loss.dtype == torch.float32 and torch.equal(indices, want_indices)
     torch.testing.assert_close(loss, want, rtol=1e-2, atol=0)
+
+
+def test_constants_keep_what_a_user_put_there():
+    # The CPU copy follows the buffer: an assigned or in-place edited constant survives casts
+    # and a meta round trip, and a .to() to the same device keeps the buffer itself.
+    module = ResidualFSQ(levels=[8, 5, 5], num_quantizers=3)
+    module.scales = torch.ones(3, 3)
+    module.to(torch.float16)
+    assert module.scales.dtype == torch.float32 and torch.equal(module.scales, torch.ones(3, 3))
+    module.scales.mul_(2)
+    module.to("meta").to_empty(device="cpu")
+    assert torch.equal(module.scales, torch.full((3, 3), 2.0))
+    scales = module.scales
+    assert module.to("cpu").scales is scales
+    with torch.inference_mode():  # built there: inference tensors, which track no versions
+        built = ResidualFSQ(levels=[8, 5, 5], num_quantizers=3).to(torch.bfloat16)
+    assert built.scales.dtype == torch.float32

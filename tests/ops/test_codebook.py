@@ -951,6 +951,7 @@ BAD_TRITON_EMA = [
     (dict(sums=torch.ones(4, 6).T), "sums must be a unit-column-stride"),
     (dict(sums=torch.ones(1, 4).expand(6, 4)), "sums is written in place"),
     (dict(counts=torch.ones(1).expand(6)), "counts is written in place"),
+    (dict(sums=torch.ones(30).as_strided((6, 4), (2, 1))), r"sums' rows overlap \(row stride 2"),
     (dict(indices=torch.zeros(9, dtype=LONG)), r"indices must be a contiguous \(10,\)"),
     (dict(indices=torch.zeros(20, dtype=LONG)[::2]), "indices must be a contiguous"),
     (dict(indices=torch.zeros(10)), "indices must .* of int32, int64"),

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from fastvq.kernels import check_operand, on_input_device
 
-from fastvq.ops._validate import FLOATING, check_writable
+from fastvq.ops._validate import KERNEL_FLOATING, check_writable
 from fastvq.ops.codebook import _ema_pieces
 
 
@@ -199,7 +199,7 @@ def _check(op: str, counts, sums, z, indices, weight) -> None:
     """The launchers' contract as ValueError: they are reachable as torch.ops.fastvq.ema_*_triton
     past fastvq.ema_update_'s checks."""
     device = z.device
-    check_operand(op, "z", z, (None, None), FLOATING, strided_rows=True)
+    check_operand(op, "z", z, (None, None), KERNEL_FLOATING, strided_rows=True)
     n, d = z.shape
     check_operand(op, "sums", sums, (None, d), (torch.float32,), device, strided_rows=True)
     check_operand(
@@ -225,8 +225,8 @@ def ema_scatter(
 ) -> None:
     """counts[idx[n]] += scale * w[n]; sums[idx[n]] += scale * w[n] * z[n] (float32 atomics).
 
-    counts (K,) and sums (K, D) float32 with any row stride, updated in place; z (N, D) floating
-    with unit column stride; indices (N,) int32/int64 contiguous, rows outside [0, K) skipped
+    counts (K,) and sums (K, D) float32 with any row stride, updated in place; z (N, D) float32,
+    bfloat16 or float16 with unit column stride; indices (N,) int32/int64 contiguous, rows outside [0, K) skipped
     (not a host sync to check them); weight (N,) float32 contiguous or None (all ones).
     """
     _check("ema_scatter_triton", counts, sums, z, indices, weight)

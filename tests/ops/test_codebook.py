@@ -945,6 +945,8 @@ BAD_TRITON_EMA = [
     (dict(z=torch.randn(10, 5)), r"sums must be a unit-column-stride \(\*, 5\) tensor"),
     (dict(z=torch.randn(4, 10).T), r"z must be a unit-column-stride"),
     (dict(z=torch.randint(0, 3, (10, 4))), "z must .* tensor of float32, bfloat16"),
+    (dict(z=torch.randn(10, 4).double()), "z must .* tensor of float32, bfloat16, float16;"),
+    (dict(sums=torch.zeros(6, 4)[:, ::2], z=torch.randn(10, 2)), "sums must be a unit-column"),
     (dict(counts=torch.ones(5)), r"counts must be a \(6,\) tensor"),
     (dict(counts=torch.ones(6).double()), "counts must .* of float32"),
     (dict(sums=torch.ones(6, 4).bfloat16()), "sums must .* of float32"),
@@ -967,6 +969,21 @@ BAD_TRITON_EMA = [
 def test_triton_op_bad_input_is_a_clear_error(case, changes, match, deterministic):
     with pytest.raises(ValueError, match=match):
         _triton_ema(case[0], deterministic, **changes)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_launchers_refuse_an_operand_on_another_device(case):
+    # Called directly: through torch.ops a meta operand goes to the fake.
+    from fastvq.kernels.ema import ema_scatter, ema_segment
+
+    cs, es, z, idx, w = _ema_inputs(10, 6, 4, torch.float32, case[0], 27, "float")
+    meta = {"counts": cs.to("meta"), "sums": es.to("meta")}
+    meta |= {"indices": idx.to("meta"), "weight": w.to("meta")}
+    for name, bad in meta.items():
+        args = dict(counts=cs, sums=es, z=z, indices=idx, weight=w) | {name: bad}
+        for launch, more in ((ema_scatter, (1.0,)), (ema_segment, (0.5, 0.5))):
+            with pytest.raises(ValueError, match=f"{name} must .* on {z.device}; got .* on meta"):
+                launch(*args.values(), *more)
 
 
 @pytest.mark.parametrize("case", TRITON_CASES)

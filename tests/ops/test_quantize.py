@@ -647,6 +647,7 @@ BAD_TRITON_INPUTS = [
     ("fwd", dict(z=_T(6)), r"z must be a contiguous \(\*, 5\) tensor"),
     ("fwd", dict(codebook=_T(0, 5)), "K >= 1"),
     ("fwd", dict(codebook=_T(4, 1025), z=_T(6, 1025)), "D <= 1024"),
+    ("fwd", dict(codebook=_T(4, 0), z=_T(6, 0)), "1 <= D"),
     ("fwd", dict(z=_T(6, 5).double(), codebook=_T(4, 5).double()), "codebook must .* of float32"),
     ("fwd", dict(z=_T(6, 5).half()), "z must .* tensor of float32;"),
     ("fwd", dict(z=_T(5, 6).T), "z must be a contiguous"),
@@ -671,6 +672,26 @@ def test_triton_ops_bad_input_is_a_clear_error(op, changes, match):
     changes = {k: v.to(_TRITON_DEVICE) if torch.is_tensor(v) else v for k, v in changes.items()}
     with pytest.raises(ValueError, match=match):
         _triton_call(op, **changes)
+
+
+@pytest.mark.skipif(not _TRITON, reason="Triton unavailable")
+def test_triton_launchers_refuse_an_operand_on_another_device():
+    # A pointer of another device in a launch: an illegal address, or another GPU's memory.
+    # (Through torch.ops a meta operand goes to the fake; the launchers are called directly.)
+    from fastvq.kernels.quantize import quantize_bwd, quantize_fwd
+
+    z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, _TRITON_DEVICE, 70))
+    idx = torch.tensor([0, 3, 1, 1, 2, 0], device=_TRITON_DEVICE)
+    stats = quantize_fwd(z, codebook, idx, "rotation")[1]
+    on = f"on {z.device}"
+    for name, call in [
+        ("codebook", lambda m: quantize_fwd(z, m(codebook), idx, "ste")),
+        ("indices", lambda m: quantize_fwd(z, codebook, m(idx), "ste")),
+        ("grad_out", lambda m: quantize_bwd(m(g), z, codebook, idx, stats, "rotation", 1, 1)),
+        ("stats", lambda m: quantize_bwd(g, z, codebook, idx, m(stats), "rotation", 1, 1)),
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must .* {on}; got .* on meta"):
+            call(lambda t: t.to("meta"))
 
 
 @pytest.mark.skipif(not _TRITON, reason="Triton unavailable")

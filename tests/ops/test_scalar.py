@@ -822,6 +822,14 @@ BAD_TRITON = [
         lambda k: k.binary_entropy_bwd(torch.ones(4), torch.ones(2, 3).double(), Z9, 1.0, True),
         "g_col must .* of float32",
     ),
+    (
+        lambda k: k.binary_entropy_bwd(torch.ones(4), torch.ones(2, 2), Z9, 1.0, False),
+        r"g_col must be a contiguous \(2, 3\)",
+    ),
+    (
+        lambda k: k.binary_entropy_bwd(torch.ones(3), torch.ones(2, 4), Z9.T, 1.0, False),
+        "z must be a contiguous",
+    ),
 ]
 
 

@@ -115,12 +115,22 @@ def test_run_fails_on_failed_fastvq_rows_and_runs_a_module_once(tmp_path, monkey
     monkeypatch.setattr(bench.bench_scalar, "main", lambda argv: fake(argv, [peer, good]))
     assert main(["--only", "scalar", "scalar", "--quick"]) == [str(tmp_path / "scalar-cpu.json")]
     assert calls == [["--quick"]]
-    for bad in (dict(good, ok=False), dict(good, status="error: ValueError: y", ms=None)):
+    unchecked = dict(good, ok=None)  # a row without a check, or a backend not built here
+    unavailable = dict(good, ok=None, ms=None, status="unavailable: no CUDA")
+    monkeypatch.setattr(
+        bench.bench_scalar, "main", lambda argv: fake(argv, [unchecked, unavailable])
+    )
+    assert main(["--only", "scalar"]) == [str(tmp_path / "scalar-cpu.json")]
+    for bad, why in (
+        (dict(good, ok=False), "CHECK-FAILED"),
+        (dict(good, status="error: y"), "error: y"),
+    ):
         monkeypatch.setattr(bench.bench_scalar, "main", lambda argv, b=bad: fake(argv, [b]))
         with pytest.raises(SystemExit) as exc:
             main(["--only", "scalar"])
         assert exc.value.code == 1
-        assert "scalar: fastvq rows failed" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "scalar: fastvq rows failed" in err and f"{{'N': 1}}: {why}" in err
 
 
 def test_fastvq_bench_takes_folders_from_where_it_runs(tmp_path, monkeypatch):
@@ -130,11 +140,17 @@ def test_fastvq_bench_takes_folders_from_where_it_runs(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     here = str(tmp_path)
-    args = ["--quick", "--out", "res", "--summary=s", "--targets", "/abs", "--only", "nn"]
+    args = ["--quick", "--out", "res", "--summary=s", "--targets", "t", "--only", "nn", "/abs"]
     assert _absolute_paths(args) == [
-        "--quick", "--out", f"{here}/res", f"--summary={here}/s", "--targets", "/abs",
-        "--only", "nn",
+        "--quick", "--out", f"{here}/res", f"--summary={here}/s", "--targets", f"{here}/t",
+        "--only", "nn", "/abs",
     ]  # fmt: skip
+    import fastvq.train.cli as cli
+
+    called = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: called.append(cmd) or 0)
+    assert cli.main(["bench", "--out", "res"]) == 0
+    assert called[0][-2:] == ["--out", f"{here}/res"]
     # a missing value stays missing (bench.run's argparse says so), not a folder "--quick"
     assert _absolute_paths(["--out", "--quick"]) == ["--out", "--quick"]
     with pytest.raises(SystemExit) as exc:  # abbreviations would escape the rewriting
@@ -301,6 +317,10 @@ def test_environment_records_what_ran(tmp_path, monkeypatch):
     (repo / "a.py").write_text("x = 2\n")
     assert common.environment("cpu")["git"] == head.strip() + "+dirty"
     assert common.environment("cpu", out=str(tmp_path / "elsewhere"))["git"].endswith("+dirty")
+    (repo / "a.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)  # git reads the checkout of bench/, wherever the run starts
+    saved = common.save(str(repo / "mine"), "op", [], {})  # and its own records don't count
+    assert json.loads(open(saved).read())["environment"]["git"] == head.strip()
     failed = subprocess.CompletedProcess([], 128, "", "fatal: outside repository")
     monkeypatch.setattr(common, "_git", lambda *args: failed)
     assert common._dirty(None) is True  # where git cannot tell, never called clean
@@ -365,11 +385,15 @@ def test_summary_flags_failed_checks(tmp_path, capsys):
         (["--out", "FILE"], "--out '.*FILE': File exists"),
         (["--out", "FILE/sub"], "--out '.*FILE/sub': Not a directory"),
         (["--out", ""], "--out '': No such file or directory"),
+        (["--out", "FILE.d"], "not writable"),
+        (["--reps", "x"], "--reps: expected an int >= 1, got 'x'"),
     ],
 )
-def test_cli_refuses_bad_options_before_any_work(tmp_path, capsys, argv, match):
+def test_cli_refuses_bad_options_before_any_work(tmp_path, monkeypatch, capsys, argv, match):
     """--reps 0 wrote a record of errors over the measured one (exit 0); --threads 100000
     crashed torch; an --out that cannot hold records failed only after a whole shape ran."""
+    if match == "not writable":  # root may write anywhere: os.access says what it would
+        monkeypatch.setattr(common.os, "access", lambda path, mode: False)
     (tmp_path / "FILE").write_text("x")
     argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
     ran = []
@@ -391,12 +415,29 @@ def test_records_are_written_whole_and_read_with_care(tmp_path, capsys):
     assert json.loads((folder / "op-d.json").read_text()) == good
     assert not (folder / "op-d.json.tmp").exists()
     (folder / "cut-d.json").write_text('{"op": "cut", "rows": [')
-    (folder / "old-d.json").write_text(json.dumps({"rows": [{"shape": {}}], "environment": {}}))
+    (folder / "bytes-d.json").write_bytes(b"\xff")
+    row = dataclasses.asdict(common.Row("r", {}))
+    others = {  # each breaks one clause of the format
+        "number": 3,
+        "noop": {"environment": {}, "rows": []},
+        "env": {"op": "o", "environment": 1, "rows": []},
+        "rowsnum": {"op": "o", "environment": {}, "rows": 5},
+        "rowstr": {"op": "o", "environment": {}, "rows": ["x"]},
+        "rowkeys": {"op": "o", "environment": {}, "rows": [{"shape": {}}]},
+    }
+    for name, value in others.items():
+        (folder / f"{name}-d.json").write_text(json.dumps(value))
+    (folder / "fine-d.json").write_text(json.dumps(dict(good, rows=[row])))
     (folder / "screening_share.json").write_text(json.dumps({"results": []}))
-    assert common.records(str(folder)) == [(str(folder / "op-d.json"), good)]
+    assert [p for p, _ in common.records(str(folder))] == [
+        str(folder / "fine-d.json"),
+        str(folder / "op-d.json"),
+    ]
     err = capsys.readouterr().err
-    assert f"skipped {folder / 'cut-d.json'}: not readable as JSON" in err
-    assert f"skipped {folder / 'old-d.json'}: not a record of this version's format" in err
+    for name in ("cut", "bytes"):
+        assert f"skipped {folder / f'{name}-d.json'}: not readable as JSON" in err
+    for name in set(others) - {"number"}:
+        assert f"skipped {folder / f'{name}-d.json'}: not a record of this version's" in err
     with pytest.raises(NotADirectoryError, match="is not a folder of benchmark records"):
         common.records(str(tmp_path / "missing"))
 
@@ -420,8 +461,12 @@ def test_summary_and_targets_refuse_what_is_not_a_records_folder(tmp_path, capsy
     with pytest.raises(SystemExit) as exc:  # both asked: both printed, then the status
         main(["--summary", str(tmp_path / "empty"), "--targets", str(tmp_path / "empty")])
     assert exc.value.code == 1 and "verdict" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--summary", str(tmp_path / "empty"), "--quick"])  # ignored before
+    (tmp_path / "full").mkdir()
+    record = {"op": "op", "environment": {"device": "d"}, "rows": []}
+    (tmp_path / "full" / "op-d.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exc:
+        main(["--summary", str(tmp_path / "full"), "--quick"])  # silently ignored before
+    assert exc.value.code == 2
 
 
 def test_targets_verdicts(tmp_path, capsys):
@@ -545,19 +590,34 @@ def test_targets_count_an_h100s_times_and_flag_a_busy_cpu(tmp_path):
 
     write("nearest_code-rtx.json", "NVIDIA GeForce RTX 4090", [
         row("fastvq exact", 0.5, N=65536, K=65536, D=32),
+        row("fastvq exact", 2.0, N=65536, K=196560, D=24),  # misses 1.5 ms
     ])  # fmt: skip
     write("nearest_code-cpu.json", "AMD EPYC", [
         row("torch chunked fp32", 30.0, N=8192, K=16384, D=32),
         row("fastvq exact", 5.0, N=8192, K=16384, D=32),
     ], gpu=False, load=3.0)  # fmt: skip
+    write("scalar-h100.json", "NVIDIA H100 80GB HBM3", [
+        row("fastvq fsq", 0.5, op="fsq", N=1048576, D=6),
+        row("torch copy (same bytes)", 0.4, op="fsq", N=1048576, D=6),
+    ], load=9.0)  # fmt: skip
     lines = {t.what: (value, verdict) for t, _, value, verdict in report(str(tmp_path))}
     assert lines["nearest_code exact fp32 65536x65536x32"] == (
         "0.5 ms",
         "not counted: not an H100 (met on this GPU)",
     )
+    assert lines["nearest_code exact fp32 65536x196560x24"][1] == (
+        "not counted: not an H100 (MISSED on this GPU)"
+    )
     assert lines["chunked ref / C++ nearest_code 8192x16384x32"][1] == (
         "met (load 3.0 > 2 threads: timings shared)"
     )
+    assert lines["FSQ fwd+bwd N 1048576: share of copy bandwidth"][1] == "met"  # GPU: no load
+    write("nearest_code-cpu.json", "AMD EPYC", [
+        row("torch chunked fp32", 30.0, N=8192, K=16384, D=32),
+        row("fastvq exact", 5.0, N=8192, K=16384, D=32),
+    ], gpu=False, load=2.0)  # fmt: skip
+    lines = {t.what: verdict for t, _, _, verdict in report(str(tmp_path))}
+    assert lines["chunked ref / C++ nearest_code 8192x16384x32"] == "met"  # at, not above
 
 
 # --- each bench module's correctness check rejects a wrong fastvq result before timing ---

@@ -545,17 +545,24 @@ def test_cpp_ops_match_torch_bodies(device, grad, dtype, poison):
             _assert_parity(dc, dc_d.to(dtype), dc64, dtype, "dcodebook")
 
 
-def _cpp_call(device, op, **changes):
+def _raw_call(device, op, triton=False, **changes):
+    """The raw pair (fwd or bwd) on valid rotation arguments with `changes`: the C++ ops, or the
+    Triton ones (quantize_fwd / quantize_bwd with use_triton=True)."""
+    ops = torch.ops.fastvq
+    fwd, bwd = (
+        (ops.quantize_fwd, ops.quantize_bwd)
+        if triton
+        else (ops.quantize_fwd_cpp, ops.quantize_bwd_cpp)
+    )
+    more = (True,) if triton else ()
     z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, device, 65))
     idx = torch.tensor([0, 3, 1, 1, 2, 0], device=device)
-    stats = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, "rotation")[1]
+    stats = fwd(z, codebook, idx, "rotation", *more)[1]
     args = dict(grad_out=g, z=z, codebook=codebook, indices=idx, stats=stats, grad="rotation")
     args |= dict(need_z=True, need_codebook=True) | changes
     if op == "fwd":
-        return torch.ops.fastvq.quantize_fwd_cpp(
-            args["z"], args["codebook"], args["indices"], args["grad"]
-        )
-    return torch.ops.fastvq.quantize_bwd_cpp(*args.values())
+        return fwd(args["z"], args["codebook"], args["indices"], args["grad"], *more)
+    return bwd(*args.values(), *more)
 
 
 _T = torch.randn
@@ -586,7 +593,7 @@ def test_cpp_ops_bad_input_is_a_clear_error(op, changes, match):
     if not _CPP:
         pytest.skip("fastvq._C without the C++ quantize ops")
     with pytest.raises(RuntimeError, match=match):
-        _cpp_call("cpu", op, **changes)
+        _raw_call("cpu", op, **changes)
 
 
 @pytest.mark.parametrize("op", ["fwd", "bwd"])
@@ -597,10 +604,10 @@ def test_cpp_ops_out_of_range_indices_raise_on_cpu(op, bad):
     idx = torch.tensor([0, 3, 1, bad, 2, 0])
     match = rf"indices must lie in \[0, 4\), got indices\[3\] = {bad}"
     with pytest.raises(RuntimeError, match=match):
-        _cpp_call("cpu", op, indices=idx)
+        _raw_call("cpu", op, indices=idx)
     if op == "bwd":  # the row-parallel path (no codebook gradient) checks too
         with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\)"):
-            _cpp_call("cpu", op, indices=idx, need_codebook=False)
+            _raw_call("cpu", op, indices=idx, need_codebook=False)
 
 
 @pytest.mark.gpu
@@ -625,18 +632,6 @@ def test_cuda_ops_out_of_range_indices_touch_nothing_outside():
 
 _TRITON = fastvq.backends()["triton"].available
 _TRITON_DEVICE = "cuda" if CUDA else "cpu"  # CPU tensors run under TRITON_INTERPRET=1
-
-
-def _triton_call(op, **changes):
-    z, codebook, g = (t.detach() for t in _inputs(6, 4, 5, torch.float32, _TRITON_DEVICE, 68))
-    idx = torch.tensor([0, 3, 1, 1, 2, 0], device=_TRITON_DEVICE)
-    stats = torch.ops.fastvq.quantize_fwd(z, codebook, idx, "rotation", True)[1]
-    args = dict(grad_out=g, z=z, codebook=codebook, indices=idx, stats=stats, grad="rotation")
-    args |= dict(need_z=True, need_codebook=True) | changes
-    if op == "fwd":
-        fwd_args = (args["z"], args["codebook"], args["indices"], args["grad"])
-        return torch.ops.fastvq.quantize_fwd(*fwd_args, True)
-    return torch.ops.fastvq.quantize_bwd(*args.values(), True)
 
 
 # The Triton launchers behind torch.ops.fastvq.quantize_fwd / quantize_bwd (use_triton=True):
@@ -671,7 +666,7 @@ BAD_TRITON_INPUTS = [
 def test_triton_ops_bad_input_is_a_clear_error(op, changes, match):
     changes = {k: v.to(_TRITON_DEVICE) if torch.is_tensor(v) else v for k, v in changes.items()}
     with pytest.raises(ValueError, match=match):
-        _triton_call(op, **changes)
+        _raw_call(_TRITON_DEVICE, op, triton=True, **changes)
 
 
 @pytest.mark.skipif(not _TRITON, reason="Triton unavailable")

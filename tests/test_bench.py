@@ -373,6 +373,15 @@ def test_summary_flags_failed_checks(tmp_path, capsys):
         "-- op-dev.json (cpu, git 0123456789ab, quick, INCOMPLETE: the run stopped early, "
         "load 3.5 > 2 threads: timings shared)"
     )
+    # no load note at the thread count, nor for a GPU's record (its host load times nothing)
+    for env in (
+        {"device": "cpu", "gpu": None, "threads": 2, "load": 2.0},
+        {"device": "gpu", "gpu": {"capability": "9.0"}, "threads": 2, "load": 9.0},
+    ):
+        record |= {"environment": env, "quick": False, "complete": True}
+        (tmp_path / "op-dev.json").write_text(json.dumps(record))
+        summary(str(tmp_path))
+        assert "load" not in capsys.readouterr().out.splitlines()[0]
 
 
 @pytest.mark.parametrize(
@@ -387,6 +396,7 @@ def test_summary_flags_failed_checks(tmp_path, capsys):
         (["--out", ""], "--out '': No such file or directory"),
         (["--out", "FILE.d"], "not writable"),
         (["--reps", "x"], "--reps: expected an int >= 1, got 'x'"),
+        (["--threads", str((os.cpu_count() or 1) + 1)], "--threads: this machine has"),
     ],
 )
 def test_cli_refuses_bad_options_before_any_work(tmp_path, monkeypatch, capsys, argv, match):
@@ -960,3 +970,13 @@ def test_fsq_check_takes_either_neighbour_at_a_rounding_tie():
 
     assert other_neighbour(0)["ok"] is True
     assert other_neighbour(1)["ok"] is False and other_neighbour(1)["agree"] == 63 / 64
+
+
+def test_cli_takes_as_many_threads_as_the_machine_has(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--threads", str(os.cpu_count()), "--quick", "--out", str(tmp_path)]
+        common.cli(argv, "doc", "fake", lambda *a: [], {"quick": [1], "cpu": [1], "cuda": [1]})
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(threads)

@@ -226,8 +226,9 @@ def ema_scatter(
     """counts[idx[n]] += scale * w[n]; sums[idx[n]] += scale * w[n] * z[n] (float32 atomics).
 
     counts (K,) and sums (K, D) float32 with any row stride, updated in place; z (N, D) float32,
-    bfloat16 or float16 with unit column stride; indices (N,) int32/int64 contiguous, rows outside [0, K) skipped
-    (not a host sync to check them); weight (N,) float32 contiguous or None (all ones).
+    bfloat16 or float16 with unit column stride; indices (N,) int32/int64 contiguous, rows
+    outside [0, K) skipped (not a host sync to check them); weight (N,) float32 contiguous or
+    None (all ones).
     """
     _check("ema_scatter_triton", counts, sums, z, indices, weight)
     n, d = z.shape

@@ -111,8 +111,6 @@ def main(argv=None) -> list[str]:
             if bad := failed_rows(path):
                 print(f"{name}: fastvq rows failed:\n  " + "\n  ".join(bad), file=sys.stderr)
                 failed.append(name)
-        except SystemExit as e:  # a module's argparse error: the same for every module
-            raise SystemExit(e.code) from None
         except Exception:  # noqa: BLE001  (one broken module must not cost the others)
             traceback.print_exc()
             failed.append(name)

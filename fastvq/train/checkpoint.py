@@ -120,7 +120,9 @@ def load_weights(
 def load_tokenizer(path, *, ema: bool = True, map_location="cpu"):
     """The tokenizer a `fastvq train` checkpoint holds, in eval mode, for encode() and
     decode_indices(): built from the checkpoint's model section, with its EMA weights (the ones
-    `fastvq eval` reports) unless ema=False or the run kept none."""
+    `fastvq eval` reports) unless ema=False or the run kept none. It computes in float32; `fastvq
+    tokenize` encodes a run trained with train.bf16 under bf16 autocast, as it trained, so some
+    of its tokens can differ from this encode() unless it runs under the same autocast."""
     from fastvq.models import build_tokenizer
 
     state = load(path)

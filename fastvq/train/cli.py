@@ -197,7 +197,7 @@ def tokenize(
     description written beside it as tokens-<split>.json."""
     from fastvq.models import build_tokenizer
     from fastvq.train import checkpoint as ckpt
-    from fastvq.train.data import build_datasets
+    from fastvq.train.data import build_datasets, check_resolution
     from fastvq.train.tokens import index_dtype, write_tokens
     from fastvq.train.trainer import join_process_group, pick_device, resolve_num_workers
 
@@ -222,6 +222,7 @@ def tokenize(
             "images: tokenize --split val, or point data.kind=folder at images"
         )
     model = build_tokenizer(cfg["model"])
+    check_resolution(model, data["resolution"])
     ckpt.load_weights(model, path, ema=weights == "ema", state=state)
     device = pick_device(cfg["train"]["device"])
     rank, world = join_process_group(device)

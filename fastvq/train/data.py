@@ -46,16 +46,34 @@ def _fit(img: torch.Tensor, res: int, scale: float) -> torch.Tensor:
     return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def check_resolution(model, resolution: int) -> None:
+    """ValueError unless the images' resolution is a multiple of the model's downsampling factor:
+    else the decoder's output misses the input's size (training fails deep in torch, and tokens
+    decode to another size than their image's)."""
+    factor = getattr(getattr(model, "encoder", None), "downsample_factor", None)
+    if factor and resolution % factor:
+        raise ValueError(
+            f"data.resolution must be a multiple of the model's downsampling factor {factor}, "
+            f"got {resolution}"
+        )
+
+
 def load_image(path) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) RGB."""
+    """An image file as uint8 (3, H, W) RGB; ValueError naming the file where it cannot be read
+    (a truncated file fails in the middle of a long run: the message says which)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode.startswith("I"):  # 16-bit grayscale (PNG): convert("RGB") would clip at 255
-            gray = np.rint(np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
-            arr = np.repeat(gray[..., None], 3, axis=-1)
-        else:
-            arr = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            if im.mode == "F":  # convert("RGB") clips floats in [0, 1] to black
+                raise ValueError("floating-point images (PIL mode F) are not supported")
+            if im.mode.startswith("I"):  # 16-bit grayscale: convert("RGB") would clip at 255
+                gray = np.asarray(im, dtype=np.float64) / 257
+                arr = np.repeat(np.rint(gray).clip(0, 255).astype(np.uint8)[..., None], 3, -1)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError, "image file is truncated"
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from e
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 

@@ -62,6 +62,12 @@ def write_tokens(
     n = len(dataset)
     if n == 0:
         raise ValueError("the split to tokenize holds no images")
+    path = Path(path)
+    # Before the encoding, which on a large split takes hours: its file must be writable.
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"the tokens' folder {str(path.parent)!r} is a file")
+    if path.is_dir():
+        raise ValueError(f"the tokens file {str(path)!r} is a folder")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def encode(x):
@@ -74,7 +80,6 @@ def write_tokens(
     item = tuple(encode(dataset[0][None]).shape[1:])
     sizes = model.codebook_sizes
     dtype = index_dtype(sizes)
-    path = Path(path)
     partial = path.with_name(path.name + ".partial")
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

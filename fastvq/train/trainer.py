@@ -25,7 +25,7 @@ import torch
 from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
 from fastvq.train.config import dump_config
-from fastvq.train.data import build_datasets, eval_loader, train_loader
+from fastvq.train.data import build_datasets, check_resolution, eval_loader, train_loader
 from fastvq.train.metrics import (
     CodeCounts,
     Evaluator,
@@ -211,13 +211,7 @@ class Trainer:
             # sync_codebook=None default then all-reduce their codebook statistics by themselves.
             model = build_tokenizer(cfg["model"])
         self.model = model.to(self.device)
-        # Else the decoder's output misses the input's size and the loss fails deep in torch.
-        factor = getattr(getattr(model, "encoder", None), "downsample_factor", None)
-        if factor and cfg["data"]["resolution"] % factor:
-            raise ValueError(
-                f"data.resolution must be a multiple of the model's downsampling factor {factor}, "
-                f"got {cfg['data']['resolution']}"
-            )
+        check_resolution(model, cfg["data"]["resolution"])
         if cfg["init"]["checkpoint"]:
             path = cfg["init"]["checkpoint"]
             ckpt.load_weights(self.model, path, strict=False, name="init.checkpoint")

@@ -113,6 +113,23 @@ def test_sixteen_bit_grayscale_keeps_its_range(tmp_path):
     assert load_image(tmp_path / "i32.tif")[0].tolist() == [[255, 0, 1]]
 
 
+def test_unreadable_images_are_named(tmp_path):
+    # A truncated file failed a long run with PIL's "image file is truncated", naming no file;
+    # a float image (mode F, values in [0, 1]) became black silently.
+    from PIL import Image
+
+    from fastvq.train.data import load_image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 90).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    Image.fromarray(np.random.default_rng(0).random((8, 8), np.float32)).save(tmp_path / "f.tif")
+    (tmp_path / "text.png").write_text("not an image")
+    for name, why in (("cut.png", "truncated"), ("f.tif", "mode F"), ("text.png", "identify")):
+        with pytest.raises(ValueError, match=f"cannot read image '.*{name}': .*{why}"):
+            load_image(tmp_path / name)
+
+
 def test_stream_resumes_exactly_and_shards():
     full = list(zip(range(40), StreamSampler(10, seed=3), strict=False))
     resumed = list(zip(range(25), StreamSampler(10, seed=3, start=15), strict=False))

@@ -271,3 +271,34 @@ def test_tokenize_with_flips_holds_each_image_and_its_mirror(trained, tmp_path):
     assert info["flip"] is True and info["shape"] == [len(files), 2, 4, 4]
     assert np.array_equal(tokens[:, 0], expect[0]) and np.array_equal(tokens[:, 1], expect[1])
     assert not np.array_equal(expect[0], expect[1])  # the mirror images encode differently
+
+
+def test_tokenize_checks_before_encoding_what_it_would_fail_on_after(trained, tmp_path):
+    # A resolution the model cannot round-trip (tokens decoding to another size), as train and
+    # eval refuse it; a tokens path that is a folder, or a folder that is a file (found by the
+    # final rename, or by mkdir, after the whole split was encoded).
+    path, _, _ = trained
+    with pytest.raises(ValueError, match="multiple of the model's downsampling factor 4, got 18"):
+        main(
+            [
+                "tokenize",
+                "--checkpoint",
+                str(path),
+                "--out",
+                str(tmp_path / "t"),
+                "data.resolution=18",
+            ]
+        )
+    model = ckpt.load_tokenizer(path)
+    dataset = TensorImages((torch.rand(2, 3, 16, 16) * 255).byte(), 16, train=False)
+    calls = []
+    model.encode = lambda x: calls.append(x) or (_ for _ in ()).throw(AssertionError("encoded"))
+    (tmp_path / "dir.npy").mkdir()
+    (tmp_path / "file").write_text("")
+    for target, match in (
+        (tmp_path / "dir.npy", "is a folder"),
+        (tmp_path / "file" / "t.npy", "is a file"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            write_tokens(model, dataset, target, batch_size=2, device=torch.device("cpu"))
+    assert not calls

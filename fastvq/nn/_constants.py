@@ -13,8 +13,8 @@ class ConstantBuffers(nn.Module):
 
     Each has a float32 CPU copy: refreshed before an _apply from a buffer the user assigned or
     edited in place since it was installed (a device-to-host copy only then), and installed
-    after the _apply wherever the function replaced the buffer (a .to() to the same device
-    keeps it, as for any buffer)."""
+    after the _apply wherever the function replaced the buffer or it is not float32 (a .to() to
+    the same device keeps it, as for any buffer)."""
 
     def register_constant(self, name: str, value) -> None:
         """value: None, or numbers / a CPU tensor, kept as float32. Made on the CPU whatever the
@@ -45,7 +45,8 @@ class ConstantBuffers(nn.Module):
         super()._apply(fn, recurse)
         for name, value in constants.items():
             new = self._buffers.get(name)
-            if value is not None and new is not None and new is not before[name]:
+            replaced = new is not before[name] or new.dtype != torch.float32
+            if value is not None and new is not None and replaced:
                 self._buffers[name] = value.to(new.device, copy=True)
             self._installed(name)
         return self

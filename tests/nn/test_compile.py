@@ -123,6 +123,18 @@ def test_topk_and_beam_search_compile_without_graph_breaks():
     assert not torch.equal(compiled_layers[1].layers[2].embed, initial[1].layers[2].embed)
 
 
+def test_eval_beam_search_over_a_parameter_codebook_compiles_whole():
+    # Only a step that updates the codebook copies it first (the update itself breaks the
+    # graph, by design): in eval, beam search over a Parameter codebook traces whole.
+    torch.manual_seed(0)
+    rvq = ResidualVQ(
+        dim=DIM, num_quantizers=2, codebook_size=16, beam_size=2, orthogonal_reg_weight=0.1
+    ).eval()
+    x = torch.randn(2, 5, DIM)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(rvq, fullgraph=True, backend="eager")(x)[1], rvq(x)[1])
+
+
 def test_deliberate_graph_breaks_run_eagerly_under_compile():
     # k-means init, dead-code replacement and quantize dropout's seed are eager islands
     # (fastvq.nn.vector_quantize.eager_only): compiled without fullgraph, the model takes the

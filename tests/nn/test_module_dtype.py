@@ -438,3 +438,44 @@ def test_constants_keep_what_a_user_put_there():
     with torch.inference_mode():  # built there: inference tensors, which track no versions
         built = ResidualFSQ(levels=[8, 5, 5], num_quantizers=3).to(torch.bfloat16)
     assert built.scales.dtype == torch.float32
+
+
+def test_constants_are_copies_kept_float32_and_read_back_only_when_touched():
+    # From a mutation run: a constant aliased the caller's tensor; an assigned constant in
+    # another dtype stayed in it; a meta buffer assigned before to_empty must not be read; an
+    # explicit clamp value was made on the default device (meta, in a meta build); untouched
+    # constants are not copied back to the CPU at every cast (a host sync on a GPU).
+    w = torch.tensor([1.0, 2.0, 3.0])
+    rvq = ResidualVQ(
+        dim=8, num_quantizers=3, codebook_size=16, beam_size=2, beam_score_quantizer_weights=w
+    )
+    w.mul_(0)
+    assert torch.equal(rvq.beam_score_weights, torch.tensor([1.0, 2.0, 3.0]))
+    module = ResidualFSQ(levels=[8, 5, 5], num_quantizers=3)
+    want = module.scales.clone()
+    module.scales = want.half()  # the user's values, kept as float32 (fp16: .to returns them)
+    module.to(torch.float16)
+    assert module.scales.dtype == torch.float32 and torch.equal(module.scales, want.half().float())
+    module.scales = want.clone()
+    module.half()
+    stored = module._constants["scales"]
+    module.half().to("meta").to_empty(device="cpu")
+    assert module._constants["scales"] is stored and torch.equal(module.scales, want)
+    module.to("meta")
+    module.scales = torch.empty(3, 3, device="meta")
+    module.to_empty(device="cpu")
+    assert torch.equal(module.scales, want)
+    with torch.device("meta"):
+        clamped = ResidualFSQ(
+            levels=[8, 5, 5], num_quantizers=2, soft_clamp_input_value=1.5, bound_hard_clamp=False
+        )
+    assert torch.equal(clamped.to_empty(device="cpu").soft_clamp_input_value, torch.tensor(1.5))
+
+
+def test_float32_losses_and_input_dtype_outputs():
+    from fastvq.nn.scalar import mse
+
+    assert mse(torch.ones(3), torch.zeros(3, dtype=torch.float64)).dtype == torch.float64
+    latent = LatentQuantize(levels=[5, 6, 7, 8], dim=4, commitment_loss_weight=0.5)
+    out, _, loss = latent(torch.randn(2, 4, 30).bfloat16())
+    assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32

@@ -178,3 +178,22 @@ def test_random_projection_quantizer_state_and_bad_input():
     assert m(x, torch.full((2, 5), -1)).item() == 0.0  # all ignored
     with pytest.raises(TypeError, match="unexpected keyword"):
         RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4, decay=0.9)
+
+
+def test_random_projection_peer_keys_load_nested_and_never_override_its_own():
+    def peer_state():
+        state = RandomProjectionQuantizer(dim=10, codebook_size=33, codebook_dim=6).state_dict()
+        state["vq._codebook.embed"] = state.pop("codebook") + 1
+        return state
+
+    parent = torch.nn.Sequential(
+        RandomProjectionQuantizer(dim=10, codebook_size=33, codebook_dim=6)
+    )
+    state = peer_state()
+    parent.load_state_dict({"0." + k: v for k, v in state.items()})  # under a prefix
+    assert torch.equal(parent[0].codebook, state["vq._codebook.embed"])
+    mine = RandomProjectionQuantizer(dim=10, codebook_size=33, codebook_dim=6)
+    both = peer_state() | {"codebook": mine.codebook.clone()}
+    mine.load_state_dict(both, strict=False)  # its own key wins
+    assert torch.equal(mine.codebook, both["codebook"])
+    assert "codebook" in mine.load_state_dict({}, strict=False).missing_keys

@@ -360,9 +360,8 @@ class LFQ(ConstantBuffers):
         of all ranks' rows together (the peer averages the ranks' means: the same for equal
         shards), so every rank must run each training forward: two all-reduces per codebook.
 
-    Under torch.compile an inv_temperature changed from step to step (annealed) is a constant of
-    the graph (the entropy op takes it as a float): each value compiles again, up to torch's
-    recompile limit.
+    Under torch.compile an inv_temperature changed from step to step (annealed) compiles once
+    more, at its second value, after which it is a graph input (dynamo's automatic dynamic).
     """
 
     spherical_default = False

@@ -74,8 +74,8 @@ torch.compile: forward compiles with fullgraph=True in eval and in training (top
 update included (fastvq.ema_update_ / ema_codebook are custom ops; a buffer codebook is replaced
 by the updated tensor, never written in place under the estimator's saved codes; _update says
 where it is written in place instead). A float hyperparameter changed from step to step (a decay
-warm-up) is a constant of the graph: each value compiles again, up to torch's recompile limit
-(then eager; an error under fullgraph=True). Compiled, a training step under
+warm-up, commitment_weight, sample_codebook_temp) compiles once more, at its second value, after
+which it is a graph input (dynamo's automatic dynamic). Compiled, a training step under
 torch.inference_mode leaves an inference-tensor codebook that later training steps cannot use
 (eager, it is written in place): use eval() or torch.no_grad there. Deliberate graph
 breaks, eager by design: the k-means init (data-dependent, first training step), dead-code

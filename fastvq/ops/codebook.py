@@ -434,7 +434,11 @@ def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministi
     idx = indices.reshape(-1).to(torch.int64).contiguous()
     w = None if weight is None else weight.detach().reshape(-1).to(acc).contiguous()
 
-    if name == "cpp" and group is None and (device.type == "cpu" or deterministic):
+    # Under torch.compile decay reaches the graph only through torch arithmetic (the batch buffer
+    # below, and no alpha=): a decay changed between steps (a warm-up) then stays a graph input,
+    # where as a kernel's float argument each value was a constant that compiled a new graph.
+    fused = not torch.compiler.is_compiling()
+    if fused and name == "cpp" and group is None and (device.type == "cpu" or deterministic):
         # One pass: the kernel writes decay * old + (1 - decay) * batch sum into the accumulators
         # (the CPU kernel moves each code's float32 partial into double every 256 rows, the
         # deterministic GPU kernels sum pieces of 512 rows). Float atomics go through a zeroed
@@ -448,7 +452,7 @@ def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministi
             embed_sum.copy_(sums)
         return cluster_size, embed_sum
 
-    if name == "triton" and group is None and deterministic:
+    if fused and name == "triton" and group is None and deterministic:
         # No (K, D + 1) buffer: the kernel writes decay * old + (1 - decay) * sum once per
         # accumulator. A copy only for an embed_sum without unit column stride.
         sums = _unit_columns(embed_sum)
@@ -464,8 +468,8 @@ def _ema_update(cluster_size, embed_sum, z, indices, decay, weight, deterministi
     stats = _batch_stats(z2, idx, w, k, acc, name, deterministic)
     if group is not None:
         _all_reduce(stats, group)
-    cluster_size.mul_(decay).add_(stats[:, d], alpha=1.0 - decay)
-    embed_sum.mul_(decay).add_(stats[:, :d], alpha=1.0 - decay)
+    cluster_size.mul_(decay).add_(stats[:, d] * (1.0 - decay))
+    embed_sum.mul_(decay).add_(stats[:, :d] * (1.0 - decay))
     return cluster_size, embed_sum
 
 

@@ -605,7 +605,8 @@ def binary_entropy_loss(
             the bit marginals are averaged over the group's rows (a differentiable all-reduce, as
             vector-quantize-pytorch's LFQ does under DDP), so codebook_entropy is the group
             batch's; per_sample_entropy stays this rank's mean.
-    Memory: O(N d) for the backward (z is saved), O(d) extra in the forward.
+    Memory: O(N d) for the backward (z is saved), O(d) extra in the forward (under torch.compile
+    also the (N, d) float32 logits, so that inv_temperature stays a graph input).
     """
     from fastvq.ops.codebook import _process_group
 
@@ -623,7 +624,14 @@ def binary_entropy_loss(
     n = z2.shape[0]
     spherical = quantizer == "bsq"
     coef = 4.0 * float(inv_temperature) * (1 / math.sqrt(d) if spherical else 1.0)
-    rows, sums = _binary_entropy_fwd(z2, coef, spherical, impl)
+    if torch.compiler.is_compiling():
+        # The coefficient scales the logits in torch arithmetic, outside the kernel: a float
+        # inv_temperature changed between steps (annealed) then stays a graph input, where as the
+        # kernel's float argument each value was a constant that compiled a new graph.
+        _, _, logits = _logits(z2, coef, spherical)
+        rows, sums = _binary_entropy_fwd(logits, 1.0, False, impl)
+    else:
+        rows, sums = _binary_entropy_fwd(z2, coef, spherical, impl)
     per_sample = rows.sum() / max(n, 1)
     if group is None:
         probs = sums / max(n, 1)

@@ -251,6 +251,47 @@ def test_dynamic_batch_trains_in_one_graph():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_annealed_hyperparameters_compile_once_not_per_value():
+    # A float changed from step to step (LFQ / BSQ's inv_temperature argument, a decay warm-up or
+    # a loss weight on the module) becomes a graph input at its second value (dynamo's automatic
+    # dynamic), after which no value compiles again, provided it reaches the graph only through
+    # torch arithmetic: passed to the entropy and EMA kernels as a float, each value compiled a
+    # new graph.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    eager = nn.ModuleList(
+        [LFQ(dim=DIM, codebook_size=16), BSQ(dim=DIM, codebook_size=16), VectorQuantize(DIM, 32)]
+    )
+    compiled_layers = copy.deepcopy(eager)
+
+    def run(layers, x, inv_temperature):
+        lfq, bsq, vq = layers
+        outs = [lfq(x, inv_temperature), bsq(x, inv_temperature), vq(x)]
+        loss = sum(q.square().mean() + aux.sum() for q, _, aux in outs)
+        return loss, torch.cat([idx.flatten() for _, idx, _ in outs])
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")  # the scalars become tensors in AOTAutograd
+    compiled = torch.compile(run, fullgraph=True, backend=counter)
+    for step, (inv_temperature, decay) in enumerate([(100.0, 0.5), (30.0, 0.8), (3.0, 0.9)] * 2):
+        for vq in (eager[2], compiled_layers[2]):
+            vq.decay, vq.commitment_weight = decay, 1 - decay
+        x = torch.randn(4, 6, DIM, generator=torch.Generator().manual_seed(step))
+        x.requires_grad_()
+        want_loss, want_idx = run(eager, x, inv_temperature)
+        got_loss, got_idx = compiled(compiled_layers, x, inv_temperature)
+        assert torch.equal(got_idx, want_idx)
+        torch.testing.assert_close(got_loss, want_loss)
+        (want_grad,) = torch.autograd.grad(want_loss, x)
+        (got_grad,) = torch.autograd.grad(got_loss, x)
+        torch.testing.assert_close(got_grad, want_grad)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_layers.state_dict().values(),
+                            strict=True):  # fmt: skip
+        torch.testing.assert_close(b, a, msg=name)
+    assert counter.frame_count == 2
+
+
 def test_export_with_dynamic_batch_saves_and_loads(tmp_path):
     # torch.export in eval with a dynamic batch: the program runs other batch sizes with eager's
     # indices and values, and survives save / load (LFQ returns a namedtuple: it needs a

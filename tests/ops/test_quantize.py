@@ -200,6 +200,14 @@ def test_degenerate_rows(case, grad, dtype):
         big = torch.full((1, 6), 5e18, device=device)
         (dz,) = _grads(_run(case, z, big, grad=grad)[0], (z,), g[:1])
         torch.testing.assert_close(dz, g[:1], rtol=0, atol=0)
+        # |z|^2 and |q|^2 overflow float32 (|z| = 1.7e20): STE, where the same geometry at unit
+        # scale rotates (the documented limit of summing squares in float32).
+        z = torch.tensor([[0.9, -0.4, 1.3, 0.2, 0.1, 0.3]], device=device)
+        code = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 0.0]], device=device)
+        for scale, moved in ((1.0, grad != "ste"), (1e20, False)):
+            x = (scale * z).requires_grad_()
+            (dz,) = _grads(_run(case, x, scale * code, grad=grad)[0], (x,), g[:1])
+            assert bool(dz.isfinite().all()) and (not torch.equal(dz, g[:1])) == moved
 
 
 @pytest.mark.parametrize(

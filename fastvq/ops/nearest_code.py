@@ -187,8 +187,12 @@ def nearest_code(
         metric: "l2" (squared Euclidean, minimised), "cosine" (cosine similarity, maximised) or
             "dot" (inner product, maximised).
         precision: "exact": products accumulate in float32 with float32-accurate products, so the
-            chosen code is the float32 argmin up to float32 rounding. "fast": float32 inputs may
-            use bf16/tf32 tensor cores on GPU (same as exact on CPU).
+            chosen code is the float32 argmin up to float32 rounding. That rounding is of the
+            scores z . c - |c|^2 / 2 (l2), so relative to |z| |c|, not to the distances: data far
+            from the origin for its spread (an offset of 1000, a spread of 0.01) lose their
+            nearest code; center them first (l2 distances do not change). "fast": float32 inputs
+            may use bf16/tf32 tensor cores on GPU, and the "triton" backend under
+            TRITON_INTERPRET=1 emulates that; backends "cpu" and "torch" run it as exact.
         backend: "auto", "triton", "cuda", "cpu" or "torch"; see fastvq.backends().
         return_distance: also return the chosen code's distance (l2), similarity (cosine) or
             inner product (dot), recomputed directly in float32 (float64 for float64 inputs) from

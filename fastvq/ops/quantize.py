@@ -254,7 +254,10 @@ def quantize(
     though the same geometry at unit scale would rotate; rotation with z^ = -q^ (no unique
     rotation) -> STE; householder with z^ = q^ -> H = I, s g (what the rotation trick gives
     there), where z^ = -+q^ means |z^ +- q^|^2 below the smallest normal of that arithmetic.
-    Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to rounding. Double backward: STE's
+    Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to rounding. Both estimators are
+    discontinuous at these rows, so a row (anti)parallel to its code only up to rounding (z = -3 q
+    or -0.7 q in float32) rotates or reflects about an axis that the rounding sets (another one
+    in float64) rather than taking the fallback. Double backward: STE's
     dL/dz and every estimator's dL/dC are differentiable; differentiating rotation's or
     householder's dL/dz again is a NotImplementedError.
 

@@ -53,15 +53,26 @@ def scale_large_rows(z: torch.Tensor) -> torch.Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Value of the codes, gradient of the identity towards z."""
+    """Value of the codes, gradient of the identity towards z, in reverse and forward mode and
+    under torch.func's transforms (setup_context style, a generated vmap rule)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z, codes):
+    def forward(z, codes):
         return codes.view_as(codes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+    @staticmethod
+    def jvp(ctx, z_tangent, codes_tangent):
+        return z_tangent
 
 
 def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +85,9 @@ def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torc
     else:
         index = decode(flat)
     codes = codes_of(index, z.dtype).view(z.shape)
-    if z.requires_grad:
-        codes = _StraightThrough.apply(z, codes)
+    # Always, not only where z.requires_grad: under torch.func.vmap and forward-mode AD z does
+    # not require grad, and the codes would carry no gradient or tangent at all.
+    codes = _StraightThrough.apply(z, codes)
     return index.view(z.shape[:-1]), codes
 
 

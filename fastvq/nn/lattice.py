@@ -29,7 +29,7 @@ from fastvq.nn.scalar import (
     project_in,
 )
 from fastvq.ops._backends import pick_backend
-from fastvq.ops._validate import check_floating, check_int, check_real
+from fastvq.ops._validate import check_floating, check_int, check_no_tangent, check_real
 from fastvq.ops.quantize import _quantize_fwd
 from fastvq.reference import inv_norm
 
@@ -44,6 +44,7 @@ def attach_gradient(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tensor
     q = q.detach().to(z.dtype)
     if grad == "ste":
         return z + (q - z).detach()
+    check_no_tangent("the rotation trick", z)
     d = z.shape[-1]
     z2, q2 = z.reshape(-1, d).contiguous(), q.reshape(-1, d).contiguous()
     rows = torch.arange(z2.shape[0], device=z.device)

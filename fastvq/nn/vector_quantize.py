@@ -104,6 +104,7 @@ from fastvq.ops._validate import (
     check_floating,
     check_index_range,
     check_int,
+    check_no_tangent,
     check_real,
     check_tensor,
 )
@@ -1171,6 +1172,7 @@ def _candidate_mse(rows, codebook, idx) -> torch.Tensor:
 
 def _gather(z, codebook, indices, grad: str, backend: str) -> torch.Tensor:
     """codebook[indices] with fastvq.quantize's estimator for given (sampled) indices."""
+    check_no_tangent("quantize", z, codebook)
     use_triton = pick_backend(backend, z.device, z.dtype) == "triton"
     q, _ = _quantize_fwd(z.contiguous(), codebook.contiguous(), indices, grad, use_triton)
     return q

@@ -6,6 +6,7 @@ import numbers
 import operator
 
 import torch
+from torch.autograd import forward_ad
 
 FLOATING = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # What the Triton and C++ kernels read (float64 inputs take the torch paths, except the lattices').
@@ -74,6 +75,22 @@ def check_writable(name: str, value: torch.Tensor) -> None:
         )
 
 
+def check_no_tangent(op: str, *tensors) -> None:
+    """NotImplementedError where a tensor carries a forward-mode tangent (torch.func.jvp / jacfwd,
+    torch.autograd.forward_ad): torch passes none through a custom op that registers only its
+    backward, so the result's tangent would silently be zero. (torch.func.grad, vjp and jacrev
+    raise torch's own error at such an op; torch.autograd's reverse mode is unaffected.)"""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op} does not support forward-mode AD (torch.func.jvp, jacfwd, "
+                "torch.autograd.forward_ad): its custom op would give a zero tangent; use "
+                "torch.autograd.grad or torch.autograd.functional (vectorize=True) instead"
+            )
+
+
 def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -83,14 +100,19 @@ class NonFiniteError(ValueError):
     """An op's input holds NaN or Inf (the trainer's NaN guard tells it from other errors)."""
 
 
+def _no_values(t: torch.Tensor) -> bool:
+    return t.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def check_finite(skippable: bool = True, **tensors) -> None:
     """Raise NonFiniteError (a ValueError) naming the first tensor with NaN or Inf; one host sync
     for all of them. Each value is a tensor or a sequence of tensors checked under one name (a
     residual stack's codebooks). skippable: the op takes check_inputs_finite, and the message
     says so.
 
-    Skipped while torch.compile traces (a data-dependent branch would break the graph) and for
-    meta tensors (no values to check: shape inference only).
+    Skipped while torch.compile traces (a data-dependent branch would break the graph), for meta
+    tensors (no values to check: shape inference only) and under torch.func's transforms (vmap's
+    batched tensors have no single value to read).
 
     A tensor's sum is finite only if all its terms are (NaN and Inf propagate through additions),
     and so is a sum of such sums: one reduction per tensor (float16 and bfloat16 summed in
@@ -102,7 +124,7 @@ def check_finite(skippable: bool = True, **tensors) -> None:
     """
     groups = [(v,) if isinstance(v, torch.Tensor) else tuple(v) for v in tensors.values()]
     flat = [t for ts in groups for t in ts]
-    if not flat or torch.compiler.is_compiling() or any(t.is_meta for t in flat):
+    if not flat or torch.compiler.is_compiling() or any(map(_no_values, flat)):
         return
     sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in flat]
     # n - 1 additions, or a stack and a sum (two ops) once that is fewer.

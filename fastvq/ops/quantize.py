@@ -14,7 +14,7 @@ N x K or an N x D x D tensor.
 import torch
 
 from fastvq import _ext
-from fastvq.ops._validate import check_choice, check_floating
+from fastvq.ops._validate import check_choice, check_floating, check_no_tangent
 from fastvq.ops.nearest_code import _nearest_code
 from fastvq.reference.quantize import GRADS
 
@@ -295,6 +295,7 @@ def quantize(
     check_floating("z", z)
     check_floating("codebook", codebook)
     check_choice("grad", grad, GRADS)
+    check_no_tangent("quantize", z, codebook)
     # The search validates shapes, devices, metric, precision and backend, and hands back the
     # backend and the promoted, contiguous rows and codebook it picked and made.
     args = (metric, precision, backend, False, check_inputs_finite, None)

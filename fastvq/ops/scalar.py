@@ -23,7 +23,13 @@ import torch
 
 from fastvq import _ext
 from fastvq.ops._backends import backends, pick_backend
-from fastvq.ops._validate import FLOATING, check_choice, check_floating, check_tensor
+from fastvq.ops._validate import (
+    FLOATING,
+    check_choice,
+    check_floating,
+    check_no_tangent,
+    check_tensor,
+)
 from fastvq.reference.nearest_code import inv_norm
 from fastvq.reference.scalar import FSQ_EPS
 
@@ -288,6 +294,7 @@ def fsq(z: torch.Tensor, levels, *, backend: str = "auto") -> tuple[torch.Tensor
             f"z's last dimension ({d}) must equal len(levels) ({len(levels)}), got z of shape "
             f"{tuple(z.shape)} and levels {list(levels)}"
         )
+    check_no_tangent("fsq", z)
     impl = _impl(backend, z.device, z.dtype)
     codes, indices = _fsq_fwd(z.reshape(-1, d).contiguous(), list(levels), impl)
     return codes.view(z.shape), indices.view(z.shape[:-1])
@@ -409,6 +416,7 @@ def lfq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.
         codes: (..., d) in z's dtype; indices: (...,) int64 in [0, 2^d).
     """
     d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")
+    check_no_tangent("lfq", z)
     impl = _impl(backend, z.device, z.dtype)
     codes, indices = _lfq_fwd(z.reshape(-1, d).contiguous(), impl)
     return codes.view(z.shape), indices.view(z.shape[:-1])
@@ -433,6 +441,7 @@ def bsq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.
         indices: (...,) int64 in [0, 2^d).
     """
     d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")
+    check_no_tangent("bsq", z)
     impl = _impl(backend, z.device, z.dtype)
     codes, indices = _bsq_fwd(z.reshape(-1, d).contiguous(), impl)
     return codes.view(z.shape), indices.view(z.shape[:-1])
@@ -619,6 +628,7 @@ def binary_entropy_loss(
     # float argument is a SymFloat, which math.isfinite cannot trace (a graph break).
     if not 0 < inv_temperature < math.inf:
         raise ValueError(f"inv_temperature must be positive and finite, got {inv_temperature}")
+    check_no_tangent("binary_entropy_loss", z)
     impl = _impl(backend, z.device, z.dtype)
     z2 = z.reshape(-1, d).contiguous()
     n = z2.shape[0]

@@ -77,9 +77,12 @@ where it is written in place instead). A float hyperparameter changed from step 
 warm-up, commitment_weight, sample_codebook_temp) compiles once more, at its second value, after
 which it is a graph input (dynamo's automatic dynamic). Compiled, a training step under
 torch.inference_mode leaves an inference-tensor codebook that later training steps cannot use
-(eager, it is written in place): use eval() or torch.no_grad there. Deliberate graph
-breaks, eager by design: the k-means init (data-dependent, first training step), dead-code
-replacement (threshold_ema_dead_code > 0), torch.unique of orthogonal_reg_active_codes_only,
+(eager, it is written in place): use eval() or torch.no_grad there. Activation checkpointing of a
+training step that updates the codebook is a RuntimeError at the recomputation (which would
+update it again and quantize with the new codebook); frozen or in eval() it checkpoints.
+Deliberate graph breaks, eager by design: the k-means init (data-dependent, first training
+step), dead-code replacement (threshold_ema_dead_code > 0), torch.unique of
+orthogonal_reg_active_codes_only,
 and the update of a Parameter codebook (orthogonal_reg_weight > 0: written through .data, which
 a compiled graph would drop).
 """
@@ -570,6 +573,13 @@ class VectorQuantize(nn.Module):
             codebooks = self._codebooks()
             update = self.training and not freeze and self.codebook_generator is None
             update = update and (do_ema or self.threshold_ema_dead_code > 0)
+            if update and _in_backward():
+                raise RuntimeError(
+                    "VectorQuantize ran a training forward inside a backward pass, as "
+                    "torch.utils.checkpoint's recomputation does: its codebook update would run "
+                    "twice and the recomputed codes come from the updated codebook. Checkpoint "
+                    "the layers around the quantizer instead (or freeze its codebook there)"
+                )
             stochastic = self._samples(temp)
             check = check_inputs_finite and not stochastic
             if check and self.num_codebooks > 1:
@@ -1168,6 +1178,11 @@ def _candidate_mse(rows, codebook, idx) -> torch.Tensor:
             codes = codebook[idx[start : start + step]]
             out[start : start + step] = (codes - rows[start : start + step, None]).square().mean(-1)
     return out
+
+
+def _in_backward() -> bool:
+    """True inside an autograd backward pass (where activation checkpointing recomputes)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _gather(z, codebook, indices, grad: str, backend: str) -> torch.Tensor:

@@ -2,6 +2,9 @@
 plain-PyTorch references, eval freezing, state, autocast, options and bad input (torch.compile:
 test_compile.py)."""
 
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -455,6 +458,35 @@ def test_a_training_forward_under_inference_mode_leaves_the_layer_trainable(laye
     q, _, loss = vq(xg)
     (q.square().mean() + loss.sum()).backward()
     assert xg.grad is not None and bool(xg.grad.isfinite().all())
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_a_training_update_is_refused(use_reentrant):
+    # The recomputation in backward ran the EMA update a second time and quantized with the
+    # updated codebook, so the gradient was not the forward's (silently). A frozen or eval()
+    # layer has nothing to update: checkpointed, it gives the plain gradient.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    vq = VectorQuantize(DIM, K, decay=0.5, grad="rotation")
+    before = copy.deepcopy(vq.state_dict())
+    x = _randn(3, 6, DIM, seed=11).requires_grad_()
+    q = checkpoint(vq, x, use_reentrant=use_reentrant)[0]
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        q.square().sum().backward()
+    updated = vq.state_dict()
+    assert not torch.equal(updated["embed"], before["embed"])  # the forward's one update
+    for train in (True, False):
+        vq.train(train)
+        x.grad = None
+        step = functools.partial(vq, freeze_codebook=train)
+        q = checkpoint(step, x, use_reentrant=use_reentrant)[0]
+        q.square().sum().backward()
+        want = x.detach().clone().requires_grad_()
+        vq(want, freeze_codebook=True)[0].square().sum().backward()
+        torch.testing.assert_close(x.grad, want.grad)
+    for key, value in vq.state_dict().items():
+        assert torch.equal(value, updated[key]), key
 
 
 class _Broadcast(torch.autograd.Function):

@@ -361,7 +361,8 @@ class LFQ(ConstantBuffers):
         shards), so every rank must run each training forward: two all-reduces per codebook.
 
     Under torch.compile an inv_temperature changed from step to step (annealed) compiles once
-    more, at its second value, after which it is a graph input (dynamo's automatic dynamic).
+    more, at its second value, after which it is a graph input (dynamo's automatic dynamic; torch
+    2.13: torch 2.11 still compiles each value).
     """
 
     spherical_default = False

@@ -61,9 +61,11 @@ def _quantize_fwd_kernel(
     q = tl.load(
         codebook_ptr + code[:, None] * D + cols[None, :], mask=mask & code_ok[:, None], other=0.0
     )
+    # In float32 (the store rounds back exactly): Triton 3.6's interpreter cannot make a NaN of
+    # q's dtype where that is bfloat16.
     tl.store(
         zq_ptr + rows[:, None] * D + cols[None, :],
-        tl.where(code_ok[:, None], q, float("nan")),
+        tl.where(code_ok[:, None], q.to(tl.float32), float("nan")),
         mask=mask,
     )
     if MODE != 0:

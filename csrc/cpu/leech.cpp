@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 
 #include "../leech_decode.h"
@@ -55,10 +56,11 @@ const leech::GolayTables& golay_tables() {
 
 // One tile: its rows y[p][v] (row r is lane r % W of vector r / W) and their tables over the 4
 // groups of 6 coordinates and the 64 sign patterns e of a group, in vectors of kBytes (16 for
-// SSE2, 32 for AVX2; GCC vector extensions, so both builds share this code). On the stack of the
-// thread that decodes: 82 KiB in float32, 164 in float64 (OpenMP threads get megabytes).
+// SSE2, 32 for AVX2; GCC vector extensions, so both builds share this code). 82 KiB in float32,
+// 164 in float64: one per thread on the heap, not on the stack, which a small thread stack (musl's
+// 128 KiB default, Python's threading.stack_size, OMP_STACKSIZE) would not hold.
 template <typename T, int kBytes>
-struct Tile {
+struct alignas(64) Tile {
   static constexpr int W = kBytes / sizeof(T);  // lanes per vector
   static constexpr int NV = kTile / W;          // vectors per tile
   typedef T V __attribute__((vector_size(kBytes)));
@@ -198,7 +200,8 @@ template <int kBytes, typename T, typename DecodeTile>
 void decode_rows(const T (*rows)[24], int m, int64_t* out, const DecodeTile& decode_tile) {
   const leech::GolayTables& g = golay_tables();
   using Tl = Tile<T, kBytes>;
-  alignas(64) Tl t;
+  thread_local const std::unique_ptr<Tl> tile = std::make_unique<Tl>();
+  Tl& t = *tile;
   for (int p = 0; p < 24; ++p) {
     for (int r = 0; r < kTile; ++r) t.y[p][r / Tl::W][r % Tl::W] = rows[r < m ? r : 0][p];
   }

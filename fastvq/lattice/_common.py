@@ -53,8 +53,8 @@ def scale_large_rows(z: torch.Tensor) -> torch.Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Value of the codes, gradient of the identity towards z, in reverse and forward mode and
-    under torch.func's transforms (setup_context style, a generated vmap rule)."""
+    """Value of the codes, gradient of the identity towards z, also under torch.func's transforms
+    (setup_context style, a generated vmap rule)."""
 
     generate_vmap_rule = True
 
@@ -69,6 +69,11 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _StraightThroughWithTangent(_StraightThrough):
+    """And the tangent of z in forward mode. Dynamo cannot trace a custom jvp (a graph break):
+    compiled graphs take the parent, whose forward mode is torch's NotImplementedError."""
 
     @staticmethod
     def jvp(ctx, z_tangent, codes_tangent):
@@ -87,7 +92,8 @@ def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torc
     codes = codes_of(index, z.dtype).view(z.shape)
     # Always, not only where z.requires_grad: under torch.func.vmap and forward-mode AD z does
     # not require grad, and the codes would carry no gradient or tangent at all.
-    codes = _StraightThrough.apply(z, codes)
+    estimator = _StraightThrough if torch.compiler.is_compiling() else _StraightThroughWithTangent
+    codes = estimator.apply(z, codes)
     return index.view(z.shape[:-1]), codes
 
 

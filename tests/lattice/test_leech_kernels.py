@@ -183,6 +183,33 @@ def test_cpu_kernel_bit_identical_across_isa_builds(tmp_path):
             assert torch.equal(index, _reference(z)), (baseline, z.dtype)
 
 
+_SMALL_STACK_SCRIPT = """
+import sys, threading, torch
+from fastvq.lattice import leech_quantize
+torch.set_num_threads(1)  # the kernel runs on the calling thread
+zs = [torch.randn(64, 24, dtype=dtype) for dtype in (torch.float32, torch.float64)]
+want = [leech_quantize(z, backend="torch")[0] for z in zs]
+threading.stack_size(64 * 1024)
+got = []
+decode = lambda: got.extend(leech_quantize(z, backend="cpu")[0] for z in zs)
+thread = threading.Thread(target=decode)
+thread.start()
+thread.join()
+assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want)), got
+"""
+
+
+@pytest.mark.skipif(not fastvq.backends()["cpu"].available, reason="fastvq._C is not built")
+def test_cpu_kernel_runs_on_a_small_thread_stack():
+    # The tile (82 KiB in float32, 164 in float64) lived on the decoding thread's stack: a segfault
+    # under musl's 128 KiB default, Python's threading.stack_size or a small OMP_STACKSIZE.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _SMALL_STACK_SCRIPT], capture_output=True)
+    assert done.returncode == 0, (done.returncode, done.stderr.decode()[-2000:])
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN rows in the interpreter
 @pytest.mark.parametrize("case", CASES)
 def test_shapes_strides_and_special_rows(case, poison):

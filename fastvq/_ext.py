@@ -6,8 +6,13 @@ import warnings
 
 import torch
 
+# Every module that `import fastvq` runs imports its siblings by their full module path
+# (`from fastvq._C import ...`, never `from fastvq import _C`): the package form waits for
+# fastvq/__init__ to finish, which deadlocks (and then fails with a partly initialised module)
+# when another thread is running that __init__ and waiting for the importing module.
+# tests/test_build.py checks the rule and the threads.
 try:
-    from fastvq import _C  # noqa: F401  (registers torch.ops.fastvq.* on import)
+    from fastvq._C import cpu_isa  # registers torch.ops.fastvq.* on import
 
     EXTENSION_ERROR: str | None = None
 except ImportError as e:  # a source checkout without a build, or a torch ABI mismatch
@@ -19,7 +24,7 @@ except ImportError as e:  # a source checkout without a build, or a torch ABI mi
     )
 
 
-def _has_kernel(name: str, key: str) -> bool:
+def has_kernel(name: str, key: str) -> bool:
     if EXTENSION_ERROR is not None or not hasattr(torch.ops.fastvq, name):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastvq::{name}", key)
@@ -50,8 +55,8 @@ def register_namedtuple(cls):
 
 # Plain booleans read once at import (dispatcher queries, no CUDA): torch.compile can trace code
 # that reads them, but not the dispatcher query itself.
-HAS_CPU_KERNELS = _has_kernel("nearest_code", "CPU")
-HAS_CUDA_KERNELS = _has_kernel("nearest_code", "CUDA")
+HAS_CPU_KERNELS = has_kernel("nearest_code", "CPU")
+HAS_CUDA_KERNELS = has_kernel("nearest_code", "CUDA")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Which build of the C++ CPU kernels runs: "avx2+fma", "avx2" or "baseline" (csrc/fastvq.cpp).
-CPU_ISA = None if EXTENSION_ERROR is not None else _C.cpu_isa()
+CPU_ISA = None if EXTENSION_ERROR is not None else cpu_isa()

@@ -904,8 +904,8 @@ torch.cuda.current_device = lambda: 0
 torch.cuda.get_device_properties = lambda *a: props
 torch.cuda.get_device_capability = lambda *a: (9, 0)
 torch.cuda.get_device_name = lambda *a: props.name
-import fastvq._ext
-fastvq._ext.HAS_CUDA_KERNELS = True
+import fastvq.ops._backends
+fastvq.ops._backends.HAS_CUDA_KERNELS = True
 """
 
 

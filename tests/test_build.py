@@ -197,3 +197,63 @@ def test_cpu_baseline_env_selects_the_baseline_build():
     if expected is None:
         pytest.skip("not a Linux x86-64 CPU with AVX2: only the baseline build exists here")
     assert isa["0"] == expected
+
+
+def _ancestor_imports(path: str, module: str) -> list[str]:
+    """The module-level imports in `path` that name a package above `module` itself ("fastvq",
+    "fastvq.lattice" for fastvq.lattice.leech) rather than a module under it."""
+    import ast
+
+    parts = module.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
+    found = []
+    for node in ast.parse(open(path).read()).body:  # module level only: function bodies run later
+        if isinstance(node, ast.Try):
+            node = node.body[0]
+        names = [node.module] if isinstance(node, ast.ImportFrom) else []
+        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        found += [f"line {node.lineno}: {name}" for name in names if name in ancestors]
+    return found
+
+
+def test_modules_of_import_fastvq_never_import_their_own_package():
+    """`from fastvq import _ext` (or `import fastvq.x.y as z`) inside a module that fastvq's
+    __init__ runs waits for that __init__ to finish. With one thread running it and another
+    importing such a module directly, each waits for the other: CPython then hands one of them
+    a partly initialised module and the import fails."""
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, fastvq; print(*sorted(m for m in sys.modules "
+         "if m.startswith('fastvq.') and m != 'fastvq._C'))"],
+        env=checkout_env(), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    modules = run.stdout.split()
+    assert "fastvq.ops.nearest_code" in modules and "fastvq.lattice.leech" in modules, modules
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        assert _ancestor_imports(spec.origin, module) == [], module
+
+
+def test_threads_import_the_public_packages_at_once():
+    # Before the rule above, threads importing fastvq.nn and fastvq.train for the first time
+    # failed in 4 runs of 4 ("cannot import name ... from partially initialized module").
+    script = """
+import threading, importlib, torch
+names = ["fastvq", "fastvq.nn", "fastvq.train", "fastvq.models"]
+start, errors = threading.Barrier(len(names)), []
+def load(name):
+    start.wait()
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        errors.append(f"{name}: {e!r}")
+threads = [threading.Thread(target=load, args=(name,)) for name in names]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+"""
+    for _ in range(3):
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=checkout_env(), capture_output=True, text=True,
+            check=True, timeout=300,
+        )  # fmt: skip
+        assert run.stdout.strip() == "[]", run.stdout

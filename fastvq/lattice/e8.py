@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from fastvq import _ext
+from fastvq._ext import has_kernel
 from fastvq.lattice._common import (
     best_even_signs,
     best_pair,
@@ -141,7 +141,7 @@ _nearest_triton.register_fake(_nearest_fake)
 _nearest_triton.register_autograd(_nearest_backward)
 
 # A build from before fastvq::e8_nearest existed has no schema to attach a fake to.
-_HAS_NEAREST_KERNEL = _ext._has_kernel("e8_nearest", "CPU")
+_HAS_NEAREST_KERNEL = has_kernel("e8_nearest", "CPU")
 if _HAS_NEAREST_KERNEL:
     torch.library.register_fake("fastvq::e8_nearest")(_nearest_fake)
     torch.library.register_autograd("fastvq::e8_nearest", _nearest_backward)
@@ -266,7 +266,7 @@ def _(z):
 
 
 # A build from before fastvq::e8_shell_decode existed has no schema to attach a fake to.
-_HAS_KERNEL = _ext._has_kernel("e8_shell_decode", "CPU")
+_HAS_KERNEL = has_kernel("e8_shell_decode", "CPU")
 if _HAS_KERNEL:
 
     @torch.library.register_fake("fastvq::e8_shell_decode")

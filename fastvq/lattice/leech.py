@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from fastvq import _ext
-from fastvq.lattice import golay
+from fastvq._ext import EXTENSION_ERROR, has_kernel
 from fastvq.lattice._common import (
     best_even_signs,
     best_pair,
@@ -36,6 +35,7 @@ from fastvq.lattice._common import (
     scale_large_rows,
     signs_to_rank,
 )
+from fastvq.lattice.golay import golay_codewords, golay_octad_of_message, golay_octads
 from fastvq.ops._backends import backends, check_backend, pick_backend
 
 LEECH_SIZE = 196560
@@ -52,12 +52,12 @@ _CHUNK = 64
 @functools.cache
 def _tables(device: torch.device) -> SimpleNamespace:
     """Small index tables on `device` (a few hundred KiB); the 196,560 vectors are never stored."""
-    words = golay.golay_codewords(device)  # (4096, 24) bits
-    octads = golay.golay_octads(device)  # (759, 8)
+    words = golay_codewords(device)  # (4096, 24) bits
+    octads = golay_octads(device)  # (759, 8)
     bit6 = 1 << torch.arange(6, device=device)
     bits6 = ((torch.arange(64, device=device)[:, None] & bit6) > 0).long()  # (64, 6) 0/1
     # (759, 4): octad o's 6-bit pattern on group k, bit c for coordinate 6k + c
-    octad_words = words[golay.golay_octad_of_message(device) >= 0]
+    octad_words = words[golay_octad_of_message(device) >= 0]
     octad_groups = (octad_words.view(759, 4, 6) * bit6).sum(-1)
     return SimpleNamespace(
         signs=1 - 2 * words,  # (4096, 24) +-1, -1 on the codeword
@@ -67,7 +67,7 @@ def _tables(device: torch.device) -> SimpleNamespace:
         # (4096,) the 12-bit sign pattern of codeword m on coordinates 12..23
         high12=(words[:, 12:] << torch.arange(12, device=device)).sum(-1),
         octads=octads,
-        octad_of_message=golay.golay_octad_of_message(device),  # (4096,)
+        octad_of_message=golay_octad_of_message(device),  # (4096,)
         # (4 * 759,) group-major indices into (4, 64) per-group tables: k * 64 + pattern
         octad_table_index=(octad_groups + 64 * torch.arange(4, device=device)).T.flatten(),
         # (759,) 24-bit masks of the octads, for the kernels
@@ -249,8 +249,8 @@ def _(z):
 
 
 # A build from before fastvq::leech_decode existed has no schema to attach a fake to.
-_HAS_OP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "leech_decode")
-_HAS_KERNEL = {key: _HAS_OP and _ext._has_kernel("leech_decode", key.upper()) for key in _DEVICES}
+_HAS_OP = EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "leech_decode")
+_HAS_KERNEL = {key: _HAS_OP and has_kernel("leech_decode", key.upper()) for key in _DEVICES}
 if _HAS_OP:
 
     @torch.library.register_fake("fastvq::leech_decode")

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastvq import _ext
+from fastvq._ext import CPU_ISA, EXTENSION_ERROR, HAS_CPU_KERNELS, HAS_CUDA_KERNELS, HAS_TRITON
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 # setup.py's MIN_CUDA_ARCH: the CUDA kernels are built for sm_80 and up, and the Triton search
@@ -55,7 +55,7 @@ def backends(device: torch.device | None = None) -> dict[str, Backend]:
                 f"cuda:{index} has {gpu.major}.{gpu.minor}"
             )
     report = {}
-    if not _ext.HAS_TRITON:
+    if not HAS_TRITON:
         report["triton"] = Backend(False, "triton is not installed (pip install triton)")
     elif old_gpu is not None:
         report["triton"] = Backend(False, old_gpu)
@@ -67,9 +67,9 @@ def backends(device: torch.device | None = None) -> dict[str, Backend]:
         report["triton"] = Backend(
             False, "no CUDA device; set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors"
         )
-    if _ext.EXTENSION_ERROR is not None:
-        report["cuda"] = Backend(False, _ext.EXTENSION_ERROR)
-    elif not _ext.HAS_CUDA_KERNELS:
+    if EXTENSION_ERROR is not None:
+        report["cuda"] = Backend(False, EXTENSION_ERROR)
+    elif not HAS_CUDA_KERNELS:
         report["cuda"] = Backend(
             False, "fastvq._C was built without CUDA (torch without CUDA, or no nvcc at build time)"
         )
@@ -79,12 +79,12 @@ def backends(device: torch.device | None = None) -> dict[str, Backend]:
         report["cuda"] = Backend(False, old_gpu)
     else:
         report["cuda"] = Backend(True, "C++/CUDA kernels")
-    if _ext.EXTENSION_ERROR is not None:
-        report["cpu"] = Backend(False, _ext.EXTENSION_ERROR)
-    elif not _ext.HAS_CPU_KERNELS:
+    if EXTENSION_ERROR is not None:
+        report["cpu"] = Backend(False, EXTENSION_ERROR)
+    elif not HAS_CPU_KERNELS:
         report["cpu"] = Backend(False, "fastvq._C has no CPU kernel for nearest_code")
     else:
-        report["cpu"] = Backend(True, f"C++ CPU kernels, {_ext.CPU_ISA} build")
+        report["cpu"] = Backend(True, f"C++ CPU kernels, {CPU_ISA} build")
     report["torch"] = Backend(True, "plain PyTorch reference, chunked")
     return report
 
@@ -93,7 +93,7 @@ def cpu_available() -> bool:
     """backends()["cpu"].available without building the report (CUDA queries, the environment,
     four reasons), which "auto" would otherwise build on every call on CPU tensors (three times
     per fastvq.quantize call before)."""
-    return _ext.EXTENSION_ERROR is None and _ext.HAS_CPU_KERNELS
+    return EXTENSION_ERROR is None and HAS_CPU_KERNELS
 
 
 def check_backend(backend) -> None:

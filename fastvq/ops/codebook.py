@@ -14,7 +14,7 @@ tensor.
 import torch
 import torch.nn.functional as F
 
-from fastvq import _ext
+from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel
 from fastvq.ops._backends import backends, check_backend, cpu_available, pick_backend
 from fastvq.ops._validate import (
     check_choice,
@@ -88,12 +88,12 @@ def _(counts, sums, z, indices, weight, keep, gain):
 # --- C++ op (csrc/cpu/ema.cpp, csrc/cuda/ema.cu; schema in csrc/fastvq.cpp) --------------------
 
 # A stale build of fastvq._C without the op: "auto" falls back to torch, "cpu"/"cuda" raise.
-_HAS_CPP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "ema_scatter_cpp")
+_HAS_CPP = EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "ema_scatter_cpp")
 # Per device type, whether the op has a kernel there: fastvq._C may hold CUDA kernels for
 # nearest_code but not for this op (a partial build). Read once: torch.compile cannot trace the
 # dispatcher query.
 _CPP_ON = {
-    device: _HAS_CPP and _ext._has_kernel("ema_scatter_cpp", key)
+    device: _HAS_CPP and has_kernel("ema_scatter_cpp", key)
     for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
 }
 
@@ -101,7 +101,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::ema_scatter_cpp")
     def _(counts, sums, z, indices, weight, keep, gain, deterministic):
-        _ext.fake_on_one_device("ema_scatter_cpp", counts, sums, z, indices, weight)
+        fake_on_one_device("ema_scatter_cpp", counts, sums, z, indices, weight)
 
 
 # --- argument checks ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ here, so kernels know nothing about metrics.
 
 import torch
 
-from fastvq import _ext
+from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_finite, check_floating, check_int
 from fastvq.reference import METRICS, code_terms, inv_norm, topk_scores
@@ -63,11 +63,11 @@ def _(z, codebook, code_scale, code_bias, k, fast):
     return z.new_empty(z.shape[0], k, dtype=torch.int64)
 
 
-if _ext.EXTENSION_ERROR is None:
+if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("fastvq::nearest_code")
     def _(z, codebook, code_scale, code_bias, fast, screen=None):
-        _ext.fake_on_one_device("nearest_code", z, codebook, code_scale, code_bias)
+        fake_on_one_device("nearest_code", z, codebook, code_scale, code_bias)
         return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
@@ -83,7 +83,7 @@ def _(x):
     return x.new_empty(x.shape[0], dtype=torch.float64)
 
 
-_HAS_SQUARED_NORMS = _ext._has_kernel("squared_norms", "CPU")
+_HAS_SQUARED_NORMS = has_kernel("squared_norms", "CPU")
 if _HAS_SQUARED_NORMS:
 
     @torch.library.register_fake("fastvq::squared_norms")
@@ -108,12 +108,12 @@ def _squared_norms(codebook, metric, backend):
 
 
 # A build from before the top-k kernel existed still loads; "cpu" then runs the torch path.
-_HAS_TOPK_CPU = _ext._has_kernel("nearest_code_topk", "CPU")
+_HAS_TOPK_CPU = has_kernel("nearest_code_topk", "CPU")
 if _HAS_TOPK_CPU:
 
     @torch.library.register_fake("fastvq::nearest_code_topk")
     def _(z, codebook, code_scale, code_bias, k, fast):
-        _ext.fake_on_one_device("nearest_code_topk", z, codebook, code_scale, code_bias)
+        fake_on_one_device("nearest_code_topk", z, codebook, code_scale, code_bias)
         return z.new_empty(z.shape[0], k, dtype=torch.int64)
 
 

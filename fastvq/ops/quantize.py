@@ -13,7 +13,7 @@ N x K or an N x D x D tensor.
 
 import torch
 
-from fastvq import _ext
+from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel
 from fastvq.ops._validate import check_choice, check_floating, check_no_tangent
 from fastvq.ops.nearest_code import _nearest_code
 from fastvq.reference.quantize import GRADS
@@ -133,13 +133,12 @@ def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook, use_tr
 
 
 # The C++ pair, when fastvq._C is built with it (a stale build without it runs the torch bodies).
-_HAS_CPP = _ext.EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "quantize_fwd_cpp")
+_HAS_CPP = EXTENSION_ERROR is None and hasattr(torch.ops.fastvq, "quantize_fwd_cpp")
 # Per device type, whether both C++ ops have a kernel there: an extension whose nearest_code has
 # CUDA kernels but whose quantize pair does not (a partial build) must gather on the torch path,
 # not fail in the dispatcher. Plain booleans, read once (torch.compile cannot trace the query).
 _CPP_ON = {
-    device: _HAS_CPP
-    and all(_ext._has_kernel(op, key) for op in ("quantize_fwd_cpp", "quantize_bwd_cpp"))
+    device: _HAS_CPP and all(has_kernel(op, key) for op in ("quantize_fwd_cpp", "quantize_bwd_cpp"))
     for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
 }
 
@@ -147,7 +146,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::quantize_fwd_cpp")
     def _(z, codebook, indices, grad):
-        _ext.fake_on_one_device("quantize_fwd_cpp", z, codebook, indices)
+        fake_on_one_device("quantize_fwd_cpp", z, codebook, indices)
         n, d = z.shape
         return codebook.new_empty(n, d), z.new_empty(
             n, 0 if grad == "ste" else 4, dtype=_acc(z.dtype)
@@ -155,7 +154,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::quantize_bwd_cpp")
     def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook):
-        _ext.fake_on_one_device("quantize_bwd_cpp", grad_out, z, codebook, indices, stats)
+        fake_on_one_device("quantize_bwd_cpp", grad_out, z, codebook, indices, stats)
         d = z.shape[1]
         dz = z.new_empty(z.shape[0] if need_z else 0, d)
         dc = codebook.new_empty(codebook.shape[0] if need_codebook else 0, d)

@@ -21,7 +21,7 @@ import operator
 
 import torch
 
-from fastvq import _ext
+from fastvq._ext import fake_on_one_device, has_kernel
 from fastvq.ops._backends import backends, pick_backend
 from fastvq.ops._validate import (
     FLOATING,
@@ -49,7 +49,7 @@ INT64_MAX = 2**63 - 1
 # The C++ CPU kernels (csrc/cpu/scalar.cpp), when fastvq._C was built with them. A plain boolean,
 # read once: torch.compile can trace code that reads it, not the dispatcher query.
 _HAS_CPP = all(
-    _ext._has_kernel(op, "CPU")
+    has_kernel(op, "CPU")
     for op in (
         "fsq_fwd_cpp",
         "fsq_bwd_cpp",
@@ -65,7 +65,7 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::fsq_fwd_cpp")
     def _(z, params, basis):
-        _ext.fake_on_one_device("fsq_fwd_cpp", z, params, basis)
+        fake_on_one_device("fsq_fwd_cpp", z, params, basis)
         return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("fastvq::sign_fwd_cpp")
@@ -80,17 +80,17 @@ if _HAS_CPP:
 
     @torch.library.register_fake("fastvq::fsq_bwd_cpp")
     def _(grad_codes, z, params):
-        _ext.fake_on_one_device("fsq_bwd_cpp", grad_codes, z, params)
+        fake_on_one_device("fsq_bwd_cpp", grad_codes, z, params)
         return torch.empty_like(z)
 
     @torch.library.register_fake("fastvq::bsq_bwd_cpp")
     def _(grad_codes, z):
-        _ext.fake_on_one_device("bsq_bwd_cpp", grad_codes, z)
+        fake_on_one_device("bsq_bwd_cpp", grad_codes, z)
         return torch.empty_like(z)
 
     @torch.library.register_fake("fastvq::binary_entropy_bwd_cpp")
     def _(grad_rows, grad_cols, z, coef, spherical):
-        _ext.fake_on_one_device("binary_entropy_bwd_cpp", grad_rows, grad_cols, z)
+        fake_on_one_device("binary_entropy_bwd_cpp", grad_rows, grad_cols, z)
         return torch.empty_like(z)
 
 

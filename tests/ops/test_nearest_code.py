@@ -826,16 +826,16 @@ def test_screening_bound_holds(d, metric):
 def test_gpu_backends_need_compute_capability_8(monkeypatch):
     # The CUDA kernels are built for sm_80+ (setup.py) and the Triton search uses bf16/tf32
     # tensor cores: on an older GPU both are unavailable with the reason, and "auto" takes torch.
-    from fastvq import _ext
+    from fastvq.ops import _backends
 
-    monkeypatch.setattr(_ext, "EXTENSION_ERROR", None)
-    monkeypatch.setattr(_ext, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_backends, "EXTENSION_ERROR", None)
+    monkeypatch.setattr(_backends, "HAS_CUDA_KERNELS", True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gpu = types.SimpleNamespace(major=7, minor=5)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: gpu)
     report = fastvq.backends()
-    for name in ("cuda", "triton") if _ext.HAS_TRITON else ("cuda",):
+    for name in ("cuda", "triton") if _backends.HAS_TRITON else ("cuda",):
         assert not report[name].available, name
         assert "compute capability 8.0+" in report[name].reason and "7.5" in report[name].reason
     assert pick_backend("auto", torch.device("cuda"), torch.float32) == "torch"
@@ -848,7 +848,7 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
     assert e8_backend("auto", torch.device("cuda"), "e8_nearest", True) == "torch"
     for gpu.major, gpu.minor in [(8, 0), (9, 0)]:  # 8.0 (an A100) is the oldest supported
         report = fastvq.backends()
-        assert report["cuda"].available and report["triton"].available == _ext.HAS_TRITON
+        assert report["cuda"].available and report["triton"].available == _backends.HAS_TRITON
     # A machine mixing generations decides by the tensors' GPU, not the current one.
     gpus = {0: types.SimpleNamespace(major=9, minor=0), 1: types.SimpleNamespace(major=7, minor=5)}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpus[index])
@@ -868,7 +868,7 @@ def test_gpu_backends_need_compute_capability_8(monkeypatch):
 def test_pick_backend_rules(monkeypatch):
     # "auto" on CPU tensors: C++ when it is built, else torch. A named backend must be available
     # and take tensors on their device. Triton runs on CPU tensors only with TRITON_INTERPRET=1.
-    from fastvq import _ext
+    from fastvq.ops import _backends
     from fastvq.ops._backends import triton_interpreting
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
@@ -878,7 +878,7 @@ def test_pick_backend_rules(monkeypatch):
     if has_cpu:
         with pytest.raises(ValueError, match="backend 'cpu' runs on cpu tensors here, got .* meta"):
             pick_backend("cpu", meta, torch.float32)
-    monkeypatch.setattr(_ext, "EXTENSION_ERROR", "fastvq._C failed to load (test)")
+    monkeypatch.setattr(_backends, "EXTENSION_ERROR", "fastvq._C failed to load (test)")
     with pytest.raises(ValueError, match=r"backend 'cpu' is unavailable: fastvq._C failed to load"):
         pick_backend("cpu", cpu, torch.float32)
     assert pick_backend("auto", cpu, torch.float32) == "torch"
@@ -888,7 +888,7 @@ def test_pick_backend_rules(monkeypatch):
         else:
             monkeypatch.setenv("TRITON_INTERPRET", value)
         assert triton_interpreting() is interpreting, value
-        if _ext.HAS_TRITON and not CUDA:
+        if _backends.HAS_TRITON and not CUDA:
             assert fastvq.backends()["triton"].available is interpreting, value
 
 

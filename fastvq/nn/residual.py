@@ -60,6 +60,11 @@ Deliberate differences from the peer (tested as fastvq's behaviour):
   unspecified). A shared codebook takes one update over all layers' chosen rows (as without
   beam search). orthogonal_reg_active_codes_only counts the kept candidates' codes. beam_size
   and eval_beam_size are ints <= 128 (fastvq.nearest_code's top-k limit).
+- ResidualVQ in training: return_all_codes gives the codes the layers quantized with (the peer
+  looks the indices up in the codebooks its EMA / dead-code step has just moved, so they do not
+  sum to quantized), and freeze_codebook=True given to the constructor freezes every layer
+  unless forward's freeze_codebook says otherwise (the peer's forward default False overrides
+  it).
 - Not supported (ValueError): heads > 1 (the peer asserts too), implicit_neural_codebook, diveq,
   forward's indices (cross-entropy to given codes), num_codebooks > 1 inside a residual FSQ / LFQ
   layer.
@@ -246,11 +251,12 @@ class _Residual(ConstantBuffers):
             if checked:
                 layer_kwargs = {**layer_kwargs, "check_inputs_finite": False}
             out = torch.zeros_like(residual)
-            indices, losses = [], []
+            indices, losses, codes = [], [], []
             for q_index in range(self.num_quantizers):
                 if last is not None and q_index > last:
                     indices.append(torch.full((b, n), -1, dtype=torch.long, device=seq.device))
                     losses.append(residual.new_zeros(()))
+                    codes.append(torch.zeros_like(residual))
                     continue
                 q, idx, loss = self._layer(q_index, residual, mask, **layer_kwargs)
                 q = q.float()
@@ -258,6 +264,7 @@ class _Residual(ConstantBuffers):
                 out = out + q
                 indices.append(idx.long())
                 losses.append(loss.float())
+                codes.append(torch.where(idx[..., None] >= 0, q.detach(), 0.0))
         quantized = self.project_out(out.to(out_dtype))
         quantized = self._finish(quantized, seq, mask)
         indices = torch.stack(indices, dim=-1)
@@ -265,9 +272,14 @@ class _Residual(ConstantBuffers):
         if self.returns_loss:
             ret.append(torch.stack(losses))
         if return_all_codes:
-            codes = self._codes_seq(indices)  # (Q, b, n, d)
+            codes = self._all_codes(indices, codes)  # (Q, b, n, d)
             ret.append(torch.stack([restore(c, False) for c in codes]))
         return tuple(ret)
+
+    def _all_codes(self, indices, codes):
+        """return_all_codes' (Q, b, n, d) codes of a forward's (b, n, Q) indices, given each
+        layer's (b, n, d) output value (codes: 0 where dropped or masked)."""
+        return self._codes_seq(indices)
 
     def _finish(self, quantized, seq, mask):
         return quantized
@@ -346,9 +358,9 @@ class ResidualVQ(_Residual):
     accept_3d_fmap, ...). Beam search: see the module docstring.
 
     forward(x, mask=None, indices=None (the peer's cross-entropy targets: not supported, must be
-    None), return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False,
-    beam_size=None (default beam_size in training, eval_beam_size in eval),
-    rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
+    None), return_all_codes=False, sample_codebook_temp=None, freeze_codebook=None (each
+    layer's own, given to the constructor), beam_size=None (default beam_size in training,
+    eval_beam_size in eval), rand_quantize_dropout_fixed_seed=None) -> (quantized (x's shape),
     indices (b, *spatial, Q) int64 (-1: dropped layer or masked padding), losses (Q,) float32
     [, all_codes (Q, b, *spatial, codebook_dim)]). x: (b, n, dim), (b, dim) or, channel-first,
     (b, dim, n) / (b, dim, h, w) / (b, dim, t, h, w) with channel_last=False /
@@ -507,7 +519,7 @@ class ResidualVQ(_Residual):
         residual,
         mask,
         sample_codebook_temp=None,
-        freeze_codebook=False,
+        freeze_codebook=None,
         check_inputs_finite=True,
     ):
         return self.layers[i](
@@ -543,6 +555,10 @@ class ResidualVQ(_Residual):
     def _layer_codes(self, i, idx):
         return self.layers[i]._lookup(idx, check=False)  # _codes_seq checked the whole stack
 
+    def _all_codes(self, indices, codes):
+        # The codes the layers quantized with: in training their codebooks have moved since.
+        return torch.stack(codes)
+
     def _finish(self, quantized, seq, mask):
         if mask is None:
             return quantized
@@ -556,7 +572,7 @@ class ResidualVQ(_Residual):
         indices=None,
         return_all_codes: bool = False,
         sample_codebook_temp: float | None = None,
-        freeze_codebook: bool = False,
+        freeze_codebook: bool | None = None,
         beam_size: int | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
         *,
@@ -579,7 +595,7 @@ class ResidualVQ(_Residual):
         indices=None,
         return_all_codes: bool = False,
         sample_codebook_temp: float | None = None,
-        freeze_codebook: bool = False,
+        freeze_codebook: bool | None = None,
         beam_size: int | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
     ):
@@ -635,10 +651,10 @@ class ResidualVQ(_Residual):
 
     # --- beam search ---------------------------------------------------------------------------
 
-    def _layer_updates(self, layer, freeze: bool) -> bool:
+    def _layer_updates(self, layer, freeze: bool | None) -> bool:
         return bool(
             layer.training
-            and not freeze
+            and not _frozen(layer, freeze)
             and layer.codebook_generator is None
             and (layer.ema_update or layer.threshold_ema_dead_code > 0)
         )
@@ -704,19 +720,21 @@ class ResidualVQ(_Residual):
                 # replica's): the estimator reads a copy (as VectorQuantize.forward).
                 update = self._layer_updates(layer, freeze) and layer._updates_in_place()
                 q, loss, _, _ = layer._topk_apply(
-                    r_in, code, row_mask, codebook, freeze, cb=_snapshot(cb) if update else cb
-                )
+                    r_in, code, row_mask, codebook, _frozen(layer, freeze),
+                    cb=_snapshot(cb) if update else cb,
+                )  # fmt: skip
                 q = q.float()
                 residual = r_sel - _frac_gradient(q, self.quant_grad_frac)
                 out = out.gather(1, take) + q
-                steps.append((parent, code, loss))
+                steps.append((parent, code, loss, q.detach()))
             # Backtrack the best path (beam 0 of the last layer).
             pick = torch.zeros(m, 1, dtype=torch.long, device=z0.device)
-            codes, losses = [None] * (final + 1), [None] * (final + 1)
+            codes, losses, values = [None] * (final + 1), [None] * (final + 1), []
             for i in reversed(range(final + 1)):
-                parent, code, loss = steps[i]
+                parent, code, loss, q = steps[i]
                 codes[i] = code.gather(1, pick)[:, 0]
                 losses[i] = loss.gather(1, pick)[:, 0]
+                values.insert(0, q.gather(1, pick[..., None].expand(-1, -1, d))[:, 0])
                 pick = parent.gather(1, pick)
             self._beam_update(z0[:, 0].detach(), codes, row_mask, freeze)
             losses = torch.stack(losses, dim=-1).float()  # (m, layers run)
@@ -736,7 +754,12 @@ class ResidualVQ(_Residual):
         indices = indices.reshape(b, n, self.num_quantizers)
         ret = [restore(quantized, True), restore(indices, False), losses]
         if return_all_codes:
-            all_codes = self._codes_seq(indices)  # (Q, b, n, d)
+            values += [torch.zeros_like(values[0])] * (self.num_quantizers - final - 1)
+            values = [
+                torch.where(idx[..., None] >= 0, v.reshape(b, n, d), 0.0)
+                for idx, v in zip(indices.unbind(-1), values, strict=True)
+            ]
+            all_codes = self._all_codes(indices, values)  # (Q, b, n, d)
             ret.append(torch.stack([restore(c, False) for c in all_codes]))
         return tuple(ret)
 
@@ -770,6 +793,11 @@ class ResidualVQ(_Residual):
 _Step = namedtuple(
     "_Step", ["begun", "return_all_codes", "temp", "freeze", "beam_size", "one_token"]
 )
+
+
+def _frozen(layer, freeze: bool | None) -> bool:
+    """forward's freeze_codebook (None: each layer's own, as VectorQuantize.forward)."""
+    return layer.freeze_codebook if freeze is None else freeze
 
 
 def _check_beam(name: str, value) -> int:
@@ -1091,7 +1119,7 @@ class _Grouped(nn.Module):
 class GroupedResidualVQ(_Grouped):
     """vector-quantize-pytorch's GroupedResidualVQ: GroupedResidualVQ(*, dim, groups=1,
     accept_image_fmap=False, **ResidualVQ kwargs); forward(x, indices=None,
-    return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False, mask=None,
+    return_all_codes=False, sample_codebook_temp=None, freeze_codebook=None, mask=None,
     check_inputs_finite=True) -> (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes
     (G, Q, b, ..., d)]).
 

@@ -166,6 +166,22 @@ def test_residual_vq_eval_and_codes_match_peer():
     torch.testing.assert_close(coarse[0], cv[0])
 
 
+@pytest.mark.parametrize("beam", [None, 2])
+def test_all_codes_are_the_codes_quantized_with_in_training(beam):
+    # The layers update their codebooks (EMA, dead codes) during the forward: return_all_codes
+    # gives the codes the output was built from, not those indices in the updated codebooks.
+    rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=K, beam_size=beam,
+                     threshold_ema_dead_code=1, quantize_dropout=True).train()  # fmt: skip
+    x = _randn(2, 20, DIM)
+    mask = torch.arange(20) < torch.tensor([20, 13])[:, None]
+    before = [layer.codebook.clone() for layer in rvq.layers]
+    q, idx, _, codes = rvq(x, mask=mask, return_all_codes=True, rand_quantize_dropout_fixed_seed=3)
+    assert not torch.equal(rvq.layers[0].codebook, before[0]), "the update ran"
+    torch.testing.assert_close(codes.sum(0)[mask], q[mask], rtol=0, atol=1e-6)
+    for layer, c, i in zip(before, codes, idx.unbind(-1), strict=True):
+        assert torch.equal(c, torch.where(i[..., None] >= 0, layer[i.clamp(min=0)], 0.0))
+
+
 def test_shared_codebook_one_ema_step_over_all_layers():
     """Documented difference: the peer decays the shared statistics once per layer; fastvq makes
     one EMA step over all layers' residuals (a float64 reference here). The search itself (same
@@ -772,6 +788,30 @@ def test_state_dict_bf16_and_freeze():
     rvq.eval()(x)
     for k, v in rvq.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    "cls, config",
+    [(ResidualVQ, {}), (ResidualVQ, {"beam_size": 2}), (GroupedResidualVQ, {"groups": 2})],
+    ids=["greedy", "beam", "grouped"],
+)
+def test_freeze_codebook_given_to_the_constructor(cls, config):
+    # vq_kwargs reach every layer: a frozen layer keeps its codebook, EMA and (learnable) grad
+    # in training unless forward says otherwise; forward's default used to unfreeze them all.
+    torch.manual_seed(0)
+    rvq = cls(dim=DIM, num_quantizers=2, codebook_size=K, freeze_codebook=True, **config)
+    learnable = cls(dim=DIM, num_quantizers=2, codebook_size=K, freeze_codebook=True,
+                    learnable_codebook=True, ema_update=False, **config)  # fmt: skip
+    x = _randn(2, 12, DIM)
+    before = {k: v.clone() for k, v in rvq.state_dict().items()}
+    rvq.train()(x)
+    assert all(torch.equal(v, before[k]) for k, v in rvq.state_dict().items())
+    xg = x.clone().requires_grad_()
+    q, _, losses = learnable.train()(xg)
+    (q.sum() + losses.sum()).backward()
+    assert xg.grad is not None and all(p.grad is None for p in learnable.parameters())
+    rvq(x, freeze_codebook=False)  # forward's argument still wins
+    assert not all(torch.equal(v, before[k]) for k, v in rvq.state_dict().items())
 
 
 # --- ResidualFSQ / ResidualLFQ -------------------------------------------------------------------

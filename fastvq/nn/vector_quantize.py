@@ -444,7 +444,9 @@ class VectorQuantize(nn.Module):
 
     @property
     def codebook(self) -> torch.Tensor:
-        """(K, codebook_dim), or (heads, K, codebook_dim) with separate_codebook_per_head."""
+        """(K, codebook_dim), or (heads, K, codebook_dim) with separate_codebook_per_head.
+        Assigning one also sets the EMA sums to match it (the counts kept) and marks the layer
+        initialised (no k-means init replaces it)."""
         if self.codebook_generator is not None:
             with torch.no_grad():
                 return self._codebooks()[0]
@@ -460,6 +462,13 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"codebook must have shape {tuple(shape)}, got {tuple(codes.shape)}")
         with torch.no_grad():
             self.embed.copy_(codes.reshape(self.embed.shape))
+            # The next EMA step rebuilds the codebook from embed_avg / cluster_size, and a
+            # pending k-means init would overwrite it: the statistics follow the new codes (the
+            # counts kept, as k-means init sets them) and the layer counts as initialised.
+            for c, (cs, es) in enumerate(zip(self.cluster_size, self.embed_avg, strict=True)):
+                es.copy_(self.embed[c] * _smoothed(cs, self.eps)[:, None])
+            self.initted.fill_(True)
+        self._see_initted()
 
     def export_codebook(self) -> torch.Tensor:
         """The current codebook as a plain tensor (detached copy), e.g. to drop the hyper-net."""

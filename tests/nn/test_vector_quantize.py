@@ -586,6 +586,29 @@ def test_stochastic_sampling_follows_gumbel_softmax(monkeypatch):
     assert bool((idx == 0).all())
 
 
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"kmeans_init": True}, {"heads": 2, "separate_codebook_per_head": True}],
+    ids=["ema", "kmeans_init", "heads"],
+)
+def test_assigned_codebook_survives_a_training_step(config):
+    # The EMA statistics follow an assigned codebook and a pending k-means init does not replace
+    # it: at decay 1 a training step keeps it; at decay 0.9 the step is one EMA step from it.
+    new = None
+    for decay in (1.0, 0.9):
+        vq = VectorQuantize(DIM, K, decay=decay, **config).train()
+        new = _randn(*vq.codebook.shape, seed=3) * 4 if new is None else new
+        vq.codebook = new
+        cs, es = vq.cluster_size.clone(), vq.embed_avg.clone()
+        x = _randn(2, 30, DIM, seed=4)
+        _, idx, _ = vq(x)
+        if decay == 1.0:
+            torch.testing.assert_close(vq.codebook, new)
+        elif vq.heads == 1:  # no projection: the rows are x's
+            fastvq.ema_update_(cs[0], es[0], x.reshape(-1, DIM), idx.reshape(-1), decay)
+            torch.testing.assert_close(vq.codebook, fastvq.ema_codebook(cs[0], es[0]))
+
+
 # --- forward(topk=k) (peer parity: test_peer_parity.py) -----------------------------------------
 
 

@@ -26,6 +26,7 @@ from fastvq.nn.scalar import (
     from_channel_last,
     loss_dtype,
     mse,
+    project_codes,
     project_in,
 )
 from fastvq.ops._backends import pick_backend
@@ -156,8 +157,7 @@ class _ShellQuantize(nn.Module):
         """What forward returns as quantized for these indices ((b, n) -> (b, n, dim), or
         the input's channel-first layout)."""
         codes = self.get_codes_from_indices(indices)
-        p = next(iter(self.project_out.parameters()), None)
-        out = self.project_out(codes if p is None else codes.to(p.dtype))
+        out = project_codes(self.project_out, codes)
         if self.accept_image_fmap or not self.channel_last:
             out = out.movedim(-1, 1)
         return out

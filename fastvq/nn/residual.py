@@ -82,7 +82,14 @@ from torch import nn
 
 from fastvq.nn._constants import ConstantBuffers
 from fastvq.nn.projected import SimVQ
-from fastvq.nn.scalar import FSQ, LFQ, check_index_tensor, from_channel_last, project_in
+from fastvq.nn.scalar import (
+    FSQ,
+    LFQ,
+    check_index_tensor,
+    from_channel_last,
+    project_codes,
+    project_in,
+)
 from fastvq.nn.vector_quantize import (
     VectorQuantize,
     _candidate_mse,
@@ -339,8 +346,7 @@ class _Residual(ConstantBuffers):
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """project_out(sum of the layers' codes), in the layout forward returns quantized."""
         codes = self.get_codes_from_indices(indices).sum(0)
-        p = next(iter(self.project_out.parameters()), None)
-        out = self.project_out(codes if p is None else codes.to(p.dtype))
+        out = project_codes(self.project_out, codes)
         first = indices.dim() >= 4 if self.channel_first is None else self.channel_first
         return out.movedim(-1, 1) if first and out.dim() >= 3 else out
 

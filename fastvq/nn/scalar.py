@@ -85,6 +85,20 @@ def project_in(name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def project_codes(layer: nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """layer(codes) for a module's project_out, in its weights' dtype: codes decoded from
+    indices are float32 in a module cast to bf16 or float64."""
+    w = next(iter(layer.parameters()), None)
+    return layer(codes if w is None else codes.to(w.dtype))
+
+
+def unrotate(codes: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """codes @ rot.T in the module's dtype (rot's), computed in float32 at least, as forward
+    does for codes decoded from indices."""
+    dtype = torch.promote_types(codes.dtype, rot.dtype)
+    return (codes.to(dtype) @ rot.t().to(dtype)).to(rot.dtype)
+
+
 def check_index_tensor(name: str, indices) -> None:
     check_tensor(name, indices)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
@@ -305,11 +319,12 @@ class FSQ(ConstantBuffers):
                 f"indices' last dimension must be num_codebooks = {self.num_codebooks}, "
                 f"got shape {tuple(indices.shape)}"
             )
+        check_index_range("indices", indices, 0, self.codebook_size)  # else the digits wrap
         dtype = self._levels_f.dtype
         codes = self._codes(indices, dtype)
         if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
-        codes = self.project_out(codes.flatten(-2))
+            codes = unrotate(codes, self.orthogonal_rot)
+        codes = project_codes(self.project_out, codes.flatten(-2))
         if is_img or self.channel_first:
             codes = codes.movedim(-1, 1)
         return codes
@@ -586,7 +601,7 @@ class LFQ(ConstantBuffers):
         codes_fn = bsq_codes if self.spherical else lfq_codes
         codes = codes_fn(indices, self.codebook_dim).flip(-1) * self.codebook_scale
         if self.orthogonal_rotation:
-            codes = codes @ self.orthogonal_rot.t()
+            codes = unrotate(codes, self.orthogonal_rot)
         return codes
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
@@ -602,9 +617,10 @@ class LFQ(ConstantBuffers):
                 f"indices' last dimension must be num_codebooks = {self.num_codebooks}, "
                 f"got shape {tuple(indices.shape)}"
             )
+        check_index_range("indices", indices, 0, self.codebook_size)  # else the bits wrap
         codes = self._codes(indices).flatten(-2)
         if project_out:
-            codes = self.project_out(codes)
+            codes = project_codes(self.project_out, codes)
         return codes.movedim(-1, 1) if transpose else codes
 
 

@@ -191,6 +191,37 @@ def test_fsq_roundtrip_bf16_state_dict():
     assert m.codebook is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FSQ(levels=[5, 4, 3], dim=8),
+        lambda: FSQ(levels=[5, 4, 3], orthogonal_rotation=True),
+        lambda: LFQ(dim=8, codebook_size=16),
+        lambda: LFQ(dim=4, codebook_size=16, orthogonal_rotation=True),
+        lambda: BSQ(dim=8, codebook_size=16),
+    ],
+    ids=["fsq-project", "fsq-rotation", "lfq-project", "lfq-rotation", "bsq-project"],
+)
+def test_indices_to_codes_after_a_module_cast(make, dtype):
+    # Decoding builds float32 codes, which met the cast projection / rotation (a dtype error).
+    torch.manual_seed(0)
+    m = make().to(dtype).eval()
+    dim = m.project_in.in_features if hasattr(m.project_in, "in_features") else m.codebook_dim
+    out, idx = m(torch.randn(2, 6, dim, dtype=dtype))[:2]
+    decoded = m.indices_to_codes(idx)
+    assert decoded.dtype == out.dtype and torch.equal(decoded, out)
+
+
+@pytest.mark.parametrize("bad", [-1, 60])
+def test_indices_to_codes_refuses_out_of_range_indices(bad):
+    # The mixed-radix digits and the bits would wrap: -1 decoded as the last code.
+    for m, k in ((FSQ(levels=[5, 4, 3]), 60), (LFQ(dim=4, codebook_size=16), 16)):
+        idx = torch.tensor([[0, min(bad, k) if bad > 0 else bad]])
+        with pytest.raises(ValueError, match=rf"indices must lie in \[0, {k}\)"):
+            m.indices_to_codes(idx)
+
+
 def test_fsq_bad_input():
     with pytest.raises(ValueError, match="levels"):
         FSQ(levels=[1, 4])

@@ -898,6 +898,11 @@ class ResidualFSQ(_Residual):
     def _layer_codes(self, i, idx):
         return self.layers[i]._codes(idx, torch.float32) * self.scales[i]
 
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(Q, K, codebook_dim): each layer's implicit codebook, before its scale (the peer's)."""
+        return torch.stack([layer.implicit_codebook for layer in self.layers])
+
 
 class ResidualLFQ(_Residual):
     """Residual LFQ (vector-quantize-pytorch's ResidualLFQ): layer l is an LFQ with codebook_scale
@@ -964,6 +969,13 @@ class ResidualLFQ(_Residual):
 
     def _layer_codes(self, i, idx):
         return self.layers[i]._codes(idx[..., None]).flatten(-2)
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(Q, K, codebook_dim): every code of each layer, as get_codes_from_indices gives them
+        (the peer's buffers where spherical=False; O(Q K d) memory, built on each access)."""
+        idx = torch.arange(self.codebook_size, device=self.layers[0].mask.device)[:, None]
+        return torch.stack([layer._codes(idx).flatten(-2) for layer in self.layers])
 
     def forward(
         self,

@@ -296,6 +296,13 @@ class FSQ(ConstantBuffers):
         indices = from_channel_last(indices, spatial, channel_first=False)
         return out, (indices if self.return_indices else None)
 
+    @property
+    def implicit_codebook(self) -> torch.Tensor:
+        """All codebook_size codes (codebook_size, codebook_dim), before rotation and
+        project_out, as the peer's buffer (built on each access here: it is O(K d))."""
+        indices = torch.arange(self.codebook_size, device=self._levels_f.device)
+        return self._codes(indices, self._levels_f.dtype)
+
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Per-dimension level indices (..., codebook_dim) int64 in [0, L_i)."""
         check_index_tensor("indices", indices)

@@ -817,6 +817,25 @@ def test_freeze_codebook_given_to_the_constructor(cls, config):
 # --- ResidualFSQ / ResidualLFQ -------------------------------------------------------------------
 
 
+def test_residual_fsq_lfq_codebooks_match_peer():
+    # The peer's `codebooks` (its layers' implicit / +-scale codebooks); the grouped stacks
+    # stack them per group (their property raised AttributeError before ResidualFSQ had one).
+    vqp = _peer()
+    stacks = [
+        (ResidualFSQ, dict(dim=2, levels=[5, 4], num_quantizers=3)),
+        (ResidualLFQ, dict(dim=4, codebook_size=16, num_quantizers=3)),
+        (GroupedResidualFSQ, dict(dim=4, groups=2, levels=[8, 5, 3], num_quantizers=2)),
+        (GroupedResidualLFQ, dict(dim=8, groups=2, codebook_size=16, num_quantizers=3)),
+    ]
+    for cls, config in stacks:
+        ours, peer = cls(**config), getattr(vqp, cls.__name__)(**config)
+        assert torch.equal(ours.codebooks, peer.codebooks), cls.__name__
+    rlfq = ResidualLFQ(dim=4, codebook_size=16, num_quantizers=3)
+    idx = torch.randint(0, 16, (2, 5, 3))
+    rows = [rlfq.codebooks[q][idx[..., q]] for q in range(3)]
+    assert torch.equal(rlfq.get_codes_from_indices(idx), torch.stack(rows))
+
+
 @pytest.mark.parametrize(
     "kwargs, shape",
     [

@@ -156,7 +156,9 @@ class _ShellQuantize(nn.Module):
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """What forward returns as quantized for these indices ((b, n) -> (b, n, dim), or
         the input's channel-first layout)."""
-        codes = self.get_codes_from_indices(indices)
+        check_index_tensor("indices", indices)
+        w = next(iter(self.project_out.parameters()), None)  # decoded in its dtype: float64 too
+        codes = self._unit_codes(indices, torch.float32 if w is None else w.dtype)
         out = project_codes(self.project_out, codes)
         if self.accept_image_fmap or not self.channel_last:
             out = out.movedim(-1, 1)

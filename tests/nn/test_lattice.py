@@ -106,6 +106,10 @@ def test_bf16_state_dict_and_codebook():
     assert out16.dtype == torch.bfloat16
     # (forward's u + sg(q - u) rounds in bfloat16)
     torch.testing.assert_close(out16, m.eval()(x.bfloat16())[0], atol=1e-2, rtol=2e-2)
+    # float64 codes for a float64 projection (float32 ones were 1e-8 off forward's output).
+    m64 = m.double()
+    out64 = m64.get_output_from_indices(m64(x.double())[1])
+    torch.testing.assert_close(out64, m64(x.double())[0], atol=1e-15, rtol=1e-15)
     assert m.codebook_size == LEECH_SIZE and E8Quantize().codebook.shape == (240, 8)
     # The codebook follows .to(device) through a buffer the state dict does not hold.
     assert "_anchor" not in E8Quantize().state_dict() and "_anchor" in dict(m.named_buffers())

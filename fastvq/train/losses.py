@@ -21,8 +21,13 @@ GAN = ("hinge", "non_saturating")
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Mean |x - x_hat| (l1) or mean (x - x_hat)^2 (l2) over all elements: a scalar."""
+    """Mean |x - x_hat| (l1) or mean (x - x_hat)^2 (l2) over all elements: a scalar.
+    x, x_hat: the same shape."""
     check_choice("kind", kind, RECON)
+    if x.shape != x_hat.shape:  # else (B, 1, H, W) broadcasts against (B, 3, H, W) silently
+        raise ValueError(
+            f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}"
+        )
     d = x_hat - x
     return d.abs().mean() if kind == "l1" else d.square().mean()
 

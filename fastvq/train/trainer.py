@@ -201,6 +201,14 @@ class Trainer:
         self.rank, self.world = join_process_group(self.device)
         self.out_dir = Path(t["out_dir"])
         self.ckpt_dir = self.out_dir / "checkpoints"
+        for key in ("in_channels", "out_channels"):
+            # Every dataset yields RGB images: other widths fail in the first convolution or,
+            # for out_channels, broadcast in the loss and fail at the first evaluation.
+            channels = (cfg["model"] or {}).get(key)
+            if channels is not None and channels != 3:
+                raise ValueError(
+                    f"model.{key} must be 3 (the datasets yield RGB images), got {channels!r}"
+                )
 
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's at wrap time).
         torch.manual_seed(t["seed"])

@@ -34,6 +34,9 @@ def test_reconstruction():
     assert reconstruction_loss(x, x, "l2").item() == 0
     with pytest.raises(ValueError, match="kind"):
         reconstruction_loss(x, y, "l3")
+    # A one-channel reconstruction of RGB images broadcast to a finite loss, silently.
+    with pytest.raises(ValueError, match=r"same shape, got \(2, 3, 16, 16\) and \(2, 1, 16"):
+        reconstruction_loss(x, y[:, :1], "l1")
 
 
 def test_gan_losses_on_known_logits():

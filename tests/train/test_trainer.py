@@ -492,6 +492,14 @@ def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
         Trainer(make_config(fid), datasets=(datasets[0], torch.utils.data.Subset(datasets[1], [0])))
 
 
+@pytest.mark.parametrize("key", ["in_channels", "out_channels"])
+def test_trainer_refuses_models_for_other_than_rgb_images(make_config, datasets, key):
+    """Every dataset yields RGB: in_channels=1 failed at step 0 in a convolution, and
+    out_channels=1 trained on a broadcast loss, then failed at the first evaluation."""
+    with pytest.raises(ValueError, match=f"model.{key} must be 3 .*RGB.*, got 1"):
+        Trainer(make_config(f"model.{key}=1"), datasets=datasets)
+
+
 def test_kmeans_init_fits_the_latents_training_sees(make_config, datasets):
     """The collapse baseline: k-means on an untrained BatchNorm encoder. Training normalizes by
     batch statistics; eval mode by the untouched running ones (0 / 1), whose latents here are

@@ -179,8 +179,11 @@ class CodeCounts:
     (residual layers, groups, heads) per position. sizes: each codebook's size in that order, or
     one size for all (an int; Tokenizer.codebook_sizes gives them). Entries < 0 (a layer that
     quantize dropout skipped) are not counted. counts: (C, max(sizes)) int64, allocated at the
-    first update.
+    first update; a sparse COO tensor of that shape when the dense table would hold more than
+    DENSE_LIMIT entries (BSQ with 2**36 implicit codes: a 512 GiB table), exact all the same.
     """
+
+    DENSE_LIMIT = 2**24  # entries: a 128 MiB int64 table
 
     def __init__(self, sizes, device):
         self.sizes = (int(sizes),) if isinstance(sizes, int) else tuple(int(k) for k in sizes)
@@ -204,7 +207,7 @@ class CodeCounts:
         c = math.prod(indices.shape[3:])
         sizes = self._sizes(c)
         if self.counts is None:
-            self.counts = torch.zeros(c, max(sizes), dtype=torch.int64, device=self.device)
+            self.counts = self._empty((c, max(sizes)))
         elif len(self.counts) != c:
             raise ValueError(f"indices hold {c} codes per position, earlier {len(self.counts)}")
         idx = indices.reshape(-1, c).to(self.device)
@@ -216,11 +219,28 @@ class CodeCounts:
         # check, which the one here covers, and bincount's maximum).
         if bool((idx >= self._limit).any()):
             raise ValueError(f"indices must lie below their codebook's size {sizes}")
-        flat = idx + torch.arange(c, device=idx.device) * self.counts.shape[1]
         valid = idx >= 0  # < 0: a layer that quantize dropout skipped, not counted
+        if self.counts.is_sparse:  # more host syncs (the valid entries' number, coalesce)
+            rows = torch.arange(c, device=idx.device).expand_as(idx)[valid]
+            ones = torch.ones_like(rows)
+            new = self._sparse(torch.stack([rows, idx[valid]]), ones, self.counts.shape)
+            self.counts = (self.counts + new).coalesce()
+            return
+        flat = idx + torch.arange(c, device=idx.device) * self.counts.shape[1]
         self.counts.view(-1).index_add_(
             0, torch.where(valid, flat, 0).view(-1), valid.view(-1).to(self.counts.dtype)
         )
+
+    @staticmethod
+    def _sparse(indices, values, shape) -> torch.Tensor:
+        # check_invariants=False said explicitly: torch warns when it is left implicit.
+        return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
+
+    def _empty(self, shape) -> torch.Tensor:
+        if math.prod(shape) <= self.DENSE_LIMIT:
+            return torch.zeros(shape, dtype=torch.int64, device=self.device)
+        none = torch.empty(2, 0, dtype=torch.int64, device=self.device)
+        return self._sparse(none, none[0], shape).coalesce()
 
     def all_reduce(self) -> None:
         """Sums the counts across processes (a process that counted nothing contributes zeros)."""
@@ -230,23 +250,55 @@ class CodeCounts:
         shape = shape.to(self.device)
         dist.all_reduce(shape, op=dist.ReduceOp.MAX)
         if self.counts is None and int(shape[0]):
-            self.counts = torch.zeros(shape.tolist(), dtype=torch.int64, device=self.device)
-        if self.counts is not None:
+            self.counts = self._empty(shape.tolist())
+        if self.counts is None:
+            return
+        if not self.counts.is_sparse:
             dist.all_reduce(self.counts)
+            return
+        # NCCL reduces no sparse tensors: gather every process's entries, padded to the longest.
+        n = torch.tensor([self.counts._nnz()], device=self.device)
+        lengths = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+        dist.all_gather(lengths, n)
+        longest = int(max(lengths))
+        own = torch.cat([self.counts.indices(), self.counts.values()[None]])  # (3, nnz)
+        own = F.pad(own, (0, longest - own.shape[1]))
+        parts = [torch.empty_like(own) for _ in lengths]
+        dist.all_gather(parts, own)
+        every = torch.cat([p[:, : int(k)] for p, k in zip(parts, lengths, strict=True)], 1)
+        self.counts = self._sparse(every[:2], every[2], self.counts.shape).coalesce()
+
+    def _table(self) -> torch.Tensor:
+        """The counts as a dense table: sparse ones as (C, most codes one codebook used), each
+        row its codebook's non-zero counts and then zeros. Unused codes add nothing to
+        code_stats' used count or perplexity, so both come out the same as from the full table."""
+        if not self.counts.is_sparse:
+            return self.counts
+        rows, values = self.counts.indices()[0], self.counts.values()  # coalesced: rows sorted
+        used = torch.bincount(rows, minlength=len(self.counts))
+        cols = torch.arange(len(rows), device=rows.device) - (used.cumsum(0) - used)[rows]
+        table = values.new_zeros(len(self.counts), max(int(used.max()), 1))
+        table[rows, cols] = values
+        return table
 
     def stats(self) -> dict:
         """code_stats of the counts; {} before any update."""
         if self.counts is None:
             return {}
-        return code_stats(self.counts, self._sizes(len(self.counts)))
+        return code_stats(self._table(), self._sizes(len(self.counts)))
 
     def every_code(self) -> torch.Tensor:
-        """The counts of every code of every codebook, (sum(sizes),): the padding left out."""
+        """The counts of every code of every codebook, (sum(sizes),): the padding left out.
+        Dense counts only (a sparse table's every code may not fit in memory)."""
+        if self.counts.is_sparse:
+            raise ValueError(f"every_code: {sum(self._sizes(len(self.counts)))} codes are too many")
         sizes = self._sizes(len(self.counts))
         return torch.cat([row[:k] for row, k in zip(self.counts, sizes, strict=True)])
 
     def zero_(self) -> None:
-        if self.counts is not None:
+        if self.counts is not None and self.counts.is_sparse:
+            self.counts = self._empty(self.counts.shape)
+        elif self.counts is not None:
             self.counts.zero_()
 
 

@@ -884,6 +884,7 @@ class Trainer:
         if save_images and self.rank == 0 and shown is not None:
             img_dir = self.out_dir / "images"
             save_grid(*shown, img_dir / f"recon_{self.step:07d}.png")
-            if ev.codes is not None and ev.codes.counts is not None:
+            codes = ev.codes.counts if ev.codes is not None else None
+            if codes is not None and not codes.is_sparse:  # sparse: too many codes to draw
                 save_usage_histogram(ev.codes.every_code(), img_dir / f"usage_{self.step:07d}.png")
         return result

@@ -90,3 +90,44 @@ def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
     ckpts = list((tmp_path / "run" / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["latest.pt"]
     assert len(torch.load(ckpts[0], weights_only=False)["rng"]) == 2  # every rank's generators
+
+
+COUNTS_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from fastvq.train.metrics import CodeCounts
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    codes = CodeCounts((2**36, 8), "cpu")
+    if rank == 0:  # rank 1 counted nothing: its share is zeros
+        codes.update(torch.tensor([[[[5, 1], [2**36 - 1, 1]]], [[[5, 7], [-1, 0]]]]))
+    codes.all_reduce()
+    torch.save(codes.counts, f"{sys.argv[1]}/rank{rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_sparse_code_counts_all_reduce_over_two_processes(tmp_path):
+    """Counts of a 2**36-code codebook are sparse, which NCCL cannot all-reduce: gathered."""
+    script = tmp_path / "worker.py"
+    script.write_text(COUNTS_WORKER)
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    for rank in range(2):
+        counts = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert counts.is_sparse and counts.shape == (2, 2**36)
+        assert counts.indices().tolist() == [[0, 0, 1, 1, 1], [5, 2**36 - 1, 0, 1, 7]]
+        assert counts.values().tolist() == [2, 1, 1, 2, 1]

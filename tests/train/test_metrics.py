@@ -154,6 +154,43 @@ def test_code_counts_per_codebook():
         codes.update(torch.zeros(1, 2, 2, 3, dtype=torch.long))
 
 
+def test_sparse_code_counts_match_dense_ones(monkeypatch):
+    """Above DENSE_LIMIT entries the counts are sparse: the same statistics as the dense table
+    (per codebook, dropped layers skipped), zeroed to empty."""
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.stack([torch.randint(-1, 8, (2, 3, 3), generator=g),
+                            torch.randint(-1, 64, (2, 3, 3), generator=g)], -1)
+               for _ in range(3)]  # fmt: skip
+    dense = CodeCounts((8, 64), "cpu")
+    for b in batches:
+        dense.update(b)
+    monkeypatch.setattr(CodeCounts, "DENSE_LIMIT", 2 * 64 - 1)
+    sparse = CodeCounts((8, 64), "cpu")
+    for b in batches:
+        sparse.update(b)
+    assert sparse.counts.is_sparse and torch.equal(sparse.counts.to_dense(), dense.counts)
+    want, got = dense.stats(), sparse.stats()
+    assert got["usage"] == want["usage"] and got["codes_used"] == want["codes_used"]
+    for key in ("perplexity", "entropy_bits"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12)
+    with pytest.raises(ValueError, match="72 codes are too many"):
+        sparse.every_code()
+    sparse.zero_()
+    assert sparse.counts._nnz() == 0 and sparse.stats()["codes_used"] == 0
+
+
+def test_code_counts_of_a_huge_implicit_codebook():
+    """BSQ's 2**36 codes: a dense table would be 512 GiB; the sparse one counts exactly."""
+    codes = CodeCounts(2**36, "cpu")
+    last = 2**36 - 1
+    codes.update(torch.tensor([[[0, last], [last, 5]]]))
+    st = codes.stats()
+    assert st["codes_used"] == 3 and st["usage"] == 3 / 2**36
+    assert st["perplexity"] == pytest.approx(8**0.5)  # p = 1/4, 1/2, 1/4
+    with pytest.raises(ValueError, match="below their codebook's size"):
+        codes.update(torch.tensor([[[2**36]]]))
+
+
 def test_evaluator_clamps_reconstructions_to_the_image_range():
     """A reconstruction overshooting [-1, 1] is scored as the image it displays (clamped)."""
     g = torch.Generator().manual_seed(4)

@@ -395,6 +395,23 @@ def test_discriminator_steps_match_a_plain_pytorch_reference(make_config, datase
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-13)
 
 
+def test_huge_implicit_codebook_trains_resumes_and_evaluates(make_config, datasets):
+    """BSQ with 2**36 codes: the usage window and the evaluation count sparsely (a dense table
+    was 512 GiB, and no step could run); the window survives a checkpoint."""
+    cfg = make_config("model.quantizer={type: BSQ, codebook_size: 68719476736}", "train.steps=2")
+    trainer = Trainer(cfg, datasets=datasets)
+    trainer.train_step(trainer._batches())
+    trainer.save()
+    window = trainer.window_codes.counts
+    assert window.is_sparse and int(window.values().sum()) == 8 * 16
+    resumed = Trainer(cfg, datasets=datasets)  # train.resume: loads latest.pt
+    got = resumed.window_codes.counts
+    assert torch.equal(got.indices(), window.indices())
+    assert torch.equal(got.values(), window.values())
+    r = resumed.fit()["eval"]
+    assert 0 < r["codes_used"] <= 16 * 16 and r["usage"] == r["codes_used"] / 2**36
+
+
 def test_ema_weights_evaluate_and_initialise_and_usage_window(make_config, datasets, tmp_path):
     """evaluate() scores the EMA weights; init.checkpoint takes a checkpoint's EMA weights; the
     logged code usage covers the steps since the previous log line only."""

@@ -386,11 +386,38 @@ def load_feature_fn(path, device):
     its own resizing and normalization, e.g. pytorch-fid's InceptionV3([3], resize_input=True,
     normalize_input=True) (299 x 299 bilinear, then [-1, 1]) returning its pool3 features (B, 2048);
     torch-fidelity's extractor takes uint8 and needs (255 x).round().to(torch.uint8) first.
-    Never downloads."""
+    Never downloads. ValueError naming the key where the file is no TorchScript module (e.g. a
+    torch.save'd state_dict)."""
     check_feature_file(path)
-    net = torch.jit.load(str(path), map_location=device).eval()
+    try:
+        net = torch.jit.load(str(path), map_location=device).eval()
+    except RuntimeError as e:  # torch's miniz errors: "failed locating file constants.pkl"
+        raise ValueError(_not_extractor(path, e)) from e
 
     def features(x):
         return net(x).flatten(1)
 
     return features
+
+
+def _not_extractor(path, e: Exception) -> str:
+    return (
+        f"eval.fid_features {str(path)!r} is not a TorchScript feature extractor "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:120]}): give a file written by "
+        "torch.jit.script(net).save(path) mapping (B, 3, H, W) images in [0, 1] to (B, F) "
+        "features, or set eval.fid_features=null"
+    )
+
+
+@torch.no_grad()
+def check_feature_fn(path, device, resolution: int) -> None:
+    """ValueError unless eval.fid_features loads (load_feature_fn) and maps two black images
+    (2, 3, resolution, resolution) to (2, F) features: the trainer checks this at start, since the
+    extractor first runs at an evaluation, possibly after all of training."""
+    features = load_feature_fn(path, device)
+    try:
+        out = features(torch.zeros(2, 3, resolution, resolution, device=device))
+    except Exception as e:  # whatever the user's network raises, or no tensor to flatten
+        raise ValueError(_not_extractor(path, e)) from e
+    if len(out) != 2 or not out.is_floating_point():
+        raise ValueError(_not_extractor(path, ValueError(f"2 images gave {out.dtype} {out.shape}")))

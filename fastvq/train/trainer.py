@@ -29,7 +29,7 @@ from fastvq.train.data import build_datasets, check_resolution, eval_loader, tra
 from fastvq.train.metrics import (
     CodeCounts,
     Evaluator,
-    check_feature_file,
+    check_feature_fn,
     load_feature_fn,
     to_8bit,
 )
@@ -225,7 +225,7 @@ class Trainer:
             ckpt.load_weights(self.model, path, strict=False, name="init.checkpoint")
         self.loss_fn = self._build_loss()
         if cfg["eval"]["fid_features"]:  # loaded at each evaluation: else missed until the first
-            check_feature_file(cfg["eval"]["fid_features"])
+            check_feature_fn(cfg["eval"]["fid_features"], self.device, cfg["data"]["resolution"])
         self.disc = self.loss_fn.discriminator if self.loss_fn.uses_disc else None
         res = cfg["data"]["resolution"]
         if self.disc is not None and res < getattr(self.disc, "min_size", 0):

@@ -491,6 +491,32 @@ def test_cli_eval_refuses_extra_quantizer_layers(tmp_path, make_config, datasets
         main(["eval", "--checkpoint", latest, "model.quantizer.num_quantizers=2"])
 
 
+class _MeanColour(torch.nn.Module):
+    """A stand-in rFID feature extractor: (B, 3, H, W) -> (B, 3)."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+class _OneVector(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((0, 2, 3))[None]  # one vector for the whole batch
+
+
+def test_fid_features_that_are_no_extractor_are_named_at_start(make_config, datasets, tmp_path):
+    """A torch.save'd state_dict trained to the end, then failed in torch.jit.load with an
+    internal miniz error; an extractor without (B, F) output failed after training too."""
+    torch.save(_MeanColour().state_dict(), tmp_path / "state_dict.pt")
+    torch.jit.script(_OneVector()).save(str(tmp_path / "one.pt"))
+    for name, why in (("state_dict.pt", "RuntimeError"), ("one.pt", r"2 images gave .*\[1, 3\]")):
+        match = f"eval.fid_features '.*{name}' is not a TorchScript feature extractor .*{why}"
+        with pytest.raises(ValueError, match=match):
+            Trainer(make_config(f"eval.fid_features={tmp_path / name}"), datasets=datasets)
+    torch.jit.script(_MeanColour()).save(str(tmp_path / "mean.pt"))
+    trainer = Trainer(make_config(f"eval.fid_features={tmp_path / 'mean.pt'}"), datasets=datasets)
+    assert trainer.evaluate(save_images=False)["rfid"] >= 0
+
+
 def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
     with pytest.raises(ValueError, match="data.resolution must be a multiple of .* factor 4"):
         Trainer(make_config("data.resolution=18"), datasets=datasets)
@@ -501,7 +527,7 @@ def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.fid_features .*inception.pt' does not"):
         Trainer(make_config(f"eval.fid_features={tmp_path / 'inception.pt'}"), datasets=datasets)
     # rFID needs a covariance, so 2 images: named before training, not after it.
-    (tmp_path / "features.pt").write_bytes(b"")  # only its existence is checked at start
+    torch.jit.script(_MeanColour()).save(str(tmp_path / "features.pt"))
     fid = f"eval.fid_features={tmp_path / 'features.pt'}"
     with pytest.raises(ValueError, match="rFID needs at least 2 evaluation images"):
         Trainer(make_config(fid, "eval.max_batches=1", "eval.batch_size=1"), datasets=datasets)

@@ -208,7 +208,14 @@ def _image_files(root: Path) -> list[Path]:
 def _split_folder(root: Path, val_fraction: float) -> tuple[list, list]:
     """root/train and root/val when both exist, else a fixed random val_fraction held out."""
     if (root / "train").is_dir() and (root / "val").is_dir():
-        return _image_files(root / "train"), _image_files(root / "val")
+        splits = _image_files(root / "train"), _image_files(root / "val")
+        for name, files in zip(("train", "val"), splits, strict=True):
+            if not files:  # an empty val/ failed only at the evaluation after training
+                raise ValueError(
+                    f"data.path {str(root)!r}: its {name}/ folder holds no images "
+                    f"(files ending in {sorted(IMAGE_SUFFIXES)})"
+                )
+        return splits
     files = _image_files(root)
     if len(files) < 2:
         raise ValueError(

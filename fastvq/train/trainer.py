@@ -276,6 +276,8 @@ class Trainer:
         if datasets is None:
             datasets = build_datasets(cfg["data"])
         self.train_set, self.eval_set = datasets
+        if self.eval_set is not None and len(self.eval_set) == 0:  # else found after training
+            raise ValueError(f"the evaluation split of data.path={cfg['data']['path']!r} is empty")
         e = cfg["eval"]
         if e["fid_features"] and self.eval_set is not None:  # else it fails after training
             images = len(self.eval_set)

@@ -52,6 +52,19 @@ def test_image_folder_split_and_errors(tmp_path):
         build_datasets({**DATA, "kind": "folder", "path": str(tmp_path / "empty")})
 
 
+@pytest.mark.parametrize("empty", ["train", "val"])
+def test_image_folder_with_an_empty_split_is_named(tmp_path, empty):
+    """An empty val/ gave a 0-image evaluation set: the run trained, then failed ("no images
+    were evaluated"). Files of other kinds do not count."""
+    for split in ("train", "val"):
+        if split != empty:
+            _write_pngs(tmp_path / split, 2)
+    (tmp_path / empty).mkdir()
+    (tmp_path / empty / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=f"its {empty}/ folder holds no images .*'.png'"):
+        build_datasets({**DATA, "kind": "folder", "path": str(tmp_path)})
+
+
 def _write_cifar(root, n_train=(6, 4), n_test=5, seed=0):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)

@@ -533,6 +533,8 @@ def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
         Trainer(make_config(fid, "eval.max_batches=1", "eval.batch_size=1"), datasets=datasets)
     with pytest.raises(ValueError, match="the evaluation has 1"):
         Trainer(make_config(fid), datasets=(datasets[0], torch.utils.data.Subset(datasets[1], [0])))
+    with pytest.raises(ValueError, match="evaluation split of data.path=None is empty"):
+        Trainer(make_config(), datasets=(datasets[0], torch.utils.data.Subset(datasets[1], [])))
 
 
 @pytest.mark.parametrize("key", ["in_channels", "out_channels"])

@@ -17,8 +17,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".p
 
 
 def _to_unit(img: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float32 in [-1, 1]."""
-    return img.float().div_(127.5).sub_(1.0)
+    """uint8 (3, H, W) -> float32 in [-1, 1]. Out of place: a float input is not the caller's
+    to overwrite (float() returns it itself)."""
+    return img.float() / 127.5 - 1.0
 
 
 def _crop(img: torch.Tensor, res: int, key, flip: bool, box=None) -> torch.Tensor:
@@ -115,6 +116,13 @@ class TensorImages(torch.utils.data.Dataset):
     def __init__(
         self, images: torch.Tensor, resolution: int, train: bool = True, flip: bool = True
     ):
+        # Float pixels have no agreed range ([0, 1], [0, 255]?): scaled as 8-bit levels they
+        # trained on near-black images without a word.
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+            got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+            raise TypeError(f"images must be a uint8 tensor (N, 3, H, W), got {got}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
         self.images, self.res, self.train, self.flip = images, resolution, train, flip
 
     def __len__(self) -> int:

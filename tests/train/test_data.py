@@ -65,6 +65,21 @@ def test_image_folder_with_an_empty_split_is_named(tmp_path, empty):
         build_datasets({**DATA, "kind": "folder", "path": str(tmp_path)})
 
 
+def test_tensor_images_take_uint8_only_and_leave_them_alone():
+    """Float pixels were scaled as 8-bit levels in place: every read rescaled the caller's
+    tensor again."""
+    from fastvq.train.data import TensorImages, _to_unit
+
+    images = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).float() % 256
+    with pytest.raises(TypeError, match="images must be a uint8 tensor .*got torch.float32"):
+        TensorImages(images, 8)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\), got shape \(2, 8, 8\)"):
+        TensorImages(images[:, 0].byte(), 8)
+    kept = images.clone()
+    torch.testing.assert_close(_to_unit(images), kept / 127.5 - 1, rtol=0, atol=0)
+    assert torch.equal(images, kept)
+
+
 def _write_cifar(root, n_train=(6, 4), n_test=5, seed=0):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)

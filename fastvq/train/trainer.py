@@ -624,6 +624,9 @@ class Trainer:
         accum = cfg["optim"]["accum_steps"]
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=t["bf16"])
         self.model.train()
+        if t["overfit_one_batch"] and self.fixed_batch is None:
+            # Taken before the hypergradient step, which else drew a batch of its own first.
+            self.fixed_batch = next(batches)
         if self.meta_opt is not None and self.step % cfg["meta"]["codebook_every"] == 0:
             self._meta_step(batches)
         if self.disc is not None:
@@ -632,12 +635,7 @@ class Trainer:
             self.disc.requires_grad_(False)
         xs, recons, logs_sum, total = [], [], {}, 0.0
         for _ in range(accum):
-            if t["overfit_one_batch"]:
-                if self.fixed_batch is None:
-                    self.fixed_batch = next(batches)
-                x = self.fixed_batch
-            else:
-                x = next(batches)
+            x = self.fixed_batch if t["overfit_one_batch"] else next(batches)
             with autocast:
                 out = self._forward(x)
                 loss, logs = self._generator_loss(x, out, self.step)

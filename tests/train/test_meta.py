@@ -129,6 +129,24 @@ def test_meta_trainer_steps_update_the_hyper_net(make_config, datasets):
     assert all(torch.isfinite(torch.tensor(result["history"])))
 
 
+def test_meta_step_overfits_the_same_batch(make_config, datasets):
+    """train.overfit_one_batch: the hypergradient step takes the fixed batch too (its first step
+    drew a batch of its own before the fixed one was taken: 16 items, two batches)."""
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config(
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 8, embed_dim: 4,"
+        " hidden_dim: 8}",
+        "meta.enabled=true",
+        "train.overfit_one_batch=true",
+    )
+    trainer = Trainer(cfg, datasets=datasets)
+    batches = trainer._batches()
+    for _ in range(2):
+        trainer.train_step(batches)
+    assert trainer.items == 8
+
+
 def test_meta_trainer_clips_only_what_its_optimizer_steps(make_config, datasets, monkeypatch):
     # The hyper-net's gradients from the lower step are discarded: they must not weigh in the
     # clipping norm of the encoder-decoder (nor in the logged grad_norm).

@@ -270,6 +270,10 @@ _DEFAULTS = {
 _COMMON = {"arch", "quantizer", "embed_dim", "out_channels", "resolution"}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def build_tokenizer(cfg: dict) -> Tokenizer:
     """Build a Tokenizer from the config's "model" section.
 
@@ -292,6 +296,16 @@ def build_tokenizer(cfg: dict) -> Tokenizer:
     if unknown:
         raise ValueError(f"unknown key model.{unknown[0]} for arch {arch}; keys: {sorted(known)}")
     c = {**_DEFAULTS[arch], **cfg}
+    for key in ("ch_mult", "attn_resolutions"):
+        # A scalar (model.ch_mult=2) failed in tuple() with "'int' object is not iterable".
+        if key in c and not (isinstance(c[key], list | tuple) and all(_is_int(v) for v in c[key])):
+            raise ValueError(f"model.{key} must be a list of ints, e.g. [1, 2, 4], got {c[key]!r}")
+    if c.get("embed_dim") is not None and not (_is_int(c["embed_dim"]) and c["embed_dim"] >= 1):
+        # 0 read as unset (`or`), silently.
+        raise ValueError(
+            f"model.embed_dim must be a positive int, or null for model.quantizer.dim (else "
+            f"model.z_channels), got {c['embed_dim']!r}"
+        )
     z = c["z_channels"]
     qcfg = c["quantizer"]
     qdim = qcfg.get("dim") if isinstance(qcfg, dict) else None

@@ -503,6 +503,23 @@ class _OneVector(torch.nn.Module):
         return x.mean((0, 2, 3))[None]  # one vector for the whole batch
 
 
+def test_model_lists_and_embed_dim_are_checked(make_config, datasets):
+    """model.ch_mult=2 failed with "'int' object is not iterable", naming no key; embed_dim=0
+    was read as unset."""
+    from fastvq.models import build_tokenizer
+
+    with pytest.raises(ValueError, match="model.ch_mult must be a list of ints.*, got 2"):
+        Trainer(make_config("model.ch_mult=2"), datasets=datasets)
+    with pytest.raises(ValueError, match="model.embed_dim must be a positive int.*, got 0"):
+        Trainer(make_config("model.embed_dim=0"), datasets=datasets)
+    q = {"type": "VectorQuantize", "codebook_size": 8}
+    vqgan = dict(arch="vqgan", ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=4,
+                 norm_groups=4, quantizer=q)  # fmt: skip
+    with pytest.raises(ValueError, match="model.attn_resolutions must be a list of ints"):
+        build_tokenizer({**vqgan, "attn_resolutions": 16})
+    assert build_tokenizer({**vqgan, "attn_resolutions": [], "embed_dim": 3}).quantizer.dim == 3
+
+
 def test_fid_features_that_are_no_extractor_are_named_at_start(make_config, datasets, tmp_path):
     """A torch.save'd state_dict trained to the end, then failed in torch.jit.load with an
     internal miniz error; an extractor without (B, F) output failed after training too."""

@@ -190,8 +190,8 @@ class Trainer:
 
     CSV_FIELDS = (
         "step", "lr", "loss", "recon", "quant", "perceptual", "g_loss", "d_loss", "disc_weight",
-        "usage", "perplexity", "images_per_s", "eval_psnr", "eval_ssim", "eval_usage",
-        "eval_perplexity",
+        "grad_norm", "usage", "perplexity", "images_per_s", "eval_psnr", "eval_ssim",
+        "eval_usage", "eval_perplexity",
     )  # fmt: skip
 
     def __init__(self, cfg: dict, model=None, datasets=None):

@@ -66,6 +66,19 @@ def test_training_lowers_reconstruction_error(make_config, datasets):
     assert after["usage"] > 0.25  # the codebook did not collapse to a few codes
 
 
+def test_log_csv_records_the_gradient_norm(make_config, datasets):
+    """grad_norm was computed every step but left out of log.csv's columns."""
+    trainer = Trainer(make_config("train.steps=2", "train.log_every=1"), datasets=datasets)
+    logged = []
+    step = trainer.train_step
+    trainer.train_step = lambda batches: (logged.append(step(batches)), logged[-1])[1]
+    trainer.fit()
+    rows = [r for r in csv.DictReader(open(trainer.out_dir / "log.csv")) if r["loss"]]
+    assert [float(r["grad_norm"]) for r in rows] == pytest.approx(
+        [logs["grad_norm"] for logs in logged], rel=1e-5
+    )
+
+
 def test_cli_train_then_eval(tmp_path, capsys):
     _png_folder(tmp_path / "images")
     (tmp_path / "tiny.yaml").write_text(

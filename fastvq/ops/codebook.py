@@ -819,7 +819,8 @@ def code_counts(
         indices: integer tensor of any shape, values in [0, num_codes) (checked: one host sync).
         num_codes: K >= 1.
         out: optional (K,) tensor on indices' device (int64 keeps counts exact) that accumulates
-            counts across batches; returned.
+            counts across batches, under no_grad (a buffer, or a Parameter: either is fine);
+            returned.
 
     Returns:
         int64 (K,) counts, or `out` with the counts added.
@@ -845,7 +846,10 @@ def code_counts(
     counts = torch.bincount(idx, minlength=k)
     if out is None:
         return counts
-    return out.add_(counts)
+    # Counts are statistics, never differentiated: as in ema_update_ and ema_codebook(out=), a
+    # Parameter's tensor is written as data (in-place ops on a leaf that requires grad raise).
+    with torch.no_grad():
+        return out.add_(counts)
 
 
 def _check_counts(counts) -> None:

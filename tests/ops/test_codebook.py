@@ -735,6 +735,13 @@ def test_code_counts_accumulate_across_batches():
         code_counts(batches[0], 37, out=torch.zeros(1, dtype=torch.int64).expand(37))
 
 
+def test_code_counts_accumulate_into_a_parameter():
+    # As ema_update_ and ema_codebook(out=) do: a Parameter (requires grad) is written as data.
+    total = torch.nn.Parameter(torch.zeros(3))
+    assert code_counts(torch.tensor([0, 2, 2]), 3, out=total) is total
+    assert torch.equal(total.detach(), torch.tensor([1.0, 0.0, 2.0])) and total.grad_fn is None
+
+
 def test_perplexity_and_usage():
     k = 64
     assert perplexity(torch.full((k,), 5)).item() == pytest.approx(k)

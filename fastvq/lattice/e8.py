@@ -115,7 +115,7 @@ def e8_nearest(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
 
 def _nearest_fake(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as every body returns
 
 
 def _nearest_backward(ctx, grad):
@@ -124,7 +124,7 @@ def _nearest_backward(ctx, grad):
 
 @torch.library.custom_op("fastvq::e8_nearest_torch", mutates_args=())
 def _nearest_torch(x: torch.Tensor) -> torch.Tensor:
-    return _nearest(x.to(compute_dtype(x.dtype))).to(x.dtype)
+    return _nearest(x.contiguous().to(compute_dtype(x.dtype))).to(x.dtype)
 
 
 # Triton: an opaque custom op (importing fastvq must not import Triton).

@@ -66,11 +66,11 @@ if _HAS_CPP:
     @torch.library.register_fake("fastvq::fsq_fwd_cpp")
     def _(z, params, basis):
         fake_on_one_device("fsq_fwd_cpp", z, params, basis)
-        return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+        return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("fastvq::sign_fwd_cpp")
     def _(z, scale):
-        return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+        return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("fastvq::binary_entropy_fwd_cpp")
     def _(z, coef, spherical):
@@ -81,17 +81,17 @@ if _HAS_CPP:
     @torch.library.register_fake("fastvq::fsq_bwd_cpp")
     def _(grad_codes, z, params):
         fake_on_one_device("fsq_bwd_cpp", grad_codes, z, params)
-        return torch.empty_like(z)
+        return z.new_empty(z.shape)
 
     @torch.library.register_fake("fastvq::bsq_bwd_cpp")
     def _(grad_codes, z):
         fake_on_one_device("bsq_bwd_cpp", grad_codes, z)
-        return torch.empty_like(z)
+        return z.new_empty(z.shape)
 
     @torch.library.register_fake("fastvq::binary_entropy_bwd_cpp")
     def _(grad_rows, grad_cols, z, coef, spherical):
         fake_on_one_device("binary_entropy_bwd_cpp", grad_rows, grad_cols, z)
-        return torch.empty_like(z)
+        return z.new_empty(z.shape)
 
 
 def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:
@@ -211,31 +211,33 @@ def _fsq_fwd_torch(z, levels):
 @torch.library.custom_op("fastvq::fsq_fwd", mutates_args=())
 def _fsq_fwd(z: torch.Tensor, levels: list[int], impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (N, d) in z's dtype and indices (N,) int64 for z (N, d)."""
+    z = z.contiguous()  # for contiguous outputs in every body, as the fake gives
     if impl == "torch":
         return _fsq_fwd_torch(z, levels)
     params, basis = _fsq_tables(tuple(levels), z.device, torch.float32)
     if impl == "cpu":
-        return torch.ops.fastvq.fsq_fwd_cpp(z.contiguous(), params, basis)
+        return torch.ops.fastvq.fsq_fwd_cpp(z, params, basis)
     from fastvq.kernels.scalar import fsq_fwd
 
-    return fsq_fwd(z.contiguous(), params, basis)
+    return fsq_fwd(z, params, basis)
 
 
 @_fsq_fwd.register_fake
 def _(z, levels, impl):
-    return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+    return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 @torch.library.custom_op("fastvq::fsq_bwd", mutates_args=())
 def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], impl: str) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype = g * d(bound(z) / (L // 2))/dz."""
+    g, z = g.contiguous(), z.contiguous()  # a contiguous dz in every body, as the fake gives
     if impl != "torch":
         params, _ = _fsq_tables(tuple(levels), z.device, torch.float32)
         if impl == "cpu":
-            return torch.ops.fastvq.fsq_bwd_cpp(g.contiguous(), z.contiguous(), params)
+            return torch.ops.fastvq.fsq_bwd_cpp(g, z, params)
         from fastvq.kernels.scalar import fsq_bwd
 
-        return fsq_bwd(g.contiguous(), z.contiguous(), params)
+        return fsq_bwd(g, z, params)
     params, _ = _fsq_tables(tuple(levels), z.device, _acc(z.dtype))
     shift, gain = params[0], params[5]
     return (g.to(params.dtype) * _slope(z.to(params.dtype) + shift) * gain).to(z.dtype)
@@ -243,7 +245,7 @@ def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], impl: str) -> 
 
 @_fsq_bwd.register_fake
 def _(g, z, levels, impl):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 def _fsq_setup(ctx, inputs, output):
@@ -329,14 +331,15 @@ def _sign_fwd_torch(z, spherical):
 
 
 def _sign_fwd(z, spherical, impl):
+    z = z.contiguous()  # for contiguous codes in every body, as the fakes give
     if impl == "torch":
         return _sign_fwd_torch(z, spherical)
     if impl == "cpu":
         scale = 1 / math.sqrt(z.shape[1]) if spherical else 1.0
-        return torch.ops.fastvq.sign_fwd_cpp(z.contiguous(), scale)
+        return torch.ops.fastvq.sign_fwd_cpp(z, scale)
     from fastvq.kernels.scalar import sign_fwd
 
-    return sign_fwd(z.contiguous(), spherical)
+    return sign_fwd(z, spherical)
 
 
 @torch.library.custom_op("fastvq::lfq_fwd", mutates_args=())
@@ -353,23 +356,24 @@ def _bsq_fwd(z: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @_lfq_fwd.register_fake
 def _(z, impl):
-    return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+    return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 @_bsq_fwd.register_fake
 def _(z, impl):
-    return torch.empty_like(z), z.new_empty(z.shape[0], dtype=torch.int64)
+    return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 @torch.library.custom_op("fastvq::bsq_bwd", mutates_args=())
 def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, impl: str) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype: g pulled back through u = z / |z| (0 for a zero row)."""
+    g, z = g.contiguous(), z.contiguous()  # a contiguous dz in every body, as the fake gives
     if impl == "cpu":
-        return torch.ops.fastvq.bsq_bwd_cpp(g.contiguous(), z.contiguous())
+        return torch.ops.fastvq.bsq_bwd_cpp(g, z)
     if impl == "triton":
         from fastvq.kernels.scalar import bsq_bwd
 
-        return bsq_bwd(g.contiguous(), z.contiguous())
+        return bsq_bwd(g, z)
     acc = _acc(z.dtype)
     x, gf = z.to(acc), g.to(acc)
     inv = inv_norm(x)
@@ -379,7 +383,7 @@ def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, impl: str) -> torch.Tensor:
 
 @_bsq_bwd.register_fake
 def _(g, z, impl):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 def _lfq_backward(ctx, g_codes, _g_indices):
@@ -515,15 +519,14 @@ def _binary_entropy_bwd(
     impl: str,
 ) -> torch.Tensor:
     """dL/dz (N, d) in z's dtype from dL/drow_entropies (N,) and dL/dcolumn_sums (2, d)."""
+    z = z.contiguous()  # a contiguous dz in every body, as the fake gives
     if impl != "torch":
         g_row, g_col = g_row.float().contiguous(), g_col.float().contiguous()
         if impl == "cpu":
-            return torch.ops.fastvq.binary_entropy_bwd_cpp(
-                g_row, g_col, z.contiguous(), coef, spherical
-            )
+            return torch.ops.fastvq.binary_entropy_bwd_cpp(g_row, g_col, z, coef, spherical)
         from fastvq.kernels.scalar import binary_entropy_bwd
 
-        return binary_entropy_bwd(g_row, g_col, z.contiguous(), coef, spherical)
+        return binary_entropy_bwd(g_row, g_col, z, coef, spherical)
     x, inv_norm, a = _logits(z, coef, spherical)
     e = torch.exp(-a.abs())
     w = e / (1 + e).square()  # p (1 - p)
@@ -535,7 +538,7 @@ def _binary_entropy_bwd(
 
 @_binary_entropy_bwd.register_fake
 def _(g_row, g_col, z, coef, spherical, impl):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 def _entropy_setup(ctx, inputs, output):

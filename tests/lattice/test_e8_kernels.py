@@ -539,6 +539,10 @@ def test_nearest_opcheck():
             torch.library.opcheck(op, (x.to(dtype),))
             torch.library.opcheck(op, (x.to(dtype).requires_grad_(),))
         torch.library.opcheck(op, (x[:0],))
+    # The torch op takes any layout and returns a contiguous (N, 8), as its fake must (the fake's
+    # empty_like kept a transposed x's strides: opcheck's "Stride mismatch"); the C++ and Triton
+    # ops take contiguous x only (e8_nearest passes a contiguous copy).
+    torch.library.opcheck(torch.ops.fastvq.e8_nearest_torch, (x.t().contiguous().t(),))
 
 
 def test_nearest_compiles_without_graph_breaks():

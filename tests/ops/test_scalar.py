@@ -597,7 +597,12 @@ def test_opcheck(device, impl):
     z = _randn((9, 5), torch.float32, device, 8).requires_grad_()
     g = _randn((9, 5), torch.float32, device, 9)
     levels = [8, 5, 4, 3, 2]
-    for zz, gg in [(z, g), (z.detach().half().requires_grad_(), g.half())]:
+    # Transposed (column-major) z and g too: every body returns contiguous outputs, and the fakes
+    # must say so (empty_like kept z's strides: opcheck's "Stride mismatch").
+    zt = z.detach().t().contiguous().t().requires_grad_()
+    pairs = [(z, g), (z.detach().half().requires_grad_(), g.half()), (zt, g.t().contiguous().t())]
+    for zz, gg in pairs:
+        assert zz.is_contiguous() != (zz is zt)
         torch.library.opcheck(ops.fsq_fwd, (zz, levels, impl))
         torch.library.opcheck(ops.fsq_bwd, (gg, zz.detach(), levels, impl))
         torch.library.opcheck(ops.lfq_fwd, (zz, impl))

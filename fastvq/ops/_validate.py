@@ -75,6 +75,54 @@ def check_writable(name: str, value: torch.Tensor) -> None:
         )
 
 
+def shares_storage(rows: torch.Tensor, *written: torch.Tensor) -> bool:
+    """Whether rows lie in the storage of a tensor the op writes while it reads them (the
+    result would depend on the threads' order). Not checked while torch.compile traces, which
+    cannot read storage pointers, nor for meta tensors, which have none."""
+    if torch.compiler.is_compiling() or rows.numel() == 0 or rows.is_meta:
+        return False
+    ptr = rows.untyped_storage().data_ptr()
+    return any(t.numel() > 0 and t.untyped_storage().data_ptr() == ptr for t in written)
+
+
+def _span(t: torch.Tensor, unit: int) -> tuple[int, int]:
+    """[first, last] storage position of t's elements, in units of `unit` bytes."""
+    k = t.element_size() // unit
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return t.storage_offset() * k, (t.storage_offset() + last + 1) * k - 1
+
+
+def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """ValueError where a and b, both written in place (after check_writable), hold a common
+    element: the backends' orders of writes differ, and so would the results. Views of one
+    buffer that share no element pass, as the (K, D + 1) statistics layout of cluster_size =
+    buf[:, D], embed_sum = buf[:, :D] does (ATen's overlap check answers "too hard" for such
+    strided views). Exact for any strides: where the two storage ranges meet, one bool per
+    element of their union marks a's elements (CPU, from sizes and strides alone: no data read,
+    no device sync), a cost paid only by views of one buffer."""
+    if not shares_storage(a, b):
+        return
+    unit = math.gcd(a.element_size(), b.element_size())
+    (lo_a, hi_a), (lo_b, hi_b) = _span(a, unit), _span(b, unit)
+    if hi_a < lo_b or hi_b < lo_a:
+        return
+    lo = min(lo_a, lo_b)
+    mask = torch.zeros(max(hi_a, hi_b) - lo + 1, dtype=torch.bool)
+
+    def units(t):  # t's elements as (..., element_size / unit) positions in mask
+        k = t.element_size() // unit
+        strides = [s * k for s in t.stride()] + [1]
+        return mask.as_strided((*t.shape, k), strides, t.storage_offset() * k - lo)
+
+    units(a).fill_(True)
+    if units(b).any():
+        raise ValueError(
+            f"{name_a} and {name_b} are both written in place, so they must not share elements; "
+            f"got views of one buffer that overlap (storage offsets {a.storage_offset()} and "
+            f"{b.storage_offset()}, strides {a.stride()} and {b.stride()}): pass separate tensors"
+        )
+
+
 def check_no_tangent(op: str, *tensors) -> None:
     """NotImplementedError where a tensor carries a forward-mode tangent (torch.func.jvp / jacfwd,
     torch.autograd.forward_ad): torch passes none through a custom op that registers only its

@@ -18,6 +18,7 @@ from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel
 from fastvq.ops._backends import backends, check_backend, cpu_available, pick_backend
 from fastvq.ops._validate import (
     check_choice,
+    check_disjoint,
     check_finite,
     check_floating,
     check_index_range,
@@ -25,6 +26,7 @@ from fastvq.ops._validate import (
     check_real,
     check_tensor,
     check_writable,
+    shares_storage,
 )
 from fastvq.ops.nearest_code import MAX_DIM, nearest_code
 
@@ -372,6 +374,7 @@ def ema_update_(
     _check_accumulators(cluster_size, embed_sum)
     check_writable("cluster_size", cluster_size)
     check_writable("embed_sum", embed_sum)
+    check_disjoint("cluster_size", cluster_size, "embed_sum", embed_sum)
     k, d = embed_sum.shape
     device = embed_sum.device
     _check_rows("z", z, d, device)
@@ -389,7 +392,7 @@ def ema_update_(
             raise ValueError(f"weight is on {weight.device} but the statistics are on {device}")
     decay = check_real("decay", decay, 0.0, 1.0)
     for name, value in (("z", z), ("weight", weight)):
-        if value is not None and _shares_storage(value, cluster_size, embed_sum):
+        if value is not None and shares_storage(value, cluster_size, embed_sum):
             raise ValueError(f"{name} must not share memory with cluster_size or embed_sum")
     check_backend(backend)
     if deterministic is None:
@@ -404,16 +407,6 @@ def ema_update_(
     return _ema_update(
         cluster_size, embed_sum, z, indices, decay, weight, deterministic, name, group
     )
-
-
-def _shares_storage(rows: torch.Tensor, *written: torch.Tensor) -> bool:
-    """Whether rows lie in the storage of a tensor the op writes while it reads them (the
-    result would depend on the threads' order). Not checked while torch.compile traces, which
-    cannot read storage pointers, nor for meta tensors, which have none."""
-    if torch.compiler.is_compiling() or rows.numel() == 0 or rows.is_meta:
-        return False
-    ptr = rows.untyped_storage().data_ptr()
-    return any(t.numel() > 0 and t.untyped_storage().data_ptr() == ptr for t in written)
 
 
 def _unit_columns(x: torch.Tensor) -> torch.Tensor:
@@ -572,12 +565,12 @@ def reset_dead_codes_(
             f"codebook must have embed_sum's shape {(k, d)} and device {device}, got "
             f"{tuple(codebook.shape)} on {codebook.device}"
         )
-    for name, value in (
-        ("codebook", codebook),
-        ("cluster_size", cluster_size),
-        ("embed_sum", embed_sum),
-    ):
+    written = (("codebook", codebook), ("cluster_size", cluster_size), ("embed_sum", embed_sum))
+    for name, value in written:
         check_writable(name, value)
+    for i, (name_a, a) in enumerate(written):
+        for name_b, b in written[i + 1 :]:
+            check_disjoint(name_a, a, name_b, b)
     _check_rows("z", z, d, device)
     threshold = check_real("threshold", threshold, 0.0)
     eps = check_real("eps", eps, 0.0)

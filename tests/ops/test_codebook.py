@@ -864,6 +864,50 @@ def test_ema_update_refuses_rows_that_share_the_statistics_memory(case):
     assert torch.equal(counts, torch.ones_like(counts)) and torch.equal(sums, rows)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_ema_update_refuses_statistics_that_share_elements(case):
+    # cluster_size = buf[:, 0] is also embed_sum's column 0: the backends wrote it in different
+    # orders and disagreed (ATen's overlap check gives up on such strided views). Views of one
+    # buffer that share no element, as the (K, D + 1) layout, are fine.
+    device, backend = case
+    z = torch.randn(6, 3, device=device)
+    idx = torch.tensor([0, 1, 2, 3, 0, 1], device=device)
+    buf = torch.ones(4, 4, device=device)
+    overlapping = [
+        (buf[:, 0], buf[:, :3]),
+        (buf[:, 2], buf[:, 1:]),
+        (buf.view(-1)[4:8], buf[:, 1:]),
+    ]
+    for counts, sums in overlapping:
+        with pytest.raises(ValueError, match="cluster_size and embed_sum are both written in"):
+            ema_update_(counts, sums, z, idx, 0.5, backend=backend)
+    assert torch.equal(buf, torch.ones_like(buf))  # refused before any write
+    buf = torch.ones(4, 7, device=device)
+    for counts, sums in [(buf[:, 3], buf[:, :3]), (buf[:, 0], buf[:, 4:]), (buf[:, 3], buf[:, 4:])]:
+        ema_update_(counts, sums, z, idx, 0.0, backend=backend)
+        torch.testing.assert_close(counts, code_counts(idx, 4).float())
+
+
+def test_reset_dead_codes_refuses_written_tensors_that_share_elements():
+    codebook, cs, es, z = _dead_setup()
+    dead = (cs < 1.0).nonzero().flatten()
+    with pytest.raises(ValueError, match="codebook and embed_sum are both written in place"):
+        reset_dead_codes_(es, cs, es, z, 1.0)
+    buf = torch.cat([es, cs[:, None]], 1)
+    with pytest.raises(ValueError, match="codebook and cluster_size are both written in place"):
+        reset_dead_codes_(buf[:, 1:], buf[:, -1], es, z, 1.0)
+    # Bytes, not elements: a float16 codebook over the first half of embed_sum's columns...
+    wide = torch.zeros(es.shape[0], 14)
+    with pytest.raises(ValueError, match="codebook and embed_sum are both written in place"):
+        reset_dead_codes_(wide.view(torch.float16)[:, :7], cs, wide[:, 3:10], z, 1.0)
+    # ... and one over the other half, next to it, and one buffer for all three (no overlap).
+    buf = torch.zeros(es.shape[0], 15)
+    buf[:, -1] = cs
+    got = reset_dead_codes_(wide[:, 7:].view(torch.float16)[:, :7], cs, wide[:, :7], z, 1.0)
+    assert len(dead) > 0 and torch.equal(got, dead)
+    assert torch.equal(reset_dead_codes_(buf[:, :7], buf[:, -1], buf[:, 7:-1], z, 1.0), dead)
+
+
 @pytest.mark.parametrize("device", CPP_DEVICES)
 def test_cpp_op_refuses_outputs_that_share_memory_with_inputs(device):
     ops = torch.ops.fastvq

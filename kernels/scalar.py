@@ -234,8 +234,9 @@ def _binary_entropy_fwd_kernel(
     a = coef * x
     e = tl.exp(-tl.abs(a))
     inv = 1.0 / (1.0 + e)
-    # H(sigmoid(a)) = log(1 + e) + |a| e / (1 + e): no cancellation at any |a|.
-    h = _log1p_small(e) + tl.abs(a) * e * inv
+    # H(sigmoid(a)) = log(1 + e) + |a| e / (1 + e): no cancellation at any |a|. The second term
+    # is 0 once e is, also at |a| = inf (a saturated logit), where inf * 0 would be NaN.
+    h = _log1p_small(e) + tl.where(e == 0.0, 0.0, tl.abs(a) * e * inv)
     tl.store(row_ptr + rows, tl.sum(tl.where(mask, h, 0.0), axis=1), mask=row_ok)
     p_hi = tl.where(mask, inv, 0.0)
     p_lo = tl.where(mask, e * inv, 0.0)
@@ -277,8 +278,9 @@ def _binary_entropy_bwd_kernel(
     g_col = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0) - tl.load(
         g_col_ptr + D + cols, mask=col_ok, other=0.0
     )
-    # dH/da = -a p (1 - p); dp(+)/da = -dp(-)/da = p (1 - p)
-    dx = coef * w * (g_col[None, :] - a * g_row)
+    # dH/da = -a p (1 - p); dp(+)/da = -dp(-)/da = p (1 - p): 0 where the logit saturates,
+    # though a (inf) is not
+    dx = tl.where(e == 0.0, 0.0, coef * w * (g_col[None, :] - a * g_row))
     dx = tl.where(mask, dx, 0.0)
     if SPHERICAL:
         dx = (dx - x * tl.sum(x * dx, axis=1)[:, None]) * inv_norm

@@ -497,7 +497,8 @@ def _binary_entropy_fwd(
     _, _, a = _logits(z, coef, spherical)
     e = torch.exp(-a.abs())
     inv = 1 / (1 + e)
-    h = torch.log1p(e) + a.abs() * e * inv
+    # |a| e^-|a| -> 0 as |a| -> inf, but a saturated logit (|a| = inf) gives inf * 0 = NaN.
+    h = torch.log1p(e) + torch.where(e == 0, 0.0, a.abs() * e * inv)
     plus = torch.where(a >= 0, inv, e * inv)
     minus = torch.where(a >= 0, e * inv, inv)
     return h.sum(1), torch.stack([plus.sum(0), minus.sum(0)])
@@ -530,7 +531,8 @@ def _binary_entropy_bwd(
     x, inv_norm, a = _logits(z, coef, spherical)
     e = torch.exp(-a.abs())
     w = e / (1 + e).square()  # p (1 - p)
-    dx = coef * w * ((g_col[0] - g_col[1]) - a * g_row[:, None])
+    # p (1 - p) = 0 where the logit saturates, and so is the gradient, though a (inf) is not.
+    dx = torch.where(e == 0, 0.0, coef * w * ((g_col[0] - g_col[1]) - a * g_row[:, None]))
     if spherical:
         dx = (dx - x * (x * dx).sum(1, keepdim=True)) * inv_norm
     return dx.to(z.dtype)
@@ -603,7 +605,9 @@ def binary_entropy_loss(
             it when that average is itself a product distribution (e.g. N = 1).
     The usual loss is per_sample_entropy - gamma * codebook_entropy (both lie in [0, d log 2]).
     An empty batch gives (0, 0). H(p) = log(1 + e^-|a|) + |a| e^-|a| / (1 + e^-|a|) is computed
-    without cancellation, and saturated columns (mean p = 0 or 1) keep finite gradients. z is not
+    without cancellation; a saturated logit (e^-|a| = 0, |a| up to inf: an inv_temperature or a
+    |z| near float32's limit) gives H = 0 and a zero gradient, and saturated columns (mean p = 0
+    or 1) keep finite gradients. z is not
     checked for NaN or Inf, which make the entropies NaN (a loss: the training loop's NaN guard
     sees it).
 
@@ -637,6 +641,9 @@ def binary_entropy_loss(
     n = z2.shape[0]
     spherical = quantizer == "bsq"
     coef = 4.0 * float(inv_temperature) * (1 / math.sqrt(d) if spherical else 1.0)
+    # Past float32's range the kernels would round it to inf, and inf * 0 (a zero coordinate,
+    # whose logit is 0 at any finite temperature) is NaN; the largest float saturates the rest.
+    coef = min(coef, torch.finfo(_acc(z.dtype)).max)
     if torch.compiler.is_compiling():
         # The coefficient scales the logits in torch arithmetic, outside the kernel: a float
         # inv_temperature changed between steps (annealed) then stays a graph input, where as the

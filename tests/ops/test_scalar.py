@@ -497,6 +497,45 @@ def test_entropy_saturated_and_empty(case):
     assert dz.shape == empty.shape
 
 
+def _entropy_limit(z: torch.Tensor) -> tuple[float, float]:
+    """Both entropies where every logit is +-inf, or 0 on a zero coordinate: p = 1, 0 or 1/2."""
+    p = (z.sign().double() + 1) / 2
+
+    def h(q):
+        return -(q * q.clamp_min(1e-300).log() + (1 - q) * (1 - q).clamp_min(1e-300).log())
+
+    return h(p).sum(1).mean().item(), h(p.mean(0)).sum().item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_entropy_at_infinite_logits(case):
+    # Logits a = 4 tau x past float32 (tau up to 1e38, or |z| near float32's limit) are +-inf,
+    # where |a| e^-|a| and the gradient's a p (1 - p) were inf * 0 = NaN on every backend. The
+    # limit: H = 0 per saturated bit and a zero gradient. A zero row (bsq: x = 0) keeps a = 0.
+    device, backend = case
+    g = torch.Generator().manual_seed(90)
+    signs = torch.randint(0, 2, (7, 5), generator=g) * 2.0 - 1
+    mags = 0.5 + 0.5 * torch.rand(7, 5, generator=g)
+    for quantizer, tau, scale in [
+        ("lfq", 1e30, 1.0),
+        ("lfq", 1e38, 1.0),
+        ("lfq", 100.0, 3e38),
+        ("bsq", 1e38, 1.0),
+        ("bsq", 1e38, 1e30),  # (past 2^126, 1 / |z| is subnormal: the C++ kernels flush it)
+    ]:
+        z = signs * mags * scale
+        if quantizer == "bsq":
+            z[3] = 0.0
+        z = z.to(device).requires_grad_()
+        ps, cb = binary_entropy_loss(z, inv_temperature=tau, quantizer=quantizer, backend=backend)
+        want_ps, want_cb = _entropy_limit(z.detach().cpu())
+        what = (quantizer, tau, scale)
+        assert ps.item() == pytest.approx(want_ps, rel=1e-6, abs=1e-6), what
+        assert cb.item() == pytest.approx(want_cb, rel=1e-6), what
+        (dz,) = torch.autograd.grad(ps - 0.3 * cb, z)
+        assert torch.equal(dz, torch.zeros_like(dz)), what
+
+
 # --- layouts, gradcheck, registration, compile -------------------------------------------------
 
 

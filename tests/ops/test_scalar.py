@@ -521,7 +521,8 @@ def test_entropy_at_infinite_logits(case):
         ("lfq", 1e38, 1.0),
         ("lfq", 100.0, 3e38),
         ("bsq", 1e38, 1.0),
-        ("bsq", 1e38, 1e30),  # (past 2^126, 1 / |z| is subnormal: the C++ kernels flush it)
+        ("bsq", 1e38, 1e30),
+        ("bsq", 1e38, 1e38),  # past 2^126: 1 / |z| is a float subnormal
     ]:
         z = signs * mags * scale
         if quantizer == "bsq":
@@ -534,6 +535,19 @@ def test_entropy_at_infinite_logits(case):
         assert cb.item() == pytest.approx(want_cb, rel=1e-6), what
         (dz,) = torch.autograd.grad(ps - 0.3 * cb, z)
         assert torch.equal(dz, torch.zeros_like(dz)), what
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bsq_entropy_of_rows_past_2_to_the_126(case):
+    # BSQ normalizes each row: rows scaled up to 1e38 (norms past 2^126, whose inverse is a
+    # float subnormal) give the entropies of the unscaled rows. The C++ kernels flushed that
+    # inverse to 0 and took the rows for zero rows.
+    device, backend = case
+    z = torch.randn(9, 6, generator=torch.Generator().manual_seed(91)).to(device)
+    want = binary_entropy_loss(z, inv_temperature=2.0, quantizer="bsq", backend=backend)
+    got = binary_entropy_loss(z * 1e38, inv_temperature=2.0, quantizer="bsq", backend=backend)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --- layouts, gradcheck, registration, compile -------------------------------------------------

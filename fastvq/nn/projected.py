@@ -161,7 +161,7 @@ class RandomProjectionQuantizer(nn.Module):
     (-1 ignored), as the peer, computed in row chunks (with recomputation in the backward) so
     the N x K logits never exist at once.
 
-    The peer's extra keyword arguments (forwarded to its VectorQuantize) are not accepted: its
+    The peer's extra keyword arguments (forwarded to its VectorQuantize) raise a ValueError: its
     quantizer always runs in eval mode with a cosine codebook, which is all this class does.
     Difference from the peer: with num_codebooks > 1 the peer's VectorQuantize adds an
     untrained Linear(h * e, h * h * e) and codebooks of dimension h * e, so no head sees its own
@@ -179,8 +179,14 @@ class RandomProjectionQuantizer(nn.Module):
         codebook_dim: int,
         num_codebooks: int = 1,
         norm: bool = True,
+        **vq_kwargs,
     ):
         super().__init__()
+        if vq_kwargs:
+            raise ValueError(
+                f"{sorted(vq_kwargs)} not supported by fastvq.nn.RandomProjectionQuantizer: the "
+                "peer forwards them to a VectorQuantize that is never trained"
+            )
         self.dim = check_int("dim", dim)
         self.codebook_size = check_int("codebook_size", codebook_size)
         self.codebook_dim = check_int("codebook_dim", codebook_dim)

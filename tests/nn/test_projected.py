@@ -176,7 +176,8 @@ def test_random_projection_quantizer_state_and_bad_input():
         with pytest.raises(ValueError, match=r"indices must lie in \[-1, 16\) \(-1: ignored\)"):
             m(x, torch.full((2, 5), bad))
     assert m(x, torch.full((2, 5), -1)).item() == 0.0  # all ignored
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    # The peer's pass-through VectorQuantize arguments, named as the README says.
+    with pytest.raises(ValueError, match=r"\['decay'\] not supported"):
         RandomProjectionQuantizer(dim=8, codebook_size=16, codebook_dim=4, decay=0.9)
 
 

@@ -57,9 +57,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
+def _run_two_ranks(worker: str, tmp_path, timeout: float) -> None:
+    """Runs `python worker tmp_path` as ranks 0 and 1 of a gloo group (torchrun's variables)."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     port = str(free_port())
     procs = []
     for rank in range(2):
@@ -67,12 +68,16 @@ def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
         env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
     try:
-        codes = [p.wait(timeout=240) for p in procs]
+        codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     assert codes == [0, 0]
+
+
+def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
+    _run_two_ranks(WORKER, tmp_path, timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["sync"] and r1["sync"]  # built after init_process_group: statistics all-reduced
     assert not torch.equal(r0["first"], r1["first"])  # each rank reads its own shard
@@ -111,21 +116,7 @@ COUNTS_WORKER = textwrap.dedent("""
 
 def test_sparse_code_counts_all_reduce_over_two_processes(tmp_path):
     """Counts of a 2**36-code codebook are sparse, which NCCL cannot all-reduce: gathered."""
-    script = tmp_path / "worker.py"
-    script.write_text(COUNTS_WORKER)
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
-    try:
-        codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0]
+    _run_two_ranks(COUNTS_WORKER, tmp_path, timeout=120)
     for rank in range(2):
         counts = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert counts.is_sparse and counts.shape == (2, 2**36)

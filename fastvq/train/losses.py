@@ -117,7 +117,11 @@ class VQGANLoss(nn.Module):
         lecam_weight: float = 0.0,
         lecam_decay: float = 0.99,
         quant_weight: float = 1.0,
+        all_reduce: bool = False,
     ):
+        """all_reduce: LeCAM's averages take the mean logits over the processes of
+        torch.distributed's default group, each holding an equal shard of the batch (the
+        trainer's DDP); else each averages its own shard's, and their buffers drift apart."""
         super().__init__()
         check_choice("recon", recon, RECON)
         check_choice("disc_loss", disc_loss, GAN)
@@ -140,6 +144,7 @@ class VQGANLoss(nn.Module):
         self.adaptive_weight = adaptive_weight
         self.lecam_weight, self.lecam_decay = lecam_weight, lecam_decay
         self.quant_weight = quant_weight
+        self.all_reduce = all_reduce
         # EMA of the mean real / fake logits; count = updates so far (the first one copies).
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
@@ -214,14 +219,23 @@ class VQGANLoss(nn.Module):
 
     @torch.no_grad()
     def _update_ema(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
+        if self.all_reduce:  # every process's shard has the same size: the mean of means
+            import torch.distributed as dist
+
+            means = torch.stack([real_mean, fake_mean]).float()
+            dist.all_reduce(means)
+            real_mean, fake_mean = means / dist.get_world_size()
         decay = self.lecam_decay if self.ema_count > 0 else 0.0
         self.ema_real.mul_(decay).add_((1 - decay) * real_mean.float())
         self.ema_fake.mul_(decay).add_((1 - decay) * fake_mean.float())
         self.ema_count += 1
 
 
-def build_loss(loss_cfg: dict, disc_cfg: dict | None = None, in_channels: int = 3) -> VQGANLoss:
-    """VQGANLoss from the config's "loss" and "disc" sections (LPIPS from local files only)."""
+def build_loss(
+    loss_cfg: dict, disc_cfg: dict | None = None, in_channels: int = 3, all_reduce: bool = False
+) -> VQGANLoss:
+    """VQGANLoss from the config's "loss" and "disc" sections (LPIPS from local files only);
+    all_reduce: VQGANLoss's."""
     cfg = dict(loss_cfg)
     lpips_cfg = cfg.pop("lpips", None)
     lpips = None
@@ -240,6 +254,6 @@ def build_loss(loss_cfg: dict, disc_cfg: dict | None = None, in_channels: int = 
 
         disc = PatchGANDiscriminator(in_channels, **disc_cfg)
     try:
-        return VQGANLoss(lpips=lpips, discriminator=disc, **cfg)
+        return VQGANLoss(lpips=lpips, discriminator=disc, all_reduce=all_reduce, **cfg)
     except TypeError as e:
         raise ValueError(f"bad loss config {loss_cfg}: {e}") from e

@@ -343,7 +343,8 @@ class Trainer:
         from fastvq.train.losses import build_loss
 
         in_channels = self.cfg["model"].get("in_channels", 3)
-        return build_loss(self.cfg["loss"], self.cfg["disc"], in_channels).to(self.device)
+        loss = build_loss(self.cfg["loss"], self.cfg["disc"], in_channels, self.world > 1)
+        return loss.to(self.device)
 
     @property
     def codebook_size(self) -> int | None:
@@ -420,10 +421,12 @@ class Trainer:
     def state_dict(self) -> dict:
         import torch.distributed as dist
 
-        rngs = [ckpt.rng_state()]
-        if self.world > 1:  # every rank's generators, so each resumes its own stream
-            rngs = [None] * self.world
-            dist.all_gather_object(rngs, ckpt.rng_state())
+        # Every rank's generators and overfit_one_batch batch: each resumes its own.
+        fixed = self.fixed_batch.cpu() if self.fixed_batch is not None else None
+        ranks = [(ckpt.rng_state(), fixed)]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, (ckpt.rng_state(), fixed))
         return {
             "model": _unwrap(self.model).state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -441,8 +444,8 @@ class Trainer:
             "window_counts": (
                 self.window_codes.counts.cpu() if self.window_codes.counts is not None else None
             ),
-            "fixed_batch": self.fixed_batch.cpu() if self.fixed_batch is not None else None,
-            "rng": rngs,
+            "fixed_batch": [batch for _, batch in ranks],
+            "rng": [rng for rng, _ in ranks],
             "world": self.world,
             "config": self.cfg,
         }
@@ -496,13 +499,14 @@ class Trainer:
         counts = s.get("window_counts")
         if counts is not None and counts.dim() == 2:  # older checkpoints: restart the window
             self.window_codes.counts = counts.to(self.device)
-        fb = s.get("fixed_batch")
-        self.fixed_batch = fb.to(self.device) if fb is not None else None
         if s["world"] != self.world:
             raise ValueError(
                 f"checkpoint {str(path)!r} was written by {s['world']} processes, this run has "
                 f"{self.world}: the data stream and generators would not continue exactly"
             )
+        fb = s.get("fixed_batch")
+        fb = fb[self.rank] if isinstance(fb, list) else fb  # older checkpoints: rank 0's only
+        self.fixed_batch = fb.to(self.device) if fb is not None else None
         ckpt.set_rng_state(s["rng"][self.rank])
 
     def _broadcast_buffers(self) -> None:

@@ -97,6 +97,59 @@ def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
     assert len(torch.load(ckpts[0], weights_only=False)["rng"]) == 2  # every rank's generators
 
 
+RESUME_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from fastvq.train.config import load_config
+    from fastvq.train.data import TensorImages
+    from fastvq.train.trainer import Trainer
+
+    out = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(40, 3, 2, 2, generator=g)
+    imgs = (torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear") * 255).byte()
+    data = TensorImages(imgs[:32], 16, train=True), TensorImages(imgs[32:], 16, train=False)
+
+    def cfg(run, steps):
+        return load_config(None, [
+            "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
+            "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+            "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
+            "data.resolution=16", "train.batch_size=2", f"train.steps={steps}",
+            "train.device=cpu", "train.progress=false", f"train.out_dir={out}/{run}",
+            "eval.batch_size=4", "eval.max_batches=1", "train.ckpt_every=2",
+            "optim.schedule=constant", "train.overfit_one_batch=true",
+            "disc={ndf: 4, n_layers: 1, norm: none}", "loss.disc_weight=0.5",
+            "loss.disc_start=0", "loss.lecam_weight=0.5",
+        ])
+
+    straight = Trainer(cfg("straight", 4), datasets=data)
+    history = straight.fit()["history"]
+    Trainer(cfg("resumed", 2), datasets=data).fit()
+    resumed = Trainer(cfg("resumed", 4), datasets=data)
+    batch = resumed.fixed_batch.clone()
+    torch.save({
+        "history": (history, resumed.fit()["history"]),
+        "batch": (straight.fixed_batch, batch),
+        "lecam": (straight.loss_fn.ema_real, straight.loss_fn.ema_fake),
+    }, f"{out}/rank{resumed.rank}.pt")
+""")
+
+
+def test_ddp_resume_keeps_every_rank_state(tmp_path):
+    # A checkpoint held rank 0's overfit_one_batch batch, which every rank then resumed with,
+    # and LeCAM's averages of rank 0's logits only (each rank's drifted apart).
+    _run_two_ranks(RESUME_WORKER, tmp_path, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for r in (r0, r1):
+        assert torch.equal(*r["batch"])  # its own batch again
+        straight, resumed = r["history"]
+        assert straight == resumed  # bit for bit
+    assert not torch.equal(r0["batch"][0], r1["batch"][0])
+    assert r0["lecam"] == r1["lecam"] and r0["lecam"][0] != 0
+
+
 COUNTS_WORKER = textwrap.dedent("""
     import sys
     import torch

@@ -67,7 +67,8 @@ def screening_overflows(d: int = 24) -> list[tuple[torch.Tensor, ...]]:
        where its scale of 2^-10 would have brought it below code 1;
     3. and 4. a bias near float32's largest value takes code 1's tf32 score to inf, or to -inf;
     5. code 0's tf32 copy is inf (float32's largest value rounds up) under a scale of 0: a NaN
-       screening score and a NaN residual norm, where 3xTF32 may score its bias of 2^20."""
+       screening score and a NaN residual norm, where 3xTF32 may score its bias of 2^20 (the
+       interpreter's float32 product does; Triton's 3xTF32 on a GPU rounds it to inf as well)."""
     big = torch.finfo(torch.float32).max
     cases = [  # (z's leading entries, the codes' leading entries, scale, bias)
         ([1.0], [[1.0], [1 + 2.0**-10 - 2.0**-12]], [big, big / (1 + 2.0**-10 - 2.0**-13)], None),

@@ -191,17 +191,36 @@ def measure(
             row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
         else:
             row.status = "OOM"
-    except ValueError as e:  # fastvq's answer to a backend or option it does not have (yet)
-        row.status = f"unavailable: {str(e).splitlines()[0][:200]}"
+    except ValueError as e:
+        # fastvq's answer to a backend it does not have here ("backend 'cuda' is unavailable",
+        # "... has no top-k kernel"); any other ValueError is a failure of the row.
+        kind = "unavailable" if str(e).startswith("backend ") else f"error: {type(e).__name__}"
+        row.status = f"{kind}: {str(e).splitlines()[0][:200]}"
     except Exception as e:  # noqa: BLE001  (a broken peer must not end the run)
         row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     finally:
         fn = out = None  # an exception in check() or timeit() would otherwise keep the output
         gc.collect()
         if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError as e:  # a sticky CUDA error (illegal address): rows end here
+                if row.status == "ok":
+                    row.status = f"error: {type(e).__name__}: {str(e)[:200]}"
+                _ROW_HOOK(row)
+                raise
     print(row.line(), flush=True)
+    _ROW_HOOK(row)
     return row
+
+
+def _no_hook(row: Row) -> None:
+    pass
+
+
+# cli's: saves the rows measured so far after each row, so that a step cut by its timeout or by
+# a CUDA error keeps every row it finished, not only its finished shapes.
+_ROW_HOOK = _no_hook
 
 
 def check_indices(z, codebook, indices, metric="l2", precision="exact", rows=CHECK_ROWS) -> dict:
@@ -218,12 +237,12 @@ def check_indices(z, codebook, indices, metric="l2", precision="exact", rows=CHE
         agree = check(z[sub], codebook, indices[sub].long(), metric, precision)
         return {"agree": agree, "ok": True}
     except AssertionError:
-        z64, c64 = z[sub].double().cpu(), codebook.double().cpu()
+        z64, c64 = z[sub].double(), codebook.double()
         if topk:
             best = nearest_code_topk(z64, c64, indices.shape[1], metric)
-            same = (indices[sub].long().cpu() == best).all(1)
+            same = (indices[sub].long() == best).all(1)
         else:
-            same = indices[sub].long().cpu() == nearest_code(z64, c64, metric)
+            same = indices[sub].long() == nearest_code(z64, c64, metric)
         return {"agree": same.double().mean().item(), "ok": False}
 
 
@@ -432,11 +451,22 @@ def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
     chosen = shapes["quick"] if args.quick else shapes[DEVICE]
     print(f"== {op} on {device_name()}")
     print(Row.header())
-    rows = []
-    for i, shape in enumerate(chosen):
-        rows += run([shape], args.reps, args.quick)
-        # saved after every shape: a GPU step cut by its timeout keeps the shapes it finished
-        done = {"quick": args.quick, "shapes": chosen, "complete": i == len(chosen) - 1}
-        path = save(args.out, op, rows, done, args.quick)
+    global _ROW_HOOK
+    rows, pending = [], []
+
+    def keep(row: Row) -> None:
+        pending.append(row)
+        partial = {"quick": args.quick, "shapes": chosen, "complete": False}
+        save(args.out, op, rows + pending, partial, args.quick)
+
+    _ROW_HOOK = keep
+    try:
+        for i, shape in enumerate(chosen):
+            pending.clear()
+            rows += run([shape], args.reps, args.quick)
+            done = {"quick": args.quick, "shapes": chosen, "complete": i == len(chosen) - 1}
+            path = save(args.out, op, rows, done, args.quick)
+    finally:
+        _ROW_HOOK = _no_hook
     print(f"saved {path}")
     return path

@@ -58,6 +58,8 @@ step() {
 }
 
 main() {
+  [[ -n ${FASTVQ_GIT_REV:-} || -d .git ]] ||
+    echo "warning: no .git and no FASTVQ_GIT_REV: the records' commit will read 'unknown'"
   step gpu 15 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
   if compgen -G ".whl/*.whl" >/dev/null; then
     step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -87,8 +89,9 @@ main() {
   step tests-cuda 45 python3 -m pytest -q -p no:cacheprovider tests/ops tests/lattice \
     -m "not gpu" -k "(cuda or triton or screen) and not topk"
   # Benchmarks, most important first; each writes $OUT/<op>-<device>.json as soon as it finishes.
-  # nearest: ~105 rows at ~0.5-1 s of fixed cost each (the float64 check of 512 sampled rows on
-  # the CPU: 1-5 s per row on the 2-core CPU machine at K = 65,536-196,560; do_bench's 0.125 s; gc)
+  # nearest: ~105 rows at ~0.2-0.5 s of fixed cost each (the float64 check of 512 sampled rows
+  # runs on the GPU: on a host CPU it takes 1-5 s per row at K = 65,536-196,560, which would
+  # overrun the step; do_bench's 0.125 s; gc; every row is saved when done)
   # plus four torch.compile builds and the Triton JIT of each shape's specializations (BLOCK_D,
   # EVEN_K, SPLIT, ...): ~90 s, an estimate (no GPU run yet); at 75 s the last shape, the split-K
   # one, would be lost. The build's 200 s are a cap: the whole CUDA build (torch 2.11 + CUDA 13,
@@ -121,6 +124,7 @@ main() {
   elif wanted memcheck || wanted racecheck; then
     SUMMARY+=("memcheck, racecheck skipped: no compute-sanitizer (see the header)")
   fi
+  rm -f "$OUT"/*.tmp  # a record a timeout cut mid-write: the tool returns 8 files at most
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
   echo "== summary (${SECONDS} s)"
   printf '%s\n' "${SUMMARY[@]}"

@@ -238,6 +238,11 @@ def test_measure_statuses(monkeypatch):
     assert common.measure("p", {}, _raises(common.Skip("no GPU"))).status == "skipped: no GPU"
     missing = common.measure("p", {}, _raises(ImportError("x", name="somepkg")))
     assert missing.status == "skipped: somepkg not installed"
+    # fastvq's "no such backend here" is unavailable; any other ValueError failed the row.
+    gone = common.measure("p", {}, _raises(ValueError("backend 'cuda' is unavailable: x")))
+    assert gone.status == "unavailable: backend 'cuda' is unavailable: x"
+    bad = common.measure("p", {}, _raises(ValueError("z must be 2-d")))
+    assert bad.status == "error: ValueError: z must be 2-d"
 
 
 def test_check_indices_verdicts():
@@ -348,6 +353,21 @@ def test_cli_saves_every_shape_and_completeness(tmp_path, monkeypatch):
         common.cli(argv, "doc", "fake", run, shapes)
     record = json.load(open(path))
     assert [r["name"] for r in record["rows"]] == ["p1"] and record["complete"] is False
+
+    def cut_mid_shape(chosen, reps, quick):  # rows of an unfinished shape are kept too
+        ((n,),) = chosen
+        rows = [common.measure(f"q{n}", {"n": n}, lambda: lambda: 0)]
+        if n == 2:
+            rows.append(common.measure("q2b", {"n": n}, lambda: lambda: 0))
+            raise KeyboardInterrupt
+        return rows
+
+    shapes["quick"] = [(1,), (2,)]
+    with pytest.raises(KeyboardInterrupt):
+        common.cli(argv, "doc", "fake", cut_mid_shape, shapes)
+    record = json.load(open(path))
+    assert [r["name"] for r in record["rows"]] == ["q1", "q2", "q2b"]
+    assert record["complete"] is False and common._ROW_HOOK is common._no_hook
 
 
 def test_summary_flags_failed_checks(tmp_path, capsys):
@@ -776,6 +796,23 @@ def test_a_failed_peer_leaves_nothing_for_empty_cache_to_miss(fake_cuda, monkeyp
     row = common.measure("p", {}, lambda: output, check=lambda out: 1 / 0)
     assert row.status.startswith("error: ZeroDivisionError"), row
     assert alive == [[False], [False, False]]
+
+
+def test_a_sticky_cuda_error_ends_the_module_with_its_row_saved(fake_cuda, monkeypatch):
+    """After an illegal memory access every CUDA call fails, empty_cache too: the row that hit
+    it is recorded as an error through the row hook (cli's saving), and the module stops."""
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    seen = []
+    monkeypatch.setattr(common, "_ROW_HOOK", seen.append)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        common.measure("p", {}, lambda: lambda: 0)
+    assert [r.status for r in seen] == [
+        "error: RuntimeError: CUDA error: an illegal memory access was encountered"
+    ]
 
 
 def test_ema_steps_do_the_same_work_however_often_they_run(monkeypatch):

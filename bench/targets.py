@@ -43,6 +43,10 @@ def share(part, whole):
     return 100 * part["ms"] / whole["ms"]
 
 
+def peak_gib(row):
+    return row["peak_gib"]
+
+
 def copy_share(op, copy):
     # the copy row moves the op's bytes: the share of the copy bandwidth is a ratio of times
     return 100 * copy["ms"] / op["ms"]
@@ -103,6 +107,18 @@ TARGETS = [
            (("fastvq VectorQuantize rotation (VQGAN latents)", {"op": "vq", **LATENTS}),
             ("fastvq VQGAN step", {"op": "vqgan", "B": 8, "R": 256, "K": 65536})),
            share, "<=", 5.0, " %"),
+]  # fmt: skip
+# Issue 5: a VectorQuantize training step (forward + backward + EMA), time and peak memory, with
+# and without the rotation trick: (batch, seq, K, D), ms, GiB.
+TARGETS += [
+    Target(5, f"VQ{label} step {b}x{s} K {k} D {d}: {what}", "cuda", "nn",
+           ((f"fastvq VectorQuantize{rot}", {"op": "vq", "B": b, "S": s, "K": k, "D": d}),),
+           value, "<=", bound, unit)
+    for (b, s, k, d), step_ms, gib in [((256, 256, 16384, 8), 1.5, 0.5),
+                                       ((256, 256, 65536, 32), 2.0, 1.0),
+                                       ((64, 256, 65536, 256), 3.0, 1.0)]
+    for label, rot in (("", ""), (" rot", " rotation"))
+    for what, value, bound, unit in (("time", ms, step_ms, " ms"), ("peak", peak_gib, gib, " GiB"))
 ]  # fmt: skip
 
 

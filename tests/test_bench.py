@@ -604,6 +604,25 @@ def test_targets_verdicts(tmp_path, capsys):
         assert evaluate(target, {"rows": rows}) == (expect, "met")
 
 
+def test_vector_quantize_targets_read_time_and_peak_memory():
+    """Issue 5's bounds: a VectorQuantize step's time and its peak memory (peak_gib), each a
+    target of its own, with and without the rotation trick."""
+    from bench.targets import TARGETS, evaluate
+
+    shape = {"op": "vq", "B": 256, "S": 256, "K": 16384, "D": 8}
+    rows = [
+        dict(dataclasses.asdict(common.Row(name, shape, ms=1.2, ok=True)), peak_gib=gib)
+        for name, gib in (("fastvq VectorQuantize", 0.7), ("fastvq VectorQuantize rotation", 0.3))
+    ]
+    record = {"environment": {"device": "NVIDIA H100 80GB HBM3", "gpu": {}}, "rows": rows}
+    found = {t.what: evaluate(t, record) for t in TARGETS if t.issue == 5}
+    assert len(found) == 12
+    assert found["VQ step 256x256 K 16384 D 8: time"] == ("1.2 ms", "met")
+    assert found["VQ step 256x256 K 16384 D 8: peak"] == ("0.7 GiB", "MISSED")
+    assert found["VQ rot step 256x256 K 16384 D 8: peak"] == ("0.3 GiB", "met")
+    assert found["VQ step 256x256 K 65536 D 32: time"][1].startswith("not measured: no row")
+
+
 def test_targets_count_an_h100s_times_and_flag_a_busy_cpu(tmp_path):
     """A time bound is an H100's: another GPU's time (an RTX 4090 meeting 0.8 ms) is shown but
     not counted; a CPU ratio measured with the load above the threads says so."""

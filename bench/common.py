@@ -275,7 +275,7 @@ def _version(package: str) -> str | None:
 def gpu_state() -> dict:
     """GPU 0's driver, clocks, temperature and power as nvidia-smi reads them ({} without it):
     a record taken on a down-clocked or hot card says so. Once per process (nvidia-smi can take
-    a second to start), after the first shape's timings."""
+    a second to start), after the first row's timings (its first save)."""
     fields = ("driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "temperature.gpu",
               "power.draw", "power.limit")  # fmt: skip
     query = ["nvidia-smi", "--id=0", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"]

@@ -138,12 +138,12 @@ def _score_chunks(z, codebook, code_scale, code_bias, fast, elements):
 
 
 def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
-    out = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
-    for start, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 26):
-        out[start : start + scores.shape[0]] = scores.masked_fill_(
-            scores.isnan(), -torch.inf
-        ).argmax(1)
-    return out
+    # Chunks concatenated, not written into an (N,) buffer: torch.func.vmap cannot write a
+    # per-example result into a tensor made outside it.
+    chunks = [torch.empty(0, dtype=torch.int64, device=z.device)]
+    for _, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 26):
+        chunks.append(scores.masked_fill_(scores.isnan(), -torch.inf).argmax(1))
+    return torch.cat(chunks)
 
 
 def _nearest_code_topk_torch(z, codebook, code_scale, code_bias, k, fast):

@@ -3,6 +3,8 @@ error, never a silently zero one. torch passes no tangent through a custom op th
 its backward, so the ops built on one refuse forward mode; the lattice quantizers' straight-through
 estimator is an autograd.Function with its own jvp and vmap rule, and supports both."""
 
+import functools
+
 import pytest
 import torch
 from torch.autograd import forward_ad
@@ -61,13 +63,19 @@ def test_lattice_straight_through_under_forward_mode_and_vmap(quantize, n):
         torch.testing.assert_close(per_example[i], want[i])
 
 
-def test_vmap_over_searches_with_the_default_finite_check():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_vmap_over_searches_with_the_default_finite_check(backend):
     # The finite check reads a value (.tolist()), which vmap's batched tensors do not have: it is
-    # skipped there, as under torch.compile, instead of failing inside torch.
+    # skipped there, as under torch.compile, instead of failing inside torch. The plain-PyTorch
+    # backend wrote its chunks into a buffer made outside vmap, which vmap refuses.
     z, codebooks = torch.randn(3, 5, 4), torch.randn(3, 7, 4)
     want = torch.stack([fastvq.nearest_code(z[i], codebooks[i]) for i in range(3)])
-    assert torch.equal(vmap(fastvq.nearest_code)(z, codebooks), want)
-    assert torch.equal(vmap(lambda a, c: fastvq.quantize(a, c)[1])(z, codebooks), want)
+    search = functools.partial(fastvq.nearest_code, backend=backend)
+    assert torch.equal(vmap(search)(z, codebooks), want)
+    assert torch.equal(
+        vmap(lambda a, c: fastvq.quantize(a, c, backend=backend)[1])(z, codebooks), want
+    )
+    assert torch.equal(vmap(lambda a: search(a, codebooks[0]))(z), search(z, codebooks[0]))
     z[1, 2, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):  # outside vmap, still checked
         fastvq.nearest_code(z, codebooks[0])

@@ -277,7 +277,10 @@ def test_ema_update_decay_edges_empty_batch_and_layouts(case, poison):
         ema_update_(*got, rows, idx, 0.6, deterministic=det, backend=backend)
         assert got[1].stride(1) == 7 and rows.stride(1) == len(z)
         assert torch.equal(got[0], want[0])
-        assert torch.equal(got[1], want[1])
+        if det or device == "cpu":  # GPU float atomics land in any order: the last bit may differ
+            assert torch.equal(got[1], want[1])
+        else:
+            torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
     # Leading dimensions, int32 indices, and accumulators that are strided views.
     expected = cs.clone(), es.clone()
     ema_update_(*expected, z, idx, 0.7, backend=backend)

@@ -231,29 +231,3 @@ def test_modules_of_import_fastvq_never_import_their_own_package():
     for module in modules:
         spec = importlib.util.find_spec(module)
         assert _ancestor_imports(spec.origin, module) == [], module
-
-
-def test_threads_import_the_public_packages_at_once():
-    # Before the rule above, threads importing fastvq.nn and fastvq.train for the first time
-    # failed in 4 runs of 4 ("cannot import name ... from partially initialized module").
-    script = """
-import threading, importlib, torch
-names = ["fastvq", "fastvq.nn", "fastvq.train", "fastvq.models"]
-start, errors = threading.Barrier(len(names)), []
-def load(name):
-    start.wait()
-    try:
-        importlib.import_module(name)
-    except Exception as e:
-        errors.append(f"{name}: {e!r}")
-threads = [threading.Thread(target=load, args=(name,)) for name in names]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(errors)
-"""
-    for _ in range(3):
-        run = subprocess.run(
-            [sys.executable, "-c", script], env=checkout_env(), capture_output=True, text=True,
-            check=True, timeout=300,
-        )  # fmt: skip
-        assert run.stdout.strip() == "[]", run.stdout

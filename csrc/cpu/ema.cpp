@@ -21,14 +21,15 @@ namespace fastvq {
 namespace {
 
 constexpr const char* kOp = "fastvq::ema_scatter_cpp";
-// Weight (rows, for unit weights) per float32 partial sum of one code: a float32 running sum of
-// n similar values errs by up to n 2^-24 of itself (a count stops growing at 2^24), so once a
-// code's partial weighs kFlushWeight it moves into a double total, allocated when a code first
-// fills a partial (a hot code; the usual batch spreads a few rows over each code and never does).
-// The weight is the count already in a register. At N = 16,384, K = 4096, D = 32 on one thread
-// here (best of 500): 0.19-0.20 ms, against 0.185 without any flush (inexact past 2^24 rows of a
-// code) and 0.205-0.21 with a separate row counter per code.
-constexpr float kFlushWeight = 256.f;
+// Rows per float32 partial sum of one code: a float32 running sum of n similar values errs by up
+// to n 2^-24 of itself (a count stops growing at 2^24), so once a code's partial holds kFlushRows
+// rows it moves into a double total, allocated when a code first fills a partial (a hot code; the
+// usual batch spreads a few rows over each code and never does). Without weights the count
+// already in a register counts the rows; with weights (which may be small or negative: their sum
+// is no row count) a separate counter does. At N = 16,384, K = 4096, D = 32 on one thread here
+// (best of 500): 0.19-0.20 ms, against 0.185 without any flush (inexact past 2^24 rows of a code)
+// and 0.205-0.21 with the separate counter.
+constexpr int kFlushRows = 256;
 
 template <class T>
 void ema_kernel(const T* z, int64_t ldz, const int64_t* idx, const float* weight, int64_t N,
@@ -40,6 +41,7 @@ void ema_kernel(const T* z, int64_t ldz, const int64_t* idx, const float* weight
     std::vector<float> acc((k1 - k0) * width, 0.f);
     std::vector<double> total;  // (k1 - k0) x (D + 1) once a partial fills
     const uint64_t span = static_cast<uint64_t>(k1 - k0);
+    std::vector<int> rows(weight != nullptr ? span : 0);  // rows in each partial, with weights
     for (int64_t n = 0; n < N; ++n) {
       const uint64_t j = static_cast<uint64_t>(idx[n] - k0);
       if (j >= span) continue;
@@ -49,10 +51,11 @@ void ema_kernel(const T* z, int64_t ldz, const int64_t* idx, const float* weight
       const T* x = z + n * ldz;
       for (int64_t d = 0; d < D; ++d) a[d] += w * static_cast<float>(x[d]);
       a[D] += w;
-      if (a[D] >= kFlushWeight) {
+      if (weight != nullptr ? ++rows[j] == kFlushRows : a[D] >= kFlushRows) {
         if (total.empty()) total.assign(acc.size(), 0.0);
         double* t = total.data() + j * width;
         for (int64_t d = 0; d <= D; ++d) t[d] += a[d], a[d] = 0.f;
+        if (weight != nullptr) rows[j] = 0;
       }
     }
     for (int64_t k = k0; k < k1; ++k) {

@@ -356,7 +356,7 @@ def ema_update_(
             count. Float atomics add a code's rows one by one into one float32 sum (in batch
             chunks of 2^22 rows), which errs by up to n 2^-24 of it for a code of n rows; the
             deterministic GPU kernels sum pieces of 512 rows, the C++ CPU kernel adds partials of
-            weight 256 (rows) in double, the torch backend sums in float64: the accurate choices
+            256 rows in double, the torch backend sums in float64: the accurate choices
             for a code that holds a large share of a big batch.
         backend: "auto" (Triton, else CUDA C++, on CUDA tensors; C++ on CPU tensors; torch for
             float64 or where those are missing), "triton", "cuda", "cpu" or "torch".

@@ -358,6 +358,25 @@ def test_ema_update_and_kmeans_sum_a_hot_code_accurately(case):
     assert torch.allclose(centroids.double().flatten().abs(), expected, rtol=2.0**-20, atol=0)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0][1] in ("torch", "cpu")])
+@pytest.mark.parametrize("w", [1e-3, -0.1])
+def test_ema_update_sums_a_hot_code_of_small_or_negative_weights_accurately(case, w):
+    """2^20 rows of weight w in one code: the weighted count and sum are the float64 ones to
+    2^-14 (float32 partials of 256 rows err by up to 256 2^-24 = 2^-16). The C++ kernel moved its
+    partials into double by their weight, not rows: small weights piled 256,000 rows into one
+    partial and negative ones never flushed (3e-3 to 1e-2 off)."""
+    device, backend = case
+    n = 1 << 20
+    z = torch.full((n, 1), 3.0, device=device)
+    weight = torch.full((n,), w, device=device)
+    cs, es = torch.ones(2, device=device), torch.zeros(2, 1, device=device)
+    idx = torch.zeros(n, dtype=torch.int64, device=device)
+    ema_update_(cs, es, z, idx, 0.0, weight=weight, backend=backend)
+    want = n * float(torch.tensor(w, dtype=torch.float32))
+    assert cs[0].item() == pytest.approx(want, rel=2.0**-14)
+    assert es[0, 0].item() == pytest.approx(3 * want, rel=2.0**-14)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_ema_update_in_row_chunks_equals_one_pass(case, deterministic, monkeypatch):

@@ -9,7 +9,8 @@ import torch
 
 from fastvq.testing import checkout_env, free_port
 
-WORKER = textwrap.dedent("""
+# Each worker's start: a tiny dataset, the same on every rank.
+PRELUDE = textwrap.dedent("""
     import sys
     import torch
     torch.set_num_threads(1)
@@ -22,6 +23,9 @@ WORKER = textwrap.dedent("""
     low = torch.rand(40, 3, 2, 2, generator=g)
     imgs = (torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear") * 255).byte()
     data = TensorImages(imgs[:32], 16, train=True), TensorImages(imgs[32:], 16, train=False)
+""")
+
+WORKER = PRELUDE + textwrap.dedent("""
     cfg = load_config(None, [
         "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
         "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
@@ -97,19 +101,7 @@ def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
     assert len(torch.load(ckpts[0], weights_only=False)["rng"]) == 2  # every rank's generators
 
 
-RESUME_WORKER = textwrap.dedent("""
-    import sys
-    import torch
-    torch.set_num_threads(1)
-    from fastvq.train.config import load_config
-    from fastvq.train.data import TensorImages
-    from fastvq.train.trainer import Trainer
-
-    out = sys.argv[1]
-    g = torch.Generator().manual_seed(0)
-    low = torch.rand(40, 3, 2, 2, generator=g)
-    imgs = (torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear") * 255).byte()
-    data = TensorImages(imgs[:32], 16, train=True), TensorImages(imgs[32:], 16, train=False)
+RESUME_WORKER = PRELUDE + textwrap.dedent("""
 
     def cfg(run, steps):
         return load_config(None, [

@@ -263,7 +263,7 @@ class _Residual(ConstantBuffers):
                 if last is not None and q_index > last:
                     indices.append(torch.full((b, n), -1, dtype=torch.long, device=seq.device))
                     losses.append(residual.new_zeros(()))
-                    codes.append(torch.zeros_like(residual))
+                    codes.append(None)
                     continue
                 q, idx, loss = self._layer(q_index, residual, mask, **layer_kwargs)
                 q = q.float()
@@ -271,7 +271,7 @@ class _Residual(ConstantBuffers):
                 out = out + q
                 indices.append(idx.long())
                 losses.append(loss.float())
-                codes.append(torch.where(idx[..., None] >= 0, q.detach(), 0.0))
+                codes.append(q.detach() if return_all_codes else None)
         quantized = self.project_out(out.to(out_dtype))
         quantized = self._finish(quantized, seq, mask)
         indices = torch.stack(indices, dim=-1)
@@ -285,7 +285,7 @@ class _Residual(ConstantBuffers):
 
     def _all_codes(self, indices, codes):
         """return_all_codes' (Q, b, n, d) codes of a forward's (b, n, Q) indices, given each
-        layer's (b, n, d) output value (codes: 0 where dropped or masked)."""
+        layer's (b, n, d) output value (None where the layer was dropped)."""
         return self._codes_seq(indices)
 
     def _finish(self, quantized, seq, mask):
@@ -563,7 +563,12 @@ class ResidualVQ(_Residual):
 
     def _all_codes(self, indices, codes):
         # The codes the layers quantized with: in training their codebooks have moved since.
-        return torch.stack(codes)
+        # 0 where a layer was dropped (None; layer 0 always runs) or a row masked (index -1).
+        zero = torch.zeros_like(codes[0])
+        return torch.stack([
+            zero if c is None else torch.where(i[..., None] >= 0, c, 0.0)
+            for i, c in zip(indices.unbind(-1), codes, strict=True)
+        ])  # fmt: skip
 
     def _finish(self, quantized, seq, mask):
         if mask is None:
@@ -735,12 +740,14 @@ class ResidualVQ(_Residual):
                 steps.append((parent, code, loss, q.detach()))
             # Backtrack the best path (beam 0 of the last layer).
             pick = torch.zeros(m, 1, dtype=torch.long, device=z0.device)
-            codes, losses, values = [None] * (final + 1), [None] * (final + 1), []
+            codes, losses = [None] * (final + 1), [None] * (final + 1)
+            values = [None] * self.num_quantizers  # the chosen path's codes: return_all_codes
             for i in reversed(range(final + 1)):
                 parent, code, loss, q = steps[i]
                 codes[i] = code.gather(1, pick)[:, 0]
                 losses[i] = loss.gather(1, pick)[:, 0]
-                values.insert(0, q.gather(1, pick[..., None].expand(-1, -1, d))[:, 0])
+                if return_all_codes:
+                    values[i] = q.gather(1, pick[..., None].expand(-1, -1, d))[:, 0]
                 pick = parent.gather(1, pick)
             self._beam_update(z0[:, 0].detach(), codes, row_mask, freeze)
             losses = torch.stack(losses, dim=-1).float()  # (m, layers run)
@@ -760,11 +767,7 @@ class ResidualVQ(_Residual):
         indices = indices.reshape(b, n, self.num_quantizers)
         ret = [restore(quantized, True), restore(indices, False), losses]
         if return_all_codes:
-            values += [torch.zeros_like(values[0])] * (self.num_quantizers - final - 1)
-            values = [
-                torch.where(idx[..., None] >= 0, v.reshape(b, n, d), 0.0)
-                for idx, v in zip(indices.unbind(-1), values, strict=True)
-            ]
+            values = [None if v is None else v.reshape(b, n, d) for v in values]
             all_codes = self._all_codes(indices, values)  # (Q, b, n, d)
             ret.append(torch.stack([restore(c, False) for c in all_codes]))
         return tuple(ret)

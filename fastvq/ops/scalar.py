@@ -607,9 +607,8 @@ def binary_entropy_loss(
     An empty batch gives (0, 0). H(p) = log(1 + e^-|a|) + |a| e^-|a| / (1 + e^-|a|) is computed
     without cancellation; a saturated logit (e^-|a| = 0, |a| up to inf: an inv_temperature or a
     |z| near float32's limit) gives H = 0 and a zero gradient, and saturated columns (mean p = 0
-    or 1) keep finite gradients. z is not
-    checked for NaN or Inf, which make the entropies NaN (a loss: the training loop's NaN guard
-    sees it).
+    or 1) keep finite gradients. z is not checked for NaN or Inf, which make the entropies NaN (a
+    loss: the training loop's NaN guard sees it).
 
     Args:
         z: (..., d), 1 <= d <= 1024, float32, bfloat16 or float16 (float64 on backend "torch").

@@ -122,5 +122,5 @@ if __name__ == "__main__":  # pip runs this file as __main__; the tests import c
         # torch is deliberately absent: a bare requirement would let pip replace the installed
         # (CPU or CUDA) torch with a multi-GB CUDA build. Install torch first (see the Makefile).
         install_requires=["numpy", "pillow", "pyyaml"],
-        entry_points={"console_scripts": ["fastvq = fastvq.train.cli:main"]},
+        entry_points={"console_scripts": ["fastvq = fastvq.train.cli:run"]},
     )

@@ -2,6 +2,6 @@
 
 import sys
 
-from fastvq.train.cli import main
+from fastvq.train.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -95,7 +95,7 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-def _check(ch: int, ch_mult, num_res_blocks: int, resolution: int) -> None:
+def _check(ch: int, ch_mult, num_res_blocks: int, resolution: int, attn_resolutions=()) -> None:
     if ch < 1 or not ch_mult or any(int(m) < 1 for m in ch_mult):
         raise ValueError(
             f"ch must be >= 1 and ch_mult a non-empty list of ints >= 1, got {ch}, {ch_mult}"
@@ -107,6 +107,13 @@ def _check(ch: int, ch_mult, num_res_blocks: int, resolution: int) -> None:
         raise ValueError(
             f"resolution must be a multiple of the downsampling factor {factor} "
             f"(2**(len(ch_mult) - 1)), got {resolution}"
+        )
+    levels = [resolution // 2**i for i in range(len(ch_mult))]
+    unused = sorted(set(attn_resolutions) - set(levels))
+    if unused:  # else no level gets those attention blocks, without a word
+        raise ValueError(
+            f"attn_resolutions must be resolutions of the levels {levels} (resolution {resolution} "
+            f"halved per level), got {unused}"
         )
 
 
@@ -131,7 +138,7 @@ class Encoder(nn.Module):
         norm_groups: int = 32,
     ):
         super().__init__()
-        _check(ch, ch_mult, num_res_blocks, resolution)
+        _check(ch, ch_mult, num_res_blocks, resolution, attn_resolutions)
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -184,7 +191,7 @@ class Decoder(nn.Module):
         norm_groups: int = 32,
     ):
         super().__init__()
-        _check(ch, ch_mult, num_res_blocks, resolution)
+        _check(ch, ch_mult, num_res_blocks, resolution, attn_resolutions)
         c_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)

@@ -263,13 +263,11 @@ def tokenize(
 
 def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
     """Run the sweep described by a YAML file's `sweep:` section; see the `sweep` --help."""
-    import yaml
-
-    from fastvq.train.config import load_config, parse_value, resolve_config
+    from fastvq.train.config import load_config, load_yaml, parse_value, resolve_config
 
     path = resolve_config(config)
     with open(path) as f:
-        doc = yaml.safe_load(f) or {}
+        doc = load_yaml(f) or {}  # 1e-3 a float, as in configs and on the command line
     spec = doc.get("sweep") if isinstance(doc, dict) else None
     if not isinstance(spec, dict) or not {"config", "key", "values"} <= set(spec):
         raise ValueError(f"{config}: needs a `sweep:` mapping with config, key and values")
@@ -338,7 +336,8 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
     with open(out_root / "sweep.json", "w") as f:
         json.dump(rows, f, indent=2)
     with open(out_root / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]), extrasaction="ignore")
+        # Every row's columns: a variant's (usage, lpips, rfid) may be missing from the first.
+        writer = csv.DictWriter(f, list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     return rows
@@ -414,5 +413,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The `fastvq` console script and `python -m fastvq`: main(), with a bad setting, argument
+    or file (ValueError, FileNotFoundError) reported in one line on stderr and exit code 2, not
+    a traceback; FASTVQ_DEBUG=1 shows the traceback."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("FASTVQ_DEBUG") == "1":
+            raise
+        print(f"fastvq: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -128,9 +128,15 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 def parse_value(text: str):
     """A command-line value parsed as YAML: '1e-4' -> 0.0001, 'null' -> None, '[1, 2]' -> list."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return load_yaml(text)
     except yaml.YAMLError as e:
         raise ValueError(f"value {text!r} is not valid YAML ({e.problem})") from None
+
+
+def load_yaml(stream):
+    """A config or sweep file's YAML, floats read as YAML 1.2 does (1e-3 is a float, where
+    PyYAML's 1.1 rules make it a string), as on the command line."""
+    return yaml.load(stream, Loader=_Loader)
 
 
 def _read(path: Path, seen: tuple = ()) -> dict:
@@ -139,7 +145,7 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise ValueError(f"config {str(path)!r}: `base:` files form a cycle")
     with open(path) as f:
-        cfg = yaml.load(f, Loader=_Loader) or {}
+        cfg = load_yaml(f) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"config {str(path)!r} must be a YAML mapping, got {type(cfg).__name__}")
     base = cfg.pop("base", None)

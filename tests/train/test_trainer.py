@@ -531,6 +531,17 @@ def test_model_lists_and_embed_dim_are_checked(make_config, datasets):
     with pytest.raises(ValueError, match="model.attn_resolutions must be a list of ints"):
         build_tokenizer({**vqgan, "attn_resolutions": 16})
     assert build_tokenizer({**vqgan, "attn_resolutions": [], "embed_dim": 3}).quantizer.dim == 3
+    # A resolution no level has (512 px with [16]) dropped every attention block silently.
+    with pytest.raises(ValueError, match=r"levels \[32, 16\] .*, got \[8\]"):
+        build_tokenizer({**vqgan, "resolution": 32, "attn_resolutions": [8]})
+    for key, bad in (
+        ("norm_groups", 0),
+        ("resolution", None),
+        ("num_res_blocks", 1.5),
+        ("ch", "8"),
+    ):
+        with pytest.raises(ValueError, match=f"model.{key} must be an int"):
+            build_tokenizer({**vqgan, key: bad})
 
 
 def test_fid_features_that_are_no_extractor_are_named_at_start(make_config, datasets, tmp_path):
@@ -690,6 +701,40 @@ def test_sweep_passes_each_value_as_yaml(tmp_path, monkeypatch):
     assert [r["optim.disc_lr"] for r in rows] == [None, 0.001]
     assert ["optim.disc_lr=null" in o for o in runs] == [True, False]
     assert ["optim.disc_lr=0.001" in o for o in runs] == [False, True]
+
+
+def test_sweep_reads_floats_as_configs_do_and_tables_every_column(tmp_path, monkeypatch):
+    # A sweep file's 1e-3 was the string '1e-3' (PyYAML's 1.1 rules), refused as optim.lr; and
+    # sweep.csv took the first row's columns only (a quantizer's usage, lpips, rfid were lost).
+    import csv
+
+    from fastvq.train import cli
+
+    (tmp_path / "s.yaml").write_text(
+        "sweep: {config: c.yaml, key: optim.lr, values: [1e-3, 2e-3]}\n"
+    )
+    (tmp_path / "c.yaml").write_text("train: {steps: 1}\n")
+    results = iter([{"eval": {"mse": 0.5}}, {"eval": {"mse": 0.4, "usage": 0.25}}])
+    monkeypatch.setattr(cli, "train", lambda config, overrides: next(results))
+    rows = cli.sweep(str(tmp_path / "s.yaml"), None, [f"train.out_dir={tmp_path / 'out'}"])
+    assert [r["optim.lr"] for r in rows] == [0.001, 0.002]
+    table = list(csv.DictReader(open(tmp_path / "out" / "sweep.csv")))
+    assert [r["usage"] for r in table] == ["", "0.25"]
+
+
+def test_cli_reports_a_bad_setting_in_one_line(tmp_path, capsys, monkeypatch):
+    # The console script printed a traceback for every mistake; FASTVQ_DEBUG=1 keeps it.
+    from fastvq.train.cli import run
+
+    missing = str(tmp_path / "missing.yaml")
+    assert run(["train", "--config", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastvq: error: config file") and "Traceback" not in err
+    assert run(["train", "--config", "demo", "train.steps=abc"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    monkeypatch.setenv("FASTVQ_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        run(["train", "--config", missing])
 
 
 def test_sweep_under_torchrun_writes_its_tables_once(tmp_path, monkeypatch, capsys):

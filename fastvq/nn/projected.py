@@ -140,7 +140,8 @@ class SimVQ(nn.Module):
 
     def _codes(self, indices: torch.Tensor) -> torch.Tensor:
         """(..., dim) codes of indices in range, unchecked (ResidualSimVQ checks its stack once)."""
-        return self.code_transform(self.frozen_codebook[indices])
+        # int64: a uint8 tensor would index as a boolean mask
+        return self.code_transform(self.frozen_codebook[indices.long()])
 
     get_output_from_indices = indices_to_codes
 

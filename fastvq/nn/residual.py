@@ -244,6 +244,8 @@ class _Residual(ConstantBuffers):
                 f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
             )
         z = project_in("x", self.project_in, seq)
+        if seed is not None:  # else random.Random takes True, 3.5 or "1" as seeds
+            seed = check_int("rand_quantize_dropout_fixed_seed", seed, 0)
         last = self._dropout_index(seq.device, seed) if self._dropout_active() else None
         return seq, restore, z, last, mask
 
@@ -880,7 +882,13 @@ class ResidualFSQ(_Residual):
         lv = torch.tensor(levels, dtype=torch.float32, device="cpu")
         if bool((lv < 2).any()):
             raise ValueError(f"levels must all be >= 2, got {levels}")
-        self.register_constant("scales", torch.stack([lv**-i for i in range(num_quantizers)]))
+        scales = torch.stack([lv**-i for i in range(num_quantizers)])
+        if scales.min() < torch.finfo(torch.float32).tiny:  # else residual / scale is inf, NaN
+            raise ValueError(
+                f"levels {levels} with num_quantizers = {num_quantizers}: the last layer's scale "
+                f"L^-(num_quantizers - 1) leaves float32's range; use fewer layers or levels"
+            )
+        self.register_constant("scales", scales)
         if bound_hard_clamp:
             if soft_clamp_input_value is not None:
                 raise ValueError("soft_clamp_input_value is set by bound_hard_clamp=True")
@@ -1108,7 +1116,7 @@ class _Grouped(nn.Module):
 
     def _check_groups(self, indices):
         check_index_tensor("indices", indices)
-        if len(indices) != self.groups:
+        if indices.dim() == 0 or len(indices) != self.groups:
             raise ValueError(
                 f"indices must have a leading groups axis of {self.groups}, got "
                 f"{tuple(indices.shape)}"

@@ -321,7 +321,7 @@ class FSQ(ConstantBuffers):
         is_img = indices.dim() >= 3 + int(self.keep_num_codebooks_dim)
         if not self.keep_num_codebooks_dim:
             indices = indices[..., None]
-        if indices.shape[-1] != self.num_codebooks:
+        if indices.dim() == 0 or indices.shape[-1] != self.num_codebooks:
             raise ValueError(
                 f"indices' last dimension must be num_codebooks = {self.num_codebooks}, "
                 f"got shape {tuple(indices.shape)}"
@@ -619,7 +619,7 @@ class LFQ(ConstantBuffers):
         transpose = is_img if self.channel_first is None else self.channel_first
         if not self.keep_num_codebooks_dim:
             indices = indices[..., None]
-        if indices.shape[-1] != self.num_codebooks:
+        if indices.dim() == 0 or indices.shape[-1] != self.num_codebooks:
             raise ValueError(
                 f"indices' last dimension must be num_codebooks = {self.num_codebooks}, "
                 f"got shape {tuple(indices.shape)}"

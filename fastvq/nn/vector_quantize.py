@@ -495,7 +495,7 @@ class VectorQuantize(nn.Module):
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
         codebooks = self._codebooks().detach()
         if self.heads > 1:
-            if indices.shape[-1] != self.heads:
+            if indices.dim() == 0 or indices.shape[-1] != self.heads:
                 raise ValueError(
                     f"indices must end with a heads axis of {self.heads}, got {indices.shape}"
                 )

@@ -25,7 +25,7 @@ def autocast_off(device_type: str):
     two per layer of a residual stack, whose own context has turned autocast off around them),
     a visible share of a small layer's step. torch.compile guards on the autocast state, so a
     compiled forward stays right either way."""
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: no autocast
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -56,6 +56,10 @@ def check_positive(name: str, value) -> float:
 def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:
     """ValueError unless low <= indices < high (why: a note after the range); one host sync,
     skipped while torch.compile traces (a data-dependent branch would break the graph)."""
+    if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch cannot index with them
+        raise TypeError(
+            f"{name} must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
+        )
     if indices.numel() == 0 or indices.is_meta or torch.compiler.is_compiling():
         return
     lo, hi = torch.stack(torch.aminmax(indices)).tolist()

@@ -546,7 +546,8 @@ def reset_dead_codes_(
         codebook: (K, D) floating, e.g. the quantizer's codebook (a Parameter is fine: the update
             runs under no_grad); new codes are cast to its dtype.
         cluster_size: (K,) float32/float64; embed_sum: (K, D) of the same dtype.
-        z: (..., D) floating with at least one row: the batch to draw from.
+        z: (..., D) floating with at least one row: the batch to draw from (not checked for NaN
+            or Inf: its rows are copied as they are).
         threshold: real number >= 0.
         generator: torch.Generator on the CPU or on z's device; makes the choice reproducible.
         eps: the smoothing constant later given to ema_codebook.
@@ -743,6 +744,7 @@ def kmeans(
                 f"{init.device}"
             )
         centroids = init.detach().to(acc).clone()
+        check_finite(skippable=False, init=centroids)  # else inf centroids came back as they were
         if metric == "cosine":
             centroids = F.normalize(centroids, dim=-1)
     elif leader:

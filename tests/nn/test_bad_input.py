@@ -110,3 +110,36 @@ def test_input_dtype_against_the_projection(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         module(torch.randn(shape))
         module(torch.randn(shape).bfloat16())  # autocast casts for the projection: no TypeError
+
+
+def test_decoders_take_narrow_index_dtypes_and_name_the_rest():
+    # SimVQ indexed with uint8 as a boolean mask (3 codes for 16 indices); uint16 / uint32 failed
+    # inside torch ("aminmax_cpu" not implemented); a 0-d index raised IndexError.
+    idx = torch.tensor([3, 0, 5] + [0] * 12 + [1])
+    simvq = fnn.SimVQ(D, 16)
+    want = simvq.indices_to_codes(idx)
+    for dtype in (torch.uint8, torch.int16):
+        assert torch.equal(simvq.indices_to_codes(idx.to(dtype)), want), dtype
+    with pytest.raises(TypeError, match="indices must be an int64, .* got torch.uint16"):
+        fnn.FSQ(levels=[5, 5]).indices_to_codes(idx[:, None].to(torch.uint16))
+    zero_d = torch.tensor(3)
+    for layer in (
+        fnn.VectorQuantize(D, 16, heads=2),
+        fnn.FSQ(levels=[5, 5], dim=4, num_codebooks=2),
+        fnn.LFQ(dim=D, codebook_size=16, num_codebooks=2),
+        fnn.GroupedResidualVQ(dim=D, groups=2, codebook_size=16, num_quantizers=2),
+    ):
+        decode = getattr(layer, "indices_to_codes", None) or layer.get_output_from_indices
+        with pytest.raises(ValueError, match="indices"):
+            decode(zero_d)
+
+
+def test_residual_seed_and_scale_range():
+    rvq = fnn.ResidualVQ(dim=D, num_quantizers=3, codebook_size=16, quantize_dropout=True)
+    x = torch.randn(2, 4, D)
+    for seed, error in ((True, TypeError), (3.5, TypeError), ("1", TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="rand_quantize_dropout_fixed_seed"):
+            rvq(x, rand_quantize_dropout_fixed_seed=seed)
+    # 65536^-11 underflows float32: residual / scale was inf, the output NaN
+    with pytest.raises(ValueError, match="leaves float32's range"):
+        fnn.ResidualFSQ(levels=[65536, 65536], num_quantizers=12)

@@ -1100,3 +1100,9 @@ def test_partial_build_without_the_cpp_scatter(monkeypatch):
     search = "cpu" if fastvq.backends()["cpu"].available else "auto"
     centroids = kmeans(z, 3, iters=2, backend=search)
     assert centroids.shape == (3, 4) and bool(centroids.isfinite().all())
+
+
+def test_kmeans_refuses_a_non_finite_init():
+    # x was checked, a given init not: inf centroids came back as they were.
+    with pytest.raises(ValueError, match="init contains NaN or Inf"):
+        kmeans(torch.randn(20, 4), 3, iters=0, init=torch.full((3, 4), float("inf")))

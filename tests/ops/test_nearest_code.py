@@ -1136,3 +1136,12 @@ def test_meta_tensors_give_shapes():
     assert idx.device.type == "meta" and idx.shape == (5, 2) and idx.dtype == torch.int64
     idx, dist = fastvq.nearest_code(z, codebook, k=2, return_distance=True)
     assert idx.shape == dist.shape == (5, 2, 2) and dist.dtype == torch.float32
+
+
+def test_meta_tensors_take_every_path():
+    # Shapes only: the float64 / plain-PyTorch path asked autocast about the meta device, which
+    # it does not know (RuntimeError: unknown device type for autocast).
+    z = torch.empty(5, 4, dtype=torch.float64, device="meta")
+    c = torch.empty(7, 4, dtype=torch.float64, device="meta")
+    assert fastvq.nearest_code(z, c).shape == (5,)
+    assert fastvq.nearest_code(z.float(), c.float(), backend="torch").shape == (5,)

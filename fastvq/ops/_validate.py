@@ -38,7 +38,12 @@ def check_real(name: str, value, low: float, high: float | None = None) -> float
     [low, high], or finite and >= low without high (NaN fails both)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float's range (10**400): neither finite nor in range
+        raise ValueError(
+            f"{name} must be a finite real number, got an int of {value.bit_length()} bits"
+        ) from None
     if high is not None and not low <= value <= high:
         raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
     if high is None and not low <= value < float("inf"):

@@ -18,6 +18,7 @@ import functools
 import math
 import numbers
 import operator
+import sys
 
 import torch
 
@@ -631,8 +632,9 @@ def binary_entropy_loss(
     if isinstance(inv_temperature, bool) or not isinstance(inv_temperature, numbers.Real):
         raise TypeError(f"inv_temperature must be a float, got {type(inv_temperature).__name__}")
     # Comparisons rather than math.isfinite (NaN fails both): under torch.compile(dynamic=True) a
-    # float argument is a SymFloat, which math.isfinite cannot trace (a graph break).
-    if not 0 < inv_temperature < math.inf:
+    # float argument is a SymFloat, which math.isfinite cannot trace (a graph break). The largest
+    # float, not inf: an int past it (10**400) would fail float() below.
+    if not 0 < inv_temperature <= sys.float_info.max:
         raise ValueError(f"inv_temperature must be positive and finite, got {inv_temperature}")
     check_no_tangent("binary_entropy_loss", z)
     impl = _impl(backend, z.device, z.dtype)

@@ -1106,3 +1106,14 @@ def test_kmeans_refuses_a_non_finite_init():
     # x was checked, a given init not: inf centroids came back as they were.
     with pytest.raises(ValueError, match="init contains NaN or Inf"):
         kmeans(torch.randn(20, 4), 3, iters=0, init=torch.full((3, 4), float("inf")))
+
+
+def test_ints_past_floats_range_are_named():
+    # decay=10**400 raised OverflowError ("int too large to convert to float"), naming nothing.
+    cs, es, z, idx = torch.ones(4), torch.zeros(4, 2), torch.randn(3, 2), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="decay must be a finite real number"):
+        ema_update_(cs, es, z, idx, 10**400)
+    with pytest.raises(ValueError, match="eps must be a finite real number"):
+        fastvq.ema_codebook(cs, es, eps=10**400)
+    with pytest.raises(ValueError, match="inv_temperature must be positive and finite"):
+        fastvq.binary_entropy_loss(z, inv_temperature=10**400)

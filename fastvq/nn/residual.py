@@ -502,10 +502,13 @@ class ResidualVQ(_Residual):
         encoder_outputs: torch.Tensor,
         iters: int | None = None,
         generator: torch.Generator | None = None,
+        batches: int = 1,
     ) -> None:
         """k-means initialization from encoder outputs (..., dim), layer by layer: layer l
         clusters (VectorQuantize.init_from) what the layers before it leave of the projected
-        outputs. A shared codebook is initialized once, from the first layer's input."""
+        outputs. A shared codebook is initialized once, from the first layer's input. batches:
+        how many training batches the outputs hold (VectorQuantize.init_from divides the EMA
+        counts by it)."""
         check_floating("encoder_outputs", encoder_outputs)
         if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
             raise ValueError(
@@ -516,7 +519,7 @@ class ResidualVQ(_Residual):
             residual = self.project_in(encoder_outputs.reshape(-1, self.dim)).float()
             layers = self.layers[:1] if self.shared_codebook else self.layers
             for layer in layers:
-                layer.init_from(residual, iters, generator)
+                layer.init_from(residual, iters, generator, batches)
                 codebook = layer.codebook.detach()
                 idx = nearest_code(residual, codebook, metric=layer.metric, backend=layer.backend)
                 residual = residual - codebook[idx]

@@ -49,6 +49,10 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
   EMA-free read of the codebook returns the new code (the peer stores new_code * threshold), and
   when more codes are dead than there are rows every dead code is replaced, rows repeating (the
   peer defers the surplus to later steps).
+- rotation_trick=True follows the paper on rows of tiny norm: the gradient scales by |q| / |z|
+  as long as |z|^2 is a normal float, and the degenerate rows of fastvq.quantize's docstring
+  (z = 0 among them) are straight-through. The peer clamps norms at 1e-6, so below that its
+  output drifts from the code (up to 0.16) and its gradient is capped.
 - With a mask, the commitment loss compares the quantized vectors with the projected (and, for
   cosine, normalized) inputs, as without a mask; the peer compares with the raw input there (a
   shape error or a wrong target with codebook_dim, heads or use_cosine_sim). A mask with no valid
@@ -860,10 +864,10 @@ class VectorQuantize(nn.Module):
             return
         if row_mask is not None:
             rows = [r[m] for r, m in zip(rows, row_mask, strict=True)]
-        self._kmeans_into_state(rows, self.kmeans_iters, None)
+        self._kmeans_into_state(rows, self.kmeans_iters, None, 1)
 
     @torch.no_grad()
-    def _kmeans_into_state(self, rows, iters, generator) -> None:
+    def _kmeans_into_state(self, rows, iters, generator, batches) -> None:
         group = self._group(self.sync_kmeans)
         k = self.codebook_size
         # Synced, rank 0's row counts pick the branch on every rank (k-means, or rows repeated:
@@ -904,8 +908,12 @@ class VectorQuantize(nn.Module):
                     torch.distributed.broadcast(centroids, src=0)
             idx = fastvq.nearest_code(r, centroids, metric=self.metric, backend=self.backend)
             cs, es = self.cluster_size[c], self.embed_avg[c]
-            # decay 0: the statistics become this batch's counts (all-reduced when synced).
+            # decay 0: the statistics become the rows' counts (all-reduced when synced), per
+            # training batch: the units the EMA keeps them in, which threshold_ema_dead_code
+            # and the weight of the next batches' rows assume.
             fastvq.ema_update_(cs, es, r, idx, 0.0, all_reduce=group, backend=self.backend)
+            if batches != 1:
+                cs.div_(batches)
             es.copy_(centroids * _smoothed(cs, self.eps)[:, None])
             self.embed.data[c].copy_(centroids)
         self.initted.fill_(True)
@@ -1037,14 +1045,19 @@ class VectorQuantize(nn.Module):
         encoder_outputs: torch.Tensor,
         iters: int | None = None,
         generator: torch.Generator | None = None,
+        batches: int = 1,
     ) -> None:
         """k-means (fastvq.kmeans) of encoder outputs into the codebook and its EMA state.
 
         encoder_outputs: (..., dim) floating, in x's feature space before project_in (B, N, dim
         rows; channel-last whatever the module's layout). Projected, split into heads and
         normalized (use_cosine_sim) as in forward, clustered per codebook with `iters` Lloyd
-        iterations (default kmeans_iters); then codebook = centroids, cluster_size = counts and
-        embed_avg = centroids * smoothed counts, and the module is marked initted.
+        iterations (default kmeans_iters); then codebook = centroids, cluster_size = counts /
+        batches and embed_avg = centroids * smoothed cluster_size, and the module is marked
+        initted. batches: how many training batches encoder_outputs holds. The EMA keeps counts
+        per training batch (threshold_ema_dead_code compares with them, and they weigh the old
+        codes against the next batch's rows), so the counts of 64 batches' rows start the EMA
+        64 times too confident unless divided.
         """
         check_floating("encoder_outputs", encoder_outputs)
         if self.codebook_generator is not None:
@@ -1054,13 +1067,14 @@ class VectorQuantize(nn.Module):
                 f"encoder_outputs must have shape (..., {self.dim}), got {encoder_outputs.shape}"
             )
         iters = self.kmeans_iters if iters is None else check_int("iters", iters, 0)
+        batches = check_int("batches", batches, 1)
         with torch.no_grad():
             z = self.project_in(encoder_outputs.reshape(1, -1, self.dim)).float()
             z = z.reshape(1, -1, self.heads, self.codebook_dim)
             if self.use_cosine_sim:
                 z = _l2norm(z)
             rows, _ = self._split(z, None)
-            self._kmeans_into_state(rows, iters, generator)
+            self._kmeans_into_state(rows, iters, generator, batches)
 
     # --- losses --------------------------------------------------------------------------------
 

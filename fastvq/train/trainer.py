@@ -381,9 +381,9 @@ class Trainer:
         saved = [b.clone() for b in model.buffers()]
         model.train()
         # Each rank encodes its own shard, as in training: the k-means (synced over the ranks)
-        # then clusters world x kmeans_batches batches once each, and the counts it leaves in the
-        # EMA statistics are those of one process at batch world x B (identical batches on every
-        # rank made them world times too large).
+        # then clusters world x kmeans_batches batches once each, and init_from leaves in the EMA
+        # statistics their counts divided by kmeans_batches, those of one training step at batch
+        # world x B (identical batches on every rank made them world times too large).
         t = self.cfg["train"]
         loader = train_loader(self.train_set, t["batch_size"], 12345, 0, self.rank, self.world)
         zs, it = [], iter(loader)
@@ -395,11 +395,14 @@ class Trainer:
         model.eval()
         z = torch.cat(zs)
         k = self.codebook_size
-        if len(z) < k:  # more codes than latent vectors: repeat rows (k-means then re-seeds)
-            z = z.repeat(-(-k // len(z)), 1)
+        repeats = -(-k // len(z))
+        if repeats > 1:  # more codes than latent vectors: repeat rows (k-means then re-seeds)
+            z = z.repeat(repeats, 1)
         g = torch.Generator(device=z.device).manual_seed(self.cfg["train"]["seed"])
         if hasattr(q, "init_from"):  # fastvq.nn.VectorQuantize: also sets its EMA statistics
-            q.init_from(z, iters=ic["kmeans_iters"], generator=g)
+            q.init_from(
+                z, iters=ic["kmeans_iters"], generator=g, batches=ic["kmeans_batches"] * repeats
+            )
         else:
             centroids = fastvq.kmeans(
                 z, k, iters=ic["kmeans_iters"], generator=g, all_reduce=self.world > 1

@@ -213,6 +213,16 @@ def test_kmeans_init_first_training_forward_and_init_from():
     assert bool(vq2.initted)
     for h in range(2):
         assert bool((torch.cdist(centres, vq2.codebook[h]).min(1).values < 0.1).all())
+    # x as 4 training batches' rows: the EMA counts are per batch (5 rows of each centre), and
+    # the EMA codebook is still the centroids.
+    vq3 = VectorQuantize(DIM, 6)
+    vq3.init_from(x, iters=5, batches=4)
+    torch.testing.assert_close(vq3.cluster_size[0], torch.full((6,), 5.0))
+    torch.testing.assert_close(
+        fastvq.ema_codebook(vq3.cluster_size[0], vq3.embed_avg[0]), vq3.codebook
+    )
+    with pytest.raises(ValueError, match="batches"):
+        vq3.init_from(x, batches=0)
 
 
 def test_kmeans_init_with_few_rows_warns():

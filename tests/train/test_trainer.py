@@ -227,6 +227,11 @@ def test_residual_quantizer_code_statistics_per_layer(make_config, datasets, tmp
     assert resumed.window_codes.counts.shape == (2, 32)
 
 
+def model_tokens(trainer, x) -> int:
+    with torch.no_grad():
+        return trainer.model.latents(x[:1]).shape[-2:].numel()
+
+
 def test_init_from_pretrained_autoencoder_then_kmeans(make_config, datasets, tmp_path):
     """The collapse recipe's stages 1 -> 2: weights from the VQ-free pretraining, then a codebook
     k-means-fitted to the pretrained encoder's outputs (lower distortion than the random one)."""
@@ -264,6 +269,10 @@ def test_init_from_pretrained_autoencoder_then_kmeans(make_config, datasets, tmp
         return torch.cdist(z, codes).min(1).values.square().mean().item()
 
     assert distortion(fitted) < 0.5 * distortion(plain)
+    # The EMA counts start in the units the EMA keeps, rows per training step (the k-means saw
+    # kmeans_batches = 2 steps' rows): 2x too many would start it twice as sure of the codes.
+    per_step = fitted.cfg["train"]["batch_size"] * model_tokens(fitted, x)
+    assert fitted.model.quantizer.cluster_size.sum().item() == pytest.approx(per_step)
     with pytest.raises(ValueError, match="lacks"):
         Trainer(
             make_config("model.ch=8", f"init.checkpoint={ckpt}", f"train.out_dir={tmp_path}"),

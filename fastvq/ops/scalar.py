@@ -601,7 +601,8 @@ def binary_entropy_loss(
             entropy of the full 2^d-way distribution (the entropy of a product distribution is
             the sum of its factors' entropies).
         codebook_entropy = sum_i H(mean_n p_ni), the entropy of the product of the batch-averaged
-            bit marginals, as in the BSQ paper. It is an UPPER BOUND on H(mean_n q(. | x_n)),
+            bit marginals: the BSQ paper's factorized approximation taken to single bits (its
+            code factorizes over groups of bits). It is an UPPER BOUND on H(mean_n q(. | x_n)),
             the joint entropy of the batch-averaged code distribution (subadditivity), equal to
             it when that average is itself a product distribution (e.g. N = 1).
     The usual loss is per_sample_entropy - gamma * codebook_entropy (both lie in [0, d log 2]).

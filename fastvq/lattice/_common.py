@@ -13,6 +13,7 @@ import functools
 import torch
 
 from fastvq.ops._validate import FLOATING, check_floating, check_index_range, check_tensor
+from fastvq.ops.quantize import straight_through
 
 INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -52,34 +53,6 @@ def scale_large_rows(z: torch.Tensor) -> torch.Tensor:
     return torch.where(big > OVERFLOW, z * OVERFLOW_SCALE, z)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Value of the codes, gradient of the identity towards z, also under torch.func's transforms
-    (setup_context style, a generated vmap rule)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(z, codes):
-        return codes.view_as(codes)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _StraightThroughWithTangent(_StraightThrough):
-    """And the tangent of z in forward mode. Dynamo cannot trace a custom jvp (a graph break):
-    compiled graphs take the parent, whose forward mode is torch's NotImplementedError."""
-
-    @staticmethod
-    def jvp(ctx, z_tangent, codes_tangent):
-        return z_tangent
-
-
 def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torch.Tensor]:
     """The shell quantizers' common tail: indices of the rows of z (..., n) by decode ((N, n)
     contiguous -> (N,) int64), codes by codes_of(indices, z.dtype), and a straight-through
@@ -89,11 +62,7 @@ def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torc
         index = torch.zeros(0, dtype=torch.int64, device=z.device)
     else:
         index = decode(flat)
-    codes = codes_of(index, z.dtype).view(z.shape)
-    # Always, not only where z.requires_grad: under torch.func.vmap and forward-mode AD z does
-    # not require grad, and the codes would carry no gradient or tangent at all.
-    estimator = _StraightThrough if torch.compiler.is_compiling() else _StraightThroughWithTangent
-    codes = estimator.apply(z, codes)
+    codes = straight_through(z, codes_of(index, z.dtype).view(z.shape))
     return index.view(z.shape[:-1]), codes
 
 

@@ -31,7 +31,7 @@ from fastvq.nn.scalar import (
 )
 from fastvq.ops._backends import pick_backend
 from fastvq.ops._validate import check_floating, check_int, check_no_tangent, check_real
-from fastvq.ops.quantize import _quantize_fwd
+from fastvq.ops.quantize import _quantize_fwd, straight_through
 from fastvq.reference import inv_norm
 
 
@@ -44,7 +44,7 @@ def attach_gradient(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tensor
     """
     q = q.detach().to(z.dtype)
     if grad == "ste":
-        return z + (q - z).detach()
+        return straight_through(z, q)
     check_no_tangent("the rotation trick", z)
     d = z.shape[-1]
     z2, q2 = z.reshape(-1, d).contiguous(), q.reshape(-1, d).contiguous()

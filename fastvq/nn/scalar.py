@@ -28,6 +28,7 @@ from fastvq.ops._validate import (
     check_tensor,
 )
 from fastvq.ops.nearest_code import nearest_code
+from fastvq.ops.quantize import straight_through
 from fastvq.ops.scalar import (
     MAX_BITS,
     _check_levels,
@@ -515,7 +516,7 @@ class LFQ(ConstantBuffers):
         if self.activation is not None and not isinstance(self.activation, nn.Identity):
             # value from the codes, gradient through the activation (the peer's STE)
             a = self.activation(x)
-            codes = a + (codes - a).detach()
+            codes = straight_through(a, codes.detach())
         return codes, indices
 
     def _entropies(self, x: torch.Tensor, inv_temperature: float):
@@ -656,8 +657,9 @@ class LatentQuantize(nn.Module):
     keep_num_codebooks_dim); in training loss = commitment_loss_weight * mse(z, sg(q)) +
     quantization_loss_weight * mse(sg(z), q), the paper's two terms, with z the latents (after
     project_in) and q their values: the first pulls the latents toward their codes, the second
-    the values toward the latents that chose them, which is how the values are learned. 0 in
-    eval.
+    the values toward the latents that chose them, which is how the values are learned (with
+    quantization_loss_weight 0 or None they get no gradient: under DDP, find_unused_parameters).
+    0 in eval.
 
     Differences from the peer (documented, tested):
       - the losses: the peer takes both as mse(input, out) through the straight-through
@@ -755,9 +757,13 @@ class LatentQuantize(nn.Module):
             # promoted dtype (bf16 latents under autocast: float32 values, not rounded ones).
             idx = nearest_code(z[..., i : i + 1].detach(), values.detach()[:, None])
             digits.append(idx)
-            codes.append(values[idx])
+            codes.append(F.embedding(idx, values[:, None])[..., 0])  # deterministic backward
         q = torch.stack(codes, -1).to(z.dtype)
-        return z + (q - z).detach(), _mixed_radix(torch.stack(digits, -1), self.levels), q
+        return (
+            straight_through(z, q.detach()),
+            _mixed_radix(torch.stack(digits, -1), self.levels),
+            q,
+        )
 
     def forward(self, z: torch.Tensor):
         z, spatial = to_channel_last(z, True)

@@ -306,3 +306,43 @@ def quantize(
     else:
         z_q, _ = _quantize_fwd(z2, cb, idx, grad, name == "triton")
     return z_q.view(*z.shape[:-1], d), indices
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Value of the codes, gradient of the identity towards z, also under torch.func's transforms
+    (setup_context style, a generated vmap rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z, codes):
+        return codes.view_as(codes)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _StraightThroughWithTangent(_StraightThrough):
+    """And the tangent of z in forward mode. Dynamo cannot trace a custom jvp (a graph break):
+    compiled graphs take the parent, whose forward mode is torch's NotImplementedError."""
+
+    @staticmethod
+    def jvp(ctx, z_tangent, codes_tangent):
+        return z_tangent
+
+
+def straight_through(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The codes' values bit for bit, with the identity's gradient (and tangent) towards z: the
+    straight-through estimator. z + (codes - z).detach() has that gradient, but its value is
+    off from the codes by a rounding wherever z is not near them, so decoding the indices would
+    not give back the output. codes: z's shape and dtype, no gradient of their own.
+    """
+    # Always, not only where z.requires_grad: under torch.func.vmap and forward-mode AD z does
+    # not require grad, and the codes would carry no gradient or tangent at all.
+    estimator = _StraightThrough if torch.compiler.is_compiling() else _StraightThroughWithTangent
+    return estimator.apply(z, codes)

@@ -540,7 +540,7 @@ def test_latent_quantize_learned_values_indices():
     d0 = (zl[..., 0, None] - m.values_per_latent[0]).abs().argmin(-1)
     d1 = (zl[..., 1, None] - m.values_per_latent[1]).abs().argmin(-1)
     assert torch.equal(idx, d0 + 4 * d1)
-    torch.testing.assert_close(m.indices_to_codes(idx), out)
+    assert torch.equal(m.indices_to_codes(idx), out)  # bit for bit (z + (q - z).detach() was not)
     m2 = LatentQuantize(levels=[4, 3], dim=2, optimize_values=False)
     assert not list(m2.parameters()) and len(m2.state_dict()) == 2
     assert m2.eval()(z)[2].item() == 0.0 and m2.codebook_size == 12
@@ -584,3 +584,14 @@ def test_latent_quantize_bad_input():
     with pytest.raises(TypeError, match="float"):
         m(torch.ones(2, 2, 4, dtype=torch.int64))
     assert math.prod([3, 3]) == m.codebook_size
+
+
+def test_lfq_straight_through_activation_values_are_the_codes():
+    # Value from the codes bit for bit, gradient through the activation (the peer's STE).
+    _seed(11)
+    m = LFQ(dim=8, codebook_size=256, straight_through_activation=torch.nn.Tanh())
+    x = (3 * torch.randn(4, 64, 8)).requires_grad_()
+    out, idx, _ = m(x)
+    assert torch.equal(out, m.indices_to_codes(idx))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()).square())

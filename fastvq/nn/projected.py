@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last, mse
+from fastvq.ops._backends import autocast_off
 from fastvq.ops._validate import check_floating, check_index_range, check_int, check_real
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import quantize
@@ -102,7 +103,7 @@ class SimVQ(nn.Module):
     def codebook(self) -> torch.Tensor:
         """The implicit codebook (codebook_size, dim), differentiable in the transform; float32
         under autocast too, as every fastvq.nn codebook."""
-        with torch.autocast(self.frozen_codebook.device.type, enabled=False):
+        with autocast_off(self.frozen_codebook.device.type):
             codes = self.code_transform(self.frozen_codebook)
         if codes.shape != (self.codebook_size, self.dim):
             raise ValueError(
@@ -121,7 +122,9 @@ class SimVQ(nn.Module):
         out, indices = quantize(
             x, codebook.detach(), grad=grad, check_inputs_finite=check_inputs_finite
         )
-        q = codebook[indices]
+        # F.embedding, not codebook[indices]: indexing's backward on CPU adds rows with
+        # unordered atomics, so the transform's gradient changed from run to run.
+        q = F.embedding(indices, codebook)
         loss = mse(x.detach().to(q.dtype), q) + self.input_to_quantize_commit_loss_weight * mse(
             x.to(q.dtype), q.detach()
         )

@@ -510,10 +510,13 @@ class VectorQuantize(nn.Module):
             check_index_range("indices", idx, -1, self.codebook_size, " (-1: masked padding)")
         valid = (idx >= 0)[..., None]
         idx = idx.clamp(min=0)
+        # F.embedding: a deterministic backward into a learnable codebook (indexing's is not).
         if self.num_codebooks == 1:
-            codes = codebooks[0][idx]
+            codes = F.embedding(idx, codebooks[0])
         else:
-            codes = torch.stack([codebooks[h][idx[..., h]] for h in range(self.heads)], dim=-2)
+            codes = torch.stack(
+                [F.embedding(idx[..., h], codebooks[h]) for h in range(self.heads)], dim=-2
+            )
         codes = codes * valid
         return codes.flatten(-2)
 
@@ -857,6 +860,13 @@ class VectorQuantize(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted_seen = None  # the next training forward reads the loaded `initted`
+
+    def __getstate__(self):
+        # A copy (copy.deepcopy, pickle, torch.save) reads `initted` afresh: its buffer's version
+        # counter restarts at 0, so a recorded version of 2 could be reached again by writes.
+        state = dict(super().__getstate__())
+        state.pop("_initted_seen", None)
+        return state
 
     @eager_only
     def _init_from_rows(self, rows, row_mask) -> None:

@@ -198,3 +198,29 @@ def test_random_projection_peer_keys_load_nested_and_never_override_its_own():
     mine.load_state_dict(both, strict=False)  # its own key wins
     assert torch.equal(mine.codebook, both["codebook"])
     assert "codebook" in mine.load_state_dict({}, strict=False).missing_keys
+
+
+def test_simvq_gradients_repeat_bit_for_bit_and_meta_eval():
+    # The transform's gradient came through codebook[indices], whose CPU backward adds rows with
+    # unordered atomics across threads: two identical steps differed by ~1e-9 on 2 threads.
+    torch.manual_seed(0)
+    m = SimVQ(16, 512)
+    x = torch.randn(16, 1024, 16)
+
+    def grad():
+        m.zero_grad()
+        out, _, loss = m(x)
+        (out.square().sum() + loss).backward()
+        return m.code_transform.weight.grad.clone()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        first = grad()
+        for _ in range(3):
+            assert torch.equal(grad(), first)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.device("meta"):  # torch.autocast("meta") raised
+        out, idx, _ = SimVQ(16, 64).eval()(torch.randn(2, 8, 16))
+    assert out.shape == (2, 8, 16) and idx.shape == (2, 8)

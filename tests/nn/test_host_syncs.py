@@ -6,6 +6,7 @@ k-means init that ran costs none in later steps."""
 
 import contextlib
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -527,6 +528,26 @@ def test_kmeans_init_sees_initted_written_false(write):
         vq(x)
     assert_finite_checks(syncs, 1)
     assert len(inits) == 2
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_layer_reads_initted_afresh(how):
+    """A copy's `initted` starts a new version counter: the original's record of it (known True
+    at version v) must not carry over, or v writes of False in the copy went unseen."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)
+    x = torch.randn(2, 40, 8)
+    vq.load_state_dict(vq.state_dict())  # a version of 2 after the init: a copy's starts at 1
+    vq(x)
+    version = vq.initted._version
+    m = copy.deepcopy(vq) if how == "deepcopy" else pickle.loads(pickle.dumps(vq))
+    inits = _kmeans_inits(m)
+    with torch.no_grad():
+        m.initted.fill_(False)
+        while m.initted._version < version:
+            m.initted.fill_(False)
+    m(x)
+    assert len(inits) == 1 and m.initted
 
 
 def test_loaded_initted_true_is_read_once():

@@ -63,6 +63,10 @@ DEFAULTS: dict = {
         "num_workers": "auto",
         "progress": True,
         "nan_guard": True,  # stop before a step on a non-finite loss or gradient norm
+        # DDP's find_unused_parameters; null: only where parameters are known to go without a
+        # gradient (train.vq=false, quantize dropout). Set true for a quantizer whose loss
+        # weights leave some untrained (LatentQuantize with quantization_loss_weight 0).
+        "find_unused_parameters": None,
     },
     "data": {
         "kind": "samples",
@@ -98,6 +102,7 @@ WHEN_SET = {
     "data.path": str,
     "init.checkpoint": str,
     "eval.fid_features": str,
+    "train.find_unused_parameters": bool,
 }
 CHOICES = {
     "loss.recon": ("l1", "l2"),

@@ -316,8 +316,10 @@ class Trainer:
             # Without VQ the quantizer's parameters get no gradient, nor do those of the layers
             # quantize dropout skips (learnable residual codebooks, SimVQ maps): DDP must look
             # for them, else its next step fails ("Expected to have finished reduction").
-            drops = any(getattr(m, "quantize_dropout", False) for m in self.model.modules())
-            unused = not t["vq"] or drops
+            unused = t["find_unused_parameters"]
+            if unused is None:
+                drops = any(getattr(m, "quantize_dropout", False) for m in self.model.modules())
+                unused = not t["vq"] or drops
             self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=unused)
         if t["compile"]:
             self.forward_model = torch.compile(self.forward_model)
@@ -617,6 +619,14 @@ class Trainer:
     def _forward(self, x):
         try:
             return self.forward_model(x, quantize=self.cfg["train"]["vq"])
+        except RuntimeError as e:
+            unused = self.cfg["train"]["find_unused_parameters"]
+            if "find_unused_parameters" not in str(e) or unused:
+                raise
+            raise RuntimeError(
+                "DDP: some parameters got no gradient in the last step (a quantizer whose loss "
+                "weights leave them untrained?); set train.find_unused_parameters=true"
+            ) from e
         except NonFiniteError as e:
             # A quantizer refuses NaN or Inf latents before its codebook update, so the loss
             # never gets to be NaN: without this the guard missed every blow-up of the encoder

@@ -167,3 +167,32 @@ def test_sparse_code_counts_all_reduce_over_two_processes(tmp_path):
         assert counts.is_sparse and counts.shape == (2, 2**36)
         assert counts.indices().tolist() == [[0, 0, 1, 1, 1], [5, 2**36 - 1, 0, 1, 7]]
         assert counts.values().tolist() == [2, 1, 1, 2, 1]
+
+
+UNUSED_WORKER = PRELUDE + textwrap.dedent("""
+    def cfg(run, unused):
+        return load_config(None, [
+            "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
+            "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+            "model.quantizer={type: LatentQuantize, levels: [4, 4], dim: 8, "
+            "quantization_loss_weight: 0}",
+            "data.resolution=16", "train.batch_size=2", "train.steps=2", "train.device=cpu",
+            "train.progress=false", f"train.out_dir={out}/{run}", "eval.max_batches=1",
+            f"train.find_unused_parameters={unused}",
+        ])
+
+    try:
+        Trainer(cfg("auto", "null"), datasets=data).fit()
+        raise AssertionError("DDP did not fail")
+    except RuntimeError as e:
+        assert "set train.find_unused_parameters=true" in str(e), e
+    trainer = Trainer(cfg("set", "true"), datasets=data)
+    trainer.fit()
+    assert trainer.step == 2
+""")
+
+
+def test_ddp_parameters_left_without_gradient(tmp_path):
+    """LatentQuantize with quantization_loss_weight 0 leaves its values untrained: DDP's next
+    step fails, with a message naming the setting that fixes it, and runs with the setting."""
+    _run_two_ranks(UNUSED_WORKER, tmp_path, timeout=240)

@@ -47,7 +47,8 @@ class SimVQ(nn.Module):
     loss = commitment_weight * (mse(sg(x), q) + input_to_quantize_commit_loss_weight *
     mse(x, sg(q))). The output carries the rotation trick (rotation_trick=True) or
     straight-through gradient to x and no gradient to the codebook: the transform learns
-    through the loss only, as in the peer.
+    through the loss only, as in the peer. The loss is computed in eval() too (the peer's is;
+    every other fastvq.nn layer returns 0 there).
 
     Differences from the peer: the search never builds the N x K distances; quantized is cast
     to x's dtype (bf16 x with a float32 transform works; the peer's cdist raises); the

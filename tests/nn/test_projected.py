@@ -224,3 +224,14 @@ def test_simvq_gradients_repeat_bit_for_bit_and_meta_eval():
     with torch.device("meta"):  # torch.autocast("meta") raised
         out, idx, _ = SimVQ(16, 64).eval()(torch.randn(2, 8, 16))
     assert out.shape == (2, 8, 16) and idx.shape == (2, 8)
+
+
+def test_simvq_loss_in_eval_as_the_peer():
+    torch.manual_seed(0)
+    m = SimVQ(8, 16).eval()
+    x = torch.randn(2, 5, 8)
+    out, _, loss = m(x)
+    codes = m.codebook.detach()
+    want = 1.25 * (out - x).square().mean()  # commitment_weight * (1 + 0.25) * mse
+    torch.testing.assert_close(loss.detach(), want)
+    assert torch.equal(out, codes[m(x)[1]])

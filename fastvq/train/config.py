@@ -29,6 +29,7 @@ DEFAULTS: dict = {
         "disc_loss": "hinge",
         "adaptive_weight": True,
         "lecam_weight": 0.0,
+        "lecam_decay": 0.99,  # per discriminator step, whatever optim.accum_steps
         "quant_weight": 1.0,
     },
     "disc": None,  # {ndf, n_layers, norm} builds a PatchGAN discriminator

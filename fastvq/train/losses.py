@@ -7,7 +7,9 @@ VQGANLoss combines them the way taming-transformers' VQLPIPSWithDiscriminator do
                  (adaptive_weight) or 1, nll = recon_weight * rec + perceptual_weight * lpips;
   discriminator: factor(step) * (d_loss + lecam_weight * lecam),
 with factor(step) = 0 before disc_start and 1 from it on. quant_loss is the quantizer's own loss
-(commitment / codebook terms, and LFQ/BSQ entropy aux terms) as the Tokenizer returns it.
+(commitment / codebook terms, and LFQ/BSQ entropy aux terms) as the Tokenizer returns it. The
+generator's logs hold the applied weight factor * lambda * disc_weight as d_weight (taming's
+d_weight is lambda alone).
 """
 
 import torch
@@ -184,16 +186,20 @@ class VQGANLoss(nn.Module):
             weight = torch.ones((), device=g.device)
             if self.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
                 weight = adaptive_disc_weight(nll, g, last_layer)
-            total = total + factor * self.disc_weight * weight * g
+            weight = factor * self.disc_weight * weight
+            total = total + weight * g
             logs.update(g_loss=g.detach(), d_weight=weight.detach())
         logs["total"] = total.detach()
         return total, logs
 
     def discriminator_loss(
-        self, x: torch.Tensor, x_hat: torch.Tensor, step: int
+        self, x: torch.Tensor, x_hat: torch.Tensor, step: int, micro_batches: int = 1
     ) -> tuple[torch.Tensor, dict]:
         """Discriminator-side loss on real x and detached x_hat; 0 (with no graph) before
-        disc_start or without a discriminator. Updates the LeCAM averages when training."""
+        disc_start or without a discriminator. Updates the LeCAM averages when training, with
+        decay lecam_decay ** (1 / micro_batches): a discriminator step whose batch comes in
+        micro_batches calls (gradient accumulation) forgets at lecam_decay per step, as one call
+        with the whole batch does."""
         factor = disc_factor(step, self.disc_start)
         if not self.uses_disc or factor == 0:
             zero = x.new_zeros(())
@@ -209,7 +215,8 @@ class VQGANLoss(nn.Module):
         }
         if self.lecam_weight > 0:
             if self.training:
-                self._update_ema(real.detach().mean(), fake.detach().mean())
+                decay = self.lecam_decay ** (1 / micro_batches)
+                self._update_ema(real.detach().mean(), fake.detach().mean(), decay)
             reg = lecam_reg(real, fake, self.ema_real, self.ema_fake)
             total = total + self.lecam_weight * reg
             logs["lecam"] = reg.detach()
@@ -218,14 +225,14 @@ class VQGANLoss(nn.Module):
         return total, logs
 
     @torch.no_grad()
-    def _update_ema(self, real_mean: torch.Tensor, fake_mean: torch.Tensor) -> None:
+    def _update_ema(self, real_mean: torch.Tensor, fake_mean: torch.Tensor, decay: float) -> None:
         if self.all_reduce:  # every process's shard has the same size: the mean of means
             import torch.distributed as dist
 
             means = torch.stack([real_mean, fake_mean]).float()
             dist.all_reduce(means)
             real_mean, fake_mean = means / dist.get_world_size()
-        decay = self.lecam_decay if self.ema_count > 0 else 0.0
+        decay = decay if self.ema_count > 0 else 0.0
         self.ema_real.mul_(decay).add_((1 - decay) * real_mean.float())
         self.ema_fake.mul_(decay).add_((1 - decay) * fake_mean.float())
         self.ema_count += 1

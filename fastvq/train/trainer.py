@@ -11,6 +11,7 @@ own shard of the data stream, codebook statistics are all-reduced by the quantiz
 option and evaluation sums are all-reduced; rank 0 writes logs and checkpoints.
 """
 
+import contextlib
 import copy
 import csv
 import json
@@ -309,6 +310,7 @@ class Trainer:
             self.kmeans_init()
 
         self.forward_model = self.model
+        self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -320,7 +322,8 @@ class Trainer:
             if unused is None:
                 drops = any(getattr(m, "quantize_dropout", False) for m in self.model.modules())
                 unused = not t["vq"] or drops
-            self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=unused)
+            self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=unused)
+            self.forward_model = self.ddp
         if t["compile"]:
             self.forward_model = torch.compile(self.forward_model)
 
@@ -651,13 +654,16 @@ class Trainer:
             # accumulate into the discriminator's own parameters (its step follows, separately).
             self.disc.requires_grad_(False)
         xs, recons, logs_sum, total = [], [], {}, 0.0
-        for _ in range(accum):
+        for i in range(accum):
             x = self.fixed_batch if t["overfit_one_batch"] else next(batches)
-            with autocast:
-                out = self._forward(x)
-                loss, logs = self._generator_loss(x, out, self.step)
-            value, logs = self._check_finite(loss, logs)
-            (loss / accum).backward()
+            # DDP all-reduces the gradients once per step, in the last micro-batch's backward.
+            last = self.ddp is None or i == accum - 1
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
+                with autocast:
+                    out = self._forward(x)
+                    loss, logs = self._generator_loss(x, out, self.step)
+                value, logs = self._check_finite(loss, logs)
+                (loss / accum).backward()
             total += value / accum
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v / accum
@@ -729,7 +735,7 @@ class Trainer:
         accum, total = len(xs), 0.0
         for x, recon in zip(xs, recons, strict=True):
             with autocast:
-                d_loss, _ = self.loss_fn.discriminator_loss(x, recon, self.step)
+                d_loss, _ = self.loss_fn.discriminator_loss(x, recon, self.step, accum)
             total += self._check_finite(d_loss, {"d_loss": d_loss.detach()})[0] / accum
             (d_loss / accum).backward()
         if self.world > 1:

@@ -196,3 +196,43 @@ def test_ddp_parameters_left_without_gradient(tmp_path):
     """LatentQuantize with quantization_loss_weight 0 leaves its values untrained: DDP's next
     step fails, with a message naming the setting that fixes it, and runs with the setting."""
     _run_two_ranks(UNUSED_WORKER, tmp_path, timeout=240)
+
+
+ACCUM_WORKER = PRELUDE + textwrap.dedent("""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def run(accum):
+        cfg = load_config(None, [
+            "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
+            "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+            "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
+            "data.resolution=16", "train.batch_size=2", "train.steps=2", "train.device=cpu",
+            "train.progress=false", f"train.out_dir={out}/accum{accum}", "eval.max_batches=1",
+            f"optim.accum_steps={accum}",
+        ])
+        trainer = Trainer(cfg, datasets=data)
+        calls = []
+
+        def counted(state, bucket):
+            calls.append(None)
+            return allreduce_hook(state, bucket)
+
+        trainer.ddp.register_comm_hook(None, counted)
+        trainer.fit()
+        return len(calls), trainer.model.state_dict()
+
+    (plain, _), (accum, model) = run(1), run(3)
+    rank = torch.distributed.get_rank()
+    torch.save({"calls": (plain, accum), "model": model}, f"{out}/rank{rank}.pt")
+""")
+
+
+def test_ddp_accumulation_all_reduces_once_per_step(tmp_path):
+    """Gradient accumulation under DDP: one all-reduce of the gradients per optimizer step (in
+    the last micro-batch's backward), not one per micro-batch; the ranks stay identical."""
+    _run_two_ranks(ACCUM_WORKER, tmp_path, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    plain, accum = r0["calls"]
+    assert plain > 0 and accum == plain
+    for key, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][key]), key

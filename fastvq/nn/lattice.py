@@ -23,6 +23,7 @@ from fastvq.lattice import (
 from fastvq.nn.scalar import (
     check_index_tensor,
     check_input,
+    describe,
     from_channel_last,
     loss_dtype,
     mse,
@@ -128,6 +129,9 @@ class _ShellQuantize(nn.Module):
                 raise ValueError(f"channel_last=False needs x (b, dim, n), got {tuple(x.shape)}")
             return x.transpose(1, 2), lambda y, feat: y.transpose(1, 2) if feat else y
         return x, lambda y, feat: y
+
+    def extra_repr(self) -> str:
+        return describe(self, "dim", "codebook_size", "rotation_trick", "commitment_weight")
 
     def forward(self, x: torch.Tensor):
         """x: (b, n, dim) (or (b, dim, n) with channel_last=False, (b, dim, h, w) with

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvq.nn.scalar import check_index_tensor, check_input, from_channel_last, mse
+from fastvq.nn.scalar import check_index_tensor, check_input, describe, from_channel_last, mse
 from fastvq.ops._backends import autocast_off
 from fastvq.ops._validate import check_floating, check_index_range, check_int, check_real
 from fastvq.ops.nearest_code import nearest_code
@@ -112,6 +112,9 @@ class SimVQ(nn.Module):
                 f"got {tuple(codes.shape)}"
             )
         return codes
+
+    def extra_repr(self) -> str:
+        return describe(self, "dim", "codebook_size", "rotation_trick", "commitment_weight")
 
     def forward(self, x: torch.Tensor, *, check_inputs_finite: bool = True):
         """check_inputs_finite=False skips the NaN / Inf check of x and the codebook (its one

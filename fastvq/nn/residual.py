@@ -86,6 +86,7 @@ from fastvq.nn.scalar import (
     FSQ,
     LFQ,
     check_index_tensor,
+    describe,
     from_channel_last,
     project_codes,
     project_in,
@@ -292,6 +293,9 @@ class _Residual(ConstantBuffers):
 
     def _finish(self, quantized, seq, mask):
         return quantized
+
+    def extra_repr(self) -> str:
+        return describe(self, "dim", "num_quantizers", "quantize_dropout")
 
     def forward(
         self,
@@ -1124,6 +1128,9 @@ class _Grouped(nn.Module):
                 f"indices must have a leading groups axis of {self.groups}, got "
                 f"{tuple(indices.shape)}"
             )
+
+    def extra_repr(self) -> str:
+        return describe(self, "dim", "groups")
 
     def forward(self, x: torch.Tensor, indices=None, return_all_codes: bool = False, **kwargs):
         check_floating("x", x)

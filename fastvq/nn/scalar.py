@@ -62,6 +62,11 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def describe(module: nn.Module, *names: str) -> str:
+    """extra_repr's text: `name=value` for each of module's named attributes."""
+    return ", ".join(f"{n}={getattr(module, n)!r}" for n in names)
+
+
 def check_input(name: str, x, dim: int, min_ndim: int = 2) -> None:
     """TypeError unless a floating tensor; ValueError unless x.ndim >= min_ndim and the feature
     dimension (last, after any channel-first move) is `dim`."""
@@ -273,6 +278,9 @@ class FSQ(ConstantBuffers):
             return codes
         where = torch.full_like(codes, self.noise_dropout).bernoulli_().bool()
         return torch.where(where, codes + torch.rand_like(codes) - 0.5, codes).clamp(-1.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return describe(self, "levels", "dim", "num_codebooks")
 
     def forward(self, z: torch.Tensor):
         check_floating("z", z)
@@ -544,6 +552,12 @@ class LFQ(ConstantBuffers):
             batch.append(cb)
         return torch.stack(per_sample).mean(), torch.stack(batch).mean()
 
+    def extra_repr(self) -> str:
+        return describe(
+            self, "dim", "codebook_size", "num_codebooks", "spherical", "entropy_loss_weight",
+            "commitment_loss_weight",
+        )  # fmt: skip
+
     def forward(
         self,
         x: torch.Tensor,
@@ -764,6 +778,9 @@ class LatentQuantize(nn.Module):
             _mixed_radix(torch.stack(digits, -1), self.levels),
             q,
         )
+
+    def extra_repr(self) -> str:
+        return describe(self, "levels", "dim", "num_codebooks", "optimize_values")
 
     def forward(self, z: torch.Tensor):
         z, spatial = to_channel_last(z, True)

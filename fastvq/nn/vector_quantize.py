@@ -103,7 +103,7 @@ from torch import nn
 
 import fastvq
 from fastvq._ext import register_namedtuple
-from fastvq.nn.scalar import project_in
+from fastvq.nn.scalar import describe, project_in
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import (
     check_choice,
@@ -526,6 +526,12 @@ class VectorQuantize(nn.Module):
         return t
 
     # --- forward -------------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return describe(
+            self, "dim", "codebook_size", "codebook_dim", "heads", "metric", "grad", "decay",
+            "commitment_weight", "kmeans_init", "threshold_ema_dead_code",
+        )  # fmt: skip
 
     def forward(
         self,

@@ -479,3 +479,14 @@ def test_float32_losses_and_input_dtype_outputs():
     latent = LatentQuantize(levels=[5, 6, 7, 8], dim=4, commitment_loss_weight=0.5)
     out, _, loss = latent(torch.randn(2, 4, 30).bfloat16())
     assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+def test_repr_names_the_hyperparameters():
+    assert "dim=8, codebook_size=16, codebook_dim=8, heads=1, metric='l2', grad='rotation'" in repr(
+        VectorQuantize(8, 16)
+    )
+    assert "dim=8, num_quantizers=3, quantize_dropout=False" in repr(
+        ResidualVQ(dim=8, num_quantizers=3, codebook_size=16)
+    )
+    assert "levels=[8, 5, 5], dim=3" in repr(FSQ([8, 5, 5]))
+    assert "codebook_size=196560" in repr(LeechQuantize())

@@ -16,7 +16,7 @@ orthogonal_reg_max_codes, stochastic_sample_codes, sample_codebook_temp, rotatio
 sync_codebook, ema_update, learnable_codebook, return_zeros_for_masked_padding,
 route_gradients_to_input; forward(x, mask=, lens=, topk=, sample_codebook_temp=,
 freeze_codebook=, return_loss_breakdown=, ema_update=). Peer state dicts (keys
-"_codebook.embed", ...) load as is.
+"_codebook.embed", ...) load as is; fastvq's own keys ("embed", ...) do not load into the peer.
 
 forward(x, topk=k) (heads=1 only, as the peer): the k nearest codes of every row
 (fastvq.nearest_code(k=), nearest first, ties to the lower index; k = min(topk, codebook_size)
@@ -49,6 +49,11 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
   EMA-free read of the codebook returns the new code (the peer stores new_code * threshold), and
   when more codes are dead than there are rows every dead code is replaced, rows repeating (the
   peer defers the surplus to later steps).
+- use_cosine_sim searches by cosine similarity, the codes normalized too; the peer takes the
+  dot product with the stored codes. The two agree while the codes are unit vectors (an EMA
+  codebook, normalized at every update), not once a Parameter codebook (orthogonal_reg_weight)
+  has moved off the sphere or a loaded codebook was not normalized. Either way the output is
+  the stored code.
 - rotation_trick=True follows the paper on rows of tiny norm: the gradient scales by |q| / |z|
   as long as |z|^2 is a normal float, and the degenerate rows of fastvq.quantize's docstring
   (z = 0 among them) are straight-through. The peer clamps norms at 1e-6, so below that its
@@ -630,7 +635,7 @@ class VectorQuantize(nn.Module):
                         check_inputs_finite=check,
                     )
                 if not self.route_gradients_to_input:
-                    q = q.detach()
+                    q = _codes_without_estimator(q, idx, codebooks[c])
                 qs.append(q)
                 idxs.append(idx)
                 if self.learnable_codebook and self.training:
@@ -798,7 +803,7 @@ class VectorQuantize(nn.Module):
         q = _gather(r_rep.reshape(m * k, d), cb, idx.reshape(-1), self.grad, self.backend)
         q = q.view(m, k, d)
         if not self.route_gradients_to_input:
-            q = q.detach()
+            q = _codes_without_estimator(q, idx, codebook)
         learnable = self.learnable_codebook
         codes = F.embedding(idx, codebook) if learnable else None
         zero = r_rep.new_zeros(())
@@ -1222,6 +1227,14 @@ def _candidate_mse(rows, codebook, idx) -> torch.Tensor:
 def _in_backward() -> bool:
     """True inside an autograd backward pass (where activation checkpointing recomputes)."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _codes_without_estimator(q, idx, codebook) -> torch.Tensor:
+    """route_gradients_to_input=False: the codes themselves, q's values, with no gradient to the
+    input and, as the peer's, the gradient of a lookup to a codebook that is a Parameter."""
+    if not codebook.requires_grad:
+        return q.detach()
+    return F.embedding(idx, codebook).to(q.dtype)
 
 
 def _gather(z, codebook, indices, grad: str, backend: str) -> torch.Tensor:

@@ -353,3 +353,27 @@ def test_topk_eval_loss_gradient_of_a_learnable_codebook_matches_peer():
     assert ours.embed.grad is not None and bool(ours.embed.grad.any())
     torch.testing.assert_close(ours.embed.grad, peer._codebook.embed.grad)
     torch.testing.assert_close(xv.grad, xp.grad)
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+@pytest.mark.parametrize(
+    "config",
+    [{"learnable_codebook": True, "ema_update": False}, {"orthogonal_reg_weight": 1.0}],
+    ids=["learnable", "orthogonal"],
+)
+def test_route_gradients_to_input_false_sends_the_codes_gradient_to_the_codebook(config, topk):
+    # The output is the looked-up codes: no gradient to x, the downstream gradient to a
+    # Parameter codebook (fastvq detached it: a learnable codebook learned from the loss only).
+    if topk and "orthogonal_reg_weight" in config:
+        pytest.skip("top-k takes no orthogonal regulariser")
+    peer, ours = _pair(route_gradients_to_input=False, **config)
+    x = torch.randn(2, 32, DIM, requires_grad=True)
+    grads = []
+    for m in (peer, ours):
+        out = m(x) if topk is None else m(x, topk=topk)
+        out[0].square().sum().backward()
+        assert x.grad is None
+        (g,) = [p.grad for n, p in m.named_parameters() if n.endswith("embed")]
+        grads.append(g)
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0].view_as(grads[1]))

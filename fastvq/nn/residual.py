@@ -1132,10 +1132,9 @@ class _Grouped(nn.Module):
     def extra_repr(self) -> str:
         return describe(self, "dim", "groups")
 
-    def forward(self, x: torch.Tensor, indices=None, return_all_codes: bool = False, **kwargs):
+    def _forward(self, x: torch.Tensor, return_all_codes: bool, kwargs: dict):
+        """The subclasses' forward, whose positional arguments follow their peers'."""
         check_floating("x", x)
-        if indices is not None:
-            raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
         axis = self._split_dim(x)
         if x.dim() < 2 or x.shape[axis] != self.dim:
             raise ValueError(
@@ -1170,6 +1169,21 @@ class GroupedResidualVQ(_Grouped):
 
     residual_cls = ResidualVQ
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        indices=None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool | None = None,
+        mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        if indices is not None:
+            raise ValueError("forward's indices (cross-entropy loss) is not supported by fastvq")
+        kwargs.update(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
+        return self._forward(x, return_all_codes, dict(kwargs, mask=mask))
+
     def _run_groups(self, chunks, kwargs) -> list:
         """Every group's stack planned (layout, projection), then one check, then the stacks
         run: ResidualVQ's forward in two halves, so hooks on self.rvqs[g] do not fire."""
@@ -1200,6 +1214,9 @@ class GroupedResidualFSQ(_Grouped):
         super().__init__(dim=dim, groups=groups, **kwargs)
         self.accept_image_fmap = accept_image_fmap
 
+    def forward(self, x: torch.Tensor, return_all_codes: bool = False, **kwargs):
+        return self._forward(x, return_all_codes, kwargs)
+
 
 class GroupedResidualLFQ(_Grouped):
     """GroupedResidualLFQ(*, dim, groups=1, **ResidualLFQ kwargs) -> (quantized, indices
@@ -1212,3 +1229,12 @@ class GroupedResidualLFQ(_Grouped):
             kwargs["channel_first"] = True
         super().__init__(dim=dim, groups=groups, **kwargs)
         self.accept_image_fmap = accept_image_fmap
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_all_codes: bool = False,
+        **kwargs,
+    ):
+        return self._forward(x, return_all_codes, dict(kwargs, mask=mask))

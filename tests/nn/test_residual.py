@@ -937,6 +937,29 @@ def test_grouped_residual_lfq_shapes():
     torch.testing.assert_close(grouped.get_output_from_indices(idx), q)
 
 
+def test_grouped_positional_arguments_follow_the_peers():
+    # The peers' forwards: VQ (x, indices, return_all_codes, ...), FSQ (x, return_all_codes),
+    # LFQ (x, mask, return_all_codes); one shared signature read FSQ's True and LFQ's mask as
+    # indices.
+    x = _randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    fsq = GroupedResidualFSQ(dim=8, groups=2, levels=[8, 5, 5, 3], num_quantizers=2)
+    out = fsq(x, True)
+    assert len(out) == 3 and out[2].shape == (2, 2, 2, 5, 4)
+    lfq = GroupedResidualLFQ(dim=8, groups=2, codebook_size=16, num_quantizers=2)
+    torch.manual_seed(0)
+    by_position = lfq(x, mask, True)
+    torch.manual_seed(0)
+    by_name = lfq(x, mask=mask, return_all_codes=True)
+    assert len(by_position) == 4
+    for a, b in zip(by_position, by_name, strict=True):
+        assert torch.equal(a, b)
+    vq = GroupedResidualVQ(dim=8, groups=2, codebook_size=16, num_quantizers=2).eval()
+    assert len(vq(x, None, True)) == 4
+    with pytest.raises(ValueError, match="indices"):
+        vq(x, torch.zeros(2, 2, 5, 2, dtype=torch.long))
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 

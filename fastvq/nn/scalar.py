@@ -20,6 +20,7 @@ from torch import nn
 from fastvq._ext import register_namedtuple
 from fastvq.nn._constants import ConstantBuffers
 from fastvq.ops._validate import (
+    check_finite,
     check_floating,
     check_index_range,
     check_int,
@@ -129,6 +130,15 @@ def from_channel_last(y: torch.Tensor, spatial, features: int = 1, channel_first
         return y
     y = y.reshape(y.shape[0], *spatial, *y.shape[2:])
     return y.movedim(-1, 1) if channel_first and features else y
+
+
+def _check_codes(codes, codebook_dim: int) -> None:
+    check_floating("codes", codes)
+    if codes.dim() == 0 or codes.shape[-1] != codebook_dim:
+        raise ValueError(
+            f"codes must have shape (..., codebook_dim = {codebook_dim}), got {tuple(codes.shape)}"
+        )
+    check_finite(False, codes=codes)
 
 
 def _mixed_radix(digits: torch.Tensor, levels) -> torch.Tensor:
@@ -322,6 +332,16 @@ class FSQ(ConstantBuffers):
             lm1 = self._levels_f.to(dtype) - 1
             return _digits(indices, self.levels).to(dtype) * (2.0 / lm1) - 1.0
         return fsq_codes(indices, self.levels, dtype=dtype)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Indices (...) int64 of grid codes (..., codebook_dim), implicit_codebook's rows (before
+        rotation and project_out): the inverse of its index -> code map. Values between levels
+        take the nearest level, those beyond the grid the outer one; NaN or Inf: ValueError."""
+        _check_codes(codes, self.codebook_dim)
+        lv, c = self._levels_f.double(), codes.double()
+        half = torch.div(lv, 2, rounding_mode="floor")
+        digits = (c + 1) * (lv - 1) / 2 if self.preserve_symmetry else c * half + half
+        return _mixed_radix(digits.round().clamp(min=0).minimum(lv - 1).long(), self.levels)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices as returned by forward: (b, n[, c]) -> (b, n, dim), or channel-first
@@ -798,6 +818,14 @@ class LatentQuantize(nn.Module):
         if self.training and self.quantization_loss_weight:
             loss = loss + self.quantization_loss_weight * mse(z.detach(), q)
         return out, indices, loss
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Indices (...) int64 of codes (..., codebook_dim): each dimension's nearest current
+        value (ties to the lower value index), as forward indexes its latents; exact for the
+        values themselves. NaN or Inf: ValueError."""
+        _check_codes(codes, self.codebook_dim)
+        with torch.no_grad():
+            return self.quantize(codes)[1]
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Codes (b, dim, *spatial) for indices (b, *spatial[, c]), from the current values."""

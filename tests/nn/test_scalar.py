@@ -595,3 +595,37 @@ def test_lfq_straight_through_activation_values_are_the_codes():
     assert torch.equal(out, m.indices_to_codes(idx))
     out.sum().backward()
     torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()).square())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"levels": [8, 5, 5, 5]}, {"levels": [7, 6, 4], "preserve_symmetry": True}],
+    ids=["peer-grid", "symmetric"],
+)
+def test_fsq_codes_to_indices_inverts_the_codebook(kwargs):
+    m = FSQ(**kwargs)
+    codes = m.implicit_codebook
+    assert torch.equal(m.codes_to_indices(codes), torch.arange(m.codebook_size))
+    # Off the grid: the nearest level (the peer's rounding), beyond it the outer one.
+    g = torch.Generator().manual_seed(0)
+    step = 1 / (torch.tensor(kwargs["levels"]) - 1)
+    noisy = codes + (torch.rand(codes.shape, generator=g) - 0.5) * 0.9 * step
+    assert torch.equal(m.codes_to_indices(noisy), m.codes_to_indices(codes))
+    far = torch.tensor([[5.0], [-5.0]]).expand(2, codes.shape[1])
+    assert m.codes_to_indices(far).tolist() == [m.codebook_size - 1, 0]
+    if not kwargs.get("preserve_symmetry"):
+        peer = _peer().FSQ(**kwargs)
+        assert torch.equal(m.codes_to_indices(codes), peer.codes_to_indices(codes).long())
+    with pytest.raises(ValueError, match="codebook_dim"):
+        m.codes_to_indices(codes[:, :2])
+    with pytest.raises(ValueError, match="NaN"):
+        m.codes_to_indices(torch.full((1, len(kwargs["levels"])), float("nan")))
+
+
+def test_latent_quantize_codes_to_indices_inverts_indices_to_codes():
+    _seed(12)
+    m = LatentQuantize(levels=[4, 3], dim=2)
+    with torch.no_grad():
+        m.values_per_latent[0].add_(0.05 * torch.randn(4))
+    codes = m.indices_to_codes(torch.arange(12)[None], project_out=False).movedim(1, -1)
+    assert torch.equal(m.codes_to_indices(codes), torch.arange(12)[None])

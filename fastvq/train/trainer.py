@@ -735,7 +735,9 @@ class Trainer:
         accum, total = len(xs), 0.0
         for x, recon in zip(xs, recons, strict=True):
             with autocast:
-                d_loss, _ = self.loss_fn.discriminator_loss(x, recon, self.step, accum)
+                d_loss, _ = self.loss_fn.discriminator_loss(
+                    x, recon, self.step, micro_batches=accum
+                )
             total += self._check_finite(d_loss, {"d_loss": d_loss.detach()})[0] / accum
             (d_loss / accum).backward()
         if self.world > 1:

@@ -154,8 +154,8 @@ def test_nan_guard_stops_on_non_finite_discriminator_gradients(make_config, data
     trainer = Trainer(make_config("train.steps=4", *gan), datasets=datasets)
     d_loss = trainer.loss_fn.discriminator_loss
 
-    def poisoned(x, recon, step):
-        total, logs = d_loss(x, recon, step)
+    def poisoned(x, recon, step, micro_batches=1):
+        total, logs = d_loss(x, recon, step, micro_batches)
         return (total + (total * 0).sqrt() if step >= 1 else total), logs
 
     trainer.loss_fn.discriminator_loss = poisoned

@@ -148,7 +148,9 @@ def _check_rows(name: str, z, d: int, device) -> None:
 def _check_indices(indices, shape, device) -> None:
     check_tensor("indices", indices)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"indices must be an integer tensor (int64 or int32), got {indices.dtype}")
+        raise TypeError(
+            f"indices must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
+        )
     if indices.shape != shape:
         raise ValueError(
             f"indices must have z's leading shape {tuple(shape)}, got {tuple(indices.shape)}"
@@ -487,7 +489,8 @@ def ema_codebook(
         cluster_size: (K,) float32/float64; embed_sum: (K, D) of the same dtype and device.
         eps: >= 0. The total n must be positive (start the statistics at cluster_size = 1,
             embed_sum = initial codebook, say); with n = 0 the codebook is not finite (+-inf, NaN
-            where embed_sum is 0 or eps = 0).
+            where embed_sum is 0 or eps = 0). With eps = 0, so is every code whose cluster_size
+            is 0 (after an update with decay 0: every code the batch did not use).
         out: optional (K, D) floating tensor (e.g. the codebook parameter or its data) written in
             place, under no_grad.
 
@@ -546,8 +549,8 @@ def reset_dead_codes_(
         codebook: (K, D) floating, e.g. the quantizer's codebook (a Parameter is fine: the update
             runs under no_grad); new codes are cast to its dtype.
         cluster_size: (K,) float32/float64; embed_sum: (K, D) of the same dtype.
-        z: (..., D) floating with at least one row: the batch to draw from (not checked for NaN
-            or Inf: its rows are copied as they are).
+        z: (..., D) floating, at least one row where a code is dead: the batch to draw from
+            (not checked for NaN or Inf: its rows are copied as they are).
         threshold: real number >= 0.
         generator: torch.Generator on the CPU or on z's device; makes the choice reproducible.
         eps: the smoothing constant later given to ema_codebook.
@@ -580,14 +583,14 @@ def reset_dead_codes_(
     group = _process_group("broadcast", broadcast)
     rows = z.detach().reshape(-1, d)
     draws = group is None or torch.distributed.get_rank() == _first_rank(group)
-    if rows.shape[0] == 0 and draws:  # the other ranks only receive
-        raise ValueError("z must hold at least one row to replace dead codes with")
 
     with torch.no_grad():
         dead = (cluster_size < threshold).nonzero().flatten()
         m = dead.numel()
         if m == 0:
             return dead
+        if rows.shape[0] == 0 and draws:  # the other ranks only receive
+            raise ValueError(f"z must hold at least one row to replace the {m} dead codes with")
         if draws:
             new = rows[_sample_rows(rows.shape[0], m, generator, device)].to(embed_sum.dtype)
         else:
@@ -611,7 +614,7 @@ def _exponential(n: int, dtype, generator, device) -> torch.Tensor:
 
 
 def _kmeanspp(x: torch.Tensor, k: int, generator, backend: str) -> torch.Tensor:
-    """Batched k-means++ (D^2 sampling), squared l2 distances.
+    """Batched k-means++ (D^2 sampling), squared l2 distances: the rows of x it picks, (k,).
 
     Sequential k-means++ needs k passes over x: 65,536 at 65,536 codes. Here each round draws a
     batch of b new centres at once, without replacement, with probability proportional to D^2
@@ -639,21 +642,41 @@ def _kmeanspp(x: torch.Tensor, k: int, generator, backend: str) -> torch.Tensor:
         keys.masked_fill_(taken, -1.0)
         new = keys.topk(b).indices
         taken[new] = True
+        # Copies of one row in a batch would be equal centres, all but one left empty: keep the
+        # first of each. Rows at D^2 = 0 (copies of placed centres, once x has fewer distinct
+        # rows than k) stay, so that the rounds still end.
+        new = new[_first_copies(x[new]) | (min_d2[new] == 0)]
         chosen.append(new)
-        filled += b
+        filled += new.numel()
         if filled < k:
             d2 = nearest_code(
                 x, x[new], backend=backend, return_distance=True, check_inputs_finite=False
             )[1]
             torch.minimum(min_d2, d2, out=min_d2)
-    return x[torch.cat(chosen)]
+    return torch.cat(chosen)
+
+
+def _first_copies(rows: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: whether each row is the first of the rows equal to it."""
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    order = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full_like(order, rows.shape[0]).scatter_reduce_(0, inverse, order, "amin")
+    return first[inverse] == order
+
+
+def _distinct_far_rows(x: torch.Tensor, dist: torch.Tensor, m: int):
+    """The m distinct rows of x with the largest dist (copies of a row would seed equal
+    centroids): (their dist, the rows), largest first; fewer where x has fewer distinct rows."""
+    keep = _first_copies(x)
+    x, dist = x[keep], dist[keep]
+    vals, rows = dist.topk(min(m, dist.shape[0]))
+    return vals, x[rows]
 
 
 def _far_rows(x: torch.Tensor, dist: torch.Tensor, m: int, group) -> torch.Tensor:
-    """The m rows of x with the largest dist, largest first; over the whole group if given.
-    Fewer where x (the group) has fewer than m rows."""
-    vals, rows = dist.topk(min(m, dist.shape[0]))
-    cand = x[rows]
+    """The m distinct rows of x with the largest dist, largest first; over the whole group if
+    given. Fewer where x (the group) has fewer than m distinct rows."""
+    vals, cand = _distinct_far_rows(x, dist, m)
     if group is None:
         return cand
     import torch.distributed as dist_
@@ -666,8 +689,17 @@ def _far_rows(x: torch.Tensor, dist: torch.Tensor, m: int, group) -> torch.Tenso
     all_cand = [torch.empty_like(cand) for _ in range(world)]
     dist_.all_gather(all_vals, vals, group=group)
     dist_.all_gather(all_cand, cand, group=group)
-    vals, best = torch.cat(all_vals).topk(m)
-    return torch.cat(all_cand)[best[vals > -torch.inf]]
+    vals, cand = torch.cat(all_vals), torch.cat(all_cand)
+    real = vals > -torch.inf
+    return _distinct_far_rows(cand[real], vals[real], m)[1]  # ranks may hold copies of a row
+
+
+def _group_mean(x: torch.Tensor, group) -> torch.Tensor:
+    """(D,) mean of the rows of x, over the whole group if given; 0 without rows."""
+    total = torch.cat([x.sum(0), x.new_full((1,), x.shape[0])])
+    if group is not None:
+        _all_reduce(total, group)
+    return total[:-1] / total[-1].clamp(min=1)
 
 
 def kmeans(
@@ -708,7 +740,10 @@ def kmeans(
             the result, (iters + 1,), summed over the group.
 
     Empty clusters move to the rows farthest from their assigned centroid (the m empty clusters,
-    in index order, take the m farthest rows), which never increases the objective.
+    in index order, take the m farthest distinct rows), which never increases the objective. For
+    l2 the search compares rows and centroids less the rows' mean (the same objective; data far
+    from the origin for their spread would lose their nearest centroid to the search's
+    rounding), and copies of a row never seed two centroids while other rows are left.
 
     Returns:
         centroids (K, D) float32 (float64 for float64 x), or (centroids, inertia).
@@ -734,6 +769,14 @@ def kmeans(
     check_finite(skippable=False, x=xs)
     if metric == "cosine":
         xs = F.normalize(xs, dim=-1)
+        shift, search = None, xs
+    else:
+        # The search's rounding is relative to |x| |c| (fastvq.nearest_code): rows far from the
+        # origin for their spread lose their nearest centroid, and Lloyd's objective went up.
+        # It compares centred rows and centroids (the same objective); the sums, centroids and
+        # reseeded rows stay x's own.
+        shift = _group_mean(xs, group)
+        search = xs - shift
 
     leader = group is None or torch.distributed.get_rank() == _first_rank(group)
     if isinstance(init, torch.Tensor):
@@ -755,7 +798,7 @@ def kmeans(
             rows = torch.randperm(xs.shape[0], generator=generator, device=where)[:k]
             centroids = xs[rows.to(x.device)]
         else:
-            centroids = _kmeanspp(xs, k, generator, backend)
+            centroids = xs[_kmeanspp(search, k, generator, backend)]
     else:
         centroids = torch.empty(k, d, dtype=acc, device=x.device)
     if group is not None:
@@ -766,8 +809,8 @@ def kmeans(
         if step == iters and not return_inertia:
             break
         idx, value = nearest_code(
-            xs,
-            centroids,
+            search,
+            centroids if shift is None else centroids - shift,
             metric=metric,
             backend=backend,
             return_distance=True,
@@ -822,7 +865,9 @@ def code_counts(
     """
     check_tensor("indices", indices)
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"indices must be an integer tensor (int64 or int32), got {indices.dtype}")
+        raise TypeError(
+            f"indices must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
+        )
     k = check_int("num_codes", num_codes, 1)
     if out is not None:
         check_tensor("out", out)
@@ -869,7 +914,7 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     _check_counts(counts)
     c = counts.double()
     total = c.sum(-1, keepdim=True)
-    p = c / total.clamp(min=torch.finfo(torch.float64).tiny)
+    p = torch.where(total > 0, c / total, 0.0)  # a clamped subnormal total left sum(p) < 1
     entropy = -torch.special.xlogy(p, p).sum(-1)
     result = torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
     return result if counts.dtype == torch.float64 else result.float()

@@ -441,7 +441,11 @@ BAD_EMA_INPUTS = [
     (dict(z=torch.randn(10, 5)), ValueError, r"z must have shape \(..., D\) with D = 4"),
     (dict(z=torch.randn(10, 4).long()), TypeError, "z must be float32"),
     (dict(indices=torch.zeros(9, dtype=LONG)), ValueError, "indices must have z's leading shape"),
-    (dict(indices=torch.zeros(10)), TypeError, "indices must be an integer tensor"),
+    (
+        dict(indices=torch.zeros(10)),
+        TypeError,
+        "indices must be an int64, int32, int16, int8 or uint8 tensor",
+    ),
     (dict(indices=torch.full((10,), 6)), ValueError, r"in \[0, 6\), got values from 6 to 6"),
     (dict(indices=torch.full((10,), -1)), ValueError, r"indices must lie in \[0, 6\)"),
     (dict(decay=1.5), ValueError, r"decay must be in \[0, 1\], got 1.5"),
@@ -623,6 +627,8 @@ def test_reset_dead_codes_bad_input():
         reset_dead_codes_(codebook[:-1], cs, es, z, 1.0)
     with pytest.raises(ValueError, match="z must hold at least one row"):
         reset_dead_codes_(codebook, cs, es, z[:0], 1.0)
+    # No dead code: an empty batch (every row masked out) is fine.
+    assert reset_dead_codes_(codebook, cs + 10, es, z[:0], 1.0).numel() == 0
     with pytest.raises(ValueError, match=r"z must have shape \(..., D\) with D = 7"):
         reset_dead_codes_(codebook, cs, es, z[:, :3], 1.0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
@@ -747,7 +753,7 @@ def test_code_counts_accumulate_across_batches():
     assert int(total.sum()) == everything.numel()
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 37\), got values from 0 to 37"):
         code_counts(torch.tensor([0, 37]), 37)
-    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+    with pytest.raises(TypeError, match="indices must be an int64, int32, int16, int8 or uint8"):
         code_counts(torch.zeros(3), 37)
     with pytest.raises(ValueError, match=r"out must have shape \(37,\)"):
         code_counts(batches[0], 37, out=torch.zeros(36, dtype=torch.int64))
@@ -764,6 +770,39 @@ def test_code_counts_accumulate_into_a_parameter():
     assert torch.equal(total.detach(), torch.tensor([1.0, 0.0, 2.0])) and total.grad_fn is None
 
 
+def test_kmeans_far_from_the_origin_is_lloyd_about_the_mean():
+    # Tight clusters at an offset of 3000: the search's rounding (relative to |x| |c|) lost the
+    # nearest centroid, and the objective went up and down (24149, 22530, 23405, ..., 21420,
+    # against 1855 for float64 Lloyd).
+    g = torch.Generator().manual_seed(20)
+    centres = torch.randn(32, 8, generator=g)
+    x = centres[torch.randint(32, (4000,), generator=g)] + 0.1 * torch.randn(4000, 8, generator=g)
+    init = x[torch.randperm(4000, generator=g)[:32]]
+    want = ref.lloyd(x.double(), init.double(), 10, "l2")
+    for backend in ("cpu", "torch"):
+        got, inertia = kmeans(
+            x + 3000, 32, 10, init=init + 3000, backend=backend, return_inertia=True
+        )
+        assert bool((inertia[1:] <= inertia[:-1] * (1 + 1e-5)).all()), inertia
+        # Rows at 3000 hold x to 2^-12: the sums, not the search, set the last digits.
+        assert inertia[-1].item() == pytest.approx(ref.inertia(x.double(), want, "l2"), rel=1e-2)
+        torch.testing.assert_close(got.double() - 3000, want, rtol=0, atol=0.02)
+
+
+def test_kmeans_never_seeds_two_centroids_with_copies_of_a_row():
+    # Repeated rows (the trainer repeats latents when it has fewer than codes): batched k-means++
+    # drew copies of one row in a round, and empty clusters took copies of the farthest row.
+    x = torch.randn(1024, 8, generator=torch.Generator().manual_seed(21)).repeat(4, 1)
+    seeded = kmeans(x, 1024, 0, generator=torch.Generator().manual_seed(0))
+    assert len(torch.unique(seeded, dim=0)) == 1024  # was 998
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(22)).repeat(40, 1)
+    out = kmeans(x, 50, 10, init="random", generator=torch.Generator().manual_seed(1))
+    assert len(torch.unique(out, dim=0)) == 50  # was 39 to 42
+    line = torch.tensor([0.0, 10.0, 20.0, 30.0]).repeat_interleave(10)[:, None]
+    out = kmeans(line, 4, 1, init=torch.zeros(4, 1))  # 3 empty clusters, 1 reseed pass
+    assert sorted(out.flatten().tolist()) == [10.0, 15.0, 20.0, 30.0]  # was [15, 30, 30, 30]
+
+
 def test_perplexity_and_usage():
     k = 64
     assert perplexity(torch.full((k,), 5)).item() == pytest.approx(k)
@@ -778,6 +817,8 @@ def test_perplexity_and_usage():
     torch.testing.assert_close(usage(counts).double(), ref.usage(counts))
     assert perplexity(counts).shape == (3,) and perplexity(counts).dtype == torch.float32
     assert usage(torch.tensor([0, 3, 0, 1])).item() == 0.5
+    subnormal = torch.tensor([1e-310, 1e-310], dtype=torch.float64)  # clamped total: 1.0498
+    assert perplexity(subnormal).item() == pytest.approx(2.0)
     # Two codes, 3:1: exp(-(3/4 log 3/4 + 1/4 log 1/4)).
     p = torch.tensor([0.75, 0.25], dtype=torch.float64)
     expected = (-(p * p.log()).sum()).exp().item()

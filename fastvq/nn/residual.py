@@ -47,7 +47,8 @@ Deliberate differences from the peer (tested as fastvq's behaviour):
   projection's output dtype.
 - get_codes_from_indices accepts fewer than Q trailing indices (coarse codes) without
   quantize_dropout, and returns codes in x's layout channel-last (Q, b, *spatial, d);
-  get_output_from_indices returns what forward returns (x's layout).
+  get_output_from_indices returns what forward returns (x's layout) at unmasked rows; a masked
+  row (index -1) decodes to project_out(0) (the projection's bias), as the peer's.
 - ResidualLFQ.get_codes_from_indices with spherical=True returns the normalized codes the
   forward uses (the peer reads its layers' unnormalized `codebook` buffers there).
 - Beam search: after the search every layer that ran updates its EMA / dead codes; the peer's
@@ -914,7 +915,7 @@ class ResidualFSQ(_Residual):
         return q * scale, idx, residual.new_zeros(())
 
     def _layer_codes(self, i, idx):
-        return self.layers[i]._codes(idx, torch.float32) * self.scales[i]
+        return self.layers[i]._output_codes(idx, torch.float32) * self.scales[i]
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -1105,7 +1106,10 @@ class _Grouped(nn.Module):
 
     @property
     def codebooks(self):
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+        """(G, Q, K, codebook_dim): each group's stack's codebooks; a tuple of the groups' tuples
+        where the layers' sizes differ (the stacks' codebooks are tuples then)."""
+        books = [rvq.codebooks for rvq in self.rvqs]
+        return torch.stack(books) if isinstance(books[0], torch.Tensor) else tuple(books)
 
     def get_codes_from_indices(self, indices) -> torch.Tensor:
         """indices (G, b, ..., q) -> (G, Q, b, ..., codebook_dim)."""
@@ -1141,9 +1145,10 @@ class _Grouped(nn.Module):
                 f"x's feature axis ({axis}) must have dim = {self.dim}, got {tuple(x.shape)}"
             )
         # The peer draws a seed in every training step; only a stack with dropout needs one (a
-        # host sync, so a graph break under torch.compile).
-        dropout = self.training and self.rvqs[0].quantize_dropout
-        seed = sync_seed(x.device) if dropout else None
+        # host sync, so a graph break under torch.compile). One given is every group's.
+        seed = kwargs.pop("rand_quantize_dropout_fixed_seed", None)
+        if seed is None and self.training and self.rvqs[0].quantize_dropout:
+            seed = sync_seed(x.device)
         kwargs.update(return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
         outs = self._run_groups(x.chunk(self.groups, dim=axis), kwargs)
         parts = list(zip(*outs, strict=True))

@@ -343,6 +343,11 @@ class FSQ(ConstantBuffers):
         digits = (c + 1) * (lv - 1) / 2 if self.preserve_symmetry else c * half + half
         return _mixed_radix(digits.round().clamp(min=0).minimum(lv - 1).long(), self.levels)
 
+    def _output_codes(self, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The codes forward outputs for indices, before project_out: rotated back."""
+        codes = self._codes(indices, dtype)
+        return unrotate(codes, self.orthogonal_rot) if self.orthogonal_rotation else codes
+
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for indices as returned by forward: (b, n[, c]) -> (b, n, dim), or channel-first
         (b, dim, *spatial) for image-shaped indices or channel_first."""
@@ -356,10 +361,7 @@ class FSQ(ConstantBuffers):
                 f"got shape {tuple(indices.shape)}"
             )
         check_index_range("indices", indices, 0, self.codebook_size)  # else the digits wrap
-        dtype = self._levels_f.dtype
-        codes = self._codes(indices, dtype)
-        if self.orthogonal_rotation:
-            codes = unrotate(codes, self.orthogonal_rot)
+        codes = self._output_codes(indices, self._levels_f.dtype)
         codes = project_codes(self.project_out, codes.flatten(-2))
         if is_img or self.channel_first:
             codes = codes.movedim(-1, 1)

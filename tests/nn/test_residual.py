@@ -747,6 +747,30 @@ def test_grouped_stacks_drop_the_same_layers():
         assert run[0] == run[1], step
         runs.add(int(run[0]))
     assert len(runs) > 1  # dropout varied
+    # A fixed seed is every group's, at every call (it was replaced by a drawn one).
+    runs = [grvq(_randn(2, 5, DIM), rand_quantize_dropout_fixed_seed=1)[1] for _ in range(6)]
+    assert len({tuple((idx >= 0).sum(-1)[:, 0, 0].tolist()) for idx in runs}) == 1
+
+
+def test_residual_fsq_with_orthogonal_rotation_decodes_its_indices():
+    # The decoders took the layers' codes before the rotation was undone (off by up to 2.3).
+    torch.manual_seed(0)
+    for m, d in [
+        (ResidualFSQ(levels=[3, 3], num_quantizers=2, orthogonal_rotation=True), 2),
+        (GroupedResidualFSQ(dim=4, groups=2, levels=[3, 3], num_quantizers=2,
+                            orthogonal_rotation=True), 4),
+    ]:  # fmt: skip
+        for train in (True, False):
+            q, idx, codes = m.train(train)(_randn(3, 7, d), return_all_codes=True)
+            torch.testing.assert_close(m.get_output_from_indices(idx), q)
+            per_layer = codes if codes.dim() == 4 else torch.cat(list(codes), -1)  # groups
+            torch.testing.assert_close(per_layer.sum(0), q)
+
+
+def test_grouped_codebooks_of_unequal_layers():
+    grvq = GroupedResidualVQ(dim=DIM, groups=2, num_quantizers=2, codebook_size=(4, 8))
+    books = grvq.codebooks
+    assert len(books) == 2 and [b.shape[0] for b in books[1]] == [4, 8]
 
 
 def test_init_from_clusters_layer_by_layer():

@@ -135,6 +135,8 @@ def _score_chunks(z, codebook, code_scale, code_bias, fast, elements):
         if code_bias is not None:
             scores.add_(code_bias)
         yield start, scores
+        # Dropped here and by the caller before the next chunk's matmul: else two chunks live.
+        del scores
 
 
 def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
@@ -143,6 +145,7 @@ def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
     chunks = [torch.empty(0, dtype=torch.int64, device=z.device)]
     for _, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 26):
         chunks.append(scores.masked_fill_(scores.isnan(), -torch.inf).argmax(1))
+        del scores  # _score_chunks says why
     return torch.cat(chunks)
 
 
@@ -150,6 +153,7 @@ def _nearest_code_topk_torch(z, codebook, code_scale, code_bias, k, fast):
     out = torch.empty(z.shape[0], k, dtype=torch.int64, device=z.device)
     for start, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 24):
         out[start : start + scores.shape[0]] = topk_scores(scores, k)
+        del scores
     return out
 
 

@@ -14,7 +14,8 @@ import torch
 
 METRICS = ("l2", "cosine", "dot")
 
-# Rows per chunk of the score matrix: chunk x K float32 stays near 256 MiB at K = 65,536.
+# Scores per chunk of the score matrix, one chunk alive at a time: 256 MiB in float32 (512 MiB
+# in float64), the whole N x K matrix where that is smaller.
 _CHUNK_ELEMENTS = 1 << 26
 # Top-k also holds an int64 cumsum of the chunk: 2^24 elements keep it at 128 MiB.
 _TOPK_CHUNK_ELEMENTS = 1 << 24
@@ -99,6 +100,7 @@ def nearest_code(
         scores = scores.float() if scores.dtype in (torch.bfloat16, torch.float16) else scores
         scores.masked_fill_(scores.isnan(), -torch.inf)
         out[start : start + len(scores)] = scores.argmax(dim=1)
+        del scores  # _score_chunks says why
     return out
 
 
@@ -114,7 +116,10 @@ def _score_chunks(z, codebook, metric, compute_dtype, elements):
     scale, bias = code_terms(codebook, metric)
     rows = max(1, elements // max(codebook.shape[0], 1))
     for start in range(0, z.shape[0], rows):
-        yield start, nearest_code_scores(z[start : start + rows], codebook, scale, bias)
+        scores = nearest_code_scores(z[start : start + rows], codebook, scale, bias)
+        yield start, scores
+        # Dropped here and by the caller before the next chunk's matmul: else two chunks live.
+        del scores
 
 
 def topk_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -157,4 +162,5 @@ def nearest_code_topk(
     out = torch.empty(z.shape[0], k, dtype=torch.int64, device=z.device)
     for start, scores in _score_chunks(z, codebook, metric, compute_dtype, _TOPK_CHUNK_ELEMENTS):
         out[start : start + len(scores)] = topk_scores(scores, k)
+        del scores
     return out

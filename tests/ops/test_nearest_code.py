@@ -1145,3 +1145,32 @@ def test_meta_tensors_take_every_path():
     c = torch.empty(7, 4, dtype=torch.float64, device="meta")
     assert fastvq.nearest_code(z, c).shape == (5,)
     assert fastvq.nearest_code(z.float(), c.float(), backend="torch").shape == (5,)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_reference_holds_one_score_chunk_at_a_time(monkeypatch, k):
+    # Its chunks bound the plain-PyTorch search's memory only if each is freed before the next
+    # is scored (the generator and the loop each kept one: 512 MiB where 256 was meant).
+    import importlib
+    import weakref
+
+    reference = importlib.import_module("fastvq.reference.nearest_code")  # the module
+    chunks, real = [], reference.nearest_code_scores
+
+    def scores(*args):
+        assert all(c() is None for c in chunks), "an earlier chunk is still alive"
+        out = real(*args)
+        chunks.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(reference, "nearest_code_scores", scores)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(reference, "_TOPK_CHUNK_ELEMENTS", 64 * 10)
+    z, codebook = torch.randn(50, 4), torch.randn(64, 4)
+    if k == 1:
+        got = reference.nearest_code(z, codebook)
+        assert torch.equal(got, torch.cdist(z, codebook).argmin(1))
+    else:
+        got = reference.nearest_code_topk(z, codebook, k)
+        assert torch.equal(got[:, 0], torch.cdist(z, codebook).argmin(1))
+    assert len(chunks) == 5

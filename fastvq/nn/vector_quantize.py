@@ -1240,8 +1240,12 @@ def _codes_without_estimator(q, idx, codebook) -> torch.Tensor:
 def _gather(z, codebook, indices, grad: str, backend: str) -> torch.Tensor:
     """codebook[indices] with fastvq.quantize's estimator for given (sampled) indices."""
     check_no_tangent("quantize", z, codebook)
-    use_triton = pick_backend(backend, z.device, z.dtype) == "triton"
-    q, _ = _quantize_fwd(z.contiguous(), codebook.contiguous(), indices, grad, use_triton)
+    # One dtype, as fastvq.quantize promotes them: float32 rows with a bf16 / fp16 codebook (a
+    # cast module) are float32 for every backend (the Triton body takes one dtype only).
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    z, codebook = z.to(dtype).contiguous(), codebook.to(dtype).contiguous()
+    use_triton = pick_backend(backend, z.device, dtype) == "triton"
+    q, _ = _quantize_fwd(z, codebook, indices, grad, use_triton)
     return q
 
 

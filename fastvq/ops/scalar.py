@@ -98,6 +98,11 @@ if _HAS_CPP:
 def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:
     """The body that runs: "triton", "cpu" (C++) or "torch". "auto": Triton on CUDA tensors, C++
     on CPU tensors; float64 (and a build without the kernels) on torch."""
+    if backend == "cuda":
+        raise ValueError(
+            "backend 'cuda' is unavailable: the scalar quantizers have no CUDA C++ kernels; "
+            "'auto' and 'triton' run Triton's on GPUs"
+        )
     check_choice("backend", backend, SCALAR_BACKENDS)
     if backend == "torch":
         return "torch"

@@ -490,3 +490,28 @@ def test_repr_names_the_hyperparameters():
     )
     assert "levels=[8, 5, 5], dim=3" in repr(FSQ([8, 5, 5]))
     assert "codebook_size=196560" in repr(LeechQuantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cast_module_candidates_on_every_backend(dtype):
+    # Top-k, stochastic sampling and beam search gather codes for given indices: float32 rows
+    # with the cast codebook, which the Triton body refused ("z must be ... of bfloat16").
+    from fastvq import backends
+
+    names = [b for b in ("cpu", "torch", "triton") if backends()[b].available]
+    x = torch.randn(2, 9, D).to(dtype)
+    results = []
+    for backend in names:
+        torch.manual_seed(0)
+        vq = VectorQuantize(D, K, backend=backend).to(dtype).eval()
+        torch.manual_seed(0)
+        sampled = VectorQuantize(D, K, backend=backend, stochastic_sample_codes=True).to(dtype)
+        rvq = ResidualVQ(dim=D, num_quantizers=2, codebook_size=K, backend=backend).to(dtype)
+        torch.manual_seed(1)
+        results.append(
+            (vq(x, topk=2)[1], sampled(x)[1], rvq.eval()(x, beam_size=2)[1])
+        )  # fmt: skip
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+    assert len(names) >= 2

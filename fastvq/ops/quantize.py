@@ -316,7 +316,10 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(z, codes):
-        return codes.view_as(codes)
+        # A new tensor, as z + (codes - z).detach() gave: a view made in a Function refuses
+        # in-place ops (out.mul_(2) after the quantizer), and a detach() would share the
+        # codes' storage with whatever else holds them.
+        return codes.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):

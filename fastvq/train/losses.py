@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvq.ops._validate import check_choice
+from fastvq.ops._validate import check_choice, check_int
 
 RECON = ("l1", "l2")
 GAN = ("hinge", "non_saturating")
@@ -99,7 +99,8 @@ class VQGANLoss(nn.Module):
     """Generator and discriminator objectives of a VQGAN-style tokenizer; holds the discriminator.
 
     generator_loss(x, x_hat, quant_loss, step, last_layer) and
-    discriminator_loss(x, x_hat, step) each return (total scalar, logs of detached scalars).
+    discriminator_loss(x, x_hat, step, micro_batches=1) each return (total scalar, logs of
+    detached scalars).
     The discriminator's parameters are self.discriminator.parameters() (its own optimizer); the
     LeCAM moving averages are buffers, so they checkpoint with the module.
     """
@@ -200,6 +201,7 @@ class VQGANLoss(nn.Module):
         decay lecam_decay ** (1 / micro_batches): a discriminator step whose batch comes in
         micro_batches calls (gradient accumulation) forgets at lecam_decay per step, as one call
         with the whole batch does."""
+        micro_batches = check_int("micro_batches", micro_batches, 1)
         factor = disc_factor(step, self.disc_start)
         if not self.uses_disc or factor == 0:
             zero = x.new_zeros(())

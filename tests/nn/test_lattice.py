@@ -167,6 +167,7 @@ def test_straight_through_output_is_its_indices_codes_bit_for_bit(cls):
     out, idx, _ = m(x)
     assert torch.equal(out, m.get_codes_from_indices(idx))
     g = torch.randn_like(out)
+    out.mul_(1.0)  # a new tensor: in-place ops after the quantizer work
     out.backward(g)
     x2 = x.detach().requires_grad_()
     F.normalize(x2, dim=-1).backward(g)  # straight-through: the normalization's gradient alone

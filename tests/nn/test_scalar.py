@@ -588,13 +588,40 @@ def test_latent_quantize_bad_input():
 
 def test_lfq_straight_through_activation_values_are_the_codes():
     # Value from the codes bit for bit, gradient through the activation (the peer's STE).
+    # Spherical codes +-1/sqrt(8): a + (codes - a).detach() missed them by an ulp.
     _seed(11)
-    m = LFQ(dim=8, codebook_size=256, straight_through_activation=torch.nn.Tanh())
-    x = (3 * torch.randn(4, 64, 8)).requires_grad_()
-    out, idx, _ = m(x)
-    assert torch.equal(out, m.indices_to_codes(idx))
+    for spherical in (True, False):
+        m = LFQ(
+            dim=8,
+            codebook_size=256,
+            spherical=spherical,
+            straight_through_activation=torch.nn.Tanh(),
+        )
+        x = (3 * torch.randn(64, 256, 8)).requires_grad_()
+        out, idx, _ = m(x)
+        assert torch.equal(out, m.indices_to_codes(idx))
     out.sum().backward()
     torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()).square())
+
+
+def test_straight_through_outputs_are_their_codes_and_take_in_place_ops():
+    # LatentQuantize's learned values: z + (q - z).detach() missed them by an ulp. The output
+    # is a new tensor, so in-place ops after the quantizer work (as the peer's).
+    _seed(13)
+    m = LatentQuantize(levels=[5, 7], dim=2)
+    with torch.no_grad():
+        m.values_per_latent[0].add_(0.037)
+    z = (10 * torch.randn(4, 2, 4096)).requires_grad_()
+    out, idx, loss = m(z)
+    assert torch.equal(m.indices_to_codes(idx), out)
+    out.mul_(2)
+    (out.sum() + loss).backward()
+    assert z.grad is not None and bool(z.grad.isfinite().all())
+    lfq = LFQ(dim=8, codebook_size=256, straight_through_activation=torch.nn.Tanh())
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    q = lfq(x)[0]
+    q += 1
+    q.sum().backward()
 
 
 @pytest.mark.parametrize(

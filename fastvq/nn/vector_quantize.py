@@ -57,7 +57,7 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
 - rotation_trick=True follows the paper on rows of tiny norm: the gradient scales by |q| / |z|
   as long as |z|^2 is a normal float, and the degenerate rows of fastvq.quantize's docstring
   (z = 0 among them) are straight-through. The peer clamps norms at 1e-6, so below that its
-  output drifts from the code (up to 0.16) and its gradient is capped.
+  output drifts from the code and its gradient is capped.
 - With a mask, the commitment loss compares the quantized vectors with the projected (and, for
   cosine, normalized) inputs, as without a mask; the peer compares with the raw input there (a
   shape error or a wrong target with codebook_dim, heads or use_cosine_sim). A mask with no valid

@@ -785,7 +785,9 @@ def test_kmeans_far_from_the_origin_is_lloyd_about_the_mean():
         )
         assert bool((inertia[1:] <= inertia[:-1] * (1 + 1e-5)).all()), inertia
         # Rows at 3000 hold x to 2^-12: the sums, not the search, set the last digits.
-        assert inertia[-1].item() == pytest.approx(ref.inertia(x.double(), want, "l2"), rel=1e-2)
+        assert inertia[-1].item() == pytest.approx(
+            ref.inertia(x.double(), want, "l2").item(), rel=1e-2
+        )
         torch.testing.assert_close(got.double() - 3000, want, rtol=0, atol=0.02)
 
 

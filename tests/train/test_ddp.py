@@ -23,15 +23,18 @@ PRELUDE = textwrap.dedent("""
     low = torch.rand(40, 3, 2, 2, generator=g)
     imgs = (torch.nn.functional.interpolate(low, size=(16, 16), mode="bilinear") * 255).byte()
     data = TensorImages(imgs[:32], 16, train=True), TensorImages(imgs[32:], 16, train=False)
+    # The tiny tokenizer every worker trains on those images.
+    TINY = [
+        "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
+        "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
+        "data.resolution=16", "train.device=cpu", "train.progress=false",
+    ]
 """)
 
 WORKER = PRELUDE + textwrap.dedent("""
     cfg = load_config(None, [
-        "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
-        "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
-        "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
-        "data.resolution=16", "train.batch_size=4", "train.steps=3", "train.device=cpu",
-        "train.progress=false", f"train.out_dir={out}/run", "eval.batch_size=4",
+        *TINY, "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
+        "train.batch_size=4", "train.steps=3", f"train.out_dir={out}/run", "eval.batch_size=4",
         "disc={ndf: 4, n_layers: 1, norm: none}", "loss.disc_weight=0.5",
     ])
     trainer = Trainer(cfg, datasets=data)
@@ -105,11 +108,8 @@ RESUME_WORKER = PRELUDE + textwrap.dedent("""
 
     def cfg(run, steps):
         return load_config(None, [
-            "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
-            "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
-            "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
-            "data.resolution=16", "train.batch_size=2", f"train.steps={steps}",
-            "train.device=cpu", "train.progress=false", f"train.out_dir={out}/{run}",
+            *TINY, "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
+            "train.batch_size=2", f"train.steps={steps}", f"train.out_dir={out}/{run}",
             "eval.batch_size=4", "eval.max_batches=1", "train.ckpt_every=2",
             "optim.schedule=constant", "train.overfit_one_batch=true",
             "disc={ndf: 4, n_layers: 1, norm: none}", "loss.disc_weight=0.5",
@@ -172,12 +172,10 @@ def test_sparse_code_counts_all_reduce_over_two_processes(tmp_path):
 UNUSED_WORKER = PRELUDE + textwrap.dedent("""
     def cfg(run, unused):
         return load_config(None, [
-            "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
-            "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
-            "model.quantizer={type: LatentQuantize, levels: [4, 4], dim: 8, "
+            *TINY, "model.quantizer={type: LatentQuantize, levels: [4, 4], dim: 8, "
             "quantization_loss_weight: 0}",
-            "data.resolution=16", "train.batch_size=2", "train.steps=2", "train.device=cpu",
-            "train.progress=false", f"train.out_dir={out}/{run}", "eval.max_batches=1",
+            "train.batch_size=2", "train.steps=2", f"train.out_dir={out}/{run}",
+            "eval.max_batches=1",
             f"train.find_unused_parameters={unused}",
         ])
 
@@ -203,11 +201,9 @@ ACCUM_WORKER = PRELUDE + textwrap.dedent("""
 
     def run(accum):
         cfg = load_config(None, [
-            "model.arch=rotated_vqvae", "model.ch=4", "model.ch_mult=[1,2]",
-            "model.num_res_blocks=1", "model.z_channels=8", "model.attn_heads=2",
-            "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
-            "data.resolution=16", "train.batch_size=2", "train.steps=2", "train.device=cpu",
-            "train.progress=false", f"train.out_dir={out}/accum{accum}", "eval.max_batches=1",
+            *TINY, "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.5}",
+            "train.batch_size=2", "train.steps=2", f"train.out_dir={out}/accum{accum}",
+            "eval.max_batches=1",
             f"optim.accum_steps={accum}",
         ])
         trainer = Trainer(cfg, datasets=data)

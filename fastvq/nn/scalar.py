@@ -1,7 +1,7 @@
 """Codebook-free quantizer modules FSQ, LFQ, BSQ and LatentQuantize.
 
 Drop-in for vector-quantize-pytorch 1.32.0 (same constructor arguments, same return tuples, same
-index order), built on fastvq.fsq / lfq / bsq / binary_entropy_loss / nearest_code. No module
+index order), built on fastvq.fsq / lfq / bsq / binary_entropy_loss. No module
 here stores or builds its implicit codebook (K x d): indices map to codes by arithmetic and the
 entropy regularizer of LFQ / BSQ is the factorized one of fastvq.binary_entropy_loss, O(N d).
 
@@ -28,7 +28,6 @@ from fastvq.ops._validate import (
     check_real,
     check_tensor,
 )
-from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import straight_through
 from fastvq.ops.scalar import (
     MAX_BITS,
@@ -683,6 +682,24 @@ class BSQ(LFQ):
 # --- LatentQuantize ----------------------------------------------------------------------------
 
 
+def _nearest_value(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """int64 index, shape x.shape, of the value nearest each entry of x: |x - v| in their
+    promoted dtype (bf16 latents under autocast meet float32 values, not rounded ones), ties to
+    the lower index, as the peer's argmin. A search in the sorted values compares each entry with
+    its two neighbours only: exact, where nearest_code's |x|^2 - 2 x v + |v|^2 loses values that
+    have drifted far from 0 for their spacing to rounding relative to |x| |v|."""
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    x, values = x.to(dtype).contiguous(), values.to(dtype)
+    ordered, order = torch.sort(values, stable=True)  # equal values stay in index order
+    above = torch.searchsorted(ordered, x).clamp_(max=values.numel() - 1)
+    # The first of the equal values below x: the lowest index among them.
+    below = torch.searchsorted(ordered, ordered[(above - 1).clamp_(min=0)])
+    d_above, d_below = (x - ordered[above]).abs(), (x - ordered[below]).abs()
+    i_above, i_below = order[above], order[below]
+    take_above = (d_above < d_below) | ((d_above == d_below) & (i_above < i_below))
+    return torch.where(take_above, i_above, i_below)
+
+
 class LatentQuantize(nn.Module):
     """Latent quantization (Hsu et al. 2023), vector-quantize-pytorch's LatentQuantize.
 
@@ -787,13 +804,12 @@ class LatentQuantize(nn.Module):
         """z (..., codebook_dim) -> (codes with straight-through gradient, indices (...), the
         codes with their gradient to the values only)."""
         digits, codes = [], []
-        for i in range(self.codebook_dim):
-            values = self._values(i)
-            # A 1-D nearest_code: |z - v|^2 over L values, ties to the lowest index, in the
-            # promoted dtype (bf16 latents under autocast: float32 values, not rounded ones).
-            idx = nearest_code(z[..., i : i + 1].detach(), values.detach()[:, None])
+        values = [self._values(i) for i in range(self.codebook_dim)]
+        check_finite(z=z.detach(), values=[v.detach() for v in values])
+        for i, v in enumerate(values):
+            idx = _nearest_value(z[..., i].detach(), v.detach())
             digits.append(idx)
-            codes.append(F.embedding(idx, values[:, None])[..., 0])  # deterministic backward
+            codes.append(F.embedding(idx, v[:, None])[..., 0])  # deterministic backward
         q = torch.stack(codes, -1).to(z.dtype)
         return (
             straight_through(z, q.detach()),

@@ -546,6 +546,32 @@ def test_latent_quantize_learned_values_indices():
     assert m2.eval()(z)[2].item() == 0.0 and m2.codebook_size == 12
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])
+def test_latent_quantize_nearest_value_is_exact_away_from_zero(offset):
+    # Values that drifted far from 0 for their spacing (0.25 at an offset of 300): the nearest
+    # value of each latent, |z - v| in float64, as the peer's argmin. Through nearest_code's
+    # |z|^2 - 2 z v + |v|^2 about 1 in 8 was wrong at 300 and most at 1e5. Equal values tie to
+    # the lower index; bf16 latents are compared with the float32 values, not rounded ones.
+    _seed(14)
+    m = LatentQuantize(levels=[9, 6], dim=2)
+    with torch.no_grad():
+        m.values_per_latent[0].add_(offset)
+        m.values_per_latent[1].copy_(torch.tensor([0.5, -0.25, 0.5, 0.0, -0.25, 0.75]) + offset)
+    z = offset + torch.randn(2, 2, 4096)
+    z[0, :, :4] = torch.tensor(
+        [[offset + 0.5] * 4, [offset - 0.25, offset + 0.5, offset + 1e3, offset - 1e3]]
+    )
+    for x in (z, z.bfloat16()):
+        idx = m(x)[1]
+        zl = x.movedim(1, -1).double()
+        want = [
+            (zl[..., i, None] - v.double()).abs().argmin(-1)
+            for i, v in enumerate(m.values_per_latent)
+        ]
+        assert torch.equal(idx, want[0] + 9 * want[1])
+    assert m(z)[1][0, :4].div(9, rounding_mode="floor").tolist() == [1, 0, 5, 1]
+
+
 def test_latent_quantize_bad_input():
     with pytest.raises(ValueError, match="in_place_codebook_optimizer"):
         LatentQuantize(levels=[3], dim=1, in_place_codebook_optimizer=torch.optim.SGD)

@@ -143,7 +143,10 @@ class _ShellQuantize(nn.Module):
         x, restore = self._layout(x)
         check_input("x", x, self.dim)
         z = project_in("x", self.project_in, x)
-        u = z * inv_norm(z)  # norms in float64: a zero row (fp16 padding) stays 0, never NaN
+        # A zero row (fp16 padding) stays 0, never NaN. 1 / |z| in float32 at least: it
+        # overflows fp16 for rows below 1.5e-5, which would decode as zero rows.
+        zf = z.to(torch.promote_types(z.dtype, torch.float32))
+        u = (zf * inv_norm(zf)).to(z.dtype)
         indices, q = self._decode(u.detach())
         loss = u.new_zeros((), dtype=loss_dtype(u.dtype))
         if self.training and self.commitment_weight > 0:

@@ -131,6 +131,26 @@ def test_zero_rows_stay_finite(cls, dtype):
     assert bool(x.grad.isfinite().all()) and bool((x.grad[0, 0] == 0).all())
 
 
+@pytest.mark.parametrize("cls", [LeechQuantize, E8Quantize])
+def test_small_float16_rows_keep_their_code(cls):
+    # 1 / |z| overflows float16 below |z| = 1.5e-5: such rows decoded as zero rows (index 0, no
+    # gradient). A row's direction does not depend on its scale: x and 1024 x (exact in float16)
+    # have the same codes, and gradients 1024 times apart.
+    torch.manual_seed(15)
+    m = cls()
+    x = (torch.randn(1, 64, m.dim) * 1e-6).half().requires_grad_()
+    big = (x.detach() * 1024).requires_grad_()
+    out, idx, _ = m(x)
+    out_big, idx_big, _ = m(big)
+    assert torch.equal(idx, idx_big) and len(idx.unique()) > 32
+    assert torch.equal(out, out_big)
+    w = torch.randn(out.shape) * 1e-3
+    (out.float() * w).sum().backward()
+    (out_big.float() * w).sum().backward()
+    assert bool(x.grad.isfinite().all())
+    torch.testing.assert_close(x.grad.float(), 1024 * big.grad.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="codebook_dim"):
         LeechQuantize(dim=32, codebook_dim=16)

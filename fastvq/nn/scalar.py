@@ -403,6 +403,9 @@ class LFQ(ConstantBuffers):
         to it for a single token); per_sample_entropy is the same quantity. Entropies are exact
         where the peer clamps probabilities at 1e-5 inside the log (differences ~1e-5).
       - x_i == 0 quantizes to +scale (the peer: -scale).
+      - with a mask, the entropies are those of the unmasked rows; the peer's batch_entropy
+        there averages each row's distribution over its own bits, which gives the per-sample
+        entropy (an all-True mask changes the peer's loss, not fastvq's).
       - no `codebook` buffer of all 2^d codes (`codebook` is None); codebook_dim <= 62.
       - in eval the output keeps the straight-through gradient (the peer returns the codes
         without a path to x).

@@ -319,9 +319,13 @@ def test_lfq_mask_matches_peer():
     x = torch.randn(2, 5, 3)
     mask = torch.rand(2, 5) > 0.4
     (_, _, _), (ps_p, _, cm_p) = peer(x, mask=mask, return_loss_breakdown=True)
-    (_, _, _), (ps_m, _, cm_m) = mine(x, mask=mask, return_loss_breakdown=True)
+    (_, _, _), (ps_m, be_m, cm_m) = mine(x, mask=mask, return_loss_breakdown=True)
     torch.testing.assert_close(ps_m, ps_p, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(cm_m, cm_p)
+    # The batch entropy is that of the unmasked rows alone (the peer's is its per-sample one).
+    _, (ps_kept, be_kept, _) = mine(x[mask][None], return_loss_breakdown=True)
+    torch.testing.assert_close(be_m, be_kept)
+    torch.testing.assert_close(ps_m, ps_kept)
 
 
 @pytest.mark.parametrize("softplus", [False, True])

@@ -12,10 +12,13 @@ import functools
 
 import torch
 
-from fastvq.ops._validate import FLOATING, check_floating, check_index_range, check_tensor
+from fastvq.ops._validate import (
+    FLOATING,
+    check_floating,
+    check_index_range,
+    check_index_tensor,
+)
 from fastvq.ops.quantize import straight_through
-
-INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_vectors(name: str, value, dim: int) -> None:
@@ -35,9 +38,7 @@ def check_code_dtype(dtype) -> None:
 def check_indices(name: str, value, size: int) -> None:
     """TypeError unless an integer tensor; ValueError unless every entry is in [0, size) (one host
     sync, skipped under torch.compile)."""
-    check_tensor(name, value)
-    if value.dtype not in INTEGER:
-        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    check_index_tensor(name, value)
     check_index_range(name, value, 0, size)
 
 

@@ -21,7 +21,6 @@ from fastvq.lattice import (
     leech_quantize,
 )
 from fastvq.nn.scalar import (
-    check_index_tensor,
     check_input,
     describe,
     from_channel_last,
@@ -31,7 +30,13 @@ from fastvq.nn.scalar import (
     project_in,
 )
 from fastvq.ops._backends import pick_backend
-from fastvq.ops._validate import check_floating, check_int, check_no_tangent, check_real
+from fastvq.ops._validate import (
+    check_floating,
+    check_index_tensor,
+    check_int,
+    check_no_tangent,
+    check_real,
+)
 from fastvq.ops.quantize import _quantize_fwd, straight_through
 from fastvq.reference import inv_norm
 
@@ -139,7 +144,8 @@ class _ShellQuantize(nn.Module):
         lattice's, the projection's dtype or autocast: TypeError otherwise, as for any
         nn.Linear). Returns quantized (x's shape and
         dtype), indices (b, n) or (b, h, w) int64 in [0, codebook_size), and the commitment
-        loss commitment_weight * mse(u, sg(code)) (0-d; 0 in eval)."""
+        loss commitment_weight * mse(u, sg(code)) (0-d; 0 in eval). A row holding NaN or Inf
+        is not checked: it gets code 0, and the loss (in training) and its gradient are NaN."""
         x, restore = self._layout(x)
         check_input("x", x, self.dim)
         z = project_in("x", self.project_in, x)

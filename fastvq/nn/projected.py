@@ -12,9 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fastvq.nn.scalar import check_index_tensor, check_input, describe, from_channel_last, mse
+from fastvq.nn.scalar import check_input, describe, from_channel_last, mse
 from fastvq.ops._backends import autocast_off
-from fastvq.ops._validate import check_floating, check_index_range, check_int, check_real
+from fastvq.ops._validate import (
+    check_floating,
+    check_index_range,
+    check_index_tensor,
+    check_int,
+    check_real,
+)
 from fastvq.ops.nearest_code import nearest_code
 from fastvq.ops.quantize import quantize
 

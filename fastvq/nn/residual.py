@@ -86,7 +86,6 @@ from fastvq.nn.projected import SimVQ
 from fastvq.nn.scalar import (
     FSQ,
     LFQ,
-    check_index_tensor,
     describe,
     from_channel_last,
     project_codes,
@@ -104,6 +103,7 @@ from fastvq.ops._backends import autocast_off
 from fastvq.ops._validate import (
     check_finite,
     check_floating,
+    check_index_tensor,
     check_int,
     check_positive,
     check_real,

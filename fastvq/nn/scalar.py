@@ -23,6 +23,7 @@ from fastvq.ops._validate import (
     check_finite,
     check_floating,
     check_index_range,
+    check_index_tensor,
     check_int,
     check_positive,
     check_real,
@@ -103,12 +104,6 @@ def unrotate(codes: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     does for codes decoded from indices."""
     dtype = torch.promote_types(codes.dtype, rot.dtype)
     return (codes.to(dtype) @ rot.t().to(dtype)).to(rot.dtype)
-
-
-def check_index_tensor(name: str, indices) -> None:
-    check_tensor(name, indices)
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {indices.dtype}")
 
 
 def to_channel_last(x: torch.Tensor, move: bool):

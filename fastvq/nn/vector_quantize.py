@@ -115,6 +115,7 @@ from fastvq.ops._validate import (
     check_finite,
     check_floating,
     check_index_range,
+    check_index_tensor,
     check_int,
     check_no_tangent,
     check_real,
@@ -499,9 +500,7 @@ class VectorQuantize(nn.Module):
     def _lookup(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
         """(..., d) codes of indices (..., heads) (or (...) with one head); check: the range
         check, one host sync (a residual stack checks all its layers' indices at once)."""
-        check_tensor("indices", indices)
-        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        check_index_tensor("indices", indices)
         codebooks = self._codebooks().detach()
         if self.heads > 1:
             if indices.dim() == 0 or indices.shape[-1] != self.heads:

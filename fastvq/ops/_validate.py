@@ -58,13 +58,23 @@ def check_positive(name: str, value) -> float:
     return check_real(name, value, 0.0)
 
 
-def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:
-    """ValueError unless low <= indices < high (why: a note after the range); one host sync,
-    skipped while torch.compile traces (a data-dependent branch would break the graph)."""
-    if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch cannot index with them
+# The integer dtypes torch indexes with (not uint16, uint32 or uint64).
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_index_tensor(name: str, indices) -> None:
+    """TypeError unless a tensor of one of INDEX_DTYPES."""
+    check_tensor(name, indices)
+    if indices.dtype not in INDEX_DTYPES:
         raise TypeError(
             f"{name} must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
         )
+
+
+def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:
+    """ValueError unless low <= indices < high (why: a note after the range); one host sync,
+    skipped while torch.compile traces (a data-dependent branch would break the graph).
+    indices: checked by check_index_tensor first."""
     if indices.numel() == 0 or indices.is_meta or torch.compiler.is_compiling():
         return
     lo, hi = torch.stack(torch.aminmax(indices)).tolist()

@@ -22,6 +22,7 @@ from fastvq.ops._validate import (
     check_finite,
     check_floating,
     check_index_range,
+    check_index_tensor,
     check_int,
     check_real,
     check_tensor,
@@ -146,11 +147,7 @@ def _check_rows(name: str, z, d: int, device) -> None:
 
 
 def _check_indices(indices, shape, device) -> None:
-    check_tensor("indices", indices)
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(
-            f"indices must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
-        )
+    check_index_tensor("indices", indices)
     if indices.shape != shape:
         raise ValueError(
             f"indices must have z's leading shape {tuple(shape)}, got {tuple(indices.shape)}"
@@ -863,11 +860,7 @@ def code_counts(
     Returns:
         int64 (K,) counts, or `out` with the counts added.
     """
-    check_tensor("indices", indices)
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(
-            f"indices must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
-        )
+    check_index_tensor("indices", indices)
     k = check_int("num_codes", num_codes, 1)
     if out is not None:
         check_tensor("out", out)

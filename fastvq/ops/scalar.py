@@ -28,8 +28,8 @@ from fastvq.ops._validate import (
     FLOATING,
     check_choice,
     check_floating,
+    check_index_tensor,
     check_no_tangent,
-    check_tensor,
 )
 from fastvq.reference.nearest_code import inv_norm
 from fastvq.reference.scalar import FSQ_EPS
@@ -159,9 +159,7 @@ def _check_bits(d) -> int:
 
 
 def _check_indices(indices, dtype) -> None:
-    check_tensor("indices", indices)
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    check_index_tensor("indices", indices)
     if dtype not in FLOATING:
         raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
 

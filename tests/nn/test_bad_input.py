@@ -5,6 +5,8 @@ test file)."""
 import pytest
 import torch
 
+import fastvq
+import fastvq.lattice
 import fastvq.nn as fnn
 
 D = 8
@@ -120,8 +122,20 @@ def test_decoders_take_narrow_index_dtypes_and_name_the_rest():
     want = simvq.indices_to_codes(idx)
     for dtype in (torch.uint8, torch.int16):
         assert torch.equal(simvq.indices_to_codes(idx.to(dtype)), want), dtype
-    with pytest.raises(TypeError, match="indices must be an int64, .* got torch.uint16"):
-        fnn.FSQ(levels=[5, 5]).indices_to_codes(idx[:, None].to(torch.uint16))
+    # Every decoder and op names the same dtypes (VectorQuantize and the scalar ops took uint16,
+    # the lattice ones said "must be an integer tensor, got torch.uint16").
+    wide = idx[:, None].to(torch.uint16)
+    for decode in (
+        fnn.FSQ(levels=[5, 5]).indices_to_codes,
+        fnn.VectorQuantize(D, 16).get_codes_from_indices,
+        fnn.LeechQuantize().get_codes_from_indices,
+        fnn.E8Quantize().get_output_from_indices,
+        lambda i: fastvq.fsq_codes(i, [5, 5]),
+        lambda i: fastvq.lattice.leech_codes(i),
+        lambda i: fastvq.code_counts(i, 16),
+    ):
+        with pytest.raises(TypeError, match="indices must be an int64, .* got torch.uint16"):
+            decode(wide)
     zero_d = torch.tensor(3)
     for layer in (
         fnn.VectorQuantize(D, 16, heads=2),

@@ -167,7 +167,7 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
         cfg = load_config(config, overrides)
     else:
         cfg = ckpt.trained_config(state, path, overrides)
-    out_dir = Path(out) if out else _beside_run(path, "eval")
+    out_dir = Path(out).expanduser() if out else _beside_run(path, "eval")
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
     # weights when the checkpoint has them), and every weight, the quantizer's included: a
     # model section that differs from the checkpoint's is an error, not a random codebook.
@@ -227,7 +227,7 @@ def tokenize(
     device = pick_device(cfg["train"]["device"])
     rank, world = join_process_group(device)
     model.to(device).eval()
-    out_dir = Path(out) if out else _beside_run(path, "tokens")
+    out_dir = Path(out).expanduser() if out else _beside_run(path, "tokens")
     target = out_dir / f"tokens-{split}.npy"
     workers = resolve_num_workers(cfg["train"]["num_workers"], device)
     shape = write_tokens(

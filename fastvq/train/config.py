@@ -3,10 +3,14 @@
 A config is a plain nested dict with the sections of DEFAULTS. A file may name a `base:` file
 (relative to itself) whose values it overrides, so a recipe states only what differs. Overrides
 are "section.key=value" strings whose value is parsed as YAML ("optim.lr=1e-4" is a float,
-"loss.lpips=null" is None, "optim.betas=[0.5,0.9]" a list). Nothing is ever exec'd.
+"loss.lpips=null" is None, "optim.betas=[0.5,0.9]" a list). Nothing is ever exec'd. Files and
+overrides read scalars as YAML 1.2 does: only true / false are booleans ("yes" and "on" are
+strings), "010" is 10, "1:30" and "2024-01-01" are strings. Paths may start with "~".
 """
 
 import copy
+import math
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -105,6 +109,8 @@ WHEN_SET = {
     "eval.fid_features": str,
     "train.find_unused_parameters": bool,
 }
+# Paths: "~" is expanded (a literal "~" directory under out_dir is a trap for `rm -rf ~`).
+PATHS = {"data.path", "train.out_dir", "init.checkpoint", "eval.fid_features"}
 CHOICES = {
     "loss.recon": ("l1", "l2"),
     "loss.disc_loss": ("hinge", "non_saturating"),
@@ -112,23 +118,40 @@ CHOICES = {
     "data.kind": ("folder", "cifar10", "samples"),
 }
 
-# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; every config writes learning rates
-# that way, so floats are resolved with YAML 1.2's pattern instead.
+# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string, "010" an octal 8, "1:30" the
+# sexagesimal 90, "yes" / "on" booleans and "2024-01-01" a date: every config writes learning
+# rates as 1e-4, so scalars are resolved with YAML 1.2's core schema instead.
 _FLOAT = re.compile(
-    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-    r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"
+    r"^[-+]?(?:[0-9]+\.[0-9]*(?:[eE][-+]?[0-9]+)?|\.[0-9]+(?:[eE][-+]?[0-9]+)?"
+    r"|[0-9]+[eE][-+]?[0-9]+|\.inf|\.Inf|\.INF|\.nan|\.NaN|\.NAN)$"
 )
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        return int(text, 8 if text.startswith("0o") else 16 if text.startswith("0x") else 10)
+
+    def construct_yaml_bool(self, node):
+        return self.construct_scalar(node).lower() == "true"
 
 
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:bool", _Loader.construct_yaml_bool)
 _Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    k: [(tag, rx) for tag, rx in v if tag == "tag:yaml.org,2002:merge"]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+for _tag, _rx, _first in (
+    ("null", _NULL, ["~", "n", "N", ""]),
+    ("bool", _BOOL, list("tTfF")),
+    ("int", _INT, list("-+0123456789")),
+    ("float", _FLOAT, list("-+0123456789.")),
+):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", _rx, _first)
 
 
 def parse_value(text: str):
@@ -250,6 +273,15 @@ def validate(cfg: dict) -> dict:
                 raise ValueError(f"config key {section}.{key} must be one of {choices}, got {v!r}")
             if isinstance(defaults[key], float) and isinstance(v, int):
                 merged[key] = float(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"config key {section}.{key} must be finite, got {v!r}")
+            if f"{section}.{key}" in PATHS and isinstance(v, str):
+                merged[key] = os.path.expanduser(v)
+            if f"{section}.{key}" == "loss.lpips" and isinstance(v, dict):
+                merged[key] = {
+                    name: os.path.expanduser(f) if isinstance(f, str) else f
+                    for name, f in v.items()
+                }
         out[section] = merged
     _check_ranges(out)
     return out

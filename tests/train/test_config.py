@@ -85,11 +85,42 @@ def test_overrides_parse_as_yaml(tmp_path):
         ("data.epoch_size=0", ValueError, "data.epoch_size must be >= 1"),
         ("data.path=/data", ValueError, "data.path must be null for data.kind=samples"),
         ("train.steps=[", ValueError, r"override 'train.steps=\[': value '\[' is not valid YAML"),
+        # YAML 1.2: "yes" is a string; floats are finite
+        ("train.bf16=yes", ValueError, "train.bf16 must be bool, got 'yes'"),
+        ("train.steps=1:30", ValueError, "train.steps must be int, got '1:30'"),
+        ("optim.lr=.inf", ValueError, "optim.lr must be finite, got inf"),
+        ("data.scale=.nan", ValueError, "data.scale must be finite, got nan"),
     ],
 )
 def test_override_errors(override, err, match):
     with pytest.raises(err, match=match):
         load_config(None, [override])
+
+
+def test_scalars_are_yaml_1_2_and_paths_expand_home(tmp_path, monkeypatch):
+    # PyYAML's YAML 1.1 read "010" as octal 8, "1:30" as 90, "on" as True, a date as a date.
+    assert [parse_value(t) for t in ("010", "0o17", "0x1F", "-3", "true", "FALSE")] == [
+        10, 15, 31, -3, True, False,
+    ]  # fmt: skip
+    for text in ("1:30", "on", "yes", "no", "2024-01-01", "1_000"):
+        assert parse_value(text) == text
+    (tmp_path / "c.yaml").write_text("train: {steps: 010, out_dir: 2024-01-01}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg["train"]["steps"] == 10 and cfg["train"]["out_dir"] == "2024-01-01"
+    # "~" was expanded in data.path alone: train.out_dir=~/x made a directory named "~".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        None,
+        ["train.out_dir=~/run", "init.checkpoint=~/a.pt", "eval.fid_features=~/f.pt",
+         "loss.lpips={backbone: ~/b.pth, head: ~/h.pth}"],
+    )  # fmt: skip
+    assert cfg["train"]["out_dir"] == str(tmp_path / "run")
+    assert cfg["init"]["checkpoint"] == str(tmp_path / "a.pt")
+    assert cfg["eval"]["fid_features"] == str(tmp_path / "f.pt")
+    assert cfg["loss"]["lpips"] == {
+        "backbone": str(tmp_path / "b.pth"),
+        "head": str(tmp_path / "h.pth"),
+    }
 
 
 def test_file_errors_and_missing_dataset(tmp_path):

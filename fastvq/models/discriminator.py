@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from fastvq.ops._validate import check_choice
+from fastvq.ops._validate import check_choice, check_int
 
 NORMS = ("batch", "spectral", "none")
 
@@ -23,8 +23,8 @@ class PatchGANDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
         check_choice("norm", norm, NORMS)
-        if n_layers < 1 or ndf < 1:
-            raise ValueError(f"n_layers and ndf must be >= 1, got {n_layers}, {ndf}")
+        in_channels, ndf = check_int("in_channels", in_channels, 1), check_int("ndf", ndf, 1)
+        n_layers = check_int("n_layers", n_layers, 1)
         widths = [ndf * min(2**i, 8) for i in range(n_layers + 1)]
         inner_bias = norm != "batch"  # BatchNorm's shift makes a conv bias redundant
 

@@ -171,6 +171,7 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
     # weights when the checkpoint has them), and every weight, the quantizer's included: a
     # model section that differs from the checkpoint's is an error, not a random codebook.
+    out_dir.mkdir(parents=True, exist_ok=True)  # before the evaluation, not after it
     cfg["train"].update(out_dir=str(out_dir), resume=False, ema_decay=0.0, compile=False)
     cfg["init"].update(checkpoint=None, kmeans=False)
     trainer = Trainer(cfg)
@@ -415,11 +416,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     """The `fastvq` console script and `python -m fastvq`: main(), with a bad setting, argument
-    or file (ValueError, FileNotFoundError) reported in one line on stderr and exit code 2, not
-    a traceback; FASTVQ_DEBUG=1 shows the traceback."""
+    or file (ValueError; OSError: a missing file, an output path that is a file) reported in one
+    line on stderr and exit code 2, not a traceback; FASTVQ_DEBUG=1 shows the traceback."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         if os.environ.get("FASTVQ_DEBUG") == "1":
             raise
         print(f"fastvq: error: {e}", file=sys.stderr)

@@ -261,7 +261,10 @@ def build_loss(
     if disc_cfg is not None:
         from fastvq.models.discriminator import PatchGANDiscriminator
 
-        disc = PatchGANDiscriminator(in_channels, **disc_cfg)
+        try:
+            disc = PatchGANDiscriminator(in_channels, **disc_cfg)
+        except (TypeError, ValueError) as e:  # an unknown key, a wrong type or value
+            raise ValueError(f"bad disc config {disc_cfg}: {e}") from e
     try:
         return VQGANLoss(lpips=lpips, discriminator=disc, all_reduce=all_reduce, **cfg)
     except TypeError as e:

@@ -5,6 +5,7 @@ sweep records MSE and perplexity per codebook size."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -741,6 +742,20 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path, capsys, monkeypatch):
     assert err.startswith("fastvq: error: config file") and "Traceback" not in err
     assert run(["train", "--config", "demo", "train.steps=abc"]) == 2
     assert "train.steps" in capsys.readouterr().err
+    # The disc section went to the discriminator unchecked (a TypeError's traceback), and an
+    # out_dir that is a file raised FileExistsError through the console script.
+    for override, match in (
+        ("disc.ndf=abc", "bad disc config .* ndf must be an int"),
+        ("disc.foo=1", "bad disc config .* 'foo'"),
+        ("disc.n_layers=0", "n_layers must be >= 1"),
+        (f"train.out_dir={missing}", "File exists"),
+    ):
+        if override.startswith("train.out_dir"):
+            open(missing, "w").close()
+        assert run(["train", "--config", "demo", "train.steps=1", override]) == 2
+        err = capsys.readouterr().err
+        assert re.search(match, err) and "Traceback" not in err and len(err.splitlines()) == 1
+    os.remove(missing)
     monkeypatch.setenv("FASTVQ_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         run(["train", "--config", missing])

@@ -5,6 +5,7 @@ classes are imported lazily from fastvq.nn so that importing fastvq.models stays
 quantizer families can land independently.
 """
 
+import functools
 import importlib
 import inspect
 from typing import NamedTuple
@@ -32,6 +33,7 @@ QUANTIZERS = {
     "GroupedResidualVQ": "fastvq.nn.residual",
     "ResidualFSQ": "fastvq.nn.residual",
     "ResidualLFQ": "fastvq.nn.residual",
+    "ResidualSimVQ": "fastvq.nn.residual",
     "GroupedResidualFSQ": "fastvq.nn.residual",
     "GroupedResidualLFQ": "fastvq.nn.residual",
 }
@@ -221,10 +223,23 @@ def _accepts(cls, arg: str) -> bool:
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+@functools.cache
+def _flags() -> frozenset:
+    """The arguments that every quantizer taking them declares bool (or bool | None)."""
+    kinds: dict[str, set] = {}
+    for name in QUANTIZERS:
+        for arg, p in inspect.signature(_quantizer_class(name)).parameters.items():
+            flag = isinstance(p.default, bool) or p.annotation in (bool, bool | None)
+            kinds.setdefault(arg, set()).add(flag)
+    return frozenset(arg for arg, k in kinds.items() if k == {True})
+
+
 def build_quantizer(cfg: dict, dim: int | None = None) -> nn.Module:
     """{"type": "<fastvq.nn class name>", **kwargs} -> that class(**kwargs).
 
-    dim, when given, is passed as `dim=` unless cfg sets it or the class takes no `dim`.
+    dim, when given, is passed as `dim=` unless cfg sets it or the class takes no `dim`. Flags
+    (rotation_trick, kmeans_init, ...) must be true, false or null: a string such as "false" or
+    a typo would be truthy, and turn the feature on without a word.
     """
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ValueError(
@@ -233,6 +248,11 @@ def build_quantizer(cfg: dict, dim: int | None = None) -> nn.Module:
         )
     kwargs = dict(cfg)
     cls = _quantizer_class(kwargs.pop("type"))
+    for arg, value in kwargs.items():
+        if arg in _flags() and value is not None and not isinstance(value, bool):
+            raise ValueError(
+                f"quantizer {cls.__name__}: {arg} must be true, false or null, got {value!r}"
+            )
     if dim is not None and "dim" not in kwargs and _accepts(cls, "dim"):
         kwargs["dim"] = dim
     try:

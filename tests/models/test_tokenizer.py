@@ -174,6 +174,15 @@ def test_bad_configs(cfg, err, match):
 def test_bad_quantizer_kwargs(standin):
     with pytest.raises(ValueError, match="StandInVQ: bad arguments"):
         build_quantizer({"type": standin, "codebook_sz": 3}, dim=4)
+    # A flag given a string ("false" quoted in YAML, a typo) was truthy: the feature turned on.
+    flags = [("VectorQuantize", "rotation_trick"), ("ResidualVQ", "kmeans_init"),
+             ("GroupedResidualFSQ", "bound_hard_clamp"), ("LFQ", "spherical")]  # fmt: skip
+    for name, flag in flags:
+        cfg = {"type": name, "codebook_size": 16, "num_quantizers": 2, "levels": [3, 3]}
+        with pytest.raises(ValueError, match=f"{name}: {flag} must be true, false or null"):
+            build_quantizer({**cfg, flag: "false"}, dim=4)
+    q = build_quantizer({"type": "VectorQuantize", "codebook_size": 16, "kmeans_init": None}, 4)
+    assert not q.kmeans_init
 
 
 FASTVQ_QUANTIZERS = [
@@ -192,6 +201,7 @@ FASTVQ_QUANTIZERS = [
                   "codebook_size": 8}),
     ("residual", {"type": "GroupedResidualFSQ", "groups": 2, "levels": [3, 3],
                   "num_quantizers": 2}),
+    ("residual", {"type": "ResidualSimVQ", "num_quantizers": 2, "codebook_size": 8}),
 ]  # fmt: skip
 
 

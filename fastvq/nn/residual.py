@@ -1174,6 +1174,25 @@ class GroupedResidualVQ(_Grouped):
 
     residual_cls = ResidualVQ
 
+    def init_from(
+        self,
+        encoder_outputs: torch.Tensor,
+        iters: int | None = None,
+        generator: torch.Generator | None = None,
+        batches: int = 1,
+    ) -> None:
+        """k-means initialization from encoder outputs (..., dim): group g's stack
+        (ResidualVQ.init_from) from features g * dim / groups onwards, as forward splits them."""
+        check_floating("encoder_outputs", encoder_outputs)
+        if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
+            raise ValueError(
+                f"encoder_outputs must have shape (..., {self.dim}), got "
+                f"{tuple(encoder_outputs.shape)}"
+            )
+        chunks = encoder_outputs.chunk(self.groups, dim=-1)
+        for rvq, chunk in zip(self.rvqs, chunks, strict=True):
+            rvq.init_from(chunk, iters, generator, batches)
+
     def forward(
         self,
         x: torch.Tensor,

@@ -793,6 +793,24 @@ def test_init_from_clusters_layer_by_layer():
         rvq.init_from(torch.randn(4, DIM + 1))
 
 
+def test_grouped_init_from_initialises_each_group_from_its_features():
+    # Group g's stack is its ResidualVQ.init_from on features [g D / G, (g + 1) D / G).
+    torch.manual_seed(16)
+    grvq = GroupedResidualVQ(dim=2 * DIM, groups=2, num_quantizers=2, codebook_size=8)
+    alone = copy.deepcopy(grvq.rvqs)
+    x = torch.randn(3, 64, 2 * DIM)
+    x[..., DIM:] += 5.0  # the second group's features elsewhere: a swap would show
+    grvq.init_from(x, iters=3, generator=torch.Generator().manual_seed(2), batches=2)
+    g = torch.Generator().manual_seed(2)
+    for rvq, chunk in zip(alone, (x[..., :DIM], x[..., DIM:]), strict=True):
+        rvq.init_from(chunk, iters=3, generator=g, batches=2)
+    for a, b in zip(grvq.state_dict().values(), alone.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert grvq.rvqs[1].layers[0].codebook.mean() > 4.0
+    with pytest.raises(ValueError, match="encoder_outputs"):
+        grvq.init_from(torch.randn(4, DIM))
+
+
 def test_state_dict_bf16_and_freeze():
     config = dict(dim=DIM, num_quantizers=Q, codebook_size=K, codebook_dim=4)
     rvq = ResidualVQ(**config)

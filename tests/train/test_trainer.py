@@ -653,6 +653,11 @@ def test_kmeans_init_takes_residual_vq_and_refuses_fixed_codebooks(make_config, 
     cfg = make_config(f"model.quantizer={rvq}", "init.kmeans=true", "init.kmeans_batches=1")
     trainer = Trainer(cfg, datasets=datasets)
     assert all(bool(layer.initted) for layer in trainer.model.quantizer.layers)
+    # A grouped stack initialises each group's stack (it was refused: "no learnable codebook").
+    grvq = rvq.replace("ResidualVQ", "GroupedResidualVQ, groups: 2")
+    cfg = make_config(f"model.quantizer={grvq}", "init.kmeans=true", "init.kmeans_batches=1")
+    trainer = Trainer(cfg, datasets=datasets)
+    assert all(bool(layer.initted) for s in trainer.model.quantizer.rvqs for layer in s.layers)
     with pytest.raises(ValueError, match="init.kmeans: SimVQ has no learnable codebook"):
         Trainer(
             make_config("model.quantizer={type: SimVQ, codebook_size: 8}", "init.kmeans=true"),

@@ -158,7 +158,7 @@ def _beside_run(checkpoint: Path, name: str) -> Path:
 def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: list[str]) -> dict:
     """Evaluate a checkpoint; writes eval.json and PNGs under `out`; returns the metrics."""
     from fastvq.train import checkpoint as ckpt
-    from fastvq.train.config import load_config
+    from fastvq.train.config import changed_keys, load_config
     from fastvq.train.trainer import Trainer
 
     path = Path(checkpoint)
@@ -167,6 +167,14 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
         cfg = load_config(config, overrides)
     else:
         cfg = ckpt.trained_config(state, path, overrides)
+    saved = state.get("config") if isinstance(state, dict) else None
+    saved = saved if isinstance(saved, dict) else {"model": cfg["model"]}  # nothing to compare
+    changed = changed_keys(saved.get("model"), cfg["model"], "model")
+    if changed:  # weights that still fit (FSQ levels reordered) would evaluate another tokenizer
+        raise ValueError(
+            f"eval evaluates the tokenizer {str(path)!r} was trained as, but the model section "
+            f"differs ({', '.join(changed)}): drop the model overrides (or --config)"
+        )
     out_dir = Path(out).expanduser() if out else _beside_run(path, "eval")
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
     # weights when the checkpoint has them), and every weight, the quantizer's included: a

@@ -338,6 +338,19 @@ def _check_ranges(cfg: dict) -> None:
     need(m["fd_eps"] > 0, "meta.fd_eps", "> 0")
 
 
+def changed_keys(old, new, prefix: str) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (None: empty)."""
+    old, new = old or {}, new or {}
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}.{key}")
+        elif a != b:
+            out.append(f"{prefix}.{key} {a!r} -> {b!r}")
+    return out
+
+
 def resolve_config(path: str | Path) -> Path:
     """path itself if it is a file, else the shipped recipe of that name (bare names only)."""
     path = Path(path)

@@ -19,13 +19,14 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
-from fastvq.train.config import dump_config
+from fastvq.train.config import changed_keys, dump_config
 from fastvq.train.data import build_datasets, check_resolution, eval_loader, train_loader
 from fastvq.train.metrics import (
     CodeCounts,
@@ -116,19 +117,6 @@ def _without_lpips(state: dict) -> dict:
     """A loss module's state without LPIPS: its frozen weights come from the files loss.lpips
     names (14.7 M VGG-16 weights, 59 MB in every checkpoint otherwise), so they never travel."""
     return {k: v for k, v in state.items() if not k.startswith("lpips.")}
-
-
-def _changed(old, new, prefix: str) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts (None: empty)."""
-    old, new = old or {}, new or {}
-    out = []
-    for key in sorted(set(old) | set(new), key=str):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed(a, b, f"{prefix}.{key}")
-        elif a != b:
-            out.append(f"{prefix}.{key} {a!r} -> {b!r}")
-    return out
 
 
 def _load_schedule(opt, sched, opt_state: dict, sched_state: dict) -> None:
@@ -478,13 +466,20 @@ class Trainer:
             changed = [
                 k
                 for sec in ("model", "disc", "loss")
-                for k in _changed(old.get(sec), self.cfg[sec], sec)
+                for k in changed_keys(old.get(sec), self.cfg[sec], sec)
             ]
             raise ValueError(
                 f"checkpoint {str(path)!r} holds other weights than this run builds (changed: "
                 f"{', '.join(changed) or 'unknown'}): resume with the settings it was written "
                 "with, or start over in another train.out_dir (or with train.resume=false)"
             ) from e
+        changed = changed_keys((s.get("config") or {}).get("model"), self.cfg["model"], "model")
+        if changed and self.rank == 0:  # weights that still fit (FSQ levels reordered): say so
+            warnings.warn(
+                f"resuming {str(path)!r} with a model section other than the one it was trained "
+                f"with ({', '.join(changed)}); its weights fit, so training goes on",
+                stacklevel=2,
+            )
         if self.ema is not None and s["ema"] is not None:
             self.ema.load_state_dict(s["ema"])
         elif self.ema is not None:  # EMA turned on at resume: it starts from the resumed weights

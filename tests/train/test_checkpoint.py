@@ -309,6 +309,15 @@ def test_resume_with_another_model_names_the_change(make_config, datasets):
         )
 
 
+def test_resume_with_another_model_whose_weights_fit_warns(make_config, datasets):
+    # FSQ levels reordered: no weight changes shape, so the run resumed without a word, and
+    # its saved config then claimed the whole run used the new levels.
+    fsq = "model.quantizer={type: FSQ, levels: [%s]}"
+    Trainer(make_config("train.steps=1", fsq % "8, 5, 5"), datasets=datasets).fit()
+    with pytest.warns(UserWarning, match=r"model.quantizer.levels \[8, 5, 5\] -> \[5, 5, 8\]"):
+        Trainer(make_config("train.steps=2", fsq % "5, 5, 8"), datasets=datasets)
+
+
 def test_checkpoints_leave_lpips_out(make_config, datasets, tmp_path):
     """LPIPS's frozen weights come from loss.lpips's files: a checkpoint holds the discriminator
     and LeCAM state of the loss module but none of LPIPS's 14.7 M weights, and resuming (here

@@ -472,8 +472,15 @@ def test_cli_eval_refuses_checkpoints_that_do_not_fit(tmp_path, make_config, dat
     trainer = Trainer(cfg, datasets=datasets)
     trainer.fit()
     latest = str(trainer.ckpt_dir / "latest.pt")
-    with pytest.raises(ValueError, match="quantizer.embed"):
+    with pytest.raises(ValueError, match=r"model.quantizer.codebook_size 16 -> 8\): drop"):
         main(["eval", "--checkpoint", latest, "model.quantizer.codebook_size=8"])
+    # Weights that fit another tokenizer (FSQ levels reordered) are refused as well.
+    fsq = ["model.quantizer={type: FSQ, levels: [8, 5, 5]}", f"train.out_dir={tmp_path / 'f'}"]
+    fsq_run = Trainer(make_config("train.steps=1", *fsq), datasets=datasets)
+    fsq_run.fit()
+    with pytest.raises(ValueError, match=r"model.quantizer.levels \[8, 5, 5\] -> \[5, 5, 8\]"):
+        main(["eval", "--checkpoint", str(fsq_run.ckpt_dir / "latest.pt"),
+              "model.quantizer.levels=[5, 5, 8]"])  # fmt: skip
     torch.save(trainer.model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="holds no config.*--config"):
         main(["eval", "--checkpoint", str(tmp_path / "weights.pt")])
@@ -509,9 +516,11 @@ def test_cli_eval_refuses_extra_quantizer_layers(tmp_path, make_config, datasets
     folder = ["data.kind=folder", f"data.path={tmp_path / 'images'}"]
     trainer = Trainer(make_config("train.steps=1", *folder, rvq), datasets=datasets)
     trainer.fit()
-    latest = str(trainer.ckpt_dir / "latest.pt")
+    torch.save(trainer.model.state_dict(), tmp_path / "weights.pt")  # no config to compare
     with pytest.raises(ValueError, match=r"quantizer\.layers\.2\."):
-        main(["eval", "--checkpoint", latest, "model.quantizer.num_quantizers=2"])
+        config = str(trainer.out_dir / "config.yaml")
+        main(["eval", "--checkpoint", str(tmp_path / "weights.pt"), "--config", config,
+              "model.quantizer.num_quantizers=2"])  # fmt: skip
 
 
 class _MeanColour(torch.nn.Module):

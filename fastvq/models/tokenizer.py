@@ -320,10 +320,15 @@ def build_tokenizer(cfg: dict) -> Tokenizer:
         # A scalar (model.ch_mult=2) failed in tuple() with "'int' object is not iterable".
         if key in c and not (isinstance(c[key], list | tuple) and all(_is_int(v) for v in c[key])):
             raise ValueError(f"model.{key} must be a list of ints, e.g. [1, 2, 4], got {c[key]!r}")
-    for key, low in (("ch", 1), ("num_res_blocks", 0), ("resolution", 1), ("norm_groups", 1)):
-        # else a ZeroDivisionError (norm_groups=0), a TypeError (None, 1.5) or no blocks (-1);
-        # a rotated VQ-VAE takes any resolution, so null leaves it unchecked there
-        unset = key == "resolution" and c.get(key) is None and arch != "vqgan"
+    ints = {"ch": 1, "num_res_blocks": 0, "resolution": 1, "norm_groups": 1, "z_channels": 1,
+            "in_channels": 1, "out_channels": 1, "attn_heads": 1}  # fmt: skip
+    for key, low in ints.items():
+        # else a ZeroDivisionError (norm_groups=0), a TypeError (None, 1.5), no blocks (-1) or
+        # "dim must be >= 1" naming no key (z_channels=0); a rotated VQ-VAE takes any
+        # resolution, so null leaves it unchecked there, and out_channels null is in_channels
+        unset = c.get(key) is None and (
+            key == "out_channels" or key == "resolution" and arch != "vqgan"
+        )
         if key in c and not unset and not (_is_int(c[key]) and c[key] >= low):
             raise ValueError(f"model.{key} must be an int >= {low}, got {c[key]!r}")
     if c.get("embed_dim") is not None and not (_is_int(c["embed_dim"]) and c["embed_dim"] >= 1):

@@ -558,9 +558,13 @@ def test_model_lists_and_embed_dim_are_checked(make_config, datasets):
         ("resolution", None),
         ("num_res_blocks", 1.5),
         ("ch", "8"),
+        ("z_channels", 0),  # "dim must be >= 1", no key named
+        ("out_channels", -1),  # torch's "negative dimension"
     ):
         with pytest.raises(ValueError, match=f"model.{key} must be an int"):
             build_tokenizer({**vqgan, key: bad})
+    with pytest.raises(ValueError, match="model.attn_heads must be an int >= 1, got 0"):
+        build_tokenizer(dict(arch="rotated_vqvae", ch=8, z_channels=4, attn_heads=0, quantizer=q))
 
 
 def test_fid_features_that_are_no_extractor_are_named_at_start(make_config, datasets, tmp_path):

@@ -1,11 +1,12 @@
 """Training configs: YAML files plus dotted command-line overrides, validated against one schema.
 
 A config is a plain nested dict with the sections of DEFAULTS. A file may name a `base:` file
-(relative to itself) whose values it overrides, so a recipe states only what differs. Overrides
-are "section.key=value" strings whose value is parsed as YAML ("optim.lr=1e-4" is a float,
-"loss.lpips=null" is None, "optim.betas=[0.5,0.9]" a list). Nothing is ever exec'd. Files and
-overrides read scalars as YAML 1.2 does: only true / false are booleans ("yes" and "on" are
-strings), "010" is 10, "1:30" and "2024-01-01" are strings. Paths may start with "~".
+(relative to itself, else a shipped recipe: `base: demo`) whose values it overrides, so a
+recipe states only what differs. Overrides are "section.key=value" strings whose value is
+parsed as YAML ("optim.lr=1e-4" is a float, "loss.lpips=null" is None, "optim.betas=[0.5,0.9]"
+a list). Nothing is ever exec'd. Files and overrides read scalars as YAML 1.2 does: only
+true / false are booleans ("yes" and "on" are strings), "010" is 10, "1:30" and "2024-01-01"
+are strings. Paths may start with "~".
 """
 
 import copy
@@ -182,7 +183,11 @@ def _read(path: Path, seen: tuple = ()) -> dict:
         return cfg
     if not isinstance(base, str):
         raise ValueError(f"config {str(path)!r}: base must be one file name, got {base!r}")
-    return merge(_read(path.parent / base, (*seen, path.resolve())), cfg)
+    target = path.parent / base
+    if not target.is_file() and Path(base).parent == Path("."):  # base: demo, a shipped recipe
+        shipped = _recipes() / Path(base).with_suffix(".yaml").name
+        target = shipped if shipped.is_file() else target
+    return merge(_read(target, (*seen, path.resolve())), cfg)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -351,12 +356,16 @@ def changed_keys(old, new, prefix: str) -> list[str]:
     return out
 
 
+def _recipes() -> Path:
+    return Path(str(resources.files("fastvq.configs")))
+
+
 def resolve_config(path: str | Path) -> Path:
     """path itself if it is a file, else the shipped recipe of that name (bare names only)."""
     path = Path(path)
     if path.is_file() or path.parent != Path("."):
         return path
-    recipes = Path(str(resources.files("fastvq.configs")))
+    recipes = _recipes()
     shipped = recipes / path.with_suffix(".yaml").name
     if not shipped.is_file():
         names = ", ".join(sorted(p.stem for p in recipes.glob("*.yaml")))

@@ -59,6 +59,8 @@ def write_tokens(
     The file appears complete or not at all: it is written as `path`.partial, renamed once every
     row is in, and removed when this process fails (a rank that dies under torchrun leaves rank
     0 waiting: torchrun ends it, and the .partial file stays)."""
+    if model.training:  # a training forward would move the codebook (EMA, dead codes) as it goes
+        raise ValueError("write_tokens needs the model in eval mode: call model.eval() first")
     n = len(dataset)
     if n == 0:
         raise ValueError("the split to tokenize holds no images")

@@ -27,6 +27,10 @@ def test_overrides_parse_as_yaml(tmp_path):
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 5e-4}\n")
     cfg = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.2"])
     assert cfg["optim"]["lr"] == 5e-4 and cfg["optim"]["weight_decay"] == 0.2
+    # A base that is no file beside it is a shipped recipe (it was "does not exist").
+    (tmp_path / "mine.yaml").write_text("base: demo\ntrain: {steps: 7}\n")
+    cfg, demo = load_config(tmp_path / "mine.yaml"), load_config("demo")
+    assert cfg["train"]["steps"] == 7 and cfg["model"] == demo["model"]
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,9 @@ def test_tokenize_residual_indices_of_tensor_images(make_config, tmp_path):
     expect = _encode(model, dataset).numpy()
     assert shape == tokens.shape == expect.shape == (11, 4, 4, 3)
     assert tokens.dtype == np.uint16 and np.array_equal(tokens, expect)
+    # In training mode each batch's forward would move the codebook (EMA) while it encodes.
+    with pytest.raises(ValueError, match=r"eval mode: call model.eval\(\) first"):
+        write_tokens(model.train(), dataset, target, batch_size=4, device=torch.device("cpu"))
 
 
 def test_index_dtype_is_the_smallest_that_holds_the_codes():

@@ -157,7 +157,8 @@ def _quantize_bwd_kernel(
         p = tl.sum(e * g, axis=1)
         dz = g - (w * p)[:, None] * e
         if MODE == 1:
-            qg = tl.sum(q * g, axis=1) * inv_q
+            # A fallback row (inv_q = 0) whose q.g overflows: 0, not inf * 0 = NaN.
+            qg = tl.where(inv_q > 0, tl.sum(q * g, axis=1) * inv_q, 0.0)
             dz += (2.0 * qg)[:, None] * zs
         dz = tl.where(code_ok[:, None], scale[:, None] * dz, float("nan"))
         tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)

@@ -94,7 +94,8 @@ inline void row_dz(const float* g, const float* z, const float* q, const float* 
     e[d] = zs[d] + sign * (q[d] * inv_q);
   }
   const float wp = w * dot(e, g, D);
-  const float qg2 = mode == kRotation ? 2.f * (dot(q, g, D) * inv_q) : 0.f;
+  // A fallback row (inv_q = 0) whose q.g overflows: 0, not inf * 0 = NaN.
+  const float qg2 = mode == kRotation && inv_q > 0.f ? 2.f * (dot(q, g, D) * inv_q) : 0.f;
   for (int64_t d = 0; d < D; ++d) dz[d] = scale * ((g[d] - wp * e[d]) + qg2 * zs[d]);
 }
 

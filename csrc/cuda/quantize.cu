@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
     eg = group_sum<TPR>(eg);
     qg = group_sum<TPR>(qg);
     const float wp = w * eg;
-    const float qg2 = rotation ? 2.f * (qg * inv_q) : 0.f;
+    const float qg2 = rotation && inv_q > 0.f ? 2.f * (qg * inv_q) : 0.f;  // inf * 0: a NaN
     T* out = dz + row * d;
     for (int64_t j = lane; j < d; j += TPR) {
       if (!active) break;

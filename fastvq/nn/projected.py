@@ -146,7 +146,7 @@ class SimVQ(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes (b, ..., dim) (channel-first (b, dim, ...) with channel_first) for (b, ...)."""
-        check_index_tensor("indices", indices)
+        check_index_tensor("indices", indices, self.codebook.device)
         check_index_range("indices", indices, 0, self.codebook_size)
         codes = self._codes(indices)
         return codes.movedim(-1, 1) if self.channel_first else codes

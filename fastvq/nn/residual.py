@@ -86,6 +86,7 @@ from fastvq.nn.projected import SimVQ
 from fastvq.nn.scalar import (
     FSQ,
     LFQ,
+    check_mask,
     describe,
     from_channel_last,
     project_codes,
@@ -237,14 +238,8 @@ class _Residual(ConstantBuffers):
         layer that runs (None: all; quantize dropout draws it) and the (b, n) mask (or None)."""
         seq, restore = self._to_seq(x)
         b, n = seq.shape[:2]
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
-        if mask is not None and mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
-        if mask is not None and mask.shape != (b, n):
-            raise ValueError(
-                f"mask must be a bool tensor of shape {(b, n)}, got {tuple(mask.shape)}"
-            )
+        if mask is not None:
+            check_mask(mask, (b, n), seq.device)
         z = project_in("x", self.project_in, seq)
         if seed is not None:  # else random.Random takes True, 3.5 or "1" as seeds
             seed = check_int("rand_quantize_dropout_fixed_seed", seed, 0)
@@ -521,7 +516,8 @@ class ResidualVQ(_Residual):
                 f"{tuple(encoder_outputs.shape)}"
             )
         with torch.no_grad():
-            residual = self.project_in(encoder_outputs.reshape(-1, self.dim)).float()
+            residual = project_codes(self.project_in, encoder_outputs.reshape(-1, self.dim))
+            residual = residual.float()
             layers = self.layers[:1] if self.shared_codebook else self.layers
             for layer in layers:
                 layer.init_from(residual, iters, generator, batches)
@@ -546,21 +542,19 @@ class ResidualVQ(_Residual):
             check_inputs_finite=check_inputs_finite,
         )
 
-    def _stack_finite(self, z, last, sample_codebook_temp=None) -> dict | None:
+    def _stack_finite(self, z, last) -> dict | None:
         """What the stack's one NaN / Inf check covers, as check_finite's keyword arguments: its
         projected input rows z and the codebook of every layer that runs, the layers' own checks
         (z, codebook) in one host sync instead of one per layer (4 per step at 4 layers).
         Residuals stay finite from finite rows and codes within the search's contract (|z|, |c|
         below about 2.6e19, fastvq.nearest_code). Checked before any layer updates its codebook,
         where a layer's own check let the layers before it update. None (the layers check, as
-        before) where a layer would not search (it samples codes: no check) or may run its
-        k-means init first (which names x in its own check): until it is known initted."""
+        before) where a layer may run its k-means init first (which names x in its own check):
+        until it is known initted."""
         layers = self.layers[: self.num_quantizers if last is None else last + 1]
         for layer in layers:
-            temp = sample_codebook_temp
-            temp = layer.sample_codebook_temp if temp is None else temp
             pending_init = layer.training and layer.kmeans_init and not layer._initted_known()
-            if layer._samples(temp) or pending_init or layer.codebook_generator is not None:
+            if pending_init or layer.codebook_generator is not None:
                 return None
         layers = layers[:1] if self.shared_codebook else layers  # one codebook under all
         # The rows are searched in float32: a widening cast keeps NaN / Inf as they are, but a
@@ -646,7 +640,7 @@ class ResidualVQ(_Residual):
         if beam_size is None:
             beam_size = self.beam_size if self.training else self.eval_beam_size
         begun = self._begin(x, mask, rand_quantize_dropout_fixed_seed)
-        finite = self._stack_finite(begun[2], begun[3], sample_codebook_temp)
+        finite = self._stack_finite(begun[2], begun[3])
         return finite, _Step(
             begun, return_all_codes, sample_codebook_temp, freeze_codebook, beam_size, None
         )

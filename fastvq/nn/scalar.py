@@ -68,6 +68,18 @@ def describe(module: nn.Module, *names: str) -> str:
     return ", ".join(f"{n}={getattr(module, n)!r}" for n in names)
 
 
+def check_mask(mask, shape: tuple, device: torch.device) -> None:
+    """TypeError unless a tensor; ValueError unless bool, of `shape` and on x's `device`."""
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool or mask.shape != shape:
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(shape)}, got {mask.dtype} "
+            f"{tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"mask must be on x's device {device}, got {mask.device}")
+
+
 def check_input(name: str, x, dim: int, min_ndim: int = 2) -> None:
     """TypeError unless a floating tensor; ValueError unless x.ndim >= min_ndim and the feature
     dimension (last, after any channel-first move) is `dim`."""
@@ -94,7 +106,8 @@ def project_in(name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def project_codes(layer: nn.Module, codes: torch.Tensor) -> torch.Tensor:
     """layer(codes) for a module's project_out, in its weights' dtype: codes decoded from
-    indices are float32 in a module cast to bf16 or float64."""
+    indices are float32 in a module cast to bf16 or float64 (and init_from's project_in takes
+    encoder outputs of any floating dtype)."""
     w = next(iter(layer.parameters()), None)
     return layer(codes if w is None else codes.to(w.dtype))
 
@@ -168,7 +181,9 @@ class FSQ(ConstantBuffers):
 
     The default (tanh) bound is fastvq.fsq (fused kernel on GPU); preserve_symmetry (the
     symmetric grid 2k/(L-1) - 1 of arXiv 2411.19842, needed by ResidualFSQ) and
-    bound_hard_clamp run as plain elementwise torch ops, as in the peer.
+    bound_hard_clamp run as plain elementwise torch ops, as in the peer. z is not checked for
+    NaN: a NaN component quantizes as 0 would (the peer: a NaN code and index -2^31); its
+    gradient is NaN through the default bound, 0 through the other two.
 
     Differences from the peer (documented, tested):
       - levels of 2 are allowed without preserve_symmetry (grid {-1, 0}, as fastvq.fsq); the peer
@@ -271,11 +286,14 @@ class FSQ(ConstantBuffers):
         return codes, _mixed_radix(digits, self.levels)
 
     def _quantize(self, z: torch.Tensor):
+        if not (self.preserve_symmetry or self.bound_hard_clamp):
+            return fsq(z, self.levels)
+        # A NaN component quantizes as 0 (fastvq.fsq's level 0): cast to int64, NaN made an
+        # index near -2^63 and a NaN code.
+        z = torch.where(z.isnan(), 0.0, z)
         if self.preserve_symmetry:
             return self._symmetric(z)
-        if self.bound_hard_clamp:
-            return self._hard_clamp_bound(z)
-        return fsq(z, self.levels)
+        return self._hard_clamp_bound(z)
 
     def _noise(self, codes: torch.Tensor) -> torch.Tensor:
         if not self.training or self.noise_dropout == 0:
@@ -591,12 +609,7 @@ class LFQ(ConstantBuffers):
         x, spatial = to_channel_last(x, move)
         check_input("x", x, self.dim)
         if mask is not None:
-            check_tensor("mask", mask)
-            if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
-                raise ValueError(
-                    f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got "
-                    f"{mask.dtype} {tuple(mask.shape)}"
-                )
+            check_mask(mask, x.shape[:-1], x.device)
         x = project_in("x", self.project_in, x)
         if self.soft_clamp_input_value is not None:
             c = self.soft_clamp_input_value

@@ -108,7 +108,7 @@ from torch import nn
 
 import fastvq
 from fastvq._ext import register_namedtuple
-from fastvq.nn.scalar import describe, project_in
+from fastvq.nn.scalar import check_mask, describe, project_codes, project_in
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import (
     check_choice,
@@ -466,7 +466,7 @@ class VectorQuantize(nn.Module):
     def codebook(self, codes: torch.Tensor) -> None:
         if self.codebook_generator is not None:
             raise ValueError("a generated codebook cannot be assigned")
-        check_tensor("codebook", codes)
+        check_floating("codebook", codes)  # an integer or bool tensor would be cast silently
         shape = self.codebook.shape  # the getter's: (heads,) K, codebook_dim
         if codes.shape != shape:  # a (D, K) transpose of as many elements would scramble codes
             raise ValueError(f"codebook must have shape {tuple(shape)}, got {tuple(codes.shape)}")
@@ -500,8 +500,8 @@ class VectorQuantize(nn.Module):
     def _lookup(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
         """(..., d) codes of indices (..., heads) (or (...) with one head); check: the range
         check, one host sync (a residual stack checks all its layers' indices at once)."""
-        check_index_tensor("indices", indices)
         codebooks = self._codebooks().detach()
+        check_index_tensor("indices", indices, codebooks.device)
         if self.heads > 1:
             if indices.dim() == 0 or indices.shape[-1] != self.heads:
                 raise ValueError(
@@ -607,9 +607,10 @@ class VectorQuantize(nn.Module):
                     "the layers around the quantizer instead (or freeze its codebook there)"
                 )
             stochastic = self._samples(temp)
-            check = check_inputs_finite and not stochastic
-            if check and self.num_codebooks > 1:
-                # Every head's rows and codebook in one host sync, not one per head.
+            check = check_inputs_finite
+            if check and (self.num_codebooks > 1 or stochastic):
+                # Every head's rows and codebook in one host sync, not one per head; sampled
+                # codes have no search to check them (a NaN row would reach the EMA).
                 check_finite(z=z, codebook=codebooks)
                 check = False
             qs, idxs, codes = [], [], []
@@ -687,18 +688,12 @@ class VectorQuantize(nn.Module):
             )
         b, n = seq.shape[:2]
         if lens is not None:
-            check_tensor("lens", lens)
-            integer = not (lens.dtype.is_floating_point or lens.dtype.is_complex)
-            if lens.shape != (b,) or not integer or lens.dtype == torch.bool:
+            check_index_tensor("lens", lens)
+            if lens.shape != (b,):
                 raise ValueError(f"lens must be an integer tensor of shape ({b},), got {lens}")
             mask = torch.arange(n, device=seq.device) < lens[:, None].to(seq.device)
         if mask is not None:
-            check_tensor("mask", mask)
-            if mask.dtype != torch.bool or mask.shape != (b, n):
-                raise ValueError(
-                    f"mask must be a bool tensor of shape ({b}, {n}), got {mask.dtype} "
-                    f"{tuple(mask.shape)}"
-                )
+            check_mask(mask, (b, n), seq.device)
         orig = seq
 
         def restore(quantized, indices, loss=None):
@@ -1088,8 +1083,10 @@ class VectorQuantize(nn.Module):
             )
         iters = self.kmeans_iters if iters is None else check_int("iters", iters, 0)
         batches = check_int("batches", batches, 1)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         with torch.no_grad():
-            z = self.project_in(encoder_outputs.reshape(1, -1, self.dim)).float()
+            z = project_codes(self.project_in, encoder_outputs.reshape(1, -1, self.dim)).float()
             z = z.reshape(1, -1, self.heads, self.codebook_dim)
             if self.use_cosine_sim:
                 z = _l2norm(z)

@@ -62,13 +62,16 @@ def check_positive(name: str, value) -> float:
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_index_tensor(name: str, indices) -> None:
-    """TypeError unless a tensor of one of INDEX_DTYPES."""
+def check_index_tensor(name: str, indices, device: torch.device | None = None) -> None:
+    """TypeError unless a tensor of one of INDEX_DTYPES; ValueError unless on `device` (if
+    given: the codebook's, which a meta tensor would otherwise answer with uninitialised rows)."""
     check_tensor(name, indices)
     if indices.dtype not in INDEX_DTYPES:
         raise TypeError(
             f"{name} must be an int64, int32, int16, int8 or uint8 tensor, got {indices.dtype}"
         )
+    if device is not None and indices.device != device:
+        raise ValueError(f"{name} must be on the codebook's device {device}, got {indices.device}")
 
 
 def check_index_range(name: str, indices: torch.Tensor, low: int, high: int, why: str = "") -> None:

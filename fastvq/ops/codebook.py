@@ -65,7 +65,7 @@ def _ema_scatter_triton(
 
 @_ema_scatter_triton.register_fake
 def _(counts, sums, z, indices, weight, scale):
-    return None
+    fake_on_one_device("ema_scatter_triton", counts, sums, z, indices, weight)
 
 
 @torch.library.custom_op("fastvq::ema_segment_triton", mutates_args=("counts", "sums"))
@@ -85,7 +85,7 @@ def _ema_segment_triton(
 
 @_ema_segment_triton.register_fake
 def _(counts, sums, z, indices, weight, keep, gain):
-    return None
+    fake_on_one_device("ema_segment_triton", counts, sums, z, indices, weight)
 
 
 # --- C++ op (csrc/cpu/ema.cpp, csrc/cuda/ema.cu; schema in csrc/fastvq.cpp) --------------------
@@ -853,9 +853,9 @@ def code_counts(
     Args:
         indices: integer tensor of any shape, values in [0, num_codes) (checked: one host sync).
         num_codes: K >= 1.
-        out: optional (K,) tensor on indices' device (int64 keeps counts exact) that accumulates
-            counts across batches, under no_grad (a buffer, or a Parameter: either is fine);
-            returned.
+        out: optional (K,) int64, int32, float32 or float64 tensor on indices' device (int64
+            keeps counts exact) that accumulates counts across batches, under no_grad (a buffer,
+            or a Parameter: either is fine); returned.
 
     Returns:
         int64 (K,) counts, or `out` with the counts added.
@@ -864,9 +864,10 @@ def code_counts(
     k = check_int("num_codes", num_codes, 1)
     if out is not None:
         check_tensor("out", out)
-        if out.dtype == torch.bool or out.dtype.is_complex:
+        # Narrower types wrap (uint8: 300 counts read 44) or round within a batch's counts.
+        if out.dtype not in (torch.int64, torch.int32, torch.float32, torch.float64):
             raise TypeError(
-                f"out must be a real tensor (int64 keeps counts exact), got {out.dtype}"
+                "out must be int64 (exact), int32, float32 or float64, got " + str(out.dtype)
             )
         if out.shape != (k,) or out.device != indices.device:
             raise ValueError(

@@ -41,6 +41,7 @@ def _nearest_code_triton(
 
 @_nearest_code_triton.register_fake
 def _(z, codebook, code_scale, code_bias, fast, screen=None):
+    fake_on_one_device("nearest_code_triton", z, codebook, code_scale, code_bias)
     return z.new_empty(z.shape[0], dtype=torch.int64)
 
 
@@ -60,6 +61,7 @@ def _nearest_code_topk_triton(
 
 @_nearest_code_topk_triton.register_fake
 def _(z, codebook, code_scale, code_bias, k, fast):
+    fake_on_one_device("nearest_code_topk_triton", z, codebook, code_scale, code_bias)
     return z.new_empty(z.shape[0], k, dtype=torch.int64)
 
 

@@ -72,7 +72,9 @@ def _bwd_torch(grad_out, z, codebook, indices, stats, grad, need_z, need_codeboo
         e = zs + sign * (qf * inv_q[:, None])
         dz = g - (w * (e * g).sum(1))[:, None] * e
         if grad == "rotation":
-            dz = dz + (2 * (qf * g).sum(1) * inv_q)[:, None] * zs
+            # A fallback row (inv_q = 0) whose q . g overflows: 0, not inf * 0 = NaN.
+            along = torch.where(inv_q > 0, 2 * (qf * g).sum(1) * inv_q, 0)
+            dz = dz + along[:, None] * zs
         dz = (scale[:, None] * dz).to(z.dtype)
     return dz, dc
 
@@ -94,6 +96,7 @@ def _quantize_fwd(
 
 @_quantize_fwd.register_fake
 def _(z, codebook, indices, grad, use_triton):
+    fake_on_one_device("quantize_fwd", z, codebook, indices)
     n, d = z.shape
     return codebook.new_empty(n, d), z.new_empty(n, 0 if grad == "ste" else 4, dtype=_acc(z.dtype))
 
@@ -126,6 +129,7 @@ def _quantize_bwd(
 
 @_quantize_bwd.register_fake
 def _(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook, use_triton):
+    fake_on_one_device("quantize_bwd", grad_out, z, codebook, indices, stats)
     d = z.shape[1]
     dz = z.new_empty(z.shape[0] if need_z else 0, d)
     dc = codebook.new_empty(codebook.shape[0] if need_codebook else 0, d)
@@ -343,8 +347,15 @@ def straight_through(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """The codes' values bit for bit, with the identity's gradient (and tangent) towards z: the
     straight-through estimator. z + (codes - z).detach() has that gradient, but its value is
     off from the codes by a rounding wherever z is not near them, so decoding the indices would
-    not give back the output. codes: z's shape and dtype, no gradient of their own.
+    not give back the output. codes: z's shape, dtype and device, no gradient of their own.
     """
+    check_floating("z", z)
+    check_floating("codes", codes)
+    if codes.shape != z.shape or codes.dtype != z.dtype or codes.device != z.device:
+        raise ValueError(
+            f"codes must have z's shape {tuple(z.shape)}, dtype {z.dtype} and device {z.device}, "
+            f"got {tuple(codes.shape)} {codes.dtype} on {codes.device}"
+        )
     # Always, not only where z.requires_grad: under torch.func.vmap and forward-mode AD z does
     # not require grad, and the codes would carry no gradient or tangent at all.
     estimator = _StraightThrough if torch.compiler.is_compiling() else _StraightThroughWithTangent

@@ -249,6 +249,7 @@ def _fsq_bwd(g: torch.Tensor, z: torch.Tensor, levels: list[int], impl: str) -> 
 
 @_fsq_bwd.register_fake
 def _(g, z, levels, impl):
+    fake_on_one_device("fsq_bwd", g, z)
     return z.new_empty(z.shape)
 
 
@@ -387,6 +388,7 @@ def _bsq_bwd(g: torch.Tensor, z: torch.Tensor, impl: str) -> torch.Tensor:
 
 @_bsq_bwd.register_fake
 def _(g, z, impl):
+    fake_on_one_device("bsq_bwd", g, z)
     return z.new_empty(z.shape)
 
 
@@ -544,6 +546,7 @@ def _binary_entropy_bwd(
 
 @_binary_entropy_bwd.register_fake
 def _(g_row, g_col, z, coef, spherical, impl):
+    fake_on_one_device("binary_entropy_bwd", g_row, g_col, z)
     return z.new_empty(z.shape)
 
 

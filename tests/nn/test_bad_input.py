@@ -148,6 +148,45 @@ def test_decoders_take_narrow_index_dtypes_and_name_the_rest():
             decode(zero_d)
 
 
+def test_masks_and_indices_on_another_device_are_named():
+    # A mask on another device failed deep in torch (after the Triton EMA scatter's fake had let
+    # the statistics decay); indices on another device gave SimVQ uninitialised codes.
+    x = torch.randn(2, 5, D)
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    for layer in (
+        fnn.VectorQuantize(D, 16),
+        fnn.ResidualVQ(dim=D, num_quantizers=2, codebook_size=16),
+        fnn.GroupedResidualVQ(dim=D, groups=2, num_quantizers=2, codebook_size=16),
+        fnn.LFQ(dim=D, codebook_size=16),
+    ):
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(ValueError, match="mask must be on x's device cpu, got meta"):
+            layer(x, mask=mask)
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    idx = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    vq, simvq = fnn.VectorQuantize(D, 16), fnn.SimVQ(D, 16)
+    for decode in (vq.get_codes_from_indices, simvq.indices_to_codes):
+        with pytest.raises(ValueError, match="indices must be on the codebook's device cpu"):
+            decode(idx)
+    with pytest.raises(TypeError, match="lens must be an int64"):  # a promotion error in torch
+        fnn.VectorQuantize(D, 16)(x, lens=torch.tensor([3, 4], dtype=torch.uint16))
+
+
+def test_init_from_takes_any_floating_outputs_and_names_its_generator():
+    # With projections, float16 outputs failed in the matmul; a str generator in kmeans.
+    for layer in (
+        fnn.VectorQuantize(D, 16, codebook_dim=3),
+        fnn.ResidualVQ(dim=D, num_quantizers=2, codebook_size=16, codebook_dim=3),
+    ):
+        rows = torch.randn(64, D)
+        layer.init_from(rows.half(), generator=torch.Generator().manual_seed(0))
+        half = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.init_from(rows.half().float(), generator=torch.Generator().manual_seed(0))
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in half.items())
+        with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):
+            layer.init_from(rows[:3], generator="seed")
+
+
 def test_residual_seed_and_scale_range():
     rvq = fnn.ResidualVQ(dim=D, num_quantizers=3, codebook_size=16, quantize_dropout=True)
     x = torch.randn(2, 4, D)

@@ -117,7 +117,7 @@ MODULES = {
         1,
         1,
     ),
-    "vq_heads_sampling": (  # sampled codes: no search, so no finite check in training
+    "vq_heads_sampling": (  # sampled codes: checked too (a NaN row reached the EMA)
         lambda b: VectorQuantize(
             dim=16,
             codebook_size=64,
@@ -127,7 +127,7 @@ MODULES = {
             sample_codebook_temp=1.0,
             backend=b,
         ),
-        0,
+        1,
         1,
     ),
     "vq_learnable": (
@@ -362,6 +362,21 @@ def test_multi_head_layer_still_checks_every_head():
         with pytest.raises(ValueError, match="codebook contains NaN or Inf"):
             vq(x)
     assert torch.equal(before, vq.cluster_size)
+
+
+def test_sampled_codes_are_checked_too():
+    """Sampling codes has no search to check its rows: a NaN row reached the EMA codebook."""
+    sampling = dict(stochastic_sample_codes=True, sample_codebook_temp=1.0)
+    x = torch.randn(2, 10, 8).index_fill(1, torch.tensor([3]), float("nan"))
+    for layer in (
+        VectorQuantize(dim=8, codebook_size=16, **sampling),
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **sampling),
+    ):
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(ValueError, match="z contains NaN or Inf"):
+            layer(x)
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+        layer(x, check_inputs_finite=False)  # told not to: it samples (and the EMA takes NaN)
 
 
 def test_topk_forward_checks_its_rows_unless_told_not_to():

@@ -125,6 +125,20 @@ def test_fsq_noise_dropout_matches_peer():
     assert (out_m.abs() <= 1).all() and ((out_m - clean).abs() <= 0.5).all()
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"preserve_symmetry": True}, {"bound_hard_clamp": True}], ids=str
+)
+def test_fsq_nan_components_quantize_as_zero(kwargs):
+    # The symmetric and hard-clamp grids cast NaN to int64: an index near -2^63, a NaN code.
+    m = FSQ(levels=[3, 4, 5], **kwargs)
+    z = torch.randn(6, 3)
+    z[::2, 0] = float("nan")
+    q, idx = m(z)
+    q0, idx0 = m(torch.where(z.isnan(), 0.0, z))
+    assert torch.equal(q, q0) and torch.equal(idx, idx0)
+    assert bool(((idx >= 0) & (idx < m.codebook_size)).all())
+
+
 def test_fsq_symmetric_bf16_is_quantized_in_float32():
     # force_quantization_f32 (default): a dtype outside allowed_dtypes is quantized in float32,
     # on the same path as the peer (the symmetric grid runs as plain torch ops).

@@ -1128,6 +1128,37 @@ def test_cpp_op_fakes_refuse_mixed_devices():
             call(lambda *shape: torch.empty(*shape, device="meta"))
 
 
+def test_python_op_fakes_refuse_mixed_devices():
+    """The Triton and torch-bodied custom ops, as test_cpp_op_fakes_refuse_mixed_devices: their
+    fakes returned uninitialised CPU tensors, and the in-place EMA scatters did nothing."""
+    ops, long = torch.ops.fastvq, torch.long
+    z, g, idx = torch.randn(4, 2), torch.randn(4, 2), torch.zeros(4, dtype=long)
+    calls = {
+        "nearest_code_triton": lambda m: ops.nearest_code_triton(z, m(5, 2), None, None, False),
+        "nearest_code_topk_triton": lambda m: ops.nearest_code_topk_triton(
+            z, m(5, 2), None, None, 2, False
+        ),
+        "ema_scatter_triton": lambda m: ops.ema_scatter_triton(
+            torch.ones(5), torch.zeros(5, 2), m(4, 2), idx, None, 1.0
+        ),
+        "ema_segment_triton": lambda m: ops.ema_segment_triton(
+            torch.ones(5), torch.zeros(5, 2), m(4, 2), idx, None, 0.5, 1.0
+        ),
+        "quantize_fwd": lambda m: ops.quantize_fwd(z, m(5, 2), idx, "ste", False),
+        "quantize_bwd": lambda m: ops.quantize_bwd(
+            g, z, m(5, 2), idx, torch.zeros(4, 0), "ste", False, True, False
+        ),
+        "fsq_bwd": lambda m: ops.fsq_bwd(g, m(4, 2), [4, 4], "torch"),
+        "bsq_bwd": lambda m: ops.bsq_bwd(g, m(4, 2), "torch"),
+        "binary_entropy_bwd": lambda m: ops.binary_entropy_bwd(
+            torch.randn(4), torch.randn(2, 2), m(4, 2), 1.0, False, "torch"
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: all tensors must be on one device"):
+            call(lambda *shape: torch.empty(*shape, device="meta"))
+
+
 def test_meta_tensors_give_shapes():
     # Meta tensors hold no values: the NaN/Inf check is skipped (it would fail copying out of
     # them) and the search returns meta outputs of the documented shapes.

@@ -208,6 +208,11 @@ def test_degenerate_rows(case, grad, dtype):
             x = (scale * z).requires_grad_()
             (dz,) = _grads(_run(case, x, scale * code, grad=grad)[0], (x,), g[:1])
             assert bool(dz.isfinite().all()) and (not torch.equal(dz, g[:1])) == moved
+        # ... also where q . g overflows (the torch body's rotation term was inf * 0 = NaN)
+        x = torch.full((1, 6), 3e38, device=device, requires_grad=True)
+        ones = torch.ones_like(x)
+        (dz,) = _grads(_run(case, x, torch.full_like(x, 2e38), grad=grad)[0], (x,), ones)
+        torch.testing.assert_close(dz, ones, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -739,3 +744,21 @@ def test_partial_build_without_the_cpp_pair_gathers_on_torch(monkeypatch):
     dz_e, dc_e = _grads(expected[0], (z, codebook), upstream)
     torch.testing.assert_close(dz, dz_e, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(dc, dc_e, rtol=1e-6, atol=1e-6)
+
+
+def test_straight_through_checks_its_codes():
+    # Codes of another shape failed at backward, integer codes left the output without a
+    # gradient, float64 codes for float32 z changed the output's dtype.
+    from fastvq.ops.quantize import straight_through
+
+    z = torch.randn(4, 3, requires_grad=True)
+    codes = torch.randn(4, 3).round()
+    out = straight_through(z, codes)
+    assert torch.equal(out, codes)
+    out.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+    for bad in (codes[:2], codes.long(), codes.double(), codes.to("meta")):
+        with pytest.raises((ValueError, TypeError), match="codes"):
+            straight_through(z, bad)
+    with pytest.raises(TypeError, match="codes must be a torch.Tensor"):
+        straight_through(z, 1.0)

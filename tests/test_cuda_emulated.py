@@ -630,20 +630,22 @@ def test_quantize_nearly_degenerate_rows_fall_back(emulated, grad):
 @pytest.mark.parametrize("grad", ["rotation", "householder"])
 def test_quantize_scale_overflow_falls_back(emulated, grad):
     # |q| / |z| = 1e19 / 1e-22 overflows float32 (|z|^2 = 1e-44 is subnormal, not 0): the row
-    # falls back to STE, stats (1, 0, 0, 0) as the CPU kernel's, and dz = g stays finite.
-    z = torch.tensor([[1e-22, 0.0, 0.0], [1.0, 2.0, 0.5]])
-    codebook = torch.tensor([[1e19, 0.0, 0.0], [0.5, 1.0, -1.0]])
-    idx, g = torch.tensor([0, 1]), torch.ones(2, 3)
-    common = (2, 2, 3, KERNEL_DTYPE[torch.float32], GRADS[grad])
-    zq, stats = torch.full_like(z, math.nan), torch.full((2, 4), math.nan)
+    # falls back to STE, stats (1, 0, 0, 0) as the CPU kernel's, and dz = g stays finite. Row 2:
+    # |z|^2 overflows, and so does q.g (rotation's 2 (q.g) / |q| was inf * 0 = NaN there).
+    z = torch.tensor([[1e-22, 0.0, 0.0], [1.0, 2.0, 0.5], [3e38, 3e38, 3e38]])
+    codebook = torch.tensor([[1e19, 0.0, 0.0], [0.5, 1.0, -1.0], [2e38, 2e38, 2e38]])
+    idx, g = torch.tensor([0, 1, 2]), torch.ones(3, 3)
+    common = (3, 3, 3, KERNEL_DTYPE[torch.float32], GRADS[grad])
+    zq, stats = torch.full_like(z, math.nan), torch.full((3, 4), math.nan)
     dz = torch.full_like(z, math.nan)
     emulated.run(
         ("emu_quantize_fwd", z, codebook, idx, *common, zq, stats),
         ("emu_quantize_bwd", g, z, codebook, idx, stats, *common, dz, None),
     )
     _, stats_cpu = torch.ops.fastvq.quantize_fwd_cpp(z, codebook, idx, grad)
-    assert stats_cpu[0].tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert torch.equal(stats[0], stats_cpu[0]) and torch.equal(dz[0], g[0])
+    for row in (0, 2):
+        assert stats_cpu[row].tolist() == [1.0, 0.0, 0.0, 0.0]
+        assert torch.equal(stats[row], stats_cpu[row]) and torch.equal(dz[row], g[row])
     torch.testing.assert_close(stats[1], stats_cpu[1])
 
 

@@ -574,6 +574,7 @@ def _dead_setup(n=200, k=50, d=7, seed=13, codebook_dtype=torch.float32):
 
 def test_reset_dead_codes_replaces_exactly_the_dead_ones():
     codebook, cs, es, z = _dead_setup()
+    cs[:3] = 1.0  # at the threshold: alive (a reset code starts there, and must stay alive)
     c0, cs0, es0 = codebook.clone(), cs.clone(), es.clone()
     replaced = reset_dead_codes_(codebook, cs, es, z, 1.0, torch.Generator().manual_seed(0))
     dead = (cs0 < 1.0).nonzero().flatten()
@@ -700,6 +701,35 @@ def test_kmeans_reproducible_low_precision_and_distinct_random_init():
     init = kmeans(x, 100, iters=0, init="random", generator=torch.Generator().manual_seed(5))
     assert len(torch.unique(init, dim=0)) == 100
     assert bool((init[:, None, :] == x.float()[None]).all(-1).any(1).all())  # rows of x
+
+
+def test_kmeanspp_draws_in_proportion_to_squared_distance():
+    # After a first centre at the origin, the second is drawn with probability D^2 / sum D^2:
+    # 50 rows at D^2 = 1 and one at D^2 = 20 give the far row 20 / 70. Keys D^2 * Exp(1) (not
+    # D^2 / Exp(1)) drew it 79 % of the time, and clean blobs did not show it.
+    from fastvq.ops.codebook import _kmeanspp
+
+    x = torch.zeros(251, 52)
+    x[200:250, :50] = torch.eye(50)
+    x[250, 51] = 20**0.5
+    hits = trials = 0
+    for seed in range(1500):
+        first, second = _kmeanspp(x, 2, torch.Generator().manual_seed(seed), "cpu").tolist()
+        if first < 200:
+            trials += 1
+            hits += second == 250
+    assert trials > 1000 and abs(hits / trials - 20 / 70) < 0.05
+
+
+def test_kmeans_reseeds_a_lone_empty_cluster():
+    # One centroid far from every row: the farthest row takes it (test_distributed checks the
+    # same over ranks).
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 8.0]])
+    x = (blobs[:, None, :] + torch.randn(3, 300, 2, generator=g)).reshape(-1, 2)
+    init = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [100.0, 100.0]])
+    centroids = kmeans(x, 3, iters=10, init=init)
+    assert torch.cdist(centroids, blobs).min(0).values.max() < 0.3
 
 
 def test_kmeans_more_empty_clusters_than_rows():

@@ -21,6 +21,7 @@ from fastvq.nn.residual import (
     ResidualSimVQ,
     ResidualVQ,
 )
+from fastvq.nn.vector_quantize import VectorQuantize
 
 DIM, K, Q = 8, 32, 3
 
@@ -576,6 +577,20 @@ def test_beam_search_beats_greedy_on_average(cosine):
         assert err[4] < err[1]
 
 
+def test_beam_search_without_commitment_weight_ranks_by_the_error():
+    # commitment_weight 0 scores every path 0 in the peer (an arbitrary pick); fastvq ranks by
+    # the unweighted error, the ranking any positive weight gives.
+    x = _randn(4, 64, DIM, seed=7)
+    outs = []
+    for weight in (0.0, 1.0, 3.0):
+        torch.manual_seed(0)
+        rvq = ResidualVQ(dim=DIM, num_quantizers=Q, codebook_size=16, commitment_weight=weight)
+        outs.append(rvq.eval()(x, beam_size=4)[1])
+    greedy = rvq(x)[1]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert not torch.equal(outs[0], greedy)
+
+
 def test_beam_search_shared_codebook_one_update():
     # The search matches the peer; the shared codebook then takes one EMA step over every
     # layer's chosen-path rows (fastvq's shared-codebook semantics, float64 reference).
@@ -701,9 +716,9 @@ def test_quantize_dropout_cutoff_and_multiple():
         assert bool((losses[run:] == 0).all()) and bool((losses[:run] > 0).all())
         kept.add(run)
     assert kept == {4, 8}  # last index in [2, 8) rounded up to a multiple of 4, minus one
-    with torch.no_grad():
-        out = rvq.eval()(x)[1]
-    assert bool((out >= 0).all())  # no dropout in eval
+    with torch.no_grad():  # no dropout in eval (one call would pass half the time with it)
+        outs = [rvq.eval()(x)[1] for _ in range(8)]
+    assert all(bool((out >= 0).all()) and torch.equal(out, outs[0]) for out in outs)
 
 
 @pytest.mark.parametrize("frac", [0.0, 0.25])
@@ -791,6 +806,17 @@ def test_init_from_clusters_layer_by_layer():
     assert (q[0] - x).square().mean() < 0.01
     with pytest.raises(ValueError, match="encoder_outputs"):
         rvq.init_from(torch.randn(4, DIM + 1))
+
+
+def test_shared_codebook_init_from_clusters_the_first_layers_input_once():
+    # Re-clustered at every layer, the shared codebook fitted the last, small residual.
+    torch.manual_seed(17)
+    rvq = ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=8, shared_codebook=True)
+    alone = VectorQuantize(DIM, 8)
+    x = _randn(256, DIM, seed=8) * 4
+    rvq.init_from(x, iters=4, generator=torch.Generator().manual_seed(3))
+    alone.init_from(x, iters=4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(rvq.layers[0].codebook, alone.codebook, rtol=0, atol=0)
 
 
 def test_grouped_init_from_initialises_each_group_from_its_features():

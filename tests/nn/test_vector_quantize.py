@@ -608,6 +608,8 @@ def test_assigned_codebook_survives_a_training_step(config):
     for decay in (1.0, 0.9):
         vq = VectorQuantize(DIM, K, decay=decay, **config).train()
         new = _randn(*vq.codebook.shape, seed=3) * 4 if new is None else new
+        with torch.no_grad():  # counts of a layer in training (a fresh one's are all 1)
+            vq.cluster_size.copy_(torch.rand(vq.cluster_size.shape) * 10 + 0.5)
         vq.codebook = new
         cs, es = vq.cluster_size.clone(), vq.embed_avg.clone()
         x = _randn(2, 30, DIM, seed=4)

@@ -92,6 +92,25 @@ def test_lecam_formula_and_moving_averages():
     assert loss.ema_real.item() == pytest.approx(0.9 * before.item() + 0.1 * r.item(), rel=1e-6)
 
 
+def test_lecam_alone_trains_the_discriminator_and_averages_over_ranks(monkeypatch):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    disc = PatchGANDiscriminator(3, ndf=4, n_layers=1, norm="none")
+    # disc_weight 0 with LeCAM on: the discriminator still trains (the trainer builds its
+    # optimizer where uses_disc).
+    loss = VQGANLoss(discriminator=disc, disc_weight=0.0, lecam_weight=0.1)
+    total, _ = loss.discriminator_loss(_img(1), _img(2), step=0)
+    assert loss.uses_disc and total.requires_grad and loss.ema_count.item() == 1
+    # Under DDP the averages are the mean over ranks: two ranks with these means sum to twice
+    # them, and the average is the means again (not twice them).
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *args, **kwargs: t.mul_(2))
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
+    loss = VQGANLoss(discriminator=disc, disc_weight=0.5, lecam_weight=0.1, all_reduce=True)
+    loss._update_ema(torch.tensor(2.0), torch.tensor(-1.5), 0.9)
+    assert (loss.ema_real.item(), loss.ema_fake.item()) == (2.0, -1.5)
+
+
 def test_adaptive_weight_matches_autograd_at_last_layer():
     torch.manual_seed(0)
     tok = build_tokenizer(MODEL)

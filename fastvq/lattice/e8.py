@@ -7,6 +7,7 @@ Canonical order of the shell (the same conventions as the Leech shell, see _comm
 """
 
 import functools
+import math
 
 import torch
 
@@ -193,11 +194,14 @@ def e8_shell_codebook(dtype: torch.dtype = torch.float32, device=None) -> torch.
 def e8_shell_index(vectors: torch.Tensor) -> torch.Tensor:
     """Canonical indices of E8 minimal vectors: (..., 8) floating -> (...) int64.
 
-    Rows must be shell vectors (squared norm 2) within 0.05 per coordinate, else ValueError.
+    Rows within 0.05 per coordinate of a shell vector c (squared norm 2), or within 0.05 s of a
+    positive multiple s c (E8Quantize's unit codes; s fitted by least squares), as leech_index
+    takes multiples; other rows raise ValueError.
     """
     check_vectors("vectors", vectors, 8)
-    v = 2 * vectors.reshape(-1, 8).double()
-    x = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).round().long()
+    v = vectors.reshape(-1, 8).double()
+    doubled = v * (2 * math.sqrt(2) / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
+    x = torch.nan_to_num(doubled, nan=0.0, posinf=0.0, neginf=0.0).round().long()
     two = (x.abs() == 2).long()
     a = two.argmax(-1)
     b = 7 - two.flip(-1).argmax(-1)
@@ -207,7 +211,9 @@ def e8_shell_index(vectors: torch.Tensor) -> torch.Tensor:
     i1 = pair_id[a, b] * 4 + neg_a * 2 + neg_b
     index = torch.where(two.any(-1), i1, _START2 + signs_to_rank(x))
     index = index.clamp(0, E8_SHELL_SIZE - 1)  # non-shell rows fail the check below
-    ok = (_doubled_codes(index) == x).all(-1) & ((v - x).abs().amax(-1) < 0.1)
+    s = (v * x).sum(-1, keepdim=True) / 8  # v ~ s x, x doubled (squared norm 8)
+    near = ((2 * v - x).abs().amax(-1) < 0.1) | ((s[:, 0] > 0) & ((v / s - x).abs().amax(-1) < 0.1))
+    ok = (_doubled_codes(index) == x).all(-1) & near
     if not bool(ok.all()):
         bad = (~ok).nonzero()[0].item()
         raise ValueError(f"vectors: row {bad} is not an E8 minimal vector")

@@ -101,6 +101,9 @@ def test_shell_index_round_trip_and_rejects():
     c = e8_shell_codebook()
     assert torch.equal(e8_shell_index(c), torch.arange(240))
     assert torch.equal(e8_shell_index(c.double().view(2, 120, 8)), torch.arange(240).view(2, 120))
+    # Any positive multiple, as leech_index (E8Quantize's unit codes were refused).
+    assert torch.equal(e8_shell_index(c / 2**0.5), torch.arange(240))
+    assert torch.equal(e8_shell_index(c * 3.7), torch.arange(240))
     idx = torch.randint(0, 240, (4, 7), generator=_gen(3))
     assert torch.equal(e8_shell_codes(idx.int(), torch.float64), c.double()[idx])
     # One graph (the range check is skipped while compiling): the same codes.
@@ -113,8 +116,8 @@ def test_shell_index_round_trip_and_rejects():
     near = c + (torch.rand(240, 8, generator=g) - 0.5) * 0.09
     assert torch.equal(e8_shell_index(near), torch.arange(240))
     off = c[7].clone()
-    off[torch.randint(0, 8, (1,), generator=g)] += 0.06
-    for v in (torch.zeros(8), 2 * c[0], odd, torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]), off):
+    off[torch.randint(0, 8, (1,), generator=g)] += 0.12  # beyond a multiple's fit too
+    for v in (torch.zeros(8), -c[0] * 0, odd, torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]), off):
         with pytest.raises(ValueError, match="vectors"):
             e8_shell_index(torch.cat((c[:2], v[None])))
 

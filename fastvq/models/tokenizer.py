@@ -223,23 +223,35 @@ def _accepts(cls, arg: str) -> bool:
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _flag_kinds(cls) -> dict:
+    """{argument: whether None is allowed} for cls's bool arguments (default or annotation)."""
+    return {
+        arg: p.default is None or p.annotation == bool | None
+        for arg, p in inspect.signature(cls).parameters.items()
+        if isinstance(p.default, bool) or p.annotation in (bool, bool | None)
+    }
+
+
 @functools.cache
-def _flags() -> frozenset:
-    """The arguments that every quantizer taking them declares bool (or bool | None)."""
-    kinds: dict[str, set] = {}
+def _flags() -> dict:
+    """{argument: None allowed} for the arguments that every built-in quantizer taking them
+    declares bool: what a residual stack passes on to its layers, through **kwargs, too."""
+    kinds: dict[str, list] = {}
     for name in QUANTIZERS:
-        for arg, p in inspect.signature(_quantizer_class(name)).parameters.items():
-            flag = isinstance(p.default, bool) or p.annotation in (bool, bool | None)
-            kinds.setdefault(arg, set()).add(flag)
-    return frozenset(arg for arg, k in kinds.items() if k == {True})
+        cls = _quantizer_class(name)
+        flags = _flag_kinds(cls)
+        for arg in inspect.signature(cls).parameters:
+            kinds.setdefault(arg, []).append(flags.get(arg))
+    return {arg: any(k) for arg, k in kinds.items() if None not in k}
 
 
 def build_quantizer(cfg: dict, dim: int | None = None) -> nn.Module:
     """{"type": "<fastvq.nn class name>", **kwargs} -> that class(**kwargs).
 
-    dim, when given, is passed as `dim=` unless cfg sets it or the class takes no `dim`. Flags
-    (rotation_trick, kmeans_init, ...) must be true, false or null: a string such as "false" or
-    a typo would be truthy, and turn the feature on without a word.
+    dim, when given, is passed as `dim=` unless cfg sets it or the class takes no `dim`. The
+    built-in quantizers' flags (rotation_trick, kmeans_init, ...) must be true or false (or
+    null where the argument defaults to it): a string such as "false" or a typo would be
+    truthy, and null falsy, turning a feature on or off without a word.
     """
     if not isinstance(cfg, dict) or "type" not in cfg:
         raise ValueError(
@@ -248,11 +260,14 @@ def build_quantizer(cfg: dict, dim: int | None = None) -> nn.Module:
         )
     kwargs = dict(cfg)
     cls = _quantizer_class(kwargs.pop("type"))
-    for arg, value in kwargs.items():
-        if arg in _flags() and value is not None and not isinstance(value, bool):
-            raise ValueError(
-                f"quantizer {cls.__name__}: {arg} must be true, false or null, got {value!r}"
-            )
+    if cls in {_quantizer_class(name) for name in QUANTIZERS}:  # not a user's class
+        flags = {**_flags(), **_flag_kinds(cls)}  # cls's own declaration first
+        for arg, value in kwargs.items():
+            if arg in flags and not (isinstance(value, bool) or value is None and flags[arg]):
+                allowed = "true, false or null" if flags[arg] else "true or false"
+                raise ValueError(
+                    f"quantizer {cls.__name__}: {arg} must be {allowed}, got {value!r}"
+                )
     if dim is not None and "dim" not in kwargs and _accepts(cls, "dim"):
         kwargs["dim"] = dim
     try:
@@ -321,7 +336,7 @@ def build_tokenizer(cfg: dict) -> Tokenizer:
         if key in c and not (isinstance(c[key], list | tuple) and all(_is_int(v) for v in c[key])):
             raise ValueError(f"model.{key} must be a list of ints, e.g. [1, 2, 4], got {c[key]!r}")
     ints = {"ch": 1, "num_res_blocks": 0, "resolution": 1, "norm_groups": 1, "z_channels": 1,
-            "in_channels": 1, "out_channels": 1, "attn_heads": 1}  # fmt: skip
+            "in_channels": 1, "out_channels": 1, "attn_heads": 0}  # fmt: skip
     for key, low in ints.items():
         # else a ZeroDivisionError (norm_groups=0), a TypeError (None, 1.5), no blocks (-1) or
         # "dim must be >= 1" naming no key (z_channels=0); a rotated VQ-VAE takes any
@@ -337,6 +352,8 @@ def build_tokenizer(cfg: dict) -> Tokenizer:
             f"model.embed_dim must be a positive int, or null for model.quantizer.dim (else "
             f"model.z_channels), got {c['embed_dim']!r}"
         )
+    if not isinstance(c["quant_conv"], bool):  # "no" is a string in YAML 1.2, and truthy
+        raise ValueError(f"model.quant_conv must be true or false, got {c['quant_conv']!r}")
     z = c["z_channels"]
     qcfg = c["quantizer"]
     qdim = qcfg.get("dim") if isinstance(qcfg, dict) else None

@@ -27,7 +27,6 @@ from fastvq.ops._validate import (
     check_int,
     check_positive,
     check_real,
-    check_tensor,
 )
 from fastvq.ops.quantize import straight_through
 from fastvq.ops.scalar import (
@@ -70,7 +69,8 @@ def describe(module: nn.Module, *names: str) -> str:
 
 def check_mask(mask, shape: tuple, device: torch.device) -> None:
     """TypeError unless a tensor; ValueError unless bool, of `shape` and on x's `device`."""
-    check_tensor("mask", mask)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool or mask.shape != shape:
         raise ValueError(
             f"mask must be a bool tensor of shape {tuple(shape)}, got {mask.dtype} "

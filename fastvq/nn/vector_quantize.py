@@ -111,6 +111,7 @@ from fastvq._ext import register_namedtuple
 from fastvq.nn.scalar import check_mask, describe, project_codes, project_in
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import (
+    INDEX_DTYPES,
     check_choice,
     check_finite,
     check_floating,
@@ -688,8 +689,8 @@ class VectorQuantize(nn.Module):
             )
         b, n = seq.shape[:2]
         if lens is not None:
-            check_index_tensor("lens", lens)
-            if lens.shape != (b,):
+            check_tensor("lens", lens)
+            if lens.shape != (b,) or lens.dtype not in INDEX_DTYPES:  # uint16: torch's error
                 raise ValueError(f"lens must be an integer tensor of shape ({b},), got {lens}")
             mask = torch.arange(n, device=seq.device) < lens[:, None].to(seq.device)
         if mask is not None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 EPILOG = """\
@@ -161,7 +162,7 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
     from fastvq.train.config import changed_keys, load_config
     from fastvq.train.trainer import Trainer
 
-    path = Path(checkpoint)
+    path = Path(checkpoint).expanduser()
     state = ckpt.load(path)
     if config is not None:
         cfg = load_config(config, overrides)
@@ -170,10 +171,11 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
     saved = state.get("config") if isinstance(state, dict) else None
     saved = saved if isinstance(saved, dict) else {"model": cfg["model"]}  # nothing to compare
     changed = changed_keys(saved.get("model"), cfg["model"], "model")
-    if changed:  # weights that still fit (FSQ levels reordered) would evaluate another tokenizer
-        raise ValueError(
-            f"eval evaluates the tokenizer {str(path)!r} was trained as, but the model section "
-            f"differs ({', '.join(changed)}): drop the model overrides (or --config)"
+    if changed:  # weights that still fit (FSQ levels reordered) evaluate another tokenizer
+        warnings.warn(  # but beam_size, say, is an evaluation setting: said, not refused
+            f"evaluating {str(path)!r} with a model section other than the one it was trained "
+            f"with ({', '.join(changed)})",
+            stacklevel=2,
         )
     out_dir = Path(out).expanduser() if out else _beside_run(path, "eval")
     # Weights only: no optimizer state, no resume, no EMA copy (load_weights takes the EMA
@@ -210,7 +212,7 @@ def tokenize(
     from fastvq.train.tokens import index_dtype, write_tokens
     from fastvq.train.trainer import join_process_group, pick_device, resolve_num_workers
 
-    path = Path(checkpoint)
+    path = Path(checkpoint).expanduser()
     # The tokenizer is the checkpoint's: a model override builds another one, and one whose
     # weights still fit (FSQ levels [8, 5, 5] -> [5, 5, 8]: no weights) writes other codes.
     model_overrides = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] == "model"]
@@ -223,7 +225,7 @@ def tokenize(
     cfg = ckpt.tokenizer_config(state, path, overrides)
     data = cfg["data"]
     if data["kind"] != "samples":  # tokens-SPLIT.txt names images relative to it, from anywhere
-        data["path"] = str(Path(data["path"]).expanduser().resolve())
+        data["path"] = str(Path(data["path"]).resolve())  # "~" expanded by the config
     dataset = build_datasets(data, augment=False)[split == "val"]
     if dataset is None:
         raise ValueError(
@@ -302,10 +304,10 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
         vals = spec["values"]
     if not isinstance(vals, list) or not vals:
         raise ValueError(f"{config}: sweep.values must be a non-empty list, got {vals!r}")
-    out_root = Path(spec.get("out_dir", "runs/sweep"))
+    out_root = Path(spec.get("out_dir", "runs/sweep")).expanduser()
     for o in overrides:
         if o.startswith("train.out_dir="):
-            out_root = Path(o.split("=", 1)[1])
+            out_root = Path(o.split("=", 1)[1]).expanduser()
     overrides = [o for o in overrides if not o.startswith("train.out_dir=")]
     run_cfg = path.parent / spec["config"]
 

@@ -134,10 +134,19 @@ _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
 class _Loader(yaml.SafeLoader):
     def construct_yaml_int(self, node):
         text = self.construct_scalar(node)
+        if not _INT.match(text):  # an explicit !!int 0b11 or 1_000
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is no int", node.start_mark
+            )
         return int(text, 8 if text.startswith("0o") else 16 if text.startswith("0x") else 10)
 
     def construct_yaml_bool(self, node):
-        return self.construct_scalar(node).lower() == "true"
+        text = self.construct_scalar(node)
+        if not _BOOL.match(text):  # an explicit !!bool yes
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is no bool", node.start_mark
+            )
+        return text.lower() == "true"
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
@@ -153,6 +162,14 @@ for _tag, _rx, _first in (
     ("float", _FLOAT, list("-+0123456789.")),
 ):
     _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", _rx, _first)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings that _Loader would read as something else ("08", "1e-4" as a string),
+    so that a run's config.yaml reads back as it was written."""
+
+
+_Dumper.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
 
 
 def parse_value(text: str):
@@ -184,9 +201,10 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if not isinstance(base, str):
         raise ValueError(f"config {str(path)!r}: base must be one file name, got {base!r}")
     target = path.parent / base
-    if not target.is_file() and Path(base).parent == Path("."):  # base: demo, a shipped recipe
-        shipped = _recipes() / Path(base).with_suffix(".yaml").name
-        target = shipped if shipped.is_file() else target
+    if not target.is_file() and Path(base).parent == Path("."):
+        # base: demo names demo.yaml beside the config, else the shipped recipe
+        beside, shipped = target.with_suffix(".yaml"), _recipes() / f"{Path(base).stem}.yaml"
+        target = beside if beside.is_file() else shipped if shipped.is_file() else target
     return merge(_read(target, (*seen, path.resolve())), cfg)
 
 
@@ -362,7 +380,7 @@ def _recipes() -> Path:
 
 def resolve_config(path: str | Path) -> Path:
     """path itself if it is a file, else the shipped recipe of that name (bare names only)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file() or path.parent != Path("."):
         return path
     recipes = _recipes()
@@ -399,4 +417,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 def dump_config(cfg: dict, path: str | Path) -> None:
     """Write cfg as YAML (the run's exact settings, saved next to its checkpoints)."""
     with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.dump(cfg, f, Dumper=_Dumper, sort_keys=False)

@@ -179,10 +179,19 @@ def test_bad_quantizer_kwargs(standin):
              ("GroupedResidualFSQ", "bound_hard_clamp"), ("LFQ", "spherical")]  # fmt: skip
     for name, flag in flags:
         cfg = {"type": name, "codebook_size": 16, "num_quantizers": 2, "levels": [3, 3]}
-        with pytest.raises(ValueError, match=f"{name}: {flag} must be true, false or null"):
+        with pytest.raises(ValueError, match=f"{name}: {flag} must be true"):
             build_quantizer({**cfg, flag: "false"}, dim=4)
-    q = build_quantizer({"type": "VectorQuantize", "codebook_size": 16, "kmeans_init": None}, 4)
-    assert not q.kmeans_init
+    # null only where the argument defaults to it (SimVQ's rotation_trick=None was plain STE)
+    vq = build_quantizer({"type": "VectorQuantize", "codebook_size": 16, "rotation_trick": None}, 4)
+    assert vq.rotation_trick
+    with pytest.raises(ValueError, match="SimVQ: rotation_trick must be true or false, got None"):
+        build_quantizer({"type": "SimVQ", "codebook_size": 16, "rotation_trick": None}, 4)
+
+    class CountedInit(standin):  # a user's class is its own to check: here a count
+        def __init__(self, dim, codebook_size=16, kmeans_init: int = 0):
+            super().__init__(dim, codebook_size)
+
+    assert build_quantizer({"type": CountedInit, "kmeans_init": 10}, 4)
 
 
 FASTVQ_QUANTIZERS = [

@@ -27,10 +27,13 @@ def test_overrides_parse_as_yaml(tmp_path):
     (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 5e-4}\n")
     cfg = load_config(tmp_path / "child.yaml", ["optim.weight_decay=0.2"])
     assert cfg["optim"]["lr"] == 5e-4 and cfg["optim"]["weight_decay"] == 0.2
-    # A base that is no file beside it is a shipped recipe (it was "does not exist").
+    # A base that is no file beside it is a shipped recipe (it was "does not exist"); a
+    # demo.yaml beside it comes first.
     (tmp_path / "mine.yaml").write_text("base: demo\ntrain: {steps: 7}\n")
     cfg, demo = load_config(tmp_path / "mine.yaml"), load_config("demo")
     assert cfg["train"]["steps"] == 7 and cfg["model"] == demo["model"]
+    (tmp_path / "demo.yaml").write_text("train: {batch_size: 3}\n")
+    assert load_config(tmp_path / "mine.yaml")["train"]["batch_size"] == 3
 
 
 @pytest.mark.parametrize(
@@ -111,6 +114,15 @@ def test_scalars_are_yaml_1_2_and_paths_expand_home(tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text("train: {steps: 010, out_dir: 2024-01-01}\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg["train"]["steps"] == 10 and cfg["train"]["out_dir"] == "2024-01-01"
+    # A run's config.yaml reads back as written ("08" was dumped bare, and read back as 8).
+    from fastvq.train.config import dump_config
+
+    cfg = load_config(None, ["train.out_dir='08'", "data.path=null"])
+    dump_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    for text in ("a: !!bool yes", "a: !!int 0b11"):  # explicit tags are held to YAML 1.2 too
+        with pytest.raises(ValueError, match="is no (bool|int)"):
+            parse_value(text)
     # "~" was expanded in data.path alone: train.out_dir=~/x made a directory named "~".
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(

@@ -472,15 +472,16 @@ def test_cli_eval_refuses_checkpoints_that_do_not_fit(tmp_path, make_config, dat
     trainer = Trainer(cfg, datasets=datasets)
     trainer.fit()
     latest = str(trainer.ckpt_dir / "latest.pt")
-    with pytest.raises(ValueError, match=r"model.quantizer.codebook_size 16 -> 8\): drop"):
-        main(["eval", "--checkpoint", latest, "model.quantizer.codebook_size=8"])
-    # Weights that fit another tokenizer (FSQ levels reordered) are refused as well.
+    with pytest.warns(UserWarning, match="codebook_size 16 -> 8"):
+        with pytest.raises(ValueError, match="quantizer.embed"):
+            main(["eval", "--checkpoint", latest, "model.quantizer.codebook_size=8"])
+    # Weights that fit another tokenizer (FSQ levels reordered) evaluate it, but not silently.
     fsq = ["model.quantizer={type: FSQ, levels: [8, 5, 5]}", f"train.out_dir={tmp_path / 'f'}"]
     fsq_run = Trainer(make_config("train.steps=1", *fsq), datasets=datasets)
     fsq_run.fit()
-    with pytest.raises(ValueError, match=r"model.quantizer.levels \[8, 5, 5\] -> \[5, 5, 8\]"):
+    with pytest.warns(UserWarning, match=r"model.quantizer.levels \[8, 5, 5\] -> \[5, 5, 8\]"):
         main(["eval", "--checkpoint", str(fsq_run.ckpt_dir / "latest.pt"),
-              "model.quantizer.levels=[5, 5, 8]"])  # fmt: skip
+              f"--out={tmp_path / 'e'}", "model.quantizer.levels=[5, 5, 8]"])  # fmt: skip
     torch.save(trainer.model.state_dict(), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="holds no config.*--config"):
         main(["eval", "--checkpoint", str(tmp_path / "weights.pt")])
@@ -563,8 +564,12 @@ def test_model_lists_and_embed_dim_are_checked(make_config, datasets):
     ):
         with pytest.raises(ValueError, match=f"model.{key} must be an int"):
             build_tokenizer({**vqgan, key: bad})
-    with pytest.raises(ValueError, match="model.attn_heads must be an int >= 1, got 0"):
-        build_tokenizer(dict(arch="rotated_vqvae", ch=8, z_channels=4, attn_heads=0, quantizer=q))
+    rotated = dict(arch="rotated_vqvae", ch=8, z_channels=4, quantizer=q)
+    with pytest.raises(ValueError, match="model.attn_heads must be an int >= 0, got -1"):
+        build_tokenizer({**rotated, "attn_heads": -1})
+    assert build_tokenizer({**rotated, "attn_heads": 0})  # a decoder without attention
+    with pytest.raises(ValueError, match="model.quant_conv must be true or false, got 'no'"):
+        build_tokenizer({**rotated, "quant_conv": "no"})  # a string in YAML 1.2, truthy
 
 
 def test_fid_features_that_are_no_extractor_are_named_at_start(make_config, datasets, tmp_path):
@@ -748,6 +753,11 @@ def test_sweep_reads_floats_as_configs_do_and_tables_every_column(tmp_path, monk
     assert [r["optim.lr"] for r in rows] == [0.001, 0.002]
     table = list(csv.DictReader(open(tmp_path / "out" / "sweep.csv")))
     assert [r["usage"] for r in table] == ["", "0.25"]
+    # "~" in the runs' folder: the tables went to a directory named "~" under the cwd.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    results = iter([{"eval": {"mse": 0.5}}, {"eval": {"mse": 0.4}}])
+    cli.sweep(str(tmp_path / "s.yaml"), None, ["train.out_dir=~/sweep"])
+    assert (tmp_path / "home" / "sweep" / "sweep.csv").is_file()
 
 
 def test_cli_reports_a_bad_setting_in_one_line(tmp_path, capsys, monkeypatch):

@@ -86,6 +86,7 @@ from fastvq.nn.projected import SimVQ
 from fastvq.nn.scalar import (
     FSQ,
     LFQ,
+    check_input,
     check_mask,
     describe,
     from_channel_last,
@@ -509,12 +510,7 @@ class ResidualVQ(_Residual):
         outputs. A shared codebook is initialized once, from the first layer's input. batches:
         how many training batches the outputs hold (VectorQuantize.init_from divides the EMA
         counts by it)."""
-        check_floating("encoder_outputs", encoder_outputs)
-        if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
-            raise ValueError(
-                f"encoder_outputs must have shape (..., {self.dim}), got "
-                f"{tuple(encoder_outputs.shape)}"
-            )
+        check_input("encoder_outputs", encoder_outputs, self.dim)
         with torch.no_grad():
             residual = project_codes(self.project_in, encoder_outputs.reshape(-1, self.dim))
             residual = residual.float()
@@ -1177,12 +1173,7 @@ class GroupedResidualVQ(_Grouped):
     ) -> None:
         """k-means initialization from encoder outputs (..., dim): group g's stack
         (ResidualVQ.init_from) from features g * dim / groups onwards, as forward splits them."""
-        check_floating("encoder_outputs", encoder_outputs)
-        if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
-            raise ValueError(
-                f"encoder_outputs must have shape (..., {self.dim}), got "
-                f"{tuple(encoder_outputs.shape)}"
-            )
+        check_input("encoder_outputs", encoder_outputs, self.dim)
         chunks = encoder_outputs.chunk(self.groups, dim=-1)
         for rvq, chunk in zip(self.rvqs, chunks, strict=True):
             rvq.init_from(chunk, iters, generator, batches)

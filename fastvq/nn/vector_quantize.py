@@ -108,7 +108,7 @@ from torch import nn
 
 import fastvq
 from fastvq._ext import register_namedtuple
-from fastvq.nn.scalar import check_mask, describe, project_codes, project_in
+from fastvq.nn.scalar import check_input, check_mask, describe, project_codes, project_in
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import (
     INDEX_DTYPES,
@@ -1075,13 +1075,9 @@ class VectorQuantize(nn.Module):
         codes against the next batch's rows), so the counts of 64 batches' rows start the EMA
         64 times too confident unless divided.
         """
-        check_floating("encoder_outputs", encoder_outputs)
+        check_input("encoder_outputs", encoder_outputs, self.dim)
         if self.codebook_generator is not None:
             raise ValueError("init_from is not available with a codebook_generator")
-        if encoder_outputs.dim() < 2 or encoder_outputs.shape[-1] != self.dim:
-            raise ValueError(
-                f"encoder_outputs must have shape (..., {self.dim}), got {encoder_outputs.shape}"
-            )
         iters = self.kmeans_iters if iters is None else check_int("iters", iters, 0)
         batches = check_int("batches", batches, 1)
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -168,9 +168,9 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
         cfg = load_config(config, overrides)
     else:
         cfg = ckpt.trained_config(state, path, overrides)
-    saved = state.get("config") if isinstance(state, dict) else None
-    saved = saved if isinstance(saved, dict) else {"model": cfg["model"]}  # nothing to compare
-    changed = changed_keys(saved.get("model"), cfg["model"], "model")
+    saved = state.get("config") if isinstance(state, dict) else None  # a bare state_dict: none
+    saved = saved.get("model") if isinstance(saved, dict) else cfg["model"]
+    changed = changed_keys(saved, cfg["model"], "model")
     if changed:  # weights that still fit (FSQ levels reordered) evaluate another tokenizer
         warnings.warn(  # but beam_size, say, is an evaluation setting: said, not refused
             f"evaluating {str(path)!r} with a model section other than the one it was trained "

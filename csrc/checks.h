@@ -19,40 +19,40 @@ namespace checks {
 
 inline void on_device(const char* op, const at::Tensor& t, const char* name,
                       const c10::Device& device) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
 }
 
 // t has shape (rows, cols) exactly.
 inline void shape2(const char* op, const at::Tensor& t, const char* name, int64_t rows,
                    int64_t cols) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name,
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, ": ", name,
               " must have shape (", rows, ", ", cols, "), got ", t.sizes());
 }
 
 // The element types of the C++ kernels: float32, bfloat16, float16.
 inline void kernel_dtype(const char* op, const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
               " must be float32, bfloat16 or float16, got ", dt);
 }
 
 inline void same_dtype(const char* op, const at::Tensor& a, const char* a_name,
                        const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
               " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
 }
 
 inline void dtype_is(const char* op, const at::Tensor& t, const char* name, at::ScalarType dt) {
-  TORCH_CHECK(t.scalar_type() == dt, op, ": ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dt, op, ": ", name, " must be ", dt, ", got ", t.scalar_type());
 }
 
 inline void contiguous(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // Rows may be strided, elements of a row must be adjacent (stride(1) == 1).
 inline void unit_column_stride(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name,
               " must have unit column stride (stride(1) == 1), got strides ", t.strides());
 }
 
@@ -60,7 +60,7 @@ inline void unit_column_stride(const char* op, const at::Tensor& t, const char* 
 // that overlap): threads that own different elements would race on it. Layouts too irregular to
 // decide pass, as in ATen's own in-place ops.
 inline void no_internal_overlap(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
               " is written in place and must not refer to one memory location twice (an "
               "expanded or overlapping view); pass a contiguous tensor, got strides ",
               t.strides());
@@ -72,7 +72,7 @@ inline void no_internal_overlap(const char* op, const at::Tensor& t, const char*
 inline void no_overlap(const char* op, const at::Tensor& out, const char* out_name,
                        const at::Tensor& in, const char* in_name) {
   const auto status = at::get_overlap_status(out, in);
-  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op,
+  TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op,
               ": ", out_name, " is written in place and must not share memory with ", in_name,
               " (pass a copy)");
 }
@@ -82,7 +82,7 @@ inline void vector(const char* op, const at::Tensor& t, const char* name, int64_
                    at::ScalarType dt, const c10::Device& device) {
   on_device(op, t, name, device);
   dtype_is(op, t, name, dt);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n,
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n,
               ",), got ", t.sizes());
   contiguous(op, t, name);
 }
@@ -97,13 +97,13 @@ inline void optional_vector(const char* op, const std::optional<at::Tensor>& t, 
 inline void rows_and_codebook(const char* op, const at::Tensor& z, const at::Tensor& codebook,
                               int64_t max_dim) {
   on_device(op, codebook, "codebook", z.device());
-  TORCH_CHECK(z.dim() == 2, op, ": z must have shape (N, D), got ", z.sizes());
-  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ",
+  TORCH_CHECK_VALUE(z.dim() == 2, op, ": z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ",
               codebook.sizes());
   const int64_t D = codebook.size(1);
-  TORCH_CHECK(z.size(1) == D, op, ": z's D (", z.size(1), ") must equal codebook's D (", D, ")");
-  TORCH_CHECK(codebook.size(0) >= 1, op, ": codebook must hold at least one code (K >= 1)");
-  TORCH_CHECK(D >= 1 && D <= max_dim, op, ": D must be between 1 and ", max_dim, ", got ", D);
+  TORCH_CHECK_VALUE(z.size(1) == D, op, ": z's D (", z.size(1), ") must equal codebook's D (", D, ")");
+  TORCH_CHECK_VALUE(codebook.size(0) >= 1, op, ": codebook must hold at least one code (K >= 1)");
+  TORCH_CHECK_VALUE(D >= 1 && D <= max_dim, op, ": D must be between 1 and ", max_dim, ", got ", D);
   same_dtype(op, z, "z", codebook, "codebook");
   kernel_dtype(op, z, "z");
   contiguous(op, z, "z");
@@ -125,7 +125,7 @@ inline void quantize_fwd_args(const char* op, const at::Tensor& z, const at::Ten
 inline void quantize_bwd_args(const char* op, const at::Tensor& grad_out, const at::Tensor& z,
                               const at::Tensor& codebook, const at::Tensor& indices,
                               const at::Tensor& stats, bool need_z, bool ste) {
-  TORCH_CHECK(!(need_z && ste), op,
+  TORCH_CHECK_VALUE(!(need_z && ste), op,
               ": need_z is for rotation / householder; the STE gradient of z is grad_out itself");
   quantize_fwd_args(op, z, codebook, indices);
   on_device(op, grad_out, "grad_out", z.device());
@@ -146,11 +146,11 @@ inline void quantize_bwd_args(const char* op, const at::Tensor& grad_out, const 
 inline void ema_scatter_args(const char* op, const at::Tensor& counts, const at::Tensor& sums,
                              const at::Tensor& z, const at::Tensor& indices,
                              const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK(z.dim() == 2 && z.size(1) >= 1, op, ": z must have shape (N, D) with D >= 1, got ",
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) >= 1, op, ": z must have shape (N, D) with D >= 1, got ",
               z.sizes());
   kernel_dtype(op, z, "z");
   unit_column_stride(op, z, "z");
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) >= 1, op,
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) >= 1, op,
               ": counts must have shape (K,) with K >= 1, got ", counts.sizes());
   for (const auto* t : {&counts, &sums}) {
     const char* name = t == &counts ? "counts" : "sums";

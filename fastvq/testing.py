@@ -3,6 +3,7 @@ a host-sync counter."""
 
 import contextlib
 import os
+import re
 import traceback
 
 import torch
@@ -13,6 +14,13 @@ from fastvq.reference import code_terms, nearest_code_scores, topk_scores
 # least as good as 3xTF32 (about 2^-22), "fast" may round float32 inputs to bf16 (2^-8).
 PRODUCT_ROUNDOFF = {"exact": 2.0**-21, "fast": 2.0**-8}
 FLOAT32_ROUNDOFF = 2.0**-24
+
+
+def cpp_op_error(match: str) -> type[Exception]:
+    """The exception a C++ op raises for the refusal whose message `match` describes: TypeError
+    where it names a dtype (TORCH_CHECK_TYPE in csrc), ValueError otherwise (TORCH_CHECK_VALUE),
+    as the Python API's checks."""
+    return TypeError if re.search(r"dtype|must be (Float|Long|float|bfloat)", match) else ValueError
 
 
 def random_search_inputs(n, k, d, dtype, device, seed) -> tuple[torch.Tensor, torch.Tensor]:

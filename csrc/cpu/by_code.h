@@ -36,7 +36,7 @@ inline std::vector<int64_t> code_ranges(const char* op, const int64_t* idx, int6
   std::vector<int64_t> rows(K, 0);
   for (int64_t n = 0; n < N; ++n) {
     const int64_t k = idx[n];
-    TORCH_CHECK(k >= 0 && k < K, op, ": indices must lie in [0, ", K, "), got indices[", n,
+    TORCH_CHECK_VALUE(k >= 0 && k < K, op, ": indices must lie in [0, ", K, "), got indices[", n,
                 "] = ", k);
     ++rows[k];
   }

@@ -73,7 +73,7 @@ void ema_scatter_cpu(const at::Tensor& counts, const at::Tensor& sums, const at:
                      const at::Tensor& indices, const std::optional<at::Tensor>& weight,
                      double keep, double gain, bool deterministic) {
   (void)deterministic;  // always deterministic on the CPU (see the top of the file)
-  TORCH_CHECK(z.device().is_cpu(), kOp, ": z must be a CPU tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.device().is_cpu(), kOp, ": z must be a CPU tensor, got ", z.device());
   checks::ema_scatter_args(kOp, counts, sums, z, indices, weight);
   const int64_t N = z.size(0), D = z.size(1), K = counts.size(0);
   // Every code is written, even with N = 0 (then only scaled by keep).

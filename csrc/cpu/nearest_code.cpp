@@ -808,38 +808,38 @@ ItemFn pick_item_fn() {
 void check_code_term(const std::optional<at::Tensor>& t, const char* op, const char* name,
                      int64_t K) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
+  TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ",
               t->device());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
               t->scalar_type());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == K, op, ": ", name, " must have shape (K,) = (", K,
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, op, ": ", name, " must have shape (K,) = (", K,
               ",), got ", t->sizes());
-  TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // nearest_code (topk = 0: out (N,)) and nearest_code_topk (topk = k: out (N, k)).
 at::Tensor nearest_code_run(const char* op, const at::Tensor& z, const at::Tensor& codebook,
                             const std::optional<at::Tensor>& code_scale,
                             const std::optional<at::Tensor>& code_bias, int64_t topk) {
-  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu(), op,
+  TORCH_CHECK_VALUE(z.device().is_cpu() && codebook.device().is_cpu(), op,
               " (CPU): z and codebook must be CPU tensors, got ", z.device(), " and ",
               codebook.device());
-  TORCH_CHECK(z.dim() == 2, op, ": z must have shape (N, D), got ", z.sizes());
-  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ", codebook.sizes());
+  TORCH_CHECK_VALUE(z.dim() == 2, op, ": z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ", codebook.sizes());
   const int64_t N = z.size(0);
   const int64_t K = codebook.size(0);
   const int64_t D = codebook.size(1);
-  TORCH_CHECK(z.size(1) == D, op, ": z's D (", z.size(1), ") must equal codebook's D (", D, ")");
-  TORCH_CHECK(K >= 1, op, ": codebook must hold at least one code (K >= 1)");
-  TORCH_CHECK(D >= 1 && D <= kMaxDim, op, ": D must be between 1 and ", kMaxDim, ", got ", D);
-  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), op,
+  TORCH_CHECK_VALUE(z.size(1) == D, op, ": z's D (", z.size(1), ") must equal codebook's D (", D, ")");
+  TORCH_CHECK_VALUE(K >= 1, op, ": codebook must hold at least one code (K >= 1)");
+  TORCH_CHECK_VALUE(D >= 1 && D <= kMaxDim, op, ": D must be between 1 and ", kMaxDim, ", got ", D);
+  TORCH_CHECK_TYPE(z.scalar_type() == codebook.scalar_type(), op,
               ": z and codebook must have the same dtype, got ", z.scalar_type(), " and ",
               codebook.scalar_type());
   const auto dtype = z.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": dtype must be float32, bfloat16 or float16, got ", dtype);
   for (const auto* t : {&z, &codebook}) {
-    TORCH_CHECK(t->is_contiguous(), op, ": ", t == &z ? "z" : "codebook", " must be contiguous");
+    TORCH_CHECK_VALUE(t->is_contiguous(), op, ": ", t == &z ? "z" : "codebook", " must be contiguous");
   }
   check_code_term(code_scale, op, "code_scale", K);
   check_code_term(code_bias, op, "code_bias", K);
@@ -979,9 +979,9 @@ at::Tensor nearest_code_topk_cpu(const at::Tensor& z, const at::Tensor& codebook
                                  const std::optional<at::Tensor>& code_bias, int64_t k, bool fast) {
   (void)fast;
   const char* op = "fastvq::nearest_code_topk";
-  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ", codebook.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, op, ": codebook must have shape (K, D), got ", codebook.sizes());
   const int64_t max_k = std::min(codebook.size(0), kMaxTopk);
-  TORCH_CHECK(k >= 1 && k <= max_k, op, ": k must be between 1 and min(K, ", kMaxTopk,
+  TORCH_CHECK_VALUE(k >= 1 && k <= max_k, op, ": k must be between 1 and min(K, ", kMaxTopk,
               ") = ", max_k, ", got k = ", k);
   return nearest_code_run(op, z, codebook, code_scale, code_bias, k);
 }

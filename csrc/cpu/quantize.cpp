@@ -39,7 +39,7 @@ int parse_mode(const char* op, c10::string_view grad) {
   if (grad == "ste") return kSte;
   if (grad == "rotation") return kRotation;
   if (grad == "householder") return kHouseholder;
-  TORCH_CHECK(false, op, ": grad must be 'ste', 'rotation' or 'householder', got '",
+  TORCH_CHECK_VALUE(false, op, ": grad must be 'ste', 'rotation' or 'householder', got '",
               std::string(grad), "'");
 }
 
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fwd_cpu(const at::Tensor& z, const a
                                                     const at::Tensor& indices,
                                                     c10::string_view grad) {
   const int mode = parse_mode(kFwd, grad);
-  TORCH_CHECK(z.device().is_cpu(), kFwd, ": z must be a CPU tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.device().is_cpu(), kFwd, ": z must be a CPU tensor, got ", z.device());
   checks::quantize_fwd_args(kFwd, z, codebook, indices);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
   at::Tensor zq = at::empty({N, D}, codebook.options());
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fwd_cpu(const at::Tensor& z, const a
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   // Checked before any row is read: the gather must not leave the codebook.
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(idx[n] >= 0 && idx[n] < K, kFwd, ": indices must lie in [0, ", K,
+    TORCH_CHECK_VALUE(idx[n] >= 0 && idx[n] < K, kFwd, ": indices must lie in [0, ", K,
                 "), got indices[", n, "] = ", idx[n]);
   }
   FASTVQ_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "quantize_fwd", [&] {
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cpu(const at::Tensor& grad_out, 
                                                     const at::Tensor& stats, c10::string_view grad,
                                                     bool need_z, bool need_codebook) {
   const int mode = parse_mode(kBwd, grad);
-  TORCH_CHECK(z.device().is_cpu(), kBwd, ": z must be a CPU tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.device().is_cpu(), kBwd, ": z must be a CPU tensor, got ", z.device());
   checks::quantize_bwd_args(kBwd, grad_out, z, codebook, indices, stats, need_z, mode == kSte);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
   at::Tensor dz = at::empty({need_z ? N : 0, D}, z.options());
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cpu(const at::Tensor& grad_out, 
   const int64_t* idx = indices.const_data_ptr<int64_t>();
   if (!need_codebook) {  // code_ranges checks the indices otherwise
     for (int64_t n = 0; n < N; ++n) {
-      TORCH_CHECK(idx[n] >= 0 && idx[n] < K, kBwd, ": indices must lie in [0, ", K,
+      TORCH_CHECK_VALUE(idx[n] >= 0 && idx[n] < K, kBwd, ": indices must lie in [0, ", K,
                   "), got indices[", n, "] = ", idx[n]);
     }
   }

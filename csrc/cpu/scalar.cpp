@@ -76,8 +76,8 @@ namespace avx2 {
 
 // z (N, D) on the CPU, a kernel dtype, contiguous, 1 <= D <= max_dim.
 void check_z(const char* op, const at::Tensor& z, int64_t max_dim) {
-  TORCH_CHECK(z.device().is_cpu(), op, ": z must be a CPU tensor, got ", z.device());
-  TORCH_CHECK(z.dim() == 2 && z.size(1) >= 1 && z.size(1) <= max_dim, op,
+  TORCH_CHECK_VALUE(z.device().is_cpu(), op, ": z must be a CPU tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) >= 1 && z.size(1) <= max_dim, op,
               ": z must have shape (N, D) with 1 <= D <= ", max_dim, ", got ", z.sizes());
   checks::kernel_dtype(op, z, "z");
   checks::contiguous(op, z, "z");
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> sign_fwd_cpu(const at::Tensor& z, double scal
   constexpr const char* op = "fastvq::sign_fwd_cpp";
   check_z(op, z, kMaxBits);
   // The indices come from the codes' signs: a scale <= 0 or NaN would flip or zero them.
-  TORCH_CHECK(scale > 0 && std::isfinite(scale), op, ": scale must be finite and > 0, got ", scale);
+  TORCH_CHECK_VALUE(scale > 0 && std::isfinite(scale), op, ": scale must be finite and > 0, got ", scale);
   at::Tensor codes = at::empty_like(z);
   at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   FASTVQ_DISPATCH_KERNEL_DTYPES(z.scalar_type(), "sign_fwd", [&] {

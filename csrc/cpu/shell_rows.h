@@ -51,10 +51,10 @@ void decode_scaled_rows(const In* z, int64_t n, int64_t grain, int64_t* out,
 // widen exactly; double for float64).
 template <int kDim, typename F>
 void with_rows(const char* op, const char* name, const at::Tensor& x, const F& f) {
-  TORCH_CHECK(x.device().is_cpu(), op, " (CPU): ", name, " must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == kDim, op, ": ", name, " must have shape (N, ", kDim,
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, " (CPU): ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == kDim, op, ": ", name, " must have shape (N, ", kDim,
               "), got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": ", name, " must be contiguous");
   switch (x.scalar_type()) {
     case at::kFloat:
       return f(float(), x.const_data_ptr<float>());
@@ -65,7 +65,7 @@ void with_rows(const char* op, const char* name, const at::Tensor& x, const F& f
     case at::kBFloat16:
       return f(float(), x.const_data_ptr<c10::BFloat16>());
     default:
-      TORCH_CHECK(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
                   x.scalar_type());
   }
 }

@@ -54,11 +54,11 @@ void squared_norms_kernel(const T* x, int64_t K, int64_t D, double* out) {
 }
 
 at::Tensor squared_norms_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), kOp, " (CPU): x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 2, kOp, ": x must have shape (K, D), got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), kOp, ": x must be contiguous");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), kOp, " (CPU): x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, kOp, ": x must have shape (K, D), got ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), kOp, ": x must be contiguous");
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               kOp, ": x must be float32, float64, float16 or bfloat16, got ", dt);
   const int64_t K = x.size(0), D = x.size(1);
   at::Tensor out = at::empty({K}, x.options().dtype(at::kDouble));

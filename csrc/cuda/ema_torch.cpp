@@ -41,7 +41,7 @@ constexpr int64_t kPieceRows = 512;
 void ema_scatter_cuda(const at::Tensor& counts, const at::Tensor& sums, const at::Tensor& z,
                       const at::Tensor& indices, const std::optional<at::Tensor>& weight,
                       double keep, double gain, bool deterministic) {
-  TORCH_CHECK(z.is_cuda(), kOp, ": z must be a CUDA tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.is_cuda(), kOp, ": z must be a CUDA tensor, got ", z.device());
   checks::ema_scatter_args(kOp, counts, sums, z, indices, weight);
   const int64_t N = z.size(0), D = z.size(1), K = counts.size(0);
 

@@ -15,13 +15,13 @@ namespace fastvq {
 namespace {
 
 at::Tensor leech_decode_cuda(const at::Tensor& z) {
-  TORCH_CHECK(z.is_cuda(), "fastvq::leech_decode (CUDA): z must be a CUDA tensor, got ",
+  TORCH_CHECK_VALUE(z.is_cuda(), "fastvq::leech_decode (CUDA): z must be a CUDA tensor, got ",
               z.device());
-  TORCH_CHECK(z.dim() == 2 && z.size(1) == 24,
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) == 24,
               "fastvq::leech_decode: z must have shape (N, 24), got ", z.sizes());
-  TORCH_CHECK(z.is_contiguous(), "fastvq::leech_decode: z must be contiguous");
+  TORCH_CHECK_VALUE(z.is_contiguous(), "fastvq::leech_decode: z must be contiguous");
   const auto dtype = z.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                   dtype == at::kHalf,
               "fastvq::leech_decode: z must be float32, float64, float16 or bfloat16, got ",
               dtype);

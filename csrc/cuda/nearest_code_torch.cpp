@@ -22,44 +22,44 @@ constexpr int64_t kMaxCodes = INT32_MAX - 256;
 void check_code_term(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& z,
                      int64_t K) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == z.device(), "fastvq::nearest_code: ", name,
+  TORCH_CHECK_VALUE(t->device() == z.device(), "fastvq::nearest_code: ", name,
               " must be on z's device (", z.device(), "), got ", t->device());
-  TORCH_CHECK(t->scalar_type() == at::kFloat, "fastvq::nearest_code: ", name,
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "fastvq::nearest_code: ", name,
               " must be float32, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == K, "fastvq::nearest_code: ", name,
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, "fastvq::nearest_code: ", name,
               " must have shape (K,) = (", K, ",), got ", t->sizes());
-  TORCH_CHECK(t->is_contiguous(), "fastvq::nearest_code: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t->is_contiguous(), "fastvq::nearest_code: ", name, " must be contiguous");
 }
 
 at::Tensor nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook,
                              const std::optional<at::Tensor>& code_scale,
                              const std::optional<at::Tensor>& code_bias, bool fast,
                              std::optional<bool> screen) {
-  TORCH_CHECK(z.is_cuda() && codebook.is_cuda(),
+  TORCH_CHECK_VALUE(z.is_cuda() && codebook.is_cuda(),
               "fastvq::nearest_code (CUDA): z and codebook must be CUDA tensors, got ",
               z.device(), " and ", codebook.device());
-  TORCH_CHECK(codebook.device() == z.device(),
+  TORCH_CHECK_VALUE(codebook.device() == z.device(),
               "fastvq::nearest_code: z and codebook must be on the same device, got ", z.device(),
               " and ", codebook.device());
-  TORCH_CHECK(z.dim() == 2, "fastvq::nearest_code: z must have shape (N, D), got ", z.sizes());
-  TORCH_CHECK(codebook.dim() == 2, "fastvq::nearest_code: codebook must have shape (K, D), got ",
+  TORCH_CHECK_VALUE(z.dim() == 2, "fastvq::nearest_code: z must have shape (N, D), got ", z.sizes());
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "fastvq::nearest_code: codebook must have shape (K, D), got ",
               codebook.sizes());
   const int64_t N = z.size(0);
   const int64_t K = codebook.size(0);
   const int64_t D = codebook.size(1);
-  TORCH_CHECK(z.size(1) == D, "fastvq::nearest_code: z's D (", z.size(1),
+  TORCH_CHECK_VALUE(z.size(1) == D, "fastvq::nearest_code: z's D (", z.size(1),
               ") must equal codebook's D (", D, ")");
-  TORCH_CHECK(K >= 1 && K <= kMaxCodes, "fastvq::nearest_code: K must be between 1 and ",
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxCodes, "fastvq::nearest_code: K must be between 1 and ",
               kMaxCodes, " on CUDA, got ", K);
-  TORCH_CHECK(D >= 1 && D <= kMaxDim, "fastvq::nearest_code: D must be between 1 and ", kMaxDim,
+  TORCH_CHECK_VALUE(D >= 1 && D <= kMaxDim, "fastvq::nearest_code: D must be between 1 and ", kMaxDim,
               ", got ", D);
-  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(),
+  TORCH_CHECK_TYPE(z.scalar_type() == codebook.scalar_type(),
               "fastvq::nearest_code: z and codebook must have the same dtype, got ",
               z.scalar_type(), " and ", codebook.scalar_type());
   const auto dtype = z.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "fastvq::nearest_code: dtype must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(z.is_contiguous() && codebook.is_contiguous(),
+  TORCH_CHECK_VALUE(z.is_contiguous() && codebook.is_contiguous(),
               "fastvq::nearest_code: z and codebook must be contiguous");
   check_code_term(code_scale, "code_scale", z, K);
   check_code_term(code_bias, "code_bias", z, K);

@@ -29,7 +29,7 @@ cuda::Grad parse_grad(const char* op, c10::string_view grad) {
   if (grad == "ste") return cuda::Grad::Ste;
   if (grad == "rotation") return cuda::Grad::Rotation;
   if (grad == "householder") return cuda::Grad::Householder;
-  TORCH_CHECK(false, op, ": grad must be 'ste', 'rotation' or 'householder', got '",
+  TORCH_CHECK_VALUE(false, op, ": grad must be 'ste', 'rotation' or 'householder', got '",
               std::string(grad), "'");
 }
 
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fwd_cuda(const at::Tensor& z,
                                                      const at::Tensor& indices,
                                                      c10::string_view grad) {
   const cuda::Grad mode = parse_grad(kFwd, grad);
-  TORCH_CHECK(z.is_cuda(), kFwd, ": z must be a CUDA tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.is_cuda(), kFwd, ": z must be a CUDA tensor, got ", z.device());
   checks::quantize_fwd_args(kFwd, z, codebook, indices);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);
   const c10::cuda::CUDAGuard guard(z.device());
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_bwd_cuda(const at::Tensor& grad_out,
                                                      c10::string_view grad, bool need_z,
                                                      bool need_codebook) {
   const cuda::Grad mode = parse_grad(kBwd, grad);
-  TORCH_CHECK(z.is_cuda(), kBwd, ": z must be a CUDA tensor, got ", z.device());
+  TORCH_CHECK_VALUE(z.is_cuda(), kBwd, ": z must be a CUDA tensor, got ", z.device());
   checks::quantize_bwd_args(kBwd, grad_out, z, codebook, indices, stats, need_z,
                             mode == cuda::Grad::Ste);
   const int64_t N = z.size(0), K = codebook.size(0), D = z.size(1);

@@ -18,6 +18,7 @@ from fastvq.testing import (
     backend_cases,
     check_nearest,
     count_syncs,
+    cpp_op_error,
     random_search_inputs,
     run_isa_builds,
     screening_near_ties,
@@ -982,17 +983,17 @@ def test_cpp_op_rejects_bad_k_and_strided_code_terms():
     ops = torch.ops.fastvq
     z, codebook = torch.randn(4, 8), torch.randn(200, 8)
     for k, book in ((0, codebook), (129, codebook), (201, codebook), (6, codebook[:5])):
-        with pytest.raises(RuntimeError, match="k must be between 1 and"):
+        with pytest.raises(ValueError, match="k must be between 1 and"):
             ops.nearest_code_topk(z, book, None, None, k, False)
     strided = torch.randn(400)[::2]
     for terms in ((strided, None), (None, strided)):
-        with pytest.raises(RuntimeError, match="must be contiguous"):
+        with pytest.raises(ValueError, match="must be contiguous"):
             ops.nearest_code(z, codebook, *terms, False, None)
     for args, name in (
         ((z.T.contiguous().T, codebook), "z"),
         ((z, codebook.T.contiguous().T), "codebook"),
     ):
-        with pytest.raises(RuntimeError, match=f"nearest_code: {name} must be contiguous"):
+        with pytest.raises(ValueError, match=f"nearest_code: {name} must be contiguous"):
             ops.nearest_code(*args, None, None, False, None)
 
 
@@ -1052,7 +1053,7 @@ def test_cpp_squared_norms_thread_count_and_bad_input():
         (torch.randn(8, 6)[:, ::2], "must be contiguous"),
         (torch.ones(4, 3, dtype=torch.int32), "must be float32, float64"),
     ):
-        with pytest.raises(RuntimeError, match=f"squared_norms: x {match}"):
+        with pytest.raises(cpp_op_error(match), match=f"squared_norms: x {match}"):
             op(bad)
 
 

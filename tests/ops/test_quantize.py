@@ -19,7 +19,7 @@ from fastvq.ops.quantize import quantize
 from fastvq.reference import METRICS
 from fastvq.reference.quantize import GRADS, estimator_matrix
 from fastvq.reference.quantize import quantize as quantize_ref
-from fastvq.testing import backend_cases, check_nearest
+from fastvq.testing import backend_cases, check_nearest, cpp_op_error
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -605,7 +605,7 @@ BAD_CPP_INPUTS = [
 def test_cpp_ops_bad_input_is_a_clear_error(op, changes, match):
     if not _CPP:
         pytest.skip("fastvq._C without the C++ quantize ops")
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(cpp_op_error(match), match=match):
         _raw_call("cpu", op, **changes)
 
 
@@ -616,10 +616,10 @@ def test_cpp_ops_out_of_range_indices_raise_on_cpu(op, bad):
         pytest.skip("fastvq._C without the C++ quantize ops")
     idx = torch.tensor([0, 3, 1, bad, 2, 0])
     match = rf"indices must lie in \[0, 4\), got indices\[3\] = {bad}"
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(ValueError, match=match):
         _raw_call("cpu", op, indices=idx)
     if op == "bwd":  # the row-parallel path (no codebook gradient) checks too
-        with pytest.raises(RuntimeError, match=r"indices must lie in \[0, 4\)"):
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
             _raw_call("cpu", op, indices=idx, need_codebook=False)
 
 

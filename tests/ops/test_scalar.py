@@ -27,7 +27,7 @@ from fastvq.ops.scalar import (
     lfq_codes,
 )
 from fastvq.reference import scalar as ref
-from fastvq.testing import backend_cases, run_isa_builds
+from fastvq.testing import backend_cases, cpp_op_error, run_isa_builds
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -849,7 +849,7 @@ BAD_CPP = [
 @needs_cpp
 @pytest.mark.parametrize("call, match", BAD_CPP)
 def test_cpp_op_bad_input_is_a_clear_error(call, match):
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(cpp_op_error(match), match=match):
         call(torch.ops.fastvq)
 
 

@@ -6,8 +6,9 @@ GroupedResidualVQ, FSQ, ResidualFSQ, GroupedResidualFSQ, LFQ, ResidualLFQ, Group
 LatentQuantize, SimVQ, ResidualSimVQ, RandomProjectionQuantizer. From the seed papers:
 HouseholderVQ (rotated VQ-VAE), HyperCodebook (meta-quantization's hyper-net codebook,
 CodebookMLP) and k-means initialization from encoder outputs (VectorQuantize.init_from /
-ResidualVQ.init_from). Also BSQ and the fixed lattice-shell codebooks LeechQuantize (196,560
-codes) and E8Quantize (240 codes).
+ResidualVQ.init_from). Also BSQ, the fixed lattice-shell codebooks LeechQuantize (196,560 codes)
+and E8Quantize (240 codes), and defer_codebook_updates: gradient accumulation's micro-batches
+update EMA codebooks as one batch.
 """
 
 from fastvq.nn.lattice import E8Quantize, LeechQuantize
@@ -22,7 +23,13 @@ from fastvq.nn.residual import (
     ResidualVQ,
 )
 from fastvq.nn.scalar import BSQ, FSQ, LFQ, LatentQuantize
-from fastvq.nn.vector_quantize import CodebookMLP, HouseholderVQ, HyperCodebook, VectorQuantize
+from fastvq.nn.vector_quantize import (
+    CodebookMLP,
+    HouseholderVQ,
+    HyperCodebook,
+    VectorQuantize,
+    defer_codebook_updates,
+)
 
 __all__ = [
     "BSQ",
@@ -44,4 +51,5 @@ __all__ = [
     "ResidualVQ",
     "SimVQ",
     "VectorQuantize",
+    "defer_codebook_updates",
 ]

@@ -790,11 +790,11 @@ class ResidualVQ(_Residual):
             layer = self.layers[0]
             if masks is not None:
                 masks = [row_mask.repeat(len(codes))]
-            layer._update([torch.cat(rows)], [torch.cat(codes)], masks, layer.ema_update)
+            layer._update_or_defer([torch.cat(rows)], [torch.cat(codes)], masks, layer.ema_update)
             return
         for layer, r, code in zip(layers, rows, codes, strict=True):
             if self._layer_updates(layer, freeze):
-                layer._update([r], [code], masks, layer.ema_update)
+                layer._update_or_defer([r], [code], masks, layer.ema_update)
 
 
 # ResidualVQ._plan's hand-over to _step; one_token: None, or whether the one-token sequence

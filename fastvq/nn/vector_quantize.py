@@ -641,10 +641,8 @@ class VectorQuantize(nn.Module):
                 idxs.append(idx)
                 if self.learnable_codebook and self.training:
                     codes.append(F.embedding(idx, codebooks[c]))  # codebook-loss gradient path
-            if update and self._deferred is not None:
-                self._deferred.append(([r.detach() for r in rows], idxs, row_mask, do_ema))
-            elif update:
-                self._update(rows, idxs, row_mask, do_ema)
+            if update:
+                self._update_or_defer(rows, idxs, row_mask, do_ema)
             loss, commit, ortho = self._losses(rows, qs, idxs, codes, row_mask, freeze, z)
         quantized, embed_ind = self._merge(qs, idxs, b, n)
         quantized = self.project_out(quantized.to(out_dtype))
@@ -1032,12 +1030,21 @@ class VectorQuantize(nn.Module):
                     broadcast=group,
                 )
 
+    def _update_or_defer(self, rows, idxs, row_mask, do_ema: bool) -> None:
+        if self._deferred is None:
+            self._update(rows, idxs, row_mask, do_ema)
+        else:
+            self._deferred.append(([r.detach() for r in rows], idxs, row_mask, do_ema))
+
     @contextlib.contextmanager
     def _deferred_update(self):
         """Within the block, forwards search a fixed codebook and only collect their rows; on
         exit one update (EMA and dead codes) runs on all of them together. ResidualVQ's shared
         codebook uses it: every layer searches the same codes, then one EMA step sees all
-        layers' residuals."""
+        layers' residuals. Nested, the outermost block collects and updates."""
+        if self._deferred is not None:
+            yield
+            return
         self._deferred = []
         try:
             yield
@@ -1298,3 +1305,26 @@ class HyperCodebook(VectorQuantize):
             codebook_loss_weight=codebook_loss_weight,
             **kwargs,
         )
+
+
+@contextlib.contextmanager
+def defer_codebook_updates(module: nn.Module):
+    """Gradient accumulation for EMA codebooks: `with defer_codebook_updates(model):` around an
+    optimizer step's micro-batches makes them update every VectorQuantize in `module` (residual
+    stacks' layers too) as one batch of them all would.
+
+    Within the block each training forward searches the codebook as it was on entry and only
+    collects its rows; on exit each quantizer runs one EMA / dead-code update on all of them.
+    Without it, k micro-batches apply the decay k times per step, each update counting a k-th of
+    the rows, and later micro-batches search codes the earlier ones moved. An exception in the
+    block discards the collected rows (no update). k-means init (kmeans_init=True) still runs on
+    the first training forward's rows. Not for nn.DataParallel, whose replicas would collect rows
+    on several devices.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if isinstance(m, VectorQuantize):
+                stack.enter_context(m._deferred_update())
+        yield

@@ -1,8 +1,9 @@
 """The tokenizer trainer: one loop for VQ-VAE, VQGAN, collapse pretraining and MQVAE recipes.
 
 Trainer(cfg).fit() trains for cfg["train"]["steps"] optimizer steps and returns the final
-evaluation. Per step: accum_steps micro-batches of the generator loss (bf16 autocast optional),
-gradient clipping, AdamW, warmup + cosine schedule, then a discriminator step when the config has
+evaluation. Per step: accum_steps micro-batches of the generator loss (bf16 autocast optional;
+EMA codebooks take one update over all of them, fastvq.nn.defer_codebook_updates), gradient
+clipping, AdamW, warmup + cosine schedule, then a discriminator step when the config has
 a discriminator and the step has reached loss.disc_start, then the EMA weights. Checkpoints hold
 everything a step depends on, so a resumed run continues the same loss curve exactly.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fastvq.nn import defer_codebook_updates
 from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
 from fastvq.train.config import changed_keys, dump_config
@@ -649,23 +651,25 @@ class Trainer:
             # accumulate into the discriminator's own parameters (its step follows, separately).
             self.disc.requires_grad_(False)
         xs, recons, logs_sum, total = [], [], {}, 0.0
-        for i in range(accum):
-            x = self.fixed_batch if t["overfit_one_batch"] else next(batches)
-            # DDP all-reduces the gradients once per step, in the last micro-batch's backward.
-            last = self.ddp is None or i == accum - 1
-            with contextlib.nullcontext() if last else self.ddp.no_sync():
-                with autocast:
-                    out = self._forward(x)
-                    loss, logs = self._generator_loss(x, out, self.step)
-                value, logs = self._check_finite(loss, logs)
-                (loss / accum).backward()
-            total += value / accum
-            for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + v / accum
-            if out.indices is not None and self.codebook_sizes:
-                self.window_codes.update(out.indices)
-            xs.append(x)
-            recons.append(out.recon.detach())
+        # The micro-batches update EMA codebooks once, as one batch of them all.
+        with defer_codebook_updates(self.model):
+            for i in range(accum):
+                x = self.fixed_batch if t["overfit_one_batch"] else next(batches)
+                # DDP all-reduces the gradients once per step, in the last micro-batch's backward.
+                last = self.ddp is None or i == accum - 1
+                with contextlib.nullcontext() if last else self.ddp.no_sync():
+                    with autocast:
+                        out = self._forward(x)
+                        loss, logs = self._generator_loss(x, out, self.step)
+                    value, logs = self._check_finite(loss, logs)
+                    (loss / accum).backward()
+                total += value / accum
+                for k, v in logs.items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + v / accum
+                if out.indices is not None and self.codebook_sizes:
+                    self.window_codes.update(out.indices)
+                xs.append(x)
+                recons.append(out.recon.detach())
         # The parameters this optimizer steps: under MQVAE not the hyper-net's, whose gradients
         # here are discarded (the hypergradient step owns them).
         norm = self._clip_gradients([p for group in self.opt.param_groups for p in group["params"]])

@@ -18,6 +18,7 @@ from fastvq.nn.vector_quantize import (
     HouseholderVQ,
     HyperCodebook,
     VectorQuantize,
+    defer_codebook_updates,
 )
 from fastvq.testing import check_nearest
 
@@ -619,6 +620,71 @@ def test_assigned_codebook_survives_a_training_step(config):
         elif vq.heads == 1:  # no projection: the rows are x's
             fastvq.ema_update_(cs[0], es[0], x.reshape(-1, DIM), idx.reshape(-1), decay)
             torch.testing.assert_close(vq.codebook, fastvq.ema_codebook(cs[0], es[0]))
+
+
+# --- gradient accumulation: deferred updates ---------------------------------------------------
+
+DEFERRED = {
+    "heads-dead-codes": lambda: VectorQuantize(
+        DIM, K, heads=2, separate_codebook_per_head=True, codebook_dim=6, decay=0.7,
+        threshold_ema_dead_code=1.5,
+    ),
+    "cosine": lambda: VectorQuantize(DIM, K, use_cosine_sim=True, decay=0.7),
+    "residual": lambda: ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=K, decay=0.7),
+    "residual-shared": lambda: ResidualVQ(
+        dim=DIM, num_quantizers=3, codebook_size=K, decay=0.7, shared_codebook=True
+    ),
+    "residual-beam": lambda: ResidualVQ(
+        dim=DIM, num_quantizers=3, codebook_size=K, decay=0.7, beam_size=2
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("make", DEFERRED.values(), ids=DEFERRED.keys())
+def test_deferred_micro_batches_update_as_one_batch(make):
+    """defer_codebook_updates: three micro-batches (masked) give the outputs and the codebook
+    state of one batch of all their rows, dead-code resets included; updated one by one, the EMA
+    decayed three times and later micro-batches searched codes the earlier ones had moved."""
+    torch.manual_seed(0)
+    one = make().train()
+    parts = copy.deepcopy(one)
+    eager = copy.deepcopy(one)
+    before = copy.deepcopy(one.state_dict())
+    x = _randn(6, 5, DIM, seed=3)
+    mask = _randn(6, 5, seed=4) > -0.5
+    torch.manual_seed(1)
+    full = one(x, mask=mask)
+    torch.manual_seed(1)
+    sizes = [2, 3, 1]
+    with defer_codebook_updates(parts):
+        outs = [parts(xp, mask=m) for xp, m in zip(x.split(sizes), mask.split(sizes), strict=True)]
+        for k, v in parts.state_dict().items():
+            assert torch.equal(v, before[k]), k  # nothing moves inside the block
+    assert torch.equal(torch.cat([o[0] for o in outs]), full[0])
+    assert torch.equal(torch.cat([o[1] for o in outs]), full[1])
+    counts = {k: v for k, v in one.state_dict().items() if k.endswith("cluster_size")}
+    for k, v in one.state_dict().items():
+        # (a shared codebook sums its rows in another order: micro-batch, then layer)
+        torch.testing.assert_close(parts.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert all(not torch.equal(v, before[k]) for k, v in counts.items())
+    for xp, m in zip(x.split(sizes), mask.split(sizes), strict=True):
+        eager(xp, mask=m)
+    assert any(not torch.allclose(eager.state_dict()[k], v, rtol=0.01) for k, v in counts.items())
+
+
+def test_deferred_updates_are_discarded_on_error():
+    vq = VectorQuantize(DIM, K, decay=0.5).train()
+    before = copy.deepcopy(vq.state_dict())
+    with pytest.raises(ZeroDivisionError), defer_codebook_updates(vq):
+        vq(_randn(2, 5, DIM))
+        _ = 1 / 0
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    vq(_randn(2, 5, DIM))  # outside the block, forwards update again
+    assert not torch.equal(vq.cluster_size, before["cluster_size"])
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got generator"):
+        with defer_codebook_updates(vq.parameters()):
+            pass
 
 
 # --- forward(topk=k) (peer parity: test_peer_parity.py) -----------------------------------------

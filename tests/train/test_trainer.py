@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastvq
+from fastvq.nn import defer_codebook_updates
 from fastvq.train.cli import main
 from fastvq.train.config import load_config
 from fastvq.train.trainer import Trainer, lr_factor, resolve_num_workers
@@ -308,9 +309,10 @@ def _draw(n, seed):
 
 def test_train_steps_match_a_plain_pytorch_reference(make_config, datasets):
     """Two optimizer steps of two micro-batches each against the same recipe written out in plain
-    PyTorch, in float64: gradient accumulation as a mean, clipping of the total norm, AdamW with
-    the configured betas and weight decay on matrices only, the warmup learning rate of each step
-    applied before the schedule moves, the EMA weights lerped by 1 - decay and buffers copied."""
+    PyTorch, in float64: gradient accumulation as a mean (one EMA codebook update), clipping of
+    the total norm, AdamW with the configured betas and weight decay on matrices only, the warmup
+    learning rate of each step applied before the schedule moves, the EMA weights lerped by
+    1 - decay and buffers copied."""
     import copy
 
     from fastvq.models import build_tokenizer
@@ -339,13 +341,14 @@ def test_train_steps_match_a_plain_pytorch_reference(make_config, datasets):
         torch.manual_seed(step)
         ref.train()
         losses, recs = [], []
-        for x in xs:
-            out = ref(x)
-            rec = (out.recon - x).abs().mean()
-            loss = rec + out.quant_loss
-            (loss / 2).backward()
-            losses.append(float(loss.detach()))
-            recs.append(float(rec.detach()))
+        with defer_codebook_updates(ref):  # the EMA codebook's one update per step
+            for x in xs:
+                out = ref(x)
+                rec = (out.recon - x).abs().mean()
+                loss = rec + out.quant_loss
+                (loss / 2).backward()
+                losses.append(float(loss.detach()))
+                recs.append(float(rec.detach()))
         norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         assert norm > 2 * clip  # the clipping is active
         for group in opt.param_groups:
@@ -370,6 +373,33 @@ def test_train_steps_match_a_plain_pytorch_reference(make_config, datasets):
             torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-12, msg=k)
     last = trainer.model.decoder.conv_out.weight
     assert not torch.equal(trainer.ema.decoder.conv_out.weight, last)  # the EMA lags
+
+
+def test_accumulated_micro_batches_step_as_one_batch(tmp_path, datasets):
+    """Two micro-batches of 8 take the optimizer step one batch of 16 takes, the EMA codebook's
+    update and dead-code reset included (a GroupNorm model: no batch statistics; float64). The
+    quantizer updated on each micro-batch gave gradients 30 % off and decayed its EMA twice."""
+    from fastvq.models import build_tokenizer
+
+    vqgan = ["model.arch=vqgan", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+             "model.attn_resolutions=[]", "model.resolution=16", "model.norm_groups=4",
+             "model.quantizer={type: VectorQuantize, codebook_size: 16, decay: 0.8, "
+             "threshold_ema_dead_code: 2}"]  # fmt: skip
+    xs = _draw(2, seed=21)
+    states = []
+    for accum, batches in ((1, [torch.cat(xs)]), (2, xs)):
+        cfg = load_config(None, [*vqgan, "data.resolution=16", "train.device=cpu",
+                                 f"train.out_dir={tmp_path / str(accum)}", "train.progress=false",
+                                 f"optim.accum_steps={accum}", f"train.batch_size={16 // accum}",
+                                 ])  # fmt: skip
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, model=build_tokenizer(cfg["model"]).double(), datasets=datasets)
+        torch.manual_seed(1)
+        trainer.train_step(iter(batches))
+        states.append(trainer.model.state_dict())
+    assert (states[1]["quantizer.cluster_size"] == 2).any()  # dead codes were reset to 2
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=1e-6, atol=1e-9, msg=k)
 
 
 def test_discriminator_steps_match_a_plain_pytorch_reference(make_config, datasets):

@@ -19,6 +19,14 @@ the indirect term's norm was 2.97 against 0.049 from the exact second derivative
 fd_eps makes switches rarer but each one weighs more; logs["indirect_norm"] jumping far above
 its usual size is the sign. MQVAE and DARTS take the difference as it is, and so does this.
 
+The difference is the derivative along v of the codebook's gradient with respect to w,
+grad_w (grad_psi L_train) . v. It equals the term the unrolled step needs, grad_psi (grad_w
+L_train) . v, where both are derivatives of one smooth loss (mixed derivatives commute). The
+straight-through estimator and the stop-gradients of the commitment and codebook terms make the
+first-order "gradients" pseudo-gradients of no single loss, so there the two differ (even in
+sign): what is computed is DARTS' difference of first-order gradients, not the exact
+hypergradient of the unrolled step.
+
 So only torch.autograd.grad on first derivatives: four forward/backward passes, no second-order
 graph, no bi-level library. MQVAE perturbs phi and theta in two separate differences; one joint
 difference over w = (phi, theta) is the same quantity to first order and costs half.

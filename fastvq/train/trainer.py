@@ -47,6 +47,24 @@ class NonFiniteLossError(RuntimeError):
     stops and torchrun ends the others (they wait at the next collective)."""
 
 
+# What a resumed run takes from its config, not from the checkpoint, that changes what the saved
+# run would have done next. optim settings and train.steps are meant to take effect on resume (a
+# new schedule); logging, paths, devices and workers change no result.
+RESUME_SECTIONS = ("model", "data", "loss", "disc", "meta")
+RESUME_TRAIN_KEYS = ("seed", "batch_size", "vq", "ema_decay", "bf16", "overfit_one_batch")
+
+
+def _resume_changes(saved: dict, cfg: dict) -> list[str]:
+    """RESUME_SECTIONS' and RESUME_TRAIN_KEYS' changes from a checkpoint's config (none
+    saved: nothing to compare)."""
+    if not saved:
+        return []
+    changed = [k for sec in RESUME_SECTIONS for k in changed_keys(saved.get(sec), cfg[sec], sec)]
+    keys = [k for k in RESUME_TRAIN_KEYS if k in (saved.get("train") or {})]
+    old, new = ({k: c["train"][k] for k in keys} for c in (saved, cfg))
+    return changed + changed_keys(old, new, "train")
+
+
 def pick_device(name: str) -> torch.device:
     """ "auto" -> this rank's GPU when CUDA is available, else CPU; anything else as given."""
     if name != "auto":
@@ -475,11 +493,12 @@ class Trainer:
                 f"{', '.join(changed) or 'unknown'}): resume with the settings it was written "
                 "with, or start over in another train.out_dir (or with train.resume=false)"
             ) from e
-        changed = changed_keys((s.get("config") or {}).get("model"), self.cfg["model"], "model")
-        if changed and self.rank == 0:  # weights that still fit (FSQ levels reordered): say so
+        changed = _resume_changes(s.get("config") or {}, self.cfg)
+        if changed and self.rank == 0:  # weights that still fit (FSQ levels reordered), new data
             warnings.warn(
-                f"resuming {str(path)!r} with a model section other than the one it was trained "
-                f"with ({', '.join(changed)}); its weights fit, so training goes on",
+                f"resuming {str(path)!r} with settings other than those it was trained with "
+                f"({', '.join(changed)}); training goes on with them, so it no longer continues "
+                "the saved run exactly",
                 stacklevel=2,
             )
         if self.ema is not None and s["ema"] is not None:

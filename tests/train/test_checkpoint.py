@@ -318,6 +318,25 @@ def test_resume_with_another_model_whose_weights_fit_warns(make_config, datasets
         Trainer(make_config("train.steps=2", fsq % "5, 5, 8"), datasets=datasets)
 
 
+def test_resume_with_other_data_or_seed_warns(make_config, datasets):
+    # A new train.seed re-seeded the data stream while the generators came from the checkpoint:
+    # its data order matched neither run, without a word. Logging settings and optim stay quiet.
+    import warnings
+
+    Trainer(make_config("train.steps=1"), datasets=datasets).fit()
+    changes = ("train.seed=3", "data.flip=false", "loss.recon_weight=0.5")
+    match = (
+        r"\(data.flip True -> False, loss.recon_weight 1.0 -> 0.5, train.seed 0 -> 3\); training"
+    )
+    with pytest.warns(UserWarning, match=match):
+        Trainer(make_config("train.steps=2", *changes), datasets=datasets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(
+            make_config("train.steps=2", "train.log_every=1", "optim.lr=1e-3"), datasets=datasets
+        )
+
+
 def test_checkpoints_leave_lpips_out(make_config, datasets, tmp_path):
     """LPIPS's frozen weights come from loss.lpips's files: a checkpoint holds the discriminator
     and LeCAM state of the loss module but none of LPIPS's 14.7 M weights, and resuming (here

@@ -312,10 +312,13 @@ def _dirty(out: str | None) -> bool:
 
 def environment(device: str = DEVICE, out: str | None = None) -> dict:
     """The record's environment; out: the folder the records go to."""
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     if os.path.exists("/proc/cpuinfo"):
-        models = re.findall(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
+        info = open("/proc/cpuinfo").read()
+        models = re.findall(r"model name\s*:\s*(.*)", info)
         cpu = models[0] if models else cpu
+        match = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+        flags = set(match.group(1).split()) if match else set()
     gpu = None
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -337,10 +340,14 @@ def environment(device: str = DEVICE, out: str | None = None) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu,
         "gpu": gpu,
         "cpu": cpu,
+        # The vector extensions the C++ kernels' builds may use (which one runs: backends).
+        "cpu_isa": [isa for isa in ("sse2", "avx2", "fma", "avx512f") if isa in flags],
         "threads": torch.get_num_threads(),
         # 1-minute load average at the end of the run: above the thread count, CPU timings are
         # shared with other processes and noisy.
         "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
@@ -456,7 +463,7 @@ def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
 
     def keep(row: Row) -> None:
         pending.append(row)
-        partial = {"quick": args.quick, "shapes": chosen, "complete": False}
+        partial = {"quick": args.quick, "reps": args.reps, "shapes": chosen, "complete": False}
         save(args.out, op, rows + pending, partial, args.quick)
 
     _ROW_HOOK = keep
@@ -464,7 +471,8 @@ def cli(argv, doc: str, op: str, run: Callable, shapes: dict) -> str:
         for i, shape in enumerate(chosen):
             pending.clear()
             rows += run([shape], args.reps, args.quick)
-            done = {"quick": args.quick, "shapes": chosen, "complete": i == len(chosen) - 1}
+            done = {"quick": args.quick, "reps": args.reps, "shapes": chosen}
+            done["complete"] = i == len(chosen) - 1
             path = save(args.out, op, rows, done, args.quick)
     finally:
         _ROW_HOOK = _no_hook

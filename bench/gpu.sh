@@ -8,12 +8,14 @@
 # last ones are skipped (the summary says which).
 #
 #   device run (carry [".whl"]):  FASTVQ_GIT_REV=<`git rev-parse HEAD` here> bash bench/gpu.sh
-#   then, on the same warm machine, the steps the deadline skipped (the summary names them):
+#   then the steps the deadline skipped (the summary names them), on the warm machine if it still
+#   is (a fresh one gets the wheels and the build steps added):
 #     GPU_SH_ONLY="tests-topk tests-syncs memcheck racecheck" FASTVQ_GIT_REV=... bash bench/gpu.sh
+# The exit status is 0 only when every step that ran passed.
 # (where the tree arrives without its .git, the records take their commit from FASTVQ_GIT_REV)
 #
 # .whl/ holds the peers the GPU image lacks, fetched here once (pure-Python wheels, and ninja's):
-#   pip download --no-deps -d .whl flash-kmeans vector-quantize-pytorch==1.32.0 einx==0.4.3 \
+#   pip download --no-deps -d .whl flash-kmeans==0.3.1 vector-quantize-pytorch==1.32.0 einx==0.4.3 \
 #     loguru torch-einops-utils frozendict einops tqdm wheel ninja "nvidia-cuda-sanitizer-api==13.0.*"
 # (tqdm: without it flash-kmeans' __init__ quietly swaps its Triton k-means for a torch fallback;
 # wheel: pip's editable build needs bdist_wheel, which setuptools < 70.1 lacks without it; ninja:
@@ -31,6 +33,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # build for the H100 / H200 only
 mkdir -p "$OUT"
 SUMMARY=()
+FAILED=()
 
 # step NAME BUDGET_S COMMAND...: runs COMMAND with a timeout of min(BUDGET_S, time left), output to
 # the console and to $LOGS/NAME.log; with under 10 s left the step is not started. With
@@ -53,6 +56,7 @@ step() {
   rc=${PIPESTATUS[0]}
   local verdict="ok"
   ((rc == 124 || rc == 137)) && verdict="TIMEOUT" || { ((rc != 0)) && verdict="FAILED rc=$rc"; }
+  ((rc != 0)) && FAILED+=("$name")
   SUMMARY+=("$(printf '%-16s %-14s %4d s' "$name" "$verdict" $((SECONDS - start)))")
   return "$rc"
 }
@@ -60,6 +64,12 @@ step() {
 main() {
   [[ -n ${FASTVQ_GIT_REV:-} || -d .git ]] ||
     echo "warning: no .git and no FASTVQ_GIT_REV: the records' commit will read 'unknown'"
+  # A second call (GPU_SH_ONLY) that finds a fresh machine (a warm one is given back after a
+  # short idle time) installs again first.
+  if [[ -n ${GPU_SH_ONLY:-} ]] && ! python3 -c "import fastvq.kernels" 2>/dev/null; then
+    echo "fastvq is not installed here: adding the wheels and build steps"
+    GPU_SH_ONLY+=" wheels build"
+  fi
   step gpu 15 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
   if compgen -G ".whl/*.whl" >/dev/null; then
     step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -130,6 +140,8 @@ main() {
   printf '%s\n' "${SUMMARY[@]}"
   python3 -m bench.run --summary "$OUT"
   python3 -m bench.run --targets "$OUT"
+  # The exit status says whether every step passed (the device tool's rc); the summary says which.
+  ((${#FAILED[@]} == 0)) || { echo "failed or timed out: ${FAILED[*]}"; return 1; }
 }
 
 # A pipeline, not exec > >(tee): the shell waits for tee, so the end of log.txt is never lost.

@@ -76,19 +76,21 @@ def main(argv=None):
     parser.add_argument("--rows", type=positive_int, default=1024)
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
-    results = []
-    for k, d in SHAPES:
-        for metric in METRICS:
-            results.append(share(args.rows, k, d, metric))
-            r = results[-1]
-            gpu = r["max_error_over_bound_tensor_cores"]
-            gpu = f", tensor cores {gpu:.3f}" if gpu is not None else ""
-            line = f"K={k:6} D={d:4} {metric:6} rechecked {r['share']:6.2%}"
-            print(f"{line} max error / bound {r['max_error_over_bound']:.3f}{gpu}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "screening_share.json")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    write_json(path, {"environment": environment(device, args.out), "results": results})
+    cases = [(k, d, metric) for k, d in SHAPES for metric in METRICS]
+    results = []
+    for k, d, metric in cases:
+        results.append(share(args.rows, k, d, metric))
+        r = results[-1]
+        gpu = r["max_error_over_bound_tensor_cores"]
+        gpu = f", tensor cores {gpu:.3f}" if gpu is not None else ""
+        line = f"K={k:6} D={d:4} {metric:6} rechecked {r['share']:6.2%}"
+        print(f"{line} max error / bound {r['max_error_over_bound']:.3f}{gpu}", flush=True)
+        # Saved after every case: a timeout (gpu.sh's step) keeps the cases done.
+        record = {"environment": environment(device, args.out), "sample_rows": args.rows}
+        write_json(path, record | {"complete": len(results) == len(cases), "results": results})
     print(f"saved {path}")
 
 

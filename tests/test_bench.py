@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def test_bench_writes_its_record(tmp_path, module, one_thread):
     record = json.load(open(path))
     env = record["environment"]
     assert {"device", "torch", "triton", "git", "backends", "peers", "load"} <= set(env)
-    assert env["threads"] == 1
+    assert env["threads"] == 1 and record["reps"] == 1
+    assert env["python"] == platform.python_version() and re.fullmatch(r"\d{4}-.*Z", env["time"])
     assert env["device"] and env["torch"]
     bench = importlib.import_module(f"bench.bench_{module}")
     assert record["quick"] is True and record["complete"] is True
@@ -308,6 +310,8 @@ def test_environment_records_what_ran(tmp_path, monkeypatch):
     assert env["torch"] == torch.__version__ and env["triton"] == version("triton")
     assert env["peers"] == {p: version(p) for p in ("vector-quantize-pytorch", "flash-kmeans")}
     assert env["device"] == env["cpu"]
+    if os.path.exists("/proc/cpuinfo"):  # x86-64 always has SSE2
+        assert "sse2" in env["cpu_isa"] or platform.machine() != "x86_64"
     # nor do records in the folder of this run's --out, but only records there
     (repo / "mine").mkdir()
     (repo / "mine" / "op-cpu.json").write_text("{}")
@@ -997,6 +1001,36 @@ def test_gpu_sh_runs_each_gpu_test_once(tmp_path):
     assert any("test_host_syncs.py" in t for t in syncs)
     launchers = {t for t in gpu | cuda | topk if "split_k" in t}
     assert any("topk" in t for t in launchers) and any("topk" not in t for t in launchers)
+
+
+@pytest.mark.parametrize("installed", [False, True], ids=["fresh-machine", "warm-machine"])
+def test_gpu_sh_second_call_installs_on_a_fresh_machine_and_reports_failure(tmp_path, installed):
+    """GPU_SH_ONLY on a machine without fastvq (the warm one was given back) adds the wheels and
+    build steps, which it skipped before so that every step failed; and the exit status is 1
+    when a step fails (it was always 0: the device tool's rc said nothing). python3 and
+    nvidia-smi are stubs here, which log their calls; nvidia-smi fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fake, log = tmp_path / "bin", tmp_path / "calls.txt"
+    fake.mkdir()
+    import_rc = 0 if installed else 1
+    (fake / "python3").write_text(
+        f'#!/bin/bash\necho "python3 $*" >> {log}\n'
+        f'[[ "$*" == "-c import fastvq.kernels" ]] && exit {import_rc}\nexit 0\n'
+    )
+    (fake / "nvidia-smi").write_text("#!/bin/bash\nexit 3\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", OUT=str(tmp_path / "o"))
+    env |= {"GPU_SH_ONLY": "gpu backends", "FASTVQ_GIT_REV": "abc"}
+    done = subprocess.run(["bash", "bench/gpu.sh"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    calls = log.read_text()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed or timed out: gpu" in done.stdout
+    built = "-m pip install -q --no-index --no-deps --no-build-isolation -e ." in calls
+    assert built is not installed, calls
+    assert ("adding the wheels and build steps" in done.stdout) is not installed
+    assert "import fastvq; print(fastvq.backends())" in calls  # the steps asked for ran
 
 
 def test_fsq_check_takes_either_neighbour_at_a_rounding_tie():

@@ -1,6 +1,7 @@
 """Lattice codebooks: the Golay code, the Leech lattice shell (196,560 codes) and E8.
 
-Pure PyTorch (any device); tables are a few hundred KiB, built on first use per device.
+Decoders run as C++ (CPU), Triton and CUDA kernels where available, with plain-PyTorch paths on
+any device; the Leech index tables (about 0.9 MiB) are built on first use per device.
 """
 
 from fastvq.lattice.e8 import (

@@ -36,8 +36,8 @@ def check_code_dtype(dtype) -> None:
 
 
 def check_indices(name: str, value, size: int) -> None:
-    """TypeError unless an integer tensor; ValueError unless every entry is in [0, size) (one host
-    sync, skipped under torch.compile)."""
+    """TypeError unless an index tensor (INDEX_DTYPES); ValueError unless every entry is in
+    [0, size) (one host sync, skipped under torch.compile)."""
     check_index_tensor(name, value)
     check_index_range(name, value, 0, size)
 

@@ -179,8 +179,8 @@ def _(index, dtype):
 
 
 def e8_shell_codes(indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """E8 minimal vectors from canonical indices: (...) integer in [0, 240) -> (..., 8) `dtype`
-    (float32, bfloat16, float16 or float64)."""
+    """E8 minimal vectors from canonical indices: (...) int64, int32, int16, int8 or uint8 in
+    [0, 240) -> (..., 8) `dtype` (float32, bfloat16, float16 or float64)."""
     check_indices("indices", indices, E8_SHELL_SIZE)
     check_code_dtype(dtype)
     return _lookup(indices.long(), dtype)

@@ -51,7 +51,7 @@ _CHUNK = 64
 
 @functools.cache
 def _tables(device: torch.device) -> SimpleNamespace:
-    """Small index tables on `device` (a few hundred KiB); the 196,560 vectors are never stored."""
+    """Small index tables on `device` (about 0.9 MiB); the 196,560 vectors are never stored."""
     words = golay_codewords(device)  # (4096, 24) bits
     octads = golay_octads(device)  # (759, 8)
     bit6 = 1 << torch.arange(6, device=device)
@@ -98,9 +98,9 @@ def _unit_codes(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def leech_codes(indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit Leech codes from indices in the canonical order (module docstring), by index arithmetic.
 
-    indices: (...) integer tensor with entries in [0, 196560); dtype: float32, bfloat16, float16 or
-    float64. Returns (..., 24) `dtype` on the indices' device, each row a minimal vector divided
-    by sqrt(32).
+    indices: (...) int64, int32, int16, int8 or uint8 tensor with entries in [0, 196560);
+    dtype: float32, bfloat16, float16 or float64. Returns (..., 24) `dtype` on the indices'
+    device, each row a minimal vector divided by sqrt(32).
     """
     check_indices("indices", indices, LEECH_SIZE)
     check_code_dtype(dtype)

@@ -173,7 +173,8 @@ class RandomProjectionQuantizer(nn.Module):
     returns indices (b, n) int64, or (b, n, num_codebooks) when num_codebooks > 1.
     forward(x, indices) returns the cross-entropy of the cosine similarities against `indices`
     (-1 ignored), as the peer, computed in row chunks (with recomputation in the backward) so
-    the N x K logits never exist at once.
+    the N x K logits never exist at once; with every target -1 it is 0 (the peer's mean over no
+    targets: NaN).
 
     The peer's extra keyword arguments (forwarded to its VectorQuantize) raise a ValueError: its
     quantizer always runs in eval mode with a cosine codebook, which is all this class does.

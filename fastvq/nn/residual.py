@@ -100,6 +100,7 @@ from fastvq.nn.vector_quantize import (
     _l2norm,
     _snapshot,
     eager_only,
+    refuse_recomputation,
 )
 from fastvq.ops._backends import autocast_off
 from fastvq.ops._validate import (
@@ -682,6 +683,8 @@ class ResidualVQ(_Residual):
         b, n = seq.shape[:2]
         out_dtype = z.dtype
         final = self.num_quantizers - 1 if last is None else last
+        if any(self._layer_updates(layer, freeze) for layer in self.layers[: final + 1]):
+            refuse_recomputation()  # as VectorQuantize.forward: before the search
         m = b * n
         row_mask = None if mask is None else mask.reshape(m)
         with autocast_off(seq.device.type):

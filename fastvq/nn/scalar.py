@@ -399,9 +399,10 @@ class LFQ(ConstantBuffers):
     """Lookup-free quantization (MAGVIT-v2), vector-quantize-pytorch's LFQ (spherical=True: BSQ).
 
     forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)
-        -> (quantized, indices, aux_loss) [, LossBreakdown(per_sample_entropy, batch_entropy,
-        commitment)]. x: (b, n, dim), or channel-first (b, dim, *spatial) when channel_first or
-        x.ndim >= 4. indices: int64, bit j of the d-bit index is dimension d - 1 - j (dimension 0
+        -> (quantized, indices, aux_loss), or with return_loss_breakdown ((quantized, indices,
+        aux_loss), LossBreakdown(per_sample_entropy, batch_entropy, commitment)) as the peer.
+        x: (b, n, dim), or channel-first (b, dim, *spatial) when channel_first or x.ndim >= 4.
+        indices: int64, bit j of the d-bit index is dimension d - 1 - j (dimension 0
         is the most significant bit, the peer's order). aux_loss = entropy_loss_weight *
         (per_sample_entropy - diversity_gamma * batch_entropy) + commitment_loss_weight *
         commitment in training, 0 in eval.

@@ -30,8 +30,10 @@ no dead-code reset in top-k mode (as the peer); the k-means init still runs in t
 ResidualVQ's beam search builds on it.
 
 Not supported (ValueError when given a non-default value): commitment_use_cross_entropy_loss,
-codebook_diversity_loss_weight, straight_through, directional_reparam, vq_bridge,
-manual_ema_update, in_place_codebook_optimizer, affine_param, sync_update_v, and forward's
+codebook_diversity_loss_weight, codebook_diversity_temperature, straight_through,
+directional_reparam, directional_reparam_variance, vq_bridge, manual_ema_update,
+in_place_codebook_optimizer, manual_in_place_optimizer_update, affine_param, sync_affine_param,
+affine_param_batch_decay, affine_param_codebook_decay, sync_update_v, and forward's
 indices (cross-entropy to given codes), codebook_transform_fn, ema_update_weight,
 accum_ema_update; topk with heads > 1 (the peer asserts) or above 128 (after clamping to
 codebook_size: fastvq.nearest_code's top-k limit).
@@ -55,9 +57,10 @@ Deliberate differences from the peer (each tested as fastvq's behaviour):
   has moved off the sphere or a loaded codebook was not normalized. Either way the output is
   the stored code.
 - rotation_trick=True follows the paper on rows of tiny norm: the gradient scales by |q| / |z|
-  as long as |z|^2 is a normal float, and the degenerate rows of fastvq.quantize's docstring
-  (z = 0 among them) are straight-through. The peer clamps norms at 1e-6, so below that its
-  output drifts from the code and its gradient is capped.
+  as long as |z|^2 does not underflow to 0 (float32: |z| above about 2.6e-23), and the
+  degenerate rows of fastvq.quantize's docstring (z = 0 among them) are straight-through. The
+  peer clamps norms at 1e-6, so below that its output drifts from the code and its gradient is
+  capped.
 - With a mask, the commitment loss compares the quantized vectors with the projected (and, for
   cosine, normalized) inputs, as without a mask; the peer compares with the raw input there (a
   shape error or a wrong target with codebook_dim, heads or use_cosine_sim). A mask with no valid
@@ -600,13 +603,8 @@ class VectorQuantize(nn.Module):
             codebooks = self._codebooks()
             update = self.training and not freeze and self.codebook_generator is None
             update = update and (do_ema or self.threshold_ema_dead_code > 0)
-            if update and _in_backward():
-                raise RuntimeError(
-                    "VectorQuantize ran a training forward inside a backward pass, as "
-                    "torch.utils.checkpoint's recomputation does: its codebook update would run "
-                    "twice and the recomputed codes come from the updated codebook. Checkpoint "
-                    "the layers around the quantizer instead (or freeze its codebook there)"
-                )
+            if update:
+                refuse_recomputation()
             stochastic = self._samples(temp)
             check = check_inputs_finite
             if check and (self.num_codebooks > 1 or stochastic):
@@ -1224,9 +1222,17 @@ def _candidate_mse(rows, codebook, idx) -> torch.Tensor:
     return out
 
 
-def _in_backward() -> bool:
-    """True inside an autograd backward pass (where activation checkpointing recomputes)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+def refuse_recomputation() -> None:
+    """RuntimeError inside an autograd backward pass, where activation checkpointing recomputes
+    a forward: for a forward that updates a codebook (which would run twice, and the recomputed
+    codes come from the updated codebook)."""
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(
+            "VectorQuantize ran a training forward inside a backward pass, as "
+            "torch.utils.checkpoint's recomputation does: its codebook update would run "
+            "twice and the recomputed codes come from the updated codebook. Checkpoint "
+            "the layers around the quantizer instead (or freeze its codebook there)"
+        )
 
 
 def _codes_without_estimator(q, idx, codebook) -> torch.Tensor:

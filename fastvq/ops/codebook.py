@@ -343,7 +343,7 @@ def ema_update_(
             Not checked for NaN or Inf (rows of weight 0, padding, may hold anything): the search
             that gave the indices checks its rows; a NaN that reaches a weighted row makes its
             code's statistics NaN.
-        indices: integer tensor of shape z.shape[:-1], values in [0, K).
+        indices: int64, int32, int16, int8 or uint8 tensor of shape z.shape[:-1], values in [0, K).
         decay: real number in [0, 1]; 1 keeps the statistics, 0 replaces them by the batch's.
         weight: optional float or bool tensor of shape z.shape[:-1]; a 0/1 mask drops padding.
             Default: every row weighs 1.
@@ -715,16 +715,17 @@ def kmeans(
     fastvq.nearest_code (assignment) and a scatter (sums), never an N x K matrix.
 
     Args:
-        x: (..., D) float32, bfloat16, float16 or float64, 1 <= D <= 1024; the rows are clustered
-            in float32 (float64 for float64 x). At least num_codes rows (on the first rank, with
-            all_reduce).
+        x: (..., D), at least 2-D, float32, bfloat16, float16 or float64, 1 <= D <= 1024; the
+            rows are clustered in float32 (float64 for float64 x). At least num_codes rows (on
+            the first rank, with all_reduce) unless init is a tensor.
         num_codes: K >= 1.
         iters: Lloyd iterations >= 0.
         metric: "l2" (means, squared-distance objective) or "cosine" (spherical k-means: rows and
             centroids normalized, objective sum of 1 - cosine similarity).
         init: "kmeans++" (batched D^2 sampling, see _kmeanspp: exact k-means++ up to 64 codes,
-            about 64 rounds of D^2 sampling beyond), "random" (distinct random rows) or a (K, D)
-            floating tensor of initial centroids.
+            about 64 rounds of D^2 sampling beyond), "random" (rows at distinct random
+            indices: copies of a row may seed two centroids, which the first iteration's
+            empty-cluster step separates) or a (K, D) floating tensor of initial centroids.
         generator: torch.Generator on the CPU or on x's device, for the initialisation.
         backend: the search's backend (see fastvq.nearest_code); the scatter uses it too ("cpu"
             and "cuda": the C++ op fastvq::ema_scatter_cpp), deterministic (sums in pieces: a
@@ -740,7 +741,8 @@ def kmeans(
     in index order, take the m farthest distinct rows), which never increases the objective. For
     l2 the search compares rows and centroids less the rows' mean (the same objective; data far
     from the origin for their spread would lose their nearest centroid to the search's
-    rounding), and copies of a row never seed two centroids while other rows are left.
+    rounding), and under k-means++ copies of a row never seed two centroids while other rows are
+    left.
 
     Returns:
         centroids (K, D) float32 (float64 for float64 x), or (centroids, inertia).
@@ -851,7 +853,8 @@ def code_counts(
     """How many times each code occurs in `indices`, added into `out` when given.
 
     Args:
-        indices: integer tensor of any shape, values in [0, num_codes) (checked: one host sync).
+        indices: int64, int32, int16, int8 or uint8 tensor of any shape, values in
+            [0, num_codes) (checked: one host sync).
         num_codes: K >= 1.
         out: optional (K,) int64, int32, float32 or float64 tensor on indices' device (int64
             keeps counts exact) that accumulates counts across batches, under no_grad (a buffer,

@@ -253,7 +253,7 @@ def quantize(
                            code as the rotation trick's does. H is a reflection (det -1).
     Degenerate rows get a defined, finite gradient (checks in float32, or float64 for float64
     inputs): z = 0, q = 0, |z|^2 or |q|^2 (summed in that arithmetic) overflowing or underflowing
-    to 0 (in float32, |z| beyond about 1.8e19 or below about 4e-23), or s overflowing -> STE (g),
+    to 0 (in float32, |z| beyond about 1.8e19 or below about 2.6e-23), or s overflowing -> STE (g),
     though the same geometry at unit scale would rotate; rotation with z^ = -q^ (no unique
     rotation) -> STE; householder with z^ = q^ -> H = I, s g (what the rotation trick gives
     there), where z^ = -+q^ means |z^ +- q^|^2 below the smallest normal of that arithmetic.

@@ -308,7 +308,8 @@ def fsq(z: torch.Tensor, levels, *, backend: str = "auto") -> tuple[torch.Tensor
 
 
 def fsq_codes(indices: torch.Tensor, levels, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FSQ codes (..., d) in `dtype` for mixed-radix indices (...,) of any integer dtype.
+    """FSQ codes (..., d) in `dtype` for mixed-radix indices (...,) of dtype int64, int32,
+    int16, int8 or uint8 (the index dtypes torch takes: uint16 token files need a cast).
 
     The inverse of fsq's index map (bit-identical to fsq's codes in the same dtype); indices are
     taken modulo prod(levels).
@@ -447,7 +448,8 @@ def bsq(z: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.
             "triton", "cpu" or "torch".
 
     Returns:
-        codes: (..., d) in z's dtype, +-(1/sqrt(d) rounded to float32, then to z's dtype);
+        codes: (..., d) in z's dtype, +-1/sqrt(d) (for float32 and narrower: rounded to
+            float32, then to z's dtype);
         indices: (...,) int64 in [0, 2^d).
     """
     d = _check_z(z, 1, MAX_BITS, " (indices are int64 bit masks)")

@@ -25,7 +25,8 @@ def inv_norm(x: torch.Tensor) -> torch.Tensor:
     """1 / |x| over the last dimension (kept), in x's dtype and differentiable. The norm is taken
     in float64, where float32 squares neither underflow nor overflow (in float32, rows beyond
     1e-19 to 1e19 would lose their norm); 0 where it is 0 or its inverse exceeds x's dtype,
-    which makes the row a zero row (and an inf norm gives 0 too). No NaN in the backward."""
+    which makes the row a zero row (and an inf norm gives 0 too). No NaN in the backward of a
+    finite row."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float64)
     ok = (norm > 0) & (1 / norm).to(x.dtype).isfinite()
     return torch.where(ok, 1 / torch.where(ok, norm, 1), 0).to(x.dtype)

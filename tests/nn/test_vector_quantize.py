@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvq
 from fastvq.nn import vector_quantize as vqmod
-from fastvq.nn.residual import ResidualVQ
+from fastvq.nn.residual import GroupedResidualVQ, ResidualVQ
 from fastvq.nn.vector_quantize import (
     CodebookMLP,
     HouseholderVQ,
@@ -498,6 +498,31 @@ def test_activation_checkpointing_a_training_update_is_refused(use_reentrant):
         torch.testing.assert_close(x.grad, want.grad)
     for key, value in vq.state_dict().items():
         assert torch.equal(value, updated[key]), key
+
+
+BEAM = {
+    "ResidualVQ": lambda: ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, beam_size=2),
+    "GroupedResidualVQ": lambda: GroupedResidualVQ(
+        dim=DIM, groups=2, num_quantizers=2, codebook_size=K, beam_size=2
+    ),
+    "forward(beam_size=2)": lambda: functools.partial(
+        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K), beam_size=2
+    ),
+}
+
+
+@pytest.mark.parametrize("make", BEAM.values(), ids=BEAM.keys())
+def test_activation_checkpointing_a_beam_search_update_is_refused(make):
+    # Beam search updated the layers by itself, past VectorQuantize.forward's refusal: the
+    # recomputation searched the updated codebooks (another gradient), or updated them twice.
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    step = make()
+    x = _randn(3, 6, DIM, seed=12).requires_grad_()
+    q = checkpoint(step, x, use_reentrant=False)[0]
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        q.square().sum().backward()
 
 
 class _Broadcast(torch.autograd.Function):

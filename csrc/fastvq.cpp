@@ -1,6 +1,8 @@
 // Every fastvq op schema, in one place. Kernels register implementations per dispatch key in
 // csrc/cpu/<op>.cpp and csrc/cuda/<op>.cpp; fake (meta) implementations live in fastvq/ops.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
@@ -87,6 +89,25 @@ TORCH_LIBRARY(fastvq, m) {
   m.def(
       "binary_entropy_bwd_cpp(Tensor grad_rows, Tensor grad_cols, Tensor z, float coef, "
       "bool spherical) -> Tensor");
+}
+
+// The in-place update's version counts, on every device: autograd then refuses a backward that
+// saved counts or sums before the update (as for torch's own in-place ops) instead of reading the
+// updated values silently.
+// (torch's inplace-or-view fallback bumps only returned tensors; this op returns none.)
+static void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                  torch::jit::Stack* stack) {
+  const at::Tensor counts = (*stack)[0].toTensor(), sums = (*stack)[1].toTensor();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  counts.unsafeGetTensorImpl()->bump_version();
+  sums.unsafeGetTensorImpl()->bump_version();
+}
+
+TORCH_LIBRARY_IMPL(fastvq, ADInplaceOrView, m) {
+  m.impl("ema_scatter_cpp", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }
 
 // Which build of the CPU kernels this process runs (csrc/cpu/isa.h), for fastvq.backends():

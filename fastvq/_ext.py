@@ -42,6 +42,18 @@ def fake_on_one_device(op: str, *tensors) -> None:
         )
 
 
+def refuse_gradient(op: str, instead: str) -> None:
+    """Give the C++ op fastvq::op an autograd kernel whose backward raises: without one the
+    dispatcher runs it under autograd with only a warning, and gradients through its outputs are
+    silently dropped (the Python custom ops that call it own the gradient). instead: what to call
+    for the gradient."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"fastvq::{op} has no gradient of its own: {instead}")
+
+    torch.library.register_autograd(f"fastvq::{op}", backward)
+
+
 def register_namedtuple(cls):
     """Name a namedtuple that a forward returns for torch.export: save writes a returned
     namedtuple's type only under a registered name (NotImplementedError otherwise), and load

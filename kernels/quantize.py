@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from fastvq.kernels import check_operand, on_input_device
+from fastvq.kernels.scalar import _cast_for
 
 from fastvq.ops._validate import KERNEL_FLOATING
 
@@ -161,7 +162,7 @@ def _quantize_bwd_kernel(
             qg = tl.where(inv_q > 0, tl.sum(q * g, axis=1) * inv_q, 0.0)
             dz += (2.0 * qg)[:, None] * zs
         dz = tl.where(code_ok[:, None], scale[:, None] * dz, float("nan"))
-        tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_ptr + offs, _cast_for(dz, dz_ptr), mask=mask)
 
 
 def _blocks(d: int) -> tuple[int, int]:

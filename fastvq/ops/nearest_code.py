@@ -7,7 +7,7 @@ here, so kernels know nothing about metrics.
 
 import torch
 
-from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel
+from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel, refuse_gradient
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_finite, check_floating, check_int
 from fastvq.reference import METRICS, code_terms, inv_norm, topk_scores
@@ -91,6 +91,8 @@ if _HAS_SQUARED_NORMS:
     @torch.library.register_fake("fastvq::squared_norms")
     def _(x):
         return x.new_empty(x.shape[0], dtype=torch.float64)
+
+    refuse_gradient("squared_norms", "x.double().square().sum(1) has one")
 
 
 def _squared_norms(codebook, metric, backend):

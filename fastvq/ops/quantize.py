@@ -260,7 +260,9 @@ def quantize(
     Near-degenerate rows stay bounded: |dL/dz| <= 5 s |g| up to rounding. Both estimators are
     discontinuous at these rows, so a row (anti)parallel to its code only up to rounding (z = -3 q
     or -0.7 q in float32) rotates or reflects about an axis that the rounding sets (another one
-    in float64) rather than taking the fallback. Double backward: STE's
+    in float64) rather than taking the fallback. At D = 1 every row is (anti)parallel to its
+    code, so which of these a row gets depends on the rounding of z / |z|: use "ste" there.
+    Double backward: STE's
     dL/dz and every estimator's dL/dC are differentiable; differentiating rotation's or
     householder's dL/dz again is a NotImplementedError.
 

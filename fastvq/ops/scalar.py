@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from fastvq._ext import fake_on_one_device, has_kernel
+from fastvq._ext import fake_on_one_device, has_kernel, refuse_gradient
 from fastvq.ops._backends import backends, pick_backend
 from fastvq.ops._validate import (
     FLOATING,
@@ -93,6 +93,16 @@ if _HAS_CPP:
     def _(grad_rows, grad_cols, z, coef, spherical):
         fake_on_one_device("binary_entropy_bwd_cpp", grad_rows, grad_cols, z)
         return z.new_empty(z.shape)
+
+    for _op, _instead in (
+        ("fsq_fwd_cpp", "call fastvq.fsq"),
+        ("sign_fwd_cpp", "call fastvq.lfq or fastvq.bsq"),
+        ("binary_entropy_fwd_cpp", "call fastvq.binary_entropy_loss"),
+        ("fsq_bwd_cpp", "fastvq.fsq has no double backward"),
+        ("bsq_bwd_cpp", "fastvq.bsq has no double backward"),
+        ("binary_entropy_bwd_cpp", "fastvq.binary_entropy_loss has no double backward"),
+    ):
+        refuse_gradient(_op, _instead)
 
 
 def _impl(backend, device: torch.device, dtype: torch.dtype) -> str:

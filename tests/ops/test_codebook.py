@@ -1006,6 +1006,23 @@ def test_reset_dead_codes_refuses_written_tensors_that_share_elements():
     assert torch.equal(reset_dead_codes_(buf[:, :7], buf[:, -1], buf[:, 7:-1], z, 1.0), dead)
 
 
+@pytest.mark.parametrize(
+    "backend", [b for b in ("cpu", "triton", "torch") if fastvq.backends()[b].available]
+)
+def test_ema_update_bumps_the_versions_it_writes(backend):
+    # The C++ op wrote counts and sums without telling autograd: a backward that had saved them
+    # before the update used the updated values, silently.
+    counts, sums = torch.rand(4), torch.randn(4, 3)
+    z = torch.randn(6, 3, requires_grad=True)
+    loss = (z @ sums.T).sum() + (z.sum(1) * counts.sum()).sum()
+    before = counts._version, sums._version
+    fastvq.ema_update_(counts, sums, torch.randn(6, 3), torch.randint(0, 4, (6,)), decay=0.5,
+                       backend=backend)  # fmt: skip
+    assert counts._version > before[0] and sums._version > before[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("device", CPP_DEVICES)
 def test_cpp_op_refuses_outputs_that_share_memory_with_inputs(device):
     ops = torch.ops.fastvq

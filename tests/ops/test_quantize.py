@@ -683,6 +683,27 @@ def test_triton_ops_bad_input_is_a_clear_error(op, changes, match):
 
 
 @pytest.mark.skipif(not _TRITON, reason="Triton unavailable")
+@pytest.mark.parametrize("grad", ["rotation", "householder"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_gradient_rounds_to_nearest(grad, dtype):
+    # dz is formed in float32 and stored in z's dtype rounded to nearest even, as the other
+    # backends do: the plain cast truncates bfloat16 in the interpreter (half the elements came
+    # out one ulp toward zero). Only float32 sums taken in another order may differ.
+    from fastvq.kernels.quantize import quantize_bwd, quantize_fwd
+    from fastvq.ops.quantize import _bwd_torch
+
+    z, codebook, g = (t.detach() for t in _inputs(256, 64, 32, dtype, _TRITON_DEVICE, 72))
+    idx = torch.randint(0, 64, (256,), generator=torch.Generator().manual_seed(73))
+    idx = idx.to(_TRITON_DEVICE)
+    stats = quantize_fwd(z, codebook, idx, grad)[1]
+    dz = quantize_bwd(g, z, codebook, idx, stats, grad, True, False)[0]
+    f32 = (t.float() for t in (g, z, codebook))
+    want = _bwd_torch(*f32, idx, stats, grad, True, False)[0]
+    assert dz.dtype == dtype
+    assert (dz != want.to(dtype)).float().mean() < 0.01
+
+
+@pytest.mark.skipif(not _TRITON, reason="Triton unavailable")
 def test_triton_launchers_refuse_an_operand_on_another_device():
     # A pointer of another device in a launch: an illegal address, or another GPU's memory.
     # (Through torch.ops a meta operand goes to the fake; the launchers are called directly.)

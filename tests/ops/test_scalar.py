@@ -853,6 +853,31 @@ def test_cpp_op_bad_input_is_a_clear_error(call, match):
         call(torch.ops.fastvq)
 
 
+# Each C++ op on inputs that require grad, called directly: the output's first tensor.
+GRADLESS_CPP = {
+    "fsq_fwd_cpp": lambda o, z: o.fsq_fwd_cpp(z, *_cpp_params([3] * 3))[0],
+    "sign_fwd_cpp": lambda o, z: o.sign_fwd_cpp(z, 1.0)[0],
+    "binary_entropy_fwd_cpp": lambda o, z: o.binary_entropy_fwd_cpp(z, 1.0, False)[0],
+    "fsq_bwd_cpp": lambda o, z: o.fsq_bwd_cpp(z, z.detach(), _cpp_params([3] * 3)[0]),
+    "bsq_bwd_cpp": lambda o, z: o.bsq_bwd_cpp(z, z.detach()),
+    "binary_entropy_bwd_cpp": lambda o, z: o.binary_entropy_bwd_cpp(
+        z[:, 0].contiguous(), torch.ones(2, 3), z.detach(), 1.0, False
+    ),
+    "squared_norms": lambda o, z: o.squared_norms(z),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("call", GRADLESS_CPP.values(), ids=GRADLESS_CPP.keys())
+def test_cpp_op_gradient_is_refused_not_dropped(call):
+    # Without an autograd kernel the dispatcher ran the op with a warning and the gradient
+    # through its output was silently 0 (the public ops, custom ops around them, own it).
+    z = torch.randn(4, 3, requires_grad=True)
+    out = call(torch.ops.fastvq, z)
+    with pytest.raises(NotImplementedError, match="has no gradient of its own"):
+        (out.sum() + z.sum()).backward()
+
+
 # The Triton launchers, reachable as torch.ops.fastvq.*(impl="triton") past the public ops'
 # checks, read params, basis and gradients by raw pointer: a levels list shorter than D read past
 # params, a short gradient past its end, a D = 70 LFQ wrapped its int64 index bits.

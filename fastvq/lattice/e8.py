@@ -170,6 +170,7 @@ def _codebook(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("fastvq::e8_shell_lookup", mutates_args=())
 def _lookup(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Shell vectors for valid indices: (...) int64 -> (..., 8) `dtype`, a row gather."""
+    check_code_dtype(dtype)  # reachable as torch.ops.fastvq.e8_shell_lookup past e8_shell_codes
     return _codebook(index.device, dtype).index_select(0, index.reshape(-1)).view(*index.shape, 8)
 
 

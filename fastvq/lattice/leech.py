@@ -274,6 +274,7 @@ def _(z):
 
 @torch.library.custom_op("fastvq::leech_unit_codes", mutates_args=())
 def _leech_unit_codes(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    check_code_dtype(dtype)  # reachable as torch.ops.fastvq.leech_unit_codes past leech_codes
     return _unit_codes(index.reshape(-1), dtype).view(*index.shape, 24)
 
 

@@ -122,7 +122,7 @@ def _quantize_bwd(
     else:
         dz, dc = _bwd_torch(grad_out, z, codebook, indices, stats, grad, need_z, need_codebook)
     d = z.shape[1]
-    dz = z.new_empty(0, d) if dz is None else dz
+    dz = z.new_empty(0, d) if dz is None else dz.contiguous()  # as the fake's
     dc = codebook.new_empty(0, d) if dc is None else dc.to(codebook.dtype)
     return dz, dc
 

@@ -294,3 +294,14 @@ def test_bad_inputs():
         leech_codes(torch.tensor([-1]))
     with pytest.raises(TypeError, match="dtype"):
         leech_codes(torch.tensor([0]), torch.int64)  # unit codes would round to 0
+
+
+@pytest.mark.parametrize("op", ["leech_unit_codes", "e8_shell_lookup"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_raw_code_ops_refuse_other_dtypes(op, dtype):
+    # Called directly, past leech_codes / e8_shell_codes: codes of 0 (int), 0.5 entries (bool),
+    # or a result in float32 where the fake promised `dtype`.
+    import fastvq.lattice  # noqa: F401  (registers both ops)
+
+    with pytest.raises(TypeError, match="dtype must be float32"):
+        getattr(torch.ops.fastvq, op)(torch.tensor([0, 1]), dtype)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from fastvq.kernels import check_operand, on_input_device
 
-from fastvq.ops._validate import KERNEL_FLOATING, check_writable
+from fastvq.ops._validate import KERNEL_FLOATING, check_disjoint, check_writable
 from fastvq.ops.codebook import _ema_pieces
 
 
@@ -201,6 +201,8 @@ def _check(op: str, counts, sums, z, indices, weight) -> None:
     device = z.device
     check_operand(op, "z", z, (None, None), KERNEL_FLOATING, strided_rows=True)
     n, d = z.shape
+    if d < 1 or sums.dim() != 2 or sums.shape[0] < 1:
+        raise ValueError(f"{op}: z (N, D) and sums (K, D) need D >= 1 and K >= 1")
     check_operand(op, "sums", sums, (None, d), (torch.float32,), device, strided_rows=True)
     check_operand(
         op, "counts", counts, (sums.shape[0],), (torch.float32,), device, strided_rows=True
@@ -212,6 +214,13 @@ def _check(op: str, counts, sums, z, indices, weight) -> None:
     check_operand(op, "indices", indices, (n,), (torch.int32, torch.int64), device)
     if weight is not None:
         check_operand(op, "weight", weight, (n,), (torch.float32,), device)
+    # One element both read and written, or written twice: the result would depend on the
+    # order of the scatter's reads and writes (the C++ op refuses these too).
+    check_disjoint(f"{op}: counts", counts, "sums", sums)
+    for name, value in (("z", z), ("indices", indices), ("weight", weight)):
+        for out_name, out in (("counts", counts), ("sums", sums)):
+            if value is not None:
+                check_disjoint(f"{op}: {out_name}", out, name, value)
 
 
 @on_input_device

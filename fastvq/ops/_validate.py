@@ -115,8 +115,8 @@ def _span(t: torch.Tensor, unit: int) -> tuple[int, int]:
 
 
 def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """ValueError where a and b, both written in place (after check_writable), hold a common
-    element: the backends' orders of writes differ, and so would the results. Views of one
+    """ValueError where a, written in place (after check_writable), and b hold a common element:
+    the backends' orders of reads and writes differ, and so would the results. Views of one
     buffer that share no element pass, as the (K, D + 1) statistics layout of cluster_size =
     buf[:, D], embed_sum = buf[:, :D] does (ATen's overlap check answers "too hard" for such
     strided views). Exact for any strides: where the two storage ranges meet, one bool per
@@ -139,7 +139,7 @@ def check_disjoint(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -
     units(a).fill_(True)
     if units(b).any():
         raise ValueError(
-            f"{name_a} and {name_b} are both written in place, so they must not share elements; "
+            f"{name_a} is written in place, so it must not share elements with {name_b}; "
             f"got views of one buffer that overlap (storage offsets {a.storage_offset()} and "
             f"{b.storage_offset()}, strides {a.stride()} and {b.stride()}): pass separate tensors"
         )

@@ -274,6 +274,10 @@ class VectorQuantize(nn.Module):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         commitment_weight: float = 1.0,
+        # Keyword-only from here: the peer's next positional parameters are ones fastvq does not
+        # implement (commitment_use_cross_entropy_loss, ...), so a positional call would bind
+        # values to other parameters than the peer does.
+        *,
         orthogonal_reg_weight: float = 0.0,
         orthogonal_reg_active_codes_only: bool = False,
         orthogonal_reg_max_codes: int | None = None,
@@ -285,7 +289,6 @@ class VectorQuantize(nn.Module):
         learnable_codebook: bool | None = None,
         return_zeros_for_masked_padding: bool = True,
         route_gradients_to_input: bool = True,
-        *,
         grad: str | None = None,
         codebook_generator: nn.Module | None = None,
         codebook_loss_weight: float | None = None,

@@ -377,3 +377,21 @@ def test_route_gradients_to_input_false_sends_the_codes_gradient_to_the_codebook
         grads.append(g)
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0].view_as(grads[1]))
+
+
+def test_positional_parameters_are_the_peers_or_refused():
+    # The peer's 19th positional parameter is commitment_use_cross_entropy_loss, which fastvq
+    # does not implement: positionally, fastvq bound that value to orthogonal_reg_weight.
+    import inspect
+
+    def positional(cls):
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        return [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    ours, peers = positional(VectorQuantize), positional(vqp.VectorQuantize)
+    assert ours == peers[: len(ours)] and ours[-1] == "commitment_weight"
+    args = (8, 16, None, 1, False, 0.8, 1e-5, False, False, 10, True, False, False, 0.0, True)
+    args += (False, False, 1.0)
+    VectorQuantize(*args)
+    with pytest.raises(TypeError, match="positional"):
+        VectorQuantize(*args, 0.5)

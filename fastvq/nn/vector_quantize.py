@@ -8,7 +8,8 @@ one-hot matrix is built (the peer builds two), the stochastic sampler works on r
 orthogonal regulariser on a D x D Gram matrix.
 
 Supported vector-quantize-pytorch 1.32.0 options (same names, defaults and return convention
-(quantized, indices, loss)): dim, codebook_size, codebook_dim, heads, separate_codebook_per_head,
+(quantized, indices, loss); positional up to commitment_weight, keyword-only after it, where the
+peer's next positional parameters are options fastvq does not implement): dim, codebook_size, codebook_dim, heads, separate_codebook_per_head,
 decay, eps, freeze_codebook, kmeans_init, kmeans_iters, sync_kmeans, use_cosine_sim,
 layernorm_after_project_in, threshold_ema_dead_code, channel_last, accept_image_fmap,
 accept_3d_fmap, commitment_weight, orthogonal_reg_weight, orthogonal_reg_active_codes_only,

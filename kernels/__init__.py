@@ -4,23 +4,15 @@ import functools
 
 import torch
 
-from fastvq.ops._backends import triton_interpreting
-
 
 def on_input_device(launcher):
     """Run a host launcher with its first tensor's GPU as the current device. Triton launches on
     the current device, not the tensors': with inputs on cuda:1 while cuda:0 is current, the
-    kernel ran on cuda:0 with cuda:1's pointers (an illegal address, or another GPU's memory).
-    Other tensors run only in Triton's interpreter (Triton's own error names no tensor)."""
+    kernel ran on cuda:0 with cuda:1's pointers (an illegal address, or another GPU's memory)."""
 
     @functools.wraps(launcher)
     def launch(x, *args, **kwargs):
         if not x.is_cuda:
-            if not triton_interpreting():
-                raise ValueError(
-                    f"{launcher.__name__}: Triton kernels take CUDA tensors, got one on {x.device} "
-                    "(CPU tensors run under TRITON_INTERPRET=1)"
-                )
             return launcher(x, *args, **kwargs)
         with torch.cuda.device(x.device):
             return launcher(x, *args, **kwargs)

@@ -9,15 +9,16 @@ orthogonal regulariser on a D x D Gram matrix.
 
 Supported vector-quantize-pytorch 1.32.0 options (same names, defaults and return convention
 (quantized, indices, loss); positional up to commitment_weight, keyword-only after it, where the
-peer's next positional parameters are options fastvq does not implement): dim, codebook_size, codebook_dim, heads, separate_codebook_per_head,
-decay, eps, freeze_codebook, kmeans_init, kmeans_iters, sync_kmeans, use_cosine_sim,
-layernorm_after_project_in, threshold_ema_dead_code, channel_last, accept_image_fmap,
-accept_3d_fmap, commitment_weight, orthogonal_reg_weight, orthogonal_reg_active_codes_only,
-orthogonal_reg_max_codes, stochastic_sample_codes, sample_codebook_temp, rotation_trick,
-sync_codebook, ema_update, learnable_codebook, return_zeros_for_masked_padding,
-route_gradients_to_input; forward(x, mask=, lens=, topk=, sample_codebook_temp=,
-freeze_codebook=, return_loss_breakdown=, ema_update=). Peer state dicts (keys
-"_codebook.embed", ...) load as is; fastvq's own keys ("embed", ...) do not load into the peer.
+peer's next positional parameters are options fastvq does not implement): dim, codebook_size,
+codebook_dim, heads, separate_codebook_per_head, decay, eps, freeze_codebook, kmeans_init,
+kmeans_iters, sync_kmeans, use_cosine_sim, layernorm_after_project_in, threshold_ema_dead_code,
+channel_last, accept_image_fmap, accept_3d_fmap, commitment_weight, orthogonal_reg_weight,
+orthogonal_reg_active_codes_only, orthogonal_reg_max_codes, stochastic_sample_codes,
+sample_codebook_temp, rotation_trick, sync_codebook, ema_update, learnable_codebook,
+return_zeros_for_masked_padding, route_gradients_to_input; forward(x, mask=, lens=, topk=,
+sample_codebook_temp=, freeze_codebook=, return_loss_breakdown=, ema_update=). Peer state dicts
+(keys "_codebook.embed", ...) load as is; fastvq's own keys ("embed", ...) do not load into the
+peer.
 
 forward(x, topk=k) (heads=1 only, as the peer): the k nearest codes of every row
 (fastvq.nearest_code(k=), nearest first, ties to the lower index; k = min(topk, codebook_size)

@@ -37,7 +37,7 @@ def fake_on_one_device(op: str, *tensors) -> None:
     (or, for an in-place op, does nothing)."""
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
-        raise RuntimeError(
+        raise ValueError(
             f"fastvq::{op}: all tensors must be on one device, got {sorted(map(str, devices))}"
         )
 

@@ -1036,8 +1036,17 @@ class VectorQuantize(nn.Module):
     def _update_or_defer(self, rows, idxs, row_mask, do_ema: bool) -> None:
         if self._deferred is None:
             self._update(rows, idxs, row_mask, do_ema)
-        else:
-            self._deferred.append(([r.detach() for r in rows], idxs, row_mask, do_ema))
+            return
+        if self._deferred and self._deferred[0][3] != do_ema:
+            raise ValueError(
+                "forward's ema_update must be the same for every forward whose codebook updates "
+                "are deferred together (defer_codebook_updates)"
+            )
+        # Copies: the rows may be views of the caller's input, the indices are returned and the
+        # mask is the caller's, any of which may change before the update runs.
+        mask = None if row_mask is None else [m.clone() for m in row_mask]
+        rows = [r.detach().clone() for r in rows]
+        self._deferred.append((rows, [i.clone() for i in idxs], mask, do_ema))
 
     @contextlib.contextmanager
     def _deferred_update(self):
@@ -1329,13 +1338,17 @@ def defer_codebook_updates(module: nn.Module):
     Without it, k micro-batches apply the decay k times per step, each update counting a k-th of
     the rows, and later micro-batches search codes the earlier ones moved. An exception in the
     block discards the collected rows (no update). k-means init (kmeans_init=True) still runs on
-    the first training forward's rows. Not for nn.DataParallel, whose replicas would collect rows
-    on several devices.
+    the first training forward's rows, and dead-code resets draw their rows from the global
+    generator at the block's end (so random numbers drawn between the quantizer and the end of
+    the block, such as dropout's, move them). Every forward in the block must pass the same
+    ema_update. Not for nn.DataParallel, whose replicas would collect rows on several devices.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     with contextlib.ExitStack() as stack:
-        for m in module.modules():
+        # Entered last to first, so that they exit (and update, drawing dead-code rows from the
+        # global generator) in module order, as a forward updates its layers.
+        for m in reversed(list(module.modules())):
             if isinstance(m, VectorQuantize):
                 stack.enter_context(m._deferred_update())
         yield

@@ -28,7 +28,7 @@ import torch
 from fastvq.nn import defer_codebook_updates
 from fastvq.ops._validate import NonFiniteError
 from fastvq.train import checkpoint as ckpt
-from fastvq.train.config import changed_keys, dump_config
+from fastvq.train.config import PATHS, changed_keys, dump_config
 from fastvq.train.data import build_datasets, check_resolution, eval_loader, train_loader
 from fastvq.train.metrics import (
     CodeCounts,
@@ -49,20 +49,27 @@ class NonFiniteLossError(RuntimeError):
 
 # What a resumed run takes from its config, not from the checkpoint, that changes what the saved
 # run would have done next. optim settings and train.steps are meant to take effect on resume (a
-# new schedule); logging, paths, devices and workers change no result.
+# new schedule); logging, paths (data moved, LPIPS files), devices and workers change no result,
+# nor do meta settings while meta-quantization is off.
 RESUME_SECTIONS = ("model", "data", "loss", "disc", "meta")
 RESUME_TRAIN_KEYS = ("seed", "batch_size", "vq", "ema_decay", "bf16", "overfit_one_batch")
+RESUME_QUIET = PATHS | {"loss.lpips"}
 
 
 def _resume_changes(saved: dict, cfg: dict) -> list[str]:
-    """RESUME_SECTIONS' and RESUME_TRAIN_KEYS' changes from a checkpoint's config (none
-    saved: nothing to compare)."""
+    """RESUME_SECTIONS' and RESUME_TRAIN_KEYS' changes from a checkpoint's config, less
+    RESUME_QUIET (none saved: nothing to compare)."""
     if not saved:
         return []
-    changed = [k for sec in RESUME_SECTIONS for k in changed_keys(saved.get(sec), cfg[sec], sec)]
+    meta = any((c.get("meta") or {}).get("enabled") for c in (saved, cfg))
+    sections = [sec for sec in RESUME_SECTIONS if sec != "meta" or meta]
+    changed = [k for sec in sections for k in changed_keys(saved.get(sec), cfg[sec], sec)]
     keys = [k for k in RESUME_TRAIN_KEYS if k in (saved.get("train") or {})]
     old, new = ({k: c["train"][k] for k in keys} for c in (saved, cfg))
-    return changed + changed_keys(old, new, "train")
+    changed += changed_keys(old, new, "train")
+    keys = [c.split(" ", 1)[0] for c in changed]  # "data.flip True -> False"
+    quiet = [any(k == q or k.startswith(f"{q}.") for q in RESUME_QUIET) for k in keys]
+    return [c for c, q in zip(changed, quiet, strict=True) if not q]
 
 
 def pick_device(name: str) -> torch.device:

@@ -655,7 +655,13 @@ DEFERRED = {
         threshold_ema_dead_code=1.5,
     ),
     "cosine": lambda: VectorQuantize(DIM, K, use_cosine_sim=True, decay=0.7),
-    "residual": lambda: ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=K, decay=0.7),
+    "residual-dead-codes": lambda: ResidualVQ(
+        dim=DIM, num_quantizers=3, codebook_size=K, decay=0.7, threshold_ema_dead_code=1.5
+    ),
+    "grouped-dead-codes": lambda: GroupedResidualVQ(
+        dim=DIM, groups=2, num_quantizers=2, codebook_size=K, decay=0.7,
+        threshold_ema_dead_code=1.5,
+    ),
     "residual-shared": lambda: ResidualVQ(
         dim=DIM, num_quantizers=3, codebook_size=K, decay=0.7, shared_codebook=True
     ),
@@ -681,12 +687,21 @@ def test_deferred_micro_batches_update_as_one_batch(make):
     full = one(x, mask=mask)
     torch.manual_seed(1)
     sizes = [2, 3, 1]
+    buf, mask_buf, outs = torch.empty_like(x[:3]), torch.empty_like(mask[:3]), []
     with defer_codebook_updates(parts):
-        outs = [parts(xp, mask=m) for xp, m in zip(x.split(sizes), mask.split(sizes), strict=True)]
+        for xp, m in zip(x.split(sizes), mask.split(sizes), strict=True):
+            # One input buffer refilled for each micro-batch, returned indices changed: the
+            # update read the last micro-batch's rows for every one, and the changed codes.
+            n = len(xp)
+            buf[:n], mask_buf[:n] = xp, m
+            q, idx = parts(buf[:n], mask=mask_buf[:n])[:2]
+            outs.append((q.clone(), idx.clone()))
+            buf.fill_(7.0), mask_buf.fill_(True), idx.fill_(0)
         for k, v in parts.state_dict().items():
             assert torch.equal(v, before[k]), k  # nothing moves inside the block
     assert torch.equal(torch.cat([o[0] for o in outs]), full[0])
-    assert torch.equal(torch.cat([o[1] for o in outs]), full[1])
+    batch_dim = 1 if isinstance(one, GroupedResidualVQ) else 0  # its indices: (groups, b, ...)
+    assert torch.equal(torch.cat([o[1] for o in outs], batch_dim), full[1])
     counts = {k: v for k, v in one.state_dict().items() if k.endswith("cluster_size")}
     for k, v in one.state_dict().items():
         # (a shared codebook sums its rows in another order: micro-batch, then layer)
@@ -695,6 +710,15 @@ def test_deferred_micro_batches_update_as_one_batch(make):
     for xp, m in zip(x.split(sizes), mask.split(sizes), strict=True):
         eager(xp, mask=m)
     assert any(not torch.allclose(eager.state_dict()[k], v, rtol=0.01) for k, v in counts.items())
+
+
+def test_deferred_updates_refuse_mixed_ema_flags():
+    # The block's one update took the first forward's flag for every forward's rows.
+    vq = VectorQuantize(DIM, K, decay=0.5, threshold_ema_dead_code=0.5).train()
+    with pytest.raises(ValueError, match="ema_update must be the same"):
+        with defer_codebook_updates(vq):
+            vq(_randn(2, 5, DIM), ema_update=False)
+            vq(_randn(2, 5, DIM, seed=1))
 
 
 def test_deferred_updates_are_discarded_on_error():

@@ -21,7 +21,7 @@ from fastvq.lattice import (
     e8_shell_quantize,
 )
 from fastvq.lattice._common import compute_dtype
-from fastvq.lattice.e8 import _decode, _nearest
+from fastvq.lattice.e8 import _HAS_KERNEL, _decode, _nearest, _pick
 from fastvq.testing import backend_cases, check_nearest, on_one_thread, run_isa_builds
 
 CASES = [
@@ -570,3 +570,18 @@ def test_nearest_stale_build_without_the_kernel(monkeypatch):
     if fastvq.backends()["cpu"].available:
         with pytest.raises(ValueError, match="rebuild"):
             e8_nearest(x, backend="cpu")
+
+
+def test_torch_backend_computes_float64_in_float64():
+    """E17: 2^25 + 1 is no float32; the torch path must agree with the C++ kernel in float64."""
+    x = torch.tensor([[2.0**25 + 1, 1.0, 0, 0, 0, 0, 0, 0.2]], dtype=torch.float64)
+    want = torch.tensor([[2.0**25 + 1, 1.0, 0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    assert torch.equal(e8_nearest(x, backend="torch"), want)
+    if _HAS_KERNEL:
+        assert torch.equal(e8_nearest(x, backend="cpu"), want)
+
+
+@pytest.mark.skipif(not _HAS_KERNEL, reason="no C++ kernel")
+def test_auto_picks_the_cpp_kernel_on_cpu():
+    """E19 (performance only: the torch path is ~2.5x slower)."""
+    assert _pick("auto", torch.device("cpu"), "e8_shell_decode", True) == "cpu"

@@ -192,3 +192,35 @@ def test_straight_through_output_is_its_indices_codes_bit_for_bit(cls):
     x2 = x.detach().requires_grad_()
     F.normalize(x2, dim=-1).backward(g)  # straight-through: the normalization's gradient alone
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("cls", [E8Quantize, LeechQuantize])
+def test_commitment_loss_gradient_pulls_u_towards_its_code(cls):
+    """N03 / N13: the commitment loss's gradient w.r.t. x is that of mse(u, sg(code)), u = z/|z|."""
+    torch.manual_seed(0)
+    m = cls(dim=16, commitment_weight=0.5).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    _, idx, loss = m(x)
+    (gx,) = torch.autograd.grad(loss, x)
+    z = m.project_in(x)
+    u = z / z.norm(dim=-1, keepdim=True)
+    want = 0.5 * (u - m.get_codes_from_indices(idx)).square().mean()
+    (gw,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(gx, gw)
+    assert gx.abs().sum() > 0
+
+
+def test_projection_has_bias_false_builds_no_bias():
+    """N15 / N16."""
+    m = E8Quantize(dim=16, projection_has_bias=False)
+    assert m.project_in.bias is None and m.project_out.bias is None
+    assert sorted(m.state_dict()) == ["project_in.weight", "project_out.weight"]
+
+
+def test_eval_loss_dtype_matches_training():
+    """N11: the zero loss of eval() has the dtype of the training loss (float32 for bf16 x)."""
+    m = E8Quantize()
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    train_dtype = m.train()(x)[2].dtype
+    assert m.eval()(x)[2].dtype == train_dtype == torch.float32

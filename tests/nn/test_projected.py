@@ -235,3 +235,11 @@ def test_simvq_loss_in_eval_as_the_peer():
     want = 1.25 * (out - x).square().mean()  # commitment_weight * (1 + 0.25) * mse
     torch.testing.assert_close(loss.detach(), want)
     assert torch.equal(out, codes[m(x)[1]])
+
+
+def test_simvq_indices_to_codes_takes_uint8_indices():
+    """P08: token files store K <= 256 indices as uint8 (train/tokens.index_dtype)."""
+    torch.manual_seed(0)
+    m = SimVQ(dim=4, codebook_size=16)
+    idx = torch.tensor([[3, 5, 1], [0, 15, 2]])
+    torch.testing.assert_close(m.indices_to_codes(idx.to(torch.uint8)), m.indices_to_codes(idx))

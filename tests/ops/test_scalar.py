@@ -988,3 +988,19 @@ def test_import_does_not_load_triton():
     code = "import sys, fastvq.ops.scalar; assert 'triton' not in sys.modules, 'triton imported'"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("quantizer", ["lfq", "bsq"])
+def test_entropy_with_the_largest_inv_temperature_stays_finite(backend, quantizer):
+    """S20: coef past float32's range would be inf, and inf * 0 (a zero coordinate) NaN."""
+    z = torch.tensor([[0.0, 1.0, -2.0], [0.5, 0.0, 3.0]], requires_grad=True)
+    ps, cb = binary_entropy_loss(z, inv_temperature=1e308, quantizer=quantizer, backend=backend)
+    (ps + cb).backward()
+    assert ps.isfinite() and cb.isfinite() and z.grad.isfinite().all()
+
+
+def test_zero_d_input_is_a_value_error():
+    """S30."""
+    with pytest.raises(ValueError, match="0-d"):
+        lfq(torch.tensor(1.0))

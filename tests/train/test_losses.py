@@ -248,3 +248,50 @@ def test_build_loss_discriminator_takes_the_model_channels():
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
     total, logs = loss.discriminator_loss(x, x.flip(-1), step=0)
     assert logs["logits_real"].shape == () and total.item() > 0
+
+
+def _img(seed):
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_lecam_term_uses_real_and_fake_averages_in_their_places():
+    """L30: the discriminator's LeCAM term is lecam_reg(real, fake, ema_real, ema_fake)."""
+    torch.manual_seed(0)
+    disc = PatchGANDiscriminator(3, ndf=4, n_layers=1, norm="none")
+    loss = VQGANLoss(discriminator=disc, disc_weight=0.5, lecam_weight=0.1).eval()
+    loss.ema_real.fill_(1.0)
+    loss.ema_fake.fill_(-1.0)
+    loss.ema_count.fill_(3)
+    x, y = _img(1), _img(2)
+    _, logs = loss.discriminator_loss(x, y, step=0)
+    want = lecam_reg(disc(x), disc(y), torch.tensor(1.0), torch.tensor(-1.0))
+    assert want.item() > 0
+    assert logs["lecam"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_generator_loss_without_grad_uses_weight_one():
+    """L24: under no_grad (no graph) the adaptive weight is 1, as documented, not an error."""
+    torch.manual_seed(0)
+    disc = PatchGANDiscriminator(3, ndf=4, n_layers=1, norm="none")
+    loss = VQGANLoss(discriminator=disc, disc_weight=0.5)
+    last = torch.nn.Parameter(torch.randn(3, 3))
+    x = _img(3)
+    with torch.no_grad():
+        x_hat = torch.einsum("oc,bchw->bohw", last, x)
+        _, logs = loss.generator_loss(x, x_hat, torch.tensor(0.0), step=0, last_layer=last)
+    assert logs["d_weight"].item() == pytest.approx(0.5)
+
+
+def test_loss_config_validation():
+    """L21, L28, L27."""
+    disc = PatchGANDiscriminator(3, ndf=4, n_layers=1)
+    with pytest.raises(ValueError, match="lecam_decay"):
+        VQGANLoss(discriminator=disc, lecam_weight=0.1, lecam_decay=1.0)
+    with pytest.raises(ValueError, match="needs a discriminator"):
+        VQGANLoss(lecam_weight=0.1)
+    from fastvq.models import LPIPS
+
+    loss = VQGANLoss(perceptual_weight=0.0, lpips=LPIPS())
+    assert loss.lpips is None
+    _, logs = loss.generator_loss(_img(1), _img(2), torch.tensor(0.0), step=0)
+    assert "lpips" not in logs

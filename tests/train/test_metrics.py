@@ -296,3 +296,59 @@ def test_evaluator_ssim_needs_every_image_11_pixels_on_each_side(sizes, defined)
         assert got == pytest.approx(torch.cat(scores).mean().item())
     else:
         assert got is None
+
+
+def test_frechet_distance_of_rank_deficient_covariances():
+    """M10: fewer images than features (rFID on a small evaluation set): finite, >= 0, and 0
+    (to rounding) for a set against itself."""
+    pytest.importorskip("scipy")
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(0)
+    stats = []
+    for s in range(2):
+        st = FeatureStats()
+        st.update(torch.rand(10, 32, generator=g, dtype=torch.float64) + 0.1 * s)
+        stats.append(st.mean_cov())
+    d = frechet_distance(*stats[0], *stats[1])
+    (mu1, s1), (mu2, s2) = [(m.numpy(), c.numpy()) for m, c in stats]
+    cross = 2 * linalg.sqrtm(s1 @ s2).real.trace()
+    want = ((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - cross
+    assert d == pytest.approx(want, rel=1e-4)
+    assert frechet_distance(*stats[0], *stats[0]) == pytest.approx(0, abs=1e-6)
+
+
+def test_feature_stats_accumulate_float32_features_in_float64():
+    """M22: float32 features with a large mean: the covariance is the float64 one."""
+    g = torch.Generator().manual_seed(0)
+    f = (torch.rand(4096, 8, generator=g, dtype=torch.float64) * 0.1 + 10).float()
+    st = FeatureStats()
+    for chunk in f.split(256):
+        st.update(chunk)
+    _, cov = st.mean_cov()
+    torch.testing.assert_close(cov, torch.cov(f.double().T), rtol=1e-6, atol=1e-9)
+
+
+def test_feature_stats_need_two_rows():
+    """M12."""
+    st = FeatureStats()
+    st.update(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="at least 2"):
+        st.mean_cov()
+
+
+def test_code_counts_one_size_for_several_codebooks():
+    """M26: sizes given as one int for C codebooks: every_code is (C * K,)."""
+    cc = CodeCounts(8, "cpu")
+    idx = torch.randint(0, 8, (2, 3, 3, 2), generator=torch.Generator().manual_seed(0))
+    cc.update(idx)
+    every = cc.every_code()
+    assert every.shape == (16,)
+    assert torch.equal(every[:8], torch.bincount(idx[..., 0].flatten(), minlength=8))
+    assert torch.equal(every[8:], torch.bincount(idx[..., 1].flatten(), minlength=8))
+
+
+def test_mse_needs_4d_images():
+    """M29."""
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        mse(torch.zeros(3, 4, 4), torch.ones(3, 4, 4))

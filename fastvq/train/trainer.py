@@ -61,15 +61,18 @@ def _resume_changes(saved: dict, cfg: dict) -> list[str]:
     RESUME_QUIET (none saved: nothing to compare)."""
     if not saved:
         return []
+
+    def section(c, sec):
+        return {k: v for k, v in (c.get(sec) or {}).items() if f"{sec}.{k}" not in RESUME_QUIET}
+
     meta = any((c.get("meta") or {}).get("enabled") for c in (saved, cfg))
     sections = [sec for sec in RESUME_SECTIONS if sec != "meta" or meta]
-    changed = [k for sec in sections for k in changed_keys(saved.get(sec), cfg[sec], sec)]
+    changed = [
+        k for sec in sections for k in changed_keys(section(saved, sec), section(cfg, sec), sec)
+    ]
     keys = [k for k in RESUME_TRAIN_KEYS if k in (saved.get("train") or {})]
     old, new = ({k: c["train"][k] for k in keys} for c in (saved, cfg))
-    changed += changed_keys(old, new, "train")
-    keys = [c.split(" ", 1)[0] for c in changed]  # "data.flip True -> False"
-    quiet = [any(k == q or k.startswith(f"{q}.") for q in RESUME_QUIET) for k in keys]
-    return [c for c, q in zip(changed, quiet, strict=True) if not q]
+    return changed + changed_keys(old, new, "train")
 
 
 def pick_device(name: str) -> torch.device:

@@ -74,9 +74,13 @@ class LPIPS(nn.Module):
     package's default and recommended metric is AlexNet (lpips.LPIPS(net='alex')), whose values
     differ, so compare with papers' LPIPS-VGG numbers only (SimVQ's evaluation reports both).
 
+    Images need at least min_size = 16 px per side: the deepest tap follows four 2x2 poolings.
+
     LPIPS() has random weights (heads |N(0, 1)| so distances are positive): for tests and shapes.
     LPIPS.from_files(backbone, head) loads the real ones.
     """
+
+    min_size = 16
 
     def __init__(self):
         super().__init__()
@@ -132,6 +136,10 @@ class LPIPS(nn.Module):
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
                 f"x and y must both be (B, 3, H, W), got {tuple(x.shape)}, {tuple(y.shape)}"
+            )
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"x and y need at least {self.min_size} px per side, got {tuple(x.shape[-2:])}"
             )
         # One pass each, as lpips does: the weights are frozen, so an input without grad (the
         # target) builds no graph, where one pass of torch.cat([x, y]) kept both halves'

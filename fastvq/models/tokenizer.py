@@ -128,10 +128,18 @@ class Tokenizer(nn.Module):
         return (sizes[0],) if len(set(sizes)) == 1 else tuple(sizes)
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) in [-1, 1] -> latents entering the quantizer (B, D, h, w)."""
+        """x (B, C, H, W) in [-1, 1] -> latents entering the quantizer (B, D, h, w); H and W
+        must be multiples of the encoder's downsample_factor (where it has one), else the
+        reconstruction would come back smaller or larger than x."""
         check_floating("x", x)
         if x.dim() != 4:
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+        factor = getattr(self.encoder, "downsample_factor", None)
+        if factor and (x.shape[-2] % factor or x.shape[-1] % factor):
+            raise ValueError(
+                f"x's height and width must be multiples of the encoder's downsampling factor "
+                f"{factor}, got {tuple(x.shape[-2:])}"
+            )
         return self.quant_conv(self.encoder(x))
 
     @property
@@ -171,7 +179,7 @@ class Tokenizer(nn.Module):
             # int64 (SimVQ's codebook[...], E8's lookup refused uint16).
             indices = indices.long()
         if self._channel_first:  # (b, *spatial[, c]) -> (b, dim, *spatial)
-            return self.quantizer.indices_to_codes(indices)
+            return self._decoder_dtype(self.quantizer.indices_to_codes(indices))
         b, h, w = indices.shape[:3]
         flat = indices.reshape(b, h * w, *indices.shape[3:])
         if self._grouped:
@@ -187,7 +195,15 @@ class Tokenizer(nn.Module):
             raise TypeError(
                 f"{type(q).__name__} has no get_output_from_indices, indices_to_codes or codebook"
             )
-        return codes.transpose(1, 2).reshape(b, -1, h, w)
+        return self._decoder_dtype(codes.transpose(1, 2).reshape(b, -1, h, w))
+
+    def _decoder_dtype(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes in the dtype of the layers decoding them: some quantizers (residual stacks,
+        lattices) decode indices to float32 even in a model cast to bf16 or float64."""
+        for p in (*self.post_quant_conv.parameters(), *self.decoder.parameters()):
+            if p.is_floating_point():
+                return codes.to(p.dtype)
+        return codes
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, h, w[, G][, Q]) from encode -> x_hat (B, C, H, W), equal to decode(z_q)."""

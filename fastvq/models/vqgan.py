@@ -100,8 +100,8 @@ def _check(ch: int, ch_mult, num_res_blocks: int, resolution: int, attn_resoluti
         raise ValueError(
             f"ch must be >= 1 and ch_mult a non-empty list of ints >= 1, got {ch}, {ch_mult}"
         )
-    if num_res_blocks < 0:
-        raise ValueError(f"num_res_blocks must be >= 0, got {num_res_blocks}")
+    if num_res_blocks < 1:  # the encoder's blocks widen each level and hold its attention
+        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
     factor = 2 ** (len(ch_mult) - 1)
     if resolution % factor:
         raise ValueError(

@@ -504,7 +504,7 @@ class VectorQuantize(nn.Module):
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """project_out(codes): what forward returns for those indices (in x's layout)."""
-        return self._channels_first(self.project_out(self._lookup(indices)))
+        return self._channels_first(project_codes(self.project_out, self._lookup(indices)))
 
     def _lookup(self, indices: torch.Tensor, check: bool = True) -> torch.Tensor:
         """(..., d) codes of indices (..., heads) (or (...) with one head); check: the range

@@ -242,11 +242,18 @@ class Trainer:
         if cfg["init"]["checkpoint"]:
             path = cfg["init"]["checkpoint"]
             ckpt.load_weights(self.model, path, strict=False, name="init.checkpoint")
+        from fastvq.models.lpips import LPIPS
+
+        res = cfg["data"]["resolution"]
+        if cfg["loss"]["perceptual_weight"] > 0 and res < LPIPS.min_size:  # before loading it
+            raise ValueError(
+                f"LPIPS (loss.perceptual_weight > 0) needs images of at least {LPIPS.min_size} "
+                f"px, got data.resolution={res}"
+            )
         self.loss_fn = self._build_loss()
         if cfg["eval"]["fid_features"]:  # loaded at each evaluation: else missed until the first
             check_feature_fn(cfg["eval"]["fid_features"], self.device, cfg["data"]["resolution"])
         self.disc = self.loss_fn.discriminator if self.loss_fn.uses_disc else None
-        res = cfg["data"]["resolution"]
         if self.disc is not None and res < getattr(self.disc, "min_size", 0):
             raise ValueError(
                 f"the discriminator (disc.n_layers={self.disc.n_layers}) needs "

@@ -49,6 +49,13 @@ def test_metric_properties(lpips):
     assert not any(p.requires_grad for p in lpips.parameters())
 
 
+def test_refuses_images_below_min_size(lpips):
+    x = _images(1, res=16)
+    assert lpips(x, x.flip(-1)).shape == (2,)  # 16 px: the last tap is 1 x 1
+    with pytest.raises(ValueError, match="at least 16 px per side, got .16, 15."):
+        lpips(x[..., :15], x[..., 1:])
+
+
 def test_state_dict_names(lpips):
     state = lpips.state_dict()
     expected = {

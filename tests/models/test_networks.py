@@ -89,6 +89,9 @@ def test_vqgan_errors():
         Decoder(ch=8, ch_mult=(1, 2, 2), resolution=10, norm_groups=4)
     with pytest.raises(ValueError, match="ch_mult"):
         Encoder(ch=8, ch_mult=(), resolution=8, norm_groups=4)
+    # Without blocks every level kept width ch and lost its attention, against the docstring.
+    with pytest.raises(ValueError, match="num_res_blocks must be >= 1, got 0"):
+        Encoder(ch=8, ch_mult=(1, 2), num_res_blocks=0, resolution=8, norm_groups=4)
 
 
 @pytest.mark.parametrize("norm", ["batch", "spectral", "none"])

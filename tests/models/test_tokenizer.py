@@ -241,6 +241,38 @@ def test_every_fastvq_quantizer_family_in_a_tokenizer(module, qcfg):
             torch.testing.assert_close(z_q1[:, :, 0, 0], z_q[:, :, i, j], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("module,qcfg", FASTVQ_QUANTIZERS, ids=lambda v: str(v)[:24])
+def test_decode_indices_in_a_model_cast_to(module, qcfg, dtype):
+    """Residual stacks, lattices and the hyper-net decode indices to float32 codes: in a model
+    cast to float64 or bf16, decode_indices failed with a dtype mismatch in the decoder."""
+    pytest.importorskip(f"fastvq.nn.{module}")
+    torch.manual_seed(5)
+    tok = build_tokenizer({**ROTATED, "quantizer": qcfg}).eval().to(dtype)
+    with torch.no_grad():
+        z_q, idx, _ = tok.encode(_x().to(dtype))
+        codes = tok.codes_from_indices(idx)
+        assert codes.dtype == dtype
+        # A lattice without projection decodes float32 unit codes (it holds no weights that
+        # name the model's dtype): float32 rounding, in float64 too.
+        tol = 1e-6 if dtype == torch.float64 else 2e-2
+        torch.testing.assert_close(codes, z_q, rtol=tol, atol=tol)
+        torch.testing.assert_close(tok.decode_indices(idx), tok.decode(z_q), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("model,factor", [(ROTATED, 4), (VQGAN, 2)])
+def test_refuses_sizes_the_encoder_does_not_divide(standin, model, factor):
+    """17 x 17 gave a 16 x 16 (VQGAN) or 20 x 20 (rotated) reconstruction without a word."""
+    tok = build_tokenizer({**model, "quantizer": {"type": standin, "codebook_size": 16}})
+    x = _x(res=4 * factor)
+    assert tok(x).recon.shape == x.shape
+    for bad in (x[..., 1:, :], x[..., :-1]):
+        with pytest.raises(
+            ValueError, match=f"multiples of the encoder's downsampling factor {factor}"
+        ):
+            tok(bad)
+
+
 def test_last_layer_falls_back_to_the_decoders_last_weight(standin):
     """A decoder without a last_layer property: the adaptive GAN weight's layer is its last
     parameter of dimension > 1 (the output convolution), not its first."""

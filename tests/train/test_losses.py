@@ -295,3 +295,12 @@ def test_loss_config_validation():
     assert loss.lpips is None
     _, logs = loss.generator_loss(_img(1), _img(2), torch.tensor(0.0), step=0)
     assert "lpips" not in logs
+
+
+def test_trainer_refuses_images_smaller_than_lpips(make_config):
+    """VGG's deepest tap follows four 2x2 poolings: 8 px failed in max_pool at the first step."""
+    from fastvq.train.trainer import Trainer
+
+    cfg = make_config("data.resolution=8", "loss.perceptual_weight=0.5")
+    with pytest.raises(ValueError, match="LPIPS .* needs images of at least 16 px, got"):
+        Trainer(cfg, datasets=(None, None))

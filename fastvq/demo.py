@@ -54,7 +54,9 @@ def main(argv=None) -> dict:
 
     cfg = load_demo_config(overrides)
     trainer = Trainer(cfg)
-    t, q, data = cfg["train"], cfg["model"]["quantizer"], cfg["data"]
+    t, data = cfg["train"], cfg["data"]
+    k = trainer.codebook_size if t["vq"] else None  # overrides may swap the quantizer or drop it
+    codes = f"{k} codes" if k else "no codebook"
     backends = [name for name, b in fastvq.backends().items() if b.available]
     source = (
         f"{len(trainer.train_set.images)} photographs"  # the bundled ones (data.kind=samples)
@@ -62,9 +64,10 @@ def main(argv=None) -> dict:
         else f"data.path {data['path']}"
     )
     print(
-        f"fastvq demo on {trainer.device} (backends: {', '.join(backends)}): a rotated VQ-VAE "
-        f"with {q['codebook_size']} codes, {t['steps']} steps of {t['batch_size']} crops of "
-        f"{data['resolution']}x{data['resolution']} from {source}; evaluation on "
+        f"fastvq demo on {trainer.device} (backends: {', '.join(backends)}): a "
+        f"{cfg['model']['arch']} tokenizer with {codes}, {t['steps']} steps of "
+        f"{t['batch_size']} crops of {data['resolution']}x{data['resolution']} from {source}; "
+        "evaluation on "
         f"{len(trainer.eval_set)} held-out tiles"
     )
     initial = trainer.evaluate(save_images=False)
@@ -79,15 +82,15 @@ def main(argv=None) -> dict:
         "train_seconds": seconds,
         "device": str(trainer.device),
     }
-    k = q["codebook_size"]
     print(f"trained in {seconds:.0f} s; held-out evaluation ({result['images']} tiles):")
     print(f"  MSE        {result['mse']:.5f}   (untrained {initial['mse']:.5f}, "
           f"mean-colour baseline {baseline:.5f})")  # fmt: skip
     print(f"  PSNR       {result['psnr']:.2f} dB   SSIM {result['ssim']:.3f}")
-    print(
-        f"  codes      {result['codes_used']}/{k} used ({100 * result['usage']:.0f} %), "
-        f"perplexity {result['perplexity']:.1f}, entropy {result['entropy_bits']:.2f} bits"
-    )
+    if "codes_used" in result:
+        print(
+            f"  codes      {result['codes_used']}/{k} used ({100 * result['usage']:.0f} %), "
+            f"perplexity {result['perplexity']:.1f}, entropy {result['entropy_bits']:.2f} bits"
+        )
     print(f"  outputs    {trainer.out_dir}/ (eval.json, log.csv, images/)")
     return result
 

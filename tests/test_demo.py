@@ -43,6 +43,25 @@ def test_demo_on_an_image_folder(tmp_path, capsys):
     assert f"from data.path {tmp_path / 'images'};" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("model.quantizer={type: FSQ, levels: [4, 4]}", "with 16 codes"),
+        ("train.vq=false", "no codebook"),
+    ],
+)
+def test_demo_takes_another_quantizer_or_none(tmp_path, capsys, override, says):
+    """Both crashed: the FSQ config has no codebook_size key, and without VQ the evaluation has
+    no code usage to print."""
+    from fastvq.demo import main
+
+    result = main(["--quiet", "train.steps=1", "train.batch_size=4", "model.ch=8",
+                   "eval.max_batches=1", override, f"train.out_dir={tmp_path}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert says in out and "held-out evaluation" in out
+    assert ("codes_used" in result) == ("FSQ" in override)
+
+
 def test_recipes_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
     from fastvq.demo import load_demo_config
     from fastvq.train.config import load_config

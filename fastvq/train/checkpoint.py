@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ def save_atomic(obj, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600: give it the mode any other file the run writes gets, so
+        # a teammate can evaluate or tokenize from a shared run.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -47,10 +53,20 @@ def save_atomic(obj, path) -> Path:
 
 
 def load(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by save_atomic; FileNotFoundError names the path."""
+    """Read a checkpoint written by save_atomic; FileNotFoundError names the path, ValueError
+    a file that is not a readable checkpoint (the archive's CRCs are checked: torch.load does
+    not, and loads flipped bytes as changed weights)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if zipfile.is_zipfile(path):  # else torch.load names what it is not
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
+        if bad is not None:
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt: its entry {bad} fails the CRC")
     # weights_only=False: checkpoints hold RNG states (numpy arrays, python tuples) and the
     # config; only load checkpoints you wrote or trust.
     try:

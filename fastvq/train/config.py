@@ -320,6 +320,8 @@ def _check_ranges(cfg: dict) -> None:
     for key in ("steps", "eval_every", "ckpt_every"):  # 0: off, or only at the end
         need(t[key] >= 0, f"train.{key}", ">= 0")
     need(t["batch_size"] >= 1, "train.batch_size", ">= 1")
+    # Derived seeds (seed * 1_000_003 + epoch for the data order) must stay within 64 bits.
+    need(0 <= t["seed"] < 2**32, "train.seed", "in [0, 2**32)")
     need(t["log_every"] >= 1, "train.log_every", ">= 1")
     need(t["num_workers"] == "auto" or t["num_workers"] >= 0, "train.num_workers", ">= 0")
     need(0.0 <= t["ema_decay"] < 1.0, "train.ema_decay", "in [0, 1)")

@@ -260,6 +260,20 @@ class Trainer:
                 f"images of at least {self.disc.min_size} px, got data.resolution={res}: lower "
                 "disc.n_layers or raise data.resolution"
             )
+        # Accepted (a short trial of a long recipe), but never without a word: the schedule
+        # would end before it starts.
+        if t["steps"] and o["warmup_steps"] > t["steps"]:
+            warnings.warn(
+                f"optim.warmup_steps={o['warmup_steps']} > train.steps={t['steps']}: the "
+                "learning rate never reaches optim.lr",
+                stacklevel=2,
+            )
+        if t["steps"] and self.disc is not None and cfg["loss"]["disc_start"] >= t["steps"]:
+            warnings.warn(
+                f"loss.disc_start={cfg['loss']['disc_start']} >= train.steps={t['steps']}: the "
+                "discriminator never trains and loss.disc_weight has no effect",
+                stacklevel=2,
+            )
         self.ema = None
         if t["ema_decay"] > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -912,7 +926,7 @@ class Trainer:
         lpips = getattr(self.loss_fn, "lpips", None)
         lpips_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=cfg["train"]["bf16"])
-        shown = None
+        shown = []  # (images, reconstructions) of the grid, per batch
         # eval.max_batches counts batches of one process: under torchrun the ranks share those
         # images rather than each taking max_batches batches of its own shard (world times as
         # many images, and other metrics than one process reports).
@@ -930,8 +944,9 @@ class Trainer:
             ev.update(x, recon, out.indices)
             if lpips is not None:  # against the 8-bit reference, as every other metric
                 lpips_sum += lpips(to_8bit(x.float()), recon).double().sum()
-            if shown is None:
-                shown = (x[: e["num_images"]], out.recon[: e["num_images"]].float())
+            take = e["num_images"] - sum(len(a) for a, _ in shown)  # the first ones, any batches
+            if take > 0:
+                shown.append((x[:take], out.recon[:take].float()))
         if self.world > 1:
             import torch.distributed as dist
 
@@ -941,9 +956,10 @@ class Trainer:
         if lpips is not None:
             result["lpips"] = float(lpips_sum) / result["images"]
         model.train(was)
-        if save_images and self.rank == 0 and shown is not None:
+        if save_images and self.rank == 0 and shown:
             img_dir = self.out_dir / "images"
-            save_grid(*shown, img_dir / f"recon_{self.step:07d}.png")
+            x, recon = (torch.cat(part) for part in zip(*shown, strict=True))
+            save_grid(x, recon, img_dir / f"recon_{self.step:07d}.png")
             codes = ev.codes.counts if ev.codes is not None else None
             if codes is not None and not codes.is_sparse:  # sparse: too many codes to draw
                 save_usage_histogram(ev.codes.every_code(), img_dir / f"usage_{self.step:07d}.png")

@@ -2,6 +2,8 @@
 crash mid-save, the NaN/Inf guard stops with the last good checkpoint kept, overfit-one-batch."""
 
 import csv
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -105,6 +107,33 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ckpt.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # the temp file is gone
+
+
+def test_flipped_bytes_fail_the_crc_check(tmp_path):
+    """torch.load does not check the archive's CRCs: flipped bytes in a tensor's data loaded as
+    changed weights, without a word."""
+    path = tmp_path / "latest.pt"
+    w = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    ckpt.save_atomic({"step": 1, "w": w}, path)
+    assert torch.equal(ckpt.load(path)["w"], w)
+    data = bytearray(path.read_bytes())
+    start = data.find(w[:4].numpy().tobytes())  # the tensor's bytes, stored uncompressed
+    assert start > 0
+    data[start + 100 : start + 300] = bytes(b ^ 0xFF for b in data[start + 100 : start + 300])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="latest.pt' is corrupt: its entry .*/data/.* fails"):
+        ckpt.load(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_get_the_umask_mode(tmp_path, umask):
+    """mkstemp makes the file 0600: other users could not evaluate a shared run's checkpoint."""
+    old = os.umask(umask)
+    try:
+        path = ckpt.save_atomic({"step": 1}, tmp_path / "latest.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_killed_process_mid_save_leaves_latest_loadable(tmp_path):

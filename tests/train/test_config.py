@@ -58,6 +58,9 @@ def test_overrides_parse_as_yaml(tmp_path):
         ("data.val_fraction=0", ValueError, r"data.val_fraction must be in \(0, 1\)"),
         ("train.num_workers=some", ValueError, "train.num_workers must be int or 'auto'"),
         ("train.num_workers=-1", ValueError, "train.num_workers must be >= 0"),
+        # seed * 1_000_003 overflowed 64 bits at the first batch ("Overflow when unpacking")
+        ("train.seed=100000000000000", ValueError, r"train.seed must be in \[0, 2\*\*32\)"),
+        ("train.seed=-1", ValueError, r"train.seed must be in \[0, 2\*\*32\)"),
         # null only where it is the default (unset); those keys take their type or null
         ("train.steps=null", ValueError, "train.steps must be int, got None"),
         ("train.out_dir=null", ValueError, "train.out_dir must be str, got None"),

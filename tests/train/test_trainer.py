@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -634,6 +635,32 @@ def test_settings_that_cannot_work_are_named(make_config, datasets, tmp_path):
         Trainer(make_config(fid), datasets=(datasets[0], torch.utils.data.Subset(datasets[1], [0])))
     with pytest.raises(ValueError, match="evaluation split of data.path=None is empty"):
         Trainer(make_config(), datasets=(datasets[0], torch.utils.data.Subset(datasets[1], [])))
+
+
+def test_schedules_that_never_finish_are_named(make_config, datasets):
+    """A short trial of a long recipe is accepted, with a warning: the learning rate never
+    reached optim.lr, or the discriminator never trained, without a word."""
+    with pytest.warns(UserWarning, match="optim.warmup_steps=5 > train.steps=4: the learning"):
+        Trainer(make_config("train.steps=4", "optim.warmup_steps=5"), datasets=datasets)
+    gan = ["disc={ndf: 4, n_layers: 1}", "loss.disc_weight=0.5", "loss.disc_start=4"]
+    with pytest.warns(UserWarning, match="loss.disc_start=4 >= train.steps=4: the discrim"):
+        Trainer(make_config("train.steps=4", *gan), datasets=datasets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(make_config("train.steps=5", "optim.warmup_steps=5", *gan), datasets=datasets)
+
+
+def test_reconstruction_grid_takes_num_images_from_several_batches(
+    make_config, datasets, monkeypatch
+):
+    """The grid took its images from the first evaluation batch only: 16 asked, 2 shown."""
+    grids = []
+    monkeypatch.setattr("fastvq.train.trainer.save_grid", lambda x, r, path: grids.append((x, r)))
+    trainer = Trainer(make_config("eval.batch_size=2", "eval.num_images=5"), datasets=datasets)
+    trainer.evaluate()
+    ((x, recon),) = grids
+    want = torch.stack([trainer.eval_set[i] for i in range(5)])
+    assert torch.equal(x.cpu(), want) and recon.shape == want.shape
 
 
 @pytest.mark.parametrize("key", ["in_channels", "out_channels"])

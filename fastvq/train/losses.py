@@ -60,14 +60,24 @@ def adaptive_disc_weight(
     g_loss: torch.Tensor,
     last_layer: torch.Tensor,
     max_weight: float = 1e4,
+    all_reduce: bool = False,
 ) -> torch.Tensor:
     """|d nll / d last_layer| / (|d g_loss / d last_layer| + 1e-4), clamped to [0, max_weight].
 
     Balances the GAN gradient against the reconstruction gradient at the decoder's last layer
     (Esser et al. 2021, eq. 7). Both graphs are retained; the result is detached (a constant).
+    all_reduce: the losses are means over equal shards of one batch, one per process of
+    torch.distributed's default group: the norms are those of the whole batch's gradients (the
+    shards' mean), the same weight on every rank.
     """
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if all_reduce:
+        import torch.distributed as dist
+
+        both = torch.stack([nll_grad, g_grad])
+        dist.all_reduce(both)
+        nll_grad, g_grad = both / dist.get_world_size()
     weight = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 
@@ -122,9 +132,10 @@ class VQGANLoss(nn.Module):
         quant_weight: float = 1.0,
         all_reduce: bool = False,
     ):
-        """all_reduce: LeCAM's averages take the mean logits over the processes of
-        torch.distributed's default group, each holding an equal shard of the batch (the
-        trainer's DDP); else each averages its own shard's, and their buffers drift apart."""
+        """all_reduce: the processes of torch.distributed's default group each hold an equal
+        shard of the batch (the trainer's DDP): LeCAM's averages take the mean logits over them
+        (else each averages its own shard's, and their buffers drift apart) and the adaptive
+        weight the norms of the whole batch's gradients (else each rank weighs its shard's)."""
         super().__init__()
         check_choice("recon", recon, RECON)
         check_choice("disc_loss", disc_loss, GAN)
@@ -169,6 +180,8 @@ class VQGANLoss(nn.Module):
 
         last_layer (the decoder's last weight) is needed for the adaptive weight once the GAN
         term is on; without it (or with grad disabled, where no graph is kept) the weight is 1.
+        The weight is that of this call's batch (all processes' shards with all_reduce): under
+        gradient accumulation each micro-batch gets its own.
         The GAN term's backward also reaches the discriminator's parameters unless they are
         frozen (requires_grad_(False)), as the trainer does for the generator step.
         """
@@ -186,7 +199,7 @@ class VQGANLoss(nn.Module):
             g = generator_loss(self.discriminator(x_hat.contiguous()), self.disc_loss)
             weight = torch.ones((), device=g.device)
             if self.adaptive_weight and last_layer is not None and torch.is_grad_enabled():
-                weight = adaptive_disc_weight(nll, g, last_layer)
+                weight = adaptive_disc_weight(nll, g, last_layer, all_reduce=self.all_reduce)
             weight = factor * self.disc_weight * weight
             total = total + weight * g
             logs.update(g_loss=g.detach(), d_weight=weight.detach())

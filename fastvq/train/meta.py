@@ -43,6 +43,17 @@ def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Ten
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
+def _mean_over_processes(tensors: list[torch.Tensor], on: bool) -> list[torch.Tensor]:
+    """The tensors averaged over torch.distributed's default group (in place) when `on`."""
+    if on:
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+    return tensors
+
+
 def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of the concatenation of tensors."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
@@ -64,6 +75,7 @@ def hypergradient(
     inner_lr: float = 1e-3,
     fd_eps: float = 0.01,
     fd_loss: Callable[[], torch.Tensor] | None = None,
+    all_reduce: bool = False,
 ) -> tuple[list[torch.Tensor], dict]:
     """One-step-unrolled hypergradient of the upper-level parameters, by finite differences.
 
@@ -81,6 +93,12 @@ def hypergradient(
             Give one that runs in float32 when train_loss runs under bf16 autocast: the step
             moves each of P weights by about fd_eps / sqrt(P), below bf16's resolution, so in
             bf16 the difference measures rounding, not the Hessian-vector product.
+        all_reduce: every process of torch.distributed's default group holds the same
+            parameters and the closures' losses are means over equal shards of one batch: each
+            gradient is averaged over the processes where it is taken (the inner step, v, the
+            finite differences), so every rank returns the whole batch's hypergradient.
+            (Averaging the shards' own hypergradients instead unrolls a different inner step on
+            each rank, which is not the whole batch's.)
 
     Returns:
         (grads, logs): grads[i] has upper[i]'s shape and dtype; logs holds the detached direct and
@@ -101,10 +119,10 @@ def hypergradient(
     w0 = [p.detach().clone() for p in lower]
     try:
         l_train = train_loss()
-        g_w = _grads(l_train, lower)
+        g_w = _mean_over_processes(_grads(l_train, lower), all_reduce)
         _assign(lower, w0, g_w, -inner_lr)  # w' = w - xi g
         l_val = val_loss()
-        g = _grads(l_val, lower + upper)
+        g = _mean_over_processes(_grads(l_val, lower + upper), all_reduce)
         v, direct = g[: len(lower)], g[len(lower) :]
         indirect = [torch.zeros_like(d) for d in direct]
         v_norm = _norm(v)
@@ -118,6 +136,7 @@ def hypergradient(
             indirect = [
                 (a - b) * (inner_lr / (2 * r)) for a, b in zip(g_plus, g_minus, strict=True)
             ]
+            _mean_over_processes(indirect, all_reduce)
     finally:
         _assign(lower, w0)
     grads = [d - i for d, i in zip(direct, indirect, strict=True)]

@@ -761,18 +761,13 @@ class Trainer:
         try:
             # The finite-difference passes in float32 (hypergradient's fd_loss says why).
             grads, _ = hypergradient(
-                lower, upper, loss, None, m["inner_lr"], m["fd_eps"], fd_loss=lambda: loss(False)
-            )
+                lower, upper, loss, None, m["inner_lr"], m["fd_eps"], fd_loss=lambda: loss(False),
+                all_reduce=self.world > 1,
+            )  # fmt: skip
         finally:
             with torch.no_grad():
                 for p, value in zip([*upper, *model.buffers()], saved, strict=True):
                     p.copy_(value)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            for g in grads:
-                dist.all_reduce(g)
-                g /= self.world
         for p, g in zip(upper, grads, strict=True):
             p.grad = g.to(p.dtype)
         self.meta_opt.step()

@@ -1019,8 +1019,11 @@ class VectorQuantize(nn.Module):
         lives = [
             r.detach() if w is None else r.detach()[w] for r, w in zip(rows, masks, strict=True)
         ]
-        # Synced, every rank joins rank 0's broadcast, or none does: rank 0 draws the rows.
-        counts = _leader_counts([live.shape[0] for live in lives], group, rows[0].device)
+        # Synced, every rank joins the reset (its first rank holding rows draws them), or none
+        # does: where no rank has a row left unmasked.
+        counts = torch.tensor([live.shape[0] for live in lives], device=rows[0].device)
+        if group:
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
         for c, live in enumerate(lives):
             if counts[c] > 0:
                 fastvq.reset_dead_codes_(

@@ -551,8 +551,10 @@ def reset_dead_codes_(
         threshold: real number >= 0.
         generator: torch.Generator on the CPU or on z's device; makes the choice reproducible.
         eps: the smoothing constant later given to ema_codebook.
-        broadcast: True (default process group) or a ProcessGroup: the group's first rank draws the
-            rows from its z and sends them, so ranks whose statistics agree keep agreeing.
+        broadcast: True (default process group) or a ProcessGroup: the group's first rank whose z
+            holds rows draws them and sends them, so ranks whose statistics agree keep agreeing
+            (ValueError on every rank where their dead codes, shapes or dtypes differ). One
+            all-gather of a few integers per call, and the broadcast where codes are dead.
 
     Returns:
         int64 (M,) indices of the replaced codes, increasing (empty when none is dead).
@@ -579,25 +581,54 @@ def reset_dead_codes_(
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     group = _process_group("broadcast", broadcast)
     rows = z.detach().reshape(-1, d)
-    draws = group is None or torch.distributed.get_rank() == _first_rank(group)
 
     with torch.no_grad():
         dead = (cluster_size < threshold).nonzero().flatten()
         m = dead.numel()
+        src = None if group is None else _reset_source(group, dead, rows.shape[0], embed_sum)
         if m == 0:
             return dead
-        if rows.shape[0] == 0 and draws:  # the other ranks only receive
+        if rows.shape[0] == 0 and group is None:
             raise ValueError(f"z must hold at least one row to replace the {m} dead codes with")
-        if draws:
+        if group is None or torch.distributed.get_rank() == src:
             new = rows[_sample_rows(rows.shape[0], m, generator, device)].to(embed_sum.dtype)
         else:
             new = torch.empty(m, d, dtype=embed_sum.dtype, device=device)
         if group is not None:
-            torch.distributed.broadcast(new, src=_first_rank(group), group=group)
+            torch.distributed.broadcast(new, src=src, group=group)
         codebook.index_copy_(0, dead, new.to(codebook.dtype))
         cluster_size.index_fill_(0, dead, threshold)
         embed_sum.index_copy_(0, dead, new * _smoothed(cluster_size, eps)[dead, None])
     return dead
+
+
+def _reset_source(group, dead: torch.Tensor, n_rows: int, embed_sum: torch.Tensor) -> int | None:
+    """The global rank that draws a synced reset's rows: the group's first rank holding rows.
+    One all-gather of each rank's (rows, dead codes, their index sum, D, dtype): ranks whose
+    dead codes disagree would send and receive rows of other shapes (gloo then left the
+    receivers' buffers unwritten), so every rank raises instead. None when no code is dead."""
+    import torch.distributed as dist
+
+    m, (k, d) = dead.numel(), embed_sum.shape
+    mine = [n_rows, m, int(dead.sum()), k, d, embed_sum.dtype == torch.float64]
+    header = torch.tensor(mine, dtype=torch.int64, device=embed_sum.device)
+    everyone = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, header, group=group)
+    everyone = torch.stack(everyone).tolist()
+    if any(h[1:] != everyone[0][1:] for h in everyone):
+        raise ValueError(
+            "broadcast: every rank must hold the same statistics (the same dead codes, shape and "
+            f"dtype), got (dead codes, their index sum, K, D, float64) {[h[1:] for h in everyone]} "
+            "on the group's ranks"
+        )
+    if m == 0:
+        return None
+    holders = [i for i, h in enumerate(everyone) if h[0] > 0]
+    if not holders:
+        raise ValueError(
+            f"z must hold at least one row, on some rank, to replace the {m} dead codes with"
+        )
+    return dist.get_global_rank(group, holders[0])
 
 
 # --- k-means -----------------------------------------------------------------------------------

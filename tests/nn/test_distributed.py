@@ -77,6 +77,11 @@ def _uneven(rank: int) -> dict:
         mask = torch.full((1, 12), rank == 0)  # rank 1: all padding
         vq(torch.randn(1, 12, DIM, generator=g), mask=mask)
         out[name] = {k: v.clone() for k, v in vq.state_dict().items()}
+    # Rank 0's batch all padding: the dead codes take rank 1's rows (no reset ran at all).
+    vq = VectorQuantize(DIM, K, kmeans_init=True, sync_codebook=True, threshold_ema_dead_code=2.0)
+    vq(torch.randn(1, 20, DIM, generator=g))
+    vq(torch.randn(1, 12, DIM, generator=g), mask=torch.full((1, 12), rank == 1))
+    out["padding_on_0"] = {k: v.clone() for k, v in vq.state_dict().items()}
     return out
 
 
@@ -131,6 +136,7 @@ def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
     for name, state in ranks[0]["uneven"].items():
         for key in state:
             assert torch.equal(state[key], ranks[1]["uneven"][name][key]), (name, key)
+    assert ranks[0]["uneven"]["padding_on_0"]["cluster_size"].min() >= 2.0  # none left dead
     # ... equal to one process on the whole batches, up to float32 rounding.
     single = _train(_model(sync=False), _batches())
     for key, want in single.items():

@@ -71,6 +71,27 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
             codebook, cs, es, z, THRESHOLD, torch.Generator().manual_seed(rank), broadcast=True
         )
         results["reset"] = (replaced, codebook, cs, es)
+        # A first rank without rows: the next rank that has some draws them.
+        cs, es = results["ema-False"][0].clone(), results["ema-False"][1].clone()
+        codebook = ema_codebook(cs, es)
+        mine = z[:0] if rank == 0 else z
+        reset_dead_codes_(codebook, cs, es, mine, THRESHOLD, broadcast=True)
+        results["reset-from-rank-1"] = (codebook, cs, es)
+        # Statistics that disagree (another dead code, float64 on one rank): gloo took a shorter
+        # message into the receiver's buffer and left the rest of it unwritten; now every rank
+        # raises.
+        errors = []
+        for disagree in ("dead", "dtype"):
+            cs, es = results["ema-False"][0].clone(), results["ema-False"][1].clone()
+            if rank == 1 and disagree == "dead":
+                cs[(cs >= THRESHOLD).nonzero()[0]] = 0.0  # one more dead code
+            if rank == 1 and disagree == "dtype":
+                cs, es = cs.double(), es.double()
+            try:
+                reset_dead_codes_(ema_codebook(cs, es), cs, es, z, THRESHOLD, broadcast=True)
+            except ValueError as e:
+                errors.append(str(e))
+        results["errors"] = errors
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -81,7 +102,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     data = _data()
 
     # Every rank holds the same statistics, bit for bit ...
-    for key in ("ema-False", "ema-True", "kmeans", "kmeans++", "reset"):
+    for key in ("ema-False", "ema-True", "kmeans", "kmeans++", "reset", "reset-from-rank-1"):
         for a, b in zip(ranks[0][key], ranks[1][key], strict=True):
             assert torch.equal(a, b), key
     # ... equal to one process on the concatenated batch, up to float32 rounding.
@@ -103,6 +124,13 @@ def test_two_ranks_equal_one_process(tmp_path):
     first_shard = _shard(data["z"], 0)
     assert bool((codebook[dead][:, None] == first_shard[None]).all(-1).any(1).all())
     assert bool((cs[dead] == THRESHOLD).all())
+    codebook, cs, _ = ranks[0]["reset-from-rank-1"]
+    second_shard = _shard(data["z"], 1)
+    assert bool((codebook[dead][:, None] == second_shard[None]).all(-1).any(1).all())
+    assert bool((cs[dead] == THRESHOLD).all())
+    for r in ranks:
+        assert len(r["errors"]) == 2, r["errors"]
+        assert all("every rank must hold the same statistics" in e for e in r["errors"])
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ from fastvq.nn.scalar import check_input, check_mask, describe, project_codes, p
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import (
     INDEX_DTYPES,
+    NonFiniteError,
     check_choice,
     check_finite,
     check_floating,
@@ -184,6 +185,28 @@ def _leader_counts(counts: list[int], group: bool, device) -> list[int]:
     t = torch.tensor(counts, dtype=torch.int64, device=device)
     torch.distributed.broadcast(t, src=0)
     return t.tolist()
+
+
+def _check_finite_on_every_rank(z: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """check_finite on every rank at once, for a layer whose update joins collectives: a rank
+    that raised alone left the others waiting in the statistics' all-reduce until the process
+    group's timeout (30 minutes by default). One all-reduce of a flag, after the check's sync."""
+    import torch.distributed as dist
+
+    error = None
+    try:
+        check_finite(z=z, codebook=codebooks)
+    except NonFiniteError as e:
+        error = e
+    ok = torch.tensor(error is None, dtype=torch.int32, device=z.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise NonFiniteError(
+            "another rank's quantizer input (z) or codebook contains NaN or Inf, so every rank "
+            "stops; pass check_inputs_finite=False to skip this check"
+        )
 
 
 def _is_distributed() -> bool:
@@ -612,6 +635,9 @@ class VectorQuantize(nn.Module):
                 refuse_recomputation()
             stochastic = self._samples(temp)
             check = check_inputs_finite
+            if check and update and self._group(True) and not torch.compiler.is_compiling():
+                _check_finite_on_every_rank(z, codebooks)
+                check = False
             if check and (self.num_codebooks > 1 or stochastic):
                 # Every head's rows and codebook in one host sync, not one per head; sampled
                 # codes have no search to check them (a NaN row would reach the EMA).

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastvq.nn import LFQ, ResidualVQ, VectorQuantize
+from fastvq.ops._validate import NonFiniteError
 from fastvq.testing import run_rank_script
 
 WORLD = 2
@@ -85,6 +86,21 @@ def _uneven(rank: int) -> dict:
     return out
 
 
+def _nan_on_one_rank(rank: int) -> list[str]:
+    # Rank 1's rows hold a NaN: it raised alone and rank 0 waited in the EMA all-reduce until
+    # the process group's timeout (30 minutes by default). Now both raise, at every forward.
+    vq = VectorQuantize(DIM, K, sync_codebook=True, threshold_ema_dead_code=1.0)
+    errors = []
+    for _ in range(2):
+        x = torch.randn(1, 8, DIM, generator=torch.Generator().manual_seed(rank))
+        x[0, 3, 0] = float("nan") if rank == 1 else x[0, 3, 0]
+        try:
+            vq(x)
+        except NonFiniteError as e:
+            errors.append(str(e))
+    return errors
+
+
 class _LinearLFQ(nn.Module):
     def __init__(self):
         super().__init__()
@@ -117,6 +133,7 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
         ddp = nn.parallel.DistributedDataParallel(_model(sync=True), **_NO_BUFFER_SYNC)
         shards = [x.chunk(WORLD)[rank] for x in _batches()]
         results = {"vq": _train(ddp, shards), "rvq": _residual(rank), "uneven": _uneven(rank)}
+        results["nan"] = _nan_on_one_rank(rank)
         lfq = nn.parallel.DistributedDataParallel(_LinearLFQ())
         results["lfq"] = _lfq_step(lfq, _lfq_batch().chunk(WORLD)[rank])
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -137,6 +154,9 @@ def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
         for key in state:
             assert torch.equal(state[key], ranks[1]["uneven"][name][key]), (name, key)
     assert ranks[0]["uneven"]["padding_on_0"]["cluster_size"].min() >= 2.0  # none left dead
+    assert len(ranks[0]["nan"]) == len(ranks[1]["nan"]) == 2
+    assert all("another rank's quantizer input" in e for e in ranks[0]["nan"])
+    assert all("z contains NaN or Inf" in e for e in ranks[1]["nan"]), ranks[1]["nan"]
     # ... equal to one process on the whole batches, up to float32 rounding.
     single = _train(_model(sync=False), _batches())
     for key, want in single.items():

@@ -30,7 +30,8 @@ on the best path's residuals and codes (masked rows left out).
 
 Returns: ResidualVQ / ResidualLFQ -> (quantized, indices (..., Q) int64, losses (Q,) float32
 [, all_codes (Q, ..., codebook_dim)]); ResidualFSQ -> (quantized, indices[, all_codes]);
-grouped forms stack indices (G, ..., Q), losses (G, Q) and codes (G, Q, ...).
+grouped forms stack indices (G, ..., Q) and losses (G, Q); their all_codes is the peer's tuple
+of the G groups' (Q, ...) codes.
 
 Deliberate differences from the peer (tested as fastvq's behaviour):
 - shared_codebook: every layer searches the same codebook, and the step ends with ONE EMA update
@@ -868,6 +869,7 @@ class ResidualFSQ(_Residual):
             quantize_dropout_multiple_of,
             bool(is_channel_first),
         )
+        self.is_channel_first = bool(is_channel_first)  # the peer's attribute
         self.levels = levels
         self.layers = nn.ModuleList(
             FSQ(
@@ -1145,7 +1147,10 @@ class _Grouped(nn.Module):
         kwargs.update(return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
         outs = self._run_groups(x.chunk(self.groups, dim=axis), kwargs)
         parts = list(zip(*outs, strict=True))
-        return (torch.cat(parts[0], dim=axis), *(torch.stack(p) for p in parts[1:]))
+        # all_codes stays the peer's tuple of the groups' (Q, b, ..., d) codes (user code
+        # torch.cat's it): indices and losses are stacked.
+        codes = [parts.pop()] if return_all_codes else []
+        return (torch.cat(parts[0], dim=axis), *(torch.stack(p) for p in parts[1:]), *codes)
 
     def _run_groups(self, chunks, kwargs) -> list:
         """Each group's stack on its chunk of the features: its forward's outputs."""
@@ -1156,8 +1161,8 @@ class GroupedResidualVQ(_Grouped):
     """vector-quantize-pytorch's GroupedResidualVQ: GroupedResidualVQ(*, dim, groups=1,
     accept_image_fmap=False, **ResidualVQ kwargs); forward(x, indices=None,
     return_all_codes=False, sample_codebook_temp=None, freeze_codebook=None, mask=None,
-    check_inputs_finite=True) -> (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes
-    (G, Q, b, ..., d)]).
+    check_inputs_finite=True) -> (quantized, indices (G, b, ..., Q), losses (G, Q)[, all_codes: a
+    tuple of the G groups' (Q, b, ..., d)]).
 
     One NaN / Inf check per forward for all groups (one host sync; check_inputs_finite=False
     skips it): every group's projected rows and the codebooks of its layers that run, before any

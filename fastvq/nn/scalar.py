@@ -799,9 +799,16 @@ class LatentQuantize(nn.Module):
         self.optimize_values = bool(optimize_values)
         if self.optimize_values:
             self.values_per_latent = nn.ParameterList([nn.Parameter(v) for v in values])
-        else:
+        else:  # fixed by the levels: kept out of the state dict, as the peer's plain tensors
             for i, v in enumerate(values):
-                self.register_buffer(f"_values_{i}", v)
+                self.register_buffer(f"_values_{i}", v, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts that hold the fixed values (fastvq's before they left it) still load.
+        if not self.optimize_values:
+            for i in range(self.codebook_dim):
+                state_dict.pop(f"{prefix}_values_{i}", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def codebook(self):

@@ -485,6 +485,13 @@ class VectorQuantize(nn.Module):
         return self.embed
 
     @property
+    def _codebook(self) -> "VectorQuantize":
+        """The layer itself, for peer code that reads vq._codebook.embed, .cluster_size,
+        .embed_avg or .initted (the peer keeps them on a codebook submodule; fastvq on the
+        layer, with the same shapes)."""
+        return self
+
+    @property
     def codebook(self) -> torch.Tensor:
         """(K, codebook_dim), or (heads, K, codebook_dim) with separate_codebook_per_head.
         Assigning one also sets the EMA sums to match it (the counts kept) and marks the layer
@@ -664,7 +671,7 @@ class VectorQuantize(nn.Module):
                         backend=self.backend,
                         check_inputs_finite=check,
                     )
-                if not self.route_gradients_to_input:
+                if not (self.route_gradients_to_input and zc.requires_grad):
                     q = _codes_without_estimator(q, idx, codebooks[c])
                 qs.append(q)
                 idxs.append(idx)
@@ -824,7 +831,7 @@ class VectorQuantize(nn.Module):
         cb = codebook.detach() if cb is None else cb
         q = _gather(r_rep.reshape(m * k, d), cb, idx.reshape(-1), self.grad, self.backend)
         q = q.view(m, k, d)
-        if not self.route_gradients_to_input:
+        if not (self.route_gradients_to_input and r_rep.requires_grad):
             q = _codes_without_estimator(q, idx, codebook)
         learnable = self.learnable_codebook
         codes = F.embedding(idx, codebook) if learnable else None
@@ -1279,8 +1286,10 @@ def refuse_recomputation() -> None:
 
 
 def _codes_without_estimator(q, idx, codebook) -> torch.Tensor:
-    """route_gradients_to_input=False: the codes themselves, q's values, with no gradient to the
-    input and, as the peer's, the gradient of a lookup to a codebook that is a Parameter."""
+    """route_gradients_to_input=False, or rows that need no gradient (a frozen encoder's): the
+    codes themselves, q's values, with no gradient to the input and, as the peer's, the gradient
+    of a lookup to a codebook that is a Parameter (the peer skips its estimator where
+    x.requires_grad is False, so its codebook learns from the output there)."""
     if not codebook.requires_grad:
         return q.detach()
     return F.embedding(idx, codebook).to(q.dtype)

@@ -10,6 +10,7 @@ properties instead. Documented deliberate differences are tested in test_vector_
 import pytest
 import torch
 
+from fastvq.nn.residual import ResidualFSQ
 from fastvq.nn.vector_quantize import VectorQuantize
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
@@ -377,6 +378,41 @@ def test_route_gradients_to_input_false_sends_the_codes_gradient_to_the_codebook
         grads.append(g)
     assert grads[1].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0].view_as(grads[1]))
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+@pytest.mark.parametrize(
+    "config",
+    [{"learnable_codebook": True, "ema_update": False}, {"orthogonal_reg_weight": 1.0}],
+    ids=["learnable", "orthogonal"],
+)
+def test_rows_without_gradient_send_the_codes_gradient_to_the_codebook(config, topk):
+    # A frozen encoder's features: the peer skips its estimator where x needs no gradient, so
+    # its codebook learns from the output; fastvq's got no gradient from it (None).
+    if topk and "orthogonal_reg_weight" in config:
+        pytest.skip("top-k takes no orthogonal regulariser")
+    peer, ours = _pair(**config)
+    x = torch.randn(2, 32, DIM)
+    grads = []
+    for m in (peer, ours):
+        out = m(x) if topk is None else m(x, topk=topk)
+        out[0].square().sum().backward()
+        (g,) = [p.grad for n, p in m.named_parameters() if n.endswith("embed")]
+        grads.append(g)
+    assert grads[1] is not None and grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0].view_as(grads[1]))
+
+
+def test_peer_attributes_user_code_reads():
+    peer, ours = _pair(kmeans_init=True)
+    x = torch.randn(2, 32, DIM)
+    peer(x), ours(x)
+    for name in ("embed", "cluster_size", "embed_avg", "initted"):
+        mine, theirs = getattr(ours._codebook, name), getattr(peer._codebook, name)
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype, name
+    assert torch.equal(ours._codebook.embed, ours.embed)
+    config = dict(levels=[3, 3], num_quantizers=2, dim=4, is_channel_first=True)
+    assert ResidualFSQ(**config).is_channel_first is vqp.ResidualFSQ(**config).is_channel_first
 
 
 def test_positional_parameters_are_the_peers_or_refused():

@@ -560,8 +560,23 @@ def test_latent_quantize_learned_values_indices():
     assert torch.equal(idx, d0 + 4 * d1)
     assert torch.equal(m.indices_to_codes(idx), out)  # bit for bit (z + (q - z).detach() was not)
     m2 = LatentQuantize(levels=[4, 3], dim=2, optimize_values=False)
-    assert not list(m2.parameters()) and len(m2.state_dict()) == 2
+    assert not list(m2.parameters()) and not m2.state_dict()  # fixed values: the peer saves none
     assert m2.eval()(z)[2].item() == 0.0 and m2.codebook_size == 12
+
+
+def test_latent_quantize_fixed_values_load_peer_and_older_state_dicts():
+    # The fixed values were persistent buffers: a peer state dict failed strict loading
+    # ("Missing key(s): _values_0, _values_1").
+    vq = _peer()
+    kwargs = dict(levels=[5, 4], dim=3, optimize_values=False)
+    _seed(15)
+    peer, mine = vq.LatentQuantize(**kwargs), LatentQuantize(**kwargs)
+    mine.load_state_dict(peer.state_dict())
+    z = torch.randn(2, 3, 7)  # channel-first, the peer's default
+    torch.testing.assert_close(mine.eval()(z)[0], peer.eval()(z)[0])
+    older = {**mine.state_dict(), "_values_0": torch.zeros(5), "_values_1": torch.zeros(4)}
+    mine.load_state_dict(older)  # dropped: the levels fix them
+    assert torch.equal(mine._values(0), torch.linspace(-0.5, 0.5, 5))
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0, 1e5])

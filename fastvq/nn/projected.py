@@ -249,8 +249,13 @@ class RandomProjectionQuantizer(nn.Module):
         for h in range(self.num_codebooks):
             uh, th = u[:, :, h].reshape(-1, self.codebook_dim), target[..., h].reshape(-1)
             cb = self.codebook[h].to(u.dtype)
-            for s in range(0, uh.shape[0], rows):
-                args = (uh[s : s + rows], cb, th[s : s + rows])
+            # Traced (torch.compile, torch.export), one chunk: a loop over the rows would
+            # specialize N (a recompile per batch size, an export error with a dynamic batch).
+            # The price is the N x K logits at once, as the peer's.
+            n = uh.shape[0]
+            step, starts = (n, (0,)) if torch.compiler.is_compiling() else (rows, range(0, n, rows))
+            for s in starts:
+                args = (uh[s : s + step], cb, th[s : s + step])
                 if torch.is_grad_enabled() and uh.requires_grad:
                     part = checkpoint(_ce_chunk, *args, use_reentrant=False)
                 else:

@@ -899,7 +899,7 @@ class VectorQuantize(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._initted_seen = None  # the next training forward reads the loaded `initted`
+        self._read_initted()
 
     def __getstate__(self):
         # A copy (copy.deepcopy, pickle, torch.save) reads `initted` afresh: its buffer's version
@@ -907,6 +907,19 @@ class VectorQuantize(nn.Module):
         state = dict(super().__getstate__())
         state.pop("_initted_seen", None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._read_initted()
+
+    def _read_initted(self) -> None:
+        """After a load or a copy: read `initted` once, there rather than in the next training
+        step, where compiled it was a graph break (fullgraph=True failed on a resumed model)."""
+        self._initted_seen = None
+        buf = self._buffers.get("initted")
+        if buf is not None and not buf.is_meta and not torch.compiler.is_compiling():
+            if bool(buf):
+                self._see_initted()
 
     @eager_only
     def _init_from_rows(self, rows, row_mask) -> None:

@@ -181,7 +181,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # --- FSQ ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
+def _constant_cache(fn):
+    """functools.lru_cache for functions that build constant tensors, bypassed while tracing:
+    non-strict torch.export runs this Python under fake tensors, and a cached one would be handed
+    to every later eager call (dynamo traces the function itself either way)."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return wrapper
+
+
+@_constant_cache
 def _radix(levels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """basis (d,) = prod(levels[:i]) and levels (d,), int64 on `device`, built once per device:
     torch.tensor(list, device="cuda") copies from the host and waits for the stream (a host
@@ -190,7 +203,7 @@ def _radix(levels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor,
     return basis.to(device), torch.tensor(levels, dtype=torch.int64).to(device)
 
 
-@functools.lru_cache(maxsize=64)
+@_constant_cache
 def _fsq_tables(levels: tuple[int, ...], device: torch.device, dtype: torch.dtype):
     """params (6, d): shift, h, offset, L // 2, L - 1 - L // 2, h / (L // 2); basis (d,) int64."""
     rows = []

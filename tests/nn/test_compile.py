@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastvq
 from fastvq.nn import (
     BSQ,
     FSQ,
@@ -178,6 +179,19 @@ def test_deliberate_graph_breaks_run_eagerly_under_compile():
     assert bool(compiled_layers[0].initted) and counters["graph_break"]
 
 
+def _summed_outputs(layers: nn.ModuleList):
+    return lambda x: sum(m(x)[0].sum() for m in layers)
+
+
+def _fresh_like(layers: nn.ModuleList) -> nn.ModuleList:
+    fresh = copy.deepcopy(layers)
+    for m in fresh.modules():
+        if isinstance(m, VectorQuantize):
+            m.initted.zero_()
+    fresh.load_state_dict(layers.state_dict())
+    return fresh
+
+
 def test_kmeans_init_layers_compile_without_breaks_once_initted():
     """The init is an eager island for one step; after it, a training step compiles whole (dynamo
     guards on `initted` having been seen True, no version counter read in the graph), and a
@@ -207,6 +221,12 @@ def test_kmeans_init_layers_compile_without_breaks_once_initted():
     initted = [layers[0].initted] + [q.initted for rvq in layers[1:] for q in rvq.layers]
     assert all(bool(t) for t in initted)
     assert not torch.equal(layers[0].embed, embed)  # k-means ran again on x
+    # A resumed or copied model: its `initted` is read at the load or copy, so its first compiled
+    # step is whole too (it was a graph break into the eager init check: fullgraph failed).
+    for fresh in (copy.deepcopy(layers), _fresh_like(layers)):
+        torch._dynamo.reset()
+        step = torch.compile(_summed_outputs(fresh), fullgraph=True, backend="eager")
+        step(x)
 
 
 def test_import_leaves_dynamo_unloaded():
@@ -366,3 +386,42 @@ def test_export_saves_and_loads_the_returned_namedtuples(tmp_path):
             want, got = layer(inp, **kwargs), torch.export.load(path).module()(inp, **kwargs)
         assert [type(o) for o in (got, *got)] == [type(o) for o in (want, *want)], name
         torch.testing.assert_close(got, want, msg=name)
+
+
+def test_export_leaves_eager_calls_real_tensors():
+    # FSQ's radix tables were cached on first use: built while a non-strict export traced the
+    # layer, they were fake tensors, and every later eager call with those levels returned
+    # FakeTensors of symbols. Levels no other test uses: the export is their first use.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    torch.manual_seed(0)
+    layer = ResidualFSQ(dim=6, levels=[11, 9, 7], num_quantizers=2).eval()
+    x = torch.randn(3, 5, 6)
+    program = torch.export.export(layer, (x,), strict=False)
+    q, idx = layer(x)
+    assert not isinstance(idx, FakeTensor) and not isinstance(q, FakeTensor)
+    want_q, want_idx = program.module()(x)
+    assert torch.equal(idx, want_idx) and torch.equal(q, want_q)
+    codes = fastvq.fsq_codes(idx[..., 0], [11, 9, 7])
+    assert type(codes) is torch.Tensor
+
+
+def test_random_projection_loss_compiles_once_for_every_batch_size():
+    # The cross-entropy's row chunks specialized N: a recompile per batch size, and an export
+    # with a dynamic batch failed ("Constraints violated").
+    from torch._dynamo.testing import CompileCounter
+
+    from fastvq.nn import RandomProjectionQuantizer
+
+    torch.manual_seed(0)
+    m = RandomProjectionQuantizer(dim=DIM, codebook_size=32, codebook_dim=4)
+    counter = CompileCounter()
+    loss = torch.compile(lambda x, t: m(x, t), dynamic=True, backend=counter)
+    for b in (2, 3, 5):
+        x = torch.randn(b, 5, DIM)
+        torch.testing.assert_close(loss(x, m(x)), m(x, m(x)))
+    assert counter.frame_count == 1
+    x, batch = torch.randn(2, 5, DIM), torch.export.Dim("b")
+    program = torch.export.export(m, (x, m(x)), dynamic_shapes=({0: batch}, {0: batch}))
+    x = torch.randn(4, 5, DIM)
+    torch.testing.assert_close(program.module()(x, m(x)), m(x, m(x)))

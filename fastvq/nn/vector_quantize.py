@@ -1067,9 +1067,11 @@ class VectorQuantize(nn.Module):
         ]
         # Synced, every rank joins the reset (its first rank holding rows draws them), or none
         # does: where no rank has a row left unmasked.
-        counts = torch.tensor([live.shape[0] for live in lives], device=rows[0].device)
+        counts = [live.shape[0] for live in lives]
         if group:
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            most = torch.tensor(counts, device=rows[0].device)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            counts = most.tolist()
         for c, live in enumerate(lives):
             if counts[c] > 0:
                 fastvq.reset_dead_codes_(

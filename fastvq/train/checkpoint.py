@@ -57,6 +57,8 @@ def load(path, map_location="cpu") -> dict:
     a file that is not a readable checkpoint (the archive's CRCs are checked: torch.load does
     not, and loads flipped bytes as changed weights)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if zipfile.is_zipfile(path):  # else torch.load names what it is not
@@ -114,11 +116,16 @@ def load_weights(
     shape, and are then left as they are. `name` is the setting named in errors; `state` is
     the checkpoint when already read from `path`."""
     if state is None:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise FileNotFoundError(f"{name} {str(path)!r} does not exist")
         state = load(path)
     if isinstance(state, dict) and "model" in state:
         state = (ema and state.get("ema")) or state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{name} {str(path)!r} holds a {type(state).__name__}, not a trainer checkpoint or "
+            "a state_dict"
+        )
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in keep and (strict or not k.startswith("quantizer."))]

@@ -246,6 +246,15 @@ def test_quantize_matches_brute_force(ints, family, dtype):
     _check(z, ints, exact=family in EXACT, rel=rel)
 
 
+def test_torch_backend_decodes_every_chunk():
+    # The plain-PyTorch decoder runs in chunks of 64 rows (the tests of _decode bypass them):
+    # every row past the first chunk, and a last chunk of 5, must be decoded too.
+    z = torch.randn(3 * 64 + 5, 24, generator=_gen(11), dtype=torch.float64)
+    codes, idx = leech_quantize(z, backend="torch")
+    want_codes, want_idx = leech_quantize(z, backend="cpu")
+    assert torch.equal(idx, want_idx) and torch.equal(codes, want_codes)
+
+
 def test_quantize_half_dtypes_shapes_and_special_rows(ints):
     z = torch.randint(-2, 3, (2, 3, 24), generator=_gen(7))
     want, _ = leech_quantize(z.double())

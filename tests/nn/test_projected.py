@@ -134,16 +134,16 @@ def test_random_projection_quantizer_heads(monkeypatch):
 
     torch.manual_seed(4)
     m = RandomProjectionQuantizer(dim=10, codebook_size=33, codebook_dim=6, num_codebooks=3)
-    x = torch.randn(2, 7, 10)
+    x = torch.randn(3, 7, 10)
     idx = m(x)
-    assert idx.shape == (2, 7, 3)
+    assert idx.shape == (3, 7, 3)
     z = torch.nn.functional.layer_norm(x, (10,))
     for h in range(3):
         zh = (z @ m.rand_projs[h]).reshape(-1, 6)
         assert check_nearest(zh, m.codebook[h], idx[..., h].reshape(-1), metric="cosine") == 1.0
-    target = torch.randint(0, 33, (2, 7, 3))
+    target = torch.randint(0, 33, (3, 7, 3))
     target[1, 2, 0] = -1
-    monkeypatch.setattr(projected, "_CE_ELEMENTS", 33 * 4)  # several chunks of 4 rows
+    monkeypatch.setattr(projected, "_CE_ELEMENTS", 33 * 4)  # chunks of 4 rows: 21 = 5 x 4 + 1
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     ce = m(x1, indices=target)
     u = torch.nn.functional.normalize(m._project(x2), dim=-1)

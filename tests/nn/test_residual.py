@@ -751,6 +751,30 @@ def test_fsq_lfq_stacks_drop_layers_only_with_grad_enabled(cls, kwargs):
     assert dropped > 0  # the same seeds drop layers with grad enabled
 
 
+@pytest.mark.parametrize("cls", [ResidualVQ, ResidualSimVQ])
+def test_vq_stacks_drop_layers_under_no_grad_too(cls):
+    # As the peer: the VQ stacks apply quantize dropout in training whatever grad mode.
+    rq = cls(dim=DIM, num_quantizers=4, codebook_size=16, quantize_dropout=True)
+    with torch.no_grad():
+        dropped = [
+            bool((rq(_randn(2, 5, DIM), rand_quantize_dropout_fixed_seed=s)[1] == -1).any())
+            for s in range(6)
+        ]
+    assert any(dropped)
+
+
+def test_residual_vq_masked_rows_and_returned_codes():
+    # return_zeros_for_masked_padding=False gives masked rows their input back (the peer's);
+    # return_all_codes' codes carry no gradient to x.
+    rvq = ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=16,
+                     return_zeros_for_masked_padding=False)  # fmt: skip
+    x = _randn(2, 6, DIM).requires_grad_()
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    q, idx, _, codes = rvq(x, mask=mask, return_all_codes=True)
+    assert torch.equal(q[~mask], x[~mask]) and bool((idx[~mask] == -1).all())
+    assert not torch.equal(q[mask], x[mask]) and not codes.requires_grad
+
+
 def test_grouped_stacks_drop_the_same_layers():
     grvq = GroupedResidualVQ(dim=DIM, groups=2, num_quantizers=4, codebook_size=16,
                              quantize_dropout=True)  # fmt: skip

@@ -155,6 +155,22 @@ def test_fsq_symmetric_bf16_is_quantized_in_float32():
     assert torch.equal(out_m, out_f.bfloat16())
 
 
+@pytest.mark.parametrize("scale", [1 - 5e-3, 1 - 2e-4])
+def test_fsq_hard_clamp_rounds_near_midpoints_as_peer(scale):
+    # Just inside the midpoints, where the bound's (1 + 1e-3) stretch decides the rounding (on
+    # them, a stretch of 1e-2 rounds the same way and no test noticed it).
+    vq = _peer()
+    levels = [5, 4, 3]
+    peer = vq.FSQ(levels=levels, bound_hard_clamp=True)
+    mine = FSQ(levels=levels, bound_hard_clamp=True)
+    cols = []
+    for n in levels:
+        half = (n - 1) / 2
+        mids = torch.tensor([k + 0.5 for k in range(-n, n) if abs(k + 0.5) < half]) / half
+        cols.append(mids.repeat(8)[:8] * scale)
+    _assert_same_as_peer(mine, peer, torch.stack(cols, -1).view(2, 4, 3))
+
+
 def test_fsq_hard_clamp_matches_peer():
     vq = _peer()
     peer = vq.FSQ(levels=[5, 4, 3], bound_hard_clamp=True)

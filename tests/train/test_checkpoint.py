@@ -3,11 +3,14 @@ crash mid-save, the NaN/Inf guard stops with the last good checkpoint kept, over
 
 import csv
 import os
+import random
 import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +110,61 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ckpt.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # the temp file is gone
+
+
+def test_rng_state_round_trip():
+    """Resuming restores every generator a step draws from: python, numpy and torch's (dropout,
+    LFQ's code subsets, dead codes). The kill-and-resume test's model draws from none of them."""
+    state = ckpt.rng_state()
+    want = (random.random(), np.random.rand(), torch.rand(4))
+    random.random(), np.random.rand(3), torch.rand(9)  # the streams move on
+    ckpt.set_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(4))
+    assert got[:2] == want[:2] and torch.equal(got[2], want[2])
+
+
+def test_save_writes_its_temporary_file_beside_the_target(tmp_path, monkeypatch):
+    """os.replace is atomic only within one filesystem (across, it fails with EXDEV): the
+    temporary file must sit in the target's folder, not in /tmp."""
+    sources = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (sources.append(Path(a)), replace(a, b)))
+    path = ckpt.save_atomic({"step": 1}, tmp_path / "run" / "latest.pt")
+    assert [s.parent for s in sources] == [path.parent] and ckpt.load(path)["step"] == 1
+
+
+def test_unreadable_paths_and_states_are_named(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
+        ckpt.load(tmp_path)
+    with pytest.raises(ValueError, match="is a folder"):
+        ckpt.load_weights(torch.nn.Linear(2, 2), tmp_path)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="holds a list, not a trainer checkpoint or a state_dict"):
+        ckpt.load_weights(torch.nn.Linear(2, 2), tmp_path / "list.pt")
+
+
+def test_non_strict_loads_skip_quantizer_weights_of_another_shape(tmp_path):
+    """init.checkpoint: a pretrained autoencoder's weights load into a model with another
+    codebook; its quantizer keeps its own weights, everything else is the checkpoint's."""
+    from fastvq.models import build_tokenizer
+
+    model = dict(arch="rotated_vqvae", ch=4, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
+                 attn_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    trained = build_tokenizer(
+        {**model, "quantizer": {"type": "VectorQuantize", "codebook_size": 16}}
+    )
+    torch.save(trained.state_dict(), tmp_path / "pre.pt")
+    other = build_tokenizer({**model, "quantizer": {"type": "VectorQuantize", "codebook_size": 32}})
+    before = {k: v.clone() for k, v in other.quantizer.state_dict().items()}
+    with pytest.raises(ValueError, match="lacks .* weights of this model"):
+        ckpt.load_weights(other, tmp_path / "pre.pt")  # strict
+    ckpt.load_weights(other, tmp_path / "pre.pt", strict=False)
+    for k, v in other.state_dict().items():
+        if k.startswith("quantizer."):
+            assert torch.equal(v, before[k[len("quantizer.") :]]), k
+        else:
+            assert torch.equal(v, trained.state_dict()[k]), k
 
 
 def test_flipped_bytes_fail_the_crc_check(tmp_path):

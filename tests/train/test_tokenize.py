@@ -137,20 +137,27 @@ def test_index_dtype_is_the_smallest_that_holds_the_codes():
     assert index_dtype(None) == np.int64
 
 
-@pytest.mark.parametrize("shift", [16, "to 16"])  # codes 16 ... 31, or exactly 16 = K
+@pytest.mark.parametrize("shift", [16, 0, -1])  # codes 16 ... 31, exactly 16 = K, or -1
 def test_write_tokens_refuses_indices_the_file_cannot_hold(trained, tmp_path, shift):
     model = ckpt.load_tokenizer(trained[0])
     encode = model.encode
 
-    def wrong(i):
-        return i + 16 if shift == 16 else torch.full_like(i, 16)
+    def wrong(i):  # past the codebook, or -1 (a masked row) that uint16 would hold as 65535
+        return {16: i + 16, 0: torch.full_like(i, 16), -1: i.clone().fill_(-1)}[shift]
 
     model.encode = lambda x: (lambda z, i, loss: (z, wrong(i), loss))(*encode(x))
     dataset = TensorImages((torch.rand(3, 3, 16, 16) * 255).byte(), 16, train=False)
     target = tmp_path / "tokens" / "t.npy"
-    with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"outside \[0, 16\): " + ("-1 " if shift < 0 else "")):
         write_tokens(model, dataset, target, batch_size=2, device=torch.device("cpu"))
     assert list(target.parent.iterdir()) == []  # neither the file nor its partial rows
+
+
+def test_write_tokens_refuses_an_empty_split(trained, tmp_path):
+    empty = TensorImages(torch.zeros(0, 3, 16, 16, dtype=torch.uint8), 16, train=False)
+    with pytest.raises(ValueError, match="the split to tokenize holds no images"):
+        write_tokens(ckpt.load_tokenizer(trained[0]), empty, tmp_path / "t.npy", batch_size=2,
+                     device=torch.device("cpu"))  # fmt: skip
 
 
 def test_write_tokens_refuses_a_file_with_rows_missing(trained, tmp_path, monkeypatch):

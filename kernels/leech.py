@@ -254,5 +254,8 @@ def leech_decode_triton(z: torch.Tensor) -> torch.Tensor:
         OCTADS_PADDED=OCTADS_PADDED,
         DTYPE=tl.float64 if wide else tl.float32,
         num_warps=NUM_WARPS,
+        # The group tables' sums add z * scale rounded first, as the C++ and CUDA kernels do:
+        # fused, z * scale + s rounds once (a subnormal step apart for rows past 2^64).
+        enable_fp_fusion=False,
     )
     return out

@@ -46,7 +46,12 @@ _compiled: dict[str, str] = {}
 # default) and no approximate division, square root, exp or log (`/` on float32 is div.full.f32,
 # up to 2 ulps off, and tl.sqrt sqrt.approx.f32; tl.div_rn and tl.sqrt_rn round exactly). The
 # interpreter rounds each operation exactly, so only the compiled code can show these.
-IEEE_ONLY = {"_quantize_fwd_kernel", "_quantize_bwd_kernel", "_e8_nearest_fwd_kernel"}
+IEEE_ONLY = {
+    "_quantize_fwd_kernel",
+    "_quantize_bwd_kernel",
+    "_e8_nearest_fwd_kernel",
+    "_leech_decode_fwd_kernel",
+}
 NOT_IEEE = re.compile(r"\b(fma\.rn|div\.full|(div|sqrt|rcp|ex2|lg2|sin|cos|tanh)\.approx)\.\S+")
 _not_ieee: list[str] = []
 # The searches and the per-row kernels of training steps: a spill there is local-memory traffic on

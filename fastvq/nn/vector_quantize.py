@@ -917,7 +917,9 @@ class VectorQuantize(nn.Module):
         step, where compiled it was a graph break (fullgraph=True failed on a resumed model)."""
         self._initted_seen = None
         buf = self._buffers.get("initted")
-        if buf is not None and not buf.is_meta and not torch.compiler.is_compiling():
+        # Plain tensors with values only: not meta, fake or other subclasses (FSDP's DTensor),
+        # whose flag is read at the next training step as before.
+        if type(buf) is torch.Tensor and not buf.is_meta and not torch.compiler.is_compiling():
             if bool(buf):
                 self._see_initted()
 

@@ -63,8 +63,23 @@ def quantize_rows(z: torch.Tensor, decode, codes_of) -> tuple[torch.Tensor, torc
         index = torch.zeros(0, dtype=torch.int64, device=z.device)
     else:
         index = decode(flat)
-    codes = straight_through(z, codes_of(index, z.dtype).view(z.shape))
+    codes = codes_of(index, z.dtype).view(z.shape)
+    if _may_carry_derivatives(z):
+        codes = straight_through(z, codes)
     return index.view(z.shape[:-1]), codes
+
+
+def _may_carry_derivatives(z: torch.Tensor) -> bool:
+    """Whether the codes need straight_through's estimator: z requires grad, carries a
+    forward-mode tangent or is a torch.func tensor (vmap), or dynamo traces it. Else the fresh
+    codes are returned as they are: the estimator's copy of them was a second (N, n) allocation,
+    which on CPUs cost up to twice the decode itself (page faults of a fresh buffer)."""
+    return (
+        z.requires_grad
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(z)
+        or torch.autograd.forward_ad.unpack_dual(z).tangent is not None
+    )
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

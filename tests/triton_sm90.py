@@ -160,6 +160,14 @@ def _launch_everything():
         (torch.float32, False, 8, 300, 4096, 4, False),
         (torch.bfloat16, False, 8, 128, 4000, 1, None),
         (torch.bfloat16, False, 100, 8, 4096, 4, None),
+        # the largest tiles in shared memory and registers (a static review's sm_90 compiles:
+        # 128 KiB, 232-254 registers): fast D 65-128, exact D 33-64 by 3xTF32 and screened,
+        # 16-bit D 96 and 128
+        (torch.float32, True, 4096, 128, 4096, 1, None),
+        (torch.float32, False, 4096, 64, 4096, 1, False),
+        (torch.float32, False, 4096, 64, 4096, 1, True),
+        (torch.bfloat16, False, 4096, 128, 4096, 1, None),
+        (torch.float16, False, 4096, 96, 4096, 1, None),
     ]:
         z = torch.randn(n, d, generator=g).to(dtype)
         codebook = torch.randn(k, d, generator=g).to(dtype)
@@ -180,6 +188,9 @@ def _launch_everything():
         (torch.bfloat16, False, 8, 256, 8),
         (torch.bfloat16, False, 8, 128, 8),
         (torch.float32, True, 8, 256, 128),
+        (torch.bfloat16, False, 4096, 128, 8),
+        (torch.float32, True, 4096, 128, 128),
+        (torch.float32, False, 4096, 64, 128),
     ]:
         z = torch.randn(n, d, generator=g).to(dtype)
         codebook = torch.randn(4000, d, generator=g).to(dtype)

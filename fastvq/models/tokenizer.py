@@ -206,7 +206,9 @@ class Tokenizer(nn.Module):
         return codes
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (B, h, w[, G][, Q]) from encode -> x_hat (B, C, H, W), equal to decode(z_q)."""
+        """indices (B, h, w[, G][, Q]) from encode -> x_hat (B, C, H, W), equal to decode(z_q)
+        (to float32's rounding in a float64 model whose quantizer decodes float32 codes: a
+        lattice without projection)."""
         return self.decode(self.codes_from_indices(indices))
 
     def forward(self, x: torch.Tensor, quantize: bool = True) -> TokenizerOutput:

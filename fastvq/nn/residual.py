@@ -100,12 +100,12 @@ from fastvq.nn.vector_quantize import (
     _is_distributed,
     _l2norm,
     _snapshot,
+    check_finite_on_every_rank,
     eager_only,
     refuse_recomputation,
 )
 from fastvq.ops._backends import autocast_off
 from fastvq.ops._validate import (
-    check_finite,
     check_floating,
     check_index_tensor,
     check_int,
@@ -598,8 +598,13 @@ class ResidualVQ(_Residual):
             rand_quantize_dropout_fixed_seed,
         )  # fmt: skip
         if finite is not None and check_inputs_finite:
-            check_finite(**finite)
+            check_finite_on_every_rank(self._synced(), **finite)
         return self._step(step, finite is not None or not check_inputs_finite)
+
+    def _synced(self) -> bool:
+        """Whether a training step's layers join collectives (sync_codebook): the stack's check
+        then stops every rank together (check_finite_on_every_rank)."""
+        return self.training and any(layer._group(True) for layer in self.layers)
 
     def _plan(
         self,
@@ -1212,7 +1217,7 @@ class GroupedResidualVQ(_Grouped):
             for name, tensors in (checks or {}).items()
         }
         if finite and check:
-            check_finite(**finite)
+            check_finite_on_every_rank(any(rvq._synced() for rvq in self.rvqs), **finite)
         return [
             rvq._step(step, checks is not None or not check)
             for rvq, (checks, step) in zip(self.rvqs, plans, strict=True)

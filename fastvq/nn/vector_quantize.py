@@ -187,19 +187,26 @@ def _leader_counts(counts: list[int], group: bool, device) -> list[int]:
     return t.tolist()
 
 
-def _check_finite_on_every_rank(z: torch.Tensor, codebooks: torch.Tensor) -> None:
-    """check_finite on every rank at once, for a layer whose update joins collectives: a rank
-    that raised alone left the others waiting in the statistics' all-reduce until the process
-    group's timeout (30 minutes by default). One all-reduce of a flag, after the check's sync."""
+def check_finite_on_every_rank(synced: bool, **tensors) -> None:
+    """check_finite(**tensors), and where `synced` (a layer whose step joins collectives:
+    synced statistics or k-means) on every rank at once: a rank that raised alone left the
+    others waiting in the next all-reduce until the process group's timeout (30 minutes by
+    default). One all-reduce of a flag after the check's sync; skipped while compiling, as the
+    check is."""
+    if not synced or torch.compiler.is_compiling():
+        check_finite(**tensors)
+        return
     import torch.distributed as dist
 
+    group = _process_group("sync_codebook", True)
     error = None
     try:
-        check_finite(z=z, codebook=codebooks)
+        check_finite(**tensors)
     except NonFiniteError as e:
         error = e
-    ok = torch.tensor(error is None, dtype=torch.int32, device=z.device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    device = next(t for v in tensors.values() for t in ([v] if torch.is_tensor(v) else v)).device
+    ok = torch.tensor(error is None, dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     if error is not None:
         raise error
     if not ok.item():
@@ -618,6 +625,8 @@ class VectorQuantize(nn.Module):
                 z = _l2norm(z)
             rows, row_mask = self._split(z, mask)
             if self.training and self.kmeans_init and not self._initted_known():
+                if check_inputs_finite and self._group(self.sync_kmeans):  # before its all-reduces
+                    check_finite_on_every_rank(True, z=z)
                 self._init_from_rows(rows, row_mask)
             if k is not None:
                 # heads == 1: one codebook, rows (b n, codebook_dim); no codebook update.
@@ -642,13 +651,11 @@ class VectorQuantize(nn.Module):
                 refuse_recomputation()
             stochastic = self._samples(temp)
             check = check_inputs_finite
-            if check and update and self._group(True) and not torch.compiler.is_compiling():
-                _check_finite_on_every_rank(z, codebooks)
-                check = False
-            if check and (self.num_codebooks > 1 or stochastic):
+            synced = update and self._group(True)
+            if check and (self.num_codebooks > 1 or stochastic or synced):
                 # Every head's rows and codebook in one host sync, not one per head; sampled
                 # codes have no search to check them (a NaN row would reach the EMA).
-                check_finite(z=z, codebook=codebooks)
+                check_finite_on_every_rank(synced, z=z, codebook=codebooks)
                 check = False
             qs, idxs, codes = [], [], []
             for c, zc in enumerate(rows):

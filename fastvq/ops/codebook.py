@@ -554,7 +554,8 @@ def reset_dead_codes_(
         broadcast: True (default process group) or a ProcessGroup: the group's first rank whose z
             holds rows draws them and sends them, so ranks whose statistics agree keep agreeing
             (ValueError on every rank where their dead codes, shapes or dtypes differ). One
-            all-gather of a few integers per call, and the broadcast where codes are dead.
+            all-gather of a few integers per call; where codes are dead, one of the dead-code
+            mask (K / 32 integers) and the broadcast.
 
     Returns:
         int64 (M,) indices of the replaced codes, increasing (empty when none is dead).
@@ -604,22 +605,36 @@ def reset_dead_codes_(
 
 def _reset_source(group, dead: torch.Tensor, n_rows: int, embed_sum: torch.Tensor) -> int | None:
     """The global rank that draws a synced reset's rows: the group's first rank holding rows.
-    One all-gather of each rank's (rows, dead codes, their index sum, D, dtype): ranks whose
-    dead codes disagree would send and receive rows of other shapes (gloo then left the
-    receivers' buffers unwritten), so every rank raises instead. None when no code is dead."""
+    Ranks whose dead codes, shapes or dtypes disagree would send and receive rows of other
+    shapes (gloo then left the receivers' buffers unwritten) or reset other codes, so every rank
+    raises instead: one all-gather of (rows, dead codes, K, D, float64) per rank, and where codes
+    are dead a second of the dead-code mask (K / 32 words). None when no code is dead."""
     import torch.distributed as dist
 
     m, (k, d) = dead.numel(), embed_sum.shape
-    mine = [n_rows, m, int(dead.sum()), k, d, embed_sum.dtype == torch.float64]
-    header = torch.tensor(mine, dtype=torch.int64, device=embed_sum.device)
-    everyone = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, header, group=group)
-    everyone = torch.stack(everyone).tolist()
-    if any(h[1:] != everyone[0][1:] for h in everyone):
+    world, device = dist.get_world_size(group), embed_sum.device
+
+    def gathered(t: torch.Tensor) -> list:
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t, group=group)
+        return torch.stack(parts).tolist()
+
+    mine = [n_rows, m, k, d, embed_sum.dtype == torch.float64]
+    everyone = gathered(torch.tensor(mine, dtype=torch.int64, device=device))
+    shapes = [h[1:] for h in everyone]
+    if any(h != shapes[0] for h in shapes):
+        got = f"(dead codes, K, D, float64) {shapes}"
+    elif m:
+        bits = torch.zeros(-(-k // 32) * 32, dtype=torch.int64, device=device)
+        bits[dead] = 1
+        masks = gathered((bits.view(-1, 32) << torch.arange(32, device=device)).sum(1))
+        got = None if all(w == masks[0] for w in masks) else f"{m} dead codes, not the same ones"
+    else:
+        got = None
+    if got is not None:
         raise ValueError(
             "broadcast: every rank must hold the same statistics (the same dead codes, shape and "
-            f"dtype), got (dead codes, their index sum, K, D, float64) {[h[1:] for h in everyone]} "
-            "on the group's ranks"
+            f"dtype), got {got} on the group's ranks"
         )
     if m == 0:
         return None

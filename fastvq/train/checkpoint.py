@@ -9,7 +9,7 @@ import copy
 import os
 import pickle
 import random
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 
@@ -24,13 +24,12 @@ def save_atomic(obj, path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Created 0666 less the umask, as every other file the run writes (so a teammate can evaluate
+    # or tokenize from a shared run), where mkstemp's are 0600; the kernel applies the umask,
+    # which reading it (os.umask sets it) from Python could not do without a race.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        # mkstemp creates the file 0600: give it the mode any other file the run writes gets, so
-        # a teammate can evaluate or tokenize from a shared run.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -130,7 +129,10 @@ def load_weights(
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in keep and (strict or not k.startswith("quantizer."))]
     if strict:
-        missing += [k for k in state if k not in own]
+        # What the model's own load hooks accept is not extra (LatentQuantize's fixed values,
+        # which older checkpoints hold): a load of those keys alone, which changes no weight.
+        extra = {k: state[k] for k in state if k not in own}
+        missing += model.load_state_dict(extra, strict=False).unexpected_keys if extra else []
     if missing:
         raise ValueError(
             f"{name} {str(path)!r} lacks {len(missing)} weights of this model, holds them "

@@ -195,3 +195,14 @@ def test_residual_seed_and_scale_range():
     # 65536^-11 underflows float32: residual / scale was inf, the output NaN
     with pytest.raises(ValueError, match="leaves float32's range"):
         fnn.ResidualFSQ(levels=[65536, 65536], num_quantizers=12)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_sync_codebook_without_a_process_group_is_named(check):
+    # The synced NaN check's all-reduce gave torch's "Default process group has not been
+    # initialized"; without the check the statistics' all-reduce named the setting.
+    vq = fnn.VectorQuantize(8, 16, sync_codebook=True)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="needs torch.distributed to be initialized"):
+        vq(x, check_inputs_finite=check)
+    vq.eval()(x)  # no collectives in eval

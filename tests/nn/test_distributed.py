@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastvq.nn import LFQ, ResidualVQ, VectorQuantize
+from fastvq.nn import LFQ, GroupedResidualVQ, ResidualVQ, VectorQuantize
 from fastvq.ops._validate import NonFiniteError
 from fastvq.testing import run_rank_script
 
@@ -86,18 +86,29 @@ def _uneven(rank: int) -> dict:
     return out
 
 
-def _nan_on_one_rank(rank: int) -> list[str]:
-    # Rank 1's rows hold a NaN: it raised alone and rank 0 waited in the EMA all-reduce until
-    # the process group's timeout (30 minutes by default). Now both raise, at every forward.
-    vq = VectorQuantize(DIM, K, sync_codebook=True, threshold_ema_dead_code=1.0)
-    errors = []
-    for _ in range(2):
-        x = torch.randn(1, 8, DIM, generator=torch.Generator().manual_seed(rank))
-        x[0, 3, 0] = float("nan") if rank == 1 else x[0, 3, 0]
-        try:
-            vq(x)
-        except NonFiniteError as e:
-            errors.append(str(e))
+def _nan_on_one_rank(rank: int) -> dict:
+    # Rank 1's rows hold a NaN: it raised alone and rank 0 waited in the next all-reduce until
+    # the process group's timeout (30 minutes by default). Now both raise, at every forward: a
+    # layer, a k-means init step, a residual stack and a grouped one (whose layers the stack's
+    # check covers).
+    layers = {
+        "vq": VectorQuantize(DIM, K, sync_codebook=True, threshold_ema_dead_code=1.0),
+        "kmeans": VectorQuantize(DIM, K, sync_codebook=True, kmeans_init=True),
+        "rvq": ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, sync_codebook=True),
+        "grouped": GroupedResidualVQ(
+            dim=DIM, groups=2, num_quantizers=2, codebook_size=K, sync_codebook=True
+        ),  # fmt: skip
+    }
+    errors = {}
+    for name, layer in layers.items():
+        errors[name] = []
+        for _ in range(2):
+            x = torch.randn(1, 8, DIM, generator=torch.Generator().manual_seed(rank))
+            x[0, 3, 0] = float("nan") if rank == 1 else x[0, 3, 0]
+            try:
+                layer(x)
+            except NonFiniteError as e:
+                errors[name].append(str(e))
     return errors
 
 
@@ -154,9 +165,10 @@ def test_ddp_codebooks_identical_and_equal_to_one_process(tmp_path):
         for key in state:
             assert torch.equal(state[key], ranks[1]["uneven"][name][key]), (name, key)
     assert ranks[0]["uneven"]["padding_on_0"]["cluster_size"].min() >= 2.0  # none left dead
-    assert len(ranks[0]["nan"]) == len(ranks[1]["nan"]) == 2
-    assert all("another rank's quantizer input" in e for e in ranks[0]["nan"])
-    assert all("z contains NaN or Inf" in e for e in ranks[1]["nan"]), ranks[1]["nan"]
+    for name, errors in ranks[0]["nan"].items():
+        assert len(errors) == len(ranks[1]["nan"][name]) == 2, name
+        assert all("another rank's quantizer input" in e for e in errors), (name, errors)
+        assert all("contains NaN or Inf" in e for e in ranks[1]["nan"][name]), name
     # ... equal to one process on the whole batches, up to float32 rounding.
     single = _train(_model(sync=False), _batches())
     for key, want in single.items():

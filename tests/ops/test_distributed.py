@@ -81,10 +81,12 @@ def _worker(rank: int, out_dir: str, port: int) -> None:
         # message into the receiver's buffer and left the rest of it unwritten; now every rank
         # raises.
         errors = []
-        for disagree in ("dead", "dtype"):
+        for disagree in ("dead", "dtype", "same count"):
             cs, es = results["ema-False"][0].clone(), results["ema-False"][1].clone()
             if rank == 1 and disagree == "dead":
                 cs[(cs >= THRESHOLD).nonzero()[0]] = 0.0  # one more dead code
+            if disagree == "same count":  # codes 1 and 4 dead, or 2 and 3: same count and sum
+                cs.fill_(2 * THRESHOLD)[[[1, 4], [2, 3]][rank]] = 0.0
             if rank == 1 and disagree == "dtype":
                 cs, es = cs.double(), es.double()
             try:
@@ -129,7 +131,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert bool((codebook[dead][:, None] == second_shard[None]).all(-1).any(1).all())
     assert bool((cs[dead] == THRESHOLD).all())
     for r in ranks:
-        assert len(r["errors"]) == 2, r["errors"]
+        assert len(r["errors"]) == 3, r["errors"]
         assert all("every rank must hold the same statistics" in e for e in r["errors"])
 
 

@@ -167,6 +167,26 @@ def test_non_strict_loads_skip_quantizer_weights_of_another_shape(tmp_path):
             assert torch.equal(v, trained.state_dict()[k]), k
 
 
+def test_strict_loads_take_what_the_models_load_hooks_accept(tmp_path):
+    """LatentQuantize's fixed values left the state dict; runs saved with them (fastvq eval,
+    tokenize) still load strictly, and a key no module takes is still refused."""
+    from fastvq.models import build_tokenizer
+
+    cfg = dict(arch="rotated_vqvae", ch=4, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
+               attn_heads=2, quantizer={"type": "LatentQuantize", "levels": [5, 4],
+                                        "optimize_values": False})  # fmt: skip
+    torch.manual_seed(0)
+    state = build_tokenizer(cfg).state_dict()
+    state.update({"quantizer._values_0": torch.zeros(5), "quantizer._values_1": torch.zeros(4)})
+    torch.save(state, tmp_path / "older.pt")
+    model = build_tokenizer(cfg)
+    ckpt.load_weights(model, tmp_path / "older.pt")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.save({**state, "quantizer.other": torch.zeros(1)}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match=r"holds others, e.g. \['quantizer.other'\]"):
+        ckpt.load_weights(build_tokenizer(cfg), tmp_path / "extra.pt")
+
+
 def test_flipped_bytes_fail_the_crc_check(tmp_path):
     """torch.load does not check the archive's CRCs: flipped bytes in a tensor's data loaded as
     changed weights, without a word."""

@@ -64,10 +64,20 @@ WORKER = PRELUDE + textwrap.dedent("""
 """)
 
 
+FAREWELL = textwrap.dedent("""
+    import torch.distributed
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+""")
+
+
 def _run_two_ranks(worker: str, tmp_path, timeout: float) -> None:
     """Runs `python worker tmp_path` as ranks 0 and 1 of a gloo group (torchrun's variables)."""
     script = tmp_path / "worker.py"
-    script.write_text(worker)
+    # Every worker leaves the group before it exits: gloo's threads still running at exit
+    # aborted a rank now and then ("terminate called without an active exception", code -6).
+    script.write_text(worker + FAREWELL)
     port = str(free_port())
     procs = []
     for rank in range(2):
@@ -276,3 +286,46 @@ def test_adaptive_weight_and_hypergradient_of_the_whole_batch(tmp_path):
         for got, want in zip(r["shards"], r["whole"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
         assert r["whole"][1].abs().max() > 0
+
+
+WIRING_WORKER = PRELUDE + textwrap.dedent("""
+    import fastvq.train.losses as losses
+    import fastvq.train.meta as meta
+
+    seen = {"adaptive": [], "hyper": []}
+    adaptive, hyper = losses.adaptive_disc_weight, meta.hypergradient
+
+    def spy_adaptive(*args, **kwargs):
+        seen["adaptive"].append(kwargs.get("all_reduce"))
+        return adaptive(*args, **kwargs)
+
+    def spy_hyper(*args, **kwargs):
+        seen["hyper"].append(kwargs.get("all_reduce"))
+        return hyper(*args, **kwargs)
+
+    losses.adaptive_disc_weight, meta.hypergradient = spy_adaptive, spy_hyper
+    cfg = load_config(None, [
+        *TINY, "model.embed_dim=4", "loss.recon=l2",
+        "model.quantizer={type: HyperCodebook, codebook_size: 16, codebook_dim: 4, embed_dim: 4,"
+        " hidden_dim: 8}",
+        "meta={enabled: true, inner_lr: 0.1, codebook_every: 1, fd_eps: 0.01}",
+        "disc={ndf: 4, n_layers: 1, norm: none}", "loss.disc_weight=0.5", "loss.disc_start=0",
+        "train.batch_size=4", "train.steps=2", f"train.out_dir={out}/run", "train.eval_every=0",
+        "eval.batch_size=4", "eval.max_batches=1",
+    ])
+    trainer = Trainer(cfg, datasets=data)
+    trainer.fit()
+    upper = [p.detach().clone() for p in trainer.model.quantizer.parameters()]
+    torch.save({"seen": seen, "upper": upper}, f"{out}/rank{trainer.rank}.pt")
+""")
+
+
+def test_ddp_takes_the_adaptive_weight_and_the_hypergradient_over_every_rank(tmp_path):
+    """The trainer hands all_reduce to both under DDP (their whole-batch results are tested
+    above): the ranks' hyper-nets stay equal."""
+    _run_two_ranks(WIRING_WORKER, tmp_path, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for r in (r0, r1):
+        assert r["seen"]["adaptive"] and set(r["seen"]["adaptive"]) == {True}, r["seen"]
+        assert r["seen"]["hyper"] and set(r["seen"]["hyper"]) == {True}, r["seen"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["upper"], r1["upper"], strict=True))

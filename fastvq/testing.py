@@ -286,6 +286,51 @@ def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> l
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
+# What every torchrun_ranks process runs after its body: it leaves the process group the way
+# the CLI does, and no thread of the group's may outlive it (see leave_process_group).
+_LEAVE = """
+import os
+import torch.distributed
+if torch.distributed.is_initialized():
+    from fastvq.train.trainer import leave_process_group
+
+    leave_process_group()
+if os.path.isdir("/proc/self/task"):
+    threads = len(os.listdir("/proc/self/task"))
+    assert threads == 1, f"{threads - 1} threads outlive the process group"
+"""
+
+
+def torchrun_ranks(source: str, tmp_path, world: int, *args: str, timeout: float = 240) -> None:
+    """Run `source`, a script's text, as `python worker.py *args` in `world` processes with
+    torchrun's environment (RANK, WORLD_SIZE, MASTER_*) and check that every one exits 0.
+
+    The source runs inside a function, so that what it built is gone when each process then
+    leaves its process group (unless the source did) and checks that the group's threads ended.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = os.path.join(tmp_path, "worker.py")
+    with open(script, "w") as f:
+        f.write(
+            "def rank_main():\n" + textwrap.indent(source, "    ") + "\n\nrank_main()\n" + _LEAVE
+        )
+    port, procs = str(free_port()), []
+    for rank in range(world):
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, script, *args], env=env))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0] * world
+
+
 def on_one_thread(fn):
     """fn() with one intra-op thread, the thread count restored after: a kernel's answer without
     threads, to compare with its threaded one (rows split at other places)."""

@@ -413,14 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         tokenize(args.checkpoint, args.split, args.out, args.overrides, args.weights, args.flip)
     elif args.command == "sweep":
         sweep(args.config, args.values, args.overrides)
-    # Left to interpreter exit, gloo's threads are torn down with the interpreter: about one
-    # 2-rank run in eight on a 2-core machine aborted after finishing (SIGABRT, "terminate called
-    # without an active exception") and torchrun reported the finished run as failed. With the
-    # group destroyed but no barrier, one run in about 40 still aborted so: a rank may close its
-    # connections while another still finishes the last collective. (Not yet shown gone.)
     if started_here and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        from fastvq.train.trainer import leave_process_group
+
+        leave_process_group()  # the Trainer is gone by now: see the docstring
     return 0
 
 

@@ -10,11 +10,14 @@ everything a step depends on, so a resumed run continues the same loss curve exa
 Under torchrun (WORLD_SIZE > 1) the model runs in DistributedDataParallel, each rank reads its
 own shard of the data stream, codebook statistics are all-reduced by the quantizers' own sync
 option and evaluation sums are all-reduced; rank 0 writes logs and checkpoints.
+A script that builds its own Trainers under torchrun ends with leave_process_group(), as
+`fastvq train` does.
 """
 
 import contextlib
 import copy
 import csv
+import gc
 import json
 import math
 import os
@@ -99,10 +102,35 @@ def join_process_group(device: torch.device) -> tuple[int, int]:
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():
+        # Imported before the group exists: this module binds group.WORLD into ten functions'
+        # default arguments when it is first imported (DDP's constructor imports it), and bound
+        # to the live group they keep it, and gloo's threads, past destroy_process_group.
+        import torch.distributed.nn.functional  # noqa: F401
+
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world
+
+
+def leave_process_group() -> None:
+    """Ends the default process group once every rank is done with it, its backend's threads
+    stopped before this returns. Call it after the last reference to the group's users (a
+    Trainer, its DistributedDataParallel model) is dropped, before the interpreter exits.
+
+    A gloo worker thread frees a finished collective's tensors after the caller has gone on (a
+    barrier keeps the collectives before it until it is freed). Freeing a tensor Python knows
+    takes the GIL, and a thread that asks for the GIL once the interpreter is exiting is ended
+    by pthread_exit, which C++ turns into std::terminate: now and then a finished run aborted
+    at exit (SIGABRT, "terminate called without an active exception"). The group's destructor
+    joins those threads; it runs here, while the interpreter is whole, if nothing else holds
+    the group.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()  # no rank closes its connections while another finishes a collective
+    dist.destroy_process_group()
+    gc.collect()  # users of the group caught in reference cycles
 
 
 def resolve_num_workers(setting, device: torch.device) -> int:

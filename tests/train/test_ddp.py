@@ -1,13 +1,11 @@
 """DDP on 2 CPU processes (gloo): each rank trains on its own shard, yet weights and EMA
 codebooks stay identical across ranks, evaluation is all-reduced, one checkpoint is written."""
 
-import subprocess
-import sys
 import textwrap
 
 import torch
 
-from fastvq.testing import checkout_env, free_port
+from fastvq.testing import torchrun_ranks
 
 # Each worker's start: a tiny dataset, the same on every rank.
 PRELUDE = textwrap.dedent("""
@@ -64,37 +62,8 @@ WORKER = PRELUDE + textwrap.dedent("""
 """)
 
 
-FAREWELL = textwrap.dedent("""
-    import torch.distributed
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-""")
-
-
-def _run_two_ranks(worker: str, tmp_path, timeout: float) -> None:
-    """Runs `python worker tmp_path` as ranks 0 and 1 of a gloo group (torchrun's variables)."""
-    script = tmp_path / "worker.py"
-    # Every worker leaves the group before it exits: gloo's threads still running at exit
-    # aborted a rank now and then ("terminate called without an active exception", code -6).
-    script.write_text(worker + FAREWELL)
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
-        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0]
-
-
 def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
-    _run_two_ranks(WORKER, tmp_path, timeout=240)
+    torchrun_ranks(WORKER, tmp_path, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["sync"] and r1["sync"]  # built after init_process_group: statistics all-reduced
     assert not torch.equal(r0["first"], r1["first"])  # each rank reads its own shard
@@ -142,7 +111,7 @@ RESUME_WORKER = PRELUDE + textwrap.dedent("""
 def test_ddp_resume_keeps_every_rank_state(tmp_path):
     # A checkpoint held rank 0's overfit_one_batch batch, which every rank then resumed with,
     # and LeCAM's averages of rank 0's logits only (each rank's drifted apart).
-    _run_two_ranks(RESUME_WORKER, tmp_path, timeout=240)
+    torchrun_ranks(RESUME_WORKER, tmp_path, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for r in (r0, r1):
         assert torch.equal(*r["batch"])  # its own batch again
@@ -165,13 +134,12 @@ COUNTS_WORKER = textwrap.dedent("""
         codes.update(torch.tensor([[[[5, 1], [2**36 - 1, 1]]], [[[5, 7], [-1, 0]]]]))
     codes.all_reduce()
     torch.save(codes.counts, f"{sys.argv[1]}/rank{rank}.pt")
-    dist.destroy_process_group()
 """)
 
 
 def test_sparse_code_counts_all_reduce_over_two_processes(tmp_path):
     """Counts of a 2**36-code codebook are sparse, which NCCL cannot all-reduce: gathered."""
-    _run_two_ranks(COUNTS_WORKER, tmp_path, timeout=120)
+    torchrun_ranks(COUNTS_WORKER, tmp_path, 2, str(tmp_path), timeout=120)
     for rank in range(2):
         counts = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert counts.is_sparse and counts.shape == (2, 2**36)
@@ -203,7 +171,7 @@ UNUSED_WORKER = PRELUDE + textwrap.dedent("""
 def test_ddp_parameters_left_without_gradient(tmp_path):
     """LatentQuantize with quantization_loss_weight 0 leaves its values untrained: DDP's next
     step fails, with a message naming the setting that fixes it, and runs with the setting."""
-    _run_two_ranks(UNUSED_WORKER, tmp_path, timeout=240)
+    torchrun_ranks(UNUSED_WORKER, tmp_path, 2, str(tmp_path))
 
 
 ACCUM_WORKER = PRELUDE + textwrap.dedent("""
@@ -236,7 +204,7 @@ ACCUM_WORKER = PRELUDE + textwrap.dedent("""
 def test_ddp_accumulation_all_reduces_once_per_step(tmp_path):
     """Gradient accumulation under DDP: one all-reduce of the gradients per optimizer step (in
     the last micro-batch's backward), not one per micro-batch; the ranks stay identical."""
-    _run_two_ranks(ACCUM_WORKER, tmp_path, timeout=240)
+    torchrun_ranks(ACCUM_WORKER, tmp_path, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     plain, accum = r0["calls"]
     assert plain > 0 and accum == plain
@@ -280,7 +248,7 @@ def test_adaptive_weight_and_hypergradient_of_the_whole_batch(tmp_path):
     """Each rank took its own shard's gradient norms for the adaptive GAN weight (85.0 and 62.8
     where the batch gives 90.4) and unrolled MQVAE's inner step on its shard alone: with
     all_reduce both are the whole batch's, on every rank."""
-    _run_two_ranks(SHARDS_WORKER, tmp_path, timeout=120)
+    torchrun_ranks(SHARDS_WORKER, tmp_path, 2, str(tmp_path), timeout=120)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         for got, want in zip(r["shards"], r["whole"], strict=True):
@@ -323,7 +291,7 @@ WIRING_WORKER = PRELUDE + textwrap.dedent("""
 def test_ddp_takes_the_adaptive_weight_and_the_hypergradient_over_every_rank(tmp_path):
     """The trainer hands all_reduce to both under DDP (their whole-batch results are tested
     above): the ranks' hyper-nets stay equal."""
-    _run_two_ranks(WIRING_WORKER, tmp_path, timeout=240)
+    torchrun_ranks(WIRING_WORKER, tmp_path, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     for r in (r0, r1):
         assert r["seen"]["adaptive"] and set(r["seen"]["adaptive"]) == {True}, r["seen"]

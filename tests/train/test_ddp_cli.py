@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastvq.testing import checkout_env, free_port, run_rank_script
+from fastvq.testing import checkout_env, run_rank_script, torchrun_ranks
 from fastvq.train.cli import main
 from fastvq.train.metrics import Evaluator
 
@@ -81,27 +81,10 @@ def _args(tmp_path, out: str, batch: int, *overrides: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _spawn(tmp_path, source: str, world: int, *args: str) -> None:
-    """Run `source` as `python worker.py *args` in `world` processes with torchrun's environment
-    (RANK, WORLD_SIZE, MASTER_*), and check that every one exits 0."""
-    script = tmp_path / "worker.py"
-    script.write_text(source)
-    port, procs = str(free_port()), []
-    for rank in range(world):
-        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-        env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env))
-    try:
-        codes = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0] * world
-
-
 def _run(tmp_path, out: str, batch: int, world: int, *overrides: str) -> list[dict]:
-    _spawn(tmp_path, WORKER, world, str(tmp_path / out), *_args(tmp_path, out, batch, *overrides))
+    torchrun_ranks(
+        WORKER, tmp_path, world, str(tmp_path / out), *_args(tmp_path, out, batch, *overrides)
+    )
     return [torch.load(tmp_path / out / f"rank{r}.pt") for r in range(world)]
 
 
@@ -165,7 +148,7 @@ train: {{steps: 4, device: cpu, progress: false}}
     assert ckpt["step"] == 4
 
 
-CLI = "import sys\nfrom fastvq.train.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+CLI = "import sys\nfrom fastvq.train.cli import main\nassert main(sys.argv[1:]) == 0\n"
 
 
 def test_torchrun_tokenize_writes_the_file_one_process_writes(tmp_path):
@@ -180,7 +163,7 @@ eval: {{batch_size: 2}}
     assert main(_args(tmp_path, "run", 4)) == 0
     ckpt = str(tmp_path / "run" / "checkpoints" / "latest.pt")
     tokenize = ["tokenize", "--checkpoint", ckpt, "--split", "val", "--out"]
-    _spawn(tmp_path, CLI, 2, *tokenize, str(tmp_path / "ddp"))
+    torchrun_ranks(CLI, tmp_path, 2, *tokenize, str(tmp_path / "ddp"))
     assert main([*tokenize, str(tmp_path / "one")]) == 0
     ddp, one = (np.load(tmp_path / d / "tokens-val.npy") for d in ("ddp", "one"))
     assert ddp.shape == (9, 4, 4) and np.array_equal(ddp, one)
@@ -215,14 +198,13 @@ UNSYNCED = textwrap.dedent("""
         "model": trainer.model.quantizer.state_dict(),
         "ema": trainer.ema.quantizer.state_dict(),
     }, f"{out}/rank{trainer.rank}.pt")
-    torch.distributed.destroy_process_group()
 """)
 
 
 def test_kmeans_init_of_an_unsynced_quantizer_gives_every_rank_rank_0s_codebook(tmp_path):
     # DDP broadcasts the model's state at its start, but not the weights' EMA copy: without the
     # trainer's broadcast each rank's EMA copy (what evaluation uses) held its own shard's fit.
-    _spawn(tmp_path, UNSYNCED, 2, str(tmp_path))
+    torchrun_ranks(UNSYNCED, tmp_path, 2, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["model"].keys() == r0["ema"].keys() and "embed" in r0["model"]
     for k, v in r0["model"].items():

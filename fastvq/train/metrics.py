@@ -88,10 +88,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.flatten(1).mean(1)
 
 
+def _psd_eigenvalues(w: torch.Tensor) -> torch.Tensor:
+    """A PSD matrix's computed eigenvalues with the rounding noise of its zero ones (below
+    n * eps * the largest) set to 0: a covariance of fewer samples than features has one zero
+    eigenvalue per missing sample, and the square roots of their noise, ~sqrt(eps * largest)
+    each, add up (-8e-4 in an rFID of 400 images of 2048 features)."""
+    tol = w.abs().max() * w.numel() * torch.finfo(w.dtype).eps
+    return torch.where(w > tol, w, 0)
+
+
 def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
     """Square root of a symmetric positive semi-definite matrix by eigendecomposition."""
     w, v = torch.linalg.eigh((a + a.T) / 2)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
+    return (v * _psd_eigenvalues(w).sqrt()) @ v.T
 
 
 def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
@@ -99,8 +108,7 @@ def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     product s1 s2 is not symmetric, but r s2 r is and has the same eigenvalues, so two symmetric
     eigendecompositions replace the general (and less stable) matrix square root."""
     r = _sqrt_psd(s1)
-    w = torch.linalg.eigvalsh(r @ s2 @ r)
-    return w.clamp(min=0).sqrt().sum()
+    return _psd_eigenvalues(torch.linalg.eigvalsh(r @ s2 @ r)).sqrt().sum()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:

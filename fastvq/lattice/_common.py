@@ -19,6 +19,7 @@ from fastvq.ops._validate import (
     check_index_tensor,
 )
 from fastvq.ops.quantize import straight_through
+from fastvq.reference import inv_norm
 
 
 def check_vectors(name: str, value, dim: int) -> None:
@@ -40,6 +41,28 @@ def check_indices(name: str, value, size: int) -> None:
     [0, size) (one host sync, skipped under torch.compile)."""
     check_index_tensor(name, value)
     check_index_range(name, value, 0, size)
+
+
+def row_norms(v: torch.Tensor) -> torch.Tensor:
+    """|v| over the last dimension (kept) for finite rows of any magnitude: the squares of float64
+    rows beyond 1e154 overflow (and those below 1e-154 underflow) in vector_norm alone. NaN for
+    zero rows."""
+    big = v.abs().amax(-1, keepdim=True)
+    return big * torch.linalg.vector_norm(v / big, dim=-1, keepdim=True)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| over the last dimension, differentiable, for finite nonzero rows of any magnitude.
+
+    Each row is first scaled by a power of two (exactly, in two steps: 2^132 exceeds float32) to
+    a largest |x| in [0.5, 1). Unscaled, 1 / |x| overflows float32 below 3e-39 and |x| overflows
+    float64 above 1e154, and inv_norm turns such rows into zero rows. Zero rows stay zero; rows
+    with NaN or Inf come out NaN or zero, as from inv_norm.
+    """
+    e = torch.frexp(x.detach().abs().amax(-1, keepdim=True)).exponent.to(x.dtype)
+    half = torch.floor(-e / 2)
+    x = x * torch.exp2(half) * torch.exp2(-e - half)
+    return x * inv_norm(x)
 
 
 # Shell scores reach 48 max|z| (Leech; 4 max|z| for E8): a row whose largest |z| exceeds 2^64 is

@@ -23,6 +23,7 @@ from fastvq.lattice._common import (
     pair_vectors,
     quantize_rows,
     rank_to_signs,
+    row_norms,
     scale_large_rows,
     signs_to_rank,
 )
@@ -101,9 +102,10 @@ def e8_nearest(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     Rows with NaN or Inf are rounded coordinate by coordinate (torch.round: ties to even, no
     parity fix; NaN and Inf kept), not a lattice point. Half inputs widen exactly; the point is
     rounded back to x's dtype (to nearest even) at the end, so it is the lattice point only
-    where that dtype holds it: every coordinate within 2^8 for bfloat16, 2^11 for float16 (the
-    integers they represent). Beyond, the parity fix may move a coordinate to an odd integer
-    the dtype rounds away ([258, 1, 0, ...] in bfloat16 comes back as [260, 1, 0, ...]).
+    where that dtype holds it: every coordinate within 2^7 for bfloat16 and 2^10 for float16,
+    where they hold the half-integers (2^8 and 2^11 for points of D8, the integers). Beyond,
+    the parity fix may move a coordinate to an odd integer the dtype rounds away ([258, 1, 0,
+    ...] in bfloat16 comes back as [260, 1, 0, ...]), and a half-integer to an integer.
 
     Gradient: zero (the output is piecewise constant in x), as autograd through torch.round gave.
     """
@@ -201,8 +203,8 @@ def e8_shell_index(vectors: torch.Tensor) -> torch.Tensor:
     """
     check_vectors("vectors", vectors, 8)
     v = vectors.reshape(-1, 8).double()
-    doubled = v * (2 * math.sqrt(2) / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
-    x = torch.nan_to_num(doubled, nan=0.0, posinf=0.0, neginf=0.0).round().long()
+    u = v / row_norms(v)
+    x = torch.nan_to_num(u * (2 * math.sqrt(2)), nan=0.0, posinf=0.0, neginf=0.0).round().long()
     two = (x.abs() == 2).long()
     a = two.argmax(-1)
     b = 7 - two.flip(-1).argmax(-1)
@@ -212,8 +214,8 @@ def e8_shell_index(vectors: torch.Tensor) -> torch.Tensor:
     i1 = pair_id[a, b] * 4 + neg_a * 2 + neg_b
     index = torch.where(two.any(-1), i1, _START2 + signs_to_rank(x))
     index = index.clamp(0, E8_SHELL_SIZE - 1)  # non-shell rows fail the check below
-    s = (v * x).sum(-1, keepdim=True) / 8  # v ~ s x, x doubled (squared norm 8)
-    near = ((2 * v - x).abs().amax(-1) < 0.1) | ((s[:, 0] > 0) & ((v / s - x).abs().amax(-1) < 0.1))
+    s = (u * x).sum(-1, keepdim=True) / 8  # u ~ s x, x doubled (squared norm 8)
+    near = ((2 * v - x).abs().amax(-1) < 0.1) | ((s[:, 0] > 0) & ((u / s - x).abs().amax(-1) < 0.1))
     ok = (_doubled_codes(index) == x).all(-1) & near
     if not bool(ok.all()):
         bad = (~ok).nonzero()[0].item()

@@ -32,6 +32,7 @@ from fastvq.lattice._common import (
     pair_vectors,
     quantize_rows,
     rank_to_signs,
+    row_norms,
     scale_large_rows,
     signs_to_rank,
 )
@@ -123,7 +124,7 @@ def leech_index(vectors: torch.Tensor) -> torch.Tensor:
     check_vectors("vectors", vectors, 24)
     t = _tables(vectors.device)
     v = vectors.reshape(-1, 24).double()
-    v = v * (math.sqrt(_NORM2) / torch.linalg.vector_norm(v, dim=-1, keepdim=True))
+    v = v / row_norms(v) * math.sqrt(_NORM2)
     v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)  # zero rows fail the check below
     x = v.round().long()
     ax = x.abs()

@@ -20,6 +20,7 @@ from fastvq.lattice import (
     leech_codes,
     leech_quantize,
 )
+from fastvq.lattice._common import unit_rows
 from fastvq.nn.scalar import (
     check_input,
     describe,
@@ -38,7 +39,6 @@ from fastvq.ops._validate import (
     check_real,
 )
 from fastvq.ops.quantize import _quantize_fwd, straight_through
-from fastvq.reference import inv_norm
 
 
 def attach_gradient(z: torch.Tensor, q: torch.Tensor, grad: str) -> torch.Tensor:
@@ -149,10 +149,9 @@ class _ShellQuantize(nn.Module):
         x, restore = self._layout(x)
         check_input("x", x, self.dim)
         z = project_in("x", self.project_in, x)
-        # A zero row (fp16 padding) stays 0, never NaN. 1 / |z| in float32 at least: it
-        # overflows fp16 for rows below 1.5e-5, which would decode as zero rows.
-        zf = z.to(torch.promote_types(z.dtype, torch.float32))
-        u = (zf * inv_norm(zf)).to(z.dtype)
+        # A zero row (fp16 padding) stays 0, never NaN. Rows of any magnitude keep their
+        # direction, which is all the shells decode (unit_rows).
+        u = unit_rows(z.to(torch.promote_types(z.dtype, torch.float32))).to(z.dtype)
         indices, q = self._decode(u.detach())
         loss = u.new_zeros((), dtype=loss_dtype(u.dtype))
         if self.training and self.commitment_weight > 0:

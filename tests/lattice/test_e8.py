@@ -104,6 +104,8 @@ def test_shell_index_round_trip_and_rejects():
     # Any positive multiple, as leech_index (E8Quantize's unit codes were refused).
     assert torch.equal(e8_shell_index(c / 2**0.5), torch.arange(240))
     assert torch.equal(e8_shell_index(c * 3.7), torch.arange(240))
+    for tiny_or_huge in (1e160, 1e300, 1e-200, 1e-310):  # squares beyond float64: refused before
+        assert torch.equal(e8_shell_index(c.double() * tiny_or_huge), torch.arange(240))
     idx = torch.randint(0, 240, (4, 7), generator=_gen(3))
     assert torch.equal(e8_shell_codes(idx.int(), torch.float64), c.double()[idx])
     # One graph (the range check is skipped while compiling): the same codes.

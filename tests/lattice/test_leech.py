@@ -164,6 +164,11 @@ def test_index_round_trip_all(dtype, scale):
     neg = leech_index(-c[::7] * 1000)
     assert torch.equal(leech_codes(neg, dtype), -leech_codebook(dtype)[::7])
     assert leech_index(c[:6].view(2, 3, 24)).shape == (2, 3)
+    # Multiples whose squares overflow or underflow float64 (refused before).
+    for tiny_or_huge in (1e160, 1e-200, 1e-310):
+        assert torch.equal(
+            leech_index(c[::997].double() * tiny_or_huge), torch.arange(0, LEECH_SIZE, 997)
+        )
 
 
 def test_index_rejects_non_codes():

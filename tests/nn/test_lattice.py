@@ -153,6 +153,33 @@ def test_small_float16_rows_keep_their_code(cls):
     torch.testing.assert_close(x.grad.float(), 1024 * big.grad.float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("cls", [LeechQuantize, E8Quantize])
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [
+        (torch.float32, 1e-40),
+        (torch.float32, 1e38),
+        (torch.float64, 1e160),
+        (torch.float64, 1e-310),
+    ],
+    ids=str,
+)
+def test_rows_of_extreme_magnitude_keep_their_code(cls, dtype, scale):
+    # Only a row's direction is decoded: float32 rows below 3e-39 (where 1 / |z| overflows) and
+    # float64 rows beyond 1e154 (where |z| does) decoded as zero rows, index 0.
+    torch.manual_seed(16)
+    m = cls().to(dtype)
+    x = torch.randn(1, 64, m.dim, dtype=dtype)
+    _, want, _ = m(x)
+    x = (x * scale).requires_grad_()
+    out, idx, loss = m(x)
+    assert torch.equal(idx, want) and len(idx.unique()) > 32
+    assert bool(loss.isfinite())
+    out.sum().backward()
+    # |d u / d z| ~ 1 / |z|: beyond the dtype for the tiny rows (inf, not the zero row's 0).
+    assert bool(x.grad.isfinite().all()) == (scale > 1)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="codebook_dim"):
         LeechQuantize(dim=32, codebook_dim=16)

@@ -21,6 +21,20 @@ from fastvq.ops.quantize import quantize
 from fastvq.ops.scalar import binary_entropy_loss, bsq, bsq_codes, fsq, fsq_codes, lfq, lfq_codes
 
 __version__ = "0.1.0"
+
+# Imported on first use (fastvq.train.load_tokenizer after a bare `import fastvq`), so that
+# importing fastvq stays light.
+_SUBMODULES = ("models", "nn", "reference", "testing", "train")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fastvq.{name}")
+    raise AttributeError(f"module 'fastvq' has no attribute {name!r}")
+
+
 __all__ = [
     "backends",
     "binary_entropy_loss",

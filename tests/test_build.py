@@ -216,6 +216,22 @@ def _ancestor_imports(path: str, module: str) -> list[str]:
     return found
 
 
+def test_import_fastvq_reaches_its_subpackages_on_first_use():
+    """fastvq.train.load_tokenizer, as the README writes it, after a bare `import fastvq`, which
+    imports neither the training stack nor the layers until then."""
+    code = (
+        "import sys, fastvq\n"
+        "assert 'fastvq.train' not in sys.modules and 'fastvq.nn' not in sys.modules\n"
+        "assert callable(fastvq.train.load_tokenizer) and fastvq.nn.VectorQuantize\n"
+        "try:\n    fastvq.trian\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "module 'fastvq' has no attribute 'trian'"
+
+
 def test_modules_of_import_fastvq_never_import_their_own_package():
     """`from fastvq import _ext` (or `import fastvq.x.y as z`) inside a module that fastvq's
     __init__ runs waits for that __init__ to finish. With one thread running it and another

@@ -495,7 +495,8 @@ def lfq_codes(indices: torch.Tensor, d: int, *, dtype: torch.dtype = torch.float
 
 
 def bsq_codes(indices: torch.Tensor, d: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """BSQ codes (..., d) = +-1/sqrt(d) for bit-packed indices (...,), equal to bsq's codes."""
+    """BSQ codes (..., d) = +-1/sqrt(d) for bit-packed indices (...,), equal to bsq's codes; bits
+    >= d are ignored, as in lfq_codes."""
     d = _check_bits(d)
     _check_indices(indices, dtype)
     s = torch.full((), 1 / math.sqrt(d), dtype=_acc(dtype), device=indices.device)  # no copy

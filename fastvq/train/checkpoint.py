@@ -78,15 +78,14 @@ def load(path, map_location="cpu") -> dict:
         raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
 
 
-def trained_config(state, path, overrides=()) -> dict:
+def trained_config(state, path, overrides=(), hint: str = "") -> dict:
     """The validated config a checkpoint `state` (read from `path`) was trained with, after
-    "a.b=value" overrides."""
+    "a.b=value" overrides; `hint` ends the error for a checkpoint without one."""
     from fastvq.train.config import apply_override, validate
 
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(
-            f"checkpoint {str(path)!r} holds no config (not written by fastvq train?); "
-            "fastvq eval takes the run's config.yaml with --config"
+            f"checkpoint {str(path)!r} holds no config (not written by fastvq train?){hint}"
         )
     cfg = copy.deepcopy(state["config"])
     for o in overrides:

@@ -167,7 +167,8 @@ def evaluate(checkpoint: str, config: str | None, out: str | None, overrides: li
     if config is not None:
         cfg = load_config(config, overrides)
     else:
-        cfg = ckpt.trained_config(state, path, overrides)
+        hint = "; fastvq eval takes the run's config.yaml with --config"
+        cfg = ckpt.trained_config(state, path, overrides, hint)
     saved = state.get("config") if isinstance(state, dict) else None  # a bare state_dict: none
     saved = saved.get("model") if isinstance(saved, dict) else cfg["model"]
     changed = changed_keys(saved, cfg["model"], "model")
@@ -304,6 +305,12 @@ def sweep(config: str, values: str | None, overrides: list[str]) -> list[dict]:
         vals = spec["values"]
     if not isinstance(vals, list) or not vals:
         raise ValueError(f"{config}: sweep.values must be a non-empty list, got {vals!r}")
+    for o in overrides:
+        if o.split("=", 1)[0].strip().startswith("sweep."):
+            raise ValueError(
+                f"{o!r}: the sweep: section is the sweep file's, not an override's: --values "
+                "replaces its values and train.out_dir=DIR its out_dir (copy the file for the rest)"
+            )
     out_root = Path(spec.get("out_dir", "runs/sweep")).expanduser()
     for o in overrides:
         if o.startswith("train.out_dir="):

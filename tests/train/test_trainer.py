@@ -748,6 +748,10 @@ def test_sweep_refuses_keys_it_would_ignore(tmp_path):
     (tmp_path / "s.yaml").write_text(sweep.replace(", baselin: true", "") + "train: {steps: 2}\n")
     with pytest.raises(ValueError, match="unknown key train"):
         main(["sweep", "--config", str(tmp_path / "s.yaml")])
+    # An override of the sweep: section was checked as a run's config ("unknown config section").
+    (tmp_path / "s.yaml").write_text(sweep.replace(", baselin: true", ""))
+    with pytest.raises(ValueError, match="'sweep.out_dir=x': .* train.out_dir=DIR"):
+        main(["sweep", "--config", str(tmp_path / "s.yaml"), "sweep.out_dir=x"])
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,10 @@ def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
     # per-example result into a tensor made outside it.
     chunks = [torch.empty(0, dtype=torch.int64, device=z.device)]
     for _, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 26):
-        chunks.append(scores.masked_fill_(scores.isnan(), -torch.inf).argmax(1))
+        # NaN never wins (argmax would pick it); in place, without a mask of the chunk.
+        chunks.append(
+            scores.nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf).argmax(1)
+        )
         del scores  # _score_chunks says why
     return torch.cat(chunks)
 

@@ -99,7 +99,7 @@ def nearest_code(
     for start, scores in _score_chunks(z, codebook, metric, compute_dtype, _CHUNK_ELEMENTS):
         # NaN never wins, as in the kernels: argmax would otherwise pick it.
         scores = scores.float() if scores.dtype in (torch.bfloat16, torch.float16) else scores
-        scores.masked_fill_(scores.isnan(), -torch.inf)
+        scores.nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)  # no NaN mask
         out[start : start + len(scores)] = scores.argmax(dim=1)
         del scores  # _score_chunks says why
     return out
@@ -134,7 +134,8 @@ def topk_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     s = scores.masked_fill(scores.isnan(), -torch.inf)
     values, idx = s.topk(k, dim=1)
     kth = values[:, -1:]
-    short = ((s == kth).sum(1) != (values == kth).sum(1)).nonzero()[:, 0]
+    # int32 counts: a bool sum widens the whole chunk to int64 first.
+    short = ((s == kth).sum(1, dtype=torch.int32) != (values == kth).sum(1)).nonzero()[:, 0]
     sr, kr = s[short], kth[short]
     above = sr > kr
     at = sr == kr

@@ -11,6 +11,7 @@ from fastvq._ext import EXTENSION_ERROR, fake_on_one_device, has_kernel, refuse_
 from fastvq.ops._backends import autocast_off, check_backend, pick_backend
 from fastvq.ops._validate import check_choice, check_finite, check_floating, check_int
 from fastvq.reference import METRICS, code_terms, inv_norm, topk_scores
+from fastvq.reference.nearest_code import _CHUNK_ELEMENTS, _TOPK_CHUNK_ELEMENTS
 
 PRECISIONS = ("exact", "fast")
 MAX_DIM = 1024
@@ -147,7 +148,7 @@ def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
     # Chunks concatenated, not written into an (N,) buffer: torch.func.vmap cannot write a
     # per-example result into a tensor made outside it.
     chunks = [torch.empty(0, dtype=torch.int64, device=z.device)]
-    for _, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 26):
+    for _, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, _CHUNK_ELEMENTS):
         # NaN never wins (argmax would pick it); in place, without a mask of the chunk.
         chunks.append(
             scores.nan_to_num_(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf).argmax(1)
@@ -158,7 +159,9 @@ def _nearest_code_torch(z, codebook, code_scale, code_bias, fast):
 
 def _nearest_code_topk_torch(z, codebook, code_scale, code_bias, k, fast):
     out = torch.empty(z.shape[0], k, dtype=torch.int64, device=z.device)
-    for start, scores in _score_chunks(z, codebook, code_scale, code_bias, fast, 1 << 24):
+    for start, scores in _score_chunks(
+        z, codebook, code_scale, code_bias, fast, _TOPK_CHUNK_ELEMENTS
+    ):
         out[start : start + scores.shape[0]] = topk_scores(scores, k)
         del scores
     return out

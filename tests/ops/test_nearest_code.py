@@ -186,6 +186,14 @@ def test_non_finite_inputs(case):
     assert idx[3].item() == 0
     rest = torch.arange(9) != 3
     check_nearest(z[rest.to(device)], codebook, idx[rest.to(device)])
+    # ... and a NaN code never wins, nor enters a top-k (the torch backend's argmax took it).
+    nan_code = codebook.clone()
+    nan_code[5, 0] = math.nan
+    for metric, k in itertools.product(METRICS, (None, 3)):
+        idx = fastvq.nearest_code(
+            z.nan_to_num(), nan_code, metric=metric, backend=backend, k=k, check_inputs_finite=False
+        )
+        assert bool((idx != 5).all()), (metric, k)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -225,6 +233,29 @@ def test_return_distance(case, metric):
     }[metric]
     assert values.dtype == torch.float32
     torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_return_distance_of_half_inputs_is_float32(case):
+    # From the half values, in float32 (a bfloat16 distance was off by up to 0.04).
+    device, backend = case
+    z, codebook = random_search_inputs(50, 77, 33, torch.bfloat16, device, 5)
+    idx, values = fastvq.nearest_code(z, codebook, backend=backend, return_distance=True)
+    assert values.dtype == torch.float32
+    expected = (z.double() - codebook[idx].double()).square().sum(-1)
+    torch.testing.assert_close(values.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_torch_backend_chunks_give_the_whole_search(k, monkeypatch):
+    # Chunks of 2 and 3 rows (one chunk holds the whole search below 2^26 or 2^24 scores).
+    import fastvq.ops.nearest_code as ops
+
+    z, codebook = random_search_inputs(97, 13, 5, torch.float32, "cpu", 6)
+    whole = fastvq.nearest_code(z, codebook, backend="torch", k=k)
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(ops, "_TOPK_CHUNK_ELEMENTS", 30)
+    assert torch.equal(fastvq.nearest_code(z, codebook, backend="torch", k=k), whole)
 
 
 def test_distance_is_differentiable():

@@ -447,9 +447,26 @@ def test_opcheck(use_triton, grad):
     args = (upstream, z.detach(), codebook.detach(), idx, stats.detach(), grad)
     torch.library.opcheck(bwd, (*args, need_z, True, use_triton))
     torch.library.opcheck(bwd, (*args, False, True, use_triton))
+    # bfloat16: dL/dC in the codebook's dtype, as the fake says (float32 once; opcheck caught it).
+    half = (z.detach().bfloat16(), codebook.detach().bfloat16())
+    _, stats16 = fwd(*half, idx, grad, use_triton)
+    args16 = (upstream.bfloat16(), *half, idx, stats16, grad)
+    torch.library.opcheck(bwd, (*args16, need_z, True, use_triton))
     if not use_triton:  # a strided grad_out gave a strided dz (the Triton launcher refuses it)
         strided = upstream.T.contiguous().T
         torch.library.opcheck(bwd, (strided, *args[1:], need_z, True, use_triton))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("grad", GRADS)
+def test_ste_keeps_nothing_of_z_for_backward(case, grad):
+    # STE's backward never reads z: saving it kept every batch's z alive until backward.
+    z, codebook, _ = _inputs(40, 13, 24, torch.float32, case[0], 72)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _run(case, z, codebook, grad=grad)
+    kept_z = any(t.data_ptr() == z.data_ptr() for t in saved)
+    assert saved and kept_z == (grad != "ste")
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])

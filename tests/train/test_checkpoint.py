@@ -236,16 +236,19 @@ def test_killed_process_mid_save_leaves_latest_loadable(tmp_path):
         ckpt.load(tmp_path / "nope.pt")
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, datasets):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, datasets, bad):
+    # An Inf loss stops as a NaN one does, by its own name: a NaN-only check (value != value)
+    # let it through to backward, and the run stopped on the NaN gradient norm it gave instead.
     trainer = Trainer(make_config("train.steps=6", "train.ckpt_every=2"), datasets=datasets)
     gen_loss = trainer.loss_fn.generator_loss
 
     def poisoned(x, x_hat, quant_loss, step, last_layer=None):
         total, logs = gen_loss(x, x_hat, quant_loss, step, last_layer)
-        return (total * float("nan") if step >= 3 else total), logs
+        return (total * float(bad) if step >= 3 else total), logs
 
     trainer.loss_fn.generator_loss = poisoned
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=rf"loss is {bad} at step 3.*last good checkpoint"):
         trainer.fit()
     latest = ckpt.load(trainer.ckpt_dir / "latest.pt")
     assert latest["step"] == 2 and len(latest["history"]) == 2
@@ -495,3 +498,51 @@ def test_nan_guard_stops_on_non_finite_gradients_of_a_finite_loss(make_config, d
     assert latest["step"] == 2
     assert all(v.isfinite().all() for v in latest["model"].values() if v.is_floating_point())
     assert all(p.isfinite().all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0.0"])
+def test_nan_guard_stops_on_an_inf_gradient_norm(make_config, datasets, clip):
+    """An Inf gradient (an overflow in backward, the loss finite) is not finite either: a guard
+    that looked for NaN only (norm != norm) let it through, clipping scaled inf by 0 (or Adam
+    divided inf by inf), and NaN reached every weight and the checkpoint written after the step."""
+    trainer = Trainer(
+        make_config("train.steps=4", "train.ckpt_every=1", f"optim.grad_clip={clip}"),
+        datasets=datasets,
+    )
+    weight = trainer.model.decoder.conv_out.weight
+    weight.register_hook(lambda g: torch.full_like(g, float("inf")) if trainer.step >= 2 else g)
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is inf at step 2.*last good"):
+        trainer.fit()
+    latest = ckpt.load(trainer.ckpt_dir / "latest.pt")
+    assert latest["step"] == 2
+    assert all(v.isfinite().all() for v in latest["model"].values() if v.is_floating_point())
+    assert all(p.isfinite().all() for p in trainer.model.parameters())
+
+
+def test_resume_keeps_the_trained_codebook_of_a_kmeans_run(make_config, datasets):
+    """init.kmeans fits the codebook before the first step only: the same command resumed (more
+    steps) ran the k-means again on the trained encoder and replaced the codebook and its EMA
+    statistics with a fresh fit."""
+    kmeans = ("init.kmeans=true", "init.kmeans_batches=1", "init.kmeans_iters=2")
+    first = Trainer(make_config("train.steps=2", *kmeans), datasets=datasets)
+    first.fit()
+    saved = ckpt.load(first.ckpt_dir / "latest.pt")["model"]
+    resumed = Trainer(make_config("train.steps=4", *kmeans), datasets=datasets)
+    assert resumed.step == 2
+    state = resumed.model.state_dict()
+    assert state.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+
+
+def test_ema_turned_on_at_resume_starts_from_the_resumed_weights(make_config, datasets):
+    """A checkpoint without EMA weights (train.ema_decay=0) resumed with train.ema_decay > 0:
+    the EMA copy starts from the resumed model, not from the untrained weights the model was
+    built with (which evaluation would then score)."""
+    Trainer(make_config("train.steps=2"), datasets=datasets).fit()
+    with pytest.warns(UserWarning, match=r"train.ema_decay 0.0 -> 0.9"):
+        resumed = Trainer(make_config("train.steps=4", "train.ema_decay=0.9"), datasets=datasets)
+    assert resumed.step == 2
+    ema = resumed.ema.state_dict()
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(ema[k], v), k

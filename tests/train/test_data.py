@@ -220,3 +220,49 @@ def test_eval_shards_cover_the_set_and_crops_respect_the_split(tmp_path):
     for key in range(6):
         crop = train[(0, key)]
         assert any(torch.equal(crop, unit[:, :, left : left + 8]) for left in range(23))
+
+
+def test_training_crops_come_from_every_photograph():
+    """Training keys pick the photograph by key[0] modulo their number: every crop from the first
+    one trained on a single image without a word."""
+    from fastvq.train.data import Crops
+
+    images = [torch.full((3, 8, 16), v, dtype=torch.uint8) for v in (0, 255)]
+    train = Crops(images, 8, 0.25, train=True, epoch_size=4, flip=False)
+    means = [train[(key, 7)].mean().item() for key in range(4)]
+    assert means == [-1.0, 1.0, -1.0, 1.0]  # keys 2 and 3 wrap around
+
+
+def test_evaluation_tiles_include_the_bottom_row():
+    """Evaluation tiles cover the held-out strip down to its last full row: range(0, h - res)
+    dropped the bottom row of tiles (of a 16-px high image at res 8, only the top one was kept)."""
+    from fastvq.train.data import Crops
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 16, 24), generator=g, dtype=torch.uint8)
+    tiles = Crops([img], 8, 1 / 3, train=False)
+    assert tiles.boxes == [(0, 0, 16), (0, 8, 16)]
+    unit = img.float() / 127.5 - 1
+    assert torch.equal(tiles[1], unit[:, 8:16, 16:24])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_tensor_images_resize_when_only_the_height_differs(train):
+    """Images as wide as the resolution but taller were returned unresized (20 x 16 at 16): the
+    size check looked at the width alone."""
+    from fastvq.train.data import TensorImages
+
+    images = torch.randint(0, 256, (2, 3, 20, 16), dtype=torch.uint8)
+    data = TensorImages(images, 16, train=train)
+    assert data[(1, 0) if train else 1].shape == (3, 16, 16)
+
+
+def test_image_folder_takes_upper_case_suffixes(tmp_path):
+    """Cameras write B.JPG: the suffix is compared in lower case, else the file was skipped."""
+    from PIL import Image
+
+    for name, value in (("a.png", 30), ("B.JPG", 200)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name)
+    train_set, eval_set = build_datasets({**DATA, "kind": "folder", "path": str(tmp_path)})
+    assert sorted(f.name for f in [*train_set.files, *eval_set.files]) == ["B.JPG", "a.png"]
+    assert eval_set[0].shape == (3, 8, 8) and train_set[(0, 0)].shape == (3, 8, 8)

@@ -104,11 +104,12 @@ def _sqrt_psd(a: torch.Tensor) -> torch.Tensor:
 
 
 def trace_sqrt_product(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """tr sqrt(s1 @ s2) for symmetric PSD s1, s2, as tr sqrt(r s2 r) with r = sqrt(s1): the
-    product s1 s2 is not symmetric, but r s2 r is and has the same eigenvalues, so two symmetric
-    eigendecompositions replace the general (and less stable) matrix square root."""
-    r = _sqrt_psd(s1)
-    return _psd_eigenvalues(torch.linalg.eigvalsh(r @ s2 @ r)).sqrt().sum()
+    """tr sqrt(s1 @ s2) for symmetric PSD s1, s2, as the sum of the singular values of
+    sqrt(s1) sqrt(s2) (its squares are the eigenvalues of s1 s2): two symmetric
+    eigendecompositions and an SVD replace the general (and less stable) matrix square root, and
+    no square root is taken of the products' rounding noise (the eigenvalues of sqrt(s1) s2
+    sqrt(s1) span the square of one covariance's range)."""
+    return torch.linalg.svdvals(_sqrt_psd(s1) @ _sqrt_psd(s2)).sum()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:

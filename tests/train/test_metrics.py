@@ -16,6 +16,7 @@ from fastvq.train.metrics import (
     psnr,
     ssim,
     to_8bit,
+    trace_sqrt_product,
 )
 
 
@@ -321,6 +322,26 @@ def test_frechet_distance_of_rank_deficient_covariances(n):
     want = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want.item(), rel=1e-9)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+
+
+@pytest.mark.parametrize("power", [1.5, 3.0])
+def test_trace_sqrt_product_of_ill_conditioned_covariances(power):
+    """More images than features, eigenvalues spanning 1e-8 (1e-15) to 1: tr sqrt(s1 s2) to
+    1e-10. Through the eigenvalues of sqrt(s1) s2 sqrt(s1), whose range is the square of one
+    covariance's, it was off by 1e-5 (flooring them at n * eps * max) or 4e-7 (not)."""
+    g = torch.Generator().manual_seed(0)
+    n, f = 1000, 256
+    sv = torch.arange(1, f + 1, dtype=torch.float64) ** -power
+    w = torch.linalg.qr(torch.randn(f, f, generator=g, dtype=torch.float64))[0] * sv
+    a = []
+    for _ in range(2):
+        x = torch.randn(n, f, generator=g, dtype=torch.float64) @ w.T
+        a.append((x - x.mean(0)) / (n - 1) ** 0.5)
+    s1, s2 = (t.T @ t for t in a)
+    # Exact: tr sqrt(a1.T a1 a2.T a2) is the sum of the singular values of a1 a2.T.
+    want = torch.linalg.svdvals(a[0] @ a[1].T).sum()
+    torch.testing.assert_close(trace_sqrt_product(s1, s2), want, rtol=1e-10, atol=0)
+    assert abs(frechet_distance(torch.zeros(f), s1, torch.zeros(f), s1)) < 1e-10
 
 
 def test_feature_stats_accumulate_float32_features_in_float64():

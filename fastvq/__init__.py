@@ -35,6 +35,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastvq' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})
+
+
 __all__ = [
     "backends",
     "binary_entropy_loss",

@@ -11,6 +11,7 @@ and fastvq's kernels when present, else on CPU.
 """
 
 import argparse
+import sys
 import time
 
 import torch
@@ -95,5 +96,7 @@ def main(argv=None) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as `fastvq demo`: one-line errors, the process group left at the end
+    from fastvq.train.cli import run
+
+    sys.exit(run(["demo", *sys.argv[1:]]))

@@ -286,11 +286,25 @@ def run_rank_script(script: str, out_dir, world: int, timeout: float = 120) -> l
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
-# What every torchrun_ranks process runs after its body: it leaves the process group the way
-# the CLI does, and no thread of the group's may outlive it (see leave_process_group).
-_LEAVE = """
+# Each torchrun_ranks process: the source run as the script __main__, its globals then cleared
+# (what it built is freed, even where its functions outlive it, patched into a module), then it
+# leaves the process group the way the CLI does, and no thread of the group's may outlive it
+# (see leave_process_group).
+_RANK_MAIN = """
+import gc
 import os
+import sys
+import types
+
 import torch.distributed
+
+path = sys.argv.pop(1)
+script = sys.modules["__main__"] = types.ModuleType("__main__")
+script.__file__ = path
+with open(path) as f:
+    exec(compile(f.read(), path, "exec"), script.__dict__)
+script.__dict__.clear()
+gc.collect()
 if torch.distributed.is_initialized():
     from fastvq.train.trainer import leave_process_group
 
@@ -305,23 +319,21 @@ def torchrun_ranks(source: str, tmp_path, world: int, *args: str, timeout: float
     """Run `source`, a script's text, as `python worker.py *args` in `world` processes with
     torchrun's environment (RANK, WORLD_SIZE, MASTER_*) and check that every one exits 0.
 
-    The source runs inside a function, so that what it built is gone when each process then
-    leaves its process group (unless the source did) and checks that the group's threads ended.
+    Each process then frees what the script built, leaves its process group (unless the script
+    did) and checks that the group's threads ended.
     """
     import subprocess
     import sys
-    import textwrap
 
-    script = os.path.join(tmp_path, "worker.py")
-    with open(script, "w") as f:
-        f.write(
-            "def rank_main():\n" + textwrap.indent(source, "    ") + "\n\nrank_main()\n" + _LEAVE
-        )
+    script, runner = os.path.join(tmp_path, "worker.py"), os.path.join(tmp_path, "rank_main.py")
+    for path, text in ((script, source), (runner, _RANK_MAIN)):
+        with open(path, "w") as f:
+            f.write(text)
     port, procs = str(free_port()), []
     for rank in range(world):
         ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
         env = checkout_env(**ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, script, *args], env=env))
+        procs.append(subprocess.Popen([sys.executable, runner, script, *args], env=env))
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:

@@ -222,6 +222,7 @@ def test_import_fastvq_reaches_its_subpackages_on_first_use():
     code = (
         "import sys, fastvq\n"
         "assert 'fastvq.train' not in sys.modules and 'fastvq.nn' not in sys.modules\n"
+        "assert 'train' in dir(fastvq) and 'nn' in dir(fastvq)  # tab completion\n"
         "assert callable(fastvq.train.load_tokenizer) and fastvq.nn.VectorQuantize\n"
         "try:\n    fastvq.trian\nexcept AttributeError as e:\n    print(e)\n"
     )

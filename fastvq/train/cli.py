@@ -396,8 +396,25 @@ def _absolute_paths(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`fastvq COMMAND ...`; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """`fastvq COMMAND ...`; returns the process exit code.
+
+    Under torchrun the command's Trainer starts the process group, and main leaves it once the
+    command is done (fastvq.train.trainer.leave_process_group). A caller's own group is left
+    alone, and so is the group of a command that raised: joining gloo's threads could wait for a
+    collective the other ranks never finish.
+    """
+    import torch.distributed as dist
+
+    started_here = not (dist.is_available() and dist.is_initialized())
+    code = _command(sys.argv[1:] if argv is None else list(argv))
+    if started_here and dist.is_available() and dist.is_initialized():
+        from fastvq.train.trainer import leave_process_group
+
+        leave_process_group()
+    return code
+
+
+def _command(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # every argument, --help included, belongs to fastvq.demo
         from fastvq.demo import main as demo
 
@@ -408,10 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         # ("fastvq bench --quick": unrecognized arguments).
         return bench(argv[1:])
     args = _parser().parse_args(argv)
-    import torch.distributed as dist
-
-    # Under torchrun the Trainer starts the process group; a caller's own group is left alone.
-    started_here = not (dist.is_available() and dist.is_initialized())
     if args.command == "train":
         train(args.config, args.overrides)
     elif args.command == "eval":
@@ -420,10 +433,6 @@ def main(argv: list[str] | None = None) -> int:
         tokenize(args.checkpoint, args.split, args.out, args.overrides, args.weights, args.flip)
     elif args.command == "sweep":
         sweep(args.config, args.values, args.overrides)
-    if started_here and dist.is_available() and dist.is_initialized():
-        from fastvq.train.trainer import leave_process_group
-
-        leave_process_group()  # the Trainer is gone by now: see the docstring
     return 0
 
 

@@ -42,6 +42,12 @@ from fastvq.train.metrics import (
 )
 from fastvq.train.visuals import save_grid, save_usage_histogram
 
+if torch.distributed.is_available() and not torch.distributed.is_initialized():
+    # Imported before any process group exists: it binds group.WORLD into ten functions' default
+    # arguments when first imported (DDP's constructor imports it), and bound to a live group
+    # they keep it, and gloo's threads, past destroy_process_group (see leave_process_group).
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 class NonFiniteLossError(RuntimeError):
     """The NaN guard stopped training without writing a checkpoint: the loss, a gradient norm or
@@ -102,11 +108,6 @@ def join_process_group(device: torch.device) -> tuple[int, int]:
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():
-        # Imported before the group exists: this module binds group.WORLD into ten functions'
-        # default arguments when it is first imported (DDP's constructor imports it), and bound
-        # to the live group they keep it, and gloo's threads, past destroy_process_group.
-        import torch.distributed.nn.functional  # noqa: F401
-
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -124,7 +125,8 @@ def leave_process_group() -> None:
     by pthread_exit, which C++ turns into std::terminate: now and then a finished run aborted
     at exit (SIGABRT, "terminate called without an active exception"). The group's destructor
     joins those threads; it runs here, while the interpreter is whole, if nothing else holds
-    the group.
+    the group. (A script that starts the group itself imports this module first: see the
+    import of torch.distributed.nn.functional above.)
     """
     import torch.distributed as dist
 

@@ -83,6 +83,22 @@ def test_ddp_two_cpu_processes_keep_codebooks_in_sync(tmp_path):
     assert len(torch.load(ckpts[0], weights_only=False)["rng"]) == 2  # every rank's generators
 
 
+# The script starts the group itself (after importing the trainer, as its docstring asks).
+OWN_GROUP_WORKER = PRELUDE + textwrap.dedent("""
+    torch.distributed.init_process_group("gloo")
+    cfg = load_config(None, [
+        *TINY, "model.quantizer={type: VectorQuantize, codebook_size: 16}", "train.steps=1",
+        "train.batch_size=4", f"train.out_dir={out}/run", "eval.max_batches=1",
+    ])
+    Trainer(cfg, datasets=data).fit()
+""")
+
+
+def test_ddp_in_a_group_the_script_started(tmp_path):
+    """The harness's thread check: DDP's constructor did not pin the script's group."""
+    torchrun_ranks(OWN_GROUP_WORKER, tmp_path, 2, str(tmp_path))
+
+
 RESUME_WORKER = PRELUDE + textwrap.dedent("""
 
     def cfg(run, steps):

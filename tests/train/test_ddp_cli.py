@@ -148,7 +148,14 @@ train: {{steps: 4, device: cpu, progress: false}}
     assert ckpt["step"] == 4
 
 
-CLI = "import sys\nfrom fastvq.train.cli import main\nassert main(sys.argv[1:]) == 0\n"
+# `fastvq ARGS` through cli.main, which leaves the process group it started.
+CLI = textwrap.dedent("""
+    import sys
+    import torch.distributed
+    from fastvq.train.cli import main
+    assert main(sys.argv[1:]) == 0
+    assert not torch.distributed.is_initialized()
+""")
 
 
 def test_torchrun_tokenize_writes_the_file_one_process_writes(tmp_path):
@@ -169,6 +176,12 @@ eval: {{batch_size: 2}}
     assert ddp.shape == (9, 4, 4) and np.array_equal(ddp, one)
     info = [json.loads((tmp_path / d / "tokens-val.json").read_text()) for d in ("ddp", "one")]
     assert info[0] == info[1]
+
+
+def test_torchrun_demo_leaves_its_process_group(tmp_path):
+    # `fastvq demo` returned before main's teardown: its group was left to interpreter exit.
+    demo = ["demo", "--quiet", "train.steps=1", "train.batch_size=4", "model.ch=8"]
+    torchrun_ranks(CLI, tmp_path, 2, *demo, "eval.max_batches=1", f"train.out_dir={tmp_path}")
 
 
 # A quantizer that does not sync its statistics: each rank's k-means clusters its own shard.

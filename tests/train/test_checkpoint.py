@@ -359,6 +359,19 @@ def test_resume_at_a_logged_step_restores_generators_and_keeps_its_log_row(
     assert [r["step"] for r in rows if r["loss"]] == ["2", "4"]
 
 
+def test_the_same_command_again_resumes_a_finished_run_at_its_end(make_config, datasets):
+    """Rerunning a finished run's command (the same train.steps) trains no step and evaluates
+    the saved weights; only fewer steps than the checkpoint holds are refused."""
+    first = Trainer(make_config("train.steps=2"), datasets=datasets)
+    want = first.fit()
+    again = Trainer(make_config("train.steps=2"), datasets=datasets)
+    assert again.step == 2
+    got = again.fit()
+    assert again.step == 2 and got["history"] == want["history"]
+    with pytest.raises(ValueError, match="train.steps=1, but .* is at step 2"):
+        Trainer(make_config("train.steps=1"), datasets=datasets)
+
+
 def test_resume_with_more_steps_and_another_lr_follows_the_new_config(make_config, datasets):
     """A finished run started again with more steps (and here a new optim.lr) trains on with the
     new schedule from its first resumed step: not the old schedule's last rate (0 at the end of
